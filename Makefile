@@ -1,0 +1,35 @@
+# Two commands on a fresh machine with Python 3.11+:  make run  |  make test
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: run test lint unit clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+## make run: install, migrate the embedded SQLite database, serve on loopback with demo data
+run: $(STAMP)
+	$(BIN)/cardcore migrate
+	$(BIN)/cardcore serve --demo
+
+## make lint: ruff and mypy --strict
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+## make test: lint, then every test on SQLite and PostgreSQL (CARDCORE_TEST_PG_URL)
+test: lint
+	$(BIN)/pytest -q -p no:cacheprovider
+
+## make unit: the pure unit tests only (fast)
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache .hypothesis

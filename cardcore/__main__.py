@@ -1,0 +1,3 @@
+from cardcore.cli import main
+
+raise SystemExit(main())

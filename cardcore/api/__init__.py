@@ -1,0 +1,1 @@
+"""HTTP entrypoints: the aiohttp application, its middlewares and operator routes."""

@@ -1,0 +1,106 @@
+"""The aiohttp application: middlewares (errors, auth, metrics), operator routes, and the
+feature packages' routes. State lives in typed `web.AppKey`s; resources start in
+`cleanup_ctx` and stop in reverse order."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from cardcore import limits
+from cardcore.api.edge import ApiError, error_response
+from cardcore.config import Config
+from cardcore.ledger import http as ledger_http
+from cardcore.ledger.service import Ledger
+from cardcore.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+METRICS_KEY = web.AppKey("metrics", Metrics)
+CONFIG_KEY = web.AppKey("config", Config)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def build_app(config: Config, metrics: Metrics, ledger: Ledger) -> web.Application:
+    app = web.Application(
+        client_max_size=limits.REQUEST_BODY_BYTES_MAX,
+        middlewares=[_errors_middleware, _auth_middleware],
+    )
+    app[CONFIG_KEY] = config
+    app[METRICS_KEY] = metrics
+    app[ledger_http.LEDGER_KEY] = ledger
+    app.cleanup_ctx.append(_ledger_lifecycle)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    ledger_http.add_routes(app.router)
+    return app
+
+
+async def _ledger_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    ledger = app[ledger_http.LEDGER_KEY]
+    await ledger.start()
+    yield
+    await ledger.close()
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = error_response(exc.status, exc.code, exc.message, exc.field)
+    except web.HTTPRequestEntityTooLarge:
+        response = error_response(
+            413, "body_too_large", f"request body over {limits.REQUEST_BODY_BYTES_MAX} bytes"
+        )
+    except web.HTTPNotFound:
+        response = error_response(404, "not_found", "no such route")
+    except web.HTTPMethodNotAllowed as exc:
+        response = error_response(
+            405, "method_not_allowed", f"allowed: {sorted(exc.allowed_methods)}"
+        )
+    except web.HTTPException as exc:
+        response = error_response(exc.status, "http_error", exc.reason)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, name)
+        response = error_response(500, "internal_error", "internal error; see the server log")
+    request.app[METRICS_KEY].http_requests.labels(name, str(response.status)).inc()
+    return response
+
+
+@web.middleware
+async def _auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app[CONFIG_KEY].internal_token
+    if token and request.path not in _OPEN_PATHS:
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+    return await handler(request)
+
+
+async def _healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ledger = request.app[ledger_http.LEDGER_KEY]
+    if not ledger.writer.ready:
+        return error_response(503, "not_ready", "ledger writer is not running")
+    return web.json_response({"status": "ready", "seq": ledger.writer.last_seq})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS_KEY].registry)
+    response = web.Response(body=body)
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return response

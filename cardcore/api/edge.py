@@ -1,0 +1,59 @@
+"""The HTTP edge shared by every route: the one error shape
+{"error": {"code", "message", "field"}} and strict JSON bodies."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+
+def error_response(
+    status: int, code: str, message: str, field: str | None = None, **headers: str
+) -> web.Response:
+    body = {"error": {"code": code, "message": message, "field": field}}
+    return web.json_response(body, status=status, headers=headers or None)
+
+
+class ApiError(Exception):
+    """Raised by handlers; the error middleware turns it into `error_response`."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, strictly: no NaN, no duplicate names, UTF-8 only."""
+    raw = await request.read()
+    try:
+        return json.loads(
+            raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant
+        )
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_json", "body is not UTF-8") from None
+    except _DuplicateField as exc:
+        raise ApiError(400, "duplicate_field", f"field {exc} appears twice", str(exc)) from None
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+
+
+class _DuplicateField(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in out:
+            raise _DuplicateField(name)
+        out[name] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")

@@ -1,0 +1,86 @@
+"""Database engines for SQLite (embedded) and PostgreSQL (production).
+
+SQLite runs in WAL mode with `synchronous=FULL` (a commit survives power loss); PostgreSQL with
+`synchronous_commit=on`. Transactions on SQLite begin explicitly; a connection opened with
+`execution_options(sqlite_begin="IMMEDIATE")` takes the write lock at BEGIN, as the writer does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from cardcore import limits
+
+
+class DatabaseUrlError(ValueError):
+    pass
+
+
+def async_url(url: str) -> URL:
+    """Accept `sqlite:///file`, `postgresql://...` and their async driver spellings."""
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise DatabaseUrlError(f"not a database URL: {url!r}") from exc
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite+aiosqlite")
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+asyncpg")
+    raise DatabaseUrlError(f"unsupported database {backend!r}: use sqlite or postgresql")
+
+
+def is_sqlite(engine: AsyncEngine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def make_engine(url: str, *, pool_size: int = limits.DB_POOL_SIZE_MAX) -> AsyncEngine:
+    target = async_url(url)
+    if target.get_backend_name() == "sqlite":
+        engine = create_async_engine(
+            target,
+            pool_size=pool_size,
+            max_overflow=0,
+            connect_args={"timeout": limits.SQLITE_BUSY_TIMEOUT_MS / 1000},
+        )
+        _sqlite_events(engine)
+        return engine
+    return create_async_engine(
+        target,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=limits.DB_CONNECT_TIMEOUT_S,
+        connect_args={
+            "timeout": limits.DB_CONNECT_TIMEOUT_S,
+            "command_timeout": limits.DB_STATEMENT_TIMEOUT_MS / 1000,
+            "server_settings": {
+                "synchronous_commit": "on",
+                "statement_timeout": str(limits.DB_STATEMENT_TIMEOUT_MS),
+                "lock_timeout": str(limits.DB_LOCK_TIMEOUT_MS),
+                "application_name": "cardcore",
+            },
+        },
+    )
+
+
+def _sqlite_events(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let us issue BEGIN ourselves (pysqlite's implicit transactions are unreliable).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={limits.SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        assert mode in ("DEFERRED", "IMMEDIATE"), mode
+        conn.exec_driver_sql(f"BEGIN {mode}")

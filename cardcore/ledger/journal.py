@@ -1,0 +1,403 @@
+"""The journal's rows, the batch hash chain, and the verification of both. Pure.
+
+A committed batch is: its sequence number, its commit time, and the rows it appended to the
+append-only tables (assets, account events, transfers, entries, failures). The rows are plain
+dicts keyed by column name; they are what the writer inserts, what
+`GET /internal/v1/journal` serves and what `cardcore ledger verify` reads back, so all three
+hash the very same values.
+
+    hash(batch) = SHA-256(prev_hash || canonical JSON of [seq, committed_at_ms, tables...])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cardcore.ledger.decide import BatchEffects
+from cardcore.ledger.model import (
+    Account,
+    AccountEvent,
+    AccountFlags,
+    AccountInfo,
+    Asset,
+    AssetKind,
+    Balance,
+    Failure,
+    Metadata,
+    Posting,
+    Side,
+    Transfer,
+    TransferKind,
+)
+
+Row = dict[str, Any]
+
+
+class RowLike(Protocol):
+    """A row read back from the database: a dict or SQLAlchemy's RowMapping."""
+
+    def __getitem__(self, name: str, /) -> Any: ...
+
+
+GENESIS_HASH = "0" * 64
+
+# Column order of each journal table: the order values are hashed in.
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "assets": ("code", "kind", "scale", "name", "seq"),
+    "account_events": (
+        "id",
+        "seq",
+        "kind",
+        "account_id",
+        "asset",
+        "legal_entity",
+        "owner_kind",
+        "owner_id",
+        "purpose",
+        "no_overdraft",
+        "no_overcredit",
+        "debit_frozen",
+        "credit_frozen",
+    ),
+    "transfers": (
+        "id",
+        "client",
+        "key",
+        "kind",
+        "asset",
+        "postings",
+        "pending_id",
+        "timeout_s",
+        "expires_at_ms",
+        "reason",
+        "metadata",
+        "seq",
+        "created_at_ms",
+    ),
+    "entries": (
+        "id",
+        "seq",
+        "transfer_id",
+        "account_id",
+        "side",
+        "posted_delta",
+        "pending_delta",
+        "debits_posted",
+        "credits_posted",
+        "debits_pending",
+        "credits_pending",
+        "version",
+    ),
+    "failures": ("client", "key", "request", "code", "field", "seq", "created_at_ms"),
+}
+TABLES = tuple(COLUMNS)
+
+
+def canonical_json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+# --- model -> rows -------------------------------------------------------------------------
+
+
+def asset_row(a: Asset, seq: int) -> Row:
+    return {"code": a.code, "kind": str(a.kind), "scale": a.scale, "name": a.name, "seq": seq}
+
+
+def account_event_row(e: AccountEvent) -> Row:
+    info = e.account
+    return {
+        "id": e.id,
+        "seq": e.seq,
+        "kind": e.kind,
+        "account_id": info.id,
+        "asset": info.asset,
+        "legal_entity": info.legal_entity,
+        "owner_kind": info.owner_kind,
+        "owner_id": info.owner_id,
+        "purpose": info.purpose,
+        "no_overdraft": info.flags.no_overdraft,
+        "no_overcredit": info.flags.no_overcredit,
+        "debit_frozen": info.flags.debit_frozen,
+        "credit_frozen": info.flags.credit_frozen,
+    }
+
+
+def postings_json(postings: Iterable[Posting]) -> str:
+    return canonical_json([[p.account_id, str(p.side), p.amount] for p in postings])
+
+
+def metadata_json(metadata: Metadata) -> str:
+    return canonical_json(dict(metadata))
+
+
+def transfer_row(t: Transfer) -> Row:
+    return {
+        "id": t.id,
+        "client": t.client,
+        "key": t.key,
+        "kind": str(t.kind),
+        "asset": t.asset,
+        "postings": postings_json(t.postings),
+        "pending_id": t.pending_id,
+        "timeout_s": t.timeout_s,
+        "expires_at_ms": t.expires_at_ms,
+        "reason": t.reason,
+        "metadata": metadata_json(t.metadata),
+        "seq": t.seq,
+        "created_at_ms": t.created_at_ms,
+    }
+
+
+def failure_row(f: Failure) -> Row:
+    return {
+        "client": f.client,
+        "key": f.key,
+        "request": canonical_json(f.request),
+        "code": f.code,
+        "field": f.field,
+        "seq": f.seq,
+        "created_at_ms": f.created_at_ms,
+    }
+
+
+def balance_columns(b: Balance) -> Row:
+    return {
+        "debits_posted": b.debits_posted,
+        "credits_posted": b.credits_posted,
+        "debits_pending": b.debits_pending,
+        "credits_pending": b.credits_pending,
+        "version": b.version,
+    }
+
+
+def batch_rows(effects: BatchEffects) -> dict[str, list[Row]]:
+    return {
+        "assets": [asset_row(a, effects.seq) for a in effects.assets],
+        "account_events": [account_event_row(e) for e in effects.account_events],
+        "transfers": [transfer_row(t) for t in effects.transfers],
+        "entries": [
+            {
+                "id": e.id,
+                "seq": e.seq,
+                "transfer_id": e.transfer_id,
+                "account_id": e.account_id,
+                "side": str(e.side),
+                "posted_delta": e.posted_delta,
+                "pending_delta": e.pending_delta,
+                **balance_columns(e.balance),
+            }
+            for e in effects.entries
+        ],
+        "failures": [failure_row(f) for f in effects.failures],
+    }
+
+
+def batch_hash(
+    prev_hash: str, seq: int, committed_at_ms: int, rows: Mapping[str, list[Row]]
+) -> str:
+    document: list[object] = [seq, committed_at_ms]
+    for table in TABLES:
+        columns = COLUMNS[table]
+        document.append([[row[c] for c in columns] for row in rows.get(table, ())])
+    payload = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(prev_hash.encode("ascii") + payload.encode("utf-8")).hexdigest()
+
+
+# --- rows -> model -------------------------------------------------------------------------
+
+
+def asset_from_row(r: RowLike) -> Asset:
+    return Asset(code=r["code"], kind=AssetKind(r["kind"]), scale=r["scale"], name=r["name"])
+
+
+def flags_from_row(r: RowLike) -> AccountFlags:
+    return AccountFlags(
+        no_overdraft=bool(r["no_overdraft"]),
+        no_overcredit=bool(r["no_overcredit"]),
+        debit_frozen=bool(r["debit_frozen"]),
+        credit_frozen=bool(r["credit_frozen"]),
+    )
+
+
+def account_from_row(r: RowLike) -> Account:
+    info = AccountInfo(
+        id=r["id"],
+        asset=r["asset"],
+        legal_entity=r["legal_entity"],
+        owner_kind=r["owner_kind"],
+        owner_id=r["owner_id"],
+        purpose=r["purpose"],
+        flags=flags_from_row(r),
+    )
+    balance = Balance(
+        debits_posted=r["debits_posted"],
+        credits_posted=r["credits_posted"],
+        debits_pending=r["debits_pending"],
+        credits_pending=r["credits_pending"],
+        version=r["version"],
+    )
+    return Account(info=info, balance=balance)
+
+
+def postings_from_json(text: str) -> tuple[Posting, ...]:
+    return tuple(Posting(int(a), Side(side), int(amount)) for a, side, amount in json.loads(text))
+
+
+def metadata_from_json(text: str) -> Metadata:
+    return tuple(sorted(json.loads(text).items()))
+
+
+def transfer_from_row(r: RowLike) -> Transfer:
+    return Transfer(
+        id=r["id"],
+        client=r["client"],
+        key=r["key"],
+        kind=TransferKind(r["kind"]),
+        asset=r["asset"],
+        postings=postings_from_json(r["postings"]),
+        pending_id=r["pending_id"],
+        timeout_s=r["timeout_s"],
+        expires_at_ms=r["expires_at_ms"],
+        reason=r["reason"],
+        metadata=metadata_from_json(r["metadata"]),
+        seq=r["seq"],
+        created_at_ms=r["created_at_ms"],
+    )
+
+
+def failure_from_row(r: RowLike) -> Failure:
+    return Failure(
+        client=r["client"],
+        key=r["key"],
+        request=json.loads(r["request"]),
+        code=r["code"],
+        field=r["field"],
+        seq=r["seq"],
+        created_at_ms=r["created_at_ms"],
+    )
+
+
+# --- verification --------------------------------------------------------------------------
+
+
+class Mismatch(Exception):
+    """The first place where the stored journal disagrees with itself or the balances."""
+
+
+@dataclass(slots=True)
+class Verifier:
+    """Replays committed batches in order; raises `Mismatch` at the first inconsistency."""
+
+    prev_hash: str = GENESIS_HASH
+    last_seq: int = 0
+    balances: dict[int, Balance] = field(default_factory=dict)
+    flags: dict[int, AccountFlags] = field(default_factory=dict)
+    assets_of: dict[int, str] = field(default_factory=dict)
+    batches: int = 0
+    entries: int = 0
+
+    def batch(self, header: Mapping[str, Any], rows: Mapping[str, list[Row]]) -> None:
+        seq = header["seq"]
+        if seq != self.last_seq + 1:
+            raise Mismatch(f"batch {seq}: sequence gap after {self.last_seq}")
+        if header["prev_hash"] != self.prev_hash:
+            raise Mismatch(f"batch {seq}: prev_hash does not link to batch {self.last_seq}")
+        expected = batch_hash(self.prev_hash, seq, header["committed_at_ms"], rows)
+        if header["hash"] != expected:
+            raise Mismatch(f"batch {seq}: hash {header['hash']} but its rows hash to {expected}")
+        for event in rows.get("account_events", ()):
+            aid = event["account_id"]
+            if event["kind"] == "create":
+                if aid in self.balances:
+                    raise Mismatch(f"batch {seq}: account {aid} created twice")
+                self.balances[aid] = Balance()
+                self.assets_of[aid] = event["asset"]
+            elif aid not in self.balances:
+                raise Mismatch(f"batch {seq}: flags of unknown account {aid}")
+            self.flags[aid] = flags_from_row(event)
+        self._transfers(seq, rows.get("transfers", ()), rows.get("entries", ()))
+        self.prev_hash = header["hash"]
+        self.last_seq = seq
+        self.batches += 1
+
+    def _transfers(self, seq: int, transfers: Iterable[Row], entries: Iterable[Row]) -> None:
+        sums: dict[int, list[int]] = {}  # transfer -> [debit posted, credit posted, dp, cp]
+        asset_of = {t["id"]: t["asset"] for t in transfers}
+        for e in entries:
+            aid, tid = e["account_id"], e["transfer_id"]
+            where = f"batch {seq} entry {e['id']} (account {aid}, transfer {tid})"
+            if aid not in self.balances:
+                raise Mismatch(f"{where}: unknown account")
+            if tid not in asset_of:
+                raise Mismatch(f"{where}: transfer not in this batch")
+            if self.assets_of[aid] != asset_of[tid]:
+                raise Mismatch(f"{where}: account asset differs from the transfer's")
+            b = self.balances[aid]
+            debit = e["side"] == str(Side.DEBIT)
+            if debit:
+                b = Balance(
+                    b.debits_posted + e["posted_delta"],
+                    b.credits_posted,
+                    b.debits_pending + e["pending_delta"],
+                    b.credits_pending,
+                    b.version + 1,
+                )
+            else:
+                b = Balance(
+                    b.debits_posted,
+                    b.credits_posted + e["posted_delta"],
+                    b.debits_pending,
+                    b.credits_pending + e["pending_delta"],
+                    b.version + 1,
+                )
+            stored = Balance(
+                e["debits_posted"],
+                e["credits_posted"],
+                e["debits_pending"],
+                e["credits_pending"],
+                e["version"],
+            )
+            if stored != b:
+                raise Mismatch(f"{where}: balance after is {stored}, replay gives {b}")
+            _check_floors(self.flags[aid], b, where)
+            self.balances[aid] = b
+            s = sums.setdefault(tid, [0, 0, 0, 0])
+            offset = 0 if debit else 1
+            s[offset] += e["posted_delta"]
+            s[2 + offset] += e["pending_delta"]
+            self.entries += 1
+        for tid, (dp, cp, dpen, cpen) in sums.items():
+            if dp != cp or dpen != cpen:
+                raise Mismatch(f"batch {seq} transfer {tid}: debits and credits differ")
+
+    def accounts(self, stored: Iterable[Account]) -> None:
+        """Compare the replayed balances and flags with the accounts table."""
+        seen = set()
+        for account in stored:
+            aid = account.id
+            seen.add(aid)
+            if aid not in self.balances:
+                raise Mismatch(f"account {aid}: not in the journal")
+            if account.balance != self.balances[aid]:
+                raise Mismatch(
+                    f"account {aid}: stored {account.balance}, journal gives {self.balances[aid]}"
+                )
+            if account.info.flags != self.flags[aid]:
+                raise Mismatch(f"account {aid}: stored flags differ from the journal's")
+        missing = set(self.balances) - seen
+        if missing:
+            raise Mismatch(f"account {min(missing)}: in the journal but not stored")
+
+
+def _check_floors(flags: AccountFlags, b: Balance, where: str) -> None:
+    if min(b.debits_posted, b.credits_posted, b.debits_pending, b.credits_pending) < 0:
+        raise Mismatch(f"{where}: negative balance field")
+    if flags.no_overdraft and b.debits_posted + b.debits_pending > b.credits_posted:
+        raise Mismatch(f"{where}: debits exceed credits on a no-overdraft account")
+    if flags.no_overcredit and b.credits_posted + b.credits_pending > b.debits_posted:
+        raise Mismatch(f"{where}: credits exceed debits on a no-overcredit account")

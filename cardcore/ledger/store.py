@@ -1,0 +1,382 @@
+"""The ledger's database adapter: what the writer reads and writes, and the read side.
+
+Only the writer calls `read_view` and `write_batch`, on its own connection, inside its own
+transaction. Everything else here reads, on pooled connections, and never takes the writer's
+path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import BigInteger, ColumnElement, String, and_, any_, bindparam, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnClause
+
+from cardcore.ledger import journal, schema
+from cardcore.ledger.decide import BatchEffects
+from cardcore.ledger.model import (
+    Account,
+    Asset,
+    CreateAccount,
+    CreateTransfer,
+    IdCounters,
+    LedgerView,
+    Op,
+    PendingState,
+    PostPending,
+    SetAccountFrozen,
+    TransferKind,
+    VoidPending,
+    natural_key,
+)
+
+_IN_CHUNK = 900  # SQLite binds at most 32766 variables in one statement
+
+
+@dataclass(slots=True)
+class WriterState:
+    seq: int
+    hash: str
+    counters: IdCounters
+    assets: dict[str, Asset]
+
+
+class LedgerStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.postgres = engine.dialect.name == "postgresql"
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _member(self, column: Any, values: Collection[Any]) -> list[ColumnElement[bool]]:
+        """`column IN values`, as one array parameter on PostgreSQL (one cached statement)."""
+        if self.postgres:
+            sqltype = BigInteger() if isinstance(column.type, BigInteger) else String()
+            param = bindparam(None, list(values), type_=ARRAY(sqltype))
+            return [column == any_(param)]
+        items = list(values)
+        return [column.in_(items[i : i + _IN_CHUNK]) for i in range(0, len(items), _IN_CHUNK)]
+
+    async def _rows(
+        self, conn: AsyncConnection, table: Any, column: Any, values: Collection[Any]
+    ) -> list[dict[str, Any]]:
+        if not values:
+            return []
+        rows: list[dict[str, Any]] = []
+        for condition in self._member(column, values):
+            result = await conn.execute(select(table).where(condition))
+            rows.extend(dict(r) for r in result.mappings())
+        return rows
+
+    # --- writer -----------------------------------------------------------------------------
+
+    async def writer_state(self, conn: AsyncConnection) -> WriterState:
+        last = (
+            await conn.execute(
+                select(schema.batches.c.seq, schema.batches.c.hash)
+                .order_by(schema.batches.c.seq.desc())
+                .limit(1)
+            )
+        ).first()
+
+        async def next_id(column: ColumnClause[Any]) -> int:
+            value = (await conn.execute(select(func.max(column)))).scalar()
+            return int(value or 0) + 1
+
+        counters = IdCounters(
+            account=await next_id(schema.accounts.c.id),
+            transfer=await next_id(schema.transfers.c.id),
+            entry=await next_id(schema.entries.c.id),
+            account_event=await next_id(schema.account_events.c.id),
+            outbox=await next_id(schema.outbox.c.id),
+        )
+        assets = {
+            r["code"]: journal.asset_from_row(r)
+            for r in (await conn.execute(select(schema.assets))).mappings()
+        }
+        if last is None:
+            return WriterState(0, journal.GENESIS_HASH, counters, assets)
+        return WriterState(int(last.seq), str(last.hash), counters, assets)
+
+    async def due_holds(self, conn: AsyncConnection, now_ms: int, limit: int) -> list[int]:
+        holds = schema.open_holds
+        result = await conn.execute(
+            select(holds.c.transfer_id)
+            .where(holds.c.expires_at_ms.is_not(None), holds.c.expires_at_ms <= now_ms)
+            .order_by(holds.c.expires_at_ms)
+            .limit(limit)
+        )
+        return [int(r) for r in result.scalars()]
+
+    async def read_view(
+        self,
+        conn: AsyncConnection,
+        ops: Sequence[Op],
+        assets: dict[str, Asset],
+        due_hold_ids: Iterable[int] = (),
+    ) -> LedgerView:
+        """Everything `decide_batch` needs for `ops`, in a handful of queries."""
+        view = LedgerView(assets=dict(assets))
+        keys: dict[str, set[str]] = {}
+        pending_ids: set[int] = set(due_hold_ids)
+        account_ids: set[int] = set()
+        natural_keys: set[str] = set()
+        for op in ops:
+            if isinstance(op, CreateTransfer | PostPending | VoidPending):
+                keys.setdefault(op.client, set()).add(op.key)
+            if isinstance(op, CreateTransfer):
+                account_ids.update(p.account_id for p in op.postings)
+            elif isinstance(op, PostPending | VoidPending):
+                pending_ids.add(op.pending_id)
+            elif isinstance(op, SetAccountFrozen):
+                account_ids.add(op.account_id)
+            elif isinstance(op, CreateAccount):
+                natural_keys.add(
+                    natural_key(op.legal_entity, op.owner_kind, op.owner_id, op.asset, op.purpose)
+                )
+
+        t, f = schema.transfers, schema.failures
+        for client, client_keys in keys.items():
+            for cond in self._member(t.c.key, client_keys):
+                for r in (
+                    await conn.execute(select(t).where(t.c.client == client, cond))
+                ).mappings():
+                    transfer = journal.transfer_from_row(r)
+                    view.transfers_by_key[(client, transfer.key)] = transfer
+                    if transfer.pending_id is not None:
+                        pending_ids.add(transfer.pending_id)
+            for cond in self._member(f.c.key, client_keys):
+                for r in (
+                    await conn.execute(select(f).where(f.c.client == client, cond))
+                ).mappings():
+                    view.failures_by_key[(client, r["key"])] = journal.failure_from_row(r)
+
+        if pending_ids:
+            resolver = t.alias("resolver")
+            for cond in self._member(t.c.id, pending_ids):
+                query = (
+                    select(t, resolver.c.kind.label("resolved_by"))
+                    .select_from(t.outerjoin(resolver, resolver.c.pending_id == t.c.id))
+                    .where(cond)
+                )
+                for r in (await conn.execute(query)).mappings():
+                    held = journal.transfer_from_row(r)
+                    resolved = r["resolved_by"]
+                    view.pendings[held.id] = PendingState(
+                        held, None if resolved is None else TransferKind(resolved)
+                    )
+                    account_ids.update(p.account_id for p in held.postings)
+
+        a = schema.accounts
+        conditions = [*self._member(a.c.id, account_ids)] if account_ids else []
+        if natural_keys:
+            conditions += self._member(a.c.natural_key, natural_keys)
+        for cond in conditions:
+            for r in (await conn.execute(select(a).where(cond))).mappings():
+                account = journal.account_from_row(r)
+                view.accounts[account.id] = account
+                view.account_ids_by_natural_key[r["natural_key"]] = account.id
+        return view
+
+    async def write_batch(
+        self, conn: AsyncConnection, effects: BatchEffects, prev_hash: str, ops_count: int
+    ) -> str:
+        """Append the batch and update balances; returns the batch hash. Caller commits."""
+        rows = journal.batch_rows(effects)
+        digest = journal.batch_hash(prev_hash, effects.seq, effects.now_ms, rows)
+        await conn.execute(
+            schema.batches.insert(),
+            [
+                {
+                    "seq": effects.seq,
+                    "prev_hash": prev_hash,
+                    "hash": digest,
+                    "ops": ops_count,
+                    "committed_at_ms": effects.now_ms,
+                }
+            ],
+        )
+        if rows["assets"]:
+            await conn.execute(schema.assets.insert(), rows["assets"])
+        if effects.new_account_ids:
+            await self._insert_accounts(conn, effects)
+        for name in ("account_events", "transfers", "entries", "failures"):
+            if rows[name]:
+                await conn.execute(schema.JOURNAL_TABLES[name].insert(), rows[name])
+        await self._update_accounts(conn, effects)
+        if effects.outbox:
+            await conn.execute(
+                schema.outbox.insert(),
+                [
+                    {"id": o.id, "seq": o.seq, "event": o.event, "transfer_id": o.transfer_id}
+                    for o in effects.outbox
+                ],
+            )
+        if effects.opened_pendings:
+            await conn.execute(
+                schema.open_holds.insert(),
+                [
+                    {"transfer_id": tid, "expires_at_ms": exp}
+                    for tid, exp in effects.opened_pendings.items()
+                ],
+            )
+        if effects.closed_pendings:
+            for cond in self._member(schema.open_holds.c.transfer_id, effects.closed_pendings):
+                await conn.execute(schema.open_holds.delete().where(cond))
+        return digest
+
+    async def _insert_accounts(self, conn: AsyncConnection, effects: BatchEffects) -> None:
+        rows = []
+        for aid in sorted(effects.new_account_ids):
+            account = effects.accounts[aid]
+            info = account.info
+            rows.append(
+                {
+                    "id": aid,
+                    "natural_key": info.natural_key,
+                    "asset": info.asset,
+                    "legal_entity": info.legal_entity,
+                    "owner_kind": info.owner_kind,
+                    "owner_id": info.owner_id,
+                    "purpose": info.purpose,
+                    **_flag_columns(account),
+                    **journal.balance_columns(account.balance),
+                    "created_seq": effects.seq,
+                }
+            )
+        await conn.execute(schema.accounts.insert(), rows)
+
+    async def _update_accounts(self, conn: AsyncConnection, effects: BatchEffects) -> None:
+        rows = [
+            {
+                "b_id": aid,
+                **_flag_columns(account),
+                **journal.balance_columns(account.balance),
+            }
+            for aid, account in effects.accounts.items()
+            if aid not in effects.new_account_ids
+        ]
+        if not rows:
+            return
+        a = schema.accounts
+        statement = (
+            a.update()
+            .where(a.c.id == bindparam("b_id"))
+            .values({name: bindparam(name) for name in rows[0] if name != "b_id"})
+        )
+        await conn.execute(statement, rows)
+
+    # --- reads ------------------------------------------------------------------------------
+
+    async def account(self, account_id: int) -> Account | None:
+        async with self.engine.connect() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        select(schema.accounts).where(schema.accounts.c.id == account_id)
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        return None if row is None else journal.account_from_row(row)
+
+    async def entries(
+        self, account_id: int, *, cursor: int | None, limit: int, newest_first: bool
+    ) -> list[dict[str, Any]]:
+        e, t = schema.entries, schema.transfers
+        query = (
+            select(
+                e,
+                t.c.kind.label("transfer_kind"),
+                t.c.reason,
+                t.c.metadata,
+                t.c.created_at_ms,
+            )
+            .select_from(e.join(t, t.c.id == e.c.transfer_id))
+            .where(e.c.account_id == account_id)
+        )
+        if newest_first:
+            if cursor is not None:
+                query = query.where(e.c.id < cursor)
+            query = query.order_by(e.c.id.desc())
+        else:
+            if cursor is not None:
+                query = query.where(e.c.id > cursor)
+            query = query.order_by(e.c.id)
+        async with self.engine.connect() as conn:
+            result = await conn.execute(query.limit(limit))
+            return [dict(r) for r in result.mappings()]
+
+    async def journal_page(self, after: int, limit: int) -> list[dict[str, Any]]:
+        """Committed batches with seq > after, in order, each with its rows."""
+        async with self.engine.connect() as conn, conn.begin():
+            return [{**header, **rows} async for header, rows in self._batches(conn, after, limit)]
+
+    async def _batches(
+        self, conn: AsyncConnection, after: int, limit: int
+    ) -> AsyncIterator[tuple[dict[str, Any], dict[str, list[journal.Row]]]]:
+        b = schema.batches
+        headers = [
+            dict(r)
+            for r in (
+                await conn.execute(select(b).where(b.c.seq > after).order_by(b.c.seq).limit(limit))
+            ).mappings()
+        ]
+        if not headers:
+            return
+        low, high = headers[0]["seq"], headers[-1]["seq"]
+        by_seq: dict[int, dict[str, list[journal.Row]]] = {
+            h["seq"]: {name: [] for name in journal.TABLES} for h in headers
+        }
+        for name, table in schema.JOURNAL_TABLES.items():
+            order = (
+                [table.c.client, table.c.key]
+                if name == "failures"
+                else [table.c.code]
+                if name == "assets"
+                else [table.c.id]
+            )
+            query = (
+                select(*[table.c[c] for c in journal.COLUMNS[name]])
+                .where(and_(table.c.seq >= low, table.c.seq <= high))
+                .order_by(table.c.seq, *order)
+            )
+            for r in (await conn.execute(query)).mappings():
+                row = dict(r)
+                bucket = by_seq.get(row["seq"])
+                if bucket is not None:
+                    bucket[name].append(row)
+        for header in headers:
+            yield header, by_seq[header["seq"]]
+
+    async def verify(self, chunk: int) -> journal.Verifier:
+        """Replay the whole journal; raises `journal.Mismatch` at the first inconsistency."""
+        verifier = journal.Verifier()
+        async with self.engine.connect() as conn, conn.begin():
+            after = 0
+            while True:
+                seen = 0
+                async for header, rows in self._batches(conn, after, chunk):
+                    verifier.batch(header, rows)
+                    after = header["seq"]
+                    seen += 1
+                if seen == 0:
+                    break
+            stored = await conn.execute(select(schema.accounts).order_by(schema.accounts.c.id))
+            verifier.accounts(journal.account_from_row(r) for r in stored.mappings())
+        return verifier
+
+
+def _flag_columns(account: Account) -> dict[str, bool]:
+    flags = account.info.flags
+    return {
+        "no_overdraft": flags.no_overdraft,
+        "no_overcredit": flags.no_overcredit,
+        "debit_frozen": flags.debit_frozen,
+        "credit_frozen": flags.credit_frozen,
+    }

@@ -1,0 +1,104 @@
+"""Shared fixtures: a fresh migrated database per test, on SQLite and on PostgreSQL.
+
+PostgreSQL comes from CARDCORE_TEST_PG_URL (default: the server at 127.0.0.1:5432). Each test
+gets its own database, cloned from a template migrated once per run. With CI=true an
+unreachable PostgreSQL fails the run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy.engine import make_url
+
+from cardcore import migrate
+from cardcore.api.app import build_app
+from cardcore.config import Config
+from cardcore.ledger.service import Ledger
+from cardcore.metrics import Metrics
+from tests.helpers import ApiClient
+
+PG_URL = os.environ.get("CARDCORE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+BACKENDS = ("sqlite", "postgresql")
+_RUN = uuid.uuid4().hex[:8]
+_counter = itertools.count()
+
+
+def _pg_admin_dsn() -> str:
+    return make_url(PG_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _pg_url_for(database: str) -> str:
+    return make_url(PG_URL).set(database=database).render_as_string(hide_password=False)
+
+
+async def _pg_exec(*statements: str) -> None:
+    conn = await asyncpg.connect(_pg_admin_dsn(), timeout=5)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A migrated PostgreSQL database that per-test databases are cloned from."""
+    name = f"cardcore_tpl_{_RUN}"
+    try:
+        asyncio.run(_pg_exec(f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}"))
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL at {PG_URL} is required in CI: {exc}")
+        pytest.skip(f"PostgreSQL at {PG_URL} unreachable: {exc}")
+    migrate.upgrade(_pg_url_for(name))
+    yield name
+    asyncio.run(_pg_exec(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+def new_pg_database(template: str) -> str:
+    name = f"cardcore_t_{_RUN}_{next(_counter)}"
+    asyncio.run(_pg_exec(f"CREATE DATABASE {name} TEMPLATE {template}"))
+    return name
+
+
+def drop_pg_database(name: str) -> None:
+    asyncio.run(_pg_exec(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database: one SQLite file, or one PostgreSQL database."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.db'}"
+        migrate.upgrade(url)
+        yield url
+        return
+    template = request.getfixturevalue("pg_template")
+    name = new_pg_database(template)
+    yield _pg_url_for(name)
+    drop_pg_database(name)
+
+
+@pytest.fixture
+async def ledger(db_url: str) -> AsyncIterator[Ledger]:
+    service = Ledger.open(db_url, Metrics(), batch_wait_ms_max=1)
+    await service.start()
+    yield service
+    await service.close()
+
+
+@pytest.fixture
+async def api(db_url: str) -> AsyncIterator[ApiClient]:
+    metrics = Metrics()
+    app = build_app(Config(db_url=db_url), metrics, Ledger.open(db_url, metrics))
+    async with TestClient(TestServer(app)) as client:
+        yield client
