@@ -62,6 +62,7 @@ def make_engine(url: str, *, pool_size: int = limits.DB_POOL_SIZE_MAX) -> AsyncE
                 "statement_timeout": str(limits.DB_STATEMENT_TIMEOUT_MS),
                 "lock_timeout": str(limits.DB_LOCK_TIMEOUT_MS),
                 "application_name": "cardcore",
+                "plan_cache_mode": "force_custom_plan",
             },
         },
     )

@@ -387,7 +387,7 @@ def _create_transfer(s: _Scratch, op: CreateTransfer) -> Result:
         for account, p in zip(accounts, op.postings, strict=True)
     ]
     transfer = Transfer(
-        id=0,
+        id=s.next["transfer"],
         client=op.client,
         key=op.key,
         kind=kind,
@@ -441,7 +441,7 @@ def _resolve_pending(s: _Scratch, op: PostPending | VoidPending | ExpirePending)
         for p, amount in zip(pending.postings, posted, strict=True)
     )
     transfer = Transfer(
-        id=0,
+        id=s.next["transfer"],
         client=client,
         key=key,
         kind=kind,
@@ -504,10 +504,11 @@ def _commit_transfer(s: _Scratch, transfer: Transfer, moves: list[Move]) -> Resu
         balance = _moved(account.balance, side, posted_delta, pending_delta)
         _check_bounds(account.info.flags, balance, f"postings[{i}].account_id")
         after.append(balance)
-    transfer = replace(transfer, id=s.take_id("transfer"))
+    taken = s.take_id("transfer")
+    assert taken == transfer.id, "a transfer is built with the id it will take"
     entries = []
     for (account, side, posted_delta, pending_delta), balance in zip(moves, after, strict=True):
-        s.put_account(replace(account, balance=balance))
+        s.put_account(Account(account.info, balance))
         entries.append(
             Entry(
                 id=s.take_id("entry"),
@@ -526,17 +527,19 @@ def _commit_transfer(s: _Scratch, transfer: Transfer, moves: list[Move]) -> Resu
 
 def _moved(b: Balance, side: Side, posted_delta: int, pending_delta: int) -> Balance:
     if side is Side.DEBIT:
-        return replace(
-            b,
-            debits_posted=b.debits_posted + posted_delta,
-            debits_pending=b.debits_pending + pending_delta,
-            version=b.version + 1,
+        return Balance(
+            b.debits_posted + posted_delta,
+            b.credits_posted,
+            b.debits_pending + pending_delta,
+            b.credits_pending,
+            b.version + 1,
         )
-    return replace(
-        b,
-        credits_posted=b.credits_posted + posted_delta,
-        credits_pending=b.credits_pending + pending_delta,
-        version=b.version + 1,
+    return Balance(
+        b.debits_posted,
+        b.credits_posted + posted_delta,
+        b.debits_pending,
+        b.credits_pending + pending_delta,
+        b.version + 1,
     )
 
 

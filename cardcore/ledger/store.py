@@ -11,7 +11,17 @@ from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, String, and_, any_, bindparam, func, select
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    String,
+    Table,
+    and_,
+    any_,
+    bindparam,
+    func,
+    select,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnClause
@@ -188,80 +198,69 @@ class LedgerStore:
         """Append the batch and update balances; returns the batch hash. Caller commits."""
         rows = journal.batch_rows(effects)
         digest = journal.batch_hash(prev_hash, effects.seq, effects.now_ms, rows)
-        await conn.execute(
-            schema.batches.insert(),
-            [
-                {
-                    "seq": effects.seq,
-                    "prev_hash": prev_hash,
-                    "hash": digest,
-                    "ops": ops_count,
-                    "committed_at_ms": effects.now_ms,
-                }
-            ],
-        )
-        if rows["assets"]:
-            await conn.execute(schema.assets.insert(), rows["assets"])
-        if effects.new_account_ids:
-            await self._insert_accounts(conn, effects)
+        header = {
+            "seq": effects.seq,
+            "prev_hash": prev_hash,
+            "hash": digest,
+            "ops": ops_count,
+            "committed_at_ms": effects.now_ms,
+        }
+        # Through SQLAlchemy first: this also opens the transaction the bulk writes join.
+        await conn.execute(schema.batches.insert(), [header])
+        await self._insert(conn, schema.assets, rows["assets"])
+        await self._insert(conn, schema.accounts, _new_account_rows(effects))
         for name in ("account_events", "transfers", "entries", "failures"):
-            if rows[name]:
-                await conn.execute(schema.JOURNAL_TABLES[name].insert(), rows[name])
+            await self._insert(conn, schema.JOURNAL_TABLES[name], rows[name])
         await self._update_accounts(conn, effects)
-        if effects.outbox:
-            await conn.execute(
-                schema.outbox.insert(),
-                [
-                    {"id": o.id, "seq": o.seq, "event": o.event, "transfer_id": o.transfer_id}
-                    for o in effects.outbox
-                ],
-            )
-        if effects.opened_pendings:
-            await conn.execute(
-                schema.open_holds.insert(),
-                [
-                    {"transfer_id": tid, "expires_at_ms": exp}
-                    for tid, exp in effects.opened_pendings.items()
-                ],
-            )
+        outbox = [
+            {"id": o.id, "seq": o.seq, "event": o.event, "transfer_id": o.transfer_id}
+            for o in effects.outbox
+        ]
+        await self._insert(conn, schema.outbox, outbox)
+        holds = [
+            {"transfer_id": tid, "expires_at_ms": exp}
+            for tid, exp in effects.opened_pendings.items()
+        ]
+        await self._insert(conn, schema.open_holds, holds)
         if effects.closed_pendings:
             for cond in self._member(schema.open_holds.c.transfer_id, effects.closed_pendings):
                 await conn.execute(schema.open_holds.delete().where(cond))
         return digest
 
-    async def _insert_accounts(self, conn: AsyncConnection, effects: BatchEffects) -> None:
-        rows = []
-        for aid in sorted(effects.new_account_ids):
-            account = effects.accounts[aid]
-            info = account.info
-            rows.append(
-                {
-                    "id": aid,
-                    "natural_key": info.natural_key,
-                    "asset": info.asset,
-                    "legal_entity": info.legal_entity,
-                    "owner_kind": info.owner_kind,
-                    "owner_id": info.owner_id,
-                    "purpose": info.purpose,
-                    **_flag_columns(account),
-                    **journal.balance_columns(account.balance),
-                    "created_seq": effects.seq,
-                }
-            )
-        await conn.execute(schema.accounts.insert(), rows)
+    async def _insert(self, conn: AsyncConnection, table: Table, rows: list[journal.Row]) -> None:
+        """Bulk insert. On PostgreSQL by COPY on the writer's own connection and transaction
+        (ten times faster than row-wise executemany, see docs/adr/0002); elsewhere by
+        executemany."""
+        if not rows:
+            return
+        if not self.postgres:
+            await conn.execute(table.insert(), rows)
+            return
+        driver = await _driver(conn)
+        columns = [c.name for c in table.columns]
+        await driver.copy_records_to_table(
+            table.name,
+            records=[tuple(row[c] for c in columns) for row in rows],
+            columns=columns,
+        )
 
     async def _update_accounts(self, conn: AsyncConnection, effects: BatchEffects) -> None:
-        rows = [
-            {
-                "b_id": aid,
-                **_flag_columns(account),
-                **journal.balance_columns(account.balance),
-            }
+        changed = [
+            (aid, account)
             for aid, account in effects.accounts.items()
             if aid not in effects.new_account_ids
         ]
-        if not rows:
+        if not changed:
             return
+        if self.postgres:
+            # One set-based statement instead of one UPDATE per account.
+            columns = list(zip(*[_balance_tuple(a) for _, a in changed], strict=True))
+            await (await _driver(conn)).execute(_PG_UPDATE_ACCOUNTS, *columns)
+            return
+        rows = [
+            {"b_id": aid, **_flag_columns(account), **journal.balance_columns(account.balance)}
+            for aid, account in changed
+        ]
         a = schema.accounts
         statement = (
             a.update()
@@ -370,6 +369,63 @@ class LedgerStore:
             stored = await conn.execute(select(schema.accounts).order_by(schema.accounts.c.id))
             verifier.accounts(journal.account_from_row(r) for r in stored.mappings())
         return verifier
+
+
+_PG_UPDATE_ACCOUNTS = """
+UPDATE ledger_accounts AS a SET
+    debits_posted = v.debits_posted, credits_posted = v.credits_posted,
+    debits_pending = v.debits_pending, credits_pending = v.credits_pending,
+    version = v.version, debit_frozen = v.debit_frozen, credit_frozen = v.credit_frozen
+FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+            $6::bigint[], $7::boolean[], $8::boolean[])
+    AS v(id, debits_posted, credits_posted, debits_pending, credits_pending, version,
+         debit_frozen, credit_frozen)
+WHERE a.id = v.id
+"""
+
+
+async def _driver(conn: AsyncConnection) -> Any:
+    """The asyncpg connection under SQLAlchemy's, inside the same open transaction."""
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None and driver.is_in_transaction(), "bulk write outside a transaction"
+    return driver
+
+
+def _balance_tuple(account: Account) -> tuple[int | bool, ...]:
+    b, flags = account.balance, account.info.flags
+    return (
+        account.id,
+        b.debits_posted,
+        b.credits_posted,
+        b.debits_pending,
+        b.credits_pending,
+        b.version,
+        flags.debit_frozen,
+        flags.credit_frozen,
+    )
+
+
+def _new_account_rows(effects: BatchEffects) -> list[journal.Row]:
+    rows = []
+    for aid in sorted(effects.new_account_ids):
+        account = effects.accounts[aid]
+        info = account.info
+        rows.append(
+            {
+                "id": aid,
+                "natural_key": info.natural_key,
+                "asset": info.asset,
+                "legal_entity": info.legal_entity,
+                "owner_kind": info.owner_kind,
+                "owner_id": info.owner_id,
+                "purpose": info.purpose,
+                **_flag_columns(account),
+                **journal.balance_columns(account.balance),
+                "created_seq": effects.seq,
+            }
+        )
+    return rows
 
 
 def _flag_columns(account: Account) -> dict[str, bool]:
