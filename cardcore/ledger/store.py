@@ -388,7 +388,8 @@ async def _driver(conn: AsyncConnection) -> Any:
     """The asyncpg connection under SQLAlchemy's, inside the same open transaction."""
     raw = await conn.get_raw_connection()
     driver = raw.driver_connection
-    assert driver is not None and driver.is_in_transaction(), "bulk write outside a transaction"
+    assert driver is not None
+    assert driver.is_in_transaction(), "bulk write outside a transaction"
     return driver
 
 
