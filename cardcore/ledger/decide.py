@@ -661,7 +661,10 @@ def _replay(s: _Scratch, op: KeyedOp) -> Result | None:
         )
     failed = s.failures_by_key.get(ikey)
     if failed is not None:
-        differs = _first_difference(canonical_request(op), failed.request)
+        request, stored = canonical_request(op), dict(failed.request)
+        _compare_post_amount(request, s.pendings)
+        _compare_post_amount(stored, s.pendings)
+        differs = _first_difference(request, stored)
         if differs is not None:
             raise _Failed(f"exists_with_different_{differs}", differs)
         return Result(

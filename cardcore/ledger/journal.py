@@ -101,30 +101,9 @@ def canonical_json(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-# --- model -> rows -------------------------------------------------------------------------
+# --- model -> records (tuples in column order) ----------------------------------------------
 
-
-def asset_row(a: Asset, seq: int) -> Row:
-    return {"code": a.code, "kind": str(a.kind), "scale": a.scale, "name": a.name, "seq": seq}
-
-
-def account_event_row(e: AccountEvent) -> Row:
-    info = e.account
-    return {
-        "id": e.id,
-        "seq": e.seq,
-        "kind": e.kind,
-        "account_id": info.id,
-        "asset": info.asset,
-        "legal_entity": info.legal_entity,
-        "owner_kind": info.owner_kind,
-        "owner_id": info.owner_id,
-        "purpose": info.purpose,
-        "no_overdraft": info.flags.no_overdraft,
-        "no_overcredit": info.flags.no_overcredit,
-        "debit_frozen": info.flags.debit_frozen,
-        "credit_frozen": info.flags.credit_frozen,
-    }
+Record = tuple[Any, ...]
 
 
 def postings_json(postings: Iterable[Posting]) -> str:
@@ -135,75 +114,89 @@ def metadata_json(metadata: Metadata) -> str:
     return canonical_json(dict(metadata))
 
 
-def transfer_row(t: Transfer) -> Row:
+def flags_record(flags: AccountFlags) -> Record:
+    return (flags.no_overdraft, flags.no_overcredit, flags.debit_frozen, flags.credit_frozen)
+
+
+def balance_record(b: Balance) -> Record:
+    return (b.debits_posted, b.credits_posted, b.debits_pending, b.credits_pending, b.version)
+
+
+def _account_event_record(e: AccountEvent) -> Record:
+    info = e.account
+    return (
+        e.id,
+        e.seq,
+        e.kind,
+        info.id,
+        info.asset,
+        info.legal_entity,
+        info.owner_kind,
+        info.owner_id,
+        info.purpose,
+        *flags_record(info.flags),
+    )
+
+
+def _transfer_record(t: Transfer) -> Record:
+    return (
+        t.id,
+        t.client,
+        t.key,
+        str(t.kind),
+        t.asset,
+        postings_json(t.postings),
+        t.pending_id,
+        t.timeout_s,
+        t.expires_at_ms,
+        t.reason,
+        metadata_json(t.metadata),
+        t.seq,
+        t.created_at_ms,
+    )
+
+
+def _failure_record(f: Failure) -> Record:
+    request = canonical_json(f.request)
+    return (f.client, f.key, request, f.code, f.field, f.seq, f.created_at_ms)
+
+
+def batch_records(effects: BatchEffects) -> dict[str, list[Record]]:
+    """The rows a batch appends, per journal table, each a tuple in `COLUMNS` order."""
     return {
-        "id": t.id,
-        "client": t.client,
-        "key": t.key,
-        "kind": str(t.kind),
-        "asset": t.asset,
-        "postings": postings_json(t.postings),
-        "pending_id": t.pending_id,
-        "timeout_s": t.timeout_s,
-        "expires_at_ms": t.expires_at_ms,
-        "reason": t.reason,
-        "metadata": metadata_json(t.metadata),
-        "seq": t.seq,
-        "created_at_ms": t.created_at_ms,
-    }
-
-
-def failure_row(f: Failure) -> Row:
-    return {
-        "client": f.client,
-        "key": f.key,
-        "request": canonical_json(f.request),
-        "code": f.code,
-        "field": f.field,
-        "seq": f.seq,
-        "created_at_ms": f.created_at_ms,
-    }
-
-
-def balance_columns(b: Balance) -> Row:
-    return {
-        "debits_posted": b.debits_posted,
-        "credits_posted": b.credits_posted,
-        "debits_pending": b.debits_pending,
-        "credits_pending": b.credits_pending,
-        "version": b.version,
-    }
-
-
-def batch_rows(effects: BatchEffects) -> dict[str, list[Row]]:
-    return {
-        "assets": [asset_row(a, effects.seq) for a in effects.assets],
-        "account_events": [account_event_row(e) for e in effects.account_events],
-        "transfers": [transfer_row(t) for t in effects.transfers],
+        "assets": [(a.code, str(a.kind), a.scale, a.name, effects.seq) for a in effects.assets],
+        "account_events": [_account_event_record(e) for e in effects.account_events],
+        "transfers": [_transfer_record(t) for t in effects.transfers],
         "entries": [
-            {
-                "id": e.id,
-                "seq": e.seq,
-                "transfer_id": e.transfer_id,
-                "account_id": e.account_id,
-                "side": str(e.side),
-                "posted_delta": e.posted_delta,
-                "pending_delta": e.pending_delta,
-                **balance_columns(e.balance),
-            }
+            (
+                e.id,
+                e.seq,
+                e.transfer_id,
+                e.account_id,
+                str(e.side),
+                e.posted_delta,
+                e.pending_delta,
+                *balance_record(e.balance),
+            )
             for e in effects.entries
         ],
-        "failures": [failure_row(f) for f in effects.failures],
+        "failures": [_failure_record(f) for f in effects.failures],
+    }
+
+
+def records_of(rows: Mapping[str, Iterable[Mapping[str, Any]]]) -> dict[str, list[Record]]:
+    """Rows read back as dicts (the API, the verifier) -> records in `COLUMNS` order."""
+    return {
+        table: [tuple(row[c] for c in COLUMNS[table]) for row in rows.get(table, ())]
+        for table in TABLES
     }
 
 
 def batch_hash(
-    prev_hash: str, seq: int, committed_at_ms: int, rows: Mapping[str, list[Row]]
+    prev_hash: str, seq: int, committed_at_ms: int, records: Mapping[str, list[Record]]
 ) -> str:
     document: list[object] = [seq, committed_at_ms]
-    for table in TABLES:
-        columns = COLUMNS[table]
-        document.append([[row[c] for c in columns] for row in rows.get(table, ())])
+    document.extend(records.get(table, []) for table in TABLES)
     payload = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(prev_hash.encode("ascii") + payload.encode("utf-8")).hexdigest()
 
@@ -307,7 +300,7 @@ class Verifier:
             raise Mismatch(f"batch {seq}: sequence gap after {self.last_seq}")
         if header["prev_hash"] != self.prev_hash:
             raise Mismatch(f"batch {seq}: prev_hash does not link to batch {self.last_seq}")
-        expected = batch_hash(self.prev_hash, seq, header["committed_at_ms"], rows)
+        expected = batch_hash(self.prev_hash, seq, header["committed_at_ms"], records_of(rows))
         if header["hash"] != expected:
             raise Mismatch(f"batch {seq}: hash {header['hash']} but its rows hash to {expected}")
         for event in rows.get("account_events", ()):

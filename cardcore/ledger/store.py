@@ -196,78 +196,59 @@ class LedgerStore:
         self, conn: AsyncConnection, effects: BatchEffects, prev_hash: str, ops_count: int
     ) -> str:
         """Append the batch and update balances; returns the batch hash. Caller commits."""
-        rows = journal.batch_rows(effects)
-        digest = journal.batch_hash(prev_hash, effects.seq, effects.now_ms, rows)
-        header = {
-            "seq": effects.seq,
-            "prev_hash": prev_hash,
-            "hash": digest,
-            "ops": ops_count,
-            "committed_at_ms": effects.now_ms,
-        }
+        records = journal.batch_records(effects)
+        digest = journal.batch_hash(prev_hash, effects.seq, effects.now_ms, records)
+        header = (effects.seq, prev_hash, digest, ops_count, effects.now_ms)
         # Through SQLAlchemy first: this also opens the transaction the bulk writes join.
-        await conn.execute(schema.batches.insert(), [header])
-        await self._insert(conn, schema.assets, rows["assets"])
-        await self._insert(conn, schema.accounts, _new_account_rows(effects))
+        await conn.execute(
+            schema.batches.insert(), [dict(zip(schema.batches.c.keys(), header, strict=True))]
+        )
+        await self._insert(conn, schema.assets, records["assets"])
+        await self._insert(conn, schema.accounts, _new_account_records(effects))
         for name in ("account_events", "transfers", "entries", "failures"):
-            await self._insert(conn, schema.JOURNAL_TABLES[name], rows[name])
+            await self._insert(conn, schema.JOURNAL_TABLES[name], records[name])
         await self._update_accounts(conn, effects)
-        outbox = [
-            {"id": o.id, "seq": o.seq, "event": o.event, "transfer_id": o.transfer_id}
-            for o in effects.outbox
-        ]
+        outbox = [(o.id, o.seq, o.event, o.transfer_id) for o in effects.outbox]
         await self._insert(conn, schema.outbox, outbox)
-        holds = [
-            {"transfer_id": tid, "expires_at_ms": exp}
-            for tid, exp in effects.opened_pendings.items()
-        ]
-        await self._insert(conn, schema.open_holds, holds)
+        await self._insert(conn, schema.open_holds, list(effects.opened_pendings.items()))
         if effects.closed_pendings:
             for cond in self._member(schema.open_holds.c.transfer_id, effects.closed_pendings):
                 await conn.execute(schema.open_holds.delete().where(cond))
         return digest
 
-    async def _insert(self, conn: AsyncConnection, table: Table, rows: list[journal.Row]) -> None:
-        """Bulk insert. On PostgreSQL by COPY on the writer's own connection and transaction
-        (ten times faster than row-wise executemany, see docs/adr/0002); elsewhere by
-        executemany."""
-        if not rows:
+    async def _insert(
+        self, conn: AsyncConnection, table: Table, records: list[journal.Record]
+    ) -> None:
+        """Bulk insert of tuples in the table's column order, at the driver, on the writer's
+        own connection and transaction: COPY on PostgreSQL, executemany on SQLite
+        (docs/adr/0002)."""
+        if not records:
             return
-        if not self.postgres:
-            await conn.execute(table.insert(), rows)
-            return
-        driver = await _driver(conn)
         columns = [c.name for c in table.columns]
-        await driver.copy_records_to_table(
-            table.name,
-            records=[tuple(row[c] for c in columns) for row in rows],
-            columns=columns,
+        driver = await _driver(conn, self.postgres)
+        if self.postgres:
+            await driver.copy_records_to_table(table.name, records=records, columns=columns)
+            return
+        marks = ", ".join("?" * len(columns))
+        await driver.executemany(
+            f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({marks})",  # noqa: S608
+            records,
         )
 
     async def _update_accounts(self, conn: AsyncConnection, effects: BatchEffects) -> None:
         changed = [
-            (aid, account)
+            (account.id, *journal.balance_record(account.balance), *_frozen(account))
             for aid, account in effects.accounts.items()
             if aid not in effects.new_account_ids
         ]
         if not changed:
             return
+        driver = await _driver(conn, self.postgres)
         if self.postgres:
             # One set-based statement instead of one UPDATE per account.
-            columns = list(zip(*[_balance_tuple(a) for _, a in changed], strict=True))
-            await (await _driver(conn)).execute(_PG_UPDATE_ACCOUNTS, *columns)
+            await driver.execute(_PG_UPDATE_ACCOUNTS, *zip(*changed, strict=True))
             return
-        rows = [
-            {"b_id": aid, **_flag_columns(account), **journal.balance_columns(account.balance)}
-            for aid, account in changed
-        ]
-        a = schema.accounts
-        statement = (
-            a.update()
-            .where(a.c.id == bindparam("b_id"))
-            .values({name: bindparam(name) for name in rows[0] if name != "b_id"})
-        )
-        await conn.execute(statement, rows)
+        await driver.executemany(_SQLITE_UPDATE_ACCOUNTS, [(*r[1:], r[0]) for r in changed])
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -384,56 +365,47 @@ WHERE a.id = v.id
 """
 
 
-async def _driver(conn: AsyncConnection) -> Any:
-    """The asyncpg connection under SQLAlchemy's, inside the same open transaction."""
+_SQLITE_UPDATE_ACCOUNTS = """
+UPDATE ledger_accounts SET debits_posted = ?, credits_posted = ?, debits_pending = ?,
+    credits_pending = ?, version = ?, debit_frozen = ?, credit_frozen = ?
+WHERE id = ?
+"""
+
+
+async def _driver(conn: AsyncConnection, postgres: bool) -> Any:
+    """The driver connection (asyncpg or aiosqlite) under SQLAlchemy's, in the same open
+    transaction."""
     raw = await conn.get_raw_connection()
     driver = raw.driver_connection
     assert driver is not None
-    assert driver.is_in_transaction(), "bulk write outside a transaction"
+    if postgres:
+        assert driver.is_in_transaction(), "bulk write outside a transaction"
+    else:
+        assert driver.in_transaction, "bulk write outside a transaction"
     return driver
 
 
-def _balance_tuple(account: Account) -> tuple[int | bool, ...]:
-    b, flags = account.balance, account.info.flags
-    return (
-        account.id,
-        b.debits_posted,
-        b.credits_posted,
-        b.debits_pending,
-        b.credits_pending,
-        b.version,
-        flags.debit_frozen,
-        flags.credit_frozen,
-    )
+def _frozen(account: Account) -> tuple[bool, bool]:
+    return (account.info.flags.debit_frozen, account.info.flags.credit_frozen)
 
 
-def _new_account_rows(effects: BatchEffects) -> list[journal.Row]:
-    rows = []
+def _new_account_records(effects: BatchEffects) -> list[journal.Record]:
+    records = []
     for aid in sorted(effects.new_account_ids):
         account = effects.accounts[aid]
         info = account.info
-        rows.append(
-            {
-                "id": aid,
-                "natural_key": info.natural_key,
-                "asset": info.asset,
-                "legal_entity": info.legal_entity,
-                "owner_kind": info.owner_kind,
-                "owner_id": info.owner_id,
-                "purpose": info.purpose,
-                **_flag_columns(account),
-                **journal.balance_columns(account.balance),
-                "created_seq": effects.seq,
-            }
+        records.append(
+            (
+                aid,
+                info.natural_key,
+                info.asset,
+                info.legal_entity,
+                info.owner_kind,
+                info.owner_id,
+                info.purpose,
+                *journal.flags_record(info.flags),
+                *journal.balance_record(account.balance),
+                effects.seq,
+            )
         )
-    return rows
-
-
-def _flag_columns(account: Account) -> dict[str, bool]:
-    flags = account.info.flags
-    return {
-        "no_overdraft": flags.no_overdraft,
-        "no_overcredit": flags.no_overcredit,
-        "debit_frozen": flags.debit_frozen,
-        "credit_frozen": flags.credit_frozen,
-    }
+    return records

@@ -1,0 +1,167 @@
+"""The journal's records, hash chain and verifier, without a database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cardcore.ledger import journal, schema
+from cardcore.ledger.decide import BatchEffects, decide_batch
+from cardcore.ledger.model import (
+    Account,
+    AccountFlags,
+    AssetKind,
+    CreateAccount,
+    CreateAsset,
+    CreateTransfer,
+    IdCounters,
+    LedgerView,
+    Posting,
+    Side,
+)
+
+NOW = 1_800_000_000_000
+
+
+def _rows(effects: BatchEffects) -> dict[str, list[dict[str, Any]]]:
+    records = journal.batch_records(effects)
+    return {
+        table: [dict(zip(journal.COLUMNS[table], r, strict=True)) for r in records[table]]
+        for table in journal.TABLES
+    }
+
+
+def _two_batches() -> tuple[
+    list[tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]], dict[int, Account]
+]:
+    counters = IdCounters(1, 1, 1, 1, 1)
+    first = decide_batch(
+        [
+            CreateAsset("CNY", AssetKind.CURRENCY, 2, "RMB"),
+            CreateAccount("CNY", "LE", "entity", "LE", "float"),
+            CreateAccount("CNY", "LE", "card", "c1", "sv", AccountFlags(no_overdraft=True)),
+        ],
+        LedgerView(),
+        counters,
+        seq=1,
+        now_ms=NOW,
+    )
+    view = LedgerView(
+        assets={a.code: a for a in first.assets},
+        accounts=dict(first.accounts),
+    )
+    second = decide_batch(
+        [
+            CreateTransfer(
+                "t", "k1", "CNY", (Posting(1, Side.DEBIT, 500), Posting(2, Side.CREDIT, 500))
+            ),
+            CreateTransfer(
+                "t", "k2", "CNY", (Posting(2, Side.DEBIT, 900), Posting(1, Side.CREDIT, 900))
+            ),
+        ],
+        view,
+        first.counters,
+        seq=2,
+        now_ms=NOW + 5,
+    )
+    batches = []
+    prev = journal.GENESIS_HASH
+    for effects in (first, second):
+        rows = _rows(effects)
+        digest = journal.batch_hash(prev, effects.seq, effects.now_ms, journal.records_of(rows))
+        header = {
+            "seq": effects.seq,
+            "prev_hash": prev,
+            "hash": digest,
+            "committed_at_ms": effects.now_ms,
+        }
+        batches.append((header, rows))
+        prev = digest
+    accounts = {**first.accounts, **second.accounts}
+    return batches, accounts
+
+
+def test_schema_columns_follow_the_hashed_column_order() -> None:
+    for name, table in schema.JOURNAL_TABLES.items():
+        assert tuple(table.c.keys()) == journal.COLUMNS[name]
+
+
+def test_records_hash_the_same_as_rows_read_back() -> None:
+    batches, _ = _two_batches()
+    header, rows = batches[1]
+    records = journal.records_of(rows)
+    assert (
+        journal.batch_hash(header["prev_hash"], 2, header["committed_at_ms"], records)
+        == header["hash"]
+    )
+
+
+def test_verifier_accepts_a_consistent_journal() -> None:
+    batches, accounts = _two_batches()
+    verifier = journal.Verifier()
+    for header, rows in batches:
+        verifier.batch(header, rows)
+    verifier.accounts(accounts.values())
+    assert verifier.batches == 2 and verifier.entries == 2  # k2 failed: exceeds_credits
+    assert len(batches[1][1]["failures"]) == 1
+
+
+def _tamper_amount(rows: dict[str, list[dict[str, Any]]]) -> None:
+    rows["entries"][0]["posted_delta"] += 1
+
+
+def _tamper_metadata(rows: dict[str, list[dict[str, Any]]]) -> None:
+    rows["transfers"][0]["metadata"] = '{"store":"X"}'
+
+
+def _tamper_failure(rows: dict[str, list[dict[str, Any]]]) -> None:
+    rows["failures"].clear()
+
+
+@pytest.mark.parametrize("tamper", [_tamper_amount, _tamper_metadata, _tamper_failure])
+def test_verifier_names_the_batch_whose_rows_changed(tamper: Any) -> None:
+    batches, _ = _two_batches()
+    tamper(batches[1][1])
+    verifier = journal.Verifier()
+    verifier.batch(*batches[0])
+    with pytest.raises(journal.Mismatch, match="batch 2"):
+        verifier.batch(*batches[1])
+
+
+def test_verifier_detects_gap_and_broken_link() -> None:
+    batches, _ = _two_batches()
+    with pytest.raises(journal.Mismatch, match="sequence gap"):
+        journal.Verifier().batch(*batches[1])
+    header, rows = batches[1]
+    verifier = journal.Verifier()
+    verifier.batch(*batches[0])
+    with pytest.raises(journal.Mismatch, match="prev_hash"):
+        verifier.batch({**header, "prev_hash": "f" * 64}, rows)
+
+
+def test_verifier_detects_balance_that_disagrees_with_the_replay() -> None:
+    batches, accounts = _two_batches()
+    verifier = journal.Verifier()
+    for header, rows in batches:
+        verifier.batch(header, rows)
+    card = accounts[2]
+    card.balance.credits_posted += 1  # the stored balance drifted
+    with pytest.raises(journal.Mismatch, match="account 2"):
+        verifier.accounts(accounts.values())
+
+
+def test_verifier_rechecks_balance_after_each_entry_even_with_a_valid_hash() -> None:
+    batches, _ = _two_batches()
+    header, rows = batches[1]
+    rows["entries"][1]["credits_posted"] += 1  # balance-after lies, and the hash is recomputed
+    header = {
+        **header,
+        "hash": journal.batch_hash(
+            header["prev_hash"], 2, header["committed_at_ms"], journal.records_of(rows)
+        ),
+    }
+    verifier = journal.Verifier()
+    verifier.batch(*batches[0])
+    with pytest.raises(journal.Mismatch, match="balance after"):
+        verifier.batch(header, rows)
