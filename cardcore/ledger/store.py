@@ -185,11 +185,12 @@ class LedgerStore:
         conditions = [*self._member(a.c.id, account_ids)] if account_ids else []
         if natural_keys:
             conditions += self._member(a.c.natural_key, natural_keys)
+        columns = [a.c[name] for name in journal.ACCOUNT_COLUMNS]
         for cond in conditions:
-            for r in (await conn.execute(select(a).where(cond))).mappings():
-                account = journal.account_from_row(r)
+            for record in await conn.execute(select(*columns).where(cond)):
+                account = journal.account_from_record(tuple(record))
                 view.accounts[account.id] = account
-                view.account_ids_by_natural_key[r["natural_key"]] = account.id
+                view.account_ids_by_natural_key[account.info.natural_key] = account.id
         return view
 
     async def write_batch(

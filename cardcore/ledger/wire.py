@@ -65,9 +65,9 @@ class _Fields:
     def __init__(self, value: object, path: str, allowed: frozenset[str]) -> None:
         if not isinstance(value, dict):
             raise RequestError("wrong_type", path or None, "expected a JSON object")
-        unknown = sorted(set(value) - allowed)
-        if unknown:
-            raise RequestError("unknown_field", _join(path, unknown[0]), "field is not allowed")
+        if not allowed.issuperset(value):
+            unknown = min(set(value) - allowed)
+            raise RequestError("unknown_field", _join(path, unknown), "field is not allowed")
         self.value: dict[str, Any] = value
         self.path = path
 
@@ -75,11 +75,10 @@ class _Fields:
         return _join(self.path, name)
 
     def raw(self, name: str, required: bool) -> object:
-        if name not in self.value or self.value[name] is None:
-            if required:
-                raise RequestError("missing_field", self.at(name), "field is required")
-            return None
-        return self.value[name]
+        value = self.value.get(name)
+        if value is None and required:
+            raise RequestError("missing_field", self.at(name), "field is required")
+        return value
 
     def integer(self, name: str, *, low: int, high: int, required: bool = True) -> int | None:
         value = self.raw(name, required)
@@ -107,22 +106,18 @@ class _Fields:
         value = self.raw(name, required)
         if value is None:
             return None
-        return _string(value, self.at(name), pattern)
+        if not isinstance(value, str):
+            raise RequestError("wrong_type", self.at(name), "expected a string")
+        limit = _CHARS_MAX[pattern]
+        if len(value) > limit:
+            raise RequestError("string_too_long", self.at(name), f"at most {limit} characters")
+        if not pattern.fullmatch(value):
+            raise RequestError("invalid_characters", self.at(name), f"must match {pattern.pattern}")
+        return value
 
 
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
-
-
-def _string(value: object, where: str, pattern: re.Pattern[str]) -> str:
-    if not isinstance(value, str):
-        raise RequestError("wrong_type", where, "expected a string")
-    limit = _CHARS_MAX[pattern]
-    if len(value) > limit:
-        raise RequestError("string_too_long", where, f"at most {limit} characters")
-    if not pattern.fullmatch(value):
-        raise RequestError("invalid_characters", where, f"must match {pattern.pattern}")
-    return value
 
 
 # --- requests ------------------------------------------------------------------------------
@@ -143,7 +138,8 @@ _OP_FIELDS = {
     ),
     "void_pending": frozenset({"op", "key", "pending_id", "reason", "metadata", "linked"}),
 }
-_ALL_OP_FIELDS = frozenset().union(*_OP_FIELDS.values())
+_POSTING_FIELDS = frozenset({"account_id", "side", "amount"})
+_SIDES = {"debit": Side.DEBIT, "credit": Side.CREDIT}
 _FLAG_NAMES = frozenset({"no_overdraft", "no_overcredit", "debit_frozen", "credit_frozen"})
 
 
@@ -167,10 +163,12 @@ def parse_ops_request(body: object) -> tuple[str, list[Op]]:
 
 
 def parse_op(raw: object, path: str, client: str) -> Op:
-    probe = _Fields(raw, path, _ALL_OP_FIELDS)
-    kind = probe.raw("op", True)
+    if not isinstance(raw, dict):
+        raise RequestError("wrong_type", path, "expected a JSON object")
+    kind = raw.get("op")
     if not isinstance(kind, str) or kind not in _OP_FIELDS:
-        raise RequestError("invalid_value", probe.at("op"), f"one of {sorted(_OP_FIELDS)}")
+        code = "missing_field" if kind is None else "invalid_value"
+        raise RequestError(code, _join(path, "op"), f"one of {sorted(_OP_FIELDS)}")
     f = _Fields(raw, path, _OP_FIELDS[kind])
     linked = bool(f.boolean("linked"))
     if kind == "create_asset":
@@ -209,7 +207,7 @@ def _id(f: _Fields, name: str) -> int:
 
 def _create_asset(f: _Fields, linked: bool) -> CreateAsset:
     kind = f.raw("kind", True)
-    if kind not in {k.value for k in AssetKind}:
+    if not isinstance(kind, str) or kind not in {k.value for k in AssetKind}:
         raise RequestError("invalid_value", f.at("kind"), f"one of {[k.value for k in AssetKind]}")
     scale = f.integer("scale", low=0, high=limits.ASSET_SCALE_MAX)
     assert scale is not None
@@ -251,12 +249,13 @@ def _transfer(
         )
     postings: list[Posting] = []
     seen: set[int] = set()
-    sums = {Side.DEBIT: 0, Side.CREDIT: 0}
+    debits = credits = 0
     for i, item in enumerate(raw):
-        pf = _Fields(item, f"{where}[{i}]", frozenset({"account_id", "side", "amount"}))
+        pf = _Fields(item, f"{where}[{i}]", _POSTING_FIELDS)
         account_id = _id(pf, "account_id")
-        side = pf.raw("side", True)
-        if side not in ("debit", "credit"):
+        raw_side = pf.raw("side", True)
+        side = _SIDES.get(raw_side) if isinstance(raw_side, str) else None
+        if side is None:
             raise RequestError("invalid_value", pf.at("side"), "debit or credit")
         amount = pf.integer("amount", low=1, high=limits.AMOUNT_MAX)
         assert amount is not None
@@ -265,10 +264,12 @@ def _transfer(
                 "accounts_must_be_different", pf.at("account_id"), "account appears twice"
             )
         seen.add(account_id)
-        posting = Posting(account_id, Side(str(side)), amount)
-        sums[posting.side] += amount
-        postings.append(posting)
-    if sums[Side.DEBIT] != sums[Side.CREDIT]:
+        postings.append(Posting(account_id, side, amount))
+        if side is Side.DEBIT:
+            debits += amount
+        else:
+            credits += amount
+    if debits != credits:
         raise RequestError("postings_unbalanced", where, "debits and credits must be equal")
     pending = bool(f.boolean("pending"))
     timeout_s = f.integer("timeout_s", low=1, high=limits.PENDING_TIMEOUT_S_MAX, required=False)
