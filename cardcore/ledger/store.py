@@ -7,6 +7,7 @@ path.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -293,9 +294,19 @@ class LedgerStore:
             result = await conn.execute(query.limit(limit))
             return [dict(r) for r in result.mappings()]
 
+    @contextlib.asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[AsyncConnection]:
+        """A read transaction that sees one committed state throughout (the writer may commit
+        meanwhile): REPEATABLE READ on PostgreSQL; any SQLite read transaction already is."""
+        options = {"isolation_level": "REPEATABLE READ"} if self.postgres else {}
+        async with self.engine.connect() as plain:
+            conn = await plain.execution_options(**options)
+            async with conn.begin():
+                yield conn
+
     async def journal_page(self, after: int, limit: int) -> list[dict[str, Any]]:
         """Committed batches with seq > after, in order, each with its rows."""
-        async with self.engine.connect() as conn, conn.begin():
+        async with self._snapshot() as conn:
             return [{**header, **rows} async for header, rows in self._batches(conn, after, limit)]
 
     async def _batches(
@@ -338,7 +349,7 @@ class LedgerStore:
     async def verify(self, chunk: int) -> journal.Verifier:
         """Replay the whole journal; raises `journal.Mismatch` at the first inconsistency."""
         verifier = journal.Verifier()
-        async with self.engine.connect() as conn, conn.begin():
+        async with self._snapshot() as conn:
             after = 0
             while True:
                 seen = 0
