@@ -21,7 +21,7 @@ from typing import Any
 
 from cardcore import bench, limits, logs, migrate
 from cardcore import config as config_module
-from cardcore.db import DatabaseUrlError, make_engine
+from cardcore.db import DATABASE_ERRORS, DatabaseUrlError, make_engine
 from cardcore.ledger.journal import Mismatch
 from cardcore.ledger.store import LedgerStore
 
@@ -110,8 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args, config)
     except (config_module.ConfigError, DatabaseUrlError, bench.BenchError) as exc:
         return _fail(str(exc), EXIT_USAGE)
-    except migrate.NotMigrated as exc:
+    except (migrate.NotMigrated, migrate.DatabaseUnavailable) as exc:
         return _fail(str(exc), EXIT_USAGE)
+    except DATABASE_ERRORS as exc:  # e.g. a port in use, a path under a file, a dead server
+        return _fail(migrate.reason(exc), EXIT_USAGE)
     except KeyboardInterrupt:
         return 130
 

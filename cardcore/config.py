@@ -44,6 +44,8 @@ class Config:
             raise ConfigError(f"batch_wait_ms_max must be 0..{limits.BATCH_WAIT_MS_MAX_CEILING}")
         if not 1 <= self.queue_requests_max <= limits.WRITER_QUEUE_REQUESTS_MAX:
             raise ConfigError(f"queue_requests_max must be 1..{limits.WRITER_QUEUE_REQUESTS_MAX}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         if self.log_format not in ("json", "text"):
             raise ConfigError("log_format must be json or text")
         if not is_loopback(self.host) and len(self.internal_token) < 16:

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from cardcore import limits
@@ -18,6 +19,10 @@ from cardcore import limits
 
 class DatabaseUrlError(ValueError):
     pass
+
+
+# What reaching or using a database can raise besides our own errors (for the CLI's one line).
+DATABASE_ERRORS = (OSError, DBAPIError, TimeoutError)
 
 
 def async_url(url: str) -> URL:

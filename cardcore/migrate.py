@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from cardcore.db import async_url, make_engine
+from cardcore.db import DATABASE_ERRORS, async_url, make_engine
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,10 +30,17 @@ def _alembic_config(db_url: str) -> AlembicConfig:
     return cfg
 
 
-def ensure_sqlite_dir(db_url: str) -> None:
+def _sqlite_path(db_url: str) -> Path | None:
     url = make_url(db_url)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        return Path(url.database)
+    return None
+
+
+def ensure_sqlite_dir(db_url: str) -> None:
+    path = _sqlite_path(db_url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def upgrade(db_url: str) -> None:
@@ -47,17 +54,26 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()
 
 
+class DatabaseUnavailable(RuntimeError):
+    pass
+
+
 async def check_current(db_url: str) -> None:
-    """Raise `NotMigrated` unless the database is at the newest schema."""
+    """Raise `NotMigrated` unless the database is at the newest schema, or
+    `DatabaseUnavailable` when it cannot be reached. Never creates a database."""
+    path = _sqlite_path(db_url)
+    if path is not None and not path.is_file():
+        raise NotMigrated(f"no database at {path}: run `cardcore migrate`")
     engine = make_engine(db_url, pool_size=1)
     try:
         async with engine.connect() as conn:
             try:
-                found = (
-                    await conn.execute(text("SELECT version_num FROM alembic_version"))
-                ).scalar()
+                query = text("SELECT version_num FROM alembic_version")
+                found = (await conn.execute(query)).scalar()
             except DBAPIError:  # no alembic_version table: never migrated
                 found = None
+    except DATABASE_ERRORS as exc:
+        raise DatabaseUnavailable(f"cannot reach the database: {reason(exc)}") from None
     finally:
         await engine.dispose()
     head = head_revision()
@@ -65,3 +81,9 @@ async def check_current(db_url: str) -> None:
         raise NotMigrated(
             f"database schema is at {found or 'nothing'}, code needs {head}: run `cardcore migrate`"
         )
+
+
+def reason(exc: BaseException) -> str:
+    """The driver's one-line reason, without SQL or connection parameters."""
+    original = getattr(exc, "orig", None) or exc
+    return str(original).splitlines()[0] if str(original) else type(original).__name__

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from sqlalchemy import text
 
+from cardcore.db import make_engine
 from cardcore.ledger.model import (
     AccountFlags,
     AssetKind,
     CreateAccount,
     CreateAsset,
     CreateTransfer,
+    Op,
     Posting,
+    PostPending,
+    Result,
+    SetAccountFrozen,
     Side,
+    VoidPending,
 )
 from cardcore.ledger.service import Ledger
 
@@ -122,3 +134,90 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# --- real ledger activity, SQL access and the `cardcore` command (schema, verify, e2e) -------
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """What `run_activity` did: ids to aim checks (and tampering) at."""
+
+    source: int  # may go negative
+    wallets: tuple[int, int, int]  # no-overdraft, funded with 10_000 each
+    sale: int  # a posted transfer with metadata
+    held: int  # a hold, partly posted
+    voided: int  # a hold, voided
+
+
+async def run_activity(ledger: Ledger) -> Activity:
+    """One operation kind per batch: assets, accounts, transfers, a hold posted in part, a
+    hold voided, a frozen account, and failures kept against their keys. Every table of the
+    journal gets rows; no hold can time out during a test."""
+    source, wallets = await setup_accounts(ledger, 3, funding=10_000)
+    a, b, c = wallets
+
+    async def one(op: Op, code: str = "ok") -> Result:
+        [result] = await ledger.submit([op])
+        assert result.code == code, result
+        return result
+
+    await one(CreateAsset("PTS", AssetKind.POINTS, 0, "Points"))
+    metadata = (("stan", "000001"), ("store", "S1"), ("terminal", "T1"))
+    sale = await one(move("sale-1", a, b, 2_500, reason="purchase", metadata=metadata))
+    held = await one(move("hold-1", a, c, 1_000, pending=True, timeout_s=3600))
+    assert held.transfer_id is not None
+    await one(PostPending("test", "post-1", held.transfer_id, 600))
+    voided = await one(move("hold-2", b, c, 500, pending=True))
+    assert voided.transfer_id is not None
+    await one(VoidPending("test", "void-1", voided.transfer_id))
+    await one(move("overdraft-1", c, a, 10**9), "exceeds_credits")
+    await one(SetAccountFrozen(b, debit_frozen=True))
+    await one(move("frozen-1", b, a, 1), "debit_account_frozen")
+    await one(SetAccountFrozen(b, debit_frozen=False))
+    assert sale.transfer_id is not None
+    return Activity(source, (a, b, c), sale.transfer_id, held.transfer_id, voided.transfer_id)
+
+
+async def sql_rows(db_url: str, query: str, **params: Any) -> list[dict[str, Any]]:
+    """Run one query on its own connection and return its rows as dicts."""
+    engine = make_engine(db_url, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            result = await conn.execute(text(query), params)
+            return [dict(r) for r in result.mappings()]
+    finally:
+        await engine.dispose()
+
+
+async def sql_execute(db_url: str, *statements: str) -> None:
+    """Run the statements in one transaction, committed (raises if any is refused)."""
+    engine = make_engine(db_url, pool_size=1)
+    try:
+        async with engine.begin() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+def cardcore_env(**settings: str) -> dict[str, str]:
+    """This process's environment without any CARDCORE_* setting, plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARDCORE_")}
+    env.update(settings)
+    return env
+
+
+def run_cardcore(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m cardcore ARGS` to completion (bounded), output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "cardcore", *args],
+        cwd=cwd,
+        env=cardcore_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )

@@ -300,8 +300,7 @@ class Verifier:
     prev_hash: str = GENESIS_HASH
     last_seq: int = 0
     balances: dict[int, Balance] = field(default_factory=dict)
-    flags: dict[int, AccountFlags] = field(default_factory=dict)
-    assets_of: dict[int, str] = field(default_factory=dict)
+    infos: dict[int, AccountInfo] = field(default_factory=dict)
     batches: int = 0
     entries: int = 0
 
@@ -315,19 +314,32 @@ class Verifier:
         if header["hash"] != expected:
             raise Mismatch(f"batch {seq}: hash {header['hash']} but its rows hash to {expected}")
         for event in rows.get("account_events", ()):
-            aid = event["account_id"]
-            if event["kind"] == "create":
-                if aid in self.balances:
-                    raise Mismatch(f"batch {seq}: account {aid} created twice")
-                self.balances[aid] = Balance()
-                self.assets_of[aid] = event["asset"]
-            elif aid not in self.balances:
-                raise Mismatch(f"batch {seq}: flags of unknown account {aid}")
-            self.flags[aid] = flags_from_row(event)
+            self._account_event(seq, event)
         self._transfers(seq, rows.get("transfers", ()), rows.get("entries", ()))
         self.prev_hash = header["hash"]
         self.last_seq = seq
         self.batches += 1
+
+    def _account_event(self, seq: int, event: Row) -> None:
+        info = AccountInfo(
+            event["account_id"],
+            event["asset"],
+            event["legal_entity"],
+            event["owner_kind"],
+            event["owner_id"],
+            event["purpose"],
+            flags_from_row(event),
+        )
+        before = self.infos.get(info.id)
+        if event["kind"] == "create":
+            if before is not None:
+                raise Mismatch(f"batch {seq}: account {info.id} created twice")
+            self.balances[info.id] = Balance()
+        elif before is None:
+            raise Mismatch(f"batch {seq}: flags of unknown account {info.id}")
+        elif before.natural_key != info.natural_key or before.asset != info.asset:
+            raise Mismatch(f"batch {seq}: account {info.id} changed owner or asset")
+        self.infos[info.id] = info
 
     def _transfers(self, seq: int, transfers: Iterable[Row], entries: Iterable[Row]) -> None:
         sums: dict[int, list[int]] = {}  # transfer -> [debit posted, credit posted, dp, cp]
@@ -339,7 +351,7 @@ class Verifier:
                 raise Mismatch(f"{where}: unknown account")
             if tid not in asset_of:
                 raise Mismatch(f"{where}: transfer not in this batch")
-            if self.assets_of[aid] != asset_of[tid]:
+            if self.infos[aid].asset != asset_of[tid]:
                 raise Mismatch(f"{where}: account asset differs from the transfer's")
             b = self.balances[aid]
             debit = e["side"] == str(Side.DEBIT)
@@ -368,7 +380,7 @@ class Verifier:
             )
             if stored != b:
                 raise Mismatch(f"{where}: balance after is {stored}, replay gives {b}")
-            _check_floors(self.flags[aid], b, where)
+            _check_floors(self.infos[aid].flags, b, where)
             self.balances[aid] = b
             s = sums.setdefault(tid, [0, 0, 0, 0])
             offset = 0 if debit else 1
@@ -380,7 +392,7 @@ class Verifier:
                 raise Mismatch(f"batch {seq} transfer {tid}: debits and credits differ")
 
     def accounts(self, stored: Iterable[Account]) -> None:
-        """Compare the replayed balances and flags with the accounts table."""
+        """Compare the replayed accounts (owner, asset, flags, balances) with the table."""
         seen = set()
         for account in stored:
             aid = account.id
@@ -391,8 +403,10 @@ class Verifier:
                 raise Mismatch(
                     f"account {aid}: stored {account.balance}, journal gives {self.balances[aid]}"
                 )
-            if account.info.flags != self.flags[aid]:
-                raise Mismatch(f"account {aid}: stored flags differ from the journal's")
+            if account.info != self.infos[aid]:
+                raise Mismatch(
+                    f"account {aid}: stored {account.info}, journal gives {self.infos[aid]}"
+                )
         missing = set(self.balances) - seen
         if missing:
             raise Mismatch(f"account {min(missing)}: in the journal but not stored")

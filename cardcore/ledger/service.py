@@ -42,7 +42,7 @@ class Ledger:
     async def start(self) -> None:
         await self.writer.start()
 
-    async def close(self, grace_s: float = limits.SHUTDOWN_GRACE_S) -> None:
+    async def close(self, grace_s: int = limits.SHUTDOWN_GRACE_S) -> None:
         await self.writer.stop(grace_s)
         await self.store.engine.dispose()
 

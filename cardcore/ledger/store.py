@@ -22,6 +22,7 @@ from sqlalchemy import (
     bindparam,
     func,
     select,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -71,17 +72,6 @@ class LedgerStore:
             return [column == any_(param)]
         items = list(values)
         return [column.in_(items[i : i + _IN_CHUNK]) for i in range(0, len(items), _IN_CHUNK)]
-
-    async def _rows(
-        self, conn: AsyncConnection, table: Any, column: Any, values: Collection[Any]
-    ) -> list[dict[str, Any]]:
-        if not values:
-            return []
-        rows: list[dict[str, Any]] = []
-        for condition in self._member(column, values):
-            result = await conn.execute(select(table).where(condition))
-            rows.extend(dict(r) for r in result.mappings())
-        return rows
 
     # --- writer -----------------------------------------------------------------------------
 
@@ -359,8 +349,23 @@ class LedgerStore:
                     seen += 1
                 if seen == 0:
                     break
+            for table in schema.JOURNAL_TABLES.values():
+                outside = (table.c.seq > verifier.last_seq) | (table.c.seq < 1)
+                query = select(func.count(), func.min(table.c.seq)).where(outside)
+                count, first = (await conn.execute(query)).one()
+                if count:
+                    raise journal.Mismatch(
+                        f"{table.name}: {count} rows claim batch {first}, "
+                        f"but the journal's batches are 1..{verifier.last_seq}"
+                    )
             stored = await conn.execute(select(schema.accounts).order_by(schema.accounts.c.id))
-            verifier.accounts(journal.account_from_row(r) for r in stored.mappings())
+            accounts = []
+            for r in stored.mappings():
+                account = journal.account_from_row(r)
+                if r["natural_key"] != account.info.natural_key:
+                    raise journal.Mismatch(f"account {account.id}: natural key does not match")
+                accounts.append(account)
+            verifier.accounts(accounts)
         return verifier
 
 
@@ -395,6 +400,64 @@ async def _driver(conn: AsyncConnection, postgres: bool) -> Any:
     else:
         assert driver.in_transaction, "bulk write outside a transaction"
     return driver
+
+
+# pg_advisory_lock key held by the writer for its life: one writer per database.
+_WRITER_LOCK_KEY = 0x63617264636F7265  # "cardcore"
+
+
+class WriterLockError(RuntimeError):
+    """Another writer already owns this database."""
+
+
+async def _take_writer_lock(conn: AsyncConnection) -> None:
+    query = text("SELECT pg_try_advisory_lock(:k)")
+    locked = (await conn.execute(query, {"k": _WRITER_LOCK_KEY})).scalar()
+    await conn.commit()
+    if not locked:
+        raise WriterLockError("another cardcore ledger writer owns this database")
+
+
+class WriterSession:
+    """The writer's own connection, held for its life: one transaction per batch
+    (docs/adr/0001). On PostgreSQL it holds the writer advisory lock; on SQLite its
+    transactions begin IMMEDIATE."""
+
+    def __init__(self, store: LedgerStore, conn: AsyncConnection) -> None:
+        self._store = store
+        self._conn = conn
+
+    @classmethod
+    async def open(cls, store: LedgerStore) -> tuple[WriterSession, WriterState]:
+        conn = await store.engine.connect()
+        try:
+            if store.postgres:
+                await _take_writer_lock(conn)
+            else:
+                conn = await conn.execution_options(sqlite_begin="IMMEDIATE")
+            state = await store.writer_state(conn)
+            await conn.commit()
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(store, conn), state
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        return self._conn.begin()
+
+    async def due_holds(self, now_ms: int, limit: int) -> list[int]:
+        return await self._store.due_holds(self._conn, now_ms, limit)
+
+    async def read_view(
+        self, ops: Sequence[Op], assets: dict[str, Asset], due_hold_ids: Iterable[int]
+    ) -> LedgerView:
+        return await self._store.read_view(self._conn, ops, assets, due_hold_ids)
+
+    async def write_batch(self, effects: BatchEffects, prev_hash: str, ops_count: int) -> str:
+        return await self._store.write_batch(self._conn, effects, prev_hash, ops_count)
+
+    async def close(self) -> None:
+        await self._conn.close()
 
 
 def _frozen(account: Account) -> tuple[bool, bool]:

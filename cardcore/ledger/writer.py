@@ -16,19 +16,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from cardcore import limits
 from cardcore.ledger.decide import decide_batch
 from cardcore.ledger.model import Op, Result
-from cardcore.ledger.store import LedgerStore, WriterState
+from cardcore.ledger.store import LedgerStore, WriterSession, WriterState
 from cardcore.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-# pg_advisory_lock key held by the writer for its life: one writer per database.
-_WRITER_LOCK_KEY = 0x63617264636F7265  # "cardcore"
 
 
 class Busy(Exception):
@@ -37,10 +31,6 @@ class Busy(Exception):
 
 class LedgerUnavailable(Exception):
     """The batch could not be committed; nothing of it was acknowledged."""
-
-
-class WriterLockError(RuntimeError):
-    """Another writer already owns this database."""
 
 
 def wall_clock_ms() -> int:
@@ -74,7 +64,7 @@ class Writer:
         self._batch_wait_s = batch_wait_ms_max / 1000
         self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=queue_requests_max)
         self._clock_ms = clock_ms
-        self._conn: AsyncConnection | None = None
+        self._session: WriterSession | None = None
         self._state: WriterState | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -101,7 +91,7 @@ class Writer:
     def last_seq(self) -> int:
         return 0 if self._state is None else self._state.seq
 
-    async def stop(self, grace_s: float = limits.SHUTDOWN_GRACE_S) -> None:
+    async def stop(self, grace_s: int = limits.SHUTDOWN_GRACE_S) -> None:
         """Refuse new requests, finish the queued ones within `grace_s`, then close."""
         self._closing = True
         deadline = asyncio.get_running_loop().time() + grace_s
@@ -120,24 +110,13 @@ class Writer:
         await self._disconnect()
 
     async def _connect(self) -> None:
-        conn = await self._store.engine.connect()
-        try:
-            if self._store.postgres:
-                await _take_writer_lock(conn)
-            else:
-                conn = await conn.execution_options(sqlite_begin="IMMEDIATE")
-            self._state = await self._store.writer_state(conn)
-            await conn.commit()
-        except BaseException:
-            await conn.close()
-            raise
-        self._conn = conn
+        self._session, self._state = await WriterSession.open(self._store)
 
     async def _disconnect(self) -> None:
-        if self._conn is not None:
+        if self._session is not None:
             with contextlib.suppress(Exception):
-                await self._conn.close()
-            self._conn = None
+                await self._session.close()
+            self._session = None
 
     # --- submit -----------------------------------------------------------------------------
 
@@ -206,24 +185,24 @@ class Writer:
         return self._last_now_ms
 
     async def _process(self, batch: list[_Request], now_ms: int, scan: bool) -> None:
-        conn, state = self._conn, self._state
-        if conn is None or state is None:
+        session, state = self._session, self._state
+        if session is None or state is None:
             raise LedgerUnavailable("writer has no connection")
         ops = [op for request in batch for op in request.ops]
         started = time.perf_counter()
-        async with conn.begin():
+        async with session.transaction():
             due: list[int] = []
             if scan:
-                due = await self._store.due_holds(conn, now_ms, limits.EXPIRY_OPS_PER_BATCH_MAX)
+                due = await session.due_holds(now_ms, limits.EXPIRY_OPS_PER_BATCH_MAX)
                 more_due = len(due) == limits.EXPIRY_OPS_PER_BATCH_MAX
                 self._next_scan_ms = now_ms + (0 if more_due else limits.EXPIRY_SCAN_INTERVAL_MS)
             if not ops and not due:
                 return
-            view = await self._store.read_view(conn, ops, state.assets, due)
+            view = await session.read_view(ops, state.assets, due)
             effects = decide_batch(ops, view, state.counters, state.seq + 1, now_ms)
             digest = None
             if not effects.is_empty:
-                digest = await self._store.write_batch(conn, effects, state.hash, len(ops))
+                digest = await session.write_batch(effects, state.hash, len(ops))
         # Committed: only now may anyone hear of it.
         self._failed_commits = 0
         if digest is not None:
@@ -249,14 +228,6 @@ class Writer:
             await self._connect()
         except Exception:
             log.exception("ledger writer could not reconnect; will retry with the next batch")
-
-
-async def _take_writer_lock(conn: AsyncConnection) -> None:
-    query = text("SELECT pg_try_advisory_lock(:k)")
-    locked = (await conn.execute(query, {"k": _WRITER_LOCK_KEY})).scalar()
-    await conn.commit()
-    if not locked:
-        raise WriterLockError("another cardcore ledger writer owns this database")
 
 
 def _fail(batch: list[_Request], exc: Exception) -> None:

@@ -90,15 +90,15 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "debits_posted >= 0 AND credits_posted >= 0"
             " AND debits_pending >= 0 AND credits_pending >= 0",
-            name="ck_ledger_accounts_balances_not_negative",
+            name=op.f("ck_ledger_accounts_balances_not_negative"),
         ),
         sa.CheckConstraint(
             "NOT no_overdraft OR debits_posted + debits_pending <= credits_posted",
-            name="ck_ledger_accounts_no_overdraft",
+            name=op.f("ck_ledger_accounts_no_overdraft"),
         ),
         sa.CheckConstraint(
             "NOT no_overcredit OR credits_posted + credits_pending <= debits_posted",
-            name="ck_ledger_accounts_no_overcredit",
+            name=op.f("ck_ledger_accounts_no_overcredit"),
         ),
     )
     op.create_index(

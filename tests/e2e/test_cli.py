@@ -1,0 +1,397 @@
+"""The `cardcore` command as real processes on loopback: help, refusals, serve with demo data,
+the internal token, and the benchmark. Every process is bounded in time and ended in finally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pytest
+
+from cardcore import migrate
+from tests.helpers import cardcore_env, free_port, run_cardcore
+
+PYTHON_M_CARDCORE = (sys.executable, "-m", "cardcore")
+CONSOLE_SCRIPT = Path(sys.executable).parent / "cardcore"
+TOKEN = "e2e-token-0123456789abcdef"  # noqa: S105 - a test server's token
+STOP_S_MAX = 15
+START_S_MAX = 30
+
+Done = subprocess.CompletedProcess[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    cwd: Path
+
+
+def _run_together(commands: Mapping[str, Command], timeout_s: float) -> dict[str, Done]:
+    """Start every command at once, wait for all within `timeout_s`, kill what is left."""
+    started: dict[str, subprocess.Popen[str]] = {}
+    done: dict[str, Done] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        for name, c in commands.items():
+            started[name] = subprocess.Popen(
+                list(c.argv),
+                cwd=c.cwd,
+                env=dict(c.env),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        for name, process in started.items():
+            try:
+                out, err = process.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                out, err = process.communicate()
+                err += f"\n[test: killed after {timeout_s} s]"
+            done[name] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return done
+
+
+def _one_line_error(done: Done) -> str:
+    """The error line, after checking it is the only thing on stderr besides argparse's usage
+    lines, and that nothing went to stdout."""
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("cardcore: error:")]
+    assert len(errors) == 1, done.stderr
+    usage = [line for line in lines if line not in errors]
+    assert all(line.startswith(("usage: ", " ")) for line in usage), done.stderr
+    assert done.stdout == "", done.stdout
+    return errors[0]
+
+
+# --- help ----------------------------------------------------------------------------------
+
+HELP = {
+    "cardcore": (),
+    "serve": ("serve",),
+    "ledger": ("ledger",),
+    "ledger verify": ("ledger", "verify"),
+    "migrate": ("migrate",),
+    "bench": ("bench",),
+    "bench ledger": ("bench", "ledger"),
+}
+
+
+@pytest.fixture(scope="module")
+def helps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Done]:
+    cwd = tmp_path_factory.mktemp("help")
+    env = cardcore_env()
+    commands = {
+        name: Command([*PYTHON_M_CARDCORE, *args, "--help"], env, cwd)
+        for name, args in HELP.items()
+    }
+    if CONSOLE_SCRIPT.exists():  # `cardcore --help` through the installed command itself
+        commands["cardcore"] = Command([str(CONSOLE_SCRIPT), "--help"], env, cwd)
+    return _run_together(commands, timeout_s=60)
+
+
+@pytest.mark.parametrize("name", HELP)
+def test_help_prints_usage_and_exits_0(helps: dict[str, Done], name: str) -> None:
+    done = helps[name]
+    assert done.returncode == 0, done.stderr
+    prog = " ".join(("cardcore", *HELP[name]))
+    assert done.stdout.startswith(f"usage: {prog} "), done.stdout
+    assert "-h, --help" in done.stdout
+    assert done.stderr == ""
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    args: tuple[str, ...]
+    env: Mapping[str, str]
+    says: str  # a fragment of the error line
+    exit_code: int | None = 2  # None: any non-zero code
+
+
+def _refusals(tmp: Path, port: str = "8080") -> dict[str, Refusal]:
+    """The cases, by name; `tmp` holds unknown-key.toml and a-file (see `refused`)."""
+    db = f"sqlite:///{tmp / 'refusals.db'}"
+    bad_toml = tmp / "unknown-key.toml"
+    blocker = tmp / "a-file"
+    everywhere = {"CARDCORE_HOST": "0.0.0.0"}  # refused before it listens
+    return {
+        "unknown command": Refusal(("frobnicate",), {}, "invalid choice: 'frobnicate'"),
+        "port not a number": Refusal(("serve", "--port", "abc"), {}, "invalid int value: 'abc'"),
+        "unsupported database url": Refusal(
+            ("serve", "--port", port), {"CARDCORE_DB_URL": "mysql://x"}, "unsupported database"
+        ),
+        "non-loopback host without token": Refusal(
+            ("serve", "--db", db, "--port", port), everywhere, "CARDCORE_INTERNAL_TOKEN"
+        ),
+        "config file with an unknown key": Refusal(
+            ("--config", str(bad_toml), "serve", "--port", port), {}, "unknown setting 'colour'"
+        ),
+        "unknown log level": Refusal(
+            ("migrate", "--db", db), {"CARDCORE_LOG_LEVEL": "LOUD"}, "log_level"
+        ),
+        "bench with zero clients": Refusal(
+            ("bench", "ledger", "--clients", "0"), {}, "--clients must be 1.."
+        ),
+        "unreachable postgresql": Refusal(
+            ("serve", "--db", "postgresql://cardcore@127.0.0.1:1/cardcore", "--port", port),
+            {},
+            "",
+            exit_code=None,
+        ),
+        "migrate to a path under a file": Refusal(
+            ("migrate", "--db", f"sqlite:///{blocker / 'x.db'}"), {}, "", exit_code=None
+        ),
+    }
+
+
+# `cardcore serve` before `cardcore migrate`: an empty SQLite file, and the default database
+# (./data/cardcore.db) in a directory where nothing was ever run.
+UNMIGRATED = ("empty sqlite file", "default database in a new directory")
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Done]:
+    tmp = tmp_path_factory.mktemp("refusals")
+    (tmp / "unknown-key.toml").write_text('db_url = "sqlite:///x.db"\ncolour = "red"\n')
+    (tmp / "a-file").write_text("not a directory\n")
+    port = str(free_port())  # nothing should listen on it
+    commands = {
+        name: Command([*PYTHON_M_CARDCORE, *r.args], cardcore_env(**r.env), tmp)
+        for name, r in _refusals(tmp, port).items()
+    }
+    fresh = tmp_path_factory.mktemp("fresh")
+    empty = tmp / "empty.db"
+    empty.touch()
+    commands[UNMIGRATED[0]] = Command(
+        [*PYTHON_M_CARDCORE, "serve", "--db", f"sqlite:///{empty}", "--port", port],
+        cardcore_env(),
+        tmp,
+    )
+    commands[UNMIGRATED[1]] = Command(
+        [*PYTHON_M_CARDCORE, "serve", "--port", port], cardcore_env(), fresh
+    )
+    return _run_together(commands, timeout_s=60)
+
+
+@pytest.mark.parametrize("name", list(_refusals(Path())))
+def test_bad_usage_gives_one_error_line_and_a_non_zero_exit(
+    refused: dict[str, Done], name: str
+) -> None:
+    expected = _refusals(Path())[name]
+    done = refused[name]
+    line = _one_line_error(done)
+    assert expected.says in line, line
+    if expected.exit_code is None:
+        assert done.returncode != 0, line
+    else:
+        assert done.returncode == expected.exit_code, line
+
+
+@pytest.mark.parametrize("name", UNMIGRATED)
+def test_serve_refuses_an_unmigrated_database_and_says_to_migrate(
+    refused: dict[str, Done], name: str
+) -> None:
+    done = refused[name]
+    line = _one_line_error(done)
+    assert "run `cardcore migrate`" in line, line
+    assert done.returncode != 0
+
+
+# --- serving -------------------------------------------------------------------------------
+
+
+class Server:
+    """`cardcore serve ...` in the background; `ready` is its "listening" line."""
+
+    def __init__(self, args: Sequence[str], cwd: Path, env: Mapping[str, str]) -> None:
+        self.log = cwd / f"server-{time.monotonic_ns()}.log"
+        self._stderr = self.log.open("w")
+        self.process = subprocess.Popen(
+            [*PYTHON_M_CARDCORE, *args],
+            cwd=cwd,
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.ready: dict[str, Any] = {}
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+
+    def __enter__(self) -> Server:
+        try:
+            line = self._lines.get(timeout=START_S_MAX)
+            self.ready = json.loads(line)
+        except queue.Empty:
+            self.kill()
+            pytest.fail(f"no listening line within {START_S_MAX} s: {self.log.read_text()}")
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()
+
+    def stop(self) -> int:
+        """SIGTERM; the exit code, or a failure if it does not end within STOP_S_MAX."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=STOP_S_MAX)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"still running {STOP_S_MAX} s after SIGTERM: {self.log.read_text()}")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=STOP_S_MAX)
+        self._stderr.close()
+
+    @property
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+
+def _http(method: str, url: str, body: object = None, token: str | None = None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return int(response.status), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _demo_state(url: str, ids: Mapping[str, int]) -> tuple[int, dict[str, Any]]:
+    status, ready = _http("GET", f"{url}/readyz")
+    assert status == 200, ready
+    accounts = {}
+    for name, account_id in ids.items():
+        status, account = _http("GET", f"{url}/v1/accounts/{account_id}")
+        assert status == 200, account
+        accounts[name] = account
+    return ready["seq"], accounts
+
+
+def test_migrate_then_serve_demo_answers_stops_on_sigterm_and_reloads_without_duplicates(
+    tmp_path: Path,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'demo.db'}"
+    done = run_cardcore("migrate", "--db", db, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["migrated"] is True
+
+    port = free_port()
+    args = ["serve", "--demo", "--db", db, "--port", str(port)]
+    with Server(args, tmp_path, cardcore_env()) as first:
+        assert first.ready["event"] == "listening"
+        assert first.ready["url"] == f"http://127.0.0.1:{port}"
+        ids = first.ready["demo_accounts"]
+        seq, accounts = _demo_state(first.ready["url"], ids)
+        card = accounts["card_1_stored_value"]
+        assert card["credits_posted"] - card["debits_posted"] == 50_000
+        assert card["flags"]["no_overdraft"] is True
+        assert accounts["card_1_points"]["credits_posted"] == 1_200
+        assert first.stop() == 0, first.stderr
+        assert "Traceback" not in first.stderr
+
+    port = free_port()
+    args = ["serve", "--demo", "--db", db, "--port", str(port)]
+    with Server(args, tmp_path, cardcore_env()) as second:
+        assert second.ready["demo_accounts"] == ids
+        assert _demo_state(second.ready["url"], ids) == (seq, accounts)
+        assert second.stop() == 0, second.stderr
+
+
+def test_internal_token_guards_everything_but_health(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'token.db'}"
+    migrate.upgrade(db)  # in this process: `cardcore migrate` has its own test above
+    env = cardcore_env(CARDCORE_HOST="127.0.0.1", CARDCORE_INTERNAL_TOKEN=TOKEN)
+    port = free_port()
+    with Server(["serve", "--db", db, "--port", str(port)], tmp_path, env) as server:
+        url = server.ready["url"]
+        op = {"op": "create_asset", "code": "CNY", "kind": "currency", "scale": 2, "name": "RMB"}
+        body = {"client": "e2e", "ops": [op]}
+        for token in (None, "wrong-token-0123456789", TOKEN.upper()):
+            status, refused = _http("POST", f"{url}/internal/v1/ops", body, token)
+            assert status == 401, refused
+            assert refused["error"]["code"] == "unauthorized"
+        status, _ = _http("GET", f"{url}/v1/accounts/1")
+        assert status == 401
+
+        status, accepted = _http("POST", f"{url}/internal/v1/ops", body, TOKEN)
+        assert status == 200, accepted
+        assert accepted["results"][0]["status"] == "ok"
+        for path in ("/healthz", "/readyz"):
+            status, health = _http("GET", f"{url}{path}")
+            assert status == 200, (path, health)
+        assert server.stop() == 0, server.stderr
+
+
+# --- benchmark -----------------------------------------------------------------------------
+
+
+def test_bench_ledger_prints_one_json_line_without_errors(tmp_path: Path) -> None:
+    args = ["--seconds", "2", "--clients", "4", "--accounts", "50", "--ops-per-request", "4"]
+    # Its own session: the ledger process the benchmark starts goes too if we must kill it.
+    bench = subprocess.Popen(
+        [*PYTHON_M_CARDCORE, "bench", "ledger", *args],
+        cwd=tmp_path,
+        env=cardcore_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = bench.communicate(timeout=90)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+    assert bench.returncode == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1, out
+    result = json.loads(lines[0])
+    assert {"ops_per_s", "p50_ms", "p99_ms", "errors"} <= result.keys()
+    assert result["errors"] == 0
+    assert result["ops_per_s"] > 0
+    assert 0 < result["p50_ms"] <= result["p99_ms"]
