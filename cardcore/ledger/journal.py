@@ -164,7 +164,10 @@ def _failure_record(f: Failure) -> Record:
 def batch_records(effects: BatchEffects) -> dict[str, list[Record]]:
     """The rows a batch appends, per journal table, each a tuple in `COLUMNS` order."""
     return {
-        "assets": [(a.code, str(a.kind), a.scale, a.name, effects.seq) for a in effects.assets],
+        # Assets and failures have no id: they are hashed in the order they are read back.
+        "assets": sorted(
+            (a.code, str(a.kind), a.scale, a.name, effects.seq) for a in effects.assets
+        ),
         "account_events": [_account_event_record(e) for e in effects.account_events],
         "transfers": [_transfer_record(t) for t in effects.transfers],
         "entries": [
@@ -180,7 +183,7 @@ def batch_records(effects: BatchEffects) -> dict[str, list[Record]]:
             )
             for e in effects.entries
         ],
-        "failures": [_failure_record(f) for f in effects.failures],
+        "failures": sorted(_failure_record(f) for f in effects.failures),
     }
 
 

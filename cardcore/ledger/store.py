@@ -316,13 +316,9 @@ class LedgerStore:
             h["seq"]: {name: [] for name in journal.TABLES} for h in headers
         }
         for name, table in schema.JOURNAL_TABLES.items():
-            order = (
-                [table.c.client, table.c.key]
-                if name == "failures"
-                else [table.c.code]
-                if name == "assets"
-                else [table.c.id]
-            )
+            # Rows with an id come in id order; assets and failures have none and are sorted
+            # here, in Python, as the writer sorts them (a database collation may differ).
+            order = [table.c.id] if "id" in table.c else []
             query = (
                 select(*[table.c[c] for c in journal.COLUMNS[name]])
                 .where(and_(table.c.seq >= low, table.c.seq <= high))
@@ -333,6 +329,9 @@ class LedgerStore:
                 bucket = by_seq.get(row["seq"])
                 if bucket is not None:
                     bucket[name].append(row)
+        for bucket in by_seq.values():
+            bucket["assets"].sort(key=lambda row: row["code"])
+            bucket["failures"].sort(key=lambda row: (row["client"], row["key"]))
         for header in headers:
             yield header, by_seq[header["seq"]]
 
@@ -457,6 +456,9 @@ class WriterSession:
         return await self._store.write_batch(self._conn, effects, prev_hash, ops_count)
 
     async def close(self) -> None:
+        # Invalidate rather than return to the pool: the physical connection closes, and with
+        # it the advisory lock, so the writer's next session (or process) can take it.
+        await self._conn.invalidate()
         await self._conn.close()
 
 
