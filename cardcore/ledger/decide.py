@@ -187,13 +187,16 @@ class _Scratch:
 
 
 def decide_batch(
-    ops: Sequence[Op],
+    requests: Sequence[Sequence[Op]],
     view: LedgerView,
     counters: IdCounters,
     seq: int,
     now_ms: int,
 ) -> BatchEffects:
-    """Decide `ops` in order; `results[i]` answers `ops[i]`.
+    """Decide every request's operations in order; `results` answers them all, flattened.
+
+    A linked group never reaches past the end of its request: a request whose last operation
+    is linked answers `linked_event_chain_open` for that group.
 
     Every open hold in `view` whose timeout has passed is expired first (the writer loads the
     ones its expiry scan found, and those the batch's operations name), so an outcome never
@@ -211,16 +214,17 @@ def decide_batch(
         _apply_or_fail(s, ExpirePending(pid))
 
     results = s.effects.results
-    i = 0
-    while i < len(ops):
-        j = i
-        while ops[j].linked and j + 1 < len(ops):
-            j += 1
-        if j > i or ops[j].linked:
-            results.extend(_decide_group(s, ops[i : j + 1]))
-        else:
-            results.append(_decide_single(s, ops[i]))
-        i = j + 1
+    for ops in requests:
+        i = 0
+        while i < len(ops):
+            j = i
+            while ops[j].linked and j + 1 < len(ops):
+                j += 1
+            if j > i or ops[j].linked:
+                results.extend(_decide_group(s, ops[i : j + 1]))
+            else:
+                results.append(_decide_single(s, ops[i]))
+            i = j + 1
 
     e = s.effects
     e.counters = IdCounters(**s.next)

@@ -199,7 +199,8 @@ class Writer:
             if not ops and not due:
                 return
             view = await session.read_view(ops, state.assets, due)
-            effects = decide_batch(ops, view, state.counters, state.seq + 1, now_ms)
+            requests = [request.ops for request in batch]
+            effects = decide_batch(requests, view, state.counters, state.seq + 1, now_ms)
             digest = None
             if not effects.is_empty:
                 digest = await session.write_batch(effects, state.hash, len(ops))

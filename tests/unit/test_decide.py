@@ -62,7 +62,7 @@ def move(key: str, debit: int, credit: int, amount: int, **extra: object) -> Cre
 
 
 def decide(ops: list[Op], v: LedgerView, now: int = NOW) -> BatchEffects:
-    return decide_batch(ops, v, COUNTERS, seq=7, now_ms=now)
+    return decide_batch([ops], v, COUNTERS, seq=7, now_ms=now)
 
 
 def codes(effects: BatchEffects) -> list[str]:
@@ -300,6 +300,15 @@ def test_linked_group_rolls_back_created_accounts_too() -> None:
     e = decide(ops, v)
     assert codes(e) == ["linked_event_failed", "exceeds_credits"]
     assert e.account_events == [] and e.counters.account == COUNTERS.account
+
+
+def test_linked_group_never_reaches_into_the_next_request() -> None:
+    v = view(account(1, credits=100), account(2))
+    e = decide_batch(
+        [[move("a", 1, 2, 1, linked=True)], [move("b", 1, 2, 1)]], v, COUNTERS, seq=7, now_ms=NOW
+    )
+    assert codes(e) == ["linked_event_chain_open", "ok"]
+    assert [t.key for t in e.transfers] == ["b"]
 
 
 def test_open_chain_at_end_of_batch_fails_whole_chain() -> None:

@@ -38,9 +38,11 @@ def _two_batches() -> tuple[
     counters = IdCounters(1, 1, 1, 1, 1)
     first = decide_batch(
         [
-            CreateAsset("CNY", AssetKind.CURRENCY, 2, "RMB"),
-            CreateAccount("CNY", "LE", "entity", "LE", "float"),
-            CreateAccount("CNY", "LE", "card", "c1", "sv", AccountFlags(no_overdraft=True)),
+            [
+                CreateAsset("CNY", AssetKind.CURRENCY, 2, "RMB"),
+                CreateAccount("CNY", "LE", "entity", "LE", "float"),
+                CreateAccount("CNY", "LE", "card", "c1", "sv", AccountFlags(no_overdraft=True)),
+            ]
         ],
         LedgerView(),
         counters,
@@ -53,12 +55,16 @@ def _two_batches() -> tuple[
     )
     second = decide_batch(
         [
-            CreateTransfer(
-                "t", "k1", "CNY", (Posting(1, Side.DEBIT, 500), Posting(2, Side.CREDIT, 500))
-            ),
-            CreateTransfer(
-                "t", "k2", "CNY", (Posting(2, Side.DEBIT, 900), Posting(1, Side.CREDIT, 900))
-            ),
+            [
+                CreateTransfer(
+                    "t", "k1", "CNY", (Posting(1, Side.DEBIT, 500), Posting(2, Side.CREDIT, 500))
+                )
+            ],
+            [
+                CreateTransfer(
+                    "t", "k2", "CNY", (Posting(2, Side.DEBIT, 900), Posting(1, Side.CREDIT, 900))
+                )
+            ],
         ],
         view,
         first.counters,
