@@ -82,6 +82,7 @@ class BatchEffects:
     closed_pendings: list[int] = field(default_factory=list)
     accounts: dict[int, Account] = field(default_factory=dict)  # final state of changed ones
     new_account_ids: set[int] = field(default_factory=set)
+    pendings: dict[int, PendingState] = field(default_factory=dict)  # holds made or resolved
 
     @property
     def is_empty(self) -> bool:
@@ -241,7 +242,23 @@ def decide_batch(
         if t.kind is TransferKind.PENDING and t.id not in resolved
     }
     e.closed_pendings = sorted(pid for pid in resolved if pid is not None and pid not in created)
+    e.pendings = {pid: s.pendings[pid] for pid in created | resolved if pid is not None}
     return e
+
+
+def overlay(view: LedgerView, effects: BatchEffects) -> None:
+    """Lay a decided but not yet committed batch over what was read from the database, so the
+    next batch is decided as if it had committed (the writer's pipeline, docs/adr/0001)."""
+    view.assets.update((a.code, a) for a in effects.assets)
+    for aid, account in effects.accounts.items():
+        view.accounts[aid] = account
+        view.account_ids_by_natural_key[account.info.natural_key] = aid
+    for t in effects.transfers:
+        if t.client != LEDGER_CLIENT:
+            view.transfers_by_key[(t.client, t.key)] = t
+    for f in effects.failures:
+        view.failures_by_key[(f.client, f.key)] = f
+    view.pendings.update(effects.pendings)
 
 
 def _decide_single(s: _Scratch, op: Op) -> Result:

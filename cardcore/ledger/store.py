@@ -28,6 +28,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnClause
 
+from cardcore import limits
 from cardcore.ledger import journal, schema
 from cardcore.ledger.decide import BatchEffects
 from cardcore.ledger.model import (
@@ -185,11 +186,17 @@ class LedgerStore:
         return view
 
     async def write_batch(
-        self, conn: AsyncConnection, effects: BatchEffects, prev_hash: str, ops_count: int
-    ) -> str:
-        """Append the batch and update balances; returns the batch hash. Caller commits."""
-        records = journal.batch_records(effects)
-        digest = journal.batch_hash(prev_hash, effects.seq, effects.now_ms, records)
+        self,
+        conn: AsyncConnection,
+        effects: BatchEffects,
+        *,
+        records: dict[str, list[journal.Record]],
+        digest: str,
+        prev_hash: str,
+        ops_count: int,
+    ) -> None:
+        """Append the batch (its `journal.batch_records`, hashed to `digest`) and update
+        balances. The caller commits."""
         header = (effects.seq, prev_hash, digest, ops_count, effects.now_ms)
         # Through SQLAlchemy first: this also opens the transaction the bulk writes join.
         await conn.execute(
@@ -206,7 +213,6 @@ class LedgerStore:
         if effects.closed_pendings:
             for cond in self._member(schema.open_holds.c.transfer_id, effects.closed_pendings):
                 await conn.execute(schema.open_holds.delete().where(cond))
-        return digest
 
     async def _insert(
         self, conn: AsyncConnection, table: Table, records: list[journal.Record]
@@ -418,48 +424,76 @@ async def _take_writer_lock(conn: AsyncConnection) -> None:
 
 
 class WriterSession:
-    """The writer's own connection, held for its life: one transaction per batch
-    (docs/adr/0001). On PostgreSQL it holds the writer advisory lock; on SQLite its
-    transactions begin IMMEDIATE."""
+    """The writer's two connections, held for its life (docs/adr/0001).
 
-    def __init__(self, store: LedgerStore, conn: AsyncConnection) -> None:
+    The write connection runs one transaction per batch; on PostgreSQL it holds the writer
+    advisory lock, on SQLite its transactions begin IMMEDIATE. The read connection reads what
+    the next batch touches while the previous batch is still being written and committed.
+    """
+
+    def __init__(self, store: LedgerStore, write: AsyncConnection, read: AsyncConnection) -> None:
         self._store = store
-        self._conn = conn
+        self._write = write
+        self._read = read
 
     @classmethod
     async def open(cls, store: LedgerStore) -> tuple[WriterSession, WriterState]:
-        conn = await store.engine.connect()
+        write = await store.engine.connect()
+        read: AsyncConnection | None = None
         try:
             if store.postgres:
-                await _take_writer_lock(conn)
+                await _take_writer_lock(write)
             else:
-                conn = await conn.execution_options(sqlite_begin="IMMEDIATE")
-            state = await store.writer_state(conn)
-            await conn.commit()
+                write = await write.execution_options(sqlite_begin="IMMEDIATE")
+            state = await store.writer_state(write)
+            await write.commit()
+            read = await store.engine.connect()
         except BaseException:
-            await conn.close()
+            await write.invalidate()
+            await write.close()
             raise
-        return cls(store, conn), state
-
-    def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        return self._conn.begin()
-
-    async def due_holds(self, now_ms: int, limit: int) -> list[int]:
-        return await self._store.due_holds(self._conn, now_ms, limit)
+        return cls(store, write, read), state
 
     async def read_view(
-        self, ops: Sequence[Op], assets: dict[str, Asset], due_hold_ids: Iterable[int]
+        self, ops: Sequence[Op], assets: dict[str, Asset], due_after_ms: int | None
     ) -> LedgerView:
-        return await self._store.read_view(self._conn, ops, assets, due_hold_ids)
+        """What a batch touches, as committed, with the holds due at `due_after_ms` (when a
+        scan is due) among them. One short read transaction."""
+        async with self._read.begin():
+            due: list[int] = []
+            if due_after_ms is not None:
+                due = await self._store.due_holds(
+                    self._read, due_after_ms, limits.EXPIRY_OPS_PER_BATCH_MAX
+                )
+            return await self._store.read_view(self._read, ops, assets, due)
 
-    async def write_batch(self, effects: BatchEffects, prev_hash: str, ops_count: int) -> str:
-        return await self._store.write_batch(self._conn, effects, prev_hash, ops_count)
+    async def write_batch(
+        self,
+        effects: BatchEffects,
+        *,
+        records: dict[str, list[journal.Record]],
+        digest: str,
+        prev_hash: str,
+        ops_count: int,
+    ) -> None:
+        """Write the decided batch and commit it."""
+        async with self._write.begin():
+            await self._store.write_batch(
+                self._write,
+                effects,
+                records=records,
+                digest=digest,
+                prev_hash=prev_hash,
+                ops_count=ops_count,
+            )
 
     async def close(self) -> None:
         # Invalidate rather than return to the pool: the physical connection closes, and with
         # it the advisory lock, so the writer's next session (or process) can take it.
-        await self._conn.invalidate()
-        await self._conn.close()
+        for conn in (self._write, self._read):
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+                await conn.close()
 
 
 def _frozen(account: Account) -> tuple[bool, bool]:

@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cardcore import limits
-from cardcore.ledger.decide import decide_batch
+from cardcore.ledger import journal
+from cardcore.ledger.decide import BatchEffects, decide_batch, overlay
 from cardcore.ledger.model import Op, Result
 from cardcore.ledger.store import LedgerStore, WriterSession, WriterState
 from cardcore.metrics import Metrics
@@ -35,6 +36,26 @@ class LedgerUnavailable(Exception):
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class _Decided:
+    batch: list[_Request]
+    effects: BatchEffects
+    records: dict[str, list[journal.Record]] | None  # None: nothing to write
+    digest: str | None
+    prev_hash: str
+    tip: WriterState  # the ledger's state once this batch commits
+    ops_count: int
+
+
+@dataclass(slots=True)
+class _InFlight:
+    batch: list[_Request]
+    effects: BatchEffects
+    tip: WriterState
+    task: asyncio.Task[None]
+    started_ns: int
 
 
 @dataclass(slots=True)
@@ -71,6 +92,7 @@ class Writer:
         self._last_now_ms = 0
         self._next_scan_ms = 0
         self._failed_commits = 0
+        self._idle = asyncio.Event()  # set while nothing is queued, decided or in flight
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -95,8 +117,10 @@ class Writer:
         """Refuse new requests, finish the queued ones within `grace_s`, then close."""
         self._closing = True
         deadline = asyncio.get_running_loop().time() + grace_s
-        while not self._queue.empty() and asyncio.get_running_loop().time() < deadline:
+        while asyncio.get_running_loop().time() < deadline:
             if self._task is None or self._task.done():
+                break
+            if self._queue.empty() and self._idle.is_set():
                 break
             await asyncio.sleep(0.01)
         if self._task is not None:
@@ -137,29 +161,63 @@ class Writer:
     # --- the loop ---------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        scan_s = limits.EXPIRY_SCAN_INTERVAL_MS / 1000
-        while True:
-            batch: list[_Request] = []
+        """The pipeline: while batch N is written and committed (on the write connection),
+        batch N+1 is read (on the read connection) and decided on top of N's effects. N's
+        callers are answered when N commits; N+1 is written only after that."""
+        in_flight: _InFlight | None = None
+        try:
+            while True:
+                batch = await self._collect(block=in_flight is None)
+                now_ms = self._now_ms()
+                scan = now_ms >= self._next_scan_ms
+                if not batch and not scan:
+                    if in_flight is not None:
+                        await self._settle(in_flight)
+                        in_flight = None
+                    continue
+                self._metrics.ledger_queue_depth.set(self._queue.qsize())
+                broken = False
+                try:
+                    decided = await self._decide(batch, now_ms, scan, in_flight)
+                except Exception as exc:  # noqa: BLE001 - a failed batch fails its callers only
+                    decided, broken = None, True
+                    self._batch_failed(batch, exc)
+                if in_flight is not None:
+                    committed = await self._settle(in_flight)
+                    in_flight = None
+                    if not committed:
+                        broken = True
+                        if decided is not None:
+                            # Decided on top of a batch that did not commit: nothing holds.
+                            _fail(batch, LedgerUnavailable("ledger batch failed: an earlier one"))
+                            decided = None
+                if broken:
+                    await self._recover()
+                elif decided is not None:
+                    in_flight = self._launch(decided)
+        except asyncio.CancelledError:
+            if in_flight is not None:
+                in_flight.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await in_flight.task
+                _fail(in_flight.batch, LedgerUnavailable("ledger is shutting down"))
+            raise
+
+    async def _collect(self, *, block: bool) -> list[_Request]:
+        """The next batch: waits for a first request only when nothing is in flight."""
+        batch: list[_Request] = []
+        if block:
+            scan_s = limits.EXPIRY_SCAN_INTERVAL_MS / 1000
+            self._idle.set()
             with contextlib.suppress(TimeoutError):
                 batch.append(await asyncio.wait_for(self._queue.get(), timeout=scan_s))
-            if batch:
-                await self._fill(batch)
-            now_ms = self._now_ms()
-            scan = now_ms >= self._next_scan_ms
-            if not batch and not scan:
-                continue
-            self._metrics.ledger_queue_depth.set(self._queue.qsize())
-            try:
-                await self._process(batch, now_ms, scan)
-            except asyncio.CancelledError:
-                _fail(batch, LedgerUnavailable("ledger is shutting down"))
-                raise
-            except Exception as exc:
-                self._failed_commits += 1
-                self._metrics.ledger_commit_failures.inc()
-                log.exception("ledger batch failed; nothing of it was acknowledged")
-                _fail(batch, LedgerUnavailable(f"ledger batch failed: {type(exc).__name__}"))
-                await self._recover()
+            self._idle.clear()
+        else:
+            with contextlib.suppress(asyncio.QueueEmpty):
+                batch.append(self._queue.get_nowait())
+        if batch:
+            await self._fill(batch)
+        return batch
 
     async def _fill(self, batch: list[_Request]) -> None:
         count = len(batch[0].ops)
@@ -184,42 +242,85 @@ class Writer:
         self._last_now_ms = max(self._last_now_ms, self._clock_ms())
         return self._last_now_ms
 
-    async def _process(self, batch: list[_Request], now_ms: int, scan: bool) -> None:
+    async def _decide(
+        self, batch: list[_Request], now_ms: int, scan: bool, in_flight: _InFlight | None
+    ) -> _Decided | None:
+        """Read and decide `batch` as if `in_flight` had committed. None: nothing to write."""
         session, state = self._session, self._state
         if session is None or state is None:
             raise LedgerUnavailable("writer has no connection")
+        tip = in_flight.tip if in_flight is not None else state
         ops = [op for request in batch for op in request.ops]
-        started = time.perf_counter()
-        async with session.transaction():
-            due: list[int] = []
-            if scan:
-                due = await session.due_holds(now_ms, limits.EXPIRY_OPS_PER_BATCH_MAX)
-                more_due = len(due) == limits.EXPIRY_OPS_PER_BATCH_MAX
-                self._next_scan_ms = now_ms + (0 if more_due else limits.EXPIRY_SCAN_INTERVAL_MS)
-            if not ops and not due:
-                return
-            view = await session.read_view(ops, state.assets, due)
-            requests = [request.ops for request in batch]
-            effects = decide_batch(requests, view, state.counters, state.seq + 1, now_ms)
-            digest = None
-            if not effects.is_empty:
-                digest = await session.write_batch(effects, state.hash, len(ops))
+        if scan:
+            self._next_scan_ms = now_ms + limits.EXPIRY_SCAN_INTERVAL_MS
+        view = await session.read_view(ops, tip.assets, now_ms if scan else None)
+        if in_flight is not None:
+            overlay(view, in_flight.effects)
+        if scan and len(view.pendings) >= limits.EXPIRY_OPS_PER_BATCH_MAX:
+            self._next_scan_ms = now_ms  # more may be due: look again with the next batch
+        requests = [request.ops for request in batch]
+        effects = decide_batch(requests, view, tip.counters, tip.seq + 1, now_ms)
+        if not batch and effects.is_empty:
+            return None
+        next_tip = tip
+        records = digest = None
+        if not effects.is_empty:
+            records = journal.batch_records(effects)
+            digest = journal.batch_hash(tip.hash, effects.seq, now_ms, records)
+            assets = {**tip.assets, **{a.code: a for a in effects.assets}}
+            next_tip = WriterState(effects.seq, digest, effects.counters, assets)
+        return _Decided(batch, effects, records, digest, tip.hash, next_tip, len(ops))
+
+    def _launch(self, decided: _Decided) -> _InFlight:
+        session = self._session
+        assert session is not None
+        started_ns = time.perf_counter_ns()
+        if decided.records is None or decided.digest is None:
+            task = asyncio.create_task(asyncio.sleep(0))  # nothing to write: only replays
+        else:
+            task = asyncio.create_task(
+                session.write_batch(
+                    decided.effects,
+                    records=decided.records,
+                    digest=decided.digest,
+                    prev_hash=decided.prev_hash,
+                    ops_count=decided.ops_count,
+                )
+            )
+        return _InFlight(decided.batch, decided.effects, decided.tip, task, started_ns)
+
+    async def _settle(self, in_flight: _InFlight) -> bool:
+        """Wait for the in-flight batch's commit; answer its callers. False if it failed."""
+        try:
+            await in_flight.task
+        except Exception as exc:  # noqa: BLE001 - a failed batch fails its callers only
+            self._batch_failed(in_flight.batch, exc)
+            return False
         # Committed: only now may anyone hear of it.
         self._failed_commits = 0
-        if digest is not None:
-            state.seq, state.hash = effects.seq, digest
-            state.counters = effects.counters
-            state.assets.update((a.code, a) for a in effects.assets)
-        self._metrics.ledger_commit_seconds.observe(time.perf_counter() - started)
-        self._metrics.ledger_batch_ops.observe(len(ops))
+        self._state = in_flight.tip
+        elapsed_ns = time.perf_counter_ns() - in_flight.started_ns
+        self._metrics.ledger_commit_seconds.observe(elapsed_ns / 1e9)
+        batch, results = in_flight.batch, in_flight.effects.results
+        self._metrics.ledger_batch_ops.observe(sum(len(r.ops) for r in batch))
         position = 0
         for request in batch:
-            results = effects.results[position : position + len(request.ops)]
+            answer = results[position : position + len(request.ops)]
             position += len(request.ops)
-            for result in results:
+            for result in answer:
                 self._metrics.ledger_ops.labels(result.code).inc()
             if not request.future.done():
-                request.future.set_result(results)
+                request.future.set_result(answer)
+        return True
+
+    def _batch_failed(self, batch: list[_Request], exc: Exception) -> None:
+        self._failed_commits += 1
+        self._metrics.ledger_commit_failures.inc()
+        log.error(
+            "ledger batch failed; nothing of it was acknowledged",
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+        _fail(batch, LedgerUnavailable(f"ledger batch failed: {type(exc).__name__}"))
 
     async def _recover(self) -> None:
         """After a failed batch: reconnect and reload seq, hash and ids from the database."""
