@@ -176,6 +176,14 @@ class Writer:
                         in_flight = None
                     continue
                 self._metrics.ledger_queue_depth.set(self._queue.qsize())
+                if in_flight is not None and not self._store.postgres:
+                    # SQLite: reading beside a write starves its WAL checkpoints; no pipeline.
+                    committed = await self._settle(in_flight)
+                    in_flight = None
+                    if not committed:
+                        _fail(batch, LedgerUnavailable("ledger batch failed: an earlier one"))
+                        await self._recover()
+                        continue
                 broken = False
                 try:
                     decided = await self._decide(batch, now_ms, scan, in_flight)
