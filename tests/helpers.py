@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,3 +222,16 @@ def run_cardcore(
         timeout=timeout_s,
         check=False,
     )
+
+
+def expected_balances(
+    ops: Iterable[dict[str, Any]], accounts: Iterable[int]
+) -> dict[int, tuple[int, int, int]]:
+    """(debits_posted, credits_posted, version) of each account after `ops` applied once."""
+    out = {a: [0, 0, 0] for a in accounts}
+    for op in ops:
+        for p in op["postings"]:
+            totals = out[p["account_id"]]
+            totals[0 if p["side"] == "debit" else 1] += p["amount"]
+            totals[2] += 1
+    return {a: (d, c, v) for a, (d, c, v) in out.items()}

@@ -32,6 +32,7 @@ from cardcore.ledger import codes
 from tests.helpers import (
     account_json,
     cardcore_env,
+    expected_balances,
     free_port,
     run_cardcore,
     sql_rows,
@@ -277,19 +278,6 @@ def postings_of(op: dict[str, Any]) -> list[list[Any]]:
 def chunks(keys: Iterable[str]) -> list[list[str]]:
     ordered = sorted(keys)
     return [ordered[i : i + RESUBMIT_CHUNK] for i in range(0, len(ordered), RESUBMIT_CHUNK)]
-
-
-def expected_balances(
-    ops: Iterable[dict[str, Any]], accounts: Iterable[int]
-) -> dict[int, tuple[int, int, int]]:
-    """(debits_posted, credits_posted, version) of each account after `ops` applied once."""
-    out = {a: [0, 0, 0] for a in accounts}
-    for op in ops:
-        for p in op["postings"]:
-            totals = out[p["account_id"]]
-            totals[0 if p["side"] == "debit" else 1] += p["amount"]
-            totals[2] += 1
-    return {a: (d, c, v) for a, (d, c, v) in out.items()}
 
 
 # --- the test -----------------------------------------------------------------------------------

@@ -26,7 +26,12 @@ from cardcore.config import Config
 from cardcore.ledger import http as ledger_http
 from cardcore.ledger.service import Ledger
 from cardcore.metrics import Metrics
-from tests.helpers import ApiClient, setup_accounts_over_http, transfer_json
+from tests.helpers import (
+    ApiClient,
+    expected_balances,
+    setup_accounts_over_http,
+    transfer_json,
+)
 
 CLIENT = "load"
 TASKS = 64
@@ -136,19 +141,6 @@ async def journal_transfers(api: ApiClient) -> list[dict[str, Any]]:
 
 def postings_of(op: dict[str, Any]) -> list[list[Any]]:
     return [[p["account_id"], p["side"], p["amount"]] for p in op["postings"]]
-
-
-def expected_balances(
-    ops: Iterable[dict[str, Any]], accounts: Iterable[int]
-) -> dict[int, tuple[int, int, int]]:
-    """(debits_posted, credits_posted, version) of each account after `ops` applied once."""
-    out = {a: [0, 0, 0] for a in accounts}
-    for op in ops:
-        for p in op["postings"]:
-            totals = out[p["account_id"]]
-            totals[0 if p["side"] == "debit" else 1] += p["amount"]
-            totals[2] += 1
-    return {a: (d, c, v) for a, (d, c, v) in out.items()}
 
 
 async def balances(api: ApiClient, accounts: Iterable[int]) -> dict[int, dict[str, Any]]:
