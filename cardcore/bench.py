@@ -47,7 +47,7 @@ FUNDING_PER_ACCOUNT = 10**12
 
 
 class BenchError(RuntimeError):
-    pass
+    """The benchmark cannot run as asked."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ ENV_PREFIX = "CARDCORE_"
 
 
 class ConfigError(ValueError):
-    pass
+    """A setting is unknown, mistyped or unsafe."""
 
 
 @dataclass(frozen=True, slots=True)

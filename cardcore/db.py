@@ -18,7 +18,7 @@ from cardcore import limits
 
 
 class DatabaseUrlError(ValueError):
-    pass
+    """The database URL is malformed or names an unsupported engine."""
 
 
 # What reaching or using a database can raise besides our own errors (for the CLI's one line).

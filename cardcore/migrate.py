@@ -17,7 +17,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class NotMigrated(RuntimeError):
-    pass
+    """The database is missing or its schema is not the code's."""
 
 
 def _alembic_config(db_url: str) -> AlembicConfig:
@@ -55,7 +55,7 @@ def head_revision() -> str | None:
 
 
 class DatabaseUnavailable(RuntimeError):
-    pass
+    """The database cannot be reached."""
 
 
 async def check_current(db_url: str) -> None:

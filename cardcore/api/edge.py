@@ -43,7 +43,7 @@ async def read_json(request: web.Request) -> Any:
 
 
 class _DuplicateField(ValueError):
-    pass
+    """A JSON object names a field twice."""
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
