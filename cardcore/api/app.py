@@ -30,7 +30,7 @@ _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 def build_app(config: Config, metrics: Metrics, ledger: Ledger) -> web.Application:
     app = web.Application(
         client_max_size=limits.REQUEST_BODY_BYTES_MAX,
-        middlewares=[_errors_middleware, _auth_middleware],
+        middlewares=[_edge_middleware],
     )
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = metrics
@@ -51,10 +51,12 @@ async def _ledger_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 @web.middleware
-async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authorization, the one error shape for every failure, and request metrics."""
     route = request.match_info.route.resource
     name = route.canonical if route is not None else "unmatched"
     try:
+        _authorize(request)
         response = await handler(request)
     except ApiError as exc:
         response = error_response(exc.status, exc.code, exc.message, exc.field)
@@ -77,15 +79,14 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
-@web.middleware
-async def _auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _authorize(request: web.Request) -> None:
+    """With a token configured, every route but health, readiness and metrics needs it."""
     token = request.app[CONFIG_KEY].internal_token
     if token and request.path not in _OPEN_PATHS:
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {token}"
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise ApiError(401, "unauthorized", "missing or wrong bearer token")
-    return await handler(request)
 
 
 async def _healthz(_request: web.Request) -> web.Response:
