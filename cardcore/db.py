@@ -83,7 +83,7 @@ def _sqlite_events(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={limits.SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute(f"PRAGMA wal_autocheckpoint={limits.SQLITE_WAL_AUTOCHECKPOINT_PAGES}")
+        cursor.execute(f"PRAGMA wal_autocheckpoint={limits.SQLITE_WAL_CHECKPOINT_PAGES_MAX}")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")

@@ -41,7 +41,7 @@ DB_CONNECT_TIMEOUT_S: Final = 10
 DB_STATEMENT_TIMEOUT_MS: Final = 30_000
 DB_LOCK_TIMEOUT_MS: Final = 5_000
 SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
-SQLITE_WAL_AUTOCHECKPOINT_PAGES: Final = 10_000  # about 40 MiB of WAL between checkpoints
+SQLITE_WAL_CHECKPOINT_PAGES_MAX: Final = 10_000  # WAL pages (about 40 MiB) before a checkpoint
 
 # --- reads ---------------------------------------------------------------------------------
 PAGE_LIMIT_DEFAULT: Final = 100

@@ -85,7 +85,8 @@ def _authorize(request: web.Request) -> None:
     if token and request.path not in _OPEN_PATHS:
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {token}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        # aiohttp decodes headers with surrogateescape: encode them back the same way.
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
             raise ApiError(401, "unauthorized", "missing or wrong bearer token")
 
 

@@ -38,6 +38,8 @@ async def read_json(request: web.Request) -> Any:
         raise ApiError(400, "invalid_json", "body is not UTF-8") from None
     except _DuplicateField as exc:
         raise ApiError(400, "duplicate_field", f"field {exc} appears twice", str(exc)) from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "body nests too deeply") from None
     except ValueError as exc:
         raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
 

@@ -46,7 +46,8 @@ _CHARS_MAX = {
     ASSET_RE: limits.ASSET_CODE_CHARS_MAX,
     REASON_RE: limits.REASON_CHARS_MAX,
 }
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Control characters, line separators and lone surrogates (JSON "\ud800" is not UTF-8).
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 DEFAULT_CLIENT = "default"
 
@@ -302,7 +303,9 @@ def _text(value: object, where: str, limit: int) -> str:
             "string_too_long" if value else "empty_string", where, f"1..{limit} characters"
         )
     if _CONTROL_RE.search(value):
-        raise RequestError("invalid_characters", where, "control characters are not allowed")
+        raise RequestError(
+            "invalid_characters", where, "control characters and lone surrogates are not allowed"
+        )
     return value
 
 

@@ -93,6 +93,7 @@ class Writer:
         self._next_scan_ms = 0
         self._failed_commits = 0
         self._idle = asyncio.Event()  # set while nothing is queued, decided or in flight
+        self._current: list[_Request] = []  # taken off the queue, not yet answered or in flight
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -172,8 +173,10 @@ class Writer:
                 scan = now_ms >= self._next_scan_ms
                 if not batch and not scan:
                     if in_flight is not None:
-                        await self._settle(in_flight)
+                        committed = await self._settle(in_flight)
                         in_flight = None
+                        if not committed:
+                            await self._recover()
                     continue
                 self._metrics.ledger_queue_depth.set(self._queue.qsize())
                 if in_flight is not None and not self._store.postgres:
@@ -209,11 +212,13 @@ class Writer:
                 with contextlib.suppress(BaseException):
                     await in_flight.task
                 _fail(in_flight.batch, LedgerUnavailable("ledger is shutting down"))
+            _fail(self._current, LedgerUnavailable("ledger is shutting down"))
             raise
 
     async def _collect(self, *, block: bool) -> list[_Request]:
         """The next batch: waits for a first request only when nothing is in flight."""
         batch: list[_Request] = []
+        self._current = batch  # so that a shutdown mid-batch can still answer its callers
         if block:
             scan_s = limits.EXPIRY_SCAN_INTERVAL_MS / 1000
             self._idle.set()
@@ -336,6 +341,7 @@ class Writer:
         await self._disconnect()
         try:
             await self._connect()
+            self._failed_commits = 0  # reconnected with the committed state: ready again
         except Exception:
             log.exception("ledger writer could not reconnect; will retry with the next batch")
 

@@ -420,3 +420,11 @@ async def test_bad_reads_get_stable_errors(
     response = await api.get(path)
     assert response.status == status
     assert (await response.json())["error"]["code"] == code
+
+
+async def test_deeply_nested_body_gets_invalid_json_not_a_server_error(api: ApiClient) -> None:
+    deep = await api.post(
+        "/internal/v1/ops", data=b"[" * 100_000, headers={"Content-Type": "application/json"}
+    )
+    assert deep.status == 400
+    assert (await deep.json())["error"]["code"] == "invalid_json"
