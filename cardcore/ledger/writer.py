@@ -10,6 +10,7 @@ and only then answers each caller. A full queue answers `Busy` at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -316,12 +317,12 @@ class Writer:
         self._metrics.ledger_commit_seconds.observe(elapsed_ns / 1e9)
         batch, results = in_flight.batch, in_flight.effects.results
         self._metrics.ledger_batch_ops.observe(sum(len(r.ops) for r in batch))
+        for code, count in collections.Counter(r.code for r in results).items():
+            self._metrics.ledger_ops.labels(code).inc(count)
         position = 0
         for request in batch:
             answer = results[position : position + len(request.ops)]
             position += len(request.ops)
-            for result in answer:
-                self._metrics.ledger_ops.labels(result.code).inc()
             if not request.future.done():
                 request.future.set_result(answer)
         return True
