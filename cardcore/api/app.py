@@ -1,6 +1,6 @@
-"""The aiohttp application: middlewares (errors, auth, metrics), operator routes, and the
-feature packages' routes. State lives in typed `web.AppKey`s; resources start in
-`cleanup_ctx` and stop in reverse order."""
+"""The aiohttp application: one edge middleware (authorization, errors, metrics), operator
+routes, and the feature packages' routes. State lives in typed `web.AppKey`s; resources start
+in `cleanup_ctx` and stop in reverse order."""
 
 from __future__ import annotations
 
