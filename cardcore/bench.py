@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import random
+import select
 import socket
 import subprocess
 import sys
@@ -110,6 +111,11 @@ def _server(db: str, options: BenchOptions) -> Any:
     )
     try:
         assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], limits.BENCH_SERVER_START_S_MAX)
+        if not ready:
+            raise BenchError(
+                f"ledger server did not listen within {limits.BENCH_SERVER_START_S_MAX} s"
+            )
         line = process.stdout.readline()  # the "listening" line, or EOF if it died
         if not line:
             raise BenchError(f"ledger server exited with {process.wait()} before listening")

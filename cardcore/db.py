@@ -39,10 +39,6 @@ def async_url(url: str) -> URL:
     raise DatabaseUrlError(f"unsupported database {backend!r}: use sqlite or postgresql")
 
 
-def is_sqlite(engine: AsyncEngine) -> bool:
-    return engine.dialect.name == "sqlite"
-
-
 def make_engine(url: str, *, pool_size: int = limits.DB_POOL_SIZE_MAX) -> AsyncEngine:
     target = async_url(url)
     if target.get_backend_name() == "sqlite":

@@ -36,8 +36,6 @@ class TransferKind(enum.StrEnum):
     EXPIRE = "expire"  # releases a hold whose timeout passed (the ledger does this itself)
 
 
-RESOLVING_KINDS = frozenset({TransferKind.POST, TransferKind.VOID, TransferKind.EXPIRE})
-
 # The scope the ledger itself uses for the transfers it makes (expiries).
 LEDGER_CLIENT = "ledger"
 

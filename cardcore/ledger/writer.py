@@ -52,9 +52,7 @@ class _Decided:
 
 @dataclass(slots=True)
 class _InFlight:
-    batch: list[_Request]
-    effects: BatchEffects
-    tip: WriterState
+    decided: _Decided
     task: asyncio.Task[None]
     started_ns: int
 
@@ -212,7 +210,7 @@ class Writer:
                 in_flight.task.cancel()
                 with contextlib.suppress(BaseException):
                     await in_flight.task
-                _fail(in_flight.batch, LedgerUnavailable("ledger is shutting down"))
+                _fail(in_flight.decided.batch, LedgerUnavailable("ledger is shutting down"))
             _fail(self._current, LedgerUnavailable("ledger is shutting down"))
             raise
 
@@ -263,13 +261,13 @@ class Writer:
         session, state = self._session, self._state
         if session is None or state is None:
             raise LedgerUnavailable("writer has no connection")
-        tip = in_flight.tip if in_flight is not None else state
+        tip = in_flight.decided.tip if in_flight is not None else state
         ops = [op for request in batch for op in request.ops]
         if scan:
             self._next_scan_ms = now_ms + limits.EXPIRY_SCAN_INTERVAL_MS
         view = await session.read_view(ops, tip.assets, now_ms if scan else None)
         if in_flight is not None:
-            overlay(view, in_flight.effects)
+            overlay(view, in_flight.decided.effects)
         if scan and len(view.pendings) >= limits.EXPIRY_OPS_PER_BATCH_MAX:
             self._next_scan_ms = now_ms  # more may be due: look again with the next batch
         requests = [request.ops for request in batch]
@@ -301,21 +299,21 @@ class Writer:
                     ops_count=decided.ops_count,
                 )
             )
-        return _InFlight(decided.batch, decided.effects, decided.tip, task, started_ns)
+        return _InFlight(decided, task, started_ns)
 
     async def _settle(self, in_flight: _InFlight) -> bool:
         """Wait for the in-flight batch's commit; answer its callers. False if it failed."""
         try:
             await in_flight.task
         except Exception as exc:  # noqa: BLE001 - a failed batch fails its callers only
-            self._batch_failed(in_flight.batch, exc)
+            self._batch_failed(in_flight.decided.batch, exc)
             return False
         # Committed: only now may anyone hear of it.
         self._failed_commits = 0
-        self._state = in_flight.tip
+        self._state = in_flight.decided.tip
         elapsed_ns = time.perf_counter_ns() - in_flight.started_ns
         self._metrics.ledger_commit_seconds.observe(elapsed_ns / 1e9)
-        batch, results = in_flight.batch, in_flight.effects.results
+        batch, results = in_flight.decided.batch, in_flight.decided.effects.results
         self._metrics.ledger_batch_ops.observe(sum(len(r.ops) for r in batch))
         for code, count in collections.Counter(r.code for r in results).items():
             self._metrics.ledger_ops.labels(code).inc(count)
