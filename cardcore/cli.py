@@ -4,7 +4,13 @@
     cardcore ledger          the ledger service
     cardcore ledger verify   recompute the hash chain and every balance from the journal
     cardcore migrate         bring the database schema up to date
+    cardcore gateway         the POS front-end gateway alone, calling ledgers over HTTP
+    cardcore pos ACTION      a POS terminal: sign on, buy, inquire, void, refund, settle ...
+    cardcore terminal add    register a POS terminal with a running host (master key once)
+    cardcore card issue      issue stored-value cards through a running host
+    cardcore keys init       create the key-encrypting key file
     cardcore bench ledger    drive a ledger over HTTP and print one JSON line
+    cardcore bench pos       drive simulated terminals through a gateway; one JSON line
 
 Errors go to stderr as one line and a non-zero exit: 2 for bad usage or configuration,
 1 for a failed check.
@@ -19,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from cardcore import bench, limits, logs, migrate
+from cardcore import bench, bench_pos, limits, logs, migrate, pos_commands
 from cardcore import config as config_module
 from cardcore.db import DATABASE_ERRORS, DatabaseUrlError, make_engine
 from cardcore.ledger.journal import Mismatch
@@ -40,7 +46,7 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per option
     parser = _Parser(prog="cardcore", description="Central card and coupon ledger server.")
     parser.add_argument("--config", help="TOML configuration file (or CARDCORE_CONFIG)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -76,6 +82,93 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mig.add_argument("--db", dest="db_url", help="database URL (CARDCORE_DB_URL)")
 
+    gw = commands.add_parser(
+        "gateway",
+        help="run the POS front-end gateway alone",
+        description="Run the POS front-end gateway; it calls the ledgers over HTTP and never "
+        "touches a database.",
+    )
+    gw.add_argument("--ledger", help="ledger URLs, comma-separated (CARDCORE_GATEWAY_LEDGER_URLS)")
+    gw.add_argument("--host", dest="gateway_host", help="terminal listen address")
+    gw.add_argument("--port", dest="gateway_port", type=int, help="terminal listen port")
+
+    pos = commands.add_parser(
+        "pos",
+        help="a POS terminal simulator",
+        description="A POS terminal on the documented card protocol. Every run signs on, "
+        "sends any reversal still owed, then does ACTION. Defaults: the demo terminal.",
+    )
+    pos.add_argument(
+        "action",
+        choices=[
+            "sign-on",
+            "echo",
+            "inquiry",
+            "purchase",
+            "void",
+            "refund",
+            "topup",
+            "settle",
+            "sign-off",
+            "script",
+        ],
+    )
+    pos.add_argument("--gateway", help="HOST:PORT of the gateway (default from configuration)")
+    pos.add_argument("--tid", default="DEMO0001", help="terminal id (F41)")
+    pos.add_argument("--mid", default="DEMO00000000001", help="merchant id (F42)")
+    pos.add_argument("--tmk", default="", help="terminal master key, hex (default: the demo's)")
+    pos.add_argument("--key-mode", default="aes", choices=["aes", "3des"])
+    pos.add_argument("--card", default="", help="card number")
+    pos.add_argument("--pin", default=None, help="PIN (sent as an enciphered PIN block)")
+    pos.add_argument("--amount", type=int, default=None, help="amount in fen")
+    pos.add_argument("--original-stan", default="", help="void, refund: the original's STAN")
+    pos.add_argument("--original-batch", default="", help="refund: the original's batch")
+    pos.add_argument("--rrn", default="", help="refund: the original's reference number")
+    pos.add_argument("--state", default="", help="terminal state file (data/pos-TID.json)")
+    pos.add_argument("--raw", action="store_true", help="also print the frames in hex")
+
+    term = commands.add_parser("terminal", help="POS terminals", description="POS terminals.")
+    term_commands = term.add_subparsers(
+        dest="terminal_command", required=True, parser_class=_Parser
+    )
+    tadd = term_commands.add_parser(
+        "add",
+        help="register a terminal; prints its master key once",
+        description="Register a terminal with a running host; prints its master key once.",
+    )
+    tadd.add_argument("--url", help="the host (default http://HOST:PORT from configuration)")
+    tadd.add_argument("--tid", required=True, help="terminal id, 8 letters or digits")
+    tadd.add_argument("--mid", required=True, help="merchant id, 15 letters or digits")
+    tadd.add_argument("--store", required=True)
+    tadd.add_argument("--legal-entity", required=True)
+    tadd.add_argument("--key-mode", default="aes", choices=["aes", "3des"])
+
+    card = commands.add_parser("card", help="cards", description="Cards.")
+    card_commands = card.add_subparsers(dest="card_command", required=True, parser_class=_Parser)
+    cissue = card_commands.add_parser(
+        "issue",
+        help="issue stored-value cards",
+        description="Issue stored-value cards through a running host; their numbers are "
+        "written to --out (CSV) or printed, once.",
+    )
+    cissue.add_argument("--url", help="the host (default http://HOST:PORT from configuration)")
+    cissue.add_argument("--legal-entity", required=True)
+    cissue.add_argument("--count", type=int, default=1)
+    cissue.add_argument("--balance", type=int, default=0, help="opening balance in fen")
+    cissue.add_argument("--balance-max", type=int, default=0, help="maximum balance in fen")
+    cissue.add_argument("--expires", default="", help="YYMM")
+    cissue.add_argument("--out", help="CSV file for the card numbers")
+
+    keys = commands.add_parser("keys", help="keys", description="Keys.")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    kinit = keys_commands.add_parser(
+        "init",
+        help="create the key-encrypting key file",
+        description="Create a random key-encrypting key file (mode 0600) unless one exists. "
+        "Back it up: without it no sealed terminal key can be read.",
+    )
+    kinit.add_argument("--kek-file", help="path (default: kek_file, else data/kek)")
+
     bench_parser = commands.add_parser(
         "bench", help="benchmarks (one JSON line each)", description="Benchmarks."
     )
@@ -97,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--ops-per-request", type=int, default=16)
     bl.add_argument("--batch-wait-ms-max", type=int, help="writer setting for the started ledger")
     bl.add_argument("--batch-size-max", type=int, help="writer setting for the started ledger")
+    bp = bench_commands.add_parser(
+        "pos",
+        help="drive simulated terminals through a gateway",
+        description=bench_pos.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bp.add_argument("--terminals", type=int, default=100)
+    bp.add_argument("--seconds", type=int, default=10)
+    bp.add_argument("--db", help="database of the processes started here (default temp SQLite)")
+    bp.add_argument("--ledger", help="a running ledger URL: start only a gateway against it")
+    bp.add_argument("--separate", action="store_true", help="gateway and ledger as two processes")
+    bp.add_argument("--idle", type=int, default=0, help="extra signed-on terminals that only echo")
+    bp.add_argument("--token", default="", help="bearer token of the ledger at --ledger")
     return parser
 
 
@@ -104,11 +210,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_module.load(args.config)
-        overrides = {k: getattr(args, k, None) for k in ("db_url", "host", "port")}
+        names = ("db_url", "host", "port", "gateway_host", "gateway_port")
+        overrides = {k: getattr(args, k, None) for k in names}
+        if getattr(args, "ledger", None) and args.command == "gateway":
+            overrides["gateway_ledger_urls"] = args.ledger
         config = config.with_overrides(overrides).check()
         logs.configure(config.log_level, config.log_format)
         return _dispatch(args, config)
-    except (config_module.ConfigError, DatabaseUrlError, bench.BenchError) as exc:
+    except (
+        config_module.ConfigError,
+        DatabaseUrlError,
+        bench.BenchError,
+        pos_commands.CommandError,
+    ) as exc:
         return _fail(str(exc), EXIT_USAGE)
     except (migrate.NotMigrated, migrate.DatabaseUnavailable) as exc:
         return _fail(str(exc), EXIT_USAGE)
@@ -130,6 +244,41 @@ def _dispatch(args: argparse.Namespace, config: config_module.Config) -> int:
 
         asyncio.run(migrate.check_current(config.db_url))
         asyncio.run(serve(config, role=args.command, with_demo=getattr(args, "demo", False)))
+        return 0
+    if args.command == "keys":
+        print(json.dumps(pos_commands.keys_init(config, args.kek_file)))
+        return 0
+    if args.command == "gateway":
+        asyncio.run(pos_commands.run_gateway(config))
+        return 0
+    if args.command == "pos":
+        return asyncio.run(pos_commands.run_pos(config, args))
+    if args.command == "terminal":
+        body = {
+            "tid": args.tid,
+            "mid": args.mid,
+            "store": args.store,
+            "legal_entity": args.legal_entity,
+            "key_mode": args.key_mode,
+        }
+        answer = asyncio.run(
+            pos_commands.host_post(config, args.url, "/internal/v1/terminals", body)
+        )
+        print(json.dumps(answer))
+        return 0
+    if args.command == "card":
+        return asyncio.run(pos_commands.issue_cards(config, args))
+    if args.bench_command == "pos":
+        options_pos = bench_pos.PosBenchOptions(
+            terminals=args.terminals,
+            seconds=args.seconds,
+            db=args.db,
+            ledger=args.ledger,
+            separate=args.separate,
+            idle=args.idle,
+            token=args.token,
+        )
+        print(json.dumps(bench_pos.run(options_pos)))
         return 0
     options = bench.BenchOptions(
         url=args.url,

@@ -34,6 +34,17 @@ class Config:
     queue_requests_max: int = limits.WRITER_QUEUE_REQUESTS_MAX
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
+    # The key-encrypting key (64 hex digits), or a file holding it: seals terminal master
+    # keys and keys card numbers. Without one the POS host and the gateway are off.
+    kek: str = ""
+    kek_file: str = ""
+    gateway_host: str = "127.0.0.1"  # terminals connect here (cardcore serve, cardcore gateway)
+    gateway_port: int = 5800
+    gateway_ledger_urls: str = "http://127.0.0.1:8080"  # cardcore gateway: comma-separated
+    gateway_tls_cert: str = ""  # PEM files: with both, terminals connect over TLS
+    gateway_tls_key: str = ""
+    gateway_saf_file: str = "data/gateway-saf.jsonl"  # reversals owed to the host
+    gateway_metrics_port: int = 0  # cardcore gateway: /metrics and /healthz here; 0 = none
 
     def check(self) -> Config:
         if not 0 < self.port < 65536:
@@ -48,6 +59,14 @@ class Config:
             raise ConfigError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         if self.log_format not in ("json", "text"):
             raise ConfigError("log_format must be json or text")
+        if not 0 < self.gateway_port < 65536:
+            raise ConfigError(f"gateway_port must be 1..65535, not {self.gateway_port}")
+        if not 0 <= self.gateway_metrics_port < 65536:
+            raise ConfigError("gateway_metrics_port must be 0..65535")
+        if bool(self.gateway_tls_cert) != bool(self.gateway_tls_key):
+            raise ConfigError("gateway_tls_cert and gateway_tls_key go together")
+        if self.kek and not _is_kek_hex(self.kek):
+            raise ConfigError("kek must be 64 hexadecimal digits (32 bytes)")
         if not is_loopback(self.host) and len(self.internal_token) < 16:
             raise ConfigError(
                 f"listening on {self.host} (not loopback) needs internal_token "
@@ -57,6 +76,38 @@ class Config:
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _is_kek_hex(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def load_kek(config: Config) -> bytes | None:
+    """The key-encrypting key from `kek`, else from `kek_file`; None when neither is set."""
+    if config.kek:
+        return bytes.fromhex(config.kek)
+    if not config.kek_file:
+        return None
+    try:
+        text = Path(config.kek_file).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read kek_file {config.kek_file}: {exc}") from None
+    if not _is_kek_hex(text):
+        raise ConfigError(f"kek_file {config.kek_file} must hold 64 hexadecimal digits")
+    return bytes.fromhex(text)
+
+
+def create_kek_file(path: str) -> bool:
+    """Write a new random key-encrypting key to `path` (mode 0600) unless one is there;
+    True when it wrote one. Losing it loses every sealed terminal key: back it up."""
+    target = Path(path)
+    if target.exists():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(os.urandom(32).hex() + "\n")
+    return True
 
 
 def is_loopback(host: str) -> bool:

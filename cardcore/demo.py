@@ -6,6 +6,15 @@ the same database twice adds nothing.
 
 from __future__ import annotations
 
+from typing import TextIO
+
+from cardcore.cards import admin
+from cardcore.cards.directory import Directory
+from cardcore.cards.model import mask_pan
+from cardcore.cards.pos import card_token, token_key_of
+from cardcore.frontend_gateway import security
+from cardcore.frontend_gateway.security import KeyMode
+from cardcore.frontend_gateway.terminal import PosTerminal, TerminalError, describe
 from cardcore.ledger.model import (
     AccountFlags,
     AssetKind,
@@ -18,6 +27,16 @@ from cardcore.ledger.model import (
 from cardcore.ledger.service import Ledger
 
 CLIENT = "demo"
+
+# The demo terminal and cards. The master key is public: it is for the demo only, and
+# `cardcore pos` uses it by default so the demo works by hand.
+DEMO_TERMINAL = "DEMO0001"
+DEMO_MERCHANT = "DEMO00000000001"
+DEMO_STORE = "S-A01"
+DEMO_ENTITY = "LE-A"
+DEMO_TMK = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
+DEMO_CARDS = ("6288880000000013", "6288880000000021", "6288880000000039")
+DEMO_CARD_BALANCE = 50_000  # fen
 
 
 async def load(ledger: Ledger) -> dict[str, int]:
@@ -71,3 +90,61 @@ async def load(ledger: Ledger) -> dict[str, int]:
         ]
     )
     return ids
+
+
+async def load_pos(ledger: Ledger, directory: Directory, kek: bytes) -> dict[str, object]:
+    """The demo terminal and three funded stored-value cards; idempotent."""
+    if await directory.terminal(DEMO_TERMINAL) is None:
+        sealed = security.seal(kek, DEMO_TMK, b"tmk:" + DEMO_TERMINAL.encode())
+        await admin.add_terminal(
+            ledger,
+            directory,
+            tid=DEMO_TERMINAL,
+            mid=DEMO_MERCHANT,
+            store=DEMO_STORE,
+            legal_entity=DEMO_ENTITY,
+            key_mode=str(KeyMode.AES),
+            tmk_sealed=sealed.hex(),
+        )
+    token_key = token_key_of(kek)
+    missing = []
+    for pan in DEMO_CARDS:
+        if await directory.card(card_token(token_key, pan)) is None:
+            missing.append(pan)
+    if missing:
+        await admin.issue_cards(
+            ledger,
+            directory,
+            token_key,
+            legal_entity=DEMO_ENTITY,
+            pans=missing,
+            balance=DEMO_CARD_BALANCE,
+            balance_max=500_000,
+        )
+    return {"terminal": DEMO_TERMINAL, "merchant": DEMO_MERCHANT, "cards": list(DEMO_CARDS)}
+
+
+async def pos_session(host: str, port: int, out: TextIO) -> None:
+    """A short scripted POS session against the demo data, printed for a person to read."""
+    terminal = PosTerminal(host, port, DEMO_TERMINAL, DEMO_MERCHANT, DEMO_TMK, KeyMode.AES)
+    card = DEMO_CARDS[0]
+
+    def show(what: str, text: str) -> None:
+        out.write(f"POS {DEMO_TERMINAL} {what:<28} {text}\n")
+        out.flush()
+
+    try:
+        show("sign on", describe(await terminal.sign_on()))
+        show(f"balance {mask_pan(card)}", describe(await terminal.inquiry(card)))
+        bought = await terminal.purchase(card, 2_350)
+        show("purchase 23.50", describe(bought))
+        show("purchase 18.00", describe(await terminal.purchase(card, 1_800)))
+        if bought.code == "00":
+            show(
+                "void of the 23.50", describe(await terminal.void(card, 2_350, bought.fields["11"]))
+            )
+        show("settlement", describe(await terminal.settle()))
+    except (TerminalError, OSError) as exc:
+        show("session stopped", str(exc))
+    finally:
+        await terminal.close()

@@ -53,8 +53,36 @@ VERIFY_CHUNK_BATCHES: Final = 1000  # batches read per query by `cardcore ledger
 SHUTDOWN_GRACE_S: Final = 10  # finish in-flight requests at most this long
 HTTP_CLIENT_TIMEOUT_S: Final = 30  # the benchmark's and other internal clients' requests
 
+# --- POS host (cardcore.cards) ---------------------------------------------------------------
+POS_REQUESTS_PER_CALL_MAX: Final = 1024  # POS requests in one POST /internal/v1/pos
+POS_AMOUNT_MAX: Final = 999_999_999_999  # F4 is twelve digits of fen
+POS_UPLOAD_LINES_MAX: Final = 64  # transaction lines in one batch-upload request
+TOPUP_CONFIRM_S: Final = 600  # a top-up hold waits this long for the terminal's confirmation
+CARD_CACHE_ENTRIES_MAX: Final = 200_000  # card and terminal records the host keeps in memory
+CARD_ISSUE_BATCH_MAX: Final = 100_000  # cards issued by one command
+
+# --- front-end gateway (cardcore.frontend_gateway) -------------------------------------------
+GATEWAY_CONNECTIONS_MAX: Final = 30_000  # open terminal connections in one gateway process
+GATEWAY_FRAME_BYTES_MAX: Final = 2048  # TPDU + header + ISO message; jPOS allows 100,000
+GATEWAY_FRAME_READ_S: Final = 10  # a frame, once begun, arrives whole within this
+GATEWAY_IDLE_S: Final = 300  # a connection with no frame this long is closed (jPOS default)
+GATEWAY_WRITE_S: Final = 10  # a reply the terminal does not take within this closes it
+GATEWAY_HOST_TIMEOUT_MS: Final = 8_000  # answer 96 before the terminal's own 30-60 s timeout
+GATEWAY_IN_FLIGHT_WAIT_S: Final = 10  # a resent request waits this long for the first
+GATEWAY_TERMINAL_RATE_PER_S: Final = 20  # requests per terminal per second (burst the same)
+GATEWAY_BAD_FRAMES_MAX: Final = 5  # undecodable messages in a row before the connection closes
+GATEWAY_MAC_FAILURES_MAX: Final = 3  # wrong MACs in a row before the terminal must sign on
+GATEWAY_HOST_BATCH_MAX: Final = 512  # POS requests the HTTP host adapter sends in one call
+GATEWAY_HOST_BATCH_WAIT_MS: Final = 2  # how long a call waits for company
+GATEWAY_HOST_QUEUE_MAX: Final = 8192  # POS requests waiting for the host; more answer 96
+GATEWAY_SAF_RETRY_MS: Final = 1_000  # store-and-forward: pause between delivery rounds
+GATEWAY_SAF_ENTRIES_MAX: Final = 100_000  # undelivered reversals; past it the gateway says 96
+GATEWAY_SAF_COMPACT_BYTES: Final = 4 * 1024 * 1024  # rewrite the SAF file past this size
+GATEWAY_SHUTDOWN_GRACE_S: Final = 10  # in-flight requests finish within this on shutdown
+
 # --- benchmark -----------------------------------------------------------------------------
 BENCH_SECONDS_MAX: Final = 3600
 BENCH_CLIENTS_MAX: Final = 4096
 BENCH_ACCOUNTS_MAX: Final = 1_000_000
 BENCH_SERVER_START_S_MAX: Final = 60
+BENCH_TERMINALS_MAX: Final = 30_000

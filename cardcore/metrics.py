@@ -50,3 +50,42 @@ class Metrics:
             ["route", "status"],
             registry=self.registry,
         )
+        self.gateway_messages = Counter(
+            "cardcore_gateway_messages",
+            "Terminal messages answered by the gateway, by request MTI and response code",
+            ["mti", "code"],
+            registry=self.registry,
+        )
+        self.gateway_seconds = Histogram(
+            "cardcore_gateway_seconds",
+            "Time from a terminal message read whole to its reply written, by request MTI",
+            ["mti"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.gateway_connections = Gauge(
+            "cardcore_gateway_connections",
+            "Terminal connections open",
+            registry=self.registry,
+        )
+        self.gateway_signed_on = Gauge(
+            "cardcore_gateway_signed_on",
+            "Terminals signed on (holding working keys)",
+            registry=self.registry,
+        )
+        self.gateway_mac_failures = Counter(
+            "cardcore_gateway_mac_failures",
+            "Requests whose MAC did not verify",
+            registry=self.registry,
+        )
+        self.gateway_frames_dropped = Counter(
+            "cardcore_gateway_frames_dropped",
+            "Connections closed because framing was lost, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.gateway_reversals_pending = Gauge(
+            "cardcore_gateway_reversals_pending",
+            "Reversals stored and not yet confirmed by the host",
+            registry=self.registry,
+        )

@@ -203,8 +203,10 @@ async def sql_execute(db_url: str, *statements: str) -> None:
 
 
 def cardcore_env(**settings: str) -> dict[str, str]:
-    """This process's environment without any CARDCORE_* setting, plus `settings`."""
+    """This process's environment without any CARDCORE_* setting, plus `settings`; the
+    terminal gateway on a free port unless `settings` names one."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARDCORE_")}
+    env["CARDCORE_GATEWAY_PORT"] = str(free_port())
     env.update(settings)
     return env
 

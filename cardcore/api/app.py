@@ -13,6 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cardcore import limits
 from cardcore.api.edge import ApiError, error_response
+from cardcore.cards import http as cards_http
+from cardcore.cards.pos import PosService
 from cardcore.config import Config
 from cardcore.ledger import http as ledger_http
 from cardcore.ledger.service import Ledger
@@ -27,7 +29,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-def build_app(config: Config, metrics: Metrics, ledger: Ledger) -> web.Application:
+def build_app(
+    config: Config,
+    metrics: Metrics,
+    ledger: Ledger,
+    pos: PosService | None = None,
+    kek: bytes | None = None,
+) -> web.Application:
+    """The HTTP service. Without `pos` (no key-encrypting key) the POS route answers 503."""
     app = web.Application(
         client_max_size=limits.REQUEST_BODY_BYTES_MAX,
         middlewares=[_edge_middleware],
@@ -40,7 +49,20 @@ def build_app(config: Config, metrics: Metrics, ledger: Ledger) -> web.Applicati
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     ledger_http.add_routes(app.router)
+    if pos is not None and kek is not None:
+        app[cards_http.POS_KEY] = pos
+        app[cards_http.KEK_KEY] = kek
+        cards_http.add_routes(app.router)
+    else:
+        for path in ("/internal/v1/pos", "/internal/v1/terminals", "/internal/v1/cards"):
+            app.router.add_post(path, _pos_disabled)
     return app
+
+
+async def _pos_disabled(_request: web.Request) -> web.Response:
+    raise ApiError(
+        503, "pos_disabled", "no key-encrypting key configured (CARDCORE_KEK or kek_file)"
+    )
 
 
 async def _ledger_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -106,3 +128,18 @@ async def _metrics(request: web.Request) -> web.Response:
     response = web.Response(body=body)
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return response
+
+
+def metrics_app(metrics: Metrics) -> web.Application:
+    """Operator routes of a process without the ledger (`cardcore gateway`)."""
+    app = web.Application()
+    app[METRICS_KEY] = metrics
+
+    async def metrics_route(_request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(metrics.registry))
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return response
+
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", metrics_route)
+    return app

@@ -1,4 +1,5 @@
-"""Run the HTTP service until SIGINT or SIGTERM, then shut down in order."""
+"""Run the HTTP service (and, with a key-encrypting key, the POS host and the terminal
+gateway) until SIGINT or SIGTERM, then shut down in order: gateway, HTTP, ledger."""
 
 from __future__ import annotations
 
@@ -13,15 +14,26 @@ from aiohttp import web
 
 from cardcore import demo, limits
 from cardcore.api.app import build_app
-from cardcore.config import Config
-from cardcore.ledger import http as ledger_http
+from cardcore.cards.directory import Directory
+from cardcore.cards.pos import PosService, token_key_of
+from cardcore.config import Config, ConfigError, create_kek_file, load_kek
+from cardcore.frontend_gateway.app import RunningGateway, start_gateway
+from cardcore.frontend_gateway.host import InProcessHost
 from cardcore.ledger.service import Ledger
 from cardcore.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+DEMO_KEK_FILE = "data/kek"
+
 
 async def serve(config: Config, *, role: str, with_demo: bool) -> None:
+    stop = _stop_on_signals()  # first: a signal during start-up still stops us cleanly
+    if with_demo and not (config.kek or config.kek_file):
+        if create_kek_file(DEMO_KEK_FILE):
+            log.warning("created a demo key-encrypting key", extra={"path": DEMO_KEK_FILE})
+        config = config.with_overrides({"kek_file": DEMO_KEK_FILE})
+    kek = load_kek(config)
     metrics = Metrics()
     ledger = Ledger.open(
         config.db_url,
@@ -30,30 +42,46 @@ async def serve(config: Config, *, role: str, with_demo: bool) -> None:
         batch_wait_ms_max=config.batch_wait_ms_max,
         queue_requests_max=config.queue_requests_max,
     )
-    app = build_app(config, metrics, ledger)
+    pos = None
+    if kek is not None:
+        pos = PosService(ledger, Directory(ledger.store.engine), token_key_of(kek))
+    elif with_demo:
+        raise ConfigError("the demo needs a key-encrypting key")
+    else:
+        log.warning("no key-encrypting key: the POS host and the terminal gateway are off")
+    app = build_app(config, metrics, ledger, pos, kek)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=limits.SHUTDOWN_GRACE_S)
     await runner.setup()
+    gateway: RunningGateway | None = None
     try:
         site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
         await site.start()
         url = f"http://{config.host}:{config.port}"
         ready: dict[str, object] = {"event": "listening", "role": role, "url": url}
-        if with_demo:
-            ready["demo_accounts"] = await demo.load(app[ledger_http.LEDGER_KEY])
+        if pos is not None and kek is not None and role == "serve":
+            gateway = await start_gateway(config, kek, InProcessHost(pos.handle), metrics)
+            ready["gateway"] = f"{config.gateway_host}:{gateway.port}"
+        if with_demo and pos is not None and kek is not None:
+            ready["demo_accounts"] = await demo.load(ledger)
+            ready["demo_pos"] = await demo.load_pos(ledger, pos.directory, kek)
         # One line on stdout tells people (and test harnesses) where we are.
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
         log.info("listening", extra={"role": role, "url": url})
-        await _until_signalled()
+        if with_demo and gateway is not None:
+            await demo.pos_session(config.gateway_host, gateway.port, sys.stdout)
+        await stop.wait()
     finally:
         log.info("shutting down")
+        if gateway is not None:
+            await gateway.close()
         await runner.cleanup()
 
 
-async def _until_signalled() -> None:
+def _stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop

@@ -35,7 +35,9 @@ from cardcore.ledger.model import (
     PendingState,
     Posting,
     PostPending,
+    Refund,
     Result,
+    Reverse,
     SetAccountFrozen,
     Side,
     Transfer,
@@ -50,7 +52,17 @@ EVENT_BY_KIND = {
     TransferKind.POST: "transfer.posted",
     TransferKind.VOID: "transfer.voided",
     TransferKind.EXPIRE: "transfer.expired",
+    TransferKind.REVERSE: "transfer.reversed",
+    TransferKind.REFUND: "transfer.refunded",
 }
+
+# What `reverse` may undo and `refund` may give back: transfers that moved posted balances.
+_REVERSIBLE = frozenset({TransferKind.POSTED, TransferKind.POST, TransferKind.REFUND})
+_REFUNDABLE = frozenset({TransferKind.POSTED, TransferKind.POST})
+TOMBSTONE_CODE = "reversed_before_arrival"
+# A tombstoning reverse that found nothing to undo keeps its key with this record, so the
+# key replays (and refuses another request) like any other.
+NO_EFFECT_CODE = "reversed_nothing"
 
 # The order in which a keyed request is compared with the first one under its key.
 REQUEST_FIELDS = (
@@ -60,6 +72,7 @@ REQUEST_FIELDS = (
     "pending",
     "timeout_s",
     "pending_id",
+    "target_key",
     "amount",
     "reason",
     "metadata",
@@ -83,6 +96,8 @@ class BatchEffects:
     accounts: dict[int, Account] = field(default_factory=dict)  # final state of changed ones
     new_account_ids: set[int] = field(default_factory=set)
     pendings: dict[int, PendingState] = field(default_factory=dict)  # holds made or resolved
+    reversed_by: dict[int, int] = field(default_factory=dict)  # targets reversed by the batch
+    refunded: dict[int, int] = field(default_factory=dict)  # targets whose refunds changed
 
     @property
     def is_empty(self) -> bool:
@@ -111,6 +126,8 @@ class _Scratch:
         self.transfers_by_key = dict(view.transfers_by_key)
         self.failures_by_key = dict(view.failures_by_key)
         self.pendings = dict(view.pendings)
+        self.reversed_by = dict(view.reversed_by)
+        self.refunded = dict(view.refunded)
         self.next = {
             "account": counters.account,
             "transfer": counters.transfer,
@@ -142,6 +159,7 @@ class _Scratch:
             len(e.transfers),
             len(e.entries),
             len(e.outbox),
+            len(e.failures),
         )
 
     def end_group(self, mark: tuple[int, ...] | None) -> None:
@@ -160,6 +178,7 @@ class _Scratch:
         del e.transfers[mark[2] :]
         del e.entries[mark[3] :]
         del e.outbox[mark[4] :]
+        del e.failures[mark[5] :]  # tombstones and no-effect records of the group
 
     # --- effects ----------------------------------------------------------------------------
 
@@ -243,6 +262,8 @@ def decide_batch(
     }
     e.closed_pendings = sorted(pid for pid in resolved if pid is not None and pid not in created)
     e.pendings = {pid: s.pendings[pid] for pid in created | resolved if pid is not None}
+    e.reversed_by = {k: v for k, v in s.reversed_by.items() if view.reversed_by.get(k) != v}
+    e.refunded = {k: v for k, v in s.refunded.items() if view.refunded.get(k) != v}
     return e
 
 
@@ -259,6 +280,8 @@ def overlay(view: LedgerView, effects: BatchEffects) -> None:
     for f in effects.failures:
         view.failures_by_key[(f.client, f.key)] = f
     view.pendings.update(effects.pendings)
+    view.reversed_by.update(effects.reversed_by)
+    view.refunded.update(effects.refunded)
 
 
 def _decide_single(s: _Scratch, op: Op) -> Result:
@@ -289,7 +312,7 @@ def _decide_group(s: _Scratch, group: Sequence[Op]) -> list[Result]:
 
 
 def _remember_failure(s: _Scratch, op: Op, result: Result) -> None:
-    if not isinstance(op, CreateTransfer | PostPending | VoidPending):
+    if not isinstance(op, CreateTransfer | PostPending | VoidPending | Reverse | Refund):
         return
     if result.code not in codes.PERSISTED_FAILURES:
         return
@@ -543,7 +566,14 @@ def _commit_transfer(s: _Scratch, transfer: Transfer, moves: list[Move]) -> Resu
             )
         )
     s.add_transfer(transfer, entries)
-    return Result(ok=True, code=codes.OK, seq=s.seq, transfer_id=transfer.id, asset=transfer.asset)
+    return Result(
+        ok=True,
+        code=codes.OK,
+        seq=s.seq,
+        transfer_id=transfer.id,
+        asset=transfer.asset,
+        balances={e.account_id: e.balance for e in entries},
+    )
 
 
 def _moved(b: Balance, side: Side, posted_delta: int, pending_delta: int) -> Balance:
@@ -579,6 +609,131 @@ def _check_bounds(flags: AccountFlags, b: Balance, where: str) -> None:
         raise _Failed("exceeds_debits", where)
 
 
+# --- reversals and refunds -----------------------------------------------------------------
+
+
+def _reverse(s: _Scratch, op: Reverse) -> Result:
+    replay = _replay(s, op)
+    if replay is not None:
+        return replay
+    target = s.transfers_by_key.get((op.client, op.target_key))
+    if target is None:
+        failed = s.failures_by_key.get((op.client, op.target_key))
+        if not op.tombstone:
+            raise _Failed("target_failed" if failed else "target_not_found", "target_key")
+        if failed is None:  # the original has not arrived: it never will be applied
+            tombstone = Failure(
+                client=op.client,
+                key=op.target_key,
+                request={"op": "tombstone", "reversed_by": op.key},
+                code=TOMBSTONE_CODE,
+                field=None,
+                seq=s.seq,
+                created_at_ms=s.now_ms,
+            )
+            s.effects.failures.append(tombstone)
+            s.set(s.failures_by_key, (op.client, op.target_key), tombstone)
+            return _no_effect(s, op, None)
+        return _no_effect(s, op, None)  # the target failed: nothing was applied to undo
+    if target.kind not in _REVERSIBLE:
+        raise _Failed("target_not_reversible", "target_key")
+    done = s.reversed_by.get(target.id)
+    if done is not None:
+        if op.tombstone:  # a terminal's reversal after a void: nothing more to undo
+            return _no_effect(s, op, done)
+        raise _Failed("target_already_reversed", "target_key")
+    amount = _leg_amount(target) - s.refunded.get(target.id, 0)
+    if amount == 0:
+        if op.tombstone:
+            return _no_effect(s, op, None)
+        raise _Failed("target_already_refunded", "target_key")
+    result = _give_back(s, op, target, TransferKind.REVERSE, amount)
+    s.set(s.reversed_by, target.id, result.transfer_id)
+    if target.kind is TransferKind.REFUND and target.target_id is not None:
+        origin = target.target_id
+        s.set(s.refunded, origin, s.refunded.get(origin, 0) - _leg_amount(target))
+    return result
+
+
+def _no_effect(s: _Scratch, op: Reverse, transfer_id: int | None) -> Result:
+    record = Failure(
+        client=op.client,
+        key=op.key,
+        request=canonical_request(op),
+        code=NO_EFFECT_CODE,
+        field=None,
+        seq=s.seq,
+        created_at_ms=s.now_ms,
+    )
+    s.effects.failures.append(record)
+    s.set(s.failures_by_key, (op.client, op.key), record)
+    return Result(ok=True, code=codes.OK, seq=s.seq, transfer_id=transfer_id)
+
+
+def _refund(s: _Scratch, op: Refund) -> Result:
+    replay = _replay(s, op)
+    if replay is not None:
+        return replay
+    if op.amount <= 0 or op.amount > limits.AMOUNT_MAX:
+        raise _Failed("amount_must_be_positive", "amount")
+    target = s.transfers_by_key.get((op.client, op.target_key))
+    if target is None:
+        failed = s.failures_by_key.get((op.client, op.target_key))
+        raise _Failed("target_failed" if failed else "target_not_found", "target_key")
+    if target.kind not in _REFUNDABLE:
+        raise _Failed("target_not_reversible", "target_key")
+    if target.id in s.reversed_by:
+        raise _Failed("target_already_reversed", "target_key")
+    refunded = s.refunded.get(target.id, 0)
+    if op.amount > _leg_amount(target) - refunded:
+        raise _Failed("exceeds_refundable_amount", "amount")
+    result = _give_back(s, op, target, TransferKind.REFUND, op.amount)
+    s.set(s.refunded, target.id, refunded + op.amount)
+    return result
+
+
+def _leg_amount(t: Transfer) -> int:
+    """Reversals and refunds move every leg by one amount: the target's legs must agree."""
+    legs = {p.amount for p in t.postings}
+    if len(legs) != 1:
+        raise _Failed("target_not_uniform", "target_key")
+    return next(iter(legs))
+
+
+def _give_back(
+    s: _Scratch, op: Reverse | Refund, target: Transfer, kind: TransferKind, amount: int
+) -> Result:
+    """A posted transfer of `amount` on every leg of `target`, sides swapped. Frozen flags do
+    not stop it (it undoes what they allowed); balance floors still do."""
+    postings = tuple(
+        Posting(p.account_id, Side.CREDIT if p.side is Side.DEBIT else Side.DEBIT, amount)
+        for p in target.postings
+    )
+    moves = []
+    for p in postings:
+        account = s.accounts.get(p.account_id)
+        if account is None:  # a target's accounts exist: the writer reads them with it
+            raise AssertionError(f"account {p.account_id} of transfer {target.id} not loaded")
+        moves.append((account, p.side, amount, 0))
+    transfer = Transfer(
+        id=s.next["transfer"],
+        client=op.client,
+        key=op.key,
+        kind=kind,
+        asset=target.asset,
+        postings=postings,
+        pending_id=None,
+        timeout_s=None,
+        expires_at_ms=None,
+        reason=op.reason,
+        metadata=op.metadata,
+        seq=s.seq,
+        created_at_ms=s.now_ms,
+        target_id=target.id,
+    )
+    return _commit_transfer(s, transfer, moves)
+
+
 # --- idempotency ---------------------------------------------------------------------------
 
 
@@ -599,6 +754,16 @@ def canonical_request(op: KeyedOp) -> dict[str, object]:
         return {
             "op": "post_pending",
             "pending_id": op.pending_id,
+            "amount": op.amount,
+            "reason": op.reason,
+            "metadata": meta,
+        }
+    if isinstance(op, Reverse):
+        return {"op": "reverse", "target_key": op.target_key, "reason": op.reason, "metadata": meta}
+    if isinstance(op, Refund):
+        return {
+            "op": "refund",
+            "target_key": op.target_key,
             "amount": op.amount,
             "reason": op.reason,
             "metadata": meta,
@@ -645,6 +810,25 @@ def canonical_of_transfer(t: Transfer, pendings: Mapping[int, PendingState]) -> 
     return {"op": "void_pending", "pending_id": t.pending_id, "reason": t.reason, "metadata": meta}
 
 
+def _canonical_of_give_back(s: _Scratch, t: Transfer, op: KeyedOp) -> dict[str, object]:
+    """The request that made reverse or refund `t`. Its target is stored by id; it matches
+    the asked `target_key` when that key names the same transfer."""
+    target_key = f"#{t.target_id}"
+    if isinstance(op, Reverse | Refund):
+        named = s.transfers_by_key.get((op.client, op.target_key))
+        if named is not None and named.id == t.target_id:
+            target_key = op.target_key
+    request: dict[str, object] = {
+        "op": str(t.kind),
+        "target_key": target_key,
+        "reason": t.reason,
+        "metadata": [list(pair) for pair in t.metadata],
+    }
+    if t.kind is TransferKind.REFUND:
+        request["amount"] = t.postings[0].amount
+    return request
+
+
 def _compare_post_amount(request: dict[str, object], pendings: Mapping[int, PendingState]) -> None:
     """A full post may be asked with or without its amount: both mean the same request."""
     if request.get("op") != "post_pending" or request.get("amount") is None:
@@ -669,7 +853,11 @@ def _replay(s: _Scratch, op: KeyedOp) -> Result | None:
     if first is not None:
         request = canonical_request(op)
         _compare_post_amount(request, s.pendings)
-        differs = _first_difference(request, canonical_of_transfer(first, s.pendings))
+        if first.kind in (TransferKind.REVERSE, TransferKind.REFUND):
+            stored = _canonical_of_give_back(s, first, op)
+        else:
+            stored = canonical_of_transfer(first, s.pendings)
+        differs = _first_difference(request, stored)
         if differs is not None:
             raise _Failed(f"exists_with_different_{differs}", differs)
         return Result(
@@ -681,6 +869,19 @@ def _replay(s: _Scratch, op: KeyedOp) -> Result | None:
             replayed=True,
         )
     failed = s.failures_by_key.get(ikey)
+    if failed is not None and failed.code == TOMBSTONE_CODE:  # reversed before it arrived
+        return Result(
+            ok=False,
+            code="id_already_failed",
+            seq=failed.seq,
+            original_code=TOMBSTONE_CODE,
+            replayed=True,
+        )
+    if failed is not None and failed.code == NO_EFFECT_CODE:  # a reverse that undid nothing
+        differs = _first_difference(canonical_request(op), failed.request)
+        if differs is not None:
+            raise _Failed(f"exists_with_different_{differs}", differs)
+        return Result(ok=True, code=codes.OK, seq=failed.seq, replayed=True)
     if failed is not None:
         request, stored = canonical_request(op), dict(failed.request)
         _compare_post_amount(request, s.pendings)
@@ -707,4 +908,6 @@ _APPLY: dict[type, Callable[[_Scratch, Any], Result]] = {
     PostPending: _resolve_pending,
     VoidPending: _resolve_pending,
     ExpirePending: _resolve_pending,
+    Reverse: _reverse,
+    Refund: _refund,
 }

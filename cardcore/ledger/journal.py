@@ -77,6 +77,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "metadata",
         "seq",
         "created_at_ms",
+        "target_id",
     ),
     "entries": (
         "id",
@@ -153,6 +154,7 @@ def _transfer_record(t: Transfer) -> Record:
         metadata_json(t.metadata),
         t.seq,
         t.created_at_ms,
+        t.target_id,
     )
 
 
@@ -274,6 +276,7 @@ def transfer_from_row(r: RowLike) -> Transfer:
         metadata=metadata_from_json(r["metadata"]),
         seq=r["seq"],
         created_at_ms=r["created_at_ms"],
+        target_id=r["target_id"],
     )
 
 

@@ -34,6 +34,8 @@ class TransferKind(enum.StrEnum):
     POST = "post"  # completes a hold, in full or in part
     VOID = "void"  # releases a hold
     EXPIRE = "expire"  # releases a hold whose timeout passed (the ledger does this itself)
+    REVERSE = "reverse"  # undoes what is left of a posted transfer, once (void, reversal)
+    REFUND = "refund"  # gives back part of a posted transfer; all refunds <= the original
 
 
 # The scope the ledger itself uses for the transfers it makes (expiries).
@@ -177,6 +179,36 @@ class VoidPending:
 
 
 @dataclass(frozen=True, slots=True)
+class Reverse:
+    """Undo what is left (after refunds) of the transfer keyed `target_key`, exactly once.
+
+    With `tombstone` (a terminal's reversal, which may overtake its original), a target
+    that never arrived is answered ok and its key is marked reversed, so the late original
+    is refused; without it (a cashier's void) an unknown target is an error."""
+
+    client: str
+    key: str
+    target_key: str
+    tombstone: bool = False
+    reason: str = ""
+    metadata: Metadata = ()
+    linked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Refund:
+    """Give back `amount` of the transfer keyed `target_key`; never more than what is left."""
+
+    client: str
+    key: str
+    target_key: str
+    amount: int
+    reason: str = ""
+    metadata: Metadata = ()
+    linked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ExpirePending:
     """Made by the writer, never by a client: the hold's timeout has passed."""
 
@@ -184,7 +216,7 @@ class ExpirePending:
     linked: bool = False
 
 
-KeyedOp = CreateTransfer | PostPending | VoidPending
+KeyedOp = CreateTransfer | PostPending | VoidPending | Reverse | Refund
 Op = CreateAsset | CreateAccount | SetAccountFrozen | KeyedOp | ExpirePending
 
 
@@ -206,6 +238,7 @@ class Transfer:
     metadata: Metadata
     seq: int
     created_at_ms: int
+    target_id: int | None = None  # reverse and refund: the transfer they give back
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +306,9 @@ class Result:
     field: str | None = None
     original_code: str | None = None  # id_already_failed: the code the key first failed with
     replayed: bool = False  # True when the key (or natural key) was already applied
+    # A new transfer: the balance after it of every account it moved (in-process callers
+    # answer with a balance without reading it back; not part of the JSON answer).
+    balances: dict[int, Balance] | None = None
 
 
 @dataclass(slots=True)
@@ -285,6 +321,10 @@ class LedgerView:
     transfers_by_key: dict[tuple[str, str], Transfer] = field(default_factory=dict)
     failures_by_key: dict[tuple[str, str], Failure] = field(default_factory=dict)
     pendings: dict[int, PendingState] = field(default_factory=dict)
+    # For the targets of reverse and refund operations (and the originals of refunds named
+    # as targets): the transfer that reversed each, and the amount refunded and not reversed.
+    reversed_by: dict[int, int] = field(default_factory=dict)
+    refunded: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

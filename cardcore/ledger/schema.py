@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 from cardcore import limits
@@ -130,7 +131,17 @@ transfers = Table(
     Column("metadata", Text, nullable=False),
     Column("seq", BigInteger, nullable=False, index=True),
     Column("created_at_ms", BigInteger, nullable=False),
+    # reverse and refund: the transfer given back (migration 0002). A transfer is reversed
+    # at most once: the partial unique index below makes the database hold that too.
+    Column("target_id", BigInteger, nullable=True, index=True),
     UniqueConstraint("client", "key"),
+    Index(
+        "uq_ledger_transfers_reversed_once",
+        "target_id",
+        unique=True,
+        sqlite_where=text("kind = 'reverse'"),
+        postgresql_where=text("kind = 'reverse'"),
+    ),
 )
 
 entries = Table(

@@ -41,7 +41,10 @@ from cardcore.ledger.model import (
     Op,
     PendingState,
     PostPending,
+    Refund,
+    Reverse,
     SetAccountFrozen,
+    Transfer,
     TransferKind,
     VoidPending,
     natural_key,
@@ -127,9 +130,13 @@ class LedgerStore:
         pending_ids: set[int] = set(due_hold_ids)
         account_ids: set[int] = set()
         natural_keys: set[str] = set()
+        target_keys: set[tuple[str, str]] = set()
         for op in ops:
-            if isinstance(op, CreateTransfer | PostPending | VoidPending):
+            if isinstance(op, CreateTransfer | PostPending | VoidPending | Reverse | Refund):
                 keys.setdefault(op.client, set()).add(op.key)
+            if isinstance(op, Reverse | Refund):
+                keys[op.client].add(op.target_key)
+                target_keys.add((op.client, op.target_key))
             if isinstance(op, CreateTransfer):
                 account_ids.update(p.account_id for p in op.postings)
             elif isinstance(op, PostPending | VoidPending):
@@ -156,6 +163,12 @@ class LedgerStore:
                     await conn.execute(select(f).where(f.c.client == client, cond))
                 ).mappings():
                     view.failures_by_key[(client, r["key"])] = journal.failure_from_row(r)
+
+        targets = [view.transfers_by_key[k] for k in target_keys if k in view.transfers_by_key]
+        if targets:
+            for target in targets:
+                account_ids.update(p.account_id for p in target.postings)
+            await self._read_give_backs(conn, view, targets)
 
         if pending_ids:
             resolver = t.alias("resolver")
@@ -184,6 +197,32 @@ class LedgerStore:
                 view.accounts[account.id] = account
                 view.account_ids_by_natural_key[account.info.natural_key] = account.id
         return view
+
+    async def _read_give_backs(
+        self, conn: AsyncConnection, view: LedgerView, targets: list[Transfer]
+    ) -> None:
+        """Which targets were reversed, and how much of each was refunded and not reversed
+        (with the originals of targets that are refunds: reversing one changes them)."""
+        t = schema.transfers
+        ids = {x.id for x in targets}
+        ids.update(x.target_id for x in targets if x.target_id is not None)
+        refunds: dict[int, tuple[int, int]] = {}  # refund id -> (origin, amount)
+        for cond in self._member(t.c.target_id, ids):
+            query = select(t.c.id, t.c.kind, t.c.target_id, t.c.postings).where(cond)
+            for r in await conn.execute(query):
+                if r.kind == TransferKind.REVERSE:
+                    view.reversed_by[int(r.target_id)] = int(r.id)
+                else:
+                    amount = journal.postings_from_json(r.postings)[0].amount
+                    refunds[int(r.id)] = (int(r.target_id), amount)
+        reversed_refunds: set[int] = set()
+        if refunds:
+            for cond in self._member(t.c.target_id, refunds):
+                query = select(t.c.target_id).where(cond, t.c.kind == TransferKind.REVERSE)
+                reversed_refunds.update(int(x) for x in (await conn.execute(query)).scalars())
+        for refund_id, (origin, amount) in refunds.items():
+            if refund_id not in reversed_refunds:
+                view.refunded[origin] = view.refunded.get(origin, 0) + amount
 
     async def write_batch(
         self,

@@ -28,7 +28,9 @@ from cardcore.ledger.model import (
     Op,
     Posting,
     PostPending,
+    Refund,
     Result,
+    Reverse,
     SetAccountFrozen,
     Side,
     VoidPending,
@@ -138,6 +140,8 @@ _OP_FIELDS = {
         {"op", "key", "pending_id", "amount", "reason", "metadata", "linked"}
     ),
     "void_pending": frozenset({"op", "key", "pending_id", "reason", "metadata", "linked"}),
+    "reverse": frozenset({"op", "key", "target_key", "tombstone", "reason", "metadata", "linked"}),
+    "refund": frozenset({"op", "key", "target_key", "amount", "reason", "metadata", "linked"}),
 }
 _POSTING_FIELDS = frozenset({"account_id", "side", "amount"})
 _SIDES = {"debit": Side.DEBIT, "credit": Side.CREDIT}
@@ -187,6 +191,15 @@ def parse_op(raw: object, path: str, client: str) -> Op:
     metadata = _metadata(f)
     if kind == "transfer":
         return _transfer(f, client, key, reason=reason, metadata=metadata, linked=linked)
+    if kind == "reverse":
+        target = _str(f, "target_key", KEY_RE)
+        tombstone = bool(f.boolean("tombstone"))
+        return Reverse(client, key, target, tombstone, reason, metadata, linked)
+    if kind == "refund":
+        target = _str(f, "target_key", KEY_RE)
+        refund_amount = f.integer("amount", low=1, high=limits.AMOUNT_MAX)
+        assert refund_amount is not None
+        return Refund(client, key, target, refund_amount, reason, metadata, linked)
     pending_id = _id(f, "pending_id")
     if kind == "post_pending":
         amount = f.integer("amount", low=1, high=limits.AMOUNT_MAX, required=False)
@@ -337,7 +350,7 @@ def encode_op(op: Op) -> dict[str, object]:
             out["debit_frozen"] = op.debit_frozen
         if op.credit_frozen is not None:
             out["credit_frozen"] = op.credit_frozen
-    elif isinstance(op, CreateTransfer | PostPending | VoidPending):
+    elif isinstance(op, CreateTransfer | PostPending | VoidPending | Reverse | Refund):
         out = _encode_keyed(op)
     else:
         raise TypeError(f"{type(op).__name__} is made by the ledger itself, never sent")
@@ -365,6 +378,12 @@ def _encode_keyed(op: KeyedOp) -> dict[str, object]:
         out |= {"op": "post_pending", "pending_id": op.pending_id}
         if op.amount is not None:
             out["amount"] = op.amount
+    elif isinstance(op, Reverse):
+        out |= {"op": "reverse", "target_key": op.target_key}
+        if op.tombstone:
+            out["tombstone"] = True
+    elif isinstance(op, Refund):
+        out |= {"op": "refund", "target_key": op.target_key, "amount": op.amount}
     else:
         out |= {"op": "void_pending", "pending_id": op.pending_id}
     if op.reason:

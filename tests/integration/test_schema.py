@@ -25,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from cardcore import migrate
+from cardcore.cards import schema as cards_schema
 from cardcore.db import make_engine
 from cardcore.ledger import schema
 from cardcore.ledger.service import Ledger
@@ -61,6 +62,9 @@ async def test_migrated_database_matches_the_metadata(db_url: str) -> None:
     # Autogenerate compares tables, columns, types, nullability, indexes, unique and foreign
     # keys. It does not compare CHECK constraints (see the next test) and, left at its
     # default, not server defaults (the schema has none). No false positives were needed.
+    # The host's card and terminal tables share the ledger's MetaData.
+    assert cards_schema.cards.metadata is schema.metadata
+    assert {"cards", "pos_terminals", "pos_settlements"} <= set(schema.metadata.tables)
     assert await _compare(db_url, schema.metadata) == []
 
     # The comparison bites: a column the database lacks is reported.

@@ -26,7 +26,9 @@ from cardcore.ledger.model import (
     Op,
     Posting,
     PostPending,
+    Refund,
     Result,
+    Reverse,
     SetAccountFrozen,
     Side,
     VoidPending,
@@ -76,6 +78,11 @@ EXAMPLES: dict[str, Op] = {
     ),
     "void": VoidPending("pos", "k5", 12),
     "void with reason": VoidPending("pos", "k6", 12, "cancel", (("operator", "op-7"),)),
+    "reverse": Reverse("pos", "k7", "k1"),
+    "reverse or tombstone": Reverse(
+        "pos", "k8", "k1", tombstone=True, reason="reversal", metadata=(("stan", "2"),)
+    ),
+    "refund": Refund("pos", "k9", "k1", 3, "refund", linked=True),
 }
 
 
@@ -88,7 +95,7 @@ def test_every_op_kind_reads_back_as_itself(name: str) -> None:
 
 def test_the_examples_cover_every_op_a_client_can_send() -> None:
     sendable = set(typing.get_args(Op)) - {ExpirePending}
-    assert len(sendable) == 6
+    assert len(sendable) == 8
     assert {type(op) for op in EXAMPLES.values()} == sendable
 
 

@@ -1,0 +1,292 @@
+"""`cardcore bench pos`: simulated POS terminals buying through a gateway; one JSON line.
+
+Processes (each a separate `cardcore` process on loopback, on `--db`, a new SQLite file in a
+temporary folder by default, migrated first):
+  default       `cardcore serve`: ledger, host and gateway in one process (in-process host)
+  --separate    `cardcore ledger` and `cardcore gateway --ledger URL`: two processes
+  --ledger URL  a ledger already running (same key-encrypting key, CARDCORE_KEK): only a
+                `cardcore gateway` is started against it
+
+Through the host's internal API the benchmark registers `--terminals` terminals (AES keys)
+and issues one funded stored-value card per terminal. Each terminal signs on (checking its
+key check values), then sends MAC'd purchases of 0.01-1.00 on its own card back to back
+for `--seconds`, checking every reply's MAC. `--idle N` adds N more signed-on terminals
+that only hold their connection and echo every 60 s.
+
+`tx_per_s` counts approved purchases; `p50_ms`/`p99_ms` are purchase round trips seen by the
+terminals; `errors` counts anything but an approval; `gateway_rss_mb` is the resident memory
+of the process that holds the terminal connections, read at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from cardcore import limits, migrate
+from cardcore.bench import BenchError, _free_port, _percentile
+from cardcore.frontend_gateway.security import KeyMode
+from cardcore.frontend_gateway.terminal import PosTerminal, TerminalError
+
+CARD_BALANCE = 10**11  # fen: enough for any run
+ECHO_INTERVAL_S = 60
+
+
+@dataclass(frozen=True, slots=True)
+class PosBenchOptions:
+    terminals: int
+    seconds: int
+    db: str | None = None
+    ledger: str | None = None
+    separate: bool = False
+    idle: int = 0
+    token: str = ""
+
+
+@dataclass(slots=True)
+class _Tally:
+    approved: int = 0
+    errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+def check(options: PosBenchOptions) -> None:
+    if not 1 <= options.terminals <= limits.BENCH_TERMINALS_MAX:
+        raise BenchError(f"--terminals must be 1..{limits.BENCH_TERMINALS_MAX}")
+    if not 0 <= options.idle <= limits.BENCH_TERMINALS_MAX:
+        raise BenchError(f"--idle must be 0..{limits.BENCH_TERMINALS_MAX}")
+    if not 1 <= options.seconds <= limits.BENCH_SECONDS_MAX:
+        raise BenchError(f"--seconds must be 1..{limits.BENCH_SECONDS_MAX}")
+    if options.ledger and options.separate:
+        raise BenchError("--ledger and --separate exclude each other")
+
+
+def run(options: PosBenchOptions) -> dict[str, Any]:
+    check(options)
+    _raise_open_files(options.terminals + options.idle)
+    with tempfile.TemporaryDirectory(prefix="cardcore-bench-pos-") as tmp:
+        kek = os.environ.get("CARDCORE_KEK") or os.urandom(32).hex()
+        env = dict(os.environ, CARDCORE_KEK=kek, CARDCORE_LOG_LEVEL="WARNING")
+        env["CARDCORE_GATEWAY_SAF_FILE"] = str(Path(tmp) / "saf.jsonl")
+        db = options.db or f"sqlite:///{Path(tmp) / 'bench.db'}"
+        backend = "postgresql" if db.startswith("postgres") else "sqlite"
+        with contextlib.ExitStack() as stack:
+            if options.ledger:
+                ledger_url, backend = options.ledger, "external"
+                gateway = stack.enter_context(_gateway(env, ledger_url, options.token))
+            else:
+                migrate.upgrade(db)
+                env["CARDCORE_DB_URL"] = db
+                if options.separate:
+                    ledger_url = stack.enter_context(_process(env, "ledger"))[0]
+                    gateway = stack.enter_context(_gateway(env, ledger_url, options.token))
+                else:
+                    ledger_url, gateway = stack.enter_context(_process(env, "serve"))
+            mode = "separate" if options.separate or options.ledger else "serve"
+            result = asyncio.run(_drive(ledger_url, gateway, options))
+            return {"bench": "pos", "mode": mode, "backend": backend, **result}
+
+
+def _raise_open_files(connections: int) -> None:
+    import resource  # noqa: PLC0415 - POSIX only
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 2 * connections + 1024))
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+@dataclass(frozen=True, slots=True)
+class _Gateway:
+    host: str
+    port: int
+    pid: int
+
+
+@contextlib.contextmanager
+def _process(env: dict[str, str], role: str) -> Iterator[tuple[str, _Gateway]]:
+    port, gateway_port = _free_port(), _free_port()
+    env = dict(env, CARDCORE_PORT=str(port), CARDCORE_GATEWAY_PORT=str(gateway_port))
+    with _started([sys.executable, "-m", "cardcore", role], env) as (process, _line):
+        yield f"http://127.0.0.1:{port}", _Gateway("127.0.0.1", gateway_port, process.pid)
+
+
+@contextlib.contextmanager
+def _gateway(env: dict[str, str], ledger_url: str, token: str) -> Iterator[_Gateway]:
+    gateway_port = _free_port()
+    env = dict(
+        env, CARDCORE_GATEWAY_PORT=str(gateway_port), CARDCORE_GATEWAY_LEDGER_URLS=ledger_url
+    )
+    if token:
+        env["CARDCORE_INTERNAL_TOKEN"] = token
+    with _started([sys.executable, "-m", "cardcore", "gateway"], env) as (process, _line):
+        yield _Gateway("127.0.0.1", gateway_port, process.pid)
+
+
+@contextlib.contextmanager
+def _started(argv: list[str], env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], limits.BENCH_SERVER_START_S_MAX)
+        if not ready:
+            raise BenchError(
+                f"{argv[-1]} did not listen within {limits.BENCH_SERVER_START_S_MAX} s"
+            )
+        line = process.stdout.readline()
+        if not line:
+            raise BenchError(f"{argv[-1]} exited with {process.wait()} before listening")
+        yield process, line
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=limits.SHUTDOWN_GRACE_S + 5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Any:
+    async with session.post(url, json=body) as response:
+        document = await response.json()
+        if response.status >= 300:
+            raise BenchError(f"{url}: HTTP {response.status}: {document}")
+        return document
+
+
+async def _setup(
+    ledger_url: str, options: PosBenchOptions
+) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """Register the terminals and issue their cards through the host's internal API."""
+    headers = {"Authorization": f"Bearer {options.token}"} if options.token else {}
+    timeout = aiohttp.ClientTimeout(total=600)
+    run_id = f"{random.randrange(36**4):04d}"[-4:]
+    total = options.terminals + options.idle
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        gate = asyncio.Semaphore(16)
+
+        async def register(i: int) -> tuple[str, bytes]:
+            tid = f"B{run_id}{i:03X}"[-8:] if total <= 4096 else f"{run_id[:2]}{i:06d}"
+            async with gate:
+                answer = await _post(
+                    session,
+                    f"{ledger_url}/internal/v1/terminals",
+                    {
+                        "tid": tid,
+                        "mid": "BENCH0000000001",
+                        "store": "S-BENCH",
+                        "legal_entity": "LE-BENCH",
+                        "key_mode": "aes",
+                    },
+                )
+            return tid, bytes.fromhex(answer["tmk"])
+
+        terminals = await asyncio.gather(*(register(i) for i in range(total)))
+        cards: list[str] = []
+        while len(cards) < options.terminals:
+            count = min(limits.CARD_ISSUE_BATCH_MAX, options.terminals - len(cards))
+            answer = await _post(
+                session,
+                f"{ledger_url}/internal/v1/cards",
+                {"legal_entity": "LE-BENCH", "count": count, "balance": CARD_BALANCE},
+            )
+            cards.extend(c["pan"] for c in answer["cards"])
+    return list(terminals), cards
+
+
+async def _drive(ledger_url: str, gateway: _Gateway, options: PosBenchOptions) -> dict[str, Any]:
+    terminals, cards = await _setup(ledger_url, options)
+    tally = _Tally()
+    stop = asyncio.Event()
+    idle = [
+        PosTerminal(gateway.host, gateway.port, tid, "BENCH0000000001", tmk, KeyMode.AES)
+        for tid, tmk in terminals[options.terminals :]
+    ]
+    busy = [
+        PosTerminal(gateway.host, gateway.port, tid, "BENCH0000000001", tmk, KeyMode.AES)
+        for tid, tmk in terminals[: options.terminals]
+    ]
+    gate = asyncio.Semaphore(256)
+
+    async def sign_on(t: PosTerminal) -> None:
+        async with gate:
+            reply = await t.sign_on()
+            if reply.code != "00":
+                raise BenchError(f"terminal {t.tid} sign-on answered {reply.code}")
+
+    await asyncio.gather(*(sign_on(t) for t in idle + busy))
+    idle_tasks = [asyncio.create_task(_idle(t, stop)) for t in idle]
+    started = time.perf_counter()
+    deadline = started + options.seconds
+    await asyncio.gather(
+        *(_buy(t, card, deadline, tally) for t, card in zip(busy, cards, strict=True))
+    )
+    elapsed = time.perf_counter() - started
+    rss_mb = _rss_mb(gateway.pid)
+    stop.set()
+    await asyncio.gather(*idle_tasks, return_exceptions=True)
+    await asyncio.gather(*(t.close() for t in idle + busy), return_exceptions=True)
+    latencies = sorted(tally.latencies_ms)
+    return {
+        "seconds": round(elapsed, 2),
+        "terminals": options.terminals,
+        "idle_terminals": options.idle,
+        "connections": len(idle) + len(busy),
+        "tx_per_s": round(tally.approved / elapsed, 1),
+        "p50_ms": _percentile(latencies, 50),
+        "p99_ms": _percentile(latencies, 99),
+        "purchases": len(latencies),
+        "errors": tally.errors,
+        "gateway_rss_mb": rss_mb,
+    }
+
+
+async def _buy(t: PosTerminal, card: str, deadline: float, tally: _Tally) -> None:
+    rng = random.Random(t.tid)
+    while time.perf_counter() < deadline:
+        sent = time.perf_counter()
+        try:
+            reply = await t.purchase(card, rng.randint(1, 100))
+        except (TerminalError, OSError):
+            tally.errors += 1
+            with contextlib.suppress(TerminalError, OSError):
+                await t.sign_on()
+            continue
+        tally.latencies_ms.append((time.perf_counter() - sent) * 1000)
+        if reply.code == "00":
+            tally.approved += 1
+        else:
+            tally.errors += 1
+        t.lines.clear()  # the benchmark never settles: keep the terminal's memory flat
+
+
+async def _idle(t: PosTerminal, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), ECHO_INTERVAL_S)
+        if not stop.is_set():
+            with contextlib.suppress(TerminalError, OSError):
+                await t.echo()
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,274 @@
+"""The host's card and terminal records, and the ledger reads the POS service needs
+(SQLAlchemy Core on the ledger's engine). Records are cached in memory: a card's account and
+a terminal's accounts never change, and this process is the only writer of both tables."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cardcore import limits
+from cardcore.cards import schema
+from cardcore.cards.model import POS_CLIENT, BatchLine, Card, Terminal
+from cardcore.ledger import schema as ledger_schema
+from cardcore.ledger.model import Balance
+
+
+class Directory:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._terminals: dict[str, Terminal] = {}
+        self._cards: OrderedDict[str, Card] = OrderedDict()
+
+    # --- terminals ---------------------------------------------------------------------------
+
+    async def terminal(self, tid: str) -> Terminal | None:
+        cached = self._terminals.get(tid)
+        if cached is not None:
+            return cached
+        async with self.engine.connect() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        select(schema.pos_terminals).where(schema.pos_terminals.c.tid == tid)
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        if row is None:
+            return None
+        terminal = _terminal(row)
+        if len(self._terminals) < limits.CARD_CACHE_ENTRIES_MAX:
+            self._terminals[tid] = terminal
+        return terminal
+
+    async def add_terminal(self, t: Terminal, now_ms: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                insert(schema.pos_terminals).values(
+                    tid=t.tid,
+                    mid=t.mid,
+                    store=t.store,
+                    legal_entity=t.legal_entity,
+                    key_mode=t.key_mode,
+                    tmk_sealed=t.tmk_sealed,
+                    state=t.state,
+                    batch=t.batch,
+                    batch_cycle=t.batch_cycle,
+                    sales_account=t.sales_account,
+                    cash_account=t.cash_account,
+                    created_at_ms=now_ms,
+                )
+            )
+
+    async def close_batch(
+        self,
+        t: Terminal,
+        *,
+        host: tuple[int, int, int, int],
+        terminal: tuple[int, int, int, int],
+        balanced: bool,
+        next_batch: str,
+        next_cycle: int,
+        now_ms: int,
+    ) -> Terminal:
+        """Record the settlement of the open batch and open the next, in one transaction."""
+        s = schema.pos_settlements
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                insert(s).values(
+                    tid=t.tid,
+                    batch_cycle=t.batch_cycle,
+                    batch=t.batch,
+                    debit_amount=host[0],
+                    debit_count=host[1],
+                    credit_amount=host[2],
+                    credit_count=host[3],
+                    terminal_debit_amount=terminal[0],
+                    terminal_debit_count=terminal[1],
+                    terminal_credit_amount=terminal[2],
+                    terminal_credit_count=terminal[3],
+                    balanced=balanced,
+                    settled_at_ms=now_ms,
+                )
+            )
+            await conn.execute(
+                update(schema.pos_terminals)
+                .where(schema.pos_terminals.c.tid == t.tid)
+                .values(batch=next_batch, batch_cycle=next_cycle)
+            )
+        self._terminals.pop(t.tid, None)
+        fresh = await self.terminal(t.tid)
+        assert fresh is not None
+        return fresh
+
+    async def settlements(self, tid: str) -> list[dict[str, Any]]:
+        s = schema.pos_settlements
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(s).where(s.c.tid == tid).order_by(s.c.id))
+            return [dict(r) for r in rows.mappings()]
+
+    # --- cards -------------------------------------------------------------------------------
+
+    async def card(self, token: str) -> Card | None:
+        cached = self._cards.get(token)
+        if cached is not None:
+            return cached
+        async with self.engine.connect() as conn:
+            row = (
+                (await conn.execute(select(schema.cards).where(schema.cards.c.token == token)))
+                .mappings()
+                .first()
+            )
+        if row is None:
+            return None
+        card = Card(
+            token=row["token"],
+            pan_masked=row["pan_masked"],
+            legal_entity=row["legal_entity"],
+            account_id=int(row["account_id"]),
+            expires=row["expires"],
+            state=row["state"],
+            balance_max=int(row["balance_max"]),
+        )
+        self._cards[token] = card
+        if len(self._cards) > limits.CARD_CACHE_ENTRIES_MAX:
+            self._cards.popitem(last=False)
+        return card
+
+    async def existing_tokens(self, tokens: list[str]) -> set[str]:
+        found: set[str] = set()
+        c = schema.cards.c.token
+        async with self.engine.connect() as conn:
+            for i in range(0, len(tokens), 1000):
+                chunk = tokens[i : i + 1000]
+                found.update((await conn.execute(select(c).where(c.in_(chunk)))).scalars())
+        return found
+
+    async def add_cards(self, cards: list[Card], now_ms: int) -> None:
+        if not cards:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                insert(schema.cards),
+                [
+                    {
+                        "token": c.token,
+                        "pan_masked": c.pan_masked,
+                        "legal_entity": c.legal_entity,
+                        "account_id": c.account_id,
+                        "expires": c.expires,
+                        "state": c.state,
+                        "balance_max": c.balance_max,
+                        "created_at_ms": now_ms,
+                    }
+                    for c in cards
+                ],
+            )
+
+    # --- ledger reads --------------------------------------------------------------------------
+
+    async def transfer_by_key(self, key: str) -> dict[str, Any] | None:
+        t = ledger_schema.transfers
+        async with self.engine.connect() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        select(t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings).where(
+                            t.c.client == POS_CLIENT, t.c.key == key
+                        )
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        return None if row is None else _transfer(row)
+
+    async def transfer_by_id(self, transfer_id: int) -> dict[str, Any] | None:
+        t = ledger_schema.transfers
+        async with self.engine.connect() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        select(t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings).where(
+                            t.c.client == POS_CLIENT, t.c.id == transfer_id
+                        )
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        return None if row is None else _transfer(row)
+
+    async def balance_after(self, transfer_id: int, account_id: int) -> Balance | None:
+        """The account's balance right after `transfer_id` (the stored answer of a replay)."""
+        e = ledger_schema.entries
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(
+                        e.c.debits_posted,
+                        e.c.credits_posted,
+                        e.c.debits_pending,
+                        e.c.credits_pending,
+                        e.c.version,
+                    ).where(e.c.transfer_id == transfer_id, e.c.account_id == account_id)
+                )
+            ).first()
+        return None if row is None else Balance(*(int(x) for x in row))
+
+    async def batch_lines(self, prefix: str) -> list[BatchLine]:
+        """Every POS transfer whose key starts with `prefix` (one terminal batch): a range
+        scan of the ledger's unique (client, key) index."""
+        t = ledger_schema.transfers
+        # '/' + 1 is '0': every key with the prefix sorts before prefix[:-1] + '0'.
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        query = select(t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings, t.c.target_id).where(
+            t.c.client == POS_CLIENT, t.c.key >= prefix, t.c.key < upper
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [
+            BatchLine(
+                id=int(r["id"]),
+                key=r["key"],
+                kind=r["kind"],
+                reason=r["reason"],
+                amount=int(json.loads(r["postings"])[0][2]),
+                target_id=None if r["target_id"] is None else int(r["target_id"]),
+            )
+            for r in rows
+        ]
+
+
+def _terminal(row: Any) -> Terminal:
+    return Terminal(
+        tid=row["tid"],
+        mid=row["mid"],
+        store=row["store"],
+        legal_entity=row["legal_entity"],
+        key_mode=row["key_mode"],
+        tmk_sealed=row["tmk_sealed"],
+        state=row["state"],
+        batch=row["batch"],
+        batch_cycle=int(row["batch_cycle"]),
+        sales_account=int(row["sales_account"]),
+        cash_account=int(row["cash_account"]),
+    )
+
+
+def _transfer(row: Any) -> dict[str, Any]:
+    return {
+        "id": int(row["id"]),
+        "key": row["key"],
+        "kind": row["kind"],
+        "reason": row["reason"],
+        "postings": [
+            (int(a), str(side), int(amount)) for a, side, amount in json.loads(row["postings"])
+        ],
+    }

@@ -1,0 +1,433 @@
+"""Cards and POS terminals as the host sees them, and the POS requests the front-end gateway
+sends: their JSON form, their keys in the ledger, and their answers. Pure.
+
+A POS request names the terminal and, for card functions, the card number (PAN). The host
+turns it into ledger operations (`cardcore.cards.pos`); the gateway turns the answer into an
+ISO 8583 response code. The JSON body of `POST /internal/v1/pos` is
+
+    {"requests": [{"kind": "purchase", "terminal": "T0000001", "batch": "000001",
+                   "stan": "000123", "card": "6288...", "amount": 2500}, ...]}
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from cardcore import limits
+
+# The ledger scope of every POS transfer, and the asset of stored value.
+POS_CLIENT = "pos"
+CURRENCY = "CNY"
+CURRENCY_NUMERIC = "156"
+
+
+class Kind(enum.StrEnum):
+    SIGN_ON = "sign_on"  # the terminal's record and the batch it must use
+    INQUIRY = "inquiry"
+    PURCHASE = "purchase"
+    VOID = "void"  # same batch, names the original by batch and STAN
+    REFUND = "refund"  # later, names the original by its RRN; never more than it
+    TOPUP = "topup"  # a hold on the card until the terminal confirms it
+    TOPUP_CONFIRM = "topup_confirm"
+    REVERSE = "reverse"  # the terminal's (or the gateway's) reversal of batch + STAN
+    SETTLE = "settle"  # the host's totals for a batch; closes it when they match
+    UPLOAD = "upload"  # batch upload: the terminal's own lines, compared with the host's
+    # Card functions whose issues have not landed: routed, answered function_not_supported.
+    POINTS_EARN = "points_earn"
+    POINTS_REDEEM = "points_redeem"
+    COUPON_QUERY = "coupon_query"
+    COUPON_REDEEM = "coupon_redeem"
+    COUPON_REVERSE = "coupon_reverse"
+
+
+NOT_SUPPORTED = frozenset(
+    {
+        Kind.POINTS_EARN,
+        Kind.POINTS_REDEEM,
+        Kind.COUPON_QUERY,
+        Kind.COUPON_REDEEM,
+        Kind.COUPON_REVERSE,
+    }
+)
+
+
+class Outcome(enum.StrEnum):
+    """The host's answer; the gateway maps each to one ISO 8583 response code."""
+
+    APPROVED = "approved"
+    TERMINAL_UNKNOWN = "terminal_unknown"
+    TERMINAL_DISABLED = "terminal_disabled"
+    BATCH_MISMATCH = "batch_mismatch"  # the terminal must sign on again to learn the batch
+    CARD_NOT_FOUND = "card_not_found"
+    CARD_FROZEN = "card_frozen"
+    CARD_EXPIRED = "card_expired"
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    OVER_LIMIT = "over_limit"  # a top-up past the card's maximum balance
+    ORIGINAL_NOT_FOUND = "original_not_found"
+    ORIGINAL_MISMATCH = "original_mismatch"  # void or refund of another card or amount
+    ALREADY_REVERSED = "already_reversed"
+    REFUND_EXCEEDS_ORIGINAL = "refund_exceeds_original"
+    REVERSED_BEFORE_ARRIVAL = "reversed_before_arrival"  # a late original after its reversal
+    DUPLICATE_MISMATCH = "duplicate_mismatch"  # same terminal, batch and STAN, other content
+    FUNCTION_NOT_SUPPORTED = "function_not_supported"
+    BAD_REQUEST = "bad_request"
+    UNAVAILABLE = "unavailable"  # the ledger could not decide now: retry or reverse
+
+
+@dataclass(frozen=True, slots=True)
+class Terminal:
+    tid: str  # F41, 8 characters
+    mid: str  # F42, 15 characters
+    store: str
+    legal_entity: str
+    key_mode: str  # "aes" | "3des" (cardcore.frontend_gateway.security.KeyMode)
+    tmk_sealed: str  # hex; the master key sealed under the key-encrypting key
+    state: str  # "active" | "disabled"
+    batch: str  # the open batch, six digits
+    batch_cycle: int  # how often the batch number wrapped: part of every ledger key
+    sales_account: int
+    cash_account: int
+
+
+@dataclass(frozen=True, slots=True)
+class Card:
+    token: str  # keyed hash of the PAN
+    pan_masked: str
+    legal_entity: str
+    account_id: int  # the stored-value account
+    expires: str  # YYMM; "" never
+    state: str  # "active" | "closed"
+    balance_max: int  # the class's maximum balance in fen; 0 means no maximum
+
+
+@dataclass(frozen=True, slots=True)
+class PosRequest:
+    kind: Kind
+    terminal: str
+    batch: str = ""
+    stan: str = ""
+    card: str = ""  # PAN digits; never logged
+    amount: int = 0
+    original_batch: str = ""  # void, top-up confirmation
+    original_stan: str = ""
+    rrn: str = ""  # refund: the original's retrieval reference number
+    operator: str = ""
+    date: str = ""  # F13 MMDD, kept in the metadata
+    totals: tuple[int, int, int, int] = (0, 0, 0, 0)  # settle: debit amt, cnt, credit amt, cnt
+    lines: tuple[tuple[str, int], ...] = ()  # upload: (stan, amount) per transaction
+    pin_block: str = ""  # hex, ISO 9564 format 4 under the zone PIN key; never logged
+
+
+@dataclass(frozen=True, slots=True)
+class PosResult:
+    outcome: Outcome
+    balance: int | None = None  # the card's available balance after the request
+    amount: int | None = None  # what was taken or given
+    rrn: str = ""
+    auth_code: str = ""
+    batch: str = ""  # sign-on: the batch the terminal must use
+    totals: tuple[int, int, int, int] | None = None  # settle: the host's totals
+    balanced: bool | None = None  # settle and upload
+    unmatched: tuple[str, ...] = ()  # upload: STANs the host and the terminal disagree on
+    replayed: bool = False
+    # sign_on: what the gateway needs to run the terminal's session
+    mid: str = ""
+    key_mode: str = ""
+    tmk_sealed: str = ""
+
+    def json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"outcome": str(self.outcome)}
+        for name in ("balance", "amount", "totals", "balanced"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = list(value) if isinstance(value, tuple) else value
+        for name in ("rrn", "auth_code", "batch", "mid", "key_mode", "tmk_sealed"):
+            if getattr(self, name):
+                out[name] = getattr(self, name)
+        if self.unmatched:
+            out["unmatched"] = list(self.unmatched)
+        if self.replayed:
+            out["replayed"] = True
+        return out
+
+
+def result_from_json(raw: dict[str, Any]) -> PosResult:
+    """The gateway's side of `PosResult.json` (the host is trusted; shapes are still checked)."""
+    totals = raw.get("totals")
+    return PosResult(
+        outcome=Outcome(raw["outcome"]),
+        balance=_opt_int(raw.get("balance")),
+        amount=_opt_int(raw.get("amount")),
+        rrn=str(raw.get("rrn", "")),
+        auth_code=str(raw.get("auth_code", "")),
+        batch=str(raw.get("batch", "")),
+        totals=None
+        if totals is None
+        else (int(totals[0]), int(totals[1]), int(totals[2]), int(totals[3])),
+        balanced=raw.get("balanced"),
+        unmatched=tuple(str(s) for s in raw.get("unmatched", ())),
+        replayed=bool(raw.get("replayed", False)),
+        mid=str(raw.get("mid", "")),
+        key_mode=str(raw.get("key_mode", "")),
+        tmk_sealed=str(raw.get("tmk_sealed", "")),
+    )
+
+
+def _opt_int(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("expected an integer")
+    return value
+
+
+# --- keys in the ledger ----------------------------------------------------------------------
+
+
+def transaction_key(t: Terminal, batch: str, stan: str) -> str:
+    """The idempotency key of one terminal transaction: terminal, batch cycle, batch, STAN.
+    The cycle makes a batch number that wrapped (999999 -> 000001) a new key space."""
+    return f"{t.tid}/{t.batch_cycle}/{batch}/{stan}"
+
+
+def reversal_key(t: Terminal, batch: str, stan: str) -> str:
+    return transaction_key(t, batch, stan) + "/R"
+
+
+def batch_prefix(t: Terminal, batch: str) -> str:
+    return f"{t.tid}/{t.batch_cycle}/{batch}/"
+
+
+def rrn_of(transfer_id: int) -> str:
+    """The retrieval reference number: the ledger transfer id, twelve digits."""
+    return f"{transfer_id:012d}"
+
+
+def auth_code_of(transfer_id: int) -> str:
+    return f"{transfer_id % 1_000_000:06d}"
+
+
+def next_batch(batch: str) -> tuple[str, bool]:
+    """The batch after `batch`, and whether the number wrapped (999999 -> 000001)."""
+    value = int(batch) + 1
+    if value > 999_999:
+        return "000001", True
+    return f"{value:06d}", False
+
+
+# --- card numbers ------------------------------------------------------------------------------
+
+
+def luhn_ok(pan: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(pan)):
+        d = ord(ch) - 48
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def luhn_digit(body: str) -> str:
+    for d in "0123456789":
+        if luhn_ok(body + d):
+            return d
+    raise AssertionError("unreachable")
+
+
+def mask_pan(pan: str) -> str:
+    """First six and last four digits, the rest starred: what logs and answers may show."""
+    if len(pan) < 12:
+        return "*" * len(pan)
+    return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
+
+
+# --- totals --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLine:
+    """One transfer of a terminal batch, as the ledger holds it."""
+
+    id: int
+    key: str
+    kind: str  # ledger transfer kind
+    reason: str  # purchase | topup | void | refund | reversal | topup_confirm
+    amount: int
+    target_id: int | None
+
+
+def batch_totals(lines: list[BatchLine]) -> tuple[int, int, int, int]:
+    """(debit amount, debit count, credit amount, credit count) of a terminal batch, the way
+    the terminal counts them: purchases are debits, refunds and confirmed top-ups credits;
+    a voided or reversed transaction counts in neither, nor do the voids and reversals."""
+    reversed_ids = {x.target_id for x in lines if x.kind == "reverse" and x.target_id is not None}
+    debit_amount = debit_count = credit_amount = credit_count = 0
+    for x in lines:
+        if x.id in reversed_ids:
+            continue
+        if x.reason == "purchase":
+            debit_amount += x.amount
+            debit_count += 1
+        elif x.reason in ("refund", "topup_confirm"):
+            credit_amount += x.amount
+            credit_count += 1
+    return debit_amount, debit_count, credit_amount, credit_count
+
+
+def stans_of(lines: list[BatchLine], prefix: str) -> dict[str, int]:
+    """STAN -> amount of the batch's live purchases, refunds and confirmed top-ups."""
+    reversed_ids = {x.target_id for x in lines if x.kind == "reverse" and x.target_id is not None}
+    out = {}
+    for x in lines:
+        if x.id in reversed_ids or x.reason not in ("purchase", "refund", "topup_confirm"):
+            continue
+        rest = x.key[len(prefix) :]
+        out[rest.split("/")[0]] = x.amount
+    return out
+
+
+# --- request parsing ----------------------------------------------------------------------------
+
+_DIGITS = re.compile(r"[0-9]+")
+_TID = re.compile(r"[A-Za-z0-9]{8}")
+_FIELDS = frozenset(
+    {
+        "kind",
+        "terminal",
+        "batch",
+        "stan",
+        "card",
+        "amount",
+        "original_batch",
+        "original_stan",
+        "rrn",
+        "operator",
+        "date",
+        "totals",
+        "lines",
+        "pin_block",
+    }
+)
+
+
+class PosRequestError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def parse_requests(body: object) -> list[PosRequest]:
+    if not isinstance(body, dict) or set(body) != {"requests"}:
+        raise PosRequestError("requests", 'expected {"requests": [...]}')
+    raw = body["requests"]
+    if not isinstance(raw, list) or not 1 <= len(raw) <= limits.POS_REQUESTS_PER_CALL_MAX:
+        raise PosRequestError(
+            "requests", f"1..{limits.POS_REQUESTS_PER_CALL_MAX} requests in an array"
+        )
+    return [parse_request(r, f"requests[{i}]") for i, r in enumerate(raw)]
+
+
+def parse_request(raw: object, path: str) -> PosRequest:
+    if not isinstance(raw, dict):
+        raise PosRequestError(path, "expected an object")
+    unknown = set(raw) - _FIELDS
+    if unknown:
+        raise PosRequestError(f"{path}.{min(unknown)}", "unknown field")
+    try:
+        kind = Kind(str(raw.get("kind")))
+    except ValueError:
+        raise PosRequestError(f"{path}.kind", f"one of {[k.value for k in Kind]}") from None
+    terminal = raw.get("terminal")
+    if not isinstance(terminal, str) or not _TID.fullmatch(terminal):
+        raise PosRequestError(f"{path}.terminal", "eight letters or digits")
+
+    def digits(name: str, low: int, high: int) -> str:
+        value = raw.get(name, "")
+        if not isinstance(value, str) or (value and not _DIGITS.fullmatch(value)):
+            raise PosRequestError(f"{path}.{name}", "a string of digits")
+        if value and not low <= len(value) <= high:
+            raise PosRequestError(f"{path}.{name}", f"{low}..{high} digits")
+        return value
+
+    amount = raw.get("amount", 0)
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise PosRequestError(f"{path}.amount", "an integer in fen")
+    if not 0 <= amount <= limits.POS_AMOUNT_MAX:
+        raise PosRequestError(f"{path}.amount", f"0..{limits.POS_AMOUNT_MAX}")
+    operator = raw.get("operator", "")
+    if not isinstance(operator, str) or len(operator) > 16 or not operator.isascii():
+        raise PosRequestError(f"{path}.operator", "at most 16 ASCII characters")
+    totals = raw.get("totals", [0, 0, 0, 0])
+    if (
+        not isinstance(totals, list)
+        or len(totals) != 4
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in totals)
+    ):
+        raise PosRequestError(f"{path}.totals", "four non-negative integers")
+    lines = raw.get("lines", [])
+    if not isinstance(lines, list) or len(lines) > limits.POS_UPLOAD_LINES_MAX:
+        raise PosRequestError(f"{path}.lines", f"at most {limits.POS_UPLOAD_LINES_MAX} lines")
+    parsed_lines = []
+    for line in lines:
+        if (
+            not isinstance(line, list)
+            or len(line) != 2
+            or not isinstance(line[0], str)
+            or not re.fullmatch(r"[0-9]{6}", line[0])
+            or isinstance(line[1], bool)
+            or not isinstance(line[1], int)
+            or line[1] < 0
+        ):
+            raise PosRequestError(f"{path}.lines", "[stan, amount] pairs")
+        parsed_lines.append((line[0], line[1]))
+    return PosRequest(
+        kind=kind,
+        terminal=terminal,
+        batch=digits("batch", 6, 6),
+        stan=digits("stan", 6, 6),
+        card=digits("card", 12, 19),
+        amount=amount,
+        original_batch=digits("original_batch", 6, 6),
+        original_stan=digits("original_stan", 6, 6),
+        rrn=digits("rrn", 12, 12),
+        operator=operator,
+        date=digits("date", 4, 4),
+        totals=(totals[0], totals[1], totals[2], totals[3]),
+        lines=tuple(parsed_lines),
+        pin_block=_pin_block(raw.get("pin_block", ""), f"{path}.pin_block"),
+    )
+
+
+def _pin_block(value: object, where: str) -> str:
+    if not isinstance(value, str) or (value and not re.fullmatch(r"[0-9A-F]{32}", value)):
+        raise PosRequestError(where, "32 upper-case hex digits")
+    return value
+
+
+def request_json(r: PosRequest) -> dict[str, Any]:
+    """The JSON form `parse_request` reads back (what the gateway's HTTP adapter sends)."""
+    out: dict[str, Any] = {"kind": str(r.kind), "terminal": r.terminal}
+    for name in (
+        "batch",
+        "stan",
+        "card",
+        "original_batch",
+        "original_stan",
+        "rrn",
+        "operator",
+        "date",
+        "pin_block",
+    ):
+        if getattr(r, name):
+            out[name] = getattr(r, name)
+    if r.amount:
+        out["amount"] = r.amount
+    if r.kind is Kind.SETTLE:
+        out["totals"] = list(r.totals)
+    if r.lines:
+        out["lines"] = [list(x) for x in r.lines]
+    return out

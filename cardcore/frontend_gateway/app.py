@@ -1,0 +1,59 @@
+"""Assemble a running gateway: store and forward, processor, listener. `cardcore serve`
+runs it beside the ledger with the in-process host; `cardcore gateway` runs it alone with
+the HTTP host (several ledger URLs, failover)."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cardcore import limits
+from cardcore.config import Config
+from cardcore.frontend_gateway.host import Host
+from cardcore.frontend_gateway.processor import Processor
+from cardcore.frontend_gateway.saf import ReversalQueue
+from cardcore.frontend_gateway.server import GatewayServer
+from cardcore.metrics import Metrics
+
+
+@dataclass
+class RunningGateway:
+    server: GatewayServer
+    saf: ReversalQueue
+    host: Host
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def close(self, grace_s: float = limits.GATEWAY_SHUTDOWN_GRACE_S) -> None:
+        await self.server.close(grace_s)
+        await self.saf.close()
+        await self.host.close()
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    if not config.gateway_tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.gateway_tls_cert, config.gateway_tls_key)
+    return context
+
+
+async def start_gateway(config: Config, kek: bytes, host: Host, metrics: Metrics) -> RunningGateway:
+    saf = ReversalQueue(Path(config.gateway_saf_file))
+    saf.open()
+    metrics.gateway_reversals_pending.set(len(saf.pending))
+    processor = Processor(host, saf, kek, metrics)
+    server = GatewayServer(
+        processor,
+        metrics,
+        host=config.gateway_host,
+        port=config.gateway_port,
+        tls=tls_context(config),
+    )
+    await server.start()
+    saf.start(host)
+    return RunningGateway(server, saf, host)

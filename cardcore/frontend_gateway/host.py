@@ -1,0 +1,183 @@
+"""The gateway's one port to the host (the ledger service), and its two adapters.
+
+- `InProcessHost` calls the host's POS service directly (`cardcore serve`: one process).
+- `HttpHost` batches concurrent terminal requests into one `POST /internal/v1/pos` over a
+  pooled aiohttp session, and fails over to the next ledger URL when one does not answer.
+
+Either raises `HostUnavailable` when no answer comes in time: the caller answers 96 and, for
+a request that may have moved money, queues a reversal (`cardcore.frontend_gateway.saf`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Protocol
+
+import aiohttp
+
+from cardcore import limits
+from cardcore.cards.model import PosRequest, PosResult, request_json, result_from_json
+
+log = logging.getLogger(__name__)
+
+
+class HostUnavailable(Exception):
+    """No answer from any host in time; nothing is known about the outcome."""
+
+
+class Host(Protocol):
+    async def pos(self, requests: Sequence[PosRequest]) -> list[PosResult]: ...
+
+    async def close(self) -> None: ...
+
+
+PosHandler = Callable[[Sequence[PosRequest]], Awaitable[list[PosResult]]]
+
+
+class InProcessHost:
+    """The host's `PosService.handle`, called in this process, with the same time limit."""
+
+    def __init__(self, handle: PosHandler, timeout_ms: int = limits.GATEWAY_HOST_TIMEOUT_MS):
+        self._handle = handle
+        self._timeout_s = timeout_ms / 1000
+
+    async def pos(self, requests: Sequence[PosRequest]) -> list[PosResult]:
+        try:
+            return await asyncio.wait_for(self._handle(requests), self._timeout_s)
+        except TimeoutError:
+            raise HostUnavailable("the host did not answer in time") from None
+
+    async def close(self) -> None:
+        return None
+
+
+class HttpHost:
+    """Batches concurrent requests into one call; fails over across `urls` in order."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        token: str = "",
+        timeout_ms: int = limits.GATEWAY_HOST_TIMEOUT_MS,
+        batch_max: int = limits.GATEWAY_HOST_BATCH_MAX,
+        batch_wait_ms: int = limits.GATEWAY_HOST_BATCH_WAIT_MS,
+        queue_max: int = limits.GATEWAY_HOST_QUEUE_MAX,
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one ledger URL")
+        self.urls = [u.rstrip("/") for u in urls]
+        self._active = 0  # the URL that answered last
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout_s = timeout_ms / 1000
+        self._batch_max = batch_max
+        self._batch_wait_s = batch_wait_ms / 1000
+        self._queue: asyncio.Queue[tuple[PosRequest, asyncio.Future[PosResult]]] = asyncio.Queue(
+            queue_max
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+
+    async def pos(self, requests: Sequence[PosRequest]) -> list[PosResult]:
+        self._start()
+        loop = asyncio.get_running_loop()
+        futures = []
+        for r in requests:
+            future: asyncio.Future[PosResult] = loop.create_future()
+            try:
+                self._queue.put_nowait((r, future))
+            except asyncio.QueueFull:
+                raise HostUnavailable("too many requests waiting for the host") from None
+            futures.append(future)
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*futures), self._timeout_s))
+        except TimeoutError:
+            raise HostUnavailable("the host did not answer in time") from None
+
+    def _start(self) -> None:
+        if self._task is None:
+            connector = aiohttp.TCPConnector(limit=64, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(connector=connector)
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            deadline = asyncio.get_running_loop().time() + self._batch_wait_s
+            while len(batch) < self._batch_max:
+                try:
+                    batch.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            call = asyncio.get_running_loop().create_task(self._call(batch))
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+
+    async def _call(self, batch: list[tuple[PosRequest, asyncio.Future[PosResult]]]) -> None:
+        body = {"requests": [request_json(r) for r, _ in batch]}
+        try:
+            results = await self._post(body)
+        except (HostUnavailable, ValueError, KeyError, TypeError) as exc:
+            error = exc if isinstance(exc, HostUnavailable) else HostUnavailable(repr(exc))
+            for _, future in batch:  # every waiter learns the call failed
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    async def _post(self, body: Mapping[str, object]) -> list[PosResult]:
+        assert self._session is not None
+        # A dead host refuses or fails to connect fast: leave time for the next one.
+        timeout = aiohttp.ClientTimeout(
+            total=self._timeout_s, sock_connect=min(1.0, self._timeout_s / 2)
+        )
+        errors = []
+        for attempt in range(len(self.urls)):
+            index = (self._active + attempt) % len(self.urls)
+            url = self.urls[index] + "/internal/v1/pos"
+            try:
+                async with self._session.post(
+                    url, json=body, headers=self._headers, timeout=timeout
+                ) as response:
+                    if response.status >= 500:
+                        errors.append(f"{url}: HTTP {response.status}")
+                        continue
+                    document = await response.json()
+                    if response.status != 200:
+                        raise HostUnavailable(f"{url}: HTTP {response.status}: {document}")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                errors.append(f"{url}: {type(exc).__name__}")
+                continue
+            if index != self._active:
+                log.warning("ledger failover", extra={"url": self.urls[index]})
+                self._active = index
+            results = [result_from_json(r) for r in document["results"]]
+            if len(results) != len(body["requests"]):  # type: ignore[arg-type]
+                raise HostUnavailable(f"{url}: answered a different number of results")
+            return results
+        raise HostUnavailable("; ".join(errors))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for call in list(self._calls):
+            call.cancel()
+        if self._session is not None:
+            await self._session.close()

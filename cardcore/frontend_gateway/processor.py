@@ -1,0 +1,528 @@
+"""What the gateway does with one terminal message: decode, check, route, answer.
+
+The processor owns the terminal sessions (working keys, MAC failures, one request in flight,
+rate limit) and turns each decoded request into a host `PosRequest`, and the host's answer
+into the 0x10 reply, MAC'd where the request was. It never raises for a message: every
+failure becomes a response code (docs/card-protocol.md). It knows nothing of sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cardcore import limits
+from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult
+from cardcore.frontend_gateway import codec, security
+from cardcore.frontend_gateway.host import Host, HostUnavailable
+from cardcore.frontend_gateway.saf import ReversalQueue, SafFull
+from cardcore.frontend_gateway.security import KeyMode, WorkingKeys
+from cardcore.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# --- response codes (field 39); docs/card-protocol.md lists what the terminal does on each --
+APPROVED = "00"
+CODE_OF_OUTCOME = {
+    Outcome.APPROVED: "00",
+    Outcome.TERMINAL_UNKNOWN: "97",
+    Outcome.TERMINAL_DISABLED: "03",
+    Outcome.BATCH_MISMATCH: "77",
+    Outcome.CARD_NOT_FOUND: "14",
+    Outcome.CARD_FROZEN: "62",
+    Outcome.CARD_EXPIRED: "54",
+    Outcome.INSUFFICIENT_FUNDS: "51",
+    Outcome.OVER_LIMIT: "61",
+    Outcome.ORIGINAL_NOT_FOUND: "25",
+    Outcome.ORIGINAL_MISMATCH: "64",
+    Outcome.ALREADY_REVERSED: "12",
+    Outcome.REFUND_EXCEEDS_ORIGINAL: "61",
+    Outcome.REVERSED_BEFORE_ARRIVAL: "12",
+    Outcome.DUPLICATE_MISMATCH: "94",
+    Outcome.FUNCTION_NOT_SUPPORTED: "40",
+    Outcome.BAD_REQUEST: "30",
+    Outcome.UNAVAILABLE: "96",
+}
+SIGN_ON_AGAIN = "77"
+MAC_ERROR = "A0"
+PIN_FORMAT_ERROR = "99"
+SYSTEM_ERROR = "96"
+SLOW_DOWN = "91"
+INVALID_TRANSACTION = "12"
+FORMAT_ERROR = "30"
+
+# Field 60.3 of a sign-on: the key mode the terminal asks for.
+KEY_MODE_OF_NET_CODE = {"003": KeyMode.TDES, "004": KeyMode.TDES, "005": KeyMode.AES}
+NET_SIGN_ON = frozenset(KEY_MODE_OF_NET_CODE)
+NET_SIGN_OFF = "002"
+NET_ECHO = "301"
+NET_SETTLE = "201"
+NET_UPLOAD_DETAIL = "201"
+NET_UPLOAD_END = frozenset({"202", "207"})
+
+# (MTI, processing code) -> kind. Points and coupons use private codes 90..94 (our own).
+ROUTES: dict[tuple[str, str], Kind] = {
+    ("0200", "310000"): Kind.INQUIRY,
+    ("0200", "000000"): Kind.PURCHASE,
+    ("0200", "200000"): Kind.VOID,
+    ("0200", "630000"): Kind.TOPUP,
+    ("0220", "630000"): Kind.TOPUP_CONFIRM,
+    ("0220", "200000"): Kind.REFUND,
+    ("0220", "000000"): Kind.PURCHASE,  # offline advice: done at the counter, now reported
+    ("0200", "900000"): Kind.POINTS_EARN,
+    ("0200", "910000"): Kind.POINTS_REDEEM,
+    ("0200", "920000"): Kind.COUPON_QUERY,
+    ("0200", "930000"): Kind.COUPON_REDEEM,
+    ("0200", "940000"): Kind.COUPON_REVERSE,
+}
+# Kinds that may move money: when the host does not answer, the gateway reverses them.
+MOVES_MONEY = frozenset({Kind.PURCHASE, Kind.VOID, Kind.TOPUP, Kind.TOPUP_CONFIRM, Kind.REFUND})
+NEEDS_AMOUNT = MOVES_MONEY
+NEEDS_CARD = frozenset({Kind.INQUIRY, Kind.PURCHASE, Kind.VOID, Kind.TOPUP, Kind.REFUND})
+NEEDS_ORIGINAL = frozenset({Kind.VOID, Kind.TOPUP_CONFIRM, Kind.REFUND})
+# Fields a reply echoes from its request.
+ECHOED = ("3", "4", "11", "25", "41", "42", "49", "60")
+
+
+@dataclass(slots=True)
+class Session:
+    """A terminal's state in this gateway process, kept across its connections."""
+
+    tid: str
+    mid: str
+    mode: KeyMode
+    tmk: bytes = field(repr=False)
+    keys: WorkingKeys | None = None
+    mac_failures: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    tokens: float = float(limits.GATEWAY_TERMINAL_RATE_PER_S)
+    refilled_at: float = 0.0
+
+    def take_token(self, now: float) -> bool:
+        rate = float(limits.GATEWAY_TERMINAL_RATE_PER_S)
+        self.tokens = min(rate, self.tokens + (now - self.refilled_at) * rate)
+        self.refilled_at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    body: bytes
+    processing: int = codec.PROCESSING_NONE  # header nibble: 3 = sign on again
+
+
+class Processor:
+    def __init__(
+        self,
+        host: Host,
+        saf: ReversalQueue,
+        kek: bytes,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.host = host
+        self.saf = saf
+        self.kek = kek
+        self.zpk = security.derive_key(kek, b"cardcore/zone-pin-key/v1")[:16]
+        self.metrics = metrics
+        self.clock = clock
+        self.sessions: dict[str, Session] = {}
+
+    # --- entry ---------------------------------------------------------------------------------
+
+    async def handle(self, body: bytes) -> Reply | None:
+        """The reply to one message, or None when there is nothing to answer (no MTI)."""
+        try:
+            fields = codec.decode(body)
+        except codec.FormatError as exc:
+            return self._format_error(exc)
+        mti = fields["t"]
+        started = time.perf_counter()
+        try:
+            reply, code = await self._dispatch(mti, fields)
+        except Exception:  # contained: a bug answers 96 to this terminal only
+            log.exception("message handling failed", extra={"mti": mti})
+            reply, code = self._reply(fields, SYSTEM_ERROR), SYSTEM_ERROR
+        self.metrics.gateway_messages.labels(mti, code).inc()
+        self.metrics.gateway_seconds.labels(mti).observe(time.perf_counter() - started)
+        return reply
+
+    def _format_error(self, exc: codec.FormatError) -> Reply | None:
+        if exc.mti is None:
+            return None
+        try:
+            codec.response_mti(exc.mti)
+        except ValueError:
+            return None
+        self.metrics.gateway_messages.labels(exc.mti, exc.code).inc()
+        fields = {"t": exc.mti, **exc.fields}
+        return self._reply(fields, exc.code)
+
+    async def _dispatch(self, mti: str, f: dict[str, str]) -> tuple[Reply | None, str]:
+        if mti in ("0210", "0230", "0330", "0410", "0510", "0810", "0830"):
+            return None, INVALID_TRANSACTION  # a reply sent to us: nothing to answer
+        tid = f.get("41")
+        if tid is None or "11" not in f:
+            return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
+        net = _net_code(f)
+        if mti == "0800":
+            return await self._sign_on(f, net)
+        if mti == "0820":
+            if net == NET_ECHO:
+                return self._reply(f, APPROVED), APPROVED
+            if net == NET_SIGN_OFF:
+                return self._sign_off(f)
+            return self._reply(f, INVALID_TRANSACTION), INVALID_TRANSACTION
+        session = self.sessions.get(tid)
+        if session is None or session.keys is None:
+            reply = self._reply(f, SIGN_ON_AGAIN, processing=codec.PROCESSING_SIGN_ON)
+            return reply, SIGN_ON_AGAIN
+        if not session.take_token(time.monotonic()):
+            return self._reply(f, SLOW_DOWN), SLOW_DOWN
+        try:
+            await asyncio.wait_for(session.lock.acquire(), limits.GATEWAY_IN_FLIGHT_WAIT_S)
+        except TimeoutError:
+            return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
+        try:
+            return await self._in_session(session, mti, f, net)
+        finally:
+            session.lock.release()
+
+    async def _in_session(
+        self, s: Session, mti: str, f: dict[str, str], net: str
+    ) -> tuple[Reply | None, str]:
+        assert s.keys is not None
+        if f.get("42") != s.mid:
+            return self._reply(f, "03"), "03"
+        if mti == "0500":
+            return await self._settle(s, f)
+        if mti == "0320":
+            return await self._upload(s, f, net)
+        # 0200, 0220, 0400: MAC'd both ways.
+        if not self._mac_ok(s, f):
+            return self._mac_failed(s, f)
+        s.mac_failures = 0
+        if mti == "0400":
+            return await self._reversal(s, f)
+        kind = ROUTES.get((mti, f.get("3", "")))
+        if kind is None:
+            return self._reply(f, INVALID_TRANSACTION, keys=s), INVALID_TRANSACTION
+        return await self._financial(s, f, kind)
+
+    # --- network management ----------------------------------------------------------------------
+
+    async def _sign_on(self, f: dict[str, str], net: str) -> tuple[Reply | None, str]:
+        tid = f["41"]
+        if net not in NET_SIGN_ON:
+            return self._reply(f, INVALID_TRANSACTION), INVALID_TRANSACTION
+        answer = await self._ask(PosRequest(kind=Kind.SIGN_ON, terminal=tid))
+        code = CODE_OF_OUTCOME[answer.outcome]
+        if answer.outcome is not Outcome.APPROVED:
+            return self._reply(f, code), code
+        mode = KeyMode(answer.key_mode)
+        if KEY_MODE_OF_NET_CODE[net] is not mode or f.get("42") != answer.mid:
+            return self._reply(f, INVALID_TRANSACTION), INVALID_TRANSACTION
+        tmk = security.unseal(self.kek, bytes.fromhex(answer.tmk_sealed), b"tmk:" + tid.encode())
+        keys, payload = security.issue_working_keys(mode, tmk)
+        session = self.sessions.get(tid)
+        if session is None or session.mode is not mode or session.tmk != tmk:
+            session = Session(tid=tid, mid=answer.mid, mode=mode, tmk=tmk)
+            self.sessions[tid] = session
+        if session.keys is None:
+            self.metrics.gateway_signed_on.inc()
+        session.keys, session.mac_failures = keys, 0
+        extra = {
+            "60": codec.format_f60(codec.Field60("00", answer.batch, net)),
+            "62": payload.hex().upper(),
+        }
+        log.info("terminal signed on", extra={"terminal": tid, "key_mode": str(mode)})
+        return self._reply(f, APPROVED, extra=extra), APPROVED
+
+    def _sign_off(self, f: dict[str, str]) -> tuple[Reply | None, str]:
+        session = self.sessions.get(f["41"])
+        if session is not None and session.keys is not None:
+            session.keys = None  # the session's keys die with it
+            self.metrics.gateway_signed_on.dec()
+        return self._reply(f, APPROVED), APPROVED
+
+    # --- financial ------------------------------------------------------------------------------
+
+    async def _financial(
+        self, s: Session, f: dict[str, str], kind: Kind
+    ) -> tuple[Reply | None, str]:
+        request_or_code = self._pos_request(s, f, kind)
+        if isinstance(request_or_code, str):
+            return self._reply(f, request_or_code, keys=s), request_or_code
+        request = request_or_code
+        if kind in MOVES_MONEY and len(self.saf.pending) >= self.saf.entries_max:
+            return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR  # cannot promise a reversal
+        try:
+            answer = await self.host.pos([request])
+        except HostUnavailable:
+            if kind in MOVES_MONEY:
+                await self._queue_reversal(s, request)
+            return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
+        result = answer[0]
+        code = CODE_OF_OUTCOME[result.outcome]
+        if result.outcome is Outcome.UNAVAILABLE and kind in MOVES_MONEY:
+            await self._queue_reversal(s, request)
+        extra: dict[str, str] = {}
+        if result.rrn:
+            extra["37"] = result.rrn
+        if result.auth_code:
+            extra["38"] = result.auth_code
+        if result.balance is not None:
+            extra["54"] = codec.format_balance(result.balance)
+        processing = codec.PROCESSING_NONE
+        if result.outcome is Outcome.BATCH_MISMATCH:
+            processing = codec.PROCESSING_SIGN_ON
+        return self._reply(f, code, keys=s, extra=extra, processing=processing), code
+
+    def _pos_request(self, s: Session, f: dict[str, str], kind: Kind) -> PosRequest | str:
+        """The host request for a financial message, or the response code refusing it."""
+        f60 = _f60(f)
+        if f60 is None:
+            return FORMAT_ERROR
+        amount = 0
+        if kind in NEEDS_AMOUNT:
+            if "4" not in f:
+                return FORMAT_ERROR
+            amount = int(f["4"])
+            if amount <= 0:
+                return "13"
+        pan = ""
+        if kind in NEEDS_CARD:
+            pan = f.get("2") or f.get("35", "").split("=")[0]
+            if not pan:
+                return "14"
+        original_batch = original_stan = ""
+        if kind in NEEDS_ORIGINAL:
+            if "61" not in f:
+                return FORMAT_ERROR
+            try:
+                f61 = codec.parse_f61(f["61"])
+            except codec.FormatError:
+                return FORMAT_ERROR
+            original_batch, original_stan = f61.batch, f61.stan
+        rrn = ""
+        if kind is Kind.REFUND:
+            rrn = f.get("37", "")
+            if len(rrn) != 12 or not rrn.isdigit():
+                return FORMAT_ERROR
+        pin_block = ""
+        if "52" in f:
+            assert s.keys is not None
+            try:
+                zone = security.translate_pin_block(
+                    s.mode, bytes.fromhex(f["52"]), pan, s.keys.pik, self.zpk
+                )
+            except security.SecurityError:
+                return PIN_FORMAT_ERROR
+            pin_block = zone.hex().upper()
+        return PosRequest(
+            kind=kind,
+            terminal=s.tid,
+            batch=f60.batch,
+            stan=f["11"],
+            card=pan,
+            amount=amount,
+            original_batch=original_batch,
+            original_stan=original_stan,
+            rrn=rrn,
+            operator=f.get("63", "")[:3].strip(),
+            date=f.get("13", ""),
+            pin_block=pin_block,
+        )
+
+    async def _reversal(self, s: Session, f: dict[str, str]) -> tuple[Reply | None, str]:
+        """0400: undo batch + STAN of the original, exactly once, whatever the order. Stored
+        and forwarded when the host does not answer: the terminal hears 00 either way."""
+        f60 = _f60(f)
+        if f60 is None:
+            return self._reply(f, FORMAT_ERROR, keys=s), FORMAT_ERROR
+        request = PosRequest(
+            kind=Kind.REVERSE, terminal=s.tid, batch=f60.batch, stan=f["11"], date=f.get("13", "")
+        )
+        try:
+            result = (await self.host.pos([request]))[0]
+        except HostUnavailable:
+            result = PosResult(Outcome.UNAVAILABLE)
+        if result.outcome is Outcome.UNAVAILABLE:
+            try:
+                await self.saf.add(request)
+            except (SafFull, OSError):
+                log.exception("store-and-forward refused a reversal", extra={"terminal": s.tid})
+                return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
+            self.metrics.gateway_reversals_pending.set(len(self.saf.pending))
+            return self._reply(f, APPROVED, keys=s), APPROVED
+        code = CODE_OF_OUTCOME[result.outcome]
+        return self._reply(f, code, keys=s), code
+
+    async def _queue_reversal(self, s: Session, request: PosRequest) -> None:
+        reversal = PosRequest(
+            kind=Kind.REVERSE,
+            terminal=s.tid,
+            batch=request.batch,
+            stan=request.stan,
+            date=request.date,
+        )
+        try:
+            await self.saf.add(reversal)
+        except (SafFull, OSError):
+            log.critical(
+                "store-and-forward refused a reversal the host may need",
+                extra={"terminal": s.tid, "batch": request.batch, "stan": request.stan},
+            )
+        self.metrics.gateway_reversals_pending.set(len(self.saf.pending))
+
+    # --- settlement ---------------------------------------------------------------------------
+
+    async def _settle(self, s: Session, f: dict[str, str]) -> tuple[Reply | None, str]:
+        f60 = _f60(f)
+        if f60 is None or "48" not in f:
+            return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
+        try:
+            totals = codec.parse_totals(f["48"])
+        except codec.FormatError:
+            return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
+        request = PosRequest(
+            kind=Kind.SETTLE,
+            terminal=s.tid,
+            batch=f60.batch,
+            stan=f["11"],
+            totals=(
+                totals.debit_amount,
+                totals.debit_count,
+                totals.credit_amount,
+                totals.credit_count,
+            ),
+        )
+        result = await self._ask(request)
+        code = CODE_OF_OUTCOME[result.outcome]
+        if result.outcome is not Outcome.APPROVED or result.totals is None:
+            return self._reply(f, code), code
+        host = codec.Totals(*result.totals)
+        flag = "1" if result.balanced else "2"
+        return self._reply(f, APPROVED, extra={"48": codec.format_totals(host, flag)}), APPROVED
+
+    async def _upload(self, s: Session, f: dict[str, str], net: str) -> tuple[Reply | None, str]:
+        f60 = _f60(f)
+        if f60 is None:
+            return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
+        if net in NET_UPLOAD_END:
+            totals = codec.parse_totals(f["48"]) if "48" in f else codec.Totals(0, 0, 0, 0)
+            request = PosRequest(
+                kind=Kind.UPLOAD,
+                terminal=s.tid,
+                batch=f60.batch,
+                stan=f["11"],
+                totals=(
+                    totals.debit_amount,
+                    totals.debit_count,
+                    totals.credit_amount,
+                    totals.credit_count,
+                ),
+            )
+        elif net == NET_UPLOAD_DETAIL:
+            lines = _upload_lines(f.get("48", ""))
+            if lines is None:
+                return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
+            request = PosRequest(
+                kind=Kind.UPLOAD, terminal=s.tid, batch=f60.batch, stan=f["11"], lines=lines
+            )
+        else:
+            return self._reply(f, INVALID_TRANSACTION), INVALID_TRANSACTION
+        result = await self._ask(request)
+        code = CODE_OF_OUTCOME[result.outcome]
+        extra = {}
+        if result.unmatched:
+            extra["48"] = "".join(result.unmatched)
+        return self._reply(f, code, extra=extra), code
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    async def _ask(self, request: PosRequest) -> PosResult:
+        try:
+            return (await self.host.pos([request]))[0]
+        except HostUnavailable:
+            return PosResult(Outcome.UNAVAILABLE)
+
+    def _mac_ok(self, s: Session, f: dict[str, str]) -> bool:
+        assert s.keys is not None
+        tag = f.get("64")
+        if tag is None:
+            return False
+        body = codec.encode(f)  # the exact bytes: decode/encode are inverse on what we accept
+        return security.verify_mac(s.mode, s.keys.mak, codec.mac_input(body), bytes.fromhex(tag))
+
+    def _mac_failed(self, s: Session, f: dict[str, str]) -> tuple[Reply | None, str]:
+        self.metrics.gateway_mac_failures.inc()
+        s.mac_failures += 1
+        if s.mac_failures >= limits.GATEWAY_MAC_FAILURES_MAX:
+            log.warning("terminal must sign on again after MAC failures", extra={"terminal": s.tid})
+            if s.keys is not None:
+                self.metrics.gateway_signed_on.dec()
+            s.keys, s.mac_failures = None, 0
+            return self._reply(f, MAC_ERROR, processing=codec.PROCESSING_SIGN_ON), MAC_ERROR
+        return self._reply(f, MAC_ERROR), MAC_ERROR
+
+    def _reply(
+        self,
+        request: dict[str, str],
+        code: str,
+        *,
+        keys: Session | None = None,
+        extra: dict[str, str] | None = None,
+        processing: int = codec.PROCESSING_NONE,
+    ) -> Reply:
+        """The 0x10 reply: MTI + 10, the echoed fields, host date and time, F39, `extra`,
+        and a MAC under the session's key when `keys` is given and signed on."""
+        fields = {"t": codec.response_mti(request["t"])}
+        for name in ECHOED:
+            if name in request:
+                fields[name] = request[name]
+        if "11" in request:
+            fields["11"] = request["11"]
+        now = time.gmtime(self.clock() + 8 * 3600)  # the host's clock, Asia/Shanghai
+        fields["12"] = time.strftime("%H%M%S", now)
+        fields["13"] = time.strftime("%m%d", now)
+        fields["39"] = code
+        fields.update(extra or {})
+        fields = {k: fields[k] for k in sorted(fields, key=_field_order)}
+        if keys is None or keys.keys is None:
+            return Reply(codec.encode(fields), processing)
+        body = codec.encode(codec.with_mac_placeholder(fields))
+        tag = security.mac(keys.mode, keys.keys.mak, codec.mac_input(body))
+        return Reply(codec.set_mac(body, tag), processing)
+
+
+def _field_order(name: str) -> int:
+    return -1 if name == "t" else int(name)
+
+
+def _net_code(f: dict[str, str]) -> str:
+    parsed = _f60(f)
+    return parsed.net_code if parsed is not None else ""
+
+
+def _f60(f: dict[str, str]) -> codec.Field60 | None:
+    if "60" not in f:
+        return None
+    try:
+        return codec.parse_f60(f["60"])
+    except codec.FormatError:
+        return None
+
+
+def _upload_lines(value: str) -> tuple[tuple[str, int], ...] | None:
+    """Batch-upload detail in F48: up to eight lines of STAN n6 + amount n12."""
+    if not value or len(value) % 18 or len(value) > 8 * 18 or not value.isdigit():
+        return None
+    return tuple((value[i : i + 6], int(value[i + 6 : i + 18])) for i in range(0, len(value), 18))

@@ -1,0 +1,163 @@
+"""The terminal listener: asyncio streams, one task per connection, hard limits everywhere.
+
+Framing lost (a length of 0 or over the cap, EOF in the middle of a frame, a bad TPDU, a
+frame that does not arrive whole in time) closes that connection without a reply; a
+message that frames but does not decode is answered with a response code and the connection
+stays open (until too many in a row). One connection's garbage, flood or silence never
+reaches another: each has its own task, every exception stays inside it, and every wait is
+bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+
+from cardcore import limits
+from cardcore.frontend_gateway import codec
+from cardcore.frontend_gateway.processor import Processor
+from cardcore.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class GatewayServer:
+    def __init__(
+        self,
+        processor: Processor,
+        metrics: Metrics,
+        *,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext | None = None,
+        connections_max: int = limits.GATEWAY_CONNECTIONS_MAX,
+        frame_bytes_max: int = limits.GATEWAY_FRAME_BYTES_MAX,
+        idle_s: float = limits.GATEWAY_IDLE_S,
+        frame_read_s: float = limits.GATEWAY_FRAME_READ_S,
+    ) -> None:
+        self.processor = processor
+        self.metrics = metrics
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.connections_max = connections_max
+        self.frame_bytes_max = frame_bytes_max
+        self.idle_s = idle_s
+        self.frame_read_s = frame_read_s
+        self.connections: set[asyncio.Task[None]] = set()
+        self._busy: set[asyncio.Task[None]] = set()  # connections with a request in hand
+        self._server: asyncio.Server | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._accept,
+            self.host,
+            self.port,
+            ssl=self.tls,
+            reuse_address=True,
+            reuse_port=hasattr(socket, "SO_REUSEPORT"),  # several gateway processes, one port
+            backlog=4096,
+            limit=self.frame_bytes_max + codec.LENGTH_BYTES,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self, grace_s: float = limits.GATEWAY_SHUTDOWN_GRACE_S) -> None:
+        """Stop accepting, let requests in hand finish within `grace_s`, close the rest."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        if self._busy:
+            await asyncio.wait(set(self._busy), timeout=grace_s)
+        for task in list(self.connections):
+            task.cancel()
+        if self.connections:
+            await asyncio.gather(*self.connections, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self._closing or len(self.connections) >= self.connections_max:
+            self.metrics.gateway_frames_dropped.labels("connection_cap").inc()
+            writer.transport.abort()
+            return
+        self.connections.add(task)
+        self.metrics.gateway_connections.inc()
+        try:
+            await self._serve(reader, writer, task)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("terminal connection failed")
+        finally:
+            self.connections.discard(task)
+            self._busy.discard(task)
+            self.metrics.gateway_connections.dec()
+            writer.transport.abort()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, task: asyncio.Task[None]
+    ) -> None:
+        bad_in_a_row = 0
+        while not self._closing:
+            payload = await self._read_frame(reader)
+            if payload is None:
+                return
+            try:
+                frame = codec.split_frame(payload)
+            except codec.FrameError:
+                self.metrics.gateway_frames_dropped.labels("bad_tpdu").inc()
+                return
+            self._busy.add(task)
+            try:
+                reply = await self.processor.handle(frame.body)
+                if reply is None:
+                    bad_in_a_row += 1
+                    if bad_in_a_row >= limits.GATEWAY_BAD_FRAMES_MAX:
+                        self.metrics.gateway_frames_dropped.labels("garbage").inc()
+                        return
+                    continue
+                bad_in_a_row = 0
+                out = codec.pack_frame(
+                    codec.reply_tpdu(frame.tpdu),
+                    codec.reply_header(frame.header, processing=reply.processing),
+                    reply.body,
+                )
+                writer.write(out)
+                try:
+                    await asyncio.wait_for(writer.drain(), limits.GATEWAY_WRITE_S)
+                except (TimeoutError, ConnectionError):
+                    self.metrics.gateway_frames_dropped.labels("write").inc()
+                    return
+            finally:
+                self._busy.discard(task)
+
+    async def _read_frame(self, reader: asyncio.StreamReader) -> bytes | None:
+        """One frame's payload, or None when the connection must close. The first byte may
+        take the idle timeout; the rest of the frame must follow within the frame timeout,
+        so a sender trickling bytes cannot hold a connection."""
+        try:
+            first = await asyncio.wait_for(reader.readexactly(1), self.idle_s)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            return None  # idle too long, or closed between frames: a clean end
+
+        async def rest() -> bytes:
+            prefix = first + await reader.readexactly(1)
+            length = codec.frame_length(prefix, frame_bytes_max=self.frame_bytes_max)
+            return await reader.readexactly(length)
+
+        try:
+            return await asyncio.wait_for(rest(), self.frame_read_s)
+        except codec.FrameError:
+            self.metrics.gateway_frames_dropped.labels("length").inc()
+        except TimeoutError:
+            self.metrics.gateway_frames_dropped.labels("slow").inc()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.metrics.gateway_frames_dropped.labels("truncated").inc()
+        return None

@@ -1,0 +1,370 @@
+"""A POS terminal speaking the documented card protocol: what `cardcore pos`, `cardcore
+bench pos` and the certification tests use, and what a POS vendor can compare bytes with.
+
+It behaves as a UnionPay-style terminal does: it signs on to get working keys (checking
+their check values), MACs every financial message and checks the MAC of every reply, counts
+its own STAN and batch (999999 wraps to 000001), keeps its batch totals for settlement, and
+when a financial request gets no reply (or a reply with a bad MAC) it keeps a reversal that
+it sends before its next transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+from cardcore.frontend_gateway import codec, security
+from cardcore.frontend_gateway.security import KeyMode, WorkingKeys
+
+TPDU = bytes.fromhex("6000010000")  # id 60, destination 0001 (the host), source 0000
+HEADER = bytes.fromhex("603100000000")  # POS application, version 31
+NET_CODE_OF_MODE = {KeyMode.TDES: "003", KeyMode.AES: "005"}
+
+
+class TerminalError(Exception):
+    """The exchange failed on the terminal's side: no reply, bad reply MAC, closed line."""
+
+
+@dataclass
+class Reply:
+    fields: dict[str, str]
+    processing: int  # the header's processing-requirement nibble (3: sign on again)
+    raw: bytes  # the whole frame as read, length prefix included
+
+    @property
+    def code(self) -> str:
+        return self.fields.get("39", "")
+
+    @property
+    def balance(self) -> int | None:
+        value = self.fields.get("54")
+        return None if value is None else codec.parse_balance(value)
+
+
+@dataclass
+class _Line:
+    stan: str
+    kind: str  # purchase | refund | topup_confirm | void
+    amount: int
+    voided: bool = False
+
+
+@dataclass
+class PosTerminal:
+    host: str
+    port: int
+    tid: str
+    mid: str
+    tmk: bytes = field(repr=False)
+    mode: KeyMode = KeyMode.AES
+    stan: str = "000000"
+    batch: str = "000001"
+    timeout_s: float = 30.0
+    keys: WorkingKeys | None = field(default=None, repr=False)
+    pending_reversal: dict[str, str] | None = None
+    lines: list[_Line] = field(default_factory=list)
+    last_sent: bytes = b""
+    _reader: asyncio.StreamReader | None = None
+    _writer: asyncio.StreamWriter | None = None
+
+    # --- the line -----------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await self._writer.wait_closed()
+            self._writer = self._reader = None
+
+    async def send_raw(self, frame: bytes) -> None:
+        if self._writer is None:
+            await self.connect()
+        assert self._writer is not None
+        self._writer.write(frame)
+        await self._writer.drain()
+
+    async def read_reply(self) -> Reply:
+        assert self._reader is not None
+        try:
+            prefix = await asyncio.wait_for(self._reader.readexactly(2), self.timeout_s)
+            payload = await asyncio.wait_for(
+                self._reader.readexactly(int.from_bytes(prefix, "big")), self.timeout_s
+            )
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            await self.close()
+            raise TerminalError(f"no reply: {type(exc).__name__}") from None
+        frame = codec.split_frame(payload)
+        if frame.tpdu != codec.reply_tpdu(TPDU):
+            raise TerminalError("reply TPDU does not swap our addresses")
+        return Reply(codec.decode(frame.body), frame.header[2] & 0x0F, prefix + payload)
+
+    async def exchange(self, fields: dict[str, str], *, mac: bool) -> Reply:
+        body = self.encode(fields, mac=mac)
+        self.last_sent = codec.pack_frame(TPDU, HEADER, body)
+        await self.send_raw(self.last_sent)
+        reply = await self.read_reply()
+        self._check_reply(fields, reply, mac=mac)
+        return reply
+
+    def encode(self, fields: dict[str, str], *, mac: bool) -> bytes:
+        if not mac:
+            return codec.encode(fields)
+        if self.keys is None:
+            raise TerminalError("not signed on: no MAC key")
+        body = codec.encode(codec.with_mac_placeholder(fields))
+        return codec.set_mac(body, security.mac(self.mode, self.keys.mak, codec.mac_input(body)))
+
+    def _check_reply(self, sent: dict[str, str], reply: Reply, *, mac: bool) -> None:
+        f = reply.fields
+        if f["t"] != codec.response_mti(sent["t"]):
+            raise TerminalError(f"reply MTI {f['t']} to {sent['t']}")
+        for name in ("3", "11", "41"):
+            if sent.get(name) != f.get(name):
+                raise TerminalError(f"reply field {name} does not echo the request")
+        if reply.code == "00" and sent.get("42") != f.get("42"):
+            raise TerminalError("reply field 42 does not echo the request")
+        if mac and "64" in f and self.keys is not None:
+            body = codec.encode(f)
+            if not security.verify_mac(
+                self.mode, self.keys.mak, codec.mac_input(body), bytes.fromhex(f["64"])
+            ):
+                raise TerminalError("reply MAC does not verify")
+
+    # --- messages ------------------------------------------------------------------------------
+
+    def next_stan(self) -> str:
+        self.stan = codec.next_stan(self.stan)
+        return self.stan
+
+    def _base(self, mti: str, pcode: str | None, txn_type: str, net: str = "000") -> dict[str, str]:
+        now = time.localtime()
+        fields = {"t": mti}
+        if pcode is not None:
+            fields["3"] = pcode
+        fields["11"] = self.next_stan()
+        fields["12"] = time.strftime("%H%M%S", now)
+        fields["13"] = time.strftime("%m%d", now)
+        fields["41"] = self.tid
+        fields["42"] = self.mid
+        fields["60"] = codec.format_f60(codec.Field60(txn_type, self.batch, net))
+        return fields
+
+    async def sign_on(self) -> Reply:
+        fields = self._base("0800", None, "00", NET_CODE_OF_MODE[self.mode])
+        reply = await self.exchange(fields, mac=False)
+        if reply.code == "00":
+            self.keys = security.read_working_keys(
+                self.mode, self.tmk, bytes.fromhex(reply.fields["62"])
+            )
+            self.batch = codec.parse_f60(reply.fields["60"]).batch  # adopt the host's batch
+        return reply
+
+    async def sign_off(self) -> Reply:
+        reply = await self.exchange(self._base("0820", None, "00", "002"), mac=False)
+        self.keys = None
+        return reply
+
+    async def echo(self) -> Reply:
+        return await self.exchange(self._base("0820", None, "00", "301"), mac=False)
+
+    async def financial(self, fields: dict[str, str]) -> Reply:
+        """Send a MAC'd request, first any reversal still owed; keep a reversal of this one
+        until its reply arrives with a good MAC."""
+        if self.pending_reversal is not None:
+            await self.send_pending_reversal()
+        reversal = {k: v for k, v in fields.items() if k not in ("2", "35", "52", "53", "37")}
+        self.pending_reversal = {**reversal, "t": "0400", "39": "98"}
+        try:
+            reply = await self.exchange(fields, mac=True)
+        except TerminalError as exc:
+            if "MAC" in str(exc):
+                self.pending_reversal["39"] = "A0"
+            raise
+        self.pending_reversal = None
+        return reply
+
+    async def send_pending_reversal(self) -> Reply:
+        assert self.pending_reversal is not None
+        reply = await self.exchange(self.pending_reversal, mac=True)
+        if reply.code in ("00", "12", "25"):
+            self.pending_reversal = None
+        return reply
+
+    def _card(self, fields: dict[str, str], pan: str, pin: str | None) -> None:
+        fields["2"] = pan
+        fields["22"] = "011" if pin is None else "012"
+        if pin is not None:
+            assert self.keys is not None
+            block = (
+                security.pin_block_4(pin, pan, self.keys.pik)
+                if self.mode is KeyMode.AES
+                else security.pin_block_0(pin, pan, self.keys.pik)
+            )
+            fields["26"] = "06"
+            fields["52"] = block.hex().upper()
+
+    async def inquiry(self, pan: str, pin: str | None = None) -> Reply:
+        fields = self._base("0200", "310000", "01")
+        self._card(fields, pan, pin)
+        fields["25"] = "00"
+        fields["49"] = "156"
+        return await self.financial(_ordered(fields))
+
+    async def purchase(self, pan: str, amount: int, pin: str | None = None) -> Reply:
+        fields = self._base("0200", "000000", "22")
+        self._card(fields, pan, pin)
+        fields |= {"4": f"{amount:012d}", "25": "00", "49": "156"}
+        reply = await self.financial(_ordered(fields))
+        if reply.code == "00":
+            self.lines.append(_Line(fields["11"], "purchase", amount))
+        return reply
+
+    async def void(self, pan: str, amount: int, original_stan: str) -> Reply:
+        fields = self._base("0200", "200000", "23")
+        self._card(fields, pan, None)
+        fields |= {"4": f"{amount:012d}", "25": "00", "49": "156"}
+        fields["61"] = codec.format_f61(codec.Field61(self.batch, original_stan, ""))
+        reply = await self.financial(_ordered(fields))
+        if reply.code == "00":
+            for line in self.lines:
+                if line.stan == original_stan:
+                    line.voided = True
+        return reply
+
+    async def refund(
+        self, pan: str, amount: int, rrn: str, original_batch: str, original_stan: str
+    ) -> Reply:
+        fields = self._base("0220", "200000", "25")
+        self._card(fields, pan, None)
+        fields |= {"4": f"{amount:012d}", "25": "00", "37": rrn, "49": "156"}
+        fields["61"] = codec.format_f61(codec.Field61(original_batch, original_stan, ""))
+        reply = await self.financial(_ordered(fields))
+        if reply.code == "00":
+            self.lines.append(_Line(fields["11"], "refund", amount))
+        return reply
+
+    async def topup(self, pan: str, amount: int) -> Reply:
+        fields = self._base("0200", "630000", "48")
+        self._card(fields, pan, None)
+        fields |= {"4": f"{amount:012d}", "25": "00", "49": "156"}
+        return await self.financial(_ordered(fields))
+
+    async def topup_confirm(self, original_stan: str, amount: int) -> Reply:
+        fields = self._base("0220", "630000", "49")
+        fields |= {"4": f"{amount:012d}", "25": "00", "49": "156"}
+        fields["61"] = codec.format_f61(codec.Field61(self.batch, original_stan, ""))
+        reply = await self.financial(_ordered(fields))
+        if reply.code == "00":
+            self.lines.append(_Line(fields["11"], "topup_confirm", amount))
+        return reply
+
+    async def private(self, pcode: str, pan: str, amount: int) -> Reply:
+        """Points and coupon messages (private processing codes 90..94)."""
+        fields = self._base("0200", pcode, "90")
+        self._card(fields, pan, None)
+        fields |= {"4": f"{amount:012d}", "25": "00", "49": "156"}
+        return await self.financial(_ordered(fields))
+
+    def totals(self) -> codec.Totals:
+        live = [x for x in self.lines if not x.voided]
+        debit = [x.amount for x in live if x.kind == "purchase"]
+        credit = [x.amount for x in live if x.kind in ("refund", "topup_confirm")]
+        return codec.Totals(sum(debit), len(debit), sum(credit), len(credit))
+
+    async def settle(self, totals: codec.Totals | None = None) -> Reply:
+        fields = self._base("0500", None, "00", "201")
+        fields["48"] = codec.format_totals(totals or self.totals(), "0")
+        fields["49"] = "156"
+        reply = await self.exchange(_ordered(fields), mac=False)
+        if reply.code == "00" and reply.fields["48"][30] == "1":
+            self.close_batch()
+        return reply
+
+    async def upload(self) -> list[Reply]:
+        """Batch upload after an unbalanced settlement: every live line, eight per message,
+        then the closing message; the batch then closes."""
+        replies = []
+        live = [x for x in self.lines if not x.voided and x.kind != "void"]
+        for i in range(0, len(live), 8):
+            fields = self._base("0320", None, "00", "201")
+            fields["48"] = "".join(f"{x.stan}{x.amount:012d}" for x in live[i : i + 8])
+            replies.append(await self.exchange(_ordered(fields), mac=False))
+        fields = self._base("0320", None, "00", "202")
+        fields["48"] = codec.format_totals(self.totals(), "0")
+        replies.append(await self.exchange(_ordered(fields), mac=False))
+        if replies[-1].code == "00":
+            self.close_batch()
+        return replies
+
+    def restore_lines(self, lines: list[dict[str, object]]) -> None:
+        """The batch lines a saved state holds (`cardcore pos` keeps them between runs)."""
+        self.lines = [
+            _Line(str(x["stan"]), str(x["kind"]), int(str(x["amount"])), bool(x["voided"]))
+            for x in lines
+        ]
+
+    def close_batch(self) -> None:
+        self.batch = codec.next_batch(self.batch)
+        self.lines.clear()
+
+
+def _ordered(fields: dict[str, str]) -> dict[str, str]:
+    return {k: fields[k] for k in sorted(fields, key=lambda n: -1 if n == "t" else int(n))}
+
+
+RESPONSE_TEXT = {
+    "00": "approved",
+    "03": "invalid merchant",
+    "12": "invalid transaction",
+    "13": "invalid amount",
+    "14": "invalid card",
+    "25": "original not found",
+    "30": "format error",
+    "40": "function not supported",
+    "51": "insufficient funds",
+    "54": "expired card",
+    "61": "exceeds amount limit",
+    "62": "restricted card",
+    "64": "original amount incorrect",
+    "77": "sign on again",
+    "91": "slow down",
+    "94": "duplicate transmission",
+    "96": "system malfunction",
+    "97": "terminal not registered",
+    "99": "PIN format error",
+    "A0": "MAC error",
+}
+
+
+def describe(reply: Reply) -> str:
+    """One readable line for a reply: code, meaning and what came with it."""
+    f = reply.fields
+    parts = [f"{reply.code} {RESPONSE_TEXT.get(reply.code, '')}".rstrip()]
+    if "4" in f:
+        parts.append(f"amount {money(int(f['4']))}")
+    balance = reply.balance
+    if balance is not None:
+        parts.append(f"balance {money(balance)}")
+    if "37" in f:
+        parts.append(f"rrn {f['37']}")
+    if "60" in f:
+        parts.append(f"batch {codec.parse_f60(f['60']).batch}")
+    if f.get("t") == "0510" and "48" in f:
+        flag = f["48"][30]
+        parts.append("balanced" if flag == "1" else "not balanced: upload follows")
+    parts.append(f"stan {f.get('11', '')}")
+    if reply.processing == codec.PROCESSING_SIGN_ON:
+        parts.append("(host asks for sign-on)")
+    return ", ".join(parts)
+
+
+def money(fen: int) -> str:
+    """Fen as yuan for people: 2350 -> '23.50' (integers only)."""
+    sign = "-" if fen < 0 else ""
+    yuan, cents = divmod(abs(fen), 100)
+    return f"{sign}{yuan}.{cents:02d}"
