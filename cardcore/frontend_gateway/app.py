@@ -43,7 +43,9 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 
 
 async def start_gateway(config: Config, kek: bytes, host: Host, metrics: Metrics) -> RunningGateway:
-    saf = ReversalQueue(Path(config.gateway_saf_file))
+    saf = ReversalQueue(
+        Path(config.gateway_saf_file), on_change=metrics.gateway_reversals_pending.set
+    )
     saf.open()
     metrics.gateway_reversals_pending.set(len(saf.pending))
     processor = Processor(host, saf, kek, metrics)

@@ -46,7 +46,8 @@ class InProcessHost:
 
     async def pos(self, requests: Sequence[PosRequest]) -> list[PosResult]:
         try:
-            return await asyncio.wait_for(self._handle(requests), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):  # no task per call, unlike wait_for
+                return await self._handle(requests)
         except TimeoutError:
             raise HostUnavailable("the host did not answer in time") from None
 

@@ -146,7 +146,7 @@ class Processor:
         mti = fields["t"]
         started = time.perf_counter()
         try:
-            reply, code = await self._dispatch(mti, fields)
+            reply, code = await self._dispatch(mti, fields, body)
         except Exception:  # contained: a bug answers 96 to this terminal only
             log.exception("message handling failed", extra={"mti": mti})
             reply, code = self._reply(fields, SYSTEM_ERROR), SYSTEM_ERROR
@@ -165,7 +165,9 @@ class Processor:
         fields = {"t": exc.mti, **exc.fields}
         return self._reply(fields, exc.code)
 
-    async def _dispatch(self, mti: str, f: dict[str, str]) -> tuple[Reply | None, str]:
+    async def _dispatch(
+        self, mti: str, f: dict[str, str], body: bytes
+    ) -> tuple[Reply | None, str]:
         if mti in ("0210", "0230", "0330", "0410", "0510", "0810", "0830"):
             return None, INVALID_TRANSACTION  # a reply sent to us: nothing to answer
         tid = f.get("41")
@@ -186,17 +188,18 @@ class Processor:
             return reply, SIGN_ON_AGAIN
         if not session.take_token(time.monotonic()):
             return self._reply(f, SLOW_DOWN), SLOW_DOWN
-        try:
-            await asyncio.wait_for(session.lock.acquire(), limits.GATEWAY_IN_FLIGHT_WAIT_S)
+        try:  # one request in flight per terminal: a resend waits for the first to finish
+            async with asyncio.timeout(limits.GATEWAY_IN_FLIGHT_WAIT_S):
+                await session.lock.acquire()
         except TimeoutError:
             return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
         try:
-            return await self._in_session(session, mti, f, net)
+            return await self._in_session(session, mti, f, net, body)
         finally:
             session.lock.release()
 
     async def _in_session(
-        self, s: Session, mti: str, f: dict[str, str], net: str
+        self, s: Session, mti: str, f: dict[str, str], net: str, body: bytes
     ) -> tuple[Reply | None, str]:
         assert s.keys is not None
         if f.get("42") != s.mid:
@@ -206,7 +209,7 @@ class Processor:
         if mti == "0320":
             return await self._upload(s, f, net)
         # 0200, 0220, 0400: MAC'd both ways.
-        if not self._mac_ok(s, f):
+        if not self._mac_ok(s, f, body):
             return self._mac_failed(s, f)
         s.mac_failures = 0
         if mti == "0400":
@@ -360,7 +363,6 @@ class Processor:
             except (SafFull, OSError):
                 log.exception("store-and-forward refused a reversal", extra={"terminal": s.tid})
                 return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
-            self.metrics.gateway_reversals_pending.set(len(self.saf.pending))
             return self._reply(f, APPROVED, keys=s), APPROVED
         code = CODE_OF_OUTCOME[result.outcome]
         return self._reply(f, code, keys=s), code
@@ -380,7 +382,6 @@ class Processor:
                 "store-and-forward refused a reversal the host may need",
                 extra={"terminal": s.tid, "batch": request.batch, "stan": request.stan},
             )
-        self.metrics.gateway_reversals_pending.set(len(self.saf.pending))
 
     # --- settlement ---------------------------------------------------------------------------
 
@@ -454,12 +455,12 @@ class Processor:
         except HostUnavailable:
             return PosResult(Outcome.UNAVAILABLE)
 
-    def _mac_ok(self, s: Session, f: dict[str, str]) -> bool:
+    def _mac_ok(self, s: Session, f: dict[str, str], body: bytes) -> bool:
+        """The MAC over the bytes as received (F64 is the message's last field)."""
         assert s.keys is not None
         tag = f.get("64")
         if tag is None:
             return False
-        body = codec.encode(f)  # the exact bytes: decode/encode are inverse on what we accept
         return security.verify_mac(s.mode, s.keys.mak, codec.mac_input(body), bytes.fromhex(tag))
 
     def _mac_failed(self, s: Session, f: dict[str, str]) -> tuple[Reply | None, str]:

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,15 @@ class SafFull(Exception):
 
 
 class ReversalQueue:
-    def __init__(self, path: Path, *, entries_max: int = limits.GATEWAY_SAF_ENTRIES_MAX):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        entries_max: int = limits.GATEWAY_SAF_ENTRIES_MAX,
+        on_change: Callable[[int], None] = lambda _pending: None,
+    ):
         self.path = path
+        self.on_change = on_change  # told the number of pending reversals when it changes
         self.entries_max = entries_max
         self.pending: dict[int, PosRequest] = {}
         self.delivered = 0
@@ -90,6 +98,7 @@ class ReversalQueue:
             line = json.dumps({"add": entry_id, "request": request_json(request)}) + "\n"
             await asyncio.to_thread(self._append, line)
             self.pending[entry_id] = request
+        self.on_change(len(self.pending))
         self._wake.set()
 
     def _append(self, line: str) -> None:
@@ -129,6 +138,7 @@ class ReversalQueue:
             for entry_id in done:
                 self.pending.pop(entry_id, None)
             self.delivered += len(done)
+            self.on_change(len(self.pending))
             if not self.pending and self.path.stat().st_size > limits.GATEWAY_SAF_COMPACT_BYTES:
                 await asyncio.to_thread(self._rewrite)
         if done:

@@ -129,7 +129,7 @@ class PosTerminal:
         if reply.code == "00" and sent.get("42") != f.get("42"):
             raise TerminalError("reply field 42 does not echo the request")
         if mac and "64" in f and self.keys is not None:
-            body = codec.encode(f)
+            body = reply.raw[codec.LENGTH_BYTES + codec.TPDU_BYTES + codec.HEADER_BYTES :]
             if not security.verify_mac(
                 self.mode, self.keys.mak, codec.mac_input(body), bytes.fromhex(f["64"])
             ):

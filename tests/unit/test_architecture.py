@@ -104,7 +104,6 @@ THIRD_PARTY = {
     "asyncpg": ONLY_ADAPTERS,  # drivers: reached through SQLAlchemy URLs today
     "aiosqlite": ONLY_ADAPTERS,
     "cryptography": frozenset({"cardcore.frontend_gateway"}),  # PIN blocks, terminal keys
-    "iso8583": frozenset({"cardcore.frontend_gateway"}),  # pyiso8583: the message encoder
 }
 DOMAIN_FORBIDDEN = {"asyncio", "aiohttp", "sqlalchemy", "asyncpg", "aiosqlite", "cryptography"}
 DOMAIN_FILES = ["model.py", "decide.py", "codes.py", "journal.py", "wire.py"]
