@@ -205,6 +205,16 @@ class Directory:
             )
         return None if row is None else _transfer(row)
 
+    async def undone(self, transfer_id: int) -> bool:
+        """Whether the transfer was reversed (or, a hold, voided or expired) since."""
+        t = ledger_schema.transfers
+        query = select(t.c.id).where(
+            ((t.c.kind == "reverse") & (t.c.target_id == transfer_id))
+            | (t.c.kind.in_(("void", "expire")) & (t.c.pending_id == transfer_id))
+        )
+        async with self.engine.connect() as conn:
+            return (await conn.execute(query.limit(1))).first() is not None
+
     async def balance_after(self, transfer_id: int, account_id: int) -> Balance | None:
         """The account's balance right after `transfer_id` (the stored answer of a replay)."""
         e = ledger_schema.entries

@@ -264,7 +264,7 @@ def batch_totals(lines: list[BatchLine]) -> tuple[int, int, int, int]:
     """(debit amount, debit count, credit amount, credit count) of a terminal batch, the way
     the terminal counts them: purchases are debits, refunds and confirmed top-ups credits;
     a voided or reversed transaction counts in neither, nor do the voids and reversals."""
-    reversed_ids = {x.target_id for x in lines if x.kind == "reverse" and x.target_id is not None}
+    reversed_ids = _reversed(lines)
     debit_amount = debit_count = credit_amount = credit_count = 0
     for x in lines:
         if x.id in reversed_ids:
@@ -278,9 +278,17 @@ def batch_totals(lines: list[BatchLine]) -> tuple[int, int, int, int]:
     return debit_amount, debit_count, credit_amount, credit_count
 
 
+def _reversed(lines: list[BatchLine]) -> set[int]:
+    """Transfers whose reversal stands: a reversal that was itself reversed (a void the
+    terminal reversed) leaves its target live."""
+    reversals = [x for x in lines if x.kind == "reverse" and x.target_id is not None]
+    undone = {x.target_id for x in reversals}
+    return {x.target_id for x in reversals if x.id not in undone and x.target_id is not None}
+
+
 def stans_of(lines: list[BatchLine], prefix: str) -> dict[str, int]:
     """STAN -> amount of the batch's live purchases, refunds and confirmed top-ups."""
-    reversed_ids = {x.target_id for x in lines if x.kind == "reverse" and x.target_id is not None}
+    reversed_ids = _reversed(lines)
     out = {}
     for x in lines:
         if x.id in reversed_ids or x.reason not in ("purchase", "refund", "topup_confirm"):
@@ -426,7 +434,7 @@ def request_json(r: PosRequest) -> dict[str, Any]:
             out[name] = getattr(r, name)
     if r.amount:
         out["amount"] = r.amount
-    if r.kind is Kind.SETTLE:
+    if r.kind in (Kind.SETTLE, Kind.UPLOAD):
         out["totals"] = list(r.totals)
     if r.lines:
         out["lines"] = [list(x) for x in r.lines]

@@ -66,7 +66,8 @@ _OUTCOME_OF_CODE = {
     "exceeds_refundable_amount": Outcome.REFUND_EXCEEDS_ORIGINAL,
     "reversed_before_arrival": Outcome.REVERSED_BEFORE_ARRIVAL,
     "pending_transfer_not_found": Outcome.ORIGINAL_NOT_FOUND,
-    "pending_transfer_already_posted": Outcome.APPROVED,  # a repeated confirmation
+    # a second confirmation under another STAN: the terminal must not count it again
+    "pending_transfer_already_posted": Outcome.ALREADY_REVERSED,
     "pending_transfer_already_voided": Outcome.ALREADY_REVERSED,
     "pending_transfer_expired": Outcome.ORIGINAL_NOT_FOUND,
     "exceeds_debits": Outcome.OVER_LIMIT,
@@ -129,7 +130,13 @@ class PosService:
         return out
 
     async def _complete(self, plan: _Plan, answer: PosResult) -> PosResult:
-        """A replayed approval answers with the balance stored after the first attempt."""
+        """A replayed approval answers what the first attempt answered, with the balance
+        stored after it, unless a reversal undid it since: then the resend is declined, or
+        the terminal would print an approval for money that went back."""
+        resent = answer.replayed and answer.outcome is Outcome.APPROVED and answer.rrn
+        undoable = plan.request.kind in (Kind.PURCHASE, Kind.TOPUP, Kind.REFUND)
+        if resent and undoable and await self.directory.undone(int(answer.rrn)):
+            return PosResult(Outcome.REVERSED_BEFORE_ARRIVAL, replayed=True)
         if answer.replayed and answer.balance is None and plan.card is not None and answer.rrn:
             after = await self.directory.balance_after(int(answer.rrn), plan.card.account_id)
             if after is not None:
@@ -270,6 +277,9 @@ class PosService:
         if hold is None or hold["reason"] != "topup":
             plan.answer = PosResult(Outcome.ORIGINAL_NOT_FOUND)
             return
+        if hold["postings"][0][2] != r.amount:
+            plan.answer = PosResult(Outcome.ORIGINAL_MISMATCH)  # it would unbalance the batch
+            return
         plan.op = PostPending(
             client=POS_CLIENT,
             key=transaction_key(t, r.batch, r.stan),
@@ -374,7 +384,7 @@ class PosService:
 
     async def _upload(self, t: Terminal, r: PosRequest) -> PosResult:
         """Batch upload: the terminal's lines compared with the host's. With no lines, the
-        end of the upload: the batch closes, recorded as unbalanced."""
+        end of the upload: the batch closes, recorded balanced or not by the end totals."""
         lock = self._terminal_locks.setdefault(t.tid, asyncio.Lock())
         async with lock:
             fresh = await self.directory.terminal(t.tid)

@@ -201,17 +201,21 @@ class Processor:
     async def _in_session(
         self, s: Session, mti: str, f: dict[str, str], net: str, body: bytes
     ) -> tuple[Reply | None, str]:
-        assert s.keys is not None
-        if f.get("42") != s.mid:
-            return self._reply(f, "03"), "03"
-        if mti == "0500":
-            return await self._settle(s, f)
-        if mti == "0320":
+        if s.keys is None:  # signed off (or MAC'd out) while this request waited its turn
+            reply = self._reply(f, SIGN_ON_AGAIN, processing=codec.PROCESSING_SIGN_ON)
+            return reply, SIGN_ON_AGAIN
+        if mti in ("0500", "0320"):
+            if f.get("42") != s.mid:
+                return self._reply(f, "03"), "03"
+            if mti == "0500":
+                return await self._settle(s, f)
             return await self._upload(s, f, net)
         # 0200, 0220, 0400: MAC'd both ways.
         if not self._mac_ok(s, f, body):
             return self._mac_failed(s, f)
         s.mac_failures = 0
+        if f.get("42") != s.mid:
+            return self._reply(f, "03", keys=s), "03"
         if mti == "0400":
             return await self._reversal(s, f)
         kind = ROUTES.get((mti, f.get("3", "")))
@@ -281,12 +285,16 @@ class Processor:
             extra["37"] = result.rrn
         if result.auth_code:
             extra["38"] = result.auth_code
-        if result.balance is not None:
-            extra["54"] = codec.format_balance(result.balance)
-        processing = codec.PROCESSING_NONE
-        if result.outcome is Outcome.BATCH_MISMATCH:
-            processing = codec.PROCESSING_SIGN_ON
-        return self._reply(f, code, keys=s, extra=extra, processing=processing), code
+        if result.balance is not None and abs(result.balance) < 10**codec.AMOUNT_DIGITS:
+            extra["54"] = codec.format_balance(result.balance)  # else F54 is left out
+        processing = _processing(result)
+        try:
+            return self._reply(f, code, keys=s, extra=extra, processing=processing), code
+        except ValueError:  # an answer we cannot encode: whatever the host did is undone
+            log.exception("reply not encodable", extra={"terminal": s.tid, "stan": request.stan})
+            if kind in MOVES_MONEY and result.outcome is Outcome.APPROVED:
+                await self._queue_reversal(s, request)
+            return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
 
     def _pos_request(self, s: Session, f: dict[str, str], kind: Kind) -> PosRequest | str:
         """The host request for a financial message, or the response code refusing it."""
@@ -408,7 +416,7 @@ class Processor:
         result = await self._ask(request)
         code = CODE_OF_OUTCOME[result.outcome]
         if result.outcome is not Outcome.APPROVED or result.totals is None:
-            return self._reply(f, code), code
+            return self._reply(f, code, processing=_processing(result)), code
         host = codec.Totals(*result.totals)
         flag = "1" if result.balanced else "2"
         return self._reply(f, APPROVED, extra={"48": codec.format_totals(host, flag)}), APPROVED
@@ -418,7 +426,10 @@ class Processor:
         if f60 is None:
             return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
         if net in NET_UPLOAD_END:
-            totals = codec.parse_totals(f["48"]) if "48" in f else codec.Totals(0, 0, 0, 0)
+            try:
+                totals = codec.parse_totals(f["48"]) if "48" in f else codec.Totals(0, 0, 0, 0)
+            except codec.FormatError:
+                return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
             request = PosRequest(
                 kind=Kind.UPLOAD,
                 terminal=s.tid,
@@ -445,7 +456,7 @@ class Processor:
         extra = {}
         if result.unmatched:
             extra["48"] = "".join(result.unmatched)
-        return self._reply(f, code, extra=extra), code
+        return self._reply(f, code, extra=extra, processing=_processing(result)), code
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -502,6 +513,13 @@ class Processor:
         body = codec.encode(codec.with_mac_placeholder(fields))
         tag = security.mac(keys.mode, keys.keys.mak, codec.mac_input(body))
         return Reply(codec.set_mac(body, tag), processing)
+
+
+def _processing(result: PosResult) -> int:
+    """The header nibble of a reply: 3 (sign on again) when the batch is not the host's."""
+    if result.outcome is Outcome.BATCH_MISMATCH:
+        return codec.PROCESSING_SIGN_ON
+    return codec.PROCESSING_NONE
 
 
 def _field_order(name: str) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -66,13 +67,16 @@ class PosTerminal:
     pending_reversal: dict[str, str] | None = None
     lines: list[_Line] = field(default_factory=list)
     last_sent: bytes = b""
+    tls: ssl.SSLContext | None = None  # a gateway that serves TLS
     _reader: asyncio.StreamReader | None = None
     _writer: asyncio.StreamWriter | None = None
 
     # --- the line -----------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        self._reader, self._writer = await asyncio.open_connection(
+            self.host, self.port, ssl=self.tls
+        )
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -128,6 +132,8 @@ class PosTerminal:
                 raise TerminalError(f"reply field {name} does not echo the request")
         if reply.code == "00" and sent.get("42") != f.get("42"):
             raise TerminalError("reply field 42 does not echo the request")
+        if mac and reply.code == "00" and "64" not in f:
+            raise TerminalError("an approval without a MAC")
         if mac and "64" in f and self.keys is not None:
             body = reply.raw[codec.LENGTH_BYTES + codec.TPDU_BYTES + codec.HEADER_BYTES :]
             if not security.verify_mac(
@@ -197,7 +203,8 @@ class PosTerminal:
 
     def _card(self, fields: dict[str, str], pan: str, pin: str | None) -> None:
         fields["2"] = pan
-        fields["22"] = "011" if pin is None else "012"
+        # F22: PAN keyed in (01), then 1 = a PIN was entered, 2 = none (UnionPay)
+        fields["22"] = "012" if pin is None else "011"
         if pin is not None:
             assert self.keys is not None
             block = (

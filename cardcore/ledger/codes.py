@@ -61,7 +61,8 @@ MESSAGES: Final[dict[str, str]] = {
     "partial_post_not_uniform": "partial posting needs a hold whose legs have equal amounts",
     "target_not_found": "no transfer with this target_key",
     "target_failed": "the target_key's transfer failed; there is nothing to give back",
-    "target_not_reversible": "only posted transfers and refunds can be reversed or refunded",
+    "target_not_reversible": "only posted transfers, posts, refunds and reversals can be "
+    "reversed; only posted transfers and posts refunded",
     "target_not_uniform": "the target's legs have different amounts",
     "target_already_reversed": "the target was already reversed",
     "target_already_refunded": "the target was refunded in full; nothing is left to reverse",

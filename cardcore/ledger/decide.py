@@ -57,7 +57,11 @@ EVENT_BY_KIND = {
 }
 
 # What `reverse` may undo and `refund` may give back: transfers that moved posted balances.
-_REVERSIBLE = frozenset({TransferKind.POSTED, TransferKind.POST, TransferKind.REFUND})
+# A reversal may itself be reversed (a terminal reversing a void whose reply it lost): its
+# target is then live again, though never reversible a second time.
+_REVERSIBLE = frozenset(
+    {TransferKind.POSTED, TransferKind.POST, TransferKind.REFUND, TransferKind.REVERSE}
+)
 _REFUNDABLE = frozenset({TransferKind.POSTED, TransferKind.POST})
 TOMBSTONE_CODE = "reversed_before_arrival"
 # A tombstoning reverse that found nothing to undo keeps its key with this record, so the

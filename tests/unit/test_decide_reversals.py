@@ -511,8 +511,8 @@ def hold_and_resolve(book: Book) -> None:
     book.one(reverse("rev-1", "sale-1"))
 
 
-@pytest.mark.parametrize("target", ["hold-1", "hold-2", "void-2", "rev-1"])
-def test_refund_and_reverse_of_holds_voids_and_reversals_are_refused(target: str) -> None:
+@pytest.mark.parametrize("target", ["hold-1", "hold-2", "void-2"])
+def test_refund_and_reverse_of_holds_and_voids_are_refused(target: str) -> None:
     book = Book()
     hold_and_resolve(book)
     nets = book.nets()
@@ -526,6 +526,22 @@ def test_refund_and_reverse_of_holds_voids_and_reversals_are_refused(target: str
         ("ref-x", "target_not_reversible"),
         ("rev-x", "target_not_reversible"),
     ]
+
+
+def test_a_reversal_is_reversed_once_and_never_refunded() -> None:
+    book = Book()
+    hold_and_resolve(book)  # ends with rev-1 reversing sale-1
+    nets = book.nets()
+    book.one(refund("ref-r", "rev-1", 10), "target_not_reversible")
+    e = book.one(reverse("unrev-1", "rev-1"))  # a terminal reversing a void
+    [t] = e.transfers
+    rev1 = book.view.transfers_by_key[(CLIENT, "rev-1")]
+    assert t.kind is TransferKind.REVERSE and t.target_id == rev1.id
+    assert book.nets() != nets  # the sale's money moved back to the shop
+    book.one(reverse("unrev-2", "rev-1"), "target_already_reversed")
+    # The sale is live again but is never reversed (nor refunded) a second time.
+    book.one(reverse("rev-again", "sale-1"), "target_already_reversed")
+    book.one(refund("ref-s", "sale-1", 1), "target_already_reversed")
 
 
 def test_a_post_can_be_refunded_and_reversed() -> None:
