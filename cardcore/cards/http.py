@@ -16,7 +16,13 @@ from aiohttp import web
 from cardcore import limits
 from cardcore.api.edge import ApiError, read_json
 from cardcore.cards import admin
-from cardcore.cards.model import PosRequestError, parse_requests
+from cardcore.cards.model import (
+    Outcome,
+    PosRequest,
+    PosRequestError,
+    PosResult,
+    parse_requests,
+)
 from cardcore.cards.pos import PosService
 from cardcore.frontend_gateway import security
 
@@ -35,10 +41,15 @@ def add_routes(router: web.UrlDispatcher) -> None:
 async def _post_pos(request: web.Request) -> web.Response:
     body = await read_json(request)
     try:
-        requests = parse_requests(body)
+        parsed = parse_requests(body)
     except PosRequestError as exc:
         raise ApiError(400, "invalid_pos_request", str(exc), exc.field) from None
-    results = await request.app[POS_KEY].handle(requests)
+    valid = [r for r in parsed if isinstance(r, PosRequest)]
+    answers = iter(await request.app[POS_KEY].handle(valid))
+    results = [
+        next(answers) if isinstance(r, PosRequest) else PosResult(Outcome.BAD_REQUEST)
+        for r in parsed
+    ]
     return web.json_response({"results": [r.json() for r in results]})
 
 

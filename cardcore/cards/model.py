@@ -328,7 +328,9 @@ class PosRequestError(ValueError):
         self.field = field
 
 
-def parse_requests(body: object) -> list[PosRequest]:
+def parse_requests(body: object) -> list[PosRequest | PosRequestError]:
+    """The call's requests. A request that does not parse stands as its error, in its
+    place: one terminal's bad request never fails the others batched with it."""
     if not isinstance(body, dict) or set(body) != {"requests"}:
         raise PosRequestError("requests", 'expected {"requests": [...]}')
     raw = body["requests"]
@@ -336,7 +338,13 @@ def parse_requests(body: object) -> list[PosRequest]:
         raise PosRequestError(
             "requests", f"1..{limits.POS_REQUESTS_PER_CALL_MAX} requests in an array"
         )
-    return [parse_request(r, f"requests[{i}]") for i, r in enumerate(raw)]
+    out: list[PosRequest | PosRequestError] = []
+    for i, r in enumerate(raw):
+        try:
+            out.append(parse_request(r, f"requests[{i}]"))
+        except PosRequestError as exc:
+            out.append(exc)
+    return out
 
 
 def parse_request(raw: object, path: str) -> PosRequest:

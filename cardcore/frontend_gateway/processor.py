@@ -165,14 +165,14 @@ class Processor:
         fields = {"t": exc.mti, **exc.fields}
         return self._reply(fields, exc.code)
 
-    async def _dispatch(
-        self, mti: str, f: dict[str, str], body: bytes
-    ) -> tuple[Reply | None, str]:
+    async def _dispatch(self, mti: str, f: dict[str, str], body: bytes) -> tuple[Reply | None, str]:
         if mti in ("0210", "0230", "0330", "0410", "0510", "0810", "0830"):
             return None, INVALID_TRANSACTION  # a reply sent to us: nothing to answer
         tid = f.get("41")
         if tid is None or "11" not in f:
             return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
+        if not (tid.isascii() and tid.isalnum()):  # no terminal is registered under it
+            return self._reply(f, "97"), "97"
         net = _net_code(f)
         if mti == "0800":
             return await self._sign_on(f, net)
