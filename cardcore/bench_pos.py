@@ -10,8 +10,10 @@ temporary folder by default, migrated first):
 Through the host's internal API the benchmark registers `--terminals` terminals (AES keys)
 and issues one funded stored-value card per terminal. Each terminal signs on (checking its
 key check values), then sends MAC'd purchases of 0.01-1.00 on its own card back to back
-for `--seconds`, checking every reply's MAC. `--idle N` adds N more signed-on terminals
-that only hold their connection and echo every 60 s.
+for `--seconds`, checking every reply's MAC; with `--rate R` the terminals together offer R
+purchases per second instead (each at R/N per second, evenly spaced, never catching up a
+backlog), which measures latency at a given load. `--idle N` adds N more signed-on
+terminals that only hold their connection and echo every 60 s.
 
 `tx_per_s` counts approved purchases; `p50_ms`/`p99_ms` are purchase round trips seen by the
 terminals; `errors` counts anything but an approval; `gateway_rss_mb` is the resident memory
@@ -54,6 +56,7 @@ class PosBenchOptions:
     separate: bool = False
     idle: int = 0
     token: str = ""
+    rate: int = 0  # offered purchases per second in all; 0 = back to back
 
 
 @dataclass(slots=True)
@@ -70,6 +73,8 @@ def check(options: PosBenchOptions) -> None:
         raise BenchError(f"--idle must be 0..{limits.BENCH_TERMINALS_MAX}")
     if not 1 <= options.seconds <= limits.BENCH_SECONDS_MAX:
         raise BenchError(f"--seconds must be 1..{limits.BENCH_SECONDS_MAX}")
+    if not 0 <= options.rate <= limits.BENCH_RATE_PER_S_MAX:
+        raise BenchError(f"--rate must be 0..{limits.BENCH_RATE_PER_S_MAX}")
     if options.ledger and options.separate:
         raise BenchError("--ledger and --separate exclude each other")
 
@@ -231,8 +236,9 @@ async def _drive(ledger_url: str, gateway: _Gateway, options: PosBenchOptions) -
     idle_tasks = [asyncio.create_task(_idle(t, stop)) for t in idle]
     started = time.perf_counter()
     deadline = started + options.seconds
+    interval = options.terminals / options.rate if options.rate else 0.0
     await asyncio.gather(
-        *(_buy(t, card, deadline, tally) for t, card in zip(busy, cards, strict=True))
+        *(_buy(t, card, deadline, tally, interval) for t, card in zip(busy, cards, strict=True))
     )
     elapsed = time.perf_counter() - started
     rss_mb = _rss_mb(gateway.pid)
@@ -242,6 +248,7 @@ async def _drive(ledger_url: str, gateway: _Gateway, options: PosBenchOptions) -
     latencies = sorted(tally.latencies_ms)
     return {
         "seconds": round(elapsed, 2),
+        "offered_per_s": options.rate or None,
         "terminals": options.terminals,
         "idle_terminals": options.idle,
         "connections": len(idle) + len(busy),
@@ -254,9 +261,13 @@ async def _drive(ledger_url: str, gateway: _Gateway, options: PosBenchOptions) -
     }
 
 
-async def _buy(t: PosTerminal, card: str, deadline: float, tally: _Tally) -> None:
+async def _buy(t: PosTerminal, card: str, deadline: float, tally: _Tally, interval: float) -> None:
     rng = random.Random(t.tid)
+    next_at = time.perf_counter() + rng.random() * interval
     while time.perf_counter() < deadline:
+        if interval:
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            next_at = max(next_at + interval, time.perf_counter())
         sent = time.perf_counter()
         try:
             reply = await t.purchase(card, rng.randint(1, 100))

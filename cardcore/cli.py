@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     bp.add_argument("--separate", action="store_true", help="gateway and ledger as two processes")
     bp.add_argument("--idle", type=int, default=0, help="extra signed-on terminals that only echo")
     bp.add_argument("--token", default="", help="bearer token of the ledger at --ledger")
+    bp.add_argument("--rate", type=int, default=0, help="offered purchases/s in all (0: flat out)")
     return parser
 
 
@@ -277,6 +278,7 @@ def _dispatch(args: argparse.Namespace, config: config_module.Config) -> int:
             separate=args.separate,
             idle=args.idle,
             token=args.token,
+            rate=args.rate,
         )
         print(json.dumps(bench_pos.run(options_pos)))
         return 0

@@ -474,10 +474,15 @@ def _matches(original: dict[str, object], card: Card, amount: int | None) -> boo
 
 
 def _metadata(t: Terminal, r: PosRequest) -> tuple[tuple[str, str], ...]:
-    pairs = {"store": t.store, "terminal": t.tid, "batch": r.batch, "stan": r.stan}
-    if r.operator:
-        pairs["operator"] = r.operator
-    return tuple(sorted((k, v) for k, v in pairs.items() if v))
+    """Sorted by name, as the ledger keeps metadata (built in order: this runs per request)."""
+    pairs = (
+        ("batch", r.batch),
+        ("operator", r.operator),
+        ("stan", r.stan),
+        ("store", t.store),
+        ("terminal", t.tid),
+    )
+    return tuple(pair for pair in pairs if pair[1])
 
 
 def _yymm(now_ms: int) -> str:

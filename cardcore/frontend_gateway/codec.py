@@ -545,9 +545,11 @@ def decode(body: bytes) -> dict[str, str]:
 # --- encode and MAC --------------------------------------------------------------------------
 
 
-def encode(fields: Mapping[str, str]) -> bytes:
+def encode(fields: Mapping[str, str], *, decoded: frozenset[str] = frozenset()) -> bytes:
     """The message for `fields` (the shape `decode` returns). ValueError on any field we would
-    refuse to decode: that is a programming error on our side."""
+    refuse to decode: that is a programming error on our side. Fields named in `decoded`
+    were copied from a message `decode` accepted, so they are not checked again (a reply
+    echoes half of its request)."""
     mti = fields.get("t")
     if mti not in MTIS:
         raise ValueError(f"MTI {mti!r} is not one we serve")
@@ -559,9 +561,10 @@ def encode(fields: Mapping[str, str]) -> bytes:
             raise ValueError(f"field {key!r} is not in our message layout")
         if not isinstance(value, str):
             raise TypeError(f"field {key} must be str, not {type(value).__name__}")
-        problem = _problem(key, value)
-        if problem is not None:
-            raise ValueError(f"field {key} {problem}")
+        if key not in decoded:
+            problem = _problem(key, value)
+            if problem is not None:
+                raise ValueError(f"field {key} {problem}")
         doc[key] = value
     return _encode_doc(doc)
 
@@ -610,9 +613,12 @@ def _require_mac_field(body: bytes) -> None:
         raise ValueError("bitmap has no field 64")
 
 
+MAC_PLACEHOLDER: Final = "0" * (2 * MAC_BYTES)
+
+
 def with_mac_placeholder(fields: Mapping[str, str]) -> dict[str, str]:
     """`fields` with F64 set to zeros: encode this, MAC `mac_input(body)`, then `set_mac`."""
-    return {**fields, "64": "0" * (2 * MAC_BYTES)}
+    return {**fields, "64": MAC_PLACEHOLDER}
 
 
 def mac_input(body: bytes) -> bytes:

@@ -38,21 +38,65 @@ PosHandler = Callable[[Sequence[PosRequest]], Awaitable[list[PosResult]]]
 
 
 class InProcessHost:
-    """The host's `PosService.handle`, called in this process, with the same time limit."""
+    """The host's `PosService.handle`, called in this process, with the same time limit.
 
-    def __init__(self, handle: PosHandler, timeout_ms: int = limits.GATEWAY_HOST_TIMEOUT_MS):
+    Requests that arrive in the same turn of the event loop go to the host in one call (so
+    to the writer in one submission), as the HTTP adapter batches them into one POST."""
+
+    def __init__(
+        self,
+        handle: PosHandler,
+        timeout_ms: int = limits.GATEWAY_HOST_TIMEOUT_MS,
+        batch_max: int = limits.GATEWAY_HOST_BATCH_MAX,
+    ):
         self._handle = handle
         self._timeout_s = timeout_ms / 1000
+        self._batch_max = batch_max
+        self._waiting: list[tuple[PosRequest, asyncio.Future[PosResult]]] = []
+        self._calls: set[asyncio.Task[None]] = set()
 
     async def pos(self, requests: Sequence[PosRequest]) -> list[PosResult]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for r in requests:
+            future: asyncio.Future[PosResult] = loop.create_future()
+            if not self._waiting:
+                loop.call_soon(self._flush)
+            self._waiting.append((r, future))
+            futures.append(future)
         try:
-            async with asyncio.timeout(self._timeout_s):  # no task per call, unlike wait_for
-                return await self._handle(requests)
+            async with asyncio.timeout(self._timeout_s):
+                return list(await asyncio.gather(*futures))
         except TimeoutError:
             raise HostUnavailable("the host did not answer in time") from None
 
+    def _flush(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for i in range(0, len(waiting), self._batch_max):
+            call = asyncio.get_running_loop().create_task(
+                self._call(waiting[i : i + self._batch_max])
+            )
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+
+    async def _call(self, batch: list[tuple[PosRequest, asyncio.Future[PosResult]]]) -> None:
+        try:
+            results = await self._handle([r for r, _ in batch])
+        except Exception as exc:
+            log.exception("the in-process host failed")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(HostUnavailable(repr(exc)))
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
     async def close(self) -> None:
-        return None
+        for call in list(self._calls):
+            call.cancel()
+        if self._calls:
+            await asyncio.gather(*self._calls, return_exceptions=True)
 
 
 class HttpHost:

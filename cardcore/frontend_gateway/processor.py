@@ -85,6 +85,8 @@ NEEDS_CARD = frozenset({Kind.INQUIRY, Kind.PURCHASE, Kind.VOID, Kind.TOPUP, Kind
 NEEDS_ORIGINAL = frozenset({Kind.VOID, Kind.TOPUP_CONFIRM, Kind.REFUND})
 # Fields a reply echoes from its request.
 ECHOED = ("3", "4", "11", "25", "41", "42", "49", "60")
+# What a reply's encoding need not check again: echoed, our own digits, the MAC placeholder.
+_DECODED = frozenset({*ECHOED, "12", "13", "64"})
 
 
 @dataclass(slots=True)
@@ -134,6 +136,8 @@ class Processor:
         self.metrics = metrics
         self.clock = clock
         self.sessions: dict[str, Session] = {}
+        self._time_second = -1
+        self._time_fields = ("", "")
 
     # --- entry ---------------------------------------------------------------------------------
 
@@ -497,22 +501,29 @@ class Processor:
         """The 0x10 reply: MTI + 10, the echoed fields, host date and time, F39, `extra`,
         and a MAC under the session's key when `keys` is given and signed on."""
         fields = {"t": codec.response_mti(request["t"])}
-        for name in ECHOED:
+        for name in ECHOED:  # every request field reached us through codec.decode
             if name in request:
                 fields[name] = request[name]
-        if "11" in request:
-            fields["11"] = request["11"]
-        now = time.gmtime(self.clock() + 8 * 3600)  # the host's clock, Asia/Shanghai
-        fields["12"] = time.strftime("%H%M%S", now)
-        fields["13"] = time.strftime("%m%d", now)
+        fields["12"], fields["13"] = self._host_time()
         fields["39"] = code
-        fields.update(extra or {})
-        fields = {k: fields[k] for k in sorted(fields, key=_field_order)}
+        extra = extra or {}
+        fields.update(extra)
+        decoded = _DECODED.difference(extra)
         if keys is None or keys.keys is None:
-            return Reply(codec.encode(fields), processing)
-        body = codec.encode(codec.with_mac_placeholder(fields))
+            return Reply(codec.encode(fields, decoded=decoded), processing)
+        fields["64"] = codec.MAC_PLACEHOLDER
+        body = codec.encode(fields, decoded=decoded)
         tag = security.mac(keys.mode, keys.keys.mak, codec.mac_input(body))
         return Reply(codec.set_mac(body, tag), processing)
+
+    def _host_time(self) -> tuple[str, str]:
+        """F12 hhmmss and F13 MMDD on the host's clock (Asia/Shanghai), made once a second."""
+        second = int(self.clock())
+        if second != self._time_second:
+            now = time.gmtime(second + 8 * 3600)
+            self._time_second = second
+            self._time_fields = (time.strftime("%H%M%S", now), time.strftime("%m%d", now))
+        return self._time_fields
 
 
 def _processing(result: PosResult) -> int:
@@ -520,10 +531,6 @@ def _processing(result: PosResult) -> int:
     if result.outcome is Outcome.BATCH_MISMATCH:
         return codec.PROCESSING_SIGN_ON
     return codec.PROCESSING_NONE
-
-
-def _field_order(name: str) -> int:
-    return -1 if name == "t" else int(name)
 
 
 def _net_code(f: dict[str, str]) -> str:
