@@ -28,6 +28,7 @@ from typing import Any
 from cardcore import bench, bench_pos, limits, logs, migrate, pos_commands
 from cardcore import config as config_module
 from cardcore.db import DATABASE_ERRORS, DatabaseUrlError, make_engine
+from cardcore.frontend_gateway.saf import SafError
 from cardcore.ledger.journal import Mismatch
 from cardcore.ledger.store import LedgerStore
 
@@ -223,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DatabaseUrlError,
         bench.BenchError,
         pos_commands.CommandError,
+        SafError,
     ) as exc:
         return _fail(str(exc), EXIT_USAGE)
     except (migrate.NotMigrated, migrate.DatabaseUnavailable) as exc:

@@ -36,7 +36,7 @@ class Config:
     log_format: str = "json"  # json | text
     # The key-encrypting key (64 hex digits), or a file holding it: seals terminal master
     # keys and keys card numbers. Without one the POS host and the gateway are off.
-    kek: str = ""
+    kek: str = dataclasses.field(default="", repr=False)
     kek_file: str = ""
     gateway_host: str = "127.0.0.1"  # terminals connect here (cardcore serve, cardcore gateway)
     gateway_port: int = 5800

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from dataclasses import asdict
@@ -243,8 +244,15 @@ async def issue_cards(config: Config, args: Any) -> int:
         path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
         lines = "".join(f"{c['pan']},{c['account_id']}\n" for c in cards)
-        await asyncio.to_thread(path.write_text, "card_number,account_id\n" + lines, "ascii")
+        await asyncio.to_thread(_write_private, path, "card_number,account_id\n" + lines)
         print(json.dumps({"issued": len(cards), "out": str(path)}))
     else:
         print(json.dumps({"issued": len(cards), "cards": cards}))
     return 0
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Full card numbers: readable by the owner only (mode 0600), never by the group."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(text)

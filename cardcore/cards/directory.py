@@ -107,12 +107,6 @@ class Directory:
         assert fresh is not None
         return fresh
 
-    async def settlements(self, tid: str) -> list[dict[str, Any]]:
-        s = schema.pos_settlements
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(select(s).where(s.c.tid == tid).order_by(s.c.id))
-            return [dict(r) for r in rows.mappings()]
-
     # --- cards -------------------------------------------------------------------------------
 
     async def card(self, token: str) -> Card | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cardcore import limits
@@ -21,7 +21,6 @@ from cardcore import limits
 # The ledger scope of every POS transfer, and the asset of stored value.
 POS_CLIENT = "pos"
 CURRENCY = "CNY"
-CURRENCY_NUMERIC = "156"
 
 
 class Kind(enum.StrEnum):
@@ -109,16 +108,16 @@ class PosRequest:
     terminal: str
     batch: str = ""
     stan: str = ""
-    card: str = ""  # PAN digits; never logged
+    card: str = field(default="", repr=False)  # PAN digits; never logged
     amount: int = 0
     original_batch: str = ""  # void, top-up confirmation
     original_stan: str = ""
     rrn: str = ""  # refund: the original's retrieval reference number
     operator: str = ""
-    date: str = ""  # F13 MMDD, kept in the metadata
+    date: str = ""  # F13 MMDD, as the terminal sent it (matching never depends on it)
     totals: tuple[int, int, int, int] = (0, 0, 0, 0)  # settle: debit amt, cnt, credit amt, cnt
     lines: tuple[tuple[str, int], ...] = ()  # upload: (stan, amount) per transaction
-    pin_block: str = ""  # hex, ISO 9564 format 4 under the zone PIN key; never logged
+    pin_block: str = field(default="", repr=False)  # format 4 under the zone PIN key
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -38,6 +39,7 @@ from cardcore.cards.model import (
     stans_of,
     transaction_key,
 )
+from cardcore.db import DATABASE_ERRORS
 from cardcore.ledger.model import (
     Balance,
     CreateTransfer,
@@ -52,6 +54,8 @@ from cardcore.ledger.model import (
 )
 from cardcore.ledger.service import Ledger
 from cardcore.ledger.writer import Busy, LedgerUnavailable
+
+log = logging.getLogger(__name__)
 
 # Ledger result codes (and the original codes of id_already_failed) -> outcomes.
 _OUTCOME_OF_CODE = {
@@ -73,6 +77,12 @@ _OUTCOME_OF_CODE = {
     "exceeds_debits": Outcome.OVER_LIMIT,
     "overflows_balance": Outcome.OVER_LIMIT,
 }
+
+
+# Requests whose replayed approval is declined when a reversal undid the first attempt.
+UNDOABLE = frozenset({Kind.PURCHASE, Kind.TOPUP, Kind.REFUND, Kind.VOID, Kind.TOPUP_CONFIRM})
+# Counts in settlement totals are three digits on the wire: compared modulo 1000.
+COUNT_MODULUS = 1000
 
 
 def card_token(token_key: bytes, pan: str) -> str:
@@ -110,7 +120,9 @@ class PosService:
         self._terminal_locks: dict[str, asyncio.Lock] = {}
 
     async def handle(self, requests: Sequence[PosRequest]) -> list[PosResult]:
-        plans = [await self._plan(r) for r in requests]
+        """One answer per request, in order. A failure while reading for one request (a
+        database timeout, say) answers that request `unavailable`, never its neighbours."""
+        plans = [await self._plan_or_unavailable(r) for r in requests]
         pending = [p for p in plans if p.op is not None]
         if pending:
             try:
@@ -126,15 +138,26 @@ class PosService:
         out = []
         for plan in plans:
             assert plan.answer is not None
-            out.append(await self._complete(plan, plan.answer))
+            try:
+                out.append(await self._complete(plan, plan.answer))
+            except DATABASE_ERRORS:
+                log.exception("POS answer could not be completed")
+                out.append(PosResult(Outcome.UNAVAILABLE))
         return out
+
+    async def _plan_or_unavailable(self, r: PosRequest) -> _Plan:
+        try:
+            return await self._plan(r)
+        except DATABASE_ERRORS:
+            log.exception("POS request could not be planned", extra={"kind": str(r.kind)})
+            return _Plan(r, answer=PosResult(Outcome.UNAVAILABLE))
 
     async def _complete(self, plan: _Plan, answer: PosResult) -> PosResult:
         """A replayed approval answers what the first attempt answered, with the balance
         stored after it, unless a reversal undid it since: then the resend is declined, or
         the terminal would print an approval for money that went back."""
         resent = answer.replayed and answer.outcome is Outcome.APPROVED and answer.rrn
-        undoable = plan.request.kind in (Kind.PURCHASE, Kind.TOPUP, Kind.REFUND)
+        undoable = plan.request.kind in UNDOABLE
         if resent and undoable and await self.directory.undone(int(answer.rrn)):
             return PosResult(Outcome.REVERSED_BEFORE_ARRIVAL, replayed=True)
         if answer.replayed and answer.balance is None and plan.card is not None and answer.rrn:
@@ -151,8 +174,8 @@ class PosService:
         if terminal is None:
             plan.answer = PosResult(Outcome.TERMINAL_UNKNOWN)
             return plan
-        if terminal.state != "active":
-            plan.answer = PosResult(Outcome.TERMINAL_DISABLED)
+        if terminal.state != "active" and r.kind is not Kind.REVERSE:
+            plan.answer = PosResult(Outcome.TERMINAL_DISABLED)  # a reversal is always taken
             return plan
         if r.kind is Kind.SIGN_ON:
             plan.answer = PosResult(
@@ -377,7 +400,7 @@ class PosService:
                 return PosResult(Outcome.BATCH_MISMATCH, batch=fresh.batch)
             lines = await self.directory.batch_lines(batch_prefix(fresh, fresh.batch))
             host = batch_totals(lines)
-            balanced = host == r.totals
+            balanced = _same_totals(host, r.totals)
             if balanced:
                 await self._close(fresh, host, r.totals, balanced=True)
             return PosResult(Outcome.APPROVED, totals=host, balanced=balanced, batch=fresh.batch)
@@ -396,8 +419,9 @@ class PosService:
             host = stans_of(lines, prefix)
             if not r.lines:
                 totals = batch_totals(lines)
-                await self._close(fresh, totals, r.totals, balanced=totals == r.totals)
-                return PosResult(Outcome.APPROVED, totals=totals, balanced=totals == r.totals)
+                balanced = _same_totals(totals, r.totals)
+                await self._close(fresh, totals, r.totals, balanced=balanced)
+                return PosResult(Outcome.APPROVED, totals=totals, balanced=balanced)
             unmatched = tuple(stan for stan, amount in r.lines if host.get(stan) != amount)
             return PosResult(Outcome.APPROVED, balanced=not unmatched, unmatched=unmatched)
 
@@ -452,7 +476,25 @@ def _reversal_answer(res: Result) -> PosResult:
         return PosResult(Outcome.APPROVED, rrn=rrn, replayed=res.replayed)
     if res.code in ("pending_transfer_already_voided", "pending_transfer_expired"):
         return PosResult(Outcome.APPROVED, replayed=True)  # nothing left to undo
-    return PosResult(_outcome(res), replayed=res.replayed)
+    if res.code.startswith("exists_with_different_"):
+        return PosResult(Outcome.DUPLICATE_MISMATCH, replayed=res.replayed)
+    # The ledger decided it cannot undo this (a floor, say: the refunded money is spent):
+    # the terminal must stop sending it, so 12; the back office settles it by hand.
+    log.warning(
+        "reversal refused by the ledger",
+        extra={"code": res.original_code or res.code, "seq": res.seq},
+    )
+    return PosResult(Outcome.ALREADY_REVERSED, replayed=res.replayed)
+
+
+def _same_totals(host: tuple[int, int, int, int], terminal: tuple[int, int, int, int]) -> bool:
+    """Amounts exactly; counts modulo 1000, as three digits carry them."""
+    return (
+        host[0] == terminal[0]
+        and host[1] % COUNT_MODULUS == terminal[1] % COUNT_MODULUS
+        and host[2] == terminal[2]
+        and host[3] % COUNT_MODULUS == terminal[3] % COUNT_MODULUS
+    )
 
 
 def _outcome(res: Result) -> Outcome:

@@ -1,7 +1,8 @@
 """The host's card and terminal tables (SQLAlchemy Core); migration 0003 creates them.
 
 Mutable, written by the host service: pos_terminals (the open batch moves on at each
-settlement), cards. Append-only: pos_settlements, one row per closed terminal batch.
+settlement), cards. pos_settlements gets one row per closed terminal batch and is only ever
+inserted into (by use: unlike the ledger's journal, no trigger enforces it).
 """
 
 from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, String, Table

@@ -126,6 +126,7 @@ class HttpHost:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
+        self._in_flight = asyncio.Semaphore(limits.GATEWAY_HOST_CALLS_MAX)
 
     async def pos(self, requests: Sequence[PosRequest]) -> list[PosResult]:
         self._start()
@@ -145,7 +146,10 @@ class HttpHost:
 
     def _start(self) -> None:
         if self._task is None:
-            connector = aiohttp.TCPConnector(limit=64, keepalive_timeout=30)
+            connector = aiohttp.TCPConnector(
+                limit=limits.GATEWAY_HOST_CALLS_MAX,
+                keepalive_timeout=limits.GATEWAY_HOST_KEEPALIVE_S,
+            )
             self._session = aiohttp.ClientSession(connector=connector)
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -167,9 +171,14 @@ class HttpHost:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except TimeoutError:
                     break
+            batch = [(r, future) for r, future in batch if not future.done()]  # gave up
+            if not batch:
+                continue
+            await self._in_flight.acquire()  # bounded calls: the queue above then fills
             call = asyncio.get_running_loop().create_task(self._call(batch))
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
+            call.add_done_callback(lambda _call: self._in_flight.release())
 
     async def _call(self, batch: list[tuple[PosRequest, asyncio.Future[PosResult]]]) -> None:
         body = {"requests": [request_json(r) for r, _ in batch]}
@@ -187,9 +196,11 @@ class HttpHost:
 
     async def _post(self, body: Mapping[str, object]) -> list[PosResult]:
         assert self._session is not None
-        # A dead host refuses or fails to connect fast: leave time for the next one.
+        # Every URL gets its share of the time the terminal is promised, so a hung first
+        # ledger leaves time to try the next; a refused connection fails at once anyway.
+        share = self._timeout_s / len(self.urls)
         timeout = aiohttp.ClientTimeout(
-            total=self._timeout_s, sock_connect=min(1.0, self._timeout_s / 2)
+            total=share, sock_connect=min(limits.GATEWAY_HOST_CONNECT_MS / 1000, share)
         )
         errors = []
         for attempt in range(len(self.urls)):

@@ -80,7 +80,10 @@ ROUTES: dict[tuple[str, str], Kind] = {
 }
 # Kinds that may move money: when the host does not answer, the gateway reverses them.
 MOVES_MONEY = frozenset({Kind.PURCHASE, Kind.VOID, Kind.TOPUP, Kind.TOPUP_CONFIRM, Kind.REFUND})
-NEEDS_AMOUNT = MOVES_MONEY
+# Of those, what the gateway itself reverses when the host is silent (so a 96 leaves nothing
+# applied). A void and a top-up confirmation are not: both are safe to send again (by key),
+# and undoing one would block its retry (a void of a voided sale) or keep the cash.
+SAF_REVERSED = frozenset({Kind.PURCHASE, Kind.TOPUP, Kind.REFUND})
 NEEDS_CARD = frozenset({Kind.INQUIRY, Kind.PURCHASE, Kind.VOID, Kind.TOPUP, Kind.REFUND})
 NEEDS_ORIGINAL = frozenset({Kind.VOID, Kind.TOPUP_CONFIRM, Kind.REFUND})
 # Fields a reply echoes from its request.
@@ -244,6 +247,8 @@ class Processor:
         keys, payload = security.issue_working_keys(mode, tmk)
         session = self.sessions.get(tid)
         if session is None or session.mode is not mode or session.tmk != tmk:
+            if session is not None and session.keys is not None:
+                self.metrics.gateway_signed_on.dec()  # the replaced session held keys
             session = Session(tid=tid, mid=answer.mid, mode=mode, tmk=tmk)
             self.sessions[tid] = session
         if session.keys is None:
@@ -272,18 +277,48 @@ class Processor:
         if isinstance(request_or_code, str):
             return self._reply(f, request_or_code, keys=s), request_or_code
         request = request_or_code
-        if kind in MOVES_MONEY and len(self.saf.pending) >= self.saf.entries_max:
-            return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR  # cannot promise a reversal
-        try:
-            answer = await self.host.pos([request])
-        except HostUnavailable:
-            if kind in MOVES_MONEY:
-                await self._queue_reversal(s, request)
+        if kind not in SAF_REVERSED:
+            try:
+                result = (await self.host.pos([request]))[0]
+            except HostUnavailable:
+                result = PosResult(Outcome.UNAVAILABLE)
+            return self._answer(s, f, result)
+        if self.saf.owes(s.tid, request.batch, request.stan):
+            # A resend of a request the gateway is reversing: it must never be applied.
+            return self._reply(f, INVALID_TRANSACTION, keys=s), INVALID_TRANSACTION
+        if not self.saf.reserve():  # no room for the reversal a 96 would need
             return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
-        result = answer[0]
+        reversal = PosRequest(
+            kind=Kind.REVERSE,
+            terminal=s.tid,
+            batch=request.batch,
+            stan=request.stan,
+            date=request.date,
+        )
+        try:
+            try:
+                result = (await self.host.pos([request]))[0]
+            except HostUnavailable:
+                result = PosResult(Outcome.UNAVAILABLE)
+            if result.outcome is not Outcome.UNAVAILABLE:
+                reply, code = self._answer(s, f, result)
+                self.saf.release()
+                return reply, code
+        except Exception:  # after the host may have applied it: reverse, as on a 96
+            log.exception("financial request failed", extra={"terminal": s.tid})
+        try:
+            await self.saf.add(reversal, reserved=True)
+        except SafFull:
+            # No reversal on disk: answer nothing, so the terminal reverses by itself.
+            log.critical(
+                "store-and-forward refused a reversal: no answer sent",
+                extra={"terminal": s.tid, "batch": request.batch, "stan": request.stan},
+            )
+            return None, SYSTEM_ERROR
+        return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
+
+    def _answer(self, s: Session, f: dict[str, str], result: PosResult) -> tuple[Reply | None, str]:
         code = CODE_OF_OUTCOME[result.outcome]
-        if result.outcome is Outcome.UNAVAILABLE and kind in MOVES_MONEY:
-            await self._queue_reversal(s, request)
         extra: dict[str, str] = {}
         if result.rrn:
             extra["37"] = result.rrn
@@ -291,14 +326,7 @@ class Processor:
             extra["38"] = result.auth_code
         if result.balance is not None and abs(result.balance) < 10**codec.AMOUNT_DIGITS:
             extra["54"] = codec.format_balance(result.balance)  # else F54 is left out
-        processing = _processing(result)
-        try:
-            return self._reply(f, code, keys=s, extra=extra, processing=processing), code
-        except ValueError:  # an answer we cannot encode: whatever the host did is undone
-            log.exception("reply not encodable", extra={"terminal": s.tid, "stan": request.stan})
-            if kind in MOVES_MONEY and result.outcome is Outcome.APPROVED:
-                await self._queue_reversal(s, request)
-            return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
+        return self._reply(f, code, keys=s, extra=extra, processing=_processing(result)), code
 
     def _pos_request(self, s: Session, f: dict[str, str], kind: Kind) -> PosRequest | str:
         """The host request for a financial message, or the response code refusing it."""
@@ -306,7 +334,7 @@ class Processor:
         if f60 is None:
             return FORMAT_ERROR
         amount = 0
-        if kind in NEEDS_AMOUNT:
+        if kind in MOVES_MONEY:
             if "4" not in f:
                 return FORMAT_ERROR
             amount = int(f["4"])
@@ -372,28 +400,13 @@ class Processor:
         if result.outcome is Outcome.UNAVAILABLE:
             try:
                 await self.saf.add(request)
-            except (SafFull, OSError):
-                log.exception("store-and-forward refused a reversal", extra={"terminal": s.tid})
-                return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
+            except SafFull:
+                # Not stored: answer nothing; the terminal keeps its reversal and sends it again.
+                log.critical("store-and-forward refused a reversal", extra={"terminal": s.tid})
+                return None, SYSTEM_ERROR
             return self._reply(f, APPROVED, keys=s), APPROVED
         code = CODE_OF_OUTCOME[result.outcome]
         return self._reply(f, code, keys=s), code
-
-    async def _queue_reversal(self, s: Session, request: PosRequest) -> None:
-        reversal = PosRequest(
-            kind=Kind.REVERSE,
-            terminal=s.tid,
-            batch=request.batch,
-            stan=request.stan,
-            date=request.date,
-        )
-        try:
-            await self.saf.add(reversal)
-        except (SafFull, OSError):
-            log.critical(
-                "store-and-forward refused a reversal the host may need",
-                extra={"terminal": s.tid, "batch": request.batch, "stan": request.stan},
-            )
 
     # --- settlement ---------------------------------------------------------------------------
 
@@ -401,6 +414,8 @@ class Processor:
         f60 = _f60(f)
         if f60 is None or "48" not in f:
             return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
+        if self.saf.owes_terminal(s.tid):  # its batch is not final until they are delivered
+            return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
         try:
             totals = codec.parse_totals(f["48"])
         except codec.FormatError:
@@ -421,7 +436,9 @@ class Processor:
         code = CODE_OF_OUTCOME[result.outcome]
         if result.outcome is not Outcome.APPROVED or result.totals is None:
             return self._reply(f, code, processing=_processing(result)), code
-        host = codec.Totals(*result.totals)
+        debit_amount, debit_count, credit_amount, credit_count = result.totals
+        # Three digits carry a count: modulo 1000, as the host compares them.
+        host = codec.Totals(debit_amount, debit_count % 1000, credit_amount, credit_count % 1000)
         flag = "1" if result.balanced else "2"
         return self._reply(f, APPROVED, extra={"48": codec.format_totals(host, flag)}), APPROVED
 
@@ -430,6 +447,8 @@ class Processor:
         if f60 is None:
             return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
         if net in NET_UPLOAD_END:
+            if self.saf.owes_terminal(s.tid):
+                return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
             try:
                 totals = codec.parse_totals(f["48"]) if "48" in f else codec.Totals(0, 0, 0, 0)
             except codec.FormatError:
@@ -549,6 +568,7 @@ def _f60(f: dict[str, str]) -> codec.Field60 | None:
 
 def _upload_lines(value: str) -> tuple[tuple[str, int], ...] | None:
     """Batch-upload detail in F48: up to eight lines of STAN n6 + amount n12."""
-    if not value or len(value) % 18 or len(value) > 8 * 18 or not value.isdigit():
+    size = len(value)
+    if not size or size % 18 or size > limits.GATEWAY_UPLOAD_LINES_MAX * 18 or not value.isdigit():
         return None
     return tuple((value[i : i + 6], int(value[i + 6 : i + 18])) for i in range(0, len(value), 18))

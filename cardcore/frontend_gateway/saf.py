@@ -8,13 +8,17 @@ undelivered reversal until the host answers it. A reversal is idempotent at the 
 after a crash between delivery and the `done` record, is harmless.
 
 File format: JSON lines, `{"add": id, "request": {...}}` and `{"done": id}`. On start the
-file is read, pending entries are kept, and it is rewritten with only those.
+file is locked (one gateway process per file), read, pending entries are kept, and it is
+rewritten with only those. A money-moving request reserves room before it goes to the host,
+so a 96 always has its reversal on disk; if the file cannot be written, the gateway sends no
+answer at all and the terminal reverses by itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -29,11 +33,29 @@ from cardcore.frontend_gateway.host import Host, HostUnavailable
 log = logging.getLogger(__name__)
 
 # Answers after which a reversal is delivered: the host decided, and will decide the same.
+# (A reversal the ledger cannot apply, a floor say, is answered 12 by the host and logged
+# there for the back office; an unknown terminal can never be reversed.)
 _FINAL = frozenset(set(Outcome) - {Outcome.UNAVAILABLE})
 
 
 class SafFull(Exception):
-    """Too many undelivered reversals: the gateway stops taking money-moving requests."""
+    """No room (or no sound file) for one more reversal: the gateway stops taking
+    money-moving requests until the host has confirmed some."""
+
+
+class SafError(Exception):
+    """The store-and-forward file cannot be used; the gateway must not start."""
+
+
+class SafLocked(SafError):
+    """Another process holds this store-and-forward file; each gateway needs its own."""
+
+
+class SafDamaged(SafError):
+    """A line before the last is not a record we wrote."""
+
+
+Owed = tuple[str, str, str]  # terminal, batch, STAN of a request that is being reversed
 
 
 class ReversalQueue:
@@ -48,33 +70,55 @@ class ReversalQueue:
         self.on_change = on_change  # told the number of pending reversals when it changes
         self.entries_max = entries_max
         self.pending: dict[int, PosRequest] = {}
-        self.delivered = 0
+        self._owed: dict[Owed, int] = {}
+        self._reserved = 0  # slots promised to requests now waiting for the host
+        self._broken = False  # an append failed: the file's tail is unknown until a rewrite
         self._next_id = 1
         self._file: Any = None
+        self._lock_file: Any = None
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    # --- opening ---------------------------------------------------------------------------------
+
     def open(self) -> None:
-        """Read what an earlier run left, keep the undelivered, rewrite the file with them."""
+        """Lock the file for this process, read what an earlier run left, keep the
+        undelivered, rewrite the file with them."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = self.path.with_name(self.path.name + ".lock").open("a")
+        try:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            self._lock_file = None
+            raise SafLocked(
+                f"{self.path} is in use by another gateway process; give each its own "
+                "gateway_saf_file"
+            ) from None
         if self.path.exists():
-            with self.path.open("r", encoding="utf-8") as handle:
-                for number, line in enumerate(handle, 1):
-                    self._replay(line, number)
+            lines = self.path.read_text(encoding="utf-8").split("\n")
+            complete, tail = lines[:-1], lines[-1]
+            for number, line in enumerate(complete, 1):
+                self._replay(line, number)
+            if tail:  # a crash in the middle of an append: that entry was never acknowledged
+                log.warning("store-and-forward: torn last line skipped")
         self._rewrite()
 
     def _replay(self, line: str, number: int) -> None:
         try:
             record = json.loads(line)
             if "add" in record:
-                self.pending[int(record["add"])] = parse_request(record["request"], "saf")
+                request = parse_request(record["request"], "saf")
+                self._remember(int(record["add"]), request)
                 self._next_id = max(self._next_id, int(record["add"]) + 1)
             else:
-                self.pending.pop(int(record["done"]), None)
+                self._forget(int(record["done"]))
         except (ValueError, KeyError, TypeError):
-            # A torn last line (a crash mid-append) was never acknowledged: skip it.
-            log.warning("store-and-forward: unreadable line skipped", extra={"line": number})
+            # Whole lines are only ever written with fsync: a damaged one is not ours to skip.
+            raise SafDamaged(
+                f"store-and-forward file {self.path} is damaged at line {number}"
+            ) from None
 
     def _rewrite(self) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -84,35 +128,95 @@ class ReversalQueue:
             handle.flush()
             os.fsync(handle.fileno())
         tmp.replace(self.path)
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself is durable
+        finally:
+            os.close(directory)
         if self._file is not None:
             self._file.close()
         self._file = self.path.open("a", encoding="utf-8")
+        self._broken = False
 
-    async def add(self, request: PosRequest) -> None:
-        """Durably queue `request`; returns once it is on disk."""
+    # --- the owed set ---------------------------------------------------------------------------
+
+    def _remember(self, entry_id: int, request: PosRequest) -> None:
+        self.pending[entry_id] = request
+        self._owed[(request.terminal, request.batch, request.stan)] = entry_id
+
+    def _forget(self, entry_id: int) -> None:
+        request = self.pending.pop(entry_id, None)
+        if request is not None:
+            self._owed.pop((request.terminal, request.batch, request.stan), None)
+
+    def owes(self, terminal: str, batch: str, stan: str) -> bool:
+        """Whether a reversal of this transaction is stored and not yet confirmed: a resend
+        of it must not be forwarded, or it could be applied and then reversed."""
+        return (terminal, batch, stan) in self._owed
+
+    def owes_terminal(self, terminal: str) -> bool:
+        return any(key[0] == terminal for key in self._owed)
+
+    # --- adding ---------------------------------------------------------------------------------
+
+    def reserve(self) -> bool:
+        """Promise room for one reversal before a money-moving request goes to the host, so
+        that a 96 is never answered without its reversal on disk. False: no room."""
+        if self._broken or len(self.pending) + self._reserved >= self.entries_max:
+            return False
+        self._reserved += 1
+        return True
+
+    def release(self) -> None:
+        """The host answered: the promised room is not needed."""
+        self._reserved = max(0, self._reserved - 1)
+
+    async def add(self, request: PosRequest, *, reserved: bool = False) -> None:
+        """Durably queue `request`; returns once it is on disk. Raises SafFull when there is
+        no room or the file cannot be written (the caller must then not answer at all)."""
+        if reserved:
+            self.release()
         async with self._lock:
-            if len(self.pending) >= self.entries_max:
+            if self._broken:
+                raise SafFull("the store-and-forward file could not be written")
+            if not reserved and len(self.pending) + self._reserved >= self.entries_max:
                 raise SafFull(f"{len(self.pending)} reversals undelivered")
             entry_id = self._next_id
             self._next_id += 1
             line = json.dumps({"add": entry_id, "request": request_json(request)}) + "\n"
-            await asyncio.to_thread(self._append, line)
-            self.pending[entry_id] = request
+            # Shielded: a cancelled caller must not leave the line half written.
+            await asyncio.shield(asyncio.to_thread(self._append, line))
+            self._remember(entry_id, request)
         self.on_change(len(self.pending))
         self._wake.set()
 
-    def _append(self, line: str) -> None:
-        self._file.write(line)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+    def _append(self, text: str) -> None:
+        try:
+            self._file.write(text)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError:
+            self._broken = True  # the tail of the file is unknown: nothing more is appended
+            log.exception("store-and-forward: append failed")
+            raise SafFull("the store-and-forward file could not be written") from None
+
+    # --- delivering -----------------------------------------------------------------------------
 
     def start(self, host: Host) -> None:
         self._task = asyncio.get_running_loop().create_task(self._deliver_forever(host))
 
     async def _deliver_forever(self, host: Host) -> None:
         while True:
-            if self.pending:
-                await self.deliver(host)
+            try:
+                if self.pending:
+                    await self.deliver(host)
+                if self._broken:
+                    async with self._lock:
+                        await asyncio.to_thread(self._rewrite)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the task must outlive any failure, or nothing is delivered
+                log.exception("store-and-forward: delivery round failed")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), limits.GATEWAY_SAF_RETRY_MS / 1000)
@@ -131,18 +235,17 @@ class ReversalQueue:
             for (entry_id, _), res in zip(entries, results, strict=True)
             if res.outcome in _FINAL
         ]
+        if not done:
+            return 0
         async with self._lock:
             lines = "".join(json.dumps({"done": entry_id}) + "\n" for entry_id in done)
-            if lines:
-                await asyncio.to_thread(self._append, lines)
+            await asyncio.shield(asyncio.to_thread(self._append, lines))
             for entry_id in done:
-                self.pending.pop(entry_id, None)
-            self.delivered += len(done)
+                self._forget(entry_id)
             self.on_change(len(self.pending))
             if not self.pending and self.path.stat().st_size > limits.GATEWAY_SAF_COMPACT_BYTES:
                 await asyncio.to_thread(self._rewrite)
-        if done:
-            log.info("store-and-forward: reversals delivered", extra={"count": len(done)})
+        log.info("store-and-forward: reversals delivered", extra={"count": len(done)})
         return len(done)
 
     async def close(self) -> None:
@@ -150,6 +253,10 @@ class ReversalQueue:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        async with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            if self._lock_file is not None:
+                self._lock_file.close()  # releases the flock
+                self._lock_file = None

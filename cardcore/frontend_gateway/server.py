@@ -60,7 +60,8 @@ class GatewayServer:
             ssl=self.tls,
             reuse_address=True,
             reuse_port=hasattr(socket, "SO_REUSEPORT"),  # several gateway processes, one port
-            backlog=4096,
+            backlog=limits.GATEWAY_LISTEN_BACKLOG_MAX,
+            ssl_handshake_timeout=limits.GATEWAY_TLS_HANDSHAKE_S if self.tls else None,
             limit=self.frame_bytes_max + codec.LENGTH_BYTES,
         )
         self.port = self._server.sockets[0].getsockname()[1]

@@ -179,16 +179,21 @@ class PosTerminal:
         return await self.exchange(self._base("0820", None, "00", "301"), mac=False)
 
     async def financial(self, fields: dict[str, str]) -> Reply:
-        """Send a MAC'd request, first any reversal still owed; keep a reversal of this one
-        until its reply arrives with a good MAC."""
+        """Send a MAC'd request, first any reversal still owed (nothing else goes until it is
+        done); keep a reversal of this one until its reply arrives with a good MAC. A top-up
+        confirmation is never reversed (the cash was taken): it is sent again instead."""
         if self.pending_reversal is not None:
-            await self.send_pending_reversal()
-        reversal = {k: v for k, v in fields.items() if k not in ("2", "35", "52", "53", "37")}
-        self.pending_reversal = {**reversal, "t": "0400", "39": "98"}
+            owed = await self.send_pending_reversal()
+            if self.pending_reversal is not None:
+                raise TerminalError(f"a reversal is still owed (answered {owed.code})")
+        confirmation = fields["t"] == "0220" and fields.get("3") == "630000"
+        if not confirmation:
+            kept = {k: v for k, v in fields.items() if k not in ("2", "35", "52", "53", "37")}
+            self.pending_reversal = {**kept, "t": "0400", "39": "98"}
         try:
             reply = await self.exchange(fields, mac=True)
         except TerminalError as exc:
-            if "MAC" in str(exc):
+            if "MAC" in str(exc) and self.pending_reversal is not None:
                 self.pending_reversal["39"] = "A0"
             raise
         self.pending_reversal = None

@@ -132,6 +132,7 @@ class _Scratch:
         self.pendings = dict(view.pendings)
         self.reversed_by = dict(view.reversed_by)
         self.refunded = dict(view.refunded)
+        self.kinds = view.kinds
         self.next = {
             "account": counters.account,
             "transfer": counters.transfer,
@@ -639,7 +640,7 @@ def _reverse(s: _Scratch, op: Reverse) -> Result:
             s.set(s.failures_by_key, (op.client, op.target_key), tombstone)
             return _no_effect(s, op, None)
         return _no_effect(s, op, None)  # the target failed: nothing was applied to undo
-    if target.kind not in _REVERSIBLE:
+    if target.kind not in _REVERSIBLE or not _chain_allows_reverse(s, target):
         raise _Failed("target_not_reversible", "target_key")
     done = s.reversed_by.get(target.id)
     if done is not None:
@@ -657,6 +658,29 @@ def _reverse(s: _Scratch, op: Reverse) -> Result:
         origin = target.target_id
         s.set(s.refunded, origin, s.refunded.get(origin, 0) - _leg_amount(target))
     return result
+
+
+def _chain_allows_reverse(s: _Scratch, target: Transfer) -> bool:
+    """Two chains stay closed, or refunds could give back more than was taken: a reversal
+    of a refund is final (reversing it would refund again without counting it), and a refund
+    of a reversed original cannot be taken back (the original's rest is already returned)."""
+    if target.target_id is None:
+        return True
+    if target.kind is TransferKind.REVERSE:
+        return _kind_of(s, target.target_id) is not TransferKind.REFUND
+    if target.kind is TransferKind.REFUND:
+        return target.target_id not in s.reversed_by
+    return True
+
+
+def _kind_of(s: _Scratch, transfer_id: int) -> TransferKind | None:
+    kind = s.kinds.get(transfer_id)
+    if kind is not None:
+        return kind
+    for t in s.transfers_by_key.values():  # made earlier in this batch: a rare path
+        if t.id == transfer_id:
+            return t.kind
+    return None
 
 
 def _no_effect(s: _Scratch, op: Reverse, transfer_id: int | None) -> Result:

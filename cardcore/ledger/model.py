@@ -325,6 +325,8 @@ class LedgerView:
     # as targets): the transfer that reversed each, and the amount refunded and not reversed.
     reversed_by: dict[int, int] = field(default_factory=dict)
     refunded: dict[int, int] = field(default_factory=dict)
+    # The kind of what a reversal target itself reversed (a reversed refund is final).
+    kinds: dict[int, TransferKind] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

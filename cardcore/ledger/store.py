@@ -206,6 +206,10 @@ class LedgerStore:
         t = schema.transfers
         ids = {x.id for x in targets}
         ids.update(x.target_id for x in targets if x.target_id is not None)
+        inner = {x.target_id for x in targets if x.target_id is not None}
+        for cond in self._member(t.c.id, inner):
+            for kind_row in await conn.execute(select(t.c.id, t.c.kind).where(cond)):
+                view.kinds[int(kind_row.id)] = TransferKind(kind_row.kind)
         refunds: dict[int, tuple[int, int]] = {}  # refund id -> (origin, amount)
         for cond in self._member(t.c.target_id, ids):
             query = select(t.c.id, t.c.kind, t.c.target_id, t.c.postings).where(cond)

@@ -522,7 +522,8 @@ async def test_a_peer_that_stops_reading_is_closed_within_the_write_timeout(
             within_s=limits.GATEWAY_WRITE_S + SLACK_S,
         )
         transport.resume_reading()
-        await closed_within(line, SLACK_S)
+        # Under load the client may take a while to drain what it holds before the end.
+        await closed_within(line, 3 * SLACK_S)
         sent = await asyncio.wait_for(flooding, SLACK_S)
     finally:
         flooding.cancel()

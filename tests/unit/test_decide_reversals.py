@@ -765,3 +765,21 @@ def test_view_of_give_backs_comes_from_the_view_not_the_transfers() -> None:
     assert codes(book2.run(refund("ref-1", "sale-1", 101))) == ["exceeds_refundable_amount"]
     e = book2.one(reverse("rev-1", "sale-1"))
     assert e.transfers[0].postings[0].amount == 100
+
+
+def test_a_reversed_refund_is_final_and_a_reversed_original_keeps_its_refunds() -> None:
+    """The two chains that could give back more than was taken stay closed."""
+    book = Book()
+    book.one(sale("sale-9", 100))
+    book.one(refund("ref-9", "sale-9", 30))
+    book.one(reverse("rev-ref-9", "ref-9"))  # the refund taken back: 100 charged again
+    # Reversing that reversal would refund 30 again without counting it as a refund.
+    book.one(reverse("rev-rev-9", "rev-ref-9"), "target_not_reversible")
+    book.one(refund("ref-9b", "sale-9", 100))  # the whole 100 may still be refunded, once
+    book.one(refund("ref-9c", "sale-9", 1), "exceeds_refundable_amount")
+
+    book.one(sale("sale-8", 100))
+    book.one(refund("ref-8", "sale-8", 30))
+    book.one(reverse("rev-8", "sale-8"))  # gives back the other 70
+    # Taking the refund back now would charge 30 for a sale that is reversed.
+    book.one(reverse("rev-ref-8", "ref-8"), "target_not_reversible")

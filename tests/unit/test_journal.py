@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import pytest
@@ -171,3 +173,19 @@ def test_verifier_rechecks_balance_after_each_entry_even_with_a_valid_hash() -> 
     verifier.batch(*batches[0])
     with pytest.raises(journal.Mismatch, match="balance after"):
         verifier.batch(header, rows)
+
+
+def test_a_transfer_without_target_hashes_as_before_migration_0002() -> None:
+    """Batches written before target_id existed (13 columns) still verify."""
+    before = (7, "pos", "k", "posted", "CNY", "[]", None, None, None, "", "{}", 3, 1000)
+    now = (*before, None)
+    assert len(now) == len(journal.COLUMNS["transfers"])
+    old = hashlib.sha256(
+        (
+            journal.GENESIS_HASH
+            + json.dumps([3, 1000, [], [], [list(before)], [], []], separators=(",", ":"))
+        ).encode()
+    ).hexdigest()
+    assert journal.batch_hash(journal.GENESIS_HASH, 3, 1000, {"transfers": [now]}) == old
+    targeted = (*before, 5)
+    assert journal.batch_hash(journal.GENESIS_HASH, 3, 1000, {"transfers": [targeted]}) != old

@@ -1,0 +1,262 @@
+"""What a review found about money on the gateway's error paths, pinned: a 96 never leaves a
+request applied without its reversal on disk; a resend never races that reversal; voids and
+top-up confirmations are never reversed behind the cashier's back; a batch is not settled
+while reversals are owed; the store-and-forward file is one process's, survives a failing
+host and refuses to start on a damaged file; one bad read never fails a whole host call."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, Terminal
+from cardcore.cards.pos import PosService, _reversal_answer, _same_totals
+from cardcore.frontend_gateway import codec, security
+from cardcore.frontend_gateway.host import HostUnavailable
+from cardcore.frontend_gateway.processor import Processor
+from cardcore.frontend_gateway.saf import ReversalQueue, SafDamaged, SafLocked
+from cardcore.frontend_gateway.security import KeyMode
+from cardcore.frontend_gateway.terminal import PosTerminal
+from cardcore.ledger.model import Result
+from cardcore.metrics import Metrics
+
+KEK = bytes(range(32))
+TMK = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
+TID, MID, PAN = "REVIEW01", "REVIEWMERCHANT1", "6288880000000013"
+
+
+@dataclass
+class Host:
+    """Answers sign-on; then each call either answers `outcome` or is silent."""
+
+    silent: bool = False
+    outcome: Outcome = Outcome.APPROVED
+    seen: list[PosRequest] = field(default_factory=list)
+
+    async def pos(self, requests: Sequence[PosRequest]) -> list[PosResult]:
+        out = []
+        for r in requests:
+            if r.kind is Kind.SIGN_ON:
+                sealed = security.seal(KEK, TMK, b"tmk:" + TID.encode()).hex()
+                out.append(
+                    PosResult(Outcome.APPROVED, batch="000001", mid=MID, key_mode="aes",
+                              tmk_sealed=sealed)
+                )  # fmt: skip
+                continue
+            self.seen.append(r)
+            if self.silent:
+                raise HostUnavailable("silent")
+            out.append(PosResult(self.outcome, balance=100, rrn="000000000009", totals=(0, 0, 0, 0),
+                                 balanced=True))  # fmt: skip
+        return out
+
+    async def close(self) -> None:
+        return None
+
+
+async def _gateway(tmp_path: Path, entries_max: int = 100) -> tuple[Processor, Host, PosTerminal]:
+    host = Host()
+    saf = ReversalQueue(tmp_path / "saf.jsonl", entries_max=entries_max)
+    saf.open()
+    processor = Processor(host, saf, KEK, Metrics())
+    terminal = PosTerminal("unused", 0, TID, MID, TMK, KeyMode.AES)
+    reply = await processor.handle(codec.encode(terminal._base("0800", None, "00", "005")))
+    assert reply is not None
+    fields = codec.decode(reply.body)
+    terminal.keys = security.read_working_keys(KeyMode.AES, TMK, bytes.fromhex(fields["62"]))
+    return processor, host, terminal
+
+
+def _purchase(t: PosTerminal, stan: str | None = None) -> bytes:
+    fields = t._base("0200", "000000", "22")
+    if stan is not None:
+        fields["11"] = stan
+    fields |= {"2": PAN, "4": "000000000100", "22": "012", "25": "00", "49": "156"}
+    return t.encode(fields, mac=True)
+
+
+def _code(reply: Any) -> str:
+    return str(codec.decode(reply.body)["39"])
+
+
+async def test_a_96_always_has_its_reversal_stored_and_a_resend_is_never_forwarded(
+    tmp_path: Path,
+) -> None:
+    processor, host, t = await _gateway(tmp_path)
+    host.silent = True
+    body = _purchase(t)
+    assert _code(await processor.handle(body)) == "96"
+    assert [(r.kind, r.stan) for r in processor.saf.pending.values()] == [(Kind.REVERSE, t.stan)]
+    host.silent, host.seen = False, []
+    # The same request again while its reversal waits: 12, and the host never sees it.
+    assert _code(await processor.handle(body)) == "12"
+    assert host.seen == []
+
+
+async def test_no_room_for_a_reversal_means_no_request_goes_to_the_host(tmp_path: Path) -> None:
+    processor, host, t = await _gateway(tmp_path, entries_max=1)
+    host.silent = True
+    assert _code(await processor.handle(_purchase(t))) == "96"  # takes the one slot
+    host.silent, host.seen = False, []
+    assert _code(await processor.handle(_purchase(t))) == "96"
+    assert host.seen == []  # refused before the host: a 96 is never unbacked
+
+
+async def test_when_the_reversal_cannot_be_written_the_terminal_hears_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    processor, host, t = await _gateway(tmp_path)
+    host.silent = True
+
+    def disk_full(_text: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(processor.saf._file, "write", disk_full)
+    assert await processor.handle(_purchase(t)) is None  # the terminal reverses by itself
+    host.silent = False
+    # Until the file is rewritten, nothing that would need a reversal goes out.
+    assert _code(await processor.handle(_purchase(t))) == "96"
+
+
+@pytest.mark.parametrize(
+    ("pcode", "txn", "extra"),
+    [
+        ("200000", "23", {"61": "000001000001"}),  # void
+        ("630000", "49", {"61": "000001000001"}),  # top-up confirmation (0220)
+    ],
+)
+async def test_voids_and_confirmations_are_not_reversed_on_a_96(
+    tmp_path: Path, pcode: str, txn: str, extra: dict[str, str]
+) -> None:
+    processor, host, t = await _gateway(tmp_path)
+    host.silent = True
+    mti = "0220" if pcode == "630000" else "0200"
+    fields = t._base(mti, pcode, txn) | {"4": "000000000100", "25": "00", "49": "156"} | extra
+    if pcode == "200000":
+        fields |= {"2": PAN, "22": "012"}
+    assert _code(await processor.handle(t.encode(fields, mac=True))) == "96"
+    assert processor.saf.pending == {}
+
+
+async def test_settlement_waits_for_the_reversals_the_gateway_owes(tmp_path: Path) -> None:
+    processor, host, t = await _gateway(tmp_path)
+    host.silent = True
+    await processor.handle(_purchase(t))
+    host.silent = False
+    settle = t._base("0500", None, "00", "201") | {"48": "0" * 31, "49": "156"}
+    assert _code(await processor.handle(codec.encode(settle))) == "96"
+    assert await processor.saf.deliver(host) == 1
+    settle = t._base("0500", None, "00", "201") | {"48": "0" * 31, "49": "156"}
+    assert _code(await processor.handle(codec.encode(settle))) == "00"
+
+
+async def test_one_store_and_forward_file_per_process(tmp_path: Path) -> None:
+    first = ReversalQueue(tmp_path / "saf.jsonl")
+    first.open()
+    with pytest.raises(SafLocked):
+        ReversalQueue(tmp_path / "saf.jsonl").open()
+    await first.close()
+    again = ReversalQueue(tmp_path / "saf.jsonl")
+    again.open()  # released on close
+    await again.close()
+
+
+async def test_a_torn_last_line_is_skipped_and_a_damaged_one_refuses_to_start(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "saf.jsonl"
+    owed = {"kind": "reverse", "terminal": TID, "batch": "000001", "stan": "000007"}
+    path.write_text(json.dumps({"add": 1, "request": owed}) + '\n{"add": 2, "requ')
+    queue = ReversalQueue(path)
+    queue.open()
+    assert [r.stan for r in queue.pending.values()] == ["000007"]
+    await queue.close()
+    path.write_text('{"add": 1, "requ\n' + json.dumps({"add": 2, "request": owed}) + "\n")
+    with pytest.raises(SafDamaged):
+        ReversalQueue(path).open()
+
+
+async def test_delivery_outlives_a_host_that_fails_unexpectedly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    processor, host, t = await _gateway(tmp_path)
+    host.silent = True
+    await processor.handle(_purchase(t))
+    calls = 0
+
+    class Flaky:
+        async def pos(self, requests: Sequence[PosRequest]) -> list[PosResult]:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug on the way")
+            return [PosResult(Outcome.APPROVED) for _ in requests]
+
+        async def close(self) -> None:
+            return None
+
+    caplog.set_level(logging.ERROR)
+    processor.saf.start(Flaky())
+    try:
+        for _ in range(100):
+            if not processor.saf.pending:
+                break
+            processor.saf._wake.set()
+            await _sleep(0.05)
+        assert processor.saf.pending == {}
+        assert calls >= 2
+    finally:
+        await processor.saf.close()
+
+
+async def _sleep(seconds: float) -> None:
+    import asyncio  # noqa: PLC0415
+
+    await asyncio.sleep(seconds)
+
+
+def test_a_reversal_the_ledger_cannot_apply_stops_the_terminal_resending() -> None:
+    refused = Result(ok=False, code="id_already_failed", original_code="exceeds_credits")
+    assert _reversal_answer(refused).outcome is Outcome.ALREADY_REVERSED  # 12, and logged
+    other = Result(ok=False, code="exists_with_different_op", field="op")
+    assert _reversal_answer(other).outcome is Outcome.DUPLICATE_MISMATCH
+
+
+def test_settlement_counts_compare_modulo_1000() -> None:
+    assert _same_totals((5000, 1001, 0, 0), (5000, 1, 0, 0))
+    assert not _same_totals((5000, 1001, 0, 0), (5001, 1, 0, 0))
+    assert not _same_totals((5000, 1001, 0, 0), (5000, 2, 0, 0))
+
+
+class _Directory:
+    """One terminal; reading another fails as a database timeout would."""
+
+    terminal_record = Terminal(TID, MID, "S", "LE", "aes", "00", "active", "000001", 0, 1, 2)
+
+    async def terminal(self, tid: str) -> Terminal | None:
+        if tid == "BROKEN01":
+            raise OperationalError("select", {}, Exception("statement timeout"))
+        return self.terminal_record
+
+
+async def test_one_failed_read_answers_only_its_own_request() -> None:
+    service = PosService(ledger=None, directory=_Directory(), token_key=b"k")  # type: ignore[arg-type]
+    answers = await service.handle(
+        [
+            PosRequest(kind=Kind.SIGN_ON, terminal=TID),
+            PosRequest(kind=Kind.SIGN_ON, terminal="BROKEN01"),
+            PosRequest(kind=Kind.SIGN_ON, terminal=TID),
+        ]
+    )
+    assert [a.outcome for a in answers] == [
+        Outcome.APPROVED,
+        Outcome.UNAVAILABLE,
+        Outcome.APPROVED,
+    ]
