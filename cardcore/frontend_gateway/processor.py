@@ -139,6 +139,7 @@ class Processor:
         self.metrics = metrics
         self.clock = clock
         self.sessions: dict[str, Session] = {}
+        self._unknown: dict[str, float] = {}  # terminal id -> until when it is known unknown
         self._time_second = -1
         self._time_fields = ("", "")
 
@@ -236,8 +237,19 @@ class Processor:
         tid = f["41"]
         if net not in NET_SIGN_ON:
             return self._reply(f, INVALID_TRANSACTION), INVALID_TRANSACTION
+        now = time.monotonic()
+        if self._unknown.get(tid, 0.0) > now:  # asked the host a moment ago: still unknown
+            return self._reply(f, "97"), "97"
+        session = self.sessions.get(tid)
+        if session is not None and not session.take_token(now):
+            return self._reply(f, SLOW_DOWN), SLOW_DOWN  # sign-ons cost keys: rate-limited too
         answer = await self._ask(PosRequest(kind=Kind.SIGN_ON, terminal=tid))
         code = CODE_OF_OUTCOME[answer.outcome]
+        if answer.outcome is Outcome.TERMINAL_UNKNOWN:
+            if len(self._unknown) >= limits.GATEWAY_UNKNOWN_TERMINALS_MAX:
+                self._unknown = {k: v for k, v in self._unknown.items() if v > now}
+            if len(self._unknown) < limits.GATEWAY_UNKNOWN_TERMINALS_MAX:
+                self._unknown[tid] = now + limits.GATEWAY_UNKNOWN_TERMINAL_S
         if answer.outcome is not Outcome.APPROVED:
             return self._reply(f, code), code
         mode = KeyMode(answer.key_mode)

@@ -260,3 +260,25 @@ async def test_one_failed_read_answers_only_its_own_request() -> None:
         Outcome.UNAVAILABLE,
         Outcome.APPROVED,
     ]
+
+
+async def test_an_unknown_terminal_is_not_asked_about_again_at_once(tmp_path: Path) -> None:
+    asked: list[str] = []
+
+    class Unknown:
+        async def pos(self, requests: Sequence[PosRequest]) -> list[PosResult]:
+            asked.extend(r.terminal for r in requests)
+            return [PosResult(Outcome.TERMINAL_UNKNOWN) for _ in requests]
+
+        async def close(self) -> None:
+            return None
+
+    saf = ReversalQueue(tmp_path / "saf.jsonl")
+    saf.open()
+    processor = Processor(Unknown(), saf, KEK, Metrics())
+    stranger = PosTerminal("unused", 0, "NOSUCH01", MID, TMK, KeyMode.AES)
+    for _ in range(5):
+        body = codec.encode(stranger._base("0800", None, "00", "005"))
+        assert _code(await processor.handle(body)) == "97"
+    assert asked == ["NOSUCH01"]  # a sign-on flood costs the host one question
+    await saf.close()
