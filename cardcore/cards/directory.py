@@ -107,6 +107,29 @@ class Directory:
         assert fresh is not None
         return fresh
 
+    async def settlement(
+        self, tid: str, batch: str
+    ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None:
+        """The host's and the terminal's totals of the last balanced settlement of `batch`."""
+        s = schema.pos_settlements
+        query = (
+            select(s)
+            .where(s.c.tid == tid, s.c.batch == batch, s.c.balanced.is_(True))
+            .order_by(s.c.id.desc())
+            .limit(1)
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            return None
+        host = (row["debit_amount"], row["debit_count"], row["credit_amount"], row["credit_count"])
+        names = ("debit_amount", "debit_count", "credit_amount", "credit_count")
+        terminal = tuple(int(row[f"terminal_{n}"]) for n in names)
+        return (
+            (int(host[0]), int(host[1]), int(host[2]), int(host[3])),
+            (terminal[0], terminal[1], terminal[2], terminal[3]),
+        )
+
     # --- cards -------------------------------------------------------------------------------
 
     async def card(self, token: str) -> Card | None:

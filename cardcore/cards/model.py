@@ -188,8 +188,11 @@ def _opt_int(value: object) -> int | None:
 
 def transaction_key(t: Terminal, batch: str, stan: str) -> str:
     """The idempotency key of one terminal transaction: terminal, batch cycle, batch, STAN.
-    The cycle makes a batch number that wrapped (999999 -> 000001) a new key space."""
-    return f"{t.tid}/{t.batch_cycle}/{batch}/{stan}"
+    The cycle makes a batch number that wrapped (999999 -> 000001) a new key space. Batch
+    numbers only grow within a cycle, so a batch above the open one is of the cycle before
+    (a reversal stored and forwarded across the wrap)."""
+    cycle = t.batch_cycle - 1 if batch > t.batch and t.batch_cycle > 0 else t.batch_cycle
+    return f"{t.tid}/{cycle}/{batch}/{stan}"
 
 
 def reversal_key(t: Terminal, batch: str, stan: str) -> str:

@@ -282,3 +282,40 @@ async def test_an_unknown_terminal_is_not_asked_about_again_at_once(tmp_path: Pa
         assert _code(await processor.handle(body)) == "97"
     assert asked == ["NOSUCH01"]  # a sign-on flood costs the host one question
     await saf.close()
+
+
+def test_a_batch_above_the_open_one_belongs_to_the_cycle_before_the_wrap() -> None:
+    from dataclasses import replace  # noqa: PLC0415
+
+    from cardcore.cards.model import transaction_key  # noqa: PLC0415
+
+    wrapped = replace(_Directory.terminal_record, batch="000002", batch_cycle=1)
+    assert transaction_key(wrapped, "000002", "000009") == f"{TID}/1/000002/000009"
+    # A reversal stored before the wrap, for batch 999999, reaches the old key space.
+    assert transaction_key(wrapped, "999999", "000009") == f"{TID}/0/999999/000009"
+    first = replace(_Directory.terminal_record, batch="000007", batch_cycle=0)
+    assert transaction_key(first, "000009", "000001") == f"{TID}/0/000009/000001"
+
+
+async def test_a_settlement_sent_again_after_its_reply_was_lost_gets_the_same_answer() -> None:
+    class Settled(_Directory):
+        terminal_record = Terminal(TID, MID, "S", "LE", "aes", "00", "active", "000008", 0, 1, 2)
+
+        async def settlement(
+            self, tid: str, batch: str
+        ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None:
+            if (tid, batch) == (TID, "000007"):
+                return (900, 2, 0, 0), (900, 2, 0, 0)
+            return None
+
+    service = PosService(ledger=None, directory=Settled(), token_key=b"k")  # type: ignore[arg-type]
+    again = PosRequest(kind=Kind.SETTLE, terminal=TID, batch="000007", totals=(900, 2, 0, 0))
+    [answer] = await service.handle([again])
+    assert (answer.outcome, answer.totals, answer.balanced) == (
+        Outcome.APPROVED,
+        (900, 2, 0, 0),
+        True,
+    )
+    other = PosRequest(kind=Kind.SETTLE, terminal=TID, batch="000007", totals=(901, 2, 0, 0))
+    [refused] = await service.handle([other])
+    assert refused.outcome is Outcome.BATCH_MISMATCH  # not that settlement: sign on again
