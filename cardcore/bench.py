@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,30 +97,37 @@ def run(options: BenchOptions) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _server(db: str, options: BenchOptions) -> Any:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, CARDCORE_DB_URL=db, CARDCORE_PORT=str(port), CARDCORE_HOST="127.0.0.1")
     env["CARDCORE_LOG_LEVEL"] = "WARNING"
     if options.batch_wait_ms_max is not None:
         env["CARDCORE_BATCH_WAIT_MS_MAX"] = str(options.batch_wait_ms_max)
     if options.batch_size_max is not None:
         env["CARDCORE_BATCH_SIZE_MAX"] = str(options.batch_size_max)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cardcore", "ledger"],
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
+    with started_cardcore("ledger", env) as (_process, ready):
+        yield ready["url"]
+
+
+@contextlib.contextmanager
+def started_cardcore(
+    role: str, env: dict[str, str]
+) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
+    """`cardcore ROLE` as a child process, once it printed its "listening" line; stopped
+    (SIGTERM, then SIGKILL) on the way out."""
+    process = subprocess.Popen(  # noqa: S603 - our own command, a fixed role name
+        [sys.executable, "-m", "cardcore", role], env=env, stdout=subprocess.PIPE, text=True
     )
     try:
         assert process.stdout is not None
         ready, _, _ = select.select([process.stdout], [], [], limits.BENCH_SERVER_START_S_MAX)
         if not ready:
             raise BenchError(
-                f"ledger server did not listen within {limits.BENCH_SERVER_START_S_MAX} s"
+                f"cardcore {role} did not listen within {limits.BENCH_SERVER_START_S_MAX} s"
             )
         line = process.stdout.readline()  # the "listening" line, or EOF if it died
         if not line:
-            raise BenchError(f"ledger server exited with {process.wait()} before listening")
-        yield json.loads(line)["url"]
+            raise BenchError(f"cardcore {role} exited with {process.wait()} before listening")
+        yield process, json.loads(line)
     finally:
         process.terminate()
         try:
@@ -129,7 +137,7 @@ def _server(db: str, options: BenchOptions) -> Any:
             process.wait()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -221,8 +229,8 @@ async def _drive(url: str, options: BenchOptions, *, backend: str) -> dict[str, 
         "accounts": options.accounts,
         "ops_per_request": options.ops_per_request,
         "ops_per_s": round(tally.ok_ops / elapsed, 1),
-        "p50_ms": _percentile(latencies, 50),
-        "p99_ms": _percentile(latencies, 99),
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
         "requests": len(latencies),
         "errors": tally.errors,
     }
@@ -279,7 +287,7 @@ def _load_body(rng: random.Random, ids: list[int], name: str, first: int, count:
     return ('{"client":"bench","ops":[' + ",".join(ops) + "]}").encode()
 
 
-def _percentile(sorted_values: list[float], pct: int) -> float | None:
+def percentile(sorted_values: list[float], pct: int) -> float | None:
     if not sorted_values:
         return None
     index = min(len(sorted_values) - 1, (len(sorted_values) * pct) // 100)

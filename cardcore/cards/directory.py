@@ -8,7 +8,7 @@ import json
 from collections import OrderedDict
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import ColumnElement, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cardcore import limits
@@ -191,35 +191,18 @@ class Directory:
     # --- ledger reads --------------------------------------------------------------------------
 
     async def transfer_by_key(self, key: str) -> dict[str, Any] | None:
-        t = ledger_schema.transfers
-        async with self.engine.connect() as conn:
-            row = (
-                (
-                    await conn.execute(
-                        select(t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings).where(
-                            t.c.client == POS_CLIENT, t.c.key == key
-                        )
-                    )
-                )
-                .mappings()
-                .first()
-            )
-        return None if row is None else _transfer(row)
+        return await self._pos_transfer(ledger_schema.transfers.c.key == key)
 
     async def transfer_by_id(self, transfer_id: int) -> dict[str, Any] | None:
+        return await self._pos_transfer(ledger_schema.transfers.c.id == transfer_id)
+
+    async def _pos_transfer(self, condition: ColumnElement[bool]) -> dict[str, Any] | None:
         t = ledger_schema.transfers
+        query = select(t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings).where(
+            t.c.client == POS_CLIENT, condition
+        )
         async with self.engine.connect() as conn:
-            row = (
-                (
-                    await conn.execute(
-                        select(t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings).where(
-                            t.c.client == POS_CLIENT, t.c.id == transfer_id
-                        )
-                    )
-                )
-                .mappings()
-                .first()
-            )
+            row = (await conn.execute(query)).mappings().first()
         return None if row is None else _transfer(row)
 
     async def undone(self, transfer_id: int) -> bool:

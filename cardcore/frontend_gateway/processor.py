@@ -428,21 +428,11 @@ class Processor:
             return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
         if self.saf.owes_terminal(s.tid):  # its batch is not final until they are delivered
             return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
-        try:
-            totals = codec.parse_totals(f["48"])
-        except codec.FormatError:
+        totals = _totals(f["48"])
+        if totals is None:
             return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
         request = PosRequest(
-            kind=Kind.SETTLE,
-            terminal=s.tid,
-            batch=f60.batch,
-            stan=f["11"],
-            totals=(
-                totals.debit_amount,
-                totals.debit_count,
-                totals.credit_amount,
-                totals.credit_count,
-            ),
+            kind=Kind.SETTLE, terminal=s.tid, batch=f60.batch, stan=f["11"], totals=totals
         )
         result = await self._ask(request)
         code = CODE_OF_OUTCOME[result.outcome]
@@ -461,21 +451,11 @@ class Processor:
         if net in NET_UPLOAD_END:
             if self.saf.owes_terminal(s.tid):
                 return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
-            try:
-                totals = codec.parse_totals(f["48"]) if "48" in f else codec.Totals(0, 0, 0, 0)
-            except codec.FormatError:
+            totals = _totals(f["48"]) if "48" in f else (0, 0, 0, 0)
+            if totals is None:
                 return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
             request = PosRequest(
-                kind=Kind.UPLOAD,
-                terminal=s.tid,
-                batch=f60.batch,
-                stan=f["11"],
-                totals=(
-                    totals.debit_amount,
-                    totals.debit_count,
-                    totals.credit_amount,
-                    totals.credit_count,
-                ),
+                kind=Kind.UPLOAD, terminal=s.tid, batch=f60.batch, stan=f["11"], totals=totals
             )
         elif net == NET_UPLOAD_DETAIL:
             lines = _upload_lines(f.get("48", ""))
@@ -576,6 +556,15 @@ def _f60(f: dict[str, str]) -> codec.Field60 | None:
         return codec.parse_f60(f["60"])
     except codec.FormatError:
         return None
+
+
+def _totals(value: str) -> tuple[int, int, int, int] | None:
+    """Settlement totals of F48 as the host takes them, or None when malformed."""
+    try:
+        t = codec.parse_totals(value)
+    except codec.FormatError:
+        return None
+    return (t.debit_amount, t.debit_count, t.credit_amount, t.credit_count)
 
 
 def _upload_lines(value: str) -> tuple[tuple[str, int], ...] | None:
