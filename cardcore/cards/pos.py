@@ -211,7 +211,9 @@ class PosService:
         await planner(plan, terminal)
         return plan
 
-    async def _card(self, plan: _Plan) -> Card | None:
+    async def _card(self, plan: _Plan, *, giving_back: bool = False) -> Card | None:
+        """The request's card, or None with the answer set. Giving money back (a void, a
+        refund) is never refused for expiry: a sale made before it must stay undoable."""
         r = plan.request
         if not r.card or not luhn_ok(r.card):
             plan.answer = PosResult(Outcome.CARD_NOT_FOUND)
@@ -220,7 +222,7 @@ class PosService:
         if card is None or card.state != "active":
             plan.answer = PosResult(Outcome.CARD_NOT_FOUND)
             return None
-        if card.expires and _yymm(self.clock_ms()) > card.expires:
+        if not giving_back and card.expires and _yymm(self.clock_ms()) > card.expires:
             plan.answer = PosResult(Outcome.CARD_EXPIRED)
             return None
         plan.card = card
@@ -314,7 +316,7 @@ class PosService:
 
     async def _void(self, plan: _Plan, t: Terminal) -> None:
         r = plan.request
-        card = await self._card(plan)
+        card = await self._card(plan, giving_back=True)
         if card is None:
             return
         target_key = transaction_key(t, r.original_batch, r.original_stan)
@@ -339,7 +341,7 @@ class PosService:
 
     async def _refund(self, plan: _Plan, t: Terminal) -> None:
         r = plan.request
-        card = await self._card(plan)
+        card = await self._card(plan, giving_back=True)
         if card is None:
             return
         if r.amount <= 0 or not r.rrn:

@@ -319,3 +319,44 @@ async def test_a_settlement_sent_again_after_its_reply_was_lost_gets_the_same_an
     other = PosRequest(kind=Kind.SETTLE, terminal=TID, batch="000007", totals=(901, 2, 0, 0))
     [refused] = await service.handle([other])
     assert refused.outcome is Outcome.BATCH_MISMATCH  # not that settlement: sign on again
+
+
+async def test_an_expired_card_still_takes_a_void_and_a_refund() -> None:
+    from cardcore.cards.model import Card  # noqa: PLC0415
+    from cardcore.cards.pos import card_token  # noqa: PLC0415
+
+    expired = Card(card_token(b"k", PAN), "masked", "LE", 41, "2001", "active", 0)
+    original = {
+        "id": 9,
+        "key": f"{TID}/0/000001/000001",
+        "kind": "posted",
+        "reason": "purchase",
+        "postings": [(41, "debit", 500), (1, "credit", 500)],
+    }
+
+    class Cards(_Directory):
+        async def card(self, token: str) -> Card | None:
+            return expired if token == expired.token else None
+
+        async def transfer_by_key(self, key: str) -> dict[str, Any] | None:
+            return original if key == original["key"] else None
+
+        async def transfer_by_id(self, transfer_id: int) -> dict[str, Any] | None:
+            return original if transfer_id == original["id"] else None
+
+    class Ledger:
+        async def submit(self, ops: Sequence[Any]) -> list[Result]:
+            return [Result(ok=True, code="ok", transfer_id=10 + i) for i in range(len(ops))]
+
+    service = PosService(ledger=Ledger(), directory=Cards(), token_key=b"k")  # type: ignore[arg-type]
+    common = {"terminal": TID, "batch": "000001", "card": PAN, "amount": 500}
+    void, refund, purchase = await service.handle(
+        [
+            PosRequest(kind=Kind.VOID, stan="000002", original_batch="000001",
+                       original_stan="000001", **common),  # type: ignore[arg-type]
+            PosRequest(kind=Kind.REFUND, stan="000003", rrn="000000000009", **common),  # type: ignore[arg-type]
+            PosRequest(kind=Kind.PURCHASE, stan="000004", **common),  # type: ignore[arg-type]
+        ]
+    )  # fmt: skip
+    assert (void.outcome, refund.outcome) == (Outcome.APPROVED, Outcome.APPROVED)
+    assert purchase.outcome is Outcome.CARD_EXPIRED
