@@ -10,11 +10,9 @@ memory, and signs on at the start of every run.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -50,6 +48,9 @@ def keys_init(config: Config, path: str | None) -> dict[str, object]:
 
 
 async def run_gateway(config: Config) -> None:
+    from cardcore.api.server import stop_on_signals  # noqa: PLC0415 - aiohttp app on demand
+
+    stop = stop_on_signals()  # first: a signal during start-up still stops us cleanly
     kek = load_kek(config)
     if kek is None:
         raise ConfigError("the gateway needs the key-encrypting key (CARDCORE_KEK or kek_file)")
@@ -76,11 +77,6 @@ async def run_gateway(config: Config) -> None:
     sys.stdout.write(json.dumps(ready) + "\n")
     sys.stdout.flush()
     try:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
         await gateway.close()

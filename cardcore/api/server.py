@@ -28,7 +28,7 @@ DEMO_KEK_FILE = "data/kek"
 
 
 async def serve(config: Config, *, role: str, with_demo: bool) -> None:
-    stop = _stop_on_signals()  # first: a signal during start-up still stops us cleanly
+    stop = stop_on_signals()  # first: a signal during start-up still stops us cleanly
     if with_demo and not (config.kek or config.kek_file):
         if create_kek_file(DEMO_KEK_FILE):
             log.warning("created a demo key-encrypting key", extra={"path": DEMO_KEK_FILE})
@@ -78,7 +78,7 @@ async def serve(config: Config, *, role: str, with_demo: bool) -> None:
         await runner.cleanup()
 
 
-def _stop_on_signals() -> asyncio.Event:
+def stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -228,6 +228,13 @@ class PosService:
         plan.card = card
         return card
 
+    async def _paying_card(self, plan: _Plan) -> Card | None:
+        """The card of a request that moves an amount; None with the answer set."""
+        if plan.request.amount <= 0:
+            plan.answer = PosResult(Outcome.BAD_REQUEST)
+            return None
+        return await self._card(plan)
+
     async def _inquiry(self, plan: _Plan, _terminal: Terminal) -> None:
         card = await self._card(plan)
         if card is None:
@@ -243,11 +250,8 @@ class PosService:
 
     async def _purchase(self, plan: _Plan, t: Terminal) -> None:
         r = plan.request
-        card = await self._card(plan)
+        card = await self._paying_card(plan)
         if card is None:
-            return
-        if r.amount <= 0:
-            plan.answer = PosResult(Outcome.BAD_REQUEST)
             return
         plan.op = CreateTransfer(
             client=POS_CLIENT,
@@ -264,11 +268,8 @@ class PosService:
 
     async def _topup(self, plan: _Plan, t: Terminal) -> None:
         r = plan.request
-        card = await self._card(plan)
+        card = await self._paying_card(plan)
         if card is None:
-            return
-        if r.amount <= 0:
-            plan.answer = PosResult(Outcome.BAD_REQUEST)
             return
         if card.balance_max:
             account = await self.ledger.account(card.account_id)
