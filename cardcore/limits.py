@@ -41,6 +41,7 @@ DB_CONNECT_TIMEOUT_S: Final = 10
 DB_STATEMENT_TIMEOUT_MS: Final = 30_000
 DB_LOCK_TIMEOUT_MS: Final = 5_000
 SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
+DB_INSERT_ROWS_MAX: Final = 1000  # rows in one multi-row INSERT (bulk card issuance)
 SQLITE_WAL_CHECKPOINT_PAGES_MAX: Final = 10_000  # WAL pages (about 40 MiB) before a checkpoint
 
 # --- reads ---------------------------------------------------------------------------------
@@ -60,6 +61,30 @@ POS_UPLOAD_LINES_MAX: Final = 64  # transaction lines in one batch-upload reques
 TOPUP_CONFIRM_S: Final = 600  # a top-up hold waits this long for the terminal's confirmation
 CARD_CACHE_ENTRIES_MAX: Final = 200_000  # card and terminal records the host keeps in memory
 CARD_ISSUE_BATCH_MAX: Final = 100_000  # cards issued by one command
+
+# --- organization, staff and audit (cardcore.org) --------------------------------------------
+TOKEN_TTL_S_DEFAULT: Final = 90 * 24 * 3600  # an API token expires after this unless told
+TOKEN_TTL_S_MAX: Final = 2 * 365 * 24 * 3600
+TOKEN_CACHE_S: Final = 5  # a token's record is re-read at least this often (revocation lag)
+TOKEN_CACHE_ENTRIES_MAX: Final = 10_000
+TOKENS_PER_USER_MAX: Final = 20  # live tokens one staff user may hold
+AUDIT_VALUE_BYTES_MAX: Final = 16 * 1024  # the JSON of one before/after image
+
+# --- members and card products (cardcore.members, cardcore.cards) -----------------------------
+PIN_FAILURES_MAX: Final = 3  # wrong PINs in a row before the card's PIN locks
+PIN_DIGITS_MIN: Final = 4
+PIN_DIGITS_MAX: Final = 6
+DENOMINATIONS_MAX: Final = 16  # gift-card face values of one card class
+DISCOUNT_BP_MAX: Final = 10_000  # a card class's discount, basis points off the price
+POINTS_MULTIPLIER_PCT_MAX: Final = 10_000  # 100 = the program's own rate
+CARD_VALIDITY_MONTHS_MAX: Final = 600
+BEARER_VALIDITY_MONTHS_MIN: Final = 36  # bearer stored-value cards live at least three years
+NAMED_BALANCE_DEFAULT: Final = 500_000  # fen: 5,000 CNY on a named stored-value card
+BEARER_BALANCE_DEFAULT: Final = 100_000  # fen: 1,000 CNY on a bearer card
+CARD_CLOSE_ATTEMPTS_MAX: Final = 5  # reads and refunds of the last balance when closing a card
+EXPORT_ROWS_MAX: Final = 100_000  # rows in one CSV export
+MEMBER_NAME_CHARS_MAX: Final = 64
+EMAIL_CHARS_MAX: Final = 128
 
 # --- front-end gateway (cardcore.frontend_gateway) -------------------------------------------
 GATEWAY_CONNECTIONS_MAX: Final = 30_000  # open terminal connections in one gateway process

@@ -21,10 +21,14 @@ from sqlalchemy.engine import make_url
 
 from cardcore import migrate
 from cardcore.api.app import build_app
+from cardcore.cards.directory import Directory
+from cardcore.cards.pos import PosService
 from cardcore.config import Config
 from cardcore.ledger.service import Ledger
 from cardcore.metrics import Metrics
-from tests.helpers import ApiClient
+from cardcore.org.http import ORG_KEY
+from cardcore.vault import token_key_of
+from tests.helpers import AdminClient, ApiClient
 
 PG_URL = os.environ.get("CARDCORE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 BACKENDS = ("sqlite", "postgresql")
@@ -102,3 +106,19 @@ async def api(db_url: str) -> AsyncIterator[ApiClient]:
     app = build_app(Config(db_url=db_url), metrics, Ledger.open(db_url, metrics))
     async with TestClient(TestServer(app)) as client:
         yield client
+
+
+ADMIN_KEK = bytes(range(32))
+
+
+@pytest.fixture
+async def admin(db_url: str) -> AsyncIterator[AdminClient]:
+    """The whole host app (ledger, POS, admin API) with a KEK, and a group HQ admin token
+    made the way `cardcore admin token` makes the first one."""
+    metrics = Metrics()
+    ledger = Ledger.open(db_url, metrics, batch_wait_ms_max=1)
+    pos = PosService(ledger, Directory(ledger.store.engine), token_key_of(ADMIN_KEK))
+    app = build_app(Config(db_url=db_url), metrics, ledger, pos, ADMIN_KEK)
+    async with TestClient(TestServer(app)) as client:
+        minted = await app[ORG_KEY].bootstrap_admin("root", 3600)
+        yield AdminClient(client, minted["token"], app)

@@ -237,3 +237,56 @@ def expected_balances(
             totals[0 if p["side"] == "debit" else 1] += p["amount"]
             totals[2] += 1
     return {a: (d, c, v) for a, (d, c, v) in out.items()}
+
+
+class AdminClient:
+    """The admin API as a test sees it: calls with a bearer token, and staff made on demand."""
+
+    def __init__(self, client: ApiClient, root_token: str, app: web.Application) -> None:
+        self.client = client
+        self.root = root_token
+        self.app = app
+        self._made = 0
+
+    async def call(
+        self, method: str, path: str, token: str | None = None, json: Any = None, **params: Any
+    ) -> tuple[int, Any]:
+        """(status, decoded JSON body). `token=""` sends no Authorization header."""
+        token = self.root if token is None else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        response = await self.client.request(
+            method, path, json=json, headers=headers, params=params or None
+        )
+        return response.status, await response.json()
+
+    async def ok(self, method: str, path: str, token: str | None = None, json: Any = None,
+                 **params: Any) -> Any:  # fmt: skip
+        status, body = await self.call(method, path, token, json, **params)
+        assert status in (200, 201), (method, path, status, body)
+        return body
+
+    async def org(self, entity: str = "LE1", *stores: str) -> None:
+        """A legal entity and its stores (S1 in LE1 by default), made if missing."""
+        status, body = await self.call("POST", "/v1/legal-entities", json={"id": entity,
+                                        "name": f"Entity {entity}"})  # fmt: skip
+        assert status in (201, 409), body
+        for store in stores or ("S1",):
+            status, body = await self.call(
+                "POST",
+                "/v1/stores",
+                json={"id": store, "legal_entity": entity, "name": f"Store {store}",
+                      "region": "East", "city": "Shanghai"},
+            )  # fmt: skip
+            assert status in (201, 409), body
+
+    async def token(self, role: str, scope_kind: str = "group", scope_id: str = "") -> str:
+        """A new staff user with this role and scope, and its token's secret."""
+        self._made += 1
+        user = await self.ok(
+            "POST",
+            "/v1/users",
+            json={"name": f"{role}-{self._made}", "role": role, "scope_kind": scope_kind,
+                  "scope_id": scope_id},
+        )  # fmt: skip
+        minted = await self.ok("POST", f"/v1/users/{user['id']}/tokens", json={"label": "test"})
+        return str(minted["token"])

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from cardcore import limits
+from cardcore import __version__, limits
+from cardcore.api import routes
 from cardcore.api.edge import ApiError, error_response
 from cardcore.cards import http as cards_http
 from cardcore.cards.pos import PosService
@@ -19,6 +20,10 @@ from cardcore.config import Config
 from cardcore.ledger import http as ledger_http
 from cardcore.ledger.service import Ledger
 from cardcore.metrics import Metrics
+from cardcore.org import http as org_http
+from cardcore.org.model import Refused
+from cardcore.org.service import OrgService
+from cardcore.records import Records
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +31,8 @@ METRICS_KEY = web.AppKey("metrics", Metrics)
 CONFIG_KEY = web.AppKey("config", Config)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+OPENAPI_PATH = "/v1/openapi.json"
+ADMIN_ROUTES: list[routes.Route] = [*org_http.ROUTES]
 
 
 def build_app(
@@ -49,6 +55,15 @@ def build_app(
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     ledger_http.add_routes(app.router)
+    records = Records(ledger.store.engine)
+    app[org_http.ORG_KEY] = OrgService(records)
+    routes.register(app.router, ADMIN_ROUTES)
+    document = routes.openapi(ADMIN_ROUTES, __version__)
+
+    async def openapi_route(_request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app.router.add_get(OPENAPI_PATH, openapi_route)
     if pos is not None and kek is not None:
         app[cards_http.POS_KEY] = pos
         app[cards_http.KEK_KEY] = kek
@@ -78,9 +93,11 @@ async def _edge_middleware(request: web.Request, handler: Handler) -> web.Stream
     route = request.match_info.route.resource
     name = route.canonical if route is not None else "unmatched"
     try:
-        _authorize(request)
+        await _authorize(request)
         response = await handler(request)
     except ApiError as exc:
+        response = error_response(exc.status, exc.code, exc.message, exc.field)
+    except Refused as exc:
         response = error_response(exc.status, exc.code, exc.message, exc.field)
     except web.HTTPRequestEntityTooLarge:
         response = error_response(
@@ -101,15 +118,28 @@ async def _edge_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
-def _authorize(request: web.Request) -> None:
-    """With a token configured, every route but health, readiness and metrics needs it."""
-    token = request.app[CONFIG_KEY].internal_token
-    if token and request.path not in _OPEN_PATHS:
-        given = request.headers.get("Authorization", "")
+async def _authorize(request: web.Request) -> None:
+    """/internal routes need the internal token when one is configured; /v1 routes (but the
+    OpenAPI document) a staff token, whose principal the handlers read; health, readiness
+    and metrics are open."""
+    path = request.path
+    given = request.headers.get("Authorization", "")
+    if path.startswith("/internal/"):
+        token = request.app[CONFIG_KEY].internal_token
         expected = f"Bearer {token}"
         # aiohttp decodes headers with surrogateescape: encode them back the same way.
-        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
+        if token and not hmac.compare_digest(
+            given.encode("utf-8", "surrogateescape"), expected.encode()
+        ):
             raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+    elif path.startswith("/v1/") and path != OPENAPI_PATH:
+        scheme, _, secret = given.partition(" ")
+        found = None
+        if scheme.lower() == "bearer":
+            found = await request.app[org_http.ORG_KEY].authenticate(secret.strip())
+        if found is None:
+            raise ApiError(401, "unauthorized", "missing, unknown, expired or revoked token")
+        request[org_http.PRINCIPAL_KEY] = found
 
 
 async def _healthz(_request: web.Request) -> web.Response:

@@ -170,7 +170,7 @@ async def issue_cards(
         for pan, token, account_id in zip(wanted, tokens, ids, strict=True)
         if account_id is not None
     ]
-    await directory.add_cards(cards, _now_ms())
+    cards = await directory.add_cards(cards, _now_ms())
     if balance > 0:
         await _submit(
             ledger,

@@ -1,19 +1,22 @@
-"""The host's card and terminal records, and the ledger reads the POS service needs
-(SQLAlchemy Core on the ledger's engine). Records are cached in memory: a card's account and
-a terminal's accounts never change, and this process is the only writer of both tables."""
+"""The host's card, card-class and terminal records, and the ledger reads the POS service
+needs (SQLAlchemy Core on the ledger's engine). Records are cached in memory: this process is
+the only writer of these tables, and every change made through the admin services calls
+`forget_card` / `forget_class` / `forget_terminal`, so the POS never acts on a stale state."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, insert, select, update
+from sqlalchemy import ColumnElement, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cardcore import limits
 from cardcore.cards import schema
-from cardcore.cards.model import POS_CLIENT, BatchLine, Card, Terminal
+from cardcore.cards.model import POS_CLIENT, BatchLine, Card, CardClass, Terminal
 from cardcore.ledger import schema as ledger_schema
 from cardcore.ledger.model import Balance
 
@@ -23,6 +26,8 @@ class Directory:
         self.engine = engine
         self._terminals: dict[str, Terminal] = {}
         self._cards: OrderedDict[str, Card] = OrderedDict()
+        self._classes: dict[str, CardClass] = {}
+        self._issue_lock = asyncio.Lock()
 
     # --- terminals ---------------------------------------------------------------------------
 
@@ -144,19 +149,36 @@ class Directory:
             )
         if row is None:
             return None
-        card = Card(
-            token=row["token"],
-            pan_masked=row["pan_masked"],
-            legal_entity=row["legal_entity"],
-            account_id=int(row["account_id"]),
-            expires=row["expires"],
-            state=row["state"],
-            balance_max=int(row["balance_max"]),
-        )
+        card = card_of(row)
         self._cards[token] = card
         if len(self._cards) > limits.CARD_CACHE_ENTRIES_MAX:
             self._cards.popitem(last=False)
         return card
+
+    def forget_card(self, token: str) -> None:
+        self._cards.pop(token, None)
+
+    def forget_terminal(self, tid: str) -> None:
+        self._terminals.pop(tid, None)
+
+    def forget_class(self, code: str) -> None:
+        self._classes.pop(code, None)
+
+    async def card_class(self, code: str) -> CardClass | None:
+        if not code:
+            return None
+        cached = self._classes.get(code)
+        if cached is not None:
+            return cached
+        c = schema.card_classes
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(c).where(c.c.code == code))).mappings().first()
+        if row is None:
+            return None
+        found = class_of(row)
+        if len(self._classes) < limits.CARD_CACHE_ENTRIES_MAX:
+            self._classes[code] = found
+        return found
 
     async def existing_tokens(self, tokens: list[str]) -> set[str]:
         found: set[str] = set()
@@ -167,26 +189,48 @@ class Directory:
                 found.update((await conn.execute(select(c).where(c.in_(chunk)))).scalars())
         return found
 
-    async def add_cards(self, cards: list[Card], now_ms: int) -> None:
+    async def add_cards(
+        self, cards: list[Card], now_ms: int, extra: list[dict[str, Any]] | None = None
+    ) -> list[Card]:
+        """Insert new cards, numbering them (ids follow the highest; one issuer at a time in
+        this process, and the unique index refuses a clash). `extra` holds per card the
+        columns the POS record does not carry (sealed number and secret, member, PIN value).
+        Answers the cards with their ids."""
         if not cards:
-            return
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                insert(schema.cards),
-                [
-                    {
-                        "token": c.token,
-                        "pan_masked": c.pan_masked,
-                        "legal_entity": c.legal_entity,
-                        "account_id": c.account_id,
-                        "expires": c.expires,
-                        "state": c.state,
-                        "balance_max": c.balance_max,
-                        "created_at_ms": now_ms,
-                    }
-                    for c in cards
-                ],
-            )
+            return []
+        c = schema.cards
+        async with self._issue_lock, self.engine.begin() as conn:
+            top = (await conn.execute(select(func.max(c.c.id)))).scalar_one_or_none() or 0
+            numbered = [replace(card, id=int(top) + 1 + i) for i, card in enumerate(cards)]
+            rows = []
+            for i, card in enumerate(numbered):
+                row = {
+                    "token": card.token,
+                    "pan_masked": card.pan_masked,
+                    "legal_entity": card.legal_entity,
+                    "account_id": card.account_id,
+                    "expires": card.expires,
+                    "state": card.state,
+                    "balance_max": card.balance_max,
+                    "created_at_ms": now_ms,
+                    "id": card.id,
+                    "class_code": card.class_code,
+                    "store": card.store,
+                    "named": card.named,
+                    "pan_sealed": "",
+                    "secret_sealed": "",
+                    "member_id": None,
+                    "pvv": "",
+                    "pin_failures": 0,
+                    "replaced_by": None,
+                    "updated_at_ms": now_ms,
+                }
+                if extra is not None:
+                    row.update(extra[i])
+                rows.append(row)
+            for i in range(0, len(rows), limits.DB_INSERT_ROWS_MAX):
+                await conn.execute(insert(c), rows[i : i + limits.DB_INSERT_ROWS_MAX])
+        return numbered
 
     # --- ledger reads --------------------------------------------------------------------------
 
@@ -254,6 +298,40 @@ class Directory:
             )
             for r in rows
         ]
+
+
+def card_of(row: Any) -> Card:
+    return Card(
+        token=row["token"],
+        pan_masked=row["pan_masked"],
+        legal_entity=row["legal_entity"],
+        account_id=int(row["account_id"]),
+        expires=row["expires"],
+        state=row["state"],
+        balance_max=int(row["balance_max"]),
+        id=int(row["id"]),
+        class_code=row["class_code"],
+        store=row["store"],
+        named=bool(row["named"]),
+        has_pin=bool(row["pvv"]),
+    )
+
+
+def class_of(row: Any) -> CardClass:
+    return CardClass(
+        code=row["code"],
+        name=row["name"],
+        named=bool(row["named"]),
+        gift=bool(row["gift"]),
+        denominations=tuple(int(x) for x in json.loads(row["denominations"])),
+        discount_bp=int(row["discount_bp"]),
+        points_multiplier_pct=int(row["points_multiplier_pct"]),
+        issue_fee=int(row["issue_fee"]),
+        replace_fee=int(row["replace_fee"]),
+        balance_max=int(row["balance_max"]),
+        validity_months=int(row["validity_months"]),
+        state=row["state"],
+    )
 
 
 def _terminal(row: Any) -> Terminal:

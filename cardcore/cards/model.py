@@ -91,15 +91,87 @@ class Terminal:
     cash_account: int
 
 
+class CardState(enum.StrEnum):
+    INACTIVE = "inactive"  # issued, not yet activated (a gift card before its sale)
+    ACTIVE = "active"
+    FROZEN = "frozen"  # by an officer; unfreeze brings it back
+    LOST = "lost"  # reported lost: dead for payments until replaced
+    CLOSED = "closed"  # value refunded; dead for ever
+    REPLACED = "replaced"  # its successor carries the account; dead for ever
+
+
+# What the POS answers for a card that is not active (expiry is checked on its own).
+OUTCOME_OF_STATE = {
+    CardState.INACTIVE: "card_not_active",
+    CardState.FROZEN: "card_frozen",
+    CardState.LOST: "card_lost",
+    CardState.CLOSED: "card_closed",
+    CardState.REPLACED: "card_closed",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Card:
+    """A card as the POS path needs it (cached by token). The member, the PIN verification
+    value and the failure counter are read fresh where they matter, never from here."""
+
     token: str  # keyed hash of the PAN
     pan_masked: str
-    legal_entity: str
-    account_id: int  # the stored-value account
+    legal_entity: str  # the issuing entity: owns the card's value
+    account_id: int  # the value account (stored value, or gift value for a gift class)
     expires: str  # YYMM; "" never
-    state: str  # "active" | "closed"
+    state: str  # CardState
     balance_max: int  # the class's maximum balance in fen; 0 means no maximum
+    id: int = 0
+    class_code: str = ""
+    store: str = ""  # the issuing store
+    named: bool = False
+    has_pin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CardClass:
+    """A card product defined by the user (ordinary, VIP, corporate, a gift card, ...)."""
+
+    code: str
+    name: str
+    named: bool  # named to a member, or bearer
+    gift: bool  # a gift card: sold at a face value from `denominations`
+    denominations: tuple[int, ...]  # fen
+    discount_bp: int  # basis points off the price (500 = 5 % off; member price)
+    points_multiplier_pct: int  # 100 = the program's own rate
+    issue_fee: int  # fen
+    replace_fee: int  # fen
+    balance_max: int  # fen; 0 = no maximum
+    validity_months: int  # 0 = no expiry
+    state: str  # "active" | "retired"
+
+
+def member_price(amount: int, discount_bp: int) -> int:
+    """The price after the class discount, rounded to the member's favour (down), in fen."""
+    return amount - (amount * discount_bp + 9_999) // 10_000 if discount_bp else amount
+
+
+def value_postings(
+    *,
+    source: int,
+    target: int,
+    amount: int,
+    clearing: tuple[int, int] | None,
+) -> tuple[tuple[int, str, int], ...]:
+    """(account, side, amount) legs moving `amount` from `source` to `target`. With
+    `clearing` = (due_to of the entity that owes, due_from of the entity that is owed) the
+    value crosses legal entities: each entity's own legs balance by themselves, and the
+    clearing pair records what one owes the other until HQ nets them at settlement."""
+    if clearing is None:
+        return ((source, "debit", amount), (target, "credit", amount))
+    due_to, due_from = clearing
+    return (
+        (source, "debit", amount),
+        (due_to, "credit", amount),
+        (due_from, "debit", amount),
+        (target, "credit", amount),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,14 @@
-"""The host's card and terminal tables (SQLAlchemy Core); migration 0003 creates them.
+"""The host's card, card-class and terminal tables (SQLAlchemy Core); migrations 0003 and
+0004 create them.
 
 Mutable, written by the host service: pos_terminals (the open batch moves on at each
-settlement), cards. pos_settlements gets one row per closed terminal batch and is only ever
-inserted into (by use: unlike the ledger's journal, no trigger enforces it).
+settlement), cards, card_classes. pos_settlements gets one row per closed terminal batch and
+is only ever inserted into (by use: unlike the ledger's journal, no trigger enforces it).
+
+A card is found by its token (a keyed hash of the number); the number itself is kept only as
+AES-GCM ciphertext (`pan_sealed`), the PIN only as a verification value (`pvv`). A replaced
+card and its successor share the stored-value account: the balance and its history move with
+the holder, never through a transfer that could race a purchase.
 """
 
 from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, String, Table
@@ -35,11 +41,42 @@ cards = Table(
     Column("token", String(64), primary_key=True),
     Column("pan_masked", String(19), nullable=False),
     Column("legal_entity", String(NAME), nullable=False),
-    Column("account_id", BigInteger, nullable=False, unique=True),
+    Column("account_id", BigInteger, nullable=False, index=True),
     Column("expires", String(4), nullable=False),
+    # inactive | active | frozen | lost | closed | replaced
     Column("state", String(16), nullable=False),
     Column("balance_max", BigInteger, nullable=False),
     Column("created_at_ms", BigInteger, nullable=False),
+    Column("id", BigInteger, nullable=False, unique=True),
+    Column("pan_sealed", String(128), nullable=False),
+    Column("secret_sealed", String(128), nullable=False),
+    Column("class_code", String(32), nullable=False, index=True),
+    Column("member_id", Integer, nullable=True, index=True),
+    Column("store", String(NAME), nullable=False, index=True),
+    Column("named", Boolean, nullable=False),
+    Column("pvv", String(64), nullable=False),
+    Column("pin_failures", Integer, nullable=False),
+    Column("replaced_by", BigInteger, nullable=True),
+    Column("updated_at_ms", BigInteger, nullable=False),
+)
+
+card_classes = Table(
+    "card_classes",
+    metadata,
+    Column("code", String(32), primary_key=True),
+    Column("name", String(NAME), nullable=False),
+    Column("named", Boolean, nullable=False),
+    Column("gift", Boolean, nullable=False),
+    Column("denominations", String(256), nullable=False),  # JSON array of fen
+    Column("discount_bp", Integer, nullable=False),
+    Column("points_multiplier_pct", Integer, nullable=False),
+    Column("issue_fee", BigInteger, nullable=False),
+    Column("replace_fee", BigInteger, nullable=False),
+    Column("balance_max", BigInteger, nullable=False),
+    Column("validity_months", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("updated_at_ms", BigInteger, nullable=False),
 )
 
 pos_settlements = Table(

@@ -57,11 +57,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import cmac, hashes
+from cryptography.hazmat.primitives import cmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import (
     InvalidUnwrap,
     aes_key_unwrap,
@@ -72,6 +69,8 @@ try:
     from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 except ImportError:  # pragma: no cover - cryptography < 43 keeps it in the old place
     from cryptography.hazmat.primitives.ciphers.algorithms import TripleDES
+
+from cardcore import vault
 
 __all__ = [
     "KeyMode",
@@ -202,33 +201,27 @@ def _cmac(key: bytes, data: bytes) -> bytes:
 
 
 def seal(kek: bytes, plaintext: bytes, context: bytes) -> bytes:
-    """Encrypt a key for storage: nonce (12 bytes) + AES-256-GCM(plaintext, aad=context)."""
-    _require_len(kek, KEK_BYTES, "KEK")
-    if not context:
-        raise SecurityError("context must not be empty: it binds the sealed key to its owner")
-    nonce = os.urandom(NONCE_BYTES)
-    return nonce + AESGCM(kek).encrypt(nonce, plaintext, context)
+    """Encrypt a key for storage (`cardcore.vault.seal`: AES-256-GCM, context as AAD)."""
+    try:
+        return vault.seal(kek, plaintext, context)
+    except vault.VaultError as exc:
+        raise SecurityError(str(exc)) from None
 
 
 def unseal(kek: bytes, sealed: bytes, context: bytes) -> bytes:
     """Open what `seal` returned; SecurityError if it was altered or the context differs."""
-    _require_len(kek, KEK_BYTES, "KEK")
-    if len(sealed) < NONCE_BYTES + GCM_TAG_BYTES:
-        raise SecurityError(f"sealed blob is too short: {len(sealed)} bytes")
-    nonce, body = sealed[:NONCE_BYTES], sealed[NONCE_BYTES:]
     try:
-        return AESGCM(kek).decrypt(nonce, body, context)
-    except InvalidTag:
-        raise SecurityError("sealed blob does not open: altered, wrong KEK or context") from None
+        return vault.unseal(kek, sealed, context)
+    except vault.VaultError as exc:
+        raise SecurityError(str(exc)) from None
 
 
 def derive_key(kek: bytes, purpose: bytes) -> bytes:
     """A 32-byte key for one purpose, from the KEK with HKDF-SHA256 (info = purpose)."""
-    _require_len(kek, KEK_BYTES, "KEK")
-    if not purpose:
-        raise SecurityError("purpose must not be empty")
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=DERIVED_KEY_BYTES, salt=None, info=purpose)
-    return hkdf.derive(kek)
+    try:
+        return vault.derive_key(kek, purpose)
+    except vault.VaultError as exc:
+        raise SecurityError(str(exc)) from None
 
 
 # --- terminal keys -------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 POST /internal/v1/ops                 a batch of operations, one result each, in order
 GET  /internal/v1/journal?after=&limit=   committed batches in order (standbys, relays)
-GET  /v1/accounts/{id}                account and balances
-GET  /v1/accounts/{id}/entries        the account's journal entries, paged
+GET  /internal/v1/accounts/{id}                account and balances
+GET  /internal/v1/accounts/{id}/entries        the account's journal entries, paged
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ _DIGITS = re.compile(r"[0-9]{1,19}")
 def add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/internal/v1/ops", _post_ops)
     router.add_get("/internal/v1/journal", _get_journal)
-    router.add_get("/v1/accounts/{account_id}", _get_account)
-    router.add_get("/v1/accounts/{account_id}/entries", _get_entries)
+    router.add_get("/internal/v1/accounts/{account_id}", _get_account)
+    router.add_get("/internal/v1/accounts/{account_id}/entries", _get_entries)
 
 
 async def _post_ops(request: web.Request) -> web.Response:

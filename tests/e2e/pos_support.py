@@ -5,7 +5,7 @@
   handed out or used (card numbers, master keys, working keys, PINs, the KEK) so the log can
   be scanned for them at the end.
 - `Kit`: what a POS vendor gets from the host's operator: terminals registered and cards
-  issued over the internal HTTP API, account balances over GET /v1/accounts/{id}.
+  issued over the internal HTTP API, account balances over GET /internal/v1/accounts/{id}.
 - `CertTerminal`: the reference terminal, checking every reply strictly (MTI + 10, echoed
   F3/F11/F41/F42, header, and a MAC that verifies under the session MAK on every reply to a
   MAC'd request except A0 and 77).
@@ -272,7 +272,7 @@ class Kit:
         return (await self.cards(1, balance))[0]
 
     async def account(self, account_id: int) -> dict[str, Any]:
-        url = f"{self.server.url}/v1/accounts/{account_id}"
+        url = f"{self.server.url}/internal/v1/accounts/{account_id}"
         async with self.session.get(url) as response:
             document = await response.json()
             assert response.status == 200, document

@@ -305,7 +305,7 @@ def _demo_state(url: str, ids: Mapping[str, int]) -> tuple[int, dict[str, Any]]:
     assert status == 200, ready
     accounts = {}
     for name, account_id in ids.items():
-        status, account = _http("GET", f"{url}/v1/accounts/{account_id}")
+        status, account = _http("GET", f"{url}/internal/v1/accounts/{account_id}")
         assert status == 200, account
         accounts[name] = account
     return ready["seq"], accounts
@@ -363,7 +363,7 @@ def test_internal_token_guards_everything_but_health(tmp_path: Path) -> None:
             status, refused = _http("POST", f"{url}/internal/v1/ops", body, token)
             assert status == 401, refused
             assert refused["error"]["code"] == "unauthorized"
-        status, _ = _http("GET", f"{url}/v1/accounts/1")
+        status, _ = _http("GET", f"{url}/internal/v1/accounts/1")
         assert status == 401
 
         status, accepted = _http("POST", f"{url}/internal/v1/ops", body, TOKEN)

@@ -431,7 +431,7 @@ async def test_sigkill_under_load_loses_no_acknowledged_operation_and_applies_no
             expected = expected_balances([*funding, *(book.ops[k] for k in applied)], accounts)
             total = 0
             for account in accounts:
-                async with session.get(f"{url}/v1/accounts/{account}") as response:
+                async with session.get(f"{url}/internal/v1/accounts/{account}") as response:
                     assert response.status == 200
                     b = await response.json()
                 got = (b["debits_posted"], b["credits_posted"], b["version"])

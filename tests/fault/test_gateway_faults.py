@@ -235,7 +235,7 @@ async def register(
 
 async def available(session: aiohttp.ClientSession, url: str, account_id: int) -> int:
     """What the card may spend; nothing may be held on it."""
-    async with session.get(f"{url}/v1/accounts/{account_id}") as response:
+    async with session.get(f"{url}/internal/v1/accounts/{account_id}") as response:
         account = await response.json()
         assert response.status == 200, account
     assert account["debits_pending"] == 0, account

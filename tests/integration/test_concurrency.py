@@ -114,7 +114,7 @@ async def watch_wallets(api: ApiClient, wallets: list[int], stop: asyncio.Event)
     reads = 0
     while not stop.is_set():
         for wallet in wallets:
-            response = await api.get(f"/v1/accounts/{wallet}")
+            response = await api.get(f"/internal/v1/accounts/{wallet}")
             assert response.status == 200
             account = await response.json()
             assert account["credits_posted"] >= account["debits_posted"] + account["debits_pending"]
@@ -146,7 +146,7 @@ def postings_of(op: dict[str, Any]) -> list[list[Any]]:
 async def balances(api: ApiClient, accounts: Iterable[int]) -> dict[int, dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
     for account in accounts:
-        response = await api.get(f"/v1/accounts/{account}")
+        response = await api.get(f"/internal/v1/accounts/{account}")
         assert response.status == 200
         out[account] = await response.json()
     return out

@@ -52,7 +52,7 @@ async def setup(api: ApiClient) -> dict[str, int]:
 
 
 async def balance(api: ApiClient, account_id: int) -> dict[str, Any]:
-    response = await api.get(f"/v1/accounts/{account_id}")
+    response = await api.get(f"/internal/v1/accounts/{account_id}")
     assert response.status == 200
     body: dict[str, Any] = await response.json()
     return body
@@ -160,14 +160,14 @@ async def test_entries_are_paged_with_balance_after(api: ApiClient) -> None:
     cursor = None
     while True:
         query = f"?limit=2&cursor={cursor}" if cursor else "?limit=2"
-        page = await (await api.get(f"/v1/accounts/{ids['card']}/entries{query}")).json()
+        page = await (await api.get(f"/internal/v1/accounts/{ids['card']}/entries{query}")).json()
         seen.extend(page["entries"])
         cursor = page["next_cursor"]
         if cursor is None:
             break
     assert [e["version"] for e in seen] == [1, 2, 3, 4, 5, 6]
     assert seen[-1]["debits_posted"] == 500 and seen[-1]["credits_posted"] == 10_000
-    newest = await (await api.get(f"/v1/accounts/{ids['card']}/entries?order=desc&limit=1")).json()
+    newest = await (await api.get(f"/internal/v1/accounts/{ids['card']}/entries?order=desc&limit=1")).json()
     assert newest["entries"][0]["version"] == 6
 
 
@@ -401,13 +401,13 @@ async def test_oversize_body_is_refused_with_413(api: ApiClient) -> None:
 @pytest.mark.parametrize(
     ("path", "status", "code"),
     [
-        ("/v1/accounts/0", 400, "invalid_value"),
-        ("/v1/accounts/abc", 400, "invalid_value"),
-        ("/v1/accounts/99999999999999999999", 400, "invalid_value"),
-        ("/v1/accounts/424242", 404, "account_not_found"),
-        ("/v1/accounts/1/entries?limit=0", 400, "invalid_value"),
-        ("/v1/accounts/1/entries?limit=x", 400, "wrong_type"),
-        ("/v1/accounts/1/entries?order=sideways", 400, "invalid_value"),
+        ("/internal/v1/accounts/0", 400, "invalid_value"),
+        ("/internal/v1/accounts/abc", 400, "invalid_value"),
+        ("/internal/v1/accounts/99999999999999999999", 400, "invalid_value"),
+        ("/internal/v1/accounts/424242", 404, "account_not_found"),
+        ("/internal/v1/accounts/1/entries?limit=0", 400, "invalid_value"),
+        ("/internal/v1/accounts/1/entries?limit=x", 400, "wrong_type"),
+        ("/internal/v1/accounts/1/entries?order=sideways", 400, "invalid_value"),
         ("/internal/v1/journal?after=-1", 400, "wrong_type"),
         ("/internal/v1/journal?limit=100000", 400, "invalid_value"),
         ("/nowhere", 404, "not_found"),

@@ -29,6 +29,8 @@ from cardcore.cards import schema as cards_schema
 from cardcore.db import make_engine
 from cardcore.ledger import schema
 from cardcore.ledger.service import Ledger
+from cardcore.members import schema as members_schema
+from cardcore.org import schema as org_schema
 from tests.helpers import run_activity, sql_execute, sql_rows
 
 APPEND_ONLY = [t.name for t in schema.APPEND_ONLY_TABLES]
@@ -65,6 +67,7 @@ async def test_migrated_database_matches_the_metadata(db_url: str) -> None:
     # The host's card and terminal tables share the ledger's MetaData.
     assert cards_schema.cards.metadata is schema.metadata
     assert {"cards", "pos_terminals", "pos_settlements"} <= set(schema.metadata.tables)
+    assert org_schema.audit_log.metadata is members_schema.members.metadata is schema.metadata
     assert await _compare(db_url, schema.metadata) == []
 
     # The comparison bites: a column the database lacks is reported.

@@ -60,6 +60,23 @@ LAYER_OF = {
     "cardcore.cards.pos": SERVICE,
     "cardcore.cards.admin": SERVICE,
     "cardcore.cards.http": ENTRYPOINT,
+    "cardcore.cards.accounts": SERVICE,
+    "cardcore.cards.service": SERVICE,
+    "cardcore.cards.admin_http": ENTRYPOINT,
+    "cardcore.vault": SUPPORT,  # secrets at rest: host services and the gateway's keys
+    "cardcore.records": ADAPTER,
+    "cardcore.api.routes": ENTRYPOINT,
+    "cardcore.admin_commands": ENTRYPOINT,
+    "cardcore.org": SERVICE,  # the package: a docstring
+    "cardcore.org.model": DOMAIN,
+    "cardcore.org.schema": ADAPTER,
+    "cardcore.org.service": SERVICE,
+    "cardcore.org.http": ENTRYPOINT,
+    "cardcore.members": SERVICE,  # the package: a docstring
+    "cardcore.members.model": DOMAIN,
+    "cardcore.members.schema": ADAPTER,
+    "cardcore.members.service": SERVICE,
+    "cardcore.members.http": ENTRYPOINT,
     "cardcore.frontend_gateway": FEATURE,
     "cardcore.alliance": FEATURE,
 }
@@ -94,6 +111,11 @@ THIRD_PARTY = {
             "cardcore.api.server",
             "cardcore.ledger.http",
             "cardcore.cards.http",
+            "cardcore.cards.admin_http",
+            "cardcore.org.http",
+            "cardcore.members.http",
+            "cardcore.api.routes",
+            "cardcore.admin_commands",
             "cardcore.bench",
             "cardcore.bench_pos",
             "cardcore.pos_commands",
@@ -103,7 +125,9 @@ THIRD_PARTY = {
     "prometheus_client": frozenset({"cardcore.metrics", "cardcore.api.app"}),
     "asyncpg": ONLY_ADAPTERS,  # drivers: reached through SQLAlchemy URLs today
     "aiosqlite": ONLY_ADAPTERS,
-    "cryptography": frozenset({"cardcore.frontend_gateway"}),  # PIN blocks, terminal keys
+    # PIN blocks and terminal keys; sealing, keyed hashes and PIN verification values
+    "cryptography": frozenset({"cardcore.frontend_gateway", "cardcore.vault"}),
+    "jsonschema": frozenset({"cardcore.api.routes"}),  # admin request bodies, one schema
 }
 DOMAIN_FORBIDDEN = {"asyncio", "aiohttp", "sqlalchemy", "asyncpg", "aiosqlite", "cryptography"}
 DOMAIN_FILES = ["model.py", "decide.py", "codes.py", "journal.py", "wire.py"]

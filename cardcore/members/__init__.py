@@ -1,0 +1,1 @@
+"""Members: natural, communication, payment and transaction identity in one record."""

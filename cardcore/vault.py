@@ -1,0 +1,121 @@
+"""Secrets at rest on the host: sealing with AES-256-GCM, keyed lookup hashes, card tokens and
+PIN verification values, all from the one key-encrypting key (KEK).
+
+Support: used by the host's services (members, cards) and by the gateway's key handling
+(`cardcore.frontend_gateway.security` seals terminal master keys with `seal`). Error messages
+never carry a key, a PIN, a card number or an ID number.
+
+Keys
+----
+- `seal(kek, plaintext, context)`: a random 12-byte nonce in front of AES-256-GCM with the
+  context as associated data, so a sealed value opens only under its own context (a sealed
+  ID number cannot be moved to another member, a master key to another terminal).
+- `derive_key(kek, purpose)`: HKDF-SHA256, one 32-byte key per purpose.
+- Card tokens: HMAC-SHA256 of the card number under HMAC(KEK, "cardcore/card-token/v1"): the
+  key the host finds a card by; the number itself is only stored sealed.
+- Lookup hashes (ID documents): HMAC-SHA256 under a derived key, per purpose.
+- PIN verification values: HMAC-SHA256 under a derived PIN verification key over the card
+  token and the PIN. A PIN is never stored; without the KEK the value cannot be searched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+KEK_BYTES = 32
+NONCE_BYTES = 12
+GCM_TAG_BYTES = 16
+DERIVED_KEY_BYTES = 32
+
+
+class VaultError(Exception):
+    """A sealed value that does not open, or a key of the wrong size."""
+
+
+def _require_kek(kek: bytes) -> None:
+    if len(kek) != KEK_BYTES:
+        raise VaultError(f"KEK must be {KEK_BYTES} bytes, got {len(kek)}")
+
+
+def seal(kek: bytes, plaintext: bytes, context: bytes) -> bytes:
+    """nonce (12 bytes) + AES-256-GCM(plaintext, aad=context)."""
+    _require_kek(kek)
+    if not context:
+        raise VaultError("context must not be empty: it binds the sealed value to its owner")
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(kek).encrypt(nonce, plaintext, context)
+
+
+def unseal(kek: bytes, sealed: bytes, context: bytes) -> bytes:
+    """Open what `seal` returned; VaultError if it was altered or the context differs."""
+    _require_kek(kek)
+    if len(sealed) < NONCE_BYTES + GCM_TAG_BYTES:
+        raise VaultError(f"sealed blob is too short: {len(sealed)} bytes")
+    nonce, body = sealed[:NONCE_BYTES], sealed[NONCE_BYTES:]
+    try:
+        return AESGCM(kek).decrypt(nonce, body, context)
+    except InvalidTag:
+        raise VaultError("sealed blob does not open: altered, wrong KEK or context") from None
+
+
+def derive_key(kek: bytes, purpose: bytes) -> bytes:
+    """A 32-byte key for one purpose, from the KEK with HKDF-SHA256 (info = purpose)."""
+    _require_kek(kek)
+    if not purpose:
+        raise VaultError("purpose must not be empty")
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=DERIVED_KEY_BYTES, salt=None, info=purpose)
+    return hkdf.derive(kek)
+
+
+def token_key_of(kek: bytes) -> bytes:
+    return hmac.new(kek, b"cardcore/card-token/v1", hashlib.sha256).digest()
+
+
+def card_token(token_key: bytes, pan: str) -> str:
+    """The keyed hash a card is found by: the PAN itself is never stored in clear or logged."""
+    return hmac.new(token_key, pan.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+class Vault:
+    """The host's secrets, derived once from the KEK."""
+
+    def __init__(self, kek: bytes) -> None:
+        _require_kek(kek)
+        self._kek = kek
+        self.token_key = token_key_of(kek)
+        self._lookup_key = derive_key(kek, b"cardcore/lookup/v1")
+        self._pin_key = derive_key(kek, b"cardcore/pin-verification/v1")
+        self._data_key = derive_key(kek, b"cardcore/data-at-rest/v1")
+
+    def card_token(self, pan: str) -> str:
+        return card_token(self.token_key, pan)
+
+    def lookup(self, purpose: str, value: str) -> str:
+        """A keyed hash to find a record by a secret value (an ID number) without storing it."""
+        message = purpose.encode() + b"\x00" + value.encode("utf-8")
+        return hmac.new(self._lookup_key, message, hashlib.sha256).hexdigest()
+
+    def seal_text(self, context: str, text: str) -> str:
+        return seal(self._data_key, text.encode("utf-8"), context.encode()).hex()
+
+    def open_text(self, context: str, sealed_hex: str) -> str:
+        try:
+            sealed = bytes.fromhex(sealed_hex)
+        except ValueError:
+            raise VaultError("sealed value is not hex") from None
+        return unseal(self._data_key, sealed, context.encode()).decode("utf-8")
+
+    def pvv(self, token: str, pin: str) -> str:
+        """The PIN verification value of `pin` on the card with `token`."""
+        message = token.encode() + b"\x00" + pin.encode("ascii")
+        return hmac.new(self._pin_key, message, hashlib.sha256).hexdigest()
+
+    def pin_matches(self, token: str, pin: str, pvv: str) -> bool:
+        return bool(pvv) and hmac.compare_digest(self.pvv(token, pin), pvv)

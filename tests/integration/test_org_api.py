@@ -1,0 +1,134 @@
+"""Organization, staff, tokens, grants and the audit log over the admin API (SQLite and
+PostgreSQL)."""
+
+from __future__ import annotations
+
+from tests.helpers import AdminClient
+
+
+async def test_openapi_document_is_served_without_a_token(admin: AdminClient) -> None:
+    status, body = await admin.call("GET", "/v1/openapi.json", token="")
+    assert status == 200
+    assert body["openapi"].startswith("3.")
+    assert "/v1/stores" in body["paths"]
+
+
+async def test_every_admin_route_refuses_a_missing_or_unknown_token(admin: AdminClient) -> None:
+    for token in ("", "cc_not-a-token", "garbage"):
+        status, body = await admin.call("GET", "/v1/stores", token=token)
+        assert (status, body["error"]["code"]) == (401, "unauthorized")
+
+
+async def test_hq_admin_builds_the_group_and_every_change_is_audited(admin: AdminClient) -> None:
+    await admin.org("LE1", "S1", "S2")
+    await admin.org("LE2", "S3")
+    stores = await admin.ok("GET", "/v1/stores")
+    assert [s["id"] for s in stores["items"]] == ["S1", "S2", "S3"]
+    only_le2 = await admin.ok("GET", "/v1/stores", legal_entity="LE2")
+    assert [s["id"] for s in only_le2["items"]] == ["S3"]
+    page = await admin.ok("GET", "/v1/stores", limit=2)
+    assert page["next_after"] == "S2"
+    rest = await admin.ok("GET", "/v1/stores", limit=2, after="S2")
+    assert ([s["id"] for s in rest["items"]], rest["next_after"]) == (["S3"], None)
+    audit = await admin.ok("GET", "/v1/audit", object_kind="store")
+    assert [a["object_id"] for a in audit["items"]] == ["S1", "S2", "S3"]
+    assert audit["items"][0]["user"] == "root"
+    assert audit["items"][0]["before"] is None
+    assert audit["items"][0]["after"]["legal_entity"] == "LE1"
+
+
+async def test_store_officer_sees_only_its_store_and_cannot_change_the_organization(
+    admin: AdminClient,
+) -> None:
+    await admin.org("LE1", "S1", "S2")
+    officer = await admin.token("store_crm", "store", "S1")
+    listed = await admin.ok("GET", "/v1/stores", officer)
+    assert [s["id"] for s in listed["items"]] == ["S1"]
+    status, body = await admin.call("GET", "/v1/stores/S2", officer)
+    assert (status, body["error"]["code"]) == (403, "scope_forbidden")
+    status, body = await admin.call("PATCH", "/v1/stores/S1", officer, {"name": "Mine"})
+    assert (status, body["error"]["code"]) == (403, "role_forbidden")
+    assert (await admin.ok("GET", "/v1/stores/S1"))["name"] == "Store S1"
+
+
+async def test_revoked_and_expired_tokens_stop_at_once(admin: AdminClient) -> None:
+    await admin.org()
+    user = await admin.ok(
+        "POST", "/v1/users", json={"name": "amy", "role": "auditor", "scope_kind": "group"}
+    )
+    minted = await admin.ok("POST", f"/v1/users/{user['id']}/tokens", json={"label": "x"})
+    assert "token" in minted
+    assert (await admin.call("GET", "/v1/stores", minted["token"]))[0] == 200
+    listed = await admin.ok("GET", f"/v1/users/{user['id']}/tokens")
+    assert "token" not in listed["items"][0]  # the secret is shown once, never listed
+    await admin.ok("DELETE", f"/v1/tokens/{minted['id']}")
+    status, _ = await admin.call("GET", "/v1/stores", minted["token"])
+    assert status == 401
+    # an auditor reads but never writes
+    second = await admin.ok("POST", f"/v1/users/{user['id']}/tokens", json={"label": "y"})
+    status, body = await admin.call(
+        "POST", "/v1/legal-entities", second["token"], {"id": "LE9", "name": "x"}
+    )
+    assert (status, body["error"]["code"]) == (403, "role_forbidden")
+
+
+async def test_user_scope_must_fit_role_and_never_exceed_the_creator(admin: AdminClient) -> None:
+    await admin.org("LE1", "S1")
+    await admin.org("LE2", "S2")
+    status, body = await admin.call(
+        "POST", "/v1/users", json={"name": "x", "role": "store_crm", "scope_kind": "group"}
+    )
+    assert (status, body["error"]["code"]) == (400, "role_scope_mismatch")
+    entity_admin = await admin.token("hq_admin", "entity", "LE1")
+    status, body = await admin.call(
+        "POST",
+        "/v1/users",
+        entity_admin,
+        {"name": "y", "role": "store_crm", "scope_kind": "store", "scope_id": "S2"},
+    )
+    assert (status, body["error"]["code"]) == (403, "scope_forbidden")
+    status, _ = await admin.call(
+        "POST",
+        "/v1/users",
+        entity_admin,
+        {"name": "z", "role": "store_crm", "scope_kind": "store", "scope_id": "S1"},
+    )
+    assert status == 201
+
+
+async def test_grants_are_scoped_and_revocable(admin: AdminClient) -> None:
+    await admin.org("LE1", "S1", "S2")
+    grant = await admin.ok(
+        "POST",
+        "/v1/grants",
+        json={"store": "S1", "function": "gift", "budget_count": 10, "valid_to": "2099-12-31"},
+    )
+    assert grant["budget_count"] == 10
+    status, body = await admin.call(
+        "POST", "/v1/grants", json={"store": "S1", "function": "gift",
+                                    "valid_from": "2027-01-02", "valid_to": "2027-01-01"}
+    )  # fmt: skip
+    assert (status, body["error"]["code"]) == (400, "invalid_value")
+    officer = await admin.token("store_crm", "store", "S2")
+    assert (await admin.ok("GET", "/v1/grants", officer))["items"] == []
+    status, _ = await admin.call("DELETE", f"/v1/grants/{grant['id']}", officer)
+    assert status == 403
+    revoked = await admin.ok("DELETE", f"/v1/grants/{grant['id']}")
+    assert revoked["state"] == "revoked"
+
+
+async def test_bad_bodies_get_stable_codes_and_change_nothing(admin: AdminClient) -> None:
+    cases = [
+        ({"id": "LE1"}, "missing_field", "name"),
+        ({"id": "LE1", "name": "x", "extra": 1}, "unknown_field", "extra"),
+        ({"id": "L E", "name": "x"}, "invalid_value", "id"),
+        ({"id": 5, "name": "x"}, "wrong_type", "id"),
+    ]
+    for body, code, field in cases:
+        status, answer = await admin.call("POST", "/v1/legal-entities", json=body)
+        assert (status, answer["error"]["code"], answer["error"]["field"]) == (400, code, field)
+    assert (await admin.ok("GET", "/v1/legal-entities"))["items"] == []
+    status, answer = await admin.call("GET", "/v1/stores", limit=0)
+    assert (status, answer["error"]["field"]) == (400, "limit")
+    status, answer = await admin.call("GET", "/v1/stores", bogus=1)
+    assert (status, answer["error"]["code"]) == (400, "unknown_parameter")
