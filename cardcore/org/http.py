@@ -284,9 +284,7 @@ async def _post_grant(request: web.Request) -> web.Response:
 async def _list_grants(request: web.Request) -> web.Response:
     q = _page_args(request, {"store": r.string(r.CODE)})
     limit = q.get("limit", limits.PAGE_LIMIT_DEFAULT)
-    rows = await org(request).list_grants(
-        principal(request), q.get("store"), _int_cursor(q), limit
-    )
+    rows = await org(request).list_grants(principal(request), q.get("store"), _int_cursor(q), limit)
     return r.page(rows, limit, "id")
 
 

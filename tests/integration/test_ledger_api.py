@@ -167,7 +167,9 @@ async def test_entries_are_paged_with_balance_after(api: ApiClient) -> None:
             break
     assert [e["version"] for e in seen] == [1, 2, 3, 4, 5, 6]
     assert seen[-1]["debits_posted"] == 500 and seen[-1]["credits_posted"] == 10_000
-    newest = await (await api.get(f"/internal/v1/accounts/{ids['card']}/entries?order=desc&limit=1")).json()
+    newest = await (
+        await api.get(f"/internal/v1/accounts/{ids['card']}/entries?order=desc&limit=1")
+    ).json()
     assert newest["entries"][0]["version"] == 6
 
 

@@ -163,7 +163,9 @@ async def test_reverse_moves_every_leg_back_once_and_keeps_its_key(
         (ids["float"], "credit", 2_500, 0),
         (ids["fee"], "debit", 2_500, 0),
     ]
-    page = await (await api.get(f"/internal/v1/accounts/{ids['card']}/entries?order=desc&limit=1")).json()
+    page = await (
+        await api.get(f"/internal/v1/accounts/{ids['card']}/entries?order=desc&limit=1")
+    ).json()
     [newest] = page["entries"]
     assert (newest["transfer_id"], newest["transfer_kind"], newest["side"]) == (
         rev["transfer_id"],

@@ -61,6 +61,8 @@ LAYER_OF = {
     "cardcore.cards.admin": SERVICE,
     "cardcore.cards.http": ENTRYPOINT,
     "cardcore.cards.accounts": SERVICE,
+    "cardcore.cards.pins": SERVICE,
+    "cardcore.cards.terminal_http": ENTRYPOINT,
     "cardcore.cards.service": SERVICE,
     "cardcore.cards.admin_http": ENTRYPOINT,
     "cardcore.vault": SUPPORT,  # secrets at rest: host services and the gateway's keys
@@ -112,6 +114,7 @@ THIRD_PARTY = {
             "cardcore.ledger.http",
             "cardcore.cards.http",
             "cardcore.cards.admin_http",
+            "cardcore.cards.terminal_http",
             "cardcore.org.http",
             "cardcore.members.http",
             "cardcore.api.routes",
