@@ -15,7 +15,9 @@ from cardcore import __version__, limits
 from cardcore.api import routes
 from cardcore.api.edge import ApiError, error_response
 from cardcore.cards import http as cards_http
+from cardcore.cards import terminal_http
 from cardcore.cards.pos import PosService
+from cardcore.cards.terminals import TerminalAdmin
 from cardcore.config import Config
 from cardcore.ledger import http as ledger_http
 from cardcore.ledger.service import Ledger
@@ -32,7 +34,7 @@ CONFIG_KEY = web.AppKey("config", Config)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPENAPI_PATH = "/v1/openapi.json"
-ADMIN_ROUTES: list[routes.Route] = [*org_http.ROUTES]
+ADMIN_ROUTES: list[routes.Route] = [*org_http.ROUTES, *terminal_http.ROUTES]
 
 
 def build_app(
@@ -67,6 +69,9 @@ def build_app(
     if pos is not None and kek is not None:
         app[cards_http.POS_KEY] = pos
         app[cards_http.KEK_KEY] = kek
+        app[terminal_http.TERMINALS_KEY] = TerminalAdmin(
+            records, app[org_http.ORG_KEY], ledger, pos.directory
+        )
         cards_http.add_routes(app.router)
     else:
         for path in ("/internal/v1/pos", "/internal/v1/terminals", "/internal/v1/cards"):

@@ -83,9 +83,7 @@ async def _post_terminal(request: web.Request) -> web.Response:
     store = _text(body, "store", _NAME)
     entity = _text(body, "legal_entity", _NAME)
     mode_text = _text(body, "key_mode", re.compile(r"aes|3des"), "aes")
-    mode = security.KeyMode(mode_text)
-    tmk = security.new_key(mode)
-    sealed = security.seal(request.app[KEK_KEY], tmk, b"tmk:" + tid.encode())
+    mode, tmk, sealed = new_master_key(request.app[KEK_KEY], tid, mode_text)
     pos = request.app[POS_KEY]
     try:
         await admin.add_terminal(
@@ -96,19 +94,27 @@ async def _post_terminal(request: web.Request) -> web.Response:
             store=store,
             legal_entity=entity,
             key_mode=str(mode),
-            tmk_sealed=sealed.hex(),
+            tmk_sealed=sealed,
         )
     except admin.AdminError as exc:
         raise ApiError(409, "terminal_refused", str(exc), "tid") from None
-    return web.json_response(
-        {
-            "tid": tid,
-            "key_mode": str(mode),
-            "tmk": tmk.hex().upper(),  # shown once: inject it into the terminal
-            "kcv": security.check_value(mode, tmk).hex().upper(),
-        },
-        status=201,
-    )
+    return web.json_response({"tid": tid, **master_key_answer(mode, tmk)}, status=201)
+
+
+def new_master_key(kek: bytes, tid: str, mode_text: str) -> tuple[security.KeyMode, bytes, str]:
+    """A fresh terminal master key and its sealed form (hex) for the terminal record."""
+    mode = security.KeyMode(mode_text)
+    tmk = security.new_key(mode)
+    return mode, tmk, security.seal(kek, tmk, b"tmk:" + tid.encode()).hex()
+
+
+def master_key_answer(mode: security.KeyMode, tmk: bytes) -> dict[str, str]:
+    """The key as the registering officer sees it, once: to inject into the terminal."""
+    return {
+        "key_mode": str(mode),
+        "tmk": tmk.hex().upper(),
+        "kcv": security.check_value(mode, tmk).hex().upper(),
+    }
 
 
 async def _post_cards(request: web.Request) -> web.Response:

@@ -132,3 +132,34 @@ async def test_bad_bodies_get_stable_codes_and_change_nothing(admin: AdminClient
     assert (status, answer["error"]["field"]) == (400, "limit")
     status, answer = await admin.call("GET", "/v1/stores", bogus=1)
     assert (status, answer["error"]["code"]) == (400, "unknown_parameter")
+
+
+async def test_terminals_belong_to_a_store_and_a_disabled_one_is_refused_at_the_pos(
+    admin: AdminClient,
+) -> None:
+    from cardcore.cards.http import POS_KEY  # noqa: PLC0415
+    from cardcore.cards.model import Kind, Outcome, PosRequest  # noqa: PLC0415
+
+    await admin.org("LE1", "S1", "S2")
+    made = await admin.ok(
+        "POST", "/v1/terminals", json={"tid": "T0000001", "mid": "M00000000000001", "store": "S1"}
+    )
+    assert (made["legal_entity"], len(made["tmk"]), made["state"]) == ("LE1", 32, "active")
+    shown = await admin.ok("GET", "/v1/terminals/T0000001")
+    assert "tmk" not in shown and "tmk_sealed" not in shown
+    status, body = await admin.call(
+        "POST", "/v1/terminals", json={"tid": "T0000002", "mid": "M00000000000001",
+                                       "store": "NOPE"}
+    )  # fmt: skip
+    assert (status, body["error"]["code"]) == (404, "store_not_found")
+    other = await admin.token("store_supervisor", "store", "S2")
+    status, body = await admin.call("GET", "/v1/terminals/T0000001", other)
+    assert (status, body["error"]["code"]) == (403, "scope_forbidden")
+    assert (await admin.ok("GET", "/v1/terminals", other))["items"] == []
+    pos = admin.app[POS_KEY]
+    sign_on = PosRequest(kind=Kind.SIGN_ON, terminal="T0000001")
+    assert (await pos.handle([sign_on]))[0].outcome is Outcome.APPROVED
+    await admin.ok("PATCH", "/v1/terminals/T0000001", json={"state": "disabled"})
+    assert (await pos.handle([sign_on]))[0].outcome is Outcome.TERMINAL_DISABLED
+    audit = await admin.ok("GET", "/v1/audit", object_kind="terminal")
+    assert [a["action"] for a in audit["items"]] == ["terminal.create", "terminal.disabled"]

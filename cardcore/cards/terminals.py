@@ -1,0 +1,121 @@
+"""POS terminals as the admin API manages them: each belongs to one store (and so to the
+store's legal entity); registered with a fresh master key shown once; listed, read, disabled
+and enabled inside the caller's scope. A disabled terminal is refused at the POS at once
+(the directory forgets its cached record)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cardcore.cards import admin
+from cardcore.cards.directory import Directory
+from cardcore.ledger.service import Ledger
+from cardcore.org.model import Perm, Principal, Refused, ScopeKind, require
+from cardcore.org.service import OrgService
+from cardcore.records import Records
+
+TERMINALS = "pos_terminals"
+
+
+def terminal_view(row: dict[str, Any]) -> dict[str, Any]:
+    """What the admin API shows of a terminal: never its sealed master key."""
+    return {
+        "tid": row["tid"],
+        "mid": row["mid"],
+        "store": row["store"],
+        "legal_entity": row["legal_entity"],
+        "key_mode": row["key_mode"],
+        "state": row["state"],
+        "batch": row["batch"],
+        "created_at_ms": int(row["created_at_ms"]),
+    }
+
+
+class TerminalAdmin:
+    def __init__(
+        self,
+        records: Records,
+        org: OrgService,
+        ledger: Ledger,
+        directory: Directory,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self.records = records
+        self.org = org
+        self.ledger = ledger
+        self.directory = directory
+        self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+
+    async def register(
+        self, p: Principal, *, tid: str, mid: str, store: str, key_mode: str, tmk_sealed: str
+    ) -> dict[str, Any]:
+        place = await self.org.store_place(store, open_=True)
+        require(p, Perm.ORG_WRITE, place)
+        if await self.directory.terminal(tid) is not None:
+            raise Refused("conflict", "terminal_exists", f"terminal {tid} exists", "tid")
+        try:
+            await admin.add_terminal(
+                self.ledger,
+                self.directory,
+                tid=tid,
+                mid=mid,
+                store=store,
+                legal_entity=place.entity,
+                key_mode=key_mode,
+                tmk_sealed=tmk_sealed,
+            )
+        except admin.AdminError as exc:
+            raise Refused("conflict", "terminal_refused", str(exc), "tid") from None
+        async with self.records.begin() as uow:
+            row = await uow.get(TERMINALS, tid=tid)
+            assert row is not None
+            view = terminal_view(row)
+            await uow.audit(
+                p, action="terminal.create", kind="terminal", object_id=tid, place=place,
+                before=None, after=view, now_ms=self.clock_ms(),
+            )  # fmt: skip
+        return view
+
+    async def _row(self, p: Principal, tid: str, perm: Perm) -> dict[str, Any]:
+        async with self.records.read() as uow:
+            row = await uow.get(TERMINALS, tid=tid)
+        if row is None:
+            raise Refused("not_found", "terminal_not_found", "no such terminal", "tid")
+        require(p, perm, await self.org.store_place(row["store"]))
+        return row
+
+    async def get(self, p: Principal, tid: str) -> dict[str, Any]:
+        return terminal_view(await self._row(p, tid, Perm.ORG_READ))
+
+    async def list(
+        self, p: Principal, filters: dict[str, str], after: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        require(p, Perm.ORG_READ)
+        where: dict[str, Any] = dict(filters)
+        if p.scope.kind is ScopeKind.ENTITY:
+            if where.get("legal_entity", p.scope.id) != p.scope.id:
+                return []
+            where["legal_entity"] = p.scope.id
+        elif p.scope.kind is ScopeKind.STORE:
+            if where.get("store", p.scope.id) != p.scope.id:
+                return []
+            where["store"] = p.scope.id
+        async with self.records.read() as uow:
+            rows = await uow.find(TERMINALS, where, order="tid", after=after, limit=limit)
+        return [terminal_view(r) for r in rows]
+
+    async def set_state(self, p: Principal, tid: str, state: str) -> dict[str, Any]:
+        row = await self._row(p, tid, Perm.ORG_WRITE)
+        before = terminal_view(row)
+        after = {**before, "state": state}
+        async with self.records.begin() as uow:
+            await uow.update(TERMINALS, {"tid": tid}, {"state": state})
+            await uow.audit(
+                p, action=f"terminal.{state}", kind="terminal", object_id=tid,
+                place=await self.org.store_place(row["store"]), before=before, after=after,
+                now_ms=self.clock_ms(),
+            )  # fmt: skip
+        self.directory.forget_terminal(tid)
+        return after
