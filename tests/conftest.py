@@ -28,6 +28,7 @@ from cardcore.ledger.service import Ledger
 from cardcore.metrics import Metrics
 from cardcore.org.http import ORG_KEY
 from cardcore.vault import token_key_of
+from tests import logscan
 from tests.helpers import AdminClient, ApiClient
 
 PG_URL = os.environ.get("CARDCORE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -122,3 +123,24 @@ async def admin(db_url: str) -> AsyncIterator[AdminClient]:
     async with TestClient(TestServer(app)) as client:
         minted = await app[ORG_KEY].bootstrap_admin("root", 3600)
         yield AdminClient(client, minted["token"], app)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    logscan.install()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any log line of it holds a card number, an ID number or a secret."""
+    leaks = logscan.SCAN.leaks()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(
+            f"log scan: {len(logscan.SCAN.lines)} records and {len(logscan.SCAN.files)} "
+            f"server logs, {len(logscan.SCAN.secrets)} registered secrets, "
+            f"{len(leaks)} leaks"
+        )
+        for leak in sorted(set(leaks))[:50]:
+            reporter.write_line(f"  LEAK {leak}", red=True)
+    if leaks and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -36,6 +36,7 @@ from cardcore.cards.model import luhn_digit, luhn_ok
 from cardcore.frontend_gateway import codec, security
 from cardcore.frontend_gateway.security import KeyMode
 from cardcore.frontend_gateway.terminal import HEADER, TPDU, PosTerminal, Reply
+from tests import logscan
 from tests.helpers import cardcore_env, free_port
 
 START_S_MAX = 30
@@ -66,6 +67,7 @@ class CardcoreServer:
             CARDCORE_LOG_LEVEL="DEBUG",
         )
         self.log = workdir / "server-stderr.log"
+        logscan.SCAN.files.append(self.log)  # the whole run's log scan reads it at the end
         self.vault: dict[str, str] = {"kek": kek}  # label -> secret text (hex or digits)
         self.url = ""
         self.gateway_host = ""
@@ -127,6 +129,8 @@ class CardcoreServer:
         self._closed()
 
     def _closed(self) -> None:
+        for label, value in self.vault.items():
+            logscan.SCAN.remember(label, value)
         if self._process is not None and self._process.stdout is not None:
             self._process.stdout.close()
         self._process = None

@@ -1,0 +1,94 @@
+"""The whole test run's logs, scanned at the end for secrets (issue 4: no full card number,
+ID number or PIN in any log line of the whole run).
+
+Every log record of the test process is kept (root handler, level INFO and up, formatted as
+`cardcore.logs.JsonFormatter` formats it, extra fields included); every real server process a
+test starts registers its stderr file. At the end `tests/conftest.py` fails the run if any
+line holds:
+- a group card number in full (628888..., 16-19 digits, Luhn-valid),
+- a mainland resident ID number (18 characters with a valid ISO 7064 check character),
+- any secret a test registered with `remember` (PINs, keys, foreign card numbers).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cardcore.cards.model import luhn_ok
+from cardcore.logs import JsonFormatter
+
+_PAN = re.compile(r"(?<![0-9])628888[0-9]{10,13}(?![0-9])")
+_RESIDENT_ID = re.compile(r"(?<![0-9A-Za-z])[0-9]{17}[0-9Xx](?![0-9A-Za-z])")
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_ID_CHECK = "10X98765432"
+LINES_MAX = 2_000_000  # records kept; past it the oldest are dropped (and counted)
+
+
+def resident_id_ok(text: str) -> bool:
+    total = sum(int(d) * w for d, w in zip(text[:17], _ID_WEIGHTS, strict=True))
+    return _ID_CHECK[total % 11] == text[17].upper()
+
+
+@dataclass
+class LogScan:
+    lines: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    secrets: dict[str, str] = field(default_factory=dict)  # value -> label
+    dropped: int = 0
+
+    def remember(self, label: str, value: object) -> None:
+        text = str(value)
+        if len(text) >= 4:
+            self.secrets.setdefault(text, label)
+
+    def keep(self, line: str) -> None:
+        if len(self.lines) >= LINES_MAX:
+            self.dropped += 1
+            return
+        self.lines.append(line)
+
+    def leaks(self) -> list[str]:
+        found = []
+        texts = [("test process", line) for line in self.lines]
+        for path in self.files:
+            if path.exists():
+                texts.extend((path.name, line) for line in path.read_text("utf-8", "replace")
+                             .splitlines())  # fmt: skip
+        patterns = [
+            (re.compile(rf"(?<![0-9]){re.escape(value)}(?![0-9])")
+             if value.isdigit() else re.compile(re.escape(value), re.IGNORECASE), label)
+            for value, label in self.secrets.items()
+        ]  # fmt: skip
+        for where, line in texts:
+            found.extend(f"{where}: card number {m[:6]}...{m[-4:]}" for m in _PAN.findall(line)
+                         if luhn_ok(m))  # fmt: skip
+            found.extend(f"{where}: resident ID {m[:3]}..." for m in _RESIDENT_ID.findall(line)
+                         if resident_id_ok(m))  # fmt: skip
+            found.extend(f"{where}: {label}" for pattern, label in patterns
+                         if pattern.search(line))  # fmt: skip
+        return found
+
+
+SCAN = LogScan()
+
+
+class _Keeper(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(JsonFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            SCAN.keep(self.format(record))
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is kept raw
+            SCAN.keep(repr(record.__dict__))
+
+
+def install() -> None:
+    root = logging.getLogger()
+    root.addHandler(_Keeper())
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
