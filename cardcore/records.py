@@ -67,12 +67,15 @@ class Unit:
         after: object | None = None,
         limit: int = limits.PAGE_LIMIT_MAX,
         descending: bool = False,
+        at_least: dict[str, int] | None = None,
     ) -> list[dict[str, Any]]:
         """Rows in `order`, after the cursor; `limit + 1` of them, so a page knows if there
         is more (callers of a full list pass their own limit and ignore the extra row)."""
         t = self.table(table)
         key = t.c[order]
         query = select(t).where(*self._where(t, where or {}))
+        for name, low in (at_least or {}).items():
+            query = query.where(t.c[name] >= low)
         if after is not None:
             query = query.where(key < after if descending else key > after)
         query = query.order_by(key.desc() if descending else key).limit(limit + 1)

@@ -162,6 +162,7 @@ def _message(error: ValidationError) -> str:
         "enum": f"one of {limit}",
         "maxItems": f"at most {limit} items",
         "minItems": f"at least {limit} items",
+        "minProperties": "give at least one field",
         "uniqueItems": "items must differ",
     }
     return messages.get(str(v), "invalid value")

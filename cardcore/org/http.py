@@ -120,7 +120,10 @@ NEW_STORE = r.obj(
      "city": NAME},
     ["id", "legal_entity", "name", "region", "city"],
 )  # fmt: skip
-STORE_CHANGES = r.obj({"name": NAME, "region": NAME, "city": NAME, "state": STORE_STATE})
+STORE_CHANGES = {
+    **r.obj({"name": NAME, "region": NAME, "city": NAME, "state": STORE_STATE}),
+    "minProperties": 1,
+}
 NEW_USER = r.obj(
     {
         "name": r.string(r.CODE),

@@ -487,6 +487,7 @@ class OrgService:
     ) -> list[dict[str, Any]]:
         require(p, Perm.AUDIT_READ)
         where = dict(filters)
+        since = where.pop("since_ms", None)
         if p.scope.kind is ScopeKind.ENTITY:
             if where.get("entity", p.scope.id) != p.scope.id:
                 return []
@@ -496,7 +497,13 @@ class OrgService:
                 return []
             where["store"] = p.scope.id
         async with self.records.read() as uow:
-            rows = await uow.find(AUDIT, where, after=after, limit=limit)
+            rows = await uow.find(
+                AUDIT,
+                where,
+                after=after,
+                limit=limit,
+                at_least=None if since is None else {"at_ms": since},
+            )
         for row in rows:
             for name in ("before", "after"):
                 row[name] = None if row[name] is None else json.loads(row[name])

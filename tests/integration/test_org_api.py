@@ -163,3 +163,13 @@ async def test_terminals_belong_to_a_store_and_a_disabled_one_is_refused_at_the_
     assert (await pos.handle([sign_on]))[0].outcome is Outcome.TERMINAL_DISABLED
     audit = await admin.ok("GET", "/v1/audit", object_kind="terminal")
     assert [a["action"] for a in audit["items"]] == ["terminal.create", "terminal.disabled"]
+
+
+async def test_audit_filters_by_time_and_an_empty_change_is_refused(admin: AdminClient) -> None:
+    await admin.org("LE1", "S1")
+    everything = await admin.ok("GET", "/v1/audit")
+    last = everything["items"][-1]["at_ms"]
+    later = await admin.ok("GET", "/v1/audit", since_ms=last + 1)
+    assert later["items"] == []
+    status, body = await admin.call("PATCH", "/v1/stores/S1", json={})
+    assert (status, body["error"]["code"]) == (400, "invalid_value")
