@@ -267,3 +267,23 @@ def test_downgrade_to_base_then_upgrade_to_head_rebuilds_the_schema(db_url: str)
     )
     with pytest.raises(DBAPIError, match="append-only"):
         asyncio.run(sql_execute(db_url, "DELETE FROM ledger_batches"))
+
+
+async def test_database_refuses_to_rewrite_or_erase_the_audit_log_and_consents(
+    db_url: str,
+) -> None:
+    await sql_execute(
+        db_url,
+        "INSERT INTO org_audit_log (at_ms, user_id, \"user\", token_id, role, action, "
+        "object_kind, object_id, entity, store, before, after) VALUES "
+        "(1, 1, 'root', 1, 'hq_admin', 'store.create', 'store', 'S1', 'LE1', 'S1', NULL, '{}')",
+        "INSERT INTO member_consents (member_id, purpose, granted, source, at_ms, user_id) "
+        "VALUES (1, 'marketing', TRUE, 'counter', 1, 1)",
+    )
+    tables = {"org_audit_log": "action = 'forged'", "member_consents": "granted = FALSE"}
+    before = {t: await sql_rows(db_url, f"SELECT * FROM {t}") for t in tables}  # noqa: S608
+    for table, change in tables.items():
+        for statement in (f"UPDATE {table} SET {change}", f"DELETE FROM {table}"):  # noqa: S608
+            message = await _refused(db_url, statement)
+            assert f"{statement.split()[0]} on {table} refused" in message, message
+    assert {t: await sql_rows(db_url, f"SELECT * FROM {t}") for t in tables} == before  # noqa: S608
