@@ -42,7 +42,7 @@ class Unit:
         return metadata.tables[name]
 
     def _where(self, t: Table, where: dict[str, Any]) -> list[ColumnElement[bool]]:
-        out = []
+        out: list[ColumnElement[bool]] = []
         for name, value in where.items():
             column = t.c[name]
             if isinstance(value, list | tuple | set | frozenset):

@@ -51,7 +51,7 @@ class LogScan:
         self.lines.append(line)
 
     def leaks(self) -> list[str]:
-        found = []
+        found: list[str] = []
         texts = [("test process", line) for line in self.lines]
         for path in self.files:
             if path.exists():

@@ -168,8 +168,32 @@ def _message(error: ValidationError) -> str:
     return messages.get(str(v), "invalid value")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _clean(value: object, where: str) -> None:
+    """Strings in requests hold no control characters and no lone surrogates (JSON can
+    carry both; neither belongs in a name, a code or a number, and a lone surrogate is not
+    UTF-8 a database can store). Also makes a pattern's `$` mean the end, as in ECMA."""
+    if isinstance(value, str):
+        if _CONTROL.search(value):
+            raise ApiError(400, "invalid_value", "control characters are not allowed", where)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "invalid_value", "not valid Unicode text", where) from None
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _clean(name, where or "body")
+            _clean(item, f"{where}.{name}" if where else str(name))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _clean(item, f"{where}[{i}]")
+
+
 async def body(request: web.Request, schema: Schema) -> dict[str, Any]:
     value = await read_json(request)
+    _clean(value, "")
     check(schema, value)
     assert isinstance(value, dict)
     return value
@@ -185,6 +209,7 @@ def query(request: web.Request, schema: dict[str, Schema]) -> dict[str, Any]:
         if len(values) != 1:
             raise ApiError(400, "invalid_value", "give the parameter once", name)
         raw = values[0]
+        _clean(raw, name)
         kind = schema[name].get("type")
         value: object = raw
         if kind == "integer":

@@ -22,7 +22,7 @@ PRINCIPAL_KEY = web.RequestKey("principal", Principal)
 
 def principal(request: web.Request) -> Principal:
     """The caller, set by the edge middleware from the bearer token."""
-    found = request.get(PRINCIPAL_KEY)
+    found: Principal | None = request.get(PRINCIPAL_KEY)
     if found is None:
         raise ApiError(401, "unauthorized", "missing or wrong bearer token")
     return found

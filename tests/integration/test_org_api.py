@@ -173,3 +173,24 @@ async def test_audit_filters_by_time_and_an_empty_change_is_refused(admin: Admin
     assert later["items"] == []
     status, body = await admin.call("PATCH", "/v1/stores/S1", json={})
     assert (status, body["error"]["code"]) == (400, "invalid_value")
+
+
+async def test_control_characters_and_lone_surrogates_are_refused_everywhere(
+    admin: AdminClient,
+) -> None:
+    await admin.org("LE1", "S0")
+    for body, field in (
+        ({"id": "S1\n", "legal_entity": "LE1", "name": "x", "region": "r", "city": "c"}, "id"),
+        ({"id": "S1", "legal_entity": "LE1", "name": "a\ud800", "region": "r", "city": "c"},
+         "name"),
+        ({"id": "S1", "legal_entity": "LE1", "name": "a\tb", "region": "r", "city": "c"}, "name"),
+    ):  # fmt: skip
+        status, answer = await admin.call("POST", "/v1/stores", json=body)
+        assert (status, answer["error"]["code"], answer["error"]["field"]) == (
+            400,
+            "invalid_value",
+            field,
+        )
+    status, answer = await admin.call("GET", "/v1/stores", city="x\ny")
+    assert (status, answer["error"]["field"]) == (400, "city")
+    assert [s["id"] for s in (await admin.ok("GET", "/v1/stores"))["items"]] == ["S0"]

@@ -62,6 +62,7 @@ LAYER_OF = {
     "cardcore.cards.http": ENTRYPOINT,
     "cardcore.cards.accounts": SERVICE,
     "cardcore.cards.pins": SERVICE,
+    "cardcore.cards.terminals": SERVICE,
     "cardcore.cards.terminal_http": ENTRYPOINT,
     "cardcore.cards.service": SERVICE,
     "cardcore.cards.admin_http": ENTRYPOINT,
