@@ -7,8 +7,12 @@ temporary folder by default, migrated first):
   --ledger URL  a ledger already running (same key-encrypting key, CARDCORE_KEK): only a
                 `cardcore gateway` is started against it
 
-Through the host's internal API the benchmark registers `--terminals` terminals (AES keys)
-and issues one funded stored-value card per terminal. Each terminal signs on (checking its
+Through the admin API (/v1, with an HQ admin token it mints, or `--admin-token` with
+`--ledger`) the benchmark makes two legal entities with one store each, a named card class
+with a 5 % discount, a grant, `--terminals` terminals (AES keys, alternating between the two
+stores) and, per terminal, a member with a named card of store SA, topped up at the counter.
+So every purchase records its discount, and half of them clear across legal entities
+(four-leg transfers through due-to/due-from accounts). Each terminal signs on (checking its
 key check values), then sends MAC'd purchases of 0.01-1.00 on its own card back to back
 for `--seconds`, checking every reply's MAC; with `--rate R` the terminals together offer R
 purchases per second instead (each at R/N per second, evenly spaced, never catching up a
@@ -32,7 +36,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +44,11 @@ import aiohttp
 
 from cardcore import limits, migrate
 from cardcore.bench import BenchError, free_port, percentile, started_cardcore
+from cardcore.db import make_engine
 from cardcore.frontend_gateway.security import KeyMode
 from cardcore.frontend_gateway.terminal import PosTerminal, TerminalError
+from cardcore.org.service import OrgService
+from cardcore.records import Records
 
 CARD_BALANCE = 10**11  # fen: enough for any run
 ECHO_INTERVAL_S = 60
@@ -56,6 +63,7 @@ class PosBenchOptions:
     separate: bool = False
     idle: int = 0
     token: str = ""
+    admin_token: str = ""  # staff token of the ledger at --ledger (minted here otherwise)
     rate: int = 0  # offered purchases per second in all; 0 = back to back
 
 
@@ -77,6 +85,10 @@ def check(options: PosBenchOptions) -> None:
         raise BenchError(f"--rate must be 0..{limits.BENCH_RATE_PER_S_MAX}")
     if options.ledger and options.separate:
         raise BenchError("--ledger and --separate exclude each other")
+    if options.ledger and not options.admin_token:
+        raise BenchError("--ledger needs --admin-token (an HQ admin token of that ledger)")
+    if options.terminals > 9999:
+        raise BenchError("--terminals is at most 9999 (one member mobile number each)")
 
 
 def run(options: PosBenchOptions) -> dict[str, Any]:
@@ -94,6 +106,7 @@ def run(options: PosBenchOptions) -> dict[str, Any]:
                 gateway = stack.enter_context(_gateway(env, ledger_url, options.token))
             else:
                 migrate.upgrade(db)
+                options = replace(options, admin_token=asyncio.run(_bootstrap_token(db)))
                 env["CARDCORE_DB_URL"] = db
                 if options.separate:
                     ledger_url = stack.enter_context(_process(env, "ledger"))[0]
@@ -141,9 +154,20 @@ def _gateway(env: dict[str, str], ledger_url: str, token: str) -> Iterator[_Gate
         yield _Gateway("127.0.0.1", gateway_port, process.pid)
 
 
-async def _post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Any:
+# The benchmark's organization: cards issued in store SA (entity A); terminals alternate
+# between SA and SB (entity B), so half the purchases cross legal entities.
+BENCH_CLASS = "BENCHVIP"
+BENCH_DISCOUNT_BP = 500
+STORES = (("LE-BENCH-A", "SA"), ("LE-BENCH-B", "SB"))
+
+
+async def _post(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], exists_ok: bool = False
+) -> Any:
     async with session.post(url, json=body) as response:
         document = await response.json()
+        if response.status == 409 and exists_ok:
+            return document
         if response.status >= 300:
             raise BenchError(f"{url}: HTTP {response.status}: {document}")
         return document
@@ -152,41 +176,105 @@ async def _post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) 
 async def _setup(
     ledger_url: str, options: PosBenchOptions
 ) -> tuple[list[tuple[str, bytes]], list[str]]:
-    """Register the terminals and issue their cards through the host's internal API."""
-    headers = {"Authorization": f"Bearer {options.token}"} if options.token else {}
+    """The organization, a discount card class, terminals, members, their named cards and
+    their top-ups, all through the admin API (/v1), as a store would make them."""
+    headers = {"Authorization": f"Bearer {options.admin_token}"}
     timeout = aiohttp.ClientTimeout(total=600)
-    run_id = f"{random.randrange(36**4):04d}"[-4:]
+    run_id = random.randrange(10**4)
     total = options.terminals + options.idle
+    v1 = f"{ledger_url}/v1"
     async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        for entity, store in STORES:
+            await _post(
+                session, f"{v1}/legal-entities", {"id": entity, "name": entity}, exists_ok=True
+            )
+            await _post(
+                session,
+                f"{v1}/stores",
+                {
+                    "id": store,
+                    "legal_entity": entity,
+                    "name": store,
+                    "region": "East",
+                    "city": "Shanghai",
+                },
+                exists_ok=True,
+            )
+        await _post(
+            session,
+            f"{v1}/card-classes",
+            {
+                "code": BENCH_CLASS,
+                "name": "Bench VIP",
+                "named": True,
+                "discount_bp": BENCH_DISCOUNT_BP,
+                "balance_max": CARD_BALANCE,
+            },
+            exists_ok=True,
+        )
+        await _post(
+            session,
+            f"{v1}/grants",
+            {"store": STORES[0][1], "function": "stored_value", "product": BENCH_CLASS},
+        )
         gate = asyncio.Semaphore(16)
 
         async def register(i: int) -> tuple[str, bytes]:
-            tid = f"B{run_id}{i:03X}"[-8:] if total <= 4096 else f"{run_id[:2]}{i:06d}"
+            tid = f"B{run_id:04d}{i:03X}"[-8:] if total <= 4096 else f"{run_id % 100:02d}{i:06d}"
             async with gate:
                 answer = await _post(
                     session,
-                    f"{ledger_url}/internal/v1/terminals",
+                    f"{v1}/terminals",
                     {
                         "tid": tid,
                         "mid": "BENCH0000000001",
-                        "store": "S-BENCH",
-                        "legal_entity": "LE-BENCH",
+                        "store": STORES[i % 2][1],
                         "key_mode": "aes",
                     },
                 )
             return tid, bytes.fromhex(answer["tmk"])
 
+        async def card(i: int) -> str:
+            async with gate:
+                member = await _post(
+                    session,
+                    f"{v1}/members",
+                    {
+                        "mobile": f"139{run_id:04d}{i:04d}",
+                        "name": f"Bench {i}",
+                        "home_store": STORES[0][1],
+                    },
+                )
+                issued = await _post(
+                    session,
+                    f"{v1}/cards",
+                    {"class_code": BENCH_CLASS, "store": STORES[0][1], "member_id": member["id"]},
+                )
+                await _post(
+                    session,
+                    f"{v1}/cards/{issued['id']}/topups",
+                    {
+                        "amount": CARD_BALANCE,
+                        "tender": "cash",
+                        "receipt": f"B{i}",
+                        "key": f"bench-{run_id}-{i}",
+                    },
+                )
+            return str(issued["pan"])
+
         terminals = await asyncio.gather(*(register(i) for i in range(total)))
-        cards: list[str] = []
-        while len(cards) < options.terminals:
-            count = min(limits.CARD_ISSUE_BATCH_MAX, options.terminals - len(cards))
-            answer = await _post(
-                session,
-                f"{ledger_url}/internal/v1/cards",
-                {"legal_entity": "LE-BENCH", "count": count, "balance": CARD_BALANCE},
-            )
-            cards.extend(c["pan"] for c in answer["cards"])
-    return list(terminals), cards
+        cards = await asyncio.gather(*(card(i) for i in range(options.terminals)))
+    return list(terminals), list(cards)
+
+
+async def _bootstrap_token(db: str) -> str:
+    """A staff token for the setup, minted the way `cardcore admin token` does."""
+    engine = make_engine(db)
+    try:
+        minted = await OrgService(Records(engine)).bootstrap_admin("bench", 3600)
+    finally:
+        await engine.dispose()
+    return str(minted["token"])
 
 
 async def _drive(ledger_url: str, gateway: _Gateway, options: PosBenchOptions) -> dict[str, Any]:
@@ -233,7 +321,10 @@ async def _drive(ledger_url: str, gateway: _Gateway, options: PosBenchOptions) -
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),
         "purchases": len(latencies),
+        "approved": tally.approved,
         "errors": tally.errors,
+        "discount_bp": BENCH_DISCOUNT_BP,
+        "cross_entity_terminals": len(busy) // 2,
         "gateway_rss_mb": rss_mb,
     }
 

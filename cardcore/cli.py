@@ -8,6 +8,7 @@
     cardcore pos ACTION      a POS terminal: sign on, buy, inquire, void, refund, settle ...
     cardcore terminal add    register a POS terminal with a running host (master key once)
     cardcore card issue      issue stored-value cards through a running host
+    cardcore admin ...       bootstrap: first HQ admin token, card batches, demo organization
     cardcore keys init       create the key-encrypting key file
     cardcore bench ledger    drive a ledger over HTTP and print one JSON line
     cardcore bench pos       drive simulated terminals through a gateway; one JSON line
@@ -25,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from cardcore import bench, bench_pos, limits, logs, migrate, pos_commands
+from cardcore import admin_commands, bench, bench_pos, limits, logs, migrate, pos_commands
 from cardcore import config as config_module
 from cardcore.db import DATABASE_ERRORS, DatabaseUrlError, make_engine
 from cardcore.frontend_gateway.saf import SafError
@@ -160,6 +161,41 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     cissue.add_argument("--expires", default="", help="YYMM")
     cissue.add_argument("--out", help="CSV file for the card numbers")
 
+    adm = commands.add_parser(
+        "admin",
+        help="bootstrap the admin API and card stock",
+        description=admin_commands.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    adm.add_argument("--db", dest="db_url", help="database URL (CARDCORE_DB_URL)")
+    adm_commands = adm.add_subparsers(dest="admin_command", required=True, parser_class=_Parser)
+    atoken = adm_commands.add_parser(
+        "token",
+        help="the first HQ admin's token (printed once)",
+        description="Make the group HQ admin NAME if missing and print a new token once.",
+    )
+    atoken.add_argument("--name", default="root", help="the HQ admin's user name")
+    atoken.add_argument("--ttl-days", type=int, default=90, help="days the token lives")
+    aissue = adm_commands.add_parser(
+        "issue-cards",
+        help="issue a batch of bearer or gift cards (CSV for printing)",
+        description="Issue up to 100,000 bearer or gift cards of a class at a store (which "
+        "needs HQ's grant), with a progress bar on stderr; --out writes the CSV for printing.",
+    )
+    aissue.add_argument("--class", dest="class_code", required=True, help="card class code")
+    aissue.add_argument("--store", required=True, help="the issuing store")
+    aissue.add_argument("--count", type=int, required=True)
+    aissue.add_argument("--out", help="CSV file: card_id,card_number,class_code,expires,...")
+    aissue.add_argument(
+        "--full-numbers", action="store_true", help="full card numbers in the CSV (mode 0600)"
+    )
+    adm_commands.add_parser(
+        "demo",
+        help="idempotent demo organization",
+        description="Two legal entities, three stores, card classes ORDINARY, VIP, BEARER and "
+        "GIFT100, and each store's grants; what exists is left as it is.",
+    )
+
     keys = commands.add_parser("keys", help="keys", description="Keys.")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
     kinit = keys_commands.add_parser(
@@ -203,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     bp.add_argument("--ledger", help="a running ledger URL: start only a gateway against it")
     bp.add_argument("--separate", action="store_true", help="gateway and ledger as two processes")
     bp.add_argument("--idle", type=int, default=0, help="extra signed-on terminals that only echo")
-    bp.add_argument("--token", default="", help="bearer token of the ledger at --ledger")
+    bp.add_argument("--token", default="", help="internal token of the ledger at --ledger")
+    bp.add_argument("--admin-token", default="", help="HQ admin token of the ledger at --ledger")
     bp.add_argument("--rate", type=int, default=0, help="offered purchases/s in all (0: flat out)")
     return parser
 
@@ -224,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DatabaseUrlError,
         bench.BenchError,
         pos_commands.CommandError,
+        admin_commands.AdminCommandError,
         SafError,
     ) as exc:
         return _fail(str(exc), EXIT_USAGE)
@@ -269,6 +307,8 @@ def _dispatch(args: argparse.Namespace, config: config_module.Config) -> int:
         )
         print(json.dumps(answer))
         return 0
+    if args.command == "admin":
+        return asyncio.run(admin_commands.run(config, args))
     if args.command == "card":
         return asyncio.run(pos_commands.issue_cards(config, args))
     if args.bench_command == "pos":
@@ -280,6 +320,7 @@ def _dispatch(args: argparse.Namespace, config: config_module.Config) -> int:
             separate=args.separate,
             idle=args.idle,
             token=args.token,
+            admin_token=args.admin_token,
             rate=args.rate,
         )
         print(json.dumps(bench_pos.run(options_pos)))

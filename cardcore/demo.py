@@ -25,6 +25,7 @@ from cardcore.ledger.model import (
     Side,
 )
 from cardcore.ledger.service import Ledger
+from cardcore.vault import Vault
 
 CLIENT = "demo"
 
@@ -115,7 +116,7 @@ async def load_pos(ledger: Ledger, directory: Directory, kek: bytes) -> dict[str
         await admin.issue_cards(
             ledger,
             directory,
-            token_key,
+            Vault(kek),
             legal_entity=DEMO_ENTITY,
             pans=missing,
             balance=DEMO_CARD_BALANCE,

@@ -63,11 +63,13 @@ CARD_CACHE_ENTRIES_MAX: Final = 200_000  # card and terminal records the host ke
 CARD_ISSUE_BATCH_MAX: Final = 100_000  # cards issued by one command
 
 # --- organization, staff and audit (cardcore.org) --------------------------------------------
+RECORD_ID_MAX: Final = 2**31 - 1  # ids of 32-bit integer columns (staff, tokens, grants, audit)
 TOKEN_TTL_S_DEFAULT: Final = 90 * 24 * 3600  # an API token expires after this unless told
 TOKEN_TTL_S_MAX: Final = 2 * 365 * 24 * 3600
 TOKEN_CACHE_S: Final = 5  # a token's record is re-read at least this often (revocation lag)
 TOKEN_CACHE_ENTRIES_MAX: Final = 10_000
 TOKENS_PER_USER_MAX: Final = 20  # live tokens one staff user may hold
+SCHEMA_VALIDATORS_MAX: Final = 1000  # compiled request schemas kept (routes have ~100)
 AUDIT_VALUE_BYTES_MAX: Final = 16 * 1024  # the JSON of one before/after image
 
 # --- members and card products (cardcore.members, cardcore.cards) -----------------------------
@@ -85,6 +87,15 @@ CARD_CLOSE_ATTEMPTS_MAX: Final = 5  # reads and refunds of the last balance when
 EXPORT_ROWS_MAX: Final = 100_000  # rows in one CSV export
 MEMBER_NAME_CHARS_MAX: Final = 64
 EMAIL_CHARS_MAX: Final = 128
+MOBILE_CHARS_MAX: Final = 32  # a mobile number as typed (spaces, dashes, prefix) before normalizing
+ID_NUMBER_CHARS_MAX: Final = 32  # an ID document number of type "other"
+ID_NUMBER_BYTES_MAX: Final = 96  # its UTF-8, so its ciphertext fits members.id_sealed
+MEMBER_CARDS_SHOWN_MAX: Final = 100  # cards listed in one member's view (`cards_more` says more)
+CARD_ISSUE_ATTEMPTS_MAX: Final = 5  # fresh numbers drawn / ids re-read when an issue clashes
+RECEIPT_CHARS_MAX: Final = 32  # a counter receipt number (transfer metadata external_ref)
+COUNTER_KEY_CHARS_MAX: Final = 64  # the caller's idempotency key of a counter top-up or sale
+OPERATOR_CHARS_MAX: Final = 16  # the operator's name in a transfer's metadata
+REPORT_READ_ROWS_MAX: Final = 1000  # cards read per query while a report sums them
 
 # --- front-end gateway (cardcore.frontend_gateway) -------------------------------------------
 GATEWAY_CONNECTIONS_MAX: Final = 30_000  # open terminal connections in one gateway process

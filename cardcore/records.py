@@ -68,6 +68,7 @@ class Unit:
         limit: int = limits.PAGE_LIMIT_MAX,
         descending: bool = False,
         at_least: dict[str, int] | None = None,
+        starts_with: dict[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         """Rows in `order`, after the cursor; `limit + 1` of them, so a page knows if there
         is more (callers of a full list pass their own limit and ignore the extra row)."""
@@ -76,6 +77,8 @@ class Unit:
         query = select(t).where(*self._where(t, where or {}))
         for name, low in (at_least or {}).items():
             query = query.where(t.c[name] >= low)
+        for name, prefix in (starts_with or {}).items():
+            query = query.where(t.c[name].startswith(prefix, autoescape=True))
         if after is not None:
             query = query.where(key < after if descending else key > after)
         query = query.order_by(key.desc() if descending else key).limit(limit + 1)
@@ -180,8 +183,13 @@ class Records:
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[Unit]:
-        async with self.engine.begin() as conn:
-            yield Unit(conn)
+        """A write transaction. On SQLite it takes the write lock at BEGIN (IMMEDIATE), so a
+        unit that reads before it writes waits its turn instead of failing "database is
+        locked" when another writer committed in between; PostgreSQL ignores the option."""
+        async with self.engine.connect() as plain:
+            conn = await plain.execution_options(sqlite_begin="IMMEDIATE")
+            async with conn.begin():
+                yield Unit(conn)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Unit]:

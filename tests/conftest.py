@@ -24,6 +24,7 @@ from cardcore.api.app import build_app
 from cardcore.cards.directory import Directory
 from cardcore.cards.pos import PosService
 from cardcore.config import Config
+from cardcore.frontend_gateway.security import zone_pin_reader
 from cardcore.ledger.service import Ledger
 from cardcore.metrics import Metrics
 from cardcore.org.http import ORG_KEY
@@ -118,7 +119,12 @@ async def admin(db_url: str) -> AsyncIterator[AdminClient]:
     made the way `cardcore admin token` makes the first one."""
     metrics = Metrics()
     ledger = Ledger.open(db_url, metrics, batch_wait_ms_max=1)
-    pos = PosService(ledger, Directory(ledger.store.engine), token_key_of(ADMIN_KEK))
+    pos = PosService(
+        ledger,
+        Directory(ledger.store.engine),
+        token_key_of(ADMIN_KEK),
+        pin_of=zone_pin_reader(ADMIN_KEK),
+    )
     app = build_app(Config(db_url=db_url), metrics, ledger, pos, ADMIN_KEK)
     async with TestClient(TestServer(app)) as client:
         minted = await app[ORG_KEY].bootstrap_admin("root", 3600)

@@ -57,18 +57,23 @@ class LogScan:
             if path.exists():
                 texts.extend((path.name, line) for line in path.read_text("utf-8", "replace")
                              .splitlines())  # fmt: skip
-        patterns = [
-            (re.compile(rf"(?<![0-9]){re.escape(value)}(?![0-9])")
-             if value.isdigit() else re.compile(re.escape(value), re.IGNORECASE), label)
-            for value, label in self.secrets.items()
-        ]  # fmt: skip
+        digits = sorted((v for v in self.secrets if v.isdigit()), key=len, reverse=True)
+        others = sorted((v for v in self.secrets if not v.isdigit()), key=len, reverse=True)
+        patterns = []  # one alternation each: a few searches per line, whatever the count
+        if digits:
+            joined = "|".join(map(re.escape, digits))
+            patterns.append(re.compile(rf"(?<![0-9])(?:{joined})(?![0-9])"))
+        if others:
+            patterns.append(re.compile("|".join(map(re.escape, others)), re.IGNORECASE))
+        labels = {k.lower(): v for k, v in self.secrets.items()}
         for where, line in texts:
             found.extend(f"{where}: card number {m[:6]}...{m[-4:]}" for m in _PAN.findall(line)
                          if luhn_ok(m))  # fmt: skip
             found.extend(f"{where}: resident ID {m[:3]}..." for m in _RESIDENT_ID.findall(line)
                          if resident_id_ok(m))  # fmt: skip
-            found.extend(f"{where}: {label}" for pattern, label in patterns
-                         if pattern.search(line))  # fmt: skip
+            for pattern in patterns:
+                found.extend(f"{where}: {labels.get(m.lower(), 'a secret')}"
+                             for m in pattern.findall(line))  # fmt: skip
         return found
 
 

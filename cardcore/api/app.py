@@ -14,18 +14,26 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from cardcore import __version__, limits
 from cardcore.api import routes
 from cardcore.api.edge import ApiError, error_response
+from cardcore.cards import admin_http as cards_admin_http
 from cardcore.cards import http as cards_http
 from cardcore.cards import terminal_http
+from cardcore.cards.accounts import Accounts
+from cardcore.cards.pins import Pins
 from cardcore.cards.pos import PosService
+from cardcore.cards.service import CardService
 from cardcore.cards.terminals import TerminalAdmin
 from cardcore.config import Config
+from cardcore.db import DATABASE_ERRORS
 from cardcore.ledger import http as ledger_http
 from cardcore.ledger.service import Ledger
+from cardcore.members import http as members_http
+from cardcore.members.service import MemberService
 from cardcore.metrics import Metrics
 from cardcore.org import http as org_http
 from cardcore.org.model import Refused
 from cardcore.org.service import OrgService
 from cardcore.records import Records
+from cardcore.vault import Vault
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +42,13 @@ CONFIG_KEY = web.AppKey("config", Config)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPENAPI_PATH = "/v1/openapi.json"
-ADMIN_ROUTES: list[routes.Route] = [*org_http.ROUTES, *terminal_http.ROUTES]
+RETRY = {"Retry-After": "1"}
+ADMIN_ROUTES: list[routes.Route] = [
+    *org_http.ROUTES,
+    *terminal_http.ROUTES,
+    *members_http.ROUTES,
+    *cards_admin_http.ROUTES,
+]
 
 
 def build_app(
@@ -69,8 +83,17 @@ def build_app(
     if pos is not None and kek is not None:
         app[cards_http.POS_KEY] = pos
         app[cards_http.KEK_KEY] = kek
+        vault = Vault(kek)
+        org = app[org_http.ORG_KEY]
+        # One lock per card account and one PIN counter, shared by the POS and the admin API.
+        pos.accounts = accounts = pos.accounts or Accounts(ledger)
+        pos.pins = pins = pos.pins or Pins(records, vault, pos.directory)
         app[terminal_http.TERMINALS_KEY] = TerminalAdmin(
-            records, app[org_http.ORG_KEY], ledger, pos.directory
+            records, org, ledger, pos.directory, accounts
+        )
+        app[members_http.MEMBERS_KEY] = MemberService(records, org, vault, ledger)
+        app[cards_admin_http.CARDS_KEY] = CardService(
+            records, org, vault, ledger, pos.directory, accounts, pins
         )
         cards_http.add_routes(app.router)
     else:
@@ -104,6 +127,11 @@ async def _edge_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = error_response(exc.status, exc.code, exc.message, exc.field)
     except Refused as exc:
         response = error_response(exc.status, exc.code, exc.message, exc.field)
+    except DATABASE_ERRORS:
+        log.exception("database error in %s %s", request.method, name)
+        response = error_response(
+            503, "database_unavailable", "the database cannot answer now; retry", **RETRY
+        )
     except web.HTTPRequestEntityTooLarge:
         response = error_response(
             413, "body_too_large", f"request body over {limits.REQUEST_BODY_BYTES_MAX} bytes"

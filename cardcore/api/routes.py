@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from jsonschema import Draft7Validator
+from jsonschema import Draft7Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from cardcore import limits
@@ -105,6 +105,7 @@ class Route:
     answers: dict[int, Schema] = field(default_factory=dict)  # success status -> schema
     refusals: tuple[int, ...] = (400, 401, 403, 404)
     public: bool = False
+    media: str = "application/json"  # of the success answers (text/csv for an export)
 
 
 def register(router: web.UrlDispatcher, routes: Sequence[Route]) -> None:
@@ -114,15 +115,26 @@ def register(router: web.UrlDispatcher, routes: Sequence[Route]) -> None:
 
 # --- validation --------------------------------------------------------------------------------
 
-_validators: dict[int, Draft7Validator] = {}
+_STRICT = validators.extend(
+    Draft7Validator,
+    type_checker=Draft7Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
+    ),
+)
+_validators: dict[int, tuple[Schema, Any]] = {}
 
 
-def _validator(schema: Schema) -> Draft7Validator:
-    key = id(schema)
-    found = _validators.get(key)
-    if found is None:
-        found = _validators[key] = Draft7Validator(schema)
-    return found
+def _validator(schema: Schema) -> Any:
+    """A validator per schema object; "integer" means a JSON integer, never 5.0. Route
+    schemas are module constants, so the cache holds one entry per schema (bounded anyway,
+    and keyed with the schema kept alive so an id is never reused for another)."""
+    found = _validators.get(id(schema))
+    if found is not None and found[0] is schema:
+        return found[1]
+    validator = _STRICT(schema)
+    if len(_validators) < limits.SCHEMA_VALIDATORS_MAX:
+        _validators[id(schema)] = (schema, validator)
+    return validator
 
 
 def check(schema: Schema, value: object, where: str = "") -> None:
@@ -168,7 +180,8 @@ def _message(error: ValidationError) -> str:
     return messages.get(str(v), "invalid value")
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, and the bidirectional overrides that can make a name read backwards.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def _clean(value: object, where: str) -> None:
@@ -225,11 +238,24 @@ def query(request: web.Request, schema: dict[str, Schema]) -> dict[str, Any]:
     return out
 
 
-def path_int(request: web.Request, name: str) -> int:
+def path_int(request: web.Request, name: str, high: int = 2**62) -> int:
+    """An id in the path; 404 for anything that cannot be one (the column's range included:
+    PostgreSQL refuses an int4 comparison past 2**31 - 1)."""
     raw = request.match_info[name]
-    if not re.fullmatch(r"[0-9]{1,18}", raw):
+    if not re.fullmatch(r"[0-9]{1,19}", raw) or not 1 <= int(raw) <= high:
         raise ApiError(404, "not_found", f"no such {name.removesuffix('_id')}", name)
     return int(raw)
+
+
+def cursor_int(q: dict[str, Any], high: int = 2**62) -> int | None:
+    """The `after` cursor of a listing keyed by integer ids (from `next_after`)."""
+    after = q.get("after")
+    if after is None:
+        return None
+    text = str(after)
+    if not re.fullmatch(r"[0-9]{1,19}", text) or int(text) > high:
+        raise ApiError(400, "invalid_value", "after is a cursor from next_after", "after")
+    return int(text)
 
 
 def path_code(request: web.Request, name: str) -> str:
@@ -290,7 +316,7 @@ def openapi(routes: Sequence[Route], version: str) -> dict[str, Any]:
         for status, schema in r.answers.items():
             operation["responses"][str(status)] = {
                 "description": _STATUS_TEXT.get(status, "OK"),
-                "content": {"application/json": {"schema": schema}},
+                "content": {r.media: {"schema": schema}},
             }
         refusals = () if r.public else (*r.refusals, 401, 413, 503)
         for status in sorted(set(refusals)):

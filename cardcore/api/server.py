@@ -14,13 +14,18 @@ from aiohttp import web
 
 from cardcore import demo, limits
 from cardcore.api.app import build_app
+from cardcore.cards.accounts import Accounts
 from cardcore.cards.directory import Directory
+from cardcore.cards.pins import Pins
 from cardcore.cards.pos import PosService, token_key_of
 from cardcore.config import Config, ConfigError, create_kek_file, load_kek
+from cardcore.frontend_gateway import security
 from cardcore.frontend_gateway.app import RunningGateway, start_gateway
 from cardcore.frontend_gateway.host import InProcessHost
 from cardcore.ledger.service import Ledger
 from cardcore.metrics import Metrics
+from cardcore.records import Records
+from cardcore.vault import Vault
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ async def serve(config: Config, *, role: str, with_demo: bool) -> None:
     )
     pos = None
     if kek is not None:
-        pos = PosService(ledger, Directory(ledger.store.engine), token_key_of(kek))
+        pos = pos_service(ledger, kek)
     elif with_demo:
         raise ConfigError("the demo needs a key-encrypting key")
     else:
@@ -76,6 +81,22 @@ async def serve(config: Config, *, role: str, with_demo: bool) -> None:
         if gateway is not None:
             await gateway.close()
         await runner.cleanup()
+
+
+def pos_service(ledger: Ledger, kek: bytes) -> PosService:
+    """The POS host: its card directory, the card-account locks and PIN checks (which the
+    admin services may share: `build_app` can set its own on `accounts` and `pins`), and
+    the reader of the gateway's zone PIN blocks (the host and the gateway derive one zone
+    PIN key from the KEK)."""
+    directory = Directory(ledger.store.engine)
+    return PosService(
+        ledger,
+        directory,
+        token_key_of(kek),
+        pin_of=security.zone_pin_reader(kek),
+        accounts=Accounts(ledger),
+        pins=Pins(Records(ledger.store.engine), Vault(kek), directory),
+    )
 
 
 def stop_on_signals() -> asyncio.Event:

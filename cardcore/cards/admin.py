@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from cardcore import limits
 from cardcore.cards.directory import Directory
 from cardcore.cards.model import CURRENCY, POS_CLIENT, Card, Terminal, luhn_digit, mask_pan
-from cardcore.cards.pos import card_token
 from cardcore.ledger.model import (
     AccountFlags,
     AssetKind,
@@ -29,9 +28,11 @@ from cardcore.ledger.model import (
     Side,
 )
 from cardcore.ledger.service import Ledger
+from cardcore.vault import Vault
 
 CARD_PREFIX = "628888"  # the group's card-number prefix (IIN)
 CARD_DIGITS = 19  # 12 random digits: 100,000 new cards collide with odds of about 1 in 200
+SECRET_BYTES = 16  # a card's media secret (magnetic stripe, QR, chip): random, never derived
 
 
 class AdminError(ValueError):
@@ -111,10 +112,20 @@ def new_pan() -> str:
     return body + luhn_digit(body)
 
 
+def sealed_columns(vault: Vault, token: str, pan: str) -> dict[str, str]:
+    """A card's number and a new random media secret, each sealed to this card's token: the
+    number is never stored in clear, and the secret cannot be derived from it."""
+    secret = secrets.token_bytes(SECRET_BYTES).hex()
+    return {
+        "pan_sealed": vault.seal_text(f"pan:{token}", pan),
+        "secret_sealed": vault.seal_text(f"secret:{token}", secret),
+    }
+
+
 async def issue_cards(
     ledger: Ledger,
     directory: Directory,
-    token_key: bytes,
+    vault: Vault,
     *,
     legal_entity: str,
     count: int = 0,
@@ -137,7 +148,7 @@ async def issue_cards(
     if not wanted:
         raise AdminError("nothing to issue")
     await ensure_currency(ledger)
-    tokens = [card_token(token_key, pan) for pan in wanted]
+    tokens = [vault.card_token(pan) for pan in wanted]
     taken = await directory.existing_tokens(tokens)
     if taken:
         pan = next(p for p, t in zip(wanted, tokens, strict=True) if t in taken)
@@ -170,7 +181,8 @@ async def issue_cards(
         for pan, token, account_id in zip(wanted, tokens, ids, strict=True)
         if account_id is not None
     ]
-    cards = await directory.add_cards(cards, _now_ms())
+    extra = [sealed_columns(vault, c.token, pan) for c, pan in zip(cards, wanted, strict=True)]
+    cards = await directory.add_cards(cards, _now_ms(), extra)
     if balance > 0:
         await _submit(
             ledger,

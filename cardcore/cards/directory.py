@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +28,7 @@ class Directory:
         self._terminals: dict[str, Terminal] = {}
         self._cards: OrderedDict[str, Card] = OrderedDict()
         self._classes: dict[str, CardClass] = {}
+        self._card_generation = 0  # moves on every forget: a read begun before is stale
         self._issue_lock = asyncio.Lock()
 
     # --- terminals ---------------------------------------------------------------------------
@@ -54,22 +56,7 @@ class Directory:
 
     async def add_terminal(self, t: Terminal, now_ms: int) -> None:
         async with self.engine.begin() as conn:
-            await conn.execute(
-                insert(schema.pos_terminals).values(
-                    tid=t.tid,
-                    mid=t.mid,
-                    store=t.store,
-                    legal_entity=t.legal_entity,
-                    key_mode=t.key_mode,
-                    tmk_sealed=t.tmk_sealed,
-                    state=t.state,
-                    batch=t.batch,
-                    batch_cycle=t.batch_cycle,
-                    sales_account=t.sales_account,
-                    cash_account=t.cash_account,
-                    created_at_ms=now_ms,
-                )
-            )
+            await conn.execute(insert(schema.pos_terminals).values(**terminal_row(t, now_ms)))
 
     async def close_batch(
         self,
@@ -141,6 +128,7 @@ class Directory:
         cached = self._cards.get(token)
         if cached is not None:
             return cached
+        generation = self._card_generation
         async with self.engine.connect() as conn:
             row = (
                 (await conn.execute(select(schema.cards).where(schema.cards.c.token == token)))
@@ -150,12 +138,15 @@ class Directory:
         if row is None:
             return None
         card = card_of(row)
+        if generation != self._card_generation:
+            return card  # a card changed while this read ran: answer it, never cache it
         self._cards[token] = card
         if len(self._cards) > limits.CARD_CACHE_ENTRIES_MAX:
             self._cards.popitem(last=False)
         return card
 
     def forget_card(self, token: str) -> None:
+        self._card_generation += 1
         self._cards.pop(token, None)
 
     def forget_terminal(self, tid: str) -> None:
@@ -232,6 +223,65 @@ class Directory:
                 await conn.execute(insert(c), rows[i : i + limits.DB_INSERT_ROWS_MAX])
         return numbered
 
+    def forget_all_cards(self) -> None:
+        """Drop every cached card (a class change rewrote many cards at once)."""
+        self._card_generation += 1
+        self._cards.clear()
+
+    @property
+    def issue_lock(self) -> asyncio.Lock:
+        """Held while a new card's id is chosen and its row written (ids follow the highest)."""
+        return self._issue_lock
+
+    async def expired_cards(
+        self, before: str, states: Sequence[str], *, after_id: int, limit: int
+    ) -> list[dict[str, Any]]:
+        """Cards in `states` whose expiry (YYMM) is before `before`: id order, after a cursor."""
+        c = schema.cards
+        query = (
+            select(c.c.id, c.c.legal_entity, c.c.store, c.c.class_code, c.c.account_id)
+            .where(
+                c.c.expires != "",
+                c.c.expires < before,
+                c.c.state.in_(list(states)),
+                c.c.id > after_id,
+            )
+            .order_by(c.c.id)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+    async def balances(self, account_ids: Sequence[int]) -> dict[int, Balance]:
+        """The balances of many accounts at once (a report's read; no snapshot across calls)."""
+        a = ledger_schema.accounts
+        out: dict[int, Balance] = {}
+        wanted = list(dict.fromkeys(account_ids))
+        async with self.engine.connect() as conn:
+            for i in range(0, len(wanted), limits.DB_INSERT_ROWS_MAX):
+                chunk = wanted[i : i + limits.DB_INSERT_ROWS_MAX]
+                query = select(
+                    a.c.id,
+                    a.c.debits_posted,
+                    a.c.credits_posted,
+                    a.c.debits_pending,
+                    a.c.credits_pending,
+                    a.c.version,
+                ).where(a.c.id.in_(chunk))
+                for row in (await conn.execute(query)).all():
+                    out[int(row[0])] = Balance(*(int(x) for x in row[1:]))
+        return out
+
+    async def keyed_transfer(self, client: str, key: str) -> dict[str, Any] | None:
+        """The transfer applied under (client, key), if any (a counter request's retry)."""
+        t = ledger_schema.transfers
+        query = select(t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings).where(
+            t.c.client == client, t.c.key == key
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).mappings().first()
+        return None if row is None else _transfer(row)
+
     # --- ledger reads --------------------------------------------------------------------------
 
     async def transfer_by_key(self, key: str) -> dict[str, Any] | None:
@@ -298,6 +348,24 @@ class Directory:
             )
             for r in rows
         ]
+
+
+def terminal_row(t: Terminal, now_ms: int) -> dict[str, Any]:
+    """The pos_terminals row of a new terminal."""
+    return {
+        "tid": t.tid,
+        "mid": t.mid,
+        "store": t.store,
+        "legal_entity": t.legal_entity,
+        "key_mode": t.key_mode,
+        "tmk_sealed": t.tmk_sealed,
+        "state": t.state,
+        "batch": t.batch,
+        "batch_cycle": t.batch_cycle,
+        "sales_account": t.sales_account,
+        "cash_account": t.cash_account,
+        "created_at_ms": now_ms,
+    }
 
 
 def card_of(row: Any) -> Card:

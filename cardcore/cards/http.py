@@ -25,6 +25,7 @@ from cardcore.cards.model import (
 )
 from cardcore.cards.pos import PosService
 from cardcore.frontend_gateway import security
+from cardcore.vault import Vault
 
 POS_KEY = web.AppKey("pos", PosService)
 KEK_KEY = web.AppKey("kek", bytes)
@@ -133,7 +134,7 @@ async def _post_cards(request: web.Request) -> web.Response:
         issued = await admin.issue_cards(
             pos.ledger,
             pos.directory,
-            pos.token_key,
+            Vault(request.app[KEK_KEY]),
             legal_entity=entity,
             count=count,
             balance=balance,

@@ -57,12 +57,19 @@ class Outcome(enum.StrEnum):
     """The host's answer; the gateway maps each to one ISO 8583 response code."""
 
     APPROVED = "approved"
+    PARTIAL_APPROVED = "partial_approved"  # split tender: the balance taken, the rest due
     TERMINAL_UNKNOWN = "terminal_unknown"
     TERMINAL_DISABLED = "terminal_disabled"
     BATCH_MISMATCH = "batch_mismatch"  # the terminal must sign on again to learn the batch
-    CARD_NOT_FOUND = "card_not_found"
+    CARD_NOT_FOUND = "card_not_found"  # unknown number or a wrong check digit
+    CARD_NOT_ACTIVE = "card_not_active"  # issued, not yet activated (sold)
     CARD_FROZEN = "card_frozen"
+    CARD_LOST = "card_lost"
+    CARD_CLOSED = "card_closed"  # closed or replaced: dead for ever
     CARD_EXPIRED = "card_expired"
+    PIN_REQUIRED = "pin_required"  # the card has a PIN and the request carries none
+    PIN_WRONG = "pin_wrong"
+    PIN_LOCKED = "pin_locked"  # too many wrong PINs in a row: an officer must unlock it
     INSUFFICIENT_FUNDS = "insufficient_funds"
     OVER_LIMIT = "over_limit"  # a top-up past the card's maximum balance
     ORIGINAL_NOT_FOUND = "original_not_found"
@@ -101,13 +108,24 @@ class CardState(enum.StrEnum):
 
 
 # What the POS answers for a card that is not active (expiry is checked on its own).
-OUTCOME_OF_STATE = {
+OUTCOME_OF_STATE: dict[str, str] = {
     CardState.INACTIVE: "card_not_active",
     CardState.FROZEN: "card_frozen",
     CardState.LOST: "card_lost",
     CardState.CLOSED: "card_closed",
     CardState.REPLACED: "card_closed",
 }
+# States in which money may still go back to the card (a void, a refund): it stays on the
+# card's account, unusable while the card is frozen or lost, and carried to the successor
+# of a lost card. A closed card's value was paid out and a replaced card's account belongs
+# to its successor: both refuse (the successor card takes the refund). A reversal never
+# looks at the card: it is always taken.
+GIVE_BACK_STATES: frozenset[str] = frozenset({CardState.ACTIVE, CardState.FROZEN, CardState.LOST})
+
+
+def outcome_of_state(state: str) -> Outcome:
+    """The POS answer for a card in `state` that may not do what is asked."""
+    return Outcome(OUTCOME_OF_STATE.get(state, "card_closed"))  # unknown: never usable
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +165,14 @@ class CardClass:
     state: str  # "active" | "retired"
 
 
+BASIS_POINTS = 10_000  # 100 % in basis points
+
+
 def member_price(amount: int, discount_bp: int) -> int:
     """The price after the class discount, rounded to the member's favour (down), in fen."""
-    return amount - (amount * discount_bp + 9_999) // 10_000 if discount_bp else amount
+    if not discount_bp:
+        return amount
+    return amount - (amount * discount_bp + BASIS_POINTS - 1) // BASIS_POINTS
 
 
 def value_postings(
@@ -190,6 +213,7 @@ class PosRequest:
     totals: tuple[int, int, int, int] = (0, 0, 0, 0)  # settle: debit amt, cnt, credit amt, cnt
     lines: tuple[tuple[str, int], ...] = ()  # upload: (stan, amount) per transaction
     pin_block: str = field(default="", repr=False)  # format 4 under the zone PIN key
+    partial: bool = False  # purchase: the terminal takes a partial approval (F60.6 = 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,10 +232,12 @@ class PosResult:
     mid: str = ""
     key_mode: str = ""
     tmk_sealed: str = ""
+    discount_bp: int | None = None  # inquiry: the card class's discount (member price)
+    remainder: int | None = None  # partial approval: what the terminal must still collect
 
     def json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"outcome": str(self.outcome)}
-        for name in ("balance", "amount", "totals", "balanced"):
+        for name in ("balance", "amount", "totals", "balanced", "discount_bp", "remainder"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = list(value) if isinstance(value, tuple) else value
@@ -244,6 +270,8 @@ def result_from_json(raw: dict[str, Any]) -> PosResult:
         mid=str(raw.get("mid", "")),
         key_mode=str(raw.get("key_mode", "")),
         tmk_sealed=str(raw.get("tmk_sealed", "")),
+        discount_bp=_opt_int(raw.get("discount_bp")),
+        remainder=_opt_int(raw.get("remainder")),
     )
 
 
@@ -392,6 +420,7 @@ _FIELDS = frozenset(
         "totals",
         "lines",
         "pin_block",
+        "partial",
     }
 )
 
@@ -474,6 +503,9 @@ def parse_request(raw: object, path: str) -> PosRequest:
         ):
             raise PosRequestError(f"{path}.lines", "[stan, amount] pairs")
         parsed_lines.append((line[0], line[1]))
+    partial = raw.get("partial", False)
+    if not isinstance(partial, bool):
+        raise PosRequestError(f"{path}.partial", "true or false")
     return PosRequest(
         kind=kind,
         terminal=terminal,
@@ -489,6 +521,7 @@ def parse_request(raw: object, path: str) -> PosRequest:
         totals=(totals[0], totals[1], totals[2], totals[3]),
         lines=tuple(parsed_lines),
         pin_block=_pin_block(raw.get("pin_block", ""), f"{path}.pin_block"),
+        partial=partial,
     )
 
 
@@ -520,4 +553,6 @@ def request_json(r: PosRequest) -> dict[str, Any]:
         out["totals"] = list(r.totals)
     if r.lines:
         out["lines"] = [list(x) for x in r.lines]
+    if r.partial:
+        out["partial"] = True
     return out

@@ -57,6 +57,9 @@ class Pins:
     async def check(self, card_id: int, pin: str) -> tuple[PinCheck, int]:
         """(verdict, wrong PINs in a row after this check)."""
         async with self.records.begin() as uow:
+            # A write first: the row lock on PostgreSQL, the write lock on SQLite, so checks
+            # of one card run one after another instead of failing as "database is locked".
+            await uow.update(CARDS, {"id": card_id}, {"pin_failures": ("+", 0)})
             card = await uow.get(CARDS, id=card_id)
             if card is None or not card["pvv"]:
                 return PinCheck.NOT_SET, 0

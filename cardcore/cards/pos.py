@@ -5,25 +5,50 @@ what each needs (terminal, card, original transfer), turns each into at most one
 operation, submits them all to the writer in one call, so they share a group commit, and
 answers each with an `Outcome`. Stored value only for now; points and coupons answer
 `function_not_supported` until their issue lands.
+
+Cards. A card that is not active is declined with its state's outcome (frozen, lost, closed
+or replaced, not yet active); money may still go back to a frozen or lost card (a void, a
+refund: it stays on the card's account), never to a closed or replaced one; a reversal never
+looks at the card. A card with a PIN needs it for a purchase (and has it checked whenever a
+request carries one): the gateway's zone PIN block is read by the injected `pin_of`, the
+count of wrong PINs and the lockout live in the database (`Pins.check`).
+
+Money. A purchase or top-up runs under its card account's lock (`Accounts.lock`), taken for
+every account of one `handle` call in ascending id order (no deadlock between calls) and held
+until the ledger answered, so a check against the balance still holds when the operation is
+applied: a top-up against the class maximum, a split tender (a purchase larger than the
+balance, from a terminal that takes partial approvals, takes what the card has and answers
+the remainder). Amounts already planned in the same call count too. Across legal entities
+the value moves through the due-to / due-from clearing pair (`model.value_postings`).
+
+Resends. A purchase or top-up the host would decline (the card frozen since, its PIN locked,
+a partial amount computed anew) is first looked up under its key: when the ledger already
+took it, the request is a resend and gets the ledger's stored answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from cardcore import limits
+from cardcore.cards.accounts import Accounts, AccountsUnavailable
 from cardcore.cards.directory import Directory
 from cardcore.cards.model import (
     CURRENCY,
+    GIVE_BACK_STATES,
     NOT_SUPPORTED,
     POS_CLIENT,
     Card,
+    CardClass,
+    CardState,
     Kind,
     Outcome,
     PosRequest,
@@ -34,15 +59,20 @@ from cardcore.cards.model import (
     batch_totals,
     luhn_ok,
     next_batch,
+    outcome_of_state,
     reversal_key,
     rrn_of,
     stans_of,
     transaction_key,
+    value_postings,
 )
+from cardcore.cards.pins import PinCheck, Pins
 from cardcore.db import DATABASE_ERRORS
 from cardcore.ledger.model import (
+    Account,
     Balance,
     CreateTransfer,
+    Metadata,
     Op,
     Posting,
     PostPending,
@@ -81,6 +111,13 @@ _OUTCOME_OF_CODE = {
 
 # Requests whose replayed approval is declined when a reversal undid the first attempt.
 UNDOABLE = frozenset({Kind.PURCHASE, Kind.TOPUP, Kind.REFUND, Kind.VOID, Kind.TOPUP_CONFIRM})
+# Answers that approve (with a reference): a replay of one may meet a reversal since.
+APPROVALS = frozenset({Outcome.APPROVED, Outcome.PARTIAL_APPROVED})
+# Requests that move money onto or off a card under its account's lock.
+GUARDED = frozenset({Kind.PURCHASE, Kind.TOPUP})
+# The ledger's answer to a resend whose planned amount is not the stored one (a split
+# tender computed anew): the stored transfer decides.
+_OTHER_POSTINGS = "exists_with_different_postings"
 # Counts in settlement totals are three digits on the wire: compared modulo 1000.
 COUNT_MODULUS = 1000
 
@@ -94,6 +131,16 @@ def token_key_of(kek: bytes) -> bytes:
     return hmac.new(kek, b"cardcore/card-token/v1", hashlib.sha256).digest()
 
 
+@dataclass(frozen=True, slots=True)
+class _Money:
+    """What a purchase or top-up needs once its card's lock is held."""
+
+    clearing: tuple[int, int] | None  # (due_to, due_from) across legal entities
+    extra: dict[str, str]  # the card's metadata (class, discount)
+    limit: int = 0  # top-up: the most the card may hold, in fen (0: no maximum)
+    needs_balance: bool = False  # a split tender or a maximum: read the balance first
+
+
 @dataclass(slots=True)
 class _Plan:
     """One request on its way: an answer already, or an op whose result makes the answer."""
@@ -103,6 +150,11 @@ class _Plan:
     op: Op | None = None
     card: Card | None = None
     finish: Callable[[Result], PosResult] | None = None
+    terminal: Terminal | None = None
+    money: _Money | None = None
+    result: Result | None = None
+    resend: bool = False  # a host decline of a purchase or top-up: the ledger may hold it
+    from_stored: bool = False  # its op repeats the transfer stored under its key
 
 
 class PosService:
@@ -112,29 +164,40 @@ class PosService:
         directory: Directory,
         token_key: bytes,
         clock_ms: Callable[[], int] | None = None,
+        *,
+        pin_of: Callable[[str, str], str] | None = None,
+        accounts: Accounts | None = None,
+        pins: Pins | None = None,
     ) -> None:
         self.ledger = ledger
         self.directory = directory
         self.token_key = token_key
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        # (PAN, zone PIN block hex) -> PIN digits; ValueError when the block does not read.
+        self.pin_of = pin_of
+        # Shared with the admin services when the application sets them: one lock per card
+        # account for both, one PIN counter. Without accounts the service makes its own.
+        self.accounts: Accounts | None = accounts
+        self.pins: Pins | None = pins
         self._terminal_locks: dict[str, asyncio.Lock] = {}
+
+    def _accounts(self) -> Accounts:
+        if self.accounts is None:
+            self.accounts = Accounts(self.ledger)
+        return self.accounts
 
     async def handle(self, requests: Sequence[PosRequest]) -> list[PosResult]:
         """One answer per request, in order. A failure while reading for one request (a
         database timeout, say) answers that request `unavailable`, never its neighbours."""
         plans = [await self._plan_or_unavailable(r) for r in requests]
-        pending = [p for p in plans if p.op is not None]
-        if pending:
-            try:
-                results = await self.ledger.submit([p.op for p in pending if p.op is not None])
-            except (Busy, LedgerUnavailable):
-                results = None
-            for i, plan in enumerate(pending):
-                if results is None:
-                    plan.answer = PosResult(Outcome.UNAVAILABLE)
-                    continue
-                assert plan.finish is not None
-                plan.answer = plan.finish(results[i])
+        async with contextlib.AsyncExitStack() as held:
+            for lock in self._locks(plans):
+                await held.enter_async_context(lock)
+            await self._decide(plans)
+            await self._resends(plans)
+            await self._submit(plans)
+            if await self._resends(plans):
+                await self._submit(plans)
         out = []
         for plan in plans:
             assert plan.answer is not None
@@ -148,15 +211,38 @@ class PosService:
     async def _plan_or_unavailable(self, r: PosRequest) -> _Plan:
         try:
             return await self._plan(r)
-        except DATABASE_ERRORS:
+        except (*DATABASE_ERRORS, AccountsUnavailable, Busy, LedgerUnavailable):
             log.exception("POS request could not be planned", extra={"kind": str(r.kind)})
             return _Plan(r, answer=PosResult(Outcome.UNAVAILABLE))
+
+    def _locks(self, plans: list[_Plan]) -> list[asyncio.Lock]:
+        """The card-account locks of this call's purchases and top-ups, in ascending id
+        order (every call takes them in one order: two calls never wait for each other)."""
+        ids = {p.card.account_id for p in plans if p.money is not None and p.card is not None}
+        accounts = self._accounts() if ids else None
+        return [] if accounts is None else [accounts.lock(i) for i in sorted(ids)]
+
+    async def _submit(self, plans: list[_Plan]) -> None:
+        pending = [p for p in plans if p.op is not None and p.answer is None]
+        if not pending:
+            return
+        try:
+            results = await self.ledger.submit([p.op for p in pending if p.op is not None])
+        except (Busy, LedgerUnavailable):
+            results = None
+        for i, plan in enumerate(pending):
+            if results is None:
+                plan.answer = PosResult(Outcome.UNAVAILABLE)
+                continue
+            assert plan.finish is not None
+            plan.result = results[i]
+            plan.answer = plan.finish(results[i])
 
     async def _complete(self, plan: _Plan, answer: PosResult) -> PosResult:
         """A replayed approval answers what the first attempt answered, with the balance
         stored after it, unless a reversal undid it since: then the resend is declined, or
         the terminal would print an approval for money that went back."""
-        resent = answer.replayed and answer.outcome is Outcome.APPROVED and answer.rrn
+        resent = answer.replayed and answer.outcome in APPROVALS and answer.rrn
         undoable = plan.request.kind in UNDOABLE
         if resent and undoable and await self.directory.undone(int(answer.rrn)):
             return PosResult(Outcome.REVERSED_BEFORE_ARRIVAL, replayed=True)
@@ -174,6 +260,7 @@ class PosService:
         if terminal is None:
             plan.answer = PosResult(Outcome.TERMINAL_UNKNOWN)
             return plan
+        plan.terminal = terminal
         if terminal.state != "active" and r.kind is not Kind.REVERSE:
             plan.answer = PosResult(Outcome.TERMINAL_DISABLED)  # a reversal is always taken
             return plan
@@ -211,21 +298,32 @@ class PosService:
         await planner(plan, terminal)
         return plan
 
+    def _decline(self, plan: _Plan, outcome: Outcome) -> None:
+        """A host decline; for a purchase or top-up of a known card, one to check against
+        the ledger's key (a resend of one it already took gets that answer instead)."""
+        plan.answer = PosResult(outcome)
+        plan.resend = plan.request.kind in GUARDED and plan.card is not None
+
     async def _card(self, plan: _Plan, *, giving_back: bool = False) -> Card | None:
         """The request's card, or None with the answer set. Giving money back (a void, a
-        refund) is never refused for expiry: a sale made before it must stay undoable."""
+        refund) is never refused for expiry, nor for a frozen or lost card: a sale made
+        before must stay undoable, and the money stays on the card's account."""
         r = plan.request
         if not r.card or not luhn_ok(r.card):
             plan.answer = PosResult(Outcome.CARD_NOT_FOUND)
             return None
         card = await self.directory.card(card_token(self.token_key, r.card))
-        if card is None or card.state != "active":
+        if card is None:
             plan.answer = PosResult(Outcome.CARD_NOT_FOUND)
             return None
-        if not giving_back and card.expires and _yymm(self.clock_ms()) > card.expires:
-            plan.answer = PosResult(Outcome.CARD_EXPIRED)
-            return None
         plan.card = card
+        usable = card.state in GIVE_BACK_STATES if giving_back else card.state == CardState.ACTIVE
+        if not usable:
+            self._decline(plan, outcome_of_state(card.state))
+            return None
+        if not giving_back and card.expires and _yymm(self.clock_ms()) > card.expires:
+            self._decline(plan, Outcome.CARD_EXPIRED)
+            return None
         return card
 
     async def _paying_card(self, plan: _Plan) -> Card | None:
@@ -235,9 +333,51 @@ class PosService:
             return None
         return await self._card(plan)
 
+    async def _pin_ok(self, plan: _Plan, card: Card, *, required: bool) -> bool:
+        """Whether the request may go on as far as the PIN goes; the answer set when not.
+        A card without a PIN needs none (a block sent is only checked for format, by the
+        gateway). The PIN and its block are never logged."""
+        r = plan.request
+        if not card.has_pin or not (r.pin_block or required):
+            return True
+        if not r.pin_block:
+            self._decline(plan, Outcome.PIN_REQUIRED)
+            return False
+        if self.pin_of is None or self.pins is None:
+            log.error("a card has a PIN and this host cannot verify PINs")
+            plan.answer = PosResult(Outcome.UNAVAILABLE)
+            return False
+        try:
+            pin = self.pin_of(r.card, r.pin_block)
+        except ValueError:
+            plan.answer = PosResult(Outcome.BAD_REQUEST)  # not a zone block of this host
+            return False
+        verdict, _failures = await self.pins.check(card.id, pin)
+        if verdict in (PinCheck.OK, PinCheck.NOT_SET):
+            return True
+        locked = verdict is PinCheck.LOCKED
+        self._decline(plan, Outcome.PIN_LOCKED if locked else Outcome.PIN_WRONG)
+        return False
+
+    async def _class_of(self, card: Card) -> CardClass | None:
+        return await self.directory.card_class(card.class_code) if card.class_code else None
+
+    async def _card_metadata(self, plan: _Plan) -> dict[str, str]:
+        """The card's part of a purchase's or top-up's metadata: its class and, on a
+        purchase, the class discount (what the POS was told at the inquiry)."""
+        card = plan.card
+        if card is None or not card.class_code:
+            return {}
+        out = {"card_class": card.class_code}
+        if plan.request.kind is Kind.PURCHASE:
+            found = await self._class_of(card)
+            if found is not None:
+                out["discount_bp"] = str(found.discount_bp)
+        return out
+
     async def _inquiry(self, plan: _Plan, _terminal: Terminal) -> None:
         card = await self._card(plan)
-        if card is None:
+        if card is None or not await self._pin_ok(plan, card, required=False):
             return
         account = await self.ledger.account(card.account_id)
         if account is None:
@@ -246,54 +386,185 @@ class PosService:
         if account.info.flags.debit_frozen:
             plan.answer = PosResult(Outcome.CARD_FROZEN)
             return
-        plan.answer = PosResult(Outcome.APPROVED, balance=available(account.balance))
+        found = await self._class_of(card)
+        plan.answer = PosResult(
+            Outcome.APPROVED,
+            balance=available(account.balance),
+            discount_bp=None if found is None else found.discount_bp,
+        )
 
     async def _purchase(self, plan: _Plan, t: Terminal) -> None:
-        r = plan.request
+        card = await self._paying_card(plan)
+        if card is None or not await self._pin_ok(plan, card, required=True):
+            return
+        # The card's entity owes the store's entity what the card paid.
+        clearing = await self._accounts().clearing(card.legal_entity, t.legal_entity)
+        extra = await self._card_metadata(plan)
+        plan.money = _Money(clearing, extra, needs_balance=plan.request.partial)
+
+    async def _topup(self, plan: _Plan, t: Terminal) -> None:
         card = await self._paying_card(plan)
         if card is None:
             return
+        found = await self._class_of(card)
+        bounds = [x for x in (card.balance_max, 0 if found is None else found.balance_max) if x]
+        limit = min(bounds, default=0)
+        # The store's entity took the cash: it owes the card's entity the value.
+        clearing = await self._accounts().clearing(t.legal_entity, card.legal_entity)
+        extra = await self._card_metadata(plan)
+        plan.money = _Money(clearing, extra, limit=limit, needs_balance=limit > 0)
+
+    async def _decide(self, plans: list[_Plan]) -> None:
+        """Under the card locks: the ops of this call's purchases and top-ups, in request
+        order, each seeing the balance less (or plus) what the ones before it planned."""
+        balances = await self._balances(plans)
+        debits: dict[int, int] = {}
+        credits: dict[int, int] = {}
+        for plan in plans:
+            if plan.money is None or plan.answer is not None or plan.card is None:
+                continue
+            r, card, money = plan.request, plan.card, plan.money
+            account_id = card.account_id
+            account = balances.get(account_id)
+            if money.needs_balance and account is None:
+                found = account_id in balances
+                plan.answer = PosResult(Outcome.CARD_NOT_FOUND if found else Outcome.UNAVAILABLE)
+                continue
+            if r.kind is Kind.PURCHASE:
+                taken = r.amount
+                if money.needs_balance and account is not None:
+                    spendable = available(account.balance) - debits.get(account_id, 0)
+                    if 0 < spendable < r.amount:
+                        taken = spendable  # split tender: the rest is the terminal's to collect
+                debits[account_id] = debits.get(account_id, 0) + taken
+                self._purchase_op(plan, money, taken)
+                continue
+            if money.limit and account is not None:
+                b = account.balance
+                held = available(b) + b.credits_pending + credits.get(account_id, 0)
+                if held + r.amount > money.limit:
+                    self._decline(plan, Outcome.OVER_LIMIT)
+                    continue
+            credits[account_id] = credits.get(account_id, 0) + r.amount
+            self._topup_op(plan, money)
+
+    async def _balances(self, plans: list[_Plan]) -> dict[int, Account | None]:
+        """The accounts whose balance a check needs, read once each (a few at a time). An
+        account that could not be read is missing; one that does not exist maps to None."""
+        wanted = sorted(
+            {
+                p.card.account_id
+                for p in plans
+                if p.money is not None and p.money.needs_balance and p.card is not None
+            }
+        )
+        out: dict[int, Account | None] = {}
+        step = limits.DB_POOL_SIZE_MAX
+        for i in range(0, len(wanted), step):
+            chunk = wanted[i : i + step]
+            read = await asyncio.gather(
+                *(self.ledger.account(a) for a in chunk), return_exceptions=True
+            )
+            for account_id, got in zip(chunk, read, strict=True):
+                if isinstance(got, BaseException):
+                    if not isinstance(got, DATABASE_ERRORS):
+                        raise got
+                    log.warning("a card balance could not be read", extra={"error": repr(got)})
+                    continue
+                out[account_id] = got
+        return out
+
+    def _purchase_op(self, plan: _Plan, money: _Money, taken: int) -> None:
+        card, t = plan.card, plan.terminal
+        assert card is not None
+        assert t is not None
+        legs = value_postings(
+            source=card.account_id, target=t.sales_account, amount=taken, clearing=money.clearing
+        )
+        postings = tuple(Posting(a, Side(side), amount) for a, side, amount in legs)
+        self._purchase_from(plan, postings, money.extra)
+
+    def _purchase_from(
+        self, plan: _Plan, postings: tuple[Posting, ...], extra: dict[str, str]
+    ) -> None:
+        r, card, t = plan.request, plan.card, plan.terminal
+        assert card is not None
+        assert t is not None
+        taken = postings[0].amount
+        if taken != r.amount:
+            extra = {**extra, "requested": str(r.amount)}
         plan.op = CreateTransfer(
             client=POS_CLIENT,
             key=transaction_key(t, r.batch, r.stan),
             asset=CURRENCY,
-            postings=(
-                Posting(card.account_id, Side.DEBIT, r.amount),
-                Posting(t.sales_account, Side.CREDIT, r.amount),
-            ),
+            postings=postings,
             reason="purchase",
-            metadata=_metadata(t, r),
+            metadata=_metadata(t, r, extra),
         )
-        plan.finish = lambda res: _answer(res, card, r.amount)
+        plan.finish = lambda res: _answer(res, card, taken, r.amount)
 
-    async def _topup(self, plan: _Plan, t: Terminal) -> None:
-        r = plan.request
-        card = await self._paying_card(plan)
-        if card is None:
-            return
-        if card.balance_max:
-            account = await self.ledger.account(card.account_id)
-            if account is not None and (
-                available(account.balance) + account.balance.credits_pending + r.amount
-                > card.balance_max
-            ):
-                plan.answer = PosResult(Outcome.OVER_LIMIT)
-                return
+    def _topup_op(self, plan: _Plan, money: _Money) -> None:
+        r, card, t = plan.request, plan.card, plan.terminal
+        assert card is not None
+        assert t is not None
+        legs = value_postings(
+            source=t.cash_account, target=card.account_id, amount=r.amount, clearing=money.clearing
+        )
+        postings = tuple(Posting(a, Side(side), x) for a, side, x in legs)
+        self._topup_from(plan, postings, money.extra)
+
+    def _topup_from(
+        self, plan: _Plan, postings: tuple[Posting, ...], extra: dict[str, str]
+    ) -> None:
+        r, card, t = plan.request, plan.card, plan.terminal
+        assert card is not None
+        assert t is not None
         # A hold until the terminal confirms (0220); it lapses by itself if it never does.
         plan.op = CreateTransfer(
             client=POS_CLIENT,
             key=transaction_key(t, r.batch, r.stan),
             asset=CURRENCY,
-            postings=(
-                Posting(t.cash_account, Side.DEBIT, r.amount),
-                Posting(card.account_id, Side.CREDIT, r.amount),
-            ),
+            postings=postings,
             pending=True,
             timeout_s=limits.TOPUP_CONFIRM_S,
             reason="topup",
-            metadata=_metadata(t, r),
+            metadata=_metadata(t, r, extra),
         )
         plan.finish = lambda res: _answer(res, card, r.amount)
+
+    async def _resends(self, plans: list[_Plan]) -> bool:
+        """Purchases and top-ups the host declined, and purchases the ledger found under
+        their key with other postings: when the ledger holds a transfer of this card under
+        the key, the request is a resend, and its op becomes that transfer again (the
+        ledger then answers what it answered first, or 94 if the content differs). Whether
+        any op was made."""
+        again = False
+        for plan in plans:
+            r, card, t = plan.request, plan.card, plan.terminal
+            if card is None or t is None or plan.from_stored or r.kind not in GUARDED:
+                continue
+            declined = plan.resend and plan.op is None
+            plan.resend = False  # looked up once
+            other = plan.result is not None and plan.result.code == _OTHER_POSTINGS
+            if not (declined or (other and r.kind is Kind.PURCHASE)):
+                continue
+            try:
+                stored = await self.directory.transfer_by_key(transaction_key(t, r.batch, r.stan))
+                if stored is None or not _of_card(stored, card, r.kind):
+                    continue
+                extra = await self._card_metadata(plan)
+            except DATABASE_ERRORS:
+                log.exception("a resend could not be checked", extra={"kind": str(r.kind)})
+                plan.answer, plan.op = PosResult(Outcome.UNAVAILABLE), None
+                continue
+            postings = tuple(Posting(a, Side(side), x) for a, side, x in stored["postings"])
+            if r.kind is Kind.PURCHASE:
+                self._purchase_from(plan, postings, extra)
+            else:
+                self._topup_from(plan, postings, extra)
+            plan.answer, plan.result, plan.from_stored = None, None, True
+            again = True
+        return again
 
     async def _topup_confirm(self, plan: _Plan, t: Terminal) -> None:
         r = plan.request
@@ -306,6 +577,7 @@ class PosService:
         if hold["postings"][0][2] != r.amount:
             plan.answer = PosResult(Outcome.ORIGINAL_MISMATCH)  # it would unbalance the batch
             return
+        # The cash is in the drawer: the value lands whatever the card's state since.
         plan.op = PostPending(
             client=POS_CLIENT,
             key=transaction_key(t, r.batch, r.stan),
@@ -328,7 +600,7 @@ class PosService:
         if original is None or original["reason"] != "purchase":
             plan.answer = PosResult(Outcome.ORIGINAL_NOT_FOUND)
             return
-        if not _matches(original, card, r.amount):
+        if not _matches(original, card, r.amount):  # a split tender: the amount taken
             plan.answer = PosResult(Outcome.ORIGINAL_MISMATCH)
             return
         plan.op = Reverse(
@@ -366,6 +638,7 @@ class PosService:
         plan.finish = lambda res: _answer(res, card, r.amount)
 
     async def _reverse(self, plan: _Plan, t: Terminal) -> None:
+        """Always taken, whatever the card's state: it only undoes what the terminal sent."""
         r = plan.request
         target_key = transaction_key(t, r.batch, r.stan)
         key = reversal_key(t, r.batch, r.stan)
@@ -466,19 +739,23 @@ def available(b: Balance) -> int:
     return b.credits_posted - b.debits_posted - b.debits_pending
 
 
-def _answer(res: Result, card: Card | None, amount: int) -> PosResult:
+def _answer(res: Result, card: Card | None, amount: int, requested: int | None = None) -> PosResult:
+    """The answer to a request the ledger decided. `amount` is what moved; less than
+    `requested` is a split tender: approved in part, the remainder due."""
     if res.ok:
         assert res.transfer_id is not None
         balance = None
         if card is not None and res.balances is not None and card.account_id in res.balances:
             balance = available(res.balances[card.account_id])
+        partial = requested is not None and amount < requested
         return PosResult(
-            Outcome.APPROVED,
+            Outcome.PARTIAL_APPROVED if partial else Outcome.APPROVED,
             balance=balance,
             amount=amount,
             rrn=rrn_of(res.transfer_id),
             auth_code=auth_code_of(res.transfer_id),
             replayed=res.replayed,
+            remainder=requested - amount if partial and requested is not None else None,
         )
     return PosResult(_outcome(res), replayed=res.replayed)
 
@@ -528,16 +805,39 @@ def _matches(original: dict[str, object], card: Card, amount: int | None) -> boo
     return amount is None or debit[2] == amount
 
 
-def _metadata(t: Terminal, r: PosRequest) -> tuple[tuple[str, str], ...]:
-    """Sorted by name, as the ledger keeps metadata (built in order: this runs per request)."""
-    pairs = (
-        ("batch", r.batch),
-        ("operator", r.operator),
-        ("stan", r.stan),
-        ("store", t.store),
-        ("terminal", t.tid),
+def _of_card(stored: dict[str, Any], card: Card, kind: Kind) -> bool:
+    """Whether a stored transfer is this card's purchase (its first leg the card's debit)
+    or top-up hold (its last leg the card's credit)."""
+    postings = stored["postings"]
+    if kind is Kind.PURCHASE:
+        first = postings[0]
+        return bool(
+            stored["reason"] == "purchase"
+            and stored["kind"] == "posted"
+            and first[0] == card.account_id
+            and first[1] == "debit"
+        )
+    last = postings[-1]
+    return bool(
+        stored["reason"] == "topup"
+        and stored["kind"] == "pending"
+        and last[0] == card.account_id
+        and last[1] == "credit"
     )
-    return tuple(pair for pair in pairs if pair[1])
+
+
+def _metadata(t: Terminal, r: PosRequest, extra: dict[str, str] | None = None) -> Metadata:
+    """Sorted by name, as the ledger keeps metadata; empty values left out."""
+    pairs = {
+        "batch": r.batch,
+        "operator": r.operator,
+        "stan": r.stan,
+        "store": t.store,
+        "terminal": t.tid,
+    }
+    if extra:
+        pairs.update(extra)
+    return tuple(sorted((name, value) for name, value in pairs.items() if value))
 
 
 def _yymm(now_ms: int) -> str:

@@ -10,11 +10,13 @@ from collections.abc import Callable
 from typing import Any
 
 from cardcore.cards import admin
-from cardcore.cards.directory import Directory
+from cardcore.cards.accounts import Accounts
+from cardcore.cards.directory import Directory, terminal_row
+from cardcore.cards.model import Terminal
 from cardcore.ledger.service import Ledger
 from cardcore.org.model import Perm, Principal, Refused, ScopeKind, require
 from cardcore.org.service import OrgService
-from cardcore.records import Records
+from cardcore.records import Conflict, Records
 
 TERMINALS = "pos_terminals"
 
@@ -40,42 +42,56 @@ class TerminalAdmin:
         org: OrgService,
         ledger: Ledger,
         directory: Directory,
+        accounts: Accounts,
+        *,
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self.records = records
         self.org = org
         self.ledger = ledger
         self.directory = directory
+        self.accounts = accounts
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
 
     async def register(
         self, p: Principal, *, tid: str, mid: str, store: str, key_mode: str, tmk_sealed: str
     ) -> dict[str, Any]:
+        """The terminal row and its audit row commit together; a second registration of the
+        same id (even at the same moment) is 409 `terminal_exists`."""
         place = await self.org.store_place(store, open_=True)
         require(p, Perm.ORG_WRITE, place)
-        if await self.directory.terminal(tid) is not None:
-            raise Refused("conflict", "terminal_exists", f"terminal {tid} exists", "tid")
-        try:
-            await admin.add_terminal(
-                self.ledger,
-                self.directory,
-                tid=tid,
-                mid=mid,
-                store=store,
-                legal_entity=place.entity,
-                key_mode=key_mode,
-                tmk_sealed=tmk_sealed,
-            )
-        except admin.AdminError as exc:
-            raise Refused("conflict", "terminal_refused", str(exc), "tid") from None
+        await admin.ensure_currency(self.ledger)
+        sales = await self.accounts.store(place.entity, store, "sales")
+        cash = await self.accounts.store(place.entity, store, "cash")
+        terminal = Terminal(
+            tid=tid,
+            mid=mid,
+            store=store,
+            legal_entity=place.entity,
+            key_mode=key_mode,
+            tmk_sealed=tmk_sealed,
+            state="active",
+            batch="000001",
+            batch_cycle=0,
+            sales_account=sales,
+            cash_account=cash,
+        )
+        now = self.clock_ms()
+        row = terminal_row(terminal, now)
+        view = terminal_view(row)
+        exists = Refused("conflict", "terminal_exists", f"terminal {tid} exists", "tid")
         async with self.records.begin() as uow:
-            row = await uow.get(TERMINALS, tid=tid)
-            assert row is not None
-            view = terminal_view(row)
+            if await uow.get(TERMINALS, tid=tid) is not None:
+                raise exists
+            try:
+                await uow.insert(TERMINALS, row)
+            except Conflict:
+                raise exists from None
             await uow.audit(
                 p, action="terminal.create", kind="terminal", object_id=tid, place=place,
-                before=None, after=view, now_ms=self.clock_ms(),
+                before=None, after=view, now_ms=now,
             )  # fmt: skip
+        self.directory.forget_terminal(tid)
         return view
 
     async def _row(self, p: Principal, tid: str, perm: Perm) -> dict[str, Any]:

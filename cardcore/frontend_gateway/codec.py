@@ -25,7 +25,7 @@ Field  type           Field  type           Field  type
  2     n..19 LLVAR     25    n2              49    an3
  3     n6              26    n2              52    b..16 LLVAR (8 or 16 bytes)
  4     n12             32    n..11 LLVAR     53    n16
-11     n6              35    z..37 LLVAR     54    ans...020 LLLVAR
+11     n6              35    z..37 LLVAR     54    ans...120 LLLVAR
 12     n6              37    an12            55    b...255 LLLVAR
 13     n4              38    an6             60    n...017 LLLVAR
 14     n4              39    an2             61    n...029 LLLVAR
@@ -69,12 +69,16 @@ PAN_DIGITS_MIN: Final = 12
 PAN_DIGITS_MAX: Final = 19
 TLV_VALUE_CHARS_MAX: Final = 999  # three ASCII length digits
 TOTALS_DIGITS: Final = 31  # n12 + n3 + n12 + n3 + n1
-BALANCE_CHARS: Final = 20
+BALANCE_CHARS: Final = 20  # one F54 entry
+AMOUNTS_MAX: Final = 6  # F54 entries (ISO 8583: up to six)
 AMOUNT_DIGITS: Final = 12
 COUNT_DIGITS: Final = 3
 STAN_DIGITS: Final = 6
 
 # --- protocol constants ----------------------------------------------------------------------
+AMOUNT_TYPE_AVAILABLE: Final = "02"  # F54: the available balance
+AMOUNT_TYPE_DUE: Final = "04"  # F54: the amount due (a split tender's remainder)
+TLV_DISCOUNT_BP: Final = "DB"  # F48 TLV of a reply: the card class's discount, basis points
 TPDU_ID: Final = 0x60
 HEADER_APP_POS: Final = 0x60
 PROCESSING_NONE: Final = 0
@@ -212,7 +216,7 @@ LAYOUT: Final[Mapping[str, _Field]] = MappingProxyType(
         "49": _Field("an", 3, 0, "Currency code, transaction"),
         "52": _Field("b", 16, 1, "PIN block (8 or 16 bytes)", 8),
         "53": _Field("n", 16, 0, "Security related control information"),
-        "54": _Field("ans", 20, 2, "Balances"),
+        "54": _Field("ans", 120, 2, "Additional amounts"),
         "55": _Field("b", 255, 2, "ICC data"),
         "60": _Field("n", 17, 2, "Reserved private (type, batch, network code)"),
         "61": _Field("n", 29, 2, "Original message data"),
@@ -653,11 +657,14 @@ def _digits_or_raise(value: str, length: int, what: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Field60:
-    """F60: 60.1 transaction type n2, 60.2 batch n6, 60.3 network management code n3."""
+    """F60: 60.1 transaction type n2, 60.2 batch n6, 60.3 network management code n3, and
+    (UnionPay) 60.4 terminal read capability n1, 60.5 chip condition code n1, 60.6 partial
+    approval supported n1: only 60.6 is read (`1`: the terminal takes a partial approval)."""
 
     txn_type: str
     batch: str
     net_code: str = "000"
+    partial_approval: bool = False
 
     def __post_init__(self) -> None:
         _digits_or_raise(self.txn_type, 2, "F60.1 transaction type")
@@ -665,15 +672,22 @@ class Field60:
         _digits_or_raise(self.net_code, 3, "F60.3 network management code")
 
 
+F60_PARTIAL_APPROVAL_INDEX: Final = 13  # 60.6, after n2 + n6 + n3 + n1 + n1
+
+
 def parse_f60(value: str) -> Field60:
-    """8 digits (type + batch), or 11+ (then the network code; later digits are ignored)."""
+    """8 digits (type + batch), or 11+ (then the network code; 60.6 at the 14th digit says
+    whether the terminal takes a partial approval; other digits are ignored)."""
     if not _is_digits(value) or not (len(value) == 8 or 11 <= len(value) <= 17):
         raise FormatError("must be 8 or 11..17 digits", field="60")
-    return Field60(value[0:2], value[2:8], value[8:11] or "000")
+    partial = value[F60_PARTIAL_APPROVAL_INDEX : F60_PARTIAL_APPROVAL_INDEX + 1] == "1"
+    return Field60(value[0:2], value[2:8], value[8:11] or "000", partial)
 
 
 def format_f60(field: Field60) -> str:
-    return field.txn_type + field.batch + field.net_code
+    """11 digits; 14 when the terminal takes partial approvals (60.4 and 60.5 sent as 0)."""
+    head = field.txn_type + field.batch + field.net_code
+    return head + "001" if field.partial_approval else head
 
 
 @dataclass(frozen=True, slots=True)
@@ -768,14 +782,20 @@ def format_totals(totals: Totals, flag: str) -> str:
     )
 
 
-def format_balance(available: int, currency: str = "156") -> str:
-    """F54: account type 00, amount type 02 (available), currency n3, C/D, amount n12."""
+def format_amount(amount_type: str, amount: int, currency: str = "156") -> str:
+    """One F54 entry: account type 00, amount type n2, currency n3, C/D, amount n12."""
+    _digits_or_raise(amount_type, 2, "F54 amount type")
     if len(currency) != 3 or not _is_digits(currency):
         raise ValueError(f"currency must be 3 digits, not {currency!r}")
-    if abs(available) >= 10**AMOUNT_DIGITS:
-        raise ValueError(f"balance {available} does not fit n{AMOUNT_DIGITS}")
-    sign = "C" if available >= 0 else "D"
-    return f"0002{currency}{sign}{abs(available):012d}"
+    if abs(amount) >= 10**AMOUNT_DIGITS:
+        raise ValueError(f"amount {amount} does not fit n{AMOUNT_DIGITS}")
+    sign = "C" if amount >= 0 else "D"
+    return f"00{amount_type}{currency}{sign}{abs(amount):012d}"
+
+
+def format_balance(available: int, currency: str = "156") -> str:
+    """F54: account type 00, amount type 02 (available), currency n3, C/D, amount n12."""
+    return format_amount(AMOUNT_TYPE_AVAILABLE, available, currency)
 
 
 def parse_balance(value: str) -> int:
@@ -789,6 +809,17 @@ def parse_balance(value: str) -> int:
         raise FormatError("balance must be n2 n2 n3 C/D n12", field="54")
     amount = int(value[8:])
     return amount if value[7] == "C" else -amount
+
+
+def parse_amounts(value: str) -> dict[str, int]:
+    """F54 as amount type -> signed amount: one to six entries of 20 characters."""
+    if not value or len(value) % BALANCE_CHARS or len(value) > AMOUNTS_MAX * BALANCE_CHARS:
+        raise FormatError("additional amounts are 1 to 6 entries of 20 characters", field="54")
+    out = {}
+    for i in range(0, len(value), BALANCE_CHARS):
+        entry = value[i : i + BALANCE_CHARS]
+        out[entry[2:4]] = parse_balance(entry)
+    return out
 
 
 def _next_counter(value: str, what: str) -> str:

@@ -28,12 +28,19 @@ log = logging.getLogger(__name__)
 APPROVED = "00"
 CODE_OF_OUTCOME = {
     Outcome.APPROVED: "00",
+    Outcome.PARTIAL_APPROVED: "10",  # split tender: F4 the amount taken, F54 the rest due
     Outcome.TERMINAL_UNKNOWN: "97",
     Outcome.TERMINAL_DISABLED: "03",
     Outcome.BATCH_MISMATCH: "77",
     Outcome.CARD_NOT_FOUND: "14",
-    Outcome.CARD_FROZEN: "62",
+    Outcome.CARD_NOT_ACTIVE: "62",  # restricted: not usable until activated (sold)
+    Outcome.CARD_FROZEN: "62",  # restricted: an officer froze it
+    Outcome.CARD_LOST: "41",  # lost card, pick up
+    Outcome.CARD_CLOSED: "14",  # closed or replaced: the number is dead
     Outcome.CARD_EXPIRED: "54",
+    Outcome.PIN_REQUIRED: "55",  # a card with a PIN, and no F52
+    Outcome.PIN_WRONG: "55",
+    Outcome.PIN_LOCKED: "75",  # allowable number of PIN tries exceeded
     Outcome.INSUFFICIENT_FUNDS: "51",
     Outcome.OVER_LIMIT: "61",
     Outcome.ORIGINAL_NOT_FOUND: "25",
@@ -135,7 +142,7 @@ class Processor:
         self.host = host
         self.saf = saf
         self.kek = kek
-        self.zpk = security.derive_key(kek, b"cardcore/zone-pin-key/v1")[:16]
+        self.zpk = security.zone_pin_key(kek)
         self.metrics = metrics
         self.clock = clock
         self.sessions: dict[str, Session] = {}
@@ -332,12 +339,21 @@ class Processor:
     def _answer(self, s: Session, f: dict[str, str], result: PosResult) -> tuple[Reply | None, str]:
         code = CODE_OF_OUTCOME[result.outcome]
         extra: dict[str, str] = {}
+        if result.outcome is Outcome.PARTIAL_APPROVED and result.amount is not None:
+            extra["4"] = f"{result.amount:012d}"  # the amount taken, not the amount asked
         if result.rrn:
             extra["37"] = result.rrn
         if result.auth_code:
             extra["38"] = result.auth_code
+        if result.discount_bp is not None:
+            extra["48"] = codec.tlv_encode([(codec.TLV_DISCOUNT_BP, str(result.discount_bp))])
+        amounts = []
         if result.balance is not None and abs(result.balance) < 10**codec.AMOUNT_DIGITS:
-            extra["54"] = codec.format_balance(result.balance)  # else F54 is left out
+            amounts.append(codec.format_balance(result.balance))  # else left out
+        if result.remainder is not None:
+            amounts.append(codec.format_amount(codec.AMOUNT_TYPE_DUE, result.remainder))
+        if amounts:
+            extra["54"] = "".join(amounts)
         return self._reply(f, code, keys=s, extra=extra, processing=_processing(result)), code
 
     def _pos_request(self, s: Session, f: dict[str, str], kind: Kind) -> PosRequest | str:
@@ -394,6 +410,9 @@ class Processor:
             operator=f.get("63", "")[:3].strip(),
             date=f.get("13", ""),
             pin_block=pin_block,
+            # An online purchase from a terminal that takes partial approvals (F60.6 = 1); an
+            # offline advice was done at the counter in full: it is never split.
+            partial=kind is Kind.PURCHASE and f["t"] == "0200" and f60.partial_approval,
         )
 
     async def _reversal(self, s: Session, f: dict[str, str]) -> tuple[Reply | None, str]:

@@ -94,6 +94,8 @@ __all__ = [
     "unwrap_working_key",
     "verify_mac",
     "wrap_working_key",
+    "zone_pin_key",
+    "zone_pin_reader",
 ]
 
 KEK_BYTES = 32  # AES-256 key encryption key for keys at rest
@@ -441,3 +443,25 @@ def translate_pin_block(mode: KeyMode, block: bytes, pan: str, pik: bytes, zpk: 
 def read_zone_pin_block(block: bytes, pan: str, zpk: bytes) -> str:
     """The PIN in a format 4 block under the zone PIN key."""
     return read_pin_block_4(block, pan, zpk)
+
+
+ZONE_PIN_KEY_PURPOSE = b"cardcore/zone-pin-key/v1"
+
+
+def zone_pin_key(kek: bytes) -> bytes:
+    """The zone PIN key (ZPK) the gateway and the host share, derived from the KEK."""
+    return derive_key(kek, ZONE_PIN_KEY_PURPOSE)[:KEY_BYTES]
+
+
+def zone_pin_reader(kek: bytes) -> Callable[[str, str], str]:
+    """The host's `pin_of(pan, zone block hex) -> PIN`: reads what `translate_pin_block`
+    made; ValueError (never the block or the PIN in its message) when it does not read."""
+    zpk = zone_pin_key(kek)
+
+    def pin_of(pan: str, block_hex: str) -> str:
+        try:
+            return read_zone_pin_block(bytes.fromhex(block_hex), pan, zpk)
+        except (SecurityError, ValueError):
+            raise ValueError("the PIN block does not read under the zone PIN key") from None
+
+    return pin_of

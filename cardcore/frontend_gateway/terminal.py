@@ -40,8 +40,32 @@ class Reply:
 
     @property
     def balance(self) -> int | None:
+        """The available balance (F54, amount type 02)."""
+        return self._amount(codec.AMOUNT_TYPE_AVAILABLE)
+
+    @property
+    def remainder(self) -> int | None:
+        """A partial approval's amount due: what the cashier still collects (F54, type 04)."""
+        return self._amount(codec.AMOUNT_TYPE_DUE)
+
+    @property
+    def approved_amount(self) -> int | None:
+        """What an approval took: F4 (on a partial approval, less than was asked)."""
+        value = self.fields.get("4")
+        return None if value is None else int(value)
+
+    @property
+    def discount_bp(self) -> int | None:
+        """The card class's discount in basis points (F48 TLV `DB` of an inquiry reply)."""
+        value = self.fields.get("48")
+        if value is None or self.fields.get("t") not in ("0210", "0230"):
+            return None
+        found = dict(codec.tlv_decode(value)).get(codec.TLV_DISCOUNT_BP)
+        return None if found is None else int(found)
+
+    def _amount(self, amount_type: str) -> int | None:
         value = self.fields.get("54")
-        return None if value is None else codec.parse_balance(value)
+        return None if value is None else codec.parse_amounts(value).get(amount_type)
 
 
 @dataclass
@@ -132,7 +156,7 @@ class PosTerminal:
                 raise TerminalError(f"reply field {name} does not echo the request")
         if reply.code == "00" and sent.get("42") != f.get("42"):
             raise TerminalError("reply field 42 does not echo the request")
-        if mac and reply.code == "00" and "64" not in f:
+        if mac and reply.code in APPROVAL_CODES and "64" not in f:
             raise TerminalError("an approval without a MAC")
         if mac and "64" in f and self.keys is not None:
             body = reply.raw[codec.LENGTH_BYTES + codec.TPDU_BYTES + codec.HEADER_BYTES :]
@@ -227,13 +251,21 @@ class PosTerminal:
         fields["49"] = "156"
         return await self.financial(_ordered(fields))
 
-    async def purchase(self, pan: str, amount: int, pin: str | None = None) -> Reply:
+    async def purchase(
+        self, pan: str, amount: int, pin: str | None = None, *, partial: bool = False
+    ) -> Reply:
+        """A sale. With `partial` the terminal says (F60.6 = 1) it takes a partial approval:
+        a card holding less than `amount` pays what it has (code 10, F4 the amount taken,
+        F54 the remainder due), and the batch counts the amount taken."""
         fields = self._base("0200", "000000", "22")
+        if partial:
+            fields["60"] = codec.format_f60(codec.Field60("22", self.batch, "000", True))
         self._card(fields, pan, pin)
         fields |= {"4": f"{amount:012d}", "25": "00", "49": "156"}
         reply = await self.financial(_ordered(fields))
-        if reply.code == "00":
-            self.lines.append(_Line(fields["11"], "purchase", amount))
+        if reply.code in APPROVAL_CODES:
+            taken = reply.approved_amount if reply.code == "10" else amount
+            self.lines.append(_Line(fields["11"], "purchase", amount if taken is None else taken))
         return reply
 
     async def void(self, pan: str, amount: int, original_stan: str) -> Reply:
@@ -329,20 +361,27 @@ def _ordered(fields: dict[str, str]) -> dict[str, str]:
     return {k: fields[k] for k in sorted(fields, key=lambda n: -1 if n == "t" else int(n))}
 
 
+# Replies that approve: a MAC is required on them, and the batch counts them.
+APPROVAL_CODES = frozenset({"00", "10"})
+
 RESPONSE_TEXT = {
     "00": "approved",
     "03": "invalid merchant",
+    "10": "partial approval",
     "12": "invalid transaction",
     "13": "invalid amount",
     "14": "invalid card",
     "25": "original not found",
     "30": "format error",
     "40": "function not supported",
+    "41": "lost card, pick up",
     "51": "insufficient funds",
     "54": "expired card",
+    "55": "incorrect PIN",
     "61": "exceeds amount limit",
     "62": "restricted card",
     "64": "original amount incorrect",
+    "75": "PIN tries exceeded",
     "77": "sign on again",
     "91": "slow down",
     "94": "duplicate transmission",
@@ -362,6 +401,12 @@ def describe(reply: Reply) -> str:
     balance = reply.balance
     if balance is not None:
         parts.append(f"balance {money(balance)}")
+    remainder = reply.remainder
+    if remainder is not None:
+        parts.append(f"still due {money(remainder)}")
+    discount = reply.discount_bp
+    if discount is not None:
+        parts.append(f"member discount {money(discount)} %")
     if "37" in f:
         parts.append(f"rrn {f['37']}")
     if "60" in f:

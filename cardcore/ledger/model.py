@@ -42,8 +42,22 @@ class TransferKind(enum.StrEnum):
 LEDGER_CLIENT = "ledger"
 
 Metadata = tuple[tuple[str, str], ...]  # sorted (name, value) pairs
+# Names a transfer's metadata may use. The POS adds to a purchase the card class and its
+# discount in basis points (for reporting), and `requested` when a split tender took less
+# than the terminal asked for. Adding a name never invalidates a stored journal.
 METADATA_NAMES = frozenset(
-    {"store", "terminal", "batch", "stan", "rrn", "operator", "external_ref"}
+    {
+        "store",
+        "terminal",
+        "batch",
+        "stan",
+        "rrn",
+        "operator",
+        "external_ref",
+        "card_class",
+        "discount_bp",
+        "requested",
+    }
 )
 
 

@@ -149,7 +149,8 @@ NEW_GRANT = r.obj(
     },
     ["store", "function"],
 )
-ID = {"user_id": r.integer(1, 2**62)}
+RECORD_ID = r.integer(1, limits.RECORD_ID_MAX)
+ID = {"user_id": RECORD_ID}
 
 # --- handlers ------------------------------------------------------------------------------------
 
@@ -159,12 +160,7 @@ def _page_args(request: web.Request, extra: dict[str, r.Schema] | None = None) -
 
 
 def _int_cursor(q: dict[str, Any]) -> int | None:
-    after = q.get("after")
-    if after is None:
-        return None
-    if not str(after).isdigit():
-        raise ApiError(400, "invalid_value", "after is a cursor from next_after", "after")
-    return int(after)
+    return r.cursor_int(q, limits.RECORD_ID_MAX)
 
 
 async def _post_entity(request: web.Request) -> web.Response:
@@ -234,19 +230,19 @@ async def _list_users(request: web.Request) -> web.Response:
 
 
 async def _get_user(request: web.Request) -> web.Response:
-    user_id = r.path_int(request, "user_id")
+    user_id = r.path_int(request, "user_id", limits.RECORD_ID_MAX)
     return web.json_response(await org(request).get_user(principal(request), user_id))
 
 
 async def _patch_user(request: web.Request) -> web.Response:
-    user_id = r.path_int(request, "user_id")
+    user_id = r.path_int(request, "user_id", limits.RECORD_ID_MAX)
     b = await r.body(request, USER_CHANGES)
     view = await org(request).set_user_state(principal(request), user_id, b["state"])
     return web.json_response(view)
 
 
 async def _post_token(request: web.Request) -> web.Response:
-    user_id = r.path_int(request, "user_id")
+    user_id = r.path_int(request, "user_id", limits.RECORD_ID_MAX)
     b = await r.body(request, NEW_TOKEN)
     view = await org(request).create_token(
         principal(request),
@@ -258,13 +254,13 @@ async def _post_token(request: web.Request) -> web.Response:
 
 
 async def _list_tokens(request: web.Request) -> web.Response:
-    user_id = r.path_int(request, "user_id")
+    user_id = r.path_int(request, "user_id", limits.RECORD_ID_MAX)
     tokens = await org(request).list_tokens(principal(request), user_id)
     return web.json_response({"items": tokens, "next_after": None})
 
 
 async def _delete_token(request: web.Request) -> web.Response:
-    token_id = r.path_int(request, "token_id")
+    token_id = r.path_int(request, "token_id", limits.RECORD_ID_MAX)
     return web.json_response(await org(request).revoke_token(principal(request), token_id))
 
 
@@ -284,15 +280,18 @@ async def _post_grant(request: web.Request) -> web.Response:
     )
 
 
+GRANT_FILTERS = {"store": r.string(r.CODE)}
+
+
 async def _list_grants(request: web.Request) -> web.Response:
-    q = _page_args(request, {"store": r.string(r.CODE)})
+    q = _page_args(request, GRANT_FILTERS)
     limit = q.get("limit", limits.PAGE_LIMIT_DEFAULT)
     rows = await org(request).list_grants(principal(request), q.get("store"), _int_cursor(q), limit)
     return r.page(rows, limit, "id")
 
 
 async def _delete_grant(request: web.Request) -> web.Response:
-    grant_id = r.path_int(request, "grant_id")
+    grant_id = r.path_int(request, "grant_id", limits.RECORD_ID_MAX)
     return web.json_response(await org(request).revoke_grant(principal(request), grant_id))
 
 
@@ -302,7 +301,7 @@ AUDIT_FILTERS = {
     "action": r.string(max_length=64),
     "entity": r.string(r.CODE),
     "store": r.string(r.CODE),
-    "user_id": r.integer(0, 2**62),
+    "user_id": r.integer(0, limits.RECORD_ID_MAX),
     "since_ms": r.integer(0, 2**62),
 }
 
@@ -319,8 +318,8 @@ async def _list_audit(request: web.Request) -> web.Response:
 _PAGE = dict(r.PAGE_QUERY)
 ENTITY_ID = {"entity_id": r.string(r.CODE)}
 STORE_ID = {"store_id": r.string(r.CODE)}
-TOKEN_ID = {"token_id": r.integer(1, 2**62)}
-GRANT_ID = {"grant_id": r.integer(1, 2**62)}
+TOKEN_ID = {"token_id": RECORD_ID}
+GRANT_ID = {"grant_id": RECORD_ID}
 
 ROUTES = [
     r.Route("POST", "/v1/legal-entities", _post_entity, "Add a legal entity", "organization",
@@ -336,9 +335,9 @@ ROUTES = [
             refusals=(400, 403)),
     r.Route("GET", "/v1/stores/{store_id}", _get_store, "One store", "organization",
             "org_read", path_params=STORE_ID, answers={200: STORE}),
-    r.Route("PATCH", "/v1/stores/{store_id}", _patch_store, "Rename, move, open or close a store",
-            "organization", "org_write", STORE_CHANGES, path_params=STORE_ID,
-            answers={200: STORE}),
+    r.Route("PATCH", "/v1/stores/{store_id}", _patch_store,
+            "Rename a store, change its region or city, open or close it", "organization",
+            "org_write", STORE_CHANGES, path_params=STORE_ID, answers={200: STORE}),
     r.Route("POST", "/v1/users", _post_user, "Add a staff user with a role and a scope", "staff",
             "staff_write", NEW_USER, answers={201: USER}, refusals=(400, 403, 404, 409)),
     r.Route("GET", "/v1/users", _list_users, "List staff users", "staff", "staff_read",
@@ -359,7 +358,7 @@ ROUTES = [
             "Grant a store a card function (and product) with budgets and dates", "grants",
             "grants_write", NEW_GRANT, answers={201: GRANT}, refusals=(400, 403, 404)),
     r.Route("GET", "/v1/grants", _list_grants, "List grants", "grants", "grants_read",
-            query={**_PAGE, "store": r.string(r.CODE)}, answers={200: r.page_of(GRANT)},
+            query={**_PAGE, **GRANT_FILTERS}, answers={200: r.page_of(GRANT)},
             refusals=(400, 403)),
     r.Route("DELETE", "/v1/grants/{grant_id}", _delete_grant, "Revoke a grant", "grants",
             "grants_write", path_params=GRANT_ID, answers={200: GRANT}),

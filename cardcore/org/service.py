@@ -66,6 +66,7 @@ class OrgService:
         self.records = records
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self._cache: dict[str, tuple[Principal, int, int]] = {}  # hash -> (p, expires, read at)
+        self._generation = 0  # moves on every revoke and disable: a read before it is stale
 
     # --- authentication ----------------------------------------------------------------------
 
@@ -80,6 +81,7 @@ class OrgService:
         cached = self._cache.get(digest)
         if cached is not None and now - cached[2] < limits.TOKEN_CACHE_S * 1000:
             return cached[0] if cached[1] > now else None
+        generation = self._generation
         async with self.records.read() as uow:
             token = await uow.get(TOKENS, secret_hash=digest)
             user = None if token is None else await uow.get(USERS, id=token["user_id"])
@@ -100,10 +102,16 @@ class OrgService:
             scope=Scope(ScopeKind(user["scope_kind"]), user["scope_id"]),
             scope_entity=user["scope_entity"],
         )
+        if generation != self._generation:
+            return principal  # a revoke or disable ran meanwhile: answer, never cache
         if len(self._cache) >= limits.TOKEN_CACHE_ENTRIES_MAX:
             self._cache.clear()
         self._cache[digest] = (principal, int(token["expires_at_ms"]), now)
         return principal
+
+    def _forget_principals(self) -> None:
+        self._generation += 1
+        self._cache.clear()
 
     # --- places ------------------------------------------------------------------------------
 
@@ -295,6 +303,7 @@ class OrgService:
 
     async def set_user_state(self, p: Principal, user_id: int, state: str) -> dict[str, Any]:
         before = await self._user(p, user_id, Perm.STAFF_WRITE)
+        self._may_act_for(p, before)
         if user_id == p.user_id and state != "active":
             raise Refused("conflict", "cannot_disable_self", "a user cannot disable itself")
         now = self.clock_ms()
@@ -305,13 +314,27 @@ class OrgService:
                 p, action=f"user.{state}", kind="staff_user", object_id=user_id,
                 place=_user_place(before), before=before, after=after, now_ms=now,
             )  # fmt: skip
-        self._cache.clear()  # a disabled user's tokens stop at once
+        self._forget_principals()  # a disabled user's tokens stop at once
         return after
+
+    def _may_act_for(self, p: Principal, user: dict[str, Any]) -> None:
+        """A user's tokens and state are its own business, or that of someone above it: an
+        HQ admin cannot mint a token for (and so act as), disable or enable another HQ admin
+        of the same scope level, only one with a strictly narrower scope."""
+        if p is CONSOLE or user["id"] == p.user_id or user["role"] != Role.HQ_ADMIN:
+            return
+        scope = Scope(ScopeKind(user["scope_kind"]), user["scope_id"])
+        narrower = p.scope.kind is ScopeKind.GROUP and scope.kind is not ScopeKind.GROUP
+        if not narrower:
+            raise Refused(
+                "forbidden", "peer_forbidden", "another HQ admin of your level manages itself"
+            )
 
     async def create_token(
         self, p: Principal, user_id: int, label: str, ttl_s: int
     ) -> dict[str, Any]:
         user = await self._user(p, user_id, Perm.STAFF_WRITE)
+        self._may_act_for(p, user)
         if user["state"] != "active":
             raise Refused("conflict", "user_disabled", "the staff user is disabled", "user_id")
         return await self._insert_token(p, user, label, ttl_s)
@@ -357,19 +380,23 @@ class OrgService:
         if row is None:
             raise Refused("not_found", "token_not_found", "no such token", "token_id")
         user = await self._user(p, int(row["user_id"]), Perm.STAFF_WRITE)
+        self._may_act_for(p, user)
         if row["revoked_at_ms"] is not None:
             return token_view(row)  # revoking twice changes nothing
         now = self.clock_ms()
         after = token_view({**row, "revoked_at_ms": now})
         async with self.records.begin() as uow:
-            await uow.update(
+            changed = await uow.update(
                 TOKENS, {"id": token_id, "revoked_at_ms": None}, {"revoked_at_ms": now}
             )
+            if not changed:  # revoked meanwhile by another request: that one audited it
+                self._forget_principals()
+                return token_view((await uow.get(TOKENS, id=token_id)) or row)
             await uow.audit(
                 p, action="token.revoke", kind="api_token", object_id=token_id,
                 place=_user_place(user), before=token_view(row), after=after, now_ms=now,
             )  # fmt: skip
-        self._cache.clear()  # revoked means revoked now, not after the cache time
+        self._forget_principals()  # revoked means revoked now, not after the cache time
         return after
 
     async def bootstrap_admin(self, name: str, ttl_s: int) -> dict[str, Any]:

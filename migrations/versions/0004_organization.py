@@ -21,6 +21,7 @@ depends_on: str | Sequence[str] | None = None
 NAME = 64
 CODE = 32
 APPEND_ONLY = ("org_audit_log", "member_consents")
+NUMBERING_ROWS = 1000  # cards numbered per statement (by primary key: linear in the cards)
 
 
 def _index(table: str, *columns: str) -> None:
@@ -204,11 +205,15 @@ def _cards() -> None:
         batch.add_column(
             sa.Column("updated_at_ms", sa.BigInteger, nullable=False, server_default="0")
         )
-    op.execute(
-        "UPDATE cards SET id = (SELECT count(*) FROM cards AS c WHERE c.created_at_ms "
-        "< cards.created_at_ms OR (c.created_at_ms = cards.created_at_ms AND c.token <= "
-        "cards.token)), updated_at_ms = created_at_ms"
-    )
+    bind = op.get_bind()
+    tokens = [
+        row[0]
+        for row in bind.execute(sa.text("SELECT token FROM cards ORDER BY created_at_ms, token"))
+    ]
+    number = sa.text("UPDATE cards SET id = :id, updated_at_ms = created_at_ms WHERE token = :t")
+    for start in range(0, len(tokens), NUMBERING_ROWS):
+        chunk = tokens[start : start + NUMBERING_ROWS]
+        bind.execute(number, [{"id": start + i + 1, "t": t} for i, t in enumerate(chunk)])
     with op.batch_alter_table("cards") as batch:
         batch.alter_column("id", existing_type=sa.BigInteger, nullable=False)
         batch.create_unique_constraint("uq_cards_id", ["id"])
@@ -245,6 +250,14 @@ def _append_only_triggers() -> None:
 
 
 def downgrade() -> None:
+    shared = op.get_bind().execute(
+        sa.text("SELECT account_id FROM cards GROUP BY account_id HAVING count(*) > 1 LIMIT 1")
+    ).first()
+    if shared is not None:
+        raise RuntimeError(
+            "cannot downgrade below 0004: replaced cards share value accounts "
+            f"(account {shared[0]}); 0003 allows one card per account"
+        )
     for name in ("ix_cards_store", "ix_cards_member_id", "ix_cards_class_code"):
         op.drop_index(name, table_name="cards")
     op.drop_index("ix_cards_account_id", table_name="cards")

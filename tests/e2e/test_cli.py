@@ -404,3 +404,28 @@ def test_bench_ledger_prints_one_json_line_without_errors(tmp_path: Path) -> Non
     assert result["errors"] == 0
     assert result["ops_per_s"] > 0
     assert 0 < result["p50_ms"] <= result["p99_ms"]
+
+
+def test_bench_pos_sets_up_through_the_admin_api_and_buys_without_errors(
+    tmp_path: Path,
+) -> None:
+    args = ["--seconds", "2", "--terminals", "4", "--rate", "40"]  # under 20/s a terminal
+    bench = subprocess.Popen(
+        [*PYTHON_M_CARDCORE, "bench", "pos", *args],
+        cwd=tmp_path,
+        env=cardcore_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+    assert bench.returncode == 0, err
+    result = json.loads(out.splitlines()[-1])
+    assert result["bench"] == "pos" and result["errors"] == 0, result
+    assert result["approved"] > 0 and result["cross_entity_terminals"] == 2, result

@@ -3,6 +3,9 @@ PostgreSQL)."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from tests.helpers import AdminClient
 
 
@@ -194,3 +197,75 @@ async def test_control_characters_and_lone_surrogates_are_refused_everywhere(
     status, answer = await admin.call("GET", "/v1/stores", city="x\ny")
     assert (status, answer["error"]["field"]) == (400, "city")
     assert [s["id"] for s in (await admin.ok("GET", "/v1/stores"))["items"]] == ["S0"]
+
+
+async def test_an_hq_admin_cannot_act_as_or_disable_a_peer_admin(admin: AdminClient) -> None:
+    await admin.org("LE1", "S1")
+    peer = await admin.ok(
+        "POST", "/v1/users", json={"name": "peer", "role": "hq_admin", "scope_kind": "group"}
+    )
+    for method, path, body in (
+        ("POST", f"/v1/users/{peer['id']}/tokens", {"label": "mine now"}),
+        ("PATCH", f"/v1/users/{peer['id']}", {"state": "disabled"}),
+    ):
+        status, answer = await admin.call(method, path, json=body)
+        assert (status, answer["error"]["code"]) == (403, "peer_forbidden")
+    entity_admin = await admin.ok(
+        "POST",
+        "/v1/users",
+        json={"name": "le1", "role": "hq_admin", "scope_kind": "entity", "scope_id": "LE1"},
+    )
+    assert "token" in await admin.ok("POST", f"/v1/users/{entity_admin['id']}/tokens", json={})
+    assert (await admin.ok("GET", f"/v1/users/{peer['id']}"))["state"] == "active"
+
+
+async def test_ids_past_the_column_range_and_odd_numbers_are_refused_cleanly(
+    admin: AdminClient,
+) -> None:
+    for path in ("/v1/users/3000000000", "/v1/users/3000000000/tokens", "/v1/grants/99999999999"):
+        status, _ = await admin.call("DELETE" if "grants" in path else "GET", path)
+        assert status == 404, path
+    for params in ({"after": "\u00b2"}, {"after": "99999999999999999999"}):
+        status, answer = await admin.call("GET", "/v1/users", **params)
+        assert (status, answer["error"]["field"]) == (400, "after"), params
+    await admin.org("LE1", "S1")
+    status, answer = await admin.call(
+        "POST", "/v1/grants", json={"store": "S1", "function": "gift", "budget_count": 5.0}
+    )
+    assert (status, answer["error"]["code"]) == (400, "wrong_type")
+    status, answer = await admin.call("PATCH", "/v1/stores/S1", json={"name": "evil\u202egpj"})
+    assert (status, answer["error"]["code"]) == (400, "invalid_value")
+
+
+async def test_a_token_revoked_while_it_is_being_read_is_not_cached(db_url: str) -> None:
+    from contextlib import asynccontextmanager  # noqa: PLC0415
+
+    from cardcore.db import make_engine  # noqa: PLC0415
+    from cardcore.org.model import Role, Scope, ScopeKind  # noqa: PLC0415
+    from cardcore.org.service import CONSOLE, OrgService  # noqa: PLC0415
+    from cardcore.records import Records  # noqa: PLC0415
+
+    engine = make_engine(db_url)
+    records = Records(engine)
+    org = OrgService(records)
+    user = await org.create_user(CONSOLE, "amy", Role.AUDITOR, Scope(ScopeKind.GROUP))
+    minted = await org.create_token(CONSOLE, int(user["id"]), "x", 3600)
+    read, go_on = asyncio.Event(), asyncio.Event()
+
+    class SlowReads(Records):
+        @asynccontextmanager
+        async def read(self) -> Any:
+            async with records.read() as uow:
+                yield uow
+            read.set()  # the token's rows are read; the revoke lands now
+            await go_on.wait()
+
+    org.records = SlowReads(engine)
+    in_flight = asyncio.create_task(org.authenticate(minted["token"]))
+    await read.wait()
+    org.records = records
+    await org.revoke_token(CONSOLE, minted["id"])
+    go_on.set()
+    assert await in_flight is not None  # that request began before the revoke
+    assert await org.authenticate(minted["token"]) is None
+    await engine.dispose()

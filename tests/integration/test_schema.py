@@ -274,7 +274,7 @@ async def test_database_refuses_to_rewrite_or_erase_the_audit_log_and_consents(
 ) -> None:
     await sql_execute(
         db_url,
-        "INSERT INTO org_audit_log (at_ms, user_id, \"user\", token_id, role, action, "
+        'INSERT INTO org_audit_log (at_ms, user_id, "user", token_id, role, action, '
         "object_kind, object_id, entity, store, before, after) VALUES "
         "(1, 1, 'root', 1, 'hq_admin', 'store.create', 'store', 'S1', 'LE1', 'S1', NULL, '{}')",
         "INSERT INTO member_consents (member_id, purpose, granted, source, at_ms, user_id) "
@@ -287,3 +287,50 @@ async def test_database_refuses_to_rewrite_or_erase_the_audit_log_and_consents(
             message = await _refused(db_url, statement)
             assert f"{statement.split()[0]} on {table} refused" in message, message
     assert {t: await sql_rows(db_url, f"SELECT * FROM {t}") for t in tables} == before  # noqa: S608
+
+
+def test_cards_from_before_0004_are_numbered_in_issue_order_and_keep_working(
+    db_url: str,
+) -> None:
+    config = migrate._alembic_config(db_url)
+    command.downgrade(config, "0003")
+    rows = [("tok-c", 30), ("tok-a", 10), ("tok-b", 10)]  # created_at_ms ties sort by token
+    asyncio.run(
+        sql_execute(
+            db_url,
+            *[
+                "INSERT INTO cards (token, pan_masked, legal_entity, account_id, expires, state, "  # noqa: S608
+                f"balance_max, created_at_ms) VALUES ('{t}', '628888******0001', 'LE', {i}, "
+                f"'', 'active', 0, {at})"
+                for i, (t, at) in enumerate(rows, start=1)
+            ],
+        )
+    )
+    command.upgrade(config, "head")
+    numbered = asyncio.run(sql_rows(db_url, "SELECT token, id, updated_at_ms, class_code, "
+                                    "pin_failures FROM cards ORDER BY id"))  # fmt: skip
+    assert [(r["token"], r["id"], r["updated_at_ms"]) for r in numbered] == [
+        ("tok-a", 1, 10),
+        ("tok-b", 2, 10),
+        ("tok-c", 3, 30),
+    ]
+    assert {(r["class_code"], r["pin_failures"]) for r in numbered} == {("", 0)}
+
+
+def test_downgrade_below_0004_is_refused_once_two_cards_share_an_account(db_url: str) -> None:
+    asyncio.run(
+        sql_execute(
+            db_url,
+            *[
+                "INSERT INTO cards (token, pan_masked, legal_entity, account_id, expires, state, "  # noqa: S608
+                "balance_max, created_at_ms, id, pan_sealed, secret_sealed, class_code, "
+                "member_id, store, named, pvv, pin_failures, replaced_by, updated_at_ms) VALUES "
+                f"('{t}', 'x', 'LE', 7, '', '{state}', 0, 0, {i}, '', '', '', NULL, 'S1', "
+                f"FALSE, '', 0, NULL, 0)"
+                for i, (t, state) in enumerate((("old", "replaced"), ("new", "active")), start=1)
+            ],
+        )
+    )
+    with pytest.raises(RuntimeError, match="replaced cards share value accounts"):
+        command.downgrade(migrate._alembic_config(db_url), "0003")
+    asyncio.run(migrate.check_current(db_url))  # still at head, nothing half done

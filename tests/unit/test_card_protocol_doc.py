@@ -60,6 +60,7 @@ PIN = "123456"
 MID = "898310048990001"
 AES_TID = "POS00001"
 TDES_TID = "POS00002"
+DISCOUNT_BP = 500  # the card class's discount in the examples: 5 % off
 AES_BATCH = "000042"  # the batch the host hands each terminal at sign-on
 TDES_BATCH = "000007"
 DAY = (2025, 3, 15)
@@ -322,6 +323,30 @@ async def build_examples(saf_dir: Path, aes_pin_block: bytes | None = None) -> B
         answer(PosResult(APPROVED, 48_800, 1_200, "000000001009", "001009"))
         await legacy.purchase(CARD, 1_200, PIN)
         rec.name(legacy, "tdes-purchase")
+
+        clock.at("100020")
+        answer(PosResult(APPROVED, balance=48_800, discount_bp=DISCOUNT_BP))
+        await legacy.inquiry(CARD)
+        rec.name(legacy, "discount-inquiry")
+
+        clock.at("100030")
+        answer(
+            PosResult(
+                Outcome.PARTIAL_APPROVED,
+                0,
+                48_800,
+                "000000001010",
+                "001010",
+                remainder=60_000 - 48_800,
+            )
+        )
+        assert (await legacy.purchase(CARD, 60_000, PIN, partial=True)).code == "10"
+        rec.name(legacy, "split-tender")
+
+        clock.at("100040")
+        answer(PosResult(Outcome.CARD_LOST))
+        await legacy.purchase(CARD, 1_000, PIN)
+        rec.name(legacy, "lost-card")
     await saf.close()
     assert not host.answers, "every queued host answer is used"
     return Built(examples, host.seen, gateway)
@@ -408,7 +433,8 @@ def _describe(key: str, value: str, mti: str, f: dict[str, str]) -> str:
             return "processing code: purchase (offline advice)"
         return f"processing code: {kind}" if kind else "processing code"
     if key == "4":
-        return f"amount: {int(value)} fen = {terminal.money(int(value))} CNY"
+        what = "amount taken" if reply and f.get("39") == "10" else "amount"
+        return f"{what}: {int(value)} fen = {terminal.money(int(value))} CNY"
     if key == "11":
         return "STAN"
     if key == "12":
@@ -436,23 +462,38 @@ def _describe(key: str, value: str, mti: str, f: dict[str, str]) -> str:
     if key == "49":
         return "currency: CNY"
     if key == "54":
-        balance = codec.parse_balance(value)
-        return (
-            f"account 00, amount type 02 (available), currency {value[4:7]}, {value[7]}, "
-            f"{abs(balance)} fen: balance {terminal.money(balance)} CNY"
+        return "; ".join(
+            _describe_amount(value[i : i + codec.BALANCE_CHARS])
+            for i in range(0, len(value), codec.BALANCE_CHARS)
         )
     if key == "60":
         f60 = codec.parse_f60(value)
-        return (
+        text = (
             f"60.1 {f60.txn_type} {_TXN_TYPE[f60.txn_type]}, 60.2 batch {f60.batch}, "
             f"60.3 {f60.net_code} {_NET_CODE[f60.net_code]}"
         )
+        if len(value) > 11:
+            takes = "takes" if f60.partial_approval else "takes no"
+            text += f", 60.6 {value[13]} {takes} partial approval"
+        return text
     if key == "61":
         f61 = codec.parse_f61(value)
         return f"original batch {f61.batch}, STAN {f61.stan}"
     if key == "48":
         return _describe_48(value, mti, f)
     return ""
+
+
+_AMOUNT_TYPE = {"02": ("available", "balance"), "04": ("amount due", "still due")}
+
+
+def _describe_amount(entry: str) -> str:
+    kind, what = _AMOUNT_TYPE[entry[2:4]]
+    amount = codec.parse_balance(entry)
+    return (
+        f"account 00, amount type {entry[2:4]} ({kind}), currency {entry[4:7]}, {entry[7]}, "
+        f"{abs(amount)} fen: {what} {terminal.money(amount)} CNY"
+    )
 
 
 def _describe_48(value: str, mti: str, f: dict[str, str]) -> str:
@@ -468,6 +509,10 @@ def _describe_48(value: str, mti: str, f: dict[str, str]) -> str:
         return f"{len(value) // 18} lines of STAN n6 + amount n12"
     if mti == "0330":
         return "STANs the host does not match"
+    if mti in ("0210", "0230"):
+        items = dict(codec.tlv_decode(value))
+        bp = int(items[codec.TLV_DISCOUNT_BP])
+        return f"TLV {codec.TLV_DISCOUNT_BP}: class discount {bp} bp = {terminal.money(bp)} % off"
     return ""
 
 
@@ -664,6 +709,9 @@ def test_host_requests_behind_the_examples(built: Built) -> None:
         Kind.UPLOAD,
         Kind.SIGN_ON,
         Kind.PURCHASE,
+        Kind.INQUIRY,
+        Kind.PURCHASE,
+        Kind.PURCHASE,
     ]  # the MAC error, the sign-off and the purchase after it never reach the host
     reversal = seen[5]
     assert (reversal.batch, reversal.stan) == (AES_BATCH, "000006")  # the lost purchase
@@ -681,8 +729,11 @@ def test_host_requests_behind_the_examples(built: Built) -> None:
         ("000010", 800),
     )
     zpk = built.gateway.zpk
-    for purchase in (seen[4], seen[15]):  # both PIN purchases: translated to the zone key
+    for purchase in (seen[4], seen[15], seen[17], seen[18]):  # PIN: under the zone key
         assert security.read_zone_pin_block(bytes.fromhex(purchase.pin_block), CARD, zpk) == PIN
+        assert security.zone_pin_reader(KEK)(CARD, purchase.pin_block) == PIN  # the host's
+    # Only the split tender said (F60.6) that the terminal takes a partial approval.
+    assert [r.partial for r in seen] == [False] * 17 + [True, False]
 
 
 # --- behaviour the doc promises, beyond the examples ------------------------------------------

@@ -457,7 +457,11 @@ def test_frame_length_refuses_short_and_over_the_cap() -> None:
 def test_f60_parses_and_formats_its_three_parts() -> None:
     assert codec.parse_f60("22000001003") == Field60("22", "000001", "003")
     assert codec.parse_f60("22000001") == Field60("22", "000001", "000")
-    assert codec.parse_f60("22000001003" + "601234") == Field60("22", "000001", "003")
+    assert codec.parse_f60("22000001003" + "600234") == Field60("22", "000001", "003")
+    # 60.6 (the 14th digit) = 1: the terminal takes a partial approval; the rest is ignored.
+    partial = Field60("22", "000001", "000", partial_approval=True)
+    assert codec.parse_f60("22000001000" + "601234") == partial
+    assert codec.format_f60(partial) == "22000001000001"
     assert codec.format_f60(Field60("00", "123456", "001")) == "00123456001"
 
 

@@ -1,0 +1,258 @@
+"""`cardcore admin ...`: bootstrap work on the configured database, in this process, as the
+console principal (an HQ admin of the group; every change is audited under user "console").
+
+    cardcore admin token [--name root] [--ttl-days N]     the first HQ admin's token, once
+    cardcore admin issue-cards --class C --store S --count N [--out FILE.csv] [--full-numbers]
+    cardcore admin demo                                    idempotent demo organization
+
+`issue-cards` runs the ledger writer here: on PostgreSQL it refuses while a server owns the
+database (use POST /v1/card-batches then). Its CSV holds masked numbers unless
+`--full-numbers`; a file with full numbers is readable by its owner only (mode 0600).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import sys
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from cardcore import limits, migrate
+from cardcore.cards.accounts import Accounts
+from cardcore.cards.directory import Directory
+from cardcore.cards.pins import Pins
+from cardcore.cards.service import CardService, CardsUnavailable
+from cardcore.config import Config, load_kek
+from cardcore.db import make_engine
+from cardcore.ledger.service import Ledger
+from cardcore.ledger.store import WriterLockError
+from cardcore.metrics import Metrics
+from cardcore.org.model import Function, Refused, Role
+from cardcore.org.service import CONSOLE, OrgService
+from cardcore.records import Records
+from cardcore.vault import Vault
+
+DAY_S = 24 * 3600
+TTL_DAYS_MAX = limits.TOKEN_TTL_S_MAX // DAY_S
+PROGRESS_WIDTH = 30  # characters of the progress bar
+
+
+class AdminCommandError(Exception):
+    """A command that cannot run as asked: one line on stderr, a non-zero exit."""
+
+
+async def run(config: Config, args: Any) -> int:
+    await migrate.check_current(config.db_url)
+    try:
+        if args.admin_command == "token":
+            answer = await token(config, args.name, args.ttl_days)
+        elif args.admin_command == "issue-cards":
+            answer = await issue_cards(
+                config,
+                class_code=args.class_code,
+                store=args.store,
+                count=args.count,
+                out=args.out,
+                full_numbers=args.full_numbers,
+                progress_to=sys.stderr,
+            )
+        else:
+            answer = await demo(config)
+    except Refused as exc:
+        where = f" ({exc.field})" if exc.field else ""
+        raise AdminCommandError(f"{exc.code}{where}: {exc.message}") from None
+    except CardsUnavailable as exc:
+        raise AdminCommandError(f"ledger_unavailable: {exc}") from None
+    sys.stdout.write(json.dumps(answer) + "\n")
+    return 0
+
+
+# --- token -----------------------------------------------------------------------------------
+
+
+async def token(config: Config, name: str, ttl_days: int) -> dict[str, Any]:
+    """A new token of the group HQ admin `name` (made if missing), shown this once."""
+    if not 1 <= ttl_days <= TTL_DAYS_MAX:
+        raise AdminCommandError(f"--ttl-days is 1..{TTL_DAYS_MAX}")
+    engine = make_engine(config.db_url, pool_size=1)
+    try:
+        minted = await OrgService(Records(engine)).bootstrap_admin(name, ttl_days * DAY_S)
+    finally:
+        await engine.dispose()
+    return {"user": name, "token": minted["token"], "expires_at_ms": minted["expires_at_ms"]}
+
+
+# --- issue-cards -----------------------------------------------------------------------------
+
+
+@dataclass
+class ProgressBar:
+    """`phase [#####.....] done/total` redrawn in place on a terminal stream."""
+
+    stream: TextIO
+    last: tuple[str, int] = ("", -1)
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        filled = PROGRESS_WIDTH * done // max(total, 1)
+        if (phase, filled) == self.last and done != total:
+            return
+        self.last = (phase, filled)
+        bar = "#" * filled + "." * (PROGRESS_WIDTH - filled)
+        self.stream.write(f"\r{phase:<9}[{bar}] {done}/{total}")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+@asynccontextmanager
+async def card_service(config: Config, kek: bytes) -> AsyncIterator[CardService]:
+    """The card service on the configured database, with its own running ledger writer."""
+    ledger = Ledger.open(config.db_url, Metrics(), batch_wait_ms_max=config.batch_wait_ms_max)
+    try:
+        await ledger.start()
+    except WriterLockError:
+        await ledger.store.engine.dispose()
+        raise AdminCommandError(
+            "a running cardcore server owns this database's ledger: issue the batch through "
+            "POST /v1/card-batches, or stop the server"
+        ) from None
+    try:
+        records = Records(ledger.store.engine)
+        vault = Vault(kek)
+        directory = Directory(ledger.store.engine)
+        yield CardService(
+            records,
+            OrgService(records),
+            vault,
+            ledger,
+            directory,
+            Accounts(ledger),
+            Pins(records, vault, directory),
+        )
+    finally:
+        await ledger.close()
+
+
+async def issue_cards(
+    config: Config,
+    *,
+    class_code: str,
+    store: str,
+    count: int,
+    out: str | None,
+    full_numbers: bool,
+    progress_to: TextIO,
+) -> dict[str, Any]:
+    """A batch of bearer or gift cards, and its CSV for printing when `out` is given."""
+    if not 1 <= count <= limits.CARD_ISSUE_BATCH_MAX:
+        raise AdminCommandError(f"--count is 1..{limits.CARD_ISSUE_BATCH_MAX}")
+    kek = load_kek(config)
+    if kek is None:
+        raise AdminCommandError("issuing cards needs the key-encrypting key (CARDCORE_KEK)")
+    async with card_service(config, kek) as service:
+        batch = await service.issue_batch(
+            CONSOLE, class_code, store, count, progress=ProgressBar(progress_to)
+        )
+        answer: dict[str, Any] = {"class": class_code, "store": store, **batch}
+        if out is None:
+            return answer
+        # The console sees full numbers; an auditor's view of the same cards is masked.
+        reader = CONSOLE if full_numbers else replace(CONSOLE, role=Role.AUDITOR)
+        text = await service.export(reader, batch["first_id"], batch["last_id"])
+    path = Path(out)
+    await asyncio.to_thread(_write_csv, path, text)
+    return {**answer, "out": str(path), "full_numbers": full_numbers}
+
+
+def _write_csv(path: Path, text: str) -> None:
+    """Readable by the owner only (mode 0600): full card numbers never reach the group."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(text)
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+DEMO_ENTITIES = {"LE-A": "Demo Retail East Ltd.", "LE-B": "Demo Retail West Ltd."}
+DEMO_STORES = (
+    ("S-A01", "LE-A", "East flagship", "East", "Shanghai"),
+    ("S-A02", "LE-A", "East mall", "East", "Hangzhou"),
+    ("S-B01", "LE-B", "West flagship", "West", "Chengdu"),
+)
+DEMO_CLASSES: tuple[dict[str, Any], ...] = (
+    {"code": "ORDINARY", "name": "Ordinary member card", "named": True, "balance_max": 500_000},
+    {"code": "VIP", "name": "VIP member card", "named": True, "discount_bp": 500},
+    {"code": "BEARER", "name": "Bearer stored-value card", "named": False,
+     "balance_max": 100_000, "validity_months": 36},
+    {"code": "GIFT100", "name": "Gift card", "named": False, "gift": True,
+     "denominations": [10_000, 20_000, 50_000]},
+)  # fmt: skip
+DEMO_GRANTS = (Function.STORED_VALUE, Function.GIFT)
+
+
+async def demo(config: Config) -> dict[str, Any]:
+    """Two legal entities, three stores, four card classes and each store's grants; what
+    exists already is left as it is."""
+    ledger = Ledger.open(config.db_url, Metrics())  # never started: nothing here posts
+    records = Records(ledger.store.engine)
+    org = OrgService(records)
+    # Classes and grants seal nothing: a throwaway key keeps the KEK optional here.
+    vault = Vault(secrets.token_bytes(32))
+    directory = Directory(ledger.store.engine)
+    cards = CardService(
+        records, org, vault, ledger, directory, Accounts(ledger), Pins(records, vault, directory)
+    )
+    made: dict[str, list[str]] = {"entities": [], "stores": [], "classes": [], "grants": []}
+    try:
+        for entity, name in DEMO_ENTITIES.items():
+            if await _absent(org.create_entity(CONSOLE, entity, name)):
+                made["entities"].append(entity)
+        for store, entity, name, region, city in DEMO_STORES:
+            values = {"id": store, "legal_entity": entity, "name": name, "region": region,
+                      "city": city}  # fmt: skip
+            if await _absent(org.create_store(CONSOLE, values)):
+                made["stores"].append(store)
+        for klass in DEMO_CLASSES:
+            if await _absent(cards.create_class(CONSOLE, klass)):
+                made["classes"].append(klass["code"])
+        for store, *_ in DEMO_STORES:
+            held = await org.list_grants(CONSOLE, store, None, limits.PAGE_LIMIT_MAX)
+            have = {g["function"] for g in held if g["state"] == "active" and not g["product"]}
+            for function in DEMO_GRANTS:
+                if function.value not in have:
+                    await org.create_grant(CONSOLE, _grant(store, function))
+                    made["grants"].append(f"{store}:{function.value}")
+    finally:
+        await ledger.store.engine.dispose()
+    return {"made": made, "classes": [c["code"] for c in DEMO_CLASSES],
+            "stores": [s[0] for s in DEMO_STORES]}  # fmt: skip
+
+
+def _grant(store: str, function: Function) -> dict[str, Any]:
+    return {
+        "store": store,
+        "function": function.value,
+        "product": "",
+        "budget_count": None,
+        "budget_amount": None,
+        "valid_from": "",
+        "valid_to": "",
+    }
+
+
+async def _absent(change: Awaitable[object]) -> bool:
+    """Run a create; False when the object exists already (the demo leaves it)."""
+    try:
+        await change
+    except Refused as exc:
+        if exc.code.endswith("_exists"):
+            return False
+        raise
+    return True

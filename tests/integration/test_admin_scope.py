@@ -1,0 +1,217 @@
+"""A store officer cannot read or change another store's data through any admin route.
+
+Root builds a world in store S1 (legal entity LE1): a terminal, a grant, members, cards with
+value, a staff user with a token. Then officers of store S2 (same legal entity) call every
+route of the admin route table aimed at S1's objects. Each call must be refused 403 (or, for
+a listing, answer only objects of S2), and the database must be exactly as it was: every
+table's rows and every account's balances. A route missing from the table below fails the
+test, so a new route cannot skip the check.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+
+from cardcore.api.app import ADMIN_ROUTES
+from cardcore.db import make_engine
+from cardcore.ledger.schema import metadata
+from tests.helpers import AdminClient
+
+REFUSED = "refused"  # 403 role_forbidden or scope_forbidden
+SHARED = "shared"  # group-wide objects every role may read (card classes)
+
+
+@dataclass(frozen=True)
+class Call:
+    path: str  # with S1's ids filled in
+    expect: str | Callable[[Any], bool]  # REFUSED, SHARED, or a check of a 200 answer
+    body: dict[str, Any] | None = None
+    query: dict[str, Any] | None = None
+
+
+async def _world(admin: AdminClient) -> dict[str, Any]:
+    await admin.org("LE1", "S1", "S2")
+    await admin.org("LE2", "S3")
+    ok = admin.ok
+    await ok("POST", "/v1/card-classes", json={"code": "ORD", "name": "Ordinary", "named": True})
+    await ok("POST", "/v1/card-classes", json={"code": "GIFT", "name": "Gift", "named": False,
+             "gift": True, "denominations": [10_000], "validity_months": 36})  # fmt: skip
+    grant = await ok("POST", "/v1/grants", json={"store": "S1", "function": "stored_value"})
+    await ok("POST", "/v1/grants", json={"store": "S1", "function": "gift"})
+    await ok("POST", "/v1/terminals", json={"tid": "T0000001", "mid": "M00000000000001",
+             "store": "S1"})  # fmt: skip
+    members = [
+        await ok("POST", "/v1/members", json={"mobile": f"1380000000{i}", "name": f"M{i}",
+                 "home_store": "S1", "id_type": "passport", "id_number": f"E1234567{i}"})
+        for i in (1, 2)
+    ]  # fmt: skip
+    card = await ok("POST", "/v1/cards", json={"class_code": "ORD", "store": "S1",
+                    "member_id": members[0]["id"]})  # fmt: skip
+    await ok("POST", f"/v1/cards/{card['id']}/topups", json={"amount": 10_000,
+             "tender": "cash", "receipt": "R1", "key": "k1"})  # fmt: skip
+    gift = await ok("POST", "/v1/cards", json={"class_code": "GIFT", "store": "S1"})
+    user = await ok("POST", "/v1/users", json={"name": "s1crm", "role": "store_crm",
+                    "scope_kind": "store", "scope_id": "S1"})  # fmt: skip
+    token = await ok("POST", f"/v1/users/{user['id']}/tokens", json={"label": "t"})
+    return {
+        "grant": grant["id"],
+        "member": members[0]["id"],
+        "duplicate": members[1]["id"],
+        "card": card["id"],
+        "pan": card["pan"],
+        "gift": gift["id"],
+        "user": user["id"],
+        "token": token["id"],
+    }
+
+
+def _items_outside_s1(answer: Any) -> bool:
+    items = answer["items"]
+    text_ = json.dumps(items)
+    return '"S1"' not in text_ and "LE2" not in text_
+
+
+def _calls(w: dict[str, Any]) -> dict[tuple[str, str], Call]:
+    card, member = w["card"], w["member"]
+    pay = {"amount": 100, "tender": "cash", "receipt": "R9", "key": "k9"}
+    return {
+        ("POST", "/v1/legal-entities"): Call("/v1/legal-entities", REFUSED,
+                                             {"id": "LE9", "name": "x"}),
+        ("GET", "/v1/legal-entities"): Call("/v1/legal-entities",
+                                            lambda a: [e["id"] for e in a["items"]] == ["LE1"]),
+        ("GET", "/v1/legal-entities/{entity_id}"): Call("/v1/legal-entities/LE2", REFUSED),
+        ("POST", "/v1/stores"): Call("/v1/stores", REFUSED, {"id": "S9", "legal_entity": "LE1",
+                                     "name": "x", "region": "r", "city": "c"}),
+        ("GET", "/v1/stores"): Call("/v1/stores",
+                                    lambda a: [s["id"] for s in a["items"]] == ["S2"]),
+        ("GET", "/v1/stores/{store_id}"): Call("/v1/stores/S1", REFUSED),
+        ("PATCH", "/v1/stores/{store_id}"): Call("/v1/stores/S1", REFUSED, {"name": "Mine"}),
+        ("POST", "/v1/users"): Call("/v1/users", REFUSED, {"name": "evil", "role": "store_crm",
+                                    "scope_kind": "store", "scope_id": "S1"}),
+        ("GET", "/v1/users"): Call("/v1/users", _items_outside_s1),
+        ("GET", "/v1/users/{user_id}"): Call(f"/v1/users/{w['user']}", REFUSED),
+        ("PATCH", "/v1/users/{user_id}"): Call(f"/v1/users/{w['user']}", REFUSED,
+                                               {"state": "disabled"}),
+        ("POST", "/v1/users/{user_id}/tokens"): Call(f"/v1/users/{w['user']}/tokens", REFUSED,
+                                                     {"label": "stolen"}),
+        ("GET", "/v1/users/{user_id}/tokens"): Call(f"/v1/users/{w['user']}/tokens", REFUSED),
+        ("DELETE", "/v1/tokens/{token_id}"): Call(f"/v1/tokens/{w['token']}", REFUSED),
+        ("POST", "/v1/grants"): Call("/v1/grants", REFUSED, {"store": "S1", "function": "gift"}),
+        ("GET", "/v1/grants"): Call("/v1/grants", lambda a: a["items"] == []),
+        ("DELETE", "/v1/grants/{grant_id}"): Call(f"/v1/grants/{w['grant']}", REFUSED),
+        ("GET", "/v1/audit"): Call("/v1/audit", _items_outside_s1),
+        ("POST", "/v1/terminals"): Call("/v1/terminals", REFUSED, {"tid": "T0000009",
+                                        "mid": "M00000000000001", "store": "S1"}),
+        ("GET", "/v1/terminals"): Call("/v1/terminals", lambda a: a["items"] == []),
+        ("GET", "/v1/terminals/{tid}"): Call("/v1/terminals/T0000001", REFUSED),
+        ("PATCH", "/v1/terminals/{tid}"): Call("/v1/terminals/T0000001", REFUSED,
+                                               {"state": "disabled"}),
+        ("POST", "/v1/members"): Call("/v1/members", REFUSED, {"mobile": "13800000009",
+                                      "name": "x", "home_store": "S1"}),
+        ("GET", "/v1/members"): Call("/v1/members", lambda a: a["items"] == []),
+        ("POST", "/v1/members/lookup"): Call("/v1/members/lookup",
+                                             lambda a: a["items"] == [],
+                                             {"id_type": "passport", "id_number": "E12345671"}),
+        ("GET", "/v1/members/{member_id}"): Call(f"/v1/members/{member}", REFUSED),
+        ("PATCH", "/v1/members/{member_id}"): Call(f"/v1/members/{member}", REFUSED,
+                                                   {"name": "Mine"}),
+        ("DELETE", "/v1/members/{member_id}"): Call(f"/v1/members/{w['duplicate']}", REFUSED),
+        ("POST", "/v1/members/{member_id}/merge"): Call(f"/v1/members/{member}/merge", REFUSED,
+                                                        {"duplicate_id": w["duplicate"]}),
+        ("POST", "/v1/members/{member_id}/consents"): Call(
+            f"/v1/members/{member}/consents", REFUSED,
+            {"purpose": "marketing", "granted": True, "source": "counter"}),
+        ("GET", "/v1/members/{member_id}/consents"): Call(f"/v1/members/{member}/consents",
+                                                          REFUSED),
+        ("POST", "/v1/card-classes"): Call("/v1/card-classes", REFUSED,
+                                           {"code": "X", "name": "x", "named": True}),
+        ("GET", "/v1/card-classes"): Call("/v1/card-classes", SHARED),
+        ("GET", "/v1/card-classes/{code}"): Call("/v1/card-classes/ORD", SHARED),
+        ("PATCH", "/v1/card-classes/{code}"): Call("/v1/card-classes/ORD", REFUSED,
+                                                   {"discount_bp": 9000}),
+        ("POST", "/v1/cards"): Call("/v1/cards", REFUSED, {"class_code": "GIFT", "store": "S1"}),
+        ("GET", "/v1/cards"): Call("/v1/cards", lambda a: a["items"] == []),
+        ("POST", "/v1/card-batches"): Call("/v1/card-batches", REFUSED,
+                                           {"class_code": "GIFT", "store": "S1", "count": 5}),
+        ("GET", "/v1/cards/export"): Call(
+            "/v1/cards/export", lambda a: len(str(a).strip().splitlines()) <= 1,
+            query={"first_id": card, "last_id": w["gift"]}),
+        ("POST", "/v1/cards/lookup"): Call("/v1/cards/lookup", REFUSED, {"pan": w["pan"]}),
+        ("GET", "/v1/cards/{card_id}"): Call(f"/v1/cards/{card}", REFUSED),
+        ("GET", "/v1/cards/{card_id}/transactions"): Call(f"/v1/cards/{card}/transactions",
+                                                          REFUSED),
+        ("POST", "/v1/cards/{card_id}/activate"): Call(f"/v1/cards/{card}/activate", REFUSED),
+        ("POST", "/v1/cards/{card_id}/freeze"): Call(f"/v1/cards/{card}/freeze", REFUSED),
+        ("POST", "/v1/cards/{card_id}/unfreeze"): Call(f"/v1/cards/{card}/unfreeze", REFUSED),
+        ("POST", "/v1/cards/{card_id}/lost"): Call(f"/v1/cards/{card}/lost", REFUSED),
+        ("POST", "/v1/cards/{card_id}/replace"): Call(f"/v1/cards/{card}/replace", REFUSED),
+        ("POST", "/v1/cards/{card_id}/close"): Call(f"/v1/cards/{card}/close", REFUSED,
+                                                    {"receipt": "R7"}),
+        ("POST", "/v1/cards/{card_id}/topups"): Call(f"/v1/cards/{card}/topups", REFUSED, pay),
+        ("POST", "/v1/cards/{card_id}/sell"): Call(f"/v1/cards/{w['gift']}/sell", REFUSED,
+                                                   {**pay, "amount": 10_000}),
+        ("POST", "/v1/cards/{card_id}/pin"): Call(f"/v1/cards/{card}/pin", REFUSED,
+                                                  {"pin": "123456"}),
+        ("POST", "/v1/cards/{card_id}/pin/verify"): Call(f"/v1/cards/{card}/pin/verify",
+                                                         REFUSED, {"pin": "123456"}),
+        ("POST", "/v1/cards/{card_id}/pin/unlock"): Call(f"/v1/cards/{card}/pin/unlock",
+                                                         REFUSED),
+        ("GET", "/v1/reports/breakage"): Call(
+            "/v1/reports/breakage",
+            lambda a: all(e[k]["cards"] == 0 for e in a["entities"]
+                          for k in ("gift", "stored_value")),
+            query={"as_of": "2099-12"}),
+    }  # fmt: skip
+
+
+async def _snapshot(db_url: str) -> dict[str, list[Any]]:
+    """Every row of every table (the audit log included), in a stable order."""
+    engine = make_engine(db_url)
+    out: dict[str, list[Any]] = {}
+    try:
+        async with engine.connect() as conn:
+            for table in metadata.sorted_tables:
+                rows = (await conn.execute(text(f"SELECT * FROM {table.name}"))).all()  # noqa: S608
+                out[table.name] = sorted(repr(tuple(r)) for r in rows)
+    finally:
+        await engine.dispose()
+    return out
+
+
+async def test_a_store_officer_reaches_no_other_stores_data_through_any_route(
+    admin: AdminClient, db_url: str
+) -> None:
+    world = await _world(admin)
+    calls = _calls(world)
+    routes = {(r.method, r.path) for r in ADMIN_ROUTES}
+    assert routes == set(calls), (
+        f"routes without a scope check here: {sorted(routes - set(calls))}; "
+        f"checks of routes that no longer exist: {sorted(set(calls) - routes)}"
+    )
+    officers = {
+        role: await admin.token(role, "store", "S2") for role in ("store_crm", "store_supervisor")
+    }
+    before = await _snapshot(db_url)
+    seen = []
+    for (method, _), call in sorted(calls.items()):
+        for role, token in officers.items():
+            status, answer = await admin.call(method, call.path, token, call.body,
+                                              **(call.query or {}))  # fmt: skip
+            where = (role, method, call.path, status, answer)
+            if call.expect == REFUSED:
+                assert status == 403, where
+                assert answer["error"]["code"] in ("scope_forbidden", "role_forbidden"), where
+            elif call.expect == SHARED:
+                assert status == 200, where
+            elif status == 200:
+                assert callable(call.expect) and call.expect(answer), where
+            else:
+                assert status == 403, where  # a listing may also refuse the role outright
+            seen.append(status)
+    assert await _snapshot(db_url) == before
+    assert seen.count(403) > len(calls)  # the officers were refused, not merely mistaken

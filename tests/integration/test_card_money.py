@@ -1,0 +1,314 @@
+"""Money at the counter over the admin API (SQLite and PostgreSQL): top-ups against the class
+maximum, gift sales, closing with a cash refund, fees, cross-entity clearing, and the
+breakage report. Every amount is checked against the ledger's own rows."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from cardcore.cards.admin_http import CARDS_KEY
+from cardcore.cards.model import Kind, Outcome
+from tests.helpers import AdminClient, sql_rows
+from tests.integration.test_cards_api import (
+    card,
+    counts,
+    grant,
+    issue,
+    new_class,
+    pos,
+    terminal,
+    topup,
+    world,
+)
+
+YEAR_MS = 366 * 24 * 3600 * 1000
+
+
+async def store_account(db_url: str, store: str, purpose: str) -> dict[str, Any]:
+    rows = await sql_rows(
+        db_url,
+        "SELECT * FROM ledger_accounts WHERE owner_kind = 'store' AND owner_id = :s "
+        "AND purpose = :p",
+        s=store,
+        p=purpose,
+    )
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+async def legs_by_entity(db_url: str, transfer_id: int) -> dict[str, tuple[int, int]]:
+    """(debits, credits) of one transfer's journal lines, per legal entity of their accounts."""
+    rows = await sql_rows(
+        db_url,
+        "SELECT a.legal_entity, e.side, e.posted_delta FROM ledger_entries e "
+        "JOIN ledger_accounts a ON a.id = e.account_id WHERE e.transfer_id = :t",
+        t=transfer_id,
+    )
+    out: dict[str, list[int]] = {}
+    for r in rows:
+        totals = out.setdefault(r["legal_entity"], [0, 0])
+        totals[0 if r["side"] == "debit" else 1] += abs(int(r["posted_delta"]))
+    return {e: (d, c) for e, (d, c) in out.items()}
+
+
+def pay(amount: int, key: str, **extra: Any) -> dict[str, Any]:
+    return {"amount": amount, "tender": "cash", "receipt": f"R-{key}", "key": key, **extra}
+
+
+# --- top-ups -----------------------------------------------------------------------------------
+
+
+async def test_a_counter_topup_is_idempotent_by_key_and_records_store_operator_and_receipt(
+    admin: AdminClient, db_url: str
+) -> None:
+    await world(admin)
+    issued = await issue(admin, "BEAR")
+    path = f"/v1/cards/{issued['id']}/topups"
+    status, first = await admin.call("POST", path, json=pay(5_000, "t-1"))
+    assert (status, first["available"], first["replayed"]) == (201, 5_000, False)
+    status, again = await admin.call("POST", path, json=pay(5_000, "t-1"))
+    assert (status, again["transfer_id"], again["replayed"]) == (200, first["transfer_id"], True)
+    status, answer = await admin.call("POST", path, json=pay(6_000, "t-1"))
+    assert (status, answer["error"]["code"]) == (409, "idempotency_key_reused")
+    assert (await card(admin, issued["id"]))["balances"]["available"] == 5_000
+    [row] = await sql_rows(db_url, "SELECT * FROM ledger_transfers WHERE id = :i",
+                           i=first["transfer_id"])  # fmt: skip
+    assert (row["client"], row["key"], row["reason"]) == ("counter", "counter/S1/t-1",
+                                                          "counter_topup")  # fmt: skip
+    assert '"external_ref":"R-t-1"' in row["metadata"].replace(" ", "")
+    assert '"operator":"root"' in row["metadata"].replace(" ", "")
+    assert '"store":"S1"' in row["metadata"].replace(" ", "")
+    by_card = {**pay(1_000, "t-2"), "tender": "bank_card"}
+    status, _ = await admin.call("POST", path, json=by_card)
+    assert status == 201
+    assert int((await store_account(db_url, "S1", "bank_card"))["debits_posted"]) == 1_000
+    assert int((await store_account(db_url, "S1", "cash"))["debits_posted"]) == 5_000
+
+
+async def test_concurrent_topups_never_pass_the_class_maximum_and_a_refused_one_changes_nothing(
+    admin: AdminClient, db_url: str
+) -> None:
+    await world(admin)
+    issued = await issue(admin, "BEAR")  # at most 100,000 fen
+    path = f"/v1/cards/{issued['id']}/topups"
+    answers = await asyncio.gather(
+        *(admin.call("POST", path, json=pay(30_000, f"c-{i}")) for i in range(8))
+    )
+    ok = [a for s, a in answers if s == 201]
+    refused = [a for s, a in answers if s != 201]
+    assert len(ok) == 3, answers
+    assert {(a["error"]["code"]) for a in refused} == {"over_balance_max"}
+    balances = (await card(admin, issued["id"]))["balances"]
+    assert (balances["available"], balances["maximum"]) == (90_000, 100_000)
+    before = await counts(db_url)
+    status, answer = await admin.call("POST", path, json=pay(10_001, "c-over"))
+    assert (status, answer["error"]["code"], answer["error"]["field"]) == (
+        409, "over_balance_max", "amount")  # fmt: skip
+    assert await counts(db_url) == before
+    failures = await sql_rows(db_url, "SELECT count(*) AS n FROM ledger_failures")
+    assert failures[0]["n"] == 0
+    assert (await card(admin, issued["id"]))["balances"]["available"] == 90_000
+    status, _ = await admin.call("POST", path, json=pay(10_000, "c-last"))
+    assert status == 201
+
+
+async def test_only_an_active_unexpired_stored_value_card_takes_a_topup(
+    admin: AdminClient, db_url: str
+) -> None:
+    await world(admin)
+    gift = await issue(admin, "GIFT")
+    frozen = await issue(admin, "BEAR")
+    await admin.ok("POST", f"/v1/cards/{frozen['id']}/freeze")
+    fresh = await issue(admin, "BEAR")
+    before = await counts(db_url)
+    cases = [(gift, "gift_not_reloadable"), (frozen, "card_state")]
+    for c, code in cases:
+        status, answer = await topup(admin, c["id"], 100)
+        assert (status, answer["error"]["code"]) == (409, code)
+    service = admin.app[CARDS_KEY]
+    now = service.clock_ms()
+    service.clock_ms = lambda: now + 4 * YEAR_MS
+    status, answer = await topup(admin, fresh["id"], 100)
+    assert (status, answer["error"]["code"]) == (409, "card_expired")
+    assert await counts(db_url) == before
+
+
+async def test_a_cross_entity_topup_leaves_each_entitys_postings_balanced(
+    admin: AdminClient, db_url: str
+) -> None:
+    await world(admin)
+    issued = await issue(admin, "BEAR", "S1")  # issued by LE1
+    status, paid = await topup(admin, issued["id"], 7_000, store="S3")  # paid in at LE2's S3
+    assert status == 201, paid
+    legs = await legs_by_entity(db_url, paid["transfer_id"])
+    assert legs == {"LE1": (7_000, 7_000), "LE2": (7_000, 7_000)}
+    due = await sql_rows(
+        db_url, "SELECT legal_entity, purpose FROM ledger_accounts WHERE owner_kind = 'entity'"
+    )
+    assert sorted((d["legal_entity"], d["purpose"]) for d in due) == [
+        ("LE1", "due_from"),
+        ("LE2", "due_to"),
+    ]
+    assert (await card(admin, issued["id"]))["balances"]["available"] == 7_000
+    assert int((await store_account(db_url, "S3", "cash"))["debits_posted"]) == 7_000
+    # the card spent back at its own entity's store: within one entity, no clearing
+    tid = await terminal(admin, "S1")
+    result = await pos(admin, Kind.PURCHASE, tid, issued["pan"], 2_000)
+    assert (result.outcome, result.balance) == (Outcome.APPROVED, 5_000)
+
+
+# --- gift cards --------------------------------------------------------------------------------
+
+
+async def test_a_gift_card_is_sold_once_at_a_denomination_and_spends_the_grants_amount(
+    admin: AdminClient, db_url: str
+) -> None:
+    await world(admin)
+    budget = await grant(admin, "S1", "gift", product="GIFT", budget_amount=30_000)
+    gift = await issue(admin, "GIFT")
+    other = await issue(admin, "GIFT")
+    path = f"/v1/cards/{gift['id']}/sell"
+    before = await counts(db_url)
+    status, answer = await admin.call("POST", path, json=pay(15_000, "g-0"))
+    assert (status, answer["error"]["code"], answer["error"]["field"]) == (
+        400, "not_a_denomination", "amount")  # fmt: skip
+    assert await counts(db_url) == before
+    status, sold = await admin.call("POST", path, json=pay(20_000, "g-1"))
+    assert (status, sold["available"]) == (201, 20_000)
+    status, again = await admin.call("POST", path, json=pay(20_000, "g-1"))
+    assert (status, again["replayed"], again["transfer_id"]) == (200, True, sold["transfer_id"])
+    status, answer = await admin.call("POST", path, json=pay(20_000, "g-2"))
+    assert (status, answer["error"]["code"]) == (409, "card_state")
+    detail = await card(admin, gift["id"])
+    assert (detail["state"], detail["balances"]["available"]) == ("active", 20_000)
+    used = [g for g in (await admin.ok("GET", "/v1/grants", store="S1"))["items"]
+            if g["id"] == budget["id"]]  # fmt: skip
+    assert used[0]["used_amount"] == 20_000
+    # 20,000 more would pass the 30,000 budget: the general gift grant of S1 takes it
+    status, _ = await admin.call("POST", f"/v1/cards/{other['id']}/sell", json=pay(20_000, "g-3"))
+    assert status == 201
+    tid = await terminal(admin, "S1")
+    result = await pos(admin, Kind.PURCHASE, tid, gift["pan"], 5_000)
+    assert (result.outcome, result.balance) == (Outcome.APPROVED, 15_000)
+    status, answer = await topup(admin, gift["id"], 100)
+    assert (status, answer["error"]["code"]) == (409, "gift_not_reloadable")
+
+
+async def test_a_gift_sale_past_the_only_grants_amount_budget_is_refused_and_changes_nothing(
+    admin: AdminClient, db_url: str
+) -> None:
+    await admin.org("LE1", "S1")
+    await new_class(admin, "GIFT", name="Gift", named=False, gift=True,
+                    denominations=[10_000, 50_000])  # fmt: skip
+    await grant(admin, "S1", "gift", product="GIFT", budget_amount=20_000)
+    gift = await issue(admin, "GIFT")
+    before = await counts(db_url)
+    status, answer = await admin.call(
+        "POST", f"/v1/cards/{gift['id']}/sell", json=pay(50_000, "too-much")
+    )
+    assert (status, answer["error"]["code"]) == (403, "grant_budget_exceeded")
+    assert await counts(db_url) == before
+    assert (await card(admin, gift["id"]))["state"] == "inactive"
+
+
+# --- closing -----------------------------------------------------------------------------------
+
+
+async def test_close_refunds_the_exact_balance_in_cash_and_records_it(
+    admin: AdminClient, db_url: str
+) -> None:
+    await world(admin)
+    issued = await issue(admin, "BEAR")
+    await topup(admin, issued["id"], 8_765)
+    await admin.ok("POST", f"/v1/cards/{issued['id']}/freeze")
+    cash_before = await store_account(db_url, "S1", "cash")
+    closed = await admin.ok("POST", f"/v1/cards/{issued['id']}/close", json={"receipt": "C-9"})
+    assert (closed["state"], closed["refund"]["amount"]) == ("closed", 8_765)
+    cash_after = await store_account(db_url, "S1", "cash")
+    assert int(cash_after["credits_posted"]) - int(cash_before["credits_posted"]) == 8_765
+    detail = await card(admin, issued["id"])
+    assert detail["balances"]["available"] == 0
+    [refund] = closed["refund"]["transfer_ids"]
+    [row] = await sql_rows(db_url, "SELECT reason, metadata FROM ledger_transfers WHERE id = :i",
+                           i=refund)  # fmt: skip
+    assert row["reason"] == "close_refund"
+    assert "C-9" in row["metadata"]
+    records = await admin.ok("GET", "/v1/audit", action="card.close_refund")
+    assert records["items"][0]["after"]["amount"] == 8_765
+    before = await counts(db_url)
+    status, answer = await admin.call("POST", f"/v1/cards/{issued['id']}/close",
+                                      json={"receipt": "C-10"})  # fmt: skip
+    assert (status, answer["error"]["code"]) == (409, "card_state")
+    assert await counts(db_url) == before
+
+
+async def test_close_racing_purchases_refunds_exactly_what_the_purchases_left(
+    admin: AdminClient,
+) -> None:
+    await world(admin)
+    tid = await terminal(admin, "S1")
+    issued = await issue(admin, "BEAR")
+    await topup(admin, issued["id"], 50_000)
+    purchases = [pos(admin, Kind.PURCHASE, tid, issued["pan"], 1_000) for _ in range(20)]
+    closing = admin.ok("POST", f"/v1/cards/{issued['id']}/close", json={"receipt": "C-1"})
+    *results, closed = await asyncio.gather(*purchases, closing)
+    spent = sum(1_000 for r in results if r.outcome is Outcome.APPROVED)
+    assert spent + closed["refund"]["amount"] == 50_000
+    assert (await card(admin, issued["id"]))["balances"]["available"] == 0
+
+
+# --- fees --------------------------------------------------------------------------------------
+
+
+async def test_issue_and_replace_fees_move_the_stores_cash_to_its_fees(
+    admin: AdminClient, db_url: str
+) -> None:
+    await admin.org("LE1", "S1")
+    await new_class(admin, "FEE", name="With fees", named=False, issue_fee=500, replace_fee=300)
+    await grant(admin, "S1", "stored_value")
+    one = await issue(admin, "FEE")
+    await admin.ok("POST", "/v1/card-batches", json={"class_code": "FEE", "store": "S1",
+                                                     "count": 4})  # fmt: skip
+    await admin.ok("POST", f"/v1/cards/{one['id']}/replace")
+    fees = await store_account(db_url, "S1", "fees")
+    assert int(fees["credits_posted"]) == 500 + 4 * 500 + 300
+    reasons = await sql_rows(db_url, "SELECT reason FROM ledger_transfers ORDER BY id")
+    assert [r["reason"] for r in reasons] == ["issue_fee", "issue_fee", "replace_fee"]
+
+
+# --- breakage ----------------------------------------------------------------------------------
+
+
+async def test_breakage_is_the_value_left_on_expired_cards_per_issuing_entity_in_scope(
+    admin: AdminClient,
+) -> None:
+    await world(admin)
+    gift = await issue(admin, "GIFT", "S1")
+    await admin.ok("POST", f"/v1/cards/{gift['id']}/sell", json=pay(10_000, "b-1"))
+    await issue(admin, "GIFT", "S1")  # never sold: no value, not counted
+    bearer = await issue(admin, "BEAR", "S2")
+    await topup(admin, bearer["id"], 2_500)
+    other = await issue(admin, "BEAR", "S3")
+    await topup(admin, other["id"], 700)
+    closed = await issue(admin, "BEAR", "S1")
+    await admin.ok("POST", f"/v1/cards/{closed['id']}/close", json={"receipt": "X"})
+    named = await issue(admin, "ORD", "S1")  # no expiry
+    await topup(admin, named["id"], 900)
+    now = await admin.ok("GET", "/v1/reports/breakage", as_of="2026-01")
+    assert now["entities"] == []
+    later = await admin.ok("GET", "/v1/reports/breakage", as_of="2099-01")
+    assert later["entities"] == [
+        {"legal_entity": "LE1", "gift": {"cards": 1, "value": 10_000},
+         "stored_value": {"cards": 1, "value": 2_500}},
+        {"legal_entity": "LE2", "gift": {"cards": 0, "value": 0},
+         "stored_value": {"cards": 1, "value": 700}},
+    ]  # fmt: skip
+    officer = await admin.token("store_crm", "store", "S2")
+    mine = await admin.ok("GET", "/v1/reports/breakage", officer, as_of="2099-01")
+    assert mine["entities"] == [{"legal_entity": "LE1", "gift": {"cards": 0, "value": 0},
+                                 "stored_value": {"cards": 1, "value": 2_500}}]  # fmt: skip
+    status, answer = await admin.call("GET", "/v1/reports/breakage", as_of="2099-13")
+    assert (status, answer["error"]["field"]) == (400, "as_of")
+    status, answer = await admin.call("GET", "/v1/reports/breakage")
+    assert (status, answer["error"]["code"]) == (400, "missing_field")
