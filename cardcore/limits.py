@@ -131,3 +131,54 @@ BENCH_ACCOUNTS_MAX: Final = 1_000_000
 BENCH_SERVER_START_S_MAX: Final = 60
 BENCH_TERMINALS_MAX: Final = 30_000
 BENCH_RATE_PER_S_MAX: Final = 1_000_000
+
+# --- service and manager cards ---
+SERVICE_USES_MAX: Final = 1000  # entitlements in one service package ("ten car washes" = 10)
+SERVICE_PRICE_FEN_MAX: Final = 100_000_000  # a package's price, its fee, its one-use list price
+SERVICE_VALIDITY_MONTHS_MAX: Final = 120  # months a sold package lives (to the month's end)
+SERVICE_STORES_MAX: Final = 500  # stores named on one product (none named = every store)
+SERVICE_NAME_CHARS_MAX: Final = 64  # a service product's display name
+SERVICE_ENTITLEMENTS_PER_CARD_MAX: Final = 256  # packages one card holds and a choice reads
+MANAGER_PERCENT_BP_MAX: Final = 10_000  # a manager card's cap per transaction (100 %)
+MANAGER_DAILY_FEN_MAX: Final = 100_000_000  # discount one manager card authorizes per local day
+MANAGER_REASONS_MAX: Final = 32  # reason codes allowed on one manager card
+MANAGER_REASON_CHARS_MAX: Final = 16  # one reason code ("damaged", "vip", "price_match")
+
+# --- coupons (cardcore.coupons) ----------------------------------------------------------------
+COUPON_CODE_CHARS_DEFAULT: Final = (
+    15  # random base32 symbols of a code (75 bits); a check symbol follows
+)
+COUPON_CODE_CHARS_MIN: Final = 12  # 60 random bits: guessing stays hopeless
+COUPON_CODE_CHARS_MAX: Final = 32
+COUPON_TYPED_CHARS_MAX: Final = 64  # a code as typed or scanned (spaces, hyphens) before parsing
+COUPON_IMPORTED_CHARS_MIN: Final = 4  # a partner's code, imported as it is
+COUPON_IMPORTED_CHARS_MAX: Final = 32
+COUPON_NAME_CHARS_MAX: Final = 64  # a campaign's name
+COUPON_VALUE_FEN_MAX: Final = 10_000_000  # fen: 100,000 CNY; a face value, cap or minimum spend
+COUPON_ISSUED_MAX: Final = 100_000_000  # codes one campaign may issue
+COUPON_VALIDITY_DAYS_MAX: Final = 3660  # a campaign runs at most ten years
+COUPON_STORES_MAX: Final = 1000  # stores named by one campaign
+COUPON_DEPARTMENTS_MAX: Final = 100  # departments named by one campaign
+COUPON_PER_MEMBER_MAX: Final = 10_000  # redemptions per member a campaign may allow
+COUPON_BASKET_LINES_MAX: Final = 1000  # department lines of one bill a coupon is checked against
+COUPON_PER_TRANSACTION_MAX: Final = 10  # coupons combined in one transaction
+COUPON_QR_CHARS_MAX: Final = 512  # a scanned QR text: payload, "|" and signature
+COUPON_QR_CODE_CHARS_MAX: Final = 64  # the code field of a QR payload
+COUPON_QR_EXPIRY_DIGITS_MAX: Final = 15  # Unix ms in decimal (13 digits until the year 2286)
+COUPON_QR_NONCE_BYTES: Final = 16  # random bytes, 32 lowercase hex characters
+
+# --- points -------------------------------------------------------------------------------------
+POINTS_PER_TXN_MAX: Final = 1_000_000_000  # points one earning, spend, clawback or transfer moves
+POINTS_RULES_PER_PROGRAM_MAX: Final = 64  # earning rules of one program
+POINTS_PRIORITY_MAX: Final = 9_999  # a rule's stacking order (lower applies first)
+POINTS_RATE_MAX: Final = 1_000_000  # a rule's points or per_fen; a redemption block's points or fen
+POINTS_BONUS_PCT_MAX: Final = 10_000  # a bonus rule's extra percent of the points so far
+POINTS_RULE_SET_ITEMS_MAX: Final = 500  # stores, departments or categories one rule names
+POINTS_BASKET_LINES_MAX: Final = 1000  # basket lines one earning looks at
+POINTS_CODE_CHARS_MAX: Final = 32  # program, rule and tier codes (String(32) in points_* tables)
+POINTS_PENDING_DAYS_MAX: Final = 90  # the return window before earned points become usable
+POINTS_EXPIRY_MONTHS_MAX: Final = 120  # a rolling expiry term, or a fixed date's minimum months
+POINTS_TIERS_MAX: Final = 16  # tiers on one ladder
+POINTS_TRANSFER_PER_DAY_MAX: Final = 1_000_000_000  # ceiling of a program's daily transfer max
+POINTS_OPEN_LOTS_MAX: Final = 100_000  # lots with points left that one spend or clawback reads
+POINTS_REMINDER_DAYS_MAX: Final = 366  # how far ahead an expiry reminder looks

@@ -5,6 +5,10 @@ Support: used by the host's services (members, cards) and by the gateway's key h
 (`cardcore.frontend_gateway.security` seals terminal master keys with `seal`). Error messages
 never carry a key, a PIN, a card number or an ID number.
 
+Ed25519 (`ed25519_new_private`, `ed25519_public_of`, `ed25519_sign`, `ed25519_verify`) signs
+the e-coupon QR payloads a POS may check offline (`cardcore.coupons.model.qr_payload`); verify
+answers False on any bad input and never raises.
+
 Keys
 ----
 - `seal(kek, plaintext, context)`: a random 12-byte nonce in front of AES-256-GCM with the
@@ -24,8 +28,9 @@ import hashlib
 import hmac
 import os
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -119,3 +124,47 @@ class Vault:
 
     def pin_matches(self, token: str, pin: str, pvv: str) -> bool:
         return bool(pvv) and hmac.compare_digest(self.pvv(token, pin), pvv)
+
+
+# --- Ed25519: signed coupon QR codes -----------------------------------------------------------
+# An issuing legal entity signs its coupons' QR payloads (`cardcore.coupons.model.qr_payload`)
+# with its private key; anyone holding the public key verifies them offline. Raw encodings:
+# 32-byte keys, 64-byte signatures. The private key is stored sealed (`seal`), never in clear.
+
+ED25519_PRIVATE_BYTES = 32
+ED25519_PUBLIC_BYTES = 32
+ED25519_SIGNATURE_BYTES = 64
+
+
+def _ed25519_private(private: bytes) -> ed25519.Ed25519PrivateKey:
+    if len(private) != ED25519_PRIVATE_BYTES:
+        raise VaultError(f"Ed25519 private key must be {ED25519_PRIVATE_BYTES} bytes")
+    return ed25519.Ed25519PrivateKey.from_private_bytes(private)
+
+
+def ed25519_new_private() -> bytes:
+    """A fresh Ed25519 private key: its 32 raw bytes, from the operating system's CSPRNG."""
+    return ed25519.Ed25519PrivateKey.generate().private_bytes_raw()
+
+
+def ed25519_public_of(private: bytes) -> bytes:
+    """The 32 raw bytes of the public key of `private`; VaultError if it is not 32 bytes."""
+    return _ed25519_private(private).public_key().public_bytes_raw()
+
+
+def ed25519_sign(private: bytes, message: bytes) -> bytes:
+    """The 64-byte Ed25519 signature of `message`; VaultError for a key of the wrong size."""
+    return _ed25519_private(private).sign(message)
+
+
+def ed25519_verify(public: bytes, message: bytes, signature: bytes) -> bool:
+    """Whether `signature` is `public`'s signature of `message`. False, never an exception, for
+    any bad signature or key (wrong size, not a key, not bytes)."""
+    try:
+        if len(public) != ED25519_PUBLIC_BYTES or len(signature) != ED25519_SIGNATURE_BYTES:
+            return False
+        key = ed25519.Ed25519PublicKey.from_public_bytes(public)
+        key.verify(signature, message)
+    except (InvalidSignature, ValueError, TypeError):  # TypeError: not bytes at all
+        return False
+    return True

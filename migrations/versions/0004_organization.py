@@ -195,12 +195,8 @@ def _cards() -> None:
         )
         batch.add_column(sa.Column("member_id", sa.Integer, nullable=True))
         batch.add_column(sa.Column("store", sa.String(NAME), nullable=False, server_default=""))
-        batch.add_column(
-            sa.Column("named", sa.Boolean, nullable=False, server_default=sa.false())
-        )
-        batch.add_column(
-            sa.Column("pin_failures", sa.Integer, nullable=False, server_default="0")
-        )
+        batch.add_column(sa.Column("named", sa.Boolean, nullable=False, server_default=sa.false()))
+        batch.add_column(sa.Column("pin_failures", sa.Integer, nullable=False, server_default="0"))
         batch.add_column(sa.Column("replaced_by", sa.BigInteger, nullable=True))
         batch.add_column(
             sa.Column("updated_at_ms", sa.BigInteger, nullable=False, server_default="0")
@@ -250,9 +246,13 @@ def _append_only_triggers() -> None:
 
 
 def downgrade() -> None:
-    shared = op.get_bind().execute(
-        sa.text("SELECT account_id FROM cards GROUP BY account_id HAVING count(*) > 1 LIMIT 1")
-    ).first()
+    shared = (
+        op.get_bind()
+        .execute(
+            sa.text("SELECT account_id FROM cards GROUP BY account_id HAVING count(*) > 1 LIMIT 1")
+        )
+        .first()
+    )
     if shared is not None:
         raise RuntimeError(
             "cannot downgrade below 0004: replaced cards share value accounts "

@@ -80,6 +80,15 @@ LAYER_OF = {
     "cardcore.members.schema": ADAPTER,
     "cardcore.members.service": SERVICE,
     "cardcore.members.http": ENTRYPOINT,
+    "cardcore.localtime": DOMAIN,
+    "cardcore.points": SERVICE,  # the package: a docstring
+    "cardcore.points.model": DOMAIN,
+    "cardcore.coupons": SERVICE,  # the package: a docstring
+    "cardcore.coupons.model": DOMAIN,
+    "cardcore.service_cards": SERVICE,  # the package: a docstring
+    "cardcore.service_cards.model": DOMAIN,
+    "cardcore.manager_cards": SERVICE,  # the package: a docstring
+    "cardcore.manager_cards.model": DOMAIN,
     "cardcore.frontend_gateway": FEATURE,
     "cardcore.alliance": FEATURE,
 }

@@ -1,0 +1,1 @@
+"""Points: loyalty programs, earning rules, lots and expiry, tiers, transfers and redemption."""

@@ -1,0 +1,273 @@
+"""The rules of service cards: products, the entitlements sold on a card, redemption, expiry
+and refunds. Pure: records and integers in, records, integers or a refusal code out.
+
+- A product sells `uses` entitlements for `price_fen` (int fen; 1 CNY = 100 fen). A sold
+  package (an `Entitlement`) expires at the end of the month `validity_months` after the local
+  sale date, in the group's timezone: the instant of local midnight after that month's last
+  day (sold 31 January with 1 month: the end of February).
+- A redemption uses one or more entitlements of one active, unexpired package, in a store the
+  product names (no store named = every store).
+- A refund follows the product's policy: none; pro rata (the unused share of the price,
+  rounded down to the fen); or the price less the used ones charged at the one-use list price.
+  A refund fee is taken last and never makes a refund negative.
+- Times are int milliseconds since the Unix epoch (UTC); no float anywhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from cardcore import limits
+from cardcore.localtime import add_months, day_start_ms, local_date, month_end
+from cardcore.org.model import CODE, Refused
+
+
+class RefundPolicy(enum.StrEnum):
+    NONE = "none"  # unused entitlements are not refunded
+    PRO_RATA = "pro_rata"  # unused/uses of the price, rounded down, less the fee
+    PRO_RATA_AFTER_USE_PRICE = "pro_rata_after_use_price"  # price less used at list, less fee
+
+
+class EntitlementState(enum.StrEnum):
+    ACTIVE = "active"
+    REFUNDED = "refunded"
+    EXPIRED = "expired"  # set by a sweep; an active one past `expires_ms` is expired too
+
+
+# Stable refusal codes (the contract with POS and admin callers).
+NO_USES_LEFT = "service_no_uses_left"
+EXPIRED = "service_expired"
+WRONG_STORE = "service_wrong_store"
+REFUNDED = "service_refunded"
+BAD_COUNT = "service_bad_count"
+REFUND_NOT_ALLOWED = "service_refund_not_allowed"
+REFUND_EXPIRED = "service_refund_expired"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceProduct:
+    """A service package the group sells: `uses` entitlements for `price_fen`."""
+
+    code: str
+    name: str
+    uses: int  # entitlements per sale, 1..SERVICE_USES_MAX
+    price_fen: int  # what the member pays for the package
+    validity_months: int  # 1..SERVICE_VALIDITY_MONTHS_MAX, to the end of the month
+    stores: frozenset[str]  # store codes where it may be redeemed; empty = every store
+    refund_policy: RefundPolicy
+    refund_fee_fen: int  # taken from a refund, never below zero
+    single_use_price_fen: int  # the one-use list price (policy pro_rata_after_use_price)
+    refund_after_expiry: bool  # whether an expired package may still be refunded
+
+
+@dataclass(frozen=True, slots=True)
+class Entitlement:
+    """One sold package on a card. `id` is its record id (0 before it is stored); it breaks
+    ties when two packages are otherwise alike."""
+
+    id: int
+    product_code: str
+    uses_total: int
+    uses_left: int
+    sold_ms: int
+    expires_ms: int  # exclusive: at this instant the package is expired
+    price_fen: int  # the price paid at sale (refunds use it, not today's product price)
+    state: EntitlementState
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One fault of a product, named by its field, for the admin API's error body."""
+
+    field: str
+    message: str
+
+
+# --- time ---------------------------------------------------------------------------------------
+
+
+def expiry_ms(sold_ms: int, months: int, tz: str) -> int:
+    """When a package sold at `sold_ms` expires: local midnight (zone `tz`) after the last day
+    of the month `months` after the local sale date (sold 31 January + 1 month -> 1 March
+    00:00 local, the end of February)."""
+    assert 0 <= months <= limits.SERVICE_VALIDITY_MONTHS_MAX
+    last = month_end(add_months(local_date(tz, sold_ms), months))
+    return day_start_ms(tz, last + datetime.timedelta(days=1))
+
+
+# --- products -----------------------------------------------------------------------------------
+
+
+def product_problems(p: ServiceProduct) -> tuple[Problem, ...]:
+    """Every fault of `p` (names, money, counts, stores); empty when it may be saved."""
+    found = [*_identity_problems(p), *_money_problems(p)]
+    if not _int_in(p.uses, 1, limits.SERVICE_USES_MAX):
+        found.append(Problem("uses", f"uses is 1..{limits.SERVICE_USES_MAX}"))
+    if not _int_in(p.validity_months, 1, limits.SERVICE_VALIDITY_MONTHS_MAX):
+        months = limits.SERVICE_VALIDITY_MONTHS_MAX
+        found.append(Problem("validity_months", f"validity_months is 1..{months}"))
+    found.extend(_store_problems(p.stores))
+    return tuple(found)
+
+
+def check_product(p: ServiceProduct) -> None:
+    """Refuse (400 `invalid_value`, naming the field) the first fault of `p`."""
+    for problem in product_problems(p):
+        raise Refused("invalid", "invalid_value", problem.message, problem.field)
+
+
+def _identity_problems(p: ServiceProduct) -> list[Problem]:
+    """A product code is 1-32 letters, digits . _ -; a name is 1..SERVICE_NAME_CHARS_MAX."""
+    found = []
+    if not CODE.fullmatch(p.code):
+        found.append(Problem("code", "a product code is 1-32 letters, digits . _ -"))
+    if not p.name.strip() or len(p.name) > limits.SERVICE_NAME_CHARS_MAX:
+        found.append(Problem("name", f"name is 1..{limits.SERVICE_NAME_CHARS_MAX} characters"))
+    return found
+
+
+def _money_problems(p: ServiceProduct) -> list[Problem]:
+    """Price, fee and list price are int fen in 0..SERVICE_PRICE_FEN_MAX. When the refund
+    charges used entitlements at the list price, all uses at that price cost at least the
+    package, so such a refund never exceeds the unused share of the price."""
+    high = limits.SERVICE_PRICE_FEN_MAX
+    found = [
+        Problem(name, f"{name} is 0..{high} fen")
+        for name, value in (
+            ("price_fen", p.price_fen),
+            ("refund_fee_fen", p.refund_fee_fen),
+            ("single_use_price_fen", p.single_use_price_fen),
+        )
+        if not _int_in(value, 0, high)
+    ]
+    if p.refund_policy is RefundPolicy.PRO_RATA_AFTER_USE_PRICE and (
+        p.single_use_price_fen * p.uses < p.price_fen
+    ):
+        found.append(
+            Problem("single_use_price_fen", "uses at the list price cost at least the package")
+        )
+    return found
+
+
+def _int_in(value: object, low: int, high: int) -> bool:
+    """Whether `value` is an int (not a bool, not a float) in low..high."""
+    return type(value) is int and low <= value <= high
+
+
+def _store_problems(stores: frozenset[str]) -> list[Problem]:
+    """At most SERVICE_STORES_MAX stores, each a store code."""
+    if len(stores) > limits.SERVICE_STORES_MAX:
+        return [Problem("stores", f"at most {limits.SERVICE_STORES_MAX} stores")]
+    if not all(CODE.fullmatch(s) for s in stores):
+        return [Problem("stores", "a store code is 1-32 letters, digits . _ -")]
+    return []
+
+
+# --- sale and redemption ------------------------------------------------------------------------
+
+
+def sell(p: ServiceProduct, *, sold_ms: int, tz: str, id_: int = 0) -> Entitlement:
+    """The package a sale of `p` at `sold_ms` puts on a card: every use left, today's price,
+    expiring at the end of the month `p.validity_months` after the local sale date."""
+    return Entitlement(
+        id=id_,
+        product_code=p.code,
+        uses_total=p.uses,
+        uses_left=p.uses,
+        sold_ms=sold_ms,
+        expires_ms=expiry_ms(sold_ms, p.validity_months, tz),
+        price_fen=p.price_fen,
+        state=EntitlementState.ACTIVE,
+    )
+
+
+def is_expired(e: Entitlement, now_ms: int) -> bool:
+    """A package is expired once marked so, or from the instant `expires_ms` on."""
+    return e.state is EntitlementState.EXPIRED or now_ms >= e.expires_ms
+
+
+def check_redeem(
+    e: Entitlement, p: ServiceProduct, *, store: str, now_ms: int, uses: int
+) -> str | None:
+    """None when `uses` entitlements of `e` may be redeemed in `store` at `now_ms`, else
+    the refusal code. Checked in this order: the count asked is 1..SERVICE_USES_MAX
+    (`service_bad_count`); the package is not refunded (`service_refunded`) nor expired
+    (`service_expired`); the product is sold in `store` (`service_wrong_store`); at least
+    `uses` are left (`service_no_uses_left`, also when some but too few are left)."""
+    assert e.product_code == p.code, "the entitlement of another product"
+    if not 1 <= uses <= limits.SERVICE_USES_MAX:
+        return BAD_COUNT
+    if e.state is EntitlementState.REFUNDED:
+        return REFUNDED
+    if is_expired(e, now_ms):
+        return EXPIRED
+    if p.stores and store not in p.stores:
+        return WRONG_STORE
+    if uses > e.uses_left:
+        return NO_USES_LEFT
+    return None
+
+
+def redeemed(e: Entitlement, uses: int) -> Entitlement:
+    """`e` after `uses` entitlements were redeemed (the caller checked `check_redeem`)."""
+    assert 1 <= uses <= e.uses_left
+    return replace(e, uses_left=e.uses_left - uses)
+
+
+def choose_entitlement(
+    entitlements: Iterable[Entitlement], product_code: str, now_ms: int
+) -> Entitlement | None:
+    """The package a redemption of `product_code` uses: of the active, unexpired ones with
+    uses left, the one expiring first; ties go to the one sold first, then the lowest id.
+    None when there is none."""
+    candidates = list(entitlements)
+    assert len(candidates) <= limits.SERVICE_ENTITLEMENTS_PER_CARD_MAX
+    usable = [
+        e
+        for e in candidates
+        if e.product_code == product_code
+        and e.state is EntitlementState.ACTIVE
+        and e.uses_left > 0
+        and not is_expired(e, now_ms)
+    ]
+    return min(usable, key=lambda e: (e.expires_ms, e.sold_ms, e.id), default=None)
+
+
+# --- refunds ------------------------------------------------------------------------------------
+
+
+def refund_of(e: Entitlement, p: ServiceProduct, now_ms: int) -> int:
+    """The fen refunded for the unused entitlements of `e`, by the product's current policy
+    and fee, on the price the member paid (`e.price_fen`). Refuses (409) a refunded package
+    (`service_refunded`), a product without refunds (`service_refund_not_allowed`) and an
+    expired package when the product refunds none after expiry (`service_refund_expired`).
+    Nothing unused refunds 0; a fee never makes a refund negative."""
+    assert e.product_code == p.code, "the entitlement of another product"
+    assert 0 <= e.uses_left <= e.uses_total
+    if e.state is EntitlementState.REFUNDED:
+        raise Refused("conflict", REFUNDED, "the package was refunded already")
+    if p.refund_policy is RefundPolicy.NONE:
+        raise Refused("conflict", REFUND_NOT_ALLOWED, "this product refunds nothing")
+    if is_expired(e, now_ms) and not p.refund_after_expiry:
+        raise Refused("conflict", REFUND_EXPIRED, "the package expired; no refund after expiry")
+    if e.uses_left == 0:
+        return 0
+    return max(0, _gross_refund(e, p) - p.refund_fee_fen)
+
+
+def _gross_refund(e: Entitlement, p: ServiceProduct) -> int:
+    """The refund before the fee.
+
+    - pro_rata: the price less the used share rounded DOWN, so the member gets the fraction
+      of a fen (10000 fen, 3 uses, 1 used: 3333 used, 6667 back).
+    - pro_rata_after_use_price: the price less each used entitlement at the one-use list
+      price, never below zero (a package bought for its discount loses it when refunded).
+    """
+    used = e.uses_total - e.uses_left
+    if p.refund_policy is RefundPolicy.PRO_RATA:
+        return e.price_fen - e.price_fen * used // e.uses_total
+    assert p.refund_policy is RefundPolicy.PRO_RATA_AFTER_USE_PRICE
+    return max(0, e.price_fen - used * p.single_use_price_fen)
