@@ -7,7 +7,8 @@ never carry a key, a PIN, a card number or an ID number.
 
 Ed25519 (`ed25519_new_private`, `ed25519_public_of`, `ed25519_sign`, `ed25519_verify`) signs
 the e-coupon QR payloads a POS may check offline (`cardcore.coupons.model.qr_payload`); verify
-answers False on any bad input and never raises.
+answers False on any bad input and never raises, and refuses small-order and non-canonical
+public keys (`ed25519_public_ok`), which OpenSSL would accept.
 
 Keys
 ----
@@ -163,8 +164,59 @@ def ed25519_verify(public: bytes, message: bytes, signature: bytes) -> bool:
     try:
         if len(public) != ED25519_PUBLIC_BYTES or len(signature) != ED25519_SIGNATURE_BYTES:
             return False
+        if not ed25519_public_ok(public):
+            return False
         key = ed25519.Ed25519PublicKey.from_public_bytes(public)
         key.verify(signature, message)
     except (InvalidSignature, ValueError, TypeError):  # TypeError: not bytes at all
         return False
     return True
+
+
+# Edwards25519 (RFC 8032 5.1): -x^2 + y^2 = 1 + d x^2 y^2 over GF(2^255 - 19).
+_P = 2**255 - 19
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+_TORSION = 8  # the curve's cofactor: a point P with 8P = O has small order
+
+
+def ed25519_public_ok(public: bytes) -> bool:
+    """Whether `public` encodes a curve point canonically (y < p, RFC 8032 5.1.3) that does not
+    have small order. OpenSSL accepts the eight small-order points (and non-canonical forms of
+    some), under which a fixed signature verifies for messages nobody signed; a key from a
+    partner or a configuration must pass this before it is trusted."""
+    if len(public) != ED25519_PUBLIC_BYTES:
+        return False
+    y = int.from_bytes(public, "little") & ((1 << 255) - 1)
+    if y >= _P:
+        return False
+    x = _recover_x(y, public[31] >> 7)
+    if x is None:
+        return False
+    point = (x, y)
+    for _ in range(3):  # 8P
+        point = _edwards_add(point, point)
+    return point != (0, 1)
+
+
+def _recover_x(y: int, sign: int) -> int | None:
+    """x of the point with `y` and x's low bit `sign`, or None when there is none."""
+    u = (y * y - 1) % _P
+    v = (_D * y * y + 1) % _P
+    x = u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P) % _P
+    if (v * x * x - u) % _P != 0:
+        x = x * _SQRT_M1 % _P
+    if (v * x * x - u) % _P != 0:
+        return None
+    if x == 0 and sign:
+        return None
+    return _P - x if x & 1 != sign else x
+
+
+def _edwards_add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    """The complete twisted Edwards addition law (a = -1)."""
+    (x1, y1), (x2, y2) = a, b
+    t = _D * x1 * x2 * y1 * y2 % _P
+    x3 = (x1 * y2 + y1 * x2) * pow(1 + t, _P - 2, _P) % _P
+    y3 = (y1 * y2 + x1 * x2) * pow(1 - t, _P - 2, _P) % _P
+    return x3, y3

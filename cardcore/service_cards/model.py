@@ -8,7 +8,8 @@ and refunds. Pure: records and integers in, records, integers or a refusal code 
 - A redemption uses one or more entitlements of one active, unexpired package, in a store the
   product names (no store named = every store).
 - A refund follows the product's policy: none; pro rata (the unused share of the price,
-  rounded down to the fen); or the price less the used ones charged at the one-use list price.
+  the fraction of a fen to the member); or the price less the used ones charged at the
+  one-use list price.
   A refund fee is taken last and never makes a refund negative.
 - Times are int milliseconds since the Unix epoch (UTC); no float anywhere.
 """
@@ -27,7 +28,7 @@ from cardcore.org.model import CODE, Refused
 
 class RefundPolicy(enum.StrEnum):
     NONE = "none"  # unused entitlements are not refunded
-    PRO_RATA = "pro_rata"  # unused/uses of the price, rounded down, less the fee
+    PRO_RATA = "pro_rata"  # unused/uses of the price, rounded up, less the fee
     PRO_RATA_AFTER_USE_PRICE = "pro_rata_after_use_price"  # price less used at list, less fee
 
 
@@ -132,7 +133,7 @@ def _identity_problems(p: ServiceProduct) -> list[Problem]:
 def _money_problems(p: ServiceProduct) -> list[Problem]:
     """Price, fee and list price are int fen in 0..SERVICE_PRICE_FEN_MAX. When the refund
     charges used entitlements at the list price, all uses at that price cost at least the
-    package, so such a refund never exceeds the unused share of the price."""
+    package, so such a refund never exceeds the unused share of the price (rounded up)."""
     high = limits.SERVICE_PRICE_FEN_MAX
     found = [
         Problem(name, f"{name} is 0..{high} fen")

@@ -23,6 +23,7 @@ from cardcore.vault import (
     VaultError,
     ed25519_new_private,
     ed25519_public_of,
+    ed25519_public_ok,
     ed25519_sign,
     ed25519_verify,
 )
@@ -268,3 +269,34 @@ def test_parse_refuses_a_signature_of_the_wrong_size_negative() -> None:
     malformed(f"{body}|{short}")
     malformed(f"{body}|{long}")
     assert parse_qr(f"{body}|{base64.urlsafe_b64encode(bytes(64)).decode().rstrip('=')}")
+
+
+# --- small-order public keys ------------------------------------------------------------------
+
+# The eight small-order points of Edwards25519 (and non-canonical encodings of some): under
+# them a fixed signature verifies for messages nobody signed, and OpenSSL does not refuse them.
+SMALL_ORDER_KEYS = [
+    bytes([1]) + bytes(31),  # the neutral point
+    bytes(32),  # order 4
+    bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),  # order 8
+    bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),  # order 8
+    bytes.fromhex("ec" + "ff" * 30 + "7f"),  # order 2 (y = p - 1)
+    bytes.fromhex("ed" + "ff" * 30 + "7f"),  # y = p: not canonical
+    bytes.fromhex("ee" + "ff" * 30 + "7f"),  # y = p + 1: not canonical
+]
+
+
+@pytest.mark.parametrize("public", SMALL_ORDER_KEYS, ids=lambda k: k.hex()[:8])
+def test_a_small_order_public_key_is_refused_and_verifies_nothing(public: bytes) -> None:
+    for key in (public, public[:31] + bytes([public[31] | 0x80])):  # either sign of x
+        assert not ed25519_public_ok(key)
+        forged = bytes([1]) + bytes(63)  # R = neutral, S = 0: verifies under the neutral key
+        assert not ed25519_verify(key, b"any coupon at all", forged)
+
+
+def test_real_public_keys_pass_the_small_order_check() -> None:
+    for _ in range(20):
+        private = ed25519_new_private()
+        public = ed25519_public_of(private)
+        assert ed25519_public_ok(public)
+        assert ed25519_verify(public, b"m", ed25519_sign(private, b"m"))
