@@ -228,6 +228,15 @@ class Grant:
 # --- refusals -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One fault of a definition the admin API checks (a points rule, a service product): the
+    field at fault and what is wrong with it. Checks answer every problem at once."""
+
+    field: str
+    message: str
+
+
 class Refused(Exception):
     """A request the admin services refuse, with nothing changed. `kind` picks the HTTP
     status (invalid 400, forbidden 403, not_found 404, conflict 409); `code` is stable."""

@@ -74,6 +74,7 @@ from cardcore.localtime import (
     month_end,
     timezone_known,
 )
+from cardcore.org.model import Problem
 
 # --- refusal codes (stable: services, the admin API and the ISO gateway map them) ------------
 POINTS_INSUFFICIENT: Final = "points_insufficient"
@@ -117,14 +118,6 @@ class InsufficientPoints(PointsRefused):
         super().__init__(POINTS_INSUFFICIENT, f"{needed} points needed, {usable} usable", "points")
         self.needed = needed
         self.usable = usable
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One fault of a definition: the field at fault and what is wrong with it."""
-
-    field: str
-    message: str
 
 
 def require_valid(code: str, problems: Sequence[Problem]) -> None:

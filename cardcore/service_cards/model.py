@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 from cardcore import limits
 from cardcore.localtime import add_months, day_start_ms, local_date, month_end
-from cardcore.org.model import CODE, Refused
+from cardcore.org.model import CODE, Problem, Refused
 
 
 class RefundPolicy(enum.StrEnum):
@@ -77,14 +77,6 @@ class Entitlement:
     expires_ms: int  # exclusive: at this instant the package is expired
     price_fen: int  # the price paid at sale (refunds use it, not today's product price)
     state: EntitlementState
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One fault of a product, named by its field, for the admin API's error body."""
-
-    field: str
-    message: str
 
 
 # --- time ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from cardcore import limits
 from cardcore.localtime import day_start_ms, local_date
+from cardcore.org.model import Problem
 from cardcore.points.model import (
     DAY_MS,
     POINTS_INSUFFICIENT,
@@ -33,7 +34,6 @@ from cardcore.points.model import (
     Lot,
     NegativePolicy,
     PointsRefused,
-    Problem,
     Program,
     Rule,
     RuleKind,
