@@ -182,3 +182,6 @@ POINTS_TIERS_MAX: Final = 16  # tiers on one ladder
 POINTS_TRANSFER_PER_DAY_MAX: Final = 1_000_000_000  # ceiling of a program's daily transfer max
 POINTS_OPEN_LOTS_MAX: Final = 100_000  # lots with points left that one spend or clawback reads
 POINTS_REMINDER_DAYS_MAX: Final = 366  # how far ahead an expiry reminder looks
+
+# --- issue 5 at the POS ---
+POS_BASKET_LINES_MAX: Final = 32  # (department, fen) lines one POS request carries (F48)

@@ -23,10 +23,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cardcore import limits
 from cardcore.cards import schema as _cards_tables  # noqa: F401 - registers the tables
+from cardcore.coupons import schema as _coupon_tables  # noqa: F401
 from cardcore.ledger.schema import metadata
+from cardcore.manager_cards import schema as _manager_tables  # noqa: F401
 from cardcore.members import schema as _member_tables  # noqa: F401
 from cardcore.org import schema as _org_tables  # noqa: F401
 from cardcore.org.model import Place, Principal
+from cardcore.points import schema as _points_tables  # noqa: F401
+from cardcore.service_cards import schema as _service_tables  # noqa: F401
 
 
 class Conflict(Exception):

@@ -34,21 +34,27 @@ class Kind(enum.StrEnum):
     REVERSE = "reverse"  # the terminal's (or the gateway's) reversal of batch + STAN
     SETTLE = "settle"  # the host's totals for a batch; closes it when they match
     UPLOAD = "upload"  # batch upload: the terminal's own lines, compared with the host's
-    # Card functions whose issues have not landed: routed, answered function_not_supported.
-    POINTS_EARN = "points_earn"
-    POINTS_REDEEM = "points_redeem"
-    COUPON_QUERY = "coupon_query"
-    COUPON_REDEEM = "coupon_redeem"
-    COUPON_REVERSE = "coupon_reverse"
+    # Issue 5's functions (private processing codes 90..97; docs/card-protocol.md 5.11)
+    POINTS_EARN = "points_earn"  # a purchase paid some other way earns points on the card
+    POINTS_REDEEM = "points_redeem"  # points as payment: the store is paid in money
+    COUPON_QUERY = "coupon_query"  # what a coupon would take off this bill, changing nothing
+    COUPON_RESERVE = "coupon_reserve"  # held for this transaction until confirmed or released
+    COUPON_REDEEM = "coupon_redeem"  # confirm a reservation (or reserve and redeem at once)
+    COUPON_REVERSE = "coupon_reverse"  # release a reservation, or undo a redemption
+    SERVICE_REDEEM = "service_redeem"  # use entitlements of a service package on the card
+    MANAGER_AUTH = "manager_auth"  # a manager's card and PIN authorize a special discount
 
 
-NOT_SUPPORTED = frozenset(
+# Kinds a feature service answers through `PosService.features` (coupons, service and
+# manager cards); a kind with no service registered answers function_not_supported.
+FEATURE_KINDS = frozenset(
     {
-        Kind.POINTS_EARN,
-        Kind.POINTS_REDEEM,
         Kind.COUPON_QUERY,
+        Kind.COUPON_RESERVE,
         Kind.COUPON_REDEEM,
         Kind.COUPON_REVERSE,
+        Kind.SERVICE_REDEEM,
+        Kind.MANAGER_AUTH,
     }
 )
 
@@ -79,6 +85,10 @@ class Outcome(enum.StrEnum):
     REVERSED_BEFORE_ARRIVAL = "reversed_before_arrival"  # a late original after its reversal
     DUPLICATE_MISMATCH = "duplicate_mismatch"  # same terminal, batch and STAN, other content
     FUNCTION_NOT_SUPPORTED = "function_not_supported"
+    NOT_PERMITTED = "not_permitted"  # the rules refuse it (scope, limits, holder): `refusal`
+    COUPON_UNKNOWN = "coupon_unknown"  # no such code (or a wrong check symbol)
+    COUPON_USED = "coupon_used"  # redeemed, or held by another transaction
+    COUPON_EXPIRED = "coupon_expired"  # outside its validity window, or its campaign ended
     BAD_REQUEST = "bad_request"
     UNAVAILABLE = "unavailable"  # the ledger could not decide now: retry or reverse
 
@@ -214,6 +224,14 @@ class PosRequest:
     lines: tuple[tuple[str, int], ...] = ()  # upload: (stan, amount) per transaction
     pin_block: str = field(default="", repr=False)  # format 4 under the zone PIN key
     partial: bool = False  # purchase: the terminal takes a partial approval (F60.6 = 1)
+    # issue 5 (F48 TLV on the wire)
+    basket: tuple[tuple[str, int], ...] = ()  # (department, fen) lines of the bill
+    coupon: str = field(default="", repr=False)  # a coupon code, or a signed QR text
+    points: int = 0  # points redeem: the points to spend
+    product: str = ""  # service redemption: the product code ("" = the card's choice)
+    uses: int = 0  # service redemption: entitlements to use
+    reason: str = ""  # manager authorization: the reason code
+    discount: int = 0  # manager authorization: the discount asked, in fen
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,14 +252,43 @@ class PosResult:
     tmk_sealed: str = ""
     discount_bp: int | None = None  # inquiry: the card class's discount (member price)
     remainder: int | None = None  # partial approval: what the terminal must still collect
+    # issue 5
+    points: int | None = None  # earned (purchase, earn) or spent (redeem) by this request
+    points_balance: int | None = None  # the card's spendable points after it
+    discount: int | None = None  # coupon or manager discount granted, in fen
+    forfeited: int | None = None  # coupon: face value the bill could not use (no change)
+    uses_left: int | None = None  # service redemption: entitlements left in the package
+    refusal: str = ""  # the rules' stable code when not approved (F48, logs)
+    campaign: str = ""  # coupon: its campaign code
 
     def json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"outcome": str(self.outcome)}
-        for name in ("balance", "amount", "totals", "balanced", "discount_bp", "remainder"):
+        for name in (
+            "balance",
+            "amount",
+            "totals",
+            "balanced",
+            "discount_bp",
+            "remainder",
+            "points",
+            "points_balance",
+            "discount",
+            "forfeited",
+            "uses_left",
+        ):
             value = getattr(self, name)
             if value is not None:
                 out[name] = list(value) if isinstance(value, tuple) else value
-        for name in ("rrn", "auth_code", "batch", "mid", "key_mode", "tmk_sealed"):
+        for name in (
+            "rrn",
+            "auth_code",
+            "batch",
+            "mid",
+            "key_mode",
+            "tmk_sealed",
+            "refusal",
+            "campaign",
+        ):
             if getattr(self, name):
                 out[name] = getattr(self, name)
         if self.unmatched:
@@ -272,6 +319,13 @@ def result_from_json(raw: dict[str, Any]) -> PosResult:
         tmk_sealed=str(raw.get("tmk_sealed", "")),
         discount_bp=_opt_int(raw.get("discount_bp")),
         remainder=_opt_int(raw.get("remainder")),
+        points=_opt_int(raw.get("points")),
+        points_balance=_opt_int(raw.get("points_balance")),
+        discount=_opt_int(raw.get("discount")),
+        forfeited=_opt_int(raw.get("forfeited")),
+        uses_left=_opt_int(raw.get("uses_left")),
+        refusal=str(raw.get("refusal", "")),
+        campaign=str(raw.get("campaign", "")),
     )
 
 
@@ -421,6 +475,13 @@ _FIELDS = frozenset(
         "lines",
         "pin_block",
         "partial",
+        "basket",
+        "coupon",
+        "points",
+        "product",
+        "uses",
+        "reason",
+        "discount",
     }
 )
 
@@ -506,6 +567,7 @@ def parse_request(raw: object, path: str) -> PosRequest:
     partial = raw.get("partial", False)
     if not isinstance(partial, bool):
         raise PosRequestError(f"{path}.partial", "true or false")
+    extra = _issue_5_fields(raw, path)
     return PosRequest(
         kind=kind,
         terminal=terminal,
@@ -522,7 +584,58 @@ def parse_request(raw: object, path: str) -> PosRequest:
         lines=tuple(parsed_lines),
         pin_block=_pin_block(raw.get("pin_block", ""), f"{path}.pin_block"),
         partial=partial,
+        **extra,
     )
+
+
+_DEPARTMENT = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+_PRINTABLE = re.compile(r"[\x21-\x7e]*")
+_REASON = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def _issue_5_fields(raw: dict[str, Any], path: str) -> dict[str, Any]:
+    """The basket, coupon, points, service and manager fields of a request, checked."""
+
+    def count(name: str, high: int) -> int:
+        value = raw.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+            raise PosRequestError(f"{path}.{name}", f"an integer 0..{high}")
+        return value
+
+    def text(name: str, pattern: re.Pattern[str], most: int) -> str:
+        value = raw.get(name, "")
+        if not isinstance(value, str) or len(value) > most or not pattern.fullmatch(value):
+            raise PosRequestError(f"{path}.{name}", f"at most {most} printable ASCII characters")
+        return value
+
+    basket = raw.get("basket", [])
+    if not isinstance(basket, list) or len(basket) > limits.POS_BASKET_LINES_MAX:
+        raise PosRequestError(f"{path}.basket", f"at most {limits.POS_BASKET_LINES_MAX} lines")
+    lines: list[tuple[str, int]] = []
+    for line in basket:
+        if (
+            not isinstance(line, list)
+            or len(line) != 2
+            or not isinstance(line[0], str)
+            or not _DEPARTMENT.fullmatch(line[0])
+            or isinstance(line[1], bool)
+            or not isinstance(line[1], int)
+            or not 0 <= line[1] <= limits.POS_AMOUNT_MAX
+        ):
+            raise PosRequestError(f"{path}.basket", "[department, fen] pairs")
+        lines.append((line[0], line[1]))
+    reason = raw.get("reason", "")
+    if not isinstance(reason, str) or (reason and not _REASON.fullmatch(reason)):
+        raise PosRequestError(f"{path}.reason", "a reason code: a-z, 0-9, _ (32 at most)")
+    return {
+        "basket": tuple(lines),
+        "coupon": text("coupon", _PRINTABLE, limits.COUPON_QR_CHARS_MAX),
+        "points": count("points", limits.POINTS_PER_TXN_MAX),
+        "product": text("product", _PRINTABLE, 32),
+        "uses": count("uses", limits.SERVICE_USES_MAX),
+        "reason": reason,
+        "discount": count("discount", limits.POS_AMOUNT_MAX),
+    }
 
 
 def _pin_block(value: object, where: str) -> str:
@@ -555,4 +668,12 @@ def request_json(r: PosRequest) -> dict[str, Any]:
         out["lines"] = [list(x) for x in r.lines]
     if r.partial:
         out["partial"] = True
+    if r.basket:
+        out["basket"] = [list(x) for x in r.basket]
+    for name in ("coupon", "product", "reason"):
+        if getattr(r, name):
+            out[name] = getattr(r, name)
+    for name in ("points", "uses", "discount"):
+        if getattr(r, name):
+            out[name] = getattr(r, name)
     return out

@@ -3,8 +3,9 @@
 `PosService.handle` takes many terminals' requests at once (the gateway batches them), reads
 what each needs (terminal, card, original transfer), turns each into at most one ledger
 operation, submits them all to the writer in one call, so they share a group commit, and
-answers each with an `Outcome`. Stored value only for now; points and coupons answer
-`function_not_supported` until their issue lands.
+answers each with an `Outcome`. Coupons, service and manager cards are answered by their own
+services (`features`, registered by the application); a reversal also asks each feature to
+undo what it did under the reversed key (`reversers`).
 
 Cards. A card that is not active is declined with its state's outcome (frozen, lost, closed
 or replaced, not yet active); money may still go back to a frozen or lost card (a void, a
@@ -34,7 +35,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,8 +44,8 @@ from cardcore.cards.accounts import Accounts, AccountsUnavailable
 from cardcore.cards.directory import Directory
 from cardcore.cards.model import (
     CURRENCY,
+    FEATURE_KINDS,
     GIVE_BACK_STATES,
-    NOT_SUPPORTED,
     POS_CLIENT,
     Card,
     CardClass,
@@ -86,6 +87,14 @@ from cardcore.ledger.service import Ledger
 from cardcore.ledger.writer import Busy, LedgerUnavailable
 
 log = logging.getLogger(__name__)
+
+# A feature service's answer to one POS request of its kinds (coupons, service and manager
+# cards): the request, its terminal, its key (terminal, batch cycle, batch, STAN) and the
+# request's card when it names one (found, active, its PIN checked when sent); None for a
+# manager authorization, whose F2 is the manager's own card.
+FeatureHandler = Callable[[PosRequest, Terminal, str, Card | None], Awaitable[PosResult]]
+# What a feature undid under a POS key when its terminal reverses it (idempotent).
+FeatureReverser = Callable[[Terminal, str], Awaitable[None]]
 
 # Ledger result codes (and the original codes of id_already_failed) -> outcomes.
 _OUTCOME_OF_CODE = {
@@ -180,6 +189,9 @@ class PosService:
         self.accounts: Accounts | None = accounts
         self.pins: Pins | None = pins
         self._terminal_locks: dict[str, asyncio.Lock] = {}
+        # Registered by the application for the feature kinds (model.FEATURE_KINDS).
+        self.features: dict[Kind, FeatureHandler] = {}
+        self.reversers: list[FeatureReverser] = []
 
     def _accounts(self) -> Accounts:
         if self.accounts is None:
@@ -273,7 +285,7 @@ class PosService:
                 tmk_sealed=terminal.tmk_sealed,
             )
             return plan
-        if r.kind in NOT_SUPPORTED:
+        if r.kind in (Kind.POINTS_EARN, Kind.POINTS_REDEEM):
             plan.answer = PosResult(Outcome.FUNCTION_NOT_SUPPORTED)
             return plan
         if r.kind is Kind.SETTLE:
@@ -286,6 +298,9 @@ class PosService:
         if r.batch != terminal.batch and r.kind is not Kind.REVERSE:
             plan.answer = PosResult(Outcome.BATCH_MISMATCH, batch=terminal.batch)
             return plan
+        if r.kind in FEATURE_KINDS:
+            await self._feature(plan, terminal)
+            return plan
         planner = {
             Kind.INQUIRY: self._inquiry,
             Kind.PURCHASE: self._purchase,
@@ -297,6 +312,21 @@ class PosService:
         }[r.kind]
         await planner(plan, terminal)
         return plan
+
+    async def _feature(self, plan: _Plan, t: Terminal) -> None:
+        """A request a feature service answers: its card (when it names one) checked here
+        as for any request, then the service decides."""
+        r = plan.request
+        handler = self.features.get(r.kind)
+        if handler is None:
+            plan.answer = PosResult(Outcome.FUNCTION_NOT_SUPPORTED)
+            return
+        card = None
+        if r.card and r.kind is not Kind.MANAGER_AUTH:
+            card = await self._card(plan)
+            if card is None or not await self._pin_ok(plan, card, required=False):
+                return
+        plan.answer = await handler(r, t, transaction_key(t, r.batch, r.stan), card)
 
     def _decline(self, plan: _Plan, outcome: Outcome) -> None:
         """A host decline; for a purchase or top-up of a known card, one to check against
@@ -642,6 +672,8 @@ class PosService:
         r = plan.request
         target_key = transaction_key(t, r.batch, r.stan)
         key = reversal_key(t, r.batch, r.stan)
+        for undo in self.reversers:  # what a feature did under the key (coupon, uses, ...)
+            await undo(t, target_key)
         original = await self.directory.transfer_by_key(target_key)
         if original is not None and original["kind"] == "pending":
             plan.op = VoidPending(

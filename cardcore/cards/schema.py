@@ -70,6 +70,7 @@ card_classes = Table(
     Column("denominations", String(256), nullable=False),  # JSON array of fen
     Column("discount_bp", Integer, nullable=False),
     Column("points_multiplier_pct", Integer, nullable=False),
+    Column("points_program", String(32), nullable=False, server_default=""),  # "" = none
     Column("issue_fee", BigInteger, nullable=False),
     Column("replace_fee", BigInteger, nullable=False),
     Column("balance_max", BigInteger, nullable=False),

@@ -50,6 +50,10 @@ CODE_OF_OUTCOME = {
     Outcome.REVERSED_BEFORE_ARRIVAL: "12",
     Outcome.DUPLICATE_MISMATCH: "94",
     Outcome.FUNCTION_NOT_SUPPORTED: "40",
+    Outcome.NOT_PERMITTED: "57",  # the rules refuse it; F48 tag DF50 names the rule
+    Outcome.COUPON_UNKNOWN: "C1",
+    Outcome.COUPON_USED: "C2",
+    Outcome.COUPON_EXPIRED: "C3",
     Outcome.BAD_REQUEST: "30",
     Outcome.UNAVAILABLE: "96",
 }

@@ -377,6 +377,7 @@ RESPONSE_TEXT = {
     "41": "lost card, pick up",
     "51": "insufficient funds",
     "54": "expired card",
+    "57": "not permitted",
     "55": "incorrect PIN",
     "61": "exceeds amount limit",
     "62": "restricted card",
@@ -389,6 +390,9 @@ RESPONSE_TEXT = {
     "97": "terminal not registered",
     "99": "PIN format error",
     "A0": "MAC error",
+    "C1": "coupon unknown",
+    "C2": "coupon already used",
+    "C3": "coupon expired",
 }
 
 

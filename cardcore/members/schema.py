@@ -4,7 +4,7 @@ The ID document is kept as a keyed hash (lookup) and AES-GCM ciphertext, never i
 `member_consents` is the append-only history of every SMS consent given or withdrawn.
 """
 
-from sqlalchemy import BigInteger, Boolean, Column, Integer, String, Table
+from sqlalchemy import BigInteger, Boolean, Column, Integer, String, Table, Text
 
 from cardcore import limits
 from cardcore.ledger.schema import metadata
@@ -48,3 +48,19 @@ member_consents = Table(
 )
 
 APPEND_ONLY = ("member_consents",)
+
+# The outbox of what members are to be told (points expiring, points expired, ...): the SMS
+# bus reads unsent rows, sends them (consent permitting) and marks them sent. `key` makes a
+# notice idempotent: a job run twice writes each notice once.
+member_notices = Table(
+    "member_notices",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key", String(160), nullable=False, unique=True),
+    Column("kind", String(CODE), nullable=False),
+    Column("member_id", Integer, nullable=True, index=True),
+    Column("holder", BigInteger, nullable=True),
+    Column("payload", Text, nullable=False),  # JSON: what the message says
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("sent_at_ms", BigInteger, nullable=True, index=True),
+)

@@ -52,6 +52,14 @@ class Perm(enum.StrEnum):
     CARDS_PAN = "cards_pan"  # see full card numbers (printing exports)
     REPORTS_READ = "reports_read"
     AUDIT_READ = "audit_read"
+    # issue 5: points, coupons, service and manager cards
+    LOYALTY_READ = "loyalty_read"  # programs, rules, tiers, campaigns, codes, products, balances
+    PROGRAMS_WRITE = "programs_write"  # points programs and their tiers; service products
+    RULES_WRITE = "rules_write"  # earning rules (a store's own within its grant)
+    CAMPAIGNS_WRITE = "campaigns_write"  # coupon campaigns, codes, issuance, signing keys
+    POINTS_WRITE = "points_write"  # redeem for rewards, transfer, adjust a member's points
+    SERVICES_SELL = "services_sell"  # sell, refund service packages at the counter
+    MANAGER_CARDS_WRITE = "manager_cards_write"  # issue, disable manager cards; their PINs
 
 
 _READ = frozenset(p for p in Perm if p.value.endswith("_read"))
@@ -69,6 +77,10 @@ PERMISSIONS: dict[Role, frozenset[Perm]] = {
             Perm.MEMBERS_WRITE,
             Perm.CARDS_READ,
             Perm.REPORTS_READ,
+            Perm.LOYALTY_READ,
+            Perm.PROGRAMS_WRITE,
+            Perm.RULES_WRITE,
+            Perm.CAMPAIGNS_WRITE,
         }
     ),
     Role.STORE_CRM: frozenset(
@@ -84,6 +96,11 @@ PERMISSIONS: dict[Role, frozenset[Perm]] = {
             Perm.CARDS_MONEY,
             Perm.CARDS_PAN,
             Perm.REPORTS_READ,
+            Perm.LOYALTY_READ,
+            Perm.RULES_WRITE,
+            Perm.CAMPAIGNS_WRITE,
+            Perm.POINTS_WRITE,
+            Perm.SERVICES_SELL,
         }
     ),
     Role.STORE_SUPERVISOR: frozenset(
@@ -95,6 +112,10 @@ PERMISSIONS: dict[Role, frozenset[Perm]] = {
             Perm.CARDS_STATE,
             Perm.CARDS_MONEY,
             Perm.REPORTS_READ,
+            Perm.LOYALTY_READ,
+            Perm.POINTS_WRITE,
+            Perm.SERVICES_SELL,
+            Perm.MANAGER_CARDS_WRITE,
         }
     ),
     Role.AUDITOR: _READ,

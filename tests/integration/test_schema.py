@@ -26,11 +26,15 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from cardcore import migrate
 from cardcore.cards import schema as cards_schema
+from cardcore.coupons import schema as coupons_schema
 from cardcore.db import make_engine
 from cardcore.ledger import schema
 from cardcore.ledger.service import Ledger
+from cardcore.manager_cards import schema as manager_schema
 from cardcore.members import schema as members_schema
 from cardcore.org import schema as org_schema
+from cardcore.points import schema as points_schema
+from cardcore.service_cards import schema as service_schema
 from tests.helpers import run_activity, sql_execute, sql_rows
 
 APPEND_ONLY = [t.name for t in schema.APPEND_ONLY_TABLES]
@@ -68,6 +72,9 @@ async def test_migrated_database_matches_the_metadata(db_url: str) -> None:
     assert cards_schema.cards.metadata is schema.metadata
     assert {"cards", "pos_terminals", "pos_settlements"} <= set(schema.metadata.tables)
     assert org_schema.audit_log.metadata is members_schema.members.metadata is schema.metadata
+    issue_5 = (points_schema.points_earnings, coupons_schema.coupon_codes,
+               service_schema.service_entitlements, manager_schema.manager_cards)  # fmt: skip
+    assert all(t.metadata is schema.metadata for t in issue_5)
     assert await _compare(db_url, schema.metadata) == []
 
     # The comparison bites: a column the database lacks is reported.
@@ -331,6 +338,9 @@ def test_downgrade_below_0004_is_refused_once_two_cards_share_an_account(db_url:
             ],
         )
     )
+    config = migrate._alembic_config(db_url)
+    command.downgrade(config, "0004")  # later revisions go down cleanly
     with pytest.raises(RuntimeError, match="replaced cards share value accounts"):
-        command.downgrade(migrate._alembic_config(db_url), "0003")
-    asyncio.run(migrate.check_current(db_url))  # still at head, nothing half done
+        command.downgrade(config, "0003")
+    migrate.upgrade(db_url)  # still at 0004, nothing half done: up again to head
+    asyncio.run(migrate.check_current(db_url))

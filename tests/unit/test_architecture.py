@@ -83,12 +83,24 @@ LAYER_OF = {
     "cardcore.localtime": DOMAIN,
     "cardcore.points": SERVICE,  # the package: a docstring
     "cardcore.points.model": DOMAIN,
+    "cardcore.points.schema": ADAPTER,
+    "cardcore.points.service": SERVICE,
+    "cardcore.points.http": ENTRYPOINT,
     "cardcore.coupons": SERVICE,  # the package: a docstring
     "cardcore.coupons.model": DOMAIN,
+    "cardcore.coupons.schema": ADAPTER,
+    "cardcore.coupons.service": SERVICE,
+    "cardcore.coupons.http": ENTRYPOINT,
     "cardcore.service_cards": SERVICE,  # the package: a docstring
     "cardcore.service_cards.model": DOMAIN,
+    "cardcore.service_cards.schema": ADAPTER,
+    "cardcore.service_cards.service": SERVICE,
+    "cardcore.service_cards.http": ENTRYPOINT,
     "cardcore.manager_cards": SERVICE,  # the package: a docstring
     "cardcore.manager_cards.model": DOMAIN,
+    "cardcore.manager_cards.schema": ADAPTER,
+    "cardcore.manager_cards.service": SERVICE,
+    "cardcore.manager_cards.http": ENTRYPOINT,
     "cardcore.frontend_gateway": FEATURE,
     "cardcore.alliance": FEATURE,
 }

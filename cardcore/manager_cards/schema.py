@@ -1,0 +1,51 @@
+"""Manager-card tables (SQLAlchemy Core, on the ledger's MetaData); migration 0005 makes them.
+
+A manager card is found by the keyed hash of its number (the number only as ciphertext), is
+bound to one staff user, and has its own PIN verification value and wrong-PIN count. Every
+authorization, approved or refused, is a row under its POS key (the audit of every use; the
+daily total sums the approved, unreversed ones of the local day).
+"""
+
+from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, String, Table, Text
+
+from cardcore.ledger.schema import metadata
+
+CODE = 32
+KEY = 160
+
+manager_cards = Table(
+    "manager_cards",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("token", String(64), nullable=False, unique=True),
+    Column("pan_masked", String(19), nullable=False),
+    Column("pan_sealed", String(128), nullable=False),
+    Column("staff_user_id", Integer, nullable=False),
+    Column("store", String(CODE), nullable=False),
+    Column("legal_entity", String(CODE), nullable=False),
+    Column("definition", Text, nullable=False),  # percent, daily total, reasons (JSON)
+    Column("pvv", String(64), nullable=False),
+    Column("pin_failures", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("updated_at_ms", BigInteger, nullable=False),
+    Index(None, "staff_user_id"),
+)
+
+manager_authorizations = Table(
+    "manager_authorizations",
+    metadata,
+    Column("key", String(KEY), primary_key=True),
+    Column("card", Integer, nullable=False),
+    Column("staff_user_id", Integer, nullable=False),
+    Column("store", String(CODE), nullable=False),
+    Column("terminal", String(8), nullable=False),
+    Column("day", Integer, nullable=False),
+    Column("bill_fen", BigInteger, nullable=False),
+    Column("discount_fen", BigInteger, nullable=False),
+    Column("reason", String(CODE), nullable=False),
+    Column("outcome", String(CODE), nullable=False),  # "approved" or the refusal code
+    Column("reversed", Boolean, nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Index(None, "card", "day"),
+)

@@ -1,0 +1,62 @@
+"""Service-card tables (SQLAlchemy Core, on the ledger's MetaData); migration 0005 makes them.
+
+A product is a definition (JSON the pure model reads); a sale is an entitlement row on a
+card holder (the card's value account id, shared by a replacement card) whose remaining
+uses move by guarded updates; each POS redemption is recorded under its POS key, so a
+resend or a reversal finds it.
+"""
+
+from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, String, Table, Text
+
+from cardcore import limits
+from cardcore.ledger.schema import metadata
+
+CODE = 32
+NAME = limits.NAME_CHARS_MAX
+KEY = 160
+
+service_products = Table(
+    "service_products",
+    metadata,
+    Column("code", String(CODE), primary_key=True),
+    Column("name", String(NAME), nullable=False),
+    Column("legal_entity", String(CODE), nullable=False),
+    Column("definition", Text, nullable=False),
+    Column("state", String(16), nullable=False),  # active | retired
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("updated_at_ms", BigInteger, nullable=False),
+)
+
+service_entitlements = Table(
+    "service_entitlements",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("product", String(CODE), nullable=False),
+    Column("holder", BigInteger, nullable=False),
+    Column("member_id", Integer, nullable=True),
+    Column("store", String(CODE), nullable=False),  # where it was sold
+    Column("uses_total", Integer, nullable=False),
+    Column("uses_left", Integer, nullable=False),
+    Column("price_fen", BigInteger, nullable=False),
+    Column("sold_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("sale_key", String(KEY), nullable=False, unique=True),
+    Column("refund_key", String(KEY), nullable=True),
+    Column("refunded_fen", BigInteger, nullable=False),
+    Column("updated_at_ms", BigInteger, nullable=False),
+    Index(None, "holder"),
+)
+
+service_redemptions = Table(
+    "service_redemptions",
+    metadata,
+    Column("key", String(KEY), primary_key=True),
+    Column("entitlement", Integer, nullable=False),
+    Column("uses", Integer, nullable=False),
+    Column("store", String(CODE), nullable=False),
+    Column("terminal", String(8), nullable=False),
+    Column("reversed", Boolean, nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Index(None, "entitlement"),
+)
