@@ -185,3 +185,6 @@ POINTS_REMINDER_DAYS_MAX: Final = 366  # how far ahead an expiry reminder looks
 
 # --- issue 5 at the POS ---
 POS_BASKET_LINES_MAX: Final = 32  # (department, fen) lines one POS request carries (F48)
+
+# --- issue 5 at the POS ---
+POS_BASKET_LINES_MAX: Final = 32  # (department, fen) lines one POS request carries (F48)

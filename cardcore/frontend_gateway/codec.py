@@ -79,6 +79,21 @@ STAN_DIGITS: Final = 6
 AMOUNT_TYPE_AVAILABLE: Final = "02"  # F54: the available balance
 AMOUNT_TYPE_DUE: Final = "04"  # F54: the amount due (a split tender's remainder)
 TLV_DISCOUNT_BP: Final = "DB"  # F48 TLV of a reply: the card class's discount, basis points
+# F48 TLV of a request (issue 5): docs/card-protocol.md section 6 lists each with its format.
+TLV_BASKET_LINE: Final = "BL"  # "<department>=<fen>", repeated once per line of the bill
+TLV_COUPON: Final = "CP"  # a coupon code as typed, or the text of its signed QR
+TLV_POINTS: Final = "PT"  # request: points to redeem; reply: points earned or spent
+TLV_PRODUCT: Final = "SP"  # a service product code
+TLV_USES: Final = "SU"  # request: service entitlements to use
+TLV_REASON: Final = "MR"  # a manager authorization's reason code
+TLV_MANAGER_DISCOUNT: Final = "MD"  # the special discount asked, in fen
+# F48 TLV of a reply (issue 5)
+TLV_POINTS_BALANCE: Final = "PB"  # the card's spendable points after the request
+TLV_DISCOUNT: Final = "CD"  # the discount granted (coupon or manager), in fen
+TLV_FORFEITED: Final = "CF"  # coupon face value the bill could not use (no change given)
+TLV_CAMPAIGN: Final = "CC"  # the coupon's campaign code
+TLV_USES_LEFT: Final = "UL"  # service entitlements left in the package
+TLV_REFUSAL: Final = "RF"  # the rule that refused the request (57 and other declines)
 TPDU_ID: Final = 0x60
 HEADER_APP_POS: Final = 0x60
 PROCESSING_NONE: Final = 0

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cardcore import limits
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult
@@ -50,7 +52,7 @@ CODE_OF_OUTCOME = {
     Outcome.REVERSED_BEFORE_ARRIVAL: "12",
     Outcome.DUPLICATE_MISMATCH: "94",
     Outcome.FUNCTION_NOT_SUPPORTED: "40",
-    Outcome.NOT_PERMITTED: "57",  # the rules refuse it; F48 tag DF50 names the rule
+    Outcome.NOT_PERMITTED: "57",  # the rules refuse it; F48 tag RF names the rule
     Outcome.COUPON_UNKNOWN: "C1",
     Outcome.COUPON_USED: "C2",
     Outcome.COUPON_EXPIRED: "C3",
@@ -74,7 +76,8 @@ NET_SETTLE = "201"
 NET_UPLOAD_DETAIL = "201"
 NET_UPLOAD_END = frozenset({"202", "207"})
 
-# (MTI, processing code) -> kind. Points and coupons use private codes 90..94 (our own).
+# (MTI, processing code) -> kind. Points, coupons, service and manager cards use private
+# codes 90..97 (our own).
 ROUTES: dict[tuple[str, str], Kind] = {
     ("0200", "310000"): Kind.INQUIRY,
     ("0200", "000000"): Kind.PURCHASE,
@@ -88,15 +91,81 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("0200", "920000"): Kind.COUPON_QUERY,
     ("0200", "930000"): Kind.COUPON_REDEEM,
     ("0200", "940000"): Kind.COUPON_REVERSE,
+    ("0200", "950000"): Kind.COUPON_RESERVE,
+    ("0200", "960000"): Kind.SERVICE_REDEEM,
+    ("0200", "970000"): Kind.MANAGER_AUTH,
 }
-# Kinds that may move money: when the host does not answer, the gateway reverses them.
-MOVES_MONEY = frozenset({Kind.PURCHASE, Kind.VOID, Kind.TOPUP, Kind.TOPUP_CONFIRM, Kind.REFUND})
-# Of those, what the gateway itself reverses when the host is silent (so a 96 leaves nothing
-# applied). A void and a top-up confirmation are not: both are safe to send again (by key),
-# and undoing one would block its retry (a void of a voided sale) or keep the cash.
-SAF_REVERSED = frozenset({Kind.PURCHASE, Kind.TOPUP, Kind.REFUND})
-NEEDS_CARD = frozenset({Kind.INQUIRY, Kind.PURCHASE, Kind.VOID, Kind.TOPUP, Kind.REFUND})
-NEEDS_ORIGINAL = frozenset({Kind.VOID, Kind.TOPUP_CONFIRM, Kind.REFUND})
+# Kinds that move money or value (points, a coupon's use, entitlements, a manager's daily
+# room): when the host does not answer, the gateway reverses them (so a 96 leaves nothing
+# applied). A void, a top-up confirmation and a coupon reversal are not: each is safe to send
+# again (by key), and undoing one would block its retry (a void of a voided sale) or keep the
+# cash.
+SAF_REVERSED = frozenset(
+    {
+        Kind.PURCHASE,
+        Kind.TOPUP,
+        Kind.REFUND,
+        Kind.POINTS_EARN,
+        Kind.POINTS_REDEEM,
+        Kind.COUPON_RESERVE,
+        Kind.COUPON_REDEEM,
+        Kind.SERVICE_REDEEM,
+        Kind.MANAGER_AUTH,
+    }
+)
+# Kinds whose F4 is required and above zero (the amount moved, or the bill a rule looks at).
+NEEDS_AMOUNT = frozenset(
+    {
+        Kind.PURCHASE,
+        Kind.VOID,
+        Kind.TOPUP,
+        Kind.TOPUP_CONFIRM,
+        Kind.REFUND,
+        Kind.POINTS_EARN,
+        Kind.COUPON_QUERY,
+        Kind.COUPON_RESERVE,
+        Kind.COUPON_REDEEM,
+        Kind.MANAGER_AUTH,
+    }
+)
+NEEDS_CARD = frozenset(
+    {
+        Kind.INQUIRY,
+        Kind.PURCHASE,
+        Kind.VOID,
+        Kind.TOPUP,
+        Kind.REFUND,
+        Kind.POINTS_EARN,
+        Kind.POINTS_REDEEM,
+        Kind.SERVICE_REDEEM,
+        Kind.MANAGER_AUTH,
+    }
+)
+# Kinds that take a member card when the terminal has one (a coupon's holder and limits).
+MAY_NAME_CARD = frozenset({Kind.COUPON_QUERY, Kind.COUPON_RESERVE, Kind.COUPON_REDEEM})
+NEEDS_ORIGINAL = frozenset({Kind.VOID, Kind.TOPUP_CONFIRM, Kind.REFUND, Kind.COUPON_REVERSE})
+# Kinds whose F48 is read as request TLV (section 6), and the tags some of them need.
+READS_TLV = frozenset(
+    {
+        Kind.PURCHASE,
+        Kind.REFUND,
+        Kind.POINTS_EARN,
+        Kind.POINTS_REDEEM,
+        Kind.COUPON_QUERY,
+        Kind.COUPON_RESERVE,
+        Kind.COUPON_REDEEM,
+        Kind.COUPON_REVERSE,
+        Kind.SERVICE_REDEEM,
+        Kind.MANAGER_AUTH,
+    }
+)
+NEEDS_TLV: dict[Kind, str] = {  # kind -> the request field its required tag fills
+    Kind.POINTS_REDEEM: "points",  # PT
+    Kind.COUPON_QUERY: "coupon",  # CP
+    Kind.COUPON_RESERVE: "coupon",
+    Kind.COUPON_REDEEM: "coupon",
+    Kind.MANAGER_AUTH: "discount",  # MD
+}
 # Fields a reply echoes from its request.
 ECHOED = ("3", "4", "11", "25", "41", "42", "49", "60")
 # What a reply's encoding need not check again: echoed, our own digits, the MAC placeholder.
@@ -305,7 +374,7 @@ class Processor:
                 result = (await self.host.pos([request]))[0]
             except HostUnavailable:
                 result = PosResult(Outcome.UNAVAILABLE)
-            return self._answer(s, f, result)
+            return self._answer(s, f, result, kind)
         if self.saf.owes(s.tid, request.batch, request.stan):
             # A resend of a request the gateway is reversing: it must never be applied.
             return self._reply(f, INVALID_TRANSACTION, keys=s), INVALID_TRANSACTION
@@ -324,7 +393,7 @@ class Processor:
             except HostUnavailable:
                 result = PosResult(Outcome.UNAVAILABLE)
             if result.outcome is not Outcome.UNAVAILABLE:
-                reply, code = self._answer(s, f, result)
+                reply, code = self._answer(s, f, result, kind)
                 self.saf.release()
                 return reply, code
         except Exception:  # after the host may have applied it: reverse, as on a 96
@@ -340,7 +409,9 @@ class Processor:
             return None, SYSTEM_ERROR
         return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
 
-    def _answer(self, s: Session, f: dict[str, str], result: PosResult) -> tuple[Reply | None, str]:
+    def _answer(
+        self, s: Session, f: dict[str, str], result: PosResult, kind: Kind | None = None
+    ) -> tuple[Reply | None, str]:
         code = CODE_OF_OUTCOME[result.outcome]
         extra: dict[str, str] = {}
         if result.outcome is Outcome.PARTIAL_APPROVED and result.amount is not None:
@@ -349,8 +420,11 @@ class Processor:
             extra["37"] = result.rrn
         if result.auth_code:
             extra["38"] = result.auth_code
-        if result.discount_bp is not None:
-            extra["48"] = codec.tlv_encode([(codec.TLV_DISCOUNT_BP, str(result.discount_bp))])
+        if result.amount is not None and kind is Kind.POINTS_REDEEM and result.amount >= 0:
+            extra["4"] = f"{result.amount:012d}"  # the money the points paid
+        tlv = _reply_tlv(result)
+        if tlv:
+            extra["48"] = tlv
         amounts = []
         if result.balance is not None and abs(result.balance) < 10**codec.AMOUNT_DIGITS:
             amounts.append(codec.format_balance(result.balance))  # else left out
@@ -366,16 +440,16 @@ class Processor:
         if f60 is None:
             return FORMAT_ERROR
         amount = 0
-        if kind in MOVES_MONEY:
+        if kind in NEEDS_AMOUNT:
             if "4" not in f:
                 return FORMAT_ERROR
             amount = int(f["4"])
             if amount <= 0:
                 return "13"
         pan = ""
-        if kind in NEEDS_CARD:
+        if kind in NEEDS_CARD or kind in MAY_NAME_CARD:
             pan = f.get("2") or f.get("35", "").split("=")[0]
-            if not pan:
+            if not pan and kind in NEEDS_CARD:
                 return "14"
         original_batch = original_stan = ""
         if kind in NEEDS_ORIGINAL:
@@ -391,6 +465,9 @@ class Processor:
             rrn = f.get("37", "")
             if len(rrn) != 12 or not rrn.isdigit():
                 return FORMAT_ERROR
+        data = _request_data(f.get("48", "")) if kind in READS_TLV else {}
+        if data is None or (kind in NEEDS_TLV and NEEDS_TLV[kind] not in data):
+            return FORMAT_ERROR
         pin_block = ""
         if "52" in f:
             assert s.keys is not None
@@ -417,6 +494,7 @@ class Processor:
             # An online purchase from a terminal that takes partial approvals (F60.6 = 1); an
             # offline advice was done at the counter in full: it is never split.
             partial=kind is Kind.PURCHASE and f["t"] == "0200" and f60.partial_approval,
+            **data,
         )
 
     async def _reversal(self, s: Session, f: dict[str, str]) -> tuple[Reply | None, str]:
@@ -579,6 +657,95 @@ def _f60(f: dict[str, str]) -> codec.Field60 | None:
         return codec.parse_f60(f["60"])
     except codec.FormatError:
         return None
+
+
+_DEPARTMENT = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+_CODE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+_REASON = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_SHORT_TEXT = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a campaign or refusal code in a reply
+
+
+def _request_data(value: str) -> dict[str, Any] | None:
+    """The issue-5 fields of a request's F48 TLV, checked (None: malformed, answered 30).
+    Tags a request does not use are skipped, as a terminal skips tags it does not know."""
+    try:
+        items = codec.tlv_decode(value)
+    except codec.FormatError:
+        return None
+    out: dict[str, Any] = {}
+    basket: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    for tag, item in items:
+        if tag == codec.TLV_BASKET_LINE:
+            department, _, fen = item.partition("=")
+            if not _DEPARTMENT.fullmatch(department) or not _amount_ok(fen):
+                return None
+            basket.append((department, int(fen)))
+            continue
+        if tag in seen:
+            return None  # each other tag at most once
+        seen.add(tag)
+        if tag == codec.TLV_COUPON:
+            if not 1 <= len(item) <= limits.COUPON_QR_CHARS_MAX:
+                return None
+            out["coupon"] = item
+        elif tag == codec.TLV_POINTS:
+            if not _number_ok(item, limits.POINTS_PER_TXN_MAX, low=1):
+                return None
+            out["points"] = int(item)
+        elif tag == codec.TLV_PRODUCT:
+            if not _CODE.fullmatch(item):
+                return None
+            out["product"] = item
+        elif tag == codec.TLV_USES:
+            if not _number_ok(item, limits.SERVICE_USES_MAX, low=1):
+                return None
+            out["uses"] = int(item)
+        elif tag == codec.TLV_REASON:
+            if not _REASON.fullmatch(item):
+                return None
+            out["reason"] = item
+        elif tag == codec.TLV_MANAGER_DISCOUNT:
+            if not _number_ok(item, limits.POS_AMOUNT_MAX, low=1):
+                return None
+            out["discount"] = int(item)
+    if len(basket) > limits.POS_BASKET_LINES_MAX:
+        return None
+    if basket:
+        out["basket"] = tuple(basket)
+    return out
+
+
+def _number_ok(text: str, high: int, *, low: int = 0) -> bool:
+    return (
+        0 < len(text) <= len(str(high))
+        and text.isascii()
+        and text.isdigit()
+        and low <= int(text) <= high
+    )
+
+
+def _amount_ok(text: str) -> bool:
+    return _number_ok(text, limits.POS_AMOUNT_MAX)
+
+
+def _reply_tlv(result: PosResult) -> str:
+    """F48 of a reply: what the host answered beyond the amount and the balance."""
+    items: list[tuple[str, str]] = []
+    if result.discount_bp is not None:
+        items.append((codec.TLV_DISCOUNT_BP, str(result.discount_bp)))
+    numbers = (
+        (codec.TLV_POINTS, result.points),
+        (codec.TLV_POINTS_BALANCE, result.points_balance),
+        (codec.TLV_DISCOUNT, result.discount),
+        (codec.TLV_FORFEITED, result.forfeited),
+        (codec.TLV_USES_LEFT, result.uses_left),
+    )
+    items += [(tag, str(value)) for tag, value in numbers if value is not None]
+    for tag, text in ((codec.TLV_CAMPAIGN, result.campaign), (codec.TLV_REFUSAL, result.refusal)):
+        if text and _SHORT_TEXT.fullmatch(text):
+            items.append((tag, text))
+    return codec.tlv_encode(items) if items else ""
 
 
 def _totals(value: str) -> tuple[int, int, int, int] | None:

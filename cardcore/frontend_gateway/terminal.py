@@ -55,13 +55,48 @@ class Reply:
         return None if value is None else int(value)
 
     @property
-    def discount_bp(self) -> int | None:
-        """The card class's discount in basis points (F48 TLV `DB` of an inquiry reply)."""
+    def tlv(self) -> dict[str, str]:
+        """The F48 TLV items of a 0210 / 0230 (empty when there are none)."""
         value = self.fields.get("48")
         if value is None or self.fields.get("t") not in ("0210", "0230"):
-            return None
-        found = dict(codec.tlv_decode(value)).get(codec.TLV_DISCOUNT_BP)
+            return {}
+        return dict(codec.tlv_decode(value))
+
+    def _tlv_int(self, tag: str) -> int | None:
+        found = self.tlv.get(tag)
         return None if found is None else int(found)
+
+    @property
+    def discount_bp(self) -> int | None:
+        """The card class's discount in basis points (F48 TLV `DB` of an inquiry reply)."""
+        return self._tlv_int(codec.TLV_DISCOUNT_BP)
+
+    @property
+    def points(self) -> int | None:
+        """Points earned or spent by the request (F48 TLV `PT`)."""
+        return self._tlv_int(codec.TLV_POINTS)
+
+    @property
+    def points_balance(self) -> int | None:
+        return self._tlv_int(codec.TLV_POINTS_BALANCE)
+
+    @property
+    def discount(self) -> int | None:
+        """A coupon's or a manager's discount, in fen (F48 TLV `CD`)."""
+        return self._tlv_int(codec.TLV_DISCOUNT)
+
+    @property
+    def forfeited(self) -> int | None:
+        return self._tlv_int(codec.TLV_FORFEITED)
+
+    @property
+    def uses_left(self) -> int | None:
+        return self._tlv_int(codec.TLV_USES_LEFT)
+
+    @property
+    def refusal(self) -> str:
+        """The rule that refused the request (F48 TLV `RF`), or ""."""
+        return self.tlv.get(codec.TLV_REFUSAL, "")
 
     def _amount(self, amount_type: str) -> int | None:
         value = self.fields.get("54")
@@ -307,12 +342,68 @@ class PosTerminal:
             self.lines.append(_Line(fields["11"], "topup_confirm", amount))
         return reply
 
-    async def private(self, pcode: str, pan: str, amount: int) -> Reply:
-        """Points and coupon messages (private processing codes 90..94)."""
+    async def private(
+        self,
+        pcode: str,
+        pan: str | None,
+        amount: int | None,
+        tlv: list[tuple[str, str]] | None = None,
+        *,
+        pin: str | None = None,
+        original_stan: str | None = None,
+    ) -> Reply:
+        """A message with a private processing code (90..97: points, coupons, service and
+        manager cards); its data in F48 TLV (docs/card-protocol.md sections 5.11 and 6)."""
         fields = self._base("0200", pcode, "90")
-        self._card(fields, pan, None)
-        fields |= {"4": f"{amount:012d}", "25": "00", "49": "156"}
+        if pan is not None:
+            self._card(fields, pan, pin)
+        if amount is not None:
+            fields["4"] = f"{amount:012d}"
+        fields |= {"25": "00", "49": "156"}
+        if tlv:
+            fields["48"] = codec.tlv_encode(tlv)
+        if original_stan is not None:
+            fields["61"] = codec.format_f61(codec.Field61(self.batch, original_stan, ""))
         return await self.financial(_ordered(fields))
+
+    async def points_earn(
+        self, pan: str, amount: int, basket: list[tuple[str, int]] | None = None
+    ) -> Reply:
+        """Points on a purchase paid some other way (cash, a bank card)."""
+        return await self.private("900000", pan, amount, _basket(basket))
+
+    async def points_redeem(self, pan: str, points: int, pin: str | None = None) -> Reply:
+        """Points as payment: the reply's F4 is the money they paid."""
+        return await self.private("910000", pan, None, [(codec.TLV_POINTS, str(points))], pin=pin)
+
+    async def coupon(
+        self,
+        pcode: str,
+        code: str,
+        bill: int,
+        pan: str | None = None,
+        basket: list[tuple[str, int]] | None = None,
+    ) -> Reply:
+        """Coupon query (920000), reserve (950000) or redeem (930000) against a bill."""
+        return await self.private(pcode, pan, bill, [(codec.TLV_COUPON, code), *_basket(basket)])
+
+    async def coupon_reverse(self, original_stan: str, code: str | None = None) -> Reply:
+        """Release a reservation or undo a redemption of this batch (940000)."""
+        tlv = [(codec.TLV_COUPON, code)] if code else None
+        return await self.private("940000", None, None, tlv, original_stan=original_stan)
+
+    async def service_redeem(self, pan: str, uses: int = 1, product: str = "") -> Reply:
+        tlv = [(codec.TLV_USES, str(uses))]
+        if product:
+            tlv.append((codec.TLV_PRODUCT, product))
+        return await self.private("960000", pan, None, tlv)
+
+    async def manager_auth(
+        self, pan: str, pin: str, bill: int, discount: int, reason: str
+    ) -> Reply:
+        """The manager's card and PIN authorize `discount` fen off a `bill` for `reason`."""
+        tlv = [(codec.TLV_MANAGER_DISCOUNT, str(discount)), (codec.TLV_REASON, reason)]
+        return await self.private("970000", pan, bill, tlv, pin=pin)
 
     def totals(self) -> codec.Totals:
         live = [x for x in self.lines if not x.voided]
@@ -355,6 +446,10 @@ class PosTerminal:
     def close_batch(self) -> None:
         self.batch = codec.next_batch(self.batch)
         self.lines.clear()
+
+
+def _basket(lines: list[tuple[str, int]] | None) -> list[tuple[str, str]]:
+    return [(codec.TLV_BASKET_LINE, f"{department}={fen}") for department, fen in lines or ()]
 
 
 def _ordered(fields: dict[str, str]) -> dict[str, str]:
@@ -411,6 +506,20 @@ def describe(reply: Reply) -> str:
     discount = reply.discount_bp
     if discount is not None:
         parts.append(f"member discount {money(discount)} %")
+    tlv = reply.tlv
+    for tag, label in (
+        (codec.TLV_POINTS, "points"),
+        (codec.TLV_POINTS_BALANCE, "points balance"),
+        (codec.TLV_USES_LEFT, "uses left"),
+    ):
+        if tag in tlv:
+            parts.append(f"{label} {tlv[tag]}")
+    for tag, label in ((codec.TLV_DISCOUNT, "discount"), (codec.TLV_FORFEITED, "forfeited")):
+        if tag in tlv:
+            parts.append(f"{label} {money(int(tlv[tag]))}")
+    for tag, label in ((codec.TLV_CAMPAIGN, "campaign"), (codec.TLV_REFUSAL, "refused by")):
+        if tag in tlv:
+            parts.append(f"{label} {tlv[tag]}")
     if "37" in f:
         parts.append(f"rrn {f['37']}")
     if "60" in f:

@@ -61,6 +61,8 @@ MID = "898310048990001"
 AES_TID = "POS00001"
 TDES_TID = "POS00002"
 DISCOUNT_BP = 500  # the card class's discount in the examples: 5 % off
+COUPON = "7KQ2-M9XR-4TPW-8HNB"  # a coupon code as printed (Crockford base32 + check symbol)
+MANAGER_CARD = "6288880000000021"  # a manager's special-discount authorization card
 AES_BATCH = "000042"  # the batch the host hands each terminal at sign-on
 TDES_BATCH = "000007"
 DAY = (2025, 3, 15)
@@ -279,8 +281,8 @@ async def build_examples(saf_dir: Path, aes_pin_block: bytes | None = None) -> B
         rec.name(pos, "offline-advice")
 
         clock.at("093210")
-        answer(PosResult(Outcome.FUNCTION_NOT_SUPPORTED))
-        await pos.private("900000", CARD, 2_350)
+        answer(PosResult(APPROVED, rrn="000000001011", points=23, points_balance=523))
+        await pos.points_earn(CARD, 2_350, [("FOOD", 1_350), ("TOYS", 1_000)])
         rec.name(pos, "points-earn")
 
         clock.at("093220")
@@ -347,9 +349,66 @@ async def build_examples(saf_dir: Path, aes_pin_block: bytes | None = None) -> B
         answer(PosResult(Outcome.CARD_LOST))
         await legacy.purchase(CARD, 1_000, PIN)
         rec.name(legacy, "lost-card")
+
+        await _issue_5_examples(legacy, clock, answer, rec)
     await saf.close()
     assert not host.answers, "every queued host answer is used"
     return Built(examples, host.seen, gateway)
+
+
+async def _issue_5_examples(
+    legacy: LoopbackTerminal,
+    clock: Clock,
+    answer: Callable[[PosResult | Exception], None],
+    rec: _Recorder,
+) -> None:
+    """Points redemption, the coupon messages, service and manager cards (section 5.11)."""
+    clock.at("100050")
+    answer(PosResult(APPROVED, amount=500, rrn="000000001012", auth_code="001012", points=500,
+                     points_balance=23))  # fmt: skip
+    await legacy.points_redeem(CARD, 500, PIN)
+    rec.name(legacy, "points-redeem")
+
+    bill, basket = 12_000, [("FOOD", 12_000)]
+    clock.at("100100")
+    answer(PosResult(APPROVED, discount=2_000, forfeited=0, campaign="SPRING25"))
+    await legacy.coupon("920000", COUPON, bill, CARD, basket)
+    rec.name(legacy, "coupon-query")
+
+    clock.at("100110")
+    answer(PosResult(APPROVED, discount=2_000, forfeited=0, campaign="SPRING25"))
+    await legacy.coupon("950000", COUPON, bill, CARD, basket)
+    rec.name(legacy, "coupon-reserve")
+
+    clock.at("100120")
+    answer(PosResult(APPROVED, discount=2_000, forfeited=0, campaign="SPRING25"))
+    redeemed = await legacy.coupon("930000", COUPON, bill, CARD, basket)
+    rec.name(legacy, "coupon-redeem")
+
+    clock.at("100130")
+    answer(PosResult(Outcome.COUPON_USED, refusal="coupon_used"))
+    await legacy.coupon("930000", COUPON, bill)
+    rec.name(legacy, "coupon-used")
+
+    clock.at("100140")
+    answer(PosResult(APPROVED))
+    await legacy.coupon_reverse(redeemed.fields["11"], COUPON)
+    rec.name(legacy, "coupon-reverse")
+
+    clock.at("100150")
+    answer(PosResult(APPROVED, uses_left=9))
+    await legacy.service_redeem(CARD, 1, "WASH10")
+    rec.name(legacy, "service-redeem")
+
+    clock.at("100200")
+    answer(PosResult(APPROVED, discount=1_500))
+    await legacy.manager_auth(MANAGER_CARD, PIN, 30_000, 1_500, "price_match")
+    rec.name(legacy, "manager-auth")
+
+    clock.at("100210")
+    answer(PosResult(Outcome.OVER_LIMIT, refusal="manager_over_percent"))
+    await legacy.manager_auth(MANAGER_CARD, PIN, 30_000, 9_000, "price_match")
+    rec.name(legacy, "manager-over-limit")
 
 
 # --- the field-by-field breakdown --------------------------------------------------------------
@@ -509,11 +568,37 @@ def _describe_48(value: str, mti: str, f: dict[str, str]) -> str:
         return f"{len(value) // 18} lines of STAN n6 + amount n12"
     if mti == "0330":
         return "STANs the host does not match"
-    if mti in ("0210", "0230"):
-        items = dict(codec.tlv_decode(value))
-        bp = int(items[codec.TLV_DISCOUNT_BP])
-        return f"TLV {codec.TLV_DISCOUNT_BP}: class discount {bp} bp = {terminal.money(bp)} % off"
+    if mti in ("0200", "0210", "0230"):
+        return "TLV " + "; ".join(_tlv_item(tag, item) for tag, item in codec.tlv_decode(value))
     return ""
+
+
+_TLV_TEXT = {
+    codec.TLV_BASKET_LINE: "basket line",
+    codec.TLV_COUPON: "coupon",
+    codec.TLV_PRODUCT: "service product",
+    codec.TLV_USES: "uses",
+    codec.TLV_REASON: "reason",
+    codec.TLV_POINTS_BALANCE: "points balance",
+    codec.TLV_CAMPAIGN: "campaign",
+    codec.TLV_USES_LEFT: "uses left",
+    codec.TLV_REFUSAL: "refused by",
+}
+_TLV_MONEY = {
+    codec.TLV_MANAGER_DISCOUNT: "discount asked",
+    codec.TLV_DISCOUNT: "discount",
+    codec.TLV_FORFEITED: "forfeited",
+}
+
+
+def _tlv_item(tag: str, item: str) -> str:
+    if tag == codec.TLV_DISCOUNT_BP:
+        return f"{tag} class discount {item} bp = {terminal.money(int(item))} % off"
+    if tag == codec.TLV_POINTS:
+        return f"{tag} points {item}"
+    if tag in _TLV_MONEY:
+        return f"{tag} {_TLV_MONEY[tag]} {terminal.money(int(item))} CNY"
+    return f"{tag} {_TLV_TEXT[tag]} {item}"
 
 
 def _field_parts(
@@ -712,6 +797,15 @@ def test_host_requests_behind_the_examples(built: Built) -> None:
         Kind.INQUIRY,
         Kind.PURCHASE,
         Kind.PURCHASE,
+        Kind.POINTS_REDEEM,
+        Kind.COUPON_QUERY,
+        Kind.COUPON_RESERVE,
+        Kind.COUPON_REDEEM,
+        Kind.COUPON_REDEEM,
+        Kind.COUPON_REVERSE,
+        Kind.SERVICE_REDEEM,
+        Kind.MANAGER_AUTH,
+        Kind.MANAGER_AUTH,
     ]  # the MAC error, the sign-off and the purchase after it never reach the host
     reversal = seen[5]
     assert (reversal.batch, reversal.stan) == (AES_BATCH, "000006")  # the lost purchase
@@ -733,7 +827,21 @@ def test_host_requests_behind_the_examples(built: Built) -> None:
         assert security.read_zone_pin_block(bytes.fromhex(purchase.pin_block), CARD, zpk) == PIN
         assert security.zone_pin_reader(KEK)(CARD, purchase.pin_block) == PIN  # the host's
     # Only the split tender said (F60.6) that the terminal takes a partial approval.
-    assert [r.partial for r in seen] == [False] * 17 + [True, False]
+    assert [r.partial for r in seen] == [False] * 17 + [True] + [False] * 10
+    # Section 5.11: what F48 carried to the host.
+    earn = seen[10]
+    assert (earn.amount, earn.basket) == (2_350, (("FOOD", 1_350), ("TOYS", 1_000)))
+    redeem, query, reserve, coupon, used, reverse, service, manager = seen[19:27]
+    assert (redeem.points, redeem.amount) == (500, 0)
+    assert security.zone_pin_reader(KEK)(CARD, redeem.pin_block) == PIN
+    for r in (query, reserve, coupon):
+        assert (r.coupon, r.amount, r.card, r.basket) == (COUPON, 12_000, CARD, (("FOOD", 12_000),))
+    assert (used.coupon, used.card, used.basket) == (COUPON, "", ())
+    assert (reverse.original_batch, reverse.original_stan) == (TDES_BATCH, coupon.stan)
+    assert (service.uses, service.product, service.card) == (1, "WASH10", CARD)
+    assert (manager.card, manager.amount, manager.discount, manager.reason) == (
+        MANAGER_CARD, 30_000, 1_500, "price_match")  # fmt: skip
+    assert security.zone_pin_reader(KEK)(MANAGER_CARD, manager.pin_block) == PIN
 
 
 # --- behaviour the doc promises, beyond the examples ------------------------------------------
@@ -760,6 +868,95 @@ async def test_gateway_answers_96_and_reverses_itself_when_the_host_is_silent(
     assert "64" in reply.fields  # MAC'd like any reply to a signed-on financial request
     owed = list(gateway.saf.pending.values())
     assert [(r.kind, r.batch, r.stan) for r in owed] == [(Kind.REVERSE, AES_BATCH, "000002")]
+    await gateway.saf.close()
+
+
+@pytest.mark.parametrize(
+    ("pcode", "kind"),
+    [("900000", Kind.POINTS_EARN), ("930000", Kind.COUPON_REDEEM),
+     ("950000", Kind.COUPON_RESERVE), ("970000", Kind.MANAGER_AUTH)],
+)  # fmt: skip
+async def test_a_silent_host_gets_private_requests_that_change_something_reversed(
+    tmp_path: Path, pcode: str, kind: Kind
+) -> None:
+    pos, host, gateway = await _signed_on(tmp_path)
+    host.answers.append(HostUnavailable("no answer in time"))
+    tlv = [(codec.TLV_COUPON, COUPON), (codec.TLV_MANAGER_DISCOUNT, "100")]
+    reply = await pos.private(pcode, CARD, 1_000, tlv)
+    assert (reply.code, host.seen[-1].kind) == ("96", kind)
+    owed = list(gateway.saf.pending.values())
+    assert [(r.kind, r.batch, r.stan) for r in owed] == [(Kind.REVERSE, AES_BATCH, "000002")]
+    await gateway.saf.close()
+
+
+async def test_a_silent_host_leaves_a_coupon_query_and_a_coupon_reverse_alone(
+    tmp_path: Path,
+) -> None:
+    pos, host, gateway = await _signed_on(tmp_path)
+    host.answers += [HostUnavailable("no answer"), HostUnavailable("no answer")]
+    assert (await pos.coupon("920000", COUPON, 1_000)).code == "96"
+    assert (await pos.coupon_reverse("000002", COUPON)).code == "96"
+    assert not gateway.saf.pending
+    await gateway.saf.close()
+
+
+@pytest.mark.parametrize(
+    ("pcode", "f48"),
+    [
+        ("910000", None),  # points redeem without PT
+        ("910000", "PT0010"),  # zero points
+        ("910000", "PT003500PT003500"),  # a tag twice
+        ("920000", "BL009FOOD=1200"),  # a query without its coupon
+        ("920000", "CP004ABCDBL005FOOD="),  # a basket line without its amount
+        ("920000", "CP004ABCDBL010FOOD=12.00"),  # an amount that is not fen digits
+        ("920000", "CP004ABCDBL012bad line=100"),  # a department with a space
+        ("930000", "CP004ABC"),  # TLV running past the end
+        ("960000", "SU0050"),  # zero uses
+        ("970000", "MR011price_match"),  # a manager authorization without its discount
+        ("970000", "MD0041500MR011Price_Match"),  # a reason in capitals
+    ],
+)
+async def test_malformed_private_data_is_answered_30_and_never_reaches_the_host(
+    tmp_path: Path, pcode: str, f48: str | None
+) -> None:
+    pos, host, gateway = await _signed_on(tmp_path)
+    fields = pos._base("0200", pcode, "90")
+    pos._card(fields, CARD, None)
+    fields |= {"4": "000000001000", "25": "00", "49": "156"}
+    if f48 is not None:
+        fields["48"] = f48
+    reply = await pos.financial(terminal._ordered(fields))
+    assert reply.code == "30"
+    assert [r.kind for r in host.seen] == [Kind.SIGN_ON]
+    await gateway.saf.close()
+
+
+async def test_too_many_basket_lines_are_answered_30(tmp_path: Path) -> None:
+    pos, host, gateway = await _signed_on(tmp_path)
+    lines = [("D", 1)] * (limits.POS_BASKET_LINES_MAX + 1)
+    assert (await pos.points_earn(CARD, 1_000, lines)).code == "30"
+    host.answers.append(PosResult(APPROVED, points=1))
+    assert (await pos.points_earn(CARD, 1_000, lines[:-1])).code == "00"
+    assert len(host.seen[-1].basket) == limits.POS_BASKET_LINES_MAX
+    await gateway.saf.close()
+
+
+async def test_unknown_request_tags_are_skipped_and_reply_tags_round_trip(
+    tmp_path: Path,
+) -> None:
+    pos, host, gateway = await _signed_on(tmp_path)
+    host.answers.append(
+        PosResult(APPROVED, points=-5, points_balance=-5, discount=100, forfeited=0,
+                  uses_left=0, refusal="", campaign="C-1")
+    )  # fmt: skip
+    reply = await pos.private("900000", CARD, 1_000, [("ZZ", "ignored"), ("BL", "D=1000")])
+    assert reply.code == "00"
+    assert host.seen[-1].basket == (("D", 1_000),)
+    assert (reply.points, reply.points_balance, reply.discount, reply.forfeited) == (-5, -5, 100, 0)
+    assert (reply.uses_left, reply.tlv.get("CC"), reply.refusal) == (0, "C-1", "")
+    host.answers.append(PosResult(Outcome.NOT_PERMITTED, refusal="coupon_wrong_store"))
+    refused = await pos.coupon("920000", COUPON, 1_000)
+    assert (refused.code, refused.refusal) == ("57", "coupon_wrong_store")
     await gateway.saf.close()
 
 
