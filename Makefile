@@ -23,9 +23,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-## make test: lint, then every test on SQLite and PostgreSQL (CARDCORE_TEST_PG_URL)
+## make test: lint, then every test on SQLite and PostgreSQL (CARDCORE_TEST_PG_URL): the
+## suite in TEST_WORKERS processes, then the fault tests (timing under load) on their own
+TEST_WORKERS ?= 4
 test: lint
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) -m "not fault"
+	$(BIN)/pytest -q -p no:cacheprovider -m fault
 
 ## make unit: the pure unit tests only (fast)
 unit: $(STAMP)

@@ -4,6 +4,7 @@ console principal (an HQ admin of the group; every change is audited under user 
     cardcore admin token [--name root] [--ttl-days N]     the first HQ admin's token, once
     cardcore admin issue-cards --class C --store S --count N [--out FILE.csv] [--full-numbers]
     cardcore admin demo                                    idempotent demo organization
+    cardcore coupons generate --campaign C --count N [--out FILE.csv]   codes in bulk
 
 `issue-cards` runs the ledger writer here: on PostgreSQL it refuses while a server owns the
 database (use POST /v1/card-batches then). Its CSV holds masked numbers unless
@@ -17,7 +18,7 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +30,8 @@ from cardcore.cards.directory import Directory
 from cardcore.cards.pins import Pins
 from cardcore.cards.service import CardService, CardsUnavailable
 from cardcore.config import Config, load_kek
+from cardcore.coupons.model import display
+from cardcore.coupons.service import CouponService
 from cardcore.db import make_engine
 from cardcore.ledger.service import Ledger
 from cardcore.ledger.store import WriterLockError
@@ -176,6 +179,64 @@ def _write_csv(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as handle:
         handle.write(text)
+
+
+# --- coupons generate --------------------------------------------------------------------------
+
+
+async def run_coupons(config: Config, args: Any) -> int:
+    """`cardcore coupons generate --campaign C --count N [--out FILE.csv]`."""
+    await migrate.check_current(config.db_url)
+    try:
+        answer = await generate_coupons(
+            config, campaign=args.campaign, count=args.count, out=args.out,
+            progress_to=sys.stderr,
+        )  # fmt: skip
+    except Refused as exc:
+        where = f" ({exc.field})" if exc.field else ""
+        raise AdminCommandError(f"{exc.code}{where}: {exc.message}") from None
+    sys.stdout.write(json.dumps(answer) + "\n")
+    return 0
+
+
+async def generate_coupons(
+    config: Config, *, campaign: str, count: int, out: str | None, progress_to: TextIO
+) -> dict[str, Any]:
+    """`count` fresh codes of `campaign` as the console (audited), written chunk by chunk
+    (limits.COUPON_INSERT_CHUNK_MAX a transaction), a progress bar on `progress_to`, and the
+    codes streamed to the CSV `out` (code,display; mode 0600: a code is a bearer value).
+    Needs no ledger writer: it runs beside a server."""
+    if not 1 <= count <= limits.COUPON_GENERATE_CLI_MAX:
+        raise AdminCommandError(f"--count is 1..{limits.COUPON_GENERATE_CLI_MAX}")
+    # Generating seals nothing: without the KEK a throwaway key stands in for the vault.
+    vault = Vault(load_kek(config) or secrets.token_bytes(32))
+    engine = make_engine(config.db_url, pool_size=2)
+    handle: TextIO | None = None
+    try:
+        if out is not None:
+            path = Path(out)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            handle = os.fdopen(fd, "w", encoding="ascii")
+            handle.write("code,display\n")
+        sink = None if handle is None else _csv_sink(handle)
+        records = Records(engine)
+        service = CouponService(records, OrgService(records), vault)
+        done = await service.generate(
+            CONSOLE, campaign, count, sink=sink, progress=ProgressBar(progress_to)
+        )
+    finally:
+        if handle is not None:
+            handle.close()
+        await engine.dispose()
+    return {**done, **({} if out is None else {"out": out})}
+
+
+def _csv_sink(handle: TextIO) -> Callable[[list[str]], None]:
+    def write(codes: list[str]) -> None:
+        handle.writelines(f"{code},{display(code)}\n" for code in codes)
+
+    return write
 
 
 # --- demo ------------------------------------------------------------------------------------

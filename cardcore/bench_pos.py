@@ -25,6 +25,15 @@ past that it is answered 91, which counts as an error here, so use enough termin
 `tx_per_s` counts approved purchases; `p50_ms`/`p99_ms` are purchase round trips seen by the
 terminals; `errors` counts anything but an approval; `gateway_rss_mb` is the resident memory
 of the process that holds the terminal connections, read at the end.
+
+`--mix realistic` (issue 5) makes the card class part of a points program (1 point per yuan,
+100 points = 1.00 CNY), an active coupon campaign (1.00 CNY off) with enough codes, and has
+each card earn 10,000 points first (a 900000 message, not timed). Then each terminal draws
+its next transaction: 70 % a purchase of 1.00-100.00 that earns points in the same
+transaction, 20 % a coupon redeem (930000) and the purchase of the bill less the discount
+(two messages, timed as one transaction), 10 % a points redemption of 100 points (910000).
+`tx_per_s` counts approved transactions of every kind, `messages_per_s` the messages;
+`by_kind` has each kind's count, p50 and p99.
 """
 
 from __future__ import annotations
@@ -52,6 +61,16 @@ from cardcore.records import Records
 
 CARD_BALANCE = 10**11  # fen: enough for any run
 ECHO_INTERVAL_S = 60
+MIXES = ("plain", "realistic")
+# --mix realistic: the shares of purchase / coupon purchase / points redemption, in percent
+MIX_PURCHASE_PCT, MIX_COUPON_PCT = 70, 20
+MIX_REDEEM_POINTS = 100  # one redemption block...
+MIX_REDEEM_FEN = 100  # ...worth 1.00 CNY
+MIX_START_POINTS_FEN = 1_000_000  # a first earning of 10,000 points per card, before timing
+MIX_COUPON_FEN = 100
+# A terminal sends at most GATEWAY_TERMINAL_RATE_PER_S messages a second: the coupons a run
+# can use, with a margin (a coupon purchase is two messages).
+MIX_COUPON_MARGIN_PCT = 130
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +84,7 @@ class PosBenchOptions:
     token: str = ""
     admin_token: str = ""  # staff token of the ledger at --ledger (minted here otherwise)
     rate: int = 0  # offered purchases per second in all; 0 = back to back
+    mix: str = "plain"  # "realistic": points and coupons too
 
 
 @dataclass(slots=True)
@@ -87,6 +107,8 @@ def check(options: PosBenchOptions) -> None:
         raise BenchError("--ledger and --separate exclude each other")
     if options.ledger and not options.admin_token:
         raise BenchError("--ledger needs --admin-token (an HQ admin token of that ledger)")
+    if options.mix not in MIXES:
+        raise BenchError(f"--mix must be one of {', '.join(MIXES)}")
     if options.terminals > 9999:
         raise BenchError("--terminals is at most 9999 (one member mobile number each)")
 
@@ -158,6 +180,7 @@ def _gateway(env: dict[str, str], ledger_url: str, token: str) -> Iterator[_Gate
 # between SA and SB (entity B), so half the purchases cross legal entities.
 BENCH_CLASS = "BENCHVIP"
 BENCH_DISCOUNT_BP = 500
+BENCH_PROGRAM = "BENCHPTS"
 STORES = (("LE-BENCH-A", "SA"), ("LE-BENCH-B", "SB"))
 
 
@@ -175,9 +198,10 @@ async def _post(
 
 async def _setup(
     ledger_url: str, options: PosBenchOptions
-) -> tuple[list[tuple[str, bytes]], list[str]]:
+) -> tuple[list[tuple[str, bytes]], list[str], dict[str, list[str]]]:
     """The organization, a discount card class, terminals, members, their named cards and
-    their top-ups, all through the admin API (/v1), as a store would make them."""
+    their top-ups, all through the admin API (/v1), as a store would make them; with the
+    realistic mix a points program and coupons too (the codes are the third part)."""
     headers = {"Authorization": f"Bearer {options.admin_token}"}
     timeout = aiohttp.ClientTimeout(total=600)
     run_id = random.randrange(10**4)
@@ -212,6 +236,9 @@ async def _setup(
             },
             exists_ok=True,
         )
+        coupons: dict[str, list[str]] = {}
+        if options.mix == "realistic":
+            coupons = await _loyalty(session, v1, run_id, _coupons_needed(options))
         await _post(
             session,
             f"{v1}/grants",
@@ -264,7 +291,62 @@ async def _setup(
 
         terminals = await asyncio.gather(*(register(i) for i in range(total)))
         cards = await asyncio.gather(*(card(i) for i in range(options.terminals)))
-    return list(terminals), list(cards)
+    return list(terminals), list(cards), coupons
+
+
+def _coupons_needed(options: PosBenchOptions) -> int:
+    per_s = options.rate or options.terminals * limits.GATEWAY_TERMINAL_RATE_PER_S
+    return max(1, per_s * options.seconds * MIX_COUPON_PCT * MIX_COUPON_MARGIN_PCT // 10_000)
+
+
+async def _loyalty(
+    session: aiohttp.ClientSession, v1: str, run_id: int, coupons: int
+) -> dict[str, list[str]]:
+    """A points program for the bench class (1 point a yuan, 100 points = 1.00 CNY) and, per
+    legal entity, an active coupon campaign (1.00 CNY off) with fresh codes: about `coupons`
+    in all, by store."""
+    await _post(
+        session,
+        f"{v1}/points/programs",
+        {"code": BENCH_PROGRAM, "name": "Bench points", "asset": "PTS:BENCH",
+         "redeem_points": MIX_REDEEM_POINTS, "redeem_fen": MIX_REDEEM_FEN},
+        exists_ok=True,
+    )  # fmt: skip
+    await _post(
+        session,
+        f"{v1}/points/programs/{BENCH_PROGRAM}/rules",
+        {"code": "BASE", "kind": "base", "points": 1, "per_fen": 100},
+        exists_ok=True,
+    )
+    async with session.patch(
+        f"{v1}/card-classes/{BENCH_CLASS}", json={"points_program": BENCH_PROGRAM}
+    ) as response:
+        if response.status >= 300:
+            raise BenchError(f"card class: HTTP {response.status}: {await response.text()}")
+    now_ms = int(time.time() * 1000)
+    codes: dict[str, list[str]] = {}
+    for i, (entity, store) in enumerate(STORES):  # a coupon is valid in its entity's stores
+        campaign = f"BENCH{run_id:04d}{i}"
+        await _post(
+            session,
+            f"{v1}/coupon-campaigns",
+            {"code": campaign, "name": "Bench 1 off", "kind": "amount_off",
+             "legal_entity": entity, "value_fen": MIX_COUPON_FEN,
+             "valid_from_ms": now_ms - 3_600_000, "valid_to_ms": now_ms + 86_400_000},
+        )  # fmt: skip
+        async with session.patch(
+            f"{v1}/coupon-campaigns/{campaign}", json={"state": "active"}
+        ) as response:
+            if response.status >= 300:
+                raise BenchError(f"campaign: HTTP {response.status}: {await response.text()}")
+        made_codes = codes.setdefault(store, [])
+        while len(made_codes) < coupons // len(STORES) + 1:
+            count = min(
+                limits.COUPON_GENERATE_ROUTE_MAX, coupons // len(STORES) + 1 - len(made_codes)
+            )
+            path = f"{v1}/coupon-campaigns/{campaign}/codes"
+            made_codes += [str(c) for c in (await _post(session, path, {"count": count}))["codes"]]
+    return codes
 
 
 async def _bootstrap_token(db: str) -> str:
@@ -278,7 +360,7 @@ async def _bootstrap_token(db: str) -> str:
 
 
 async def _drive(ledger_url: str, gateway: _Gateway, options: PosBenchOptions) -> dict[str, Any]:
-    terminals, cards = await _setup(ledger_url, options)
+    terminals, cards, coupons = await _setup(ledger_url, options)
     tally = _Tally()
     stop = asyncio.Event()
     idle = [
@@ -298,18 +380,41 @@ async def _drive(ledger_url: str, gateway: _Gateway, options: PosBenchOptions) -
                 raise BenchError(f"terminal {t.tid} sign-on answered {reply.code}")
 
     await asyncio.gather(*(sign_on(t) for t in idle + busy))
+    mix = _Mix(coupons) if options.mix == "realistic" else None
+    if mix is not None:
+        await asyncio.gather(*(_first_points(t, card) for t, card in zip(busy, cards, strict=True)))
     idle_tasks = [asyncio.create_task(_idle(t, stop)) for t in idle]
     started = time.perf_counter()
     deadline = started + options.seconds
     interval = options.terminals / options.rate if options.rate else 0.0
-    await asyncio.gather(
-        *(_buy(t, card, deadline, tally, interval) for t, card in zip(busy, cards, strict=True))
-    )
+    if mix is None:
+        await asyncio.gather(
+            *(_buy(t, card, deadline, tally, interval) for t, card in zip(busy, cards, strict=True))
+        )
+    else:
+        await asyncio.gather(
+            *(
+                _shop(
+                    t, card, store=STORES[i % 2][1], deadline=deadline, mix=mix, interval=interval
+                )
+                for i, (t, card) in enumerate(zip(busy, cards, strict=True))
+            )
+        )
     elapsed = time.perf_counter() - started
     rss_mb = _rss_mb(gateway.pid)
     stop.set()
     await asyncio.gather(*idle_tasks, return_exceptions=True)
     await asyncio.gather(*(t.close() for t in idle + busy), return_exceptions=True)
+    if mix is not None:
+        return {
+            "seconds": round(elapsed, 2),
+            "mix": options.mix,
+            "offered_per_s": options.rate or None,
+            "terminals": options.terminals,
+            "connections": len(idle) + len(busy),
+            **mix.figures(elapsed),
+            "gateway_rss_mb": rss_mb,
+        }
     latencies = sorted(tally.latencies_ms)
     return {
         "seconds": round(elapsed, 2),
@@ -350,6 +455,101 @@ async def _buy(t: PosTerminal, card: str, deadline: float, tally: _Tally, interv
         else:
             tally.errors += 1
         t.lines.clear()  # the benchmark never settles: keep the terminal's memory flat
+
+
+@dataclass(slots=True)
+class _Mix:
+    """The realistic mix's shared state: the coupon codes left, and a tally per kind."""
+
+    coupons: dict[str, list[str]]  # by store: the codes left
+    kinds: dict[str, _Tally] = field(default_factory=dict)
+    messages: int = 0
+    codes: dict[str, int] = field(default_factory=dict)  # declines by response code (rule)
+
+    def count(self, kind: str, ok: bool, ms: float | None, code: str = "") -> None:
+        tally = self.kinds.setdefault(kind, _Tally())
+        if ms is not None:
+            tally.latencies_ms.append(ms)
+        if ok:
+            tally.approved += 1
+            return
+        tally.errors += 1
+        self.codes[code or "none"] = self.codes.get(code or "none", 0) + 1
+
+    def figures(self, elapsed: float) -> dict[str, Any]:
+        every = sorted(x for t in self.kinds.values() for x in t.latencies_ms)
+        approved = sum(t.approved for t in self.kinds.values())
+        return {
+            "tx_per_s": round(approved / elapsed, 1),
+            "messages_per_s": round(self.messages / elapsed, 1),
+            "p50_ms": percentile(every, 50),
+            "p99_ms": percentile(every, 99),
+            "approved": approved,
+            "errors": sum(t.errors for t in self.kinds.values()),
+            "declines": dict(sorted(self.codes.items())),
+            "by_kind": {
+                kind: {
+                    "approved": t.approved,
+                    "errors": t.errors,
+                    "p50_ms": percentile(sorted(t.latencies_ms), 50),
+                    "p99_ms": percentile(sorted(t.latencies_ms), 99),
+                }
+                for kind, t in sorted(self.kinds.items())
+            },
+        }
+
+
+async def _first_points(t: PosTerminal, card: str) -> None:
+    """Points to redeem from the start: a purchase paid otherwise earns them (not timed)."""
+    reply = await t.points_earn(card, MIX_START_POINTS_FEN)
+    if reply.code != "00" or not reply.points:
+        raise BenchError(f"terminal {t.tid}: the first points earning answered {reply.code}")
+
+
+async def _shop(
+    t: PosTerminal, card: str, *, store: str, deadline: float, mix: _Mix, interval: float
+) -> None:
+    """The realistic mix on one terminal of `store` until the deadline (the module's doc)."""
+    coupons = mix.coupons[store]
+    rng = random.Random(t.tid)
+    next_at = time.perf_counter() + rng.random() * interval
+    while time.perf_counter() < deadline:
+        if interval:
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            next_at = max(next_at + interval, time.perf_counter())
+        draw, amount = rng.randrange(100), rng.randint(2 * MIX_COUPON_FEN, 10_000)
+        kind = "purchase" if draw < MIX_PURCHASE_PCT else "points_redeem"
+        if MIX_PURCHASE_PCT <= draw < MIX_PURCHASE_PCT + MIX_COUPON_PCT and coupons:
+            kind = "coupon_purchase"
+        sent = time.perf_counter()
+        try:
+            ok, code = await _one(t, card, kind, amount, mix=mix, coupons=coupons)
+        except (TerminalError, OSError):
+            mix.count(kind, False, None, "no reply")
+            with contextlib.suppress(TerminalError, OSError):
+                await t.sign_on()
+            continue
+        mix.count(kind, ok, (time.perf_counter() - sent) * 1000, code)
+        t.lines.clear()
+
+
+async def _one(
+    t: PosTerminal, card: str, kind: str, amount: int, *, mix: _Mix, coupons: list[str]
+) -> tuple[bool, str]:
+    """One transaction of the mix: (approved, the response code of a decline)."""
+    if kind == "points_redeem":
+        mix.messages += 1
+        reply = await t.points_redeem(card, MIX_REDEEM_POINTS)
+        return reply.code == "00" and reply.approved_amount == MIX_REDEEM_FEN, reply.code
+    if kind == "coupon_purchase":
+        mix.messages += 1
+        coupon = await t.coupon("930000", coupons.pop(), amount, card)
+        if coupon.code != "00" or coupon.discount is None:
+            return False, f"{coupon.code} {coupon.refusal}".strip()
+        amount -= coupon.discount
+    mix.messages += 1
+    reply = await t.purchase(card, amount)
+    return reply.code == "00" and reply.points is not None, reply.code
 
 
 async def _idle(t: PosTerminal, stop: asyncio.Event) -> None:

@@ -9,6 +9,7 @@
     cardcore terminal add    register a POS terminal with a running host (master key once)
     cardcore card issue      issue stored-value cards through a running host
     cardcore admin ...       bootstrap: first HQ admin token, card batches, demo organization
+    cardcore coupons generate  a campaign's codes in bulk, CSV for printing
     cardcore keys init       create the key-encrypting key file
     cardcore bench ledger    drive a ledger over HTTP and print one JSON line
     cardcore bench pos       drive simulated terminals through a gateway; one JSON line
@@ -196,6 +197,41 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
         "GIFT100, and each store's grants; what exists is left as it is.",
     )
 
+    coupons = commands.add_parser("coupons", help="e-coupons", description="E-coupons.")
+    coupons.add_argument("--db", dest="db_url", help="database URL (CARDCORE_DB_URL)")
+    coupon_commands = coupons.add_subparsers(
+        dest="coupons_command", required=True, parser_class=_Parser
+    )
+    cgen = coupon_commands.add_parser(
+        "generate",
+        help="generate a campaign's codes in bulk (CSV for printing)",
+        description="Generate up to 10,000,000 fresh codes of a campaign, inserted in chunks "
+        "with a progress bar on stderr; --out writes code,display as CSV (mode 0600).",
+    )
+    cgen.add_argument("--campaign", required=True, help="the campaign's code")
+    cgen.add_argument("--count", type=int, required=True)
+    cgen.add_argument("--out", help="CSV file: code,display")
+
+    points = commands.add_parser("points", help="the points engine", description="Points.")
+    points.add_argument("--db", dest="db_url", help="database URL (CARDCORE_DB_URL)")
+    points_commands = points.add_subparsers(
+        dest="points_command", required=True, parser_class=_Parser
+    )
+    pexpire = points_commands.add_parser(
+        "expire",
+        help="expire lots whose expiry passed; expiry notices and reminders into the outbox",
+        description="Expire every points lot whose expiry passed (each program's time zone) "
+        "and write points_expired notices and points_expiring reminders for lots expiring "
+        "within --remind-days days into the members' outbox. Safe to run twice; runs the "
+        "ledger writer here, so on PostgreSQL it refuses while a server owns the database.",
+    )
+    pexpire.add_argument(
+        "--remind-days",
+        type=int,
+        default=limits.POINTS_REMINDER_DAYS_DEFAULT,
+        help=f"days ahead of an expiry to remind (0..{limits.POINTS_REMINDER_DAYS_MAX})",
+    )
+
     keys = commands.add_parser("keys", help="keys", description="Keys.")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
     kinit = keys_commands.add_parser(
@@ -242,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     bp.add_argument("--token", default="", help="internal token of the ledger at --ledger")
     bp.add_argument("--admin-token", default="", help="HQ admin token of the ledger at --ledger")
     bp.add_argument("--rate", type=int, default=0, help="offered purchases/s in all (0: flat out)")
+    bp.add_argument(
+        "--mix",
+        choices=bench_pos.MIXES,
+        default="plain",
+        help="plain purchases, or realistic: 70%% purchases earning points, 20%% with a "
+        "coupon, 10%% points redemptions",
+    )
     return parser
 
 
@@ -309,8 +352,12 @@ def _dispatch(args: argparse.Namespace, config: config_module.Config) -> int:
         return 0
     if args.command == "admin":
         return asyncio.run(admin_commands.run(config, args))
+    if args.command == "coupons":
+        return asyncio.run(admin_commands.run_coupons(config, args))
     if args.command == "card":
         return asyncio.run(pos_commands.issue_cards(config, args))
+    if args.command == "points":
+        return asyncio.run(_points_expire(config, args.remind_days))
     if args.bench_command == "pos":
         options_pos = bench_pos.PosBenchOptions(
             terminals=args.terminals,
@@ -322,6 +369,7 @@ def _dispatch(args: argparse.Namespace, config: config_module.Config) -> int:
             token=args.token,
             admin_token=args.admin_token,
             rate=args.rate,
+            mix=args.mix,
         )
         print(json.dumps(bench_pos.run(options_pos)))
         return 0
@@ -358,4 +406,36 @@ async def _verify(db_url: str) -> int:
         "last_hash": verifier.prev_hash,
     }
     print(json.dumps(summary))
+    return 0
+
+
+async def _points_expire(config: config_module.Config, remind_days: int) -> int:
+    """`cardcore points expire`: one run of the expiry job, its totals as one JSON line."""
+    from cardcore.cards.accounts import Accounts  # noqa: PLC0415 - only this command
+    from cardcore.cards.directory import Directory  # noqa: PLC0415
+    from cardcore.ledger.service import Ledger  # noqa: PLC0415
+    from cardcore.ledger.store import WriterLockError  # noqa: PLC0415
+    from cardcore.metrics import Metrics  # noqa: PLC0415
+    from cardcore.org.service import OrgService  # noqa: PLC0415
+    from cardcore.points.service import PointsService  # noqa: PLC0415
+    from cardcore.records import Records  # noqa: PLC0415
+
+    if not 0 <= remind_days <= limits.POINTS_REMINDER_DAYS_MAX:
+        return _fail(f"--remind-days must be 0..{limits.POINTS_REMINDER_DAYS_MAX}", EXIT_USAGE)
+    await migrate.check_current(config.db_url)
+    ledger = Ledger.open(config.db_url, Metrics(), batch_wait_ms_max=config.batch_wait_ms_max)
+    try:
+        await ledger.start()
+    except WriterLockError:
+        await ledger.store.engine.dispose()
+        return _fail("a running cardcore server owns this database's ledger", EXIT_USAGE)
+    try:
+        records = Records(ledger.store.engine)
+        service = PointsService(
+            records, OrgService(records), ledger, Directory(ledger.store.engine), Accounts(ledger)
+        )
+        totals = await service.expire(service.clock_ms(), remind_days)
+    finally:
+        await ledger.close()
+    print(json.dumps(totals, sort_keys=True))
     return 0

@@ -186,5 +186,18 @@ POINTS_REMINDER_DAYS_MAX: Final = 366  # how far ahead an expiry reminder looks
 # --- issue 5 at the POS ---
 POS_BASKET_LINES_MAX: Final = 32  # (department, fen) lines one POS request carries (F48)
 
-# --- issue 5 at the POS ---
-POS_BASKET_LINES_MAX: Final = 32  # (department, fen) lines one POS request carries (F48)
+# --- e-coupons: service, admin API, POS ---
+COUPON_RESERVE_S: Final = 300  # a POS reservation holds a code this long, then it is free again
+COUPON_INSERT_CHUNK_MAX: Final = 10_000  # generated codes written per transaction
+COUPON_GENERATE_ROUTE_MAX: Final = 10_000  # codes one admin request generates (the CLI: more)
+COUPON_GENERATE_CLI_MAX: Final = 10_000_000  # codes one `cardcore coupons generate` makes
+COUPON_GENERATE_ATTEMPTS_MAX: Final = 5  # fresh draws of a chunk whose code clashed
+COUPON_IMPORT_CODES_MAX: Final = 1000  # partner codes one import request carries
+COUPON_ISSUE_MEMBERS_MAX: Final = 10_000  # members one issuance reaches (a list or a segment)
+COUPON_REWARD_CAMPAIGNS_MAX: Final = 100  # active campaigns one purchase is checked against
+COUPON_CLIENT_KEY_CHARS_MAX: Final = 64  # an issuance's client idempotency key
+
+# --- points engine: service, POS, expiry job ---
+POINTS_EXPIRY_PAGE_ROWS_MAX: Final = 1000  # lot accounts the expiry job reads per page
+POINTS_REMINDER_DAYS_DEFAULT: Final = 7  # `cardcore points expire`: reminders this far ahead
+POINTS_TIER_EARNINGS_READ_MAX: Final = 100_000  # earnings of one holder a tier period sums

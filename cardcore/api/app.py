@@ -18,21 +18,30 @@ from cardcore.cards import admin_http as cards_admin_http
 from cardcore.cards import http as cards_http
 from cardcore.cards import terminal_http
 from cardcore.cards.accounts import Accounts
+from cardcore.cards.model import Kind
 from cardcore.cards.pins import Pins
 from cardcore.cards.pos import PosService
 from cardcore.cards.service import CardService
 from cardcore.cards.terminals import TerminalAdmin
 from cardcore.config import Config
+from cardcore.coupons import http as coupons_http
+from cardcore.coupons.service import CouponService
 from cardcore.db import DATABASE_ERRORS
 from cardcore.ledger import http as ledger_http
 from cardcore.ledger.service import Ledger
+from cardcore.manager_cards import http as manager_cards_http
+from cardcore.manager_cards.service import ManagerCards
 from cardcore.members import http as members_http
 from cardcore.members.service import MemberService
 from cardcore.metrics import Metrics
 from cardcore.org import http as org_http
 from cardcore.org.model import Refused
 from cardcore.org.service import OrgService
+from cardcore.points import http as points_http
+from cardcore.points.service import PointsService
 from cardcore.records import Records
+from cardcore.service_cards import http as service_cards_http
+from cardcore.service_cards.service import ServiceCards
 from cardcore.vault import Vault
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,10 @@ ADMIN_ROUTES: list[routes.Route] = [
     *terminal_http.ROUTES,
     *members_http.ROUTES,
     *cards_admin_http.ROUTES,
+    *points_http.ROUTES,
+    *service_cards_http.ROUTES,
+    *manager_cards_http.ROUTES,
+    *coupons_http.ROUTES,
 ]
 
 
@@ -95,6 +108,26 @@ def build_app(
         app[cards_admin_http.CARDS_KEY] = CardService(
             records, org, vault, ledger, pos.directory, accounts, pins
         )
+        services = ServiceCards(records, org, ledger, accounts)
+        app[service_cards_http.SERVICE_CARDS_KEY] = services
+        pos.features[Kind.SERVICE_REDEEM] = services.redeem
+        pos.reversers.append(services.reverse)
+        managers = ManagerCards(records, org, vault, pos.directory, pos.pin_of)
+        app[manager_cards_http.MANAGER_CARDS_KEY] = managers
+        pos.features[Kind.MANAGER_AUTH] = managers.authorize
+        pos.reversers.append(managers.reverse)
+        points = PointsService(records, org, ledger, pos.directory, accounts)
+        app[points_http.POINTS_KEY] = points
+        pos.points_round = points.after_money
+        pos.features[Kind.POINTS_EARN] = points.pos_earn
+        pos.features[Kind.POINTS_REDEEM] = points.pos_redeem
+        pos.reversers.append(points.reverse_pos)
+        coupons = CouponService(records, org, vault)
+        app[coupons_http.COUPONS_KEY] = coupons
+        for kind in (Kind.COUPON_QUERY, Kind.COUPON_RESERVE, Kind.COUPON_REDEEM,
+                     Kind.COUPON_REVERSE):  # fmt: skip
+            pos.features[kind] = coupons.pos
+        pos.reversers.append(coupons.reverse_key)
         cards_http.add_routes(app.router)
     else:
         for path in ("/internal/v1/pos", "/internal/v1/terminals", "/internal/v1/cards"):

@@ -72,6 +72,7 @@ CLASS_FIELDS: dict[str, r.Schema] = {
     "replace_fee": FEN,
     "balance_max": FEN,
     "validity_months": r.integer(0, limits.CARD_VALIDITY_MONTHS_MAX),
+    "points_program": r.string(f"|{r.CODE}", max_length=32),  # "" = none
 }
 CLASS = r.obj(
     {
@@ -85,8 +86,8 @@ CLASS = r.obj(
         "updated_at_ms": TIME_MS,
     },
     ["code", "name", "named", "gift", "denominations", "discount_bp", "points_multiplier_pct",
-     "issue_fee", "replace_fee", "balance_max", "validity_months", "state", "created_at_ms",
-     "updated_at_ms"],
+     "issue_fee", "replace_fee", "balance_max", "validity_months", "points_program", "state",
+     "created_at_ms", "updated_at_ms"],
 )  # fmt: skip
 NEW_CLASS = r.obj(
     {"code": CLASS_CODE, "named": r.boolean(), "gift": r.boolean(), **CLASS_FIELDS},

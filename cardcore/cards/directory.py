@@ -399,6 +399,7 @@ def class_of(row: Any) -> CardClass:
         balance_max=int(row["balance_max"]),
         validity_months=int(row["validity_months"]),
         state=row["state"],
+        points_program=row["points_program"],
     )
 
 

@@ -173,6 +173,7 @@ class CardClass:
     balance_max: int  # fen; 0 = no maximum
     validity_months: int  # 0 = no expiry
     state: str  # "active" | "retired"
+    points_program: str = ""  # the points program its cards earn in ("" = none)
 
 
 BASIS_POINTS = 10_000  # 100 % in basis points

@@ -22,6 +22,12 @@ balance, from a terminal that takes partial approvals, takes what the card has a
 the remainder). Amounts already planned in the same call count too. Across legal entities
 the value moves through the due-to / due-from clearing pair (`model.value_postings`).
 
+Points (ADR 0007). After the money of one call is decided, its approved purchases, voids and
+refunds of cards get their points in one more submit, under the same card locks (voids and
+refunds lock their card too: a clawback reads the lots it takes from): `points_round`, set by
+the application to the points engine. POINTS_EARN and POINTS_REDEEM are answered by the
+points engine through `features`, and its reverser undoes the points of a reversed key.
+
 Resends. A purchase or top-up the host would decline (the card frozen since, its PIN locked,
 a partial amount computed anew) is first looked up under its key: when the ledger already
 took it, the request is a resend and gets the ledger's stored answer.
@@ -96,6 +102,34 @@ FeatureHandler = Callable[[PosRequest, Terminal, str, Card | None], Awaitable[Po
 # What a feature undid under a POS key when its terminal reverses it (idempotent).
 FeatureReverser = Callable[[Terminal, str], Awaitable[None]]
 
+
+@dataclass(frozen=True, slots=True)
+class MoneyDone:
+    """An approved purchase, void or refund of a card, for the points round: its request,
+    terminal, card, POS key, the fen that moved, and (void, refund) the purchase's key."""
+
+    request: PosRequest
+    terminal: Terminal
+    card: Card
+    key: str
+    amount: int
+    original_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PointsAnswer:
+    """What the points round adds to an approval (ok False: it could not be decided now)."""
+
+    points: int | None
+    points_balance: int | None
+    ok: bool = True
+
+
+# The points engine's round after the money (ADR 0007): one answer (or None) per item.
+PointsRound = Callable[[Sequence[MoneyDone]], Awaitable[list[PointsAnswer | None]]]
+# Kinds the points engine answers through `features` (POINTS_EARN, POINTS_REDEEM).
+POINTS_KINDS = frozenset({Kind.POINTS_EARN, Kind.POINTS_REDEEM})
+
 # Ledger result codes (and the original codes of id_already_failed) -> outcomes.
 _OUTCOME_OF_CODE = {
     "exceeds_credits": Outcome.INSUFFICIENT_FUNDS,
@@ -124,6 +158,8 @@ UNDOABLE = frozenset({Kind.PURCHASE, Kind.TOPUP, Kind.REFUND, Kind.VOID, Kind.TO
 APPROVALS = frozenset({Outcome.APPROVED, Outcome.PARTIAL_APPROVED})
 # Requests that move money onto or off a card under its account's lock.
 GUARDED = frozenset({Kind.PURCHASE, Kind.TOPUP})
+# Requests whose points round takes points back (under the card account's lock too).
+_CLAWING = (Kind.VOID, Kind.REFUND)
 # The ledger's answer to a resend whose planned amount is not the stored one (a split
 # tender computed anew): the stored transfer decides.
 _OTHER_POSTINGS = "exists_with_different_postings"
@@ -164,6 +200,7 @@ class _Plan:
     result: Result | None = None
     resend: bool = False  # a host decline of a purchase or top-up: the ledger may hold it
     from_stored: bool = False  # its op repeats the transfer stored under its key
+    original_key: str = ""  # void, refund: the purchase's ledger key
 
 
 class PosService:
@@ -192,6 +229,8 @@ class PosService:
         # Registered by the application for the feature kinds (model.FEATURE_KINDS).
         self.features: dict[Kind, FeatureHandler] = {}
         self.reversers: list[FeatureReverser] = []
+        # Registered by the application: points of approved purchases, voids and refunds.
+        self.points_round: PointsRound | None = None
 
     def _accounts(self) -> Accounts:
         if self.accounts is None:
@@ -210,6 +249,7 @@ class PosService:
             await self._submit(plans)
             if await self._resends(plans):
                 await self._submit(plans)
+            await self._points(plans)
         out = []
         for plan in plans:
             assert plan.answer is not None
@@ -228,11 +268,50 @@ class PosService:
             return _Plan(r, answer=PosResult(Outcome.UNAVAILABLE))
 
     def _locks(self, plans: list[_Plan]) -> list[asyncio.Lock]:
-        """The card-account locks of this call's purchases and top-ups, in ascending id
+        """The card-account locks of this call's purchases, top-ups, voids and refunds (a
+        void or refund's points clawback reads the lots it takes from), in ascending id
         order (every call takes them in one order: two calls never wait for each other)."""
-        ids = {p.card.account_id for p in plans if p.money is not None and p.card is not None}
+        ids = {
+            p.card.account_id
+            for p in plans
+            if p.card is not None
+            and (p.money is not None or (p.op is not None and p.request.kind in _CLAWING))
+        }
         accounts = self._accounts() if ids else None
         return [] if accounts is None else [accounts.lock(i) for i in sorted(ids)]
+
+    async def _points(self, plans: list[_Plan]) -> None:
+        """The points round: approved purchases earn, voids and refunds take back, in one
+        submit after the money's; when it cannot be decided the answer is `unavailable`
+        (the terminal reverses or resends: both are idempotent)."""
+        if self.points_round is None:
+            return
+        owners, done = [], []
+        for plan in plans:
+            a, card, t, r = plan.answer, plan.card, plan.terminal, plan.request
+            if a is None or a.outcome not in APPROVALS or card is None or t is None:
+                continue
+            if r.kind not in (Kind.PURCHASE, *_CLAWING):
+                continue
+            key = transaction_key(t, r.batch, r.stan)
+            moved = r.amount if a.amount is None else a.amount
+            done.append(MoneyDone(r, t, card, key, moved, plan.original_key))
+            owners.append(plan)
+        if not done:
+            return
+        try:
+            answers = await self.points_round(done)
+        except (*DATABASE_ERRORS, AccountsUnavailable, Busy, LedgerUnavailable):
+            log.exception("the points round could not be decided")
+            answers = [PointsAnswer(None, None, ok=False)] * len(done)
+        for plan, got in zip(owners, answers, strict=True):
+            if got is None:
+                continue
+            if not got.ok:
+                plan.answer = PosResult(Outcome.UNAVAILABLE)
+                continue
+            assert plan.answer is not None
+            plan.answer = replace(plan.answer, points=got.points, points_balance=got.points_balance)
 
     async def _submit(self, plans: list[_Plan]) -> None:
         pending = [p for p in plans if p.op is not None and p.answer is None]
@@ -285,9 +364,6 @@ class PosService:
                 tmk_sealed=terminal.tmk_sealed,
             )
             return plan
-        if r.kind in (Kind.POINTS_EARN, Kind.POINTS_REDEEM):
-            plan.answer = PosResult(Outcome.FUNCTION_NOT_SUPPORTED)
-            return plan
         if r.kind is Kind.SETTLE:
             plan.answer = await self._settle(terminal, r)
             return plan
@@ -298,7 +374,7 @@ class PosService:
         if r.batch != terminal.batch and r.kind is not Kind.REVERSE:
             plan.answer = PosResult(Outcome.BATCH_MISMATCH, batch=terminal.batch)
             return plan
-        if r.kind in FEATURE_KINDS:
+        if r.kind in FEATURE_KINDS or r.kind in POINTS_KINDS:
             await self._feature(plan, terminal)
             return plan
         planner = {
@@ -633,6 +709,7 @@ class PosService:
         if not _matches(original, card, r.amount):  # a split tender: the amount taken
             plan.answer = PosResult(Outcome.ORIGINAL_MISMATCH)
             return
+        plan.original_key = target_key
         plan.op = Reverse(
             client=POS_CLIENT,
             key=transaction_key(t, r.batch, r.stan),
@@ -657,6 +734,7 @@ class PosService:
         if not _matches(original, card, None):
             plan.answer = PosResult(Outcome.ORIGINAL_MISMATCH)
             return
+        plan.original_key = original["key"]
         plan.op = Refund(
             client=POS_CLIENT,
             key=transaction_key(t, r.batch, r.stan),

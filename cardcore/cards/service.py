@@ -180,6 +180,7 @@ def class_defaults(values: dict[str, Any]) -> dict[str, Any]:
         "validity_months": values.get(
             "validity_months", 0 if named else limits.BEARER_VALIDITY_MONTHS_MIN
         ),
+        "points_program": values.get("points_program", ""),
     }
 
 
@@ -197,6 +198,7 @@ def class_view(row: dict[str, Any]) -> dict[str, Any]:
         "replace_fee": int(row["replace_fee"]),
         "balance_max": int(row["balance_max"]),
         "validity_months": int(row["validity_months"]),
+        "points_program": row["points_program"],
         "state": row["state"],
         "created_at_ms": int(row["created_at_ms"]),
         "updated_at_ms": int(row["updated_at_ms"]),
@@ -306,6 +308,7 @@ class CardService:
             await _touch(uow, CLASSES, code=fields["code"])
             if await uow.get(CLASSES, code=fields["code"]) is not None:
                 raise Refused("conflict", "class_exists", "a card class has this code", "code")
+            await _check_program(uow, fields["points_program"])
             try:
                 await uow.insert(CLASSES, row)
             except Conflict:
@@ -345,6 +348,8 @@ class CardService:
             before = class_view(row)
             merged = {**before, **changes}
             check_class(merged)
+            if "points_program" in changes:
+                await _check_program(uow, changes["points_program"])
             stored = dict(changes)
             if "denominations" in stored:
                 stored["denominations"] = json.dumps(stored["denominations"])
@@ -1348,6 +1353,12 @@ def _roll_back() -> None:
 def _first_state(klass: dict[str, Any]) -> CardState:
     """A card issued at the counter is active, a gift card inactive until it is sold."""
     return CardState.INACTIVE if klass["gift"] else CardState.ACTIVE
+
+
+async def _check_program(uow: Unit, program: str) -> None:
+    """A class names an existing points program, or none ("")."""
+    if program and await uow.get("points_programs", code=program) is None:
+        raise Refused("not_found", "program_not_found", "no such points program", "points_program")
 
 
 def _require_group(p: Principal, perm: Perm) -> None:

@@ -43,7 +43,7 @@ coupon_codes = Table(
     Column("member_id", Integer, nullable=True),
     Column("batch", Integer, nullable=True),
     Column("source", String(16), nullable=False),  # generated | imported | points | rule
-    # issued | reserved | redeemed | void
+    # issued | reserved | redeemed | voided (model.CodeStatus; "expired" is computed)
     Column("state", String(16), nullable=False),
     Column("valid_from_ms", BigInteger, nullable=False),
     Column("valid_to_ms", BigInteger, nullable=False),
@@ -74,7 +74,7 @@ coupon_redemptions = Table(
     Column("store_cost_fen", BigInteger, nullable=False),
     Column("supplier_cost_fen", BigInteger, nullable=False),
     Column("supplier_id", String(CODE), nullable=False),
-    # reserved | redeemed | released | reversed
+    # reserved | confirmed (redeemed under another key) | redeemed | released | reversed
     Column("state", String(16), nullable=False),
     Column("created_at_ms", BigInteger, nullable=False),
     Column("updated_at_ms", BigInteger, nullable=False),
@@ -93,6 +93,8 @@ coupon_batches = Table(
     Column("state", String(16), nullable=False),  # running | done
     Column("created_by", Integer, nullable=False),
     Column("created_at_ms", BigInteger, nullable=False),
+    # the idempotency key of an issuance: "<campaign>/<client key>", or a POS reward's
+    Column("key", String(KEY), nullable=True, unique=True),
     Index(None, "campaign"),
 )
 

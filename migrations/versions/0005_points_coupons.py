@@ -145,7 +145,9 @@ def _coupons() -> None:
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("created_by", sa.Integer(), nullable=False),
         sa.Column("created_at_ms", sa.BigInteger(), nullable=False),
+        sa.Column("key", sa.String(length=160), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_coupon_batches")),
+        sa.UniqueConstraint("key", name=op.f("uq_coupon_batches_key")),
     )
     op.create_index(
         op.f("ix_coupon_batches_campaign"), "coupon_batches", ["campaign"], unique=False
@@ -278,6 +280,7 @@ def _service_cards() -> None:
         sa.Column("key", sa.String(length=160), nullable=False),
         sa.Column("entitlement", sa.Integer(), nullable=False),
         sa.Column("uses", sa.Integer(), nullable=False),
+        sa.Column("uses_left_after", sa.Integer(), nullable=False),
         sa.Column("store", sa.String(length=32), nullable=False),
         sa.Column("terminal", sa.String(length=8), nullable=False),
         sa.Column("reversed", sa.Boolean(), nullable=False),

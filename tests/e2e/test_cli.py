@@ -410,6 +410,25 @@ def test_bench_pos_sets_up_through_the_admin_api_and_buys_without_errors(
     tmp_path: Path,
 ) -> None:
     args = ["--seconds", "2", "--terminals", "4", "--rate", "40"]  # under 20/s a terminal
+    result = _bench_pos(tmp_path, args)
+    assert result["bench"] == "pos" and result["errors"] == 0, result
+    assert result["approved"] > 0 and result["cross_entity_terminals"] == 2, result
+
+
+def test_bench_pos_realistic_mix_earns_redeems_points_and_uses_coupons_without_errors(
+    tmp_path: Path,
+) -> None:
+    args = ["--seconds", "2", "--terminals", "4", "--rate", "40", "--mix", "realistic"]
+    result = _bench_pos(tmp_path, args)
+    assert result["mix"] == "realistic" and result["errors"] == 0, result
+    kinds = result["by_kind"]
+    assert set(kinds) == {"purchase", "coupon_purchase", "points_redeem"}, result
+    assert all(k["approved"] > 0 for k in kinds.values()), result
+    assert result["messages_per_s"] > result["tx_per_s"] > 0, result  # a coupon: 2 messages
+
+
+def _bench_pos(tmp_path: Path, args: list[str]) -> dict[str, Any]:
+    """`cardcore bench pos ARGS` to completion (bounded): its one JSON line."""
     bench = subprocess.Popen(
         [*PYTHON_M_CARDCORE, "bench", "pos", *args],
         cwd=tmp_path,
@@ -426,6 +445,5 @@ def test_bench_pos_sets_up_through_the_admin_api_and_buys_without_errors(
             os.killpg(bench.pid, signal.SIGKILL)
             bench.wait()
     assert bench.returncode == 0, err
-    result = json.loads(out.splitlines()[-1])
-    assert result["bench"] == "pos" and result["errors"] == 0, result
-    assert result["approved"] > 0 and result["cross_entity_terminals"] == 2, result
+    result: dict[str, Any] = json.loads(out.splitlines()[-1])
+    return result

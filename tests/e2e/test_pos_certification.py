@@ -45,7 +45,8 @@ pytestmark = pytest.mark.timeout(120)
 
 BACKENDS = ("sqlite", "postgresql")
 MODES = (KeyMode.AES, KeyMode.TDES)
-PRIVATE_CODES = ("900000", "910000", "920000", "930000", "940000")
+# Private requests (section 5.11) without the data they need: F48 TLV PT, CP, MD; F61.
+NEEDS_DATA = ("910000", "920000", "930000", "940000", "950000", "970000")
 
 
 # --- servers and kits ----------------------------------------------------------------------
@@ -268,10 +269,10 @@ async def test_purchase_approved_and_declines(kit: Kit, mode: KeyMode) -> None:
     # 12: a processing code the host does not know.
     unknown = message(term, "0200", "010000", "22", pan=card.pan, amount=100)
     assert (await term.send(unknown)).code == "12"
-    # 40: points and coupons (private codes 90..94) are not supported yet.
-    for pcode in PRIVATE_CODES:
+    # 30: private requests without the F48 tags (or F61) they need.
+    for pcode in NEEDS_DATA:
         reply = await term.private(pcode, card.pan, 100)
-        assert reply.code == "40", (pcode, reply.fields)
+        assert reply.code == "30", (pcode, reply.fields)
 
     assert await kit.account(card.account_id) == account
 

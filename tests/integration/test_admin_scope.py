@@ -58,6 +58,33 @@ async def _world(admin: AdminClient) -> dict[str, Any]:
     user = await ok("POST", "/v1/users", json={"name": "s1crm", "role": "store_crm",
                     "scope_kind": "store", "scope_id": "S1"})  # fmt: skip
     token = await ok("POST", f"/v1/users/{user['id']}/tokens", json={"label": "t"})
+    # --- service and manager cards ---
+    await ok("POST", "/v1/grants", json={"store": "S1", "function": "service"})
+    await ok("POST", "/v1/service-products", json={"code": "WASH", "name": "Car wash",
+             "legal_entity": "LE1", "uses": 10, "price_fen": 30_000,
+             "validity_months": 12})  # fmt: skip
+    package = await ok("POST", f"/v1/cards/{card['id']}/service-packages", json={
+        "product": "WASH", "tender": "cash", "key": "sk1"})  # fmt: skip
+    manager = await ok("POST", "/v1/manager-cards", json={"staff_user_id": user["id"],
+                       "store": "S1", "max_percent_bp": 1000, "daily_total_fen": 5000,
+                       "reasons": ["damaged"]})  # fmt: skip
+    assert (package["id"], manager["id"]) == (1, 1)  # the ids the calls below name
+    # --- end service and manager cards ---
+    # --- points ---
+    await ok("POST", "/v1/points/programs", json={"code": "CLUB", "name": "Club",
+             "asset": "PTS:CLUB"})  # fmt: skip
+    await ok("POST", "/v1/points/programs/CLUB/rules", json={"code": "S1R", "kind": "base",
+             "points": 1, "per_fen": 100, "store": "S1"})  # fmt: skip
+    # --- end points ---
+    # --- coupons ---
+    await ok("POST", "/v1/grants", json={"store": "S1", "function": "coupon"})
+    await ok("POST", "/v1/coupon-campaigns", json={"code": "S1OFF", "name": "S1 off",
+             "kind": "amount_off", "store": "S1", "valid_from_ms": 1_700_000_000_000,
+             "valid_to_ms": 1_900_000_000_000, "value_fen": 500})  # fmt: skip
+    await ok("PATCH", "/v1/coupon-campaigns/S1OFF", json={"state": "active"})
+    await ok("POST", "/v1/coupon-campaigns/S1OFF/imports", json={"codes": ["S1-COUPON-1"]})
+    await ok("POST", "/v1/coupon-keys", json={"legal_entity": "LE1", "kid": "le1-k1"})
+    # --- end coupons ---
     return {
         "grant": grant["id"],
         "member": members[0]["id"],
@@ -161,6 +188,93 @@ def _calls(w: dict[str, Any]) -> dict[tuple[str, str], Call]:
                                                          REFUSED, {"pin": "123456"}),
         ("POST", "/v1/cards/{card_id}/pin/unlock"): Call(f"/v1/cards/{card}/pin/unlock",
                                                          REFUSED),
+        # --- service and manager cards ---
+        ("POST", "/v1/service-products"): Call("/v1/service-products", REFUSED, {
+            "code": "X", "name": "x", "legal_entity": "LE1", "uses": 1, "price_fen": 1,
+            "validity_months": 1}),
+        ("GET", "/v1/service-products"): Call("/v1/service-products", SHARED),
+        ("GET", "/v1/service-products/{code}"): Call("/v1/service-products/WASH", SHARED),
+        ("PATCH", "/v1/service-products/{code}"): Call("/v1/service-products/WASH", REFUSED,
+                                                       {"price_fen": 1}),
+        ("POST", "/v1/cards/{card_id}/service-packages"): Call(
+            f"/v1/cards/{card}/service-packages", REFUSED,
+            {"product": "WASH", "tender": "cash", "key": "sk9"}),
+        ("GET", "/v1/cards/{card_id}/service-packages"): Call(
+            f"/v1/cards/{card}/service-packages", REFUSED),
+        ("POST", "/v1/service-packages/{package_id}/refund"): Call(
+            "/v1/service-packages/1/refund", REFUSED, {"key": "rk9"}),
+        ("POST", "/v1/manager-cards"): Call("/v1/manager-cards", REFUSED, {
+            "staff_user_id": w["user"], "store": "S1", "max_percent_bp": 1000,
+            "daily_total_fen": 5000, "reasons": ["damaged"]}),
+        ("GET", "/v1/manager-cards"): Call("/v1/manager-cards", lambda a: a["items"] == []),
+        ("GET", "/v1/manager-cards/{card_id}"): Call("/v1/manager-cards/1", REFUSED),
+        ("PATCH", "/v1/manager-cards/{card_id}"): Call("/v1/manager-cards/1", REFUSED,
+                                                       {"state": "disabled"}),
+        ("POST", "/v1/manager-cards/{card_id}/pin"): Call("/v1/manager-cards/1/pin", REFUSED,
+                                                          {"pin": "123456"}),
+        ("GET", "/v1/manager-cards/{card_id}/authorizations"): Call(
+            "/v1/manager-cards/1/authorizations", REFUSED),
+        # --- end service and manager cards ---
+        # --- points ---
+        ("POST", "/v1/points/programs"): Call("/v1/points/programs", REFUSED, {
+            "code": "P9", "name": "x", "asset": "PTS:P9"}),
+        ("GET", "/v1/points/programs"): Call("/v1/points/programs", SHARED),
+        ("GET", "/v1/points/programs/{code}"): Call("/v1/points/programs/CLUB", SHARED),
+        ("PATCH", "/v1/points/programs/{code}"): Call("/v1/points/programs/CLUB", REFUSED,
+                                                      {"name": "Mine"}),
+        ("POST", "/v1/points/programs/{code}/rules"): Call(
+            "/v1/points/programs/CLUB/rules", REFUSED,
+            {"code": "X", "kind": "base", "points": 9, "per_fen": 1, "store": "S1"}),
+        ("GET", "/v1/points/programs/{code}/rules"): Call(
+            "/v1/points/programs/CLUB/rules",
+            lambda a: all(r["store"] != "S1" for r in a["items"])),
+        ("GET", "/v1/points/programs/{code}/rules/{rule}"): Call(
+            "/v1/points/programs/CLUB/rules/S1R", REFUSED),
+        ("PATCH", "/v1/points/programs/{code}/rules/{rule}"): Call(
+            "/v1/points/programs/CLUB/rules/S1R", REFUSED, {"points": 9}),
+        ("GET", "/v1/cards/{card_id}/points"): Call(f"/v1/cards/{card}/points", REFUSED),
+        ("GET", "/v1/cards/{card_id}/points/history"): Call(
+            f"/v1/cards/{card}/points/history", REFUSED),
+        ("GET", "/v1/members/{member_id}/points"): Call(f"/v1/members/{member}/points",
+                                                        REFUSED),
+        ("POST", "/v1/cards/{card_id}/points/redemptions"): Call(
+            f"/v1/cards/{card}/points/redemptions", REFUSED,
+            {"points": 1, "reward": "R1", "key": "pk1"}),
+        ("POST", "/v1/cards/{card_id}/points/redemptions/{key}/reversal"): Call(
+            f"/v1/cards/{card}/points/redemptions/pk1/reversal", REFUSED),
+        ("POST", "/v1/cards/{card_id}/points/transfers"): Call(
+            f"/v1/cards/{card}/points/transfers", REFUSED,
+            {"to_card_id": w["gift"], "points": 1, "key": "pt1"}),
+        # --- end points ---
+        # --- coupons ---
+        ("POST", "/v1/coupon-campaigns"): Call("/v1/coupon-campaigns", REFUSED, {
+            "code": "X9", "name": "x", "kind": "amount_off", "store": "S1",
+            "valid_from_ms": 1_700_000_000_000, "valid_to_ms": 1_800_000_000_000,
+            "value_fen": 100}),
+        ("GET", "/v1/coupon-campaigns"): Call("/v1/coupon-campaigns",
+                                              lambda a: a["items"] == []),
+        ("GET", "/v1/coupon-campaigns/{code}"): Call("/v1/coupon-campaigns/S1OFF", REFUSED),
+        ("PATCH", "/v1/coupon-campaigns/{code}"): Call("/v1/coupon-campaigns/S1OFF", REFUSED,
+                                                       {"state": "paused"}),
+        ("GET", "/v1/coupon-campaigns/{code}/figures"): Call(
+            "/v1/coupon-campaigns/S1OFF/figures", REFUSED),
+        ("GET", "/v1/coupon-campaigns/{code}/codes"): Call(
+            "/v1/coupon-campaigns/S1OFF/codes", REFUSED),
+        ("POST", "/v1/coupon-campaigns/{code}/codes"): Call(
+            "/v1/coupon-campaigns/S1OFF/codes", REFUSED, {"count": 1}),
+        ("POST", "/v1/coupon-campaigns/{code}/imports"): Call(
+            "/v1/coupon-campaigns/S1OFF/imports", REFUSED, {"codes": ["S2-STEAL-1"]}),
+        ("POST", "/v1/coupon-campaigns/{code}/issues"): Call(
+            "/v1/coupon-campaigns/S1OFF/issues", REFUSED, {"member_ids": [member]}),
+        ("GET", "/v1/coupons/{code}"): Call("/v1/coupons/S1-COUPON-1", REFUSED),
+        ("POST", "/v1/coupons/{code}/void"): Call("/v1/coupons/S1-COUPON-1/void", REFUSED),
+        ("GET", "/v1/coupons/{code}/qr"): Call("/v1/coupons/S1-COUPON-1/qr", REFUSED),
+        ("POST", "/v1/coupon-keys"): Call("/v1/coupon-keys", REFUSED,
+                                          {"legal_entity": "LE1", "kid": "evil"}),
+        ("GET", "/v1/coupon-keys"): Call("/v1/coupon-keys", _items_outside_s1),
+        ("POST", "/v1/coupon-keys/{kid}/retire"): Call("/v1/coupon-keys/le1-k1/retire",
+                                                       REFUSED),
+        # --- end coupons ---
         ("GET", "/v1/reports/breakage"): Call(
             "/v1/reports/breakage",
             lambda a: all(e[k]["cards"] == 0 for e in a["entities"]

@@ -1,0 +1,1473 @@
+"""The e-coupon use cases: campaigns, codes (generated, imported, issued to members, by rule),
+signing keys and signed QR texts, campaign figures, and the POS's coupon requests.
+
+Rules of every use case:
+- Admin use cases check the principal's permission and scope first. A campaign lives at
+  Place(issuing legal entity, store): "" for an HQ (entity-wide) campaign. A store officer
+  works only on its own store's campaigns, and only while HQ grants its store the coupon
+  function (`OrgService.use_grant`, in the change's transaction; issuing spends the grant's
+  count budget). A refused request changes nothing; a change and its audit row commit
+  together.
+- Budgets (`max_issued`, `max_value_fen`) are counters on the campaign row moved by guarded
+  updates (`column + n <= bound`), so concurrent issuances can never overspend them. The
+  value an issuance counts is the face value (amount off, the gift's cost, a percent-off
+  coupon's cap); an uncapped percent-off coupon's value is counted when it is redeemed.
+- A code's state moves by single guarded UPDATEs (`WHERE state = 'issued'`, or a lapsed
+  reservation named by its key and time): the row count decides who won, so any number of
+  terminals racing for one code meet in the database and exactly one wins. Nothing is read
+  and then written on the strength of the read alone.
+- POS requests are idempotent under their POS key: the `coupon_redemptions` row under the
+  key is the stored answer; a resend gets it and changes nothing. A reversal releases a
+  reservation or un-redeems a redemption by a guarded update of that row's state, so the
+  code becomes usable again exactly once however often the reversal is sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from cardcore import limits, localtime
+from cardcore.cards.model import (
+    Card,
+    Kind,
+    Outcome,
+    PosRequest,
+    PosResult,
+    Terminal,
+    transaction_key,
+)
+from cardcore.coupons import model
+from cardcore.coupons.model import Campaign, CampaignState, CodeStatus, CouponKind
+from cardcore.org.model import Function, Perm, Place, Principal, Refused, ScopeKind, require
+from cardcore.org.service import OrgService
+from cardcore.records import Conflict, Records, Unit
+from cardcore.vault import (
+    Vault,
+    VaultError,
+    ed25519_new_private,
+    ed25519_public_of,
+    ed25519_sign,
+    ed25519_verify,
+)
+
+CAMPAIGNS, CODES, REDEMPTIONS, BATCHES, KEYS = (
+    "coupon_campaigns",
+    "coupon_codes",
+    "coupon_redemptions",
+    "coupon_batches",
+    "coupon_signing_keys",
+)
+MEMBERS, CARDS, ENTITIES = "members", "cards", "org_legal_entities"
+TIMEZONE = "Asia/Shanghai"  # the group's business day (per-day limits)
+# Campaign state changes an officer may make.
+TRANSITIONS = {
+    CampaignState.DRAFT: {CampaignState.ACTIVE, CampaignState.ENDED},
+    CampaignState.ACTIVE: {CampaignState.PAUSED, CampaignState.ENDED},
+    CampaignState.PAUSED: {CampaignState.ACTIVE, CampaignState.ENDED},
+    CampaignState.ENDED: set(),
+}
+# What may still change once a campaign left its draft: its name and budgets.
+LIVE_CHANGES = frozenset({"name", "max_issued", "max_value_fen", "state"})
+ISSUING_STATES = (CampaignState.DRAFT, CampaignState.ACTIVE, CampaignState.PAUSED)
+# The service's own refusal codes at the POS (beside model.REFUSALS).
+NOT_FOUND = "coupon_not_found"
+BUDGET_SPENT = "coupon_budget_spent"
+QR_SIGNATURE = "coupon_qr_signature"
+# Refusals -> POS outcomes (anything else: not_permitted, the refusal naming the rule).
+OUTCOME_OF_REFUSAL = {
+    NOT_FOUND: Outcome.COUPON_UNKNOWN,
+    model.CODE_MALFORMED: Outcome.COUPON_UNKNOWN,
+    model.QR_MALFORMED: Outcome.COUPON_UNKNOWN,
+    QR_SIGNATURE: Outcome.COUPON_UNKNOWN,
+    BUDGET_SPENT: Outcome.OVER_LIMIT,  # 61
+    "coupon_used": Outcome.COUPON_USED,
+    "coupon_reserved": Outcome.COUPON_USED,
+    "coupon_expired": Outcome.COUPON_EXPIRED,
+    "coupon_not_started": Outcome.COUPON_EXPIRED,
+}
+CAMPAIGN_FIELDS = tuple(
+    f.name for f in dataclasses.fields(Campaign) if f.name not in ("code", "state")
+)
+
+Sink = Callable[[list[str]], None]  # receives each chunk of generated codes, in order
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+class _Refusal(Exception):
+    """Leaves a POS transaction (rolling it back) with the refusal to answer."""
+
+    def __init__(self, refusal: str) -> None:
+        super().__init__(refusal)
+        self.refusal = refusal
+
+
+class _Clash(Exception):
+    """A generated code clashed with one that exists: draw the chunk again."""
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+
+def campaign_of(row: dict[str, Any]) -> Campaign:
+    """The model campaign of a stored row (its state from the row)."""
+    d = json.loads(row["definition"])
+    fields = {name: d[name] for name in CAMPAIGN_FIELDS if name in d}
+    fields["kind"] = CouponKind(fields["kind"])
+    fields["change_rule"] = model.ChangeRule(fields.get("change_rule", "forfeit"))
+    fields["stores"] = tuple(fields.get("stores", ()))
+    fields["departments"] = tuple(fields.get("departments", ()))
+    return Campaign(code=row["code"], state=CampaignState(row["state"]), **fields)
+
+
+def definition_of(c: Campaign, reward_spend_fen: int) -> str:
+    d: dict[str, Any] = {name: getattr(c, name) for name in CAMPAIGN_FIELDS}
+    d["kind"] = str(c.kind)
+    d["change_rule"] = str(c.change_rule)
+    d["stores"] = list(c.stores)
+    d["departments"] = list(c.departments)
+    d["reward_spend_fen"] = reward_spend_fen
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+def reward_spend_of(row: dict[str, Any]) -> int:
+    return int(json.loads(row["definition"]).get("reward_spend_fen", 0))
+
+
+def campaign_view(row: dict[str, Any]) -> dict[str, Any]:
+    c = campaign_of(row)
+    view: dict[str, Any] = {
+        "code": c.code,
+        "legal_entity": row["legal_entity"],
+        "store": row["store"],
+        "state": str(c.state),
+    }
+    for name in CAMPAIGN_FIELDS:
+        value = getattr(c, name)
+        view[name] = list(value) if isinstance(value, tuple) else value
+    view["kind"] = str(c.kind)
+    view["change_rule"] = str(c.change_rule)
+    view["reward_spend_fen"] = reward_spend_of(row)
+    for name in ("issued_count", "issued_value", "redeemed_count", "redeemed_value"):
+        view[name] = int(row[name])
+    view["store_cost_fen"] = int(row["store_cost"])
+    view["supplier_cost_fen"] = int(row["supplier_cost"])
+    view["created_at_ms"] = int(row["created_at_ms"])
+    view["updated_at_ms"] = int(row["updated_at_ms"])
+    return view
+
+
+def place_of(row: dict[str, Any]) -> Place:
+    """A campaign's place: its issuing entity, and its store for a store campaign."""
+    return Place(row["legal_entity"], row["store"])
+
+
+def face_value(c: Campaign) -> int:
+    """What one issued code counts against the value budget."""
+    return c.cap_fen if c.kind is CouponKind.PERCENT_OFF else c.value_fen
+
+
+def status_of(row: dict[str, Any], now_ms: int) -> CodeStatus:
+    """A code's status as the rules see it: a lapsed reservation is issued again."""
+    state = CodeStatus(row["state"])
+    if state is CodeStatus.RESERVED and int(row["reserved_until_ms"] or 0) <= now_ms:
+        return CodeStatus.ISSUED
+    return state
+
+
+def code_view(row: dict[str, Any], campaign: Campaign, now_ms: int) -> dict[str, Any]:
+    """What a lookup shows of a code: its state as the POS would see it now."""
+    status = status_of(row, now_ms)
+    ended = campaign.state is CampaignState.ENDED or now_ms >= campaign.valid_to_ms
+    if status is CodeStatus.ISSUED and ended:
+        status = CodeStatus.EXPIRED
+    member = row["member_id"]
+    return {
+        "code": row["code"],
+        "display": model.display(row["code"]),
+        "campaign": row["campaign"],
+        "campaign_state": str(campaign.state),
+        "state": str(status),
+        "source": row["source"],
+        "member_id": None if member is None else int(member),
+        "valid_from_ms": int(row["valid_from_ms"]),
+        "valid_to_ms": int(row["valid_to_ms"]),
+        "reserved_until_ms": (
+            int(row["reserved_until_ms"]) if status is CodeStatus.RESERVED else None
+        ),
+        "redeemed_at_ms": None if row["redeemed_at_ms"] is None else int(row["redeemed_at_ms"]),
+        "issued_at_ms": int(row["issued_at_ms"]),
+    }
+
+
+def key_view(row: dict[str, Any]) -> dict[str, Any]:
+    """A signing key as answered and audited: never its private half."""
+    return {
+        "kid": row["kid"],
+        "legal_entity": row["legal_entity"],
+        "public_hex": row["public_hex"],
+        "state": row["state"],
+        "created_at_ms": int(row["created_at_ms"]),
+    }
+
+
+def day_of(now_ms: int) -> int:
+    """The group's business day of an instant, as a day number (per-day limits)."""
+    return localtime.local_date(TIMEZONE, now_ms).toordinal()
+
+
+def outcome_of(refusal: str, campaign_state: str = "") -> Outcome:
+    """A paused or ended campaign's coupon is C3 (expired); a voided code or a draft's 57."""
+    paused = (CampaignState.PAUSED, CampaignState.ENDED)
+    if refusal == "coupon_inactive" and campaign_state in paused:
+        return Outcome.COUPON_EXPIRED
+    return OUTCOME_OF_REFUSAL.get(refusal, Outcome.NOT_PERMITTED)
+
+
+def refused(refusal: str, campaign: str = "", campaign_state: str = "") -> PosResult:
+    return PosResult(outcome_of(refusal, campaign_state), refusal=refusal, campaign=campaign)
+
+
+def answer_of(row: dict[str, Any], *, replayed: bool) -> PosResult:
+    """The approval stored under a POS key."""
+    return PosResult(
+        Outcome.APPROVED,
+        discount=int(row["discount_fen"]),
+        forfeited=int(row["forfeited_fen"]),
+        campaign=row["campaign"],
+        replayed=replayed,
+    )
+
+
+def same_code(row: dict[str, Any], coupon: str) -> bool:
+    """Whether a request's coupon (if it names one) is the code of a stored POS row; a QR
+    text is checked by its code field."""
+    if not coupon:
+        return True
+    if coupon.startswith(model.QR_VERSION + "|"):
+        try:
+            return bool(model.parse_qr(coupon).code == row["code"])
+        except Refused:
+            return False
+    try:
+        return row["code"] in candidates(coupon)
+    except Refused:
+        return False
+
+
+def replay(row: dict[str, Any], request: PosRequest) -> PosResult:
+    """A resend under a stored POS key: the stored approval; another code under the key is
+    a duplicate mismatch; a key whose coupon was released or reversed since is never
+    approved again (the cashier must not give the discount)."""
+    if row["state"] in ("released", "reversed"):
+        return PosResult(Outcome.REVERSED_BEFORE_ARRIVAL, campaign=row["campaign"], replayed=True)
+    if not same_code(row, request.coupon):
+        return PosResult(Outcome.DUPLICATE_MISMATCH, replayed=True)
+    return answer_of(row, replayed=True)
+
+
+def _not_found(field: str = "code") -> Refused:
+    return Refused("not_found", NOT_FOUND, "no such coupon", field)
+
+
+def _campaign_not_found(field: str = "code") -> Refused:
+    return Refused("not_found", "campaign_not_found", "no such coupon campaign", field)
+
+
+def candidates(text: str) -> list[str]:
+    """The stored spellings a typed code may have: a generated code (forgiving: case, spaces,
+    hyphens, I/L/O), or a partner's imported code as it is. `coupon_code_malformed` when it
+    can be neither."""
+    out = []
+    with contextlib.suppress(Refused):
+        out.append(model.parse(text))
+    if len(text) <= limits.COUPON_TYPED_CHARS_MAX:
+        try:
+            imported = model.check_imported(text)
+        except Refused:
+            pass
+        else:
+            if imported not in out:
+                out.append(imported)
+    if not out:
+        raise Refused("invalid", model.CODE_MALFORMED, "not a coupon code", "code")
+    return out
+
+
+# --- the service -------------------------------------------------------------------------------
+
+
+class CouponService:
+    def __init__(
+        self,
+        records: Records,
+        org: OrgService,
+        vault: Vault,
+        clock_ms: Callable[[], int] | None = None,
+        randbytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        self.records = records
+        self.org = org
+        self.vault = vault
+        self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        self.randbytes = randbytes  # a CSPRNG; tests pass a repeating one to force clashes
+
+    # --- campaigns -----------------------------------------------------------------------------
+
+    async def _campaign_place(self, p: Principal, values: dict[str, Any]) -> Place:
+        """Where a new campaign lives: its store's place, or its legal entity."""
+        store = values.get("store", "")
+        entity = values.get("legal_entity", "")
+        if store:
+            place = await self.org.store_place(store, open_=True)
+            if entity and entity != place.entity:
+                raise Refused(
+                    "invalid", "invalid_value", "the store is of another legal entity",
+                    "legal_entity",
+                )  # fmt: skip
+            return place
+        if not entity:
+            raise Refused("invalid", "missing_field", "name a legal_entity or a store", "store")
+        require(p, Perm.CAMPAIGNS_WRITE, Place(entity))
+        async with self.records.read() as uow:
+            if await uow.get(ENTITIES, id=entity) is None:
+                raise Refused(
+                    "not_found", "entity_not_found", "no such legal entity", "legal_entity"
+                )
+        return Place(entity)
+
+    async def _granted(self, uow: Unit, p: Principal, place: Place, code: str, count: int) -> None:
+        """A store officer acts only while HQ grants its store coupons (issuing spends the
+        grant's count budget); HQ roles need no grant."""
+        if p.scope.kind is ScopeKind.STORE:
+            await self.org.use_grant(uow, place.store, Function.COUPON, code, count=count, amount=0)
+
+    async def create_campaign(self, p: Principal, values: dict[str, Any]) -> dict[str, Any]:
+        place = await self._campaign_place(p, values)
+        require(p, Perm.CAMPAIGNS_WRITE, place)
+        fields = {k: v for k, v in values.items() if k in CAMPAIGN_FIELDS}
+        for name in ("stores", "departments"):
+            if name in fields:
+                fields[name] = tuple(fields[name])
+        for name in ("kind", "change_rule"):
+            if name in fields:
+                fields[name] = (CouponKind if name == "kind" else model.ChangeRule)(fields[name])
+        campaign = Campaign(code=values["code"], state=CampaignState.DRAFT, **fields)
+        model.check_campaign(campaign)
+        _check_stores(campaign, place)
+        reward = int(values.get("reward_spend_fen", 0))
+        now = self.clock_ms()
+        row = {
+            "code": campaign.code,
+            "name": campaign.name,
+            "legal_entity": place.entity,
+            "store": place.store,
+            "definition": definition_of(campaign, reward),
+            "state": str(CampaignState.DRAFT),
+            "issued_count": 0,
+            "issued_value": 0,
+            "redeemed_count": 0,
+            "redeemed_value": 0,
+            "store_cost": 0,
+            "supplier_cost": 0,
+            "created_at_ms": now,
+            "updated_at_ms": now,
+        }
+        async with self.records.begin() as uow:
+            await self._granted(uow, p, place, campaign.code, 0)
+            if await uow.get(CAMPAIGNS, code=campaign.code) is not None:
+                raise Refused("conflict", "campaign_exists", "a campaign has this code", "code")
+            try:
+                await uow.insert(CAMPAIGNS, row)
+            except Conflict:
+                raise Refused("conflict", "campaign_exists", "made at the same moment") from None
+            view = campaign_view(row)
+            await uow.audit(
+                p, action="coupon_campaign.create", kind="coupon_campaign",
+                object_id=campaign.code, place=place, before=None, after=view, now_ms=now,
+            )  # fmt: skip
+        return view
+
+    async def _campaign_row(self, code: str, field: str = "code") -> dict[str, Any]:
+        async with self.records.read() as uow:
+            row = await uow.get(CAMPAIGNS, code=code)
+        if row is None:
+            raise _campaign_not_found(field)
+        return row
+
+    async def get_campaign(self, p: Principal, code: str) -> dict[str, Any]:
+        row = await self._campaign_row(code)
+        require(p, Perm.LOYALTY_READ, place_of(row))
+        return campaign_view(row)
+
+    async def list_campaigns(
+        self, p: Principal, filters: dict[str, Any], after: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Campaigns in the principal's scope: all (group), one entity's, or one store's own."""
+        require(p, Perm.LOYALTY_READ)
+        where: dict[str, Any] = dict(filters)
+        if p.scope.kind is ScopeKind.ENTITY:
+            if where.get("legal_entity", p.scope.id) != p.scope.id:
+                return []
+            where["legal_entity"] = p.scope.id
+        elif p.scope.kind is ScopeKind.STORE:
+            if where.get("store", p.scope.id) != p.scope.id:
+                return []
+            where["store"] = p.scope.id
+        async with self.records.read() as uow:
+            rows = await uow.find(CAMPAIGNS, where, order="code", after=after, limit=limit)
+        return [campaign_view(r) for r in rows]
+
+    async def update_campaign(
+        self, p: Principal, code: str, changes: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Change a draft's definition, or a live campaign's name and budgets; move its state
+        (draft -> active -> paused <-> active, any -> ended). A guarded update: a change made
+        meanwhile by another request makes this one 409 `campaign_changed`."""
+        row = await self._campaign_row(code)
+        place = place_of(row)
+        require(p, Perm.CAMPAIGNS_WRITE, place)
+        before = campaign_of(row)
+        if before.state is not CampaignState.DRAFT:
+            fixed = sorted(set(changes) - LIVE_CHANGES)
+            if fixed:
+                raise Refused(
+                    "conflict", "campaign_live",
+                    "only a draft's definition changes; a live campaign's name and budgets",
+                    fixed[0],
+                )  # fmt: skip
+        state = CampaignState(changes.get("state", before.state))
+        if state is not before.state and state not in TRANSITIONS[before.state]:
+            raise Refused(
+                "conflict", "campaign_state", f"a {before.state} campaign cannot become {state}",
+                "state",
+            )  # fmt: skip
+        fields = {k: v for k, v in changes.items() if k in CAMPAIGN_FIELDS}
+        for name in ("stores", "departments"):
+            if name in fields:
+                fields[name] = tuple(fields[name])
+        if "kind" in fields:
+            fields["kind"] = CouponKind(fields["kind"])
+        if "change_rule" in fields:
+            fields["change_rule"] = model.ChangeRule(fields["change_rule"])
+        after = dataclasses.replace(before, state=state, **fields)
+        model.check_campaign(after)
+        _check_stores(after, place)
+        for budget, used in (("max_issued", "issued_count"), ("max_value_fen", "issued_value")):
+            bound = getattr(after, budget)
+            if budget in changes and bound and bound < int(row[used]):
+                raise Refused(
+                    "conflict", "budget_below_issued", f"{budget} is below what was issued",
+                    budget,
+                )  # fmt: skip
+        reward = int(changes.get("reward_spend_fen", reward_spend_of(row)))
+        now = max(self.clock_ms(), int(row["updated_at_ms"]) + 1)
+        stored = {
+            "name": after.name,
+            "definition": definition_of(after, reward),
+            "state": str(after.state),
+            "updated_at_ms": now,
+        }
+        bounds = {
+            used: getattr(after, budget)
+            for budget, used in (("max_issued", "issued_count"), ("max_value_fen", "issued_value"))
+            if getattr(after, budget)
+        }
+        async with self.records.begin() as uow:
+            await self._granted(uow, p, place, code, 0)
+            changed = await uow.update(
+                CAMPAIGNS,
+                {"code": code, "state": row["state"], "updated_at_ms": row["updated_at_ms"]},
+                stored,
+                at_most=bounds,
+            )
+            if not changed:
+                raise Refused(
+                    "conflict", "campaign_changed",
+                    "the campaign changed meanwhile (or its budget was used); read it again",
+                )  # fmt: skip
+            fresh = await uow.get(CAMPAIGNS, code=code)
+            assert fresh is not None
+            view = campaign_view(fresh)
+            await uow.audit(
+                p, action="coupon_campaign.update", kind="coupon_campaign", object_id=code,
+                place=place, before=campaign_view(row), after=view, now_ms=now,
+            )  # fmt: skip
+        return view
+
+    async def figures(self, p: Principal, code: str) -> dict[str, Any]:
+        """Issued, redeemed, expired (codes never redeemed once the campaign is over), the
+        redemption rate in basis points and the cost by funder."""
+        row = await self._campaign_row(code)
+        require(p, Perm.LOYALTY_READ, place_of(row))
+        c = campaign_of(row)
+        now = self.clock_ms()
+        expired = 0
+        if c.state is CampaignState.ENDED or now >= c.valid_to_ms:
+            async with self.records.read() as uow:
+                expired = await uow.count(CODES, campaign=code, state=["issued", "reserved"])
+        out = model.figures(
+            int(row["issued_count"]),
+            int(row["redeemed_count"]),
+            expired,
+            int(row["store_cost"]),
+            int(row["supplier_cost"]),
+        )
+        return {"campaign": code, "redeemed_value_fen": int(row["redeemed_value"]), **out}
+
+    # --- issuing codes -------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        p: Principal,
+        campaign: str,
+        count: int,
+        *,
+        key: str = "",
+        sink: Sink | None = None,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """`count` fresh bearer codes for printing (cryptographically random, unique across
+        the group: a chunk that clashes is drawn again). Up to COUPON_INSERT_CHUNK_MAX codes
+        commit at once with their budget; more (the CLI) reserve the budget first and then
+        commit chunk by chunk, the batch's `done` counting them. `sink` receives the codes."""
+        assert 1 <= count <= limits.COUPON_GENERATE_CLI_MAX, count
+        return await self._issue(
+            p, campaign, count, source="generated", key=key, sink=sink, progress=progress
+        )
+
+    async def import_codes(
+        self, p: Principal, campaign: str, codes: list[str], *, key: str = ""
+    ) -> dict[str, Any]:
+        """A partner's codes, as they are (`model.check_imported`); all or none: a code that
+        exists anywhere in the group refuses the import (409 `coupon_code_exists`)."""
+        checked = [model.check_imported(c) for c in codes]
+        if len(set(checked)) != len(checked):
+            raise Refused("invalid", "invalid_value", "the codes repeat", "codes")
+        return await self._issue(p, campaign, len(checked), source="imported", key=key,
+                                 given=checked)  # fmt: skip
+
+    async def issue_to_members(
+        self,
+        p: Principal,
+        campaign: str,
+        *,
+        member_ids: list[int] | None = None,
+        segment: dict[str, str] | None = None,
+        key: str = "",
+    ) -> dict[str, Any]:
+        """One code for each member: a list, or a segment (holders of a card class, or
+        members of a tier) of the campaign's legal entity (a store officer: its store's
+        members). At most COUPON_ISSUE_MEMBERS_MAX members."""
+        row = await self._campaign_row(campaign, "campaign")
+        place = place_of(row)
+        require(p, Perm.CAMPAIGNS_WRITE, place)
+        members = await self._members(p, place, member_ids, segment)
+        if not members:
+            raise Refused("invalid", "no_members", "no member to issue to", "member_ids")
+        owners: list[int | None] = list(members)
+        return await self._issue(p, campaign, len(owners), source="member", key=key, members=owners)
+
+    async def _members(
+        self,
+        p: Principal,
+        place: Place,
+        member_ids: list[int] | None,
+        segment: dict[str, str] | None,
+    ) -> list[int]:
+        most = limits.COUPON_ISSUE_MEMBERS_MAX
+        where: dict[str, Any] = {"legal_entity": place.entity, "state": "active"}
+        store = place.store or p.store
+        if store:
+            where["home_store"] = store
+        async with self.records.read() as uow:
+            if member_ids is not None:
+                rows = await uow.find(MEMBERS, {**where, "id": member_ids}, limit=most)
+                found = {int(r["id"]) for r in rows}
+                missing = [m for m in member_ids if m not in found]
+                if missing:
+                    raise Refused(
+                        "not_found", "member_not_found",
+                        f"member {missing[0]} is not an active member here", "member_ids",
+                    )  # fmt: skip
+                return list(member_ids)
+            assert segment is not None
+            if "tier" in segment:
+                rows = await uow.find(MEMBERS, {**where, "tier": segment["tier"]}, limit=most)
+                ids = sorted({int(r["id"]) for r in rows})
+            else:
+                card_where: dict[str, Any] = {
+                    "class_code": segment["card_class"],
+                    "legal_entity": place.entity,
+                    "state": "active",
+                }
+                if store:
+                    card_where["store"] = store
+                rows = await uow.find(CARDS, card_where, limit=most)
+                ids = sorted({int(r["member_id"]) for r in rows if r["member_id"] is not None})
+        if len(rows) > most:
+            raise Refused(
+                "invalid", "segment_too_large", f"the segment is over {most} members", "segment"
+            )
+        return ids
+
+    async def _issue(
+        self,
+        p: Principal | None,
+        campaign: str,
+        count: int,
+        *,
+        source: str,
+        key: str = "",
+        given: list[str] | None = None,
+        members: list[int | None] | None = None,
+        sink: Sink | None = None,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """The budget reserved by a guarded update, a batch row, the codes (given, or drawn
+        fresh), the audit row. Under a `key` a repeat answers the first batch."""
+        row = await self._campaign_row(campaign, "campaign")
+        place = place_of(row)
+        if p is not None:
+            require(p, Perm.CAMPAIGNS_WRITE, place)
+        c = campaign_of(row)
+        batch_key = f"{campaign}/{key}" if key and p is not None else key
+        if batch_key:
+            done = await self._replay_batch(batch_key, campaign, sink)
+            if done is not None:
+                return done
+        if c.state not in ISSUING_STATES:
+            raise Refused("conflict", "campaign_ended", "the campaign has ended", "campaign")
+        if not model.budget_room(
+            c, int(row["issued_count"]), int(row["issued_value"]), count, count * face_value(c)
+        ):
+            raise Refused(
+                "conflict", "campaign_budget_exceeded", "the campaign's budget has no room",
+                "count",
+            )  # fmt: skip
+        now = self.clock_ms()
+        chunk = limits.COUPON_INSERT_CHUNK_MAX
+        base = {
+            "campaign": campaign,
+            "source": source,
+            "state": str(CodeStatus.ISSUED),
+            "valid_from_ms": c.valid_from_ms,
+            "valid_to_ms": c.valid_to_ms,
+            "reserved_key": None,
+            "reserved_until_ms": None,
+            "redeemed_key": None,
+            "redeemed_at_ms": None,
+            "issued_at_ms": now,
+            "version": 0,
+        }
+        owners: list[int | None] = list(members) if members is not None else [None] * count
+        for attempt in range(limits.COUPON_GENERATE_ATTEMPTS_MAX):
+            try:
+                async with self.records.begin() as uow:
+                    batch = await self._open_batch(
+                        uow, p, row, c, count, source=source, key=batch_key, now=now
+                    )
+                    codes: list[str] = []
+                    if count <= chunk:
+                        codes = given or self._draw(count)
+                        await self._insert_codes(uow, batch, base, codes, owners)
+                        await uow.update(BATCHES, {"id": batch}, {"done": count, "state": "done"})
+                break
+            except _Clash:
+                if given is not None:
+                    raise Refused(
+                        "conflict", "coupon_code_exists", "a code exists already", "codes"
+                    ) from None
+                if attempt + 1 == limits.COUPON_GENERATE_ATTEMPTS_MAX:
+                    raise
+            except Conflict:
+                if batch_key:  # the same key at the same moment: the first batch answers
+                    done = await self._replay_batch(batch_key, campaign, sink)
+                    if done is not None:
+                        return done
+                raise
+        if count <= chunk:
+            if sink is not None:
+                sink(codes)
+            if progress is not None:
+                progress("codes", count, count)
+        else:
+            await self._fill(batch, base, count, sink, progress)
+        return {"campaign": campaign, "batch": batch, "count": count, "source": source}
+
+    async def _open_batch(
+        self,
+        uow: Unit,
+        p: Principal | None,
+        row: dict[str, Any],
+        c: Campaign,
+        count: int,
+        *,
+        source: str,
+        key: str,
+        now: int,
+    ) -> int:
+        """Inside the issuance's transaction: the grant (a store officer), the budget by a
+        guarded update (never past max_issued or max_value_fen, never after a change of the
+        campaign read before), the batch row and its audit row."""
+        place = place_of(row)
+        if p is not None:
+            await self._granted(uow, p, place, c.code, count)
+        bounds = {}
+        if c.max_issued:
+            bounds["issued_count"] = c.max_issued
+        if c.max_value_fen:
+            bounds["issued_value"] = c.max_value_fen
+        changed = await uow.update(
+            CAMPAIGNS,
+            {"code": c.code, "state": row["state"], "updated_at_ms": row["updated_at_ms"]},
+            {"issued_count": ("+", count), "issued_value": ("+", count * face_value(c))},
+            at_most=bounds,
+        )
+        if not changed:
+            raise Refused(
+                "conflict", "campaign_budget_exceeded",
+                "the campaign's budget has no room (or the campaign changed meanwhile)",
+                "count",
+            )  # fmt: skip
+        batch = await uow.insert(
+            BATCHES,
+            {
+                "campaign": c.code,
+                "source": source,
+                "count": count,
+                "done": 0,
+                "state": "running",
+                "created_by": 0 if p is None else p.user_id,
+                "created_at_ms": now,
+                "key": key or None,
+            },
+        )
+        assert batch is not None
+        if p is not None:
+            await uow.audit(
+                p, action=f"coupon_codes.{source}", kind="coupon_batch", object_id=batch,
+                place=place, before=None,
+                after={"campaign": c.code, "batch": batch, "count": count, "source": source},
+                now_ms=now,
+            )  # fmt: skip
+        return batch
+
+    def _draw(self, count: int) -> list[str]:
+        """`count` distinct fresh codes."""
+        codes: set[str] = set()
+        while len(codes) < count:
+            codes.add(model.new_code(self.randbytes))
+        return list(codes)
+
+    async def _insert_codes(
+        self,
+        uow: Unit,
+        batch: int,
+        base: dict[str, Any],
+        codes: list[str],
+        owners: list[int | None],
+    ) -> None:
+        rows = [
+            {**base, "code": code, "batch": batch, "member_id": owner}
+            for code, owner in zip(codes, owners, strict=True)
+        ]
+        try:
+            await uow.insert(CODES, rows)
+        except Conflict:
+            raise _Clash from None
+
+    async def _fill(
+        self, batch: int, base: dict[str, Any], count: int, sink: Sink | None,
+        progress: Progress | None,
+    ) -> None:  # fmt: skip
+        """A large batch, chunk by chunk, each chunk one transaction with the batch's count."""
+        chunk = limits.COUPON_INSERT_CHUNK_MAX
+        done = 0
+        while done < count:
+            size = min(chunk, count - done)
+            for attempt in range(limits.COUPON_GENERATE_ATTEMPTS_MAX):
+                codes = self._draw(size)
+                try:
+                    async with self.records.begin() as uow:
+                        await self._insert_codes(uow, batch, base, codes, [None] * size)
+                        await uow.update(BATCHES, {"id": batch}, {"done": ("+", size)})
+                    break
+                except _Clash:
+                    if attempt + 1 == limits.COUPON_GENERATE_ATTEMPTS_MAX:
+                        raise
+            done += size
+            if sink is not None:
+                sink(codes)
+            if progress is not None:
+                progress("codes", done, count)
+        async with self.records.begin() as uow:
+            await uow.update(BATCHES, {"id": batch}, {"state": "done"})
+
+    async def _replay_batch(
+        self, key: str, campaign: str, sink: Sink | None
+    ) -> dict[str, Any] | None:
+        """The batch made under `key` before, its codes to `sink`; None when there is none."""
+        async with self.records.read() as uow:
+            batch = await uow.get(BATCHES, key=key)
+            if batch is None:
+                return None
+            if batch["campaign"] != campaign:
+                raise Refused("conflict", "key_reused", "the key was used for another campaign",
+                              "key")  # fmt: skip
+            rows = []
+            if sink is not None:
+                rows = await uow.find(
+                    CODES, {"batch": batch["id"]}, order="code",
+                    limit=limits.COUPON_GENERATE_ROUTE_MAX,
+                )  # fmt: skip
+        if sink is not None:
+            sink([r["code"] for r in rows[: limits.COUPON_GENERATE_ROUTE_MAX]])
+        return {
+            "campaign": campaign,
+            "batch": int(batch["id"]),
+            "count": int(batch["count"]),
+            "source": batch["source"],
+            "replayed": True,
+        }
+
+    async def batch_codes(self, p: Principal, campaign: str, batch: int) -> list[dict[str, Any]]:
+        """The codes of one small batch (an issuance's answer), with their holders."""
+        row = await self._campaign_row(campaign, "campaign")
+        require(p, Perm.LOYALTY_READ, place_of(row))
+        async with self.records.read() as uow:
+            rows = await uow.find(
+                CODES, {"batch": batch, "campaign": campaign}, order="code",
+                limit=limits.COUPON_GENERATE_ROUTE_MAX,
+            )  # fmt: skip
+        return [
+            {
+                "code": r["code"],
+                "member_id": None if r["member_id"] is None else int(r["member_id"]),
+            }
+            for r in rows[: limits.COUPON_GENERATE_ROUTE_MAX]
+        ]
+
+    async def list_codes(
+        self, p: Principal, campaign: str, filters: dict[str, Any], after: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """A campaign's codes in code order (filters: stored `state`, `member_id`, `batch`),
+        each as a lookup shows it."""
+        row = await self._campaign_row(campaign)
+        require(p, Perm.LOYALTY_READ, place_of(row))
+        async with self.records.read() as uow:
+            rows = await uow.find(
+                CODES, {**filters, "campaign": campaign}, order="code", after=after, limit=limit
+            )
+        c, now = campaign_of(row), self.clock_ms()
+        return [code_view(r, c, now) for r in rows]
+
+    # --- one code ------------------------------------------------------------------------------
+
+    async def _code(self, uow: Unit, text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The code row a typed code names, and its campaign's row; 404 when there is none."""
+        rows = await uow.find(CODES, {"code": candidates(text)}, order="code", limit=2)
+        if not rows:
+            raise _not_found()
+        campaign = await uow.get(CAMPAIGNS, code=rows[0]["campaign"])
+        assert campaign is not None
+        return rows[0], campaign
+
+    async def lookup(self, p: Principal, text: str) -> dict[str, Any]:
+        async with self.records.read() as uow:
+            row, campaign = await self._code(uow, text)
+        require(p, Perm.LOYALTY_READ, place_of(campaign))
+        return code_view(row, campaign_of(campaign), self.clock_ms())
+
+    async def void(self, p: Principal, text: str) -> dict[str, Any]:
+        """Cancel an issued code (a lapsed reservation counts as issued): a guarded update,
+        so a code a terminal holds or redeemed is refused 409 `coupon_state`."""
+        async with self.records.read() as uow:
+            row, campaign = await self._code(uow, text)
+        place = place_of(campaign)
+        require(p, Perm.CAMPAIGNS_WRITE, place)
+        now = self.clock_ms()
+        c = campaign_of(campaign)
+        values = {"state": str(CodeStatus.VOIDED), "reserved_key": None,
+                  "reserved_until_ms": None, "version": ("+", 1)}  # fmt: skip
+        async with self.records.begin() as uow:
+            await self._granted(uow, p, place, c.code, 0)
+            taken = await self._take(uow, row, now, values)
+            if not taken:
+                raise Refused(
+                    "conflict", "coupon_state",
+                    f"the coupon is {status_of(row, now)}: only an issued coupon is voided",
+                )  # fmt: skip
+            fresh = await uow.get(CODES, code=row["code"])
+            assert fresh is not None
+            view = code_view(fresh, c, now)
+            await uow.audit(
+                p, action="coupon.void", kind="coupon", object_id=row["code"], place=place,
+                before=code_view(row, c, now), after=view, now_ms=now,
+            )  # fmt: skip
+        return view
+
+    async def _take(self, uow: Unit, row: dict[str, Any], now: int, values: dict[str, Any]) -> bool:
+        """Move an issued code (or one whose reservation lapsed) to `values` by one guarded
+        UPDATE; whether this call won it. A lapsed reservation is named by its key and time,
+        so a terminal that renewed it meanwhile keeps it; its redemption row is released."""
+        if await uow.update(CODES, {"code": row["code"], "state": "issued"}, values):
+            return True
+        lapsed = row["state"] == "reserved" and int(row["reserved_until_ms"] or 0) <= now
+        if not lapsed:
+            return False
+        held = {
+            "code": row["code"],
+            "state": "reserved",
+            "reserved_key": row["reserved_key"],
+            "reserved_until_ms": row["reserved_until_ms"],
+        }
+        if not await uow.update(CODES, held, values):
+            return False
+        await uow.update(
+            REDEMPTIONS,
+            {"key": row["reserved_key"], "state": "reserved"},
+            {"state": "released", "updated_at_ms": now},
+        )
+        return True
+
+    # --- signing keys and QR -------------------------------------------------------------------
+
+    async def create_key(self, p: Principal, entity: str, kid: str) -> dict[str, Any]:
+        """A new Ed25519 key pair of a legal entity: the private half sealed by the vault,
+        the public half answered. The newest active key signs the entity's QR texts."""
+        place = Place(entity)
+        require(p, Perm.CAMPAIGNS_WRITE, place)
+        now = self.clock_ms()
+        private = ed25519_new_private()
+        row = {
+            "kid": kid,
+            "legal_entity": entity,
+            "public_hex": ed25519_public_of(private).hex(),
+            "private_sealed": self.vault.seal_text(_key_context(kid, entity), private.hex()),
+            "state": "active",
+            "created_at_ms": now,
+        }
+        async with self.records.begin() as uow:
+            if await uow.get(ENTITIES, id=entity) is None:
+                raise Refused(
+                    "not_found", "entity_not_found", "no such legal entity", "legal_entity"
+                )
+            if await uow.get(KEYS, kid=kid) is not None:
+                raise Refused("conflict", "key_exists", "a signing key has this id", "kid")
+            try:
+                await uow.insert(KEYS, row)
+            except Conflict:
+                raise Refused("conflict", "key_exists", "made at the same moment") from None
+            view = key_view(row)
+            await uow.audit(
+                p, action="coupon_key.create", kind="coupon_key", object_id=kid, place=place,
+                before=None, after=view, now_ms=now,
+            )  # fmt: skip
+        return view
+
+    async def list_keys(
+        self, p: Principal, entity: str | None, after: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Public keys in scope: all (group), or the principal's legal entity's."""
+        require(p, Perm.LOYALTY_READ)
+        where: dict[str, Any] = {} if entity is None else {"legal_entity": entity}
+        if p.scope.kind is not ScopeKind.GROUP:
+            if where.get("legal_entity", p.scope_entity) != p.scope_entity:
+                return []
+            where["legal_entity"] = p.scope_entity
+        async with self.records.read() as uow:
+            rows = await uow.find(KEYS, where, order="kid", after=after, limit=limit)
+        return [key_view(r) for r in rows]
+
+    async def retire_key(self, p: Principal, kid: str) -> dict[str, Any]:
+        """A retired key signs nothing more, and QR texts under it no longer verify."""
+        async with self.records.read() as uow:
+            row = await uow.get(KEYS, kid=kid)
+        if row is None:
+            raise Refused("not_found", "key_not_found", "no such signing key", "kid")
+        place = Place(row["legal_entity"])
+        require(p, Perm.CAMPAIGNS_WRITE, place)
+        now = self.clock_ms()
+        async with self.records.begin() as uow:
+            changed = await uow.update(KEYS, {"kid": kid, "state": "active"}, {"state": "retired"})
+            if not changed:
+                raise Refused("conflict", "key_retired", "the key is retired already", "kid")
+            after = key_view({**row, "state": "retired"})
+            await uow.audit(
+                p, action="coupon_key.retire", kind="coupon_key", object_id=kid, place=place,
+                before=key_view(row), after=after, now_ms=now,
+            )  # fmt: skip
+        return after
+
+    async def qr(self, p: Principal, text: str) -> dict[str, Any]:
+        """The signed QR text of a code, under its issuing entity's newest active key; valid
+        until the code's end. 409 `no_signing_key` when the entity has none."""
+        async with self.records.read() as uow:
+            row, campaign = await self._code(uow, text)
+            require(p, Perm.LOYALTY_READ, place_of(campaign))
+            entity = campaign["legal_entity"]
+            keys = await uow.find(
+                KEYS, {"legal_entity": entity, "state": "active"}, order="created_at_ms",
+                descending=True, limit=1,
+            )  # fmt: skip
+        if not keys:
+            raise Refused("conflict", "no_signing_key", f"{entity} has no active signing key")
+        key = keys[0]
+        try:
+            private = bytes.fromhex(
+                self.vault.open_text(_key_context(key["kid"], entity), key["private_sealed"])
+            )
+        except (VaultError, ValueError):
+            raise Refused(
+                "conflict", "signing_key_unreadable", "the signing key does not open"
+            ) from None
+        expiry = int(row["valid_to_ms"])
+        payload = model.qr_payload(
+            model.QR_VERSION,
+            code=row["code"],
+            issuer_entity=entity,
+            expiry_ms=expiry,
+            nonce_hex=model.new_qr_nonce(self.randbytes),
+            kid=key["kid"],
+        )
+        qr_text = model.qr_text(payload, ed25519_sign(private, payload))
+        return {"code": row["code"], "qr": qr_text, "kid": key["kid"], "expiry_ms": expiry}
+
+    async def _verified_code(self, uow: Unit, text: str, now: int) -> str:
+        """The code a scanned QR names once its signature verifies under its issuer's active
+        key; a refusal code otherwise."""
+        claims = model.parse_qr(text)
+        key = await uow.get(KEYS, kid=claims.kid)
+        good = (
+            key is not None
+            and key["state"] == "active"
+            and key["legal_entity"] == claims.issuer_entity
+            and ed25519_verify(bytes.fromhex(key["public_hex"]), claims.payload, claims.signature)
+        )
+        if not good:
+            raise _Refusal(QR_SIGNATURE)
+        if claims.expired(now):
+            raise _Refusal("coupon_expired")
+        return claims.code
+
+    # --- at the POS ----------------------------------------------------------------------------
+
+    async def pos(
+        self, request: PosRequest, terminal: Terminal, key: str, card: Card | None
+    ) -> PosResult:
+        """The feature handler of the four coupon kinds (PosService.features)."""
+        if request.kind is Kind.COUPON_REVERSE:
+            original = transaction_key(terminal, request.original_batch, request.original_stan)
+            return await self._reverse(terminal, original, request.coupon)
+        confirm = request.kind is Kind.COUPON_REDEEM and bool(request.original_stan)
+        if not 0 <= request.amount <= limits.POS_AMOUNT_MAX or not (request.coupon or confirm):
+            return PosResult(Outcome.BAD_REQUEST)
+        if any(not 0 <= fen <= limits.POS_AMOUNT_MAX for _, fen in request.basket):
+            return PosResult(Outcome.BAD_REQUEST)
+        if len(request.basket) > limits.COUPON_BASKET_LINES_MAX:
+            return PosResult(Outcome.BAD_REQUEST)
+        try:
+            if request.kind is Kind.COUPON_QUERY:
+                return await self._query(request, terminal, card)
+            if confirm:
+                original = transaction_key(terminal, request.original_batch, request.original_stan)
+                return await self._confirm(request, key, original)
+            return await self._hold(request, terminal, key, card)
+        except _Refusal as exc:
+            return refused(exc.refusal)
+        except Refused as exc:  # a malformed code or QR text
+            return refused(exc.code)
+
+    async def _present(
+        self, uow: Unit, request: PosRequest, terminal: Terminal, card: Card | None, now: int
+    ) -> tuple[dict[str, Any], dict[str, Any], model.Verdict, int | None]:
+        """The code presented, its campaign, the rules' verdict and the card's member."""
+        text = request.coupon
+        if text.startswith(model.QR_VERSION + "|"):
+            text = await self._verified_code(uow, text, now)
+        try:
+            row, campaign_row = await self._code(uow, text)
+        except Refused as exc:
+            raise _Refusal(NOT_FOUND if exc.kind == "not_found" else exc.code) from None
+        if request.coupon.startswith(model.QR_VERSION + "|"):
+            claims = model.parse_qr(request.coupon)
+            if claims.issuer_entity != campaign_row["legal_entity"]:
+                raise _Refusal(QR_SIGNATURE)
+        c = campaign_of(campaign_row)
+        member = None
+        if card is not None and card.id:
+            held = await uow.get(CARDS, id=card.id)
+            member = None if held is None or held["member_id"] is None else int(held["member_id"])
+        redeemed = today = 0
+        if member is not None and (c.per_member_max or c.per_member_per_day_max):
+            live = ["reserved", "redeemed"]
+            redeemed = await uow.count(REDEMPTIONS, campaign=c.code, member_id=member, state=live)
+            today = await uow.count(
+                REDEMPTIONS, campaign=c.code, member_id=member, state=live, day=day_of(now)
+            )
+        in_scope = terminal.legal_entity == campaign_row["legal_entity"] and (
+            not campaign_row["store"] or terminal.store == campaign_row["store"]
+        )
+        lines = tuple(model.Line(d, fen) for d, fen in request.basket) or None
+        ctx = model.Context(
+            now_ms=now,
+            store=terminal.store,
+            bill_fen=request.amount,
+            lines=lines,
+            member_id=member,
+            member_redeemed=redeemed,
+            member_redeemed_today=today,
+            store_in_scope=in_scope,
+        )
+        code_state = model.CodeState(status_of(row, now), _member(row["member_id"]))
+        verdict = model.evaluate(c, code_state, ctx)
+        ended = c.state is CampaignState.ENDED
+        if not verdict.ok and verdict.refusal == "coupon_inactive" and ended:
+            raise _Refusal("coupon_expired")
+        return row, campaign_row, verdict, member
+
+    async def _query(self, request: PosRequest, terminal: Terminal, card: Card | None) -> PosResult:
+        now = self.clock_ms()
+        async with self.records.read() as uow:
+            _, campaign_row, verdict, _ = await self._present(uow, request, terminal, card, now)
+        if not verdict.ok:
+            return refused(verdict.refusal, campaign_row["code"], campaign_row["state"])
+        return PosResult(
+            Outcome.APPROVED,
+            discount=verdict.discount_fen,
+            forfeited=verdict.forfeited_fen,
+            campaign=campaign_row["code"],
+        )
+
+    async def _stored(self, uow: Unit, key: str, request: PosRequest) -> PosResult | None:
+        """The answer stored under this POS key (a resend), or None."""
+        row = await uow.get(REDEMPTIONS, key=key)
+        return None if row is None else replay(row, request)
+
+    async def _hold(
+        self, request: PosRequest, terminal: Terminal, key: str, card: Card | None
+    ) -> PosResult:
+        """Reserve (COUPON_RESERVE); or redeem (COUPON_REDEEM): confirm the reservation this
+        terminal holds in this batch (under this STAN or another), else reserve and redeem
+        at once."""
+        redeem = request.kind is Kind.COUPON_REDEEM
+        now = self.clock_ms()
+        async with self.records.read() as uow:
+            mine = await uow.get(REDEMPTIONS, key=key)
+            if mine is not None:
+                if redeem and mine["state"] == "reserved" and same_code(mine, request.coupon):
+                    return await self._confirm(request, key, key)
+                return replay(mine, request)
+            row, campaign_row, verdict, member = await self._present(
+                uow, request, terminal, card, now
+            )
+        held_by = row["reserved_key"] or ""
+        if redeem and row["state"] == "reserved" and held_by.startswith(
+            transaction_key(terminal, request.batch, "")
+        ):  # fmt: skip
+            return await self._confirm(request, key, held_by)
+        campaign = campaign_row["code"]
+        if not verdict.ok:
+            return refused(verdict.refusal, campaign, campaign_row["state"])
+        if redeem:
+            values: dict[str, Any] = {
+                "state": str(CodeStatus.REDEEMED), "reserved_key": None,
+                "reserved_until_ms": None, "redeemed_key": key, "redeemed_at_ms": now,
+                "version": ("+", 1),
+            }  # fmt: skip
+        else:
+            values = {
+                "state": str(CodeStatus.RESERVED), "reserved_key": key,
+                "reserved_until_ms": now + limits.COUPON_RESERVE_S * 1000, "version": ("+", 1),
+            }  # fmt: skip
+        redemption = {
+            "key": key,
+            "code": row["code"],
+            "campaign": campaign,
+            "member_id": member,
+            "store": terminal.store,
+            "terminal": terminal.tid,
+            "day": day_of(now),
+            "bill_fen": request.amount,
+            "discount_fen": verdict.discount_fen,
+            "forfeited_fen": verdict.forfeited_fen,
+            "store_cost_fen": verdict.store_cost_fen,
+            "supplier_cost_fen": verdict.supplier_cost_fen,
+            "supplier_id": campaign_of(campaign_row).supplier_id,
+            "state": "redeemed" if redeem else "reserved",
+            "created_at_ms": now,
+            "updated_at_ms": now,
+        }
+        try:
+            async with self.records.begin() as uow:
+                if not await self._take(uow, row, now, values):
+                    again = await self._stored(uow, key, request)
+                    if again is not None:  # the same request, decided meanwhile
+                        return again
+                    _lost()
+                try:
+                    await uow.insert(REDEMPTIONS, redemption)
+                except Conflict:
+                    raise _Refusal("coupon_used") from None
+                if redeem:
+                    await self._count(uow, campaign_row, redemption, 1)
+                await self._member_limits(uow, campaign_row, member, now, locked=redeem)
+        except _Refusal as exc:
+            async with self.records.read() as uow:
+                stored = await self._stored(uow, key, request)  # its reversal came first
+            return stored or refused(exc.refusal, campaign)
+        return answer_of(redemption, replayed=False)
+
+    async def _member_limits(
+        self, uow: Unit, campaign_row: dict[str, Any], member: int | None, now: int, *,
+        locked: bool,
+    ) -> None:  # fmt: skip
+        """Inside the redemption's transaction, after its own row: the member's live
+        redemptions of the campaign, counted again under the campaign row's lock (taken by
+        the counters' update, or here), so two codes of one member redeemed at the same
+        moment cannot both pass a limit. Nothing to do without limits or a member."""
+        c = campaign_of(campaign_row)
+        if member is None or not (c.per_member_max or c.per_member_per_day_max):
+            return
+        if not locked:
+            await uow.update(CAMPAIGNS, {"code": c.code}, {"code": c.code})  # the row lock
+        live = ["reserved", "redeemed"]
+        total = await uow.count(REDEMPTIONS, campaign=c.code, member_id=member, state=live)
+        if c.per_member_max and total > c.per_member_max:
+            raise _Refusal("coupon_member_limit")
+        if c.per_member_per_day_max:
+            today = await uow.count(
+                REDEMPTIONS, campaign=c.code, member_id=member, state=live, day=day_of(now)
+            )
+            if today > c.per_member_per_day_max:
+                raise _Refusal("coupon_daily_limit")
+
+    async def _count(
+        self, uow: Unit, campaign_row: dict[str, Any], r: dict[str, Any], sign: int
+    ) -> None:
+        """The campaign's redemption counters and cost by funder, by one guarded update: a
+        redemption needs the campaign active and room in its value budget."""
+        cost = int(r["store_cost_fen"]) + int(r["supplier_cost_fen"])
+        value = max(int(r["discount_fen"]), cost)
+        values = {
+            "redeemed_count": ("+", sign),
+            "redeemed_value": ("+", sign * value),
+            "store_cost": ("+", sign * int(r["store_cost_fen"])),
+            "supplier_cost": ("+", sign * int(r["supplier_cost_fen"])),
+        }
+        if sign < 0:
+            await uow.update(CAMPAIGNS, {"code": campaign_row["code"]}, values)
+            return
+        c = campaign_of(campaign_row)
+        bounds = {"redeemed_value": c.max_value_fen} if c.max_value_fen else {}
+        where = {"code": c.code, "state": str(CampaignState.ACTIVE)}
+        if not await uow.update(CAMPAIGNS, where, values, at_most=bounds):
+            fresh = await uow.get(CAMPAIGNS, code=c.code)
+            active = fresh is not None and fresh["state"] == CampaignState.ACTIVE
+            raise _Refusal(BUDGET_SPENT if active else "coupon_inactive")
+
+    async def _confirm(self, request: PosRequest, key: str, held_key: str) -> PosResult:
+        """Redeem the reservation held under `held_key` (this request's own key, or another
+        STAN of this terminal's batch): one guarded update of the code (still reserved under
+        that key) decides; a reservation that lapsed and was taken answers coupon_used."""
+        now = self.clock_ms()
+        async with self.records.read() as uow:
+            if key != held_key:
+                stored = await self._stored(uow, key, request)
+                if stored is not None:
+                    return stored
+            held = await uow.get(REDEMPTIONS, key=held_key)
+            campaign_row = None if held is None else await uow.get(CAMPAIGNS, code=held["campaign"])
+        if held is None or campaign_row is None:
+            return PosResult(Outcome.ORIGINAL_NOT_FOUND)
+        if not same_code(held, request.coupon):
+            return PosResult(Outcome.ORIGINAL_MISMATCH)
+        campaign = held["campaign"]
+        if held["state"] != "reserved":
+            return refused("coupon_used", campaign)
+        redemption = {**held, "key": key, "state": "redeemed", "created_at_ms": now,
+                      "updated_at_ms": now}  # fmt: skip
+        values = {"state": str(CodeStatus.REDEEMED), "reserved_key": None,
+                  "reserved_until_ms": None, "redeemed_key": key, "redeemed_at_ms": now,
+                  "version": ("+", 1)}  # fmt: skip
+        try:
+            async with self.records.begin() as uow:
+                mine = {"code": held["code"], "state": "reserved", "reserved_key": held_key}
+                if not await uow.update(CODES, mine, values):
+                    again = await self._stored(uow, key, request)
+                    if again is not None and key != held_key:
+                        return again
+                    _lost()  # the reservation lapsed and was taken
+                if key == held_key:  # confirmed in place: the row becomes the redemption
+                    await uow.update(
+                        REDEMPTIONS,
+                        {"key": key, "state": "reserved"},
+                        {"state": "redeemed", "updated_at_ms": now},
+                    )
+                else:
+                    await uow.update(
+                        REDEMPTIONS,
+                        {"key": held_key, "state": "reserved"},
+                        {"state": "confirmed", "updated_at_ms": now},
+                    )
+                    try:
+                        await uow.insert(REDEMPTIONS, redemption)
+                    except Conflict:
+                        raise _Refusal("coupon_used") from None
+                await self._count(uow, campaign_row, redemption, 1)
+        except _Refusal as exc:
+            return refused(exc.refusal, campaign)
+        return answer_of(redemption, replayed=False)
+
+    async def _reverse(self, terminal: Terminal, original: str, coupon: str) -> PosResult:
+        async with self.records.read() as uow:
+            found = await uow.get(REDEMPTIONS, key=original)
+        if found is None:
+            await self._tombstone(terminal, original)
+            return PosResult(Outcome.ORIGINAL_NOT_FOUND)
+        if not found["code"]:  # a tombstone: the original never arrived
+            return PosResult(Outcome.ORIGINAL_NOT_FOUND, replayed=True)
+        if not same_code(found, coupon):
+            return PosResult(Outcome.ORIGINAL_MISMATCH)
+        row, undone = await self._undo(original)
+        if row is None:
+            return PosResult(Outcome.ORIGINAL_NOT_FOUND)
+        return PosResult(
+            Outcome.APPROVED,
+            discount=int(row["discount_fen"]),
+            campaign=row["campaign"],
+            replayed=not undone,
+        )
+
+    async def reverse_key(self, terminal: Terminal, key: str) -> None:
+        """The 0400 reversal hook (PosService.reversers): undo what a coupon request did
+        under `key`, if anything (idempotent). When nothing was done under it, a tombstone:
+        should the request arrive after its reversal, it changes nothing."""
+        row, _ = await self._undo(key)
+        if row is None:
+            await self._tombstone(terminal, key)
+
+    async def _tombstone(self, terminal: Terminal, key: str) -> None:
+        """A `reversed` row with no code under a POS key nothing was done under (a 0400 of
+        any kind of request: a few rows, only on timeouts); a request under the key later is
+        answered reversed_before_arrival."""
+        now = self.clock_ms()
+        stone = {
+            "key": key, "code": "", "campaign": "", "member_id": None,
+            "store": terminal.store, "terminal": terminal.tid, "day": day_of(now),
+            "bill_fen": 0, "discount_fen": 0, "forfeited_fen": 0, "store_cost_fen": 0,
+            "supplier_cost_fen": 0, "supplier_id": "", "state": "reversed",
+            "created_at_ms": now, "updated_at_ms": now,
+        }  # fmt: skip
+        try:
+            async with self.records.begin() as uow:
+                await uow.insert(REDEMPTIONS, stone)
+        except Conflict:
+            await self._undo(key)  # the request itself arrived at this moment: undo it
+
+    async def _undo(self, key: str) -> tuple[dict[str, Any] | None, bool]:
+        """Release a reservation or un-redeem a redemption made under `key`: the row's state
+        moves by a guarded update, so only the first reversal changes anything; the code is
+        issued again only if it is still this key's. (row, whether this call undid it)."""
+        now = self.clock_ms()
+        async with self.records.read() as uow:
+            row = await uow.get(REDEMPTIONS, key=key)
+        if row is None or row["state"] not in ("reserved", "redeemed"):
+            return row, False
+        back = {"state": str(CodeStatus.ISSUED), "reserved_key": None, "reserved_until_ms": None,
+                "redeemed_key": None, "redeemed_at_ms": None, "version": ("+", 1)}  # fmt: skip
+        async with self.records.begin() as uow:
+            if row["state"] == "reserved":
+                if not await uow.update(
+                    REDEMPTIONS, {"key": key, "state": "reserved"},
+                    {"state": "released", "updated_at_ms": now},
+                ):  # fmt: skip
+                    return row, False
+                await uow.update(
+                    CODES, {"code": row["code"], "state": "reserved", "reserved_key": key}, back
+                )
+                return row, True
+            if not await uow.update(
+                REDEMPTIONS, {"key": key, "state": "redeemed"},
+                {"state": "reversed", "updated_at_ms": now},
+            ):  # fmt: skip
+                return row, False
+            await uow.update(
+                CODES, {"code": row["code"], "state": "redeemed", "redeemed_key": key}, back
+            )
+            campaign_row = await uow.get(CAMPAIGNS, code=row["campaign"])
+            assert campaign_row is not None
+            await self._count(uow, campaign_row, row, -1)
+        return row, True
+
+    # --- issuance by rule ----------------------------------------------------------------------
+
+    async def reward_purchase(
+        self, terminal: Terminal, key: str, card: Card | None, amount: int
+    ) -> list[dict[str, Any]]:
+        """Instant reward: one code of each active "spend X, get a coupon" campaign (its
+        `reward_spend_fen` reached by `amount`) whose scope holds the terminal's store, to the
+        card's member (a holder-only campaign needs one). Idempotent under the POS key: a
+        resend answers the codes issued the first time. A campaign whose budget is used up
+        is skipped. [{campaign, code}]"""
+        assert 0 <= amount <= limits.POS_AMOUNT_MAX, amount
+        now = self.clock_ms()
+        async with self.records.read() as uow:
+            rows = await uow.find(
+                CAMPAIGNS, {"state": str(CampaignState.ACTIVE),
+                            "legal_entity": terminal.legal_entity},
+                order="code", limit=limits.COUPON_REWARD_CAMPAIGNS_MAX,
+            )  # fmt: skip
+            held = None if card is None or not card.id else await uow.get(CARDS, id=card.id)
+        member = None if held is None else _member(held["member_id"])
+        out: list[dict[str, Any]] = []
+        for row in rows[: limits.COUPON_REWARD_CAMPAIGNS_MAX]:
+            spend = reward_spend_of(row)
+            c = campaign_of(row)
+            fits = (
+                spend > 0
+                and amount >= spend
+                and c.valid_from_ms <= now < c.valid_to_ms
+                and (not row["store"] or row["store"] == terminal.store)
+                and (not c.stores or terminal.store in c.stores)
+                and (member is not None or not c.holder_only)
+            )
+            if not fits:
+                continue
+            batch_key = f"reward/{key}/{c.code}"
+            try:
+                done = await self._issue(
+                    None, c.code, 1, source="rule", key=batch_key, members=[member]
+                )
+            except Refused:
+                continue  # the budget is used up, or the campaign changed: no reward
+            async with self.records.read() as uow:
+                codes = await uow.find(CODES, {"batch": done["batch"]}, order="code", limit=1)
+            out.extend({"campaign": c.code, "code": r["code"]} for r in codes[:1])
+        return out
+
+
+def _lost() -> NoReturn:
+    """Another request took the code first."""
+    raise _Refusal("coupon_used")
+
+
+def _member(value: object) -> int | None:
+    return None if value is None else int(str(value))
+
+
+def _key_context(kid: str, entity: str) -> str:
+    """What a sealed private key is bound to: it opens only as this key of this entity."""
+    return f"coupon-signing-key/{entity}/{kid}"
+
+
+def _check_stores(c: Campaign, place: Place) -> None:
+    """A store campaign applies in its own store only."""
+    if place.store and c.stores not in ((), (place.store,)):
+        raise Refused("invalid", "invalid", "a store campaign applies in its own store", "stores")

@@ -1,0 +1,1636 @@
+"""The points engine's use cases (ADR 0007): programs and earning rules (admin API), earning
+at the POS after the money, its reversal and its proportional clawback, and the card's
+points as the admin API shows them.
+
+Ledger shape. A program's points are one ledger asset, made with the program. A card's
+points belong to its holder, the card's value account id (a replacement card shares it):
+one account per lot (owner kind "points", owner id the holder, purpose `model.lot_purpose`,
+no-overdraft) and one debt account (purpose "debt", no-overcredit), in the card's legal
+entity. The entity's accounts `points_issued`, `points_clawed` (owner kind "entity") are the
+other side of earnings and clawbacks.
+
+Keys (POS client, under the terminal transaction's key K):
+- a purchase's earning is `K:p` (points_issued -> lot), pinned in `points_earnings` (with its
+  per-rule parts, which the daily caps count) BEFORE it is submitted: a resend reads the row
+  and submits the identical transfer, which the ledger answers as a replay;
+- a POINTS_EARN (a purchase paid some other way) earns the same way under `K:p`; a terminal
+  reversal that overtook it left a tombstone under K (the POS host's), which refuses it;
+- a void V of purchase K reverses `K:p` under `V:p`; a terminal reversal of any K undoes what
+  stands under `K:p` under `K/R:p` (`reverse_pos`): a ledger Reverse for a one-lot transfer,
+  the mirrored legs for a multi-lot one (a clawback): the key makes it happen at most once;
+- a refund F claws back under `F:p` (pinned in `points_clawbacks`): the returned part's share,
+  from the earning's own lot first, then pending, then usable lots latest expiry first, and
+  what the lots cannot cover debits the holder's debt account.
+
+`:` is in the ledger's key alphabet; the transfers' reasons (points_earn, points_void,
+points_clawback, points_reversal) are ones settlement totals ignore.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from cardcore import limits
+from cardcore.cards.accounts import Accounts, Wanted
+from cardcore.cards.directory import Directory
+from cardcore.cards.model import (
+    CURRENCY,
+    POS_CLIENT,
+    Card,
+    Kind,
+    Outcome,
+    PosRequest,
+    PosResult,
+    Terminal,
+    auth_code_of,
+    rrn_of,
+    value_postings,
+)
+from cardcore.cards.pos import MoneyDone, PointsAnswer
+from cardcore.ledger.model import (
+    AccountFlags,
+    AssetKind,
+    CreateAsset,
+    CreateTransfer,
+    Metadata,
+    Op,
+    Posting,
+    Result,
+    Reverse,
+    Side,
+)
+from cardcore.ledger.service import Ledger
+from cardcore.ledger.writer import Busy, LedgerUnavailable
+from cardcore.org.model import (
+    Function,
+    Perm,
+    Place,
+    Principal,
+    Problem,
+    Refused,
+    ScopeKind,
+    require,
+)
+from cardcore.org.service import OrgService
+from cardcore.points import model
+from cardcore.records import Conflict, Records, Unit
+
+log = logging.getLogger(__name__)
+
+TRANSFERS = "points_transfers"
+PROGRAMS, RULES, EARNINGS, PARTS, CLAWBACKS, HOLDERS = (
+    "points_programs",
+    "points_rules",
+    "points_earnings",
+    "points_earning_parts",
+    "points_clawbacks",
+    "points_holders",
+)
+ACCOUNTS = "ledger_accounts"
+OWNER_KIND = "points"  # lot and debt accounts: owner id = the holder
+EARN_SUFFIX = ":p"  # the points part of a POS transaction, under its key
+REVERSAL_SUFFIX = "/R"  # as cards.model.reversal_key
+DEBT_SUFFIX = ":d"  # an earning's repayment of the holder's debt, under the earning's key
+EXPIRY_CLIENT = "points"  # the ledger scope of the expiry job's transfers
+ADMIN_CLIENT = "points-admin"  # the ledger scope of reward redemptions and transfers
+NO_OVERDRAFT = AccountFlags(no_overdraft=True)
+NO_OVERCREDIT = AccountFlags(no_overcredit=True)
+
+
+class PointsUnavailable(Exception):
+    """The ledger could not take a points step now; retry."""
+
+
+def _refused(exc: model.PointsRefused) -> Refused:
+    return Refused("invalid", exc.code, exc.message, exc.field)
+
+
+def _invalid(code: str, problems: Sequence[Problem]) -> None:
+    if problems:
+        raise Refused("invalid", code, problems[0].message, problems[0].field)
+
+
+# --- definitions -----------------------------------------------------------------------------
+
+
+def tiers_json(policy: model.TierPolicy | None) -> dict[str, Any] | None:
+    if policy is None:
+        return None
+    return {
+        "ladder": [
+            {"code": t.code, "threshold": t.threshold, "multiplier_pct": t.multiplier_pct}
+            for t in policy.tiers
+        ],
+        "basis": str(policy.basis),
+        "period": str(policy.period),
+        "downgrade": str(policy.downgrade),
+    }
+
+
+def tiers_of(raw: object) -> model.TierPolicy | None:
+    if not isinstance(raw, dict):
+        return None
+    ladder = tuple(
+        model.Tier(str(t["code"]), int(t["threshold"]), int(t["multiplier_pct"]))
+        for t in raw.get("ladder", [])
+    )
+    return model.TierPolicy(
+        ladder,
+        model.TierBasis(raw.get("basis", model.TierBasis.POINTS_EARNED)),
+        model.TierPeriod(raw.get("period", model.TierPeriod.CALENDAR_YEAR)),
+        model.Downgrade(raw.get("downgrade", model.Downgrade.PERIOD_END)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramRecord:
+    code: str
+    name: str
+    state: str
+    program: model.Program
+    tiers: model.TierPolicy | None
+
+
+def program_record(row: dict[str, Any]) -> ProgramRecord:
+    raw = json.loads(row["definition"])
+    return ProgramRecord(
+        row["code"], row["name"], row["state"], model.program_of(raw), tiers_of(raw.get("tiers"))
+    )
+
+
+def program_view(row: dict[str, Any]) -> dict[str, Any]:
+    found = program_record(row)
+    return {
+        **model.program_json(found.program),
+        "name": row["name"],
+        "state": row["state"],
+        "tiers": tiers_json(found.tiers),
+        "created_at_ms": int(row["created_at_ms"]),
+        "updated_at_ms": int(row["updated_at_ms"]),
+    }
+
+
+def _checked_program(values: dict[str, Any]) -> tuple[model.Program, model.TierPolicy | None]:
+    """The program and tier policy of a definition, or 400 naming the first problem."""
+    program = model.program_of(values)
+    _invalid(model.PROGRAM_INVALID, model.check_program(program))
+    tiers = tiers_of(values.get("tiers"))
+    if tiers is not None:
+        found = model.check_tiers(tiers.tiers)
+        _invalid(model.TIERS_INVALID, [Problem(f"tiers.{p.field}", p.message) for p in found])
+    return program, tiers
+
+
+def _definition(program: model.Program, tiers: model.TierPolicy | None) -> str:
+    return json.dumps({**model.program_json(program), "tiers": tiers_json(tiers)}, sort_keys=True)
+
+
+def rule_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **json.loads(row["definition"]),
+        "program": row["program"],
+        "legal_entity": row["legal_entity"],
+        "store": row["store"],
+        "state": row["state"],
+        "created_at_ms": int(row["created_at_ms"]),
+        "updated_at_ms": int(row["updated_at_ms"]),
+    }
+
+
+def _checked_rule(values: dict[str, Any]) -> model.Rule:
+    try:
+        rule = model.rule_of(values)
+    except model.PointsRefused as exc:
+        raise _refused(exc) from None
+    _invalid(model.RULE_INVALID, model.check_rule(rule))
+    return rule
+
+
+def rule_place(row: dict[str, Any]) -> Place:
+    return Place(row["legal_entity"], row["store"])
+
+
+def visible(p: Principal, row: dict[str, Any]) -> bool:
+    """Group rules are everyone's to read; an entity's or a store's only within scope."""
+    if p.scope.kind is ScopeKind.GROUP:
+        return True
+    if row["legal_entity"] not in ("", p.scope_entity):
+        return False
+    return p.scope.kind is ScopeKind.ENTITY or row["store"] in ("", p.store)
+
+
+def applies_at(row: dict[str, Any], t: Terminal) -> bool:
+    """A rule is in scope of a store: the group's, its entity's, or its own."""
+    return (
+        row["state"] == "active"
+        and row["legal_entity"] in ("", t.legal_entity)
+        and row["store"] in ("", t.store)
+    )
+
+
+# --- lots ------------------------------------------------------------------------------------
+
+
+def available(row: dict[str, Any]) -> int:
+    return int(row["credits_posted"]) - int(row["debits_posted"]) - int(row["debits_pending"])
+
+
+def owed(row: dict[str, Any] | None) -> int:
+    """A debt account's debt: what clawbacks debited and repayments did not credit back."""
+    if row is None:
+        return 0
+    return int(row["debits_posted"]) - int(row["credits_posted"])
+
+
+@dataclass(frozen=True, slots=True)
+class Holding:
+    """A holder's points in one program: its lots (key = purpose) and their account ids."""
+
+    lots: tuple[model.Lot, ...]
+    ids: dict[str, int]
+    debt: int
+    debt_id: int | None
+
+    def usable(self, now_ms: int) -> int:
+        return sum(lot.remaining for lot in self.lots if model.is_usable(lot, now_ms))
+
+    def pending(self, now_ms: int) -> int:
+        return sum(lot.remaining for lot in self.lots if model.is_pending(lot, now_ms))
+
+
+def _metadata(t: Terminal, r: PosRequest) -> Metadata:
+    pairs = {"batch": r.batch, "operator": r.operator, "stan": r.stan, "store": t.store,
+             "terminal": t.tid}  # fmt: skip
+    return tuple(sorted((k, v) for k, v in pairs.items() if v))
+
+
+DEBITS_PER_TRANSFER_MAX = limits.POSTINGS_PER_TRANSFER_MAX - 1  # and one credit
+
+
+def chunk_key(key: str, index: int) -> str:
+    """The key of a multi-lot move's `index`th transfer: the key itself, then `key.2`, ..."""
+    return key if index == 0 else f"{key}.{index + 1}"
+
+
+def split(
+    client: str, key: str, asset: str, debits: Sequence[Posting], credit: int, *,
+    reason: str, metadata: Metadata, client_link_last: bool = False,
+) -> list[Op]:  # fmt: skip
+    """Debits from many lots to one account, as linked transfers of at most
+    POSTINGS_PER_TRANSFER_MAX legs each (the ledger's bound), keyed `chunk_key`. With
+    `client_link_last` the last is linked too (the caller's op follows in the group)."""
+    chunks = [
+        debits[i : i + DEBITS_PER_TRANSFER_MAX]
+        for i in range(0, len(debits), DEBITS_PER_TRANSFER_MAX)
+    ]
+    out: list[Op] = []
+    for index, chunk in enumerate(chunks):
+        legs = (*chunk, Posting(credit, Side.CREDIT, sum(p.amount for p in chunk)))
+        linked = client_link_last or index < len(chunks) - 1
+        out.append(CreateTransfer(client, chunk_key(key, index), asset, legs, reason=reason,
+                                  metadata=metadata, linked=linked))  # fmt: skip
+    return out
+
+
+def again(stored: Sequence[dict[str, Any]], client: str, keys: Sequence[str],
+          metadata: Metadata, *, link_last: bool = False) -> list[Op]:  # fmt: skip
+    """Stored transfers submitted again as they were (the ledger answers them as replays)."""
+    return [
+        CreateTransfer(
+            client, key, t["asset"], tuple(Posting(a, Side(s), x) for a, s, x in t["postings"]),
+            reason=t["reason"], metadata=metadata,
+            linked=link_last or i < len(stored) - 1,
+        )
+        for i, (t, key) in enumerate(zip(stored, keys, strict=True))
+    ]  # fmt: skip
+
+
+def _mirror(stored: dict[str, Any], key: str, reason: str, metadata: Metadata) -> CreateTransfer:
+    """A transfer with every leg of `stored` moved back (sides swapped)."""
+    swapped = tuple(
+        Posting(a, Side.CREDIT if side == "debit" else Side.DEBIT, amount)
+        for a, side, amount in stored["postings"]
+    )
+    return CreateTransfer(POS_CLIENT, key, stored["asset"], swapped, reason=reason,
+                          metadata=metadata)  # fmt: skip
+
+
+# --- the service -----------------------------------------------------------------------------
+
+
+class PointsService:
+    def __init__(  # noqa: PLR0917 - the services it composes, one each
+        self,
+        records: Records,
+        org: OrgService,
+        ledger: Ledger,
+        directory: Directory,
+        accounts: Accounts,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self.records = records
+        self.org = org
+        self.ledger = ledger
+        self.directory = directory
+        self.accounts = accounts
+        self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+
+    # --- programs ----------------------------------------------------------------------------
+
+    async def create_program(self, p: Principal, values: dict[str, Any]) -> dict[str, Any]:
+        """A program and its ledger asset (made first; the asset of a refused program may
+        stay behind, unused: assets are idempotent by code)."""
+        _require_group(p, Perm.PROGRAMS_WRITE)
+        program, tiers = _checked_program(values)
+        async with self.records.read() as uow:
+            if await uow.get(PROGRAMS, code=program.code) is not None:
+                raise Refused("conflict", "program_exists", "a program has this code", "code")
+            if await uow.get(PROGRAMS, asset=program.asset) is not None:
+                raise Refused("conflict", "asset_taken", "another program has this asset", "asset")
+        await self._asset(program)
+        now = self.clock_ms()
+        row = {
+            "code": program.code,
+            "name": values["name"],
+            "asset": program.asset,
+            "definition": _definition(program, tiers),
+            "state": "active",
+            "created_at_ms": now,
+            "updated_at_ms": now,
+        }
+        async with self.records.begin() as uow:
+            try:
+                await uow.insert(PROGRAMS, row)
+            except Conflict:
+                raise Refused("conflict", "program_exists", "made at the same moment") from None
+            view = program_view(row)
+            await uow.audit(
+                p, action="points_program.create", kind="points_program", object_id=program.code,
+                place=Place(), before=None, after=view, now_ms=now,
+            )  # fmt: skip
+        return view
+
+    async def _asset(self, program: model.Program) -> None:
+        op = CreateAsset(program.asset, AssetKind.POINTS, 0, f"points {program.code}")
+        try:
+            [made] = await self.ledger.submit([op])
+        except (Busy, LedgerUnavailable) as exc:
+            raise PointsUnavailable(str(exc)) from None
+        if made.code.startswith("exists_with_different_"):
+            raise Refused("conflict", "asset_taken", "the ledger has this asset", "asset")
+        if not made.ok:
+            raise PointsUnavailable(made.code)
+
+    async def list_programs(
+        self, p: Principal, state: str | None, after: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        require(p, Perm.LOYALTY_READ)
+        where = {} if state is None else {"state": state}
+        async with self.records.read() as uow:
+            rows = await uow.find(PROGRAMS, where, order="code", after=after, limit=limit)
+        return [program_view(r) for r in rows]
+
+    async def get_program(self, p: Principal, code: str) -> dict[str, Any]:
+        require(p, Perm.LOYALTY_READ)
+        async with self.records.read() as uow:
+            return program_view(await _program_row(uow, code))
+
+    async def update_program(
+        self, p: Principal, code: str, changes: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Change a program's name, state or definition (never its code or asset)."""
+        _require_group(p, Perm.PROGRAMS_WRITE)
+        now = self.clock_ms()
+        async with self.records.begin() as uow:
+            await uow.update(PROGRAMS, {"code": code}, {"updated_at_ms": ("+", 0)})
+            row = await _program_row(uow, code)
+            before = program_view(row)
+            merged = {**before, **changes, "code": code, "asset": row["asset"]}
+            program, tiers = _checked_program(merged)
+            stored = {
+                "name": merged["name"],
+                "state": merged["state"],
+                "definition": _definition(program, tiers),
+                "updated_at_ms": now,
+            }
+            await uow.update(PROGRAMS, {"code": code}, stored)
+            after = program_view({**row, **stored})
+            await uow.audit(
+                p, action="points_program.update", kind="points_program", object_id=code,
+                place=Place(), before=before, after=after, now_ms=now,
+            )  # fmt: skip
+        return after
+
+    # --- rules -------------------------------------------------------------------------------
+
+    async def _place(self, uow: Unit, entity: str, store: str) -> Place:
+        """Where a rule lives: a store (in its entity), an entity, or the group."""
+        if store:
+            found = await uow.get("org_stores", id=store)
+            if found is None:
+                raise Refused("not_found", "store_not_found", "no such store", "store")
+            if entity and entity != found["legal_entity"]:
+                raise Refused("invalid", "store_not_in_entity", "the store is not in it", "store")
+            return Place(found["legal_entity"], store)
+        if entity:
+            if await uow.get("org_legal_entities", id=entity) is None:
+                raise Refused("not_found", "entity_not_found", "no such legal entity",
+                              "legal_entity")  # fmt: skip
+            return Place(entity)
+        return Place()
+
+    async def _check_rule_scope(
+        self, uow: Unit, p: Principal, place: Place, rule: model.Rule, program: str
+    ) -> None:
+        """The principal may write rules at `place`; a store officer only its own store's,
+        and only while HQ grants its store the points function; the rule names no store
+        outside its place."""
+        require(p, Perm.RULES_WRITE, place)
+        if p.scope.kind is ScopeKind.STORE:
+            await self.org.use_grant(uow, p.store, Function.POINTS, program, count=0, amount=0)
+        if place.store and not rule.stores <= {place.store}:
+            raise Refused("forbidden", "scope_forbidden", "a store's rule names only it", "stores")
+        if place.entity and not place.store and rule.stores:
+            rows = await uow.find("org_stores", {"id": sorted(rule.stores)}, limit=len(rule.stores))
+            if len(rows) != len(rule.stores) or any(
+                r["legal_entity"] != place.entity for r in rows
+            ):
+                raise Refused(
+                    "forbidden", "scope_forbidden", "an entity's rule names only its stores",
+                    "stores",
+                )  # fmt: skip
+
+    async def create_rule(
+        self, p: Principal, program: str, values: dict[str, Any]
+    ) -> dict[str, Any]:
+        require(p, Perm.RULES_WRITE)
+        definition = {k: v for k, v in values.items() if k not in ("legal_entity", "store")}
+        rule = _checked_rule(definition)
+        now = self.clock_ms()
+        async with self.records.begin() as uow:
+            await uow.update(PROGRAMS, {"code": program}, {"updated_at_ms": ("+", 0)})
+            await _program_row(uow, program, "program")
+            entity, store = values.get("legal_entity", ""), values.get("store", "")
+            place = await self._place(uow, entity, store)
+            await self._check_rule_scope(uow, p, place, rule, program)
+            if await uow.get(RULES, program=program, code=rule.code) is not None:
+                raise Refused("conflict", "rule_exists", "the program has a rule with this code",
+                              "code")  # fmt: skip
+            live = await uow.count(RULES, program=program, state="active")
+            if live >= limits.POINTS_RULES_PER_PROGRAM_MAX:
+                raise Refused("conflict", "too_many_rules", "the program has its most rules")
+            row = {
+                "program": program,
+                "code": rule.code,
+                "legal_entity": place.entity,
+                "store": place.store,
+                "definition": json.dumps(model.rule_json(rule), sort_keys=True),
+                "state": "active",
+                "created_at_ms": now,
+                "updated_at_ms": now,
+            }
+            try:
+                await uow.insert(RULES, row)
+            except Conflict:
+                raise Refused("conflict", "rule_exists", "made at the same moment") from None
+            view = rule_view(row)
+            await uow.audit(
+                p, action="points_rule.create", kind="points_rule",
+                object_id=f"{program}/{rule.code}", place=place, before=None, after=view,
+                now_ms=now,
+            )  # fmt: skip
+        return view
+
+    async def list_rules(
+        self, p: Principal, program: str, after: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        require(p, Perm.LOYALTY_READ)
+        async with self.records.read() as uow:
+            await _program_row(uow, program, "program")
+            rows = await uow.find(
+                RULES, {"program": program}, order="code", after=after,
+                limit=limits.POINTS_RULES_PER_PROGRAM_MAX * 4,
+            )  # fmt: skip
+        shown = [rule_view(r) for r in rows if visible(p, r)]
+        return shown[: limit + 1]
+
+    async def get_rule(self, p: Principal, program: str, code: str) -> dict[str, Any]:
+        require(p, Perm.LOYALTY_READ)
+        async with self.records.read() as uow:
+            row = await _rule_row(uow, program, code)
+        if not visible(p, row):
+            raise Refused("forbidden", "scope_forbidden", f"outside the token's scope ({p.scope})")
+        return rule_view(row)
+
+    async def update_rule(
+        self, p: Principal, program: str, code: str, changes: dict[str, Any]
+    ) -> dict[str, Any]:
+        require(p, Perm.RULES_WRITE)
+        now = self.clock_ms()
+        async with self.records.begin() as uow:
+            await uow.update(RULES, {"program": program, "code": code}, {"updated_at_ms": ("+", 0)})
+            row = await _rule_row(uow, program, code)
+            place = rule_place(row)
+            require(p, Perm.RULES_WRITE, place)
+            before = rule_view(row)
+            definition = {**json.loads(row["definition"]), **changes, "code": code}
+            definition.pop("state", None)
+            rule = _checked_rule(definition)
+            await self._check_rule_scope(uow, p, place, rule, program)
+            state = changes.get("state", row["state"])
+            if state == "active" and row["state"] != "active":
+                live = await uow.count(RULES, program=program, state="active")
+                if live >= limits.POINTS_RULES_PER_PROGRAM_MAX:
+                    raise Refused("conflict", "too_many_rules", "too many active rules")
+            stored = {
+                "definition": json.dumps(model.rule_json(rule), sort_keys=True),
+                "state": state,
+                "updated_at_ms": now,
+            }
+            await uow.update(RULES, {"id": row["id"]}, stored)
+            after = rule_view({**row, **stored})
+            await uow.audit(
+                p, action="points_rule.update", kind="points_rule",
+                object_id=f"{program}/{code}", place=place, before=before, after=after,
+                now_ms=now,
+            )  # fmt: skip
+        return after
+
+    # --- holdings ------------------------------------------------------------------------------
+
+    async def _program_of_card(self, card: Card) -> ProgramRecord | None:
+        """The active program the card's class earns in, or None."""
+        klass = await self.directory.card_class(card.class_code)
+        if klass is None or not klass.points_program:
+            return None
+        async with self.records.read() as uow:
+            row = await uow.get(PROGRAMS, code=klass.points_program)
+        if row is None or row["state"] != "active":
+            return None
+        return program_record(row)
+
+    async def holding(self, program: model.Program, holder: int) -> Holding:
+        async with self.records.read() as uow:
+            rows = await uow.find(
+                ACCOUNTS,
+                {"owner_kind": OWNER_KIND, "owner_id": str(holder), "asset": program.asset},
+                limit=limits.POINTS_OPEN_LOTS_MAX,
+            )
+        lots, ids, debt, debt_id = [], {}, 0, None
+        for row in rows:
+            purpose = row["purpose"]
+            if purpose == model.DEBT_PURPOSE:
+                debt, debt_id = owed(row), int(row["id"])
+            elif purpose.startswith(model.LOT_PREFIX):
+                lots.append(model.lot_of(program, purpose, available(row)))
+                ids[purpose] = int(row["id"])
+        return Holding(tuple(lots), ids, debt, debt_id)
+
+    def _entity_account(self, program: model.Program, entity: str, purpose: str) -> Wanted:
+        return Wanted(entity, "entity", entity, purpose, program.asset)
+
+    def _lot_account(
+        self, program: model.Program, entity: str, holder: int, purpose: str
+    ) -> Wanted:
+        return Wanted(entity, OWNER_KIND, str(holder), purpose, program.asset, NO_OVERDRAFT)
+
+    def _debt_account(self, program: model.Program, entity: str, holder: int) -> Wanted:
+        return Wanted(
+            entity, OWNER_KIND, str(holder), model.DEBT_PURPOSE, program.asset, NO_OVERCREDIT
+        )
+
+    # --- earning ---------------------------------------------------------------------------
+
+    async def _earned_today(
+        self, holder: int, day: int, rules: Sequence[model.Rule]
+    ) -> dict[str, int]:
+        out = {}
+        async with self.records.read() as uow:
+            for rule in rules:
+                if rule.cap_per_day_points is not None:
+                    out[rule.code] = await uow.total(
+                        PARTS, "points", holder=holder, rule=rule.code, day=day
+                    )
+        return out
+
+    async def _period_value(
+        self, found: ProgramRecord, policy: model.TierPolicy, holder: int, bounds: tuple[int, int]
+    ) -> int:
+        """The tier basis of a holder over [start, end): points earned (less clawbacks) or
+        fen spent (less returns) in the program's local days of the period."""
+        tz = found.program.timezone
+        first, last = model.day_number(tz, bounds[0]), model.day_number(tz, bounds[1] - 1)
+        async with self.records.read() as uow:
+            rows = await uow.find(
+                EARNINGS, {"holder": holder, "program": found.code}, order="key",
+                at_least={"day": first}, limit=limits.POINTS_TIER_EARNINGS_READ_MAX,
+            )  # fmt: skip
+        rows = [r for r in rows if r["day"] <= last][: limits.POINTS_TIER_EARNINGS_READ_MAX]
+        if policy.basis is model.TierBasis.POINTS_EARNED:
+            return sum(int(r["points"]) - int(r["clawed"]) for r in rows)
+        return sum(int(r["amount"]) - int(r["returned"]) for r in rows)
+
+    async def _set_tier(
+        self, found: ProgramRecord, holder: int, tier: model.Tier | None, now: int, *,
+        reviewed: bool,
+    ) -> None:  # fmt: skip
+        """Record a holder's tier (and, for a period review, that it was reviewed now)."""
+        code = "" if tier is None else tier.code
+        async with self.records.begin() as uow:
+            row = await uow.get(HOLDERS, holder=holder, program=found.code)
+            if row is None:
+                try:
+                    await uow.insert(HOLDERS, {"holder": holder, "program": found.code,
+                                               "tier": code, "tier_since_ms": now,
+                                               "updated_at_ms": now})  # fmt: skip
+                except Conflict:
+                    return  # made at the same moment: the next earning or review decides
+                return
+            changes: dict[str, Any] = {"updated_at_ms": now} if reviewed else {}
+            if row["tier"] != code:
+                changes |= {"tier": code, "tier_since_ms": now}
+            if changes:
+                await uow.update(HOLDERS, {"holder": holder, "program": found.code}, changes)
+
+    async def _upgrade(self, found: ProgramRecord, holder: int) -> None:
+        """After an earning: up at once when the period's value reaches a higher tier."""
+        policy = found.tiers
+        if policy is None:
+            return
+        now = self.clock_ms()
+        bounds = model.period_bounds(policy, found.program.timezone, now)
+        value = await self._period_value(found, policy, holder, bounds)
+        async with self.records.read() as uow:
+            row = await uow.get(HOLDERS, holder=holder, program=found.code)
+        current = _tier_named(policy, "" if row is None else row["tier"])
+        wanted = model.next_tier(current, value, at_period_end=False, policy=policy)
+        if row is None or wanted != current:
+            await self._set_tier(found, holder, wanted, now, reviewed=False)
+
+    async def review_tiers(self, now_ms: int) -> int:
+        """At a period's end (the first run after it): every holder not reviewed since the
+        period began gets the tier the ended period's value qualifies for, under downgrade
+        "period_end" (under "never", only ever up). How many tiers changed."""
+        changed = 0
+        async with self.records.read() as uow:
+            programs = await uow.find(PROGRAMS, order="code", limit=limits.PAGE_LIMIT_MAX)
+        for row in programs[: limits.PAGE_LIMIT_MAX]:
+            found = program_record(row)
+            policy = found.tiers
+            if policy is None:
+                continue
+            start, _ = model.period_bounds(policy, found.program.timezone, now_ms)
+            previous = model.period_bounds(policy, found.program.timezone, start - 1)
+            after = None
+            while True:
+                async with self.records.read() as uow:
+                    holders = await uow.find(
+                        HOLDERS, {"program": found.code}, order="holder", after=after,
+                        limit=limits.POINTS_EXPIRY_PAGE_ROWS_MAX,
+                    )  # fmt: skip
+                page = holders[: limits.POINTS_EXPIRY_PAGE_ROWS_MAX]
+                for h in page:
+                    if int(h["updated_at_ms"]) >= start:
+                        continue  # reviewed (or changed) in this period already
+                    value = await self._period_value(found, policy, int(h["holder"]), previous)
+                    current = _tier_named(policy, h["tier"])
+                    wanted = model.next_tier(current, value, at_period_end=True, policy=policy)
+                    changed += wanted != current
+                    await self._set_tier(found, int(h["holder"]), wanted, now_ms, reviewed=True)
+                if len(holders) <= limits.POINTS_EXPIRY_PAGE_ROWS_MAX:
+                    break
+                after = page[-1]["holder"]
+        return changed
+
+    async def _tier_pct(self, found: ProgramRecord, holder: int) -> int:
+        if found.tiers is None:
+            return model.PCT
+        async with self.records.read() as uow:
+            row = await uow.get(HOLDERS, holder=holder, program=found.code)
+        tier = next((t for t in found.tiers.tiers if row and t.code == row["tier"]), None)
+        return model.PCT if tier is None else tier.multiplier_pct
+
+    async def _pin(
+        self,
+        key: str,
+        card: Card,
+        t: Terminal,
+        found: ProgramRecord,
+        *,
+        basket: model.Basket,
+        source: str,
+    ) -> dict[str, Any] | None:
+        """The earning pinned under `key`: read back, or computed and written now (None when
+        it earns nothing)."""
+        async with self.records.read() as uow:
+            row = await uow.get(EARNINGS, key=key)
+        if row is not None:
+            return row
+        holder, now = card.account_id, self.clock_ms()
+        program = found.program
+        async with self.records.read() as uow:
+            rows = await uow.find(RULES, {"program": found.code}, order="code",
+                                  limit=limits.POINTS_RULES_PER_PROGRAM_MAX * 4)  # fmt: skip
+        rules = [model.rule_of(json.loads(r["definition"])) for r in rows if applies_at(r, t)]
+        rules = rules[: limits.POINTS_RULES_PER_PROGRAM_MAX]
+        day = model.day_number(program.timezone, now)
+        klass = await self.directory.card_class(card.class_code)
+        earning = model.earn(
+            program, rules, basket, now_ms=now, store=t.store,
+            card_class_multiplier_pct=model.PCT if klass is None else klass.points_multiplier_pct,
+            tier_multiplier_pct=await self._tier_pct(found, holder),
+            earned_today_by_rule=await self._earned_today(holder, day, rules),
+        )  # fmt: skip
+        if earning.points <= 0:
+            return None
+        repaid, _ = model.settle_debt((await self.holding(program, holder)).debt, earning.points)
+        row = {
+            "key": key, "holder": holder, "program": found.code, "day": day,
+            "points": earning.points, "debt_repaid": repaid, "amount": basket.amount_fen,
+            "returned": 0, "clawed": 0, "lot": model.lot_purpose(program, now),
+            "store": t.store, "source": source, "created_at_ms": now,
+        }  # fmt: skip
+        parts = [
+            {"key": key, "rule": part.rule, "holder": holder, "day": day, "points": part.points}
+            for part in earning.parts
+        ]
+        try:
+            async with self.records.begin() as uow:
+                await uow.insert(EARNINGS, row)
+                await uow.insert(PARTS, parts)
+        except Conflict:
+            async with self.records.read() as uow:
+                return await uow.get(EARNINGS, key=key)  # pinned at the same moment
+        return row
+
+    async def _earn_ops(
+        self, row: dict[str, Any], card: Card, found: ProgramRecord, metadata: Metadata
+    ) -> list[Op]:
+        """The pinned earning's transfers: points_issued -> its lot under its key, and, when
+        the holder owed points, the repayment lot -> debt under `key:d` (not linked: if a
+        repayment were refused, the earning still lands and the debt stays)."""
+        program = found.program
+        issued, lot = await self.accounts.ensure([
+            self._entity_account(program, card.legal_entity, "points_issued"),
+            self._lot_account(program, card.legal_entity, card.account_id, row["lot"]),
+        ])  # fmt: skip
+        points, repaid = int(row["points"]), int(row["debt_repaid"])
+        ops: list[Op] = [CreateTransfer(
+            POS_CLIENT, row["key"], program.asset,
+            (Posting(issued, Side.DEBIT, points), Posting(lot, Side.CREDIT, points)),
+            reason="points_earn", metadata=metadata,
+        )]  # fmt: skip
+        if repaid:
+            [debt] = await self.accounts.ensure(
+                [self._debt_account(program, card.legal_entity, card.account_id)]
+            )
+            ops.append(CreateTransfer(
+                POS_CLIENT, row["key"] + DEBT_SUFFIX, program.asset,
+                (Posting(lot, Side.DEBIT, repaid), Posting(debt, Side.CREDIT, repaid)),
+                reason="points_repay", metadata=metadata,
+            ))  # fmt: skip
+        return ops
+
+    async def _balance(self, found: ProgramRecord, holder: int) -> int:
+        return (await self.holding(found.program, holder)).usable(self.clock_ms())
+
+    async def _program(self, code: str) -> ProgramRecord | None:
+        async with self.records.read() as uow:
+            row = await uow.get(PROGRAMS, code=code)
+        return None if row is None else program_record(row)
+
+    async def after_money(self, done: Sequence[MoneyDone]) -> list[PointsAnswer | None]:
+        """The points of a `PosService.handle` call's approved purchases, voids and refunds,
+        in one ledger submit (ADR 0007: points after money, in the same call)."""
+        plans: list[tuple[int, list[Op], ProgramRecord, int, int]] = []
+        out: list[PointsAnswer | None] = [None] * len(done)
+        for i, d in enumerate(done):
+            metadata = _metadata(d.terminal, d.request)
+            holder = d.card.account_id
+            if d.request.kind is Kind.PURCHASE:
+                found = await self._program_of_card(d.card)
+                if found is None:
+                    continue
+                row = await self._pin(
+                    d.key + EARN_SUFFIX, d.card, d.terminal, found,
+                    basket=_basket(d.request, d.amount), source=d.key,
+                )  # fmt: skip
+                if row is None:
+                    out[i] = PointsAnswer(0, await self._balance(found, holder))
+                    continue
+                ops = await self._earn_ops(row, d.card, found, metadata)
+                plans.append((i, ops, found, holder, int(row["points"])))
+                continue
+            earning = await self._earning(d.original_key + EARN_SUFFIX)
+            found = None if earning is None else await self._program(earning["program"])
+            if earning is None or found is None:
+                continue
+            returned = d.amount if d.request.kind is Kind.REFUND else None
+            claw = await self._claw_earning(
+                earning, found, d.card.legal_entity, d.key + EARN_SUFFIX, metadata,
+                returned=returned,
+            )  # fmt: skip
+            if claw is not None:
+                plans.append((i, claw[0], found, holder, -claw[1]))
+        if not plans:
+            return out
+        results = iter(await self.ledger.submit([op for plan in plans for op in plan[1]]))
+        for i, ops, found, holder, points in plans:
+            res, *_rest = [next(results) for _ in ops]
+            if not res.ok:
+                log.warning("points step refused by the ledger", extra={"code": res.code})
+                out[i] = PointsAnswer(None, None)
+                continue
+            if points > 0:
+                await self._upgrade(found, holder)
+            out[i] = PointsAnswer(points, await self._balance(found, holder))
+        return out
+
+    async def _earning(self, key: str) -> dict[str, Any] | None:
+        async with self.records.read() as uow:
+            return await uow.get(EARNINGS, key=key)
+
+    async def _claw_earning(
+        self, earning: dict[str, Any], found: ProgramRecord, entity: str, key: str,
+        metadata: Metadata, *, returned: int | None,
+    ) -> tuple[list[Op], int] | None:  # fmt: skip
+        """Take back an earning's points under `key`: a return's proportional share
+        (`returned` fen), or all it still holds (None: a void or reversal of the purchase).
+        Pinned in points_clawbacks, with the earning's counters moved in the same
+        transaction (a guarded update: two takers cannot both take the same points); the
+        transfer takes from the lots as planned now, under the card account's lock. An
+        earning that never reached the ledger is tombstoned instead, so it never will."""
+        if await self.directory.keyed_transfer(POS_CLIENT, earning["key"]) is None:
+            op = Reverse(POS_CLIENT, key, earning["key"], tombstone=True,
+                         reason="points_reversal", metadata=metadata)  # fmt: skip
+            return [op], 0
+        async with self.records.read() as uow:
+            pinned = await uow.get(CLAWBACKS, key=key)
+        if pinned is None:
+            amount, before = int(earning["amount"]), int(earning["returned"])
+            if returned is None:
+                fen, points = amount - before, int(earning["points"]) - int(earning["clawed"])
+            else:
+                fen = min(returned, amount - before)
+                points = model.proportional_clawback(int(earning["points"]), amount, before, fen)
+            pinned = await self._pin_clawback(key, earning, fen, points)
+            if pinned is None:
+                return None
+        points = int(pinned["points"])
+        if points <= 0:
+            return None
+        stored, keys = await self._chunks(key)
+        if stored:  # a resend: the same transfers again (the ledger replays them)
+            return again(stored, POS_CLIENT, keys, metadata), points
+        own = (earning["lot"],)
+        claw = await self._claw(found, entity, int(earning["holder"]), key, points=points,
+                                own=own, metadata=metadata)  # fmt: skip
+        return claw, points
+
+    async def _pin_clawback(
+        self, key: str, earning: dict[str, Any], returned: int, points: int
+    ) -> dict[str, Any] | None:
+        row = {"key": key, "earning": earning["key"], "returned": returned, "points": points,
+               "debt": 0, "created_at_ms": self.clock_ms()}  # fmt: skip
+        try:
+            async with self.records.begin() as uow:
+                await uow.insert(CLAWBACKS, row)
+                changed = await uow.update(
+                    EARNINGS,
+                    {"key": earning["key"], "returned": earning["returned"],
+                     "clawed": earning["clawed"]},
+                    {"returned": ("+", returned), "clawed": ("+", points)},
+                )  # fmt: skip
+                if not changed:
+                    _raced()
+        except Conflict:
+            async with self.records.read() as uow:
+                return await uow.get(CLAWBACKS, key=key)
+        return row
+
+    async def _claw(
+        self, found: ProgramRecord, entity: str, holder: int, key: str, *, points: int,
+        own: Sequence[str], metadata: Metadata,
+    ) -> list[Op]:  # fmt: skip
+        """Take `points` back: `model.plan_clawback` over the holder's lots; the shortfall
+        debits the holder's debt account; to points_clawed (in linked transfers of at most
+        the ledger's legs each)."""
+        program = found.program
+        holding = await self.holding(program, holder)
+        plan = model.plan_clawback(holding.lots, points, self.clock_ms(), own)
+        clawed, debt = await self.accounts.ensure([
+            self._entity_account(program, entity, "points_clawed"),
+            self._debt_account(program, entity, holder),
+        ])  # fmt: skip
+        legs = [Posting(holding.ids[take.key], Side.DEBIT, take.points) for take in plan.takes]
+        if plan.shortfall:
+            legs.append(Posting(debt, Side.DEBIT, plan.shortfall))
+        return split(POS_CLIENT, key, program.asset, legs, clawed, reason="points_clawback",
+                     metadata=metadata)  # fmt: skip
+
+    # --- POS: earning on another tender, redemption, reversal --------------------------------
+
+    async def pos_earn(self, r: PosRequest, t: Terminal, key: str, card: Card | None) -> PosResult:
+        """Kind.POINTS_EARN: a purchase paid by another tender earns on `r.amount` under
+        `K:p` like a purchase (no money moves); a resend gets the same answer. A terminal
+        reversal takes it back like a purchase's (`reverse_pos`); one that overtook it left
+        its tombstone under K (the POS host's reversal of K), which refuses it for ever."""
+        if card is None or r.amount <= 0:
+            return PosResult(Outcome.BAD_REQUEST)
+        found = await self._program_of_card(card)
+        if found is None:
+            return PosResult(Outcome.NOT_PERMITTED, refusal="points_no_program")
+        try:
+            row = await self._pin(
+                key + EARN_SUFFIX, card, t, found, basket=_basket(r, r.amount), source=""
+            )
+        except model.PointsRefused as exc:
+            return PosResult(Outcome.BAD_REQUEST, refusal=exc.code)
+        if await self._tombstoned(key):  # checked after the pin: see reverse_pos
+            return PosResult(Outcome.REVERSED_BEFORE_ARRIVAL)
+        if row is None:
+            balance = await self._balance(found, card.account_id)
+            return PosResult(Outcome.APPROVED, points=0, points_balance=balance)
+        async with self.accounts.lock(card.account_id):
+            ops = await self._earn_ops(row, card, found, _metadata(t, r))
+            res, *_rest = await self.ledger.submit(ops)
+        if res.ok:
+            await self._upgrade(found, card.account_id)
+        return await self._answer(res, found, card, int(row["points"]))
+
+    async def pos_redeem(
+        self, r: PosRequest, t: Terminal, key: str, card: Card | None
+    ) -> PosResult:
+        """Kind.POINTS_REDEEM: `r.points` (whole redemption blocks) pay `fen_for_points` of
+        the bill. Two linked transfers: the points from the lots `plan_spend` chose to
+        points_redeemed under `K:p`, and the money from the card entity's points_funding to
+        the store's sales (through the clearing pair across entities) under K itself, which
+        the terminal's reversal undoes (and tombstones when it overtakes)."""
+        if card is None:
+            return PosResult(Outcome.BAD_REQUEST)
+        found = await self._program_of_card(card)
+        if found is None:
+            return PosResult(Outcome.NOT_PERMITTED, refusal="points_no_program")
+        try:
+            fen = model.fen_for_points(found.program, r.points, exact=True)
+        except model.PointsRefused as exc:
+            return PosResult(Outcome.BAD_REQUEST, refusal=exc.code)
+        async with self.accounts.lock(card.account_id):
+            ops = await self._redeem_ops(r, t, key, card, found=found, fen=fen)
+            if isinstance(ops, PosResult):
+                return ops
+            results = await self.ledger.submit(ops)
+        failed = next((x for x in results if x.code != "linked_event_failed" and not x.ok), None)
+        answer = await self._answer(failed or results[-1], found, card, r.points)
+        return replace(answer, amount=fen) if answer.outcome is Outcome.APPROVED else answer
+
+    async def _redeem_ops(
+        self, r: PosRequest, t: Terminal, key: str, card: Card, *, found: ProgramRecord, fen: int
+    ) -> list[Op] | PosResult:
+        program, metadata = found.program, _metadata(t, r)
+        points_key = key + EARN_SUFFIX
+        stored, keys = await self._chunks(points_key)
+        stored_money = await self._full_transfer(key)
+        if stored and stored_money is not None:  # a resend
+            money = tuple(Posting(a, Side(s), x) for a, s, x in stored_money["postings"])
+            points_ops = again(stored, POS_CLIENT, keys, metadata, link_last=True)
+        else:
+            holding = await self.holding(program, card.account_id)
+            try:
+                takes = model.plan_spend(holding.lots, r.points, self.clock_ms())
+            except model.InsufficientPoints as exc:
+                return PosResult(Outcome.INSUFFICIENT_FUNDS, refusal=exc.code,
+                                 points_balance=exc.usable)  # fmt: skip
+            [redeemed] = await self.accounts.ensure(
+                [self._entity_account(program, card.legal_entity, "points_redeemed")]
+            )
+            legs = [Posting(holding.ids[take.key], Side.DEBIT, take.points) for take in takes]
+            points_ops = split(POS_CLIENT, points_key, program.asset, legs, redeemed,
+                               reason="points_redeem", metadata=metadata,
+                               client_link_last=True)  # fmt: skip
+            [funding] = await self.accounts.ensure(
+                [Wanted(card.legal_entity, "entity", card.legal_entity, "points_funding")]
+            )
+            clearing = await self.accounts.clearing(card.legal_entity, t.legal_entity)
+            money = tuple(
+                Posting(a, Side(side), x)
+                for a, side, x in value_postings(
+                    source=funding, target=t.sales_account, amount=fen, clearing=clearing
+                )
+            )
+        return [
+            *points_ops,
+            CreateTransfer(POS_CLIENT, key, CURRENCY, money, reason="points_redeem",
+                           metadata=metadata),
+        ]  # fmt: skip
+
+    async def _answer(
+        self, res: Result, found: ProgramRecord, card: Card, points: int
+    ) -> PosResult:
+        if not res.ok:
+            code = res.original_code if res.code == "id_already_failed" else res.code
+            if code == "reversed_before_arrival":
+                outcome = Outcome.REVERSED_BEFORE_ARRIVAL
+            elif code == "exceeds_credits":
+                outcome = Outcome.INSUFFICIENT_FUNDS
+            elif (code or "").startswith("exists_with_different_"):
+                outcome = Outcome.DUPLICATE_MISMATCH
+            else:
+                outcome = Outcome.BAD_REQUEST
+            return PosResult(outcome, replayed=res.replayed)
+        assert res.transfer_id is not None
+        if res.replayed and await self.directory.undone(res.transfer_id):
+            return PosResult(Outcome.REVERSED_BEFORE_ARRIVAL, replayed=True)
+        return PosResult(
+            Outcome.APPROVED,
+            points=points,
+            points_balance=await self._balance(found, card.account_id),
+            rrn=rrn_of(res.transfer_id),
+            auth_code=auth_code_of(res.transfer_id),
+            replayed=res.replayed,
+        )
+
+    async def reverse_pos(self, t: Terminal, target_key: str) -> None:
+        """A terminal's reversal of `target_key`: undo what stands under `target_key:p`,
+        under `target_key/R:p`, at most once (the key): a purchase's earning is taken back
+        whole (what refunds did not take already), a clawback or a redemption's points are
+        put back exactly into the lots they came from (their mirrored legs). The POS host
+        reverses `target_key` itself afterwards (money, a redemption's money, a POINTS_EARN)."""
+        key = target_key + EARN_SUFFIX
+        undo = target_key + REVERSAL_SUFFIX + EARN_SUFFIX
+        meta: Metadata = (("store", t.store), ("terminal", t.tid))
+        earning = await self._earning(key)
+        if earning is not None:
+            await self._reverse_earning(earning, undo, meta)
+            return
+        async with self.records.read() as uow:
+            clawback = await uow.get(CLAWBACKS, key=key)
+        stored, _keys = await self._chunks(key)
+        if clawback is not None:
+            if not await self._unpin_clawback(clawback, undo):
+                return
+        elif not stored or stored[0]["reason"] != "points_redeem":
+            return
+        ops: list[Op] = [
+            replace(_mirror(t, chunk_key(undo, i), "points_reversal", meta),
+                    linked=i < len(stored) - 1)
+            for i, t in enumerate(stored)
+        ] or [Reverse(POS_CLIENT, undo, key, tombstone=True, reason="points_reversal",
+                      metadata=meta)]  # fmt: skip
+        res, *_rest = await self.ledger.submit(ops)
+        if not res.ok:
+            log.warning("points reversal refused by the ledger", extra={"code": res.code})
+
+    async def _reverse_earning(self, earning: dict[str, Any], undo: str, meta: Metadata) -> None:
+        holder = int(earning["holder"])
+        found = await self._program(earning["program"])
+        async with self.records.read() as uow:
+            card = await uow.get("cards", account_id=holder)
+        if found is None or card is None:
+            return
+        async with self.accounts.lock(holder):
+            claw = await self._claw_earning(
+                earning, found, card["legal_entity"], undo, meta, returned=None
+            )
+            if claw is None:
+                return
+            res, *_rest = await self.ledger.submit(claw[0])
+        if not res.ok:
+            log.warning("points reversal refused by the ledger", extra={"code": res.code})
+
+    async def _unpin_clawback(self, clawback: dict[str, Any], undo: str) -> bool:
+        """Record that a clawback is undone: a row with its amounts negated under `undo`, and
+        the earning's counters moved back, in one transaction. Whether there is anything
+        to put back (False: a clawback of nothing, or undone before)."""
+        if int(clawback["points"]) <= 0:
+            return False
+        row = {
+            "key": undo,
+            "earning": clawback["earning"],
+            "returned": -clawback["returned"],
+            "points": -clawback["points"],
+            "debt": 0,
+            "created_at_ms": self.clock_ms(),
+        }
+        try:
+            async with self.records.begin() as uow:
+                await uow.insert(CLAWBACKS, row)
+                await uow.update(
+                    EARNINGS,
+                    {"key": clawback["earning"]},
+                    {"returned": ("+", row["returned"]), "clawed": ("+", row["points"])},
+                )
+        except Conflict:
+            pass  # pinned before: the resend submits the same transfer again
+        return True
+
+    async def _tombstoned(self, key: str) -> bool:
+        """Whether a terminal reversal of `key` arrived before anything was done under it."""
+        async with self.records.read() as uow:
+            failed = await uow.get("ledger_failures", client=POS_CLIENT, key=key)
+        return failed is not None and failed["code"] == "reversed_before_arrival"
+
+    async def _chunks(
+        self, key: str, client: str = POS_CLIENT
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """The stored transfers of a multi-lot move under `key` (see `split`), and keys."""
+        stored, keys = [], []
+        for index in range(limits.POINTS_OPEN_LOTS_MAX):
+            found = await self._full_transfer(chunk_key(key, index), client)
+            if found is None:
+                break
+            stored.append(found)
+            keys.append(chunk_key(key, index))
+        return stored, keys
+
+    async def _full_transfer(self, key: str, client: str = POS_CLIENT) -> dict[str, Any] | None:
+        async with self.records.read() as uow:
+            row = await uow.get("ledger_transfers", client=client, key=key)
+        if row is None:
+            return None
+        legs = [(int(a), str(side), int(x)) for a, side, x in json.loads(row["postings"])]
+        meta = json.loads(row["metadata"]) if isinstance(row["metadata"], str) else row["metadata"]
+        return {"asset": row["asset"], "reason": row["reason"], "postings": legs,
+                "metadata": meta}  # fmt: skip
+
+    # --- admin: rewards and transfers between members --------------------------------------
+
+    async def _live_card(self, p: Principal, card_id: int) -> tuple[dict[str, Any], ProgramRecord]:
+        card, found = await self._card_and_program(p, card_id, Perm.POINTS_WRITE)
+        if found is None or found.state != "active":
+            raise Refused("conflict", "points_no_program", "the card earns in no active program")
+        if card["state"] != "active":
+            raise Refused("conflict", "card_state", f"the card is {card['state']}")
+        return card, found
+
+    async def redeem_reward(
+        self, p: Principal, card_id: int, *, points: int, reward: str, key: str
+    ) -> dict[str, Any]:
+        """Spend `points` of a card for a reward (a coupon, a gift card, goods; `reward` is
+        its reference): from the lots `plan_spend` chooses to points_redeemed, idempotent by
+        the caller's `key` (the same key and request answers the first result again)."""
+        card, found = await self._live_card(p, card_id)
+        holder, program = int(card["account_id"]), found.program
+        ledger_key = f"reward/{holder}/{key}"
+        metadata: Metadata = (("external_ref", reward),)
+        async with self.accounts.lock(holder):
+            stored, keys = await self._chunks(ledger_key, ADMIN_CLIENT)
+            if stored:
+                same = sum(x for *_, x in _credits(stored)) == points
+                if not same or _meta(stored[0]) != metadata:
+                    raise Refused("conflict", "key_reused", "the key names another redemption",
+                                  "key")  # fmt: skip
+                ops = again(stored, ADMIN_CLIENT, keys, metadata)
+            else:
+                holding = await self.holding(program, holder)
+                try:
+                    takes = model.plan_spend(holding.lots, points, self.clock_ms())
+                except model.PointsRefused as exc:
+                    raise Refused("conflict", exc.code, exc.message, "points") from None
+                [redeemed] = await self.accounts.ensure(
+                    [self._entity_account(program, card["legal_entity"], "points_redeemed")]
+                )
+                legs = [Posting(holding.ids[t.key], Side.DEBIT, t.points) for t in takes]
+                ops = split(ADMIN_CLIENT, ledger_key, program.asset, legs, redeemed,
+                            reason="points_reward", metadata=metadata)  # fmt: skip
+            results = await self._submit(ops)
+        first = results[0]
+        place = Place(card["legal_entity"], card["store"])
+        view = {"key": key, "card_id": card_id, "points": points, "reward": reward,
+                "transfer_id": first.transfer_id, "replayed": first.replayed,
+                "points_balance": await self._balance(found, holder)}  # fmt: skip
+        if not first.replayed:
+            await self._audit(p, "points.redeem", card_id, place, view)
+        return view
+
+    async def reverse_reward(self, p: Principal, card_id: int, key: str) -> dict[str, Any]:
+        """Undo a reward redemption: its points back into exactly the lots they came from
+        (with their own expiry), once (the reversal's key is the redemption's plus "/R")."""
+        card, found = await self._card_and_program(p, card_id, Perm.POINTS_WRITE)
+        if found is None:
+            raise Refused("not_found", "redemption_not_found", "no such redemption", "key")
+        holder = int(card["account_id"])
+        ledger_key = f"reward/{holder}/{key}"
+        undo = ledger_key + REVERSAL_SUFFIX
+        async with self.accounts.lock(holder):
+            stored, _keys = await self._chunks(ledger_key, ADMIN_CLIENT)
+            if not stored:
+                raise Refused("not_found", "redemption_not_found", "no such redemption", "key")
+            metadata = _meta(stored[0])
+            ops: list[Op] = [
+                replace(_mirror(t, chunk_key(undo, i), "points_reward_reversal", metadata),
+                        client=ADMIN_CLIENT, linked=i < len(stored) - 1)
+                for i, t in enumerate(stored)
+            ]  # fmt: skip
+            results = await self._submit(ops)
+        first = results[0]
+        points = sum(x for _, _s, x in _credits(stored))
+        view = {"key": key, "card_id": card_id, "points": points, "reversed": True,
+                "transfer_id": first.transfer_id, "replayed": first.replayed,
+                "points_balance": await self._balance(found, holder)}  # fmt: skip
+        if not first.replayed:
+            place = Place(card["legal_entity"], card["store"])
+            await self._audit(p, "points.redeem_reversal", card_id, place, view)
+        return view
+
+    async def transfer(
+        self, p: Principal, card_id: int, *, to_card_id: int, points: int, key: str
+    ) -> dict[str, Any]:
+        """Give `points` of one card to another member's card in the same program, within
+        the program's transfer policy (`model.check_transfer`: allowed, per transfer, per
+        giving holder and local day). The points keep their lots' expiry on the receiving
+        side; across legal entities they pass the entities' points clearing pair."""
+        card, found = await self._live_card(p, card_id)
+        program, giver = found.program, int(card["account_id"])
+        async with self.records.read() as uow:
+            to = await uow.get("cards", id=to_card_id)
+            to_class = None if to is None else await uow.get("card_classes", code=to["class_code"])
+        if to is None or to_class is None:
+            raise Refused("not_found", "card_not_found", "no such card", "to_card_id")
+        if to_class["points_program"] != found.code or to["state"] != "active":
+            raise Refused(
+                "conflict", "transfer_not_allowed", "the receiving card is not in this program",
+                "to_card_id",
+            )  # fmt: skip
+        receiver = int(to["account_id"])
+        if receiver == giver:
+            raise Refused("invalid", "transfer_not_allowed", "a card gives to itself", "to_card_id")
+        ledger_key = f"gift/{giver}/{key}"
+        now = self.clock_ms()
+        day = model.day_number(program.timezone, now)
+        async with self.accounts.lock(giver):
+            async with self.records.read() as uow:
+                done = await uow.get(TRANSFERS, key=ledger_key)
+                today = await uow.total(TRANSFERS, "points", from_holder=giver, day=day)
+            if done is not None:
+                if (int(done["points"]), int(done["to_holder"])) != (points, receiver):
+                    raise Refused("conflict", "key_reused", "the key names another transfer",
+                                  "key")  # fmt: skip
+                stored, keys = await self._chunks(ledger_key, ADMIN_CLIENT)
+                results = await self._submit(again(stored, ADMIN_CLIENT, keys, ()))
+            else:
+                refusal = model.check_transfer(program, points, today)
+                if refusal is not None:
+                    raise Refused("conflict", refusal, "the program's transfer policy refuses it",
+                                  "points")  # fmt: skip
+                ops = await self._transfer_ops(found, card, to, ledger_key, points=points, now=now)
+                results = await self._submit(ops)
+                async with self.records.begin() as uow:
+                    await uow.insert(TRANSFERS, {
+                        "key": ledger_key, "program": found.code, "from_holder": giver,
+                        "to_holder": receiver, "day": day, "points": points, "created_at_ms": now,
+                    })  # fmt: skip
+        view = {"key": key, "card_id": card_id, "to_card_id": to_card_id, "points": points,
+                "transfer_id": results[0].transfer_id, "replayed": done is not None,
+                "points_balance": await self._balance(found, giver)}  # fmt: skip
+        if done is None:
+            await self._audit(p, "points.transfer", card_id,
+                              Place(card["legal_entity"], card["store"]), view)  # fmt: skip
+        return view
+
+    async def _transfer_ops(
+        self, found: ProgramRecord, card: dict[str, Any], to: dict[str, Any], key: str, *,
+        points: int, now: int,
+    ) -> list[Op]:  # fmt: skip
+        program = found.program
+        giver, receiver = int(card["account_id"]), int(to["account_id"])
+        owing, owed = card["legal_entity"], to["legal_entity"]
+        holding = await self.holding(program, giver)
+        try:
+            takes = model.plan_spend(holding.lots, points, now)
+        except model.PointsRefused as exc:
+            raise Refused("conflict", exc.code, exc.message, "points") from None
+        lots = await self.accounts.ensure(
+            [self._lot_account(program, owed, receiver, t.key) for t in takes]
+        )
+        clearing = None
+        if owing != owed:
+            clearing = await self.accounts.ensure([
+                Wanted(owing, "entity", owed, "points_due_to", program.asset),
+                Wanted(owed, "entity", owing, "points_due_from", program.asset),
+            ])  # fmt: skip
+        ops: list[Op] = []
+        step = DEBITS_PER_TRANSFER_MAX // 2 - 1  # lots out, lots in, the clearing pair
+        for index in range(0, len(takes), step):
+            part = list(zip(takes[index : index + step], lots[index : index + step], strict=True))
+            moved = sum(t.points for t, _ in part)
+            legs = [Posting(holding.ids[t.key], Side.DEBIT, t.points) for t, _ in part]
+            if clearing is not None:
+                legs += [Posting(clearing[0], Side.CREDIT, moved),
+                         Posting(clearing[1], Side.DEBIT, moved)]  # fmt: skip
+            legs += [Posting(lot, Side.CREDIT, t.points) for t, lot in part]
+            chunk = chunk_key(key, index // step)
+            ops.append(CreateTransfer(ADMIN_CLIENT, chunk, program.asset, tuple(legs),
+                                      reason="points_transfer", linked=True))  # fmt: skip
+        last = ops[-1]
+        assert isinstance(last, CreateTransfer)
+        ops[-1] = replace(last, linked=False)
+        return ops
+
+    async def _submit(self, ops: Sequence[Op]) -> list[Result]:
+        """Submit an admin move: 503 when the ledger cannot take it now, 409 when it refuses."""
+        try:
+            results = await self.ledger.submit(ops)
+        except (Busy, LedgerUnavailable) as exc:
+            raise PointsUnavailable(str(exc)) from None
+        failed = next((r for r in results if not r.ok and r.code != "linked_event_failed"), None)
+        if failed is not None:
+            code = failed.original_code if failed.code == "id_already_failed" else failed.code
+            if code == "exceeds_credits":
+                raise Refused("conflict", model.POINTS_INSUFFICIENT, "the lots moved meanwhile",
+                              "points")  # fmt: skip
+            raise Refused("conflict", "ledger_refused", f"the ledger refused it: {code}")
+        return results
+
+    async def _audit(
+        self, p: Principal, action: str, card_id: int, place: Place, view: dict[str, Any]
+    ) -> None:
+        async with self.records.begin() as uow:
+            await uow.audit(p, action=action, kind="card", object_id=card_id, place=place,
+                            before=None, after=view, now_ms=self.clock_ms())  # fmt: skip
+
+    # --- expiry ------------------------------------------------------------------------------
+
+    async def expire(self, now_ms: int, remind_days: int) -> dict[str, int]:
+        """Expire every lot whose expiry passed at `now_ms` (in its program's time zone):
+        its points go to the entity's points_expired account under the key
+        `expire/<lot account>/<its version>`, so a second run, or one racing a spend, never
+        takes twice (a spend since moves the version on; a stale transfer fails on the
+        lot's no-overdraft floor and the next run takes what is left). Writes one
+        "points_expired" notice per expiry and one "points_expiring" reminder per lot
+        expiring within `remind_days` days into the members' outbox (idempotent by key).
+        A notice follows its transfer: a crash between them loses that notice, never
+        doubles it."""
+        if not 0 <= remind_days <= limits.POINTS_REMINDER_DAYS_MAX:
+            raise ValueError(f"remind_days is 0..{limits.POINTS_REMINDER_DAYS_MAX}")
+        totals = {"lots_expired": 0, "points_expired": 0, "reminders": 0, "failed": 0}
+        async with self.records.read() as uow:
+            programs = await uow.find(PROGRAMS, order="code", limit=limits.PAGE_LIMIT_MAX)
+        for row in programs[: limits.PAGE_LIMIT_MAX]:
+            await self._expire_program(program_record(row), now_ms, remind_days, totals)
+        totals["tiers_changed"] = await self.review_tiers(now_ms)
+        return totals
+
+    async def _expire_program(
+        self, found: ProgramRecord, now_ms: int, remind_days: int, totals: dict[str, int]
+    ) -> None:
+        program, after = found.program, None
+        while True:
+            async with self.records.read() as uow:
+                rows = await uow.find(
+                    ACCOUNTS, {"asset": program.asset, "owner_kind": OWNER_KIND}, after=after,
+                    limit=limits.POINTS_EXPIRY_PAGE_ROWS_MAX,
+                )  # fmt: skip
+            page = rows[: limits.POINTS_EXPIRY_PAGE_ROWS_MAX]
+            for row in page:
+                if row["purpose"].startswith(model.LOT_PREFIX) and available(row) > 0:
+                    await self._expire_lot(found, row, now_ms, remind_days, totals)
+            if len(rows) <= limits.POINTS_EXPIRY_PAGE_ROWS_MAX:
+                return
+            after = page[-1]["id"]
+
+    async def _expire_lot(
+        self, found: ProgramRecord, row: dict[str, Any], now_ms: int, remind_days: int,
+        totals: dict[str, int],
+    ) -> None:  # fmt: skip
+        program = found.program
+        lot = model.lot_of(program, row["purpose"], available(row))
+        account_id, version = int(row["id"]), int(row["version"])
+        payload = {"program": found.code, "lot": lot.key, "points": lot.remaining,
+                   "expires_at_ms": lot.expires_ms}  # fmt: skip
+        if model.expire([lot], now_ms):
+            [expired] = await self.accounts.ensure(
+                [self._entity_account(program, row["legal_entity"], "points_expired")]
+            )
+            op = CreateTransfer(
+                EXPIRY_CLIENT, f"expire/{account_id}/{version}", program.asset,
+                (Posting(account_id, Side.DEBIT, lot.remaining),
+                 Posting(expired, Side.CREDIT, lot.remaining)),
+                reason="points_expire",
+            )  # fmt: skip
+            [res] = await self.ledger.submit([op])
+            if not res.ok:
+                totals["failed"] += 1  # a spend moved the lot meanwhile: the next run
+                return
+            if not res.replayed:
+                totals["lots_expired"] += 1
+                totals["points_expired"] += lot.remaining
+            key = f"points_expired/{account_id}/{version}"
+            await self._notice(key, "points_expired", int(row["owner_id"]), payload, now_ms)
+            return
+        if model.expiring_within([lot], now_ms, remind_days):
+            key = f"points_expiring/{account_id}/{remind_days}"
+            if await self._notice(key, "points_expiring", int(row["owner_id"]), payload, now_ms):
+                totals["reminders"] += 1
+
+    async def _notice(
+        self, key: str, kind: str, holder: int, payload: dict[str, Any], now_ms: int
+    ) -> bool:
+        """One notice in the members' outbox; False when its key was written before."""
+        async with self.records.read() as uow:
+            cards = await uow.find("cards", {"account_id": holder}, limit=limits.PAGE_LIMIT_MAX)
+        live = [c for c in cards if c["state"] not in ("replaced", "closed")] or cards
+        member = next((c["member_id"] for c in live if c["member_id"] is not None), None)
+        row = {"key": key, "kind": kind, "member_id": member, "holder": holder,
+               "payload": json.dumps(payload, sort_keys=True), "created_at_ms": now_ms,
+               "sent_at_ms": None}  # fmt: skip
+        try:
+            async with self.records.begin() as uow:
+                await uow.insert("member_notices", row)
+        except Conflict:
+            return False
+        return True
+
+    # --- reads -------------------------------------------------------------------------------
+
+    async def _card_and_program(
+        self, p: Principal, card_id: int, perm: Perm
+    ) -> tuple[dict[str, Any], ProgramRecord | None]:
+        """A card in the principal's scope (404, 403) and its class's program, if any."""
+        require(p, perm)
+        async with self.records.read() as uow:
+            card = await uow.get("cards", id=card_id)
+        if card is None:
+            raise Refused("not_found", "card_not_found", "no such card", "card_id")
+        require(p, perm, Place(card["legal_entity"], card["store"]))
+        async with self.records.read() as uow:
+            klass = await uow.get("card_classes", code=card["class_code"])
+            row = None
+            if klass is not None and klass["points_program"]:
+                row = await uow.get(PROGRAMS, code=klass["points_program"])
+        return card, None if row is None else program_record(row)
+
+    async def points_history(
+        self, p: Principal, card_id: int, after: int | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """The journal lines of the card's points accounts (its lots and its debt), newest
+        first: what each earning, spend, clawback, expiry and reversal moved, and where."""
+        card, found = await self._card_and_program(p, card_id, Perm.LOYALTY_READ)
+        if found is None:
+            return []
+        async with self.records.read() as uow:
+            accounts = await uow.find(
+                ACCOUNTS,
+                {"owner_kind": OWNER_KIND, "owner_id": str(card["account_id"]),
+                 "asset": found.program.asset},
+                limit=limits.POINTS_OPEN_LOTS_MAX,
+            )  # fmt: skip
+            purposes = {int(a["id"]): a["purpose"] for a in accounts}
+            if not purposes:
+                return []
+            entries = await uow.find(
+                "ledger_entries", {"account_id": sorted(purposes)}, after=after, limit=limit,
+                descending=True,
+            )  # fmt: skip
+            ids = sorted({int(e["transfer_id"]) for e in entries})
+            transfers = {
+                int(t["id"]): t
+                for t in await uow.find("ledger_transfers", {"id": ids}, limit=len(ids))
+            }
+        return [_history_view(e, transfers[int(e["transfer_id"])], purposes) for e in entries]
+
+    async def card_points(self, p: Principal, card_id: int) -> dict[str, Any]:
+        """A card's points: its balance, usable, pending, debt, lots and tier."""
+        card, _found = await self._card_and_program(p, card_id, Perm.LOYALTY_READ)
+        return await self._points_view(card)
+
+    async def member_points(self, p: Principal, member_id: int) -> dict[str, Any]:
+        """A member's points over its live cards: each card's view, and per program the sum
+        (cards sharing one account, a replaced card and its successor, count once)."""
+        require(p, Perm.LOYALTY_READ)
+        async with self.records.read() as uow:
+            member = await uow.get("members", id=member_id)
+        if member is None:
+            raise Refused("not_found", "member_not_found", "no such member", "member_id")
+        require(p, Perm.LOYALTY_READ, Place(member["legal_entity"], member["home_store"]))
+        async with self.records.read() as uow:
+            cards = await uow.find("cards", {"member_id": member_id}, limit=limits.PAGE_LIMIT_MAX)
+        dead = ("replaced", "closed")
+        live = [c for c in cards[: limits.PAGE_LIMIT_MAX] if c["state"] not in dead]
+        views, seen = [], set()
+        totals: dict[str, dict[str, int]] = {}
+        for card in live:
+            if int(card["account_id"]) in seen:
+                continue
+            seen.add(int(card["account_id"]))
+            view = await self._points_view(card)
+            views.append(view)
+            if view["program"] is not None:
+                total = totals.setdefault(view["program"], dict.fromkeys(_SUMMED, 0))
+                for name in _SUMMED:
+                    total[name] += view[name]
+        programs = [{"program": code, **total} for code, total in sorted(totals.items())]
+        return {"member_id": member_id, "programs": programs, "cards": views}
+
+    async def _points_view(self, card: dict[str, Any]) -> dict[str, Any]:
+        card_id = int(card["id"])
+        async with self.records.read() as uow:
+            klass = await uow.get("card_classes", code=card["class_code"])
+            row = None
+            if klass is not None and klass["points_program"]:
+                row = await uow.get(PROGRAMS, code=klass["points_program"])
+        if row is None:
+            return {"card_id": card_id, "program": None, "balance": 0, "usable": 0,
+                    "pending": 0, "debt": 0, "tier": None, "lots": []}  # fmt: skip
+        found = program_record(row)
+        holder, now = int(card["account_id"]), self.clock_ms()
+        holding = await self.holding(found.program, holder)
+        total = sum(lot.remaining for lot in holding.lots if not model.is_expired(lot, now))
+        negative = found.program.negative_policy is model.NegativePolicy.NEGATIVE
+        async with self.records.read() as uow:
+            tier = await uow.get(HOLDERS, holder=holder, program=found.code)
+        return {
+            "card_id": card_id,
+            "program": found.code,
+            "balance": total - holding.debt if negative else total,
+            "usable": holding.usable(now),
+            "pending": holding.pending(now),
+            "debt": holding.debt,
+            "tier": tier["tier"] or None if tier else None,
+            "lots": [_lot_view(lot, found.program) for lot in sorted(
+                holding.lots, key=lambda x: (x.expires_ms is None, x.expires_ms or 0, x.key))
+                if lot.remaining > 0 and not model.is_expired(lot, now)],
+        }  # fmt: skip
+
+
+_SUMMED = ("balance", "usable", "pending", "debt")
+
+
+def _history_view(e: dict[str, Any], t: dict[str, Any], purposes: dict[int, str]) -> dict[str, Any]:
+    purpose = purposes[int(e["account_id"])]
+    amount = abs(int(e["posted_delta"]))
+    debt = purpose == model.DEBT_PURPOSE
+    # A lot gains on a credit; a debt grows on a debit.
+    gained = (e["side"] == "credit") != debt
+    return {
+        "id": int(e["id"]),
+        "transfer_id": int(e["transfer_id"]),
+        "reason": t["reason"],
+        "account": "debt" if debt else purpose,
+        "points": amount if gained else -amount,
+        "at_ms": int(t["created_at_ms"]),
+    }
+
+
+def _lot_view(lot: model.Lot, program: model.Program) -> dict[str, Any]:
+    _, expires, usable = lot.key.split(":")
+    return {
+        "lot": lot.key,
+        "remaining": lot.remaining,
+        "expires_on": None if expires == "never" else f"{expires[:4]}-{expires[4:6]}-{expires[6:]}",
+        "usable_from": None if usable == "0" else f"{usable[:4]}-{usable[4:6]}-{usable[6:]}",
+        "expires_at_ms": lot.expires_ms,
+        "available_at_ms": lot.available_ms,
+    }
+
+
+def _meta(stored: dict[str, Any]) -> Metadata:
+    raw = stored["metadata"] or {}
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return tuple(sorted((str(k), str(v)) for k, v in pairs))
+
+
+def _credits(stored: Sequence[dict[str, Any]]) -> list[tuple[int, str, int]]:
+    return [leg for t in stored for leg in t["postings"] if leg[1] == "credit"]
+
+
+def _tier_named(policy: model.TierPolicy, code: str) -> model.Tier | None:
+    return next((t for t in policy.tiers if t.code == code), None)
+
+
+def _raced() -> None:
+    raise Conflict(EARNINGS)
+
+
+def _basket(r: PosRequest, amount: int) -> model.Basket:
+    """The bill an earning looks at: the request's department lines when they fit in the
+    amount, else the whole amount as one line."""
+    lines = tuple(model.Line(dept, "", fen) for dept, fen in r.basket)
+    if sum(line.amount_fen for line in lines) > amount:
+        lines = ()
+    return model.Basket(amount, lines)
+
+
+async def _program_row(uow: Unit, code: str, field: str = "code") -> dict[str, Any]:
+    row = await uow.get(PROGRAMS, code=code)
+    if row is None:
+        raise Refused("not_found", "program_not_found", "no such points program", field)
+    return row
+
+
+async def _rule_row(uow: Unit, program: str, code: str) -> dict[str, Any]:
+    row = await uow.get(RULES, program=program, code=code)
+    if row is None:
+        raise Refused("not_found", "rule_not_found", "no such earning rule", "code")
+    return row
+
+
+def _require_group(p: Principal, perm: Perm) -> None:
+    require(p, perm)
+    if p.scope.kind is not ScopeKind.GROUP:
+        raise Refused("forbidden", "scope_forbidden", "programs are changed by the group")

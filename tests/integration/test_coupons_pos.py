@@ -1,0 +1,475 @@
+"""E-coupons at the POS, on SQLite and PostgreSQL, through `PosService.handle` (the host API
+the gateway calls): query, reserve, confirm, reserve-and-redeem, reversal (COUPON_REVERSE and
+the 0400 hook), lapsed reservations, signed QR texts, the rules' refusals and their outcomes,
+cost by funder, redemption budgets, per-member limits, instant rewards by rule, and THE RACE:
+many terminals (and direct service calls) redeem one code at once and exactly one wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any
+
+from cardcore import limits
+from cardcore.cards.http import POS_KEY
+from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, transaction_key
+from cardcore.cards.pos import PosService
+from cardcore.coupons.service import CouponService
+from cardcore.vault import Vault
+from tests import logscan
+from tests.conftest import ADMIN_KEK
+from tests.helpers import AdminClient, sql_rows
+from tests.integration.test_coupons_admin import (
+    DAY_MS,
+    NOW_MS,
+    campaign,
+    campaign_row,
+    codes,
+    count,
+    member,
+    service,
+)
+
+_stans = itertools.count(1)
+_tids = itertools.count(1)
+
+
+async def terminal(admin: AdminClient, store: str = "S1") -> str:
+    n = next(_tids)
+    tid, mid = f"C{n:07d}", f"M{n:014d}"
+    answer = await admin.ok("POST", "/v1/terminals", json={"tid": tid, "mid": mid, "store": store})
+    logscan.SCAN.remember("a terminal master key", answer["tmk"])
+    return tid
+
+
+def pos(admin: AdminClient) -> PosService:
+    return admin.app[POS_KEY]
+
+
+def ask(kind: Kind, tid: str, coupon: str = "", **fields: Any) -> PosRequest:
+    stan = fields.pop("stan", f"{next(_stans):06d}")
+    return PosRequest(kind=kind, terminal=tid, batch="000001", stan=stan, coupon=coupon, **fields)
+
+
+async def one(admin: AdminClient, request: PosRequest) -> PosResult:
+    [answer] = await pos(admin).handle([request])
+    return answer
+
+
+async def code_row(db_url: str, code: str) -> dict[str, Any]:
+    [row] = await sql_rows(db_url, "SELECT * FROM coupon_codes WHERE code = :c", c=code)
+    return row
+
+
+async def state_of(db_url: str) -> list[Any]:
+    """Every coupon row that a POS request may change."""
+    out: list[Any] = []
+    for table in ("coupon_codes", "coupon_redemptions", "coupon_campaigns", "coupon_batches"):
+        rows = await sql_rows(db_url, f"SELECT * FROM {table}")  # noqa: S608 - the test's own tables
+        out.append(sorted(repr(sorted(r.items())) for r in rows))
+    return out
+
+
+async def setup(admin: AdminClient, **extra: Any) -> tuple[str, str]:
+    """LE1 (S1, S2), LE2 (S3), an active campaign TENOFF and one code; a terminal in S1."""
+    await admin.org("LE1", "S1", "S2")
+    await admin.org("LE2", "S3")
+    await campaign(admin, **extra)
+    [code] = await codes(admin, "TENOFF", 1)
+    return code, await terminal(admin)
+
+
+async def card_of(admin: AdminClient, member_id: int) -> str:
+    """A named card of the member (its number, for F2)."""
+    status, _ = await admin.call("POST", "/v1/card-classes", json={"code": "ORD",
+                                 "name": "Ordinary", "named": True})  # fmt: skip
+    if status == 201:
+        await admin.ok("POST", "/v1/grants", json={"store": "S1", "function": "stored_value"})
+    made = await admin.ok("POST", "/v1/cards", json={"class_code": "ORD", "store": "S1",
+                          "member_id": member_id})  # fmt: skip
+    return str(made["pan"])
+
+
+# --- query, reserve, confirm ---------------------------------------------------------------------
+
+
+async def test_query_changes_nothing_reserve_holds_and_confirm_redeems_once(
+    admin: AdminClient, db_url: str
+) -> None:
+    code, tid = await setup(admin, supplier_share_bp=3_000, store_share_bp=7_000,
+                            supplier_id="SUP1")  # fmt: skip
+    other = await terminal(admin, "S2")
+    before = await state_of(db_url)
+    query = await one(admin, ask(Kind.COUPON_QUERY, tid, code.lower(), amount=5_000))
+    assert (query.outcome, query.discount, query.forfeited, query.campaign) == (
+        Outcome.APPROVED, 1_000, 0, "TENOFF")  # fmt: skip
+    assert await state_of(db_url) == before
+    reserve = ask(Kind.COUPON_RESERVE, tid, code, amount=5_000)
+    held = await one(admin, reserve)
+    assert (held.outcome, held.discount, held.replayed) == (Outcome.APPROVED, 1_000, False)
+    assert (await code_row(db_url, code))["state"] == "reserved"
+    taken = await one(admin, ask(Kind.COUPON_RESERVE, other, code, amount=5_000))
+    assert (taken.outcome, taken.refusal) == (Outcome.COUPON_USED, "coupon_reserved")
+    again = await one(admin, reserve)  # a resend of the reservation: the stored answer
+    assert (again.outcome, again.discount, again.replayed) == (Outcome.APPROVED, 1_000, True)
+    confirm = ask(Kind.COUPON_REDEEM, tid, amount=5_000, original_batch="000001",
+                  original_stan=reserve.stan)  # fmt: skip
+    redeemed = await one(admin, confirm)
+    assert (redeemed.outcome, redeemed.discount, redeemed.replayed) == (
+        Outcome.APPROVED, 1_000, False)  # fmt: skip
+    resent = await one(admin, confirm)
+    assert (resent.outcome, resent.discount, resent.replayed) == (Outcome.APPROVED, 1_000, True)
+    row = await campaign_row(db_url, "TENOFF")
+    assert (row["redeemed_count"], row["redeemed_value"]) == (1, 1_000)
+    assert (row["store_cost"], row["supplier_cost"]) == (700, 300)
+    assert (await code_row(db_url, code))["state"] == "redeemed"
+    states = await sql_rows(db_url, "SELECT state FROM coupon_redemptions ORDER BY state")
+    assert [s["state"] for s in states] == ["confirmed", "redeemed"]
+    used = await one(admin, ask(Kind.COUPON_REDEEM, other, code, amount=5_000))
+    assert (used.outcome, used.refusal) == (Outcome.COUPON_USED, "coupon_used")
+    mismatch = await one(admin, ask(Kind.COUPON_RESERVE, tid, "PARTNER-0001", amount=1,
+                                    stan=reserve.stan))  # fmt: skip
+    assert mismatch.outcome is Outcome.DUPLICATE_MISMATCH
+    figures = await admin.ok("GET", "/v1/coupon-campaigns/TENOFF/figures")
+    assert (figures["redeemed"], figures["redemption_rate_bp"], figures["cost_fen"]) == (
+        1, 10_000, 1_000)  # fmt: skip
+
+
+async def test_a_redeem_confirms_the_reservation_of_its_own_stan_or_of_its_batch(
+    admin: AdminClient, db_url: str
+) -> None:
+    await admin.org("LE1", "S1")
+    await campaign(admin)
+    first, second = await codes(admin, "TENOFF", 2)
+    tid, other = await terminal(admin), await terminal(admin)
+    reserve = ask(Kind.COUPON_RESERVE, tid, first, amount=5_000)
+    assert (await one(admin, reserve)).outcome is Outcome.APPROVED
+    same = ask(Kind.COUPON_REDEEM, tid, first, amount=5_000, stan=reserve.stan)
+    done = await one(admin, same)
+    assert (done.outcome, done.discount, done.replayed) == (Outcome.APPROVED, 1_000, False)
+    assert (await one(admin, same)).replayed is True
+    assert (await one(admin, reserve)).replayed is True
+    [row] = await sql_rows(db_url, "SELECT state FROM coupon_redemptions")
+    assert row["state"] == "redeemed"
+    held = ask(Kind.COUPON_RESERVE, tid, second, amount=5_000)
+    assert (await one(admin, held)).outcome is Outcome.APPROVED
+    elsewhere = await one(admin, ask(Kind.COUPON_REDEEM, other, second, amount=5_000))
+    assert (elsewhere.outcome, elsewhere.refusal) == (Outcome.COUPON_USED, "coupon_reserved")
+    later = await one(admin, ask(Kind.COUPON_REDEEM, tid, second, amount=5_000))
+    assert (later.outcome, later.discount) == (Outcome.APPROVED, 1_000)
+    assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 2
+    assert (await code_row(db_url, second))["state"] == "redeemed"
+    undo = ask(Kind.COUPON_REVERSE, tid, first, original_batch="000001",
+               original_stan=reserve.stan)  # fmt: skip
+    assert (await one(admin, undo)).outcome is Outcome.APPROVED
+    late = await one(admin, same)  # the redemption was reversed: never approved again
+    assert late.outcome is Outcome.REVERSED_BEFORE_ARRIVAL
+    assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 1
+    wrong = ask(Kind.COUPON_REVERSE, tid, second, original_batch="000001",
+                original_stan=reserve.stan)  # fmt: skip
+    assert (await one(admin, wrong)).outcome is Outcome.ORIGINAL_MISMATCH
+
+
+async def test_a_lapsed_reservation_frees_the_code_and_its_holder_can_no_longer_confirm(
+    admin: AdminClient, db_url: str
+) -> None:
+    code, tid = await setup(admin)
+    other = await terminal(admin)
+    coupons = service(admin)
+    start = int(time.time() * 1000)
+    coupons.clock_ms = lambda: start
+    reserve = ask(Kind.COUPON_RESERVE, tid, code, amount=2_000)
+    assert (await one(admin, reserve)).outcome is Outcome.APPROVED
+    coupons.clock_ms = lambda: start + limits.COUPON_RESERVE_S * 1000 - 1
+    held = await one(admin, ask(Kind.COUPON_REDEEM, other, code, amount=2_000))
+    assert (held.outcome, held.refusal) == (Outcome.COUPON_USED, "coupon_reserved")
+    coupons.clock_ms = lambda: start + limits.COUPON_RESERVE_S * 1000
+    taken = await one(admin, ask(Kind.COUPON_REDEEM, other, code, amount=2_000))
+    assert taken.outcome is Outcome.APPROVED
+    [first] = await sql_rows(db_url, "SELECT state FROM coupon_redemptions WHERE key = :k",
+                             k=f"{tid}/0/000001/{reserve.stan}")  # fmt: skip
+    assert first["state"] == "released"
+    late = await one(admin, ask(Kind.COUPON_REDEEM, tid, amount=2_000, original_batch="000001",
+                                original_stan=reserve.stan))  # fmt: skip
+    assert (late.outcome, late.refusal) == (Outcome.COUPON_USED, "coupon_used")
+    assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 1
+
+
+async def test_a_reversal_makes_a_redeemed_code_usable_again_exactly_once(
+    admin: AdminClient, db_url: str
+) -> None:
+    code, tid = await setup(admin)
+    other = await terminal(admin)
+    sale = ask(Kind.COUPON_REDEEM, tid, code, amount=3_000)
+    assert (await one(admin, sale)).outcome is Outcome.APPROVED
+    undo = ask(Kind.COUPON_REVERSE, tid, original_batch="000001", original_stan=sale.stan)
+    answers = await asyncio.gather(*(one(admin, undo) for _ in range(8)))
+    assert sorted(a.replayed for a in answers) == [False] + [True] * 7
+    assert all(a.outcome is Outcome.APPROVED and a.campaign == "TENOFF" for a in answers)
+    row = await campaign_row(db_url, "TENOFF")
+    assert (row["redeemed_count"], row["redeemed_value"], row["store_cost"]) == (0, 0, 0)
+    assert (await code_row(db_url, code))["state"] == "issued"
+    # The terminal's own 0400 of the same sale changes nothing more.
+    assert (await one(admin, ask(Kind.REVERSE, tid, stan=sale.stan))).outcome in (
+        Outcome.APPROVED, Outcome.ALREADY_REVERSED)  # fmt: skip
+    assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 0
+    again = await one(admin, ask(Kind.COUPON_REDEEM, other, code, amount=3_000))
+    assert again.outcome is Outcome.APPROVED
+    assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 1
+    nothing = await one(admin, ask(Kind.COUPON_REVERSE, tid, original_batch="000001",
+                                   original_stan="999999"))  # fmt: skip
+    assert nothing.outcome is Outcome.ORIGINAL_NOT_FOUND
+
+
+async def test_a_0400_reversal_releases_a_reservation(admin: AdminClient, db_url: str) -> None:
+    code, tid = await setup(admin)
+    held = ask(Kind.COUPON_RESERVE, tid, code, amount=3_000)
+    assert (await one(admin, held)).outcome is Outcome.APPROVED
+    await one(admin, ask(Kind.REVERSE, tid, stan=held.stan))
+    assert (await code_row(db_url, code))["state"] == "issued"
+    [row] = await sql_rows(db_url, "SELECT state FROM coupon_redemptions")
+    assert row["state"] == "released"
+    assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 0
+
+
+async def test_a_coupon_request_after_its_own_reversal_changes_nothing(
+    admin: AdminClient, db_url: str
+) -> None:
+    code, tid = await setup(admin)
+    late = ask(Kind.COUPON_REDEEM, tid, code, amount=5_000)
+    await one(admin, ask(Kind.REVERSE, tid, stan=late.stan))  # the 0400 overtook it
+    undo = ask(Kind.COUPON_REVERSE, tid, original_batch="000001", original_stan="777777")
+    assert (await one(admin, undo)).outcome is Outcome.ORIGINAL_NOT_FOUND
+    before = await state_of(db_url)
+    for request in (late, ask(Kind.COUPON_RESERVE, tid, code, amount=5_000, stan="777777")):
+        answer = await one(admin, request)
+        assert (answer.outcome, answer.replayed) == (Outcome.REVERSED_BEFORE_ARRIVAL, True)
+    assert await state_of(db_url) == before
+    assert (await code_row(db_url, code))["state"] == "issued"
+    assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 0
+
+
+# --- refusals ------------------------------------------------------------------------------------
+
+
+async def test_each_rule_refuses_with_its_outcome_and_changes_nothing(
+    admin: AdminClient, db_url: str
+) -> None:
+    code, tid = await setup(admin, min_spend_fen=2_000, change_rule="refuse")
+    s3 = await terminal(admin, "S3")
+    await campaign(admin, "OLD", valid_from_ms=NOW_MS - 10 * DAY_MS, valid_to_ms=NOW_MS - DAY_MS)
+    [old] = await codes(admin, "OLD", 1)
+    await campaign(admin, "S2ONLY", store="S2")
+    [s2only] = await codes(admin, "S2ONLY", 1)
+    await campaign(admin, "MINE", holder_only=True)
+    [mine] = (await admin.ok("POST", "/v1/coupon-campaigns/MINE/issues",
+                             json={"member_ids": [await member(admin)]}))["codes"]  # fmt: skip
+    await campaign(admin, "PAUSED")
+    await admin.ok("PATCH", "/v1/coupon-campaigns/PAUSED", json={"state": "paused"})
+    [paused] = await codes(admin, "PAUSED", 1)
+    await campaign(admin, "ENDED")
+    [ended] = await codes(admin, "ENDED", 1)
+    await admin.ok("PATCH", "/v1/coupon-campaigns/ENDED", json={"state": "ended"})
+    await campaign(admin, "VOIDED")
+    [voided] = await codes(admin, "VOIDED", 1)
+    await admin.ok("POST", f"/v1/coupons/{voided}/void")
+    unknown = code[:-1] + ("0" if code[-1] != "0" else "1")
+    cases = [
+        (tid, unknown, 5_000, Outcome.COUPON_UNKNOWN, "coupon_not_found"),
+        (tid, "!!", 5_000, Outcome.COUPON_UNKNOWN, "coupon_code_malformed"),
+        (tid, "v1|garbage", 5_000, Outcome.COUPON_UNKNOWN, "coupon_qr_malformed"),
+        (tid, old, 5_000, Outcome.COUPON_EXPIRED, "coupon_expired"),
+        (tid, ended, 5_000, Outcome.COUPON_EXPIRED, "coupon_expired"),
+        (tid, code, 1_999, Outcome.NOT_PERMITTED, "coupon_min_spend"),
+        (tid, s2only, 5_000, Outcome.NOT_PERMITTED, "coupon_wrong_store"),
+        (s3, code, 5_000, Outcome.NOT_PERMITTED, "coupon_wrong_store"),
+        (tid, mine["code"], 5_000, Outcome.NOT_PERMITTED, "coupon_not_holder"),
+        (tid, paused, 5_000, Outcome.COUPON_EXPIRED, "coupon_inactive"),
+        (tid, voided, 5_000, Outcome.NOT_PERMITTED, "coupon_inactive"),
+    ]
+    before = await state_of(db_url)
+    for kind in (Kind.COUPON_QUERY, Kind.COUPON_RESERVE, Kind.COUPON_REDEEM):
+        for where, text, amount, outcome, refusal in cases:
+            answer = await one(admin, ask(kind, where, text, amount=amount))
+            assert (answer.outcome, answer.refusal) == (outcome, refusal), (kind, text)
+    bad = await one(admin, ask(Kind.COUPON_REDEEM, tid, "", amount=5_000))
+    assert bad.outcome is Outcome.BAD_REQUEST
+    assert await state_of(db_url) == before
+
+
+async def test_the_no_change_rule_refuses_or_forfeits_per_campaign(admin: AdminClient) -> None:
+    code, tid = await setup(admin, change_rule="refuse")
+    await campaign(admin, "FORFEIT")
+    [forfeit] = await codes(admin, "FORFEIT", 1)
+    refused = await one(admin, ask(Kind.COUPON_REDEEM, tid, code, amount=600))
+    assert (refused.outcome, refused.refusal) == (Outcome.NOT_PERMITTED, "coupon_exceeds_bill")
+    taken = await one(admin, ask(Kind.COUPON_REDEEM, tid, forfeit, amount=600))
+    assert (taken.outcome, taken.discount, taken.forfeited) == (Outcome.APPROVED, 600, 400)
+
+
+async def test_percent_off_on_departments_splits_cost_and_stops_at_the_value_budget(
+    admin: AdminClient, db_url: str
+) -> None:
+    await admin.org("LE1", "S1")
+    tid = await terminal(admin)
+    await campaign(admin, "FOOD20", kind="percent_off", value_fen=0, percent_bp=5_000,
+                   departments=["FOOD"], supplier_share_bp=2_500, store_share_bp=7_500,
+                   supplier_id="SUP9", max_value_fen=1_500)  # fmt: skip
+    first, second = await codes(admin, "FOOD20", 2)
+    basket = (("FOOD", 2_000), ("TOYS", 5_000))
+    answer = await one(admin, ask(Kind.COUPON_REDEEM, tid, first, amount=7_000, basket=basket))
+    assert (answer.outcome, answer.discount) == (Outcome.APPROVED, 1_000)
+    row = await campaign_row(db_url, "FOOD20")
+    assert (row["store_cost"], row["supplier_cost"], row["redeemed_value"]) == (750, 250, 1_000)
+    before = await state_of(db_url)
+    spent = await one(admin, ask(Kind.COUPON_REDEEM, tid, second, amount=7_000, basket=basket))
+    assert (spent.outcome, spent.refusal) == (Outcome.OVER_LIMIT, "coupon_budget_spent")
+    assert await state_of(db_url) == before
+    toys = await one(admin, ask(Kind.COUPON_QUERY, tid, second, amount=5_000,
+                                basket=(("TOYS", 5_000),)))  # fmt: skip
+    assert (toys.outcome, toys.refusal) == (Outcome.NOT_PERMITTED, "coupon_wrong_department")
+
+
+async def test_a_member_limit_counts_the_members_redemptions(admin: AdminClient) -> None:
+    await admin.org("LE1", "S1")
+    tid = await terminal(admin)
+    await campaign(admin, "ONCE", per_member_max=1)
+    first, second = await codes(admin, "ONCE", 2)
+    pan = await card_of(admin, await member(admin))
+    anonymous = await one(admin, ask(Kind.COUPON_QUERY, tid, first, amount=5_000))
+    assert (anonymous.outcome, anonymous.refusal) == (Outcome.NOT_PERMITTED,
+                                                      "coupon_member_limit")  # fmt: skip
+    ok = await one(admin, ask(Kind.COUPON_REDEEM, tid, first, amount=5_000, card=pan))
+    assert ok.outcome is Outcome.APPROVED
+    again = await one(admin, ask(Kind.COUPON_REDEEM, tid, second, amount=5_000, card=pan))
+    assert (again.outcome, again.refusal) == (Outcome.NOT_PERMITTED, "coupon_member_limit")
+
+
+async def test_one_member_redeeming_many_codes_at_once_stays_within_its_limit(
+    admin: AdminClient, db_url: str
+) -> None:
+    await admin.org("LE1", "S1")
+    tids = [await terminal(admin) for _ in range(3)]
+    await campaign(admin, "TWICE", per_member_max=2, per_member_per_day_max=2)
+    made = await codes(admin, "TWICE", 12)
+    pan = await card_of(admin, await member(admin))
+    kinds = (Kind.COUPON_REDEEM, Kind.COUPON_RESERVE)
+    racers = [ask(kinds[i % 2], tids[i % 3], code, amount=5_000, card=pan)
+              for i, code in enumerate(made)]  # fmt: skip
+    answers = await asyncio.gather(*(one(admin, r) for r in racers))
+    approved = [a for a in answers if a.outcome is Outcome.APPROVED]
+    refused = {a.refusal for a in answers if a.outcome is not Outcome.APPROVED}
+    assert len(approved) == 2 and refused <= {"coupon_member_limit", "coupon_daily_limit"}
+    live = await sql_rows(db_url, "SELECT count(*) AS n FROM coupon_redemptions "
+                          "WHERE state IN ('reserved', 'redeemed')")  # fmt: skip
+    assert live[0]["n"] == 2
+
+
+# --- signed QR -----------------------------------------------------------------------------------
+
+
+async def test_a_signed_qr_redeems_and_a_forged_or_retired_one_is_unknown(
+    admin: AdminClient, db_url: str
+) -> None:
+    code, tid = await setup(admin)
+    await admin.ok("POST", "/v1/coupon-keys", json={"legal_entity": "LE1", "kid": "k1"})
+    await admin.ok("POST", "/v1/coupon-keys", json={"legal_entity": "LE2", "kid": "k2"})
+    qr = (await admin.ok("GET", f"/v1/coupons/{code}/qr"))["qr"]
+    payload, _, signature = qr.rpartition("|")
+    forged = payload.replace("|LE1|", "|LE2|").replace("|k1|", "|k2|") + "|" + signature
+    flipped = qr[:-2] + ("A" if qr[-2] != "A" else "B") + qr[-1]
+    before = await state_of(db_url)
+    for text in (forged, flipped):
+        answer = await one(admin, ask(Kind.COUPON_REDEEM, tid, text, amount=5_000))
+        assert (answer.outcome, answer.refusal) == (Outcome.COUPON_UNKNOWN,
+                                                    "coupon_qr_signature")  # fmt: skip
+    assert await state_of(db_url) == before
+    query = await one(admin, ask(Kind.COUPON_QUERY, tid, qr, amount=5_000))
+    assert (query.outcome, query.discount) == (Outcome.APPROVED, 1_000)
+    await admin.ok("POST", "/v1/coupon-keys/k1/retire")
+    retired = await one(admin, ask(Kind.COUPON_REDEEM, tid, qr, amount=5_000))
+    assert retired.outcome is Outcome.COUPON_UNKNOWN
+    await admin.ok("POST", "/v1/coupon-keys", json={"legal_entity": "LE1", "kid": "k3"})
+    fresh = (await admin.ok("GET", f"/v1/coupons/{code}/qr"))["qr"]
+    assert (await one(admin, ask(Kind.COUPON_REDEEM, tid, fresh, amount=5_000))).outcome is (
+        Outcome.APPROVED)  # fmt: skip
+
+
+# --- THE RACE ------------------------------------------------------------------------------------
+
+
+async def test_many_terminals_redeeming_one_code_at_once_exactly_one_wins(
+    admin: AdminClient, db_url: str
+) -> None:
+    code, _ = await setup(admin)
+    tids = [await terminal(admin) for _ in range(4)]
+    coupons: CouponService = service(admin)
+    t0 = await pos(admin).directory.terminal(tids[0])
+    assert t0 is not None
+    racers = [ask(Kind.COUPON_REDEEM, tids[i % 4], code, amount=5_000) for i in range(20)]
+    direct = [ask(Kind.COUPON_REDEEM, tids[0], code, amount=5_000) for _ in range(5)]
+    answers = await asyncio.gather(
+        *(one(admin, r) for r in racers),
+        *(coupons.pos(r, t0, transaction_key(t0, r.batch, r.stan), None) for r in direct),
+    )
+    outcomes = sorted(str(a.outcome) for a in answers)
+    assert outcomes == ["approved"] + ["coupon_used"] * 24, outcomes
+    row = await campaign_row(db_url, "TENOFF")
+    assert (row["redeemed_count"], row["redeemed_value"], row["store_cost"]) == (1, 1_000, 1_000)
+    assert await count(db_url, "coupon_redemptions") == 1
+    winner = next(r for r, a in zip([*racers, *direct], answers, strict=True)
+                  if a.outcome is Outcome.APPROVED)  # fmt: skip
+    assert (await code_row(db_url, code))["redeemed_key"].endswith("/" + winner.stan)
+
+
+async def test_many_terminals_reserving_one_code_at_once_exactly_one_holds_it(
+    admin: AdminClient, db_url: str
+) -> None:
+    code, _ = await setup(admin)
+    tids = [await terminal(admin) for _ in range(4)]
+    racers = [ask(Kind.COUPON_RESERVE, tids[i % 4], code, amount=5_000) for i in range(20)]
+    answers = await asyncio.gather(*(pos(admin).handle([r]) for r in racers))
+    outcomes = sorted(str(a.outcome) for [a] in answers)
+    assert outcomes == ["approved"] + ["coupon_used"] * 19, outcomes
+    assert await count(db_url, "coupon_redemptions") == 1
+    assert (await code_row(db_url, code))["state"] == "reserved"
+
+
+# --- instant reward by rule ----------------------------------------------------------------------
+
+
+async def test_a_qualifying_purchase_earns_one_coupon_of_each_reward_campaign_once(
+    admin: AdminClient, db_url: str
+) -> None:
+    await admin.org("LE1", "S1", "S2")
+    tid = await terminal(admin)
+    await campaign(admin, "SPEND100", reward_spend_fen=10_000, holder_only=True)
+    await campaign(admin, "SPEND50", reward_spend_fen=5_000, max_issued=1)
+    await campaign(admin, "ELSEWHERE", reward_spend_fen=1, store="S2")
+    await campaign(admin, "PLAIN")
+    buyer = await member(admin)
+    pan = await card_of(admin, buyer)
+    t = await pos(admin).directory.terminal(tid)
+    card = await pos(admin).directory.card(Vault(ADMIN_KEK).card_token(pan))
+    assert t is not None and card is not None
+    coupons = service(admin)
+    key = transaction_key(t, "000001", "000123")
+    earned = await coupons.reward_purchase(t, key, card, 12_000)
+    assert sorted(e["campaign"] for e in earned) == ["SPEND100", "SPEND50"]
+    again = await coupons.reward_purchase(t, key, card, 12_000)
+    assert sorted(again, key=str) == sorted(earned, key=str)
+    assert await count(db_url, "coupon_codes") == 2
+    mine = next(e["code"] for e in earned if e["campaign"] == "SPEND100")
+    assert (await code_row(db_url, mine))["member_id"] == buyer
+    stranger = await one(admin, ask(Kind.COUPON_QUERY, tid, mine, amount=100))
+    assert (stranger.outcome, stranger.refusal) == (Outcome.NOT_PERMITTED, "coupon_not_holder")
+    holder = await one(admin, ask(Kind.COUPON_QUERY, tid, mine, amount=100, card=pan))
+    assert (holder.outcome, holder.discount, holder.forfeited) == (Outcome.APPROVED, 100, 900)
+    other = await coupons.reward_purchase(t, transaction_key(t, "000001", "000124"), card, 12_000)
+    assert [e["campaign"] for e in other] == ["SPEND100"]  # SPEND50's budget is used up
+    small = await coupons.reward_purchase(t, transaction_key(t, "000001", "000125"), None, 6_000)
+    assert small == []
+    row = await campaign_row(db_url, "SPEND50")
+    assert row["issued_count"] == 1

@@ -1,0 +1,121 @@
+"""Points through the admin API on SQLite and PostgreSQL: redemption for rewards and its
+reversal, and transfers between members within the program's policy; each idempotent by the
+caller's key, audited, refused with a stable code and nothing changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cardcore.cards.model import Kind
+from tests.helpers import AdminClient, sql_rows
+from tests.integration.test_points_api import counts
+from tests.integration.test_points_pos import Shop
+
+TRANSFER = {"allowed": True, "per_transfer_max_points": 300, "per_day_max_points": 500}
+
+
+async def earned(shop: Shop, card: dict[str, Any], amount: int) -> None:
+    answer = await shop.one(shop.request(Kind.PURCHASE, card, amount=amount))
+    assert answer.points == amount // 100
+
+
+async def refused(admin: AdminClient, db_url: str, path: str, body: Any, status: int, code: str,
+                  token: str | None = None) -> None:  # fmt: skip
+    before = await counts(db_url), await sql_rows(db_url, "SELECT * FROM ledger_accounts")
+    got, answer = await admin.call("POST", path, token, body)
+    assert (got, answer["error"]["code"]) == (status, code), answer
+    after = await counts(db_url), await sql_rows(db_url, "SELECT * FROM ledger_accounts")
+    assert after == before
+
+
+async def test_a_reward_redemption_spends_once_and_its_reversal_restores_the_lots(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    await earned(shop, card, 50_000)
+    path = f"/v1/cards/{card['id']}/points/redemptions"
+    body = {"points": 120, "reward": "COUPON-9", "key": "r1"}
+    status, made = await admin.call("POST", path, json=body)
+    assert status == 201
+    assert (made["points"], made["points_balance"], made["replayed"]) == (120, 380, False)
+    status, again = await admin.call("POST", path, json=body)
+    assert (status, again["replayed"], again["transfer_id"]) == (200, True, made["transfer_id"])
+    assert (await shop.points(card))["balance"] == 380
+    await refused(admin, db_url, path, {**body, "points": 121}, 409, "key_reused")
+    await refused(admin, db_url, path, {**body, "key": "r2", "points": 381}, 409,
+                  "points_insufficient")  # fmt: skip
+    await refused(admin, db_url, path, {**body, "key": "r2", "points": 0}, 400, "invalid_value")
+    outsider = await admin.token("store_crm", "store", "S2")
+    await refused(admin, db_url, path, {**body, "key": "r3"}, 403, "scope_forbidden", outsider)
+    auditor = await admin.token("auditor")
+    await refused(admin, db_url, path, {**body, "key": "r3"}, 403, "role_forbidden", auditor)
+    undo = f"{path}/r1/reversal"
+    reversed_ = await admin.ok("POST", undo)
+    assert (reversed_["reversed"], reversed_["points_balance"]) == (True, 500)
+    assert (await admin.ok("POST", undo))["replayed"] is True
+    assert (await shop.points(card))["balance"] == 500
+    await refused(admin, db_url, f"{path}/nope/reversal", None, 404, "redemption_not_found")
+    audit = await sql_rows(db_url, "SELECT action FROM org_audit_log WHERE action LIKE "
+                           "'points.%' ORDER BY id")  # fmt: skip
+    assert [a["action"] for a in audit] == ["points.redeem", "points.redeem_reversal"]
+
+
+async def test_members_give_points_within_the_programs_policy(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make()
+    giver, taker = await shop.card(), await shop.card()
+    await earned(shop, giver, 100_000)
+    path = f"/v1/cards/{giver['id']}/points/transfers"
+    body = {"to_card_id": taker["id"], "points": 100, "key": "t1"}
+    await refused(admin, db_url, path, body, 409, "transfer_not_allowed")
+    await admin.ok("PATCH", "/v1/points/programs/CLUB", json={"transfer": TRANSFER})
+    status, made = await admin.call("POST", path, json=body)
+    assert (status, made["points_balance"]) == (201, 900)
+    status, again = await admin.call("POST", path, json=body)
+    assert (status, again["replayed"]) == (200, True)
+    view = await shop.points(taker)
+    assert view["balance"] == 100
+    assert view["lots"][0]["expires_on"] == (await shop.points(giver))["lots"][0]["expires_on"]
+    await refused(admin, db_url, path, {**body, "key": "t2", "points": 301}, 409,
+                  "transfer_over_limit")  # fmt: skip
+    await admin.ok("POST", path, json={**body, "key": "t2", "points": 300})
+    await refused(admin, db_url, path, {**body, "key": "t3", "points": 101}, 409,
+                  "transfer_over_daily_limit")  # fmt: skip
+    await refused(admin, db_url, path, {**body, "key": "t1", "points": 99}, 409, "key_reused")
+    await refused(admin, db_url, path, {**body, "key": "t4", "to_card_id": giver["id"]}, 400,
+                  "transfer_not_allowed")  # fmt: skip
+    plain = await shop.card("PLAIN")
+    await refused(admin, db_url, path, {**body, "key": "t5", "to_card_id": plain["id"]}, 409,
+                  "transfer_not_allowed")  # fmt: skip
+    await refused(admin, db_url, path, {**body, "key": "t6", "to_card_id": 999_999}, 404,
+                  "card_not_found")  # fmt: skip
+    rows = await sql_rows(db_url, "SELECT points FROM points_transfers ORDER BY key")
+    assert [r["points"] for r in rows] == [100, 300]
+    assert (await shop.points(giver))["balance"] == 600
+    assert (await shop.points(taker))["balance"] == 400
+
+
+async def test_a_transfer_across_legal_entities_clears_between_them(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make(transfer=TRANSFER)
+    await admin.org("LE2", "S3")
+    await admin.ok("POST", "/v1/grants", json={"store": "S3", "function": "stored_value"})
+    giver = await shop.card()
+    member = await admin.ok("POST", "/v1/members", json={"mobile": "13600000001",
+                            "name": "Li Lei", "home_store": "S3"})  # fmt: skip
+    taker = await admin.ok("POST", "/v1/cards", json={"class_code": "PTS", "store": "S3",
+                           "member_id": member["id"]})  # fmt: skip
+    await earned(shop, giver, 10_000)
+    await admin.ok("POST", f"/v1/cards/{giver['id']}/points/transfers",
+                   json={"to_card_id": taker["id"], "points": 40, "key": "x1"})  # fmt: skip
+    rows = await sql_rows(db_url, "SELECT legal_entity, purpose, debits_posted, credits_posted"
+                          " FROM ledger_accounts WHERE purpose LIKE 'points_due_%'")  # fmt: skip
+    got = {(r["legal_entity"], r["purpose"]): (r["debits_posted"], r["credits_posted"])
+           for r in rows}  # fmt: skip
+    assert got == {("LE1", "points_due_to"): (0, 40), ("LE2", "points_due_from"): (40, 0)}
+    lots = await sql_rows(db_url, "SELECT legal_entity FROM ledger_accounts WHERE owner_id = "
+                          ":o AND owner_kind = 'points'", o=str(taker["account_id"]))  # fmt: skip
+    assert {r["legal_entity"] for r in lots} == {"LE2"}

@@ -1,0 +1,200 @@
+"""The points expiry job on SQLite and PostgreSQL: lots expire at the end of their expiry day
+in the program's time zone (31 January plus one month is the end of February; Shanghai's
+midnight is 16:00 UTC), each expiry once however often and however concurrently the job
+runs, with its notice and its reminder in the members' outbox; and `cardcore points expire`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+from cardcore.cards.model import Kind, Outcome
+from cardcore.points.http import POINTS_KEY
+from cardcore.points.service import PointsService
+from tests.helpers import AdminClient, run_cardcore, sql_rows
+from tests.integration.test_points_pos import Shop
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def utc_ms(text: str) -> int:
+    return int(datetime.datetime.fromisoformat(text).timestamp() * 1000)
+
+
+EARNED = utc_ms("2026-01-31T02:00:00+00:00")  # 31 Jan 10:00 in Shanghai
+LAST_MOMENT = utc_ms("2026-02-28T15:59:59.999+00:00")  # 28 Feb 23:59:59.999 in Shanghai
+MIDNIGHT = utc_ms("2026-02-28T16:00:00+00:00")  # 1 March 00:00 in Shanghai
+
+
+Points = tuple[Shop, dict[str, Any], PointsService]
+
+
+async def shop_with_points(admin: AdminClient, **program: Any) -> Points:
+    shop = await Shop(admin).make(expiry={"kind": "rolling_months", "months": 1}, **program)
+    service: PointsService = admin.app[POINTS_KEY]
+    service.clock_ms = lambda: EARNED
+    card = await shop.card()
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))
+    assert (sale.outcome, sale.points) == (Outcome.APPROVED, 100)
+    return shop, card, service
+
+
+async def notices(db_url: str) -> list[dict[str, Any]]:
+    return await sql_rows(db_url, "SELECT * FROM member_notices ORDER BY id")
+
+
+async def test_31_january_plus_one_month_expires_at_shanghai_midnight_ending_february(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop, card, service = await shop_with_points(admin)
+    [lot] = (await shop.points(card))["lots"]
+    assert lot["expires_on"] == "2026-02-28"
+    assert lot["expires_at_ms"] == MIDNIGHT
+    before = await service.expire(LAST_MOMENT, 0)
+    assert before == {
+        "lots_expired": 0,
+        "points_expired": 0,
+        "reminders": 0,
+        "failed": 0,
+        "tiers_changed": 0,
+    }
+    assert await notices(db_url) == []
+    service.clock_ms = lambda: LAST_MOMENT
+    assert (await shop.points(card))["balance"] == 100
+    done = await service.expire(MIDNIGHT, 0)
+    assert (done["lots_expired"], done["points_expired"]) == (1, 100)
+    service.clock_ms = lambda: MIDNIGHT
+    view = await shop.points(card)
+    assert (view["balance"], view["usable"], view["lots"]) == (0, 0, [])
+    [notice] = await notices(db_url)
+    assert notice["kind"] == "points_expired"
+    assert notice["member_id"] == card["member_id"]
+    assert notice["holder"] == card["account_id"]
+    assert json.loads(notice["payload"])["points"] == 100
+    [expired] = await sql_rows(db_url, "SELECT credits_posted FROM ledger_accounts WHERE "
+                               "purpose = 'points_expired'")  # fmt: skip
+    assert expired["credits_posted"] == 100
+    # UTC midnight is not the program's: the lot was gone at 16:00 UTC on the 28th already.
+    assert datetime.datetime.fromtimestamp(MIDNIGHT / 1000, datetime.UTC).day == 28
+
+
+async def test_the_job_is_idempotent_and_safe_to_run_concurrently(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop, _card, service = await shop_with_points(admin)
+    second = await shop.card()
+    service.clock_ms = lambda: EARNED
+    await shop.one(shop.request(Kind.PURCHASE, second, amount=5_000))
+    runs = await asyncio.gather(*(service.expire(MIDNIGHT, 0) for _ in range(4)))
+    assert sum(r["points_expired"] for r in runs) == 150
+    assert sum(r["lots_expired"] for r in runs) == 2
+    again = await service.expire(MIDNIGHT + 86_400_000, 0)
+    assert again["points_expired"] == 0
+    assert [n["kind"] for n in await notices(db_url)] == ["points_expired"] * 2
+    transfers = await sql_rows(db_url, "SELECT * FROM ledger_transfers WHERE reason = "
+                               "'points_expire'")  # fmt: skip
+    assert len(transfers) == 2
+
+
+async def test_reminders_go_out_once_per_lot_within_the_days_asked(
+    admin: AdminClient, db_url: str
+) -> None:
+    _shop, _card, service = await shop_with_points(admin)
+    week_before = MIDNIGHT - 7 * 86_400_000
+    assert (await service.expire(week_before - 1, 7))["reminders"] == 0
+    assert (await service.expire(week_before, 7))["reminders"] == 1
+    assert (await service.expire(week_before + 3_600_000, 7))["reminders"] == 0
+    [reminder] = await notices(db_url)
+    assert reminder["kind"] == "points_expiring"
+    assert json.loads(reminder["payload"])["expires_at_ms"] == MIDNIGHT
+
+
+async def test_what_a_spend_left_expires_and_a_stale_run_takes_nothing_twice(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop, card, service = await shop_with_points(admin)
+    await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=100))  # spends all of it
+    done = await service.expire(MIDNIGHT, 0)
+    assert done["points_expired"] == 0
+    service.clock_ms = lambda: EARNED
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=4_000))
+    done = await service.expire(MIDNIGHT, 0)
+    assert (done["lots_expired"], done["points_expired"]) == (1, 40)
+
+
+async def test_points_put_back_into_an_expired_lot_expire_again(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop, card, service = await shop_with_points(admin, redeem_points=10, redeem_fen=10)
+    redeem = shop.request(Kind.POINTS_REDEEM, card, points=30)
+    assert (await shop.one(redeem)).outcome is Outcome.APPROVED
+    assert (await service.expire(MIDNIGHT, 0))["points_expired"] == 70
+    await shop.one(shop.request(Kind.REVERSE, None, stan=redeem.stan))  # 30 back, expired
+    service.clock_ms = lambda: MIDNIGHT
+    assert (await shop.points(card))["balance"] == 0
+    assert (await service.expire(MIDNIGHT + 1, 0))["points_expired"] == 30
+
+
+async def test_the_cli_expires_and_refuses_bad_input(db_url: str) -> None:
+    bad = run_cardcore("points", "--db", db_url, "expire", "--remind-days", "999", cwd=ROOT)
+    assert bad.returncode == 2
+    assert "--remind-days must be 0..366" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    worse = run_cardcore("points", "--db", db_url, "expire", "--remind-days", "x", cwd=ROOT)
+    assert worse.returncode == 2
+    done = run_cardcore("points", "--db", db_url, "expire", cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "failed": 0,
+        "lots_expired": 0,
+        "points_expired": 0,
+        "reminders": 0,
+        "tiers_changed": 0,
+    }
+
+
+# --- tiers ---------------------------------------------------------------------------------
+
+TIERS = {"ladder": [{"code": "SILVER", "threshold": 0, "multiplier_pct": 100},
+                    {"code": "GOLD", "threshold": 1000, "multiplier_pct": 150}],
+         "basis": "points_earned", "period": "calendar_year"}  # fmt: skip
+IN_2026 = utc_ms("2026-06-01T04:00:00+00:00")
+IN_2027 = utc_ms("2027-01-01T00:00:00+08:00")  # Shanghai's new year
+IN_2028 = utc_ms("2028-03-01T00:00:00+00:00")
+
+
+async def test_a_tier_comes_at_once_and_goes_at_the_periods_end(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make(tiers=TIERS)
+    service: PointsService = admin.app[POINTS_KEY]
+    service.clock_ms = lambda: IN_2026
+    card = await shop.card(balance=300_000)
+    assert (await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))).points == 100
+    assert (await shop.points(card))["tier"] == "SILVER"
+    assert (await shop.one(shop.request(Kind.PURCHASE, card, amount=100_000))).points == 1000
+    assert (await shop.points(card))["tier"] == "GOLD"
+    assert (await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))).points == 150
+    # 2026 earned 1250: GOLD stays for 2027; 2027 earns nothing: SILVER from 2028 on.
+    assert await service.review_tiers(IN_2027) == 0
+    assert await service.review_tiers(IN_2027 + 1) == 0  # reviewed once a period
+    assert (await shop.points(card))["tier"] == "GOLD"
+    assert await service.review_tiers(IN_2028) == 1
+    assert (await shop.points(card))["tier"] == "SILVER"
+    [holder] = await sql_rows(db_url, "SELECT * FROM points_holders")
+    assert (holder["tier"], holder["tier_since_ms"]) == ("SILVER", IN_2028)
+
+
+async def test_under_downgrade_never_a_tier_stays(admin: AdminClient) -> None:
+    shop = await Shop(admin).make(tiers={**TIERS, "downgrade": "never"})
+    service: PointsService = admin.app[POINTS_KEY]
+    service.clock_ms = lambda: IN_2026
+    card = await shop.card(balance=300_000)
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=100_000))
+    assert (await shop.points(card))["tier"] == "GOLD"
+    assert await service.review_tiers(IN_2028) == 0
+    assert (await shop.points(card))["tier"] == "GOLD"

@@ -1,0 +1,616 @@
+"""Points at the POS, on SQLite and PostgreSQL, through the whole host app: a purchase of a
+card whose class has a program earns (rules in scope of the store, caps), a resend earns
+nothing twice, a void and a terminal reversal take the earning back, a refund claws back its
+share, a purchase paid another way earns with POINTS_EARN, and settlement totals count none
+of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+from cardcore.cards.http import POS_KEY
+from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, batch_totals
+from cardcore.cards.pos import PosService
+from cardcore.ledger.http import LEDGER_KEY
+from cardcore.points.http import POINTS_KEY
+from tests.helpers import AdminClient, sql_rows
+from tests.integration.test_points_api import PROGRAM, RULE
+
+_stans = itertools.count(1)
+_tids = itertools.count(1)
+_mobiles = itertools.count(1)
+
+
+def fixed(ms: int) -> Callable[[], int]:
+    """A clock standing at `ms`."""
+    return lambda: ms
+
+
+class Shop:
+    """LE1 (S1, S2): program CLUB (1 point per CNY), class PTS earning in it and class
+    PLAIN without a program; terminals in S1 and S2."""
+
+    def __init__(self, admin: AdminClient) -> None:
+        self.admin = admin
+        self.pos: PosService = admin.app[POS_KEY]
+        self.tids: dict[str, str] = {}
+
+    async def make(self, **program: Any) -> Shop:
+        admin = self.admin
+        await admin.org("LE1", "S1", "S2")
+        await admin.ok("POST", "/v1/points/programs", json={**PROGRAM, **program})
+        await admin.ok("POST", "/v1/points/programs/CLUB/rules", json=RULE)
+        await admin.ok("POST", "/v1/card-classes", json={"code": "PTS", "name": "Points",
+                       "named": True, "points_program": "CLUB"})  # fmt: skip
+        await admin.ok("POST", "/v1/card-classes", json={"code": "PLAIN", "name": "Plain",
+                       "named": True})  # fmt: skip
+        for store in ("S1", "S2"):
+            await admin.ok("POST", "/v1/grants", json={"store": store, "function": "stored_value"})
+            n = next(_tids)
+            tid = f"P{n:07d}"
+            answer = await admin.ok("POST", "/v1/terminals", json={"tid": tid,
+                                    "mid": f"M{n:014d}", "store": store})  # fmt: skip
+            from tests import logscan  # noqa: PLC0415
+
+            logscan.SCAN.remember("a terminal master key", answer["tmk"])
+            self.tids[store] = tid
+        return self
+
+    async def card(self, class_code: str = "PTS", balance: int = 100_000) -> dict[str, Any]:
+        mobile = f"137{next(_mobiles):08d}"
+        member = await self.admin.ok("POST", "/v1/members", json={
+            "mobile": mobile, "name": "Han Mei", "home_store": "S1"})  # fmt: skip
+        card: dict[str, Any] = await self.admin.ok("POST", "/v1/cards", json={
+            "class_code": class_code, "store": "S1", "member_id": member["id"]})  # fmt: skip
+        await self.admin.ok("POST", f"/v1/cards/{card['id']}/topups", json={
+            "amount": balance, "tender": "cash", "receipt": "R1",
+            "key": f"top{card['id']}"})  # fmt: skip
+        return card
+
+    def request(self, kind: Kind, card: dict[str, Any] | None, store: str = "S1",
+                **fields: Any) -> PosRequest:  # fmt: skip
+        return PosRequest(kind=kind, terminal=self.tids[store], batch="000001",
+                          stan=fields.pop("stan", f"{next(_stans):06d}"),
+                          card="" if card is None else card["pan"], **fields)  # fmt: skip
+
+    async def one(self, request: PosRequest) -> PosResult:
+        [answer] = await self.pos.handle([request])
+        return answer
+
+    async def points(self, card: dict[str, Any]) -> dict[str, Any]:
+        body: dict[str, Any] = await self.admin.ok("GET", f"/v1/cards/{card['id']}/points")
+        return body
+
+    async def money(self, card: dict[str, Any]) -> int:
+        body = await self.admin.ok("GET", f"/v1/cards/{card['id']}")
+        return int(body["balances"]["available"])
+
+
+async def test_a_purchase_earns_by_the_rules_and_shows_in_the_cards_points(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=2_550))
+    assert sale.outcome is Outcome.APPROVED
+    assert (sale.points, sale.points_balance, sale.balance) == (25, 25, 100_000 - 2_550)
+    view = await shop.points(card)
+    assert (view["program"], view["balance"], view["usable"], view["pending"], view["debt"]) == (
+        "CLUB",
+        25,
+        25,
+        0,
+        0,
+    )
+    [lot] = view["lots"]
+    assert lot["remaining"] == 25
+    assert lot["expires_on"] is not None and lot["expires_on"].endswith(("-28", "-29", "-30",
+                                                                         "-31"))  # fmt: skip
+    [earning] = await sql_rows(db_url, "SELECT * FROM points_earnings")
+    assert (earning["points"], earning["amount"], earning["store"]) == (25, 2_550, "S1")
+    [part] = await sql_rows(db_url, "SELECT * FROM points_earning_parts")
+    assert (part["rule"], part["points"]) == ("BASE", 25)
+    # The ledger holds it: the lot account is the holder's, the other side points_issued.
+    rows = await sql_rows(db_url, "SELECT owner_kind, owner_id, purpose, credits_posted, "
+                          "debits_posted, no_overdraft FROM ledger_accounts WHERE asset = "
+                          "'PTS:CLUB' ORDER BY id")  # fmt: skip
+    assert [(r["owner_kind"], r["purpose"]) for r in rows] == [
+        ("entity", "points_issued"),
+        ("points", lot["lot"]),
+    ]
+    assert rows[1]["owner_id"] == str(card["account_id"])
+    assert bool(rows[1]["no_overdraft"])
+    assert (rows[0]["debits_posted"], rows[1]["credits_posted"]) == (25, 25)
+
+
+async def test_a_resend_earns_nothing_twice(admin: AdminClient, db_url: str) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    sale = shop.request(Kind.PURCHASE, card, amount=10_000)
+    first = await shop.one(sale)
+    again = await shop.one(sale)
+    assert (first.points, again.points) == (100, 100)
+    assert again.replayed
+    both = await shop.pos.handle([sale, sale])
+    assert [a.points for a in both] == [100, 100]
+    assert (await shop.points(card))["balance"] == 100
+    assert len(await sql_rows(db_url, "SELECT * FROM points_earnings")) == 1
+
+
+async def test_a_card_without_a_program_earns_nothing(admin: AdminClient, db_url: str) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card("PLAIN")
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))
+    assert sale.outcome is Outcome.APPROVED
+    assert (sale.points, sale.points_balance) == (None, None)
+    assert await sql_rows(db_url, "SELECT * FROM points_earnings") == []
+    view = await shop.points(card)
+    assert (view["program"], view["balance"], view["lots"]) == (None, 0, [])
+
+
+async def test_a_closed_program_earns_nothing(admin: AdminClient, db_url: str) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    await admin.ok("PATCH", "/v1/points/programs/CLUB", json={"state": "closed"})
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))
+    assert (sale.outcome, sale.points) == (Outcome.APPROVED, None)
+    assert await sql_rows(db_url, "SELECT * FROM points_earnings") == []
+
+
+async def test_rules_apply_in_their_stores_with_caps_and_the_class_multiplier(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make()
+    path = "/v1/points/programs/CLUB/rules"
+    await admin.ok("POST", path, json={"code": "S2BONUS", "kind": "bonus", "points": 50,
+                                       "store": "S2"})  # fmt: skip
+    await admin.ok("POST", path, json={"code": "FOOD", "kind": "category", "points": 2,
+                                       "per_fen": 100, "departments": ["FOOD"],
+                                       "cap_per_day_points": 30})  # fmt: skip
+    await admin.ok("PATCH", "/v1/card-classes/PTS", json={"points_multiplier_pct": 200})
+    card = await shop.card()
+    # S1: BASE 10 CNY -> 10 x 2 = 20; FOOD 10 CNY of food -> 20 x 2 = 40, capped at 30 a day.
+    first = await shop.one(shop.request(Kind.PURCHASE, card, amount=1_000,
+                                        basket=(("FOOD", 1_000),)))  # fmt: skip
+    assert first.points == 20 + 30
+    second = await shop.one(shop.request(Kind.PURCHASE, card, amount=1_000,
+                                         basket=(("FOOD", 1_000),)))  # fmt: skip
+    assert second.points == 20  # the day's food cap is used up
+    # S2: its own bonus applies there: BASE 20 + bonus 50 x 2 = 100.
+    there = await shop.one(shop.request(Kind.PURCHASE, card, "S2", amount=1_000))
+    assert there.points == 20 + 100
+    parts = await sql_rows(db_url, "SELECT rule, sum(points) AS n FROM points_earning_parts "
+                           "GROUP BY rule ORDER BY rule")  # fmt: skip
+    assert [(p["rule"], int(p["n"])) for p in parts] == [("BASE", 60), ("FOOD", 30),
+                                                         ("S2BONUS", 100)]  # fmt: skip
+    assert (await shop.points(card))["balance"] == 50 + 20 + 120
+
+
+async def test_a_void_takes_the_earning_back_and_a_later_reversal_changes_nothing(
+    admin: AdminClient,
+) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    sale = shop.request(Kind.PURCHASE, card, amount=5_000)
+    assert (await shop.one(sale)).points == 50
+    void = await shop.one(shop.request(Kind.VOID, card, amount=5_000, original_batch="000001",
+                                       original_stan=sale.stan))  # fmt: skip
+    assert void.outcome is Outcome.APPROVED
+    assert void.points_balance == 0
+    assert (await shop.points(card))["balance"] == 0
+    reversal = await shop.one(shop.request(Kind.REVERSE, None, stan=sale.stan))
+    assert reversal.outcome is Outcome.APPROVED
+    assert (await shop.points(card))["balance"] == 0
+    assert await shop.money(card) == 100_000
+
+
+async def test_a_terminal_reversal_takes_the_earning_back_once(admin: AdminClient) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    keep = await shop.one(shop.request(Kind.PURCHASE, card, amount=3_000))
+    sale = shop.request(Kind.PURCHASE, card, amount=5_000)
+    assert (await shop.one(sale)).points == 50
+    reverse = shop.request(Kind.REVERSE, None, stan=sale.stan)
+    for _ in range(2):
+        assert (await shop.one(reverse)).outcome is Outcome.APPROVED
+    assert keep.points == 30
+    assert (await shop.points(card))["balance"] == 30
+    assert await shop.money(card) == 100_000 - 3_000
+    # The purchase resent after its reversal is declined, and earns nothing.
+    late = await shop.one(sale)
+    assert late.outcome is Outcome.REVERSED_BEFORE_ARRIVAL
+    assert (await shop.points(card))["balance"] == 30
+
+
+async def test_a_reversal_of_a_void_earns_again(admin: AdminClient) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    sale = shop.request(Kind.PURCHASE, card, amount=5_000)
+    await shop.one(sale)
+    void = shop.request(Kind.VOID, card, amount=5_000, original_batch="000001",
+                        original_stan=sale.stan)  # fmt: skip
+    await shop.one(void)
+    assert (await shop.points(card))["balance"] == 0
+    assert (await shop.one(shop.request(Kind.REVERSE, None, stan=void.stan))).outcome is (
+        Outcome.APPROVED
+    )
+    assert (await shop.points(card))["balance"] == 50
+    assert await shop.money(card) == 100_000 - 5_000
+
+
+async def test_refunds_claw_back_their_share_and_parts_sum_to_the_whole(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))
+    assert sale.points == 100
+    first = await shop.one(shop.request(Kind.REFUND, card, amount=2_550, rrn=sale.rrn))
+    assert first.outcome is Outcome.APPROVED
+    assert (first.points, first.points_balance) == (-25, 75)
+    second = shop.request(Kind.REFUND, card, amount=2_550, rrn=sale.rrn)
+    answer = await shop.one(second)
+    assert (answer.points, answer.points_balance) == (-26, 49)  # floor(51) - 25
+    assert (await shop.one(second)).points_balance == 49  # a resend takes nothing more
+    [earning] = await sql_rows(db_url, "SELECT * FROM points_earnings")
+    assert (earning["returned"], earning["clawed"]) == (5_100, 51)
+    assert len(await sql_rows(db_url, "SELECT * FROM points_clawbacks")) == 2
+    # The terminal reverses the second refund: its points come back exactly.
+    await shop.one(shop.request(Kind.REVERSE, None, stan=second.stan))
+    assert (await shop.points(card))["balance"] == 75
+
+
+async def test_a_refund_of_a_points_free_purchase_takes_nothing(admin: AdminClient) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=50))  # under 1 CNY: 0 points
+    assert (sale.points, sale.points_balance) == (0, 0)
+    refund = await shop.one(shop.request(Kind.REFUND, card, amount=50, rrn=sale.rrn))
+    assert refund.outcome is Outcome.APPROVED
+    assert refund.points is None
+
+
+async def test_points_earn_on_another_tender_moves_no_money_and_is_idempotent(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    earn = shop.request(Kind.POINTS_EARN, card, amount=8_800)
+    first = await shop.one(earn)
+    assert (first.outcome, first.points, first.points_balance) == (Outcome.APPROVED, 88, 88)
+    again = await shop.one(earn)
+    assert (again.points, again.replayed) == (88, True)
+    assert await shop.money(card) == 100_000
+    assert (await shop.points(card))["balance"] == 88
+    assert (await shop.one(shop.request(Kind.REVERSE, None, stan=earn.stan))).outcome is (
+        Outcome.APPROVED
+    )
+    assert (await shop.points(card))["balance"] == 0
+    assert (await shop.one(earn)).outcome is Outcome.REVERSED_BEFORE_ARRIVAL
+    # A reversal that overtakes its POINTS_EARN: the late earning is refused.
+    late = shop.request(Kind.POINTS_EARN, card, amount=1_000)
+    await shop.one(shop.request(Kind.REVERSE, None, stan=late.stan))
+    assert (await shop.one(late)).outcome is Outcome.REVERSED_BEFORE_ARRIVAL
+    assert (await shop.points(card))["balance"] == 0
+    plain = await shop.card("PLAIN")
+    refused = await shop.one(shop.request(Kind.POINTS_EARN, plain, amount=1_000))
+    assert (refused.outcome, refused.refusal) == (Outcome.NOT_PERMITTED, "points_no_program")
+    bad = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=0))
+    assert bad.outcome is Outcome.BAD_REQUEST
+
+
+async def test_settlement_totals_count_no_points_transfers(admin: AdminClient) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=4_000))
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=1_000))
+    await shop.one(shop.request(Kind.REFUND, card, amount=2_000, rrn=sale.rrn))
+    await shop.one(shop.request(Kind.POINTS_EARN, card, amount=9_900))
+    terminal = await shop.pos.directory.terminal(shop.tids["S1"])
+    assert terminal is not None
+    lines = await shop.pos.directory.batch_lines(f"{terminal.tid}/0/000001/")
+    assert {x.reason for x in lines} >= {"points_earn", "points_clawback"}
+    assert batch_totals(lines) == (5_000, 2, 2_000, 1)
+    settle = await shop.one(shop.request(Kind.SETTLE, None, totals=(5_000, 2, 2_000, 1)))
+    assert settle.balanced is True
+
+
+async def test_a_reversal_after_a_refund_takes_back_only_what_is_left(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    keep = await shop.one(shop.request(Kind.PURCHASE, card, amount=2_000))
+    sale = shop.request(Kind.PURCHASE, card, amount=10_000)
+    answer = await shop.one(sale)
+    await shop.one(shop.request(Kind.REFUND, card, amount=2_500, rrn=answer.rrn))
+    assert (await shop.points(card))["balance"] == 20 + 75
+    await shop.one(shop.request(Kind.REVERSE, None, stan=sale.stan))
+    view = await shop.points(card)
+    assert (view["balance"], view["debt"]) == (keep.points, 0)
+    [earning] = await sql_rows(db_url, "SELECT * FROM points_earnings WHERE source <> ''"
+                               " AND points = 100")  # fmt: skip
+    assert (earning["returned"], earning["clawed"]) == (10_000, 100)
+
+
+# --- redemption ---------------------------------------------------------------------------------
+
+
+async def test_points_pay_part_of_a_bill_in_whole_blocks(admin: AdminClient, db_url: str) -> None:
+    shop = await Shop(admin).make(redeem_points=100, redeem_fen=50)
+    card = await shop.card()
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=50_000))  # 500 points
+    sales = await sql_rows(db_url, "SELECT a.id FROM ledger_accounts a WHERE owner_kind = "
+                           "'store' AND owner_id = 'S1' AND purpose = 'sales'")  # fmt: skip
+    redeem = shop.request(Kind.POINTS_REDEEM, card, points=300)
+    paid = await shop.one(redeem)
+    assert paid.outcome is Outcome.APPROVED
+    assert (paid.amount, paid.points, paid.points_balance) == (150, 300, 200)
+    again = await shop.one(redeem)
+    assert (again.outcome, again.amount, again.points, again.replayed) == (
+        Outcome.APPROVED,
+        150,
+        300,
+        True,
+    )
+    assert (await shop.points(card))["balance"] == 200
+    assert await shop.money(card) == 100_000 - 50_000  # the card's money is not touched
+    [funding] = await sql_rows(db_url, "SELECT debits_posted FROM ledger_accounts WHERE "
+                               "purpose = 'points_funding'")  # fmt: skip
+    assert funding["debits_posted"] == 150
+    [sale] = await sql_rows(db_url, "SELECT credits_posted FROM ledger_accounts WHERE id = :i",
+                            i=sales[0]["id"])  # fmt: skip
+    assert sale["credits_posted"] == 50_000 + 150
+    for points, outcome, refusal in (
+        (250, Outcome.BAD_REQUEST, "redeem_not_whole_blocks"),
+        (300, Outcome.INSUFFICIENT_FUNDS, "points_insufficient"),
+    ):
+        no = await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=points))
+        assert (no.outcome, no.refusal) == (outcome, refusal)
+    assert (await shop.points(card))["balance"] == 200
+    plain = await shop.card("PLAIN")
+    no = await shop.one(shop.request(Kind.POINTS_REDEEM, plain, points=100))
+    assert (no.outcome, no.refusal) == (Outcome.NOT_PERMITTED, "points_no_program")
+
+
+async def test_a_redemption_reversed_restores_exactly_the_lots_it_took(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make(
+        expiry={"kind": "rolling_months", "months": 3}, redeem_points=10, redeem_fen=10
+    )
+    service = admin.app[POINTS_KEY]
+    card = await shop.card()
+    january, march = 1_768_000_000_000, 1_773_000_000_000  # 2026-01-10, 2026-03-08
+    service.clock_ms = lambda: january
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))  # 100, to end of April
+    service.clock_ms = lambda: march - 1
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=5_000))  # 50, to end of June
+    service.clock_ms = lambda: march
+    before = (await shop.points(card))["lots"]
+    assert [lot["remaining"] for lot in before] == [100, 50]
+    assert [lot["expires_on"] for lot in before] == ["2026-04-30", "2026-06-30"]
+    redeem = shop.request(Kind.POINTS_REDEEM, card, points=120)
+    assert (await shop.one(redeem)).points_balance == 30
+    taken = (await shop.points(card))["lots"]
+    assert [lot["remaining"] for lot in taken] == [30]  # the earliest expiry went first
+    reverse = shop.request(Kind.REVERSE, None, stan=redeem.stan)
+    for _ in range(2):
+        assert (await shop.one(reverse)).outcome is Outcome.APPROVED
+    assert (await shop.points(card))["lots"] == before
+    [funding] = await sql_rows(db_url, "SELECT debits_posted, credits_posted FROM "
+                               "ledger_accounts WHERE purpose = 'points_funding'")  # fmt: skip
+    assert funding["debits_posted"] == funding["credits_posted"] == 120
+    assert (await shop.one(redeem)).outcome is Outcome.REVERSED_BEFORE_ARRIVAL
+    # A reversal that overtakes its redemption: the late redemption is refused.
+    late = shop.request(Kind.POINTS_REDEEM, card, points=100)
+    await shop.one(shop.request(Kind.REVERSE, None, stan=late.stan))
+    assert (await shop.one(late)).outcome is Outcome.REVERSED_BEFORE_ARRIVAL
+    assert (await shop.points(card))["lots"] == before
+
+
+async def test_a_redemption_at_another_entitys_store_clears_between_entities(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make()
+    await admin.org("LE2", "S3")
+    await admin.ok("POST", "/v1/grants", json={"store": "S3", "function": "stored_value"})
+    answer = await admin.ok("POST", "/v1/terminals", json={"tid": "PX000001",
+                            "mid": "M99999999999999", "store": "S3"})  # fmt: skip
+    from tests import logscan  # noqa: PLC0415
+
+    logscan.SCAN.remember("a terminal master key", answer["tmk"])
+    shop.tids["S3"] = "PX000001"
+    card = await shop.card()
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=20_000))
+    paid = await shop.one(shop.request(Kind.POINTS_REDEEM, card, "S3", points=100))
+    assert (paid.outcome, paid.amount) == (Outcome.APPROVED, 100)
+    rows = await sql_rows(db_url, "SELECT legal_entity, owner_id, purpose, debits_posted, "
+                          "credits_posted FROM ledger_accounts WHERE purpose IN "
+                          "('due_to', 'due_from', 'points_funding')")  # fmt: skip
+    got = {(r["legal_entity"], r["purpose"]): (r["debits_posted"], r["credits_posted"])
+           for r in rows}  # fmt: skip
+    assert got[("LE1", "points_funding")] == (100, 0)
+    assert got[("LE1", "due_to")] == (0, 100)
+    assert got[("LE2", "due_from")] == (100, 0)
+
+
+async def test_a_void_after_the_points_were_spent_records_a_debt(admin: AdminClient) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    sale = shop.request(Kind.PURCHASE, card, amount=10_000)
+    await shop.one(sale)
+    await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=100))
+    void = await shop.one(shop.request(Kind.VOID, card, amount=10_000, original_batch="000001",
+                                       original_stan=sale.stan))  # fmt: skip
+    assert void.outcome is Outcome.APPROVED
+    view = await shop.points(card)
+    assert (view["balance"], view["usable"], view["debt"]) == (0, 0, 100)
+    await admin.ok("PATCH", "/v1/points/programs/CLUB", json={"negative_policy": "negative"})
+    assert (await shop.points(card))["balance"] == -100
+
+
+async def test_later_earnings_repay_a_debt_first_and_their_reversal_owes_it_again(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    sale = shop.request(Kind.PURCHASE, card, amount=10_000)
+    await shop.one(sale)
+    await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=100))
+    await shop.one(shop.request(Kind.VOID, card, amount=10_000, original_batch="000001",
+                                original_stan=sale.stan))  # fmt: skip
+    assert (await shop.points(card))["debt"] == 100
+    later = shop.request(Kind.PURCHASE, card, amount=15_000)
+    answer = await shop.one(later)
+    assert (answer.points, answer.points_balance) == (150, 50)
+    view = await shop.points(card)
+    assert (view["balance"], view["debt"]) == (50, 0)
+    [row] = await sql_rows(db_url, "SELECT debt_repaid FROM points_earnings WHERE points = 150")
+    assert row["debt_repaid"] == 100
+    assert (await shop.one(later)).points_balance == 50  # a resend repays nothing twice
+    await shop.one(shop.request(Kind.REVERSE, None, stan=later.stan))
+    view = await shop.points(card)
+    assert (view["balance"], view["debt"]) == (0, 100)
+    # A POINTS_EARN repays too, and its reversal puts the debt back.
+    earn = shop.request(Kind.POINTS_EARN, card, amount=12_000)
+    assert (await shop.one(earn)).points_balance == 20
+    assert (await shop.points(card))["debt"] == 0
+    await shop.one(shop.request(Kind.REVERSE, None, stan=earn.stan))
+    view = await shop.points(card)
+    assert (view["balance"], view["debt"]) == (0, 100)
+
+
+async def test_the_history_shows_every_move_of_the_cards_points(admin: AdminClient) -> None:
+    shop = await Shop(admin).make(redeem_points=10, redeem_fen=10)
+    card = await shop.card()
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))
+    await shop.one(shop.request(Kind.REFUND, card, amount=5_000, rrn=sale.rrn))
+    await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=30))
+    path = f"/v1/cards/{card['id']}/points/history"
+    body = await admin.ok("GET", path)
+    assert [(x["reason"], x["points"]) for x in body["items"]] == [
+        ("points_redeem", -30),
+        ("points_clawback", -50),
+        ("points_earn", 100),
+    ]
+    assert body["items"][0]["account"].startswith("lot:")
+    page = await admin.ok("GET", path, limit=2)
+    assert len(page["items"]) == 2 and page["next_after"] is not None
+    rest = await admin.ok("GET", path, after=page["next_after"])
+    assert [x["reason"] for x in rest["items"]] == ["points_earn"]
+    outsider = await admin.token("store_crm", "store", "S2")
+    status, answer = await admin.call("GET", path, outsider)
+    assert (status, answer["error"]["code"]) == (403, "scope_forbidden")
+
+
+async def test_a_redemption_over_more_lots_than_one_transfer_holds_and_its_reversal(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make(pending_days=0, redeem_points=1, redeem_fen=1,
+                                  expiry={"kind": "rolling_months", "months": 120})  # fmt: skip
+    service = admin.app[POINTS_KEY]
+    card = await shop.card(balance=400_000)
+    day_ms = 86_400_000
+    start = 1_768_000_000_000
+    for month in range(20):  # twenty lots: one per month-end of expiry
+        service.clock_ms = fixed(start + month * 31 * day_ms)
+        await shop.one(shop.request(Kind.PURCHASE, card, amount=1_000))
+    service.clock_ms = lambda: start + 20 * 31 * day_ms
+    before = (await shop.points(card))["lots"]
+    assert len(before) == 20
+    redeem = shop.request(Kind.POINTS_REDEEM, card, points=195)
+    paid = await shop.one(redeem)
+    assert (paid.outcome, paid.amount, paid.points_balance) == (Outcome.APPROVED, 195, 5)
+    chunks = await sql_rows(db_url, "SELECT key FROM ledger_transfers WHERE reason = "
+                            "'points_redeem' AND asset = 'PTS:CLUB' ORDER BY id")  # fmt: skip
+    assert len(chunks) == 2
+    assert (await shop.one(redeem)).replayed
+    assert (await shop.points(card))["usable"] == 5
+    await shop.one(shop.request(Kind.REVERSE, None, stan=redeem.stan))
+    assert (await shop.points(card))["lots"] == before
+
+
+async def test_the_journal_verifies_and_every_point_is_accounted_for_after_a_mixed_day(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make(redeem_points=10, redeem_fen=10)
+    card, other = await shop.card(), await shop.card()
+    first = shop.request(Kind.PURCHASE, card, amount=20_000)
+    sale = await shop.one(first)
+    await shop.one(shop.request(Kind.REFUND, card, amount=3_333, rrn=sale.rrn))
+    redeem = shop.request(Kind.POINTS_REDEEM, card, points=150)
+    await shop.one(redeem)
+    await shop.one(shop.request(Kind.VOID, card, amount=20_000, original_batch="000001",
+                                original_stan=first.stan))  # fmt: skip
+    await shop.one(shop.request(Kind.REVERSE, None, stan=redeem.stan))
+    await shop.one(shop.request(Kind.POINTS_EARN, other, amount=7_700))
+    await shop.pos.handle([shop.request(Kind.PURCHASE, c, amount=1_000) for c in (card, other)])
+    await admin.app[LEDGER_KEY].store.verify(100)  # raises at the first inconsistency
+    rows = await sql_rows(db_url, "SELECT purpose, owner_kind, credits_posted - debits_posted "
+                          "AS net FROM ledger_accounts WHERE asset = 'PTS:CLUB'")  # fmt: skip
+    assert sum(int(r["net"]) for r in rows) == 0
+    lots = sum(int(r["net"]) for r in rows if r["purpose"].startswith("lot:"))
+    debt = -sum(int(r["net"]) for r in rows if r["purpose"] == "debt")
+    views = [await shop.points(c) for c in (card, other)]
+    assert lots == sum(v["usable"] + v["pending"] for v in views)
+    assert debt == sum(v["debt"] for v in views)
+    assert views[1]["balance"] == 77 + 10
+
+
+async def test_a_members_points_sum_its_live_cards_once(admin: AdminClient) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=3_000))
+    second = await admin.ok("POST", "/v1/cards", json={"class_code": "PTS", "store": "S1",
+                            "member_id": card["member_id"]})  # fmt: skip
+    await admin.ok("POST", f"/v1/cards/{second['id']}/topups", json={"amount": 10_000,
+                   "tender": "cash", "receipt": "R2", "key": "m2"})  # fmt: skip
+    await shop.one(shop.request(Kind.PURCHASE, second, amount=2_000))
+    await admin.ok("POST", f"/v1/cards/{card['id']}/replace")  # shares the account: once
+    view = await admin.ok("GET", f"/v1/members/{card['member_id']}/points")
+    assert view["programs"] == [{"program": "CLUB", "balance": 50, "usable": 50, "pending": 0,
+                                 "debt": 0}]  # fmt: skip
+    assert sorted(c["balance"] for c in view["cards"]) == [20, 30]
+    outsider = await admin.token("store_crm", "store", "S2")
+    status, answer = await admin.call("GET", f"/v1/members/{card['member_id']}/points", outsider)
+    assert (status, answer["error"]["code"]) == (403, "scope_forbidden")
+    status, answer = await admin.call("GET", "/v1/members/999999/points")
+    assert (status, answer["error"]["code"]) == (404, "member_not_found")
+
+
+async def test_a_points_earn_reversed_after_its_points_were_spent_leaves_a_debt(
+    admin: AdminClient,
+) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    earn = shop.request(Kind.POINTS_EARN, card, amount=20_000)
+    assert (await shop.one(earn)).points == 200
+    await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=100))
+    assert (await shop.one(shop.request(Kind.REVERSE, None, stan=earn.stan))).outcome is (
+        Outcome.APPROVED
+    )
+    view = await shop.points(card)
+    assert (view["usable"], view["debt"]) == (0, 100)
+
+
+async def test_many_terminals_spending_one_cards_points_at_once_never_overspend(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=50_000))  # 500 points
+    asks = [shop.request(Kind.POINTS_REDEEM, card, store, points=100)
+            for store in ("S1", "S2") for _ in range(6)]  # fmt: skip
+    answers = await asyncio.gather(*(shop.one(a) for a in asks))
+    outcomes = sorted(str(a.outcome) for a in answers)
+    assert outcomes.count("approved") == 5
+    assert outcomes.count("insufficient_funds") == 7
+    assert (await shop.points(card))["balance"] == 0
+    [funding] = await sql_rows(db_url, "SELECT debits_posted FROM ledger_accounts WHERE "
+                               "purpose = 'points_funding'")  # fmt: skip
+    assert funding["debits_posted"] == 500

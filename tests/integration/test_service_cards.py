@@ -1,0 +1,386 @@
+"""Service cards over the admin API and the POS host of the same app (SQLite and PostgreSQL):
+products, packages sold at the counter (the money into the store's sales, once per key),
+redemption at the POS (guarded, idempotent, reversible once, one winner for the last use),
+and refunds of unused entitlements."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+from cardcore.cards.http import POS_KEY
+from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult
+from cardcore.ledger.http import LEDGER_KEY
+from cardcore.service_cards.http import SERVICE_CARDS_KEY
+from cardcore.service_cards.schema import take_uses
+from tests import logscan
+from tests.helpers import AdminClient, sql_rows
+
+_stans = itertools.count(1)
+_tids = itertools.count(1)
+_mobiles = itertools.count(1)
+PRODUCTS = "/v1/service-products"
+
+
+# --- the world -----------------------------------------------------------------------------------
+
+
+async def world(admin: AdminClient) -> dict[str, Any]:
+    """LE1 with S1 and S2, LE2 with S3; class ORD; S1 may issue cards and sell services, S2
+    may issue cards only; product WASH (3 uses for 100 CNY, every store), product SPA (2
+    uses, only in S1); a card of S1 with a member; a terminal in S1 and one in S2."""
+    await admin.org("LE1", "S1", "S2")
+    await admin.org("LE2", "S3")
+    await admin.ok("POST", "/v1/card-classes", json={"code": "ORD", "name": "Ordinary",
+                   "named": True})  # fmt: skip
+    for store in ("S1", "S2"):
+        await admin.ok("POST", "/v1/grants", json={"store": store, "function": "stored_value"})
+    await admin.ok("POST", "/v1/grants", json={"store": "S1", "function": "service"})
+    await product(admin, "WASH", uses=3, price_fen=10_000)
+    await product(admin, "SPA", uses=2, price_fen=5_000, stores=["S1"])
+    card = await issue(admin, "S1")
+    return {"card": card, "t1": await terminal(admin, "S1"), "t2": await terminal(admin, "S2")}
+
+
+async def product(admin: AdminClient, code: str, **fields: Any) -> dict[str, Any]:
+    body = {"code": code, "name": f"Product {code}", "legal_entity": "LE1",
+            "validity_months": 12, **fields}  # fmt: skip
+    answer: dict[str, Any] = await admin.ok("POST", PRODUCTS, json=body)
+    return answer
+
+
+async def issue(admin: AdminClient, store: str) -> dict[str, Any]:
+    member = await admin.ok("POST", "/v1/members", json={
+        "mobile": f"137{next(_mobiles):08d}", "name": "Han Mei", "home_store": store})  # fmt: skip
+    card: dict[str, Any] = await admin.ok(
+        "POST", "/v1/cards", json={"class_code": "ORD", "store": store, "member_id": member["id"]}
+    )
+    return card
+
+
+async def terminal(admin: AdminClient, store: str) -> str:
+    n = next(_tids)
+    tid, mid = f"S{n:07d}", f"N{n:014d}"
+    answer = await admin.ok("POST", "/v1/terminals", json={"tid": tid, "mid": mid, "store": store})
+    logscan.SCAN.remember("a terminal master key", answer["tmk"])
+    return tid
+
+
+async def sell(
+    admin: AdminClient, card_id: int, product_code: str, token: str | None = None, **extra: Any
+) -> tuple[int, Any]:
+    body = {"product": product_code, "tender": "cash", "receipt": "R1",
+            "key": f"sale-{next(_stans)}", **extra}  # fmt: skip
+    return await admin.call("POST", f"/v1/cards/{card_id}/service-packages", token, body)
+
+
+def redemption(tid: str, pan: str, stan: str | None = None, **fields: Any) -> PosRequest:
+    return PosRequest(kind=Kind.SERVICE_REDEEM, terminal=tid, batch="000001",
+                      stan=stan or f"{next(_stans):06d}", card=pan, **fields)  # fmt: skip
+
+
+async def pos(admin: AdminClient, *requests: PosRequest) -> list[PosResult]:
+    return await admin.app[POS_KEY].handle(list(requests))
+
+
+async def reverse(admin: AdminClient, original: PosRequest) -> PosResult:
+    [answer] = await pos(admin, PosRequest(kind=Kind.REVERSE, terminal=original.terminal,
+                                           batch=original.batch, stan=original.stan))  # fmt: skip
+    return answer
+
+
+async def counts(db_url: str) -> dict[str, int]:
+    out = {}
+    for table in ("service_products", "service_entitlements", "service_redemptions",
+                  "ledger_transfers", "org_audit_log", "org_grants"):  # fmt: skip
+        rows = await sql_rows(db_url, f"SELECT count(*) AS n FROM {table}")  # noqa: S608
+        out[table] = int(rows[0]["n"])
+    return out
+
+
+async def store_balance(admin: AdminClient, store: str, purpose: str) -> int:
+    """Credits less debits posted on a store's account (sales grow, a till pays out)."""
+    services = admin.app[SERVICE_CARDS_KEY]
+    account_id = await services.accounts.store("LE1", store, purpose)
+    account = await admin.app[LEDGER_KEY].account(account_id)
+    assert account is not None
+    return account.balance.credits_posted - account.balance.debits_posted
+
+
+# --- products ------------------------------------------------------------------------------------
+
+
+async def test_hq_defines_products_and_bad_ones_are_refused_changing_nothing(
+    admin: AdminClient, db_url: str
+) -> None:
+    await admin.org("LE1", "S1", "S2")
+    await admin.org("LE2", "S3")
+    made = await product(admin, "WASH", uses=10, price_fen=30_000, stores=["S1"])
+    assert made | {"created_at_ms": 0, "updated_at_ms": 0} == {
+        "code": "WASH", "name": "Product WASH", "legal_entity": "LE1", "uses": 10,
+        "price_fen": 30_000, "validity_months": 12, "stores": ["S1"],
+        "refund_policy": "pro_rata", "refund_fee_fen": 0, "single_use_price_fen": 3_000,
+        "refund_after_expiry": False, "state": "active", "created_at_ms": 0,
+        "updated_at_ms": 0,
+    }  # fmt: skip
+    supervisor = await admin.token("store_supervisor", "store", "S2")
+    base = {"code": "X1", "name": "x", "legal_entity": "LE1", "uses": 2, "price_fen": 100,
+            "validity_months": 1}  # fmt: skip
+    before = await counts(db_url)
+    cases = [
+        (None, {**base, "uses": 0}, 400, "invalid_value", "uses"),
+        (None, {**base, "price_fen": 1.5}, 400, "wrong_type", "price_fen"),
+        (None, {**base, "refund_policy": "pro_rata_after_use_price",
+                "single_use_price_fen": 49}, 400, "invalid_value", "single_use_price_fen"),
+        (None, {**base, "stores": ["S3"]}, 400, "store_other_entity", "stores"),
+        (None, {**base, "stores": ["S9"]}, 404, "store_not_found", "stores"),
+        (None, {**base, "legal_entity": "LE9"}, 404, "entity_not_found", "legal_entity"),
+        (None, {**base, "code": "WASH"}, 409, "product_exists", "code"),
+        (supervisor, base, 403, "role_forbidden", None),
+    ]  # fmt: skip
+    for token, body, status, code, field in cases:
+        got, answer = await admin.call("POST", PRODUCTS, token, body)
+        assert (got, answer["error"]["code"], answer["error"]["field"]) == (status, code, field)
+    assert await counts(db_url) == before
+
+    changed = await admin.ok("PATCH", f"{PRODUCTS}/WASH", json={"price_fen": 32_000,
+                             "stores": []})  # fmt: skip
+    assert (changed["price_fen"], changed["stores"]) == (32_000, [])
+    status, answer = await admin.call("PATCH", f"{PRODUCTS}/WASH", json={"uses": 0})
+    assert (status, answer["error"]["field"]) == (400, "uses")
+    assert (await admin.ok("GET", f"{PRODUCTS}/WASH"))["price_fen"] == 32_000
+    # A store officer reads its entity's products, never another entity's.
+    await admin.org("LE2", "S3")
+    other = await admin.token("store_supervisor", "store", "S3")
+    assert (await admin.ok("GET", PRODUCTS, supervisor))["items"][0]["code"] == "WASH"
+    assert (await admin.ok("GET", PRODUCTS, other))["items"] == []
+    status, answer = await admin.call("GET", f"{PRODUCTS}/WASH", other)
+    assert (status, answer["error"]["code"]) == (403, "scope_forbidden")
+    audit = await admin.ok("GET", "/v1/audit", object_kind="service_product")
+    assert [a["action"] for a in audit["items"]] == ["service_product.create",
+                                                     "service_product.update"]  # fmt: skip
+
+
+# --- selling -------------------------------------------------------------------------------------
+
+
+async def test_a_sale_moves_the_price_from_the_till_to_sales_once_per_key(
+    admin: AdminClient, db_url: str
+) -> None:
+    w = await world(admin)
+    card_id = w["card"]["id"]
+    till, sales = (
+        await store_balance(admin, "S1", "cash"),
+        await store_balance(admin, "S1", "sales"),
+    )
+    status, sold = await sell(admin, card_id, "WASH", key="k-1")
+    assert status == 201, sold
+    assert (sold["uses_total"], sold["uses_left"], sold["price_fen"], sold["state"],
+            sold["store"], sold["replayed"]) == (3, 3, 10_000, "active", "S1", False)  # fmt: skip
+    assert await store_balance(admin, "S1", "cash") == till - 10_000
+    assert await store_balance(admin, "S1", "sales") == sales + 10_000
+    before = await counts(db_url)
+    status, again = await sell(admin, card_id, "WASH", key="k-1")
+    assert status == 200
+    assert again == {**sold, "replayed": True}
+    status, answer = await sell(admin, card_id, "SPA", key="k-1")
+    assert (status, answer["error"]["code"]) == (409, "idempotency_key_reused")
+    assert await counts(db_url) == before
+    assert await store_balance(admin, "S1", "sales") == sales + 10_000
+    [transfer] = await sql_rows(
+        db_url, "SELECT reason FROM ledger_transfers WHERE key = :k", k="service-sale/S1/k-1"
+    )
+    assert transfer["reason"] == "service_sale"
+    listed = await admin.ok("GET", f"/v1/cards/{card_id}/service-packages")
+    assert [p["id"] for p in listed["items"]] == [sold["id"]]
+
+
+async def test_a_sale_without_the_grant_or_outside_scope_is_refused_and_changes_nothing(
+    admin: AdminClient, db_url: str
+) -> None:
+    w = await world(admin)
+    card_id = w["card"]["id"]
+    s2 = await admin.token("store_supervisor", "store", "S2")
+    s1 = await admin.token("store_supervisor", "store", "S1")
+    s2_card = await issue(admin, "S2")
+    await admin.ok("PATCH", f"{PRODUCTS}/SPA", json={"state": "retired"})
+    before = await counts(db_url)
+    cases = [
+        (s2, card_id, "WASH", {}, 403, "scope_forbidden"),  # S1's card
+        (s2, s2_card["id"], "WASH", {}, 403, "not_granted"),  # S2 has no service grant
+        (None, s2_card["id"], "WASH", {"store": "S2"}, 403, "not_granted"),
+        (s1, card_id, "SPA", {}, 409, "product_retired"),
+        (s1, card_id, "NOPE", {}, 404, "product_not_found"),
+        (s1, card_id, "WASH", {"store": "S2"}, 403, "scope_forbidden"),
+        (s1, card_id, "WASH", {"tender": "cheque"}, 400, "invalid_value"),
+    ]
+    for token, card, code, extra, status, error in cases:
+        got, answer = await sell(admin, card, code, token, **extra)
+        assert (got, answer["error"]["code"]) == (status, error), (code, extra, answer)
+    assert await counts(db_url) == before
+    status, answer = await sell(admin, card_id, "WASH", s1)
+    assert status == 201, answer
+
+
+# --- the POS -------------------------------------------------------------------------------------
+
+
+async def test_a_redemption_uses_entitlements_once_and_a_reversal_gives_them_back_once(
+    admin: AdminClient, db_url: str
+) -> None:
+    w = await world(admin)
+    pan = w["card"]["pan"]
+    _, sold = await sell(admin, w["card"]["id"], "WASH")
+    first = redemption(w["t1"], pan, product="WASH")
+    [answer] = await pos(admin, first)
+    assert (answer.outcome, answer.uses_left) == (Outcome.APPROVED, 2)
+    [resent] = await pos(admin, first)
+    assert (resent.outcome, resent.uses_left, resent.replayed) == (Outcome.APPROVED, 2, True)
+    [two] = await pos(admin, redemption(w["t1"], pan, uses=2))  # "" = the card's choice
+    assert (two.outcome, two.uses_left) == (Outcome.APPROVED, 0)
+    [empty] = await pos(admin, redemption(w["t1"], pan, product="WASH"))
+    assert (empty.outcome, empty.refusal) == (Outcome.INSUFFICIENT_FUNDS, "service_no_uses_left")
+    assert (await reverse(admin, first)).outcome is Outcome.APPROVED
+    assert (await reverse(admin, first)).outcome in (Outcome.APPROVED, Outcome.ALREADY_REVERSED)
+    listed = await admin.ok("GET", f"/v1/cards/{w['card']['id']}/service-packages")
+    assert listed["items"][0]["uses_left"] == 1  # given back once, not twice
+    [late] = await pos(admin, first)
+    assert late.outcome is Outcome.REVERSED_BEFORE_ARRIVAL
+    rows = await sql_rows(db_url, "SELECT uses, reversed FROM service_redemptions ORDER BY key")
+    assert sorted((r["uses"], bool(r["reversed"])) for r in rows) == [(1, True), (2, False)]
+    assert sold["id"] == listed["items"][0]["id"]
+
+
+async def test_a_redemption_is_refused_in_the_wrong_store_when_expired_or_with_no_package(
+    admin: AdminClient, db_url: str
+) -> None:
+    w = await world(admin)
+    pan = w["card"]["pan"]
+    [none] = await pos(admin, redemption(w["t1"], pan, product="WASH"))
+    assert (none.outcome, none.refusal) == (Outcome.NOT_PERMITTED, "service_no_package")
+    await sell(admin, w["card"]["id"], "SPA")
+    before = await counts(db_url)
+    [wrong] = await pos(admin, redemption(w["t2"], pan, product="SPA"))
+    assert (wrong.outcome, wrong.refusal) == (Outcome.NOT_PERMITTED, "service_wrong_store")
+    services = admin.app[SERVICE_CARDS_KEY]
+    now = services.clock_ms()
+    services.clock_ms = lambda: now + 400 * 86_400_000  # past the 12 months' end
+    [old] = await pos(admin, redemption(w["t1"], pan, product="SPA"))
+    assert (old.outcome, old.refusal) == (Outcome.NOT_PERMITTED, "service_expired")
+    assert await counts(db_url) == before
+    listed = await admin.ok("GET", f"/v1/cards/{w['card']['id']}/service-packages")
+    assert (listed["items"][0]["state"], listed["items"][0]["uses_left"]) == ("expired", 2)
+
+
+async def test_terminals_taking_the_last_use_at_once_one_wins(admin: AdminClient) -> None:
+    w = await world(admin)
+    pan = w["card"]["pan"]
+    await sell(admin, w["card"]["id"], "WASH")
+    [two] = await pos(admin, redemption(w["t1"], pan, uses=2))
+    assert two.uses_left == 1
+    tids = [w["t1"], w["t2"], *[await terminal(admin, "S1") for _ in range(6)]]
+    answers = await asyncio.gather(*(pos(admin, redemption(tid, pan)) for tid in tids))
+    outcomes = sorted(str(a.outcome) for [a] in answers)
+    assert outcomes == ["approved"] + ["insufficient_funds"] * 7, answers
+    listed = await admin.ok("GET", f"/v1/cards/{w['card']['id']}/service-packages")
+    assert listed["items"][0]["uses_left"] == 0
+    # The guard itself: a package read with a use left that has none now changes nothing.
+    services = admin.app[SERVICE_CARDS_KEY]
+    async with services.records.begin() as uow:
+        taken = await take_uses(uow.conn, listed["items"][0]["id"], 1, now_ms=services.clock_ms())
+    assert taken == 0
+
+
+# --- refunds -------------------------------------------------------------------------------------
+
+
+async def test_a_refund_pays_the_unused_share_once_and_the_package_is_dead(
+    admin: AdminClient, db_url: str
+) -> None:
+    w = await world(admin)
+    pan = w["card"]["pan"]
+    _, sold = await sell(admin, w["card"]["id"], "WASH")
+    [used] = await pos(admin, redemption(w["t1"], pan))
+    assert used.uses_left == 2
+    till, sales = (
+        await store_balance(admin, "S1", "cash"),
+        await store_balance(admin, "S1", "sales"),
+    )
+    path = f"/v1/service-packages/{sold['id']}/refund"
+    refunded = await admin.ok("POST", path, json={"key": "rf-1", "receipt": "R2"})
+    # 10,000 fen for 3 uses, 1 used: 3,333 kept (rounded down), 6,667 back to the member.
+    assert (refunded["refund_fen"], refunded["state"], refunded["replayed"]) == (
+        6_667, "refunded", False)  # fmt: skip
+    assert await store_balance(admin, "S1", "sales") == sales - 6_667
+    assert await store_balance(admin, "S1", "cash") == till + 6_667
+    before = await counts(db_url)
+    again = await admin.ok("POST", path, json={"key": "rf-1", "receipt": "R2"})
+    assert (again["refund_fen"], again["transfer_id"], again["replayed"]) == (
+        6_667, refunded["transfer_id"], True)  # fmt: skip
+    status, answer = await admin.call("POST", path, json={"key": "rf-2"})
+    assert (status, answer["error"]["code"]) == (409, "service_refunded")
+    [late] = await pos(admin, redemption(w["t1"], pan))
+    assert (late.outcome, late.refusal) == (Outcome.NOT_PERMITTED, "service_refunded")
+    assert await counts(db_url) == before
+    assert await store_balance(admin, "S1", "sales") == sales - 6_667
+    s2 = await admin.token("store_supervisor", "store", "S2")
+    status, answer = await admin.call("POST", path, s2, {"key": "rf-3"})
+    assert (status, answer["error"]["code"]) == (403, "scope_forbidden")
+
+
+async def test_refunds_follow_the_policy_and_a_key_names_one_package(
+    admin: AdminClient, db_url: str
+) -> None:
+    w = await world(admin)
+    card_id = w["card"]["id"]
+    await product(admin, "GYM", uses=4, price_fen=8_000, refund_policy="none")
+    await product(admin, "NAIL", uses=4, price_fen=8_000, refund_fee_fen=500,
+                  refund_policy="pro_rata_after_use_price", single_use_price_fen=2_500)  # fmt: skip
+    _, gym = await sell(admin, card_id, "GYM")
+    _, nail = await sell(admin, card_id, "NAIL")
+    _, wash = await sell(admin, card_id, "WASH")
+    before = await counts(db_url)
+    status, answer = await admin.call("POST", f"/v1/service-packages/{gym['id']}/refund",
+                                      json={"key": "same"})  # fmt: skip
+    assert (status, answer["error"]["code"]) == (409, "service_refund_not_allowed")
+    status, answer = await admin.call("POST", "/v1/service-packages/999/refund",
+                                      json={"key": "same"})  # fmt: skip
+    assert (status, answer["error"]["code"]) == (404, "package_not_found")
+    assert await counts(db_url) == before
+    [used] = await pos(admin, redemption(w["t1"], w["card"]["pan"], product="NAIL"))
+    assert used.uses_left == 3
+    # 8,000 less 1 used at the 2,500 list price, less the 500 fee.
+    nail_refund = await admin.ok("POST", f"/v1/service-packages/{nail['id']}/refund",
+                                 json={"key": "same"})  # fmt: skip
+    assert nail_refund["refund_fen"] == 5_000
+    # The same key on another package is another refund, never a clash.
+    wash_refund = await admin.ok("POST", f"/v1/service-packages/{wash['id']}/refund",
+                                 json={"key": "same"})  # fmt: skip
+    assert (wash_refund["refund_fen"], wash_refund["replayed"]) == (10_000, False)
+    assert wash_refund["transfer_id"] != nail_refund["transfer_id"]
+
+
+async def test_a_redemption_reversed_before_it_arrives_takes_nothing(admin: AdminClient) -> None:
+    w = await world(admin)
+    await sell(admin, w["card"]["id"], "WASH")
+    late = redemption(w["t1"], w["card"]["pan"])
+    assert (await reverse(admin, late)).outcome is Outcome.APPROVED  # the tombstone
+    [answer] = await pos(admin, late)
+    assert answer.outcome is Outcome.REVERSED_BEFORE_ARRIVAL
+    listed = await admin.ok("GET", f"/v1/cards/{w['card']['id']}/service-packages")
+    assert listed["items"][0]["uses_left"] == 3
+
+
+async def test_the_same_sale_sent_twice_at_once_sells_one_package(
+    admin: AdminClient, db_url: str
+) -> None:
+    w = await world(admin)
+    sales = await store_balance(admin, "S1", "sales")
+    answers = await asyncio.gather(*(sell(admin, w["card"]["id"], "WASH", key="twice")
+                                     for _ in range(3)))  # fmt: skip
+    assert sorted(status for status, _ in answers) == [200, 200, 201], answers
+    assert len({body["id"] for _, body in answers}) == 1
+    assert await store_balance(admin, "S1", "sales") == sales + 10_000
+    rows = await sql_rows(db_url, "SELECT id FROM service_entitlements")
+    assert len(rows) == 1
