@@ -201,3 +201,6 @@ COUPON_CLIENT_KEY_CHARS_MAX: Final = 64  # an issuance's client idempotency key
 POINTS_EXPIRY_PAGE_ROWS_MAX: Final = 1000  # lot accounts the expiry job reads per page
 POINTS_REMINDER_DAYS_DEFAULT: Final = 7  # `cardcore points expire`: reminders this far ahead
 POINTS_TIER_EARNINGS_READ_MAX: Final = 100_000  # earnings of one holder a tier period sums
+POINTS_EXPIRY_FIRST_S: Final = 60  # the server's first points expiry run, after it starts
+POINTS_EXPIRY_EVERY_S: Final = 900  # then every quarter hour (lots expire at local midnight)
+POS_SALE_CHARS_MAX: Final = 24  # a terminal's sale number (F48 SN): the coupons of one sale

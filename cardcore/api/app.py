@@ -4,6 +4,8 @@ in `cleanup_ctx` and stop in reverse order."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -122,17 +124,34 @@ def build_app(
         pos.features[Kind.POINTS_EARN] = points.pos_earn
         pos.features[Kind.POINTS_REDEEM] = points.pos_redeem
         pos.reversers.append(points.reverse_pos)
+        app.cleanup_ctx.append(_points_expiry)
         coupons = CouponService(records, org, vault)
         app[coupons_http.COUPONS_KEY] = coupons
         for kind in (Kind.COUPON_QUERY, Kind.COUPON_RESERVE, Kind.COUPON_REDEEM,
                      Kind.COUPON_REVERSE):  # fmt: skip
             pos.features[kind] = coupons.pos
         pos.reversers.append(coupons.reverse_key)
+        pos.rewards = coupons.rewards
         cards_http.add_routes(app.router)
     else:
         for path in ("/internal/v1/pos", "/internal/v1/terminals", "/internal/v1/cards"):
             app.router.add_post(path, _pos_disabled)
     return app
+
+
+async def _points_expiry(app: web.Application) -> AsyncIterator[None]:
+    """The points expiry job (and tier review) on a schedule, for as long as the app runs."""
+    job = asyncio.create_task(
+        app[points_http.POINTS_KEY].expire_on_schedule(
+            limits.POINTS_EXPIRY_FIRST_S,
+            limits.POINTS_EXPIRY_EVERY_S,
+            limits.POINTS_REMINDER_DAYS_DEFAULT,
+        )
+    )
+    yield
+    job.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await job
 
 
 async def _pos_disabled(_request: web.Request) -> web.Response:

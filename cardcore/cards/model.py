@@ -228,6 +228,7 @@ class PosRequest:
     # issue 5 (F48 TLV on the wire)
     basket: tuple[tuple[str, int], ...] = ()  # (department, fen) lines of the bill
     coupon: str = field(default="", repr=False)  # a coupon code, or a signed QR text
+    sale: str = ""  # coupons: the terminal's sale number; the coupons of one sale share it
     points: int = 0  # points redeem: the points to spend
     product: str = ""  # service redemption: the product code ("" = the card's choice)
     uses: int = 0  # service redemption: entitlements to use
@@ -261,6 +262,7 @@ class PosResult:
     uses_left: int | None = None  # service redemption: entitlements left in the package
     refusal: str = ""  # the rules' stable code when not approved (F48, logs)
     campaign: str = ""  # coupon: its campaign code
+    rewards: tuple[str, ...] = ()  # purchase: coupon codes it earned (instant reward)
 
     def json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"outcome": str(self.outcome)}
@@ -294,6 +296,8 @@ class PosResult:
                 out[name] = getattr(self, name)
         if self.unmatched:
             out["unmatched"] = list(self.unmatched)
+        if self.rewards:
+            out["rewards"] = list(self.rewards)
         if self.replayed:
             out["replayed"] = True
         return out
@@ -327,6 +331,7 @@ def result_from_json(raw: dict[str, Any]) -> PosResult:
         uses_left=_opt_int(raw.get("uses_left")),
         refusal=str(raw.get("refusal", "")),
         campaign=str(raw.get("campaign", "")),
+        rewards=tuple(str(code) for code in raw.get("rewards", ())),
     )
 
 
@@ -483,6 +488,7 @@ _FIELDS = frozenset(
         "uses",
         "reason",
         "discount",
+        "sale",
     }
 )
 
@@ -592,6 +598,7 @@ def parse_request(raw: object, path: str) -> PosRequest:
 _DEPARTMENT = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _PRINTABLE = re.compile(r"[\x21-\x7e]*")
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_SALE = re.compile(r"[A-Za-z0-9_.-]*")
 
 
 def _issue_5_fields(raw: dict[str, Any], path: str) -> dict[str, Any]:
@@ -636,6 +643,7 @@ def _issue_5_fields(raw: dict[str, Any], path: str) -> dict[str, Any]:
         "uses": count("uses", limits.SERVICE_USES_MAX),
         "reason": reason,
         "discount": count("discount", limits.POS_AMOUNT_MAX),
+        "sale": text("sale", _SALE, limits.POS_SALE_CHARS_MAX),
     }
 
 
@@ -671,7 +679,7 @@ def request_json(r: PosRequest) -> dict[str, Any]:
         out["partial"] = True
     if r.basket:
         out["basket"] = [list(x) for x in r.basket]
-    for name in ("coupon", "product", "reason"):
+    for name in ("coupon", "product", "reason", "sale"):
         if getattr(r, name):
             out[name] = getattr(r, name)
     for name in ("points", "uses", "discount"):

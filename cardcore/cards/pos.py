@@ -4,8 +4,8 @@
 what each needs (terminal, card, original transfer), turns each into at most one ledger
 operation, submits them all to the writer in one call, so they share a group commit, and
 answers each with an `Outcome`. Coupons, service and manager cards are answered by their own
-services (`features`, registered by the application); a reversal also asks each feature to
-undo what it did under the reversed key (`reversers`).
+services (`features`, registered by the application); a reversal the ledger took also asks
+each feature to undo what it did under the reversed key (`reversers`), never one it refused.
 
 Cards. A card that is not active is declined with its state's outcome (frozen, lost, closed
 or replaced, not yet active); money may still go back to a frozen or lost card (a void, a
@@ -127,6 +127,11 @@ class PointsAnswer:
 
 # The points engine's round after the money (ADR 0007): one answer (or None) per item.
 PointsRound = Callable[[Sequence[MoneyDone]], Awaitable[list[PointsAnswer | None]]]
+# The instant reward of an approved purchase (the campaign card): the coupon codes it earned,
+# issued to the card's member under the purchase's key (a resend gets the same codes).
+RewardRound = Callable[[Terminal, str, Card, int], Awaitable[tuple[str, ...]]]
+# Kinds that are purchases: an approved one may earn an instant reward.
+REWARDED = frozenset({Kind.PURCHASE, Kind.POINTS_EARN})
 # Kinds the points engine answers through `features` (POINTS_EARN, POINTS_REDEEM).
 POINTS_KINDS = frozenset({Kind.POINTS_EARN, Kind.POINTS_REDEEM})
 
@@ -200,7 +205,7 @@ class _Plan:
     result: Result | None = None
     resend: bool = False  # a host decline of a purchase or top-up: the ledger may hold it
     from_stored: bool = False  # its op repeats the transfer stored under its key
-    original_key: str = ""  # void, refund: the purchase's ledger key
+    original_key: str = ""  # void, refund: the purchase's ledger key; reversal: its target
 
 
 class PosService:
@@ -231,6 +236,7 @@ class PosService:
         self.reversers: list[FeatureReverser] = []
         # Registered by the application: points of approved purchases, voids and refunds.
         self.points_round: PointsRound | None = None
+        self.rewards: RewardRound | None = None
 
     def _accounts(self) -> Accounts:
         if self.accounts is None:
@@ -250,6 +256,8 @@ class PosService:
             if await self._resends(plans):
                 await self._submit(plans)
             await self._points(plans)
+        await self._undo(plans)
+        await self._rewards(plans)
         out = []
         for plan in plans:
             assert plan.answer is not None
@@ -312,6 +320,47 @@ class PosService:
                 continue
             assert plan.answer is not None
             plan.answer = replace(plan.answer, points=got.points, points_balance=got.points_balance)
+
+    async def _undo(self, plans: list[_Plan]) -> None:
+        """After the ledger took a reversal (or found nothing to undo and left its
+        tombstone): each feature undoes what it did under the reversed key (a coupon's use,
+        service uses, a manager's authorization, points), idempotently. Never before: a
+        reversal the ledger refuses (the money given back is spent) undoes nothing. When a
+        feature cannot answer now the reversal is answered `unavailable`: the gateway's
+        store and forward sends it again, and every step is idempotent."""
+        for plan in plans:
+            a, t = plan.answer, plan.terminal
+            if plan.request.kind is not Kind.REVERSE or a is None or t is None:
+                continue
+            if a.outcome is not Outcome.APPROVED or not plan.original_key:
+                continue
+            try:
+                for undo in self.reversers:
+                    await undo(t, plan.original_key)
+            except (*DATABASE_ERRORS, AccountsUnavailable, Busy, LedgerUnavailable):
+                log.exception("a feature could not undo a reversed request")
+                plan.answer = PosResult(Outcome.UNAVAILABLE)
+
+    async def _rewards(self, plans: list[_Plan]) -> None:
+        """Approved purchases (paid by the card, or by another tender: POINTS_EARN) get the
+        coupons of the campaigns they qualify for. The reward never decides the sale: when
+        it cannot be issued now the sale stands without it (a resend issues it)."""
+        if self.rewards is None:
+            return
+        for plan in plans:
+            a, card, t, r = plan.answer, plan.card, plan.terminal, plan.request
+            if a is None or a.outcome not in APPROVALS or card is None or t is None:
+                continue
+            if r.kind not in REWARDED:
+                continue
+            moved = r.amount if a.amount is None else a.amount
+            try:
+                codes = await self.rewards(t, transaction_key(t, r.batch, r.stan), card, moved)
+            except DATABASE_ERRORS:
+                log.exception("an instant reward could not be issued")
+                continue
+            if codes:
+                plan.answer = replace(a, rewards=codes)
 
     async def _submit(self, plans: list[_Plan]) -> None:
         pending = [p for p in plans if p.op is not None and p.answer is None]
@@ -750,8 +799,7 @@ class PosService:
         r = plan.request
         target_key = transaction_key(t, r.batch, r.stan)
         key = reversal_key(t, r.batch, r.stan)
-        for undo in self.reversers:  # what a feature did under the key (coupon, uses, ...)
-            await undo(t, target_key)
+        plan.original_key = target_key  # the features undo it once the ledger did (`_undo`)
         original = await self.directory.transfer_by_key(target_key)
         if original is not None and original["kind"] == "pending":
             plan.op = VoidPending(

@@ -67,6 +67,7 @@ coupon_redemptions = Table(
     Column("member_id", Integer, nullable=True),
     Column("store", String(CODE), nullable=False),
     Column("terminal", String(8), nullable=False),
+    Column("sale", String(24), nullable=False),  # the terminal's sale number ("": its own)
     Column("day", Integer, nullable=False),
     Column("bill_fen", BigInteger, nullable=False),
     Column("discount_fen", BigInteger, nullable=False),
@@ -80,6 +81,7 @@ coupon_redemptions = Table(
     Column("updated_at_ms", BigInteger, nullable=False),
     Index(None, "code"),
     Index(None, "campaign", "member_id", "day"),
+    Index(None, "terminal", "sale"),
 )
 
 coupon_batches = Table(

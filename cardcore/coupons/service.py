@@ -1114,6 +1114,7 @@ class CouponService:
         in_scope = terminal.legal_entity == campaign_row["legal_entity"] and (
             not campaign_row["store"] or terminal.store == campaign_row["store"]
         )
+        others, others_stackable = await self._same_sale(uow, terminal, request, row["code"])
         lines = tuple(model.Line(d, fen) for d, fen in request.basket) or None
         ctx = model.Context(
             now_ms=now,
@@ -1123,6 +1124,8 @@ class CouponService:
             member_id=member,
             member_redeemed=redeemed,
             member_redeemed_today=today,
+            others_in_transaction=others,
+            others_stackable=others_stackable,
             store_in_scope=in_scope,
         )
         code_state = model.CodeState(status_of(row, now), _member(row["member_id"]))
@@ -1131,6 +1134,26 @@ class CouponService:
         if not verdict.ok and verdict.refusal == "coupon_inactive" and ended:
             raise _Refusal("coupon_expired")
         return row, campaign_row, verdict, member
+
+    async def _same_sale(
+        self, uow: Unit, terminal: Terminal, request: PosRequest, code: str
+    ) -> tuple[int, bool]:
+        """The other coupons held or redeemed in this terminal's sale (its sale number):
+        how many, and whether all of them may be combined. Without a sale number each
+        coupon message is a sale of its own."""
+        if not request.sale:
+            return 0, True
+        rows = await uow.find(
+            REDEMPTIONS,
+            {"terminal": terminal.tid, "sale": request.sale, "state": ["reserved", "redeemed"]},
+            order="key", limit=limits.COUPON_PER_TRANSACTION_MAX + 1,
+        )  # fmt: skip
+        codes = {r["code"]: r["campaign"] for r in rows if r["code"] != code}
+        stackable = True
+        for campaign in set(codes.values()):
+            found = await uow.get(CAMPAIGNS, code=campaign)
+            stackable = stackable and found is not None and campaign_of(found).stackable
+        return len(codes), stackable
 
     async def _query(self, request: PosRequest, terminal: Terminal, card: Card | None) -> PosResult:
         now = self.clock_ms()
@@ -1193,6 +1216,7 @@ class CouponService:
             "member_id": member,
             "store": terminal.store,
             "terminal": terminal.tid,
+            "sale": request.sale,
             "day": day_of(now),
             "bill_fen": request.amount,
             "discount_fen": verdict.discount_fen,
@@ -1352,6 +1376,32 @@ class CouponService:
         row, _ = await self._undo(key)
         if row is None:
             await self._tombstone(terminal, key)
+        await self._void_rewards(key)
+
+    async def _void_rewards(self, key: str) -> None:
+        """The coupons a reversed purchase earned (instant reward) are voided while still
+        unused, each by a guarded update; one the member already used stays used."""
+        async with self.records.read() as uow:
+            batches = await uow.find(
+                BATCHES, starts_with={"key": f"reward/{key}/"}, order="id",
+                limit=limits.COUPON_REWARD_CAMPAIGNS_MAX,
+            )  # fmt: skip
+            rows = [] if not batches else await uow.find(
+                CODES, {"batch": [b["id"] for b in batches]}, order="code",
+                limit=limits.COUPON_REWARD_CAMPAIGNS_MAX,
+            )  # fmt: skip
+        now = self.clock_ms()
+        values = {"state": str(CodeStatus.VOIDED), "reserved_key": None,
+                  "reserved_until_ms": None, "version": ("+", 1)}  # fmt: skip
+        for row in rows[: limits.COUPON_REWARD_CAMPAIGNS_MAX]:
+            async with self.records.begin() as uow:
+                await self._take(uow, row, now, values)
+
+    async def rewards(
+        self, terminal: Terminal, key: str, card: Card, amount: int
+    ) -> tuple[str, ...]:
+        """PosService's reward round: the codes `reward_purchase` issued for this purchase."""
+        return tuple(r["code"] for r in await self.reward_purchase(terminal, key, card, amount))
 
     async def _tombstone(self, terminal: Terminal, key: str) -> None:
         """A `reversed` row with no code under a POS key nothing was done under (a 0400 of
@@ -1360,7 +1410,7 @@ class CouponService:
         now = self.clock_ms()
         stone = {
             "key": key, "code": "", "campaign": "", "member_id": None,
-            "store": terminal.store, "terminal": terminal.tid, "day": day_of(now),
+            "store": terminal.store, "terminal": terminal.tid, "sale": "", "day": day_of(now),
             "bill_fen": 0, "discount_fen": 0, "forfeited_fen": 0, "store_cost_fen": 0,
             "supplier_cost_fen": 0, "supplier_id": "", "state": "reversed",
             "created_at_ms": now, "updated_at_ms": now,

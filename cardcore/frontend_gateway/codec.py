@@ -87,6 +87,7 @@ TLV_PRODUCT: Final = "SP"  # a service product code
 TLV_USES: Final = "SU"  # request: service entitlements to use
 TLV_REASON: Final = "MR"  # a manager authorization's reason code
 TLV_MANAGER_DISCOUNT: Final = "MD"  # the special discount asked, in fen
+TLV_SALE: Final = "SN"  # the terminal's sale number: the coupons of one sale share it
 # F48 TLV of a reply (issue 5)
 TLV_POINTS_BALANCE: Final = "PB"  # the card's spendable points after the request
 TLV_DISCOUNT: Final = "CD"  # the discount granted (coupon or manager), in fen
@@ -94,6 +95,7 @@ TLV_FORFEITED: Final = "CF"  # coupon face value the bill could not use (no chan
 TLV_CAMPAIGN: Final = "CC"  # the coupon's campaign code
 TLV_USES_LEFT: Final = "UL"  # service entitlements left in the package
 TLV_REFUSAL: Final = "RF"  # the rule that refused the request (57 and other declines)
+TLV_REWARD: Final = "RC"  # a coupon code the purchase earned (instant reward), repeated
 TPDU_ID: Final = 0x60
 HEADER_APP_POS: Final = 0x60
 PROCESSING_NONE: Final = 0

@@ -705,6 +705,10 @@ def _request_data(value: str) -> dict[str, Any] | None:
             if not _REASON.fullmatch(item):
                 return None
             out["reason"] = item
+        elif tag == codec.TLV_SALE:
+            if not _CODE.fullmatch(item) or len(item) > limits.POS_SALE_CHARS_MAX:
+                return None
+            out["sale"] = item
         elif tag == codec.TLV_MANAGER_DISCOUNT:
             if not _number_ok(item, limits.POS_AMOUNT_MAX, low=1):
                 return None
@@ -745,6 +749,7 @@ def _reply_tlv(result: PosResult) -> str:
     for tag, text in ((codec.TLV_CAMPAIGN, result.campaign), (codec.TLV_REFUSAL, result.refusal)):
         if text and _SHORT_TEXT.fullmatch(text):
             items.append((tag, text))
+    items += [(codec.TLV_REWARD, code) for code in result.rewards if _SHORT_TEXT.fullmatch(code)]
     return codec.tlv_encode(items) if items else ""
 
 

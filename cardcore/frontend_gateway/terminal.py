@@ -94,6 +94,14 @@ class Reply:
         return self._tlv_int(codec.TLV_USES_LEFT)
 
     @property
+    def rewards(self) -> list[str]:
+        """Coupon codes the purchase earned (F48 TLV `RC`, one per coupon)."""
+        value = self.fields.get("48")
+        if value is None or self.fields.get("t") not in ("0210", "0230"):
+            return []
+        return [item for tag, item in codec.tlv_decode(value) if tag == codec.TLV_REWARD]
+
+    @property
     def refusal(self) -> str:
         """The rule that refused the request (F48 TLV `RF`), or ""."""
         return self.tlv.get(codec.TLV_REFUSAL, "")
@@ -383,9 +391,15 @@ class PosTerminal:
         bill: int,
         pan: str | None = None,
         basket: list[tuple[str, int]] | None = None,
+        *,
+        sale: str = "",
     ) -> Reply:
-        """Coupon query (920000), reserve (950000) or redeem (930000) against a bill."""
-        return await self.private(pcode, pan, bill, [(codec.TLV_COUPON, code), *_basket(basket)])
+        """Coupon query (920000), reserve (950000) or redeem (930000) against a bill; the
+        coupons of one sale share its `sale` number (stacking rules)."""
+        tlv = [(codec.TLV_COUPON, code), *_basket(basket)]
+        if sale:
+            tlv.append((codec.TLV_SALE, sale))
+        return await self.private(pcode, pan, bill, tlv)
 
     async def coupon_reverse(self, original_stan: str, code: str | None = None) -> Reply:
         """Release a reservation or undo a redemption of this batch (940000)."""
@@ -520,6 +534,7 @@ def describe(reply: Reply) -> str:
     for tag, label in ((codec.TLV_CAMPAIGN, "campaign"), (codec.TLV_REFUSAL, "refused by")):
         if tag in tlv:
             parts.append(f"{label} {tlv[tag]}")
+    parts += [f"coupon earned {code}" for code in reply.rewards]
     if "37" in f:
         parts.append(f"rrn {f['37']}")
     if "60" in f:

@@ -47,6 +47,8 @@ APPROVED = "approved"
 # Outcomes of a use that the model does not decide (stored as the row's outcome).
 PIN_WRONG, PIN_LOCKED, PIN_REQUIRED = "pin_wrong", "pin_locked", "pin_required"
 PIN_NOT_SET = "manager_pin_not_set"
+WRONG_STORE = "manager_wrong_store"  # the card authorizes in the store it was issued for
+REVERSED_FIRST = "reversed_before_arrival"  # a use's row written by its reversal
 BAD_PIN_BLOCK = "manager_bad_pin_block"
 _OUTCOME_OF = {
     APPROVED: Outcome.APPROVED,
@@ -362,7 +364,8 @@ class ManagerCards:
             await _touch(uow, card_id)
             fresh = await uow.get(CARDS, id=card_id)
             assert fresh is not None
-            outcome = await self._pin(uow, r, fresh)
+            outcome = WRONG_STORE if fresh["store"] != use["store"] else ""
+            outcome = outcome or await self._pin(uow, r, fresh)
             if not outcome:
                 today = await uow.total(USES, "discount_fen", card=card_id, day=use["day"],
                                         outcome=APPROVED, reversed=False)  # fmt: skip
@@ -404,10 +407,24 @@ class ManagerCards:
         )  # fmt: skip
         return PIN_LOCKED if not counted or failures + 1 >= limits.PIN_FAILURES_MAX else PIN_WRONG
 
-    async def reverse(self, _t: Terminal, key: str) -> None:
-        """A reversed use no longer counts towards the daily total (once)."""
-        async with self.records.begin() as uow:
-            await uow.update(USES, {"key": key, "reversed": False}, {"reversed": True})
+    async def reverse(self, t: Terminal, key: str) -> None:
+        """A reversed use no longer counts towards the daily total (once). When no use was
+        recorded under `key` (yet), a reversed row stands there instead: the use arriving
+        later conflicts on the key and authorizes nothing."""
+        now = self.clock_ms()
+        try:
+            async with self.records.begin() as uow:
+                if await uow.get(USES, key=key) is None:
+                    await uow.insert(USES, {
+                        "key": key, "card": 0, "staff_user_id": 0, "store": t.store,
+                        "terminal": t.tid, "day": day_number(self.tz, now), "bill_fen": 0,
+                        "discount_fen": 0, "reason": "", "outcome": REVERSED_FIRST,
+                        "reversed": True, "created_at_ms": now,
+                    })  # fmt: skip
+                    return
+                await uow.update(USES, {"key": key, "reversed": False}, {"reversed": True})
+        except Conflict:  # the use itself landed at this moment: mark it reversed now
+            await self.reverse(t, key)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -432,7 +449,7 @@ def _answer(outcome: str, discount: int) -> PosResult:
 
 def _replayed(stored: dict[str, Any]) -> PosResult:
     """The stored answer of a use resent; an approval reversed since is not approved again."""
-    if stored["outcome"] == APPROVED and stored["reversed"]:
+    if stored["outcome"] in (APPROVED, REVERSED_FIRST) and stored["reversed"]:
         return PosResult(Outcome.REVERSED_BEFORE_ARRIVAL, replayed=True)
     answer = _answer(stored["outcome"], int(stored["discount_fen"]))
     return PosResult(answer.outcome, discount=answer.discount, refusal=answer.refusal,

@@ -21,7 +21,7 @@ points_programs = Table(
     metadata,
     Column("code", String(CODE), primary_key=True),
     Column("name", String(NAME), nullable=False),
-    Column("asset", String(16), nullable=False, unique=True),  # the ledger asset of its points
+    Column("asset", String(limits.ASSET_CODE_CHARS_MAX), nullable=False, unique=True),  # its points
     Column("definition", Text, nullable=False),  # model.program_json + tiers (JSON)
     Column("state", String(16), nullable=False),  # active | closed
     Column("created_at_ms", BigInteger, nullable=False),

@@ -28,6 +28,7 @@ points_clawback, points_reversal) are ones settlement totals ignore.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -36,7 +37,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cardcore import limits
-from cardcore.cards.accounts import Accounts, Wanted
+from cardcore.cards.accounts import Accounts, AccountsUnavailable, Wanted
 from cardcore.cards.directory import Directory
 from cardcore.cards.model import (
     CURRENCY,
@@ -52,6 +53,7 @@ from cardcore.cards.model import (
     value_postings,
 )
 from cardcore.cards.pos import MoneyDone, PointsAnswer
+from cardcore.db import DATABASE_ERRORS
 from cardcore.ledger.model import (
     AccountFlags,
     AssetKind,
@@ -843,8 +845,10 @@ class PointsService:
         for i, ops, found, holder, points in plans:
             res, *_rest = [next(results) for _ in ops]
             if not res.ok:
+                # Not decided: the terminal is answered 96 and the request reversed (the
+                # gateway's store and forward), which unpins what was pinned for it.
                 log.warning("points step refused by the ledger", extra={"code": res.code})
-                out[i] = PointsAnswer(None, None)
+                out[i] = PointsAnswer(None, None, ok=False)
                 continue
             if points > 0:
                 await self._upgrade(found, holder)
@@ -945,18 +949,20 @@ class PointsService:
         found = await self._program_of_card(card)
         if found is None:
             return PosResult(Outcome.NOT_PERMITTED, refusal="points_no_program")
-        try:
-            row = await self._pin(
-                key + EARN_SUFFIX, card, t, found, basket=_basket(r, r.amount), source=""
-            )
-        except model.PointsRefused as exc:
-            return PosResult(Outcome.BAD_REQUEST, refusal=exc.code)
-        if await self._tombstoned(key):  # checked after the pin: see reverse_pos
-            return PosResult(Outcome.REVERSED_BEFORE_ARRIVAL)
-        if row is None:
-            balance = await self._balance(found, card.account_id)
-            return PosResult(Outcome.APPROVED, points=0, points_balance=balance)
+        # Under the card's lock from the pin on: the day's caps count the earnings pinned
+        # before, so two earnings of one card at once cannot both pass a cap.
         async with self.accounts.lock(card.account_id):
+            try:
+                row = await self._pin(
+                    key + EARN_SUFFIX, card, t, found, basket=_basket(r, r.amount), source=""
+                )
+            except model.PointsRefused as exc:
+                return PosResult(Outcome.BAD_REQUEST, refusal=exc.code)
+            if await self._tombstoned(key):  # checked after the pin: see reverse_pos
+                return PosResult(Outcome.REVERSED_BEFORE_ARRIVAL)
+            if row is None:
+                balance = await self._balance(found, card.account_id)
+                return PosResult(Outcome.APPROVED, points=0, points_balance=balance)
             ops = await self._earn_ops(row, card, found, _metadata(t, r))
             res, *_rest = await self.ledger.submit(ops)
         if res.ok:
@@ -1060,7 +1066,8 @@ class PointsService:
         under `target_key/R:p`, at most once (the key): a purchase's earning is taken back
         whole (what refunds did not take already), a clawback or a redemption's points are
         put back exactly into the lots they came from (their mirrored legs). The POS host
-        reverses `target_key` itself afterwards (money, a redemption's money, a POINTS_EARN)."""
+        reversed `target_key` itself first (money, a redemption's money, a POINTS_EARN's
+        tombstone) and calls this only once the ledger took that reversal."""
         key = target_key + EARN_SUFFIX
         undo = target_key + REVERSAL_SUFFIX + EARN_SUFFIX
         meta: Metadata = (("store", t.store), ("terminal", t.tid))
@@ -1074,17 +1081,60 @@ class PointsService:
         if clawback is not None:
             if not await self._unpin_clawback(clawback, undo):
                 return
-        elif not stored or stored[0]["reason"] != "points_redeem":
+        elif stored and stored[0]["reason"] != "points_redeem":
             return
+        # Nothing under the key (yet): the tombstone below makes a late earning or
+        # redemption under it refused by the ledger, so a reversal that overtook its
+        # request is never lost.
         ops: list[Op] = [
             replace(_mirror(t, chunk_key(undo, i), "points_reversal", meta),
                     linked=i < len(stored) - 1)
             for i, t in enumerate(stored)
         ] or [Reverse(POS_CLIENT, undo, key, tombstone=True, reason="points_reversal",
                       metadata=meta)]  # fmt: skip
+        if clawback is not None and stored:
+            ops = await self._debt_aware(clawback, ops)
         res, *_rest = await self.ledger.submit(ops)
         if not res.ok:
             log.warning("points reversal refused by the ledger", extra={"code": res.code})
+
+    async def _debt_aware(self, clawback: dict[str, Any], ops: list[Op]) -> list[Op]:
+        """A clawback's put-back, with what it recorded as debt given back to the debt only
+        as far as the holder still owes it: a later earning may have repaid that debt
+        since (a credit past the debt is refused: no-overcredit), and then those points
+        go back to the earning's own lot instead."""
+        earning = await self._earning(clawback["earning"])
+        found = None if earning is None else await self._program(earning["program"])
+        if earning is None or found is None:
+            return ops
+        holder = int(earning["holder"])
+        holding = await self.holding(found.program, holder)
+        if holding.debt_id is None:
+            return ops
+        owed = holding.debt
+        async with self.records.read() as uow:
+            card = await uow.get("cards", account_id=holder)
+        if card is None:
+            return ops
+        [lot] = await self.accounts.ensure([
+            self._lot_account(found.program, card["legal_entity"], holder, earning["lot"])
+        ])  # fmt: skip
+        out: list[Op] = []
+        for op in ops:
+            if not isinstance(op, CreateTransfer):
+                out.append(op)
+                continue
+            legs: list[Posting] = []
+            for leg in op.postings:
+                if leg.account_id != holding.debt_id or leg.side is not Side.CREDIT:
+                    legs.append(leg)
+                    continue
+                back = min(leg.amount, owed)
+                owed -= back
+                legs += [Posting(a, Side.CREDIT, x) for a, x in
+                         ((holding.debt_id, back), (lot, leg.amount - back)) if x]  # fmt: skip
+            out.append(replace(op, postings=tuple(legs)))
+        return out
 
     async def _reverse_earning(self, earning: dict[str, Any], undo: str, meta: Metadata) -> None:
         holder = int(earning["holder"])
@@ -1185,6 +1235,12 @@ class PointsService:
                 if not same or _meta(stored[0]) != metadata:
                     raise Refused("conflict", "key_reused", "the key names another redemption",
                                   "key")  # fmt: skip
+                undone, _ = await self._chunks(ledger_key + REVERSAL_SUFFIX, ADMIN_CLIENT)
+                if undone:  # a retry must not hear that a reversed redemption stands
+                    raise Refused(
+                        "conflict", "redemption_reversed",
+                        "this redemption was reversed; redeem under a new key", "key",
+                    )  # fmt: skip
                 ops = again(stored, ADMIN_CLIENT, keys, metadata)
             else:
                 holding = await self.holding(program, holder)
@@ -1375,6 +1431,21 @@ class PointsService:
             await self._expire_program(program_record(row), now_ms, remind_days, totals)
         totals["tiers_changed"] = await self.review_tiers(now_ms)
         return totals
+
+    async def expire_on_schedule(self, first_s: float, every_s: float, remind_days: int) -> None:
+        """The expiry job inside the server: `expire` after `first_s` seconds, then every
+        `every_s`, until cancelled. A run that fails (the database away) is logged and the
+        next one takes what it left: every expiry and notice is idempotent."""
+        await asyncio.sleep(first_s)
+        while True:
+            try:
+                totals = await self.expire(self.clock_ms(), remind_days)
+            except (*DATABASE_ERRORS, AccountsUnavailable, Busy, LedgerUnavailable):
+                log.exception("scheduled points expiry failed; the next run retries")
+            else:
+                if totals["lots_expired"] or totals["reminders"] or totals["tiers_changed"]:
+                    log.info("points expiry ran", extra=totals)
+            await asyncio.sleep(every_s)
 
     async def _expire_program(
         self, found: ProgramRecord, now_ms: int, remind_days: int, totals: dict[str, int]

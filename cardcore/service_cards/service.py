@@ -671,20 +671,32 @@ class ServiceCards:
             return PosResult(Outcome.UNAVAILABLE)
         return PosResult(Outcome.APPROVED, uses_left=left)
 
-    async def reverse(self, _t: PosTerminal, key: str) -> None:
-        """Give back the uses a redemption under `key` took, exactly once."""
+    async def reverse(self, t: PosTerminal, key: str) -> None:
+        """Give back the uses a redemption under `key` took, exactly once. When nothing was
+        redeemed under it (yet), a reversed row with no package stands there instead: a
+        redemption arriving later conflicts on the key and takes nothing."""
         now = self.clock_ms()
-        async with self.records.begin() as uow:
-            stored = await uow.get(REDEMPTIONS, key=key)
-            if stored is None or stored["reversed"]:
-                return
-            changed = await uow.update(
-                REDEMPTIONS, {"key": key, "reversed": False}, {"reversed": True}
-            )
-            if changed:
-                await give_back_uses(
-                    uow.conn, int(stored["entitlement"]), int(stored["uses"]), now_ms=now
+        try:
+            async with self.records.begin() as uow:
+                stored = await uow.get(REDEMPTIONS, key=key)
+                if stored is None:
+                    await uow.insert(REDEMPTIONS, {
+                        "key": key, "entitlement": 0, "uses": 0, "uses_left_after": 0,
+                        "store": t.store, "terminal": t.tid, "reversed": True,
+                        "created_at_ms": now,
+                    })  # fmt: skip
+                    return
+                if stored["reversed"]:
+                    return
+                changed = await uow.update(
+                    REDEMPTIONS, {"key": key, "reversed": False}, {"reversed": True}
                 )
+                if changed:
+                    await give_back_uses(
+                        uow.conn, int(stored["entitlement"]), int(stored["uses"]), now_ms=now
+                    )
+        except Conflict:  # the redemption itself landed at this moment: undo it now
+            await self.reverse(t, key)
 
     # --- helpers -------------------------------------------------------------------------------
 

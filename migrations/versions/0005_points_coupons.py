@@ -89,7 +89,7 @@ def _points() -> None:
         "points_programs",
         sa.Column("code", sa.String(length=32), nullable=False),
         sa.Column("name", sa.String(length=64), nullable=False),
-        sa.Column("asset", sa.String(length=16), nullable=False),
+        sa.Column("asset", sa.String(length=32), nullable=False),
         sa.Column("definition", sa.Text(), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("created_at_ms", sa.BigInteger(), nullable=False),
@@ -201,6 +201,7 @@ def _coupons() -> None:
         sa.Column("member_id", sa.Integer(), nullable=True),
         sa.Column("store", sa.String(length=32), nullable=False),
         sa.Column("terminal", sa.String(length=8), nullable=False),
+        sa.Column("sale", sa.String(length=24), nullable=False),
         sa.Column("day", sa.Integer(), nullable=False),
         sa.Column("bill_fen", sa.BigInteger(), nullable=False),
         sa.Column("discount_fen", sa.BigInteger(), nullable=False),
@@ -221,6 +222,12 @@ def _coupons() -> None:
     )
     op.create_index(
         op.f("ix_coupon_redemptions_code"), "coupon_redemptions", ["code"], unique=False
+    )
+    op.create_index(
+        op.f("ix_coupon_redemptions_terminal_sale"),
+        "coupon_redemptions",
+        ["terminal", "sale"],
+        unique=False,
     )
     op.create_table(
         "coupon_signing_keys",

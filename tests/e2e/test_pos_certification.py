@@ -338,7 +338,7 @@ async def test_every_reply_echoes_the_request_and_its_mac_verifies(
         "13",  # zero amount
         "30",  # no amount
         "12",  # unknown processing code
-        "40",  # points
+        "57",  # points earn on a card of no points program (refusal points_no_program)
         "00",  # purchase
         "00",  # void
         codes[10],  # a second void of it: declined, checked below

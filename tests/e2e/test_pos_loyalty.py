@@ -186,6 +186,48 @@ async def _plain_class(admin: Admin, run: str) -> str:
     return code
 
 
+# --- points ------------------------------------------------------------------------------------
+
+
+async def test_points_earned_with_purchases_redeemed_as_payment_and_taken_back(
+    admin: Admin, kit: Kit
+) -> None:
+    run = secrets.token_hex(3).upper()
+    program = f"CLUB{run}"
+    await admin.ok("POST", "/v1/points/programs", {"code": program, "name": "Club points",
+                   "asset": f"PTS:{run}", "redeem_points": 100, "redeem_fen": 100})  # fmt: skip
+    await admin.ok("POST", f"/v1/points/programs/{program}/rules",
+                   {"code": "BASE", "kind": "base", "points": 1, "per_fen": 100})  # fmt: skip
+    card_class = f"CLUB{run}"
+    await admin.ok("POST", "/v1/card-classes", {"code": card_class, "name": "Club",
+                   "named": True, "points_program": program})  # fmt: skip
+    w = await _world(admin, kit, card_class=card_class)
+    pan, term = w.card["pan"], w.terminal
+
+    sale = await term.purchase(pan, 2_350)  # 23.50 CNY earns 23 points, rounded down
+    assert (sale.code, sale.points, sale.points_balance) == ("00", 23, 23), sale.fields
+    cash = await w.other.points_earn(pan, 10_000, [("FOOD", 6_000), ("TOYS", 4_000)])
+    assert (cash.code, cash.points, cash.points_balance) == ("00", 100, 123)
+    money_before = await kit.available(w.card["account_id"])
+
+    paid = await term.points_redeem(pan, 100)
+    assert (paid.code, paid.approved_amount, paid.points, paid.points_balance) == (
+        "00", 100, 100, 23)  # fmt: skip
+    assert await kit.available(w.card["account_id"]) == money_before  # paid by the points
+    # The terminal never saw that reply: its reversal puts the points back into their lots.
+    assert (await term.send(reversal_of(_last_request(term)))).code == "00"
+    view = await admin.ok("GET", f"/v1/cards/{w.card['id']}/points")
+    assert view["balance"] == 123, view
+
+    void = await term.void(pan, 2_350, sale.fields["11"])
+    assert (void.code, void.points, void.points_balance) == ("00", -23, 100), void.fields
+    assert (await term.points_redeem(pan, 150)).refusal == "redeem_not_whole_blocks"
+    too_many = await term.points_redeem(pan, 200)
+    assert (too_many.code, too_many.refusal) == ("51", "points_insufficient")
+    view = await admin.ok("GET", f"/v1/cards/{w.card['id']}/points")
+    assert (view["balance"], view["usable"]) == (100, 100), view
+
+
 # --- service cards ------------------------------------------------------------------------------
 
 

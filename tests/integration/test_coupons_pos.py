@@ -473,3 +473,72 @@ async def test_a_qualifying_purchase_earns_one_coupon_of_each_reward_campaign_on
     assert small == []
     row = await campaign_row(db_url, "SPEND50")
     assert row["issued_count"] == 1
+
+
+async def test_a_purchase_at_the_pos_earns_its_reward_once_and_its_reversal_voids_it(
+    admin: AdminClient, db_url: str
+) -> None:
+    """The campaign card at the till: the approved purchase carries the coupon it earned
+    (a resend the same one); the purchase's reversal voids it while it is unused, and a
+    reward already used stays used when its purchase is reversed."""
+    await admin.org("LE1", "S1")
+    tid = await terminal(admin)
+    await campaign(admin, "SPEND100", reward_spend_fen=10_000)
+    pan = await card_of(admin, await member(admin))
+    [card] = (await admin.ok("GET", "/v1/cards", member_id=(await member_of(db_url, pan))))["items"]
+    topup = {"amount": 50_000, "tender": "cash", "receipt": "R", "key": "rw"}
+    await admin.ok("POST", f"/v1/cards/{card['id']}/topups", json=topup)
+    sale = ask(Kind.PURCHASE, tid, card=pan, amount=12_000)
+    first = await one(admin, sale)
+    assert first.outcome is Outcome.APPROVED and len(first.rewards) == 1, first
+    [reward] = first.rewards
+    assert (await one(admin, sale)).rewards == (reward,)  # a resend: the same coupon
+    small = await one(admin, ask(Kind.PURCHASE, tid, card=pan, amount=9_999))
+    assert small.rewards == ()
+    reverse = PosRequest(kind=Kind.REVERSE, terminal=tid, batch="000001", stan=sale.stan)
+    assert (await one(admin, reverse)).outcome is Outcome.APPROVED
+    assert (await code_row(db_url, reward))["state"] == "voided"
+    voided = await one(admin, ask(Kind.COUPON_QUERY, tid, reward, amount=1_000))
+    assert (voided.outcome, voided.refusal) == (Outcome.NOT_PERMITTED, "coupon_inactive")
+
+    second_sale = ask(Kind.PURCHASE, tid, card=pan, amount=10_000)
+    [used] = (await one(admin, second_sale)).rewards
+    redeem = await one(admin, ask(Kind.COUPON_REDEEM, tid, used, amount=2_000))
+    assert redeem.outcome is Outcome.APPROVED
+    undo = PosRequest(kind=Kind.REVERSE, terminal=tid, batch="000001", stan=second_sale.stan)
+    assert (await one(admin, undo)).outcome is Outcome.APPROVED
+    assert (await code_row(db_url, used))["state"] == "redeemed"
+
+
+async def member_of(db_url: str, pan: str) -> int:
+    token = Vault(ADMIN_KEK).card_token(pan)
+    [row] = await sql_rows(db_url, "SELECT member_id FROM cards WHERE token = :t", t=token)
+    return int(row["member_id"])
+
+
+async def test_coupons_of_one_sale_combine_only_when_every_one_is_stackable(
+    admin: AdminClient, db_url: str
+) -> None:
+    """The coupons a terminal presents under one sale number are one transaction: a
+    non-stackable coupon joins no other, stackable ones combine; another sale is free."""
+    await admin.org("LE1", "S1")
+    tid = await terminal(admin)
+    await campaign(admin, "SOLO")
+    await campaign(admin, "DUO1", stackable=True)
+    await campaign(admin, "DUO2", stackable=True)
+    solo, solo2 = await codes(admin, "SOLO", 2)
+    [duo1] = await codes(admin, "DUO1", 1)
+    [duo2] = await codes(admin, "DUO2", 1)
+
+    def in_sale(coupon: str, sale: str) -> PosRequest:
+        return ask(Kind.COUPON_REDEEM, tid, coupon, amount=50_000, sale=sale)
+
+    assert (await one(admin, in_sale(duo1, "S-1"))).outcome is Outcome.APPROVED
+    assert (await one(admin, in_sale(duo2, "S-1"))).outcome is Outcome.APPROVED  # both stack
+    joined = await one(admin, in_sale(solo, "S-1"))  # one per transaction: not with others
+    assert (joined.outcome, joined.refusal) == (Outcome.NOT_PERMITTED, "coupon_not_stackable")
+    assert (await one(admin, in_sale(solo, "S-2"))).outcome is Outcome.APPROVED
+    second = await one(admin, in_sale(solo2, "S-2"))  # nothing joins a non-stackable one
+    assert (second.outcome, second.refusal) == (Outcome.NOT_PERMITTED, "coupon_not_stackable")
+    assert (await one(admin, in_sale(solo2, "S-3"))).outcome is Outcome.APPROVED
+    assert (await code_row(db_url, solo))["state"] == "redeemed"

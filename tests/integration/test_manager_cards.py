@@ -235,6 +235,23 @@ async def test_an_authorization_reversed_before_it_arrives_authorizes_nothing(
     late = ask(w["t1"], card["pan"], discount=900)
     assert (await reverse(admin, late)).outcome is Outcome.APPROVED  # the tombstone
     assert (await pos(admin, late)).outcome is Outcome.REVERSED_BEFORE_ARRIVAL
-    assert await sql_rows(db_url, "SELECT * FROM manager_authorizations") == []
+    [stone] = await sql_rows(db_url, "SELECT * FROM manager_authorizations")  # the reversal's
+    assert (stone["card"], stone["outcome"], stone["reversed"]) == (
+        0, "reversed_before_arrival", True)  # fmt: skip
     assert (await pos(admin, ask(w["t1"], card["pan"], discount=900))).outcome is (
         Outcome.APPROVED)  # fmt: skip
+
+
+async def test_a_manager_card_authorizes_only_in_its_own_store(admin: AdminClient) -> None:
+    """Issued for S1, presented at a terminal of S2: refused, its PIN not even looked at
+    (a wrong one is not counted), the use recorded (review finding)."""
+    w = await world(admin)
+    card = await ready_card(admin, w["manager"])
+    elsewhere = await terminal(admin, "S2")
+    for pin in (PIN, "000000"):
+        answer = await pos(admin, ask(elsewhere, card["pan"], pin))
+        assert (answer.outcome, answer.refusal) == (Outcome.NOT_PERMITTED, "manager_wrong_store")
+    assert (await pos(admin, ask(w["t1"], card["pan"]))).outcome is Outcome.APPROVED
+    uses = await admin.ok("GET", f"{CARDS}/{card['id']}/authorizations")
+    assert sorted(u["outcome"] for u in uses["items"]) == [
+        "approved", "manager_wrong_store", "manager_wrong_store"]  # fmt: skip

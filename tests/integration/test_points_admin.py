@@ -56,6 +56,8 @@ async def test_a_reward_redemption_spends_once_and_its_reversal_restores_the_lot
     assert (await admin.ok("POST", undo))["replayed"] is True
     assert (await shop.points(card))["balance"] == 500
     await refused(admin, db_url, f"{path}/nope/reversal", None, 404, "redemption_not_found")
+    # A retry of the redemption after its reversal must not hear that it stands.
+    await refused(admin, db_url, path, body, 409, "redemption_reversed")
     audit = await sql_rows(db_url, "SELECT action FROM org_audit_log WHERE action LIKE "
                            "'points.%' ORDER BY id")  # fmt: skip
     assert [a["action"] for a in audit] == ["points.redeem", "points.redeem_reversal"]

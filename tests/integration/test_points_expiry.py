@@ -7,6 +7,7 @@ runs, with its notice and its reminder in the members' outbox; and `cardcore poi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 from pathlib import Path
@@ -198,3 +199,21 @@ async def test_under_downgrade_never_a_tier_stays(admin: AdminClient) -> None:
     assert (await shop.points(card))["tier"] == "GOLD"
     assert await service.review_tiers(IN_2028) == 0
     assert (await shop.points(card))["tier"] == "GOLD"
+
+
+async def test_the_server_runs_the_job_on_its_schedule(admin: AdminClient, db_url: str) -> None:
+    shop, card, service = await shop_with_points(admin)
+    service.clock_ms = lambda: MIDNIGHT
+    job = asyncio.create_task(service.expire_on_schedule(0, 0.05, 0))
+    try:
+        for _ in range(200):
+            if await notices(db_url):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+    [notice] = await notices(db_url)
+    assert notice["kind"] == "points_expired"
+    assert (await shop.points(card))["balance"] == 0

@@ -190,6 +190,43 @@ async def test_rules_apply_in_their_stores_with_caps_and_the_class_multiplier(
     assert (await shop.points(card))["balance"] == 50 + 20 + 120
 
 
+async def test_concurrent_earnings_of_one_card_never_pass_the_daily_cap(
+    admin: AdminClient,
+) -> None:
+    """Two POINTS_EARN of one card at the same moment from two stores (review finding: both
+    read the day's earnings before either pinned its own)."""
+    shop = await Shop(admin).make()
+    await admin.ok("PATCH", "/v1/points/programs/CLUB/rules/BASE",
+                   json={"cap_per_day_points": 100})  # fmt: skip
+    card = await shop.card()
+    earns = [shop.request(Kind.POINTS_EARN, card, store, amount=10_000) for store in ("S1", "S2")]
+    answers = await asyncio.gather(*(shop.one(e) for e in earns))
+    assert sorted(a.points or 0 for a in answers) == [0, 100], answers
+    assert (await shop.points(card))["balance"] == 100
+
+
+async def test_reversing_a_refund_after_its_debt_was_repaid_puts_the_points_back(
+    admin: AdminClient,
+) -> None:
+    """Review finding: the clawback's debt leg, put back after a later earning repaid that
+    debt, went past the debt (refused) and the points were lost. They go to the lot now."""
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))
+    assert sale.points == 100
+    spent = await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=100))
+    assert spent.outcome is Outcome.APPROVED
+    refund = shop.request(Kind.REFUND, card, amount=5_000, rrn=sale.rrn)
+    assert (await shop.one(refund)).points == -50  # all of it as debt: nothing left to take
+    assert (await shop.points(card))["debt"] == 50
+    assert (await shop.one(shop.request(Kind.PURCHASE, card, amount=8_000))).points == 80
+    assert ((await shop.points(card))["debt"], (await shop.points(card))["usable"]) == (0, 30)
+    undo = await shop.one(shop.request(Kind.REVERSE, None, stan=refund.stan))
+    assert undo.outcome is Outcome.APPROVED
+    view = await shop.points(card)
+    assert (view["debt"], view["usable"]) == (0, 80), view
+
+
 async def test_a_void_takes_the_earning_back_and_a_later_reversal_changes_nothing(
     admin: AdminClient,
 ) -> None:
@@ -240,6 +277,23 @@ async def test_a_reversal_of_a_void_earns_again(admin: AdminClient) -> None:
     )
     assert (await shop.points(card))["balance"] == 50
     assert await shop.money(card) == 100_000 - 5_000
+
+
+async def test_a_reversal_the_ledger_refuses_gives_no_points_back(admin: AdminClient) -> None:
+    """The reversal of a void whose money was spent again is refused by the ledger (the
+    card cannot go below zero): the void's points stay taken back too (review finding)."""
+    shop = await Shop(admin).make()
+    card = await shop.card(balance=5_000)
+    sale = shop.request(Kind.PURCHASE, card, amount=5_000)
+    assert (await shop.one(sale)).points == 50
+    void = shop.request(Kind.VOID, card, amount=5_000, original_batch="000001",
+                        original_stan=sale.stan)  # fmt: skip
+    assert (await shop.one(void)).points == -50
+    assert (await shop.one(shop.request(Kind.PURCHASE, card, amount=5_000))).points == 50
+    refused = await shop.one(shop.request(Kind.REVERSE, None, stan=void.stan))
+    assert refused.outcome is Outcome.ALREADY_REVERSED
+    assert (await shop.points(card))["balance"] == 50
+    assert await shop.money(card) == 0
 
 
 async def test_refunds_claw_back_their_share_and_parts_sum_to_the_whole(
