@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -135,18 +139,56 @@ def pytest_configure(config: pytest.Config) -> None:
     logscan.install()
 
 
+# With pytest-xdist (`make test`), each worker scans its own logs and leaves its findings in
+# a folder the controller names; the controller adds them up and fails the run on a leak.
+_SCANS_KEY = "cardcore_logscan_dir"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller: where this worker leaves its log scan."""
+    node.workerinput[_SCANS_KEY] = str(_scans_dir(node.config))
+
+
+def _scans_dir(config: pytest.Config) -> Path:
+    found: Path | None = getattr(config, "_cardcore_scans", None)
+    if found is None:
+        found = Path(tempfile.mkdtemp(prefix="cardcore-logscan-"))
+        config._cardcore_scans = found  # type: ignore[attr-defined]
+    return found
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if any log line of it holds a card number, an ID number or a secret."""
-    leaks = logscan.SCAN.leaks()
+    scan = logscan.SCAN
+    figures: dict[str, Any] = {
+        "records": len(scan.lines),
+        "files": len(scan.files),
+        "secrets": len(scan.secrets),
+        "leaks": sorted(set(scan.leaks())),
+    }
+    worker = getattr(session.config, "workerinput", None)
+    if worker is not None:  # an xdist worker: the controller reports
+        folder = Path(worker[_SCANS_KEY])
+        (folder / f"{worker['workerid']}.json").write_text(json.dumps(figures))
+        return
+    scans = getattr(session.config, "_cardcore_scans", None)
+    if scans is not None:
+        for path in sorted(scans.glob("*.json")):
+            got = json.loads(path.read_text())
+            for name in ("records", "files", "secrets"):
+                figures[name] += got[name]
+            figures["leaks"] = sorted({*figures["leaks"], *got["leaks"]})
+        shutil.rmtree(scans, ignore_errors=True)
+    leaks: list[str] = figures["leaks"]
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(
-            f"log scan: {len(logscan.SCAN.lines)} records and {len(logscan.SCAN.files)} "
-            f"server logs, {len(logscan.SCAN.secrets)} registered secrets, "
-            f"{len(leaks)} leaks"
+            f"log scan: {figures['records']} records and {figures['files']} server logs, "
+            f"{figures['secrets']} registered secrets, {len(leaks)} leaks"
         )
-        for leak in sorted(set(leaks))[:50]:
+        for leak in leaks[:50]:
             reporter.write_line(f"  LEAK {leak}", red=True)
     if leaks and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

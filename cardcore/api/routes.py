@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from jsonschema import Draft7Validator, validators
@@ -22,6 +22,40 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Schema = dict[str, Any]
 
 # --- schema builders (small, so route tables stay readable) ---------------------------------
+
+
+T = TypeVar("T")
+
+
+def feature(request: web.Request, key: web.AppKey[T], what: str) -> T:
+    """The feature service the application registered under `key`. The services that seal
+    secrets or move money exist only with a key-encrypting key: without one, 503
+    `kek_missing`."""
+    found = request.app.get(key)
+    if found is None:
+        raise ApiError(
+            503, "kek_missing", f"{what} need a key-encrypting key (CARDCORE_KEK or kek_file)"
+        )
+    return found
+
+
+def ledger_unavailable_as_503(
+    *errors: type[Exception],
+) -> Callable[[Handler], Handler]:
+    """A route decorator: a service that could not take a ledger step now (one of
+    `errors`) answers 503 `ledger_unavailable` (retry)."""
+
+    def wrap(handler: Handler) -> Handler:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except errors as exc:
+                raise ApiError(503, "ledger_unavailable", str(exc)) from None
+
+        wrapped.__name__ = handler.__name__
+        return wrapped
+
+    return wrap
 
 
 def string(pattern: str | None = None, *, max_length: int = 64, **extra: Any) -> Schema:
@@ -71,6 +105,9 @@ def page_of(item: Schema) -> Schema:
 
 
 CODE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}"
+# A name people type: printable, no control characters, line separators or lone surrogates.
+NAME = string(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]{1,64}")
+TIME_MS = integer(0, 2**62)  # a Unix time in milliseconds
 DATE = r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
 ERROR = obj(
     {

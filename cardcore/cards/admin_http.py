@@ -8,7 +8,6 @@ with `cards_pan`, never in a URL; a PIN only in request bodies, never in an answ
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -25,39 +24,21 @@ CARDS_KEY = web.AppKey("cards", CardService)
 
 
 def cards(request: web.Request) -> CardService:
-    found = request.app.get(CARDS_KEY)
-    if found is None:
-        raise ApiError(
-            503, "kek_missing", "cards need a key-encrypting key (CARDCORE_KEK or kek_file)"
-        )
-    return found
+    return r.feature(request, CARDS_KEY, "cards")
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _ledger_errors(handler: Handler) -> Handler:
-    """A ledger that cannot take a step now answers 503 `ledger_unavailable` (retry)."""
-
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except CardsUnavailable as exc:
-            raise ApiError(503, "ledger_unavailable", str(exc)) from None
-
-    wrapped.__name__ = handler.__name__
-    return wrapped
+_ledger_errors = r.ledger_unavailable_as_503(CardsUnavailable)
 
 
 # --- schemas -------------------------------------------------------------------------------------
 
-TIME_MS = r.integer(0, 2**62)
+TIME_MS = r.TIME_MS
 AMOUNT = r.integer(0, limits.AMOUNT_MAX)
 FEN = r.integer(0, limits.POS_AMOUNT_MAX)
 CARD_ID = r.integer(1, 2**62)
 MEMBER_ID = r.integer(1, ID_MAX)  # members.id is a 32-bit integer
 CLASS_CODE = r.string(r.CODE, max_length=32)
-NAME = r.string(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]{1,64}")
+NAME = r.NAME
 DENOMINATIONS = {
     **r.array(r.integer(1, limits.POS_AMOUNT_MAX), limits.DENOMINATIONS_MAX),
     "uniqueItems": True,
@@ -315,7 +296,7 @@ async def _transactions(request: web.Request) -> web.Response:
     return r.page(rows, limit, "id")
 
 
-def _state_change(name: str) -> Handler:
+def _state_change(name: str) -> r.Handler:
     async def handler(request: web.Request) -> web.Response:
         service = cards(request)
         card_id = _card_id(request)

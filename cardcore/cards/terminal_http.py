@@ -45,10 +45,7 @@ FILTERS = {"store": r.string(r.CODE), "legal_entity": r.string(r.CODE),
 
 
 def _service(request: web.Request) -> TerminalAdmin:
-    found = request.app.get(TERMINALS_KEY)
-    if found is None:
-        raise ApiError(503, "kek_missing", "no key-encrypting key configured (CARDCORE_KEK)")
-    return found
+    return r.feature(request, TERMINALS_KEY, "terminals")
 
 
 def _tid(request: web.Request) -> str:

@@ -23,21 +23,16 @@ COUPONS_KEY = web.AppKey("coupons", CouponService)
 
 
 def coupons(request: web.Request) -> CouponService:
-    found = request.app.get(COUPONS_KEY)
-    if found is None:
-        raise ApiError(
-            503, "kek_missing", "coupons need a key-encrypting key (CARDCORE_KEK or kek_file)"
-        )
-    return found
+    return r.feature(request, COUPONS_KEY, "coupons")
 
 
 # --- schemas -------------------------------------------------------------------------------------
 
-TIME_MS = r.integer(0, 2**62)
+TIME_MS = r.TIME_MS
 FEN = r.integer(0, limits.AMOUNT_MAX)
 COUNT = r.integer(0, 2**62)
 CAMPAIGN_CODE = r.string(r.CODE, max_length=32)
-NAME = r.string(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]{1,64}")
+NAME = r.NAME
 CODES_OF = r.array(r.string(r.CODE, max_length=32), limits.COUPON_STORES_MAX)
 CLIENT_KEY = r.string(
     r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}", max_length=limits.COUPON_CLIENT_KEY_CHARS_MAX

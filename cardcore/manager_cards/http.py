@@ -13,7 +13,6 @@ from aiohttp import web
 
 from cardcore import limits
 from cardcore.api import routes as r
-from cardcore.api.edge import ApiError
 from cardcore.manager_cards.model import ManagerState
 from cardcore.manager_cards.service import ManagerCards
 from cardcore.org.http import principal
@@ -22,15 +21,12 @@ MANAGER_CARDS_KEY = web.AppKey("manager_cards", ManagerCards)
 
 
 def service(request: web.Request) -> ManagerCards:
-    found = request.app.get(MANAGER_CARDS_KEY)
-    if found is None:
-        raise ApiError(503, "kek_missing", "manager cards need a key-encrypting key (CARDCORE_KEK)")
-    return found
+    return r.feature(request, MANAGER_CARDS_KEY, "manager cards")
 
 
 # --- schemas -------------------------------------------------------------------------------------
 
-TIME_MS = r.integer(0, 2**62)
+TIME_MS = r.TIME_MS
 ID = r.integer(1, limits.RECORD_ID_MAX)
 CODE = r.string(r.CODE, max_length=32)
 REASON = r.string(

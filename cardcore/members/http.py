@@ -24,14 +24,7 @@ MEMBERS_KEY = web.AppKey("members", MemberService)
 
 
 def members(request: web.Request) -> MemberService:
-    found = request.app.get(MEMBERS_KEY)
-    if found is None:
-        raise ApiError(
-            503,
-            "kek_missing",
-            "members need a key-encrypting key (CARDCORE_KEK or kek_file) to seal ID numbers",
-        )
-    return found
+    return r.feature(request, MEMBERS_KEY, "members")
 
 
 # --- schemas -------------------------------------------------------------------------------------
@@ -53,7 +46,7 @@ ID_NUMBER = r.string(max_length=64)  # checked per type by the member rules
 SOURCE = r.string(r"[a-z][a-z0-9_]{0,31}", max_length=32)  # counter, sms, app, import, ...
 PURPOSE = r.enum([x.value for x in Purpose])
 STATE = r.enum([x.value for x in MemberState])
-TIME_MS = r.integer(0, 2**62)
+TIME_MS = r.TIME_MS
 
 CARD = r.obj(
     {

@@ -7,7 +7,6 @@ points. Reads need `loyalty_read`; without a key-encrypting key they answer 503
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -20,34 +19,19 @@ from cardcore.points.service import PointsService, PointsUnavailable
 
 POINTS_KEY = web.AppKey("points", PointsService)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 def points(request: web.Request) -> PointsService:
-    found = request.app.get(POINTS_KEY)
-    if found is None:
-        raise ApiError(503, "kek_missing", "points need a key-encrypting key (CARDCORE_KEK)")
-    return found
+    return r.feature(request, POINTS_KEY, "points")
 
 
-def _ledger_errors(handler: Handler) -> Handler:
-    """A ledger that cannot take a step now answers 503 `ledger_unavailable` (retry)."""
-
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except PointsUnavailable as exc:
-            raise ApiError(503, "ledger_unavailable", str(exc)) from None
-
-    wrapped.__name__ = handler.__name__
-    return wrapped
+_ledger_errors = r.ledger_unavailable_as_503(PointsUnavailable)
 
 
 # --- schemas ---------------------------------------------------------------------------------
 
-TIME_MS = r.integer(0, 2**62)
+TIME_MS = r.TIME_MS
 CODE = r.string(r.CODE, max_length=limits.POINTS_CODE_CHARS_MAX)
-NAME = r.string(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]{1,64}")
+NAME = r.NAME
 ASSET = r.string(r"[A-Z0-9._:-]{1,32}", max_length=limits.ASSET_CODE_CHARS_MAX)
 POINTS = r.integer(0, limits.POINTS_PER_TXN_MAX)
 RATE = r.integer(0, limits.POINTS_RATE_MAX)

@@ -5,13 +5,10 @@ a card's packages, refunds of unused entitlements. Without a key-encrypting key 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from aiohttp import web
 
 from cardcore import limits
 from cardcore.api import routes as r
-from cardcore.api.edge import ApiError
 from cardcore.cards.service import TENDERS
 from cardcore.org.http import principal
 from cardcore.service_cards.model import EntitlementState, RefundPolicy
@@ -19,30 +16,17 @@ from cardcore.service_cards.service import ServiceCards, ServicesUnavailable
 
 SERVICE_CARDS_KEY = web.AppKey("service_cards", ServiceCards)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 def service(request: web.Request) -> ServiceCards:
-    found = request.app.get(SERVICE_CARDS_KEY)
-    if found is None:
-        raise ApiError(503, "kek_missing", "service cards need a key-encrypting key (CARDCORE_KEK)")
-    return found
+    return r.feature(request, SERVICE_CARDS_KEY, "service cards")
 
 
-def _ledger_errors(handler: Handler) -> Handler:
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ServicesUnavailable as exc:
-            raise ApiError(503, "ledger_unavailable", str(exc)) from None
-
-    wrapped.__name__ = handler.__name__
-    return wrapped
+_ledger_errors = r.ledger_unavailable_as_503(ServicesUnavailable)
 
 
 # --- schemas -------------------------------------------------------------------------------------
 
-TIME_MS = r.integer(0, 2**62)
+TIME_MS = r.TIME_MS
 ID = r.integer(1, limits.RECORD_ID_MAX)
 CODE = r.string(r.CODE, max_length=32)
 NAME = r.string(
