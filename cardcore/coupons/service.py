@@ -316,6 +316,10 @@ class CouponService:
         self.vault = vault
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self.randbytes = randbytes  # a CSPRNG; tests pass a repeating one to force clashes
+        # The active campaigns of each legal entity that give an instant reward, as the
+        # purchases at the till read them (monotonic time they were read at, the rows):
+        # forgotten at every campaign change made here, and after COUPON_REWARD_CACHE_S.
+        self._rewarding: dict[str, tuple[float, list[dict[str, Any]]]] = {}
 
     # --- campaigns -----------------------------------------------------------------------------
 
@@ -348,6 +352,7 @@ class CouponService:
             await self.org.use_grant(uow, place.store, Function.COUPON, code, count=count, amount=0)
 
     async def create_campaign(self, p: Principal, values: dict[str, Any]) -> dict[str, Any]:
+        self._rewarding.clear()
         place = await self._campaign_place(p, values)
         require(p, Perm.CAMPAIGNS_WRITE, place)
         fields = {k: v for k, v in values.items() if k in CAMPAIGN_FIELDS}
@@ -429,6 +434,7 @@ class CouponService:
         """Change a draft's definition, or a live campaign's name and budgets; move its state
         (draft -> active -> paused <-> active, any -> ended). A guarded update: a change made
         meanwhile by another request makes this one 409 `campaign_changed`."""
+        self._rewarding.clear()
         row = await self._campaign_row(code)
         place = place_of(row)
         require(p, Perm.CAMPAIGNS_WRITE, place)
@@ -1397,6 +1403,20 @@ class CouponService:
             async with self.records.begin() as uow:
                 await self._take(uow, row, now, values)
 
+    async def _rewarding_of(self, entity: str) -> list[dict[str, Any]]:
+        """The entity's active reward campaigns, read at most every COUPON_REWARD_CACHE_S."""
+        found = self._rewarding.get(entity)
+        if found is not None and time.monotonic() - found[0] < limits.COUPON_REWARD_CACHE_S:
+            return found[1]
+        async with self.records.read() as uow:
+            rows = await uow.find(
+                CAMPAIGNS, {"state": str(CampaignState.ACTIVE), "legal_entity": entity},
+                order="code", limit=limits.COUPON_REWARD_CAMPAIGNS_MAX,
+            )  # fmt: skip
+        rows = [r for r in rows[: limits.COUPON_REWARD_CAMPAIGNS_MAX] if reward_spend_of(r) > 0]
+        self._rewarding[entity] = (time.monotonic(), rows)
+        return rows
+
     async def rewards(
         self, terminal: Terminal, key: str, card: Card, amount: int
     ) -> tuple[str, ...]:
@@ -1468,12 +1488,11 @@ class CouponService:
         is skipped. [{campaign, code}]"""
         assert 0 <= amount <= limits.POS_AMOUNT_MAX, amount
         now = self.clock_ms()
+        rows = [r for r in await self._rewarding_of(terminal.legal_entity)
+                if 0 < reward_spend_of(r) <= amount]  # fmt: skip
+        if not rows:
+            return []  # most purchases: no database read at all
         async with self.records.read() as uow:
-            rows = await uow.find(
-                CAMPAIGNS, {"state": str(CampaignState.ACTIVE),
-                            "legal_entity": terminal.legal_entity},
-                order="code", limit=limits.COUPON_REWARD_CAMPAIGNS_MAX,
-            )  # fmt: skip
             held = None if card is None or not card.id else await uow.get(CARDS, id=card.id)
         member = None if held is None else _member(held["member_id"])
         out: list[dict[str, Any]] = []

@@ -341,12 +341,45 @@ class PointsService:
         self.directory = directory
         self.accounts = accounts
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        # What every purchase at the till reads, kept a moment (monotonic time read, value):
+        # programs by code and the rule rows of each program. Forgotten at every program or
+        # rule change made here, and after POINTS_DEFINITIONS_CACHE_S.
+        self._programs: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._rules: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+
+    def _forget(self) -> None:
+        self._programs.clear()
+        self._rules.clear()
+
+    async def _program_row(self, code: str) -> dict[str, Any] | None:
+        found = self._programs.get(code)
+        if found is not None and time.monotonic() - found[0] < limits.POINTS_DEFINITIONS_CACHE_S:
+            return found[1]
+        async with self.records.read() as uow:
+            row = await uow.get(PROGRAMS, code=code)
+        if len(self._programs) >= limits.POINTS_RULES_PER_PROGRAM_MAX:
+            self._programs.clear()  # bounded: a group has a few programs
+        self._programs[code] = (time.monotonic(), row)
+        return row
+
+    async def _rule_rows(self, program: str) -> list[dict[str, Any]]:
+        found = self._rules.get(program)
+        if found is not None and time.monotonic() - found[0] < limits.POINTS_DEFINITIONS_CACHE_S:
+            return found[1]
+        async with self.records.read() as uow:
+            rows = await uow.find(RULES, {"program": program}, order="code",
+                                  limit=limits.POINTS_RULES_PER_PROGRAM_MAX * 4)  # fmt: skip
+        if len(self._rules) >= limits.POINTS_RULES_PER_PROGRAM_MAX:
+            self._rules.clear()
+        self._rules[program] = (time.monotonic(), rows)
+        return rows
 
     # --- programs ----------------------------------------------------------------------------
 
     async def create_program(self, p: Principal, values: dict[str, Any]) -> dict[str, Any]:
         """A program and its ledger asset (made first; the asset of a refused program may
         stay behind, unused: assets are idempotent by code)."""
+        self._forget()
         _require_group(p, Perm.PROGRAMS_WRITE)
         program, tiers = _checked_program(values)
         async with self.records.read() as uow:
@@ -406,6 +439,7 @@ class PointsService:
         self, p: Principal, code: str, changes: dict[str, Any]
     ) -> dict[str, Any]:
         """Change a program's name, state or definition (never its code or asset)."""
+        self._forget()
         _require_group(p, Perm.PROGRAMS_WRITE)
         now = self.clock_ms()
         async with self.records.begin() as uow:
@@ -470,6 +504,7 @@ class PointsService:
     async def create_rule(
         self, p: Principal, program: str, values: dict[str, Any]
     ) -> dict[str, Any]:
+        self._forget()
         require(p, Perm.RULES_WRITE)
         definition = {k: v for k, v in values.items() if k not in ("legal_entity", "store")}
         rule = _checked_rule(definition)
@@ -532,6 +567,7 @@ class PointsService:
     async def update_rule(
         self, p: Principal, program: str, code: str, changes: dict[str, Any]
     ) -> dict[str, Any]:
+        self._forget()
         require(p, Perm.RULES_WRITE)
         now = self.clock_ms()
         async with self.records.begin() as uow:
@@ -570,8 +606,7 @@ class PointsService:
         klass = await self.directory.card_class(card.class_code)
         if klass is None or not klass.points_program:
             return None
-        async with self.records.read() as uow:
-            row = await uow.get(PROGRAMS, code=klass.points_program)
+        row = await self._program_row(klass.points_program)
         if row is None or row["state"] != "active":
             return None
         return program_record(row)
@@ -735,9 +770,7 @@ class PointsService:
             return row
         holder, now = card.account_id, self.clock_ms()
         program = found.program
-        async with self.records.read() as uow:
-            rows = await uow.find(RULES, {"program": found.code}, order="code",
-                                  limit=limits.POINTS_RULES_PER_PROGRAM_MAX * 4)  # fmt: skip
+        rows = await self._rule_rows(found.code)
         rules = [model.rule_of(json.loads(r["definition"])) for r in rows if applies_at(r, t)]
         rules = rules[: limits.POINTS_RULES_PER_PROGRAM_MAX]
         day = model.day_number(program.timezone, now)
