@@ -48,7 +48,17 @@ from cardcore.ledger.model import (
 )
 from cardcore.ledger.service import Ledger
 from cardcore.ledger.writer import Busy, LedgerUnavailable
-from cardcore.org.model import CODE, Function, Perm, Place, Principal, Refused, ScopeKind, require
+from cardcore.org.model import (
+    CODE,
+    Function,
+    Perm,
+    Place,
+    Principal,
+    Refused,
+    ScopeKind,
+    require,
+    scoped_filter,
+)
 from cardcore.org.service import OrgService
 from cardcore.records import Conflict, Records, Unit
 from cardcore.vault import Vault
@@ -694,13 +704,10 @@ class CardService:
         self, p: Principal, filters: dict[str, Any], after: int | None, limit: int
     ) -> list[dict[str, Any]]:
         require(p, Perm.CARDS_READ)
-        where = dict(filters)
-        if p.scope.kind is ScopeKind.STORE:
-            if where.get("store", p.scope.id) != p.scope.id:
-                return []
-            where["store"] = p.scope.id
-        elif p.scope.kind is ScopeKind.ENTITY:
-            where["legal_entity"] = p.scope.id
+        scoped = scoped_filter(p, filters)
+        if scoped is None:
+            return []
+        where: dict[str, Any] = scoped
         async with self.records.read() as uow:
             rows = await uow.find(CARDS, where, after=after, limit=limit)
         return [card_view(r) for r in rows]

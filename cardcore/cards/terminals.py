@@ -14,7 +14,7 @@ from cardcore.cards.accounts import Accounts
 from cardcore.cards.directory import Directory, terminal_row
 from cardcore.cards.model import Terminal
 from cardcore.ledger.service import Ledger
-from cardcore.org.model import Perm, Principal, Refused, ScopeKind, require
+from cardcore.org.model import Perm, Principal, Refused, require, scoped_filter
 from cardcore.org.service import OrgService
 from cardcore.records import Conflict, Records
 
@@ -109,15 +109,10 @@ class TerminalAdmin:
         self, p: Principal, filters: dict[str, str], after: str | None, limit: int
     ) -> list[dict[str, Any]]:
         require(p, Perm.ORG_READ)
-        where: dict[str, Any] = dict(filters)
-        if p.scope.kind is ScopeKind.ENTITY:
-            if where.get("legal_entity", p.scope.id) != p.scope.id:
-                return []
-            where["legal_entity"] = p.scope.id
-        elif p.scope.kind is ScopeKind.STORE:
-            if where.get("store", p.scope.id) != p.scope.id:
-                return []
-            where["store"] = p.scope.id
+        scoped = scoped_filter(p, filters)
+        if scoped is None:
+            return []
+        where: dict[str, Any] = scoped
         async with self.records.read() as uow:
             rows = await uow.find(TERMINALS, where, order="tid", after=after, limit=limit)
         return [terminal_view(r) for r in rows]

@@ -44,7 +44,16 @@ from cardcore.cards.model import (
 )
 from cardcore.coupons import model
 from cardcore.coupons.model import Campaign, CampaignState, CodeStatus, CouponKind
-from cardcore.org.model import Function, Perm, Place, Principal, Refused, ScopeKind, require
+from cardcore.org.model import (
+    Function,
+    Perm,
+    Place,
+    Principal,
+    Refused,
+    ScopeKind,
+    require,
+    scoped_filter,
+)
 from cardcore.org.service import OrgService
 from cardcore.records import Conflict, Records, Unit
 from cardcore.vault import (
@@ -415,15 +424,10 @@ class CouponService:
     ) -> list[dict[str, Any]]:
         """Campaigns in the principal's scope: all (group), one entity's, or one store's own."""
         require(p, Perm.LOYALTY_READ)
-        where: dict[str, Any] = dict(filters)
-        if p.scope.kind is ScopeKind.ENTITY:
-            if where.get("legal_entity", p.scope.id) != p.scope.id:
-                return []
-            where["legal_entity"] = p.scope.id
-        elif p.scope.kind is ScopeKind.STORE:
-            if where.get("store", p.scope.id) != p.scope.id:
-                return []
-            where["store"] = p.scope.id
+        scoped = scoped_filter(p, filters)
+        if scoped is None:
+            return []
+        where: dict[str, Any] = scoped
         async with self.records.read() as uow:
             rows = await uow.find(CAMPAIGNS, where, order="code", after=after, limit=limit)
         return [campaign_view(r) for r in rows]

@@ -34,7 +34,16 @@ from cardcore.cards.pins import pin_is_valid
 from cardcore.localtime import DEFAULT_TIMEZONE, local_date
 from cardcore.manager_cards import model
 from cardcore.manager_cards.model import ManagerCard, ManagerState
-from cardcore.org.model import Perm, Place, Principal, Refused, Role, ScopeKind, require
+from cardcore.org.model import (
+    Perm,
+    Place,
+    Principal,
+    Refused,
+    Role,
+    ScopeKind,
+    require,
+    scoped_filter,
+)
 from cardcore.org.service import OrgService
 from cardcore.records import Conflict, Records, Unit
 from cardcore.service_cards.service import reversed_before_arrival
@@ -247,13 +256,10 @@ class ManagerCards:
         self, p: Principal, filters: dict[str, Any], after: int | None, limit: int
     ) -> list[dict[str, Any]]:
         require(p, Perm.LOYALTY_READ)
-        where = dict(filters)
-        if p.scope.kind is ScopeKind.STORE:
-            if where.get("store", p.scope.id) != p.scope.id:
-                return []
-            where["store"] = p.scope.id
-        elif p.scope.kind is ScopeKind.ENTITY:
-            where["legal_entity"] = p.scope.id
+        scoped = scoped_filter(p, filters)
+        if scoped is None:
+            return []
+        where: dict[str, Any] = scoped
         async with self.records.read() as uow:
             rows = await uow.find(CARDS, where, after=after, limit=limit)
         return [card_view(r) for r in rows]

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 GROUP = "group"  # the one HQ; the scope id of a group scope is ""
 
@@ -186,6 +187,22 @@ def require(p: Principal, perm: Perm, place: Place | None = None) -> None:
         raise Refused("forbidden", "role_forbidden", f"role {p.role} may not {perm}")
     if place is not None and not p.covers(place):
         raise Refused("forbidden", "scope_forbidden", f"outside the token's scope ({p.scope})")
+
+
+def scoped_filter(
+    p: Principal, filters: Mapping[str, Any], *, entity_column: str = "legal_entity"
+) -> dict[str, Any] | None:
+    """A listing's equality filters narrowed to the principal's scope: an entity's token sees
+    its entity's rows, a store's its store's. None when the filters ask for another scope's
+    rows (the answer is then empty, never an error that would confirm they exist)."""
+    where = dict(filters)
+    column = {ScopeKind.ENTITY: entity_column, ScopeKind.STORE: "store"}.get(p.scope.kind)
+    if column is None:
+        return where
+    if where.get(column, p.scope.id) != p.scope.id:
+        return None
+    where[column] = p.scope.id
+    return where
 
 
 def role_fits_scope(role: Role, scope: Scope) -> bool:

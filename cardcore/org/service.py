@@ -30,6 +30,7 @@ from cardcore.org.model import (
     ScopeKind,
     require,
     role_fits_scope,
+    scoped_filter,
 )
 from cardcore.records import Conflict, Records, Unit
 
@@ -513,16 +514,11 @@ class OrgService:
         self, p: Principal, filters: dict[str, Any], after: int | None, limit: int
     ) -> list[dict[str, Any]]:
         require(p, Perm.AUDIT_READ)
-        where = dict(filters)
+        scoped = scoped_filter(p, filters, entity_column="entity")
+        if scoped is None:
+            return []
+        where: dict[str, Any] = scoped
         since = where.pop("since_ms", None)
-        if p.scope.kind is ScopeKind.ENTITY:
-            if where.get("entity", p.scope.id) != p.scope.id:
-                return []
-            where["entity"] = p.scope.id
-        elif p.scope.kind is ScopeKind.STORE:
-            if where.get("store", p.scope.id) != p.scope.id:
-                return []
-            where["store"] = p.scope.id
         async with self.records.read() as uow:
             rows = await uow.find(
                 AUDIT,

@@ -24,19 +24,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
 import aiohttp
+import pytest
+from sqlalchemy.engine import make_url
 
+from cardcore import migrate
 from cardcore.cards.model import luhn_digit, luhn_ok
 from cardcore.frontend_gateway import codec, security
 from cardcore.frontend_gateway.security import KeyMode
 from cardcore.frontend_gateway.terminal import HEADER, TPDU, PosTerminal, Reply
 from tests import logscan
+from tests.conftest import PG_URL, drop_pg_database, new_pg_database
 from tests.helpers import cardcore_env, free_port
 
 START_S_MAX = 30
@@ -446,3 +450,48 @@ def amount12(amount: int) -> str:
 
 def random_pin_block(size: int) -> str:
     return os.urandom(size).hex().upper()
+
+
+# --- the module fixtures ------------------------------------------------------------------------
+
+
+def server_fixtures(prefix: str) -> tuple[Any, Any, Any, Any]:
+    """A module's `sqlite_server` and `postgresql_server` (one real server each for the
+    module, started once), `server` (the test's backend: both, by parameter) and `kit`:
+        sqlite_server, postgresql_server, server, kit = server_fixtures("pos-cards")"""
+
+    @pytest.fixture(scope="module")
+    def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CardcoreServer]:
+        work = tmp_path_factory.mktemp(f"{prefix}-sqlite")
+        url = f"sqlite:///{work / 'pos.db'}"
+        migrate.upgrade(url)
+        running = CardcoreServer(url, work)
+        running.start()
+        yield running
+        running.kill()
+
+    @pytest.fixture(scope="module")
+    def postgresql_server(
+        tmp_path_factory: pytest.TempPathFactory, pg_template: str
+    ) -> Iterator[CardcoreServer]:
+        name = new_pg_database(pg_template)
+        url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+        running = CardcoreServer(url, tmp_path_factory.mktemp(f"{prefix}-postgresql"))
+        try:
+            running.start()
+            yield running
+        finally:
+            running.kill()
+            drop_pg_database(name)
+
+    @pytest.fixture(params=("sqlite", "postgresql"))
+    def server(request: pytest.FixtureRequest) -> CardcoreServer:
+        running: CardcoreServer = request.getfixturevalue(f"{request.param}_server")
+        return running
+
+    @pytest.fixture
+    async def kit(server: CardcoreServer) -> AsyncIterator[Kit]:
+        async with Kit(server, aiohttp.ClientSession()) as k:
+            yield k
+
+    return sqlite_server, postgresql_server, server, kit

@@ -20,27 +20,22 @@ import json
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
-from cardcore import limits, migrate
+from cardcore import limits
 from cardcore.db import make_engine
 from cardcore.frontend_gateway import codec
 from cardcore.frontend_gateway.security import KeyMode
 from cardcore.vault import Vault
-from tests.conftest import PG_URL, drop_pg_database, new_pg_database
-from tests.e2e.pos_support import CardcoreServer, CertTerminal, Issued, Kit
+from tests.e2e.pos_support import CardcoreServer, CertTerminal, Issued, Kit, server_fixtures
 from tests.helpers import run_cardcore
 
 pytestmark = pytest.mark.timeout(180)
 
-BACKENDS = ("sqlite", "postgresql")
 ENTITY_A, ENTITY_B = "LE-CARD-A", "LE-CARD-B"
 PIN = "730519"
 WRONG_PIN = "111111"
@@ -49,42 +44,7 @@ WRONG_PIN = "111111"
 # --- servers -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CardcoreServer]:
-    work = tmp_path_factory.mktemp("pos-cards-sqlite")
-    url = f"sqlite:///{work / 'pos.db'}"
-    migrate.upgrade(url)
-    server = CardcoreServer(url, work)
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture(scope="module")
-def postgresql_server(
-    tmp_path_factory: pytest.TempPathFactory, pg_template: str
-) -> Iterator[CardcoreServer]:
-    name = new_pg_database(pg_template)
-    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    server = CardcoreServer(url, tmp_path_factory.mktemp("pos-cards-postgresql"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.kill()
-        drop_pg_database(name)
-
-
-@pytest.fixture(params=BACKENDS)
-def server(request: pytest.FixtureRequest) -> CardcoreServer:
-    running: CardcoreServer = request.getfixturevalue(f"{request.param}_server")
-    return running
-
-
-@pytest.fixture
-async def kit(server: CardcoreServer) -> AsyncIterator[Kit]:
-    async with Kit(server, aiohttp.ClientSession()) as k:
-        yield k
+sqlite_server, postgresql_server, server, kit = server_fixtures("pos-cards")
 
 
 # --- the records the admin services would write ----------------------------------------------

@@ -14,17 +14,14 @@ card number, PIN and key of the run.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from sqlalchemy.engine import make_url
 
-from cardcore import migrate
 from cardcore.frontend_gateway import codec, security
 from cardcore.frontend_gateway.security import KeyMode
 from cardcore.frontend_gateway.terminal import NET_CODE_OF_MODE, PosTerminal
-from tests.conftest import PG_URL, drop_pg_database, new_pg_database
 from tests.e2e.pos_support import (
     CardcoreServer,
     Kit,
@@ -37,13 +34,13 @@ from tests.e2e.pos_support import (
     random_pin_block,
     reply_mac_ok,
     reversal_of,
+    server_fixtures,
     unissued_pan,
 )
 from tests.helpers import run_cardcore, sql_execute, sql_rows
 
 pytestmark = pytest.mark.timeout(120)
 
-BACKENDS = ("sqlite", "postgresql")
 MODES = (KeyMode.AES, KeyMode.TDES)
 # Private requests (section 5.11) without the data they need: F48 TLV PT, CP, MD; F61.
 NEEDS_DATA = ("910000", "920000", "930000", "940000", "950000", "970000")
@@ -52,43 +49,7 @@ NEEDS_DATA = ("910000", "920000", "930000", "940000", "950000", "970000")
 # --- servers and kits ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CardcoreServer]:
-    work = tmp_path_factory.mktemp("pos-cert-sqlite")
-    url = f"sqlite:///{work / 'pos.db'}"
-    migrate.upgrade(url)
-    server = CardcoreServer(url, work)
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture(scope="module")
-def postgresql_server(
-    tmp_path_factory: pytest.TempPathFactory, pg_template: str
-) -> Iterator[CardcoreServer]:
-    name = new_pg_database(pg_template)
-    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    server = CardcoreServer(url, tmp_path_factory.mktemp("pos-cert-postgresql"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.kill()
-        drop_pg_database(name)
-
-
-@pytest.fixture(params=BACKENDS)
-def server(request: pytest.FixtureRequest) -> CardcoreServer:
-    """The module's server on SQLite, then on PostgreSQL (the core flows run on both)."""
-    running: CardcoreServer = request.getfixturevalue(f"{request.param}_server")
-    return running
-
-
-@pytest.fixture
-async def kit(server: CardcoreServer) -> AsyncIterator[Kit]:
-    async with Kit(server, aiohttp.ClientSession()) as k:
-        yield k
+sqlite_server, postgresql_server, server, kit = server_fixtures("pos-cert")
 
 
 @pytest.fixture

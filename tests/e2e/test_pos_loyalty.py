@@ -14,27 +14,30 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
-from sqlalchemy.engine import make_url
 
-from cardcore import migrate
 from cardcore.db import make_engine
 from cardcore.frontend_gateway import codec
 from cardcore.frontend_gateway.security import KeyMode
 from cardcore.org.service import OrgService
 from cardcore.records import Records
-from tests.conftest import PG_URL, drop_pg_database, new_pg_database
-from tests.e2e.pos_support import CardcoreServer, CertTerminal, Kit, Registered, reversal_of
+from tests.e2e.pos_support import (
+    CardcoreServer,
+    CertTerminal,
+    Kit,
+    Registered,
+    reversal_of,
+    server_fixtures,
+)
 from tests.helpers import run_cardcore
 
 pytestmark = pytest.mark.timeout(180)
 
-BACKENDS = ("sqlite", "postgresql")
 ENTITY, STORE = "LE-LOYAL", "SL1"
 PIN = "246810"
 
@@ -42,36 +45,7 @@ PIN = "246810"
 # --- servers -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CardcoreServer]:
-    work = tmp_path_factory.mktemp("pos-loyalty-sqlite")
-    url = f"sqlite:///{work / 'pos.db'}"
-    migrate.upgrade(url)
-    server = CardcoreServer(url, work)
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture(scope="module")
-def postgresql_server(
-    tmp_path_factory: pytest.TempPathFactory, pg_template: str
-) -> Iterator[CardcoreServer]:
-    name = new_pg_database(pg_template)
-    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    server = CardcoreServer(url, tmp_path_factory.mktemp("pos-loyalty-postgresql"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.kill()
-        drop_pg_database(name)
-
-
-@pytest.fixture(params=BACKENDS)
-def server(request: pytest.FixtureRequest) -> CardcoreServer:
-    running: CardcoreServer = request.getfixturevalue(f"{request.param}_server")
-    return running
+sqlite_server, postgresql_server, server, kit = server_fixtures("pos-loyalty")
 
 
 @dataclass
@@ -108,12 +82,6 @@ async def admin(server: CardcoreServer) -> AsyncIterator[Admin]:
     headers = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession(headers=headers) as session:
         yield Admin(server.url, session)
-
-
-@pytest.fixture
-async def kit(server: CardcoreServer) -> AsyncIterator[Kit]:
-    async with Kit(server, aiohttp.ClientSession()) as k:
-        yield k
 
 
 # --- the world ------------------------------------------------------------------------------------
