@@ -139,6 +139,13 @@ class Unit:
             raise Conflict(table) from None
         return int(result.rowcount)
 
+    async def delete(self, table: str, where: dict[str, Any]) -> int:
+        """Delete the matching rows (tables that hold a current state only, never a log);
+        how many went."""
+        t = self.table(table)
+        result = await self.conn.execute(t.delete().where(*self._where(t, where)))
+        return int(result.rowcount)
+
     async def audit(
         self,
         p: Principal,

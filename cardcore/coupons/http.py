@@ -61,6 +61,7 @@ DEFINITION: dict[str, r.Schema] = {
     "stackable": r.boolean(),
     "change_rule": r.enum([c.value for c in ChangeRule]),
     "reward_spend_fen": r.integer(0, limits.POS_AMOUNT_MAX),
+    "enrolled_only": r.boolean(),
 }
 NEW_CAMPAIGN = r.obj(
     {"code": CAMPAIGN_CODE, "legal_entity": r.string(r.CODE), "store": r.string(r.CODE),
@@ -251,6 +252,30 @@ async def _import(request: web.Request) -> web.Response:
     return await _batch_answer(service, request, done)
 
 
+async def _enrol(request: web.Request) -> web.Response:
+    service = coupons(request)
+    code = r.path_code(request, "code")
+    b = await r.body(request, ENROL)
+    return web.json_response(await service.enrol(principal(request), code, b["member_ids"]))
+
+
+async def _enrolments(request: web.Request) -> web.Response:
+    service = coupons(request)
+    code = r.path_code(request, "code")
+    q = r.query(request, r.PAGE_QUERY)
+    limit = q.get("limit", limits.PAGE_LIMIT_DEFAULT)
+    after = r.cursor_int(q)
+    rows = await service.enrolments(principal(request), code, after, limit)
+    return r.page(rows, limit, "member_id")
+
+
+async def _withdraw(request: web.Request) -> web.Response:
+    service = coupons(request)
+    code = r.path_code(request, "code")
+    member_id = r.path_int(request, "member_id")
+    return web.json_response(await service.withdraw(principal(request), code, member_id))
+
+
 async def _issue(request: web.Request) -> web.Response:
     service = coupons(request)
     code = r.path_code(request, "code")
@@ -310,6 +335,21 @@ async def _retire_key(request: web.Request) -> web.Response:
 
 
 _PAGE = dict(r.PAGE_QUERY)
+ENROL = r.obj(
+    {"member_ids": {**r.array(MEMBER_ID, limits.COUPON_ISSUE_MEMBERS_MAX), "minItems": 1,
+                    "uniqueItems": True}},
+    ["member_ids"],
+)  # fmt: skip
+ENROLLED = r.obj(
+    {"campaign": CAMPAIGN_CODE, "enrolled": COUNT, "already": COUNT},
+    ["campaign", "enrolled", "already"],
+)
+ENROLMENT = r.obj({"member_id": MEMBER_ID, "enrolled_at_ms": TIME_MS},
+                  ["member_id", "enrolled_at_ms"])  # fmt: skip
+WITHDRAWN = r.obj(
+    {"campaign": CAMPAIGN_CODE, "member_id": MEMBER_ID, "enrolled": r.boolean()},
+    ["campaign", "member_id", "enrolled"],
+)
 _ALL = (400, 403, 404, 409)
 CAMPAIGN_PATH = {"code": CAMPAIGN_CODE}
 COUPON_PATH = {"code": COUPON_TEXT}
@@ -351,6 +391,18 @@ ROUTES = [
             "Issue one code to each member of a list or a segment (card class or tier), "
             "idempotent by key", TAG, "campaigns_write", ISSUE, path_params=CAMPAIGN_PATH,
             answers={200: ISSUED, 201: ISSUED}, refusals=_ALL),
+    r.Route("POST", "/v1/coupon-campaigns/{code}/enrolments", _enrol,
+            "Enrol members into a campaign (an enrolled_only campaign rewards only them)",
+            TAG, "campaigns_write", ENROL, path_params=CAMPAIGN_PATH,
+            answers={200: ENROLLED}, refusals=_ALL),
+    r.Route("GET", "/v1/coupon-campaigns/{code}/enrolments", _enrolments,
+            "List a campaign's enrolled members", TAG, "loyalty_read",
+            query=r.PAGE_QUERY, path_params=CAMPAIGN_PATH,
+            answers={200: r.page_of(ENROLMENT)}, refusals=_ALL),
+    r.Route("DELETE", "/v1/coupon-campaigns/{code}/enrolments/{member_id}", _withdraw,
+            "Withdraw a member from a campaign", TAG, "campaigns_write",
+            path_params={**CAMPAIGN_PATH, "member_id": MEMBER_ID},
+            answers={200: WITHDRAWN}, refusals=_ALL),
     r.Route("GET", "/v1/coupons/{code}", _lookup,
             "Look up a code (typed forgivingly): its state, campaign and validity", TAG,
             "loyalty_read", path_params=COUPON_PATH, answers={200: COUPON}),

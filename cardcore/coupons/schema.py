@@ -111,3 +111,13 @@ coupon_signing_keys = Table(
     Column("created_at_ms", BigInteger, nullable=False),
     Index(None, "legal_entity"),
 )
+
+# Members enrolled into a campaign (the campaign card): an `enrolled_only` campaign's instant
+# reward goes only to them.
+coupon_enrolments = Table(
+    "coupon_enrolments",
+    metadata,
+    Column("campaign", String(CODE), primary_key=True),
+    Column("member_id", Integer, primary_key=True),
+    Column("enrolled_at_ms", BigInteger, nullable=False),
+)

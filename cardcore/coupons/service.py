@@ -65,6 +65,7 @@ from cardcore.vault import (
     ed25519_verify,
 )
 
+ENROLMENTS = "coupon_enrolments"
 CAMPAIGNS, CODES, REDEMPTIONS, BATCHES, KEYS = (
     "coupon_campaigns",
     "coupon_codes",
@@ -134,18 +135,24 @@ def campaign_of(row: dict[str, Any]) -> Campaign:
     return Campaign(code=row["code"], state=CampaignState(row["state"]), **fields)
 
 
-def definition_of(c: Campaign, reward_spend_fen: int) -> str:
+def definition_of(c: Campaign, reward_spend_fen: int, enrolled_only: bool = False) -> str:
     d: dict[str, Any] = {name: getattr(c, name) for name in CAMPAIGN_FIELDS}
     d["kind"] = str(c.kind)
     d["change_rule"] = str(c.change_rule)
     d["stores"] = list(c.stores)
     d["departments"] = list(c.departments)
     d["reward_spend_fen"] = reward_spend_fen
+    d["enrolled_only"] = enrolled_only
     return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
 def reward_spend_of(row: dict[str, Any]) -> int:
     return int(json.loads(row["definition"]).get("reward_spend_fen", 0))
+
+
+def enrolled_only_of(row: dict[str, Any]) -> bool:
+    """Whether only the members enrolled into the campaign earn its instant reward."""
+    return bool(json.loads(row["definition"]).get("enrolled_only", False))
 
 
 def campaign_view(row: dict[str, Any]) -> dict[str, Any]:
@@ -162,6 +169,7 @@ def campaign_view(row: dict[str, Any]) -> dict[str, Any]:
     view["kind"] = str(c.kind)
     view["change_rule"] = str(c.change_rule)
     view["reward_spend_fen"] = reward_spend_of(row)
+    view["enrolled_only"] = enrolled_only_of(row)
     for name in ("issued_count", "issued_value", "redeemed_count", "redeemed_value"):
         view[name] = int(row[name])
     view["store_cost_fen"] = int(row["store_cost"])
@@ -375,13 +383,14 @@ class CouponService:
         model.check_campaign(campaign)
         _check_stores(campaign, place)
         reward = int(values.get("reward_spend_fen", 0))
+        enrolled_only = bool(values.get("enrolled_only", False))
         now = self.clock_ms()
         row = {
             "code": campaign.code,
             "name": campaign.name,
             "legal_entity": place.entity,
             "store": place.store,
-            "definition": definition_of(campaign, reward),
+            "definition": definition_of(campaign, reward, enrolled_only),
             "state": str(CampaignState.DRAFT),
             "issued_count": 0,
             "issued_value": 0,
@@ -476,10 +485,11 @@ class CouponService:
                     budget,
                 )  # fmt: skip
         reward = int(changes.get("reward_spend_fen", reward_spend_of(row)))
+        enrolled_only = bool(changes.get("enrolled_only", enrolled_only_of(row)))
         now = max(self.clock_ms(), int(row["updated_at_ms"]) + 1)
         stored = {
             "name": after.name,
-            "definition": definition_of(after, reward),
+            "definition": definition_of(after, reward, enrolled_only),
             "state": str(after.state),
             "updated_at_ms": now,
         }
@@ -1407,6 +1417,69 @@ class CouponService:
             async with self.records.begin() as uow:
                 await self._take(uow, row, now, values)
 
+    # --- enrolment (the campaign card) -----------------------------------------------------------
+
+    async def enrol(self, p: Principal, code: str, member_ids: list[int]) -> dict[str, Any]:
+        """Enrol members into a campaign (only enrolled members earn the instant reward of
+        an `enrolled_only` campaign). Members enrolled already stay as they were; an unknown
+        member refuses the whole request (404 `member_not_found`), changing nothing."""
+        row = await self._campaign_row(code)
+        place = place_of(row)
+        require(p, Perm.CAMPAIGNS_WRITE, place)
+        wanted = sorted(set(member_ids))
+        now = self.clock_ms()
+        async with self.records.begin() as uow:
+            await self._granted(uow, p, place, code, 0)
+            known = await uow.find(MEMBERS, {"id": wanted, "state": "active"},
+                                   limit=limits.COUPON_ISSUE_MEMBERS_MAX)  # fmt: skip
+            missing = sorted(set(wanted) - {int(m["id"]) for m in known})
+            if missing:
+                raise Refused("not_found", "member_not_found",
+                              f"no active member {missing[0]}", "member_ids")  # fmt: skip
+            have = await uow.find(
+                ENROLMENTS, {"campaign": code, "member_id": wanted}, order="member_id",
+                limit=limits.COUPON_ISSUE_MEMBERS_MAX,
+            )  # fmt: skip
+            new = sorted(set(wanted) - {int(e["member_id"]) for e in have})
+            await uow.insert(ENROLMENTS, [
+                {"campaign": code, "member_id": m, "enrolled_at_ms": now} for m in new
+            ])  # fmt: skip
+            if new:
+                await uow.audit(p, action="coupon.enrol", kind="coupon_campaign", object_id=code,
+                                place=place, before=None, after={"member_ids": new},
+                                now_ms=now)  # fmt: skip
+        return {"campaign": code, "enrolled": len(new), "already": len(wanted) - len(new)}
+
+    async def withdraw(self, p: Principal, code: str, member_id: int) -> dict[str, Any]:
+        """Take a member out of a campaign (404 `enrolment_not_found` when not in it)."""
+        row = await self._campaign_row(code)
+        place = place_of(row)
+        require(p, Perm.CAMPAIGNS_WRITE, place)
+        now = self.clock_ms()
+        async with self.records.begin() as uow:
+            await self._granted(uow, p, place, code, 0)
+            gone = await uow.delete(ENROLMENTS, {"campaign": code, "member_id": member_id})
+            if not gone:
+                raise Refused(
+                    "not_found", "enrolment_not_found",
+                    "the member is not enrolled into this campaign", "member_id",
+                )  # fmt: skip
+            await uow.audit(p, action="coupon.withdraw", kind="coupon_campaign", object_id=code,
+                            place=place, before={"member_id": member_id}, after=None,
+                            now_ms=now)  # fmt: skip
+        return {"campaign": code, "member_id": member_id, "enrolled": False}
+
+    async def enrolments(
+        self, p: Principal, code: str, after: int | None, limit: int
+    ) -> list[dict[str, Any]]:
+        row = await self._campaign_row(code)
+        require(p, Perm.LOYALTY_READ, place_of(row))
+        async with self.records.read() as uow:
+            rows = await uow.find(ENROLMENTS, {"campaign": code}, order="member_id",
+                                  after=after, limit=limit)  # fmt: skip
+        return [{"member_id": int(r["member_id"]), "enrolled_at_ms": int(r["enrolled_at_ms"])}
+                for r in rows]  # fmt: skip
+
     async def _rewarding_of(self, entity: str) -> list[dict[str, Any]]:
         """The entity's active reward campaigns, read at most every COUPON_REWARD_CACHE_S."""
         found = self._rewarding.get(entity)
@@ -1498,7 +1571,13 @@ class CouponService:
             return []  # most purchases: no database read at all
         async with self.records.read() as uow:
             held = None if card is None or not card.id else await uow.get(CARDS, id=card.id)
-        member = None if held is None else _member(held["member_id"])
+            member = None if held is None else _member(held["member_id"])
+            enrolled: set[str] = set()  # the reward campaigns the member is enrolled into
+            wanted = [r["code"] for r in rows if enrolled_only_of(r)]
+            if member is not None and wanted:
+                found = await uow.find(ENROLMENTS, {"campaign": wanted, "member_id": member},
+                                       order="campaign")  # fmt: skip
+                enrolled = {str(r["campaign"]) for r in found}
         out: list[dict[str, Any]] = []
         for row in rows[: limits.COUPON_REWARD_CAMPAIGNS_MAX]:
             spend = reward_spend_of(row)
@@ -1510,6 +1589,7 @@ class CouponService:
                 and (not row["store"] or row["store"] == terminal.store)
                 and (not c.stores or terminal.store in c.stores)
                 and (member is not None or not c.holder_only)
+                and (not enrolled_only_of(row) or row["code"] in enrolled)
             )
             if not fits:
                 continue

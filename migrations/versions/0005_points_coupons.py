@@ -21,6 +21,7 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     _points()
     _coupons()
+    _coupon_enrolments()
     _service_cards()
     _manager_cards()
     _notices()
@@ -247,6 +248,16 @@ def _coupons() -> None:
     )
 
 
+def _coupon_enrolments() -> None:
+    op.create_table(
+        "coupon_enrolments",
+        sa.Column("campaign", sa.String(length=32), nullable=False),
+        sa.Column("member_id", sa.Integer(), nullable=False),
+        sa.Column("enrolled_at_ms", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("campaign", "member_id", name=op.f("pk_coupon_enrolments")),
+    )
+
+
 def _service_cards() -> None:
     op.create_table(
         "service_entitlements",
@@ -378,6 +389,7 @@ def downgrade() -> None:
 
 
 TABLES = (
+    "coupon_enrolments",
     "coupon_batches",
     "coupon_campaigns",
     "coupon_codes",

@@ -266,6 +266,12 @@ def _calls(w: dict[str, Any]) -> dict[tuple[str, str], Call]:
             "/v1/coupon-campaigns/S1OFF/imports", REFUSED, {"codes": ["S2-STEAL-1"]}),
         ("POST", "/v1/coupon-campaigns/{code}/issues"): Call(
             "/v1/coupon-campaigns/S1OFF/issues", REFUSED, {"member_ids": [member]}),
+        ("POST", "/v1/coupon-campaigns/{code}/enrolments"): Call(
+            "/v1/coupon-campaigns/S1OFF/enrolments", REFUSED, {"member_ids": [member]}),
+        ("GET", "/v1/coupon-campaigns/{code}/enrolments"): Call(
+            "/v1/coupon-campaigns/S1OFF/enrolments", REFUSED),
+        ("DELETE", "/v1/coupon-campaigns/{code}/enrolments/{member_id}"): Call(
+            f"/v1/coupon-campaigns/S1OFF/enrolments/{member}", REFUSED),
         ("GET", "/v1/coupons/{code}"): Call("/v1/coupons/S1-COUPON-1", REFUSED),
         ("POST", "/v1/coupons/{code}/void"): Call("/v1/coupons/S1-COUPON-1/void", REFUSED),
         ("GET", "/v1/coupons/{code}/qr"): Call("/v1/coupons/S1-COUPON-1/qr", REFUSED),

@@ -454,6 +454,12 @@ async def test_every_coupon_answer_matches_its_route_schema(admin: AdminClient) 
     await call("POST", "/v1/coupon-campaigns/{code}/issues",
                "/v1/coupon-campaigns/TENOFF/issues", json={"member_ids": [person]})  # fmt: skip
     await call("GET", "/v1/coupon-campaigns/{code}/figures", "/v1/coupon-campaigns/TENOFF/figures")
+    enrolments = "/v1/coupon-campaigns/{code}/enrolments"
+    await call("POST", enrolments, "/v1/coupon-campaigns/TENOFF/enrolments",
+               json={"member_ids": [person]})  # fmt: skip
+    await call("GET", enrolments, "/v1/coupon-campaigns/TENOFF/enrolments")
+    await call("DELETE", enrolments + "/{member_id}",
+               f"/v1/coupon-campaigns/TENOFF/enrolments/{person}")  # fmt: skip
     code = made["codes"][0]
     await call("GET", "/v1/coupons/{code}", f"/v1/coupons/{code}")
     await call("POST", "/v1/coupon-keys", "/v1/coupon-keys",

@@ -542,3 +542,46 @@ async def test_coupons_of_one_sale_combine_only_when_every_one_is_stackable(
     assert (second.outcome, second.refusal) == (Outcome.NOT_PERMITTED, "coupon_not_stackable")
     assert (await one(admin, in_sale(solo2, "S-3"))).outcome is Outcome.APPROVED
     assert (await code_row(db_url, solo))["state"] == "redeemed"
+
+
+async def test_an_enrolled_only_campaign_rewards_only_its_enrolled_members(
+    admin: AdminClient, db_url: str
+) -> None:
+    """The campaign card: members are enrolled into a campaign; its instant reward goes to
+    their qualifying purchases only; withdrawn, they earn no more. Refusals change nothing."""
+    await admin.org("LE1", "S1")
+    tid = await terminal(admin)
+    await campaign(admin, "CLUB", reward_spend_fen=5_000, enrolled_only=True)
+    t = await pos(admin).directory.terminal(tid)
+    assert t is not None
+    inside, outside = await member(admin), await member(admin)
+    cards = {}
+    for who in (inside, outside):
+        pan = await card_of(admin, who)
+        cards[who] = await pos(admin).directory.card(Vault(ADMIN_KEK).card_token(pan))
+    path = "/v1/coupon-campaigns/CLUB/enrolments"
+    made = await admin.ok("POST", path, json={"member_ids": [inside]})
+    assert (made["enrolled"], made["already"]) == (1, 0)
+    again = await admin.ok("POST", path, json={"member_ids": [inside]})
+    assert (again["enrolled"], again["already"]) == (0, 1)
+    before = await count(db_url, "coupon_enrolments")
+    status, body = await admin.call("POST", path, json={"member_ids": [inside, 999_999]})
+    assert (status, body["error"]["code"]) == (404, "member_not_found")
+    assert await count(db_url, "coupon_enrolments") == before
+    listed = await admin.ok("GET", path)
+    assert [e["member_id"] for e in listed["items"]] == [inside]
+
+    coupons = service(admin)
+
+    def key(stan: str) -> str:
+        return transaction_key(t, "000001", stan)
+
+    assert len(await coupons.reward_purchase(t, key("000201"), cards[inside], 6_000)) == 1
+    assert await coupons.reward_purchase(t, key("000202"), cards[outside], 6_000) == []
+    await admin.ok("DELETE", f"{path}/{inside}")
+    status, body = await admin.call("DELETE", f"{path}/{inside}")
+    assert (status, body["error"]["code"]) == (404, "enrolment_not_found")
+    assert await coupons.reward_purchase(t, key("000203"), cards[inside], 6_000) == []
+    audit = await sql_rows(db_url, "SELECT action FROM org_audit_log WHERE action LIKE "
+                           "'coupon.%rol%' OR action = 'coupon.withdraw' ORDER BY id")  # fmt: skip
+    assert [a["action"] for a in audit] == ["coupon.enrol", "coupon.withdraw"]
