@@ -76,3 +76,10 @@ def day_bounds(tz: str, ms: int) -> tuple[int, int]:
     """[start_ms, end_ms) of the local day in `tz` that holds the instant `ms`."""
     today = local_date(tz, ms)
     return day_start_ms(tz, today), day_start_ms(tz, today + datetime.timedelta(days=1))
+
+
+def day_number(tz: str, ms: int) -> int:
+    """The local date of an instant as YYYYMMDD: the key of every daily cap, total and limit
+    (points per day, a manager's daily total, a member's coupons per day)."""
+    d = local_date(tz, ms)
+    return d.year * 10_000 + d.month * 100 + d.day

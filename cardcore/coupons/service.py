@@ -234,8 +234,8 @@ def key_view(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def day_of(now_ms: int) -> int:
-    """The group's business day of an instant, as a day number (per-day limits)."""
-    return localtime.local_date(TIMEZONE, now_ms).toordinal()
+    """The group's business day of an instant, YYYYMMDD (per-day limits)."""
+    return localtime.day_number(TIMEZONE, now_ms)
 
 
 def outcome_of(refusal: str, campaign_state: str = "") -> Outcome:

@@ -31,7 +31,7 @@ from cardcore.cards import admin
 from cardcore.cards.directory import Directory
 from cardcore.cards.model import Card, Outcome, PosRequest, PosResult, Terminal, luhn_ok, mask_pan
 from cardcore.cards.pins import pin_is_valid
-from cardcore.localtime import DEFAULT_TIMEZONE, local_date
+from cardcore.localtime import DEFAULT_TIMEZONE, day_number
 from cardcore.manager_cards import model
 from cardcore.manager_cards.model import ManagerCard, ManagerState
 from cardcore.org.model import (
@@ -439,12 +439,6 @@ class ManagerCards:
 async def _touch(uow: Unit, card_id: int) -> None:
     """Write first: the row lock on PostgreSQL, the write lock on SQLite."""
     await uow.update(CARDS, {"id": card_id}, {"pin_failures": ("+", 0)})
-
-
-def day_number(tz: str, now_ms: int) -> int:
-    """The local day as YYYYMMDD (the daily total's key)."""
-    d = local_date(tz, now_ms)
-    return d.year * 10_000 + d.month * 100 + d.day
 
 
 def _answer(outcome: str, discount: int) -> PosResult:

@@ -1059,9 +1059,3 @@ def lot_of(program: Program, purpose: str, remaining: int) -> Lot:
 
 def _ymd(text: str) -> datetime.date:
     return datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
-
-
-def day_number(tz: str, ms: int) -> int:
-    """The local date as YYYYMMDD (the daily caps' key)."""
-    d = local_date(tz, ms)
-    return d.year * 10_000 + d.month * 100 + d.day

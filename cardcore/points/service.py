@@ -68,6 +68,7 @@ from cardcore.ledger.model import (
 )
 from cardcore.ledger.service import Ledger
 from cardcore.ledger.writer import Busy, LedgerUnavailable
+from cardcore.localtime import day_number
 from cardcore.org.model import (
     Function,
     Perm,
@@ -661,7 +662,7 @@ class PointsService:
         """The tier basis of a holder over [start, end): points earned (less clawbacks) or
         fen spent (less returns) in the program's local days of the period."""
         tz = found.program.timezone
-        first, last = model.day_number(tz, bounds[0]), model.day_number(tz, bounds[1] - 1)
+        first, last = day_number(tz, bounds[0]), day_number(tz, bounds[1] - 1)
         async with self.records.read() as uow:
             rows = await uow.find(
                 EARNINGS, {"holder": holder, "program": found.code}, order="key",
@@ -773,7 +774,7 @@ class PointsService:
         rows = await self._rule_rows(found.code)
         rules = [model.rule_of(json.loads(r["definition"])) for r in rows if applies_at(r, t)]
         rules = rules[: limits.POINTS_RULES_PER_PROGRAM_MAX]
-        day = model.day_number(program.timezone, now)
+        day = day_number(program.timezone, now)
         klass = await self.directory.card_class(card.class_code)
         earning = model.earn(
             program, rules, basket, now_ms=now, store=t.store,
@@ -1351,7 +1352,7 @@ class PointsService:
             raise Refused("invalid", "transfer_not_allowed", "a card gives to itself", "to_card_id")
         ledger_key = f"gift/{giver}/{key}"
         now = self.clock_ms()
-        day = model.day_number(program.timezone, now)
+        day = day_number(program.timezone, now)
         async with self.accounts.lock(giver):
             async with self.records.read() as uow:
                 done = await uow.get(TRANSFERS, key=ledger_key)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cardcore import limits
-from cardcore.localtime import day_start_ms, local_date
+from cardcore.localtime import day_number, day_start_ms, local_date
 from cardcore.org.model import Problem
 from cardcore.points.model import (
     DAY_MS,
@@ -49,7 +49,6 @@ from cardcore.points.model import (
     check_rules,
     check_tiers,
     check_transfer,
-    day_number,
     earn,
     earn_lot,
     expire,

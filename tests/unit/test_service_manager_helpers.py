@@ -4,8 +4,6 @@ keys a manager card's daily total, and the POS answers of stored outcomes."""
 
 from __future__ import annotations
 
-import datetime
-
 from cardcore.cards.model import Outcome
 from cardcore.manager_cards import service as managers
 from cardcore.service_cards import model
@@ -65,13 +63,6 @@ def test_when_nothing_may_be_used_the_refusal_names_why() -> None:
     assert choose([package(1, expires_in_days=-1)]) == (None, model.EXPIRED)
     assert choose([package(1, state=EntitlementState.REFUNDED)]) == (None, model.REFUNDED)
     assert choose([package(3, "SPA")], store="S2") == (None, model.WRONG_STORE)
-
-
-def test_the_manager_day_is_the_local_day_in_the_program_zone() -> None:
-    # 2026-01-31 16:30 UTC is 2026-02-01 00:30 in Shanghai: the next local day.
-    ms = int(datetime.datetime(2026, 1, 31, 16, 30, tzinfo=datetime.UTC).timestamp() * 1000)
-    assert managers.day_number("Asia/Shanghai", ms) == 20260201
-    assert managers.day_number("UTC", ms) == 20260131
 
 
 def test_stored_outcomes_answer_as_the_first_time_and_a_reversed_approval_does_not() -> None:
