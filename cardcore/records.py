@@ -13,11 +13,21 @@ named as in the shared MetaData; filters are equalities (a list or tuple means I
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, func, insert, select, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Integer,
+    Table,
+    bindparam,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -37,6 +47,48 @@ class Conflict(Exception):
     """A write broke a unique rule (two requests made the same thing at once)."""
 
 
+# Built statements by query shape (verb, table, filter columns and kinds, ...): a shape is
+# built and its cache key computed once, then executed with its values as parameters. The
+# shapes are the code's own queries, a bounded set; the bound is a safety net.
+_built: dict[tuple[Any, ...], Any] = {}
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, list | tuple | set | frozenset):
+        return "in"
+    return "null" if value is None else "eq"
+
+
+def _shape(where: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple((name, _kind(value)) for name, value in where.items())
+
+
+def _params(where: dict[str, Any], prefix: str = "w_") -> dict[str, Any]:
+    return {
+        prefix + name: list(value) if _kind(value) == "in" else value
+        for name, value in where.items()
+        if value is not None
+    }
+
+
+def _increment(value: object) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and value[0] == "+"
+
+
+def _like_escaped(prefix: str) -> str:
+    """A LIKE prefix matched literally (escape character `/`)."""
+    return prefix.replace("/", "//").replace("%", "/%").replace("_", "/_")
+
+
+def _built_statement(shape: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+    found = _built.get(shape)
+    if found is None:
+        if len(_built) >= limits.RECORDS_STATEMENTS_MAX:
+            _built.clear()
+        found = _built[shape] = build()
+    return found
+
+
 class Unit:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
@@ -45,21 +97,31 @@ class Unit:
     def table(name: str) -> Table:
         return metadata.tables[name]
 
-    def _where(self, t: Table, where: dict[str, Any]) -> list[ColumnElement[bool]]:
+    @staticmethod
+    def _where(
+        t: Table, shape: tuple[tuple[str, str], ...], prefix: str = "w_"
+    ) -> list[ColumnElement[bool]]:
         out: list[ColumnElement[bool]] = []
-        for name, value in where.items():
+        for name, kind in shape:
             column = t.c[name]
-            if isinstance(value, list | tuple | set | frozenset):
-                out.append(column.in_(list(value)))
-            elif value is None:
+            if kind == "in":
+                out.append(column.in_(bindparam(prefix + name, expanding=True)))
+            elif kind == "null":
                 out.append(column.is_(None))
             else:
-                out.append(column == value)
+                out.append(column == bindparam(prefix + name))
         return out
+
+    async def _rows(self, statement: Any, params: dict[str, Any]) -> list[dict[str, Any]]:
+        return [dict(r._mapping) for r in (await self.conn.execute(statement, params)).all()]
 
     async def get(self, table: str, **where: Any) -> dict[str, Any] | None:
         t = self.table(table)
-        row = (await self.conn.execute(select(t).where(*self._where(t, where)).limit(1))).first()
+        shape = _shape(where)
+        statement = _built_statement(
+            ("get", table, shape), lambda: select(t).where(*self._where(t, shape)).limit(1)
+        )
+        row = (await self.conn.execute(statement, _params(where))).first()
         return None if row is None else dict(row._mapping)
 
     async def find(
@@ -77,36 +139,77 @@ class Unit:
         """Rows in `order`, after the cursor; `limit + 1` of them, so a page knows if there
         is more (callers of a full list pass their own limit and ignore the extra row)."""
         t = self.table(table)
-        key = t.c[order]
-        query = select(t).where(*self._where(t, where or {}))
-        for name, low in (at_least or {}).items():
-            query = query.where(t.c[name] >= low)
-        for name, prefix in (starts_with or {}).items():
-            query = query.where(t.c[name].startswith(prefix, autoescape=True))
+        where, at_least, starts_with = where or {}, at_least or {}, starts_with or {}
+        shape = _shape(where)
+        floors, prefixes = tuple(at_least), tuple(starts_with)
+
+        def build() -> Any:
+            key = t.c[order]
+            query = select(t).where(*self._where(t, shape))
+            for name in floors:
+                query = query.where(t.c[name] >= bindparam("min_" + name))
+            for name in prefixes:
+                query = query.where(t.c[name].startswith(bindparam("pre_" + name), escape="/"))
+            if after is not None:
+                cursor: BindParameter[Any] = bindparam("after")
+                query = query.where(key < cursor if descending else key > cursor)
+            order_by = key.desc() if descending else key
+            return query.order_by(order_by).limit(bindparam("limit", type_=Integer))
+
+        statement = _built_statement(
+            ("find", table, shape, order, after is None, descending, floors, prefixes), build
+        )
+        params = _params(where) | {"limit": limit + 1}
+        params |= {"min_" + name: low for name, low in at_least.items()}
+        params |= {"pre_" + name: _like_escaped(p) for name, p in starts_with.items()}
         if after is not None:
-            query = query.where(key < after if descending else key > after)
-        query = query.order_by(key.desc() if descending else key).limit(limit + 1)
-        return [dict(r._mapping) for r in (await self.conn.execute(query)).all()]
+            params["after"] = after
+        return await self._rows(statement, params)
 
     async def count(self, table: str, **where: Any) -> int:
         t = self.table(table)
-        query = select(func.count()).select_from(t).where(*self._where(t, where))
-        return int((await self.conn.execute(query)).scalar_one())
+        shape = _shape(where)
+        statement = _built_statement(
+            ("count", table, shape),
+            lambda: select(func.count()).select_from(t).where(*self._where(t, shape)),
+        )
+        return int((await self.conn.execute(statement, _params(where))).scalar_one())
 
     async def total(self, table: str, column: str, **where: Any) -> int:
         t = self.table(table)
-        query = select(func.coalesce(func.sum(t.c[column]), 0)).where(*self._where(t, where))
-        return int((await self.conn.execute(query)).scalar_one())
+        shape = _shape(where)
+        statement = _built_statement(
+            ("total", table, column, shape),
+            lambda: select(func.coalesce(func.sum(t.c[column]), 0)).where(*self._where(t, shape)),
+        )
+        return int((await self.conn.execute(statement, _params(where))).scalar_one())
+
+    async def totals(
+        self, table: str, column: str, by: tuple[str, ...], **where: Any
+    ) -> dict[tuple[Any, ...], int]:
+        """Sums of `column` over the matching rows, by the values of the `by` columns."""
+        t = self.table(table)
+        shape = _shape(where)
+
+        def build() -> Any:
+            keys = [t.c[name] for name in by]
+            return (
+                select(*keys, func.sum(t.c[column])).where(*self._where(t, shape)).group_by(*keys)
+            )
+
+        statement = _built_statement(("totals", table, column, by, shape), build)
+        rows = (await self.conn.execute(statement, _params(where))).all()
+        return {tuple(r[:-1]): int(r[-1]) for r in rows}
 
     async def insert(self, table: str, values: dict[str, Any] | list[dict[str, Any]]) -> int | None:
         """Insert one row (its generated integer key back) or many; Conflict on a duplicate."""
-        t = self.table(table)
+        statement = _built_statement(("insert", table), lambda: insert(self.table(table)))
         try:
             if isinstance(values, list):
                 if values:
-                    await self.conn.execute(insert(t), values)
+                    await self.conn.execute(statement, values)
                 return None
-            result = await self.conn.execute(insert(t).values(**values))
+            result = await self.conn.execute(statement, values)
         except IntegrityError:
             raise Conflict(table) from None
         key = result.inserted_primary_key
@@ -123,18 +226,33 @@ class Unit:
         """Update the matching rows; `at_most` guards `column + increment <= bound` for
         counters (values hold `column: ("+", n)`). Returns how many rows changed."""
         t = self.table(table)
-        condition = self._where(t, where)
-        changes: dict[str, Any] = {}
-        for name, value in values.items():
-            if isinstance(value, tuple) and len(value) == 2 and value[0] == "+":
-                changes[name] = t.c[name] + value[1]
-            else:
-                changes[name] = value
-        for name, bound in (at_most or {}).items():
-            increment = values[name][1] if isinstance(values.get(name), tuple) else 0
-            condition.append(t.c[name] + increment <= bound)
+        shape = _shape(where)
+        bounds = tuple(at_most or {})
+        added = tuple(name for name, value in values.items() if _increment(value))
+        set_ = tuple(name for name in values if name not in added)
+
+        def build() -> Any:
+            condition = self._where(t, shape)
+            changes: dict[str, Any] = {
+                name: bindparam("v_" + name, type_=t.c[name].type) for name in set_
+            }
+            changes |= {name: t.c[name] + bindparam("i_" + name) for name in added}
+            for name in bounds:
+                bound: BindParameter[Any] = bindparam("b_" + name)
+                condition.append(
+                    t.c[name] + bindparam("i_" + name) <= bound
+                    if name in added
+                    else t.c[name] <= bound
+                )
+            return update(t).where(*condition).values(**changes)
+
+        statement = _built_statement(("update", table, shape, set_, added, bounds), build)
+        params = _params(where)
+        params |= {"v_" + name: values[name] for name in set_}
+        params |= {"i_" + name: values[name][1] for name in added}
+        params |= {"b_" + name: bound for name, bound in (at_most or {}).items()}
         try:
-            result = await self.conn.execute(update(t).where(*condition).values(**changes))
+            result = await self.conn.execute(statement, params)
         except IntegrityError:
             raise Conflict(table) from None
         return int(result.rowcount)
@@ -143,7 +261,11 @@ class Unit:
         """Delete the matching rows (tables that hold a current state only, never a log);
         how many went."""
         t = self.table(table)
-        result = await self.conn.execute(t.delete().where(*self._where(t, where)))
+        shape = _shape(where)
+        statement = _built_statement(
+            ("delete", table, shape), lambda: t.delete().where(*self._where(t, shape))
+        )
+        result = await self.conn.execute(statement, _params(where))
         return int(result.rowcount)
 
     async def audit(

@@ -323,6 +323,27 @@ def _mirror(stored: dict[str, Any], key: str, reason: str, metadata: Metadata) -
                           metadata=metadata)  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class _ToPin:
+    """An earning to pin: its key, the card and terminal, the program, the bill, and the
+    purchase's key it comes from ("" for POINTS_EARN)."""
+
+    key: str
+    card: Card
+    terminal: Terminal
+    found: ProgramRecord
+    basket: model.Basket
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Pinned:
+    """A decided earning: its points_earnings row and its per-rule parts."""
+
+    row: dict[str, Any]
+    parts: list[dict[str, Any]]
+
+
 # --- the service -----------------------------------------------------------------------------
 
 
@@ -343,37 +364,42 @@ class PointsService:
         self.accounts = accounts
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         # What every purchase at the till reads, kept a moment (monotonic time read, value):
-        # programs by code and the rule rows of each program. Forgotten at every program or
-        # rule change made here, and after POINTS_DEFINITIONS_CACHE_S.
-        self._programs: dict[str, tuple[float, dict[str, Any] | None]] = {}
-        self._rules: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        # active programs by code and the rules of each program (row and parsed rule).
+        # Forgotten at every program or rule change made here, and after
+        # POINTS_DEFINITIONS_CACHE_S.
+        self._programs: dict[str, tuple[float, ProgramRecord | None]] = {}
+        self._rules: dict[str, tuple[float, list[tuple[dict[str, Any], model.Rule]]]] = {}
 
     def _forget(self) -> None:
         self._programs.clear()
         self._rules.clear()
 
-    async def _program_row(self, code: str) -> dict[str, Any] | None:
+    async def _active_program(self, code: str) -> ProgramRecord | None:
+        """The program `code` when it is active (cached), else None."""
         found = self._programs.get(code)
         if found is not None and time.monotonic() - found[0] < limits.POINTS_DEFINITIONS_CACHE_S:
             return found[1]
         async with self.records.read() as uow:
             row = await uow.get(PROGRAMS, code=code)
+        record = None if row is None or row["state"] != "active" else program_record(row)
         if len(self._programs) >= limits.POINTS_RULES_PER_PROGRAM_MAX:
             self._programs.clear()  # bounded: a group has a few programs
-        self._programs[code] = (time.monotonic(), row)
-        return row
+        self._programs[code] = (time.monotonic(), record)
+        return record
 
-    async def _rule_rows(self, program: str) -> list[dict[str, Any]]:
+    async def _rules_of(self, program: str) -> list[tuple[dict[str, Any], model.Rule]]:
+        """The program's rule rows, each with its parsed rule (cached)."""
         found = self._rules.get(program)
         if found is not None and time.monotonic() - found[0] < limits.POINTS_DEFINITIONS_CACHE_S:
             return found[1]
         async with self.records.read() as uow:
             rows = await uow.find(RULES, {"program": program}, order="code",
                                   limit=limits.POINTS_RULES_PER_PROGRAM_MAX * 4)  # fmt: skip
+        parsed = [(r, model.rule_of(json.loads(r["definition"]))) for r in rows]
         if len(self._rules) >= limits.POINTS_RULES_PER_PROGRAM_MAX:
             self._rules.clear()
-        self._rules[program] = (time.monotonic(), rows)
-        return rows
+        self._rules[program] = (time.monotonic(), parsed)
+        return parsed
 
     # --- programs ----------------------------------------------------------------------------
 
@@ -607,27 +633,42 @@ class PointsService:
         klass = await self.directory.card_class(card.class_code)
         if klass is None or not klass.points_program:
             return None
-        row = await self._program_row(klass.points_program)
-        if row is None or row["state"] != "active":
-            return None
-        return program_record(row)
+        return await self._active_program(klass.points_program)
 
     async def holding(self, program: model.Program, holder: int) -> Holding:
+        return (await self.holdings([(program, holder)]))[program.asset, holder]
+
+    async def holdings(
+        self, wanted: Sequence[tuple[model.Program, int]]
+    ) -> dict[tuple[str, int], Holding]:
+        """The holdings of (program, holder) pairs, keyed (asset, holder), in one read."""
+        programs = {program.asset: program for program, _ in wanted}
+        keys = {(program.asset, holder) for program, holder in wanted}
         async with self.records.read() as uow:
             rows = await uow.find(
                 ACCOUNTS,
-                {"owner_kind": OWNER_KIND, "owner_id": str(holder), "asset": program.asset},
+                {"owner_kind": OWNER_KIND, "owner_id": sorted({str(h) for _, h in keys}),
+                 "asset": sorted(programs)},
                 limit=limits.POINTS_OPEN_LOTS_MAX,
-            )
-        lots, ids, debt, debt_id = [], {}, 0, None
+            )  # fmt: skip
+        lots: dict[tuple[str, int], list[model.Lot]] = {k: [] for k in keys}
+        ids: dict[tuple[str, int], dict[str, int]] = {k: {} for k in keys}
+        debts: dict[tuple[str, int], tuple[int, int]] = {}
         for row in rows:
+            key = (row["asset"], int(row["owner_id"]))
+            if key not in keys:
+                continue  # another program of one holder, the same program of another
             purpose = row["purpose"]
             if purpose == model.DEBT_PURPOSE:
-                debt, debt_id = owed(row), int(row["id"])
+                debts[key] = (owed(row), int(row["id"]))
             elif purpose.startswith(model.LOT_PREFIX):
-                lots.append(model.lot_of(program, purpose, available(row)))
-                ids[purpose] = int(row["id"])
-        return Holding(tuple(lots), ids, debt, debt_id)
+                lots[key].append(model.lot_of(programs[key[0]], purpose, available(row)))
+                ids[key][purpose] = int(row["id"])
+        out = {}
+        for key in keys:
+            debt, debt_id = debts.get(key, (0, None))
+            out[key] = Holding(tuple(lots[key]), ids[key], debt, debt_id)
+        return out
 
     def _entity_account(self, program: model.Program, entity: str, purpose: str) -> Wanted:
         return Wanted(entity, "entity", entity, purpose, program.asset)
@@ -644,17 +685,121 @@ class PointsService:
 
     # --- earning ---------------------------------------------------------------------------
 
-    async def _earned_today(
-        self, holder: int, day: int, rules: Sequence[model.Rule]
-    ) -> dict[str, int]:
-        out = {}
+    async def _decide_earnings(self, items: Sequence[_ToPin]) -> list[_Pinned | None]:
+        """Each item's earning as the rows to pin (None: it earns nothing), from one read of
+        the holders' tiers, the capped rules' points of the day, and the holders' debts.
+        Items are decided in order, each seeing the ones before it (caps, debt)."""
+        now = self.clock_ms()
+        holders = sorted({i.card.account_id for i in items})
+        rules = [
+            [
+                rule
+                for row, rule in await self._rules_of(i.found.code)
+                if applies_at(row, i.terminal)
+            ][: limits.POINTS_RULES_PER_PROGRAM_MAX]
+            for i in items
+        ]
+        days = [day_number(i.found.program.timezone, now) for i in items]
+        capped = sorted({r.code for rs in rules for r in rs if r.cap_per_day_points is not None})
+        tiered = sorted({i.found.code for i in items if i.found.tiers is not None})
+        assets = sorted({i.found.program.asset for i in items})
+        tiers: dict[tuple[int, str], str] = {}
+        today: dict[tuple[Any, ...], int] = {}
         async with self.records.read() as uow:
-            for rule in rules:
-                if rule.cap_per_day_points is not None:
-                    out[rule.code] = await uow.total(
-                        PARTS, "points", holder=holder, rule=rule.code, day=day
-                    )
+            if tiered:
+                for row in await uow.find(
+                    HOLDERS, {"holder": holders, "program": tiered}, order="holder",
+                    limit=len(holders) * len(tiered),
+                ):  # fmt: skip
+                    tiers[int(row["holder"]), row["program"]] = row["tier"]
+            if capped:
+                today = await uow.totals(
+                    PARTS, "points", ("holder", "rule", "day"),
+                    holder=holders, rule=capped, day=sorted(set(days)),
+                )  # fmt: skip
+            debts = {
+                (row["asset"], int(row["owner_id"])): owed(row)
+                for row in await uow.find(
+                    ACCOUNTS,
+                    {"owner_kind": OWNER_KIND, "owner_id": [str(h) for h in holders],
+                     "purpose": model.DEBT_PURPOSE, "asset": assets},
+                    limit=len(holders) * len(assets),
+                )
+            }  # fmt: skip
+        out: list[_Pinned | None] = []
+        for item, item_rules, day in zip(items, rules, days, strict=True):
+            holder, program = item.card.account_id, item.found.program
+            klass = await self.directory.card_class(item.card.class_code)
+            class_pct = model.PCT if klass is None else klass.points_multiplier_pct
+            tier = tiers.get((holder, item.found.code))
+            policy = item.found.tiers
+            tier_pct = next(
+                (t.multiplier_pct for t in (policy.tiers if policy else ()) if t.code == tier),
+                model.PCT,
+            )
+            earning = model.earn(
+                program, item_rules, item.basket, now_ms=now, store=item.terminal.store,
+                card_class_multiplier_pct=class_pct, tier_multiplier_pct=tier_pct,
+                earned_today_by_rule={
+                    r.code: today.get((holder, r.code, day), 0)
+                    for r in item_rules if r.cap_per_day_points is not None
+                },
+            )  # fmt: skip
+            if earning.points <= 0:
+                out.append(None)
+                continue
+            debt = debts.get((program.asset, holder), 0)
+            repaid, _ = model.settle_debt(debt, earning.points)
+            debts[program.asset, holder] = debt - repaid
+            for part in earning.parts:
+                today[holder, part.rule, day] = today.get((holder, part.rule, day), 0) + part.points
+            row = {
+                "key": item.key, "holder": holder, "program": item.found.code, "day": day,
+                "points": earning.points, "debt_repaid": repaid,
+                "amount": item.basket.amount_fen, "returned": 0, "clawed": 0,
+                "lot": model.lot_purpose(program, now), "store": item.terminal.store,
+                "source": item.source, "created_at_ms": now,
+            }  # fmt: skip
+            parts = [
+                {"key": item.key, "rule": p.rule, "holder": holder, "day": day, "points": p.points}
+                for p in earning.parts
+            ]
+            out.append(_Pinned(row, parts))
         return out
+
+    async def _pin(self, items: Sequence[_ToPin]) -> list[dict[str, Any] | None]:
+        """The earning pinned under each item's key: read back, or decided and written now
+        (None where it earns nothing): one read, one decision round, one transaction. Two
+        items never share a key (one request in flight per terminal)."""
+        if not items:
+            return []
+        async with self.records.read() as uow:
+            rows = await uow.find(
+                EARNINGS, {"key": [i.key for i in items]}, order="key", limit=len(items)
+            )
+        pinned: dict[str, dict[str, Any] | None] = {r["key"]: r for r in rows}
+        fresh = [i for i in items if i.key not in pinned]
+        decided = await self._decide_earnings(fresh) if fresh else []
+        for item, new in zip(fresh, decided, strict=True):
+            pinned[item.key] = None if new is None else new.row
+        writes = [new for new in decided if new is not None]
+        if not writes:
+            return [pinned[i.key] for i in items]
+        try:
+            async with self.records.begin() as uow:
+                await uow.insert(EARNINGS, [new.row for new in writes])
+                await uow.insert(PARTS, [part for new in writes for part in new.parts])
+        except Conflict:
+            # Pinned at the same moment by another process: each on its own, what stands.
+            for new in writes:
+                try:
+                    async with self.records.begin() as uow:
+                        await uow.insert(EARNINGS, new.row)
+                        await uow.insert(PARTS, new.parts)
+                except Conflict:
+                    async with self.records.read() as uow:
+                        pinned[new.row["key"]] = await uow.get(EARNINGS, key=new.row["key"])
+        return [pinned[i.key] for i in items]
 
     async def _period_value(
         self, found: ProgramRecord, policy: model.TierPolicy, holder: int, bounds: tuple[int, int]
@@ -745,92 +890,44 @@ class PointsService:
                 after = page[-1]["holder"]
         return changed
 
-    async def _tier_pct(self, found: ProgramRecord, holder: int) -> int:
-        if found.tiers is None:
-            return model.PCT
-        async with self.records.read() as uow:
-            row = await uow.get(HOLDERS, holder=holder, program=found.code)
-        tier = next((t for t in found.tiers.tiers if row and t.code == row["tier"]), None)
-        return model.PCT if tier is None else tier.multiplier_pct
-
-    async def _pin(
-        self,
-        key: str,
-        card: Card,
-        t: Terminal,
-        found: ProgramRecord,
-        *,
-        basket: model.Basket,
-        source: str,
-    ) -> dict[str, Any] | None:
-        """The earning pinned under `key`: read back, or computed and written now (None when
-        it earns nothing)."""
-        async with self.records.read() as uow:
-            row = await uow.get(EARNINGS, key=key)
-        if row is not None:
-            return row
-        holder, now = card.account_id, self.clock_ms()
-        program = found.program
-        rows = await self._rule_rows(found.code)
-        rules = [model.rule_of(json.loads(r["definition"])) for r in rows if applies_at(r, t)]
-        rules = rules[: limits.POINTS_RULES_PER_PROGRAM_MAX]
-        day = day_number(program.timezone, now)
-        klass = await self.directory.card_class(card.class_code)
-        earning = model.earn(
-            program, rules, basket, now_ms=now, store=t.store,
-            card_class_multiplier_pct=model.PCT if klass is None else klass.points_multiplier_pct,
-            tier_multiplier_pct=await self._tier_pct(found, holder),
-            earned_today_by_rule=await self._earned_today(holder, day, rules),
-        )  # fmt: skip
-        if earning.points <= 0:
-            return None
-        repaid, _ = model.settle_debt((await self.holding(program, holder)).debt, earning.points)
-        row = {
-            "key": key, "holder": holder, "program": found.code, "day": day,
-            "points": earning.points, "debt_repaid": repaid, "amount": basket.amount_fen,
-            "returned": 0, "clawed": 0, "lot": model.lot_purpose(program, now),
-            "store": t.store, "source": source, "created_at_ms": now,
-        }  # fmt: skip
-        parts = [
-            {"key": key, "rule": part.rule, "holder": holder, "day": day, "points": part.points}
-            for part in earning.parts
-        ]
-        try:
-            async with self.records.begin() as uow:
-                await uow.insert(EARNINGS, row)
-                await uow.insert(PARTS, parts)
-        except Conflict:
-            async with self.records.read() as uow:
-                return await uow.get(EARNINGS, key=key)  # pinned at the same moment
-        return row
-
     async def _earn_ops(
-        self, row: dict[str, Any], card: Card, found: ProgramRecord, metadata: Metadata
-    ) -> list[Op]:
-        """The pinned earning's transfers: points_issued -> its lot under its key, and, when
-        the holder owed points, the repayment lot -> debt under `key:d` (not linked: if a
-        repayment were refused, the earning still lands and the debt stays)."""
-        program = found.program
-        issued, lot = await self.accounts.ensure([
-            self._entity_account(program, card.legal_entity, "points_issued"),
-            self._lot_account(program, card.legal_entity, card.account_id, row["lot"]),
-        ])  # fmt: skip
-        points, repaid = int(row["points"]), int(row["debt_repaid"])
-        ops: list[Op] = [CreateTransfer(
-            POS_CLIENT, row["key"], program.asset,
-            (Posting(issued, Side.DEBIT, points), Posting(lot, Side.CREDIT, points)),
-            reason="points_earn", metadata=metadata,
-        )]  # fmt: skip
-        if repaid:
-            [debt] = await self.accounts.ensure(
-                [self._debt_account(program, card.legal_entity, card.account_id)]
-            )
-            ops.append(CreateTransfer(
-                POS_CLIENT, row["key"] + DEBT_SUFFIX, program.asset,
-                (Posting(lot, Side.DEBIT, repaid), Posting(debt, Side.CREDIT, repaid)),
-                reason="points_repay", metadata=metadata,
-            ))  # fmt: skip
-        return ops
+        self, pinned: Sequence[tuple[dict[str, Any], Card, ProgramRecord, Metadata]]
+    ) -> list[list[Op]]:
+        """Each pinned earning's transfers (the accounts made in one ledger call when new):
+        points_issued -> its lot under its key, and, when the holder owed points, the
+        repayment lot -> debt under `key:d` (not linked: if a repayment were refused, the
+        earning still lands and the debt stays)."""
+        wanted = [
+            [
+                self._entity_account(found.program, card.legal_entity, "points_issued"),
+                self._lot_account(found.program, card.legal_entity, card.account_id, row["lot"]),
+                *(
+                    [self._debt_account(found.program, card.legal_entity, card.account_id)]
+                    if int(row["debt_repaid"])
+                    else []
+                ),
+            ]
+            for row, card, found, _ in pinned
+        ]
+        flat = [w for ws in wanted for w in ws]
+        ids = dict(zip(flat, await self.accounts.ensure(flat), strict=True)) if flat else {}
+        out = []
+        for (row, _, found, metadata), ws in zip(pinned, wanted, strict=True):
+            issued, lot, *debt = [ids[w] for w in ws]
+            points, repaid = int(row["points"]), int(row["debt_repaid"])
+            ops: list[Op] = [CreateTransfer(
+                POS_CLIENT, row["key"], found.program.asset,
+                (Posting(issued, Side.DEBIT, points), Posting(lot, Side.CREDIT, points)),
+                reason="points_earn", metadata=metadata,
+            )]  # fmt: skip
+            if repaid:
+                ops.append(CreateTransfer(
+                    POS_CLIENT, row["key"] + DEBT_SUFFIX, found.program.asset,
+                    (Posting(lot, Side.DEBIT, repaid), Posting(debt[0], Side.CREDIT, repaid)),
+                    reason="points_repay", metadata=metadata,
+                ))  # fmt: skip
+            out.append(ops)
+        return out
 
     async def _balance(self, found: ProgramRecord, holder: int) -> int:
         return (await self.holding(found.program, holder)).usable(self.clock_ms())
@@ -841,42 +938,49 @@ class PointsService:
         return None if row is None else program_record(row)
 
     async def after_money(self, done: Sequence[MoneyDone]) -> list[PointsAnswer | None]:
-        """The points of a `PosService.handle` call's approved purchases, voids and refunds,
-        in one ledger submit (ADR 0007: points after money, in the same call)."""
-        plans: list[tuple[int, list[Op], ProgramRecord, int, int]] = []
+        """The points of a `PosService.handle` call's approved purchases, voids and refunds
+        (ADR 0007: points after money, in the same call): the purchases' earnings pinned
+        together, every step in one ledger submit, the balances after in one read."""
         out: list[PointsAnswer | None] = [None] * len(done)
+        earning: list[tuple[int, _ToPin]] = []
+        steps: list[tuple[int, list[Op], ProgramRecord, int, int]] = []
         for i, d in enumerate(done):
-            metadata = _metadata(d.terminal, d.request)
             holder = d.card.account_id
             if d.request.kind is Kind.PURCHASE:
                 found = await self._program_of_card(d.card)
-                if found is None:
-                    continue
-                row = await self._pin(
-                    d.key + EARN_SUFFIX, d.card, d.terminal, found,
-                    basket=_basket(d.request, d.amount), source=d.key,
-                )  # fmt: skip
-                if row is None:
-                    out[i] = PointsAnswer(0, await self._balance(found, holder))
-                    continue
-                ops = await self._earn_ops(row, d.card, found, metadata)
-                plans.append((i, ops, found, holder, int(row["points"])))
+                if found is not None:
+                    basket = _basket(d.request, d.amount)
+                    earning.append(
+                        (i, _ToPin(d.key + EARN_SUFFIX, d.card, d.terminal, found, basket, d.key))
+                    )
                 continue
-            earning = await self._earning(d.original_key + EARN_SUFFIX)
-            found = None if earning is None else await self._program(earning["program"])
-            if earning is None or found is None:
+            pinned = await self._earning(d.original_key + EARN_SUFFIX)
+            found = None if pinned is None else await self._program(pinned["program"])
+            if pinned is None or found is None:
                 continue
             returned = d.amount if d.request.kind is Kind.REFUND else None
             claw = await self._claw_earning(
-                earning, found, d.card.legal_entity, d.key + EARN_SUFFIX, metadata,
-                returned=returned,
+                pinned, found, d.card.legal_entity, d.key + EARN_SUFFIX,
+                _metadata(d.terminal, d.request), returned=returned,
             )  # fmt: skip
             if claw is not None:
-                plans.append((i, claw[0], found, holder, -claw[1]))
-        if not plans:
-            return out
-        results = iter(await self.ledger.submit([op for plan in plans for op in plan[1]]))
-        for i, ops, found, holder, points in plans:
+                steps.append((i, claw[0], found, holder, -claw[1]))
+        rows = await self._pin([item for _, item in earning])
+        earned = [(i, item, row) for (i, item), row in zip(earning, rows, strict=True) if row]
+        ops_of = await self._earn_ops([
+            (row, item.card, item.found, _metadata(item.terminal, done[i].request))
+            for i, item, row in earned
+        ])  # fmt: skip
+        for (i, item, row), ops in zip(earned, ops_of, strict=True):
+            steps.append((i, ops, item.found, item.card.account_id, int(row["points"])))
+        steps.sort(key=lambda step: step[0])
+        submitted = [op for step in steps for op in step[1]]
+        results = iter(await self.ledger.submit(submitted) if submitted else [])
+        answered: list[tuple[int, ProgramRecord, int, int]] = [
+            (i, item.found, item.card.account_id, 0)
+            for (i, item), row in zip(earning, rows, strict=True) if row is None
+        ]  # fmt: skip
+        for i, ops, found, holder, points in steps:
             res, *_rest = [next(results) for _ in ops]
             if not res.ok:
                 # Not decided: the terminal is answered 96 and the request reversed (the
@@ -886,7 +990,14 @@ class PointsService:
                 continue
             if points > 0:
                 await self._upgrade(found, holder)
-            out[i] = PointsAnswer(points, await self._balance(found, holder))
+            answered.append((i, found, holder, points))
+        if answered:
+            now = self.clock_ms()
+            held = await self.holdings(
+                [(found.program, holder) for _, found, holder, _ in answered]
+            )
+            for i, found, holder, points in answered:
+                out[i] = PointsAnswer(points, held[found.program.asset, holder].usable(now))
         return out
 
     async def _earning(self, key: str) -> dict[str, Any] | None:
@@ -987,8 +1098,8 @@ class PointsService:
         # before, so two earnings of one card at once cannot both pass a cap.
         async with self.accounts.lock(card.account_id):
             try:
-                row = await self._pin(
-                    key + EARN_SUFFIX, card, t, found, basket=_basket(r, r.amount), source=""
+                [row] = await self._pin(
+                    [_ToPin(key + EARN_SUFFIX, card, t, found, _basket(r, r.amount), "")]
                 )
             except model.PointsRefused as exc:
                 return PosResult(Outcome.BAD_REQUEST, refusal=exc.code)
@@ -997,7 +1108,7 @@ class PointsService:
             if row is None:
                 balance = await self._balance(found, card.account_id)
                 return PosResult(Outcome.APPROVED, points=0, points_balance=balance)
-            ops = await self._earn_ops(row, card, found, _metadata(t, r))
+            [ops] = await self._earn_ops([(row, card, found, _metadata(t, r))])
             res, *_rest = await self.ledger.submit(ops)
         if res.ok:
             await self._upgrade(found, card.account_id)
