@@ -95,6 +95,7 @@ accounts = Table(
     Column("created_seq", BigInteger, nullable=False),
     *_BALANCE_CHECKS,
     Index(None, "legal_entity", "owner_kind", "owner_id"),
+    Index(None, "owner_kind", "owner_id", "asset"),  # a points holder's lots (migration 0006)
 )
 
 account_events = Table(
