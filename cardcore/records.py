@@ -326,5 +326,11 @@ class Records:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Unit]:
-        async with self.engine.connect() as conn:
+        """Reads. On PostgreSQL without a transaction of their own (autocommit: no BEGIN and
+        ROLLBACK round trips); at READ COMMITTED each statement sees its own snapshot
+        either way."""
+        async with self.engine.connect() as plain:
+            conn = plain
+            if self.engine.dialect.name == "postgresql":
+                conn = await plain.execution_options(isolation_level="AUTOCOMMIT")
             yield Unit(conn)

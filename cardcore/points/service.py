@@ -642,33 +642,8 @@ class PointsService:
         self, wanted: Sequence[tuple[model.Program, int]]
     ) -> dict[tuple[str, int], Holding]:
         """The holdings of (program, holder) pairs, keyed (asset, holder), in one read."""
-        programs = {program.asset: program for program, _ in wanted}
-        keys = {(program.asset, holder) for program, holder in wanted}
         async with self.records.read() as uow:
-            rows = await uow.find(
-                ACCOUNTS,
-                {"owner_kind": OWNER_KIND, "owner_id": sorted({str(h) for _, h in keys}),
-                 "asset": sorted(programs)},
-                limit=limits.POINTS_OPEN_LOTS_MAX,
-            )  # fmt: skip
-        lots: dict[tuple[str, int], list[model.Lot]] = {k: [] for k in keys}
-        ids: dict[tuple[str, int], dict[str, int]] = {k: {} for k in keys}
-        debts: dict[tuple[str, int], tuple[int, int]] = {}
-        for row in rows:
-            key = (row["asset"], int(row["owner_id"]))
-            if key not in keys:
-                continue  # another program of one holder, the same program of another
-            purpose = row["purpose"]
-            if purpose == model.DEBT_PURPOSE:
-                debts[key] = (owed(row), int(row["id"]))
-            elif purpose.startswith(model.LOT_PREFIX):
-                lots[key].append(model.lot_of(programs[key[0]], purpose, available(row)))
-                ids[key][purpose] = int(row["id"])
-        out = {}
-        for key in keys:
-            debt, debt_id = debts.get(key, (0, None))
-            out[key] = Holding(tuple(lots[key]), ids[key], debt, debt_id)
-        return out
+            return await _holdings(uow, wanted)
 
     def _entity_account(self, program: model.Program, entity: str, purpose: str) -> Wanted:
         return Wanted(entity, "entity", entity, purpose, program.asset)
@@ -685,10 +660,13 @@ class PointsService:
 
     # --- earning ---------------------------------------------------------------------------
 
-    async def _decide_earnings(self, items: Sequence[_ToPin]) -> list[_Pinned | None]:
-        """Each item's earning as the rows to pin (None: it earns nothing), from one read of
-        the holders' tiers, the capped rules' points of the day, and the holders' debts.
-        Items are decided in order, each seeing the ones before it (caps, debt)."""
+    async def _decide_earnings(
+        self, items: Sequence[_ToPin], held: dict[tuple[str, int], Holding]
+    ) -> list[_Pinned | None]:
+        """Each item's earning as the rows to pin (None: it earns nothing), from the holders'
+        debts in `held` and one read of their tiers and the capped rules' points of the day
+        (when the programs have them). Items are decided in order, each seeing the ones
+        before it (caps, debt)."""
         now = self.clock_ms()
         holders = sorted({i.card.account_id for i in items})
         rules = [
@@ -702,30 +680,22 @@ class PointsService:
         days = [day_number(i.found.program.timezone, now) for i in items]
         capped = sorted({r.code for rs in rules for r in rs if r.cap_per_day_points is not None})
         tiered = sorted({i.found.code for i in items if i.found.tiers is not None})
-        assets = sorted({i.found.program.asset for i in items})
         tiers: dict[tuple[int, str], str] = {}
         today: dict[tuple[Any, ...], int] = {}
-        async with self.records.read() as uow:
-            if tiered:
-                for row in await uow.find(
-                    HOLDERS, {"holder": holders, "program": tiered}, order="holder",
-                    limit=len(holders) * len(tiered),
-                ):  # fmt: skip
-                    tiers[int(row["holder"]), row["program"]] = row["tier"]
-            if capped:
-                today = await uow.totals(
-                    PARTS, "points", ("holder", "rule", "day"),
-                    holder=holders, rule=capped, day=sorted(set(days)),
-                )  # fmt: skip
-            debts = {
-                (row["asset"], int(row["owner_id"])): owed(row)
-                for row in await uow.find(
-                    ACCOUNTS,
-                    {"owner_kind": OWNER_KIND, "owner_id": [str(h) for h in holders],
-                     "purpose": model.DEBT_PURPOSE, "asset": assets},
-                    limit=len(holders) * len(assets),
-                )
-            }  # fmt: skip
+        debts = {key: holding.debt for key, holding in held.items()}
+        if tiered or capped:
+            async with self.records.read() as uow:
+                if tiered:
+                    for row in await uow.find(
+                        HOLDERS, {"holder": holders, "program": tiered}, order="holder",
+                        limit=len(holders) * len(tiered),
+                    ):  # fmt: skip
+                        tiers[int(row["holder"]), row["program"]] = row["tier"]
+                if capped:
+                    today = await uow.totals(
+                        PARTS, "points", ("holder", "rule", "day"),
+                        holder=holders, rule=capped, day=sorted(set(days)),
+                    )  # fmt: skip
         out: list[_Pinned | None] = []
         for item, item_rules, day in zip(items, rules, days, strict=True):
             holder, program = item.card.account_id, item.found.program
@@ -767,24 +737,28 @@ class PointsService:
             out.append(_Pinned(row, parts))
         return out
 
-    async def _pin(self, items: Sequence[_ToPin]) -> list[dict[str, Any] | None]:
+    async def _pin(
+        self, items: Sequence[_ToPin]
+    ) -> tuple[list[dict[str, Any] | None], dict[tuple[str, int], Holding]]:
         """The earning pinned under each item's key: read back, or decided and written now
-        (None where it earns nothing): one read, one decision round, one transaction. Two
-        items never share a key (one request in flight per terminal)."""
+        (None where it earns nothing), and the holders' points before them: one read, one
+        decision round, one transaction. Two items never share a key (one request in
+        flight per terminal)."""
         if not items:
-            return []
+            return [], {}
         async with self.records.read() as uow:
             rows = await uow.find(
                 EARNINGS, {"key": [i.key for i in items]}, order="key", limit=len(items)
             )
+            held = await _holdings(uow, [(i.found.program, i.card.account_id) for i in items])
         pinned: dict[str, dict[str, Any] | None] = {r["key"]: r for r in rows}
         fresh = [i for i in items if i.key not in pinned]
-        decided = await self._decide_earnings(fresh) if fresh else []
+        decided = await self._decide_earnings(fresh, held) if fresh else []
         for item, new in zip(fresh, decided, strict=True):
             pinned[item.key] = None if new is None else new.row
         writes = [new for new in decided if new is not None]
         if not writes:
-            return [pinned[i.key] for i in items]
+            return [pinned[i.key] for i in items], held
         try:
             async with self.records.begin() as uow:
                 await uow.insert(EARNINGS, [new.row for new in writes])
@@ -799,7 +773,7 @@ class PointsService:
                 except Conflict:
                     async with self.records.read() as uow:
                         pinned[new.row["key"]] = await uow.get(EARNINGS, key=new.row["key"])
-        return [pinned[i.key] for i in items]
+        return [pinned[i.key] for i in items], held
 
     async def _period_value(
         self, found: ProgramRecord, policy: model.TierPolicy, holder: int, bounds: tuple[int, int]
@@ -965,39 +939,47 @@ class PointsService:
             )  # fmt: skip
             if claw is not None:
                 steps.append((i, claw[0], found, holder, -claw[1]))
-        rows = await self._pin([item for _, item in earning])
+        rows, held = await self._pin([item for _, item in earning])
         earned = [(i, item, row) for (i, item), row in zip(earning, rows, strict=True) if row]
         ops_of = await self._earn_ops([
             (row, item.card, item.found, _metadata(item.terminal, done[i].request))
             for i, item, row in earned
         ])  # fmt: skip
+        lots = {}
         for (i, item, row), ops in zip(earned, ops_of, strict=True):
             steps.append((i, ops, item.found, item.card.account_id, int(row["points"])))
+            lots[i] = row["lot"], int(row["debt_repaid"])
+        steps += [
+            (i, [], item.found, item.card.account_id, 0)
+            for (i, item), row in zip(earning, rows, strict=True) if row is None
+        ]  # fmt: skip
         steps.sort(key=lambda step: step[0])
         submitted = [op for step in steps for op in step[1]]
         results = iter(await self.ledger.submit(submitted) if submitted else [])
-        answered: list[tuple[int, ProgramRecord, int, int]] = [
-            (i, item.found, item.card.account_id, 0)
-            for (i, item), row in zip(earning, rows, strict=True) if row is None
-        ]  # fmt: skip
+        # The balance after each, in order: the holding read before, with what this call
+        # added to a lot usable now (under the card's lock nothing else of this process
+        # spends it); after a clawback, read again.
+        now = self.clock_ms()
+        usable = {key: holding.usable(now) for key, holding in held.items()}
         for i, ops, found, holder, points in steps:
-            res, *_rest = [next(results) for _ in ops]
-            if not res.ok:
+            key = (found.program.asset, holder)
+            got = [next(results) for _ in ops]
+            res, rest = (got[0], got[1:]) if got else (None, [])
+            if res is not None and not res.ok:
                 # Not decided: the terminal is answered 96 and the request reversed (the
                 # gateway's store and forward), which unpins what was pinned for it.
                 log.warning("points step refused by the ledger", extra={"code": res.code})
                 out[i] = PointsAnswer(None, None, ok=False)
                 continue
-            if points > 0:
+            if points < 0 or key not in usable:
+                usable[key] = (await self.holding(found.program, holder)).usable(now)
+            elif res is not None and points > 0:
                 await self._upgrade(found, holder)
-            answered.append((i, found, holder, points))
-        if answered:
-            now = self.clock_ms()
-            held = await self.holdings(
-                [(found.program, holder) for _, found, holder, _ in answered]
-            )
-            for i, found, holder, points in answered:
-                out[i] = PointsAnswer(points, held[found.program.asset, holder].usable(now))
+                lot, repaid = lots[i]
+                landed = model.is_usable(model.lot_of(found.program, lot, 0), now)
+                if landed and not res.replayed:
+                    usable[key] += points - (repaid if rest and rest[0].ok else 0)
+            out[i] = PointsAnswer(points, usable[key])
         return out
 
     async def _earning(self, key: str) -> dict[str, Any] | None:
@@ -1098,7 +1080,7 @@ class PointsService:
         # before, so two earnings of one card at once cannot both pass a cap.
         async with self.accounts.lock(card.account_id):
             try:
-                [row] = await self._pin(
+                [row], _ = await self._pin(
                     [_ToPin(key + EARN_SUFFIX, card, t, found, _basket(r, r.amount), "")]
                 )
             except model.PointsRefused as exc:
@@ -1830,6 +1812,37 @@ def _basket(r: PosRequest, amount: int) -> model.Basket:
     if sum(line.amount_fen for line in lines) > amount:
         lines = ()
     return model.Basket(amount, lines)
+
+
+async def _holdings(
+    uow: Unit, wanted: Sequence[tuple[model.Program, int]]
+) -> dict[tuple[str, int], Holding]:
+    programs = {program.asset: program for program, _ in wanted}
+    keys = {(program.asset, holder) for program, holder in wanted}
+    rows = await uow.find(
+        ACCOUNTS,
+        {"owner_kind": OWNER_KIND, "owner_id": sorted({str(h) for _, h in keys}),
+         "asset": sorted(programs)},
+        limit=limits.POINTS_OPEN_LOTS_MAX,
+    )  # fmt: skip
+    lots: dict[tuple[str, int], list[model.Lot]] = {k: [] for k in keys}
+    ids: dict[tuple[str, int], dict[str, int]] = {k: {} for k in keys}
+    debts: dict[tuple[str, int], tuple[int, int]] = {}
+    for row in rows:
+        key = (row["asset"], int(row["owner_id"]))
+        if key not in keys:
+            continue  # another program of one holder, the same program of another
+        purpose = row["purpose"]
+        if purpose == model.DEBT_PURPOSE:
+            debts[key] = (owed(row), int(row["id"]))
+        elif purpose.startswith(model.LOT_PREFIX):
+            lots[key].append(model.lot_of(programs[key[0]], purpose, available(row)))
+            ids[key][purpose] = int(row["id"])
+    out = {}
+    for key in keys:
+        debt, debt_id = debts.get(key, (0, None))
+        out[key] = Holding(tuple(lots[key]), ids[key], debt, debt_id)
+    return out
 
 
 async def _program_row(uow: Unit, code: str, field: str = "code") -> dict[str, Any]:

@@ -205,6 +205,26 @@ async def test_concurrent_earnings_of_one_card_never_pass_the_daily_cap(
     assert (await shop.points(card))["balance"] == 100
 
 
+async def test_earnings_of_one_card_in_one_call_see_each_other(admin: AdminClient) -> None:
+    """The points of one `handle` call are decided together: the second purchase of a card
+    in the call sees the first one's points under the day's cap, and each answer's balance
+    counts the earnings before it."""
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    two = [shop.request(Kind.PURCHASE, card, store, amount=4_000) for store in ("S1", "S2")]
+    answers = await shop.pos.handle(two)
+    assert [(a.points, a.points_balance) for a in answers] == [(40, 40), (40, 80)]
+    await admin.ok("PATCH", "/v1/points/programs/CLUB/rules/BASE",
+                   json={"cap_per_day_points": 100})  # fmt: skip
+    two = [shop.request(Kind.PURCHASE, card, store, amount=4_000) for store in ("S1", "S2")]
+    answers = await shop.pos.handle(two)
+    assert [(a.points, a.points_balance) for a in answers] == [(20, 100), (0, 100)]
+    assert (await shop.points(card))["balance"] == 100
+    again = await shop.pos.handle(two)  # resent: the same answers, nothing added
+    assert [(a.points, a.points_balance) for a in again] == [(20, 100), (0, 100)]
+    assert (await shop.points(card))["balance"] == 100
+
+
 async def test_reversing_a_refund_after_its_debt_was_repaid_puts_the_points_back(
     admin: AdminClient,
 ) -> None:
