@@ -1114,26 +1114,44 @@ class PointsService:
         except model.PointsRefused as exc:
             return PosResult(Outcome.BAD_REQUEST, refusal=exc.code)
         async with self.accounts.lock(card.account_id):
-            ops = await self._redeem_ops(r, t, key, card, found=found, fen=fen)
-            if isinstance(ops, PosResult):
-                return ops
+            planned = await self._redeem_ops(r, t, key, card, found=found, fen=fen)
+            if isinstance(planned, PosResult):
+                return planned
+            ops, before = planned
             results = await self.ledger.submit(ops)
         failed = next((x for x in results if x.code != "linked_event_failed" and not x.ok), None)
-        answer = await self._answer(failed or results[-1], found, card, r.points)
+        # The balance after: what was usable before, less this spend (read again for a resend).
+        after = None if before is None or results[-1].replayed else before - r.points
+        answer = await self._answer(failed or results[-1], found, card, r.points, after)
         return replace(answer, amount=fen) if answer.outcome is Outcome.APPROVED else answer
 
     async def _redeem_ops(
         self, r: PosRequest, t: Terminal, key: str, card: Card, *, found: ProgramRecord, fen: int
-    ) -> list[Op] | PosResult:
+    ) -> tuple[list[Op], int | None] | PosResult:
+        """The redemption's transfers, and the points usable before it (None for a resend,
+        which submits the stored transfers again)."""
         program, metadata = found.program, _metadata(t, r)
         points_key = key + EARN_SUFFIX
-        stored, keys = await self._chunks(points_key)
-        stored_money = await self._full_transfer(key)
-        if stored and stored_money is not None:  # a resend
+        before = None
+        async with self.records.read() as uow:
+            rows = await uow.find(
+                "ledger_transfers", {"client": POS_CLIENT, "key": [points_key, key]},
+                order="key", limit=2,
+            )  # fmt: skip
+            resend = len(rows) == 2  # both stand (they are linked: both or neither)
+            if not resend:
+                holding = (await _holdings(uow, [(program, card.account_id)]))[
+                    program.asset, card.account_id
+                ]
+        if resend:
+            stored, keys = await self._chunks(points_key)
+            stored_money = await self._full_transfer(key)
+            assert stored
+            assert stored_money is not None
             money = tuple(Posting(a, Side(s), x) for a, s, x in stored_money["postings"])
             points_ops = again(stored, POS_CLIENT, keys, metadata, link_last=True)
         else:
-            holding = await self.holding(program, card.account_id)
+            before = holding.usable(self.clock_ms())
             try:
                 takes = model.plan_spend(holding.lots, r.points, self.clock_ms())
             except model.InsufficientPoints as exc:
@@ -1160,11 +1178,12 @@ class PointsService:
             *points_ops,
             CreateTransfer(POS_CLIENT, key, CURRENCY, money, reason="points_redeem",
                            metadata=metadata),
-        ]  # fmt: skip
+        ], before  # fmt: skip
 
     async def _answer(
-        self, res: Result, found: ProgramRecord, card: Card, points: int
-    ) -> PosResult:
+        self, res: Result, found: ProgramRecord, card: Card, points: int,
+        balance: int | None = None,
+    ) -> PosResult:  # fmt: skip
         if not res.ok:
             code = res.original_code if res.code == "id_already_failed" else res.code
             if code == "reversed_before_arrival":
@@ -1182,7 +1201,9 @@ class PointsService:
         return PosResult(
             Outcome.APPROVED,
             points=points,
-            points_balance=await self._balance(found, card.account_id),
+            points_balance=(
+                await self._balance(found, card.account_id) if balance is None else balance
+            ),
             rrn=rrn_of(res.transfer_id),
             auth_code=auth_code_of(res.transfer_id),
             replayed=res.replayed,
