@@ -1,0 +1,110 @@
+"""records.Unit on SQLite and PostgreSQL: each query shape is built once and run with
+parameters, so the same shape must give the right rows for every set of values (a cache
+keyed on too little would run one call's statement with another call's meaning)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cardcore.db import make_engine
+from cardcore.records import Conflict, Records
+
+pytestmark = pytest.mark.asyncio
+
+ENTITIES = "org_legal_entities"
+
+
+async def _records(db_url: str) -> Records:
+    records = Records(make_engine(db_url))
+    async with records.begin() as uow:
+        await uow.insert(ENTITIES, [
+            {"id": code, "name": name, "created_at_ms": at}
+            for code, name, at in (
+                ("E1", "50% off_shop", 10), ("E2", "50 percent", 20), ("E3", "a/b_c", 30),
+                ("E4", "a/bxc", 40), ("E5", "abc", 50),
+            )
+        ])  # fmt: skip
+    return records
+
+
+async def test_find_shapes_keep_their_meaning_for_every_value(db_url: str) -> None:
+    records = await _records(db_url)
+    try:
+        async with records.read() as uow:
+            ids = [r["id"] for r in await uow.find(ENTITIES, order="id")]
+            assert ids == ["E1", "E2", "E3", "E4", "E5"]
+            page = await uow.find(ENTITIES, order="id", after="E2", limit=2)
+            assert [r["id"] for r in page] == ["E3", "E4", "E5"]  # limit + 1
+            back = await uow.find(ENTITIES, order="id", after="E4", descending=True, limit=5)
+            assert [r["id"] for r in back] == ["E3", "E2", "E1"]
+            # The same shapes with other values, and IN lists of other lengths.
+            assert [r["id"] for r in await uow.find(ENTITIES, {"id": ["E5"]}, order="id")] == ["E5"]
+            some = await uow.find(ENTITIES, {"id": ["E1", "E3", "E9"]}, order="id")
+            assert [r["id"] for r in some] == ["E1", "E3"]
+            assert await uow.find(ENTITIES, {"id": []}, order="id") == []
+            later = await uow.find(ENTITIES, order="id", at_least={"created_at_ms": 30})
+            assert [r["id"] for r in later] == ["E3", "E4", "E5"]
+            later = await uow.find(ENTITIES, order="id", at_least={"created_at_ms": 50})
+            assert [r["id"] for r in later] == ["E5"]
+            # A prefix is matched literally: % _ and / are no wildcards.
+            for prefix, expected in (("50%", ["E1"]), ("50", ["E1", "E2"]), ("a/b_", ["E3"]),
+                                     ("a/b", ["E3", "E4"]), ("a_", []), ("%", [])):  # fmt: skip
+                rows = await uow.find(ENTITIES, order="id", starts_with={"name": prefix})
+                assert [r["id"] for r in rows] == expected, prefix
+            assert (await uow.get(ENTITIES, id="E2") or {})["name"] == "50 percent"
+            assert await uow.get(ENTITIES, id="E9") is None
+            assert await uow.count(ENTITIES, id=["E1", "E2"]) == 2
+            assert await uow.total(ENTITIES, "created_at_ms", id=["E1", "E5"]) == 60
+            assert await uow.total(ENTITIES, "created_at_ms", id="E9") == 0
+    finally:
+        await records.engine.dispose()
+
+
+async def test_updates_guards_and_deletes_with_built_statements(db_url: str) -> None:
+    records = await _records(db_url)
+    try:
+        async with records.begin() as uow:
+            # A counter raised under a bound, twice with other values through one shape.
+            bump = {"created_at_ms": ("+", 5)}
+            assert await uow.update(ENTITIES, {"id": "E1"}, bump, at_most={"created_at_ms": 15})
+            assert not await uow.update(
+                ENTITIES, {"id": "E1"}, bump, at_most={"created_at_ms": 15}
+            )  # 15 + 5 > 15
+            assert await uow.update(ENTITIES, {"id": "E1"}, {"created_at_ms": ("+", -15)},
+                                    at_most={"created_at_ms": 15})  # fmt: skip
+            # A bound on a column that is only set, not raised.
+            assert not await uow.update(ENTITIES, {"id": "E5"}, {"name": "x"},
+                                        at_most={"created_at_ms": 49})  # fmt: skip
+            assert await uow.update(ENTITIES, {"id": ["E4", "E5"]}, {"name": "renamed"}) == 2
+            assert await uow.delete(ENTITIES, {"id": ["E2", "E9"]}) == 1
+        with pytest.raises(Conflict):  # and the unit rolls back (PostgreSQL aborts it)
+            async with records.begin() as uow:
+                await uow.insert(ENTITIES, {"id": "E3", "name": "twice", "created_at_ms": 0})
+        async with records.read() as uow:
+            rows = await uow.find(ENTITIES, order="id")
+        assert [(r["id"], r["name"], r["created_at_ms"]) for r in rows] == [
+            ("E1", "50% off_shop", 0), ("E3", "a/b_c", 30), ("E4", "renamed", 40),
+            ("E5", "renamed", 50),
+        ]  # fmt: skip
+    finally:
+        await records.engine.dispose()
+
+
+async def test_a_write_in_a_unit_that_fails_changes_nothing(db_url: str) -> None:
+    records = await _records(db_url)
+    try:
+
+        async def fails() -> None:
+            async with records.begin() as uow:
+                await uow.update(ENTITIES, {"id": "E1"}, {"name": "gone"})
+                raise RuntimeError
+
+        with pytest.raises(RuntimeError):
+            await fails()
+        async with records.read() as uow:
+            assert (await uow.get(ENTITIES, id="E1") or {})["name"] == "50% off_shop"
+            assert await uow.totals(ENTITIES, "created_at_ms", ("name",), id=["E1", "E2"]) == {
+                ("50% off_shop",): 10, ("50 percent",): 20,
+            }  # fmt: skip
+    finally:
+        await records.engine.dispose()
