@@ -66,6 +66,8 @@ class InProcessHost:
             futures.append(future)
         try:
             async with asyncio.timeout(self._timeout_s):
+                if len(futures) == 1:
+                    return [await futures[0]]
                 return list(await asyncio.gather(*futures))
         except TimeoutError:
             raise HostUnavailable("the host did not answer in time") from None

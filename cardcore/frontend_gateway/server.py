@@ -131,8 +131,11 @@ class GatewayServer:
                     reply.body,
                 )
                 writer.write(out)
+                if not writer.transport.get_write_buffer_size():
+                    continue  # all of it went to the socket: nothing to wait for
                 try:
-                    await asyncio.wait_for(writer.drain(), limits.GATEWAY_WRITE_S)
+                    async with asyncio.timeout(limits.GATEWAY_WRITE_S):
+                        await writer.drain()
                 except (TimeoutError, ConnectionError):
                     self.metrics.gateway_frames_dropped.labels("write").inc()
                     return
@@ -144,17 +147,15 @@ class GatewayServer:
         take the idle timeout; the rest of the frame must follow within the frame timeout,
         so a sender trickling bytes cannot hold a connection."""
         try:
-            first = await asyncio.wait_for(reader.readexactly(1), self.idle_s)
+            async with asyncio.timeout(self.idle_s):
+                first = await reader.readexactly(1)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             return None  # idle too long, or closed between frames: a clean end
-
-        async def rest() -> bytes:
-            prefix = first + await reader.readexactly(1)
-            length = codec.frame_length(prefix, frame_bytes_max=self.frame_bytes_max)
-            return await reader.readexactly(length)
-
         try:
-            return await asyncio.wait_for(rest(), self.frame_read_s)
+            async with asyncio.timeout(self.frame_read_s):
+                prefix = first + await reader.readexactly(1)
+                length = codec.frame_length(prefix, frame_bytes_max=self.frame_bytes_max)
+                return await reader.readexactly(length)
         except codec.FrameError:
             self.metrics.gateway_frames_dropped.labels("length").inc()
         except TimeoutError:
