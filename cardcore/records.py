@@ -18,10 +18,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     BindParameter,
     ColumnElement,
     Integer,
     Table,
+    any_,
     bindparam,
     func,
     insert,
@@ -92,19 +94,24 @@ def _built_statement(shape: tuple[Any, ...], build: Callable[[], Any]) -> Any:
 class Unit:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
+        self.postgres = conn.dialect.name == "postgresql"
 
     @staticmethod
     def table(name: str) -> Table:
         return metadata.tables[name]
 
-    @staticmethod
     def _where(
-        t: Table, shape: tuple[tuple[str, str], ...], prefix: str = "w_"
+        self, t: Table, shape: tuple[tuple[str, str], ...], prefix: str = "w_"
     ) -> list[ColumnElement[bool]]:
+        """The filter of a shape. A list is one array parameter on PostgreSQL (`= ANY`: one
+        statement text whatever its length, so one prepared statement), an expanding IN on
+        SQLite."""
         out: list[ColumnElement[bool]] = []
         for name, kind in shape:
             column = t.c[name]
-            if kind == "in":
+            if kind == "in" and self.postgres:
+                out.append(column == any_(bindparam(prefix + name, type_=ARRAY(column.type))))
+            elif kind == "in":
                 out.append(column.in_(bindparam(prefix + name, expanding=True)))
             elif kind == "null":
                 out.append(column.is_(None))
@@ -119,7 +126,8 @@ class Unit:
         t = self.table(table)
         shape = _shape(where)
         statement = _built_statement(
-            ("get", table, shape), lambda: select(t).where(*self._where(t, shape)).limit(1)
+            ("get", self.postgres, table, shape),
+            lambda: select(t).where(*self._where(t, shape)).limit(1),
         )
         row = (await self.conn.execute(statement, _params(where))).first()
         return None if row is None else dict(row._mapping)
@@ -157,7 +165,18 @@ class Unit:
             return query.order_by(order_by).limit(bindparam("limit", type_=Integer))
 
         statement = _built_statement(
-            ("find", table, shape, order, after is None, descending, floors, prefixes), build
+            (
+                "find",
+                self.postgres,
+                table,
+                shape,
+                order,
+                after is None,
+                descending,
+                floors,
+                prefixes,
+            ),
+            build,
         )
         params = _params(where) | {"limit": limit + 1}
         params |= {"min_" + name: low for name, low in at_least.items()}
@@ -170,7 +189,7 @@ class Unit:
         t = self.table(table)
         shape = _shape(where)
         statement = _built_statement(
-            ("count", table, shape),
+            ("count", self.postgres, table, shape),
             lambda: select(func.count()).select_from(t).where(*self._where(t, shape)),
         )
         return int((await self.conn.execute(statement, _params(where))).scalar_one())
@@ -179,7 +198,7 @@ class Unit:
         t = self.table(table)
         shape = _shape(where)
         statement = _built_statement(
-            ("total", table, column, shape),
+            ("total", self.postgres, table, column, shape),
             lambda: select(func.coalesce(func.sum(t.c[column]), 0)).where(*self._where(t, shape)),
         )
         return int((await self.conn.execute(statement, _params(where))).scalar_one())
@@ -197,12 +216,18 @@ class Unit:
                 select(*keys, func.sum(t.c[column])).where(*self._where(t, shape)).group_by(*keys)
             )
 
-        statement = _built_statement(("totals", table, column, by, shape), build)
+        statement = _built_statement(("totals", self.postgres, table, column, by, shape), build)
         rows = (await self.conn.execute(statement, _params(where))).all()
         return {tuple(r[:-1]): int(r[-1]) for r in rows}
 
     async def insert(self, table: str, values: dict[str, Any] | list[dict[str, Any]]) -> int | None:
-        """Insert one row (its generated integer key back) or many; Conflict on a duplicate."""
+        """Insert one row (its generated integer key back) or many; Conflict on a duplicate;
+        ValueError for a value of no column (a caller's slip, never silently dropped)."""
+        columns = self.table(table).c
+        for row in values if isinstance(values, list) else [values]:
+            unknown = [name for name in row if name not in columns]
+            if unknown:
+                raise ValueError(f"{table} has no column {', '.join(sorted(unknown))}")
         statement = _built_statement(("insert", table), lambda: insert(self.table(table)))
         try:
             if isinstance(values, list):
@@ -246,7 +271,9 @@ class Unit:
                 )
             return update(t).where(*condition).values(**changes)
 
-        statement = _built_statement(("update", table, shape, set_, added, bounds), build)
+        statement = _built_statement(
+            ("update", self.postgres, table, shape, set_, added, bounds), build
+        )
         params = _params(where)
         params |= {"v_" + name: values[name] for name in set_}
         params |= {"i_" + name: values[name][1] for name in added}
@@ -263,7 +290,8 @@ class Unit:
         t = self.table(table)
         shape = _shape(where)
         statement = _built_statement(
-            ("delete", table, shape), lambda: t.delete().where(*self._where(t, shape))
+            ("delete", self.postgres, table, shape),
+            lambda: t.delete().where(*self._where(t, shape)),
         )
         result = await self.conn.execute(statement, _params(where))
         return int(result.rowcount)

@@ -27,6 +27,7 @@ def _run(connection: Connection) -> None:
     if connection.dialect.name == "postgresql":
         connection.execute(text(f"SET lock_timeout = {limits.DB_LOCK_TIMEOUT_MS}"))
         connection.execute(text(f"SET statement_timeout = {limits.DB_STATEMENT_TIMEOUT_MS}"))
+        connection.commit()  # session settings; the migrations' transaction is alembic's own
     context.configure(
         connection=connection,
         target_metadata=target_metadata,

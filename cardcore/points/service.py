@@ -914,12 +914,11 @@ class PointsService:
     async def after_money(self, done: Sequence[MoneyDone]) -> list[PointsAnswer | None]:
         """The points of a `PosService.handle` call's approved purchases, voids and refunds
         (ADR 0007: points after money, in the same call): the purchases' earnings pinned
-        together, every step in one ledger submit, the balances after in one read."""
+        together first (a void in the call then finds its purchase's), every step in one
+        ledger submit, each answer's balance worked out from the holdings read before."""
         out: list[PointsAnswer | None] = [None] * len(done)
         earning: list[tuple[int, _ToPin]] = []
-        steps: list[tuple[int, list[Op], ProgramRecord, int, int]] = []
         for i, d in enumerate(done):
-            holder = d.card.account_id
             if d.request.kind is Kind.PURCHASE:
                 found = await self._program_of_card(d.card)
                 if found is not None:
@@ -927,6 +926,66 @@ class PointsService:
                     earning.append(
                         (i, _ToPin(d.key + EARN_SUFFIX, d.card, d.terminal, found, basket, d.key))
                     )
+        rows, held = await self._pin([item for _, item in earning])
+        steps: list[tuple[int, list[Op], ProgramRecord, int, int]] = [
+            (i, [], item.found, item.card.account_id, 0)
+            for (i, item), row in zip(earning, rows, strict=True) if row is None
+        ]  # fmt: skip
+        earned = [(i, item, row) for (i, item), row in zip(earning, rows, strict=True) if row]
+        ops_of = await self._earn_ops([
+            (row, item.card, item.found, _metadata(item.terminal, done[i].request))
+            for i, item, row in earned
+        ])  # fmt: skip
+        lots = {}
+        for (i, item, row), ops in zip(earned, ops_of, strict=True):
+            steps.append((i, ops, item.found, item.card.account_id, int(row["points"])))
+            lots[i] = row["lot"], int(row["debt_repaid"])
+        claws = await self._claw_steps(done)
+        steps += claws
+        clawing = {(found.program.asset, holder) for _, _, found, holder, _ in claws}
+        steps.sort(key=lambda step: step[0])
+        submitted = [op for step in steps for op in step[1]]
+        results = iter(await self.ledger.submit(submitted) if submitted else [])
+        # The balance after each, in order: the holding read before, with what this call
+        # added to a lot usable now (under the card's lock nothing else of this process
+        # spends it). A holder with a clawback in the call is read again after the submit,
+        # and each of its answers carries that balance.
+        now = self.clock_ms()
+        usable = {key: holding.usable(now) for key, holding in held.items()}
+        again = [(p, h) for p, h in {(f.program, h) for _, _, f, h, _ in steps}
+                 if (p.asset, h) in clawing]  # fmt: skip
+        for i, ops, found, holder, points in steps:
+            got = [next(results) for _ in ops]
+            res, rest = (got[0], got[1:]) if got else (None, [])
+            if res is not None and not res.ok:
+                # Not decided: the terminal is answered 96 and the request reversed (the
+                # gateway's store and forward), which unpins what was pinned for it.
+                log.warning("points step refused by the ledger", extra={"code": res.code})
+                out[i] = PointsAnswer(None, None, ok=False)
+                continue
+            key = (found.program.asset, holder)
+            if res is not None and points > 0:
+                await self._upgrade(found, holder)
+                lot, repaid = lots[i]
+                landed = model.is_usable(model.lot_of(found.program, lot, 0), now)
+                if landed and not res.replayed and key not in clawing:
+                    usable[key] += points - (repaid if rest and rest[0].ok else 0)
+            out[i] = PointsAnswer(points, None if key in clawing else usable[key])
+        if again:
+            usable |= {k: h.usable(now) for k, h in (await self.holdings(again)).items()}
+        for i, _, found, holder, points in steps:
+            answer = out[i]
+            if answer is not None and answer.ok and answer.points_balance is None:
+                out[i] = PointsAnswer(points, usable[found.program.asset, holder])
+        return out
+
+    async def _claw_steps(
+        self, done: Sequence[MoneyDone]
+    ) -> list[tuple[int, list[Op], ProgramRecord, int, int]]:
+        """The clawbacks of the call's voids and refunds whose purchase earned."""
+        steps: list[tuple[int, list[Op], ProgramRecord, int, int]] = []
+        for i, d in enumerate(done):
+            if d.request.kind is Kind.PURCHASE:
                 continue
             pinned = await self._earning(d.original_key + EARN_SUFFIX)
             found = None if pinned is None else await self._program(pinned["program"])
@@ -938,49 +997,8 @@ class PointsService:
                 _metadata(d.terminal, d.request), returned=returned,
             )  # fmt: skip
             if claw is not None:
-                steps.append((i, claw[0], found, holder, -claw[1]))
-        rows, held = await self._pin([item for _, item in earning])
-        earned = [(i, item, row) for (i, item), row in zip(earning, rows, strict=True) if row]
-        ops_of = await self._earn_ops([
-            (row, item.card, item.found, _metadata(item.terminal, done[i].request))
-            for i, item, row in earned
-        ])  # fmt: skip
-        lots = {}
-        for (i, item, row), ops in zip(earned, ops_of, strict=True):
-            steps.append((i, ops, item.found, item.card.account_id, int(row["points"])))
-            lots[i] = row["lot"], int(row["debt_repaid"])
-        steps += [
-            (i, [], item.found, item.card.account_id, 0)
-            for (i, item), row in zip(earning, rows, strict=True) if row is None
-        ]  # fmt: skip
-        steps.sort(key=lambda step: step[0])
-        submitted = [op for step in steps for op in step[1]]
-        results = iter(await self.ledger.submit(submitted) if submitted else [])
-        # The balance after each, in order: the holding read before, with what this call
-        # added to a lot usable now (under the card's lock nothing else of this process
-        # spends it); after a clawback, read again.
-        now = self.clock_ms()
-        usable = {key: holding.usable(now) for key, holding in held.items()}
-        for i, ops, found, holder, points in steps:
-            key = (found.program.asset, holder)
-            got = [next(results) for _ in ops]
-            res, rest = (got[0], got[1:]) if got else (None, [])
-            if res is not None and not res.ok:
-                # Not decided: the terminal is answered 96 and the request reversed (the
-                # gateway's store and forward), which unpins what was pinned for it.
-                log.warning("points step refused by the ledger", extra={"code": res.code})
-                out[i] = PointsAnswer(None, None, ok=False)
-                continue
-            if points < 0 or key not in usable:
-                usable[key] = (await self.holding(found.program, holder)).usable(now)
-            elif res is not None and points > 0:
-                await self._upgrade(found, holder)
-                lot, repaid = lots[i]
-                landed = model.is_usable(model.lot_of(found.program, lot, 0), now)
-                if landed and not res.replayed:
-                    usable[key] += points - (repaid if rest and rest[0].ok else 0)
-            out[i] = PointsAnswer(points, usable[key])
-        return out
+                steps.append((i, claw[0], found, d.card.account_id, -claw[1]))
+        return steps
 
     async def _earning(self, key: str) -> dict[str, Any] | None:
         async with self.records.read() as uow:
@@ -1846,6 +1864,14 @@ async def _holdings(
          "asset": sorted(programs)},
         limit=limits.POINTS_OPEN_LOTS_MAX,
     )  # fmt: skip
+    if len(rows) > limits.POINTS_OPEN_LOTS_MAX and len(keys) > 1:
+        # Many lots between them: each holder's on its own, within its own bound.
+        rows = []
+        for asset, holder in sorted(keys):
+            rows += await uow.find(
+                ACCOUNTS, {"owner_kind": OWNER_KIND, "owner_id": str(holder), "asset": asset},
+                limit=limits.POINTS_OPEN_LOTS_MAX,
+            )  # fmt: skip
     lots: dict[tuple[str, int], list[model.Lot]] = {k: [] for k in keys}
     ids: dict[tuple[str, int], dict[str, int]] = {k: {} for k in keys}
     debts: dict[tuple[str, int], tuple[int, int]] = {}

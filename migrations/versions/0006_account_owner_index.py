@@ -19,13 +19,21 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+NAME = "ix_ledger_accounts_owner_kind_owner_id_asset"
+TABLE = "ledger_accounts"
+COLUMNS = ["owner_kind", "owner_id", "asset"]
+
+
 def upgrade() -> None:
-    op.create_index(
-        "ix_ledger_accounts_owner_kind_owner_id_asset",
-        "ledger_accounts",
-        ["owner_kind", "owner_id", "asset"],
-    )
+    if op.get_bind().dialect.name != "postgresql":
+        op.create_index(NAME, TABLE, COLUMNS)
+        return
+    # Built CONCURRENTLY: a grown accounts table keeps taking writes (the till) meanwhile.
+    # A build that failed half way leaves an invalid index of that name: dropped first.
+    with op.get_context().autocommit_block():
+        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {NAME}")
+        op.create_index(NAME, TABLE, COLUMNS, postgresql_concurrently=True)
 
 
 def downgrade() -> None:
-    op.drop_index("ix_ledger_accounts_owner_kind_owner_id_asset", "ledger_accounts")
+    op.drop_index(NAME, TABLE)

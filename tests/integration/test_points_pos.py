@@ -225,6 +225,26 @@ async def test_earnings_of_one_card_in_one_call_see_each_other(admin: AdminClien
     assert (await shop.points(card))["balance"] == 100
 
 
+async def test_a_refund_between_two_purchases_of_one_call_answers_the_true_balance(
+    admin: AdminClient,
+) -> None:
+    """Review finding: a holder read again after its clawback already counted the later
+    earning of the call, which was then added a second time."""
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))
+    call = [
+        shop.request(Kind.PURCHASE, card, amount=4_000),
+        shop.request(Kind.REFUND, card, amount=5_000, rrn=sale.rrn),
+        shop.request(Kind.PURCHASE, card, "S2", amount=3_000),
+    ]
+    answers = await shop.pos.handle(call)
+    assert [a.points for a in answers] == [40, -50, 30]
+    usable = (await shop.points(card))["usable"]
+    assert usable == 100 + 40 - 50 + 30
+    assert [a.points_balance for a in answers] == [usable] * 3
+
+
 async def test_reversing_a_refund_after_its_debt_was_repaid_puts_the_points_back(
     admin: AdminClient,
 ) -> None:

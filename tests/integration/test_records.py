@@ -77,6 +77,10 @@ async def test_updates_guards_and_deletes_with_built_statements(db_url: str) -> 
                                         at_most={"created_at_ms": 49})  # fmt: skip
             assert await uow.update(ENTITIES, {"id": ["E4", "E5"]}, {"name": "renamed"}) == 2
             assert await uow.delete(ENTITIES, {"id": ["E2", "E9"]}) == 1
+        with pytest.raises(ValueError, match="no column colour"):
+            async with records.begin() as uow:
+                await uow.insert(ENTITIES, {"id": "E6", "name": "n", "created_at_ms": 0,
+                                            "colour": "red"})  # fmt: skip
         with pytest.raises(Conflict):  # and the unit rolls back (PostgreSQL aborts it)
             async with records.begin() as uow:
                 await uow.insert(ENTITIES, {"id": "E3", "name": "twice", "created_at_ms": 0})
