@@ -12,6 +12,7 @@ named as in the shared MetaData; filters are equalities (a list or tuple means I
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -80,6 +81,11 @@ def _increment(value: object) -> bool:
 def _like_escaped(prefix: str) -> str:
     """A LIKE prefix matched literally (escape character `/`)."""
     return prefix.replace("/", "//").replace("%", "/%").replace("_", "/_")
+
+
+@functools.cache
+def _columns(table: str) -> frozenset[str]:
+    return frozenset(metadata.tables[table].c.keys())
 
 
 def _built_statement(shape: tuple[Any, ...], build: Callable[[], Any]) -> Any:
@@ -223,11 +229,11 @@ class Unit:
     async def insert(self, table: str, values: dict[str, Any] | list[dict[str, Any]]) -> int | None:
         """Insert one row (its generated integer key back) or many; Conflict on a duplicate;
         ValueError for a value of no column (a caller's slip, never silently dropped)."""
-        columns = self.table(table).c
+        columns = _columns(table)
         for row in values if isinstance(values, list) else [values]:
-            unknown = [name for name in row if name not in columns]
-            if unknown:
-                raise ValueError(f"{table} has no column {', '.join(sorted(unknown))}")
+            if not row.keys() <= columns:
+                unknown = ", ".join(sorted(row.keys() - columns))
+                raise ValueError(f"{table} has no column {unknown}")
         statement = _built_statement(("insert", table), lambda: insert(self.table(table)))
         try:
             if isinstance(values, list):
