@@ -66,9 +66,9 @@ def _shape(where: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple((name, _kind(value)) for name, value in where.items())
 
 
-def _params(where: dict[str, Any], prefix: str = "w_") -> dict[str, Any]:
+def _params(where: dict[str, Any]) -> dict[str, Any]:
     return {
-        prefix + name: list(value) if _kind(value) == "in" else value
+        "w_" + name: list(value) if _kind(value) == "in" else value
         for name, value in where.items()
         if value is not None
     }
@@ -106,9 +106,7 @@ class Unit:
     def table(name: str) -> Table:
         return metadata.tables[name]
 
-    def _where(
-        self, t: Table, shape: tuple[tuple[str, str], ...], prefix: str = "w_"
-    ) -> list[ColumnElement[bool]]:
+    def _where(self, t: Table, shape: tuple[tuple[str, str], ...]) -> list[ColumnElement[bool]]:
         """The filter of a shape. A list is one array parameter on PostgreSQL (`= ANY`: one
         statement text whatever its length, so one prepared statement), an expanding IN on
         SQLite."""
@@ -116,13 +114,13 @@ class Unit:
         for name, kind in shape:
             column = t.c[name]
             if kind == "in" and self.postgres:
-                out.append(column == any_(bindparam(prefix + name, type_=ARRAY(column.type))))
+                out.append(column == any_(bindparam("w_" + name, type_=ARRAY(column.type))))
             elif kind == "in":
-                out.append(column.in_(bindparam(prefix + name, expanding=True)))
+                out.append(column.in_(bindparam("w_" + name, expanding=True)))
             elif kind == "null":
                 out.append(column.is_(None))
             else:
-                out.append(column == bindparam(prefix + name))
+                out.append(column == bindparam("w_" + name))
         return out
 
     async def _rows(self, statement: Any, params: dict[str, Any]) -> list[dict[str, Any]]:

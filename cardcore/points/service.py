@@ -952,8 +952,8 @@ class PointsService:
         # and each of its answers carries that balance.
         now = self.clock_ms()
         usable = {key: holding.usable(now) for key, holding in held.items()}
-        again = [(p, h) for p, h in {(f.program, h) for _, _, f, h, _ in steps}
-                 if (p.asset, h) in clawing]  # fmt: skip
+        reread = [(p, h) for p, h in {(f.program, h) for _, _, f, h, _ in steps}
+                  if (p.asset, h) in clawing]  # fmt: skip
         for i, ops, found, holder, points in steps:
             got = [next(results) for _ in ops]
             res, rest = (got[0], got[1:]) if got else (None, [])
@@ -971,8 +971,8 @@ class PointsService:
                 if landed and not res.replayed and key not in clawing:
                     usable[key] += points - (repaid if rest and rest[0].ok else 0)
             out[i] = PointsAnswer(points, None if key in clawing else usable[key])
-        if again:
-            usable |= {k: h.usable(now) for k, h in (await self.holdings(again)).items()}
+        if reread:
+            usable |= {k: h.usable(now) for k, h in (await self.holdings(reread)).items()}
         for i, _, found, holder, points in steps:
             answer = out[i]
             if answer is not None and answer.ok and answer.points_balance is None:
