@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DBAPIError
@@ -22,7 +23,8 @@ class DatabaseUrlError(ValueError):
 
 
 # What reaching or using a database can raise besides our own errors (for the CLI's one line).
-DATABASE_ERRORS = (OSError, DBAPIError, TimeoutError)
+# asyncpg's own errors come from statements run at the driver (records, the writer's bulk writes).
+DATABASE_ERRORS = (OSError, DBAPIError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def async_url(url: str) -> URL:
@@ -58,6 +60,7 @@ def make_engine(url: str, *, pool_size: int = limits.DB_POOL_SIZE_MAX) -> AsyncE
         connect_args={
             "timeout": limits.DB_CONNECT_TIMEOUT_S,
             "command_timeout": limits.DB_STATEMENT_TIMEOUT_MS / 1000,
+            "statement_cache_size": limits.DB_STATEMENTS_CACHED_MAX,
             "server_settings": {
                 "synchronous_commit": "on",
                 "statement_timeout": str(limits.DB_STATEMENT_TIMEOUT_MS),

@@ -40,6 +40,7 @@ DB_POOL_SIZE_MAX: Final = 8  # reader connections (the writer holds one more)
 DB_CONNECT_TIMEOUT_S: Final = 10
 DB_STATEMENT_TIMEOUT_MS: Final = 30_000
 DB_LOCK_TIMEOUT_MS: Final = 5_000
+DB_STATEMENTS_CACHED_MAX: Final = 512  # prepared statements asyncpg keeps per connection
 SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
 DB_INSERT_ROWS_MAX: Final = 1000  # rows in one multi-row INSERT (bulk card issuance)
 SQLITE_WAL_CHECKPOINT_PAGES_MAX: Final = 10_000  # WAL pages (about 40 MiB) before a checkpoint

@@ -8,16 +8,22 @@ the admin services need, so services hold rules and never SQL.
 
 `records.read()` is the same on a connection without a transaction of its own. Tables are
 named as in the shared MetaData; filters are equalities (a list or tuple means IN).
+
+On PostgreSQL each statement is built by SQLAlchemy once, compiled once, and run at the
+driver (asyncpg, its prepared statement cached per connection) inside a transaction the
+driver holds; SQLAlchemy keeps the pool (docs/adr/0008). SQLite runs the same statements
+through SQLAlchemy.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 from sqlalchemy import (
     ARRAY,
     BindParameter,
@@ -31,6 +37,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -51,9 +58,46 @@ class Conflict(Exception):
 
 
 # Built statements by query shape (verb, table, filter columns and kinds, ...): a shape is
-# built and its cache key computed once, then executed with its values as parameters. The
-# shapes are the code's own queries, a bounded set; the bound is a safety net.
-_built: dict[tuple[Any, ...], Any] = {}
+# built and its cache key computed once (on PostgreSQL compiled once too), then executed with
+# its values as parameters. The shapes are the code's own queries, a bounded set; the bound
+# is a safety net.
+_built: dict[tuple[Any, ...], _Statement] = {}
+
+
+class _Statement:
+    """A built statement; on PostgreSQL also its SQL for the driver, the order of its
+    parameters and their conversions (SQLAlchemy's bind processors, None for most)."""
+
+    __slots__ = ("clause", "given", "names", "processors", "sql")
+
+    def __init__(
+        self, clause: Any, dialect: Dialect | None, column_keys: Sequence[str] | None = None
+    ) -> None:
+        self.clause = clause
+        self.sql = ""
+        self.names: tuple[str, ...] = ()
+        self.processors: tuple[Callable[[Any], Any] | None, ...] = ()
+        self.given: dict[str, Any] = {}
+        if dialect is not None:
+            compiled = clause.compile(dialect=dialect, column_keys=column_keys)
+            self.sql = str(compiled)
+            self.names = tuple(compiled.positiontup or ())
+            self.processors = tuple(
+                compiled.binds[name].type.bind_processor(dialect) for name in self.names
+            )
+            # Values the statement carries itself (`.limit(1)`); the rest are required.
+            self.given = {
+                name: compiled.binds[name].value
+                for name in self.names
+                if not compiled.binds[name].required
+            }
+
+    def args(self, params: dict[str, Any]) -> list[Any]:
+        out = []
+        for name, convert in zip(self.names, self.processors, strict=True):
+            value = params[name] if name in params or name not in self.given else self.given[name]
+            out.append(value if convert is None else convert(value))
+        return out
 
 
 def _kind(value: object) -> str:
@@ -88,19 +132,29 @@ def _columns(table: str) -> frozenset[str]:
     return frozenset(metadata.tables[table].c.keys())
 
 
-def _built_statement(shape: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+def _built_statement(
+    shape: tuple[Any, ...],
+    build: Callable[[], Any],
+    dialect: Dialect | None,
+    column_keys: Sequence[str] | None = None,
+) -> _Statement:
     found = _built.get(shape)
     if found is None:
         if len(_built) >= limits.RECORDS_STATEMENTS_MAX:
             _built.clear()
-        found = _built[shape] = build()
+        found = _built[shape] = _Statement(build(), dialect, column_keys)
     return found
 
 
 class Unit:
-    def __init__(self, conn: AsyncConnection) -> None:
+    """The verbs over one connection. `driver` is the asyncpg connection under `conn` on
+    PostgreSQL (statements run there, in the transaction it holds), None on SQLite."""
+
+    def __init__(self, conn: AsyncConnection, driver: Any = None) -> None:
         self.conn = conn
+        self.driver = driver
         self.postgres = conn.dialect.name == "postgresql"
+        self._dialect = conn.dialect if driver is not None else None
 
     @staticmethod
     def table(name: str) -> Table:
@@ -123,18 +177,39 @@ class Unit:
                 out.append(column == bindparam("w_" + name))
         return out
 
-    async def _rows(self, statement: Any, params: dict[str, Any]) -> list[dict[str, Any]]:
-        return [dict(r._mapping) for r in (await self.conn.execute(statement, params)).all()]
+    def _statement(self, shape: tuple[Any, ...], build: Callable[[], Any]) -> _Statement:
+        return _built_statement(shape, build, self._dialect)
+
+    async def _rows(self, s: _Statement, params: dict[str, Any]) -> Sequence[Any]:
+        """The result rows: mappings by column name that index by position too."""
+        if self.driver is not None:
+            return list(await self.driver.fetch(s.sql, *s.args(params)))
+        return [r._mapping for r in (await self.conn.execute(s.clause, params)).all()]
+
+    async def _scalar(self, s: _Statement, params: dict[str, Any]) -> Any:
+        if self.driver is not None:
+            return await self.driver.fetchval(s.sql, *s.args(params))
+        return (await self.conn.execute(s.clause, params)).scalar_one()
+
+    async def _changed(self, s: _Statement, params: dict[str, Any]) -> int:
+        """Run an UPDATE or DELETE; how many rows it changed."""
+        try:
+            if self.driver is not None:
+                status = await self.driver.execute(s.sql, *s.args(params))
+                return int(status.rsplit(" ", 1)[-1])
+            return int((await self.conn.execute(s.clause, params)).rowcount)
+        except (IntegrityError, asyncpg.IntegrityConstraintViolationError):
+            raise Conflict(s.clause.table.name) from None
 
     async def get(self, table: str, **where: Any) -> dict[str, Any] | None:
         t = self.table(table)
         shape = _shape(where)
-        statement = _built_statement(
+        statement = self._statement(
             ("get", self.postgres, table, shape),
             lambda: select(t).where(*self._where(t, shape)).limit(1),
         )
-        row = (await self.conn.execute(statement, _params(where))).first()
-        return None if row is None else dict(row._mapping)
+        rows = await self._rows(statement, _params(where))
+        return dict(rows[0]) if rows else None
 
     async def find(
         self,
@@ -168,7 +243,7 @@ class Unit:
             order_by = key.desc() if descending else key
             return query.order_by(order_by).limit(bindparam("limit", type_=Integer))
 
-        statement = _built_statement(
+        statement = self._statement(
             (
                 "find",
                 self.postgres,
@@ -187,25 +262,25 @@ class Unit:
         params |= {"pre_" + name: _like_escaped(p) for name, p in starts_with.items()}
         if after is not None:
             params["after"] = after
-        return await self._rows(statement, params)
+        return [dict(r) for r in await self._rows(statement, params)]
 
     async def count(self, table: str, **where: Any) -> int:
         t = self.table(table)
         shape = _shape(where)
-        statement = _built_statement(
+        statement = self._statement(
             ("count", self.postgres, table, shape),
             lambda: select(func.count()).select_from(t).where(*self._where(t, shape)),
         )
-        return int((await self.conn.execute(statement, _params(where))).scalar_one())
+        return int(await self._scalar(statement, _params(where)))
 
     async def total(self, table: str, column: str, **where: Any) -> int:
         t = self.table(table)
         shape = _shape(where)
-        statement = _built_statement(
+        statement = self._statement(
             ("total", self.postgres, table, column, shape),
             lambda: select(func.coalesce(func.sum(t.c[column]), 0)).where(*self._where(t, shape)),
         )
-        return int((await self.conn.execute(statement, _params(where))).scalar_one())
+        return int(await self._scalar(statement, _params(where)))
 
     async def totals(
         self, table: str, column: str, by: tuple[str, ...], **where: Any
@@ -214,33 +289,63 @@ class Unit:
         t = self.table(table)
         shape = _shape(where)
 
+        labels = [f"by_{i}" for i in range(len(by))]
+
         def build() -> Any:
             keys = [t.c[name] for name in by]
-            return (
-                select(*keys, func.sum(t.c[column])).where(*self._where(t, shape)).group_by(*keys)
-            )
+            named = [key.label(label) for key, label in zip(keys, labels, strict=True)]
+            total = func.sum(t.c[column]).label("total")
+            return select(*named, total).where(*self._where(t, shape)).group_by(*keys)
 
-        statement = _built_statement(("totals", self.postgres, table, column, by, shape), build)
-        rows = (await self.conn.execute(statement, _params(where))).all()
-        return {tuple(r[:-1]): int(r[-1]) for r in rows}
+        statement = self._statement(("totals", self.postgres, table, column, by, shape), build)
+        rows = await self._rows(statement, _params(where))
+        return {tuple(r[label] for label in labels): int(r["total"]) for r in rows}
 
     async def insert(self, table: str, values: dict[str, Any] | list[dict[str, Any]]) -> int | None:
         """Insert one row (its generated integer key back) or many; Conflict on a duplicate;
         ValueError for a value of no column (a caller's slip, never silently dropped)."""
         columns = _columns(table)
-        for row in values if isinstance(values, list) else [values]:
+        rows = values if isinstance(values, list) else [values]
+        for row in rows:
             if not row.keys() <= columns:
                 unknown = ", ".join(sorted(row.keys() - columns))
                 raise ValueError(f"{table} has no column {unknown}")
-        statement = _built_statement(("insert", table), lambda: insert(self.table(table)))
         try:
+            if self.driver is None:
+                return await self._insert_sqlalchemy(table, values)
             if isinstance(values, list):
-                if values:
-                    await self.conn.execute(statement, values)
+                for keys, group in _runs(values):
+                    s = self._insert_statement(table, keys)
+                    await self.driver.executemany(s.sql, [s.args(row) for row in group])
                 return None
-            result = await self.conn.execute(statement, values)
-        except IntegrityError:
+            s = self._insert_statement(table, tuple(values))
+            key = await self.driver.fetchval(s.sql, *s.args(values))
+        except (IntegrityError, asyncpg.IntegrityConstraintViolationError):
             raise Conflict(table) from None
+        if key is None:
+            key = _given_key(self.table(table), values)
+        return key if isinstance(key, int) else None
+
+    def _insert_statement(self, table: str, keys: tuple[str, ...]) -> _Statement:
+        """INSERT of these columns; RETURNING the generated key when the table makes one."""
+        t = self.table(table)
+
+        def build() -> Any:
+            made = t.autoincrement_column
+            statement = insert(t)
+            return statement if made is None or made.name in keys else statement.returning(made)
+
+        return _built_statement(("insert", True, table, keys), build, self._dialect, keys)
+
+    async def _insert_sqlalchemy(
+        self, table: str, values: dict[str, Any] | list[dict[str, Any]]
+    ) -> int | None:
+        s = self._statement(("insert", False, table), lambda: insert(self.table(table)))
+        if isinstance(values, list):
+            if values:
+                await self.conn.execute(s.clause, values)
+            return None
+        result = await self.conn.execute(s.clause, values)
         key = result.inserted_primary_key
         return int(key[0]) if key and isinstance(key[0], int) else None
 
@@ -275,30 +380,25 @@ class Unit:
                 )
             return update(t).where(*condition).values(**changes)
 
-        statement = _built_statement(
+        statement = self._statement(
             ("update", self.postgres, table, shape, set_, added, bounds), build
         )
         params = _params(where)
         params |= {"v_" + name: values[name] for name in set_}
         params |= {"i_" + name: values[name][1] for name in added}
         params |= {"b_" + name: bound for name, bound in (at_most or {}).items()}
-        try:
-            result = await self.conn.execute(statement, params)
-        except IntegrityError:
-            raise Conflict(table) from None
-        return int(result.rowcount)
+        return await self._changed(statement, params)
 
     async def delete(self, table: str, where: dict[str, Any]) -> int:
         """Delete the matching rows (tables that hold a current state only, never a log);
         how many went."""
         t = self.table(table)
         shape = _shape(where)
-        statement = _built_statement(
+        statement = self._statement(
             ("delete", self.postgres, table, shape),
             lambda: t.delete().where(*self._where(t, shape)),
         )
-        result = await self.conn.execute(statement, _params(where))
-        return int(result.rowcount)
+        return await self._changed(statement, _params(where))
 
     async def audit(
         self,
@@ -333,6 +433,24 @@ class Unit:
         )
 
 
+def _runs(rows: list[dict[str, Any]]) -> list[tuple[tuple[str, ...], list[dict[str, Any]]]]:
+    """Consecutive rows naming the same columns, in order (one statement each run)."""
+    out: list[tuple[tuple[str, ...], list[dict[str, Any]]]] = []
+    for row in rows:
+        keys = tuple(row)
+        if out and out[-1][0] == keys:
+            out[-1][1].append(row)
+        else:
+            out.append((keys, [row]))
+    return out
+
+
+def _given_key(t: Table, row: dict[str, Any]) -> object:
+    """The integer primary key a row named itself (SQLAlchemy's inserted_primary_key)."""
+    keys = list(t.primary_key.columns)
+    return row.get(keys[0].name) if len(keys) == 1 else None
+
+
 def _image(value: dict[str, Any] | None) -> str | None:
     if value is None:
         return None
@@ -351,6 +469,10 @@ class Records:
         """A write transaction. On SQLite it takes the write lock at BEGIN (IMMEDIATE), so a
         unit that reads before it writes waits its turn instead of failing "database is
         locked" when another writer committed in between; PostgreSQL ignores the option."""
+        if self.engine.dialect.name == "postgresql":
+            async with self._driver() as (conn, driver), driver.transaction():
+                yield Unit(conn, driver)
+            return
         async with self.engine.connect() as plain:
             conn = await plain.execution_options(sqlite_begin="IMMEDIATE")
             async with conn.begin():
@@ -361,8 +483,25 @@ class Records:
         """Reads. On PostgreSQL without a transaction of their own (autocommit: no BEGIN and
         ROLLBACK round trips); at READ COMMITTED each statement sees its own snapshot
         either way."""
-        async with self.engine.connect() as plain:
-            conn = plain
-            if self.engine.dialect.name == "postgresql":
-                conn = await plain.execution_options(isolation_level="AUTOCOMMIT")
+        if self.engine.dialect.name == "postgresql":
+            async with self._driver() as (conn, driver):
+                yield Unit(conn, driver)
+            return
+        async with self.engine.connect() as conn:
             yield Unit(conn)
+
+    @asynccontextmanager
+    async def _driver(self) -> AsyncIterator[tuple[AsyncConnection, Any]]:
+        """A pooled PostgreSQL connection in autocommit (SQLAlchemy issues no BEGIN of its
+        own, so a statement through it joins the driver's transaction) and the asyncpg
+        connection under it. One the server dropped, or one a cancelled unit left inside
+        its transaction, is invalidated: never pooled again."""
+        async with self.engine.connect() as plain:
+            conn = await plain.execution_options(isolation_level="AUTOCOMMIT")
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            try:
+                yield conn, driver
+            finally:
+                if driver.is_closed() or driver.is_in_transaction():
+                    await conn.invalidate()  # dropped, or left mid-transaction: never reuse

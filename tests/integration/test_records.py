@@ -4,10 +4,12 @@ keyed on too little would run one call's statement with another call's meaning).
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from cardcore.db import make_engine
-from cardcore.records import Conflict, Records
+from cardcore.db import DATABASE_ERRORS, make_engine
+from cardcore.records import Conflict, Records, Unit
 
 pytestmark = pytest.mark.asyncio
 
@@ -110,5 +112,75 @@ async def test_a_write_in_a_unit_that_fails_changes_nothing(db_url: str) -> None
             assert await uow.totals(ENTITIES, "created_at_ms", ("name",), id=["E1", "E2"]) == {
                 ("50% off_shop",): 10, ("50 percent",): 20,
             }  # fmt: skip
+    finally:
+        await records.engine.dispose()
+
+
+# --- PostgreSQL: statements at the driver, in the driver's transaction (ADR 0008) ------------
+
+
+def _postgres_only(db_url: str) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("the driver path is PostgreSQL's")
+
+
+async def test_a_statement_through_sqlalchemy_joins_the_units_transaction(db_url: str) -> None:
+    records = await _records(db_url)
+    try:
+
+        async def fails() -> None:
+            async with records.begin() as uow:
+                await uow.conn.execute(
+                    Unit.table(ENTITIES).update().where(Unit.table(ENTITIES).c.id == "E1"),
+                    {"name": "through sqlalchemy"},
+                )
+                await uow.update(ENTITIES, {"id": "E2"}, {"name": "through the unit"})
+                raise RuntimeError
+
+        with pytest.raises(RuntimeError):
+            await fails()
+        async with records.read() as uow:
+            names = {r["id"]: r["name"] for r in await uow.find(ENTITIES, {"id": ["E1", "E2"]})}
+        assert names == {"E1": "50% off_shop", "E2": "50 percent"}  # both rolled back
+    finally:
+        await records.engine.dispose()
+
+
+async def test_a_connection_the_server_dropped_is_not_pooled_again(db_url: str) -> None:
+    _postgres_only(db_url)
+    records = Records(make_engine(db_url, pool_size=1))  # the next unit would get it back
+    try:
+        with pytest.raises(DATABASE_ERRORS):
+            async with records.read() as uow:
+                await uow.driver.fetchval("SELECT pg_terminate_backend(pg_backend_pid())")
+        async with records.read() as uow:
+            assert await uow.count(ENTITIES) == 0
+    finally:
+        await records.engine.dispose()
+
+
+async def test_a_unit_cancelled_mid_transaction_commits_nothing_and_leaves_the_pool_usable(
+    db_url: str,
+) -> None:
+    _postgres_only(db_url)
+    records = Records(make_engine(db_url, pool_size=1))
+    inside = asyncio.Event()
+
+    async def stuck() -> None:
+        async with records.begin() as uow:
+            await uow.insert(ENTITIES, {"id": "X1", "name": "never", "created_at_ms": 0})
+            inside.set()
+            await asyncio.Event().wait()
+
+    try:
+        task = asyncio.create_task(stuck())
+        await inside.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with records.begin() as uow:  # the one pooled connection, usable again
+            await uow.insert(ENTITIES, {"id": "X2", "name": "kept", "created_at_ms": 0})
+        async with records.read() as uow:
+            assert [r["id"] for r in await uow.find(ENTITIES, order="id")] == ["X2"]
     finally:
         await records.engine.dispose()
