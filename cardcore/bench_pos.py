@@ -24,7 +24,10 @@ past that it is answered 91, which counts as an error here, so use enough termin
 
 `tx_per_s` counts approved purchases; `p50_ms`/`p99_ms` are purchase round trips seen by the
 terminals; `errors` counts anything but an approval; `gateway_rss_mb` is the resident memory
-of the process that holds the terminal connections, read at the end.
+of the process that holds the terminal connections, read at the end; `server_cpu_ms_per_tx`
+is the CPU time the processes the benchmark started (`serve`, or `ledger` and `gateway`)
+spent during the timed part, per approved transaction: on a machine shared with the load
+generator and the database it varies far less from run to run than `tx_per_s` does.
 
 `--mix realistic` (issue 5) makes the card class part of a points program (1 point per yuan,
 100 points = 1.00 CNY), an active coupon campaign (1.00 CNY off) with enough codes, and has
@@ -122,6 +125,7 @@ def run(options: PosBenchOptions) -> dict[str, Any]:
         env["CARDCORE_GATEWAY_SAF_FILE"] = str(Path(tmp) / "saf.jsonl")
         db = options.db or f"sqlite:///{Path(tmp) / 'bench.db'}"
         backend = "postgresql" if db.startswith("postgres") else "sqlite"
+        servers: list[int] = []  # the processes started here, for their CPU time
         with contextlib.ExitStack() as stack:
             if options.ledger:
                 ledger_url, backend = options.ledger, "external"
@@ -131,12 +135,14 @@ def run(options: PosBenchOptions) -> dict[str, Any]:
                 options = replace(options, admin_token=asyncio.run(_bootstrap_token(db)))
                 env["CARDCORE_DB_URL"] = db
                 if options.separate:
-                    ledger_url = stack.enter_context(_process(env, "ledger"))[0]
+                    ledger_url, ledger = stack.enter_context(_process(env, "ledger"))
                     gateway = stack.enter_context(_gateway(env, ledger_url, options.token))
+                    servers.append(ledger.pid)
                 else:
                     ledger_url, gateway = stack.enter_context(_process(env, "serve"))
             mode = "separate" if options.separate or options.ledger else "serve"
-            result = asyncio.run(_drive(ledger_url, gateway, options))
+            servers.append(gateway.pid)
+            result = asyncio.run(_drive(ledger_url, gateway, options, servers))
             return {"bench": "pos", "mode": mode, "backend": backend, **result}
 
 
@@ -359,7 +365,9 @@ async def _bootstrap_token(db: str) -> str:
     return str(minted["token"])
 
 
-async def _drive(ledger_url: str, gateway: _Gateway, options: PosBenchOptions) -> dict[str, Any]:
+async def _drive(
+    ledger_url: str, gateway: _Gateway, options: PosBenchOptions, servers: list[int]
+) -> dict[str, Any]:
     terminals, cards, coupons = await _setup(ledger_url, options)
     tally = _Tally()
     stop = asyncio.Event()
@@ -384,6 +392,7 @@ async def _drive(ledger_url: str, gateway: _Gateway, options: PosBenchOptions) -
     if mix is not None:
         await asyncio.gather(*(_first_points(t, card) for t, card in zip(busy, cards, strict=True)))
     idle_tasks = [asyncio.create_task(_idle(t, stop)) for t in idle]
+    cpu_before = _cpu_s(servers)
     started = time.perf_counter()
     deadline = started + options.seconds
     interval = options.terminals / options.rate if options.rate else 0.0
@@ -401,6 +410,7 @@ async def _drive(ledger_url: str, gateway: _Gateway, options: PosBenchOptions) -
             )
         )
     elapsed = time.perf_counter() - started
+    cpu_s = _cpu_s(servers) - cpu_before
     rss_mb = _rss_mb(gateway.pid)
     stop.set()
     await asyncio.gather(*idle_tasks, return_exceptions=True)
@@ -413,6 +423,7 @@ async def _drive(ledger_url: str, gateway: _Gateway, options: PosBenchOptions) -
             "terminals": options.terminals,
             "connections": len(idle) + len(busy),
             **mix.figures(elapsed),
+            "server_cpu_ms_per_tx": _per_tx_ms(cpu_s, mix.approved()),
             "gateway_rss_mb": rss_mb,
         }
     latencies = sorted(tally.latencies_ms)
@@ -430,6 +441,7 @@ async def _drive(ledger_url: str, gateway: _Gateway, options: PosBenchOptions) -
         "errors": tally.errors,
         "discount_bp": BENCH_DISCOUNT_BP,
         "cross_entity_terminals": len(busy) // 2,
+        "server_cpu_ms_per_tx": _per_tx_ms(cpu_s, tally.approved),
         "gateway_rss_mb": rss_mb,
     }
 
@@ -476,9 +488,12 @@ class _Mix:
         tally.errors += 1
         self.codes[code or "none"] = self.codes.get(code or "none", 0) + 1
 
+    def approved(self) -> int:
+        return sum(t.approved for t in self.kinds.values())
+
     def figures(self, elapsed: float) -> dict[str, Any]:
         every = sorted(x for t in self.kinds.values() for x in t.latencies_ms)
-        approved = sum(t.approved for t in self.kinds.values())
+        approved = self.approved()
         return {
             "tx_per_s": round(approved / elapsed, 1),
             "messages_per_s": round(self.messages / elapsed, 1),
@@ -559,6 +574,22 @@ async def _idle(t: PosTerminal, stop: asyncio.Event) -> None:
         if not stop.is_set():
             with contextlib.suppress(TerminalError, OSError):
                 await t.echo()
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """User and system CPU seconds the processes used so far (0 for one that is gone)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _per_tx_ms(cpu_s: float, approved: int) -> float | None:
+    return round(cpu_s * 1000 / approved, 3) if approved else None
 
 
 def _rss_mb(pid: int) -> float | None:

@@ -413,6 +413,7 @@ def test_bench_pos_sets_up_through_the_admin_api_and_buys_without_errors(
     result = _bench_pos(tmp_path, args)
     assert result["bench"] == "pos" and result["errors"] == 0, result
     assert result["approved"] > 0 and result["cross_entity_terminals"] == 2, result
+    assert result["server_cpu_ms_per_tx"] > 0, result  # the serve process, read from /proc
 
 
 def test_bench_pos_realistic_mix_earns_redeems_points_and_uses_coupons_without_errors(
@@ -425,6 +426,7 @@ def test_bench_pos_realistic_mix_earns_redeems_points_and_uses_coupons_without_e
     assert set(kinds) == {"purchase", "coupon_purchase", "points_redeem"}, result
     assert all(k["approved"] > 0 for k in kinds.values()), result
     assert result["messages_per_s"] > result["tx_per_s"] > 0, result  # a coupon: 2 messages
+    assert result["server_cpu_ms_per_tx"] > 0, result
 
 
 def _bench_pos(tmp_path: Path, args: list[str]) -> dict[str, Any]:
