@@ -7,11 +7,12 @@ SQLite runs in WAL mode with `synchronous=FULL` (a commit survives power loss); 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.engine import URL, Connection, Dialect, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -90,3 +91,40 @@ def _sqlite_events(engine: AsyncEngine) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
         assert mode in ("DEFERRED", "IMMEDIATE"), mode
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+class Statement:
+    """A statement SQLAlchemy built, to be run many times: on PostgreSQL (a `dialect`) also
+    compiled once into its SQL for asyncpg, the order of its named parameters and their
+    conversions (SQLAlchemy's bind processors, None for most), docs/adr/0008."""
+
+    __slots__ = ("clause", "given", "names", "processors", "sql")
+
+    def __init__(
+        self, clause: Any, dialect: Dialect | None, column_keys: Sequence[str] | None = None
+    ) -> None:
+        self.clause = clause
+        self.sql = ""
+        self.names: tuple[str, ...] = ()
+        self.processors: tuple[Callable[[Any], Any] | None, ...] = ()
+        self.given: dict[str, Any] = {}
+        if dialect is not None:
+            compiled = clause.compile(dialect=dialect, column_keys=column_keys)
+            self.sql = str(compiled)
+            self.names = tuple(compiled.positiontup or ())
+            self.processors = tuple(
+                compiled.binds[name].type.bind_processor(dialect) for name in self.names
+            )
+            # Values the statement carries itself (`.limit(1)`); the rest are required.
+            self.given = {
+                name: compiled.binds[name].value
+                for name in self.names
+                if not compiled.binds[name].required
+            }
+
+    def args(self, params: dict[str, Any]) -> list[Any]:
+        out = []
+        for name, convert in zip(self.names, self.processors, strict=True):
+            value = params[name] if name in params or name not in self.given else self.given[name]
+            out.append(value if convert is None else convert(value))
+        return out

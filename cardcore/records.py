@@ -40,10 +40,12 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.util import greenlet_spawn
 
 from cardcore import limits
 from cardcore.cards import schema as _cards_tables  # noqa: F401 - registers the tables
 from cardcore.coupons import schema as _coupon_tables  # noqa: F401
+from cardcore.db import Statement
 from cardcore.ledger.schema import metadata
 from cardcore.manager_cards import schema as _manager_tables  # noqa: F401
 from cardcore.members import schema as _member_tables  # noqa: F401
@@ -61,43 +63,7 @@ class Conflict(Exception):
 # built and its cache key computed once (on PostgreSQL compiled once too), then executed with
 # its values as parameters. The shapes are the code's own queries, a bounded set; the bound
 # is a safety net.
-_built: dict[tuple[Any, ...], _Statement] = {}
-
-
-class _Statement:
-    """A built statement; on PostgreSQL also its SQL for the driver, the order of its
-    parameters and their conversions (SQLAlchemy's bind processors, None for most)."""
-
-    __slots__ = ("clause", "given", "names", "processors", "sql")
-
-    def __init__(
-        self, clause: Any, dialect: Dialect | None, column_keys: Sequence[str] | None = None
-    ) -> None:
-        self.clause = clause
-        self.sql = ""
-        self.names: tuple[str, ...] = ()
-        self.processors: tuple[Callable[[Any], Any] | None, ...] = ()
-        self.given: dict[str, Any] = {}
-        if dialect is not None:
-            compiled = clause.compile(dialect=dialect, column_keys=column_keys)
-            self.sql = str(compiled)
-            self.names = tuple(compiled.positiontup or ())
-            self.processors = tuple(
-                compiled.binds[name].type.bind_processor(dialect) for name in self.names
-            )
-            # Values the statement carries itself (`.limit(1)`); the rest are required.
-            self.given = {
-                name: compiled.binds[name].value
-                for name in self.names
-                if not compiled.binds[name].required
-            }
-
-    def args(self, params: dict[str, Any]) -> list[Any]:
-        out = []
-        for name, convert in zip(self.names, self.processors, strict=True):
-            value = params[name] if name in params or name not in self.given else self.given[name]
-            out.append(value if convert is None else convert(value))
-        return out
+_built: dict[tuple[Any, ...], Statement] = {}
 
 
 def _kind(value: object) -> str:
@@ -137,24 +103,32 @@ def _built_statement(
     build: Callable[[], Any],
     dialect: Dialect | None,
     column_keys: Sequence[str] | None = None,
-) -> _Statement:
+) -> Statement:
     found = _built.get(shape)
     if found is None:
         if len(_built) >= limits.RECORDS_STATEMENTS_MAX:
             _built.clear()
-        found = _built[shape] = _Statement(build(), dialect, column_keys)
+        found = _built[shape] = Statement(build(), dialect, column_keys)
     return found
 
 
 class Unit:
-    """The verbs over one connection. `driver` is the asyncpg connection under `conn` on
-    PostgreSQL (statements run there, in the transaction it holds), None on SQLite."""
+    """The verbs over one connection: on PostgreSQL the asyncpg connection (`driver`;
+    statements run there, in the transaction it holds), on SQLite SQLAlchemy's (`conn`)."""
 
-    def __init__(self, conn: AsyncConnection, driver: Any = None) -> None:
-        self.conn = conn
+    def __init__(
+        self, dialect: Dialect, *, conn: AsyncConnection | None = None, driver: Any = None
+    ) -> None:
+        assert (conn is None) != (driver is None)
+        self._conn = conn
         self.driver = driver
-        self.postgres = conn.dialect.name == "postgresql"
-        self._dialect = conn.dialect if driver is not None else None
+        self.postgres = dialect.name == "postgresql"
+        self._dialect = dialect if driver is not None else None
+
+    @property
+    def conn(self) -> AsyncConnection:
+        assert self._conn is not None, "SQLAlchemy's connection is SQLite's"
+        return self._conn
 
     @staticmethod
     def table(name: str) -> Table:
@@ -177,21 +151,21 @@ class Unit:
                 out.append(column == bindparam("w_" + name))
         return out
 
-    def _statement(self, shape: tuple[Any, ...], build: Callable[[], Any]) -> _Statement:
+    def _statement(self, shape: tuple[Any, ...], build: Callable[[], Any]) -> Statement:
         return _built_statement(shape, build, self._dialect)
 
-    async def _rows(self, s: _Statement, params: dict[str, Any]) -> Sequence[Any]:
+    async def _rows(self, s: Statement, params: dict[str, Any]) -> Sequence[Any]:
         """The result rows: mappings by column name that index by position too."""
         if self.driver is not None:
             return list(await self.driver.fetch(s.sql, *s.args(params)))
         return [r._mapping for r in (await self.conn.execute(s.clause, params)).all()]
 
-    async def _scalar(self, s: _Statement, params: dict[str, Any]) -> Any:
+    async def _scalar(self, s: Statement, params: dict[str, Any]) -> Any:
         if self.driver is not None:
             return await self.driver.fetchval(s.sql, *s.args(params))
         return (await self.conn.execute(s.clause, params)).scalar_one()
 
-    async def _changed(self, s: _Statement, params: dict[str, Any]) -> int:
+    async def _changed(self, s: Statement, params: dict[str, Any]) -> int:
         """Run an UPDATE or DELETE; how many rows it changed."""
         try:
             if self.driver is not None:
@@ -326,7 +300,7 @@ class Unit:
             key = _given_key(self.table(table), values)
         return key if isinstance(key, int) else None
 
-    def _insert_statement(self, table: str, keys: tuple[str, ...]) -> _Statement:
+    def _insert_statement(self, table: str, keys: tuple[str, ...]) -> Statement:
         """INSERT of these columns; RETURNING the generated key when the table makes one."""
         t = self.table(table)
 
@@ -356,12 +330,15 @@ class Unit:
         values: dict[str, Any],
         *,
         at_most: dict[str, int] | None = None,
+        at_least: dict[str, int] | None = None,
     ) -> int:
         """Update the matching rows; `at_most` guards `column + increment <= bound` for
-        counters (values hold `column: ("+", n)`). Returns how many rows changed."""
+        counters (values hold `column: ("+", n)`), `at_least` guards `>= bound` (for a
+        column that is not raised: its value as it is). Returns how many rows changed."""
         t = self.table(table)
         shape = _shape(where)
         bounds = tuple(at_most or {})
+        floors = tuple(at_least or {})
         added = tuple(name for name, value in values.items() if _increment(value))
         set_ = tuple(name for name in values if name not in added)
 
@@ -373,20 +350,22 @@ class Unit:
             changes |= {name: t.c[name] + bindparam("i_" + name) for name in added}
             for name in bounds:
                 bound: BindParameter[Any] = bindparam("b_" + name)
-                condition.append(
-                    t.c[name] + bindparam("i_" + name) <= bound
-                    if name in added
-                    else t.c[name] <= bound
-                )
+                after = t.c[name] + bindparam("i_" + name) if name in added else t.c[name]
+                condition.append(after <= bound)
+            for name in floors:
+                floor: BindParameter[Any] = bindparam("f_" + name)
+                after = t.c[name] + bindparam("i_" + name) if name in added else t.c[name]
+                condition.append(after >= floor)
             return update(t).where(*condition).values(**changes)
 
         statement = self._statement(
-            ("update", self.postgres, table, shape, set_, added, bounds), build
+            ("update", self.postgres, table, shape, set_, added, bounds, floors), build
         )
         params = _params(where)
         params |= {"v_" + name: values[name] for name in set_}
         params |= {"i_" + name: values[name][1] for name in added}
         params |= {"b_" + name: bound for name, bound in (at_most or {}).items()}
+        params |= {"f_" + name: floor for name, floor in (at_least or {}).items()}
         return await self._changed(statement, params)
 
     async def delete(self, table: str, where: dict[str, Any]) -> int:
@@ -469,39 +448,41 @@ class Records:
         """A write transaction. On SQLite it takes the write lock at BEGIN (IMMEDIATE), so a
         unit that reads before it writes waits its turn instead of failing "database is
         locked" when another writer committed in between; PostgreSQL ignores the option."""
-        if self.engine.dialect.name == "postgresql":
-            async with self._driver() as (conn, driver), driver.transaction():
-                yield Unit(conn, driver)
+        dialect = self.engine.dialect
+        if dialect.name == "postgresql":
+            async with self._driver() as driver, driver.transaction():
+                yield Unit(dialect, driver=driver)
             return
         async with self.engine.connect() as plain:
             conn = await plain.execution_options(sqlite_begin="IMMEDIATE")
             async with conn.begin():
-                yield Unit(conn)
+                yield Unit(dialect, conn=conn)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Unit]:
         """Reads. On PostgreSQL without a transaction of their own (autocommit: no BEGIN and
         ROLLBACK round trips); at READ COMMITTED each statement sees its own snapshot
         either way."""
-        if self.engine.dialect.name == "postgresql":
-            async with self._driver() as (conn, driver):
-                yield Unit(conn, driver)
+        dialect = self.engine.dialect
+        if dialect.name == "postgresql":
+            async with self._driver() as driver:
+                yield Unit(dialect, driver=driver)
             return
         async with self.engine.connect() as conn:
-            yield Unit(conn)
+            yield Unit(dialect, conn=conn)
 
     @asynccontextmanager
-    async def _driver(self) -> AsyncIterator[tuple[AsyncConnection, Any]]:
-        """A pooled PostgreSQL connection in autocommit (SQLAlchemy issues no BEGIN of its
-        own, so a statement through it joins the driver's transaction) and the asyncpg
-        connection under it. One the server dropped, or one a cancelled unit left inside
-        its transaction, is invalidated: never pooled again."""
-        async with self.engine.connect() as plain:
-            conn = await plain.execution_options(isolation_level="AUTOCOMMIT")
-            driver = (await conn.get_raw_connection()).driver_connection
-            assert driver is not None
-            try:
-                yield conn, driver
-            finally:
-                if driver.is_closed() or driver.is_in_transaction():
-                    await conn.invalidate()  # dropped, or left mid-transaction: never reuse
+    async def _driver(self) -> AsyncIterator[Any]:
+        """The asyncpg connection of a pooled PostgreSQL connection, taken from the pool
+        without SQLAlchemy's Connection around it (SQLAlchemy never begins a transaction
+        on it). One the server dropped, or one a cancelled unit left inside its
+        transaction, is invalidated: never pooled again."""
+        pooled = await self.engine.raw_connection()
+        driver = pooled.driver_connection
+        assert driver is not None
+        try:
+            yield driver
+        finally:
+            if driver.is_closed() or driver.is_in_transaction():
+                await greenlet_spawn(pooled.invalidate)
+            await greenlet_spawn(pooled.close)

@@ -8,7 +8,7 @@ path.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnClause
 
 from cardcore import limits
+from cardcore.db import Statement
 from cardcore.ledger import journal, schema
 from cardcore.ledger.decide import BatchEffects
 from cardcore.ledger.model import (
@@ -65,6 +66,7 @@ class LedgerStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.postgres = engine.dialect.name == "postgresql"
+        self._reads: dict[str, Statement] = {}
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -109,13 +111,57 @@ class LedgerStore:
 
     async def due_holds(self, conn: AsyncConnection, now_ms: int, limit: int) -> list[int]:
         holds = schema.open_holds
-        result = await conn.execute(
-            select(holds.c.transfer_id)
-            .where(holds.c.expires_at_ms.is_not(None), holds.c.expires_at_ms <= now_ms)
-            .order_by(holds.c.expires_at_ms)
-            .limit(limit)
-        )
-        return [int(r) for r in result.scalars()]
+
+        def build() -> Any:
+            return (
+                select(holds.c.transfer_id)
+                .where(
+                    holds.c.expires_at_ms.is_not(None),
+                    holds.c.expires_at_ms <= bindparam("now"),
+                )
+                .order_by(holds.c.expires_at_ms)
+                .limit(bindparam("limit"))
+            )
+
+        rows = await self._select(conn, "due_holds", build, {"now": now_ms, "limit": limit})
+        return [int(r["transfer_id"]) for r in rows]
+
+    # --- the writer's reads: each statement built once (ADR 0008) ---------------------------
+
+    def _in(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+        """`column IN` the list parameter `name`: one array parameter on PostgreSQL (one
+        prepared statement whatever the length), an expanding IN on SQLite."""
+        if self.postgres:
+            sqltype = BigInteger() if isinstance(column.type, BigInteger) else String()
+            return column == any_(bindparam(name, type_=ARRAY(sqltype)))
+        return column.in_(bindparam(name, expanding=True))
+
+    async def _select(
+        self,
+        conn: AsyncConnection,
+        name: str,
+        build: Callable[[], Any],
+        params: dict[str, Any],
+        listed: str = "",
+    ) -> list[Any]:
+        """The rows of the writer's read `name`, by column name. On PostgreSQL at the driver
+        (its statement compiled once); on SQLite through SQLAlchemy, the list parameter
+        `listed` in chunks under SQLite's bound on variables."""
+        statement = self._reads.get(name)
+        if statement is None:
+            dialect = self.engine.dialect if self.postgres else None
+            statement = self._reads[name] = Statement(build(), dialect)
+        if self.postgres:
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            return list(await driver.fetch(statement.sql, *statement.args(params)))
+        if not listed:
+            return list((await conn.execute(statement.clause, params)).mappings().all())
+        values, out = list(params[listed]), list[Any]()
+        for i in range(0, len(values), _IN_CHUNK):
+            chunk = params | {listed: values[i : i + _IN_CHUNK]}
+            out += (await conn.execute(statement.clause, chunk)).mappings().all()
+        return out
 
     async def read_view(
         self,
@@ -148,21 +194,21 @@ class LedgerStore:
                     natural_key(op.legal_entity, op.owner_kind, op.owner_id, op.asset, op.purpose)
                 )
 
-        t, f = schema.transfers, schema.failures
+        t, f, a = schema.transfers, schema.failures, schema.accounts
+
+        def by_key(table: Table) -> Callable[[], Any]:
+            client = table.c.client == bindparam("client")
+            return lambda: select(table).where(client, self._in(table.c.key, "keys"))
+
         for client, client_keys in keys.items():
-            for cond in self._member(t.c.key, client_keys):
-                for r in (
-                    await conn.execute(select(t).where(t.c.client == client, cond))
-                ).mappings():
-                    transfer = journal.transfer_from_row(r)
-                    view.transfers_by_key[(client, transfer.key)] = transfer
-                    if transfer.pending_id is not None:
-                        pending_ids.add(transfer.pending_id)
-            for cond in self._member(f.c.key, client_keys):
-                for r in (
-                    await conn.execute(select(f).where(f.c.client == client, cond))
-                ).mappings():
-                    view.failures_by_key[(client, r["key"])] = journal.failure_from_row(r)
+            params = {"client": client, "keys": list(client_keys)}
+            for r in await self._select(conn, "transfers", by_key(t), params, "keys"):
+                transfer = journal.transfer_from_row(r)
+                view.transfers_by_key[(client, transfer.key)] = transfer
+                if transfer.pending_id is not None:
+                    pending_ids.add(transfer.pending_id)
+            for r in await self._select(conn, "failures", by_key(f), params, "keys"):
+                view.failures_by_key[(client, r["key"])] = journal.failure_from_row(r)
 
         targets = [view.transfers_by_key[k] for k in target_keys if k in view.transfers_by_key]
         if targets:
@@ -171,31 +217,43 @@ class LedgerStore:
             await self._read_give_backs(conn, view, targets)
 
         if pending_ids:
-            resolver = t.alias("resolver")
-            for cond in self._member(t.c.id, pending_ids):
-                query = (
+
+            def pendings() -> Any:
+                resolver = t.alias("resolver")
+                return (
                     select(t, resolver.c.kind.label("resolved_by"))
                     .select_from(t.outerjoin(resolver, resolver.c.pending_id == t.c.id))
-                    .where(cond)
+                    .where(self._in(t.c.id, "ids"))
                 )
-                for r in (await conn.execute(query)).mappings():
-                    held = journal.transfer_from_row(r)
-                    resolved = r["resolved_by"]
-                    view.pendings[held.id] = PendingState(
-                        held, None if resolved is None else TransferKind(resolved)
-                    )
-                    account_ids.update(p.account_id for p in held.postings)
 
-        a = schema.accounts
-        conditions = [*self._member(a.c.id, account_ids)] if account_ids else []
-        if natural_keys:
-            conditions += self._member(a.c.natural_key, natural_keys)
+            for r in await self._select(
+                conn, "pendings", pendings, {"ids": list(pending_ids)}, "ids"
+            ):
+                held = journal.transfer_from_row(r)
+                resolved = r["resolved_by"]
+                view.pendings[held.id] = PendingState(
+                    held, None if resolved is None else TransferKind(resolved)
+                )
+                account_ids.update(p.account_id for p in held.postings)
+
         columns = [a.c[name] for name in journal.ACCOUNT_COLUMNS]
-        for cond in conditions:
-            for record in await conn.execute(select(*columns).where(cond)):
-                account = journal.account_from_record(tuple(record))
-                view.accounts[account.id] = account
-                view.account_ids_by_natural_key[account.info.natural_key] = account.id
+        rows = []
+        if account_ids:
+            rows += await self._select(
+                conn, "accounts_by_id",
+                lambda: select(*columns).where(self._in(a.c.id, "ids")),
+                {"ids": list(account_ids)}, "ids",
+            )  # fmt: skip
+        if natural_keys:
+            rows += await self._select(
+                conn, "accounts_by_natural_key",
+                lambda: select(*columns).where(self._in(a.c.natural_key, "keys")),
+                {"keys": list(natural_keys)}, "keys",
+            )  # fmt: skip
+        for r in rows:
+            account = journal.account_from_row(r)
+            view.accounts[account.id] = account
+            view.account_ids_by_natural_key[account.info.natural_key] = account.id
         return view
 
     async def _read_give_backs(
@@ -207,23 +265,36 @@ class LedgerStore:
         ids = {x.id for x in targets}
         ids.update(x.target_id for x in targets if x.target_id is not None)
         inner = {x.target_id for x in targets if x.target_id is not None}
-        for cond in self._member(t.c.id, inner):
-            for kind_row in await conn.execute(select(t.c.id, t.c.kind).where(cond)):
-                view.kinds[int(kind_row.id)] = TransferKind(kind_row.kind)
+        if inner:
+            for r in await self._select(
+                conn, "kinds",
+                lambda: select(t.c.id, t.c.kind).where(self._in(t.c.id, "ids")),
+                {"ids": list(inner)}, "ids",
+            ):  # fmt: skip
+                view.kinds[int(r["id"])] = TransferKind(r["kind"])
         refunds: dict[int, tuple[int, int]] = {}  # refund id -> (origin, amount)
-        for cond in self._member(t.c.target_id, ids):
-            query = select(t.c.id, t.c.kind, t.c.target_id, t.c.postings).where(cond)
-            for r in await conn.execute(query):
-                if r.kind == TransferKind.REVERSE:
-                    view.reversed_by[int(r.target_id)] = int(r.id)
-                else:
-                    amount = journal.postings_from_json(r.postings)[0].amount
-                    refunds[int(r.id)] = (int(r.target_id), amount)
+        for r in await self._select(
+            conn, "given_back",
+            lambda: select(t.c.id, t.c.kind, t.c.target_id, t.c.postings).where(
+                self._in(t.c.target_id, "ids")
+            ),
+            {"ids": list(ids)}, "ids",
+        ):  # fmt: skip
+            if r["kind"] == TransferKind.REVERSE:
+                view.reversed_by[int(r["target_id"])] = int(r["id"])
+            else:
+                amount = journal.postings_from_json(r["postings"])[0].amount
+                refunds[int(r["id"])] = (int(r["target_id"]), amount)
         reversed_refunds: set[int] = set()
         if refunds:
-            for cond in self._member(t.c.target_id, refunds):
-                query = select(t.c.target_id).where(cond, t.c.kind == TransferKind.REVERSE)
-                reversed_refunds.update(int(x) for x in (await conn.execute(query)).scalars())
+            for r in await self._select(
+                conn, "reversed_refunds",
+                lambda: select(t.c.target_id).where(
+                    self._in(t.c.target_id, "ids"), t.c.kind == bindparam("reverse")
+                ),
+                {"ids": list(refunds), "reverse": str(TransferKind.REVERSE)}, "ids",
+            ):  # fmt: skip
+                reversed_refunds.add(int(r["target_id"]))
         for refund_id, (origin, amount) in refunds.items():
             if refund_id not in reversed_refunds:
                 view.refunded[origin] = view.refunded.get(origin, 0) + amount

@@ -2,13 +2,13 @@
 
 A product is a definition (JSON the pure model reads); a sale is an entitlement row on a
 card holder (the card's value account id, shared by a replacement card) whose remaining
-uses move by guarded updates (`take_uses`, `give_back_uses`: the database decides, never a
-value read before); each POS redemption is recorded under its POS key with the uses left
-after it, so a resend gets the same answer and a reversal finds it.
+uses move by guarded updates (the service's `records` updates with `at_least` and
+`at_most`: the database decides, never a value read before); each POS redemption is
+recorded under its POS key with the uses left after it, so a resend gets the same answer
+and a reversal finds it.
 """
 
-from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, String, Table, Text, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, String, Table, Text
 
 from cardcore import limits
 from cardcore.ledger.schema import metadata
@@ -63,35 +63,3 @@ service_redemptions = Table(
     Column("created_at_ms", BigInteger, nullable=False),
     Index(None, "entitlement"),
 )
-
-
-async def take_uses(conn: AsyncConnection, entitlement_id: int, uses: int, *, now_ms: int) -> int:
-    """Take `uses` entitlements of an active, unexpired package that has at least that many
-    left, in one guarded UPDATE (two terminals taking the last use: one row changes, the
-    other none). How many rows changed (0 or 1)."""
-    t = service_entitlements
-    result = await conn.execute(
-        update(t)
-        .where(
-            t.c.id == entitlement_id,
-            t.c.state == "active",
-            t.c.uses_left >= uses,
-            t.c.expires_ms > now_ms,
-        )
-        .values(uses_left=t.c.uses_left - uses, updated_at_ms=now_ms)
-    )
-    return int(result.rowcount)
-
-
-async def give_back_uses(
-    conn: AsyncConnection, entitlement_id: int, uses: int, *, now_ms: int
-) -> int:
-    """Give back `uses` entitlements (a reversed redemption), never past the package's
-    total. How many rows changed (0 or 1)."""
-    t = service_entitlements
-    result = await conn.execute(
-        update(t)
-        .where(t.c.id == entitlement_id, t.c.uses_left + uses <= t.c.uses_total)
-        .values(uses_left=t.c.uses_left + uses, updated_at_ms=now_ms)
-    )
-    return int(result.rowcount)

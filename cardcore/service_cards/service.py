@@ -50,7 +50,6 @@ from cardcore.org.service import OrgService
 from cardcore.records import Conflict, Records, Unit
 from cardcore.service_cards import model
 from cardcore.service_cards.model import Entitlement, EntitlementState, RefundPolicy
-from cardcore.service_cards.schema import give_back_uses, take_uses
 
 log = logging.getLogger(__name__)
 
@@ -650,7 +649,7 @@ class ServiceCards:
             return _refused(refusal)
         try:
             async with self.records.begin() as uow:
-                if not await take_uses(uow.conn, chosen.id, uses, now_ms=now):
+                if not await take_uses(uow, chosen.id, uses, now_ms=now):
                     _raise(_Lost())
                 after = await uow.get(PACKAGES, id=chosen.id)
                 assert after is not None
@@ -693,7 +692,7 @@ class ServiceCards:
                 )
                 if changed:
                     await give_back_uses(
-                        uow.conn, int(stored["entitlement"]), int(stored["uses"]), now_ms=now
+                        uow, int(stored["entitlement"]), int(stored["uses"]), now_ms=now
                     )
         except Conflict:  # the redemption itself landed at this moment: undo it now
             await self.reverse(t, key)
@@ -859,3 +858,27 @@ def _ledger_ok(result: Result) -> None:
         )
     code = result.original_code if result.code == "id_already_failed" else result.code
     raise Refused("conflict", "ledger_refused", f"the ledger refused: {code}")
+
+
+async def take_uses(uow: Unit, entitlement_id: int, uses: int, *, now_ms: int) -> int:
+    """Take `uses` of an active, unexpired package that has at least that many left, by one
+    guarded UPDATE (two terminals taking the last use: one row changes, the other none).
+    How many rows changed (0 or 1)."""
+    return await uow.update(
+        PACKAGES, {"id": entitlement_id, "state": "active"},
+        {"uses_left": ("+", -uses), "updated_at_ms": now_ms},
+        at_least={"uses_left": 0, "expires_ms": now_ms + 1},
+    )  # fmt: skip
+
+
+async def give_back_uses(uow: Unit, entitlement_id: int, uses: int, *, now_ms: int) -> int:
+    """Give back `uses` (a reversed redemption), never past the package's total (which a
+    package never changes). How many rows changed (0 or 1)."""
+    package = await uow.get(PACKAGES, id=entitlement_id)
+    if package is None:
+        return 0
+    return await uow.update(
+        PACKAGES, {"id": entitlement_id},
+        {"uses_left": ("+", uses), "updated_at_ms": now_ms},
+        at_most={"uses_left": int(package["uses_total"])},
+    )  # fmt: skip

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from cardcore.db import DATABASE_ERRORS, make_engine
-from cardcore.records import Conflict, Records, Unit
+from cardcore.records import Conflict, Records
 
 pytestmark = pytest.mark.asyncio
 
@@ -77,6 +77,17 @@ async def test_updates_guards_and_deletes_with_built_statements(db_url: str) -> 
             # A bound on a column that is only set, not raised.
             assert not await uow.update(ENTITIES, {"id": "E5"}, {"name": "x"},
                                         at_most={"created_at_ms": 49})  # fmt: skip
+            # Floors: on the value after the increment, and on a column as it is.
+            take = {"created_at_ms": ("+", -30)}
+            assert not await uow.update(ENTITIES, {"id": "E3"}, take,  # 30 - 30 < 1
+                                        at_least={"created_at_ms": 1})  # fmt: skip
+            assert not await uow.update(ENTITIES, {"id": "E3"}, {"name": "x"},
+                                        at_least={"created_at_ms": 31})  # fmt: skip
+            assert await uow.update(ENTITIES, {"id": "E3"}, {"created_at_ms": ("+", -29)},
+                                    at_least={"created_at_ms": 1})  # fmt: skip
+            back = {"created_at_ms": ("+", 29)}
+            exactly = {"created_at_ms": 30}
+            assert await uow.update(ENTITIES, {"id": "E3"}, back, at_least=exactly, at_most=exactly)
             assert await uow.update(ENTITIES, {"id": ["E4", "E5"]}, {"name": "renamed"}) == 2
             assert await uow.delete(ENTITIES, {"id": ["E2", "E9"]}) == 1
         with pytest.raises(ValueError, match="no column colour"):
@@ -122,28 +133,6 @@ async def test_a_write_in_a_unit_that_fails_changes_nothing(db_url: str) -> None
 def _postgres_only(db_url: str) -> None:
     if not db_url.startswith("postgresql"):
         pytest.skip("the driver path is PostgreSQL's")
-
-
-async def test_a_statement_through_sqlalchemy_joins_the_units_transaction(db_url: str) -> None:
-    records = await _records(db_url)
-    try:
-
-        async def fails() -> None:
-            async with records.begin() as uow:
-                await uow.conn.execute(
-                    Unit.table(ENTITIES).update().where(Unit.table(ENTITIES).c.id == "E1"),
-                    {"name": "through sqlalchemy"},
-                )
-                await uow.update(ENTITIES, {"id": "E2"}, {"name": "through the unit"})
-                raise RuntimeError
-
-        with pytest.raises(RuntimeError):
-            await fails()
-        async with records.read() as uow:
-            names = {r["id"]: r["name"] for r in await uow.find(ENTITIES, {"id": ["E1", "E2"]})}
-        assert names == {"E1": "50% off_shop", "E2": "50 percent"}  # both rolled back
-    finally:
-        await records.engine.dispose()
 
 
 async def test_a_connection_the_server_dropped_is_not_pooled_again(db_url: str) -> None:

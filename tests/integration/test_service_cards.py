@@ -13,7 +13,7 @@ from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult
 from cardcore.ledger.http import LEDGER_KEY
 from cardcore.service_cards.http import SERVICE_CARDS_KEY
-from cardcore.service_cards.schema import take_uses
+from cardcore.service_cards.service import take_uses
 from tests import logscan
 from tests.helpers import AdminClient, sql_rows
 
@@ -288,7 +288,7 @@ async def test_terminals_taking_the_last_use_at_once_one_wins(admin: AdminClient
     # The guard itself: a package read with a use left that has none now changes nothing.
     services = admin.app[SERVICE_CARDS_KEY]
     async with services.records.begin() as uow:
-        taken = await take_uses(uow.conn, listed["items"][0]["id"], 1, now_ms=services.clock_ms())
+        taken = await take_uses(uow, listed["items"][0]["id"], 1, now_ms=services.clock_ms())
     assert taken == 0
 
 
