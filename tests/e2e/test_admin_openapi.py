@@ -27,7 +27,9 @@ CHECKS = ",".join(
         "response_schema_conformance",
     ]
 )
-EXAMPLES_PER_OPERATION = int(os.environ.get("CARDCORE_SCHEMATHESIS_EXAMPLES", "25"))
+# 10 keeps `make test` under its time budget (about 80 s here; 25 took 200 s, and over 300 s
+# on a loaded machine); a deeper run: CARDCORE_SCHEMATHESIS_EXAMPLES=100 pytest tests/e2e/...
+EXAMPLES_PER_OPERATION = int(os.environ.get("CARDCORE_SCHEMATHESIS_EXAMPLES", "10"))
 RUN_S_MAX = 540
 
 
