@@ -206,6 +206,7 @@ POINTS_TIER_EARNINGS_READ_MAX: Final = 100_000  # earnings of one holder a tier 
 POINTS_EXPIRY_FIRST_S: Final = 60  # the server's first points expiry run, after it starts
 POINTS_EXPIRY_EVERY_S: Final = 900  # then every quarter hour (lots expire at local midnight)
 POS_SALE_CHARS_MAX: Final = 24  # a terminal's sale number (F48 SN): the coupons of one sale
+COUPON_CAMPAIGNS_PARSED_MAX: Final = 1024  # campaign definitions kept parsed (a pure cache)
 COUPON_REWARD_CACHE_S: Final = (
     5  # a reward campaign changed elsewhere applies at the till this late
 )

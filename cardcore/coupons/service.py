@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import secrets
 import time
@@ -125,14 +126,20 @@ class _Clash(Exception):
 
 
 def campaign_of(row: dict[str, Any]) -> Campaign:
-    """The model campaign of a stored row (its state from the row)."""
-    d = json.loads(row["definition"])
+    """The model campaign of a stored row (its state from the row). Parsed once per code,
+    state and definition: a till message reads the row several times (Campaign is frozen)."""
+    return _campaign(row["code"], row["state"], row["definition"])
+
+
+@functools.lru_cache(maxsize=limits.COUPON_CAMPAIGNS_PARSED_MAX)
+def _campaign(code: str, state: str, definition: str) -> Campaign:
+    d = json.loads(definition)
     fields = {name: d[name] for name in CAMPAIGN_FIELDS if name in d}
     fields["kind"] = CouponKind(fields["kind"])
     fields["change_rule"] = model.ChangeRule(fields.get("change_rule", "forfeit"))
     fields["stores"] = tuple(fields.get("stores", ()))
     fields["departments"] = tuple(fields.get("departments", ()))
-    return Campaign(code=row["code"], state=CampaignState(row["state"]), **fields)
+    return Campaign(code=code, state=CampaignState(state), **fields)
 
 
 def definition_of(c: Campaign, reward_spend_fen: int, enrolled_only: bool = False) -> str:
