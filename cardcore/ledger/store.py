@@ -8,6 +8,7 @@ path.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -238,23 +239,21 @@ class LedgerStore:
 
         columns = [a.c[name] for name in journal.ACCOUNT_COLUMNS]
         rows = []
-        if account_ids:
-            rows += await self._select(
-                conn, "accounts_by_id",
-                lambda: select(*columns).where(self._in(a.c.id, "ids")),
-                {"ids": list(account_ids)}, "ids",
-            )  # fmt: skip
-        if natural_keys:
-            rows += await self._select(
-                conn, "accounts_by_natural_key",
-                lambda: select(*columns).where(self._in(a.c.natural_key, "keys")),
-                {"keys": list(natural_keys)}, "keys",
-            )  # fmt: skip
+        for name, by, wanted in (
+            ("accounts_by_id", a.c.id, account_ids),
+            ("accounts_by_natural_key", a.c.natural_key, natural_keys),
+        ):
+            if wanted:
+                build = functools.partial(self._accounts_by, columns, by)
+                rows += await self._select(conn, name, build, {"ids": list(wanted)}, "ids")
         for r in rows:
             account = journal.account_from_row(r)
             view.accounts[account.id] = account
             view.account_ids_by_natural_key[account.info.natural_key] = account.id
         return view
+
+    def _accounts_by(self, columns: list[Any], by: ColumnElement[Any]) -> Any:
+        return select(*columns).where(self._in(by, "ids"))
 
     async def _read_give_backs(
         self, conn: AsyncConnection, view: LedgerView, targets: list[Transfer]
