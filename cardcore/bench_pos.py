@@ -25,8 +25,9 @@ past that it is answered 91, which counts as an error here, so use enough termin
 `tx_per_s` counts approved purchases; `p50_ms`/`p99_ms` are purchase round trips seen by the
 terminals; `errors` counts anything but an approval; `gateway_rss_mb` is the resident memory
 of the process that holds the terminal connections, read at the end; `server_cpu_ms_per_tx`
-is the CPU time the processes the benchmark started (`serve`, or `ledger` and `gateway`)
-spent during the timed part, per approved transaction: on a machine shared with the load
+is the CPU time the processes the benchmark started (`serve`, or `ledger` and `gateway`;
+the gateway alone with `--ledger`) spent during the timed part, per approved transaction:
+on a machine shared with the load
 generator and the database it varies far less from run to run than `tx_per_s` does.
 
 `--mix realistic` (issue 5) makes the card class part of a points program (1 point per yuan,

@@ -113,7 +113,8 @@ class Statement:
             self.sql = str(compiled)
             self.names = tuple(compiled.positiontup or ())
             self.processors = tuple(
-                compiled.binds[name].type.bind_processor(dialect) for name in self.names
+                compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+                for name in self.names
             )
             # Values the statement carries itself (`.limit(1)`); the rest are required.
             self.given = {

@@ -114,7 +114,8 @@ def _built_statement(
 
 class Unit:
     """The verbs over one connection: on PostgreSQL the asyncpg connection (`driver`;
-    statements run there, in the transaction it holds), on SQLite SQLAlchemy's (`conn`)."""
+    statements run there, in the transaction it holds), on SQLite SQLAlchemy's (`conn`).
+    One statement at a time: a unit's verbs are awaited in turn, never gathered."""
 
     def __init__(
         self, dialect: Dialect, *, conn: AsyncConnection | None = None, driver: Any = None
@@ -475,14 +476,27 @@ class Records:
     async def _driver(self) -> AsyncIterator[Any]:
         """The asyncpg connection of a pooled PostgreSQL connection, taken from the pool
         without SQLAlchemy's Connection around it (SQLAlchemy never begins a transaction
-        on it). One the server dropped, or one a cancelled unit left inside its
-        transaction, is invalidated: never pooled again."""
+        on it). One the server dropped is forgotten with the pool's other idle ones; one a
+        cancelled unit left inside its transaction is invalidated: never pooled again."""
         pooled = await self.engine.raw_connection()
         driver = pooled.driver_connection
         assert driver is not None
+        if driver.is_closed():  # the server dropped it while it waited in the pool
+            await self._forget(pooled)
+            pooled = await self.engine.raw_connection()
+            driver = pooled.driver_connection
+            assert driver is not None
         try:
             yield driver
         finally:
-            if driver.is_closed() or driver.is_in_transaction():
+            if driver.is_closed():
+                await self._forget(pooled)
+            elif driver.is_in_transaction():
                 await greenlet_spawn(pooled.invalidate)
             await greenlet_spawn(pooled.close)
+
+    async def _forget(self, pooled: Any) -> None:
+        """A connection the server dropped: it, and every other idle one of the pool (a
+        restart or failover dropped them all), are closed, never handed out again."""
+        await greenlet_spawn(pooled.invalidate)
+        await self.engine.dispose()

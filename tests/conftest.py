@@ -123,15 +123,15 @@ class _PgDatabases:
         self._next = self._thread.submit(new_pg_database, template)
 
     def take(self) -> str:
-        name = self._next.result()
-        self._next = self._thread.submit(new_pg_database, self._template)
-        return name
+        made, self._next = self._next, self._thread.submit(new_pg_database, self._template)
+        return made.result()  # a failure fails this test only: the next one is on its way
 
     def give_back(self, name: str) -> None:
         self._thread.submit(drop_pg_database, name)
 
     def close(self) -> None:
-        self.give_back(self._next.result())
+        with contextlib.suppress(Exception):
+            self.give_back(self._next.result())
         self._thread.shutdown(wait=True)
 
 
@@ -181,26 +181,6 @@ async def admin(db_url: str) -> AsyncIterator[AdminClient]:
 
 def pytest_configure(config: pytest.Config) -> None:
     logscan.install()
-
-
-# The longest tests (about a minute or more each) start first: xdist hands its first tests
-# out round robin, so they run side by side at the start instead of one worker ending the
-# run alone with them.
-LONGEST_FIRST = (
-    "tests/e2e/test_admin_openapi.py",
-    "tests/integration/test_stateful.py",
-    "tests/e2e/test_admin_cli.py",
-    "tests/unit/test_gateway_fuzz.py",
-    "tests/integration/test_points_expiry.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        path = item.nodeid.split("::", 1)[0]
-        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: the rest keep their order
 
 
 # With pytest-xdist (`make test`), each worker scans its own logs and leaves its findings in

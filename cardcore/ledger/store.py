@@ -571,7 +571,9 @@ class WriterSession:
         self, ops: Sequence[Op], assets: dict[str, Asset], due_after_ms: int | None
     ) -> LedgerView:
         """What a batch touches, as committed, with the holds due at `due_after_ms` (when a
-        scan is due) among them. One short read transaction."""
+        scan is due) among them. On SQLite one short read transaction; on PostgreSQL each
+        read at the driver sees its own snapshot (READ COMMITTED gave each statement its
+        own anyway), so SQLAlchemy's begin there sends nothing."""
         async with self._read.begin():
             due: list[int] = []
             if due_after_ms is not None:

@@ -148,6 +148,29 @@ async def test_a_connection_the_server_dropped_is_not_pooled_again(db_url: str) 
         await records.engine.dispose()
 
 
+async def test_after_a_server_restart_no_idle_connection_fails_a_unit(db_url: str) -> None:
+    """Every idle pooled connection dropped at once (a restart, a failover): the units after
+    it get new connections, none meets a dead one."""
+    _postgres_only(db_url)
+    records = Records(make_engine(db_url, pool_size=3))
+    try:
+        async with records.read() as a, records.read() as b, records.read() as c:
+            pids = [await u.driver.fetchval("SELECT pg_backend_pid()") for u in (a, b, c)]
+        async with records.read() as killer:  # the first of the three, by the pool's order
+            killed = await killer.driver.fetch(
+                "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid "
+                "WHERE pid <> pg_backend_pid()",
+                pids,
+            )
+            assert len(killed) == 2
+        await asyncio.sleep(0.2)  # the driver hears of it
+        for _ in range(4):
+            async with records.read() as uow:
+                assert await uow.count(ENTITIES) == 0
+    finally:
+        await records.engine.dispose()
+
+
 async def test_a_unit_cancelled_mid_transaction_commits_nothing_and_leaves_the_pool_usable(
     db_url: str,
 ) -> None:
