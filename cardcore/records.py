@@ -156,7 +156,7 @@ class Unit:
         return _built_statement(shape, build, self._dialect)
 
     async def _rows(self, s: Statement, params: dict[str, Any]) -> Sequence[Any]:
-        """The result rows: mappings by column name that index by position too."""
+        """The result rows, as mappings by column name."""
         if self.driver is not None:
             return list(await self.driver.fetch(s.sql, *s.args(params)))
         return [r._mapping for r in (await self.conn.execute(s.clause, params)).all()]
