@@ -27,8 +27,8 @@ terminals; `errors` counts anything but an approval; `gateway_rss_mb` is the res
 of the process that holds the terminal connections, read at the end; `server_cpu_ms_per_tx`
 is the CPU time the processes the benchmark started (`serve`, or `ledger` and `gateway`;
 the gateway alone with `--ledger`) spent during the timed part, per approved transaction:
-on a machine shared with the load
-generator and the database it varies far less from run to run than `tx_per_s` does.
+on a machine shared with the load generator and the database it varies far less from run
+to run than `tx_per_s` does.
 
 `--mix realistic` (issue 5) makes the card class part of a points program (1 point per yuan,
 100 points = 1.00 CNY), an active coupon campaign (1.00 CNY off) with enough codes, and has

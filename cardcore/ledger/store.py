@@ -55,6 +55,12 @@ from cardcore.ledger.model import (
 _IN_CHUNK = 900  # SQLite binds at most 32766 variables in one statement
 
 
+@dataclass(frozen=True, slots=True)
+class _Reader:
+    conn: AsyncConnection
+    driver: Any  # asyncpg's connection on PostgreSQL, None on SQLite
+
+
 @dataclass(slots=True)
 class WriterState:
     seq: int
@@ -112,6 +118,7 @@ class LedgerStore:
 
     async def due_holds(self, conn: AsyncConnection, now_ms: int, limit: int) -> list[int]:
         holds = schema.open_holds
+        reader = await self._reader(conn)
 
         def build() -> Any:
             return (
@@ -124,7 +131,7 @@ class LedgerStore:
                 .limit(bindparam("limit"))
             )
 
-        rows = await self._select(conn, "due_holds", build, {"now": now_ms, "limit": limit})
+        rows = await self._select(reader, "due_holds", build, {"now": now_ms, "limit": limit})
         return [int(r["transfer_id"]) for r in rows]
 
     # --- the writer's reads: each statement built once (ADR 0008) ---------------------------
@@ -137,9 +144,18 @@ class LedgerStore:
             return column == any_(bindparam(name, type_=ARRAY(sqltype)))
         return column.in_(bindparam(name, expanding=True))
 
+    async def _reader(self, conn: AsyncConnection) -> _Reader:
+        """The connection and, on PostgreSQL, the asyncpg connection under it (looked up
+        once per read, not per statement)."""
+        if not self.postgres:
+            return _Reader(conn, None)
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        return _Reader(conn, driver)
+
     async def _select(
         self,
-        conn: AsyncConnection,
+        reader: _Reader,
         name: str,
         build: Callable[[], Any],
         params: dict[str, Any],
@@ -152,10 +168,9 @@ class LedgerStore:
         if statement is None:
             dialect = self.engine.dialect if self.postgres else None
             statement = self._reads[name] = Statement(build(), dialect)
-        if self.postgres:
-            driver = (await conn.get_raw_connection()).driver_connection
-            assert driver is not None
-            return list(await driver.fetch(statement.sql, *statement.args(params)))
+        if reader.driver is not None:
+            return list(await reader.driver.fetch(statement.sql, *statement.args(params)))
+        conn = reader.conn
         if not listed:
             return list((await conn.execute(statement.clause, params)).mappings().all())
         values, out = list(params[listed]), list[Any]()
@@ -172,6 +187,7 @@ class LedgerStore:
         due_hold_ids: Iterable[int] = (),
     ) -> LedgerView:
         """Everything `decide_batch` needs for `ops`, in a handful of queries."""
+        reader = await self._reader(conn)
         view = LedgerView(assets=dict(assets))
         keys: dict[str, set[str]] = {}
         pending_ids: set[int] = set(due_hold_ids)
@@ -203,19 +219,19 @@ class LedgerStore:
 
         for client, client_keys in keys.items():
             params = {"client": client, "keys": list(client_keys)}
-            for r in await self._select(conn, "transfers", by_key(t), params, "keys"):
+            for r in await self._select(reader, "transfers", by_key(t), params, "keys"):
                 transfer = journal.transfer_from_row(r)
                 view.transfers_by_key[(client, transfer.key)] = transfer
                 if transfer.pending_id is not None:
                     pending_ids.add(transfer.pending_id)
-            for r in await self._select(conn, "failures", by_key(f), params, "keys"):
+            for r in await self._select(reader, "failures", by_key(f), params, "keys"):
                 view.failures_by_key[(client, r["key"])] = journal.failure_from_row(r)
 
         targets = [view.transfers_by_key[k] for k in target_keys if k in view.transfers_by_key]
         if targets:
             for target in targets:
                 account_ids.update(p.account_id for p in target.postings)
-            await self._read_give_backs(conn, view, targets)
+            await self._read_give_backs(reader, view, targets)
 
         if pending_ids:
 
@@ -228,7 +244,7 @@ class LedgerStore:
                 )
 
             for r in await self._select(
-                conn, "pendings", pendings, {"ids": list(pending_ids)}, "ids"
+                reader, "pendings", pendings, {"ids": list(pending_ids)}, "ids"
             ):
                 held = journal.transfer_from_row(r)
                 resolved = r["resolved_by"]
@@ -245,7 +261,7 @@ class LedgerStore:
         ):
             if wanted:
                 build = functools.partial(self._accounts_by, columns, by)
-                rows += await self._select(conn, name, build, {"ids": list(wanted)}, "ids")
+                rows += await self._select(reader, name, build, {"ids": list(wanted)}, "ids")
         for r in rows:
             account = journal.account_from_row(r)
             view.accounts[account.id] = account
@@ -256,7 +272,7 @@ class LedgerStore:
         return select(*columns).where(self._in(by, "ids"))
 
     async def _read_give_backs(
-        self, conn: AsyncConnection, view: LedgerView, targets: list[Transfer]
+        self, reader: _Reader, view: LedgerView, targets: list[Transfer]
     ) -> None:
         """Which targets were reversed, and how much of each was refunded and not reversed
         (with the originals of targets that are refunds: reversing one changes them)."""
@@ -266,14 +282,14 @@ class LedgerStore:
         inner = {x.target_id for x in targets if x.target_id is not None}
         if inner:
             for r in await self._select(
-                conn, "kinds",
+                reader, "kinds",
                 lambda: select(t.c.id, t.c.kind).where(self._in(t.c.id, "ids")),
                 {"ids": list(inner)}, "ids",
             ):  # fmt: skip
                 view.kinds[int(r["id"])] = TransferKind(r["kind"])
         refunds: dict[int, tuple[int, int]] = {}  # refund id -> (origin, amount)
         for r in await self._select(
-            conn, "given_back",
+            reader, "given_back",
             lambda: select(t.c.id, t.c.kind, t.c.target_id, t.c.postings).where(
                 self._in(t.c.target_id, "ids")
             ),
@@ -287,7 +303,7 @@ class LedgerStore:
         reversed_refunds: set[int] = set()
         if refunds:
             for r in await self._select(
-                conn, "reversed_refunds",
+                reader, "reversed_refunds",
                 lambda: select(t.c.target_id).where(
                     self._in(t.c.target_id, "ids"), t.c.kind == bindparam("reverse")
                 ),
