@@ -413,6 +413,36 @@ class Unit:
         )
 
 
+@functools.lru_cache(maxsize=limits.RECORDS_STATEMENTS_MAX)
+def _together(
+    shape: tuple[tuple[str, tuple[str, ...]], ...], dialect: Dialect
+) -> tuple[str, list[list[Callable[[Any], Any] | None]]]:
+    """`Records.insert_together`'s statement on PostgreSQL for tables and their columns:
+    its text and each column's bind processor (None for most)."""
+    quote = dialect.identifier_preparer.quote
+    parts: list[str] = []
+    processors: list[list[Callable[[Any], Any] | None]] = []
+    n = 0
+    for table, keys in shape:
+        columns = [metadata.tables[table].c[name] for name in keys]
+        arrays = []
+        for column in columns:
+            n += 1
+            arrays.append(f"${n}::{column.type.compile(dialect=dialect)}[]")
+        names = ", ".join(quote(name) for name in keys)
+        # Names from the shared MetaData only; every value is a parameter.
+        into = f"INSERT INTO {quote(table)} ({names})"
+        parts.append(f"{into} SELECT * FROM unnest({', '.join(arrays)})")  # noqa: S608
+        processors.append([_processor(c.type, dialect) for c in columns])
+    ctes = ", ".join(f"w{i} AS ({part})" for i, part in enumerate(parts[:-1]))
+    return (f"WITH {ctes} {parts[-1]}" if ctes else parts[-1]), processors
+
+
+def _processor(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
+    convert: Callable[[Any], Any] | None = type_.dialect_impl(dialect).bind_processor(dialect)
+    return convert
+
+
 def _runs(rows: list[dict[str, Any]]) -> list[tuple[tuple[str, ...], list[dict[str, Any]]]]:
     """Consecutive rows naming the same columns, in order (one statement each run)."""
     out: list[tuple[tuple[str, ...], list[dict[str, Any]]]] = []
@@ -494,6 +524,40 @@ class Records:
             elif driver.is_in_transaction():
                 await greenlet_spawn(pooled.invalidate)
             await greenlet_spawn(pooled.close)
+
+    async def insert_together(self, rows: dict[str, list[dict[str, Any]]]) -> None:
+        """Insert rows into several tables, all or none; Conflict on a duplicate. Each
+        table's rows name the same columns. On PostgreSQL one statement (one round trip,
+        its own transaction): the tables but the last are data-modifying CTEs, each fed by
+        `unnest` of one array per column, so the text is the same whatever the number of
+        rows. On SQLite one transaction of inserts."""
+        shape: list[tuple[str, tuple[str, ...]]] = []
+        for table, table_rows in rows.items():
+            if not table_rows:
+                continue
+            keys = tuple(table_rows[0])
+            if not set(keys) <= _columns(table) or any(tuple(r) != keys for r in table_rows):
+                raise ValueError(f"{table}: every row names the same columns of the table")
+            shape.append((table, keys))
+        if not shape:
+            return
+        dialect = self.engine.dialect
+        if dialect.name != "postgresql":
+            async with self.begin() as uow:
+                for table, _ in shape:
+                    await uow.insert(table, rows[table])
+            return
+        sql, processors = _together(tuple(shape), dialect)
+        args = []
+        for (table, keys), converts in zip(shape, processors, strict=True):
+            for name, convert in zip(keys, converts, strict=True):
+                values = [row[name] for row in rows[table]]
+                args.append(values if convert is None else [convert(v) for v in values])
+        try:
+            async with self._driver() as driver:
+                await driver.execute(sql, *args)
+        except asyncpg.IntegrityConstraintViolationError:
+            raise Conflict(shape[0][0]) from None
 
     async def _forget(self, pooled: Any) -> None:
         """A connection the server dropped: it, and every other idle one of the pool (a

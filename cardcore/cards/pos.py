@@ -106,7 +106,9 @@ FeatureReverser = Callable[[Terminal, str], Awaitable[None]]
 @dataclass(frozen=True, slots=True)
 class MoneyDone:
     """An approved purchase, void or refund of a card, for the points round: its request,
-    terminal, card, POS key, the fen that moved, and (void, refund) the purchase's key."""
+    terminal, card, POS key, the fen that moved, (void, refund) the purchase's key, and
+    whether this call's ledger submit made its transfer (not a replay): then nothing can be
+    pinned under its key yet."""
 
     request: PosRequest
     terminal: Terminal
@@ -114,6 +116,7 @@ class MoneyDone:
     key: str
     amount: int
     original_key: str = ""
+    fresh: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +306,9 @@ class PosService:
                 continue
             key = transaction_key(t, r.batch, r.stan)
             moved = r.amount if a.amount is None else a.amount
-            done.append(MoneyDone(r, t, card, key, moved, plan.original_key))
+            res = plan.result
+            fresh = res is not None and res.ok and not res.replayed
+            done.append(MoneyDone(r, t, card, key, moved, plan.original_key, fresh))
             owners.append(plan)
         if not done:
             return

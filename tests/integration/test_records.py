@@ -127,6 +127,60 @@ async def test_a_write_in_a_unit_that_fails_changes_nothing(db_url: str) -> None
         await records.engine.dispose()
 
 
+def _stores(*ids: str, entity: str = "E1") -> list[dict[str, object]]:
+    return [
+        {"id": i, "legal_entity": entity, "name": f"store {i}", "region": "r", "city": "c",
+         "state": "open", "created_at_ms": n}
+        for n, i in enumerate(ids)
+    ]  # fmt: skip
+
+
+async def test_insert_together_writes_every_table_or_none(db_url: str) -> None:
+    records = await _records(db_url)
+    try:
+        # Two tables, rows of any number (the PostgreSQL text is one per shape), then a
+        # table with no rows, which is left out.
+        await records.insert_together({
+            ENTITIES: [{"id": "F1", "name": "it's \"quoted\"", "created_at_ms": 60}],
+            "org_stores": _stores("S1", "S2", entity="F1"),
+        })  # fmt: skip
+        await records.insert_together({
+            ENTITIES: [{"id": f"G{n}", "name": "g", "created_at_ms": n} for n in range(3)],
+            "org_stores": _stores("S3"),
+        })  # fmt: skip
+        await records.insert_together({ENTITIES: [], "org_stores": _stores("S4", "S5")})
+        await records.insert_together({ENTITIES: [], "org_stores": []})
+        # A duplicate in the last table undoes the first table's rows too, and the other
+        # way round.
+        with pytest.raises(Conflict):
+            await records.insert_together({
+                ENTITIES: [{"id": "H1", "name": "h", "created_at_ms": 1}],
+                "org_stores": _stores("S6", "S1"),
+            })  # fmt: skip
+        with pytest.raises(Conflict):
+            await records.insert_together({
+                ENTITIES: [{"id": "H2", "name": "h", "created_at_ms": 1},
+                           {"id": "E1", "name": "again", "created_at_ms": 1}],
+                "org_stores": _stores("S7"),
+            })  # fmt: skip
+        with pytest.raises(ValueError, match="same columns"):
+            await records.insert_together({ENTITIES: [{"id": "H3", "nope": 1}]})
+        with pytest.raises(ValueError, match="same columns"):
+            await records.insert_together({ENTITIES: [
+                {"id": "H4", "name": "h", "created_at_ms": 1}, {"id": "H5", "name": "h"},
+            ]})  # fmt: skip
+        async with records.read() as uow:
+            entities = await uow.find(ENTITIES, order="id")
+            stores = await uow.find("org_stores", order="id")
+        assert [r["id"] for r in entities] == ["E1", "E2", "E3", "E4", "E5", "F1", "G0", "G1",
+                                               "G2"]  # fmt: skip
+        assert next(r for r in entities if r["id"] == "F1")["name"] == 'it\'s "quoted"'
+        assert [r["id"] for r in stores] == ["S1", "S2", "S3", "S4", "S5"]
+        assert [r["created_at_ms"] for r in stores] == [0, 1, 0, 0, 1]
+    finally:
+        await records.engine.dispose()
+
+
 # --- PostgreSQL: statements at the driver, in the driver's transaction (ADR 0008) ------------
 
 
