@@ -105,6 +105,7 @@ GATEWAY_FRAME_BYTES_MAX: Final = 2048  # TPDU + header + ISO message; jPOS allow
 GATEWAY_FRAME_READ_S: Final = 10  # a frame, once begun, arrives whole within this
 GATEWAY_IDLE_S: Final = 300  # a connection with no frame this long is closed (jPOS default)
 GATEWAY_WRITE_S: Final = 10  # a reply the terminal does not take within this closes it
+GATEWAY_WATCHDOG_MS: Final = 500  # how often the idle and frame timeouts are checked
 GATEWAY_HOST_TIMEOUT_MS: Final = 8_000  # answer 96 before the terminal's own 30-60 s timeout
 GATEWAY_IN_FLIGHT_WAIT_S: Final = 10  # a resent request waits this long for the first
 GATEWAY_TERMINAL_RATE_PER_S: Final = 20  # requests per terminal per second (burst the same)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
@@ -37,11 +38,24 @@ class Host(Protocol):
 PosHandler = Callable[[Sequence[PosRequest]], Awaitable[list[PosResult]]]
 
 
+def _stop(timer: asyncio.TimerHandle, _call: object) -> None:
+    timer.cancel()
+
+
+def _too_late(batch: list[tuple[PosRequest, asyncio.Future[PosResult]]]) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(HostUnavailable("the host did not answer in time"))
+
+
 class InProcessHost:
     """The host's `PosService.handle`, called in this process, with the same time limit.
 
     Requests that arrive in the same turn of the event loop go to the host in one call (so
-    to the writer in one submission), as the HTTP adapter batches them into one POST."""
+    to the writer in one submission), as the HTTP adapter batches them into one POST. The
+    time limit is one timer per call: when it passes, the call's callers not answered yet
+    get `HostUnavailable` (the call itself goes on; what it decides is reversed by the
+    gateway's store and forward, as for any 96)."""
 
     def __init__(
         self,
@@ -64,22 +78,20 @@ class InProcessHost:
                 loop.call_soon(self._flush)
             self._waiting.append((r, future))
             futures.append(future)
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                if len(futures) == 1:
-                    return [await futures[0]]
-                return list(await asyncio.gather(*futures))
-        except TimeoutError:
-            raise HostUnavailable("the host did not answer in time") from None
+        if len(futures) == 1:
+            return [await futures[0]]
+        return list(await asyncio.gather(*futures))
 
     def _flush(self) -> None:
         waiting, self._waiting = self._waiting, []
+        loop = asyncio.get_running_loop()
         for i in range(0, len(waiting), self._batch_max):
-            call = asyncio.get_running_loop().create_task(
-                self._call(waiting[i : i + self._batch_max])
-            )
+            batch = waiting[i : i + self._batch_max]
+            call = loop.create_task(self._call(batch))
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
+            timer = loop.call_later(self._timeout_s, _too_late, batch)
+            call.add_done_callback(functools.partial(_stop, timer))
 
     async def _call(self, batch: list[tuple[PosRequest, asyncio.Future[PosResult]]]) -> None:
         try:

@@ -276,11 +276,16 @@ class Processor:
             return reply, SIGN_ON_AGAIN
         if not session.take_token(time.monotonic()):
             return self._reply(f, SLOW_DOWN), SLOW_DOWN
-        try:  # one request in flight per terminal: a resend waits for the first to finish
-            async with asyncio.timeout(limits.GATEWAY_IN_FLIGHT_WAIT_S):
-                await session.lock.acquire()
-        except TimeoutError:
-            return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
+        # One request in flight per terminal: a resend waits for the first to finish (a
+        # free lock is taken at once, without a timer).
+        if session.lock.locked():
+            try:
+                async with asyncio.timeout(limits.GATEWAY_IN_FLIGHT_WAIT_S):
+                    await session.lock.acquire()
+            except TimeoutError:
+                return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
+        else:
+            await session.lock.acquire()
         try:
             return await self._in_session(session, mti, f, net, body)
         finally:

@@ -6,12 +6,19 @@ message that frames but does not decode is answered with a response code and the
 stays open (until too many in a row). One connection's garbage, flood or silence never
 reaches another: each has its own task, every exception stays inside it, and every wait is
 bounded.
+
+The idle and frame timeouts are kept by one watchdog task for all connections, not by a
+timer per read: each connection notes when its current wait began (a first byte, or the
+rest of a frame), and every `GATEWAY_WATCHDOG_MS` the watchdog aborts those past their
+limit (so a limit holds to within that period). A timer per read cost two timer handles per
+message, about 5 % of a purchase's CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import socket
 import ssl
@@ -22,6 +29,25 @@ from cardcore.frontend_gateway.processor import Processor
 from cardcore.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+class _Wait(enum.Enum):
+    FIRST_BYTE = "idle"  # between frames: the idle timeout
+    FRAME = "slow"  # a frame begun: the frame timeout
+    NONE = ""  # a request in hand, or a reply being written: bounded elsewhere
+
+
+class _Line:
+    """One connection as the watchdog sees it: what it waits for, since when, and why the
+    watchdog closed it (the wait it ran out of)."""
+
+    __slots__ = ("closed_for", "since", "transport", "waiting")
+
+    def __init__(self, transport: asyncio.WriteTransport, now: float) -> None:
+        self.transport = transport
+        self.waiting = _Wait.FIRST_BYTE
+        self.since = now
+        self.closed_for = _Wait.NONE
 
 
 class GatewayServer:
@@ -49,6 +75,8 @@ class GatewayServer:
         self.frame_read_s = frame_read_s
         self.connections: set[asyncio.Task[None]] = set()
         self._busy: set[asyncio.Task[None]] = set()  # connections with a request in hand
+        self._lines: set[_Line] = set()
+        self._watchdog: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
         self._closing = False
 
@@ -65,12 +93,17 @@ class GatewayServer:
             limit=self.frame_bytes_max + codec.LENGTH_BYTES,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._watchdog = asyncio.create_task(self._watch(), name="gateway-watchdog")
 
     async def close(self, grace_s: float = limits.GATEWAY_SHUTDOWN_GRACE_S) -> None:
         """Stop accepting, let requests in hand finish within `grace_s`, close the rest."""
         self._closing = True
         if self._server is not None:
             self._server.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
         if self._busy:
             await asyncio.wait(set(self._busy), timeout=grace_s)
         for task in list(self.connections):
@@ -89,9 +122,11 @@ class GatewayServer:
             writer.transport.abort()
             return
         self.connections.add(task)
+        line = _Line(writer.transport, asyncio.get_running_loop().time())
+        self._lines.add(line)
         self.metrics.gateway_connections.inc()
         try:
-            await self._serve(reader, writer, task)
+            await self._serve(reader, writer, task, line)
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -99,15 +134,35 @@ class GatewayServer:
         finally:
             self.connections.discard(task)
             self._busy.discard(task)
+            self._lines.discard(line)
             self.metrics.gateway_connections.dec()
             writer.transport.abort()
 
+    async def _watch(self) -> None:
+        """Every `GATEWAY_WATCHDOG_MS`: abort the connections idle longer than `idle_s`, or
+        in the middle of a frame longer than `frame_read_s` (their reads then end)."""
+        loop = asyncio.get_running_loop()
+        limit_of = {_Wait.FIRST_BYTE: self.idle_s, _Wait.FRAME: self.frame_read_s}
+        while True:
+            await asyncio.sleep(limits.GATEWAY_WATCHDOG_MS / 1000)
+            now = loop.time()
+            for line in list(self._lines):
+                limit = limit_of.get(line.waiting)
+                if limit is not None and now - line.since >= limit:
+                    line.closed_for = line.waiting
+                    line.waiting = _Wait.NONE
+                    line.transport.abort()
+
     async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, task: asyncio.Task[None]
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        task: asyncio.Task[None],
+        line: _Line,
     ) -> None:
         bad_in_a_row = 0
         while not self._closing:
-            payload = await self._read_frame(reader)
+            payload = await self._read_frame(reader, line)
             if payload is None:
                 return
             try:
@@ -142,24 +197,27 @@ class GatewayServer:
             finally:
                 self._busy.discard(task)
 
-    async def _read_frame(self, reader: asyncio.StreamReader) -> bytes | None:
+    async def _read_frame(self, reader: asyncio.StreamReader, line: _Line) -> bytes | None:
         """One frame's payload, or None when the connection must close. The first byte may
         take the idle timeout; the rest of the frame must follow within the frame timeout,
-        so a sender trickling bytes cannot hold a connection."""
+        so a sender trickling bytes cannot hold a connection (the watchdog keeps both)."""
+        loop = asyncio.get_running_loop()
+        line.waiting, line.since = _Wait.FIRST_BYTE, loop.time()
         try:
-            async with asyncio.timeout(self.idle_s):
-                first = await reader.readexactly(1)
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            first = await reader.readexactly(1)
+        except (asyncio.IncompleteReadError, ConnectionError):
             return None  # idle too long, or closed between frames: a clean end
+        line.waiting, line.since = _Wait.FRAME, loop.time()
         try:
-            async with asyncio.timeout(self.frame_read_s):
-                prefix = first + await reader.readexactly(1)
-                length = codec.frame_length(prefix, frame_bytes_max=self.frame_bytes_max)
-                return await reader.readexactly(length)
+            prefix = first + await reader.readexactly(1)
+            length = codec.frame_length(prefix, frame_bytes_max=self.frame_bytes_max)
+            payload = await reader.readexactly(length)
         except codec.FrameError:
             self.metrics.gateway_frames_dropped.labels("length").inc()
-        except TimeoutError:
-            self.metrics.gateway_frames_dropped.labels("slow").inc()
+            return None
         except (asyncio.IncompleteReadError, ConnectionError):
-            self.metrics.gateway_frames_dropped.labels("truncated").inc()
-        return None
+            slow = line.closed_for is _Wait.FRAME
+            self.metrics.gateway_frames_dropped.labels("slow" if slow else "truncated").inc()
+            return None
+        line.waiting = _Wait.NONE
+        return payload

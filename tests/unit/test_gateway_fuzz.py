@@ -40,7 +40,7 @@ from cardcore.cards.model import (
     request_json,
 )
 from cardcore.frontend_gateway import codec, security
-from cardcore.frontend_gateway.host import HostUnavailable
+from cardcore.frontend_gateway.host import HostUnavailable, InProcessHost
 from cardcore.frontend_gateway.processor import Processor
 from cardcore.frontend_gateway.saf import ReversalQueue
 from cardcore.frontend_gateway.security import KeyMode, WorkingKeys
@@ -766,3 +766,119 @@ def test_an_upload_end_keeps_its_totals_on_the_http_host_wire() -> None:
         kind=Kind.UPLOAD, terminal=TID, batch=BATCH, stan="000009", totals=(2500, 1, 0, 0)
     )
     assert parse_request(request_json(sent), "requests[0]") == sent
+
+
+# --- the listener's timeouts (one watchdog for all connections) ----------------------------------
+
+WATCHDOG_S = limits.GATEWAY_WATCHDOG_MS / 1000
+
+
+async def _raw(port: int) -> tuple[asyncio.Transport, Line]:
+    transport, line = await asyncio.get_running_loop().create_connection(Line, "127.0.0.1", port)
+    return transport, line
+
+
+async def _closed_after(line: Line, started: float, limit_s: float) -> float:
+    await asyncio.wait_for(asyncio.shield(line.closed), limit_s + WATCHDOG_S + 2)
+    return asyncio.get_running_loop().time() - started
+
+
+def _dropped(metrics: Metrics, reason: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "cardcore_gateway_frames_dropped_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+@pytest.mark.usefixtures("fast_terminals")
+async def test_idle_and_slow_connections_are_closed_in_time_and_busy_ones_are_kept(
+    saf: ReversalQueue, logs: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics()
+    server = GatewayServer(
+        Processor(FakeHost(), saf, KEK, metrics), metrics, host="127.0.0.1", port=0,
+        idle_s=1.0, frame_read_s=1.5,
+    )  # fmt: skip
+    await server.start()
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        _, idle = await _raw(server.port)  # says nothing at all
+        slow_transport, slow = await _raw(server.port)
+        slow_transport.write(b"\x00\x40\x60")  # a frame begun, never ended
+        terminal = await signed_on_terminal(server.port, TID)
+        try:
+            # A terminal that talks more often than the idle limit is never closed, and is
+            # served while the others wait for their ends.
+            while loop.time() - started < 3.0:
+                assert (await asyncio.wait_for(terminal.echo(), REPLY_WAIT_S)).code == "00"
+                await asyncio.sleep(0.3)
+            assert idle.closed.done() and slow.closed.done()
+            assert (await asyncio.wait_for(terminal.echo(), REPLY_WAIT_S)).code == "00"
+        finally:
+            await terminal.close()
+        assert not idle.received and not slow.received
+        assert _dropped(metrics, "slow") == 1
+        assert _dropped(metrics, "truncated") == 0
+    finally:
+        await asyncio.wait_for(server.close(grace_s=1), 10)
+    assert not errors_logged(logs), errors_logged(logs)[:5]
+
+
+@pytest.mark.parametrize(
+    ("idle_s", "frame_read_s", "begin"), [(1.0, 30.0, b""), (30.0, 1.0, b"\x00")]
+)
+async def test_a_timeout_closes_no_sooner_than_its_limit_and_within_a_watchdog_period(
+    saf: ReversalQueue, idle_s: float, frame_read_s: float, begin: bytes
+) -> None:
+    metrics = Metrics()
+    server = GatewayServer(
+        Processor(FakeHost(), saf, KEK, metrics), metrics, host="127.0.0.1", port=0,
+        idle_s=idle_s, frame_read_s=frame_read_s,
+    )  # fmt: skip
+    await server.start()
+    try:
+        transport, line = await _raw(server.port)
+        started = asyncio.get_running_loop().time()
+        if begin:
+            transport.write(begin)
+        limit = min(idle_s, frame_read_s)
+        elapsed = await _closed_after(line, started, limit)
+        assert limit - 0.05 <= elapsed <= limit + WATCHDOG_S + 0.5, elapsed
+        assert _dropped(metrics, "slow") == (1 if begin else 0)
+        await _no_connections(server)
+    finally:
+        await asyncio.wait_for(server.close(grace_s=1), 10)
+
+
+async def test_the_in_process_host_fails_every_caller_of_a_late_call_and_lets_it_finish() -> None:
+    """One timer per call to `PosService.handle`: at the limit its callers get
+    HostUnavailable (the gateway then answers 96 and reverses); the call is not cancelled."""
+    release = asyncio.Event()
+    finished: list[int] = []
+
+    async def handle(requests: Sequence[PosRequest]) -> list[PosResult]:
+        await release.wait()
+        finished.append(len(requests))
+        return [PosResult(Outcome.APPROVED) for _ in requests]
+
+    host = InProcessHost(handle, timeout_ms=300)
+    request = PosRequest(kind=Kind.INQUIRY, terminal=TID, batch=BATCH, stan="000001")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    calls = [asyncio.create_task(host.pos([request])) for _ in range(3)]
+    calls.append(asyncio.create_task(host.pos([request, request])))
+    done = await asyncio.gather(*calls, return_exceptions=True)
+    elapsed = loop.time() - started
+    assert all(isinstance(d, HostUnavailable) for d in done), done
+    assert 0.29 <= elapsed < 2, elapsed
+    release.set()
+    for _ in range(100):
+        if finished:
+            break
+        await asyncio.sleep(0.01)
+    assert finished == [5]  # one call for the five requests of the loop turn, not cancelled
+    # A call in time answers, and its timer does not fire later.
+    assert (await host.pos([request]))[0].outcome is Outcome.APPROVED
+    await asyncio.sleep(0.4)
+    await host.close()
