@@ -428,7 +428,10 @@ def _together(
         arrays = []
         for column in columns:
             n += 1
-            arrays.append(f"${n}::{column.type.compile(dialect=dialect)}[]")
+            # The array of the column's type without its length (VARCHAR, not VARCHAR(160)):
+            # an explicit cast would cut a long string; the INSERT's own cast refuses it.
+            bare = type(column.type)().compile(dialect=dialect)
+            arrays.append(f"${n}::{bare}[]")
         names = ", ".join(quote(name) for name in keys)
         # Names from the shared MetaData only; every value is a parameter.
         into = f"INSERT INTO {quote(table)} ({names})"
@@ -527,10 +530,12 @@ class Records:
 
     async def insert_together(self, rows: dict[str, list[dict[str, Any]]]) -> None:
         """Insert rows into several tables, all or none; Conflict on a duplicate. Each
-        table's rows name the same columns. On PostgreSQL one statement (one round trip,
-        its own transaction): the tables but the last are data-modifying CTEs, each fed by
-        `unnest` of one array per column, so the text is the same whatever the number of
-        rows. On SQLite one transaction of inserts."""
+        table's rows name the same columns; a column left out gets its server default
+        (SQLAlchemy's Python-side `default=` is not applied: name such columns). On
+        PostgreSQL one statement (one round trip, its own transaction): the tables but the
+        last are data-modifying CTEs, each fed by `unnest` of one array per column, so the
+        text is the same whatever the number of rows. On SQLite one transaction of
+        inserts."""
         shape: list[tuple[str, tuple[str, ...]]] = []
         for table, table_rows in rows.items():
             if not table_rows:
@@ -556,8 +561,8 @@ class Records:
         try:
             async with self._driver() as driver:
                 await driver.execute(sql, *args)
-        except asyncpg.IntegrityConstraintViolationError:
-            raise Conflict(shape[0][0]) from None
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            raise Conflict(getattr(exc, "table_name", None) or shape[0][0]) from None
 
     async def _forget(self, pooled: Any) -> None:
         """A connection the server dropped: it, and every other idle one of the pool (a

@@ -38,8 +38,15 @@ class Host(Protocol):
 PosHandler = Callable[[Sequence[PosRequest]], Awaitable[list[PosResult]]]
 
 
-def _stop(timer: asyncio.TimerHandle, _call: object) -> None:
+def _ended(
+    timer: asyncio.TimerHandle,
+    batch: list[tuple[PosRequest, asyncio.Future[PosResult]]],
+    _call: object,
+) -> None:
+    """A call is over: its timer goes, and a caller it left unanswered (the call was
+    cancelled, or failed past its own handler) hears HostUnavailable now."""
     timer.cancel()
+    _too_late(batch)
 
 
 def _too_late(batch: list[tuple[PosRequest, asyncio.Future[PosResult]]]) -> None:
@@ -91,7 +98,7 @@ class InProcessHost:
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
             timer = loop.call_later(self._timeout_s, _too_late, batch)
-            call.add_done_callback(functools.partial(_stop, timer))
+            call.add_done_callback(functools.partial(_ended, timer, batch))
 
     async def _call(self, batch: list[tuple[PosRequest, asyncio.Future[PosResult]]]) -> None:
         try:

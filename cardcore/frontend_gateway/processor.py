@@ -183,6 +183,7 @@ class Session:
     keys: WorkingKeys | None = None
     mac_failures: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    queued: int = 0  # requests waiting for `lock` (each under its time limit)
     tokens: float = float(limits.GATEWAY_TERMINAL_RATE_PER_S)
     refilled_at: float = 0.0
 
@@ -276,14 +277,17 @@ class Processor:
             return reply, SIGN_ON_AGAIN
         if not session.take_token(time.monotonic()):
             return self._reply(f, SLOW_DOWN), SLOW_DOWN
-        # One request in flight per terminal: a resend waits for the first to finish (a
-        # free lock is taken at once, without a timer).
-        if session.lock.locked():
+        # One request in flight per terminal: a resend waits for the first to finish. A
+        # lock that is free with nobody queued is taken at once, without a timer.
+        if session.lock.locked() or session.queued:
+            session.queued += 1
             try:
                 async with asyncio.timeout(limits.GATEWAY_IN_FLIGHT_WAIT_S):
                     await session.lock.acquire()
             except TimeoutError:
                 return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
+            finally:
+                session.queued -= 1
         else:
             await session.lock.acquire()
         try:

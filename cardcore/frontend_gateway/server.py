@@ -49,6 +49,10 @@ class _Line:
         self.since = now
         self.closed_for = _Wait.NONE
 
+    def closed(self) -> bool:
+        """Whether the watchdog closed it (its reads end; what they got is too late)."""
+        return self.closed_for is not _Wait.NONE
+
 
 class GatewayServer:
     def __init__(
@@ -151,7 +155,10 @@ class GatewayServer:
                 if limit is not None and now - line.since >= limit:
                     line.closed_for = line.waiting
                     line.waiting = _Wait.NONE
-                    line.transport.abort()
+                    try:
+                        line.transport.abort()
+                    except Exception:  # one connection's failure never stops the watchdog
+                        log.exception("a connection could not be closed")
 
     async def _serve(
         self,
@@ -207,6 +214,8 @@ class GatewayServer:
             first = await reader.readexactly(1)
         except (asyncio.IncompleteReadError, ConnectionError):
             return None  # idle too long, or closed between frames: a clean end
+        if line.closed():
+            return None  # closed for idling as its first byte came in
         line.waiting, line.since = _Wait.FRAME, loop.time()
         try:
             prefix = first + await reader.readexactly(1)
@@ -218,6 +227,11 @@ class GatewayServer:
         except (asyncio.IncompleteReadError, ConnectionError):
             slow = line.closed_for is _Wait.FRAME
             self.metrics.gateway_frames_dropped.labels("slow" if slow else "truncated").inc()
+            return None
+        if line.closed():
+            # The watchdog closed it as the last bytes came in: too late, never processed
+            # (its reply could not be sent; the terminal reverses what it does not hear).
+            self.metrics.gateway_frames_dropped.labels("slow").inc()
             return None
         line.waiting = _Wait.NONE
         return payload

@@ -181,6 +181,55 @@ async def test_insert_together_writes_every_table_or_none(db_url: str) -> None:
         await records.engine.dispose()
 
 
+def _card_class(code: str, *, named: bool) -> dict[str, object]:
+    return {
+        "code": code, "name": code, "named": named, "gift": not named, "denominations": "[]",
+        "discount_bp": 0, "points_multiplier_pct": 100, "issue_fee": 0, "replace_fee": 0,
+        "balance_max": 0, "validity_months": 12, "state": "active", "created_at_ms": 1,
+        "updated_at_ms": 1,
+    }  # fmt: skip
+
+
+def _card(token: str, card_id: int, member: int | None) -> dict[str, object]:
+    return {
+        "token": token, "pan_masked": "628888*****1234", "legal_entity": "E1",
+        "account_id": card_id, "expires": "2912", "state": "active", "balance_max": 0,
+        "created_at_ms": 1, "id": card_id, "pan_sealed": "x", "secret_sealed": "y",
+        "class_code": "C1", "member_id": member, "store": "S1", "named": member is not None,
+        "pvv": "", "pin_failures": 0, "replaced_by": None, "updated_at_ms": 1,
+    }  # fmt: skip
+
+
+async def test_insert_together_keeps_booleans_nulls_and_server_defaults(db_url: str) -> None:
+    records = await _records(db_url)
+    try:
+        await records.insert_together({
+            "card_classes": [_card_class("C1", named=True), _card_class("C2", named=False)],
+            "cards": [_card("T1", 1, 7), _card("T2", 2, None)],
+        })  # fmt: skip
+        async with records.read() as uow:
+            classes = await uow.find("card_classes", order="code")
+            cards = await uow.find("cards", order="id")
+        assert [(c["named"], c["gift"], c["points_program"]) for c in classes] == [
+            (True, False, ""), (False, True, ""),
+        ]  # fmt: skip
+        assert [(c["member_id"], c["replaced_by"], c["named"]) for c in cards] == [
+            (7, None, True), (None, None, False),
+        ]  # fmt: skip
+        if db_url.startswith("postgresql"):
+            # Too long for the column: refused as a plain insert would be, never cut short.
+            with pytest.raises(DATABASE_ERRORS):
+                await records.insert_together({
+                    "card_classes": [_card_class("C" * 40, named=True)],
+                    "cards": [_card("T3", 3, None)],
+                })  # fmt: skip
+            async with records.read() as uow:
+                assert await uow.count("cards", id=3) == 0
+                assert await uow.count("card_classes", code=["C" * 40, "C" * 32]) == 0
+    finally:
+        await records.engine.dispose()
+
+
 # --- PostgreSQL: statements at the driver, in the driver's transaction (ADR 0008) ------------
 
 
