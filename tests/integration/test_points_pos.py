@@ -141,6 +141,25 @@ async def test_a_resend_earns_nothing_twice(admin: AdminClient, db_url: str) -> 
     assert len(await sql_rows(db_url, "SELECT * FROM points_earnings")) == 1
 
 
+async def test_a_purchase_meeting_an_earning_already_pinned_under_its_key_earns_once(
+    admin: AdminClient, db_url: str
+) -> None:
+    """The pinned keys are looked up only for purchases the ledger answered as replays; a
+    fresh purchase whose earning key is taken anyway (here by a POINTS_EARN of the same
+    terminal, batch and STAN, which only a host called without the gateway can see) meets
+    the key's unique rule and takes what stands: nothing is earned twice."""
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    stan = "004242"
+    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=8_800, stan=stan))
+    assert earn.points == 88
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000, stan=stan))
+    assert sale.outcome is Outcome.APPROVED and not sale.replayed
+    assert sale.points == 88  # the earning pinned under the key, not a second one
+    assert (await shop.points(card))["balance"] == 88
+    assert len(await sql_rows(db_url, "SELECT * FROM points_earnings")) == 1
+
+
 async def test_a_card_without_a_program_earns_nothing(admin: AdminClient, db_url: str) -> None:
     shop = await Shop(admin).make()
     card = await shop.card("PLAIN")

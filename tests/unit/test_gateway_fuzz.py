@@ -903,3 +903,29 @@ async def test_the_in_process_host_fails_every_caller_of_a_late_call_and_lets_it
     with pytest.raises(HostUnavailable):
         await asyncio.wait_for(waiting, 1)
     assert loop.time() - started < 0.25
+
+
+async def test_each_call_of_a_split_loop_turn_has_its_own_timer() -> None:
+    """More requests in a turn than one call takes: each call is timed on its own, and a
+    call that answers in time answers even when its neighbour is late."""
+    late = asyncio.Event()
+
+    async def handle(requests: Sequence[PosRequest]) -> list[PosResult]:
+        if any(r.stan == "000009" for r in requests):
+            await late.wait()
+        return [PosResult(Outcome.APPROVED) for _ in requests]
+
+    host = InProcessHost(handle, timeout_ms=300, batch_max=2)
+    stans = ["000001", "000002", "000003", "000004", "000009"]
+    calls = [
+        asyncio.create_task(
+            host.pos([PosRequest(kind=Kind.INQUIRY, terminal=TID, batch=BATCH, stan=s)])
+        )
+        for s in stans
+    ]
+    done = await asyncio.gather(*calls, return_exceptions=True)
+    assert [d[0].outcome if isinstance(d, list) else type(d) for d in done] == [
+        Outcome.APPROVED, Outcome.APPROVED, Outcome.APPROVED, Outcome.APPROVED, HostUnavailable,
+    ]  # fmt: skip
+    late.set()
+    await host.close()
