@@ -597,7 +597,7 @@ class Processor:
         tag = f.get("64")
         if tag is None:
             return False
-        return security.verify_mac(s.mode, s.keys.mak, codec.mac_input(body), bytes.fromhex(tag))
+        return s.keys.verify(s.mode, codec.mac_input(body), bytes.fromhex(tag))
 
     def _mac_failed(self, s: Session, f: dict[str, str]) -> tuple[Reply | None, str]:
         self.metrics.gateway_mac_failures.inc()
@@ -634,7 +634,7 @@ class Processor:
             return Reply(codec.encode(fields, decoded=decoded), processing)
         fields["64"] = codec.MAC_PLACEHOLDER
         body = codec.encode(fields, decoded=decoded)
-        tag = security.mac(keys.mode, keys.keys.mak, codec.mac_input(body))
+        tag = keys.keys.tag(keys.mode, codec.mac_input(body))
         return Reply(codec.set_mac(body, tag), processing)
 
     def _host_time(self) -> tuple[str, str]:

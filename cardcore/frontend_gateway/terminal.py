@@ -188,7 +188,7 @@ class PosTerminal:
         if self.keys is None:
             raise TerminalError("not signed on: no MAC key")
         body = codec.encode(codec.with_mac_placeholder(fields))
-        return codec.set_mac(body, security.mac(self.mode, self.keys.mak, codec.mac_input(body)))
+        return codec.set_mac(body, self.keys.tag(self.mode, codec.mac_input(body)))
 
     def _check_reply(self, sent: dict[str, str], reply: Reply, *, mac: bool) -> None:
         f = reply.fields
@@ -203,9 +203,7 @@ class PosTerminal:
             raise TerminalError("an approval without a MAC")
         if mac and "64" in f and self.keys is not None:
             body = reply.raw[codec.LENGTH_BYTES + codec.TPDU_BYTES + codec.HEADER_BYTES :]
-            if not security.verify_mac(
-                self.mode, self.keys.mak, codec.mac_input(body), bytes.fromhex(f["64"])
-            ):
+            if not self.keys.verify(self.mode, codec.mac_input(body), bytes.fromhex(f["64"])):
                 raise TerminalError("reply MAC does not verify")
 
     # --- messages ------------------------------------------------------------------------------

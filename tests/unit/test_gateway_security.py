@@ -451,6 +451,21 @@ def test_mac_verifies_its_own_data(mode: KeyMode, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
+@fast
+@given(messages=st.lists(st.binary(max_size=200), min_size=1, max_size=5))
+def test_a_sessions_keys_mac_each_message_as_mac_does(mode: KeyMode, messages: list[bytes]) -> None:
+    """WorkingKeys.tag reuses one CMAC state per session: every message, in any order and
+    however often, gets the tag `mac` gives it alone, and `verify` accepts only that."""
+    key = KEY_OF[mode]
+    keys = WorkingKeys(pik=key, mak=key)
+    for data in [*messages, *reversed(messages)]:
+        tag = keys.tag(mode, data)
+        assert tag == mac(mode, key, data)
+        assert keys.verify(mode, data, tag)
+        assert not keys.verify(mode, data + b"\x01", tag)
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bit", range(0, 64, 9))
 def test_mac_with_one_bit_flipped_does_not_verify(mode: KeyMode, bit: int) -> None:
     data = b"0200 purchase 000000012345"
