@@ -214,3 +214,6 @@ COUPON_REWARD_CACHE_S: Final = (
 POINTS_DEFINITIONS_CACHE_S: Final = (
     5  # a program or rule changed elsewhere applies at the till this late
 )
+
+# --- process ---------------------------------------------------------------------------------
+GC_YOUNG_THRESHOLD: Final = 20_000  # net new objects between collections (CPython: 700)

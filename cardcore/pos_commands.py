@@ -27,6 +27,7 @@ from cardcore.frontend_gateway.host import HttpHost
 from cardcore.frontend_gateway.security import KeyMode
 from cardcore.frontend_gateway.terminal import PosTerminal, Reply, TerminalError, describe
 from cardcore.metrics import Metrics
+from cardcore.runtime import settle_gc
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ async def run_gateway(config: Config) -> None:
         "gateway": f"{config.gateway_host}:{gateway.port}",
         "ledgers": urls,
     }
+    settle_gc()
     sys.stdout.write(json.dumps(ready) + "\n")
     sys.stdout.flush()
     try:

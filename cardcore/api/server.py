@@ -25,6 +25,7 @@ from cardcore.frontend_gateway.host import InProcessHost
 from cardcore.ledger.service import Ledger
 from cardcore.metrics import Metrics
 from cardcore.records import Records
+from cardcore.runtime import settle_gc
 from cardcore.vault import Vault
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ async def serve(config: Config, *, role: str, with_demo: bool) -> None:
         if with_demo and pos is not None and kek is not None:
             ready["demo_accounts"] = await demo.load(ledger)
             ready["demo_pos"] = await demo.load_pos(ledger, pos.directory, kek)
+        settle_gc()
         # One line on stdout tells people (and test harnesses) where we are.
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()

@@ -1,0 +1,29 @@
+"""Process-wide settings of a long-running server (`serve`, `ledger`, `gateway`).
+
+The garbage collector: CPython collects its youngest generation every 700 net new container
+objects. A busy server makes that many in a few milliseconds (a POS message, its futures,
+the writer's batch), so the collector ran about 90 times a second, and about once a second
+a full collection scanned every object the process keeps (caches, sessions, connections,
+pooled statements): 85 ms each, in all about 11 % of the process's time at 1,600 purchases
+a second (docs/benchmarks.md, fourth session), and pauses that show in the 99th
+percentile. Once the server has started, `settle_gc` moves what it built so far out of the
+collector's sight for good (`gc.freeze`: start-up objects are not garbage; one that later
+becomes part of a garbage cycle would stay, which start-up objects do not do) and raises
+the young threshold. Cycles made later are still collected: every new object counts
+towards the threshold, so at most about `GC_YOUNG_THRESHOLD` objects of garbage wait for
+the next collection.
+"""
+
+from __future__ import annotations
+
+import gc
+
+from cardcore import limits
+
+
+def settle_gc() -> None:
+    """Call once the server is listening, after its start-up objects were made."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(limits.GC_YOUNG_THRESHOLD, older, oldest)
