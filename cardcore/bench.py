@@ -43,6 +43,7 @@ from cardcore.ledger.model import (
     Posting,
     Side,
 )
+from cardcore.runtime import settle_gc
 
 ASSET = "BENCH"
 FUNDING_PER_ACCOUNT = 10**12
@@ -203,6 +204,7 @@ async def _drive(url: str, options: BenchOptions, *, backend: str) -> dict[str, 
         ids = await _setup(s, url, options)
         run_id = f"{time.time_ns():x}"
         tally = _Tally()
+        settle_gc()  # the load generator too, as the servers do once listening
         deadline = time.perf_counter() + options.seconds
         started = time.perf_counter()
         await asyncio.gather(

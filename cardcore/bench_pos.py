@@ -62,6 +62,7 @@ from cardcore.frontend_gateway.security import KeyMode
 from cardcore.frontend_gateway.terminal import PosTerminal, TerminalError
 from cardcore.org.service import OrgService
 from cardcore.records import Records
+from cardcore.runtime import settle_gc
 
 CARD_BALANCE = 10**11  # fen: enough for any run
 ECHO_INTERVAL_S = 60
@@ -393,6 +394,7 @@ async def _drive(
     if mix is not None:
         await asyncio.gather(*(_first_points(t, card) for t, card in zip(busy, cards, strict=True)))
     idle_tasks = [asyncio.create_task(_idle(t, stop)) for t in idle]
+    settle_gc()  # the simulated terminals' process, as the servers do once listening
     cpu_before = _cpu_s(servers)
     started = time.perf_counter()
     deadline = started + options.seconds

@@ -38,6 +38,6 @@ def test_settle_gc_freezes_start_up_and_still_collects_later_cycles() -> None:
     gone = weakref.ref(a)
     del a, b
     assert gone() is not None
-    kept = [[] for _ in range(limits.GC_YOUNG_THRESHOLD * 2)]
+    kept: list[list[int]] = [[] for _ in range(limits.GC_YOUNG_THRESHOLD * 2)]
     assert gone() is None
     assert len(kept) == limits.GC_YOUNG_THRESHOLD * 2
