@@ -216,4 +216,4 @@ POINTS_DEFINITIONS_CACHE_S: Final = (
 )
 
 # --- process ---------------------------------------------------------------------------------
-GC_YOUNG_THRESHOLD: Final = 20_000  # net new objects between collections (CPython: 700)
+GC_YOUNG_OBJECTS_MAX: Final = 20_000  # net new objects between collections (CPython: 700)

@@ -1,4 +1,5 @@
-"""Process-wide settings of a long-running server (`serve`, `ledger`, `gateway`).
+"""Process-wide settings of long-running processes: the servers (`serve`, `ledger`,
+`gateway`) once listening, and the load generators (`bench ...`) before their timed part.
 
 The garbage collector: CPython collects its youngest generation every 700 net new container
 objects. A busy server makes that many in a few milliseconds (a POS message, its futures,
@@ -8,9 +9,10 @@ pooled statements): 85 ms each, in all about 11 % of the process's time at 1,600
 a second (docs/benchmarks.md, fourth session), and pauses that show in the 99th
 percentile. Once the server has started, `settle_gc` moves what it built so far out of the
 collector's sight for good (`gc.freeze`: start-up objects are not garbage; one that later
-becomes part of a garbage cycle would stay, which start-up objects do not do) and raises
-the young threshold. Cycles made later are still collected: every new object counts
-towards the threshold, so at most about `GC_YOUNG_THRESHOLD` objects of garbage wait for
+becomes part of a garbage cycle, say a pooled database connection dropped after a server
+restart, stays in memory with what it holds: once per start-up object, never growing) and
+raises the young threshold. Cycles made later are still collected: every new object counts
+towards the threshold, so at most about `GC_YOUNG_OBJECTS_MAX` objects of garbage wait for
 the next collection.
 """
 
@@ -26,4 +28,4 @@ def settle_gc() -> None:
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()
-    gc.set_threshold(limits.GC_YOUNG_THRESHOLD, older, oldest)
+    gc.set_threshold(limits.GC_YOUNG_OBJECTS_MAX, older, oldest)

@@ -143,7 +143,8 @@ class WorkingKeys:
 
     pik: bytes = field(repr=False)
     mak: bytes = field(repr=False)
-    _cmac: cmac.CMAC | None = field(default=None, init=False, repr=False, compare=False)
+    # Made on first use; not to be pickled or deep-copied (cryptography's CMAC state).
+    _cmac_base: cmac.CMAC | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _require_len(self.pik, KEY_BYTES, "PIK")
@@ -153,10 +154,10 @@ class WorkingKeys:
         """`mac(mode, self.mak, data)`."""
         if mode is KeyMode.TDES:
             return _retail_mac(self.mak, data)
-        base = self._cmac
+        base = self._cmac_base
         if base is None:
             base = cmac.CMAC(_aes(self.mak))
-            object.__setattr__(self, "_cmac", base)
+            object.__setattr__(self, "_cmac_base", base)
         one = base.copy()
         one.update(data)
         return one.finalize()[:MAC_BYTES]

@@ -53,6 +53,7 @@ LAYER_OF = {
     "cardcore.config": SUPPORT,
     "cardcore.logs": SUPPORT,
     "cardcore.metrics": SUPPORT,
+    "cardcore.runtime": SUPPORT,  # process settings of servers and load generators
     "cardcore.cards": SERVICE,  # the package: a docstring
     "cardcore.cards.model": DOMAIN,
     "cardcore.cards.schema": ADAPTER,

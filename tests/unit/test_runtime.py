@@ -29,7 +29,7 @@ class _Node:
 def test_settle_gc_freezes_start_up_and_still_collects_later_cycles() -> None:
     _, older, oldest = gc.get_threshold()
     settle_gc()
-    assert gc.get_threshold() == (limits.GC_YOUNG_THRESHOLD, older, oldest)
+    assert gc.get_threshold() == (limits.GC_YOUNG_OBJECTS_MAX, older, oldest)
     assert gc.get_freeze_count() > 0
     # A cycle made after start-up, then dropped: the collector finds it once enough new
     # objects were made, with nobody calling gc.collect().
@@ -38,6 +38,6 @@ def test_settle_gc_freezes_start_up_and_still_collects_later_cycles() -> None:
     gone = weakref.ref(a)
     del a, b
     assert gone() is not None
-    kept: list[list[int]] = [[] for _ in range(limits.GC_YOUNG_THRESHOLD * 2)]
+    kept: list[list[int]] = [[] for _ in range(limits.GC_YOUNG_OBJECTS_MAX * 2)]
     assert gone() is None
-    assert len(kept) == limits.GC_YOUNG_THRESHOLD * 2
+    assert len(kept) == limits.GC_YOUNG_OBJECTS_MAX * 2
