@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 
 class _Wait(enum.Enum):
+    """What a connection waits for; the value labels a frame the watchdog cut short."""
+
     FIRST_BYTE = "idle"  # between frames: the idle timeout
     FRAME = "slow"  # a frame begun: the frame timeout
     NONE = ""  # a request in hand, or a reply being written: bounded elsewhere
@@ -225,13 +227,13 @@ class GatewayServer:
             self.metrics.gateway_frames_dropped.labels("length").inc()
             return None
         except (asyncio.IncompleteReadError, ConnectionError):
-            slow = line.closed_for is _Wait.FRAME
-            self.metrics.gateway_frames_dropped.labels("slow" if slow else "truncated").inc()
+            reason = line.closed_for.value if line.closed() else "truncated"
+            self.metrics.gateway_frames_dropped.labels(reason).inc()
             return None
         if line.closed():
             # The watchdog closed it as the last bytes came in: too late, never processed
             # (its reply could not be sent; the terminal reverses what it does not hear).
-            self.metrics.gateway_frames_dropped.labels("slow").inc()
+            self.metrics.gateway_frames_dropped.labels(line.closed_for.value).inc()
             return None
         line.waiting = _Wait.NONE
         return payload
