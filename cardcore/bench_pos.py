@@ -56,7 +56,7 @@ from typing import Any
 import aiohttp
 
 from cardcore import limits, migrate
-from cardcore.bench import BenchError, free_port, percentile, started_cardcore
+from cardcore.bench import BenchError, cpu_s, free_port, percentile, started_cardcore
 from cardcore.db import make_engine
 from cardcore.frontend_gateway.security import KeyMode
 from cardcore.frontend_gateway.terminal import PosTerminal, TerminalError
@@ -395,7 +395,7 @@ async def _drive(
         await asyncio.gather(*(_first_points(t, card) for t, card in zip(busy, cards, strict=True)))
     idle_tasks = [asyncio.create_task(_idle(t, stop)) for t in idle]
     settle_gc()  # the simulated terminals' process, as the servers do once listening
-    cpu_before = _cpu_s(servers)
+    cpu_before = cpu_s(servers)
     started = time.perf_counter()
     deadline = started + options.seconds
     interval = options.terminals / options.rate if options.rate else 0.0
@@ -413,7 +413,7 @@ async def _drive(
             )
         )
     elapsed = time.perf_counter() - started
-    cpu_s = _cpu_s(servers) - cpu_before
+    used_s = cpu_s(servers) - cpu_before
     rss_mb = _rss_mb(gateway.pid)
     stop.set()
     await asyncio.gather(*idle_tasks, return_exceptions=True)
@@ -426,7 +426,7 @@ async def _drive(
             "terminals": options.terminals,
             "connections": len(idle) + len(busy),
             **mix.figures(elapsed),
-            "server_cpu_ms_per_tx": _per_tx_ms(cpu_s, mix.approved()),
+            "server_cpu_ms_per_tx": _per_tx_ms(used_s, mix.approved()),
             "gateway_rss_mb": rss_mb,
         }
     latencies = sorted(tally.latencies_ms)
@@ -444,7 +444,7 @@ async def _drive(
         "errors": tally.errors,
         "discount_bp": BENCH_DISCOUNT_BP,
         "cross_entity_terminals": len(busy) // 2,
-        "server_cpu_ms_per_tx": _per_tx_ms(cpu_s, tally.approved),
+        "server_cpu_ms_per_tx": _per_tx_ms(used_s, tally.approved),
         "gateway_rss_mb": rss_mb,
     }
 
@@ -579,20 +579,8 @@ async def _idle(t: PosTerminal, stop: asyncio.Event) -> None:
                 await t.echo()
 
 
-def _cpu_s(pids: list[int]) -> float:
-    """User and system CPU seconds the processes used so far (0 for one that is gone)."""
-    ticks = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _per_tx_ms(cpu_s: float, approved: int) -> float | None:
-    return round(cpu_s * 1000 / approved, 3) if approved else None
+def _per_tx_ms(used_s: float, approved: int) -> float | None:
+    return round(used_s * 1000 / approved, 3) if approved else None
 
 
 def _rss_mb(pid: int) -> float | None:

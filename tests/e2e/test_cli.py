@@ -404,6 +404,8 @@ def test_bench_ledger_prints_one_json_line_without_errors(tmp_path: Path) -> Non
     assert result["errors"] == 0
     assert result["ops_per_s"] > 0
     assert 0 < result["p50_ms"] <= result["p99_ms"]
+    # The ledger it started spent some CPU per operation (ticks are 10 ms: at least one).
+    assert 0 < result["server_cpu_ms_per_op"] < 1000
 
 
 def test_bench_pos_sets_up_through_the_admin_api_and_buys_without_errors(
