@@ -9,7 +9,8 @@ transfers between two accounts drawn uniformly from `--accounts` funded no-overd
 for `--seconds`. Every transfer has its own idempotency key. `ops_per_s` counts transfers the
 ledger answered `ok`; `p50_ms`/`p99_ms` are request latencies; `errors` counts failed
 operations and failed requests; `server_cpu_ms_per_op` is the CPU the ledger it started spent
-per `ok` transfer in the timed part (from /proc; null with `--url`). The clients speak
+per `ok` transfer in the timed part (from /proc; null with `--url`), `load_cpu_ms_per_op`
+the same for the benchmark's own process. The clients speak
 HTTP/1.1 over keep-alive connections through `HttpClient`, cheap enough that the load
 generator does not starve the ledger it measures.
 """
@@ -276,6 +277,7 @@ async def _drive(
         settle_gc()  # the load generator too, as the servers do once listening
         servers = [] if server_pid is None else [server_pid]
         cpu_before = cpu_s(servers)
+        load_before = time.process_time()
         started = time.perf_counter()
         deadline = started + options.seconds
         await asyncio.gather(
@@ -287,6 +289,7 @@ async def _drive(
         )  # fmt: skip
         elapsed = time.perf_counter() - started
         server_cpu_s = cpu_s(servers) - cpu_before
+        load_cpu_s = time.process_time() - load_before
     finally:
         await asyncio.gather(*(client.close() for client in clients))
     latencies = sorted(tally.latencies_ms)
@@ -305,6 +308,7 @@ async def _drive(
         "server_cpu_ms_per_op": (
             round(server_cpu_s * 1000 / tally.ok_ops, 4) if servers and tally.ok_ops else None
         ),
+        "load_cpu_ms_per_op": round(load_cpu_s * 1000 / tally.ok_ops, 4) if tally.ok_ops else None,
     }
 
 

@@ -406,6 +406,7 @@ def test_bench_ledger_prints_one_json_line_without_errors(tmp_path: Path) -> Non
     assert 0 < result["p50_ms"] <= result["p99_ms"]
     # The ledger it started spent some CPU per operation (ticks are 10 ms: at least one).
     assert 0 < result["server_cpu_ms_per_op"] < 1000
+    assert 0 < result["load_cpu_ms_per_op"] < 1000
 
 
 def test_bench_pos_sets_up_through_the_admin_api_and_buys_without_errors(
@@ -416,6 +417,7 @@ def test_bench_pos_sets_up_through_the_admin_api_and_buys_without_errors(
     assert result["bench"] == "pos" and result["errors"] == 0, result
     assert result["approved"] > 0 and result["cross_entity_terminals"] == 2, result
     assert result["server_cpu_ms_per_tx"] > 0, result  # the serve process, read from /proc
+    assert result["load_cpu_ms_per_tx"] > 0, result  # the simulated terminals
 
 
 def test_bench_pos_realistic_mix_earns_redeems_points_and_uses_coupons_without_errors(
@@ -429,6 +431,7 @@ def test_bench_pos_realistic_mix_earns_redeems_points_and_uses_coupons_without_e
     assert all(k["approved"] > 0 for k in kinds.values()), result
     assert result["messages_per_s"] > result["tx_per_s"] > 0, result  # a coupon: 2 messages
     assert result["server_cpu_ms_per_tx"] > 0, result
+    assert result["load_cpu_ms_per_tx"] > 0, result
 
 
 def _bench_pos(tmp_path: Path, args: list[str]) -> dict[str, Any]:
