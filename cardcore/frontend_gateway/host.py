@@ -161,7 +161,8 @@ class HttpHost:
                 raise HostUnavailable("too many requests waiting for the host") from None
             futures.append(future)
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*futures), self._timeout_s))
+            async with asyncio.timeout(self._timeout_s):  # a timer; wait_for makes a task
+                return list(await asyncio.gather(*futures))
         except TimeoutError:
             raise HostUnavailable("the host did not answer in time") from None
 
@@ -189,7 +190,8 @@ class HttpHost:
                 if remaining <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    async with asyncio.timeout(remaining):
+                        batch.append(await self._queue.get())
                 except TimeoutError:
                     break
             batch = [(r, future) for r, future in batch if not future.done()]  # gave up

@@ -162,10 +162,10 @@ class PosTerminal:
     async def read_reply(self) -> Reply:
         assert self._reader is not None
         try:
-            prefix = await asyncio.wait_for(self._reader.readexactly(2), self.timeout_s)
-            payload = await asyncio.wait_for(
-                self._reader.readexactly(int.from_bytes(prefix, "big")), self.timeout_s
-            )
+            # One deadline for the whole reply (a timer, not a task per read as wait_for makes).
+            async with asyncio.timeout(self.timeout_s):
+                prefix = await self._reader.readexactly(2)
+                payload = await self._reader.readexactly(int.from_bytes(prefix, "big"))
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
             await self.close()
             raise TerminalError(f"no reply: {type(exc).__name__}") from None

@@ -222,7 +222,8 @@ class Writer:
             scan_s = limits.EXPIRY_SCAN_INTERVAL_MS / 1000
             self._idle.set()
             with contextlib.suppress(TimeoutError):
-                batch.append(await asyncio.wait_for(self._queue.get(), timeout=scan_s))
+                async with asyncio.timeout(scan_s):  # a timer; wait_for would make a task
+                    batch.append(await self._queue.get())
             self._idle.clear()
         else:
             with contextlib.suppress(asyncio.QueueEmpty):
@@ -243,7 +244,8 @@ class Writer:
                 if remaining <= 0:
                     break
                 try:
-                    request = await asyncio.wait_for(self._queue.get(), timeout=remaining)
+                    async with asyncio.timeout(remaining):
+                        request = await self._queue.get()
                 except TimeoutError:
                     break
             batch.append(request)
