@@ -151,31 +151,42 @@ class HttpClient:
     """One keep-alive HTTP/1.1 connection that POSTs JSON and reads the answer: the load
     generator's own, far cheaper per request than a general client (aiohttp's cost the
     bench process about 0.2 ms a request, as much as the ledger spent answering it, on the
-    same two cores). Reconnects after any failure; answers without a Content-Length (or
-    with `Connection: close`) end the connection."""
+    same two cores). A request that gets no whole answer (or one without a Content-Length)
+    fails and drops the connection; the next request connects again. An answer saying
+    `Connection: close` (or an HTTP/1.0 one without keep-alive) ends the connection after it."""
 
     def __init__(self, url: str, token: str) -> None:
         parts = urllib.parse.urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            raise BenchError(f"bad port in URL: {url!r}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise BenchError(f"not an http(s) URL: {url!r}")
+        if parts.username is not None or parts.password is not None:
+            raise BenchError("credentials in the URL: pass a bearer token with --token")
         self._host = parts.hostname
         self._tls = parts.scheme == "https"
-        self._port = parts.port or (443 if self._tls else 80)
+        self._port = port or (443 if self._tls else 80)
         self._prefix = parts.path.rstrip("/")
-        head = f"Host: {parts.netloc}\r\nContent-Type: application/json\r\n"
+        name = f"[{self._host}]" if ":" in self._host else self._host
+        head = f"Host: {name}:{self._port}\r\nContent-Type: application/json\r\n"
         if token:
             head += f"Authorization: Bearer {token}\r\n"
         self._head = head.encode()
         self._stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        """(status, body) of one POST; raises OSError, TimeoutError or ValueError (and
-        closes the connection) when no whole answer came."""
+        """(status, body) of one POST. ValueError (the connection dropped) when no whole
+        answer came in `HTTP_CLIENT_TIMEOUT_S`."""
         try:
             async with asyncio.timeout(limits.HTTP_CLIENT_TIMEOUT_S):
                 if self._stream is None:
                     self._stream = await asyncio.open_connection(
-                        self._host, self._port, ssl=self._tls or None
+                        self._host,
+                        self._port,
+                        ssl=self._tls or None,
+                        limit=limits.BENCH_ANSWER_HEAD_BYTES_MAX,
                     )
                 reader, writer = self._stream
                 writer.write(
@@ -185,12 +196,27 @@ class HttpClient:
                 head = await reader.readuntil(b"\r\n\r\n")
                 status, length, close = _response_head(head)
                 payload = await reader.readexactly(length)
-        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
-            await self.close()
+        except (
+            OSError,
+            TimeoutError,
+            ValueError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ) as exc:
+            self._drop()
             raise ValueError(f"no answer: {type(exc).__name__}: {exc}") from None
+        except BaseException:  # cancelled mid-request: the connection's state is unknown
+            self._drop()
+            raise
         if close:
             await self.close()
         return status, payload
+
+    def _drop(self) -> None:
+        """Abort the connection at once (no waiting to flush what was not sent)."""
+        if self._stream is not None:
+            self._stream[1].transport.abort()
+            self._stream = None
 
     async def close(self) -> None:
         if self._stream is not None:
@@ -198,15 +224,18 @@ class HttpClient:
             self._stream = None
             writer.close()
             with contextlib.suppress(OSError):
-                await writer.wait_closed()
+                async with asyncio.timeout(limits.HTTP_CLIENT_TIMEOUT_S):
+                    await writer.wait_closed()
 
 
 def _response_head(head: bytes) -> tuple[int, int, bool]:
     """Status, Content-Length and whether the server closes, from a response's head."""
     lines = head.decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
-    if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
-        raise ValueError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    if version not in ("HTTP/1.1", "HTTP/1.0") or not rest[:3].isdigit():
+        raise ValueError(
+            f"not an HTTP/1.x status line: {lines[0][: limits.BENCH_SHOWN_CHARS_MAX]!r}"
+        )
     fields = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
@@ -215,16 +244,30 @@ def _response_head(head: bytes) -> tuple[int, int, bool]:
     length = fields.get("content-length", "")
     if not length.isdigit() or "chunked" in fields.get("transfer-encoding", ""):
         raise ValueError("answer without a Content-Length")
-    return int(rest[:3]), int(length), fields.get("connection") == "close"
+    if int(length) > limits.BENCH_ANSWER_BYTES_MAX:
+        raise ValueError(f"answer of {length} bytes, over {limits.BENCH_ANSWER_BYTES_MAX}")
+    tokens = {t.strip() for t in fields.get("connection", "").split(",")}
+    close = "close" in tokens or (version == "HTTP/1.0" and "keep-alive" not in tokens)
+    return int(rest[:3]), int(length), close
 
 
 async def _post(client: HttpClient, ops: list[Op]) -> list[Any]:
+    """One setup request; BenchError for anything but 200 with a result per operation."""
     body = json.dumps({"client": "bench", "ops": [wire.encode_op(op) for op in ops]}).encode()
-    status, raw = await client.post(OPS_PATH, body)
-    payload = json.loads(raw)
+    try:
+        status, raw = await client.post(OPS_PATH, body)
+    except ValueError as exc:
+        raise BenchError(f"setting up: {exc}") from None
     if status != 200:
-        raise BenchError(f"HTTP {status}: {payload}")
-    results: list[Any] = payload["results"]
+        raise BenchError(
+            f"setting up: HTTP {status}: {raw[: limits.BENCH_ANSWER_HEAD_BYTES_MAX]!r}"
+        )
+    try:
+        results = json.loads(raw)["results"]
+    except (ValueError, KeyError, TypeError):
+        raise BenchError("setting up: an answer without results") from None
+    if not isinstance(results, list) or len(results) != len(ops):
+        raise BenchError("setting up: an answer without a result per operation")
     return results
 
 
@@ -269,6 +312,7 @@ async def _setup(client: HttpClient, options: BenchOptions) -> list[int]:
 async def _drive(
     url: str, options: BenchOptions, *, backend: str, server_pid: int | None = None
 ) -> dict[str, Any]:
+    raise_open_files(options.clients)
     clients = [HttpClient(url, options.token) for _ in range(options.clients)]
     try:
         ids = await _setup(clients[0], options)
@@ -280,13 +324,18 @@ async def _drive(
         load_before = time.process_time()
         started = time.perf_counter()
         deadline = started + options.seconds
-        await asyncio.gather(
-            *(
-                _client(client, ids, options=options, name=f"{run_id}-{c}", deadline=deadline,
-                        tally=tally)
-                for c, client in enumerate(clients)
-            )
-        )  # fmt: skip
+        async with asyncio.TaskGroup() as group:  # one failing client stops the others
+            for c, client in enumerate(clients):
+                group.create_task(
+                    _client(
+                        client,
+                        ids,
+                        options=options,
+                        name=f"{run_id}-{c}",
+                        deadline=deadline,
+                        tally=tally,
+                    )
+                )
         elapsed = time.perf_counter() - started
         server_cpu_s = cpu_s(servers) - cpu_before
         load_cpu_s = time.process_time() - load_before
@@ -334,11 +383,24 @@ async def _client(
             results = None
         if not isinstance(results, list):
             tally.errors += options.ops_per_request
+            # A refused connection or an error answer comes back at once: pause, or this
+            # client would spin and starve the others (and the server) until the deadline.
+            await asyncio.sleep(limits.BENCH_RETRY_PAUSE_MS / 1000)
             continue
         tally.latencies_ms.append((time.perf_counter() - sent) * 1000)
-        ok = sum(1 for r in results if r["status"] == "ok")
+        ok = sum(1 for r in results if isinstance(r, dict) and r.get("status") == "ok")
         tally.ok_ops += ok
-        tally.errors += len(results) - ok
+        tally.errors += options.ops_per_request - ok  # a missing result is an error too
+
+
+def raise_open_files(connections: int) -> None:
+    """Raise this process's open-file limit (soft, up to the hard one) for `connections`."""
+    import resource  # noqa: PLC0415 - POSIX only
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 2 * connections + limits.BENCH_SPARE_FILES))
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def cpu_s(pids: list[int]) -> float:

@@ -57,7 +57,14 @@ from typing import Any
 import aiohttp
 
 from cardcore import limits, migrate
-from cardcore.bench import BenchError, cpu_s, free_port, percentile, started_cardcore
+from cardcore.bench import (
+    BenchError,
+    cpu_s,
+    free_port,
+    percentile,
+    raise_open_files,
+    started_cardcore,
+)
 from cardcore.db import make_engine
 from cardcore.frontend_gateway.security import KeyMode
 from cardcore.frontend_gateway.terminal import PosTerminal, TerminalError
@@ -121,7 +128,7 @@ def check(options: PosBenchOptions) -> None:
 
 def run(options: PosBenchOptions) -> dict[str, Any]:
     check(options)
-    _raise_open_files(options.terminals + options.idle)
+    raise_open_files(options.terminals + options.idle)
     with tempfile.TemporaryDirectory(prefix="cardcore-bench-pos-") as tmp:
         kek = os.environ.get("CARDCORE_KEK") or os.urandom(32).hex()
         env = dict(os.environ, CARDCORE_KEK=kek, CARDCORE_LOG_LEVEL="WARNING")
@@ -147,15 +154,6 @@ def run(options: PosBenchOptions) -> dict[str, Any]:
             servers.append(gateway.pid)
             result = asyncio.run(_drive(ledger_url, gateway, options, servers))
             return {"bench": "pos", "mode": mode, "backend": backend, **result}
-
-
-def _raise_open_files(connections: int) -> None:
-    import resource  # noqa: PLC0415 - POSIX only
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, 2 * connections + 1024))
-    if want > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 @dataclass(frozen=True, slots=True)
