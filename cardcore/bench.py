@@ -398,7 +398,7 @@ def raise_open_files(connections: int) -> None:
     import resource  # noqa: PLC0415 - POSIX only
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, 2 * connections + limits.BENCH_SPARE_FILES))
+    want = min(hard, max(soft, 2 * connections + limits.BENCH_SPARE_FILES_MIN))
     if want > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 

@@ -137,7 +137,7 @@ BENCH_RATE_PER_S_MAX: Final = 1_000_000
 BENCH_RETRY_PAUSE_MS: Final = 10  # a load client's pause after a failed request
 BENCH_ANSWER_HEAD_BYTES_MAX: Final = 64 * 1024  # status line and headers of an answer
 BENCH_ANSWER_BYTES_MAX: Final = 64 * 1024 * 1024  # an answer's body
-BENCH_SPARE_FILES: Final = 1024  # open files kept beside two per connection
+BENCH_SPARE_FILES_MIN: Final = 1024  # open files asked for beyond two per connection
 BENCH_SHOWN_CHARS_MAX: Final = 200  # of an answer the benchmark cannot use, in its error
 
 # --- service and manager cards ---
