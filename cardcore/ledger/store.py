@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,8 @@ from cardcore.ledger.model import (
     VoidPending,
     natural_key,
 )
+
+log = logging.getLogger(__name__)
 
 _IN_CHUNK = 900  # SQLite binds at most 32766 variables in one statement
 
@@ -567,6 +570,23 @@ async def _take_writer_lock(conn: AsyncConnection) -> None:
     await conn.commit()
     if not locked:
         raise WriterLockError("another cardcore ledger writer owns this database")
+    await warn_without_autovacuum(conn)
+
+
+async def warn_without_autovacuum(conn: AsyncConnection) -> bool:
+    """Log a warning when the server's autovacuum is off (True then): no table is ever
+    analyzed, and every query whose plan rests on statistics (all but the writer's own,
+    which probe their indexes whatever the statistics say) may read far more than it
+    needs as the tables grow (docs/ledger.md, "PostgreSQL settings")."""
+    setting = (await conn.execute(text("SHOW autovacuum"))).scalar()
+    await conn.commit()
+    if setting == "on":
+        return False
+    log.warning(
+        "PostgreSQL autovacuum is off: tables are never analyzed and query plans "
+        "degrade as they grow; turn it on or run ANALYZE on a schedule"
+    )
+    return True
 
 
 class WriterSession:

@@ -6,13 +6,14 @@ pass over the client's rows (docs/benchmarks.md, sixth session)."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
 
 from cardcore.db import Statement, make_engine
 from cardcore.ledger import schema
-from cardcore.ledger.store import by_client_keys
+from cardcore.ledger.store import by_client_keys, warn_without_autovacuum
 from tests.helpers import sql_execute
 
 ROWS = 20_000  # transfers of one client already in the journal (the INSERT below)
@@ -64,3 +65,20 @@ async def test_key_lookup_probes_the_index_without_statistics(db_url: str) -> No
     )
     # A probe per key finds at most the key itself; a pass over the client reads all ROWS.
     assert examined <= len(wanted) < ROWS, nodes
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_the_writer_warns_when_autovacuum_is_off(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make_engine(db_url, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            off = (await conn.exec_driver_sql("SHOW autovacuum")).scalar() != "on"
+            await conn.commit()
+            with caplog.at_level(logging.WARNING, logger="cardcore.ledger.store"):
+                assert await warn_without_autovacuum(conn) is off
+    finally:
+        await engine.dispose()
+    warned = [r for r in caplog.records if "autovacuum is off" in r.getMessage()]
+    assert len(warned) == (1 if off else 0)
