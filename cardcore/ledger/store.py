@@ -28,6 +28,7 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnClause
 
@@ -78,6 +79,7 @@ class LedgerStore:
         self.engine = engine
         self.postgres = engine.dialect.name == "postgresql"
         self._reads: dict[str, Statement] = {}
+        self.autovacuum_checked = False  # the start-up warning, once (not per reconnect)
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -237,18 +239,10 @@ class LedgerStore:
             await self._read_give_backs(reader, view, targets)
 
         if pending_ids:
-
-            def pendings() -> Any:
-                resolver = t.alias("resolver")
-                return (
-                    select(t, resolver.c.kind.label("resolved_by"))
-                    .select_from(t.outerjoin(resolver, resolver.c.pending_id == t.c.id))
-                    .where(self._in(t.c.id, "ids"))
-                )
-
             for r in await self._select(
-                reader, "pendings", pendings, {"ids": list(pending_ids)}, "ids"
-            ):
+                reader, "pendings", lambda: holds_by_id(postgres=self.postgres),
+                {"ids": list(pending_ids)}, "ids",
+            ):  # fmt: skip
                 held = journal.transfer_from_row(r)
                 resolved = r["resolved_by"]
                 view.pendings[held.id] = PendingState(
@@ -286,16 +280,16 @@ class LedgerStore:
         if inner:
             for r in await self._select(
                 reader, "kinds",
-                lambda: select(t.c.id, t.c.kind).where(self._in(t.c.id, "ids")),
+                lambda: each_value(
+                    "ids", t.c.id, lambda match: select(t.c.id, t.c.kind).where(match),
+                    one=True, postgres=self.postgres,
+                ),
                 {"ids": list(inner)}, "ids",
             ):  # fmt: skip
                 view.kinds[int(r["id"])] = TransferKind(r["kind"])
         refunds: dict[int, tuple[int, int]] = {}  # refund id -> (origin, amount)
         for r in await self._select(
-            reader, "given_back",
-            lambda: select(t.c.id, t.c.kind, t.c.target_id, t.c.postings).where(
-                self._in(t.c.target_id, "ids")
-            ),
+            reader, "given_back", lambda: given_back(postgres=self.postgres),
             {"ids": list(ids)}, "ids",
         ):  # fmt: skip
             if r["kind"] == TransferKind.REVERSE:
@@ -307,8 +301,12 @@ class LedgerStore:
         if refunds:
             for r in await self._select(
                 reader, "reversed_refunds",
-                lambda: select(t.c.target_id).where(
-                    self._in(t.c.target_id, "ids"), t.c.kind == bindparam("reverse")
+                lambda: each_value(
+                    "ids", t.c.target_id,
+                    lambda match: select(t.c.target_id).where(
+                        match, t.c.kind == bindparam("reverse")
+                    ),
+                    one=True, postgres=self.postgres,  # reversed at most once
                 ),
                 {"ids": list(refunds), "reverse": str(TransferKind.REVERSE)}, "ids",
             ):  # fmt: skip
@@ -543,21 +541,66 @@ async def _driver(conn: AsyncConnection, postgres: bool) -> Any:
 _WRITER_LOCK_KEY = 0x63617264636F7265  # "cardcore"
 
 
-def by_client_keys(table: Table, *, postgres: bool) -> Any:
-    """The rows of `table` whose unique (client, key) is the parameter `client` and one of
-    the list parameter `keys`. On PostgreSQL one probe of the unique index per key (a
-    lateral subquery with LIMIT 1, which the planner cannot flatten): written as `key =
-    ANY(keys)` the plan rests on the table's statistics, and without them (a new table,
-    autovacuum off) PostgreSQL took `client = $1` for selective and filtered every row of
-    the client, so a batch's lookup grew with the journal (18 ms at 110,000 transfers,
-    0.5 ms once analyzed; docs/benchmarks.md, sixth session)."""
-    client = table.c.client == bindparam("client")
+def each_value(
+    name: str,
+    column: ColumnElement[Any],
+    build: Callable[[ColumnElement[bool]], Any],
+    *,
+    one: bool,
+    postgres: bool,
+) -> Any:
+    """The query `build(match)` for every value of the list parameter `name` (distinct
+    values), `match` being the condition on `column`. On PostgreSQL one probe of the index
+    on `column` per value, whatever the table's statistics say: a lateral subquery per
+    value, kept from being flattened into a join by its LIMIT 1 (`one`: at most one row a
+    value) or OFFSET 0. Written as `column = ANY(list)` the plan rests on statistics, and
+    without them (a new table, autovacuum off) PostgreSQL took `client = $1` for selective
+    and filtered every transfer of the client: a batch's key lookup grew with the journal
+    (18 ms at 110,000 transfers, 0.5 ms once analyzed; docs/benchmarks.md, sixth session),
+    and the holds and give-backs lookups turned into full scans from a few dozen ids on.
+    On SQLite `column IN (...)`."""
     if not postgres:
-        return select(table).where(client, table.c.key.in_(bindparam("keys", expanding=True)))
-    keys = func.unnest(bindparam("keys", type_=ARRAY(String())))
-    wanted = keys.table_valued("key").render_derived()
-    probe = select(table).where(client, table.c.key == wanted.c.key).limit(1).lateral()
-    return select(probe).select_from(wanted).join(probe, true())
+        return build(column.in_(bindparam(name, expanding=True)))
+    sqltype = BigInteger() if isinstance(column.type, BigInteger) else String()
+    values = func.unnest(bindparam(name, type_=ARRAY(sqltype))).table_valued("v")
+    values = values.render_derived()
+    query = build(column == values.c.v)
+    probe = (query.limit(1) if one else query.offset(0)).lateral()
+    return select(probe).select_from(values).join(probe, true())
+
+
+def by_client_keys(table: Table, *, postgres: bool) -> Any:
+    """The rows of `table` (transfers, failures: unique on (client, key)) of the parameter
+    `client` and the list parameter `keys`."""
+    client = table.c.client == bindparam("client")
+    return each_value(
+        "keys", table.c.key, lambda match: select(table).where(client, match),
+        one=True, postgres=postgres,
+    )  # fmt: skip
+
+
+def holds_by_id(*, postgres: bool) -> Any:
+    """The transfers of the list parameter `ids`, each with the kind of the transfer that
+    resolved it (`resolved_by`, NULL while open: a hold resolves once)."""
+    t = schema.transfers
+    resolver = t.alias("resolver")
+    return each_value(
+        "ids", t.c.id,
+        lambda match: select(t, resolver.c.kind.label("resolved_by"))
+        .select_from(t.outerjoin(resolver, resolver.c.pending_id == t.c.id))
+        .where(match),
+        one=True, postgres=postgres,
+    )  # fmt: skip
+
+
+def given_back(*, postgres: bool) -> Any:
+    """The reversals and refunds of the transfers in the list parameter `ids`."""
+    t = schema.transfers
+    return each_value(
+        "ids", t.c.target_id,
+        lambda match: select(t.c.id, t.c.kind, t.c.target_id, t.c.postings).where(match),
+        one=False, postgres=postgres,
+    )  # fmt: skip
 
 
 class WriterLockError(RuntimeError):
@@ -570,16 +613,20 @@ async def _take_writer_lock(conn: AsyncConnection) -> None:
     await conn.commit()
     if not locked:
         raise WriterLockError("another cardcore ledger writer owns this database")
-    await warn_without_autovacuum(conn)
 
 
 async def warn_without_autovacuum(conn: AsyncConnection) -> bool:
     """Log a warning when the server's autovacuum is off (True then): no table is ever
-    analyzed, and every query whose plan rests on statistics (all but the writer's own,
-    which probe their indexes whatever the statistics say) may read far more than it
-    needs as the tables grow (docs/ledger.md, "PostgreSQL settings")."""
-    setting = (await conn.execute(text("SHOW autovacuum"))).scalar()
-    await conn.commit()
+    analyzed, and every query whose plan rests on statistics (the writer's reads probe
+    their indexes whatever the statistics say; the host's, such as a card's points
+    holdings, do not) may read far more than it needs as the tables grow (docs/ledger.md,
+    "PostgreSQL settings"). Advice only: a server that will not say answers False."""
+    try:
+        setting = (await conn.execute(text("SHOW autovacuum"))).scalar()
+        await conn.commit()
+    except DBAPIError:
+        await conn.rollback()
+        return False
     if setting == "on":
         return False
     log.warning(
@@ -609,6 +656,9 @@ class WriterSession:
         try:
             if store.postgres:
                 await _take_writer_lock(write)
+                if not store.autovacuum_checked:
+                    store.autovacuum_checked = True
+                    await warn_without_autovacuum(write)
             else:
                 write = await write.execution_options(sqlite_begin="IMMEDIATE")
             state = await store.writer_state(write)
