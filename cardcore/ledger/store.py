@@ -86,8 +86,7 @@ class LedgerStore:
     def _member(self, column: Any, values: Collection[Any]) -> list[ColumnElement[bool]]:
         """`column IN values`, as one array parameter on PostgreSQL (one cached statement)."""
         if self.postgres:
-            sqltype = BigInteger() if isinstance(column.type, BigInteger) else String()
-            param = bindparam(None, list(values), type_=ARRAY(sqltype))
+            param = bindparam(None, list(values), type_=_array_of(column))
             return [column == any_(param)]
         items = list(values)
         return [column.in_(items[i : i + _IN_CHUNK]) for i in range(0, len(items), _IN_CHUNK)]
@@ -146,8 +145,7 @@ class LedgerStore:
         """`column IN` the list parameter `name`: one array parameter on PostgreSQL (one
         prepared statement whatever the length), an expanding IN on SQLite."""
         if self.postgres:
-            sqltype = BigInteger() if isinstance(column.type, BigInteger) else String()
-            return column == any_(bindparam(name, type_=ARRAY(sqltype)))
+            return column == any_(bindparam(name, type_=_array_of(column)))
         return column.in_(bindparam(name, expanding=True))
 
     async def _reader(self, conn: AsyncConnection) -> _Reader:
@@ -541,6 +539,11 @@ async def _driver(conn: AsyncConnection, postgres: bool) -> Any:
 _WRITER_LOCK_KEY = 0x63617264636F7265  # "cardcore"
 
 
+def _array_of(column: ColumnElement[Any]) -> ARRAY[Any]:
+    """The PostgreSQL array type of a list parameter matched against `column`."""
+    return ARRAY(BigInteger() if isinstance(column.type, BigInteger) else String())
+
+
 def each_value(
     name: str,
     column: ColumnElement[Any],
@@ -561,8 +564,7 @@ def each_value(
     On SQLite `column IN (...)`."""
     if not postgres:
         return build(column.in_(bindparam(name, expanding=True)))
-    sqltype = BigInteger() if isinstance(column.type, BigInteger) else String()
-    values = func.unnest(bindparam(name, type_=ARRAY(sqltype))).table_valued("v")
+    values = func.unnest(bindparam(name, type_=_array_of(column))).table_valued("v")
     values = values.render_derived()
     query = build(column == values.c.v)
     probe = (query.limit(1) if one else query.offset(0)).lateral()
