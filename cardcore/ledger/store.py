@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,8 +189,11 @@ class LedgerStore:
         ops: Sequence[Op],
         assets: dict[str, Asset],
         due_hold_ids: Iterable[int] = (),
+        known: Mapping[int, Account] | None = None,
     ) -> LedgerView:
-        """Everything `decide_batch` needs for `ops`, in a handful of queries."""
+        """Everything `decide_batch` needs for `ops`, in a handful of queries. Accounts in
+        `known` (the writer's committed accounts, as fresh as the database's) are taken
+        from it, not read."""
         reader = await self._reader(conn)
         view = LedgerView(assets=dict(assets))
         keys: dict[str, set[str]] = {}
@@ -248,6 +251,10 @@ class LedgerStore:
                 )
                 account_ids.update(p.account_id for p in held.postings)
 
+        if known:
+            for aid in [aid for aid in account_ids if aid in known]:
+                view.accounts[aid] = known[aid]
+                account_ids.discard(aid)
         columns = [a.c[name] for name in journal.ACCOUNT_COLUMNS]
         rows = []
         for name, by, wanted in (
@@ -673,19 +680,24 @@ class WriterSession:
         return cls(store, write, read), state
 
     async def read_view(
-        self, ops: Sequence[Op], assets: dict[str, Asset], due_after_ms: int | None
+        self,
+        ops: Sequence[Op],
+        assets: dict[str, Asset],
+        due_after_ms: int | None,
+        known: Mapping[int, Account] | None = None,
     ) -> LedgerView:
-        """What a batch touches, as committed, with the holds due at `due_after_ms` (when a
-        scan is due) among them. On SQLite one short read transaction; on PostgreSQL each
-        read at the driver sees its own snapshot (READ COMMITTED gave each statement its
-        own anyway), so SQLAlchemy's begin there sends nothing."""
+        """What a batch touches, as committed (the accounts in `known` taken from there), with
+        the holds due at `due_after_ms` (when a scan is due) among them. On SQLite one short
+        read transaction; on PostgreSQL each read at the driver sees its own snapshot (READ
+        COMMITTED gave each statement its own anyway), so SQLAlchemy's begin there sends
+        nothing."""
         async with self._read.begin():
             due: list[int] = []
             if due_after_ms is not None:
                 due = await self._store.due_holds(
                     self._read, due_after_ms, limits.EXPIRY_OPS_PER_BATCH_MAX
                 )
-            return await self._store.read_view(self._read, ops, assets, due)
+            return await self._store.read_view(self._read, ops, assets, due, known)
 
     async def write_batch(
         self,

@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from cardcore import limits
 from cardcore.ledger import journal
 from cardcore.ledger.decide import BatchEffects, decide_batch, overlay
-from cardcore.ledger.model import Op, Result
+from cardcore.ledger.model import Account, Op, Result
 from cardcore.ledger.store import LedgerStore, WriterSession, WriterState
 from cardcore.metrics import Metrics
 
@@ -37,6 +38,33 @@ class LedgerUnavailable(Exception):
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+class AccountCache:
+    """The committed accounts the writer last read or wrote, by id, at most `size` of them
+    (the least recently used go first). The writer is the only one that changes an account
+    (it holds the database's writer lock), so what it committed is what the database holds:
+    a batch takes these instead of reading them again. Emptied whenever the writer
+    reconnects, since a failed batch may have committed after all."""
+
+    def __init__(self, size: int = limits.WRITER_ACCOUNTS_CACHED_MAX) -> None:
+        if size < 0:
+            raise ValueError("size must be at least 0")
+        self._size = size
+        self.by_id: dict[int, Account] = {}  # insertion order: least recently used first
+
+    def learn(self, accounts: Iterable[Account]) -> None:
+        by_id = self.by_id
+        for account in accounts:
+            by_id.pop(account.id, None)
+            by_id[account.id] = account
+        excess = len(by_id) - self._size
+        if excess > 0:
+            for aid in list(itertools.islice(by_id, excess)):
+                del by_id[aid]
+
+    def clear(self) -> None:
+        self.by_id.clear()
 
 
 @dataclass(slots=True)
@@ -93,6 +121,7 @@ class Writer:
         self._failed_commits = 0
         self._idle = asyncio.Event()  # set while nothing is queued, decided or in flight
         self._current: list[_Request] = []  # taken off the queue, not yet answered or in flight
+        self.accounts = AccountCache()
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -134,6 +163,7 @@ class Writer:
         await self._disconnect()
 
     async def _connect(self) -> None:
+        self.accounts.clear()  # a batch that failed may have committed all the same
         self._session, self._state = await WriterSession.open(self._store)
 
     async def _disconnect(self) -> None:
@@ -267,7 +297,9 @@ class Writer:
         ops = [op for request in batch for op in request.ops]
         if scan:
             self._next_scan_ms = now_ms + limits.EXPIRY_SCAN_INTERVAL_MS
-        view = await session.read_view(ops, tip.assets, now_ms if scan else None)
+        due = now_ms if scan else None
+        view = await session.read_view(ops, tip.assets, due, self.accounts.by_id)
+        self.accounts.learn(view.accounts.values())  # as committed: before the overlay
         if in_flight is not None:
             overlay(view, in_flight.decided.effects)
         if scan and len(view.pendings) >= limits.EXPIRY_OPS_PER_BATCH_MAX:
@@ -313,6 +345,7 @@ class Writer:
         # Committed: only now may anyone hear of it.
         self._failed_commits = 0
         self._state = in_flight.decided.tip
+        self.accounts.learn(in_flight.decided.effects.accounts.values())
         elapsed_ns = time.perf_counter_ns() - in_flight.started_ns
         self._metrics.ledger_commit_seconds.observe(elapsed_ns / 1e9)
         batch, results = in_flight.decided.batch, in_flight.decided.effects.results
