@@ -98,8 +98,13 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 TABLES = tuple(COLUMNS)
 
 
+# One encoder for every canonical text (json.dumps with these options builds a new one per
+# call: a third of the cost of a transfer's two texts).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(value: object) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(value)
 
 
 # --- model -> records (tuples in column order) ----------------------------------------------
@@ -108,11 +113,14 @@ Record = tuple[Any, ...]
 
 
 def postings_json(postings: Iterable[Posting]) -> str:
-    return canonical_json([[p.account_id, str(p.side), p.amount] for p in postings])
+    """`canonical_json([[account_id, side, amount], ...])`, formatted directly: ids and
+    amounts are ints and a side is "debit" or "credit", so the text is the same (a unit test
+    holds the two equal) at a quarter of the cost."""
+    return "[" + ",".join([f'[{p.account_id:d},"{p.side}",{p.amount:d}]' for p in postings]) + "]"
 
 
 def metadata_json(metadata: Metadata) -> str:
-    return canonical_json(dict(metadata))
+    return canonical_json(dict(metadata)) if metadata else "{}"
 
 
 def flags_record(flags: AccountFlags) -> Record:

@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cardcore.ledger import journal, schema
 from cardcore.ledger.decide import BatchEffects, decide_batch
@@ -189,3 +191,32 @@ def test_a_transfer_without_target_hashes_as_before_migration_0002() -> None:
     assert journal.batch_hash(journal.GENESIS_HASH, 3, 1000, {"transfers": [now]}) == old
     targeted = (*before, 5)
     assert journal.batch_hash(journal.GENESIS_HASH, 3, 1000, {"transfers": [targeted]}) != old
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=-(2**70), max_value=2**70),
+            st.sampled_from(Side),
+            st.integers(min_value=-(2**70), max_value=2**70),
+        ),
+        max_size=6,
+    ),
+    st.lists(st.tuples(st.text(max_size=8), st.text(max_size=12)), max_size=5),
+)
+def test_stored_texts_are_json_dumps_canonical_text(
+    postings: list[tuple[int, Side, int]], metadata: list[tuple[str, str]]
+) -> None:
+    """The journal's postings and metadata texts are hashed into the chain: formatted by
+    hand or by a shared encoder, they must be byte for byte what json.dumps makes, or
+    journals written before would no longer verify."""
+    made = [Posting(a, side, amount) for a, side, amount in postings]
+    assert journal.postings_json(made) == _dumps([[a, str(s), n] for a, s, n in postings])
+    assert journal.metadata_json(tuple(metadata)) == _dumps(dict(metadata))
+    assert journal.canonical_json({"k": metadata, "b": [1, None]}) == _dumps(
+        {"k": metadata, "b": [1, None]}
+    )
