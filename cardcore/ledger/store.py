@@ -189,12 +189,18 @@ class LedgerStore:
         ops: Sequence[Op],
         assets: dict[str, Asset],
         due_hold_ids: Iterable[int] = (),
+        *,
         known: Mapping[int, Account] | None = None,
+        committed: tuple[int, int] | None = None,
     ) -> LedgerView:
         """Everything `decide_batch` needs for `ops`, in a handful of queries. Accounts in
-        `known` (the writer's committed accounts, as fresh as the database's) are taken
-        from it, not read."""
+        `known` (the writer's committed accounts) are taken from it, not read; they are as
+        fresh as the database's only while the last batch committed is one of the writer's
+        own, within `committed` (its last settled batch .. the one it has in flight), else
+        ForeignBatchError (another writer's batches: on SQLite two processes may each run
+        one; on PostgreSQL one whose lock went with a dead connection)."""
         reader = await self._reader(conn)
+        await self._check_last_batch(reader, committed)
         view = LedgerView(assets=dict(assets))
         keys: dict[str, set[str]] = {}
         pending_ids: set[int] = set(due_hold_ids)
@@ -269,6 +275,20 @@ class LedgerStore:
             view.accounts[account.id] = account
             view.account_ids_by_natural_key[account.info.natural_key] = account.id
         return view
+
+    async def _check_last_batch(self, reader: _Reader, committed: tuple[int, int] | None) -> None:
+        if committed is None:
+            return
+        low, high = committed
+        b = schema.batches
+        build = functools.partial(select, func.max(b.c.seq).label("seq"))
+        [row] = await self._select(reader, "last_seq", build, {})
+        last = int(row["seq"] or 0)
+        if not low <= last <= high:
+            raise ForeignBatchError(
+                f"the journal's last batch is {last}; this writer expected {low}..{high}: "
+                "another writer committed"
+            )
 
     def _accounts_by(self, columns: list[Any], by: ColumnElement[Any]) -> Any:
         return select(*columns).where(self._in(by, "ids"))
@@ -616,6 +636,10 @@ class WriterLockError(RuntimeError):
     """Another writer already owns this database."""
 
 
+class ForeignBatchError(RuntimeError):
+    """Batches this writer did not write were committed: what it remembers is stale."""
+
+
 async def _take_writer_lock(conn: AsyncConnection) -> None:
     query = text("SELECT pg_try_advisory_lock(:k)")
     locked = (await conn.execute(query, {"k": _WRITER_LOCK_KEY})).scalar()
@@ -685,6 +709,7 @@ class WriterSession:
         assets: dict[str, Asset],
         due_after_ms: int | None,
         known: Mapping[int, Account] | None = None,
+        committed: tuple[int, int] | None = None,
     ) -> LedgerView:
         """What a batch touches, as committed (the accounts in `known` taken from there), with
         the holds due at `due_after_ms` (when a scan is due) among them. On SQLite one short
@@ -697,7 +722,9 @@ class WriterSession:
                 due = await self._store.due_holds(
                     self._read, due_after_ms, limits.EXPIRY_OPS_PER_BATCH_MAX
                 )
-            return await self._store.read_view(self._read, ops, assets, due, known)
+            return await self._store.read_view(
+                self._read, ops, assets, due, known=known, committed=committed
+            )
 
     async def write_batch(
         self,

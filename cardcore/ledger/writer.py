@@ -44,7 +44,8 @@ class AccountCache:
     """The committed accounts the writer last read or wrote, by id, at most `size` of them
     (the least recently used go first). The writer is the only one that changes an account
     (it holds the database's writer lock), so what it committed is what the database holds:
-    a batch takes these instead of reading them again. Emptied whenever the writer
+    a batch takes these instead of reading them again while the journal's last batch is
+    one of the writer's own (`LedgerStore.read_view` checks). Emptied whenever the writer
     reconnects, since a failed batch may have committed after all."""
 
     def __init__(self, size: int = limits.WRITER_ACCOUNTS_CACHED_MAX) -> None:
@@ -298,8 +299,9 @@ class Writer:
         if scan:
             self._next_scan_ms = now_ms + limits.EXPIRY_SCAN_INTERVAL_MS
         due = now_ms if scan else None
-        view = await session.read_view(ops, tip.assets, due, self.accounts.by_id)
-        self.accounts.learn(view.accounts.values())  # as committed: before the overlay
+        committed = (state.seq, tip.seq)  # the journal's last batch is one of these
+        view = await session.read_view(ops, tip.assets, due, self.accounts.by_id, committed)
+        self.accounts.learn(view.accounts.values())
         if in_flight is not None:
             overlay(view, in_flight.decided.effects)
         if scan and len(view.pendings) >= limits.EXPIRY_OPS_PER_BATCH_MAX:

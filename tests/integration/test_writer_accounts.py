@@ -5,15 +5,18 @@ committed all the same) never leaves a stale balance behind."""
 
 from __future__ import annotations
 
+import asyncio
+import random
 from typing import Any
 
 import pytest
 
-from cardcore.ledger.model import Account, AccountFlags, AccountInfo, Balance
+from cardcore.ledger.model import Account, AccountFlags, AccountInfo, Balance, Op, SetAccountFrozen
 from cardcore.ledger.service import Ledger
 from cardcore.ledger.store import LedgerStore, WriterSession
 from cardcore.ledger.writer import AccountCache, LedgerUnavailable
-from tests.helpers import move, setup_accounts, sql_rows
+from cardcore.metrics import Metrics
+from tests.helpers import move, setup_accounts, sql_execute, sql_rows
 
 
 def _account(aid: int, credits: int = 0) -> Account:
@@ -39,9 +42,7 @@ def test_the_cache_keeps_the_most_recently_used_within_its_size() -> None:
     assert empty.by_id == {}
 
 
-async def _reads_of_accounts(
-    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
-) -> list[list[int]]:
+async def _reads_of_accounts(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
     """The account ids each batch of the writer read from the database, from now on."""
     reads: list[list[int]] = []
     select = LedgerStore._select
@@ -122,3 +123,123 @@ async def test_a_commit_reported_failed_that_landed_leaves_no_stale_balance(
         db_url, "SELECT debits_posted, credits_posted FROM ledger_accounts WHERE id = :i", i=a
     )
     assert (row["debits_posted"], row["credits_posted"]) == (60, 100)
+
+
+async def _held_as_stored(db_url: str, ledger: Ledger) -> None:
+    """Every account the writer holds is what the database holds: balances, version, flags."""
+    held = ledger.writer.accounts.by_id
+    rows = await sql_rows(db_url, "SELECT * FROM ledger_accounts")
+    assert any(row["id"] in held for row in rows)
+    for row in rows:
+        account = held.get(row["id"])
+        if account is None:
+            continue
+        b, flags = account.balance, account.info.flags
+        assert (
+            b.debits_posted, b.credits_posted, b.debits_pending, b.credits_pending, b.version,
+            flags.debit_frozen, flags.credit_frozen,
+        ) == (
+            row["debits_posted"], row["credits_posted"], row["debits_pending"],
+            row["credits_pending"], row["version"], bool(row["debit_frozen"]),
+            bool(row["credit_frozen"]),
+        ), row  # fmt: skip
+
+
+async def test_pipelined_batches_with_lost_commits_keep_memory_and_journal_true(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small batches, so that (on PostgreSQL) most are decided while the one before is
+    still being written, over shared accounts; one write in ten fails, half of them after
+    their COMMIT. What the writer holds stays what the database holds, and the journal
+    verifies."""
+    ledger = Ledger.open(db_url, Metrics(), batch_size_max=3, batch_wait_ms_max=0)
+    await ledger.start()
+    try:
+        source, wallets = await setup_accounts(ledger, 5, funding=5_000)
+        write = WriterSession.write_batch
+        rng = random.Random(11)
+        lost = 0
+
+        async def flaky(self: WriterSession, *args: Any, **kwargs: Any) -> None:
+            nonlocal lost
+            roll = rng.random()
+            await asyncio.sleep(0.002)  # time for the next batch to be decided meanwhile
+            if roll < 0.05:
+                raise ConnectionResetError("the write failed")
+            await write(self, *args, **kwargs)
+            if roll < 0.10:
+                lost += 1
+                raise ConnectionResetError("the answer to COMMIT was lost")
+
+        monkeypatch.setattr(WriterSession, "write_batch", flaky)
+        monkeypatch.setattr("cardcore.limits.WRITER_RECOVERY_SLEEP_MS", 1)
+
+        async def worker(w: int) -> None:
+            for i in range(40):
+                a, b = rng.sample([*wallets, source], 2)
+                ops: list[Op] = [move(f"w{w}-{i}", a, b, rng.randint(1, 2_500))]
+                if rng.random() < 0.1:
+                    ops = [SetAccountFrozen(a, debit_frozen=rng.random() < 0.3)]
+                for _ in range(5):
+                    try:
+                        await ledger.submit(ops)
+                        break
+                    except LedgerUnavailable:
+                        await asyncio.sleep(0.003)
+
+        await asyncio.gather(*(worker(w) for w in range(10)))
+        monkeypatch.setattr(WriterSession, "write_batch", write)
+        assert lost >= 3
+        await _held_as_stored(db_url, ledger)
+    finally:
+        await ledger.close()
+    checker = Ledger.open(db_url, Metrics())
+    try:
+        assert (await checker.store.verify(1_000)).last_seq > 20
+    finally:
+        await checker.close()
+
+
+async def test_a_batch_committed_behind_the_writers_back_makes_it_forget(
+    db_url: str, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch row the writer did not write (another writer's) fails the writer's next
+    batch before anything is decided from memory; the writer reloads, reads the accounts
+    again and goes on."""
+    _, (a, b) = await setup_accounts(ledger, 2, funding=100)
+    seq = ledger.writer.last_seq
+    foreign = f"VALUES ({seq + 1}, '{'0' * 64}', '{'1' * 64}', 0, 0)"
+    columns = "(seq, prev_hash, hash, ops, committed_at_ms)"
+    await sql_execute(db_url, f"INSERT INTO ledger_batches {columns} {foreign}")
+    reads = await _reads_of_accounts(ledger, monkeypatch)
+    with pytest.raises(LedgerUnavailable):
+        await ledger.submit([move("m-1", a, b, 10)])
+    [result] = await ledger.submit([move("m-1", a, b, 10)])
+    assert result.ok and not result.replayed
+    assert reads == [sorted((a, b))]  # forgotten, read again
+    assert ledger.writer.last_seq == seq + 2
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_second_writer_on_sqlite_never_leaves_a_stale_answer(
+    db_url: str, ledger: Ledger
+) -> None:
+    """SQLite has no writer lock: a second process may run a writer on the same file. A
+    freeze answered from memory after the other unfroze the account would be a lie that
+    writes nothing (found by review); the writer notices the other's batch first."""
+    _, (a,) = await setup_accounts(ledger, 1, funding=100)
+    [frozen] = await ledger.submit([SetAccountFrozen(a, debit_frozen=True)])
+    assert frozen.ok and not frozen.replayed
+    other = Ledger.open(db_url, Metrics(), batch_wait_ms_max=1)
+    await other.start()
+    try:
+        [thawed] = await other.submit([SetAccountFrozen(a, debit_frozen=False)])
+        assert thawed.ok and not thawed.replayed
+    finally:
+        await other.close()
+    with pytest.raises(LedgerUnavailable):
+        await ledger.submit([SetAccountFrozen(a, debit_frozen=True)])
+    [again] = await ledger.submit([SetAccountFrozen(a, debit_frozen=True)])
+    assert again.ok and not again.replayed
+    [row] = await sql_rows(db_url, "SELECT debit_frozen FROM ledger_accounts WHERE id = :i", i=a)
+    assert row["debit_frozen"]
