@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
-from sqlalchemy import event
+from sqlalchemy import Table, event
 from sqlalchemy.engine import URL, Connection, Dialect, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -129,3 +129,20 @@ class Statement:
             value = params[name] if name in params or name not in self.given else self.given[name]
             out.append(value if convert is None else convert(value))
         return out
+
+
+def unnest_insert(table: Table, names: Sequence[str], dialect: Dialect, first: int) -> str:
+    """`INSERT INTO table (names) SELECT * FROM unnest($first::T[], ...)` on PostgreSQL:
+    rows as one array parameter per column, numbered from `first`, so the text is the same
+    whatever the number of rows (one prepared statement). Each array is of the column's type
+    without its length (VARCHAR, not VARCHAR(64)): an explicit cast would cut a long
+    string, where the INSERT's own assignment refuses it."""
+    quote = dialect.identifier_preparer.quote
+    arrays = []
+    for i, name in enumerate(names):
+        bare = type(table.c[name].type)().compile(dialect=dialect)
+        arrays.append(f"${first + i}::{bare}[]")
+    columns = ", ".join(quote(name) for name in names)
+    # Names from the shared MetaData only; every value is a parameter.
+    into = f"INSERT INTO {quote(table.name)} ({columns})"
+    return f"{into} SELECT * FROM unnest({', '.join(arrays)})"  # noqa: S608

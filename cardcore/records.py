@@ -45,7 +45,7 @@ from sqlalchemy.util import greenlet_spawn
 from cardcore import limits
 from cardcore.cards import schema as _cards_tables  # noqa: F401 - registers the tables
 from cardcore.coupons import schema as _coupon_tables  # noqa: F401
-from cardcore.db import Statement
+from cardcore.db import Statement, unnest_insert
 from cardcore.ledger.schema import metadata
 from cardcore.manager_cards import schema as _manager_tables  # noqa: F401
 from cardcore.members import schema as _member_tables  # noqa: F401
@@ -419,24 +419,14 @@ def _together(
 ) -> tuple[str, list[list[Callable[[Any], Any] | None]]]:
     """`Records.insert_together`'s statement on PostgreSQL for tables and their columns:
     its text and each column's bind processor (None for most)."""
-    quote = dialect.identifier_preparer.quote
     parts: list[str] = []
     processors: list[list[Callable[[Any], Any] | None]] = []
-    n = 0
+    n = 1
     for table, keys in shape:
-        columns = [metadata.tables[table].c[name] for name in keys]
-        arrays = []
-        for column in columns:
-            n += 1
-            # The array of the column's type without its length (VARCHAR, not VARCHAR(160)):
-            # an explicit cast would cut a long string; the INSERT's own cast refuses it.
-            bare = type(column.type)().compile(dialect=dialect)
-            arrays.append(f"${n}::{bare}[]")
-        names = ", ".join(quote(name) for name in keys)
-        # Names from the shared MetaData only; every value is a parameter.
-        into = f"INSERT INTO {quote(table)} ({names})"
-        parts.append(f"{into} SELECT * FROM unnest({', '.join(arrays)})")  # noqa: S608
-        processors.append([_processor(c.type, dialect) for c in columns])
+        t = metadata.tables[table]
+        parts.append(unnest_insert(t, keys, dialect, n))
+        n += len(keys)
+        processors.append([_processor(t.c[name].type, dialect) for name in keys])
     ctes = ", ".join(f"w{i} AS ({part})" for i, part in enumerate(parts[:-1]))
     return (f"WITH {ctes} {parts[-1]}" if ctes else parts[-1]), processors
 

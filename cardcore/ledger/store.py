@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnClause
 
 from cardcore import limits
-from cardcore.db import Statement
+from cardcore.db import Statement, unnest_insert
 from cardcore.ledger import journal, schema
 from cardcore.ledger.decide import BatchEffects
 from cardcore.ledger.model import (
@@ -80,6 +80,7 @@ class LedgerStore:
         self.postgres = engine.dialect.name == "postgresql"
         self._reads: dict[str, Statement] = {}
         self.autovacuum_checked = False  # the start-up warning, once (not per reconnect)
+        self._batch_sql: str | None = None
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -351,18 +352,47 @@ class LedgerStore:
         ops_count: int,
     ) -> None:
         """Append the batch (its `journal.batch_records`, hashed to `digest`) and update
-        balances. The caller commits."""
+        balances. On PostgreSQL one statement, its own transaction, committed when it
+        returns (docs/adr/0002); on SQLite the caller's transaction, which it commits."""
         header = (effects.seq, prev_hash, digest, ops_count, effects.now_ms)
+        changed = [
+            (account.id, *journal.balance_record(account.balance), *_frozen(account))
+            for aid, account in effects.accounts.items()
+            if aid not in effects.new_account_ids
+        ]
+        outbox = [(o.id, o.seq, o.event, o.transfer_id) for o in effects.outbox]
+        if self.postgres:
+            rows = {
+                schema.batches: [header],
+                schema.assets: records["assets"],
+                schema.accounts: _new_account_records(effects),
+                **{schema.JOURNAL_TABLES[name]: records[name] for name in _JOURNALED},
+                schema.outbox: outbox,
+                schema.open_holds: list(effects.opened_pendings.items()),
+            }
+            args: list[Any] = []
+            for table in _PG_WRITTEN:
+                width = len(table.columns)
+                args += list(zip(*rows[table], strict=True)) or [()] * width
+            args += list(zip(*changed, strict=True)) or [()] * _ACCOUNT_UPDATE_WIDTH
+            args.append(effects.closed_pendings)
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            assert not driver.is_in_transaction(), "the batch is its own transaction"
+            await driver.execute(self._pg_batch_sql(), *args)
+            return
         # Through SQLAlchemy first: this also opens the transaction the bulk writes join.
         await conn.execute(
             schema.batches.insert(), [dict(zip(schema.batches.c.keys(), header, strict=True))]
         )
         await self._insert(conn, schema.assets, records["assets"])
         await self._insert(conn, schema.accounts, _new_account_records(effects))
-        for name in ("account_events", "transfers", "entries", "failures"):
+        for name in _JOURNALED:
             await self._insert(conn, schema.JOURNAL_TABLES[name], records[name])
-        await self._update_accounts(conn, effects)
-        outbox = [(o.id, o.seq, o.event, o.transfer_id) for o in effects.outbox]
+        if changed:
+            driver = await _driver(conn)
+            await driver.executemany(_SQLITE_UPDATE_ACCOUNTS, [(*r[1:], r[0]) for r in changed])
         await self._insert(conn, schema.outbox, outbox)
         await self._insert(conn, schema.open_holds, list(effects.opened_pendings.items()))
         if effects.closed_pendings:
@@ -372,36 +402,35 @@ class LedgerStore:
     async def _insert(
         self, conn: AsyncConnection, table: Table, records: list[journal.Record]
     ) -> None:
-        """Bulk insert of tuples in the table's column order, at the driver, on the writer's
-        own connection and transaction: COPY on PostgreSQL, executemany on SQLite
-        (docs/adr/0002)."""
+        """SQLite: bulk insert of tuples in the table's column order, at the driver, on the
+        writer's own connection and transaction (docs/adr/0002)."""
         if not records:
             return
         columns = [c.name for c in table.columns]
-        driver = await _driver(conn, self.postgres)
-        if self.postgres:
-            await driver.copy_records_to_table(table.name, records=records, columns=columns)
-            return
+        driver = await _driver(conn)
         marks = ", ".join("?" * len(columns))
         await driver.executemany(
             f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({marks})",  # noqa: S608
             records,
         )
 
-    async def _update_accounts(self, conn: AsyncConnection, effects: BatchEffects) -> None:
-        changed = [
-            (account.id, *journal.balance_record(account.balance), *_frozen(account))
-            for aid, account in effects.accounts.items()
-            if aid not in effects.new_account_ids
-        ]
-        if not changed:
-            return
-        driver = await _driver(conn, self.postgres)
-        if self.postgres:
-            # One set-based statement instead of one UPDATE per account.
-            await driver.execute(_PG_UPDATE_ACCOUNTS, *zip(*changed, strict=True))
-            return
-        await driver.executemany(_SQLITE_UPDATE_ACCOUNTS, [(*r[1:], r[0]) for r in changed])
+    def _pg_batch_sql(self) -> str:
+        """The batch as one PostgreSQL statement: every insert a data-modifying CTE fed by
+        `unnest` of one array per column (`db.unnest_insert`), the balances' UPDATE one
+        more, the resolved holds' DELETE the statement itself. One text for every batch."""
+        if self._batch_sql is None:
+            dialect = self.engine.dialect
+            parts, n = [], 1
+            for table in _PG_WRITTEN:
+                names = [c.name for c in table.columns]
+                parts.append(unnest_insert(table, names, dialect, n))
+                n += len(names)
+            parts.append(_PG_UPDATE_ACCOUNTS.format(*range(n, n + _ACCOUNT_UPDATE_WIDTH)))
+            n += _ACCOUNT_UPDATE_WIDTH
+            ctes = ", ".join(f"w{i} AS ({part})" for i, part in enumerate(parts))
+            closed = f"DELETE FROM ledger_open_holds WHERE transfer_id = ANY(${n}::BIGINT[])"  # noqa: S608 - a number
+            self._batch_sql = f"WITH {ctes} {closed}"
+        return self._batch_sql
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -529,13 +558,25 @@ class LedgerStore:
         return verifier
 
 
+# The tables a batch inserts into on PostgreSQL, in the order of the statement's parameters.
+_JOURNALED = ("account_events", "transfers", "entries", "failures")
+_PG_WRITTEN = (
+    schema.batches,
+    schema.assets,
+    schema.accounts,
+    *(schema.JOURNAL_TABLES[name] for name in _JOURNALED),
+    schema.outbox,
+    schema.open_holds,
+)
+# The balances: one set-based UPDATE of the accounts a batch changed (new ones are inserted).
+_ACCOUNT_UPDATE_WIDTH = 8
 _PG_UPDATE_ACCOUNTS = """
 UPDATE ledger_accounts AS a SET
     debits_posted = v.debits_posted, credits_posted = v.credits_posted,
     debits_pending = v.debits_pending, credits_pending = v.credits_pending,
     version = v.version, debit_frozen = v.debit_frozen, credit_frozen = v.credit_frozen
-FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-            $6::bigint[], $7::boolean[], $8::boolean[])
+FROM unnest(${}::bigint[], ${}::bigint[], ${}::bigint[], ${}::bigint[], ${}::bigint[],
+            ${}::bigint[], ${}::boolean[], ${}::boolean[])
     AS v(id, debits_posted, credits_posted, debits_pending, credits_pending, version,
          debit_frozen, credit_frozen)
 WHERE a.id = v.id
@@ -549,16 +590,13 @@ WHERE id = ?
 """
 
 
-async def _driver(conn: AsyncConnection, postgres: bool) -> Any:
-    """The driver connection (asyncpg or aiosqlite) under SQLAlchemy's, in the same open
+async def _driver(conn: AsyncConnection) -> Any:
+    """SQLite's driver connection (aiosqlite) under SQLAlchemy's, in the same open
     transaction."""
     raw = await conn.get_raw_connection()
     driver = raw.driver_connection
     assert driver is not None
-    if postgres:
-        assert driver.is_in_transaction(), "bulk write outside a transaction"
-    else:
-        assert driver.in_transaction, "bulk write outside a transaction"
+    assert driver.in_transaction, "bulk write outside a transaction"
     return driver
 
 
@@ -735,8 +773,10 @@ class WriterSession:
         prev_hash: str,
         ops_count: int,
     ) -> None:
-        """Write the decided batch and commit it."""
-        async with self._write.begin():
+        """Write the decided batch and commit it (on PostgreSQL one statement: its own
+        transaction)."""
+        postgres = self._store.postgres
+        async with contextlib.nullcontext() if postgres else self._write.begin():
             await self._store.write_batch(
                 self._write,
                 effects,

@@ -243,3 +243,32 @@ async def test_a_second_writer_on_sqlite_never_leaves_a_stale_answer(
     assert again.ok and not again.replayed
     [row] = await sql_rows(db_url, "SELECT debit_frozen FROM ledger_accounts WHERE id = :i", i=a)
     assert row["debit_frozen"]
+
+
+async def test_a_batch_the_database_refuses_writes_nothing_of_itself(
+    db_url: str, ledger: Ledger
+) -> None:
+    """The batch is all or nothing (on PostgreSQL one statement): a row in the way of its
+    last insert (an outbox id taken behind the writer's back) leaves no batch, transfer,
+    entry or balance of it; the writer reloads its ids and the retry lands."""
+    _, (a, b) = await setup_accounts(ledger, 2, funding=100)
+
+    async def counts() -> dict[str, int]:
+        out = {}
+        for table in ("ledger_batches", "ledger_transfers", "ledger_entries"):
+            [row] = await sql_rows(db_url, f"SELECT count(*) AS n FROM {table}")  # noqa: S608
+            out[table] = int(row["n"])
+        return out
+
+    before = await counts()
+    [taken] = await sql_rows(db_url, "SELECT max(id) + 1 AS id FROM ledger_outbox")
+    row_in_the_way = f"VALUES ({int(taken['id'])}, 0, 'foreign', 0)"
+    columns = "(id, seq, event, transfer_id)"
+    await sql_execute(db_url, f"INSERT INTO ledger_outbox {columns} {row_in_the_way}")
+    with pytest.raises(LedgerUnavailable):
+        await ledger.submit([move("m-1", a, b, 60)])
+    assert await counts() == before
+    [row] = await sql_rows(db_url, "SELECT debits_posted FROM ledger_accounts WHERE id = :i", i=a)
+    assert row["debits_posted"] == 0
+    [retry] = await ledger.submit([move("m-1", a, b, 60)])
+    assert retry.ok and not retry.replayed
