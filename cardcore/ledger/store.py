@@ -376,10 +376,16 @@ class LedgerStore:
                 args += list(zip(*rows[table], strict=True)) or [()] * width
             args += list(zip(*changed, strict=True)) or [()] * _ACCOUNT_UPDATE_WIDTH
             args.append(effects.closed_pendings)
+            # One statement sees none of its own rows: a hold inserted and deleted by the same
+            # statement would stay (decide.py keeps the two apart; `changed` has no new
+            # account for the same reason).
+            if set(effects.opened_pendings) & set(effects.closed_pendings):
+                raise RuntimeError("a hold both opened and closed in one batch")
             raw = await conn.get_raw_connection()
             driver = raw.driver_connection
-            assert driver is not None
-            assert not driver.is_in_transaction(), "the batch is its own transaction"
+            if driver is None or driver.is_in_transaction():
+                # Inside a transaction the statement would not commit by itself.
+                raise RuntimeError("the batch must be its own transaction")
             await driver.execute(self._pg_batch_sql(), *args)
             return
         # Through SQLAlchemy first: this also opens the transaction the bulk writes join.

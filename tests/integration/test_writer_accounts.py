@@ -248,8 +248,8 @@ async def test_a_second_writer_on_sqlite_never_leaves_a_stale_answer(
 async def test_a_batch_the_database_refuses_writes_nothing_of_itself(
     db_url: str, ledger: Ledger
 ) -> None:
-    """The batch is all or nothing (on PostgreSQL one statement): a row in the way of its
-    last insert (an outbox id taken behind the writer's back) leaves no batch, transfer,
+    """The batch is all or nothing (on PostgreSQL one statement): a row in the way of one
+    of its inserts (an outbox id taken behind the writer's back) leaves no batch, transfer,
     entry or balance of it; the writer reloads its ids and the retry lands."""
     _, (a, b) = await setup_accounts(ledger, 2, funding=100)
 
