@@ -23,7 +23,8 @@ Each terminal is held to `GATEWAY_TERMINAL_RATE_PER_S` (20) requests a second li
 past that it is answered 91, which counts as an error here, so use enough terminals.
 
 `tx_per_s` counts approved purchases; `p50_ms`/`p99_ms` are purchase round trips seen by the
-terminals; `errors` counts anything but an approval; `gateway_rss_mb` is the resident memory
+terminals; `errors` counts anything but an approval, and `declines` those answered, by
+response code; `gateway_rss_mb` is the resident memory
 of the process that holds the terminal connections, read at the end; `server_cpu_ms_per_tx`
 is the CPU time the processes the benchmark started (`serve`, or `ledger` and `gateway`;
 the gateway alone with `--ledger`) spent during the timed part, per approved transaction:
@@ -105,6 +106,7 @@ class _Tally:
     approved: int = 0
     errors: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    codes: dict[str, int] = field(default_factory=dict)  # answers other than 00, by code
 
 
 def check(options: PosBenchOptions) -> None:
@@ -444,6 +446,7 @@ async def _drive(
         "purchases": len(latencies),
         "approved": tally.approved,
         "errors": tally.errors,
+        "declines": dict(sorted(tally.codes.items())),
         "discount_bp": BENCH_DISCOUNT_BP,
         "cross_entity_terminals": len(busy) // 2,
         "server_cpu_ms_per_tx": _per_tx_ms(used_s, tally.approved),
@@ -472,6 +475,7 @@ async def _buy(t: PosTerminal, card: str, deadline: float, tally: _Tally, interv
             tally.approved += 1
         else:
             tally.errors += 1
+            tally.codes[reply.code] = tally.codes.get(reply.code, 0) + 1
         t.lines.clear()  # the benchmark never settles: keep the terminal's memory flat
 
 

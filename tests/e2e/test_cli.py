@@ -415,9 +415,19 @@ def test_bench_pos_sets_up_through_the_admin_api_and_buys_without_errors(
     args = ["--seconds", "2", "--terminals", "4", "--rate", "40"]  # under 20/s a terminal
     result = _bench_pos(tmp_path, args)
     assert result["bench"] == "pos" and result["errors"] == 0, result
+    assert result["declines"] == {}, result
     assert result["approved"] > 0 and result["cross_entity_terminals"] == 2, result
     assert result["server_cpu_ms_per_tx"] > 0, result  # the serve process, read from /proc
     assert result["load_cpu_ms_per_tx"] > 0, result  # the simulated terminals
+
+
+def test_bench_pos_counts_each_decline_by_its_response_code(tmp_path: Path) -> None:
+    """One terminal offered 60 purchases a second, three times what a terminal may send
+    (GATEWAY_TERMINAL_RATE_PER_S): the excess is answered 91, and the figures say so."""
+    result = _bench_pos(tmp_path, ["--seconds", "2", "--terminals", "1", "--rate", "60"])
+    assert result["approved"] > 0, result
+    assert set(result["declines"]) == {"91"}, result
+    assert result["declines"]["91"] == result["errors"] > 0, result
 
 
 def test_bench_pos_realistic_mix_earns_redeems_points_and_uses_coupons_without_errors(
