@@ -36,6 +36,7 @@ TIME_MS = r.TIME_MS
 AMOUNT = r.integer(0, limits.AMOUNT_MAX)
 FEN = r.integer(0, limits.POS_AMOUNT_MAX)
 CARD_ID = r.integer(1, 2**62)
+FLAG_NAMES = ["no_overdraft", "no_overcredit", "debit_frozen", "credit_frozen"]
 MEMBER_ID = r.integer(1, ID_MAX)  # members.id is a 32-bit integer
 CLASS_CODE = r.string(r.CODE, max_length=32)
 NAME = r.NAME
@@ -169,6 +170,36 @@ ENTRY = r.obj(
     ["id", "transfer_id", "kind", "reason", "side", "posted", "pending", "available_after",
      "metadata", "at_ms"],
 )  # fmt: skip
+_BIG = r.integer(-(2**63), 2**63 - 1)
+_NAME = r.string(max_length=limits.NAME_CHARS_MAX)
+ACCOUNT_ID = r.integer(1, 2**62)
+LEDGER_ACCOUNT = r.obj(
+    {
+        "id": ACCOUNT_ID, "asset": r.string(max_length=limits.ASSET_CODE_CHARS_MAX),
+        "legal_entity": _NAME, "owner_kind": _NAME, "owner_id": _NAME, "purpose": _NAME,
+        "flags": r.obj(
+            {name: {"type": "boolean"} for name in FLAG_NAMES}, FLAG_NAMES
+        ),
+        "debits_posted": _BIG, "credits_posted": _BIG, "debits_pending": _BIG,
+        "credits_pending": _BIG, "version": _BIG,
+    },
+    ["id", "asset", "legal_entity", "owner_kind", "owner_id", "purpose", "flags",
+     "debits_posted", "credits_posted", "debits_pending", "credits_pending", "version"],
+)  # fmt: skip
+LEDGER_ENTRY = r.obj(
+    {
+        "id": ACCOUNT_ID, "seq": ACCOUNT_ID, "transfer_id": ACCOUNT_ID,
+        "transfer_kind": r.string(max_length=16), "side": r.enum(["debit", "credit"]),
+        "posted_delta": _BIG, "pending_delta": _BIG, "debits_posted": _BIG,
+        "credits_posted": _BIG, "debits_pending": _BIG, "credits_pending": _BIG,
+        "version": _BIG, "reason": r.string(max_length=limits.REASON_CHARS_MAX),
+        "metadata": {"type": "object", "additionalProperties": r.string(max_length=64)},
+        "created_at_ms": TIME_MS,
+    },
+    ["id", "seq", "transfer_id", "transfer_kind", "side", "posted_delta", "pending_delta",
+     "debits_posted", "credits_posted", "debits_pending", "credits_pending", "version",
+     "reason", "metadata", "created_at_ms"],
+)  # fmt: skip
 MONTH = r"[0-9]{4}-(0[1-9]|1[0-2])"
 TOTAL = r.obj({"cards": r.integer(0, 2**62), "value": AMOUNT}, ["cards", "value"])
 ENTITY_TOTALS = r.obj(
@@ -296,6 +327,21 @@ async def _transactions(request: web.Request) -> web.Response:
     return r.page(rows, limit, "id")
 
 
+async def _ledger_account(request: web.Request) -> web.Response:
+    service = cards(request)
+    account_id = r.path_int(request, "account_id")
+    return web.json_response(await service.ledger_account(principal(request), account_id))
+
+
+async def _ledger_entries(request: web.Request) -> web.Response:
+    service = cards(request)
+    account_id = r.path_int(request, "account_id")
+    q = r.query(request, r.PAGE_QUERY)
+    limit = q.get("limit", limits.PAGE_LIMIT_DEFAULT)
+    rows = await service.ledger_entries(principal(request), account_id, _cursor(q), limit)
+    return r.page(rows, limit, "id")
+
+
 def _state_change(name: str) -> r.Handler:
     async def handler(request: web.Request) -> web.Response:
         service = cards(request)
@@ -413,6 +459,16 @@ ROUTES = [
     r.Route("GET", "/v1/cards/{card_id}/transactions", _W(_transactions),
             "The card's value account journal, newest first", "cards", "cards_read",
             query=_PAGE, path_params=CARD_PATH, answers={200: r.page_of(ENTRY)}),
+    r.Route("GET", "/v1/accounts/{account_id}", _W(_ledger_account),
+            "A ledger account: flags, balances, version (an entity's; a store's own and its "
+            "cards' to the store)", "ledger accounts", "reports_read",
+            path_params={"account_id": ACCOUNT_ID}, answers={200: LEDGER_ACCOUNT},
+            refusals=(403, 404)),
+    r.Route("GET", "/v1/accounts/{account_id}/entries", _W(_ledger_entries),
+            "A ledger account's journal entries, newest first, each with the balances after it",
+            "ledger accounts", "reports_read", query=_PAGE,
+            path_params={"account_id": ACCOUNT_ID}, answers={200: r.page_of(LEDGER_ENTRY)},
+            refusals=(400, 403, 404)),
     r.Route("POST", "/v1/cards/{card_id}/activate", _W(_state_change("activate")),
             "Activate an inactive stored-value card (gift cards activate by sale)",
             "card lifecycle", "cards_issue", path_params=CARD_PATH, answers={200: CARD},

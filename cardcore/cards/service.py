@@ -34,7 +34,9 @@ from cardcore.cards.accounts import Accounts, AccountsUnavailable
 from cardcore.cards.directory import Directory
 from cardcore.cards.model import CURRENCY, CardState, luhn_ok, mask_pan, value_postings
 from cardcore.cards.pins import Pins, pin_is_valid
+from cardcore.ledger import wire
 from cardcore.ledger.model import (
+    Account,
     AccountFlags,
     Balance,
     CreateAccount,
@@ -722,6 +724,43 @@ class CardService:
             int(row["account_id"]), cursor=after, limit=limit + 1, newest_first=True
         )
         return [_entry_view(e) for e in entries]
+
+    # --- ledger accounts: what finance and auditors read of any account in their scope --------
+
+    async def ledger_account(self, p: Principal, account_id: int) -> dict[str, Any]:
+        """A ledger account with its flags, four balances and version (`reports_read`)."""
+        return wire.account_json(await self._account_for(p, account_id))
+
+    async def ledger_entries(
+        self, p: Principal, account_id: int, after: int | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """The account's journal entries, newest first, each with the balances after it."""
+        await self._account_for(p, account_id)
+        rows = await self.ledger.entries(
+            account_id, cursor=after, limit=limit + 1, newest_first=True
+        )
+        return [wire.entry_json(row) for row in rows]
+
+    async def _account_for(self, p: Principal, account_id: int) -> Account:
+        """The account, when the principal may read reports and its scope covers the
+        account: a legal entity's accounts are its entity's; a store's own accounts and its
+        cards' value accounts are also the store's."""
+        require(p, Perm.REPORTS_READ)
+        account = await self.ledger.account(account_id)
+        if account is None:
+            raise Refused("not_found", "account_not_found", "no account with this id", "account_id")
+        info = account.info
+        places = [Place(info.legal_entity)]
+        if info.owner_kind == "store":
+            places = [Place(info.legal_entity, info.owner_id)]
+        elif info.owner_kind == "card":  # a replaced card shares its account with its successor
+            async with self.records.read() as uow:
+                held = await uow.find(
+                    CARDS, {"account_id": account_id}, limit=limits.PAGE_LIMIT_MAX
+                )
+            places = [place_of(card) for card in held] or places
+        require(p, Perm.REPORTS_READ, next((x for x in places if p.covers(x)), places[0]))
+        return account
 
     async def export(self, p: Principal, first_id: int, last_id: int) -> str:
         """Cards first_id..last_id in the caller's scope as CSV for printing: numbers in full

@@ -90,6 +90,7 @@ async def _world(admin: AdminClient) -> dict[str, Any]:
         "member": members[0]["id"],
         "duplicate": members[1]["id"],
         "card": card["id"],
+        "account": card["account_id"],
         "pan": card["pan"],
         "gift": gift["id"],
         "user": user["id"],
@@ -172,6 +173,9 @@ def _calls(w: dict[str, Any]) -> dict[tuple[str, str], Call]:
         ("GET", "/v1/cards/{card_id}"): Call(f"/v1/cards/{card}", REFUSED),
         ("GET", "/v1/cards/{card_id}/transactions"): Call(f"/v1/cards/{card}/transactions",
                                                           REFUSED),
+        ("GET", "/v1/accounts/{account_id}"): Call(f"/v1/accounts/{w['account']}", REFUSED),
+        ("GET", "/v1/accounts/{account_id}/entries"): Call(
+            f"/v1/accounts/{w['account']}/entries", REFUSED),
         ("POST", "/v1/cards/{card_id}/activate"): Call(f"/v1/cards/{card}/activate", REFUSED),
         ("POST", "/v1/cards/{card_id}/freeze"): Call(f"/v1/cards/{card}/freeze", REFUSED),
         ("POST", "/v1/cards/{card_id}/unfreeze"): Call(f"/v1/cards/{card}/unfreeze", REFUSED),

@@ -12,6 +12,8 @@ from typing import Any
 
 from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, luhn_ok
+from cardcore.ledger.http import LEDGER_KEY
+from cardcore.ledger.model import CreateAccount
 from tests import logscan
 from tests.helpers import AdminClient, sql_rows
 
@@ -538,3 +540,73 @@ async def test_routes_answer_kek_missing_without_a_key(api: Any) -> None:
     response = await api.get("/v1/cards", headers=headers)
     body = await response.json()
     assert (response.status, body["error"]["code"]) == (503, "kek_missing")
+
+
+# --- ledger accounts through the staff API ------------------------------------------------------
+
+
+async def test_ledger_accounts_and_their_entries_are_read_within_the_tokens_scope(
+    admin: AdminClient, db_url: str
+) -> None:
+    """GET /v1/accounts/{id} and its entries (`reports_read`, which every role has): any
+    account to the group,
+    an entity's accounts to its entity, a store's own and its cards' accounts to the store;
+    anything else 403, an unknown id 404, and nothing changes."""
+    await world(admin)
+    mine = await issue(admin, "BEAR", "S1")
+    theirs = await issue(admin, "BEAR", "S3")
+    for _ in range(3):
+        assert (await topup(admin, mine["id"], 1_000))[0] == 201
+    assert (await topup(admin, theirs["id"], 500))[0] == 201
+    account = mine["account_id"]
+    [cash] = await sql_rows(
+        db_url, "SELECT id FROM ledger_accounts WHERE owner_kind = 'store' AND owner_id = 'S1' "
+        "AND purpose = 'cash'",
+    )  # fmt: skip
+    # An entity's own account (as the clearing between entities makes them)
+    [made] = await admin.app[LEDGER_KEY].submit(
+        [CreateAccount("CNY", "LE1", "entity", "LE2", "due_to")]
+    )
+    entity = {"id": made.account_id}
+    finance = await admin.token("hq_finance")
+    got = await admin.ok("GET", f"/v1/accounts/{account}", finance)
+    assert (got["id"], got["legal_entity"], got["owner_kind"]) == (account, "LE1", "card")
+    assert got["credits_posted"] - got["debits_posted"] == 3_000
+    assert got["flags"]["no_overdraft"] is True
+    first = await admin.ok("GET", f"/v1/accounts/{account}/entries", finance, limit=2)
+    assert [e["credits_posted"] for e in first["items"]] == [3_000, 2_000]  # newest first
+    assert first["next_after"] is not None
+    rest = await admin.ok(
+        "GET", f"/v1/accounts/{account}/entries", finance, limit=2, after=first["next_after"]
+    )
+    assert [e["credits_posted"] for e in rest["items"]] == [1_000]
+    assert rest["next_after"] is None
+    assert {e["transfer_kind"] for e in first["items"] + rest["items"]} <= {"posted", "post"}
+
+    store = await admin.token("store_supervisor", "store", "S1")
+    le1 = await admin.token("auditor", "entity", "LE1")
+    le2 = await admin.token("auditor", "entity", "LE2")
+    before = await counts(db_url)
+    allowed = {
+        store: {account, cash["id"]},
+        le1: {account, cash["id"], entity["id"]},
+        le2: {theirs["account_id"]},
+    }
+    every = {account, cash["id"], entity["id"], theirs["account_id"]}
+    for token, ids in allowed.items():
+        for aid in every:
+            for path in (f"/v1/accounts/{aid}", f"/v1/accounts/{aid}/entries"):
+                status, answer = await admin.call("GET", path, token)
+                if aid in ids:
+                    assert status == 200, (path, answer)
+                else:
+                    assert status == 403, (path, status, answer)
+                    assert answer["error"]["code"] == "scope_forbidden", answer
+    for path in ("/v1/accounts/999999", "/v1/accounts/999999/entries"):
+        status, answer = await admin.call("GET", path, finance)
+        assert (status, answer["error"]["code"]) == (404, "account_not_found"), answer
+    status, answer = await admin.call("GET", "/v1/accounts/x1", finance)
+    assert status == 404, answer
+    status, answer = await admin.call("GET", f"/v1/accounts/{account}/entries", finance, limit=0)
+    assert status == 400, answer
+    assert await counts(db_url) == before
