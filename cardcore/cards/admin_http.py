@@ -17,6 +17,7 @@ from cardcore.api import routes as r
 from cardcore.api.edge import ApiError
 from cardcore.cards.model import CardState
 from cardcore.cards.service import TENDERS, CardService, CardsUnavailable
+from cardcore.ledger import wire
 from cardcore.members.model import ID_MAX
 from cardcore.org.http import principal
 
@@ -36,7 +37,6 @@ TIME_MS = r.TIME_MS
 AMOUNT = r.integer(0, limits.AMOUNT_MAX)
 FEN = r.integer(0, limits.POS_AMOUNT_MAX)
 CARD_ID = r.integer(1, 2**62)
-FLAG_NAMES = ["no_overdraft", "no_overcredit", "debit_frozen", "credit_frozen"]
 MEMBER_ID = r.integer(1, ID_MAX)  # members.id is a 32-bit integer
 CLASS_CODE = r.string(r.CODE, max_length=32)
 NAME = r.NAME
@@ -178,7 +178,7 @@ LEDGER_ACCOUNT = r.obj(
         "id": ACCOUNT_ID, "asset": r.string(max_length=limits.ASSET_CODE_CHARS_MAX),
         "legal_entity": _NAME, "owner_kind": _NAME, "owner_id": _NAME, "purpose": _NAME,
         "flags": r.obj(
-            {name: {"type": "boolean"} for name in FLAG_NAMES}, FLAG_NAMES
+            {name: {"type": "boolean"} for name in wire.FLAG_NAMES}, wire.FLAG_NAMES
         ),
         "debits_posted": _BIG, "credits_posted": _BIG, "debits_pending": _BIG,
         "credits_pending": _BIG, "version": _BIG,

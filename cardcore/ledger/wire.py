@@ -145,7 +145,7 @@ _OP_FIELDS = {
 }
 _POSTING_FIELDS = frozenset({"account_id", "side", "amount"})
 _SIDES = {"debit": Side.DEBIT, "credit": Side.CREDIT}
-_FLAG_NAMES = frozenset({"no_overdraft", "no_overcredit", "debit_frozen", "credit_frozen"})
+FLAG_NAMES = ("no_overdraft", "no_overcredit", "debit_frozen", "credit_frozen")
 
 
 def parse_ops_request(body: object) -> tuple[str, list[Op]]:
@@ -234,8 +234,8 @@ def _create_account(f: _Fields, linked: bool) -> CreateAccount:
     flags = AccountFlags()
     raw_flags = f.raw("flags", False)
     if raw_flags is not None:
-        ff = _Fields(raw_flags, f.at("flags"), _FLAG_NAMES)
-        flags = AccountFlags(**{name: bool(ff.boolean(name)) for name in _FLAG_NAMES})
+        ff = _Fields(raw_flags, f.at("flags"), frozenset(FLAG_NAMES))
+        flags = AccountFlags(**{name: bool(ff.boolean(name)) for name in FLAG_NAMES})
     return CreateAccount(
         asset=_str(f, "asset", ASSET_RE),
         legal_entity=_str(f, "legal_entity", NAME_RE),
@@ -334,7 +334,7 @@ def encode_op(op: Op) -> dict[str, object]:
             "name": op.name,
         }
     elif isinstance(op, CreateAccount):
-        flags = {n: getattr(op.flags, n) for n in sorted(_FLAG_NAMES) if getattr(op.flags, n)}
+        flags = {n: getattr(op.flags, n) for n in sorted(FLAG_NAMES) if getattr(op.flags, n)}
         out = {
             "op": "create_account",
             "asset": op.asset,

@@ -10,6 +10,9 @@ import io
 import itertools
 from typing import Any
 
+from jsonschema import Draft7Validator
+
+from cardcore.cards.admin_http import LEDGER_ACCOUNT, LEDGER_ENTRY
 from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, luhn_ok
 from cardcore.ledger.http import LEDGER_KEY
@@ -582,6 +585,10 @@ async def test_ledger_accounts_and_their_entries_are_read_within_the_tokens_scop
     assert [e["credits_posted"] for e in rest["items"]] == [1_000]
     assert rest["next_after"] is None
     assert {e["transfer_kind"] for e in first["items"] + rest["items"]} <= {"posted", "post"}
+    # The answers are what the route table (and so the OpenAPI document) declares.
+    Draft7Validator(LEDGER_ACCOUNT).validate(got)
+    for entry in first["items"] + rest["items"]:
+        Draft7Validator(LEDGER_ENTRY).validate(entry)
 
     store = await admin.token("store_supervisor", "store", "S1")
     le1 = await admin.token("auditor", "entity", "LE1")
