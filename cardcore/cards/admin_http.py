@@ -318,13 +318,18 @@ async def _lookup(request: web.Request) -> web.Response:
     return web.json_response(await service.lookup(principal(request), b["pan"]))
 
 
-async def _transactions(request: web.Request) -> web.Response:
+async def _journal_page(request: web.Request, of: str) -> web.Response:
+    """A page of journal entries, newest first, of the card or account named in the path."""
     service = cards(request)
-    card_id = _card_id(request)
+    read = service.transactions if of == "card_id" else service.ledger_entries
     q = r.query(request, r.PAGE_QUERY)
     limit = q.get("limit", limits.PAGE_LIMIT_DEFAULT)
-    rows = await service.transactions(principal(request), card_id, _cursor(q), limit)
+    rows = await read(principal(request), r.path_int(request, of), _cursor(q), limit)
     return r.page(rows, limit, "id")
+
+
+async def _transactions(request: web.Request) -> web.Response:
+    return await _journal_page(request, "card_id")
 
 
 async def _ledger_account(request: web.Request) -> web.Response:
@@ -334,12 +339,7 @@ async def _ledger_account(request: web.Request) -> web.Response:
 
 
 async def _ledger_entries(request: web.Request) -> web.Response:
-    service = cards(request)
-    account_id = r.path_int(request, "account_id")
-    q = r.query(request, r.PAGE_QUERY)
-    limit = q.get("limit", limits.PAGE_LIMIT_DEFAULT)
-    rows = await service.ledger_entries(principal(request), account_id, _cursor(q), limit)
-    return r.page(rows, limit, "id")
+    return await _journal_page(request, "account_id")
 
 
 def _state_change(name: str) -> r.Handler:

@@ -1,8 +1,8 @@
 """The ledger's database adapter: what the writer reads and writes, and the read side.
 
-Only the writer calls `read_view` and `write_batch`, on its own connection, inside its own
-transaction. Everything else here reads, on pooled connections, and never takes the writer's
-path.
+Only the writer calls `read_view` and `write_batch`, on its own connections (a batch's
+write is its own transaction). Everything else here reads, on pooled connections, and
+never takes the writer's path.
 """
 
 from __future__ import annotations
@@ -353,7 +353,8 @@ class LedgerStore:
     ) -> None:
         """Append the batch (its `journal.batch_records`, hashed to `digest`) and update
         balances. On PostgreSQL one statement, its own transaction, committed when it
-        returns (docs/adr/0002); on SQLite the caller's transaction, which it commits."""
+        returns (docs/adr/0002); on SQLite inside the caller's transaction, which the caller
+        commits."""
         header = (effects.seq, prev_hash, digest, ops_count, effects.now_ms)
         changed = [
             (account.id, *journal.balance_record(account.balance), *_frozen(account))
