@@ -219,6 +219,24 @@ def test_hold_reserves_funds_and_posting_in_part_releases_the_rest() -> None:
     assert e.closed_pendings == [pid] and e.outbox[0].event == "transfer.posted"
 
 
+def test_a_hold_opened_and_resolved_in_one_batch_is_neither_opened_nor_closed() -> None:
+    """The store writes a batch as one statement on PostgreSQL, which cannot delete a row it
+    inserts itself: a hold resolved in the batch that opened it must be in neither set."""
+    v = view(account(1, credits=100, no_overdraft=True), account(2))
+    v, earlier = held(v, (1, Side.DEBIT, 10), (2, Side.CREDIT, 10))
+    counters = replace(COUNTERS, transfer=earlier + 1)  # the ids after the earlier hold's
+    ops: list[Op] = [
+        move("h1", 1, 2, 20, pending=True),
+        PostPending("pos", "p1", earlier + 1, amount=20),
+        move("h2", 1, 2, 30, pending=True),
+        VoidPending("pos", "v0", earlier),
+    ]
+    e = decide_batch([ops], v, counters, seq=7, now_ms=NOW)
+    assert codes(e) == ["ok", "ok", "ok", "ok"]
+    assert set(e.opened_pendings) == {e.results[2].transfer_id}
+    assert e.closed_pendings == [earlier]
+
+
 def test_post_more_than_held_and_double_resolution_are_refused() -> None:
     v = view(account(1, credits=100), account(2))
     v, pid = held(v, (1, Side.DEBIT, 80), (2, Side.CREDIT, 80))
