@@ -554,6 +554,24 @@ class Records:
         except asyncpg.IntegrityConstraintViolationError as exc:
             raise Conflict(getattr(exc, "table_name", None) or shape[0][0]) from None
 
+    @property
+    def postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    async def statement_row(self, sql: str, args: Sequence[Any]) -> dict[str, Any]:
+        """PostgreSQL only: one statement an adapter wrote for a hot path (several changes
+        as data-modifying CTEs, say), run at the driver as its own transaction, and the
+        one row it returns. Conflict on a duplicate, as `insert`."""
+        if not self.postgres:
+            raise RuntimeError("statement_row is for PostgreSQL")
+        try:
+            async with self._driver() as driver:
+                row = await driver.fetchrow(sql, *args)
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            raise Conflict(getattr(exc, "table_name", None) or "") from None
+        assert row is not None
+        return dict(row)
+
     async def _forget(self, pooled: Any) -> None:
         """A connection the server dropped: it, and every other idle one of the pool (a
         restart or failover dropped them all), are closed, never handed out again."""

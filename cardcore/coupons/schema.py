@@ -7,6 +7,10 @@ by funder (supplier settlement reads them). Signing keys: one Ed25519 key pair p
 legal entity and key id, the private half sealed by the vault.
 """
 
+import functools
+from dataclasses import dataclass
+from typing import Any
+
 from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text
 
 from cardcore import limits
@@ -121,3 +125,90 @@ coupon_enrolments = Table(
     Column("member_id", Integer, primary_key=True),
     Column("enrolled_at_ms", BigInteger, nullable=False),
 )
+
+
+def _pg_type(column: Column[Any]) -> str:
+    """The column's PostgreSQL type without its length: a cast to VARCHAR(n) would cut a
+    longer value short, where the column itself refuses it."""
+    for kind, name in ((BigInteger, "bigint"), (Integer, "integer"), (String, "varchar")):
+        if isinstance(column.type, kind):  # BigInteger before Integer, its base
+            return name
+    raise TypeError(f"{column.name}: no PostgreSQL type named for {column.type!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """What a redemption adds to its campaign: the value (against the value budget,
+    `budget` fen, 0: none) and the cost by funder."""
+
+    campaign: str
+    budget: int
+    value: int
+    store_cost: int
+    supplier_cost: int
+
+
+def hold_statement(
+    code_values: dict[str, Any], redemption: dict[str, Any], counted: Counted | None
+) -> tuple[str, list[Any]]:
+    """`hold_sql` and its parameters: the code's new values (`version` is raised by the
+    statement whatever `code_values` says of it), the redemption row, and (a redemption)
+    what it adds to its campaign."""
+    sets = tuple(name for name in code_values if name != "version")
+    args = [redemption["code"], *(code_values[name] for name in sets)]
+    args += [redemption[c.name] for c in coupon_redemptions.c]
+    if counted is not None:
+        args += [counted.campaign, counted.budget, counted.value, counted.store_cost,
+                 counted.supplier_cost]  # fmt: skip
+    return hold_sql(sets, counted is not None), args
+
+
+@functools.cache
+def hold_sql(code_sets: tuple[str, ...], count: bool) -> str:
+    """A POS hold of an issued code on PostgreSQL as one statement, its own transaction
+    (`CouponService._hold_at_once`): lock the code while it is still issued; for a
+    redemption (`count`) lock its campaign while active with room in its value budget;
+    insert the redemption row (nothing when its key is stored already); and only when it
+    went in, move the code (`code_sets`: the columns set; `version` raised) and raise the
+    campaign's counters. The locks come in the order the other paths' transactions take
+    them (code, then campaign), each guard checked on the row's latest version (FOR
+    UPDATE), so neither update can miss once the row is in. One row out, each 0 or 1:
+    `code` (locked), `campaign` (locked; 1 when not counted), `added`.
+
+    Parameters: $1 the code, then `code_sets` in order, then every redemption column in
+    table order, then (`count`) the campaign, its value budget (0: none), the value and
+    the store's and the supplier's cost."""
+    # Only parameter numbers, column names and fixed words go into the text.
+    n = iter(range(1, 1000))
+    code = f"${next(n)}::{_pg_type(coupon_codes.c.code)}"
+    sets = ", ".join(f"{name} = ${next(n)}::{_pg_type(coupon_codes.c[name])}" for name in code_sets)
+    columns = list(coupon_redemptions.c)
+    values = ", ".join(f"${next(n)}::{_pg_type(c)}" for c in columns)
+    campaign = counted = ""
+    if count:
+        c, budget, value, store, supplier = (f"${next(n)}" for _ in range(5))
+        campaign = (
+            f"campaign AS (SELECT code FROM coupon_campaigns WHERE code = {c}::varchar"  # noqa: S608
+            " AND EXISTS (SELECT FROM code) AND state = 'active'"
+            f" AND ({budget}::bigint = 0 OR redeemed_value + {value}::bigint <= {budget}::bigint)"
+            " FOR UPDATE), "
+        )
+        counted = (
+            ", counted AS (UPDATE coupon_campaigns SET redeemed_count = redeemed_count + 1,"  # noqa: S608
+            f" redeemed_value = redeemed_value + {value}::bigint,"
+            f" store_cost = store_cost + {store}::bigint,"
+            f" supplier_cost = supplier_cost + {supplier}::bigint"
+            f" FROM added WHERE coupon_campaigns.code = {c}::varchar RETURNING 1)"
+        )
+    held = "campaign" if count else "code"
+    return (
+        f"WITH code AS (SELECT code FROM coupon_codes WHERE code = {code}"  # noqa: S608
+        f" AND state = 'issued' FOR UPDATE), {campaign}"
+        f"added AS (INSERT INTO coupon_redemptions ({', '.join(c.name for c in columns)})"
+        f" SELECT {values} WHERE EXISTS (SELECT FROM {held})"
+        " ON CONFLICT (key) DO NOTHING RETURNING key), "
+        f"taken AS (UPDATE coupon_codes SET {sets}, version = coupon_codes.version + 1"
+        f" FROM added WHERE coupon_codes.code = {code} RETURNING 1){counted} "
+        "SELECT (SELECT count(*) FROM code) AS code,"
+        f" (SELECT count(*) FROM {held}) AS campaign, (SELECT count(*) FROM added) AS added"
+    )

@@ -43,7 +43,7 @@ from cardcore.cards.model import (
     Terminal,
     transaction_key,
 )
-from cardcore.coupons import model
+from cardcore.coupons import model, schema
 from cardcore.coupons.model import Campaign, CampaignState, CodeStatus, CouponKind
 from cardcore.org.model import (
     Function,
@@ -1256,6 +1256,10 @@ class CouponService:
             "updated_at_ms": now,
         }
         try:
+            if self._at_once(row, campaign_row, member):
+                return await self._hold_at_once(
+                    request, key, campaign_row, values, redemption, count=redeem
+                )
             async with self.records.begin() as uow:
                 if not await self._take(uow, row, now, values):
                     again = await self._stored(uow, key, request)
@@ -1273,6 +1277,40 @@ class CouponService:
             async with self.records.read() as uow:
                 stored = await self._stored(uow, key, request)  # its reversal came first
             return stored or refused(exc.refusal, campaign)
+        return answer_of(redemption, replayed=False)
+
+    def _at_once(
+        self, row: dict[str, Any], campaign_row: dict[str, Any], member: int | None
+    ) -> bool:
+        """Whether a hold is one statement (`schema.hold_sql`): on PostgreSQL, for a code
+        issued when read (a lapsed reservation is taken back by the transaction below),
+        with no member limit to count again under the campaign's lock."""
+        c = campaign_of(campaign_row)
+        limited = member is not None and bool(c.per_member_max or c.per_member_per_day_max)
+        return self.records.postgres and row["state"] == "issued" and not limited
+
+    async def _hold_at_once(
+        self, request: PosRequest, key: str, campaign_row: dict[str, Any],
+        values: dict[str, Any], redemption: dict[str, Any], *, count: bool,
+    ) -> PosResult:  # fmt: skip
+        """The hold as one statement: the same guards and outcomes as the transaction of
+        `_hold` (taken by another: the stored answer of a resend, else coupon_used; a key
+        stored meanwhile: coupon_used; no budget left or the campaign ended: budget_spent,
+        coupon_inactive), a round trip instead of five, and the campaign's row locked for
+        one statement only, never across a turn of the event loop."""
+        counted = _counted(campaign_row, redemption) if count else None
+        got = await self.records.statement_row(*schema.hold_statement(values, redemption, counted))
+        if not got["code"]:
+            async with self.records.read() as uow:
+                again = await self._stored(uow, key, request)
+            if again is not None:  # the same request, decided meanwhile
+                return again
+            _lost()
+        if not got["campaign"]:
+            async with self.records.read() as uow:
+                await _not_counted(uow, campaign_row["code"])
+        if not got["added"]:
+            raise _Refusal("coupon_used")
         return answer_of(redemption, replayed=False)
 
     async def _member_limits(
@@ -1304,13 +1342,12 @@ class CouponService:
     ) -> None:
         """The campaign's redemption counters and cost by funder, by one guarded update: a
         redemption needs the campaign active and room in its value budget."""
-        cost = int(r["store_cost_fen"]) + int(r["supplier_cost_fen"])
-        value = max(int(r["discount_fen"]), cost)
+        n = _counted(campaign_row, r)
         values = {
             "redeemed_count": ("+", sign),
-            "redeemed_value": ("+", sign * value),
-            "store_cost": ("+", sign * int(r["store_cost_fen"])),
-            "supplier_cost": ("+", sign * int(r["supplier_cost_fen"])),
+            "redeemed_value": ("+", sign * n.value),
+            "store_cost": ("+", sign * n.store_cost),
+            "supplier_cost": ("+", sign * n.supplier_cost),
         }
         if sign < 0:
             await uow.update(CAMPAIGNS, {"code": campaign_row["code"]}, values)
@@ -1319,9 +1356,7 @@ class CouponService:
         bounds = {"redeemed_value": c.max_value_fen} if c.max_value_fen else {}
         where = {"code": c.code, "state": str(CampaignState.ACTIVE)}
         if not await uow.update(CAMPAIGNS, where, values, at_most=bounds):
-            fresh = await uow.get(CAMPAIGNS, code=c.code)
-            active = fresh is not None and fresh["state"] == CampaignState.ACTIVE
-            raise _Refusal(BUDGET_SPENT if active else "coupon_inactive")
+            await _not_counted(uow, c.code)
 
     async def _confirm(self, request: PosRequest, key: str, held_key: str) -> PosResult:
         """Redeem the reservation held under `held_key` (this request's own key, or another
@@ -1611,6 +1646,22 @@ class CouponService:
                 codes = await uow.find(CODES, {"batch": done["batch"]}, order="code", limit=1)
             out.extend({"campaign": c.code, "code": r["code"]} for r in codes[:1])
         return out
+
+
+def _counted(campaign_row: dict[str, Any], r: dict[str, Any]) -> schema.Counted:
+    """What redemption `r` adds to its campaign: its value against the budget is the
+    discount or, when the funders pay more (a gift item), their cost."""
+    store, supplier = int(r["store_cost_fen"]), int(r["supplier_cost_fen"])
+    value = max(int(r["discount_fen"]), store + supplier)
+    budget = campaign_of(campaign_row).max_value_fen
+    return schema.Counted(campaign_row["code"], budget, value, store, supplier)
+
+
+async def _not_counted(uow: Unit, campaign: str) -> NoReturn:
+    """A redemption its campaign refused to count: the budget is spent, or it ended."""
+    fresh = await uow.get(CAMPAIGNS, code=campaign)
+    active = fresh is not None and fresh["state"] == CampaignState.ACTIVE
+    raise _Refusal(BUDGET_SPENT if active else "coupon_inactive")
 
 
 def _lost() -> NoReturn:

@@ -1,0 +1,171 @@
+"""A POS hold of an issued coupon on PostgreSQL is one statement (`schema.hold_sql`): all of
+it or none of it, whatever refuses (the code taken, the campaign ended or out of budget,
+the key stored already), and its guards hold when many run at once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from cardcore.coupons.schema import Counted, hold_statement
+from cardcore.db import make_engine
+from cardcore.records import Records
+from tests.helpers import sql_execute
+
+pytestmark = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+
+CAMPAIGN = "C1"
+REDEEMED = {
+    "state": "redeemed", "reserved_key": None, "reserved_until_ms": None,
+    "redeemed_key": "", "redeemed_at_ms": 5, "version": ("+", 1),
+}  # fmt: skip
+RESERVED = {"state": "reserved", "reserved_key": "", "reserved_until_ms": 99, "version": ("+", 1)}
+
+
+def _campaign_sql(state: str = "active") -> str:
+    return (
+        "INSERT INTO coupon_campaigns (code, name, legal_entity, store, definition, state, "  # noqa: S608
+        "issued_count, issued_value, redeemed_count, redeemed_value, store_cost, supplier_cost, "
+        f"created_at_ms, updated_at_ms) VALUES ('{CAMPAIGN}', 'c', 'E1', '', '{{}}', '{state}', "
+        "0, 0, 0, 0, 0, 0, 0, 0)"
+    )
+
+
+def _codes_sql(count: int, state: str = "issued") -> str:
+    return (
+        "INSERT INTO coupon_codes (code, campaign, source, state, valid_from_ms, valid_to_ms, "  # noqa: S608
+        f"issued_at_ms, version) SELECT 'K' || g, '{CAMPAIGN}', 'generated', '{state}', 0, 10, "
+        f"0, 0 FROM generate_series(1, {count}) AS g"
+    )
+
+
+def _redemption(key: str, code: str, discount: int = 100) -> dict[str, Any]:
+    return {
+        "key": key, "code": code, "campaign": CAMPAIGN, "member_id": None, "store": "S1",
+        "terminal": "T0000001", "sale": "", "day": 1, "bill_fen": 1000,
+        "discount_fen": discount, "forfeited_fen": 0, "store_cost_fen": discount,
+        "supplier_cost_fen": 0, "supplier_id": "", "state": "redeemed", "created_at_ms": 5,
+        "updated_at_ms": 5,
+    }  # fmt: skip
+
+
+def _counted(budget: int = 0, value: int = 100) -> Counted:
+    return Counted(CAMPAIGN, budget, value, value, 0)
+
+
+@pytest.fixture
+async def records(db_url: str) -> AsyncIterator[Records]:
+    engine = make_engine(db_url, pool_size=8)
+    try:
+        yield Records(engine)
+    finally:
+        await engine.dispose()
+
+
+async def _hold(
+    records: Records, key: str, code: str, counted: Counted | None, values: dict[str, Any]
+) -> tuple[int, int, int]:
+    own = {**values, "redeemed_key" if counted else "reserved_key": key}
+    sql, args = hold_statement(own, _redemption(key, code), counted)
+    got = await records.statement_row(sql, args)
+    return got["code"], got["campaign"], got["added"]
+
+
+async def _state(records: Records) -> dict[str, Any]:
+    async with records.read() as uow:
+        campaign = await uow.get("coupon_campaigns", code=CAMPAIGN)
+        codes = await uow.find("coupon_codes", {"campaign": CAMPAIGN}, order="code", limit=1000)
+        rows = await uow.find("coupon_redemptions", {"campaign": CAMPAIGN}, order="key", limit=1000)
+    assert campaign is not None
+    return {
+        "counters": [campaign[c] for c in ("redeemed_count", "redeemed_value", "store_cost")],
+        "codes": {
+            c["code"]: (c["state"], c["version"], c["redeemed_key"] or c["reserved_key"])
+            for c in codes
+        },
+        "keys": [r["key"] for r in rows],
+    }
+
+
+async def test_a_redemption_takes_the_code_adds_its_row_and_counts_it(
+    db_url: str, records: Records
+) -> None:
+    await sql_execute(db_url, _campaign_sql(), _codes_sql(1))
+    assert await _hold(records, "t:1", "K1", _counted(), REDEEMED) == (1, 1, 1)
+    assert await _state(records) == {
+        "counters": [1, 100, 100],
+        "codes": {"K1": ("redeemed", 1, "t:1")},
+        "keys": ["t:1"],
+    }
+
+
+async def test_a_reservation_takes_the_code_and_adds_its_row_without_counting(
+    db_url: str, records: Records
+) -> None:
+    await sql_execute(db_url, _campaign_sql(), _codes_sql(1))
+    assert await _hold(records, "t:1", "K1", None, RESERVED) == (1, 1, 1)
+    after = await _state(records)
+    assert after["counters"] == [0, 0, 0]
+    assert after["codes"] == {"K1": ("reserved", 1, "t:1")}
+    assert await _hold(records, "t:2", "K1", None, RESERVED) == (0, 0, 0)
+    assert await _state(records) == after
+
+
+@pytest.mark.parametrize(
+    ("campaign", "code", "stored", "counted", "expected"),
+    [
+        ("active", "redeemed", False, _counted(), (0, 0, 0)),  # taken by another
+        ("active", "reserved", False, _counted(), (0, 0, 0)),
+        ("ended", "issued", False, _counted(), (1, 0, 0)),
+        ("paused", "issued", False, _counted(), (1, 0, 0)),
+        ("active", "issued", False, _counted(budget=99), (1, 0, 0)),  # over the budget
+        ("active", "issued", True, _counted(), (1, 1, 0)),  # the key stored meanwhile
+    ],
+)
+async def test_whatever_refuses_the_hold_changes_nothing(
+    db_url: str, records: Records, campaign: str, code: str, stored: bool,
+    counted: Counted, expected: tuple[int, int, int],
+) -> None:  # fmt: skip
+    await sql_execute(db_url, _campaign_sql(campaign), _codes_sql(2, code))
+    if stored:  # a tombstone (its reversal came first) under the key, on the other code
+        await sql_execute(
+            db_url,
+            "INSERT INTO coupon_redemptions (key, code, campaign, store, terminal, sale, day, "
+            "bill_fen, discount_fen, forfeited_fen, store_cost_fen, supplier_cost_fen, "
+            "supplier_id, state, created_at_ms, updated_at_ms) VALUES ('t:1', 'K2', "
+            "'C1', 'S1', 'T0000001', '', 1, 0, 0, 0, 0, 0, '', 'reversed', 0, 0)",
+        )
+    before = await _state(records)
+    assert await _hold(records, "t:1", "K1", counted, REDEEMED) == expected
+    assert await _state(records) == before
+
+
+async def test_many_at_once_on_one_code_exactly_one_takes_it(db_url: str, records: Records) -> None:
+    await sql_execute(db_url, _campaign_sql(), _codes_sql(1))
+    got = await asyncio.gather(
+        *(_hold(records, f"t:{i}", "K1", _counted(), REDEEMED) for i in range(16))
+    )
+    assert sorted(got).count((1, 1, 1)) == 1
+    assert sorted(got).count((0, 0, 0)) == 15
+    after = await _state(records)
+    assert after["counters"] == [1, 100, 100]
+    assert len(after["keys"]) == 1
+
+
+async def test_many_at_once_on_one_campaign_stop_exactly_at_its_budget(
+    db_url: str, records: Records
+) -> None:
+    await sql_execute(db_url, _campaign_sql(), _codes_sql(24))
+    got = await asyncio.gather(
+        *(_hold(records, f"t:{i}", f"K{i}", _counted(budget=1000), REDEEMED)
+          for i in range(1, 25))
+    )  # fmt: skip
+    assert got.count((1, 1, 1)) == 10
+    assert got.count((1, 0, 0)) == 14
+    after = await _state(records)
+    assert after["counters"] == [10, 1000, 1000]
+    assert len(after["keys"]) == 10
+    assert sum(state == "redeemed" for state, _, _ in after["codes"].values()) == 10
