@@ -55,6 +55,10 @@ from cardcore.points import schema as _points_tables  # noqa: F401
 from cardcore.service_cards import schema as _service_tables  # noqa: F401
 
 
+class Deadlock(Exception):
+    """PostgreSQL ended a statement to break a deadlock: the statement changed nothing."""
+
+
 class Conflict(Exception):
     """A write broke a unique rule (two requests made the same thing at once)."""
 
@@ -561,7 +565,8 @@ class Records:
     async def statement_row(self, sql: str, args: Sequence[Any]) -> dict[str, Any]:
         """PostgreSQL only: one statement an adapter wrote for a hot path (several changes
         as data-modifying CTEs, say), run at the driver as its own transaction, and the
-        one row it returns. Conflict on a duplicate, as `insert`."""
+        one row it returns. Conflict on a duplicate, as `insert`; Deadlock when PostgreSQL
+        broke a deadlock by ending this statement (it changed nothing)."""
         if not self.postgres:
             raise RuntimeError("statement_row is for PostgreSQL")
         try:
@@ -569,6 +574,8 @@ class Records:
                 row = await driver.fetchrow(sql, *args)
         except asyncpg.IntegrityConstraintViolationError as exc:
             raise Conflict(getattr(exc, "table_name", None) or "") from None
+        except asyncpg.DeadlockDetectedError:
+            raise Deadlock from None
         assert row is not None
         return dict(row)
 

@@ -155,6 +155,8 @@ def hold_statement(
     statement whatever `code_values` says of it), the redemption row, and (a redemption)
     what it adds to its campaign."""
     sets = tuple(name for name in code_values if name != "version")
+    if any(isinstance(code_values[name], tuple) for name in sets):
+        raise ValueError("the statement raises only `version`; other values are set")
     args = [redemption["code"], *(code_values[name] for name in sets)]
     args += [redemption[c.name] for c in coupon_redemptions.c]
     if counted is not None:
@@ -170,10 +172,13 @@ def hold_sql(code_sets: tuple[str, ...], count: bool) -> str:
     redemption (`count`) lock its campaign while active with room in its value budget;
     insert the redemption row (nothing when its key is stored already); and only when it
     went in, move the code (`code_sets`: the columns set; `version` raised) and raise the
-    campaign's counters. The locks come in the order the other paths' transactions take
-    them (code, then campaign), each guard checked on the row's latest version (FOR
-    UPDATE), so neither update can miss once the row is in. One row out, each 0 or 1:
-    `code` (locked), `campaign` (locked; 1 when not counted), `added`.
+    campaign's counters. The code lock comes first (the campaign's waits on it, a one-time
+    filter), as in the other paths' transactions. Locked rows are re-checked on their
+    newest version, so neither update can miss once the row is in; but a campaign that did
+    not match in the snapshot the statement began with is refused without a look at a
+    newer version (the caller lets a transaction decide then). The locks are those of an
+    UPDATE (FOR NO KEY UPDATE). One row out, each 0 or 1: `code` (locked), `campaign`
+    (locked; 1 when not counted), `added`.
 
     Parameters: $1 the code, then `code_sets` in order, then every redemption column in
     table order, then (`count`) the campaign, its value budget (0: none), the value and
@@ -191,7 +196,7 @@ def hold_sql(code_sets: tuple[str, ...], count: bool) -> str:
             f"campaign AS (SELECT code FROM coupon_campaigns WHERE code = {c}::varchar"  # noqa: S608
             " AND EXISTS (SELECT FROM code) AND state = 'active'"
             f" AND ({budget}::bigint = 0 OR redeemed_value + {value}::bigint <= {budget}::bigint)"
-            " FOR UPDATE), "
+            " FOR NO KEY UPDATE), "
         )
         counted = (
             ", counted AS (UPDATE coupon_campaigns SET redeemed_count = redeemed_count + 1,"  # noqa: S608
@@ -203,7 +208,7 @@ def hold_sql(code_sets: tuple[str, ...], count: bool) -> str:
     held = "campaign" if count else "code"
     return (
         f"WITH code AS (SELECT code FROM coupon_codes WHERE code = {code}"  # noqa: S608
-        f" AND state = 'issued' FOR UPDATE), {campaign}"
+        f" AND state = 'issued' FOR NO KEY UPDATE), {campaign}"
         f"added AS (INSERT INTO coupon_redemptions ({', '.join(c.name for c in columns)})"
         f" SELECT {values} WHERE EXISTS (SELECT FROM {held})"
         " ON CONFLICT (key) DO NOTHING RETURNING key), "

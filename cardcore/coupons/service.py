@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -56,7 +57,7 @@ from cardcore.org.model import (
     scoped_filter,
 )
 from cardcore.org.service import OrgService
-from cardcore.records import Conflict, Records, Unit
+from cardcore.records import Conflict, Deadlock, Records, Unit
 from cardcore.vault import (
     Vault,
     VaultError,
@@ -65,6 +66,8 @@ from cardcore.vault import (
     ed25519_sign,
     ed25519_verify,
 )
+
+log = logging.getLogger(__name__)
 
 ENROLMENTS = "coupon_enrolments"
 CAMPAIGNS, CODES, REDEMPTIONS, BATCHES, KEYS = (
@@ -1257,9 +1260,11 @@ class CouponService:
         }
         try:
             if self._at_once(row, campaign_row, member):
-                return await self._hold_at_once(
+                held = await self._hold_at_once(
                     request, key, campaign_row, values, redemption, count=redeem
                 )
+                if held is not None:
+                    return held
             async with self.records.begin() as uow:
                 if not await self._take(uow, row, now, values):
                     again = await self._stored(uow, key, request)
@@ -1292,14 +1297,25 @@ class CouponService:
     async def _hold_at_once(
         self, request: PosRequest, key: str, campaign_row: dict[str, Any],
         values: dict[str, Any], redemption: dict[str, Any], *, count: bool,
-    ) -> PosResult:  # fmt: skip
-        """The hold as one statement: the same guards and outcomes as the transaction of
-        `_hold` (taken by another: the stored answer of a resend, else coupon_used; a key
-        stored meanwhile: coupon_used; no budget left or the campaign ended: budget_spent,
-        coupon_inactive), a round trip instead of five, and the campaign's row locked for
-        one statement only, never across a turn of the event loop."""
+    ) -> PosResult | None:  # fmt: skip
+        """The hold as one statement, with the outcomes of `_hold`'s transaction (taken by
+        another: the stored answer of a resend, else coupon_used; the key stored meanwhile:
+        coupon_used): a round trip instead of five, and the campaign's row locked for one
+        statement only, never across a turn of the event loop. None: the transaction
+        decides, after a statement that changed nothing: when the campaign refused (the
+        statement judged it on the snapshot it began with, before it waited for the code;
+        the transaction's update judges it afresh), or PostgreSQL broke a deadlock with
+        another path's transaction (a terminal reusing a POS key for another code)."""
         counted = _counted(campaign_row, redemption) if count else None
-        got = await self.records.statement_row(*schema.hold_statement(values, redemption, counted))
+        try:
+            got = await self.records.statement_row(
+                *schema.hold_statement(values, redemption, counted)
+            )
+        except Deadlock:
+            log.warning("a coupon hold met a deadlock: the transaction decides")
+            return None
+        except Conflict:
+            raise _Refusal("coupon_used") from None
         if not got["code"]:
             async with self.records.read() as uow:
                 again = await self._stored(uow, key, request)
@@ -1307,8 +1323,7 @@ class CouponService:
                 return again
             _lost()
         if not got["campaign"]:
-            async with self.records.read() as uow:
-                await _not_counted(uow, campaign_row["code"])
+            return None
         if not got["added"]:
             raise _Refusal("coupon_used")
         return answer_of(redemption, replayed=False)
@@ -1356,7 +1371,9 @@ class CouponService:
         bounds = {"redeemed_value": c.max_value_fen} if c.max_value_fen else {}
         where = {"code": c.code, "state": str(CampaignState.ACTIVE)}
         if not await uow.update(CAMPAIGNS, where, values, at_most=bounds):
-            await _not_counted(uow, c.code)
+            fresh = await uow.get(CAMPAIGNS, code=c.code)
+            active = fresh is not None and fresh["state"] == CampaignState.ACTIVE
+            raise _Refusal(BUDGET_SPENT if active else "coupon_inactive")
 
     async def _confirm(self, request: PosRequest, key: str, held_key: str) -> PosResult:
         """Redeem the reservation held under `held_key` (this request's own key, or another
@@ -1655,13 +1672,6 @@ def _counted(campaign_row: dict[str, Any], r: dict[str, Any]) -> schema.Counted:
     value = max(int(r["discount_fen"]), store + supplier)
     budget = campaign_of(campaign_row).max_value_fen
     return schema.Counted(campaign_row["code"], budget, value, store, supplier)
-
-
-async def _not_counted(uow: Unit, campaign: str) -> NoReturn:
-    """A redemption its campaign refused to count: the budget is spent, or it ended."""
-    fresh = await uow.get(CAMPAIGNS, code=campaign)
-    active = fresh is not None and fresh["state"] == CampaignState.ACTIVE
-    raise _Refusal(BUDGET_SPENT if active else "coupon_inactive")
 
 
 def _lost() -> NoReturn:

@@ -8,7 +8,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
+from sqlalchemy import make_url
 
 from cardcore.coupons.schema import Counted, hold_statement
 from cardcore.db import make_engine
@@ -53,7 +55,7 @@ def _redemption(key: str, code: str, discount: int = 100) -> dict[str, Any]:
 
 
 def _counted(budget: int = 0, value: int = 100) -> Counted:
-    return Counted(CAMPAIGN, budget, value, value, 0)
+    return Counted(CAMPAIGN, budget, value, value * 7 // 10, value * 3 // 10)
 
 
 @pytest.fixture
@@ -81,7 +83,9 @@ async def _state(records: Records) -> dict[str, Any]:
         rows = await uow.find("coupon_redemptions", {"campaign": CAMPAIGN}, order="key", limit=1000)
     assert campaign is not None
     return {
-        "counters": [campaign[c] for c in ("redeemed_count", "redeemed_value", "store_cost")],
+        "counters": [
+            campaign[c] for c in ("redeemed_count", "redeemed_value", "store_cost", "supplier_cost")
+        ],
         "codes": {
             c["code"]: (c["state"], c["version"], c["redeemed_key"] or c["reserved_key"])
             for c in codes
@@ -96,7 +100,7 @@ async def test_a_redemption_takes_the_code_adds_its_row_and_counts_it(
     await sql_execute(db_url, _campaign_sql(), _codes_sql(1))
     assert await _hold(records, "t:1", "K1", _counted(), REDEEMED) == (1, 1, 1)
     assert await _state(records) == {
-        "counters": [1, 100, 100],
+        "counters": [1, 100, 70, 30],
         "codes": {"K1": ("redeemed", 1, "t:1")},
         "keys": ["t:1"],
     }
@@ -108,7 +112,7 @@ async def test_a_reservation_takes_the_code_and_adds_its_row_without_counting(
     await sql_execute(db_url, _campaign_sql(), _codes_sql(1))
     assert await _hold(records, "t:1", "K1", None, RESERVED) == (1, 1, 1)
     after = await _state(records)
-    assert after["counters"] == [0, 0, 0]
+    assert after["counters"] == [0, 0, 0, 0]
     assert after["codes"] == {"K1": ("reserved", 1, "t:1")}
     assert await _hold(records, "t:2", "K1", None, RESERVED) == (0, 0, 0)
     assert await _state(records) == after
@@ -151,7 +155,7 @@ async def test_many_at_once_on_one_code_exactly_one_takes_it(db_url: str, record
     assert sorted(got).count((1, 1, 1)) == 1
     assert sorted(got).count((0, 0, 0)) == 15
     after = await _state(records)
-    assert after["counters"] == [1, 100, 100]
+    assert after["counters"] == [1, 100, 70, 30]
     assert len(after["keys"]) == 1
 
 
@@ -166,6 +170,31 @@ async def test_many_at_once_on_one_campaign_stop_exactly_at_its_budget(
     assert got.count((1, 1, 1)) == 10
     assert got.count((1, 0, 0)) == 14
     after = await _state(records)
-    assert after["counters"] == [10, 1000, 1000]
+    assert after["counters"] == [10, 1000, 700, 300]
     assert len(after["keys"]) == 10
     assert sum(state == "redeemed" for state, _, _ in after["codes"].values()) == 10
+
+
+async def test_a_code_changed_while_the_hold_waited_is_taken_from_its_newest_version(
+    db_url: str, records: Records
+) -> None:
+    """Another transaction holds the code (and raises the campaign) while the statement
+    waits: once it commits, the statement re-checks the newest rows and builds on them."""
+    await sql_execute(db_url, _campaign_sql(), _codes_sql(1))
+    dsn = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    other = await asyncpg.connect(dsn)
+    try:
+        async with other.transaction():
+            await other.execute("UPDATE coupon_codes SET version = version + 5 WHERE code = 'K1'")
+            hold = asyncio.create_task(_hold(records, "t:1", "K1", _counted(), REDEEMED))
+            await asyncio.sleep(0.3)
+            assert not hold.done()  # waiting for the code's lock
+            await other.execute(
+                "UPDATE coupon_campaigns SET redeemed_count = 4, redeemed_value = 50"
+            )
+        assert await hold == (1, 1, 1)
+    finally:
+        await other.close()
+    after = await _state(records)
+    assert after["codes"] == {"K1": ("redeemed", 6, "t:1")}
+    assert after["counters"] == [5, 150, 70, 30]

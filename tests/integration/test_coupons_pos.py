@@ -10,17 +10,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Sequence
 from typing import Any
+
+import pytest
 
 from cardcore import limits
 from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, transaction_key
 from cardcore.cards.pos import PosService
 from cardcore.coupons.service import CouponService
+from cardcore.records import Deadlock
 from cardcore.vault import Vault
 from tests import logscan
 from tests.conftest import ADMIN_KEK
-from tests.helpers import AdminClient, sql_rows
+from tests.helpers import AdminClient, sql_execute, sql_rows
 from tests.integration.test_coupons_admin import (
     DAY_MS,
     NOW_MS,
@@ -422,6 +426,49 @@ async def test_many_terminals_redeeming_one_code_at_once_exactly_one_wins(
     winner = next(r for r, a in zip([*racers, *direct], answers, strict=True)
                   if a.outcome is Outcome.APPROVED)  # fmt: skip
     assert (await code_row(db_url, code))["redeemed_key"].endswith("/" + winner.stan)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_hold_whose_statement_saw_an_older_campaign_is_decided_afresh(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-statement hold judges the campaign on the snapshot it began with: a campaign
+    paused then but active again by the time it is refused is decided by the transaction
+    (approved), not answered budget_spent or expired."""
+    code, tid = await setup(admin)
+    coupons: CouponService = service(admin)
+    real = coupons.records.statement_row
+
+    async def paused_meanwhile(sql: str, args: Sequence[Any]) -> dict[str, Any]:
+        await sql_execute(db_url, "UPDATE coupon_campaigns SET state = 'paused'")
+        try:
+            return await real(sql, args)
+        finally:
+            await sql_execute(db_url, "UPDATE coupon_campaigns SET state = 'active'")
+
+    monkeypatch.setattr(coupons.records, "statement_row", paused_meanwhile)
+    answer = await one(admin, ask(Kind.COUPON_REDEEM, tid, code, amount=5_000))
+    assert answer.outcome is Outcome.APPROVED, answer
+    row = await campaign_row(db_url, "TENOFF")
+    assert (row["redeemed_count"], row["redeemed_value"]) == (1, 1_000)
+    assert (await code_row(db_url, code))["state"] == "redeemed"
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_hold_whose_statement_was_ended_by_a_deadlock_is_decided_afresh(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, tid = await setup(admin)
+    coupons: CouponService = service(admin)
+
+    async def deadlocked(sql: str, args: Sequence[Any]) -> dict[str, Any]:
+        raise Deadlock
+
+    monkeypatch.setattr(coupons.records, "statement_row", deadlocked)
+    answer = await one(admin, ask(Kind.COUPON_REDEEM, tid, code, amount=5_000))
+    assert answer.outcome is Outcome.APPROVED, answer
+    assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 1
+    assert await count(db_url, "coupon_redemptions") == 1
 
 
 async def test_many_terminals_reserving_one_code_at_once_exactly_one_holds_it(
