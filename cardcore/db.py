@@ -11,10 +11,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
-from sqlalchemy import Table, event
+from sqlalchemy import BigInteger, String, Table, bindparam, event, func, select, true
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL, Connection, Dialect, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.sql.elements import ColumnElement
 
 from cardcore import limits
 
@@ -146,3 +148,35 @@ def unnest_insert(table: Table, names: Sequence[str], dialect: Dialect, first: i
     # Names from the shared MetaData only; every value is a parameter.
     into = f"INSERT INTO {quote(table.name)} ({columns})"
     return f"{into} SELECT * FROM unnest({', '.join(arrays)})"  # noqa: S608
+
+
+def array_of(column: ColumnElement[Any]) -> ARRAY[Any]:
+    """The PostgreSQL array type of a list parameter matched against `column`."""
+    return ARRAY(BigInteger() if isinstance(column.type, BigInteger) else String())
+
+
+def each_value(
+    name: str,
+    column: ColumnElement[Any],
+    build: Callable[[ColumnElement[bool]], Any],
+    *,
+    one: bool,
+    postgres: bool,
+) -> Any:
+    """The query `build(match)` for every value of the list parameter `name` (distinct
+    values), `match` being the condition on `column`. On PostgreSQL one probe of the index
+    on `column` per value, whatever the table's statistics say: a lateral subquery per
+    value, kept from being flattened into a join by its LIMIT 1 (`one`: at most one row a
+    value) or OFFSET 0. Written as `column = ANY(list)` the plan rests on statistics, and
+    without them (a new table, autovacuum off) PostgreSQL took `client = $1` for selective
+    and filtered every transfer of the client: a batch's key lookup grew with the journal
+    (18 ms at 110,000 transfers, 0.5 ms once analyzed; docs/benchmarks.md, sixth session),
+    and the holds and give-backs lookups turned into full scans from a few dozen ids on.
+    On SQLite `column IN (...)`."""
+    if not postgres:
+        return build(column.in_(bindparam(name, expanding=True)))
+    values = func.unnest(bindparam(name, type_=array_of(column))).table_valued("v")
+    values = values.render_derived()
+    query = build(column == values.c.v)
+    probe = (query.limit(1) if one else query.offset(0)).lateral()
+    return select(probe).select_from(values).join(probe, true())

@@ -45,7 +45,7 @@ from sqlalchemy.util import greenlet_spawn
 from cardcore import limits
 from cardcore.cards import schema as _cards_tables  # noqa: F401 - registers the tables
 from cardcore.coupons import schema as _coupon_tables  # noqa: F401
-from cardcore.db import Statement, unnest_insert
+from cardcore.db import Statement, each_value, unnest_insert
 from cardcore.ledger.schema import metadata
 from cardcore.manager_cards import schema as _manager_tables  # noqa: F401
 from cardcore.members import schema as _member_tables  # noqa: F401
@@ -242,6 +242,40 @@ class Unit:
         if after is not None:
             params["after"] = after
         return [dict(r) for r in await self._rows(statement, params)]
+
+    async def find_each(
+        self, table: str, column: str, values: Sequence[Any], where: dict[str, Any], *,
+        limit_each: int,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """The rows whose `column` is one of `values` and that match `where`, at most
+        `limit_each` a value, in no order. On PostgreSQL one statement, an index probe per
+        value whatever the table's statistics (`db.each_value`): `column = ANY(...)` beside
+        another condition can be planned as a pass over every row of that other condition
+        when the table was never analyzed (the points holdings read fetched every holder's
+        lots: docs/benchmarks.md, eighth session). On SQLite a query per value."""
+        t = self.table(table)
+        shape = _shape(where)
+        params = _params(where) | {"limit_each": limit_each}
+
+        def matching(match: ColumnElement[bool]) -> Any:
+            query = select(t).where(match, *self._where(t, shape))
+            return query.limit(bindparam("limit_each", type_=Integer))
+
+        wanted = sorted(set(values))
+        if self.postgres:
+            statement = self._statement(
+                ("find_each", table, column, shape),
+                lambda: each_value("values", t.c[column], matching, one=False, postgres=True),
+            )
+            return [dict(r) for r in await self._rows(statement, params | {"values": wanted})]
+        statement = self._statement(
+            ("find_one_value", table, column, shape),
+            lambda: matching(t.c[column] == bindparam("value")),
+        )
+        out = []
+        for value in wanted:
+            out += [dict(r) for r in await self._rows(statement, params | {"value": value})]
+        return out
 
     async def count(self, table: str, **where: Any) -> int:
         t = self.table(table)

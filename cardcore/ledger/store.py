@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
     ColumnElement,
-    String,
     Table,
     and_,
     any_,
@@ -25,15 +23,13 @@ from sqlalchemy import (
     func,
     select,
     text,
-    true,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnClause
 
 from cardcore import limits
-from cardcore.db import Statement, unnest_insert
+from cardcore.db import Statement, array_of, each_value, unnest_insert
 from cardcore.ledger import journal, schema
 from cardcore.ledger.decide import BatchEffects
 from cardcore.ledger.model import (
@@ -87,7 +83,7 @@ class LedgerStore:
     def _member(self, column: Any, values: Collection[Any]) -> list[ColumnElement[bool]]:
         """`column IN values`, as one array parameter on PostgreSQL (one cached statement)."""
         if self.postgres:
-            param = bindparam(None, list(values), type_=_array_of(column))
+            param = bindparam(None, list(values), type_=array_of(column))
             return [column == any_(param)]
         items = list(values)
         return [column.in_(items[i : i + _IN_CHUNK]) for i in range(0, len(items), _IN_CHUNK)]
@@ -146,7 +142,7 @@ class LedgerStore:
         """`column IN` the list parameter `name`: one array parameter on PostgreSQL (one
         prepared statement whatever the length), an expanding IN on SQLite."""
         if self.postgres:
-            return column == any_(bindparam(name, type_=_array_of(column)))
+            return column == any_(bindparam(name, type_=array_of(column)))
         return column.in_(bindparam(name, expanding=True))
 
     async def _reader(self, conn: AsyncConnection) -> _Reader:
@@ -607,38 +603,6 @@ async def _driver(conn: AsyncConnection) -> Any:
 
 # pg_advisory_lock key held by the writer for its life: one writer per database.
 _WRITER_LOCK_KEY = 0x63617264636F7265  # "cardcore"
-
-
-def _array_of(column: ColumnElement[Any]) -> ARRAY[Any]:
-    """The PostgreSQL array type of a list parameter matched against `column`."""
-    return ARRAY(BigInteger() if isinstance(column.type, BigInteger) else String())
-
-
-def each_value(
-    name: str,
-    column: ColumnElement[Any],
-    build: Callable[[ColumnElement[bool]], Any],
-    *,
-    one: bool,
-    postgres: bool,
-) -> Any:
-    """The query `build(match)` for every value of the list parameter `name` (distinct
-    values), `match` being the condition on `column`. On PostgreSQL one probe of the index
-    on `column` per value, whatever the table's statistics say: a lateral subquery per
-    value, kept from being flattened into a join by its LIMIT 1 (`one`: at most one row a
-    value) or OFFSET 0. Written as `column = ANY(list)` the plan rests on statistics, and
-    without them (a new table, autovacuum off) PostgreSQL took `client = $1` for selective
-    and filtered every transfer of the client: a batch's key lookup grew with the journal
-    (18 ms at 110,000 transfers, 0.5 ms once analyzed; docs/benchmarks.md, sixth session),
-    and the holds and give-backs lookups turned into full scans from a few dozen ids on.
-    On SQLite `column IN (...)`."""
-    if not postgres:
-        return build(column.in_(bindparam(name, expanding=True)))
-    values = func.unnest(bindparam(name, type_=_array_of(column))).table_valued("v")
-    values = values.render_derived()
-    query = build(column == values.c.v)
-    probe = (query.limit(1) if one else query.offset(0)).lateral()
-    return select(probe).select_from(values).join(probe, true())
 
 
 def by_client_keys(table: Table, *, postgres: bool) -> Any:

@@ -1865,20 +1865,13 @@ async def _holdings(
 ) -> dict[tuple[str, int], Holding]:
     programs = {program.asset: program for program, _ in wanted}
     keys = {(program.asset, holder) for program, holder in wanted}
-    rows = await uow.find(
-        ACCOUNTS,
-        {"owner_kind": OWNER_KIND, "owner_id": sorted({str(h) for _, h in keys}),
-         "asset": sorted(programs)},
-        limit=limits.POINTS_OPEN_LOTS_MAX,
+    # Each holder's accounts by a probe of its own, at most the bound each (+1: the bound
+    # is reached); accounts of other programs of a holder are skipped below.
+    rows = await uow.find_each(
+        ACCOUNTS, "owner_id", [str(h) for _, h in keys],
+        {"owner_kind": OWNER_KIND, "asset": sorted(programs)},
+        limit_each=limits.POINTS_OPEN_LOTS_MAX + 1,
     )  # fmt: skip
-    if len(rows) > limits.POINTS_OPEN_LOTS_MAX and len(keys) > 1:
-        # Many lots between them: each holder's on its own, within its own bound.
-        rows = []
-        for asset, holder in sorted(keys):
-            rows += await uow.find(
-                ACCOUNTS, {"owner_kind": OWNER_KIND, "owner_id": str(holder), "asset": asset},
-                limit=limits.POINTS_OPEN_LOTS_MAX,
-            )  # fmt: skip
     lots: dict[tuple[str, int], list[model.Lot]] = {k: [] for k in keys}
     ids: dict[tuple[str, int], dict[str, int]] = {k: {} for k in keys}
     debts: dict[tuple[str, int], tuple[int, int]] = {}
