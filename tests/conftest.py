@@ -31,10 +31,12 @@ from cardcore.api.app import build_app
 from cardcore.cards.directory import Directory
 from cardcore.cards.pos import PosService
 from cardcore.config import Config
+from cardcore.db import make_engine
 from cardcore.frontend_gateway.security import zone_pin_reader
 from cardcore.ledger.service import Ledger
 from cardcore.metrics import Metrics
 from cardcore.org.http import ORG_KEY
+from cardcore.records import Records
 from cardcore.vault import token_key_of
 from tests import logscan
 from tests.helpers import AdminClient, ApiClient
@@ -148,6 +150,16 @@ async def ledger(db_url: str) -> AsyncIterator[Ledger]:
     await service.start()
     yield service
     await service.close()
+
+
+@pytest.fixture
+async def records(db_url: str) -> AsyncIterator[Records]:
+    """The record tables' unit of work on a pool of eight connections."""
+    engine = make_engine(db_url, pool_size=8)
+    try:
+        yield Records(engine)
+    finally:
+        await engine.dispose()
 
 
 @pytest.fixture

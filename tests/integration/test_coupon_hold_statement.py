@@ -5,7 +5,6 @@ the key stored already), and its guards hold when many run at once."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -13,7 +12,6 @@ import pytest
 from sqlalchemy import make_url
 
 from cardcore.coupons.schema import Counted, hold_statement
-from cardcore.db import make_engine
 from cardcore.records import Records
 from tests.helpers import sql_execute
 
@@ -56,15 +54,6 @@ def _redemption(key: str, code: str, discount: int = 100) -> dict[str, Any]:
 
 def _counted(budget: int = 0, value: int = 100) -> Counted:
     return Counted(CAMPAIGN, budget, value, value * 7 // 10, value * 3 // 10)
-
-
-@pytest.fixture
-async def records(db_url: str) -> AsyncIterator[Records]:
-    engine = make_engine(db_url, pool_size=8)
-    try:
-        yield Records(engine)
-    finally:
-        await engine.dispose()
 
 
 async def _hold(

@@ -6,12 +6,11 @@ eighth session)."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from cardcore.db import Statement, make_engine
+from cardcore.db import Statement
 from cardcore.records import Records, Unit
 from tests.helpers import sql_execute
 
@@ -39,15 +38,6 @@ async def _holders(records: Records, holders: int) -> None:
     assets = [{"code": c, "kind": "points", "scale": 0, "name": c, "seq": 0}
               for c in ("PTS", "MILES")]  # fmt: skip
     await records.insert_together({"ledger_assets": assets, "ledger_accounts": lots + cards})
-
-
-@pytest.fixture
-async def records(db_url: str) -> AsyncIterator[Records]:
-    engine = make_engine(db_url, pool_size=2)
-    try:
-        yield Records(engine)
-    finally:
-        await engine.dispose()
 
 
 async def test_each_value_gets_its_matching_rows_up_to_the_bound(
