@@ -41,10 +41,10 @@ WRITER_RECOVERY_ATTEMPTS_MAX: Final = 50  # consecutive failed commits before re
 WRITER_ACCOUNTS_CACHED_MAX: Final = 20_000
 
 # --- database ------------------------------------------------------------------------------
-# Pooled connections of a process (the writer holds one more). A unit holds its connection
-# across its round trips, each a turn of a busy event loop: with 8, the POS mix of issue 5
-# queued for connections (1,000 terminals: 927 -> 1,308 tx/s with 24, 48 no better; the plain
-# purchase mix the same either way; docs/benchmarks.md, eighth session).
+# Pooled connections of a process, the writer's two (write, read) among them. A unit holds
+# its connection across its round trips, each a turn of a busy event loop: with 8, the POS
+# mix of issue 5 queued for connections (1,000 terminals: 927 -> 1,308 tx/s with 24, 48 no
+# better; the plain purchase mix the same either way; docs/benchmarks.md, eighth session).
 DB_POOL_SIZE_MAX: Final = 24
 DB_CONNECT_TIMEOUT_S: Final = 10
 DB_STATEMENT_TIMEOUT_MS: Final = 30_000

@@ -1865,12 +1865,13 @@ async def _holdings(
 ) -> dict[tuple[str, int], Holding]:
     programs = {program.asset: program for program, _ in wanted}
     keys = {(program.asset, holder) for program, holder in wanted}
-    # Each holder's accounts by a probe of its own, at most the bound each (+1: the bound
-    # is reached); accounts of other programs of a holder are skipped below.
+    # Each holder's accounts by a probe of its own: at most the bound (+1: it is reached)
+    # for each program asked, so one program's lots never crowd out another's; a holder's
+    # accounts of a program asked for another holder only are skipped below.
     rows = await uow.find_each(
         ACCOUNTS, "owner_id", [str(h) for _, h in keys],
         {"owner_kind": OWNER_KIND, "asset": sorted(programs)},
-        limit_each=limits.POINTS_OPEN_LOTS_MAX + 1,
+        limit_each=(limits.POINTS_OPEN_LOTS_MAX + 1) * len(programs),
     )  # fmt: skip
     lots: dict[tuple[str, int], list[model.Lot]] = {k: [] for k in keys}
     ids: dict[tuple[str, int], dict[str, int]] = {k: {} for k in keys}

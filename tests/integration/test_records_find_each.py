@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 
+from cardcore import limits
 from cardcore.db import Statement
+from cardcore.points.model import Program
+from cardcore.points.service import _holdings
 from cardcore.records import Records, Unit
 from tests.helpers import sql_execute
 
@@ -102,3 +105,25 @@ def _examined(node: dict[str, Any]) -> int:
         )
         total += (per_loop + 1) * node.get("Actual Loops", 1)
     return total + sum(_examined(child) for child in node.get("Plans", []))
+
+
+async def test_a_holding_reads_each_program_of_a_holder_within_its_own_bound(
+    records: Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holder's lots of one program never crowd out its lots of another in one read
+    (`points.service._holdings`, each holder one probe): the bound is per program."""
+    monkeypatch.setattr(limits, "POINTS_OPEN_LOTS_MAX", 3)
+    pts, miles = Program("CLUB", asset="PTS"), Program("AIR", asset="MILES")
+    days = ["lot:20991231:0", "lot:20991130:0", "lot:20991031:0"]
+    accounts = [_account(1 + i, "PTS", "points", "8", days[i]) for i in range(3)]
+    accounts += [_account(10 + i, "MILES", "points", "8", days[i]) for i in range(2)]
+    accounts += [_account(20 + i, "MILES", "points", "9", days[i]) for i in range(3)]
+    accounts += [_account(30, "PTS", "points", "9", days[0])]
+    assets = [{"code": c, "kind": "points", "scale": 0, "name": c, "seq": 0}
+              for c in ("PTS", "MILES")]  # fmt: skip
+    await records.insert_together({"ledger_assets": assets, "ledger_accounts": accounts})
+    async with records.read() as uow:
+        held = await _holdings(uow, [(pts, 8), (miles, 8), (pts, 9)])
+    assert {key: len(h.lots) for key, h in held.items()} == {
+        ("PTS", 8): 3, ("MILES", 8): 2, ("PTS", 9): 1,
+    }  # fmt: skip
