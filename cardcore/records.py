@@ -29,6 +29,7 @@ from sqlalchemy import (
     BindParameter,
     ColumnElement,
     Integer,
+    String,
     Table,
     any_,
     bindparam,
@@ -147,7 +148,10 @@ class Unit:
         for name, kind in shape:
             column = t.c[name]
             if kind == "in" and self.postgres:
-                out.append(column == any_(bindparam("w_" + name, type_=ARRAY(column.type))))
+                # VARCHAR[] without the column's length: a cast to VARCHAR(n)[] would cut a
+                # longer value short, and it would match the row its first n characters name.
+                of = String() if isinstance(column.type, String) else column.type
+                out.append(column == any_(bindparam("w_" + name, type_=ARRAY(of))))
             elif kind == "in":
                 out.append(column.in_(bindparam("w_" + name, expanding=True)))
             elif kind == "null":

@@ -127,3 +127,21 @@ async def test_a_holding_reads_each_program_of_a_holder_within_its_own_bound(
     assert {key: len(h.lots) for key, h in held.items()} == {
         ("PTS", 8): 3, ("MILES", 8): 2, ("PTS", 9): 1,
     }  # fmt: skip
+
+
+async def test_a_list_filter_never_matches_a_value_by_its_first_characters(
+    records: Records,
+) -> None:
+    """A value longer than its column is compared whole: PostgreSQL's VARCHAR(n)[] cast
+    would have cut it to the n characters of a stored row and matched that row."""
+    stored = "h" * limits.NAME_CHARS_MAX
+    assets = [{"code": "PTS", "kind": "points", "scale": 0, "name": "p", "seq": 0}]
+    account = _account(1, "PTS", "points", stored, "lot:20991231:0")
+    await records.insert_together({"ledger_assets": assets, "ledger_accounts": [account]})
+    async with records.read() as uow:
+        longer = await uow.find("ledger_accounts", {"owner_id": [stored + "x", "y"]})
+        exact = await uow.find("ledger_accounts", {"owner_id": [stored, "y"]})
+        counted = await uow.count("ledger_accounts", owner_id=[stored + "x"])
+    assert longer == []
+    assert [r["id"] for r in exact] == [1]
+    assert counted == 0
