@@ -15,6 +15,7 @@ from sqlalchemy import BigInteger, String, Table, bindparam, event, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL, Connection, Dialect, make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -26,8 +27,11 @@ class DatabaseUrlError(ValueError):
 
 
 # What reaching or using a database can raise besides our own errors (for the CLI's one line).
-# asyncpg's own errors come from statements run at the driver (records, the writer's bulk writes).
-DATABASE_ERRORS = (OSError, DBAPIError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# asyncpg's own errors come from statements run at the driver (records, the writer's bulk writes);
+# SQLAlchemy's pool raises its own TimeoutError when no connection is free in time.
+DATABASE_ERRORS = (
+    OSError, DBAPIError, TimeoutError, PoolTimeout, asyncpg.PostgresError, asyncpg.InterfaceError,
+)  # fmt: skip
 
 
 def async_url(url: str) -> URL:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from cardcore.db import DATABASE_ERRORS, make_engine
+from cardcore.db import DATABASE_ERRORS, async_url, make_engine
 from cardcore.records import Conflict, Records
 
 pytestmark = pytest.mark.asyncio
@@ -299,3 +300,18 @@ async def test_a_unit_cancelled_mid_transaction_commits_nothing_and_leaves_the_p
             assert [r["id"] for r in await uow.find(ENTITIES, order="id")] == ["X2"]
     finally:
         await records.engine.dispose()
+
+
+async def test_no_free_connection_in_time_is_a_database_error(db_url: str) -> None:
+    """The pool's own time-out (every connection busy) is one of DATABASE_ERRORS, so the
+    POS answers that request `unavailable` and the CLI prints one line, as for any other
+    database failure."""
+    engine = create_async_engine(async_url(db_url), pool_size=1, max_overflow=0, pool_timeout=0.2)
+    records = Records(engine)
+    try:
+        async with records.read():
+            with pytest.raises(DATABASE_ERRORS):
+                async with records.read():
+                    pass
+    finally:
+        await engine.dispose()
