@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
-from sqlalchemy import BigInteger, String, Table, bindparam, event, func, select, true
+from sqlalchemy import String, Table, bindparam, event, func, select, true
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL, Connection, Dialect, make_url
 from sqlalchemy.exc import DBAPIError
@@ -155,8 +155,10 @@ def unnest_insert(table: Table, names: Sequence[str], dialect: Dialect, first: i
 
 
 def array_of(column: ColumnElement[Any]) -> ARRAY[Any]:
-    """The PostgreSQL array type of a list parameter matched against `column`."""
-    return ARRAY(BigInteger() if isinstance(column.type, BigInteger) else String())
+    """The PostgreSQL array type of a list parameter matched against `column`: its own type,
+    a string without its length (a cast to VARCHAR(n)[] would cut a longer value to n
+    characters, and it would match the row those name)."""
+    return ARRAY(String() if isinstance(column.type, String) else column.type)
 
 
 def each_value(

@@ -25,11 +25,9 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import (
-    ARRAY,
     BindParameter,
     ColumnElement,
     Integer,
-    String,
     Table,
     any_,
     bindparam,
@@ -46,7 +44,7 @@ from sqlalchemy.util import greenlet_spawn
 from cardcore import limits
 from cardcore.cards import schema as _cards_tables  # noqa: F401 - registers the tables
 from cardcore.coupons import schema as _coupon_tables  # noqa: F401
-from cardcore.db import Statement, each_value, unnest_insert
+from cardcore.db import Statement, array_of, each_value, unnest_insert
 from cardcore.ledger.schema import metadata
 from cardcore.manager_cards import schema as _manager_tables  # noqa: F401
 from cardcore.members import schema as _member_tables  # noqa: F401
@@ -148,10 +146,7 @@ class Unit:
         for name, kind in shape:
             column = t.c[name]
             if kind == "in" and self.postgres:
-                # VARCHAR[] without the column's length: a cast to VARCHAR(n)[] would cut a
-                # longer value short, and it would match the row its first n characters name.
-                of = String() if isinstance(column.type, String) else column.type
-                out.append(column == any_(bindparam("w_" + name, type_=ARRAY(of))))
+                out.append(column == any_(bindparam("w_" + name, type_=array_of(column))))
             elif kind == "in":
                 out.append(column.in_(bindparam("w_" + name, expanding=True)))
             elif kind == "null":
@@ -515,7 +510,7 @@ class Records:
         unit that reads before it writes waits its turn instead of failing "database is
         locked" when another writer committed in between; PostgreSQL ignores the option."""
         dialect = self.engine.dialect
-        if dialect.name == "postgresql":
+        if self.postgres:
             async with self._driver() as driver, driver.transaction():
                 yield Unit(dialect, driver=driver)
             return
@@ -530,7 +525,7 @@ class Records:
         ROLLBACK round trips); at READ COMMITTED each statement sees its own snapshot
         either way."""
         dialect = self.engine.dialect
-        if dialect.name == "postgresql":
+        if self.postgres:
             async with self._driver() as driver:
                 yield Unit(dialect, driver=driver)
             return
@@ -579,7 +574,7 @@ class Records:
         if not shape:
             return
         dialect = self.engine.dialect
-        if dialect.name != "postgresql":
+        if not self.postgres:
             async with self.begin() as uow:
                 for table, _ in shape:
                     await uow.insert(table, rows[table])

@@ -1298,14 +1298,15 @@ class CouponService:
         self, request: PosRequest, key: str, campaign_row: dict[str, Any],
         values: dict[str, Any], redemption: dict[str, Any], *, count: bool,
     ) -> PosResult | None:  # fmt: skip
-        """The hold as one statement, with the outcomes of `_hold`'s transaction (taken by
-        another: the stored answer of a resend, else coupon_used; the key stored meanwhile:
-        coupon_used): a round trip instead of five, and the campaign's row locked for one
-        statement only, never across a turn of the event loop. None: the transaction
-        decides, after a statement that changed nothing: when the campaign refused (the
-        statement judged it on the snapshot it began with, before it waited for the code;
-        the transaction's update judges it afresh), or PostgreSQL broke a deadlock with
-        another path's transaction (a terminal reusing a POS key for another code)."""
+        """The hold as one statement, with the outcomes of `_hold`'s transaction (the code
+        taken by another, or the key stored meanwhile: coupon_used, which `_hold` turns into
+        the stored answer when there is one): a round trip instead of five, and the
+        campaign's row locked for one statement only, never across a turn of the event loop.
+        None: the transaction decides, after a statement that changed nothing: when the
+        campaign refused (the statement judged it on the snapshot it began with, before it
+        waited for the code; the transaction's update judges it afresh), or PostgreSQL broke
+        a deadlock with another path's transaction (a terminal reusing a POS key for another
+        code)."""
         counted = _counted(campaign_row, redemption) if count else None
         try:
             got = await self.records.statement_row(
@@ -1317,11 +1318,7 @@ class CouponService:
         except Conflict:
             raise _Refusal("coupon_used") from None
         if not got["code"]:
-            async with self.records.read() as uow:
-                again = await self._stored(uow, key, request)
-            if again is not None:  # the same request, decided meanwhile
-                return again
-            _lost()
+            _lost()  # `_hold` answers a resend decided meanwhile with its stored answer
         if not got["campaign"]:
             return None
         if not got["added"]:
