@@ -189,6 +189,16 @@ class Unit:
         rows = await self._rows(statement, _params(where))
         return dict(rows[0]) if rows else None
 
+    async def select_one(
+        self, name: str, build: Callable[[], Any], params: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The first row of a select an adapter's schema builds (several tables read in one
+        round trip, say), as a mapping by column label; None when there is none. `name`
+        names the statement: it is built once (per dialect) and reused."""
+        statement = self._statement(("select_one", self.postgres, name), build)
+        rows = await self._rows(statement, params)
+        return dict(rows[0]) if rows else None
+
     async def find(
         self,
         table: str,

@@ -11,9 +11,23 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    Select,
+    String,
+    Table,
+    Text,
+    bindparam,
+    literal_column,
+    select,
+    true,
+)
 
 from cardcore import limits
+from cardcore.cards.schema import cards
 from cardcore.ledger.schema import metadata
 
 CODE = 32
@@ -125,6 +139,47 @@ coupon_enrolments = Table(
     Column("member_id", Integer, primary_key=True),
     Column("enrolled_at_ms", BigInteger, nullable=False),
 )
+
+
+# The column labels of `presented_select`: a table's columns under its prefix.
+PRESENTED = (
+    ("mine_", coupon_redemptions),
+    ("code_", coupon_codes),
+    ("campaign_", coupon_campaigns),
+)
+
+
+def presented_select() -> Select[Any]:
+    """What a POS coupon request reads, in one statement (`CouponService._presented`): the
+    redemption stored under the POS key (`key`; a resend), the code a typed text names
+    (`code1`, `code2`: its spellings, `candidates`; the first in code order, as `find`
+    gives it), that code's campaign, and the member of the card presented (`card`, or
+    None). Always one row: a missing part is NULL (labels: `PRESENTED` prefixes and
+    `card_member`)."""
+    code = (
+        select(coupon_codes)
+        .where(coupon_codes.c.code.in_([bindparam("code1"), bindparam("code2")]))
+        .order_by(coupon_codes.c.code)
+        .limit(1)
+        .subquery("code")
+    )
+    campaign = coupon_campaigns.alias("campaign")
+    mine = coupon_redemptions.alias("mine")
+    card = cards.alias("card")
+    anchor = select(literal_column("1").label("one")).subquery("one")
+    joined = (
+        anchor.outerjoin(code, true())
+        .outerjoin(campaign, campaign.c.code == code.c.campaign)
+        .outerjoin(mine, mine.c.key == bindparam("key", type_=String))
+        .outerjoin(card, card.c.id == bindparam("card", type_=Integer))
+    )
+    parts = {"mine_": mine, "code_": code, "campaign_": campaign}
+    columns = [
+        parts[prefix].c[c.name].label(prefix + c.name)
+        for prefix, table in PRESENTED
+        for c in table.c
+    ]
+    return select(*columns, card.c.member_id.label("card_member")).select_from(joined)
 
 
 def _pg_type(column: Column[Any]) -> str:

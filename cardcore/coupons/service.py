@@ -121,6 +121,15 @@ class _Refusal(Exception):
         self.refusal = refusal
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Read:
+    """What `CouponService._read` read for `_present`: the code's row and its campaign's
+    (None: no such code), and the member of the card presented (None: none, or bearer)."""
+
+    found: tuple[dict[str, Any], dict[str, Any]] | None
+    member: int | None
+
+
 class _Clash(Exception):
     """A generated code clashed with one that exists: draw the chunk again."""
 
@@ -1114,26 +1123,63 @@ class CouponService:
         except Refused as exc:  # a malformed code or QR text
             return refused(exc.code)
 
+    async def _read(
+        self, uow: Unit, text: str, key: str, card: Card | None
+    ) -> tuple[dict[str, Any] | None, _Read | None]:
+        """The redemption stored under the POS key (a resend; "": none asked) and, for a
+        typed code, what `_present` needs: in one statement (`schema.presented_select`).
+        A QR text (verified only after the key's look-up: a resend is answered whatever the
+        QR's expiry) and a malformed text: the key's redemption alone (None: `_present`
+        reads, and refuses)."""
+        typed = None
+        if not text.startswith(model.QR_VERSION + "|"):
+            with contextlib.suppress(Refused):
+                typed = candidates(text)
+        if typed is None:
+            return (await uow.get(REDEMPTIONS, key=key) if key else None), None
+        got = await uow.select_one(
+            "coupon_presented",
+            schema.presented_select,
+            {"key": key, "code1": typed[0], "code2": typed[-1],
+             "card": card.id if card is not None and card.id else None},
+        )  # fmt: skip
+        assert got is not None  # the statement always gives one row
+        mine, row, campaign_row = (
+            {c.name: got[prefix + c.name] for c in table.c} for prefix, table in schema.PRESENTED
+        )
+        found = None
+        if row["code"] is not None:
+            assert campaign_row["code"] is not None  # a code's campaign is never deleted
+            found = row, campaign_row
+        return (None if mine["key"] is None else mine), _Read(found, _member(got["card_member"]))
+
     async def _present(
-        self, uow: Unit, request: PosRequest, terminal: Terminal, card: Card | None, now: int
-    ) -> tuple[dict[str, Any], dict[str, Any], model.Verdict, int | None]:
-        """The code presented, its campaign, the rules' verdict and the card's member."""
+        self, uow: Unit, request: PosRequest, terminal: Terminal, card: Card | None, now: int, *,
+        read: _Read | None,
+    ) -> tuple[dict[str, Any], dict[str, Any], model.Verdict, int | None]:  # fmt: skip
+        """The code presented, its campaign, the rules' verdict and the card's member, from
+        `read` when `_read` read them, else read here."""
         text = request.coupon
-        if text.startswith(model.QR_VERSION + "|"):
-            text = await self._verified_code(uow, text, now)
-        try:
-            row, campaign_row = await self._code(uow, text)
-        except Refused as exc:
-            raise _Refusal(NOT_FOUND if exc.kind == "not_found" else exc.code) from None
-        if request.coupon.startswith(model.QR_VERSION + "|"):
-            claims = model.parse_qr(request.coupon)
-            if claims.issuer_entity != campaign_row["legal_entity"]:
-                raise _Refusal(QR_SIGNATURE)
+        if read is not None:
+            if read.found is None:
+                raise _Refusal(NOT_FOUND)
+            (row, campaign_row), member = read.found, read.member
+        else:
+            if text.startswith(model.QR_VERSION + "|"):
+                text = await self._verified_code(uow, text, now)
+            try:
+                row, campaign_row = await self._code(uow, text)
+            except Refused as exc:
+                raise _Refusal(NOT_FOUND if exc.kind == "not_found" else exc.code) from None
+            if request.coupon.startswith(model.QR_VERSION + "|"):
+                claims = model.parse_qr(request.coupon)
+                if claims.issuer_entity != campaign_row["legal_entity"]:
+                    raise _Refusal(QR_SIGNATURE)
+            member = None
+            if card is not None and card.id:
+                held = await uow.get(CARDS, id=card.id)
+                member = None if held is None else _member(held["member_id"])
         c = campaign_of(campaign_row)
-        member = None
-        if card is not None and card.id:
-            held = await uow.get(CARDS, id=card.id)
-            member = None if held is None or held["member_id"] is None else int(held["member_id"])
         redeemed = today = 0
         if member is not None and (c.per_member_max or c.per_member_per_day_max):
             live = ["reserved", "redeemed"]
@@ -1188,7 +1234,10 @@ class CouponService:
     async def _query(self, request: PosRequest, terminal: Terminal, card: Card | None) -> PosResult:
         now = self.clock_ms()
         async with self.records.read() as uow:
-            _, campaign_row, verdict, _ = await self._present(uow, request, terminal, card, now)
+            _, read = await self._read(uow, request.coupon, "", card)
+            _, campaign_row, verdict, _ = await self._present(
+                uow, request, terminal, card, now, read=read
+            )
         if not verdict.ok:
             return refused(verdict.refusal, campaign_row["code"], campaign_row["state"])
         return PosResult(
@@ -1212,13 +1261,13 @@ class CouponService:
         redeem = request.kind is Kind.COUPON_REDEEM
         now = self.clock_ms()
         async with self.records.read() as uow:
-            mine = await uow.get(REDEMPTIONS, key=key)
+            mine, read = await self._read(uow, request.coupon, key, card)
             if mine is not None:
                 if redeem and mine["state"] == "reserved" and same_code(mine, request.coupon):
                     return await self._confirm(request, key, key)
                 return replay(mine, request)
             row, campaign_row, verdict, member = await self._present(
-                uow, request, terminal, card, now
+                uow, request, terminal, card, now, read=read
             )
         held_by = row["reserved_key"] or ""
         if redeem and row["state"] == "reserved" and held_by.startswith(

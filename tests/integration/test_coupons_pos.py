@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,8 +20,9 @@ from cardcore import limits
 from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, transaction_key
 from cardcore.cards.pos import PosService
+from cardcore.coupons import model
 from cardcore.coupons.service import CouponService
-from cardcore.records import Deadlock
+from cardcore.records import Deadlock, Unit
 from cardcore.vault import Vault
 from tests import logscan
 from tests.conftest import ADMIN_KEK
@@ -369,6 +371,45 @@ async def test_one_member_redeeming_many_codes_at_once_stays_within_its_limit(
     live = await sql_rows(db_url, "SELECT count(*) AS n FROM coupon_redemptions "
                           "WHERE state IN ('reserved', 'redeemed')")  # fmt: skip
     assert live[0]["n"] == 2
+
+
+async def test_a_redeem_of_a_typed_code_reads_key_code_campaign_and_member_in_one_statement(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round trips are most of a POS coupon's cost: the redemption under the key, the code,
+    its campaign and the card's member come from one statement, and the answers are those
+    the separate reads gave: the member is counted, a resend is replayed, an unknown code
+    refused (a named card, a bearer request)."""
+    await admin.org("LE1", "S1")
+    tid = await terminal(admin)
+    await campaign(admin, "ONCE", per_member_max=1)
+    first, second = await codes(admin, "ONCE", 2)
+    pan = await card_of(admin, await member(admin))
+    reads: list[str] = []
+    for verb in ("get", "find", "select_one"):
+        real = getattr(Unit, verb)
+
+        def counted(self: Unit, table: str, *args: Any, _real: Any = real, _verb: str = verb,
+                    **kwargs: Any) -> Any:  # fmt: skip
+            reads.append(f"{_verb} {table}")
+            return _real(self, table, *args, **kwargs)
+
+        monkeypatch.setattr(Unit, verb, counted)
+    redeem = ask(Kind.COUPON_REDEEM, tid, first.lower(), amount=5_000, card=pan)
+    assert (await one(admin, redeem)).outcome is Outcome.APPROVED
+    coupon_reads = [r for r in reads if r.split()[1].startswith("coupon") or r.endswith(" cards")]
+    assert coupon_reads == ["select_one coupon_presented"], reads
+    again = await one(admin, redeem)
+    assert (again.outcome, again.replayed) == (Outcome.APPROVED, True)
+    limited = await one(admin, ask(Kind.COUPON_REDEEM, tid, second, amount=5_000, card=pan))
+    assert (limited.outcome, limited.refusal) == (Outcome.NOT_PERMITTED, "coupon_member_limit")
+    unknown = await one(
+        admin, ask(Kind.COUPON_QUERY, tid, model.new_code(secrets.token_bytes), amount=5_000)
+    )
+    assert unknown.refusal == "coupon_not_found"
+    bearer = await one(admin, ask(Kind.COUPON_QUERY, tid, second, amount=5_000))
+    assert (bearer.outcome, bearer.refusal) == (Outcome.NOT_PERMITTED, "coupon_member_limit")
+    assert await count(db_url, "coupon_redemptions") == 1
 
 
 # --- signed QR -----------------------------------------------------------------------------------
