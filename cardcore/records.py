@@ -194,8 +194,8 @@ class Unit:
     ) -> dict[str, Any] | None:
         """The first row of a select an adapter's schema builds (several tables read in one
         round trip, say), as a mapping by column label; None when there is none. `name`
-        names the statement: it is built once (per dialect) and reused."""
-        statement = self._statement(("select_one", self.postgres, name), build)
+        names it (in logs and tests); it is built once per dialect and builder, and reused."""
+        statement = self._statement(("select_one", self.postgres, name, build), build)
         rows = await self._rows(statement, params)
         return dict(rows[0]) if rows else None
 

@@ -150,7 +150,7 @@ PRESENTED = (
 
 
 def presented_select() -> Select[Any]:
-    """What a POS coupon request reads, in one statement (`CouponService._presented`): the
+    """What a POS coupon request reads, in one statement (`CouponService._read`): the
     redemption stored under the POS key (`key`; a resend), the code a typed text names
     (`code1`, `code2`: its spellings, `candidates`; the first in code order, as `find`
     gives it), that code's campaign, and the member of the card presented (`card`, or
@@ -171,7 +171,7 @@ def presented_select() -> Select[Any]:
         anchor.outerjoin(code, true())
         .outerjoin(campaign, campaign.c.code == code.c.campaign)
         .outerjoin(mine, mine.c.key == bindparam("key", type_=String))
-        .outerjoin(card, card.c.id == bindparam("card", type_=Integer))
+        .outerjoin(card, card.c.id == bindparam("card", type_=cards.c.id.type))
     )
     parts = {"mine_": mine, "code_": code, "campaign_": campaign}
     columns = [

@@ -1147,10 +1147,7 @@ class CouponService:
         mine, row, campaign_row = (
             {c.name: got[prefix + c.name] for c in table.c} for prefix, table in schema.PRESENTED
         )
-        found = None
-        if row["code"] is not None:
-            assert campaign_row["code"] is not None  # a code's campaign is never deleted
-            found = row, campaign_row
+        found = None if row["code"] is None else (row, campaign_row)
         return (None if mine["key"] is None else mine), _Read(found, _member(got["card_member"]))
 
     async def _present(
@@ -1164,6 +1161,7 @@ class CouponService:
             if read.found is None:
                 raise _Refusal(NOT_FOUND)
             (row, campaign_row), member = read.found, read.member
+            assert campaign_row["code"] is not None  # a code's campaign is never deleted
         else:
             if text.startswith(model.QR_VERSION + "|"):
                 text = await self._verified_code(uow, text, now)

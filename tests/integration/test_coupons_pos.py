@@ -412,6 +412,26 @@ async def test_a_redeem_of_a_typed_code_reads_key_code_campaign_and_member_in_on
     assert await count(db_url, "coupon_redemptions") == 1
 
 
+async def test_a_card_whose_id_is_past_32_bits_reads_its_member(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Card ids are 64-bit: the one-statement read binds the card's id with the column's own
+    type (a 32-bit parameter made PostgreSQL's driver refuse the request: unavailable)."""
+    await admin.org("LE1", "S1")
+    tid = await terminal(admin)
+    await campaign(admin, "ONCE", per_member_max=1)
+    first, second = await codes(admin, "ONCE", 2)
+    pan = await card_of(admin, await member(admin))
+    await sql_execute(db_url, "UPDATE cards SET id = 3000000000")
+    pos(admin).directory.forget_all_cards()
+    query = await one(admin, ask(Kind.COUPON_QUERY, tid, first, amount=5_000, card=pan))
+    assert (query.outcome, query.discount) == (Outcome.APPROVED, 1_000)
+    redeem = await one(admin, ask(Kind.COUPON_REDEEM, tid, first, amount=5_000, card=pan))
+    assert redeem.outcome is Outcome.APPROVED
+    limited = await one(admin, ask(Kind.COUPON_REDEEM, tid, second, amount=5_000, card=pan))
+    assert (limited.outcome, limited.refusal) == (Outcome.NOT_PERMITTED, "coupon_member_limit")
+
+
 # --- signed QR -----------------------------------------------------------------------------------
 
 
