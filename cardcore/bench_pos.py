@@ -38,8 +38,10 @@ each card earn 10,000 points first (a 900000 message, not timed). Then each term
 its next transaction: 70 % a purchase of 1.00-100.00 that earns points in the same
 transaction, 20 % a coupon redeem (930000) and the purchase of the bill less the discount
 (two messages, timed as one transaction), 10 % a points redemption of 100 points (910000).
-`tx_per_s` counts approved transactions of every kind, `messages_per_s` the messages;
-`by_kind` has each kind's count, p50 and p99.
+`--shares P,C,R` sets those three percentages (a group's own mix; `100,0,0` or `0,100,0`
+measures one kind alone); a coupon purchase drawn when the store's codes ran out is a
+purchase. `tx_per_s` counts approved transactions of every kind, `messages_per_s` the
+messages; `by_kind` has each kind's count, p50 and p99; `shares_pct` the shares.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ CARD_BALANCE = 10**11  # fen: enough for any run
 ECHO_INTERVAL_S = 60
 MIXES = ("plain", "realistic")
 # --mix realistic: the shares of purchase / coupon purchase / points redemption, in percent
-MIX_PURCHASE_PCT, MIX_COUPON_PCT = 70, 20
+# (--shares P,C,R: a group's own mix, or one kind alone to see what it costs)
+MIX_SHARES_PCT_DEFAULT = (70, 20, 10)
 MIX_REDEEM_POINTS = 100  # one redemption block...
 MIX_REDEEM_FEN = 100  # ...worth 1.00 CNY
 MIX_START_POINTS_FEN = 1_000_000  # a first earning of 10,000 points per card, before timing
@@ -99,6 +102,7 @@ class PosBenchOptions:
     admin_token: str = ""  # staff token of the ledger at --ledger (minted here otherwise)
     rate: int = 0  # offered purchases per second in all; 0 = back to back
     mix: str = "plain"  # "realistic": points and coupons too
+    shares: tuple[int, ...] = MIX_SHARES_PCT_DEFAULT  # realistic: purchase, coupon, redemption
 
 
 @dataclass(slots=True)
@@ -124,6 +128,12 @@ def check(options: PosBenchOptions) -> None:
         raise BenchError("--ledger needs --admin-token (an HQ admin token of that ledger)")
     if options.mix not in MIXES:
         raise BenchError(f"--mix must be one of {', '.join(MIXES)}")
+    if len(options.shares) != 3 or any(not 0 <= x <= 100 for x in options.shares):
+        raise BenchError("--shares is three percentages: purchase,coupon,redemption (70,20,10)")
+    if sum(options.shares) != 100:
+        raise BenchError(f"--shares must add up to 100, not {sum(options.shares)}")
+    if options.shares != MIX_SHARES_PCT_DEFAULT and options.mix != "realistic":
+        raise BenchError("--shares is for --mix realistic")
     if options.terminals > 9999:
         raise BenchError("--terminals is at most 9999 (one member mobile number each)")
 
@@ -305,7 +315,8 @@ async def _setup(
 
 def _coupons_needed(options: PosBenchOptions) -> int:
     per_s = options.rate or options.terminals * limits.GATEWAY_TERMINAL_RATE_PER_S
-    return max(1, per_s * options.seconds * MIX_COUPON_PCT * MIX_COUPON_MARGIN_PCT // 10_000)
+    share = options.shares[1]
+    return max(1, per_s * options.seconds * share * MIX_COUPON_MARGIN_PCT // 10_000)
 
 
 async def _loyalty(
@@ -391,7 +402,7 @@ async def _drive(
                 raise BenchError(f"terminal {t.tid} sign-on answered {reply.code}")
 
     await asyncio.gather(*(sign_on(t) for t in idle + busy))
-    mix = _Mix(coupons) if options.mix == "realistic" else None
+    mix = _Mix(coupons, options.shares) if options.mix == "realistic" else None
     if mix is not None:
         await asyncio.gather(*(_first_points(t, card) for t, card in zip(busy, cards, strict=True)))
     idle_tasks = [asyncio.create_task(_idle(t, stop)) for t in idle]
@@ -425,6 +436,7 @@ async def _drive(
         return {
             "seconds": round(elapsed, 2),
             "mix": options.mix,
+            "shares_pct": list(options.shares),
             "offered_per_s": options.rate or None,
             "terminals": options.terminals,
             "connections": len(idle) + len(busy),
@@ -484,6 +496,7 @@ class _Mix:
     """The realistic mix's shared state: the coupon codes left, and a tally per kind."""
 
     coupons: dict[str, list[str]]  # by store: the codes left
+    shares: tuple[int, ...]  # percent: purchase, coupon purchase, points redemption
     kinds: dict[str, _Tally] = field(default_factory=dict)
     messages: int = 0
     codes: dict[str, int] = field(default_factory=dict)  # declines by response code (rule)
@@ -543,9 +556,7 @@ async def _shop(
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
             next_at = max(next_at + interval, time.perf_counter())
         draw, amount = rng.randrange(100), rng.randint(2 * MIX_COUPON_FEN, 10_000)
-        kind = "purchase" if draw < MIX_PURCHASE_PCT else "points_redeem"
-        if MIX_PURCHASE_PCT <= draw < MIX_PURCHASE_PCT + MIX_COUPON_PCT and coupons:
-            kind = "coupon_purchase"
+        kind = kind_of(draw, mix.shares, coupons=bool(coupons))
         sent = time.perf_counter()
         try:
             ok, code = await _one(t, card, kind, amount, mix=mix, coupons=coupons)
@@ -556,6 +567,18 @@ async def _shop(
             continue
         mix.count(kind, ok, (time.perf_counter() - sent) * 1000, code)
         t.lines.clear()
+
+
+def kind_of(draw: int, shares: tuple[int, ...], *, coupons: bool) -> str:
+    """The kind of a transaction of the realistic mix from a draw in 0..99 and the shares
+    (percent: purchase, coupon purchase, points redemption). A coupon purchase when no codes
+    are left is a plain purchase with points."""
+    purchase, coupon, _ = shares
+    if draw < purchase:
+        return "purchase"
+    if draw < purchase + coupon:
+        return "coupon_purchase" if coupons else "purchase"
+    return "points_redeem"
 
 
 async def _one(

@@ -49,6 +49,14 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _shares(text: str) -> tuple[int, ...]:
+    """`--shares P,C,R`: whole percentages (their sum is checked with the other options)."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("three whole percentages, as 70,20,10") from None
+
+
 def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per option
     parser = _Parser(prog="cardcore", description="Central card and coupon ledger server.")
     parser.add_argument("--config", help="TOML configuration file (or CARDCORE_CONFIG)")
@@ -285,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
         help="plain purchases, or realistic: 70%% purchases earning points, 20%% with a "
         "coupon, 10%% points redemptions",
     )
+    bp.add_argument(
+        "--shares",
+        type=_shares,
+        default=bench_pos.MIX_SHARES_PCT_DEFAULT,
+        metavar="P,C,R",
+        help="realistic: percent of purchases, coupon purchases and points redemptions "
+        "(default 70,20,10)",
+    )
     return parser
 
 
@@ -370,6 +386,7 @@ def _dispatch(args: argparse.Namespace, config: config_module.Config) -> int:
             admin_token=args.admin_token,
             rate=args.rate,
             mix=args.mix,
+            shares=args.shares,
         )
         print(json.dumps(bench_pos.run(options_pos)))
         return 0

@@ -156,6 +156,17 @@ def _refusals(tmp: Path, port: str = "8080") -> dict[str, Refusal]:
         "bench with zero clients": Refusal(
             ("bench", "ledger", "--clients", "0"), {}, "--clients must be 1.."
         ),
+        "bench pos shares not adding up to 100": Refusal(
+            ("bench", "pos", "--mix", "realistic", "--shares", "50,20,10"),
+            {},
+            "--shares must add up to 100, not 80",
+        ),
+        "bench pos shares that are not numbers": Refusal(
+            ("bench", "pos", "--shares", "a,b,c"), {}, "three whole percentages"
+        ),
+        "bench pos shares without the realistic mix": Refusal(
+            ("bench", "pos", "--shares", "0,100,0"), {}, "--shares is for --mix realistic"
+        ),
         "unreachable postgresql": Refusal(
             ("serve", "--db", "postgresql://cardcore@127.0.0.1:1/cardcore", "--port", port),
             {},
@@ -442,6 +453,15 @@ def test_bench_pos_realistic_mix_earns_redeems_points_and_uses_coupons_without_e
     assert result["messages_per_s"] > result["tx_per_s"] > 0, result  # a coupon: 2 messages
     assert result["server_cpu_ms_per_tx"] > 0, result
     assert result["load_cpu_ms_per_tx"] > 0, result
+
+
+def test_bench_pos_shares_measure_one_kind_alone(tmp_path: Path) -> None:
+    args = ["--seconds", "2", "--terminals", "2", "--rate", "10", "--mix", "realistic",
+            "--shares", "0,100,0"]  # fmt: skip
+    result = _bench_pos(tmp_path, args)
+    assert result["shares_pct"] == [0, 100, 0] and result["errors"] == 0, result
+    assert set(result["by_kind"]) == {"coupon_purchase"}, result
+    assert result["messages_per_s"] > result["tx_per_s"] > 0, result
 
 
 def _bench_pos(tmp_path: Path, args: list[str]) -> dict[str, Any]:
