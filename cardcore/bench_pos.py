@@ -35,12 +35,13 @@ process, the simulated terminals (on two cores, what they spend the servers cann
 `--mix realistic` (issue 5) makes the card class part of a points program (1 point per yuan,
 100 points = 1.00 CNY), an active coupon campaign (1.00 CNY off) with enough codes, and has
 each card earn 10,000 points first (a 900000 message, not timed). Then each terminal draws
-its next transaction: 70 % a purchase of 1.00-100.00 that earns points in the same
+its next transaction: 70 % a purchase of 2.00-100.00 that earns points in the same
 transaction, 20 % a coupon redeem (930000) and the purchase of the bill less the discount
 (two messages, timed as one transaction), 10 % a points redemption of 100 points (910000).
 `--shares P,C,R` sets those three percentages (a group's own mix; `100,0,0` or `0,100,0`
-measures one kind alone); a coupon purchase drawn when the store's codes ran out is a
-purchase. `tx_per_s` counts approved transactions of every kind, `messages_per_s` the
+measures one kind alone). Each store gets codes for every coupon purchase its terminals can
+make and each card a first earning for every redemption (both with a margin); a coupon
+purchase drawn when the store's codes ran out anyway is a purchase. `tx_per_s` counts approved transactions of every kind, `messages_per_s` the
 messages; `by_kind` has each kind's count, p50 and p99; `shares_pct` the shares.
 """
 
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import random
 import tempfile
@@ -83,7 +85,7 @@ MIXES = ("plain", "realistic")
 MIX_SHARES_PCT_DEFAULT = (70, 20, 10)
 MIX_REDEEM_POINTS = 100  # one redemption block...
 MIX_REDEEM_FEN = 100  # ...worth 1.00 CNY
-MIX_START_POINTS_FEN = 1_000_000  # a first earning of 10,000 points per card, before timing
+MIX_START_POINTS_FEN = 1_000_000  # a first earning of at least 10,000 points per card, untimed
 MIX_COUPON_FEN = 100
 # A terminal sends at most GATEWAY_TERMINAL_RATE_PER_S messages a second: the coupons a run
 # can use, with a margin (a coupon purchase is two messages).
@@ -102,7 +104,8 @@ class PosBenchOptions:
     admin_token: str = ""  # staff token of the ledger at --ledger (minted here otherwise)
     rate: int = 0  # offered purchases per second in all; 0 = back to back
     mix: str = "plain"  # "realistic": points and coupons too
-    shares: tuple[int, ...] = MIX_SHARES_PCT_DEFAULT  # realistic: purchase, coupon, redemption
+    # realistic: percent of purchases, coupon purchases, redemptions (None: the default)
+    shares: tuple[int, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -128,14 +131,24 @@ def check(options: PosBenchOptions) -> None:
         raise BenchError("--ledger needs --admin-token (an HQ admin token of that ledger)")
     if options.mix not in MIXES:
         raise BenchError(f"--mix must be one of {', '.join(MIXES)}")
-    if len(options.shares) != 3 or any(not 0 <= x <= 100 for x in options.shares):
-        raise BenchError("--shares is three percentages: purchase,coupon,redemption (70,20,10)")
-    if sum(options.shares) != 100:
-        raise BenchError(f"--shares must add up to 100, not {sum(options.shares)}")
-    if options.shares != MIX_SHARES_PCT_DEFAULT and options.mix != "realistic":
-        raise BenchError("--shares is for --mix realistic")
+    if options.shares is not None:
+        _check_shares(options.shares, options.mix)
     if options.terminals > 9999:
         raise BenchError("--terminals is at most 9999 (one member mobile number each)")
+
+
+def _check_shares(shares: tuple[int, ...], mix: str) -> None:
+    if mix != "realistic":
+        raise BenchError("--shares is for --mix realistic")
+    if len(shares) != 3 or any(not 0 <= x <= 100 for x in shares):
+        raise BenchError("--shares is three percentages: purchase,coupon,redemption (70,20,10)")
+    if sum(shares) != 100:
+        raise BenchError(f"--shares must add up to 100, not {sum(shares)}")
+
+
+def shares_of(options: PosBenchOptions) -> tuple[int, ...]:
+    """The realistic mix's percentages: those given, else the default."""
+    return MIX_SHARES_PCT_DEFAULT if options.shares is None else options.shares
 
 
 def run(options: PosBenchOptions) -> dict[str, Any]:
@@ -313,18 +326,36 @@ async def _setup(
     return list(terminals), list(cards), coupons
 
 
+def _most_tx(options: PosBenchOptions, share_pct: int) -> int:
+    """The most transactions of a kind with `share_pct` one terminal can make in a run (with
+    the margin): at the offered rate, or back to back at GATEWAY_TERMINAL_RATE_PER_S
+    messages a second, a coupon purchase being two messages."""
+    if options.rate:
+        per_s = options.rate / options.terminals
+    else:
+        per_s = limits.GATEWAY_TERMINAL_RATE_PER_S * 100 / (100 + shares_of(options)[1])
+    return math.ceil(per_s * options.seconds * share_pct * MIX_COUPON_MARGIN_PCT / 10_000)
+
+
 def _coupons_needed(options: PosBenchOptions) -> int:
-    per_s = options.rate or options.terminals * limits.GATEWAY_TERMINAL_RATE_PER_S
-    share = options.shares[1]
-    return max(1, per_s * options.seconds * share * MIX_COUPON_MARGIN_PCT // 10_000)
+    """Codes for each store: what its terminals can use (terminals alternate between the
+    two stores, so a store has at most half of them, rounded up)."""
+    return max(1, _most_tx(options, shares_of(options)[1]) * ((options.terminals + 1) // 2))
+
+
+def _start_points_fen(options: PosBenchOptions) -> int:
+    """The first earning of each card (1 point a yuan): enough points for every redemption
+    its terminal can make in the run."""
+    points = _most_tx(options, shares_of(options)[2]) * MIX_REDEEM_POINTS
+    return min(limits.POS_AMOUNT_MAX, max(MIX_START_POINTS_FEN, points * 100))
 
 
 async def _loyalty(
     session: aiohttp.ClientSession, v1: str, run_id: int, coupons: int
 ) -> dict[str, list[str]]:
     """A points program for the bench class (1 point a yuan, 100 points = 1.00 CNY) and, per
-    legal entity, an active coupon campaign (1.00 CNY off) with fresh codes: about `coupons`
-    in all, by store."""
+    legal entity, an active coupon campaign (1.00 CNY off) with `coupons` fresh codes for its
+    store."""
     await _post(
         session,
         f"{v1}/points/programs",
@@ -360,10 +391,8 @@ async def _loyalty(
             if response.status >= 300:
                 raise BenchError(f"campaign: HTTP {response.status}: {await response.text()}")
         made_codes = codes.setdefault(store, [])
-        while len(made_codes) < coupons // len(STORES) + 1:
-            count = min(
-                limits.COUPON_GENERATE_ROUTE_MAX, coupons // len(STORES) + 1 - len(made_codes)
-            )
+        while len(made_codes) < coupons:
+            count = min(limits.COUPON_GENERATE_ROUTE_MAX, coupons - len(made_codes))
             path = f"{v1}/coupon-campaigns/{campaign}/codes"
             made_codes += [str(c) for c in (await _post(session, path, {"count": count}))["codes"]]
     return codes
@@ -402,9 +431,12 @@ async def _drive(
                 raise BenchError(f"terminal {t.tid} sign-on answered {reply.code}")
 
     await asyncio.gather(*(sign_on(t) for t in idle + busy))
-    mix = _Mix(coupons, options.shares) if options.mix == "realistic" else None
+    mix = _Mix(coupons, shares_of(options)) if options.mix == "realistic" else None
     if mix is not None:
-        await asyncio.gather(*(_first_points(t, card) for t, card in zip(busy, cards, strict=True)))
+        fen = _start_points_fen(options)
+        await asyncio.gather(
+            *(_first_points(t, card, fen) for t, card in zip(busy, cards, strict=True))
+        )
     idle_tasks = [asyncio.create_task(_idle(t, stop)) for t in idle]
     settle_gc()  # the simulated terminals' process, as the servers do once listening
     cpu_before = cpu_s(servers)
@@ -436,7 +468,7 @@ async def _drive(
         return {
             "seconds": round(elapsed, 2),
             "mix": options.mix,
-            "shares_pct": list(options.shares),
+            "shares_pct": list(shares_of(options)),
             "offered_per_s": options.rate or None,
             "terminals": options.terminals,
             "connections": len(idle) + len(busy),
@@ -537,9 +569,9 @@ class _Mix:
         }
 
 
-async def _first_points(t: PosTerminal, card: str) -> None:
+async def _first_points(t: PosTerminal, card: str, fen: int) -> None:
     """Points to redeem from the start: a purchase paid otherwise earns them (not timed)."""
-    reply = await t.points_earn(card, MIX_START_POINTS_FEN)
+    reply = await t.points_earn(card, fen)
     if reply.code != "00" or not reply.points:
         raise BenchError(f"terminal {t.tid}: the first points earning answered {reply.code}")
 

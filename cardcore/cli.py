@@ -290,13 +290,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
         "--mix",
         choices=bench_pos.MIXES,
         default="plain",
-        help="plain purchases, or realistic: 70%% purchases earning points, 20%% with a "
-        "coupon, 10%% points redemptions",
+        help="plain purchases, or realistic: by default 70%% purchases earning points, 20%% "
+        "with a coupon, 10%% points redemptions (see --shares)",
     )
     bp.add_argument(
         "--shares",
         type=_shares,
-        default=bench_pos.MIX_SHARES_PCT_DEFAULT,
+        default=None,
         metavar="P,C,R",
         help="realistic: percent of purchases, coupon purchases and points redemptions "
         "(default 70,20,10)",

@@ -70,6 +70,7 @@ POS_AMOUNT_MAX: Final = 999_999_999_999  # F4 is twelve digits of fen
 POS_UPLOAD_LINES_MAX: Final = 64  # transaction lines in one batch-upload request
 TOPUP_CONFIRM_S: Final = 600  # a top-up hold waits this long for the terminal's confirmation
 CARD_CACHE_ENTRIES_MAX: Final = 200_000  # card and terminal records the host keeps in memory
+CARD_WARM_MAX: Final = 512  # cards one POS call reads together (GATEWAY_HOST_BATCH_MAX)
 RECORDS_STATEMENTS_MAX: Final = 2048  # built statements records.Unit keeps (one per query shape)
 CARD_ISSUE_BATCH_MAX: Final = 100_000  # cards issued by one command
 

@@ -145,6 +145,28 @@ class Directory:
             self._cards.popitem(last=False)
         return card
 
+    async def warm_cards(self, tokens: Sequence[str]) -> None:
+        """Read the cards of `tokens` that are not held yet into memory, in one statement:
+        a `handle` call plans its requests one after another, and each would read its own
+        card (a group's cards far outnumber what is held, so most are read). Cards found
+        are held as `card` holds them; none is held when a card changed meanwhile."""
+        wanted = sorted({t for t in tokens if t not in self._cards})
+        if len(wanted) < 2:  # one read either way
+            return
+        generation = self._card_generation
+        async with self.engine.connect() as conn:
+            rows = (
+                (await conn.execute(select(schema.cards).where(schema.cards.c.token.in_(wanted))))
+                .mappings()
+                .all()
+            )
+        if generation != self._card_generation:
+            return
+        for row in rows:
+            self._cards[row["token"]] = card_of(row)
+        while len(self._cards) > limits.CARD_CACHE_ENTRIES_MAX:
+            self._cards.popitem(last=False)
+
     def forget_card(self, token: str) -> None:
         self._card_generation += 1
         self._cards.pop(token, None)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter, defaultdict
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from cardcore import limits
 from cardcore.cards.model import Kind, Outcome, PosResult, batch_totals
@@ -319,6 +321,52 @@ async def test_concurrent_purchases_on_one_card_never_overdraw_it(world: World) 
     assert (batch[14].amount, batch[14].remainder) == (200, 500)
     assert await world.available(other.account_id) == 0
     assert (await world.account(other.account_id)).balance.debits_posted == 10_000
+
+
+async def test_the_cards_of_one_call_are_read_together(world: World) -> None:
+    """A call plans its requests one after another: the cards they name (not held in
+    memory) are read in one statement first, not one each; the answers are the same."""
+    cards = [await world.card("LE-A", 5_000) for _ in range(6)]
+    frozen = await world.card("LE-A", 5_000)
+    await world.set_state(frozen, "frozen")
+    world.directory.forget_all_cards()
+    reads: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "FROM cards" in statement:
+            reads.append(statement)
+
+    engine = world.ledger.store.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        t = world.terminals["LE-A"]
+        answers = await world.ask(
+            *(request(Kind.PURCHASE, t, c, amount=100) for c in [*cards, frozen]),
+            request(Kind.PURCHASE, t, cards[0], amount=100),
+        )
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert [a.outcome for a in answers] == [Outcome.APPROVED] * 6 + [
+        Outcome.CARD_FROZEN,
+        Outcome.APPROVED,
+    ]
+    assert len(reads) == 1, reads
+    assert [await world.available(c.account_id) for c in cards] == [4_800] + [4_900] * 5
+
+
+async def test_a_call_whose_cards_cannot_be_read_together_reads_each_with_its_plan(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cards = [await world.card("LE-A", 5_000) for _ in range(3)]
+    world.directory.forget_all_cards()
+
+    async def down(tokens: object) -> None:
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(world.directory, "warm_cards", down)
+    t = world.terminals["LE-A"]
+    answers = await world.ask(*(request(Kind.PURCHASE, t, c, amount=100) for c in cards))
+    assert [a.outcome for a in answers] == [Outcome.APPROVED] * 3
 
 
 # --- cross-entity clearing -----------------------------------------------------------------------

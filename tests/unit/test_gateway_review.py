@@ -245,6 +245,9 @@ class _Directory:
             raise OperationalError("select", {}, Exception("statement timeout"))
         return self.terminal_record
 
+    async def warm_cards(self, tokens: list[str]) -> None:
+        return None  # each card is read with its request
+
 
 async def test_one_failed_read_answers_only_its_own_request() -> None:
     service = PosService(ledger=None, directory=_Directory(), token_key=b"k")  # type: ignore[arg-type]

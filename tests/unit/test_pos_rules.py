@@ -277,6 +277,9 @@ class Cards:
     async def card(self, token: str) -> Card | None:
         return self.cards.get(token)
 
+    async def warm_cards(self, tokens: list[str]) -> None:
+        return None  # held already
+
     async def card_class(self, code: str) -> CardClass | None:
         return self.classes.get(code)
 
