@@ -34,15 +34,16 @@ process, the simulated terminals (on two cores, what they spend the servers cann
 
 `--mix realistic` (issue 5) makes the card class part of a points program (1 point per yuan,
 100 points = 1.00 CNY), an active coupon campaign (1.00 CNY off) with enough codes, and has
-each card earn 10,000 points first (a 900000 message, not timed). Then each terminal draws
-its next transaction: 70 % a purchase of 2.00-100.00 that earns points in the same
-transaction, 20 % a coupon redeem (930000) and the purchase of the bill less the discount
-(two messages, timed as one transaction), 10 % a points redemption of 100 points (910000).
-`--shares P,C,R` sets those three percentages (a group's own mix; `100,0,0` or `0,100,0`
-measures one kind alone). Each store gets codes for every coupon purchase its terminals can
-make and each card a first earning for every redemption (both with a margin); a coupon
-purchase drawn when the store's codes ran out anyway is a purchase. `tx_per_s` counts approved transactions of every kind, `messages_per_s` the
-messages; `by_kind` has each kind's count, p50 and p99; `shares_pct` the shares.
+each card earn at least 10,000 points first (a 900000 message, not timed). Then each
+terminal draws its next transaction: 70 % a purchase of 2.00-100.00 that earns points in the
+same transaction, 20 % a coupon redeem (930000) and the purchase of the bill less the
+discount (two messages, timed as one transaction), 10 % a points redemption of 100 points
+(910000). `--shares P,C,R` sets those three percentages (a group's own mix; `100,0,0` or
+`0,100,0` measures one kind alone). Each store gets codes for every coupon purchase its
+terminals can make and each card a first earning for every redemption (both with a
+margin); a coupon purchase drawn when the store's codes ran out anyway is a purchase.
+`tx_per_s` counts approved transactions of every kind, `messages_per_s` the messages;
+`by_kind` has each kind's count, p50 and p99; `shares_pct` the shares.
 """
 
 from __future__ import annotations
