@@ -124,10 +124,12 @@ class _Refusal(Exception):
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Read:
     """What `CouponService._read` read for `_present`: the code's row and its campaign's
-    (None: no such code), and the member of the card presented (None: none, or bearer)."""
+    (None: no such code), the member of the card presented (None: none, or bearer), and
+    the refusal of a text that names no code (malformed: nothing else was read)."""
 
     found: tuple[dict[str, Any], dict[str, Any]] | None
     member: int | None
+    malformed: str = ""
 
 
 class _Clash(Exception):
@@ -1125,18 +1127,18 @@ class CouponService:
 
     async def _read(
         self, uow: Unit, text: str, key: str, card: Card | None
-    ) -> tuple[dict[str, Any] | None, _Read | None]:
-        """The redemption stored under the POS key (a resend; "": none asked) and, for a
-        typed code, what `_present` needs: in one statement (`schema.presented_select`).
-        A QR text (verified only after the key's look-up: a resend is answered whatever the
-        QR's expiry) and a malformed text: the key's redemption alone (None: `_present`
-        reads, and refuses)."""
-        typed = None
-        if not text.startswith(model.QR_VERSION + "|"):
-            with contextlib.suppress(Refused):
-                typed = candidates(text)
-        if typed is None:
-            return (await uow.get(REDEMPTIONS, key=key) if key else None), None
+    ) -> tuple[dict[str, Any] | None, _Read]:
+        """The redemption stored under the POS key (a resend; "": none asked) and what
+        `_present` needs, in one statement (`schema.presented_select`): the code a typed
+        text or a QR names (the QR is verified by `_present`, after the key's look-up: a
+        resend is answered whatever the QR's expiry). A text that names no code: the key's
+        redemption alone, and the refusal."""
+        try:
+            code = model.parse_qr(text).code if text.startswith(model.QR_VERSION + "|") else text
+            typed = candidates(code)
+        except Refused as exc:
+            mine = await uow.get(REDEMPTIONS, key=key) if key else None
+            return mine, _Read(None, None, malformed=exc.code)
         got = await uow.select_one(
             "coupon_presented",
             schema.presented_select,
@@ -1151,32 +1153,21 @@ class CouponService:
         return (None if mine["key"] is None else mine), _Read(found, _member(got["card_member"]))
 
     async def _present(
-        self, uow: Unit, request: PosRequest, terminal: Terminal, card: Card | None, now: int, *,
-        read: _Read | None,
-    ) -> tuple[dict[str, Any], dict[str, Any], model.Verdict, int | None]:  # fmt: skip
-        """The code presented, its campaign, the rules' verdict and the card's member, from
-        `read` when `_read` read them, else read here."""
-        text = request.coupon
-        if read is not None:
-            if read.found is None:
-                raise _Refusal(NOT_FOUND)
-            (row, campaign_row), member = read.found, read.member
-            assert campaign_row["code"] is not None  # a code's campaign is never deleted
-        else:
-            if text.startswith(model.QR_VERSION + "|"):
-                text = await self._verified_code(uow, text, now)
-            try:
-                row, campaign_row = await self._code(uow, text)
-            except Refused as exc:
-                raise _Refusal(NOT_FOUND if exc.kind == "not_found" else exc.code) from None
-            if request.coupon.startswith(model.QR_VERSION + "|"):
-                claims = model.parse_qr(request.coupon)
-                if claims.issuer_entity != campaign_row["legal_entity"]:
-                    raise _Refusal(QR_SIGNATURE)
-            member = None
-            if card is not None and card.id:
-                held = await uow.get(CARDS, id=card.id)
-                member = None if held is None else _member(held["member_id"])
+        self, uow: Unit, request: PosRequest, terminal: Terminal, now: int, read: _Read
+    ) -> tuple[dict[str, Any], dict[str, Any], model.Verdict, int | None]:
+        """The code presented (a QR's signature verified first), its campaign, the rules'
+        verdict and the card's member, from what `_read` read."""
+        if read.malformed:
+            raise _Refusal(read.malformed)
+        qr = request.coupon.startswith(model.QR_VERSION + "|")
+        if qr:
+            await self._verified_code(uow, request.coupon, now)
+        if read.found is None:
+            raise _Refusal(NOT_FOUND)
+        (row, campaign_row), member = read.found, read.member
+        assert campaign_row["code"] is not None  # a code's campaign is never deleted
+        if qr and model.parse_qr(request.coupon).issuer_entity != campaign_row["legal_entity"]:
+            raise _Refusal(QR_SIGNATURE)
         c = campaign_of(campaign_row)
         redeemed = today = 0
         if member is not None and (c.per_member_max or c.per_member_per_day_max):
@@ -1233,9 +1224,7 @@ class CouponService:
         now = self.clock_ms()
         async with self.records.read() as uow:
             _, read = await self._read(uow, request.coupon, "", card)
-            _, campaign_row, verdict, _ = await self._present(
-                uow, request, terminal, card, now, read=read
-            )
+            _, campaign_row, verdict, _ = await self._present(uow, request, terminal, now, read)
         if not verdict.ok:
             return refused(verdict.refusal, campaign_row["code"], campaign_row["state"])
         return PosResult(
@@ -1265,7 +1254,7 @@ class CouponService:
                     return await self._confirm(request, key, key)
                 return replay(mine, request)
             row, campaign_row, verdict, member = await self._present(
-                uow, request, terminal, card, now, read=read
+                uow, request, terminal, now, read
             )
         held_by = row["reserved_key"] or ""
         if redeem and row["state"] == "reserved" and held_by.startswith(
