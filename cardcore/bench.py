@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cardcore import limits, migrate
+from cardcore import limits, migrate, runtime
 from cardcore.ledger import wire
 from cardcore.ledger.model import (
     AccountFlags,
@@ -90,13 +90,13 @@ def check(options: BenchOptions) -> None:
 def run(options: BenchOptions) -> dict[str, Any]:
     check(options)
     if options.url:
-        return asyncio.run(_drive(options.url, options, backend="external"))
+        return runtime.run(_drive(options.url, options, backend="external"))
     with tempfile.TemporaryDirectory(prefix="cardcore-bench-") as tmp:
         db = options.db or f"sqlite:///{Path(tmp) / 'bench.db'}"
         migrate.upgrade(db)
         with _server(db, options) as (url, pid):
             backend = "postgresql" if db.startswith("postgres") else "sqlite"
-            return asyncio.run(_drive(url, options, backend=backend, server_pid=pid))
+            return runtime.run(_drive(url, options, backend=backend, server_pid=pid))
 
 
 @contextlib.contextmanager

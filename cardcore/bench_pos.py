@@ -62,7 +62,7 @@ from typing import Any
 
 import aiohttp
 
-from cardcore import limits, migrate
+from cardcore import limits, migrate, runtime
 from cardcore.bench import (
     BenchError,
     cpu_s,
@@ -178,7 +178,7 @@ def run(options: PosBenchOptions) -> dict[str, Any]:
                     ledger_url, gateway = stack.enter_context(_process(env, "serve"))
             mode = "separate" if options.separate or options.ledger else "serve"
             servers.append(gateway.pid)
-            result = asyncio.run(_drive(ledger_url, gateway, options, servers))
+            result = runtime.run(_drive(ledger_url, gateway, options, servers))
             return {"bench": "pos", "mode": mode, "backend": backend, **result}
 
 

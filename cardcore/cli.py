@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from cardcore import admin_commands, bench, bench_pos, limits, logs, migrate, pos_commands
+from cardcore import admin_commands, bench, bench_pos, limits, logs, migrate, pos_commands, runtime
 from cardcore import config as config_module
 from cardcore.db import DATABASE_ERRORS, DatabaseUrlError, make_engine
 from cardcore.frontend_gateway.saf import SafError
@@ -343,13 +343,13 @@ def _dispatch(args: argparse.Namespace, config: config_module.Config) -> int:
         from cardcore.api.server import serve  # noqa: PLC0415 - keep aiohttp off other commands
 
         asyncio.run(migrate.check_current(config.db_url))
-        asyncio.run(serve(config, role=args.command, with_demo=getattr(args, "demo", False)))
+        runtime.run(serve(config, role=args.command, with_demo=getattr(args, "demo", False)))
         return 0
     if args.command == "keys":
         print(json.dumps(pos_commands.keys_init(config, args.kek_file)))
         return 0
     if args.command == "gateway":
-        asyncio.run(pos_commands.run_gateway(config))
+        runtime.run(pos_commands.run_gateway(config))
         return 0
     if args.command == "pos":
         return asyncio.run(pos_commands.run_pos(config, args))

@@ -1,6 +1,13 @@
 """Process-wide settings of long-running processes: the servers (`serve`, `ledger`,
 `gateway`) once listening, and the load generators (`bench ...`) before their timed part.
 
+The event loop (ADR 0009): `run` runs a server's or load generator's main coroutine on
+uvloop (libuv's loop, by asyncpg's authors; the same `asyncio` interfaces) where it is
+installed, which is every platform the package supports but Windows; elsewhere on the
+standard loop. A plain-purchase POS benchmark spends about a tenth less CPU in the server on
+it (docs/benchmarks.md, tenth session). Short commands (migrate, admin, verify) keep
+`asyncio.run`: their time is in the database.
+
 The garbage collector: CPython collects its youngest generation every 700 net new container
 objects. A busy server makes that many in a few milliseconds (a POS message, its futures,
 the writer's batch), so the collector ran about 90 times a second, and about once a second
@@ -18,9 +25,23 @@ the next collection.
 
 from __future__ import annotations
 
+import asyncio
 import gc
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from cardcore import limits
+
+T = TypeVar("T")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)` on uvloop when it is installed."""
+    try:
+        import uvloop  # noqa: PLC0415 - only the long-running processes need it
+    except ImportError:  # pragma: no cover - Windows: the standard loop
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def settle_gc() -> None:

@@ -158,6 +158,7 @@ THIRD_PARTY = {
     # PIN blocks and terminal keys; sealing, keyed hashes and PIN verification values
     "cryptography": frozenset({"cardcore.frontend_gateway", "cardcore.vault"}),
     "jsonschema": frozenset({"cardcore.api.routes"}),  # admin request bodies, one schema
+    "uvloop": frozenset({"cardcore.runtime"}),  # the long-running processes' loop (ADR 0009)
 }
 DOMAIN_FORBIDDEN = {"asyncio", "aiohttp", "sqlalchemy", "asyncpg", "aiosqlite", "cryptography"}
 DOMAIN_FILES = ["model.py", "decide.py", "codes.py", "journal.py", "wire.py"]
