@@ -1,9 +1,10 @@
 """The POS use cases: what the host does with each request the front-end gateway forwards.
 
-`PosService.handle` takes many terminals' requests at once (the gateway batches them), reads
-what each needs (terminal, card, original transfer), turns each into at most one ledger
-operation, submits them all to the writer in one call, so they share a group commit, and
-answers each with an `Outcome`. Coupons, service and manager cards are answered by their own
+`PosService.handle` takes many terminals' requests at once (the gateway batches them): the
+feature requests (below) are answered by their services, all at once, while the others are
+planned (terminal, card, original transfer read), turned into at most one ledger operation
+each and submitted to the writer in one call, so they share a group commit. Each request is
+answered with an `Outcome`. Coupons, service and manager cards are answered by their own
 services (`features`, registered by the application); a reversal the ledger took also asks
 each feature to undo what it did under the reversed key (`reversers`), never one it refused.
 
@@ -248,19 +249,38 @@ class PosService:
 
     async def handle(self, requests: Sequence[PosRequest]) -> list[PosResult]:
         """One answer per request, in order. A failure while reading for one request (a
-        database timeout, say) answers that request `unavailable`, never its neighbours."""
+        database timeout, say) answers that request `unavailable`, never its neighbours.
+
+        Two parts run at once: the feature requests (coupons, points earned with another
+        tender or redeemed, service and manager cards), each answered by its service in
+        round trips of its own, at most `POS_FEATURE_PLANS_CONCURRENT_MAX` together; and
+        the money (`_money`: the other requests planned one by one, their terminals and
+        cards mostly in memory, then decided and submitted together). A call waits for the
+        slower part, not for the sum of every coupon's round trips and the money's. Two
+        feature requests of one call, or a feature request and a purchase, are no closer
+        than two requests of different calls, which always ran at once (one request in
+        flight per terminal); and a reversal's undoing of features (`_undo`) is of an
+        earlier call's request."""
         await self._warm_cards(requests)
-        plans = [await self._plan_or_unavailable(r) for r in requests]
-        async with contextlib.AsyncExitStack() as held:
-            for lock in self._locks(plans):
-                await held.enter_async_context(lock)
-            await self._decide(plans)
-            await self._resends(plans)
-            await self._submit(plans)
-            if await self._resends(plans):
-                await self._submit(plans)
-            await self._points(plans)
-        await self._undo(plans)
+        room = asyncio.Semaphore(limits.POS_FEATURE_PLANS_CONCURRENT_MAX)
+
+        async def feature(r: PosRequest) -> _Plan:
+            async with room:
+                return await self._plan_or_unavailable(r)
+
+        async with asyncio.TaskGroup() as group:
+            features = {
+                i: group.create_task(feature(r))
+                for i, r in enumerate(requests)
+                if r.kind in FEATURE_KINDS or r.kind in POINTS_KINDS
+            }
+            money = {
+                i: await self._plan_or_unavailable(r)
+                for i, r in enumerate(requests)
+                if i not in features
+            }
+            await self._money(list(money.values()))
+        plans = [features[i].result() if i in features else money[i] for i in range(len(requests))]
         await self._rewards(plans)
         out = []
         for plan in plans:
@@ -271,6 +291,21 @@ class PosService:
                 log.exception("POS answer could not be completed")
                 out.append(PosResult(Outcome.UNAVAILABLE))
         return out
+
+    async def _money(self, plans: list[_Plan]) -> None:
+        """Under the card locks of the call's money: decided, submitted in one call to the
+        writer (again for resends found), the points round; then the features undo what
+        the call's approved reversals reversed."""
+        async with contextlib.AsyncExitStack() as held:
+            for lock in self._locks(plans):
+                await held.enter_async_context(lock)
+            await self._decide(plans)
+            await self._resends(plans)
+            await self._submit(plans)
+            if await self._resends(plans):
+                await self._submit(plans)
+            await self._points(plans)
+        await self._undo(plans)
 
     async def _warm_cards(self, requests: Sequence[PosRequest]) -> None:
         """The cards the requests name, read together before they are planned one by one

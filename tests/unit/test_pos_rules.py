@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from cardcore import limits
 from cardcore.cards.model import (
     BASIS_POINTS,
     GIVE_BACK_STATES,
@@ -433,3 +434,80 @@ async def test_pin_rules_and_no_pin_in_any_log_line(caplog: pytest.LogCaptureFix
     assert refused.outcome is Outcome.UNAVAILABLE
     text = caplog.text + "".join(repr(r.__dict__) for r in caplog.records)
     assert PIN not in text and block not in text and PAN not in text
+
+
+@dataclass
+class SlowCoupons:
+    """A coupon handler whose answers take `wait_s` each (a round trip under load): how
+    many were in flight at once, and a database error for one STAN."""
+
+    wait_s: float
+    failing: str = ""
+    inflight: int = 0
+    most: int = 0
+
+    async def handle(self, r: PosRequest, _t: Terminal, _key: str, _card: Card | None) -> PosResult:
+        self.inflight += 1
+        self.most = max(self.most, self.inflight)
+        try:
+            await asyncio.sleep(self.wait_s)
+            if r.stan == self.failing:
+                raise TimeoutError("statement timeout")
+            return PosResult(Outcome.APPROVED, campaign=f"C{r.stan}")
+        finally:
+            self.inflight -= 1
+
+
+def _coupon_query(stan: str) -> PosRequest:
+    return PosRequest(Kind.COUPON_QUERY, T_A.tid, "000001", stan, "", 500, coupon="ABCD")
+
+
+async def test_a_calls_coupon_requests_are_planned_at_once_and_answered_in_order() -> None:
+    books = Books({41: 10_000})
+    service = _service(books, [_card(PAN, 41)])
+    coupons = SlowCoupons(wait_s=0.2, failing="000004")
+    service.features[Kind.COUPON_QUERY] = coupons.handle
+    requests = [_coupon_query("000001"), _purchase(PAN, "000002", 100)]
+    requests += [_coupon_query(f"{i:06d}") for i in range(3, 6)]
+    answers = await service.handle(requests)
+    assert coupons.most == 4  # one after another (before): 1
+    assert [(a.outcome, a.campaign) for a in answers] == [
+        (Outcome.APPROVED, "C000001"),
+        (Outcome.APPROVED, ""),  # the purchase, planned meanwhile
+        (Outcome.APPROVED, "C000003"),
+        (Outcome.UNAVAILABLE, ""),  # its database error is its own
+        (Outcome.APPROVED, "C000005"),
+    ]
+    assert books.balances == {41: 9_900}
+
+
+async def test_at_most_a_bound_of_a_calls_feature_requests_at_once() -> None:
+    service = _service(Books({}), [])
+    coupons = SlowCoupons(wait_s=0.01)
+    service.features[Kind.COUPON_QUERY] = coupons.handle
+    count = limits.POS_FEATURE_PLANS_CONCURRENT_MAX + 5
+    answers = await service.handle([_coupon_query(f"{i:06d}") for i in range(1, count + 1)])
+    assert coupons.most == limits.POS_FEATURE_PLANS_CONCURRENT_MAX
+    assert [a.campaign for a in answers] == [f"C{i:06d}" for i in range(1, count + 1)]
+
+
+async def test_a_calls_money_is_submitted_while_its_coupons_are_answered() -> None:
+    books = Books({41: 10_000})
+    service = _service(books, [_card(PAN, 41)])
+    seen: list[int] = []
+
+    async def coupon(r: PosRequest, _t: Terminal, _key: str, _card: Card | None) -> PosResult:
+        # A slow coupon: it answers once the purchase of its call reached the ledger (or
+        # gives up after a second: then the money waited behind it, as before).
+        for _ in range(100):
+            if books.calls:
+                break
+            await asyncio.sleep(0.01)
+        seen.append(len(books.calls))
+        return PosResult(Outcome.APPROVED, campaign="C")
+
+    service.features[Kind.COUPON_QUERY] = coupon
+    answers = await service.handle([_coupon_query("000001"), _purchase(PAN, "000002", 100)])
+    assert seen == [1]  # the money did not wait for the coupon (before: 0)
+    assert [a.outcome for a in answers] == [Outcome.APPROVED, Outcome.APPROVED]
+    assert answers[0].campaign == "C" and books.balances == {41: 9_900}
