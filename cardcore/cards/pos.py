@@ -268,19 +268,25 @@ class PosService:
             async with room:
                 return await self._plan_or_unavailable(r)
 
-        async with asyncio.TaskGroup() as group:
-            features = {
-                i: group.create_task(feature(r))
-                for i, r in enumerate(requests)
-                if r.kind in FEATURE_KINDS or r.kind in POINTS_KINDS
-            }
+        features = {
+            i: asyncio.ensure_future(feature(r))
+            for i, r in enumerate(requests)
+            if r.kind in FEATURE_KINDS or r.kind in POINTS_KINDS
+        }
+        try:
             money = {
                 i: await self._plan_or_unavailable(r)
                 for i, r in enumerate(requests)
                 if i not in features
             }
             await self._money(list(money.values()))
-        plans = [features[i].result() if i in features else money[i] for i in range(len(requests))]
+            answered = {i: await task for i, task in features.items()}
+        finally:
+            # A failure the parts do not answer themselves ends the call (the gateway
+            # answers 96 and reverses): the features still running end with it.
+            for task in features.values():
+                task.cancel()
+        plans = [answered[i] if i in features else money[i] for i in range(len(requests))]
         await self._rewards(plans)
         out = []
         for plan in plans:

@@ -511,3 +511,28 @@ async def test_a_calls_money_is_submitted_while_its_coupons_are_answered() -> No
     assert seen == [1]  # the money did not wait for the coupon (before: 0)
     assert [a.outcome for a in answers] == [Outcome.APPROVED, Outcome.APPROVED]
     assert answers[0].campaign == "C" and books.balances == {41: 9_900}
+
+
+async def test_a_failure_of_the_money_ends_the_calls_features_and_is_raised_as_itself() -> None:
+    books = Books({41: 10_000})
+    service = _service(books, [_card(PAN, 41)])
+    ended: list[str] = []
+
+    async def coupon(r: PosRequest, _t: Terminal, _key: str, _card: Card | None) -> PosResult:
+        try:
+            await asyncio.sleep(10)
+            return PosResult(Outcome.APPROVED)
+        except asyncio.CancelledError:
+            ended.append(r.stan)
+            raise
+
+    async def broken(_ops: Sequence[Op]) -> list[Result]:
+        await asyncio.sleep(0.05)  # the coupon is under way
+        raise RuntimeError("a defect in the ledger call")
+
+    service.features[Kind.COUPON_QUERY] = coupon
+    books.submit = broken  # type: ignore[method-assign,assignment]
+    with pytest.raises(RuntimeError, match="a defect"):  # not an ExceptionGroup
+        await service.handle([_coupon_query("000001"), _purchase(PAN, "000002", 100)])
+    await asyncio.sleep(0)  # the cancelled coupon runs its handler's end
+    assert ended == ["000001"]
