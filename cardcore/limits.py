@@ -67,10 +67,11 @@ HTTP_CLIENT_TIMEOUT_S: Final = 30  # the benchmark's and other internal clients'
 # --- POS host (cardcore.cards) ---------------------------------------------------------------
 POS_REQUESTS_PER_CALL_MAX: Final = 1024  # POS requests in one POST /internal/v1/pos
 POS_AMOUNT_MAX: Final = 999_999_999_999  # F4 is twelve digits of fen
-# Feature requests (coupons, points, service and manager cards) of one POS call planned at
-# once, each on its own pooled connection: a call waits for the slowest of them, not for
-# their sum (docs/benchmarks.md, tenth session); below DB_POOL_SIZE_MAX, so one call of many
-# coupons cannot take every connection.
+# Feature requests (coupons, points, service and manager cards) of one POS call answered at
+# once, each on its own pooled connection while it runs: a call waits for the slowest of
+# them, not for their sum (docs/benchmarks.md, tenth session). Below DB_POOL_SIZE_MAX, so
+# one call of many coupons cannot hold every connection; calls at once share the pool's
+# queue (DB_CONNECT_TIMEOUT_S), as they did before.
 POS_FEATURE_PLANS_CONCURRENT_MAX: Final = 16
 POS_UPLOAD_LINES_MAX: Final = 64  # transaction lines in one batch-upload request
 TOPUP_CONFIRM_S: Final = 600  # a top-up hold waits this long for the terminal's confirmation

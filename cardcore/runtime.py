@@ -3,9 +3,9 @@
 
 The event loop (ADR 0009): `run` runs a server's or load generator's main coroutine on
 uvloop (libuv's loop, by asyncpg's authors; the same `asyncio` interfaces) where it is
-installed, which is every platform the package supports but Windows; elsewhere on the
-standard loop. A plain-purchase POS benchmark spends about a tenth less CPU in the server on
-it (docs/benchmarks.md, tenth session). Short commands (migrate, admin, verify) keep
+installed (CPython but on Windows and Cygwin: setup.cfg), elsewhere on the standard loop.
+A plain-purchase POS benchmark spends about a tenth less CPU in the server on it
+(docs/benchmarks.md, tenth session). Short commands (migrate, admin, verify) keep
 `asyncio.run`: their time is in the database.
 
 The garbage collector: CPython collects its youngest generation every 700 net new container

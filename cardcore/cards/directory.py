@@ -147,8 +147,8 @@ class Directory:
 
     async def warm_cards(self, tokens: Sequence[str]) -> None:
         """Read the cards of `tokens` that are not held yet into memory, in one statement:
-        a `handle` call plans its requests one after another, and each would read its own
-        card (a group's cards far outnumber what is held, so most are read). Cards found
+        otherwise each request of a `handle` call would read its own card when planned (a
+        group's cards far outnumber what is held, so most are read). Cards found
         are held as `card` holds them; none is held when a card changed meanwhile."""
         wanted = sorted({t for t in tokens if t not in self._cards})
         if len(wanted) < 2:  # one read either way

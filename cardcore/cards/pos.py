@@ -259,14 +259,20 @@ class PosService:
         slower part, not for the sum of every coupon's round trips and the money's. Two
         feature requests of one call, or a feature request and a purchase, are no closer
         than two requests of different calls, which always ran at once (one request in
-        flight per terminal); and a reversal's undoing of features (`_undo`) is of an
-        earlier call's request."""
+        flight per terminal). A feature that fails in any way answers its own request
+        `unavailable` (the gateway answers 96 and reverses it), so the money goes on
+        without it; a failure of the money part ends the call, and the features still
+        running end with it before `handle` raises."""
         await self._warm_cards(requests)
         room = asyncio.Semaphore(limits.POS_FEATURE_PLANS_CONCURRENT_MAX)
 
         async def feature(r: PosRequest) -> _Plan:
             async with room:
-                return await self._plan_or_unavailable(r)
+                try:
+                    return await self._plan_or_unavailable(r)
+                except Exception:  # a defect in one feature never fails its neighbours
+                    log.exception("a feature request failed", extra={"kind": str(r.kind)})
+                    return _Plan(r, answer=PosResult(Outcome.UNAVAILABLE))
 
         features = {
             i: asyncio.ensure_future(feature(r))
@@ -282,10 +288,9 @@ class PosService:
             await self._money(list(money.values()))
             answered = {i: await task for i, task in features.items()}
         finally:
-            # A failure the parts do not answer themselves ends the call (the gateway
-            # answers 96 and reverses): the features still running end with it.
             for task in features.values():
-                task.cancel()
+                task.cancel()  # nothing when they are done
+            await asyncio.gather(*features.values(), return_exceptions=True)
         plans = [answered[i] if i in features else money[i] for i in range(len(requests))]
         await self._rewards(plans)
         out = []

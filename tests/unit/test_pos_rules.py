@@ -534,5 +534,31 @@ async def test_a_failure_of_the_money_ends_the_calls_features_and_is_raised_as_i
     books.submit = broken  # type: ignore[method-assign,assignment]
     with pytest.raises(RuntimeError, match="a defect"):  # not an ExceptionGroup
         await service.handle([_coupon_query("000001"), _purchase(PAN, "000002", 100)])
-    await asyncio.sleep(0)  # the cancelled coupon runs its handler's end
-    assert ended == ["000001"]
+    assert ended == ["000001"]  # ended before handle raised
+
+    # A call cancelled (the host closing) ends its features before it ends.
+    ended.clear()
+    books.submit = Books.submit.__get__(books)  # type: ignore[method-assign]
+    books.delay_s = 10
+    call = asyncio.ensure_future(
+        service.handle([_coupon_query("000003"), _purchase(PAN, "000004", 100)])
+    )
+    await asyncio.sleep(0.05)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert ended == ["000003"]
+
+
+async def test_a_feature_that_fails_answers_its_own_request_only() -> None:
+    books = Books({41: 10_000})
+    service = _service(books, [_card(PAN, 41)])
+
+    async def defect(r: PosRequest, _t: Terminal, _key: str, _card: Card | None) -> PosResult:
+        await asyncio.sleep(0.01)
+        raise ValueError("a defect in a coupon rule")
+
+    service.features[Kind.COUPON_QUERY] = defect
+    answers = await service.handle([_coupon_query("000001"), _purchase(PAN, "000002", 100)])
+    assert [a.outcome for a in answers] == [Outcome.UNAVAILABLE, Outcome.APPROVED]
+    assert books.balances == {41: 9_900}
