@@ -319,7 +319,7 @@ class PosService:
         await self._undo(plans)
 
     async def _warm_cards(self, requests: Sequence[PosRequest]) -> None:
-        """The cards the requests name, read together before they are planned one by one
+        """The cards the requests name, read together before the requests are planned
         (at most `CARD_WARM_MAX`; a card number that fails Luhn is left to its plan). When
         the read fails each plan reads its own card, as without it."""
         tokens = [
