@@ -138,11 +138,8 @@ class Directory:
         if row is None:
             return None
         card = card_of(row)
-        if generation != self._card_generation:
-            return card  # a card changed while this read ran: answer it, never cache it
-        self._cards[token] = card
-        if len(self._cards) > limits.CARD_CACHE_ENTRIES_MAX:
-            self._cards.popitem(last=False)
+        if generation == self._card_generation:  # else a card changed meanwhile: not held
+            self._hold([card])
         return card
 
     async def warm_cards(self, tokens: Sequence[str]) -> None:
@@ -160,10 +157,14 @@ class Directory:
                 .mappings()
                 .all()
             )
-        if generation != self._card_generation:
-            return
-        for row in rows:
-            self._cards[row["token"]] = card_of(row)
+        if generation == self._card_generation:
+            self._hold([card_of(row) for row in rows])
+
+    def _hold(self, cards: Sequence[Card]) -> None:
+        """Cards read while no card changed, kept; the least recently used go past
+        `CARD_CACHE_ENTRIES_MAX`."""
+        for card in cards:
+            self._cards[card.token] = card
         while len(self._cards) > limits.CARD_CACHE_ENTRIES_MAX:
             self._cards.popitem(last=False)
 

@@ -325,11 +325,8 @@ def candidates(text: str) -> list[str]:
     with contextlib.suppress(Refused):
         out.append(model.parse(text))
     if len(text) <= limits.COUPON_TYPED_CHARS_MAX:
-        try:
+        with contextlib.suppress(Refused):
             imported = model.check_imported(text)
-        except Refused:
-            pass
-        else:
             if imported not in out:
                 out.append(imported)
     if not out:
