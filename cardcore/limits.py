@@ -186,6 +186,7 @@ COUPON_DEPARTMENTS_MAX: Final = 100  # departments named by one campaign
 COUPON_PER_MEMBER_MAX: Final = 10_000  # redemptions per member a campaign may allow
 COUPON_BASKET_LINES_MAX: Final = 1000  # department lines of one bill a coupon is checked against
 COUPON_PER_TRANSACTION_MAX: Final = 10  # coupons combined in one transaction
+COUPON_READS_TOGETHER_MAX: Final = 64  # POS coupon requests read by one statement (a turn's)
 COUPON_QR_CHARS_MAX: Final = 512  # a scanned QR text: payload, "|" and signature
 COUPON_QR_CODE_CHARS_MAX: Final = 64  # the code field of a QR payload
 COUPON_QR_EXPIRY_DIGITS_MAX: Final = 15  # Unix ms in decimal (13 digits until the year 2286)

@@ -610,17 +610,21 @@ class Records:
         as data-modifying CTEs, say), run at the driver as its own transaction, and the
         one row it returns. Conflict on a duplicate, as `insert`; Deadlock when PostgreSQL
         broke a deadlock by ending this statement (it changed nothing)."""
+        [row] = await self.statement_rows(sql, args)
+        return row
+
+    async def statement_rows(self, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+        """`statement_row` for a statement that returns any number of rows: all of them."""
         if not self.postgres:
-            raise RuntimeError("statement_row is for PostgreSQL")
+            raise RuntimeError("statement_rows is for PostgreSQL")
         try:
             async with self._driver() as driver:
-                row = await driver.fetchrow(sql, *args)
+                rows = await driver.fetch(sql, *args)
         except asyncpg.IntegrityConstraintViolationError as exc:
             raise Conflict(getattr(exc, "table_name", None) or "") from None
         except asyncpg.DeadlockDetectedError:
             raise Deadlock from None
-        assert row is not None
-        return dict(row)
+        return [dict(row) for row in rows]
 
     async def _forget(self, pooled: Any) -> None:
         """A connection the server dropped: it, and every other idle one of the pool (a

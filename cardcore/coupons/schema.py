@@ -182,6 +182,32 @@ def presented_select() -> Select[Any]:
     return select(*columns, card.c.member_id.label("card_member")).select_from(joined)
 
 
+@functools.cache
+def presented_many_sql() -> str:
+    """PostgreSQL: what `presented_select` reads, for many POS coupon requests in one
+    statement (those that ask in one turn of the event loop, `CouponService._read`). $1
+    the POS keys, $2 and $3 the spellings of each code, $4 each card's id (NULL: none): one
+    array each, one element per request. One row per request, in order, labelled as
+    `presented_select`'s (and `n`, the request's place from 1). Only column names and fixed
+    words go into the text."""
+    labels = ", ".join(
+        f"{prefix.rstrip('_')}.{c.name} AS {prefix}{c.name}"
+        for prefix, table in PRESENTED
+        for c in table.c
+    )
+    return (
+        f"SELECT q.n AS n, {labels}, card.member_id AS card_member"  # noqa: S608
+        " FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::bigint[])"
+        " WITH ORDINALITY AS q(key, code1, code2, card, n)"
+        " LEFT JOIN LATERAL (SELECT * FROM coupon_codes AS c WHERE c.code IN (q.code1, q.code2)"
+        " ORDER BY c.code LIMIT 1) AS code ON true"
+        " LEFT JOIN coupon_campaigns AS campaign ON campaign.code = code.campaign"
+        " LEFT JOIN coupon_redemptions AS mine ON mine.key = q.key"
+        " LEFT JOIN cards AS card ON card.id = q.card"
+        " ORDER BY q.n"
+    )
+
+
 def _pg_type(column: Column[Any]) -> str:
     """The column's PostgreSQL type without its length: a cast to VARCHAR(n) would cut a
     longer value short, where the column itself refuses it."""

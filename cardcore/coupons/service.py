@@ -44,6 +44,7 @@ from cardcore.cards.model import (
     Terminal,
     transaction_key,
 )
+from cardcore.coalesce import Coalescer
 from cardcore.coupons import model, schema
 from cardcore.coupons.model import Campaign, CampaignState, CodeStatus, CouponKind
 from cardcore.org.model import (
@@ -355,6 +356,9 @@ class CouponService:
         # purchases at the till read them (monotonic time they were read at, the rows):
         # forgotten at every campaign change made here, and after COUPON_REWARD_CACHE_S.
         self._rewarding: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        # The POS coupon requests that read in one turn of the event loop (a call's feature
+        # tasks start together) read in one statement on PostgreSQL (`_presented_rows`).
+        self._presented = Coalescer(self._presented_rows, limits.COUPON_READS_TOGETHER_MAX)
 
     # --- campaigns -----------------------------------------------------------------------------
 
@@ -1123,41 +1127,79 @@ class CouponService:
             return refused(exc.code)
 
     async def _read(
-        self, uow: Unit, text: str, key: str, card: Card | None
+        self, text: str, key: str, card: Card | None
     ) -> tuple[dict[str, Any] | None, _Read]:
         """The redemption stored under the POS key (a resend; "": none asked) and what
-        `_present` needs, in one statement (`schema.presented_select`): the code a typed
-        text or a QR names (the QR is verified by `_present`, after the key's look-up: a
-        resend is answered whatever the QR's expiry). A text that names no code: the key's
-        redemption alone, and the refusal."""
+        `_present` needs, in one statement with the other requests reading in this turn
+        of the event loop (`_presented_rows`): the code a typed text or a QR names (the QR
+        is verified by `_present`, after the key's look-up: a resend is answered whatever
+        the QR's expiry). A text that names no code: the key's redemption alone, and the
+        refusal."""
         try:
             code = model.parse_qr(text).code if text.startswith(model.QR_VERSION + "|") else text
             typed = candidates(code)
         except Refused as exc:
-            mine = await uow.get(REDEMPTIONS, key=key) if key else None
+            mine = None
+            if key:
+                async with self.records.read() as uow:
+                    mine = await uow.get(REDEMPTIONS, key=key)
             return mine, _Read(None, None, malformed=exc.code)
-        got = await uow.select_one(
-            "coupon_presented",
-            schema.presented_select,
-            {"key": key, "code1": typed[0], "code2": typed[-1],
-             "card": card.id if card is not None and card.id else None},
-        )  # fmt: skip
-        assert got is not None  # the statement always gives one row
+        card_id = card.id if card is not None and card.id else None
+        got = await self._presented((key, typed[0], typed[-1], card_id))
         mine, row, campaign_row = (
             {c.name: got[prefix + c.name] for c in table.c} for prefix, table in schema.PRESENTED
         )
         found = None if row["code"] is None else (row, campaign_row)
         return (None if mine["key"] is None else mine), _Read(found, _member(got["card_member"]))
 
+    async def _presented_rows(
+        self, asked: list[tuple[str, str, str, int | None]]
+    ) -> list[dict[str, Any]]:
+        """For each (POS key, the code's two spellings, card id or None): one row of what
+        `schema.presented_select` reads. PostgreSQL: all in one statement
+        (`schema.presented_many_sql`); SQLite: one select each, on one connection."""
+        if self.records.postgres:
+            columns = [list(column) for column in zip(*asked, strict=True)]
+            return await self.records.statement_rows(schema.presented_many_sql(), columns)
+        out = []
+        async with self.records.read() as uow:
+            for key, code1, code2, card_id in asked:
+                got = await uow.select_one(
+                    "coupon_presented", schema.presented_select,
+                    {"key": key, "code1": code1, "code2": code2, "card": card_id},
+                )  # fmt: skip
+                assert got is not None  # the statement always gives one row
+                out.append(got)
+        return out
+
     async def _present(
-        self, uow: Unit, request: PosRequest, terminal: Terminal, now: int, read: _Read
+        self, request: PosRequest, terminal: Terminal, now: int, read: _Read
     ) -> tuple[dict[str, Any], dict[str, Any], model.Verdict, int | None]:
         """The code presented (a QR's signature verified first), its campaign, the rules'
-        verdict and the card's member, from what `_read` read."""
+        verdict and the card's member, from what `_read` read; what else the rules need
+        (the QR's key, the member's redemptions, the sale's other coupons) read on one
+        connection, taken only when there is such a thing to read."""
         if read.malformed:
             raise _Refusal(read.malformed)
         qr = request.coupon.startswith(model.QR_VERSION + "|")
+        c = None if read.found is None else campaign_of(read.found[1])
+        limited = bool(
+            read.member is not None and c and (c.per_member_max or c.per_member_per_day_max)
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            needed = qr or limited or bool(request.sale)
+            uow = await stack.enter_async_context(self.records.read()) if needed else None
+            return await self._judge(uow, request, terminal, now, read, limited=limited)
+
+    async def _judge(
+        self, uow: Unit | None, request: PosRequest, terminal: Terminal, now: int,
+        read: _Read, *, limited: bool,
+    ) -> tuple[dict[str, Any], dict[str, Any], model.Verdict, int | None]:  # fmt: skip
+        """`_present`'s work; `uow` (None: nothing more to read) reads the QR's key, the
+        member's redemptions (`limited`) and the sale's other coupons."""
+        qr = request.coupon.startswith(model.QR_VERSION + "|")
         if qr:
+            assert uow is not None
             await self._verified_code(uow, request.coupon, now)
         if read.found is None:
             raise _Refusal(NOT_FOUND)
@@ -1167,7 +1209,9 @@ class CouponService:
             raise _Refusal(QR_SIGNATURE)
         c = campaign_of(campaign_row)
         redeemed = today = 0
-        if member is not None and (c.per_member_max or c.per_member_per_day_max):
+        if limited:
+            assert uow is not None
+            assert member is not None
             live = ["reserved", "redeemed"]
             redeemed = await uow.count(REDEMPTIONS, campaign=c.code, member_id=member, state=live)
             today = await uow.count(
@@ -1198,13 +1242,14 @@ class CouponService:
         return row, campaign_row, verdict, member
 
     async def _same_sale(
-        self, uow: Unit, terminal: Terminal, request: PosRequest, code: str
+        self, uow: Unit | None, terminal: Terminal, request: PosRequest, code: str
     ) -> tuple[int, bool]:
         """The other coupons held or redeemed in this terminal's sale (its sale number):
         how many, and whether all of them may be combined. Without a sale number each
         coupon message is a sale of its own."""
         if not request.sale:
             return 0, True
+        assert uow is not None  # `_present` reads for a sale number
         rows = await uow.find(
             REDEMPTIONS,
             {"terminal": terminal.tid, "sale": request.sale, "state": ["reserved", "redeemed"]},
@@ -1219,9 +1264,8 @@ class CouponService:
 
     async def _query(self, request: PosRequest, terminal: Terminal, card: Card | None) -> PosResult:
         now = self.clock_ms()
-        async with self.records.read() as uow:
-            _, read = await self._read(uow, request.coupon, "", card)
-            _, campaign_row, verdict, _ = await self._present(uow, request, terminal, now, read)
+        _, read = await self._read(request.coupon, "", card)
+        _, campaign_row, verdict, _ = await self._present(request, terminal, now, read)
         if not verdict.ok:
             return refused(verdict.refusal, campaign_row["code"], campaign_row["state"])
         return PosResult(
@@ -1244,15 +1288,12 @@ class CouponService:
         at once."""
         redeem = request.kind is Kind.COUPON_REDEEM
         now = self.clock_ms()
-        async with self.records.read() as uow:
-            mine, read = await self._read(uow, request.coupon, key, card)
-            if mine is not None:
-                if redeem and mine["state"] == "reserved" and same_code(mine, request.coupon):
-                    return await self._confirm(request, key, key)
-                return replay(mine, request)
-            row, campaign_row, verdict, member = await self._present(
-                uow, request, terminal, now, read
-            )
+        mine, read = await self._read(request.coupon, key, card)
+        if mine is not None:
+            if redeem and mine["state"] == "reserved" and same_code(mine, request.coupon):
+                return await self._confirm(request, key, key)
+            return replay(mine, request)
+        row, campaign_row, verdict, member = await self._present(request, terminal, now, read)
         held_by = row["reserved_key"] or ""
         if redeem and row["state"] == "reserved" and held_by.startswith(
             transaction_key(terminal, request.batch, "")

@@ -21,8 +21,9 @@ from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, transaction_key
 from cardcore.cards.pos import PosService
 from cardcore.coupons import model
+from cardcore.coupons.schema import presented_many_sql
 from cardcore.coupons.service import CouponService
-from cardcore.records import Deadlock, Unit
+from cardcore.records import Deadlock, Records, Unit
 from cardcore.vault import Vault
 from tests import logscan
 from tests.conftest import ADMIN_KEK
@@ -395,10 +396,19 @@ async def test_a_redeem_of_a_typed_code_reads_key_code_campaign_and_member_in_on
             return _real(self, table, *args, **kwargs)
 
         monkeypatch.setattr(Unit, verb, counted)
+    real_rows = Records.statement_rows
+
+    async def statement_rows(self: Records, sql: str, args: Sequence[Any]) -> Any:
+        if sql == presented_many_sql():
+            reads.append("statement_rows coupon_presented")
+        return await real_rows(self, sql, args)
+
+    monkeypatch.setattr(Records, "statement_rows", statement_rows)
     redeem = ask(Kind.COUPON_REDEEM, tid, first.lower(), amount=5_000, card=pan)
     assert (await one(admin, redeem)).outcome is Outcome.APPROVED
     coupon_reads = [r for r in reads if r.split()[1].startswith("coupon") or r.endswith(" cards")]
-    assert coupon_reads == ["select_one coupon_presented"], reads
+    one_read = "statement_rows" if db_url.startswith("postgresql") else "select_one"
+    assert coupon_reads == [f"{one_read} coupon_presented"], reads
     again = await one(admin, redeem)
     assert (again.outcome, again.replayed) == (Outcome.APPROVED, True)
     limited = await one(admin, ask(Kind.COUPON_REDEEM, tid, second, amount=5_000, card=pan))
@@ -410,6 +420,83 @@ async def test_a_redeem_of_a_typed_code_reads_key_code_campaign_and_member_in_on
     bearer = await one(admin, ask(Kind.COUPON_QUERY, tid, second, amount=5_000))
     assert (bearer.outcome, bearer.refusal) == (Outcome.NOT_PERMITTED, "coupon_member_limit")
     assert await count(db_url, "coupon_redemptions") == 1
+
+
+async def test_the_coupon_requests_of_one_call_read_together_each_answered_as_alone(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coupon requests of one `handle` call read in one turn of the event loop: on
+    PostgreSQL one statement for all of them (`presented_many_sql`), on SQLite one select
+    each. Each gets the answer it would get alone: a redemption, a query, an unknown code,
+    a resend replayed, and the same code asked twice in the call: exactly one wins."""
+    await admin.org("LE1", "S1")
+    tids = [await terminal(admin) for _ in range(5)]
+    await campaign(admin, "MANY")
+    free, queried, earlier = await codes(admin, "MANY", 3)
+    before = ask(Kind.COUPON_REDEEM, tids[0], earlier, amount=5_000)
+    assert (await one(admin, before)).outcome is Outcome.APPROVED
+    # Signed on: their terminals are in the card directory's memory, as at a till.
+    await pos(admin).handle([ask(Kind.SIGN_ON, tid) for tid in tids])
+    statements: list[int] = []
+    real_rows = Records.statement_rows
+
+    async def statement_rows(self: Records, sql: str, args: Sequence[Any]) -> Any:
+        if sql == presented_many_sql():
+            statements.append(len(args[0]))
+        return await real_rows(self, sql, args)
+
+    monkeypatch.setattr(Records, "statement_rows", statement_rows)
+    unknown = model.new_code(secrets.token_bytes)
+    answers = await pos(admin).handle([
+        ask(Kind.COUPON_REDEEM, tids[1], free, amount=5_000),
+        ask(Kind.COUPON_QUERY, tids[2], queried, amount=5_000),
+        ask(Kind.COUPON_QUERY, tids[3], unknown, amount=5_000),
+        before,
+        ask(Kind.COUPON_REDEEM, tids[4], free, amount=5_000),
+    ])  # fmt: skip
+    assert statements == ([5] if db_url.startswith("postgresql") else [])
+    redeem, query, missing, resend, twice = answers
+    assert query.outcome is Outcome.APPROVED
+    assert query.discount == 1_000  # the campaign takes 10.00 off
+    assert missing.refusal == "coupon_not_found"
+    assert (resend.outcome, resend.replayed) == (Outcome.APPROVED, True)
+    won = [a for a in (redeem, twice) if a.outcome is Outcome.APPROVED]
+    lost = [a for a in (redeem, twice) if a.outcome is not Outcome.APPROVED]
+    assert len(won) == 1, answers
+    assert [a.refusal for a in lost] == ["coupon_used"]
+    assert (await code_row(db_url, queried))["state"] == "issued"
+    assert (await code_row(db_url, free))["state"] == "redeemed"
+    assert await count(db_url, "coupon_redemptions") == 2
+
+
+async def test_when_the_read_of_a_calls_coupons_fails_each_is_unavailable_and_nothing_changes(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One statement reads a call's coupon requests: when it fails, every one of them is
+    answered `unavailable` (the gateway answers 96 and reverses), nothing is held, and the
+    next call reads again."""
+    await admin.org("LE1", "S1")
+    tids = [await terminal(admin) for _ in range(3)]
+    await campaign(admin, "DOWN")
+    made = await codes(admin, "DOWN", 3)
+    before = await state_of(db_url)
+
+    async def down(*_args: Any, **_kwargs: Any) -> Any:
+        raise ConnectionResetError("the database went away")
+
+    with monkeypatch.context() as patched:
+        if db_url.startswith("postgresql"):
+            patched.setattr(Records, "statement_rows", down)
+        else:
+            patched.setattr(Unit, "select_one", down)
+        answers = await pos(admin).handle([
+            ask(Kind.COUPON_REDEEM, tid, code, amount=5_000)
+            for tid, code in zip(tids, made, strict=True)
+        ])  # fmt: skip
+    assert [a.outcome for a in answers] == [Outcome.UNAVAILABLE] * 3
+    assert await state_of(db_url) == before
+    again = await one(admin, ask(Kind.COUPON_REDEEM, tids[0], made[0], amount=5_000))
+    assert again.outcome is Outcome.APPROVED
 
 
 async def test_a_card_whose_id_is_past_32_bits_reads_its_member(

@@ -54,6 +54,7 @@ LAYER_OF = {
     "cardcore.logs": SUPPORT,
     "cardcore.metrics": SUPPORT,
     "cardcore.runtime": SUPPORT,  # process settings of servers and load generators
+    "cardcore.coalesce": SUPPORT,  # calls of one turn of the event loop answered together
     "cardcore.cards": SERVICE,  # the package: a docstring
     "cardcore.cards.model": DOMAIN,
     "cardcore.cards.schema": ADAPTER,
