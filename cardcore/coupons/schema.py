@@ -8,6 +8,7 @@ legal entity and key id, the private half sealed by the vault.
 """
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,72 +230,117 @@ class Counted:
     supplier_cost: int
 
 
-def hold_statement(
-    code_values: dict[str, Any], redemption: dict[str, Any], counted: Counted | None
-) -> tuple[str, list[Any]]:
-    """`hold_sql` and its parameters: the code's new values (`version` is raised by the
-    statement whatever `code_values` says of it), the redemption row, and (a redemption)
-    what it adds to its campaign."""
-    sets = tuple(name for name in code_values if name != "version")
-    if any(isinstance(code_values[name], tuple) for name in sets):
-        raise ValueError("the statement raises only `version`; other values are set")
-    args = [redemption["code"], *(code_values[name] for name in sets)]
-    args += [redemption[c.name] for c in coupon_redemptions.c]
-    if counted is not None:
-        args += [counted.campaign, counted.budget, counted.value, counted.store_cost,
-                 counted.supplier_cost]  # fmt: skip
-    return hold_sql(sets, counted is not None), args
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """One POS hold of an issued code (`holds_sql`): the code's new values (`version` is
+    raised by the statement whatever they say of it), the redemption row, and (a
+    redemption) what it adds to its campaign."""
+
+    code_values: dict[str, Any]
+    redemption: dict[str, Any]
+    counted: Counted | None
+
+
+def holds_statement(holds: Sequence[Hold]) -> tuple[str, list[Any]]:
+    """`holds_sql` and its parameters (one array each) for holds of one shape (the same
+    columns set, all counted or none) on distinct codes under distinct keys."""
+    first = holds[0]
+    sets = tuple(name for name in first.code_values if name != "version")
+    count = first.counted is not None
+    for h in holds:
+        if tuple(n for n in h.code_values if n != "version") != sets:
+            raise ValueError("the holds of one statement set the same columns")
+        if (h.counted is not None) != count:
+            raise ValueError("the holds of one statement are all counted or none")
+        if any(isinstance(h.code_values[name], tuple) for name in sets):
+            raise ValueError("the statement raises only `version`; other values are set")
+    if len({h.redemption["code"] for h in holds}) < len(holds):
+        raise ValueError("the holds of one statement name distinct codes")
+    if len({h.redemption["key"] for h in holds}) < len(holds):
+        raise ValueError("the holds of one statement have distinct keys")
+    args: list[Any] = [[h.redemption["code"] for h in holds]]
+    args += [[h.code_values[name] for h in holds] for name in sets]
+    args += [[h.redemption[c.name] for h in holds] for c in coupon_redemptions.c]
+    if count:
+        counted = [h.counted for h in holds if h.counted is not None]
+        args += [
+            [c.campaign for c in counted], [c.budget for c in counted],
+            [c.value for c in counted], [c.store_cost for c in counted],
+            [c.supplier_cost for c in counted],
+        ]  # fmt: skip
+    return holds_sql(sets, count), args
 
 
 @functools.cache
-def hold_sql(code_sets: tuple[str, ...], count: bool) -> str:
-    """A POS hold of an issued code on PostgreSQL as one statement, its own transaction
-    (`CouponService._hold_at_once`): lock the code while it is still issued; for a
-    redemption (`count`) lock its campaign while active with room in its value budget;
-    insert the redemption row (nothing when its key is stored already); and only when it
-    went in, move the code (`code_sets`: the columns set; `version` raised) and raise the
-    campaign's counters. The code lock comes first (the campaign's waits on it, a one-time
-    filter), as in the other paths' transactions. Locked rows are re-checked on their
-    newest version, so neither update can miss once the row is in; but a campaign that did
-    not match in the snapshot the statement began with is refused without a look at a
-    newer version (the caller lets a transaction decide then). The locks are those of an
-    UPDATE (FOR NO KEY UPDATE). One row out, each 0 or 1: `code` (locked), `campaign`
-    (locked; 1 when not counted), `added`.
+def holds_sql(code_sets: tuple[str, ...], count: bool) -> str:
+    """POS holds of issued codes on PostgreSQL as one statement, its own transaction
+    (`CouponService._hold_at_once`, the holds asked in one turn of the event loop): lock
+    the codes still issued, in code order; for redemptions (`count`) lock their campaigns
+    still active with room in the value budget for all of the statement's redemptions of
+    each, in code order; insert the redemption rows (none whose key is stored already);
+    and only for the rows that went in, move the codes (`code_sets`: the columns set;
+    `version` raised) and raise each campaign's counters by their sums. The code locks
+    come first (the campaigns' wait on them), as in the other paths' transactions. Locked
+    rows are re-checked on their newest version, so neither update can miss once the row
+    is in; but a campaign that did not match in the snapshot the statement began with is
+    refused without a look at a newer version (the caller lets a transaction decide then).
+    The locks are those of an UPDATE (FOR NO KEY UPDATE). The holds name distinct codes
+    under distinct keys (`holds_statement` refuses others). One row out per hold, in
+    order, each 0 or 1: `code` (locked), `campaign` (locked; as `code` when not counted),
+    `added`.
 
-    Parameters: $1 the code, then `code_sets` in order, then every redemption column in
-    table order, then (`count`) the campaign, its value budget (0: none), the value and
-    the store's and the supplier's cost."""
+    Parameters, one array each with one element per hold: $1 the codes, then `code_sets`
+    in order, then every redemption column in table order, then (`count`) the campaigns,
+    their value budgets (0: none), the values and the store's and the supplier's costs."""
     # Only parameter numbers, column names and fixed words go into the text.
     n = iter(range(1, 1000))
-    code = f"${next(n)}::{_pg_type(coupon_codes.c.code)}"
-    sets = ", ".join(f"{name} = ${next(n)}::{_pg_type(coupon_codes.c[name])}" for name in code_sets)
-    columns = list(coupon_redemptions.c)
-    values = ", ".join(f"${next(n)}::{_pg_type(c)}" for c in columns)
-    campaign = counted = ""
+    typed = [("code", _pg_type(coupon_codes.c.code))]
+    typed += [("s_" + name, _pg_type(coupon_codes.c[name])) for name in code_sets]
+    typed += [("r_" + c.name, _pg_type(c)) for c in coupon_redemptions.c]
     if count:
-        c, budget, value, store, supplier = (f"${next(n)}" for _ in range(5))
+        typed += [("c_campaign", "varchar")]
+        typed += [(name, "bigint") for name in ("c_budget", "c_value", "c_store", "c_supplier")]
+    arrays = ", ".join(f"${next(n)}::{kind}[]" for _, kind in typed)
+    names = ", ".join(name for name, _ in typed)
+    columns = [c.name for c in coupon_redemptions.c]
+    sets = ", ".join(f"{name} = q.s_{name}" for name in code_sets)
+    campaign = counted = ""
+    held = "q.code IN (SELECT code FROM code)"
+    if count:
         campaign = (
-            f"campaign AS (SELECT code FROM coupon_campaigns WHERE code = {c}::varchar"  # noqa: S608
-            " AND EXISTS (SELECT FROM code) AND state = 'active'"
-            f" AND ({budget}::bigint = 0 OR redeemed_value + {value}::bigint <= {budget}::bigint)"
-            " FOR NO KEY UPDATE), "
+            "want AS (SELECT q.c_campaign AS campaign, max(q.c_budget) AS budget,"
+            " sum(q.c_value) AS value FROM q JOIN code ON code.code = q.code"
+            " GROUP BY q.c_campaign), "
+            "campaign AS (SELECT coupon_campaigns.code FROM coupon_campaigns"
+            " JOIN want ON coupon_campaigns.code = want.campaign"
+            " WHERE coupon_campaigns.state = 'active' AND (want.budget = 0"
+            " OR coupon_campaigns.redeemed_value + want.value <= want.budget)"
+            " ORDER BY coupon_campaigns.code FOR NO KEY UPDATE OF coupon_campaigns), "
         )
+        held = "q.c_campaign IN (SELECT code FROM campaign)"
         counted = (
-            ", counted AS (UPDATE coupon_campaigns SET redeemed_count = redeemed_count + 1,"  # noqa: S608
-            f" redeemed_value = redeemed_value + {value}::bigint,"
-            f" store_cost = store_cost + {store}::bigint,"
-            f" supplier_cost = supplier_cost + {supplier}::bigint"
-            f" FROM added WHERE coupon_campaigns.code = {c}::varchar RETURNING 1)"
+            ", counted AS (UPDATE coupon_campaigns SET"
+            " redeemed_count = redeemed_count + a.n, redeemed_value = redeemed_value + a.value,"
+            " store_cost = store_cost + a.store, supplier_cost = supplier_cost + a.supplier"
+            " FROM (SELECT q.c_campaign AS campaign, count(*) AS n, sum(q.c_value) AS value,"
+            " sum(q.c_store) AS store, sum(q.c_supplier) AS supplier"
+            " FROM added JOIN q ON q.r_key = added.key GROUP BY q.c_campaign) AS a"
+            " WHERE coupon_campaigns.code = a.campaign RETURNING 1)"
         )
-    held = "campaign" if count else "code"
     return (
-        f"WITH code AS (SELECT code FROM coupon_codes WHERE code = {code}"  # noqa: S608
-        f" AND state = 'issued' FOR NO KEY UPDATE), {campaign}"
-        f"added AS (INSERT INTO coupon_redemptions ({', '.join(c.name for c in columns)})"
-        f" SELECT {values} WHERE EXISTS (SELECT FROM {held})"
+        f"WITH q AS (SELECT * FROM unnest({arrays}) WITH ORDINALITY AS q({names}, n)), "  # noqa: S608
+        "code AS (SELECT code FROM coupon_codes WHERE code IN (SELECT q.code FROM q)"
+        " AND state = 'issued' ORDER BY code FOR NO KEY UPDATE), "
+        f"{campaign}"
+        f"added AS (INSERT INTO coupon_redemptions ({', '.join(columns)})"
+        f" SELECT {', '.join('q.r_' + c for c in columns)} FROM q"
+        f" WHERE q.code IN (SELECT code FROM code) AND {held} ORDER BY q.n"
         " ON CONFLICT (key) DO NOTHING RETURNING key), "
         f"taken AS (UPDATE coupon_codes SET {sets}, version = coupon_codes.version + 1"
-        f" FROM added WHERE coupon_codes.code = {code} RETURNING 1){counted} "
-        "SELECT (SELECT count(*) FROM code) AS code,"
-        f" (SELECT count(*) FROM {held}) AS campaign, (SELECT count(*) FROM added) AS added"
+        " FROM added JOIN q ON q.r_key = added.key WHERE coupon_codes.code = q.code"
+        f" RETURNING 1){counted} "
+        "SELECT q.n, (q.code IN (SELECT code FROM code))::int AS code,"
+        f" (q.code IN (SELECT code FROM code) AND {held})::int AS campaign,"
+        " (q.r_key IN (SELECT key FROM added))::int AS added"
+        " FROM q ORDER BY q.n"
     )

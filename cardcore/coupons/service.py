@@ -358,7 +358,12 @@ class CouponService:
         self._rewarding: dict[str, tuple[float, list[dict[str, Any]]]] = {}
         # The POS coupon requests that read in one turn of the event loop (a call's feature
         # tasks start together) read in one statement on PostgreSQL (`_presented_rows`).
-        self._presented = Coalescer(self._presented_rows, limits.COUPON_READS_TOGETHER_MAX)
+        self._presented = Coalescer(self._presented_rows, limits.COUPON_POS_TOGETHER_MAX)
+        # Likewise the holds (reservations; redemptions, counted) of one turn, one statement.
+        self._holding = {
+            count: Coalescer(self._holds_together, limits.COUPON_POS_TOGETHER_MAX)
+            for count in (False, True)
+        }
 
     # --- campaigns -----------------------------------------------------------------------------
 
@@ -1361,7 +1366,7 @@ class CouponService:
     def _at_once(
         self, row: dict[str, Any], campaign_row: dict[str, Any], member: int | None
     ) -> bool:
-        """Whether a hold is one statement (`schema.hold_sql`): on PostgreSQL, for a code
+        """Whether a hold is one statement (`schema.holds_sql`): on PostgreSQL, for a code
         issued when read (a lapsed reservation is taken back by the transaction below),
         with no member limit to count again under the campaign's lock."""
         c = campaign_of(campaign_row)
@@ -1382,15 +1387,12 @@ class CouponService:
         a deadlock with another path's transaction (a terminal reusing a POS key for another
         code)."""
         counted = _counted(campaign_row, redemption) if count else None
-        try:
-            got = await self.records.statement_row(
-                *schema.hold_statement(values, redemption, counted)
-            )
-        except Deadlock:
+        got = await self._holding[count](schema.Hold(values, redemption, counted))
+        if isinstance(got, Deadlock):
             log.warning("a coupon hold met a deadlock: the transaction decides")
             return None
-        except Conflict:
-            raise _Refusal("coupon_used") from None
+        if isinstance(got, Conflict):
+            raise _Refusal("coupon_used")
         if not got["code"]:
             _lost()  # `_hold` answers a resend decided meanwhile with its stored answer
         if not got["campaign"]:
@@ -1398,6 +1400,46 @@ class CouponService:
         if not got["added"]:
             raise _Refusal("coupon_used")
         return answer_of(redemption, replayed=False)
+
+    async def _holds_together(
+        self, holds: list[schema.Hold]
+    ) -> list[dict[str, Any] | Conflict | Deadlock]:
+        """The holds of one turn (one shape): those on distinct codes under distinct keys in
+        one statement (`schema.holds_sql`), each later one that repeats a code or a key
+        after, alone. What the statement's row says of each hold, or the Conflict or
+        Deadlock that ended a statement of one hold; a statement of several that ends so
+        changed nothing, and its holds run again one by one."""
+        out: list[dict[str, Any] | Conflict | Deadlock | None] = [None] * len(holds)
+        together: list[int] = []
+        alone: list[int] = []
+        codes: set[str] = set()
+        keys: set[str] = set()
+        for i, h in enumerate(holds):
+            code, key = h.redemption["code"], h.redemption["key"]
+            (alone if code in codes or key in keys else together).append(i)
+            codes.add(code)
+            keys.add(key)
+        for group in [together, *([i] for i in alone)]:
+            await self._hold_group(holds, group, out)
+        return [got for got in out if got is not None]
+
+    async def _hold_group(
+        self, holds: list[schema.Hold], group: list[int],
+        out: list[dict[str, Any] | Conflict | Deadlock | None],
+    ) -> None:  # fmt: skip
+        try:
+            rows = await self.records.statement_rows(
+                *schema.holds_statement([holds[i] for i in group])
+            )
+        except (Conflict, Deadlock) as exc:
+            if len(group) == 1:
+                out[group[0]] = exc
+                return
+            for i in group:
+                await self._hold_group(holds, [i], out)
+            return
+        for i, row in zip(group, rows, strict=True):
+            out[i] = row
 
     async def _member_limits(
         self, uow: Unit, campaign_row: dict[str, Any], member: int | None, now: int, *,

@@ -1,6 +1,8 @@
-"""A POS hold of an issued coupon on PostgreSQL is one statement (`schema.hold_sql`): all of
-it or none of it, whatever refuses (the code taken, the campaign ended or out of budget,
-the key stored already), and its guards hold when many run at once."""
+"""POS holds of issued coupons on PostgreSQL are one statement (`schema.holds_sql`, the holds
+of one turn of the event loop): each hold all of it or none of it, whatever refuses (the
+code taken, the campaign ended or out of budget, the key stored already), a campaign's
+redemptions of one statement within its budget together or not at all, and the guards hold
+when many statements run at once."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import asyncpg
 import pytest
 from sqlalchemy import make_url
 
-from cardcore.coupons.schema import Counted, hold_statement
+from cardcore.coupons.schema import Counted, Hold, holds_statement
 from cardcore.records import Records
 from tests.helpers import sql_execute
 
@@ -59,10 +61,22 @@ def _counted(budget: int = 0, value: int = 100) -> Counted:
 async def _hold(
     records: Records, key: str, code: str, counted: Counted | None, values: dict[str, Any]
 ) -> tuple[int, int, int]:
+    [got] = await _holds(records, [(key, code)], counted, values)
+    return got
+
+
+def _ask(key: str, code: str, counted: Counted | None, values: dict[str, Any]) -> Hold:
     own = {**values, "redeemed_key" if counted else "reserved_key": key}
-    sql, args = hold_statement(own, _redemption(key, code), counted)
-    got = await records.statement_row(sql, args)
-    return got["code"], got["campaign"], got["added"]
+    return Hold(own, _redemption(key, code), counted)
+
+
+async def _holds(
+    records: Records, asked: list[tuple[str, str]], counted: Counted | None,
+    values: dict[str, Any],
+) -> list[tuple[int, int, int]]:  # fmt: skip
+    sql, args = holds_statement([_ask(key, code, counted, values) for key, code in asked])
+    rows = await records.statement_rows(sql, args)
+    return [(r["code"], r["campaign"], r["added"]) for r in rows]
 
 
 async def _state(records: Records) -> dict[str, Any]:
@@ -187,3 +201,74 @@ async def test_a_code_changed_while_the_hold_waited_is_taken_from_its_newest_ver
     after = await _state(records)
     assert after["codes"] == {"K1": ("redeemed", 6, "t:1")}
     assert after["counters"] == [5, 150, 70, 30]
+
+
+# --- several holds in one statement ---------------------------------------------------------------
+
+
+async def test_a_statement_of_many_redemptions_takes_each_code_and_counts_them_together(
+    db_url: str, records: Records
+) -> None:
+    await sql_execute(db_url, _campaign_sql(), _codes_sql(3))
+    asked = [("t:1", "K2"), ("t:2", "K1"), ("t:3", "K3")]
+    assert await _holds(records, asked, _counted(), REDEEMED) == [(1, 1, 1)] * 3
+    assert await _state(records) == {
+        "counters": [3, 300, 210, 90],
+        "codes": {"K1": ("redeemed", 1, "t:2"), "K2": ("redeemed", 1, "t:1"),
+                  "K3": ("redeemed", 1, "t:3")},
+        "keys": ["t:1", "t:2", "t:3"],
+    }  # fmt: skip
+
+
+async def test_in_one_statement_each_hold_is_answered_as_alone_and_only_the_free_code_moves(
+    db_url: str, records: Records
+) -> None:
+    await sql_execute(db_url, _campaign_sql(), _codes_sql(3))
+    assert await _hold(records, "t:0", "K1", _counted(), REDEEMED) == (1, 1, 1)
+    before = await _state(records)
+    asked = [("t:1", "K1"), ("t:0", "K2"), ("t:3", "K3"), ("t:4", "K9")]  # taken, key stored,
+    got = await _holds(records, asked, _counted(), REDEEMED)  # free, no such code
+    assert got == [(0, 0, 0), (1, 1, 0), (1, 1, 1), (0, 0, 0)]
+    after = await _state(records)
+    assert after["counters"] == [2, 200, 140, 60]
+    assert after["codes"] == {**before["codes"], "K3": ("redeemed", 1, "t:3")}
+    assert after["keys"] == ["t:0", "t:3"]
+
+
+async def test_redemptions_of_one_statement_over_their_campaigns_budget_together_change_nothing(
+    db_url: str, records: Records
+) -> None:
+    """Each would fit alone, not all three: the statement refuses the campaign for all of
+    them (the service's transaction then decides each, exactly to the budget)."""
+    await sql_execute(db_url, _campaign_sql(), _codes_sql(3))
+    before = await _state(records)
+    asked = [("t:1", "K1"), ("t:2", "K2"), ("t:3", "K3")]
+    assert await _holds(records, asked, _counted(budget=250), REDEEMED) == [(1, 0, 0)] * 3
+    assert await _state(records) == before
+
+
+async def test_reservations_in_one_statement_hold_their_codes_without_counting(
+    db_url: str, records: Records
+) -> None:
+    await sql_execute(db_url, _campaign_sql(), _codes_sql(2))
+    got = await _holds(records, [("t:1", "K1"), ("t:2", "K2")], None, RESERVED)
+    assert got == [(1, 1, 1), (1, 1, 1)]
+    after = await _state(records)
+    assert after["counters"] == [0, 0, 0, 0]
+    assert after["codes"] == {"K1": ("reserved", 1, "t:1"), "K2": ("reserved", 1, "t:2")}
+
+
+async def test_many_statements_of_many_redemptions_at_once_never_pass_the_budget(
+    db_url: str, records: Records
+) -> None:
+    await sql_execute(db_url, _campaign_sql(), _codes_sql(40))
+    batches = [[(f"t:{i}", f"K{i}") for i in range(start, start + 4)] for start in range(1, 41, 4)]
+    got = await asyncio.gather(
+        *(_holds(records, batch, _counted(budget=1000), REDEEMED) for batch in batches)
+    )
+    added = sum(row[2] for rows in got for row in rows)
+    after = await _state(records)
+    assert added <= 10
+    assert after["counters"] == [added, added * 100, added * 70, added * 30]
+    assert len(after["keys"]) == added
+    assert sum(state == "redeemed" for state, _, _ in after["codes"].values()) == added

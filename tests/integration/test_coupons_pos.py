@@ -65,6 +65,14 @@ async def one(admin: AdminClient, request: PosRequest) -> PosResult:
     return answer
 
 
+async def redeem_each(admin: AdminClient, tids: list[str], made: list[str]) -> list[PosResult]:
+    """One call: each terminal redeems its code (a bill of 50.00)."""
+    return await pos(admin).handle([
+        ask(Kind.COUPON_REDEEM, tid, code, amount=5_000)
+        for tid, code in zip(tids, made, strict=True)
+    ])  # fmt: skip
+
+
 async def code_row(db_url: str, code: str) -> dict[str, Any]:
     [row] = await sql_rows(db_url, "SELECT * FROM coupon_codes WHERE code = :c", c=code)
     return row
@@ -469,6 +477,39 @@ async def test_the_coupon_requests_of_one_call_read_together_each_answered_as_al
     assert await count(db_url, "coupon_redemptions") == 2
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("deadlock", [False, True])
+async def test_the_coupon_redemptions_of_one_call_hold_in_one_statement(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch, deadlock: bool
+) -> None:
+    """A call's redemptions of distinct codes hold in one statement (`holds_sql`), counted
+    together; when PostgreSQL ends that statement to break a deadlock (it changed nothing),
+    each runs again alone, and each is approved once."""
+    await admin.org("LE1", "S1")
+    tids = [await terminal(admin) for _ in range(4)]
+    await campaign(admin, "FOUR")
+    made = await codes(admin, "FOUR", 4)
+    await pos(admin).handle([ask(Kind.SIGN_ON, tid) for tid in tids])
+    holds: list[int] = []
+    real_rows = Records.statement_rows
+
+    async def statement_rows(self: Records, sql: str, args: Sequence[Any]) -> Any:
+        if "INSERT INTO coupon_redemptions" in sql:
+            holds.append(len(args[0]))
+            if deadlock and len(args[0]) > 1:
+                raise Deadlock
+        return await real_rows(self, sql, args)
+
+    monkeypatch.setattr(Records, "statement_rows", statement_rows)
+    answers = await redeem_each(admin, tids, made)
+    assert [a.outcome for a in answers] == [Outcome.APPROVED] * 4
+    assert holds == ([4, 1, 1, 1, 1] if deadlock else [4])
+    row = await campaign_row(db_url, "FOUR")
+    assert (row["redeemed_count"], row["redeemed_value"]) == (4, 4_000)
+    assert [(await code_row(db_url, code))["state"] for code in made] == ["redeemed"] * 4
+    assert await count(db_url, "coupon_redemptions") == 4
+
+
 async def test_when_the_read_of_a_calls_coupons_fails_each_is_unavailable_and_nothing_changes(
     admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -489,10 +530,7 @@ async def test_when_the_read_of_a_calls_coupons_fails_each_is_unavailable_and_no
             patched.setattr(Records, "statement_rows", down)
         else:
             patched.setattr(Unit, "select_one", down)
-        answers = await pos(admin).handle([
-            ask(Kind.COUPON_REDEEM, tid, code, amount=5_000)
-            for tid, code in zip(tids, made, strict=True)
-        ])  # fmt: skip
+        answers = await redeem_each(admin, tids, made)
     assert [a.outcome for a in answers] == [Outcome.UNAVAILABLE] * 3
     assert await state_of(db_url) == before
     again = await one(admin, ask(Kind.COUPON_REDEEM, tids[0], made[0], amount=5_000))
@@ -585,16 +623,18 @@ async def test_a_hold_whose_statement_saw_an_older_campaign_is_decided_afresh(
     (approved), not answered budget_spent or expired."""
     code, tid = await setup(admin)
     coupons: CouponService = service(admin)
-    real = coupons.records.statement_row
+    real = coupons.records.statement_rows
 
-    async def paused_meanwhile(sql: str, args: Sequence[Any]) -> dict[str, Any]:
+    async def paused_meanwhile(sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+        if "INSERT INTO coupon_redemptions" not in sql:  # the read
+            return await real(sql, args)
         await sql_execute(db_url, "UPDATE coupon_campaigns SET state = 'paused'")
         try:
             return await real(sql, args)
         finally:
             await sql_execute(db_url, "UPDATE coupon_campaigns SET state = 'active'")
 
-    monkeypatch.setattr(coupons.records, "statement_row", paused_meanwhile)
+    monkeypatch.setattr(coupons.records, "statement_rows", paused_meanwhile)
     answer = await one(admin, ask(Kind.COUPON_REDEEM, tid, code, amount=5_000))
     assert answer.outcome is Outcome.APPROVED, answer
     row = await campaign_row(db_url, "TENOFF")
@@ -609,10 +649,14 @@ async def test_a_hold_whose_statement_was_ended_by_a_deadlock_is_decided_afresh(
     code, tid = await setup(admin)
     coupons: CouponService = service(admin)
 
-    async def deadlocked(sql: str, args: Sequence[Any]) -> dict[str, Any]:
+    real = coupons.records.statement_rows
+
+    async def deadlocked(sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+        if "INSERT INTO coupon_redemptions" not in sql:  # the read
+            return await real(sql, args)
         raise Deadlock
 
-    monkeypatch.setattr(coupons.records, "statement_row", deadlocked)
+    monkeypatch.setattr(coupons.records, "statement_rows", deadlocked)
     answer = await one(admin, ask(Kind.COUPON_REDEEM, tid, code, amount=5_000))
     assert answer.outcome is Outcome.APPROVED, answer
     assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 1
