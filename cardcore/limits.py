@@ -206,6 +206,7 @@ POINTS_EXPIRY_MONTHS_MAX: Final = 120  # a rolling expiry term, or a fixed date'
 POINTS_TIERS_MAX: Final = 16  # tiers on one ladder
 POINTS_TRANSFER_PER_DAY_MAX: Final = 1_000_000_000  # ceiling of a program's daily transfer max
 POINTS_OPEN_LOTS_MAX: Final = 100_000  # lots with points left that one spend or clawback reads
+POINTS_POS_TOGETHER_MAX: Final = 64  # POS points redemptions of one turn read together
 POINTS_REMINDER_DAYS_MAX: Final = 366  # how far ahead an expiry reminder looks
 
 # --- issue 5 at the POS ---

@@ -53,6 +53,7 @@ from cardcore.cards.model import (
     value_postings,
 )
 from cardcore.cards.pos import MoneyDone, PointsAnswer
+from cardcore.coalesce import Coalescer
 from cardcore.db import DATABASE_ERRORS
 from cardcore.ledger.model import (
     AccountFlags,
@@ -371,6 +372,8 @@ class PointsService:
         # POINTS_DEFINITIONS_CACHE_S.
         self._programs: dict[str, tuple[float, ProgramRecord | None]] = {}
         self._rules: dict[str, tuple[float, list[tuple[dict[str, Any], model.Rule]]]] = {}
+        # The reads of the POS redemptions asked in one turn of the event loop, together.
+        self._redeeming = Coalescer(self._redeem_reads, limits.POINTS_POS_TOGETHER_MAX)
 
     def _forget(self) -> None:
         self._programs.clear()
@@ -1158,17 +1161,8 @@ class PointsService:
         program, metadata = found.program, _metadata(t, r)
         points_key = key + EARN_SUFFIX
         before = None
-        async with self.records.read() as uow:
-            rows = await uow.find(
-                "ledger_transfers", {"client": POS_CLIENT, "key": [points_key, key]},
-                order="key", limit=2,
-            )  # fmt: skip
-            resend = len(rows) == 2  # both stand (they are linked: both or neither)
-            if not resend:
-                holding = (await _holdings(uow, [(program, card.account_id)]))[
-                    program.asset, card.account_id
-                ]
-        if resend:
+        holding = await self._redeeming((program, card.account_id, key))
+        if holding is None:  # a resend
             stored, keys = await self._chunks(points_key)
             stored_money = await self._full_transfer(key)
             assert stored
@@ -1204,6 +1198,27 @@ class PointsService:
             CreateTransfer(POS_CLIENT, key, CURRENCY, money, reason="points_redeem",
                            metadata=metadata),
         ], before  # fmt: skip
+
+    async def _redeem_reads(
+        self, asked: list[tuple[model.Program, int, str]]
+    ) -> list[Holding | None]:
+        """For each POS redemption (program, holder, POS key): None when both its transfers
+        stand (a resend: they are linked, both or neither), else the holder's points. On
+        one connection, for all of them: one read of their keys, one of the holdings."""
+        keys = sorted({k for _, _, key in asked for k in (key + EARN_SUFFIX, key)})
+        async with self.records.read() as uow:
+            rows = await uow.find(
+                "ledger_transfers", {"client": POS_CLIENT, "key": keys}, order="key",
+                limit=len(keys),
+            )  # fmt: skip
+            stored = {row["key"] for row in rows}
+            resends = {key for _, _, key in asked if {key, key + EARN_SUFFIX} <= stored}
+            fresh = [(program, holder) for program, holder, key in asked if key not in resends]
+            held = await _holdings(uow, fresh) if fresh else {}
+        return [
+            None if key in resends else held[program.asset, holder]
+            for program, holder, key in asked
+        ]
 
     async def _answer(
         self, res: Result, found: ProgramRecord, card: Card, points: int,

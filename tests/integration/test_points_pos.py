@@ -12,11 +12,15 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, batch_totals
 from cardcore.cards.pos import PosService
 from cardcore.ledger.http import LEDGER_KEY
 from cardcore.points.http import POINTS_KEY
+from cardcore.records import Unit
+from tests import logscan
 from tests.helpers import AdminClient, sql_rows
 from tests.integration.test_points_api import PROGRAM, RULE
 
@@ -727,3 +731,45 @@ async def test_many_terminals_spending_one_cards_points_at_once_never_overspend(
     [funding] = await sql_rows(db_url, "SELECT debits_posted FROM ledger_accounts WHERE "
                                "purpose = 'points_funding'")  # fmt: skip
     assert funding["debits_posted"] == 500
+
+
+async def test_the_points_redemptions_of_one_call_read_together_each_answered_as_alone(
+    admin: AdminClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call's points redemptions read in one turn of the event loop: one read of their
+    keys and one of their holdings for all of them. Each gets the answer it gets alone: a
+    redemption, one over the card's points, a resend replayed."""
+    shop = await Shop(admin).make()
+    for store in ("S1", "S2"):
+        tid, mid = f"P{next(_tids):07d}", f"M{next(_tids):014d}"
+        answer = await admin.ok("POST", "/v1/terminals",
+                                json={"tid": tid, "mid": mid, "store": store})  # fmt: skip
+        logscan.SCAN.remember("a terminal master key", answer["tmk"])
+        shop.tids[store + "b"] = answer["tid"]
+    cards = [await shop.card() for _ in range(3)]
+    await shop.pos.handle([shop.request(Kind.PURCHASE, c, amount=50_000) for c in cards])
+    earlier = shop.request(Kind.POINTS_REDEEM, cards[2], "S2b", points=100)
+    assert (await shop.one(earlier)).outcome is Outcome.APPROVED
+    # Signed on: their terminals are in the card directory's memory, as at a till.
+    await shop.pos.handle([shop.request(Kind.SIGN_ON, None, store) for store in shop.tids])
+    reads: list[str] = []
+    for verb in ("find", "find_each"):
+        real = getattr(Unit, verb)
+
+        def counted(self: Unit, table: str, *args: Any, _real: Any = real, _verb: str = verb,
+                    **kwargs: Any) -> Any:  # fmt: skip
+            reads.append(f"{_verb} {table}")
+            return _real(self, table, *args, **kwargs)
+
+        monkeypatch.setattr(Unit, verb, counted)
+    spend, over, resend = await shop.pos.handle([
+        shop.request(Kind.POINTS_REDEEM, cards[0], "S1", points=300),
+        shop.request(Kind.POINTS_REDEEM, cards[1], "S2", points=600),
+        earlier,
+    ])  # fmt: skip
+    assert (spend.outcome, spend.points_balance) == (Outcome.APPROVED, 200)
+    assert (over.outcome, over.refusal) == (Outcome.INSUFFICIENT_FUNDS, "points_insufficient")
+    assert (resend.outcome, resend.replayed, resend.points) == (Outcome.APPROVED, True, 100)
+    # Their keys and holdings in one read each; then the resend's balance, read again.
+    assert reads == ["find ledger_transfers"] + ["find_each ledger_accounts"] * 2, reads
+    assert [(await shop.points(c))["balance"] for c in cards] == [200, 500, 400]
