@@ -25,7 +25,9 @@ class Coalescer(Generic[T, R]):
     """`await coalescer(item)`: the item's result from one call of `batch` with every item
     asked in the same turn of the event loop (in the order asked; `batch` gives one
     result per item, in that order). When `batch` raises, every caller of that batch
-    raises the same exception; a caller cancelled while it waits leaves the others be."""
+    raises the same exception; a caller cancelled while it waits leaves the others be (its
+    item stays in the batch: what the batch does for it is done, as for a request whose
+    caller went away after it was sent)."""
 
     def __init__(self, batch: Callable[[list[T]], Awaitable[Sequence[R]]], max_items: int) -> None:
         if max_items < 1:
@@ -34,10 +36,13 @@ class Coalescer(Generic[T, R]):
         self._max_items = max_items
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._running: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
+        if self._loop is not loop:  # a loop that ended with calls waiting: theirs are gone
+            self._loop, self._waiting = loop, []
         if not self._waiting:
             loop.call_soon(self._flush)  # after the other tasks ready in this turn
         self._waiting.append((item, future))
@@ -54,13 +59,13 @@ class Coalescer(Generic[T, R]):
     async def _run(self, part: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
             results = await self._batch([item for item, _ in part])
-        except asyncio.CancelledError:
-            for _, future in part:
-                future.cancel()
-            raise
         except Exception as exc:  # noqa: BLE001 - each caller handles it as its own failure
             _fail(part, exc)
             return
+        except BaseException:  # cancelled (the loop ends), or the process exits
+            for _, future in part:
+                future.cancel()
+            raise
         if len(results) != len(part):
             _fail(part, RuntimeError(f"a batch of {len(part)} gave {len(results)} results"))
             return

@@ -249,7 +249,9 @@ class PosService:
 
     async def handle(self, requests: Sequence[PosRequest]) -> list[PosResult]:
         """One answer per request, in order. A failure while reading for one request (a
-        database timeout, say) answers that request `unavailable`, never its neighbours.
+        database timeout, say) answers that request `unavailable`, never its neighbours,
+        but for those whose read was the same statement (the coupon and points-redemption
+        reads of one turn of the event loop, `cardcore.coalesce`).
 
         Two parts run at once: the feature requests (coupons, points earned with another
         tender or redeemed, service and manager cards), each answered by its service in

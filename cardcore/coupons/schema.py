@@ -243,7 +243,8 @@ class Hold:
 
 def holds_statement(holds: Sequence[Hold]) -> tuple[str, list[Any]]:
     """`holds_sql` and its parameters (one array each) for holds of one shape (the same
-    columns set, all counted or none) on distinct codes under distinct keys."""
+    columns set, all counted or none) on distinct codes under distinct keys, one budget
+    per campaign."""
     first = holds[0]
     sets = tuple(name for name in first.code_values if name != "version")
     count = first.counted is not None
@@ -258,6 +259,9 @@ def holds_statement(holds: Sequence[Hold]) -> tuple[str, list[Any]]:
         raise ValueError("the holds of one statement name distinct codes")
     if len({h.redemption["key"] for h in holds}) < len(holds):
         raise ValueError("the holds of one statement have distinct keys")
+    budgets = {(h.counted.campaign, h.counted.budget) for h in holds if h.counted is not None}
+    if len(budgets) > len({campaign for campaign, _ in budgets}):
+        raise ValueError("the holds of one statement read one budget per campaign")
     args: list[Any] = [[h.redemption["code"] for h in holds]]
     args += [[h.code_values[name] for h in holds] for name in sets]
     args += [[h.redemption[c.name] for h in holds] for c in coupon_redemptions.c]
@@ -285,7 +289,8 @@ def holds_sql(code_sets: tuple[str, ...], count: bool) -> str:
     is in; but a campaign that did not match in the snapshot the statement began with is
     refused without a look at a newer version (the caller lets a transaction decide then).
     The locks are those of an UPDATE (FOR NO KEY UPDATE). The holds name distinct codes
-    under distinct keys (`holds_statement` refuses others). One row out per hold, in
+    under distinct keys, and the redemptions of a campaign one budget (`holds_statement`
+    refuses others). One row out per hold, in
     order, each 0 or 1: `code` (locked), `campaign` (locked; as `code` when not counted),
     `added`.
 

@@ -1393,6 +1393,8 @@ class CouponService:
             return None
         if isinstance(got, Conflict):
             raise _Refusal("coupon_used")
+        if isinstance(got, Exception):
+            raise got  # a database error: the request is answered `unavailable`
         if not got["code"]:
             _lost()  # `_hold` answers a resend decided meanwhile with its stored answer
         if not got["campaign"]:
@@ -1401,22 +1403,30 @@ class CouponService:
             raise _Refusal("coupon_used")
         return answer_of(redemption, replayed=False)
 
-    async def _holds_together(
-        self, holds: list[schema.Hold]
-    ) -> list[dict[str, Any] | Conflict | Deadlock]:
-        """The holds of one turn (one shape): those on distinct codes under distinct keys in
-        one statement (`schema.holds_sql`), each later one that repeats a code or a key
-        after, alone. What the statement's row says of each hold, or the Conflict or
-        Deadlock that ended a statement of one hold; a statement of several that ends so
-        changed nothing, and its holds run again one by one."""
-        out: list[dict[str, Any] | Conflict | Deadlock | None] = [None] * len(holds)
+    async def _holds_together(self, holds: list[schema.Hold]) -> list[dict[str, Any] | Exception]:
+        """The holds of one turn (one shape): those on distinct codes under distinct keys
+        (and of one budget per campaign) in one statement (`schema.holds_sql`); each later
+        one that repeats a code or a key, or reads its campaign's budget otherwise, after,
+        alone. For each hold, what the statement's row says of it, or the exception that
+        ended the statement of that hold alone (Conflict, Deadlock, a database error: its
+        caller raises it). A statement of several that ends in an exception changed
+        nothing; its holds run again one by one, so one hold's failure (a lock it waited
+        for too long, say) is its own."""
+        out: list[dict[str, Any] | Exception | None] = [None] * len(holds)
         together: list[int] = []
         alone: list[int] = []
         codes: set[str] = set()
         keys: set[str] = set()
+        budgets: dict[str, int] = {}
         for i, h in enumerate(holds):
             code, key = h.redemption["code"], h.redemption["key"]
-            (alone if code in codes or key in keys else together).append(i)
+            budget = None if h.counted is None else h.counted.budget
+            campaign = "" if h.counted is None else h.counted.campaign
+            repeats = code in codes or key in keys
+            if repeats or budgets.setdefault(campaign, budget or 0) != (budget or 0):
+                alone.append(i)
+            else:
+                together.append(i)
             codes.add(code)
             keys.add(key)
         for group in [together, *([i] for i in alone)]:
@@ -1425,13 +1435,13 @@ class CouponService:
 
     async def _hold_group(
         self, holds: list[schema.Hold], group: list[int],
-        out: list[dict[str, Any] | Conflict | Deadlock | None],
+        out: list[dict[str, Any] | Exception | None],
     ) -> None:  # fmt: skip
         try:
             rows = await self.records.statement_rows(
                 *schema.holds_statement([holds[i] for i in group])
             )
-        except (Conflict, Deadlock) as exc:
+        except Exception as exc:  # noqa: BLE001 - each hold's own outcome, raised by its caller
             if len(group) == 1:
                 out[group[0]] = exc
                 return

@@ -510,6 +510,60 @@ async def test_the_coupon_redemptions_of_one_call_hold_in_one_statement(
     assert await count(db_url, "coupon_redemptions") == 4
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_hold_whose_statement_fails_is_unavailable_alone_and_its_neighbours_hold(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One code's statement fails (a lock waited on too long, say): the statement of the
+    call's holds changed nothing, each runs again alone, and only that code's request is
+    answered `unavailable`; the others are approved once."""
+    await admin.org("LE1", "S1")
+    tids = [await terminal(admin) for _ in range(3)]
+    await campaign(admin, "HOT")
+    made = await codes(admin, "HOT", 3)
+    await pos(admin).handle([ask(Kind.SIGN_ON, tid) for tid in tids])
+    real_rows = Records.statement_rows
+
+    async def statement_rows(self: Records, sql: str, args: Sequence[Any]) -> Any:
+        if "INSERT INTO coupon_redemptions" in sql and made[1] in args[0]:
+            raise TimeoutError("canceling statement due to lock timeout")
+        return await real_rows(self, sql, args)
+
+    monkeypatch.setattr(Records, "statement_rows", statement_rows)
+    answers = await redeem_each(admin, tids, made)
+    assert [a.outcome for a in answers] == [
+        Outcome.APPROVED, Outcome.UNAVAILABLE, Outcome.APPROVED
+    ]  # fmt: skip
+    row = await campaign_row(db_url, "HOT")
+    assert (row["redeemed_count"], row["redeemed_value"]) == (2, 2_000)
+    assert [(await code_row(db_url, c))["state"] for c in made] == ["redeemed", "issued",
+                                                                    "redeemed"]  # fmt: skip
+
+
+async def test_redemptions_of_one_call_over_the_budget_together_stop_exactly_at_it(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Four redemptions of 10.00 (half of a 20.00 bill) in one call against a budget of
+    25.00: not all fit, so the statement refuses the campaign for all four and each is
+    decided by the transaction: two approved, two refused `coupon_budget_spent`, the
+    counters at 20.00."""
+    await admin.org("LE1", "S1")
+    tids = [await terminal(admin) for _ in range(4)]
+    await campaign(admin, "TIGHT", kind="percent_off", value_fen=0, percent_bp=5_000,
+                   max_value_fen=2_500)  # fmt: skip
+    made = await codes(admin, "TIGHT", 4)
+    await pos(admin).handle([ask(Kind.SIGN_ON, tid) for tid in tids])
+    answers = await pos(admin).handle([
+        ask(Kind.COUPON_REDEEM, tid, code, amount=2_000)
+        for tid, code in zip(tids, made, strict=True)
+    ])  # fmt: skip
+    outcomes = sorted((str(a.outcome), a.refusal) for a in answers)
+    assert outcomes == [("approved", "")] * 2 + [("over_limit", "coupon_budget_spent")] * 2
+    row = await campaign_row(db_url, "TIGHT")
+    assert (row["redeemed_count"], row["redeemed_value"]) == (2, 2_000)
+    assert await count(db_url, "coupon_redemptions") == 2
+
+
 async def test_when_the_read_of_a_calls_coupons_fails_each_is_unavailable_and_nothing_changes(
     admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

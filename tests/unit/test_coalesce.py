@@ -78,3 +78,40 @@ async def test_a_caller_cancelled_while_it_waits_leaves_the_others_their_results
 def test_a_bound_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Coalescer(Batches(), max_items=0)
+
+
+async def test_a_batch_cancelled_cancels_each_of_its_callers() -> None:
+    started = asyncio.Event()
+
+    async def forever(items: list[int]) -> list[int]:
+        started.set()
+        await asyncio.Event().wait()
+        return items
+
+    together = Coalescer(forever, max_items=100)
+    callers = [asyncio.ensure_future(together(i)) for i in range(2)]
+    await started.wait()
+    for task in list(together._running):  # the loop ending cancels it so
+        task.cancel()
+    got = await asyncio.gather(*callers, return_exceptions=True)
+    assert [type(e) for e in got] == [asyncio.CancelledError, asyncio.CancelledError]
+
+
+def test_a_loop_that_ended_with_calls_waiting_leaves_the_next_loop_a_working_coalescer() -> None:
+    batches = Batches()
+    together = Coalescer(batches, max_items=100)
+    first = asyncio.new_event_loop()
+    try:
+        waiting = first.create_task(together(1))
+        first.call_soon(first.stop)
+        first.run_forever()  # one turn: the call waits, its flush never ran
+        assert not waiting.done()
+        waiting.cancel()
+    finally:
+        first.close()
+    second = asyncio.new_event_loop()
+    try:
+        assert second.run_until_complete(together(2)) == 20
+    finally:
+        second.close()
+    assert batches.asked == [[2]]

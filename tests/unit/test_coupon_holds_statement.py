@@ -39,3 +39,11 @@ def test_one_statement_refuses_holds_of_two_shapes() -> None:
         holds_statement([_ask("t:1", "K1", COUNTED, REDEEMED), _ask("t:2", "K2", None, REDEEMED)])
     with pytest.raises(ValueError, match="same columns"):
         holds_statement([_ask("t:1", "K1", None, REDEEMED), _ask("t:2", "K2", None, RESERVED)])
+
+
+def test_one_statement_refuses_two_budgets_of_one_campaign() -> None:
+    """Redemptions of one campaign that read its budget at different moments (it changed in
+    between) are judged each against its own: never in one statement."""
+    other = Counted("C1", 500, 100, 70, 30)
+    with pytest.raises(ValueError, match="one budget per campaign"):
+        holds_statement([_ask("t:1", "K1", COUNTED, REDEEMED), _ask("t:2", "K2", other, REDEEMED)])
