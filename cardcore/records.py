@@ -605,16 +605,12 @@ class Records:
     def postgres(self) -> bool:
         return self.engine.dialect.name == "postgresql"
 
-    async def statement_row(self, sql: str, args: Sequence[Any]) -> dict[str, Any]:
-        """PostgreSQL only: one statement an adapter wrote for a hot path (several changes
-        as data-modifying CTEs, say), run at the driver as its own transaction, and the
-        one row it returns. Conflict on a duplicate, as `insert`; Deadlock when PostgreSQL
-        broke a deadlock by ending this statement (it changed nothing)."""
-        [row] = await self.statement_rows(sql, args)
-        return row
-
     async def statement_rows(self, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
-        """`statement_row` for a statement that returns any number of rows: all of them."""
+        """PostgreSQL only: one statement an adapter wrote for a hot path (several changes
+        as data-modifying CTEs, say; the requests of one turn of the event loop as one
+        array per parameter), run at the driver as its own transaction, and the rows it
+        returns. Conflict on a duplicate, as `insert`; Deadlock when PostgreSQL broke a
+        deadlock by ending this statement (it changed nothing)."""
         if not self.postgres:
             raise RuntimeError("statement_rows is for PostgreSQL")
         try:

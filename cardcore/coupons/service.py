@@ -1406,12 +1406,14 @@ class CouponService:
     async def _holds_together(self, holds: list[schema.Hold]) -> list[dict[str, Any] | Exception]:
         """The holds of one turn (one shape): those on distinct codes under distinct keys
         (and of one budget per campaign) in one statement (`schema.holds_sql`); each later
-        one that repeats a code or a key, or reads its campaign's budget otherwise, after,
+        one that repeats a code or a key, or read its campaign's budget otherwise, after,
         alone. For each hold, what the statement's row says of it, or the exception that
-        ended the statement of that hold alone (Conflict, Deadlock, a database error: its
-        caller raises it). A statement of several that ends in an exception changed
-        nothing; its holds run again one by one, so one hold's failure (a lock it waited
-        for too long, say) is its own."""
+        ended its statement (its caller raises it: Conflict and Deadlock are decided as
+        before, a database error answers it `unavailable`). A statement of several that a
+        deadlock or a conflict ended changed nothing and is one hold's doing: its holds run
+        again one by one. Any other error (a lock waited on too long, the connection lost)
+        ends the statement's holds at once, so a call never waits for it twice; the holds
+        of the turn's other statements keep their own outcomes."""
         out: list[dict[str, Any] | Exception | None] = [None] * len(holds)
         together: list[int] = []
         alone: list[int] = []
@@ -1420,10 +1422,9 @@ class CouponService:
         budgets: dict[str, int] = {}
         for i, h in enumerate(holds):
             code, key = h.redemption["code"], h.redemption["key"]
-            budget = None if h.counted is None else h.counted.budget
-            campaign = "" if h.counted is None else h.counted.campaign
-            repeats = code in codes or key in keys
-            if repeats or budgets.setdefault(campaign, budget or 0) != (budget or 0):
+            campaign, budget = ("", 0) if h.counted is None else (h.counted.campaign,
+                                                                   h.counted.budget)  # fmt: skip
+            if code in codes or key in keys or budgets.setdefault(campaign, budget) != budget:
                 alone.append(i)
             else:
                 together.append(i)
@@ -1431,6 +1432,7 @@ class CouponService:
             keys.add(key)
         for group in [together, *([i] for i in alone)]:
             await self._hold_group(holds, group, out)
+        assert all(got is not None for got in out)  # every hold has its row or its error
         return [got for got in out if got is not None]
 
     async def _hold_group(
@@ -1441,12 +1443,17 @@ class CouponService:
             rows = await self.records.statement_rows(
                 *schema.holds_statement([holds[i] for i in group])
             )
-        except Exception as exc:  # noqa: BLE001 - each hold's own outcome, raised by its caller
+        except (Conflict, Deadlock) as exc:
             if len(group) == 1:
                 out[group[0]] = exc
                 return
+            log.warning("a statement of coupon holds met %s: each runs alone", type(exc).__name__)
             for i in group:
                 await self._hold_group(holds, [i], out)
+            return
+        except Exception as exc:  # noqa: BLE001 - each hold's outcome, raised by its caller
+            for i in group:
+                out[i] = exc
             return
         for i, row in zip(group, rows, strict=True):
             out[i] = row

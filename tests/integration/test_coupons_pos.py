@@ -511,33 +511,39 @@ async def test_the_coupon_redemptions_of_one_call_hold_in_one_statement(
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-async def test_a_hold_whose_statement_fails_is_unavailable_alone_and_its_neighbours_hold(
-    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+async def test_a_hold_statement_ended_by_a_database_error_answers_its_holds_unavailable_once(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
-    """One code's statement fails (a lock waited on too long, say): the statement of the
-    call's holds changed nothing, each runs again alone, and only that code's request is
-    answered `unavailable`; the others are approved once."""
+    """A statement of three holds ends in a database error (a lock waited on too long): it
+    changed nothing, its three requests are answered `unavailable` at once (never retried,
+    so a call never waits for it twice), and the turn's other statement keeps its own
+    outcome: the fourth request, which repeats the first's code, runs after, alone, and
+    takes the code the failed statement left free."""
     await admin.org("LE1", "S1")
-    tids = [await terminal(admin) for _ in range(3)]
+    tids = [await terminal(admin) for _ in range(4)]
     await campaign(admin, "HOT")
     made = await codes(admin, "HOT", 3)
     await pos(admin).handle([ask(Kind.SIGN_ON, tid) for tid in tids])
+    holds: list[int] = []
     real_rows = Records.statement_rows
 
     async def statement_rows(self: Records, sql: str, args: Sequence[Any]) -> Any:
-        if "INSERT INTO coupon_redemptions" in sql and made[1] in args[0]:
-            raise TimeoutError("canceling statement due to lock timeout")
+        if "INSERT INTO coupon_redemptions" in sql:
+            holds.append(len(args[0]))
+            if made[1] in args[0]:
+                raise TimeoutError("canceling statement due to lock timeout")
         return await real_rows(self, sql, args)
 
     monkeypatch.setattr(Records, "statement_rows", statement_rows)
-    answers = await redeem_each(admin, tids, made)
-    assert [a.outcome for a in answers] == [
-        Outcome.APPROVED, Outcome.UNAVAILABLE, Outcome.APPROVED
-    ]  # fmt: skip
+    answers = await redeem_each(admin, tids, [*made, made[0]])
+    assert [a.outcome for a in answers] == [Outcome.UNAVAILABLE] * 3 + [Outcome.APPROVED]
+    assert holds == [3, 1]
+    # Answered as a database error (`_plan_or_unavailable`), not as a defect (`feature`).
+    assert "a feature request failed" not in caplog.text
+    assert "POS request could not be planned" in caplog.text
     row = await campaign_row(db_url, "HOT")
-    assert (row["redeemed_count"], row["redeemed_value"]) == (2, 2_000)
-    assert [(await code_row(db_url, c))["state"] for c in made] == ["redeemed", "issued",
-                                                                    "redeemed"]  # fmt: skip
+    assert (row["redeemed_count"], row["redeemed_value"]) == (1, 1_000)
+    assert [(await code_row(db_url, c))["state"] for c in made] == ["redeemed", "issued", "issued"]
 
 
 async def test_redemptions_of_one_call_over_the_budget_together_stop_exactly_at_it(

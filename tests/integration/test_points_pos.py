@@ -758,7 +758,8 @@ async def test_the_points_redemptions_of_one_call_read_together_each_answered_as
 
         def counted(self: Unit, table: str, *args: Any, _real: Any = real, _verb: str = verb,
                     **kwargs: Any) -> Any:  # fmt: skip
-            reads.append(f"{_verb} {table}")
+            asked = len(args[1]) if _verb == "find_each" else len(args[0].get("key", ()))
+            reads.append(f"{_verb} {table} {asked}")
             return _real(self, table, *args, **kwargs)
 
         monkeypatch.setattr(Unit, verb, counted)
@@ -770,6 +771,11 @@ async def test_the_points_redemptions_of_one_call_read_together_each_answered_as
     assert (spend.outcome, spend.points_balance) == (Outcome.APPROVED, 200)
     assert (over.outcome, over.refusal) == (Outcome.INSUFFICIENT_FUNDS, "points_insufficient")
     assert (resend.outcome, resend.replayed, resend.points) == (Outcome.APPROVED, True, 100)
-    # Their keys and holdings in one read each; then the resend's balance, read again.
-    assert reads == ["find ledger_transfers"] + ["find_each ledger_accounts"] * 2, reads
+    # Their six keys in one read; the lots of the two that are not resends in one read; then
+    # the resend's balance, read again.
+    assert reads == [
+        "find ledger_transfers 6",
+        "find_each ledger_accounts 2",
+        "find_each ledger_accounts 1",
+    ], reads
     assert [(await shop.points(c))["balance"] for c in cards] == [200, 500, 400]

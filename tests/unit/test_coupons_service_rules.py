@@ -5,14 +5,15 @@ under a stored POS key is answered. No I/O."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from cardcore.cards.model import Kind, Outcome, PosRequest
-from cardcore.coupons import model
+from cardcore.coupons import model, schema
 from cardcore.coupons.model import Campaign, CampaignState, CodeStatus, CouponKind
 from cardcore.coupons.service import (
+    CouponService,
     campaign_of,
     candidates,
     code_view,
@@ -115,3 +116,31 @@ def test_a_resend_gets_the_stored_answer_never_an_approval_after_a_reversal() ->
         assert (gone.outcome, gone.replayed) == (Outcome.REVERSED_BEFORE_ARRIVAL, True)
     assert same_code(row, "")  # a request that names no code (a confirmation, a reversal)
     assert not same_code(row, "v1|not a qr")
+
+
+async def test_holds_that_read_two_budgets_of_one_campaign_never_share_a_statement() -> None:
+    """The campaign changed between two requests' reads: each hold is judged against the
+    budget it read, so the second runs alone, after the first's statement."""
+    statements: list[list[str]] = []
+
+    class Records:
+        postgres = True
+
+        async def statement_rows(self, sql: str, args: list[Any]) -> list[dict[str, Any]]:
+            statements.append(list(args[0]))
+            return [{"code": 1, "campaign": 1, "added": 1} for _ in args[0]]
+
+    service = CouponService(cast(Any, Records()), cast(Any, None), cast(Any, None))
+
+    def hold(key: str, code: str, budget: int) -> schema.Hold:
+        redemption: dict[str, Any] = {c.name: None for c in schema.coupon_redemptions.c}
+        redemption |= {"key": key, "code": code}
+        values = {"state": "redeemed", "reserved_key": None, "reserved_until_ms": None,
+                  "redeemed_key": key, "redeemed_at_ms": 5, "version": ("+", 1)}  # fmt: skip
+        return schema.Hold(values, redemption, schema.Counted("C1", budget, 100, 100, 0))
+
+    got = await service._holds_together(
+        [hold("t:1", "K1", 0), hold("t:2", "K2", 500), hold("t:3", "K3", 0)]
+    )
+    assert statements == [["K1", "K3"], ["K2"]]
+    assert got == [{"code": 1, "campaign": 1, "added": 1}] * 3
