@@ -401,6 +401,9 @@ class PointsService:
             rows = await uow.find(RULES, {"program": program}, order="code",
                                   limit=limits.POINTS_RULES_PER_PROGRAM_MAX * 4)  # fmt: skip
         parsed = [(r, model.rule_of(json.loads(r["definition"]))) for r in rows]
+        # Each checked when it was made (`check_rule`; codes unique in the table): earning
+        # takes at most POINTS_RULES_PER_PROGRAM_MAX of them, so `earn` need not check again.
+        assert not any(model.check_rule(rule) for _, rule in parsed), program
         if len(self._rules) >= limits.POINTS_RULES_PER_PROGRAM_MAX:
             self._rules.clear()
         self._rules[program] = (time.monotonic(), parsed)
