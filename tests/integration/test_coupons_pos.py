@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -71,6 +71,39 @@ async def redeem_each(admin: AdminClient, tids: list[str], made: list[str]) -> l
         ask(Kind.COUPON_REDEEM, tid, code, amount=5_000)
         for tid, code in zip(tids, made, strict=True)
     ])  # fmt: skip
+
+
+async def signed_on_with_codes(
+    admin: AdminClient, campaign_code: str, n: int
+) -> tuple[list[str], list[str]]:
+    """n terminals of S1, signed on (in the card directory's memory, as at a till), and n
+    codes of a fresh campaign of LE1."""
+    await admin.org("LE1", "S1")
+    tids = [await terminal(admin) for _ in range(n)]
+    await campaign(admin, campaign_code)
+    made = await codes(admin, campaign_code, n)
+    await pos(admin).handle([ask(Kind.SIGN_ON, tid) for tid in tids])
+    return tids, made
+
+
+def watch_holds(
+    monkeypatch: pytest.MonkeyPatch, failure: Callable[[Sequence[str]], Exception | None]
+) -> list[int]:
+    """The number of holds of each hold statement run from now on; `failure` (given the
+    statement's codes) names an exception it raises instead of running, or None."""
+    holds: list[int] = []
+    real_rows = Records.statement_rows
+
+    async def statement_rows(self: Records, sql: str, args: Sequence[Any]) -> Any:
+        if "INSERT INTO coupon_redemptions" in sql:
+            holds.append(len(args[0]))
+            exc = failure(args[0])
+            if exc is not None:
+                raise exc
+        return await real_rows(self, sql, args)
+
+    monkeypatch.setattr(Records, "statement_rows", statement_rows)
+    return holds
 
 
 async def code_row(db_url: str, code: str) -> dict[str, Any]:
@@ -485,22 +518,9 @@ async def test_the_coupon_redemptions_of_one_call_hold_in_one_statement(
     """A call's redemptions of distinct codes hold in one statement (`holds_sql`), counted
     together; when PostgreSQL ends that statement to break a deadlock (it changed nothing),
     each runs again alone, and each is approved once."""
-    await admin.org("LE1", "S1")
-    tids = [await terminal(admin) for _ in range(4)]
-    await campaign(admin, "FOUR")
-    made = await codes(admin, "FOUR", 4)
-    await pos(admin).handle([ask(Kind.SIGN_ON, tid) for tid in tids])
-    holds: list[int] = []
-    real_rows = Records.statement_rows
-
-    async def statement_rows(self: Records, sql: str, args: Sequence[Any]) -> Any:
-        if "INSERT INTO coupon_redemptions" in sql:
-            holds.append(len(args[0]))
-            if deadlock and len(args[0]) > 1:
-                raise Deadlock
-        return await real_rows(self, sql, args)
-
-    monkeypatch.setattr(Records, "statement_rows", statement_rows)
+    tids, made = await signed_on_with_codes(admin, "FOUR", 4)
+    holds = watch_holds(monkeypatch, lambda codes: Deadlock() if deadlock and len(codes) > 1
+                        else None)  # fmt: skip
     answers = await redeem_each(admin, tids, made)
     assert [a.outcome for a in answers] == [Outcome.APPROVED] * 4
     assert holds == ([4, 1, 1, 1, 1] if deadlock else [4])
@@ -519,22 +539,10 @@ async def test_a_hold_statement_ended_by_a_database_error_answers_its_holds_unav
     so a call never waits for it twice), and the turn's other statement keeps its own
     outcome: the fourth request, which repeats the first's code, runs after, alone, and
     takes the code the failed statement left free."""
-    await admin.org("LE1", "S1")
-    tids = [await terminal(admin) for _ in range(4)]
-    await campaign(admin, "HOT")
-    made = await codes(admin, "HOT", 3)
-    await pos(admin).handle([ask(Kind.SIGN_ON, tid) for tid in tids])
-    holds: list[int] = []
-    real_rows = Records.statement_rows
-
-    async def statement_rows(self: Records, sql: str, args: Sequence[Any]) -> Any:
-        if "INSERT INTO coupon_redemptions" in sql:
-            holds.append(len(args[0]))
-            if made[1] in args[0]:
-                raise TimeoutError("canceling statement due to lock timeout")
-        return await real_rows(self, sql, args)
-
-    monkeypatch.setattr(Records, "statement_rows", statement_rows)
+    tids, made = await signed_on_with_codes(admin, "HOT", 4)
+    made = made[:3]
+    timeout = TimeoutError("canceling statement due to lock timeout")
+    holds = watch_holds(monkeypatch, lambda codes: timeout if made[1] in codes else None)
     answers = await redeem_each(admin, tids, [*made, made[0]])
     assert [a.outcome for a in answers] == [Outcome.UNAVAILABLE] * 3 + [Outcome.APPROVED]
     assert holds == [3, 1]
