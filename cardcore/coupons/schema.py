@@ -290,9 +290,8 @@ def holds_sql(code_sets: tuple[str, ...], count: bool) -> str:
     refused without a look at a newer version (the caller lets a transaction decide then).
     The locks are those of an UPDATE (FOR NO KEY UPDATE). The holds name distinct codes
     under distinct keys, and the redemptions of a campaign one budget (`holds_statement`
-    refuses others). One row out per hold, in
-    order, each 0 or 1: `code` (locked), `campaign` (locked; as `code` when not counted),
-    `added`.
+    refuses others). One row out per hold, in order, each 0 or 1: `code` (locked),
+    `campaign` (locked; as `code` when not counted), `added`.
 
     Parameters, one array each with one element per hold: $1 the codes, then `code_sets`
     in order, then every redemption column in table order, then (`count`) the campaigns,

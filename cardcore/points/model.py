@@ -18,7 +18,7 @@ Programs (`Program`, `check_program`)
   (`settle_debt`). The policy only says what the balance shows: below zero ("negative"), or
   zero with the debt kept apart ("debt").
 
-Earning (`Rule`, `check_rule`, `check_rules`, `earn`)
+Earning (`Rule`, `check_rule`, `earn`)
 - Rules apply in (priority, code) order. A rule applies only on its local dates (inclusive),
   weekdays (ISO 1-7, of the purchase's own local date), time window ([start, end) local
   "HH:MM"; an end not after the start crosses midnight) and stores (none named = all), and
@@ -395,21 +395,6 @@ def check_rule(rule: Rule) -> tuple[Problem, ...]:
     return tuple(found)
 
 
-def check_rules(rules: Sequence[Rule]) -> tuple[Problem, ...]:
-    """Every problem of a program's rule set: its size, unique codes, each rule
-    (fields named "rules[i].field")."""
-    found = []
-    if len(rules) > limits.POINTS_RULES_PER_PROGRAM_MAX:
-        found.append(Problem("rules", f"at most {limits.POINTS_RULES_PER_PROGRAM_MAX} rules"))
-    seen: set[str] = set()
-    for index, rule in enumerate(rules):
-        if rule.code in seen:
-            found.append(Problem(f"rules[{index}].code", "another rule has this code"))
-        seen.add(rule.code)
-        found += [Problem(f"rules[{index}].{p.field}", p.message) for p in check_rule(rule)]
-    return tuple(found)
-
-
 @dataclass(frozen=True, slots=True)
 class Line:
     """One basket line: its department, category and amount."""
@@ -549,9 +534,9 @@ def earn(
 ) -> Earning:
     """The points a purchase earns under `rules` (see the module docstring for the order,
     scope, arithmetic and caps). `earned_today_by_rule`: points each rule already gave this
-    card in the program's local day. `rules` pass `check_rules` (each rule is checked where
-    it is made and where it is loaded, not at every earning). An invalid basket is refused
-    (`basket_invalid`)."""
+    card in the program's local day. `rules`: at most POINTS_RULES_PER_PROGRAM_MAX, codes
+    unique, each passing `check_rule` (checked where it is made and where it is loaded, not
+    at every earning). An invalid basket is refused (`basket_invalid`)."""
     require_valid(BASKET_INVALID, check_basket(basket))
     for pct in (card_class_multiplier_pct, tier_multiplier_pct):
         assert 0 <= pct <= limits.POINTS_MULTIPLIER_PCT_MAX

@@ -46,7 +46,6 @@ from cardcore.points.model import (
     check_basket,
     check_program,
     check_rule,
-    check_rules,
     check_tiers,
     check_transfer,
     earn,
@@ -479,14 +478,6 @@ def test_a_basket_of_lines_covering_less_than_its_total_is_fine() -> None:
 )
 def test_a_faulty_rule_names_the_field_at_fault(rule: Rule, field: str) -> None:
     assert field in fields(check_rule(rule))
-
-
-def test_a_rule_set_has_unique_codes_and_a_bounded_size() -> None:
-    assert check_rules([BASE]) == ()
-    assert fields(check_rules([BASE, BASE])) == ["rules[1].code"]
-    too_many = [replace(BASE, code=f"r{n}") for n in range(limits.POINTS_RULES_PER_PROGRAM_MAX + 1)]
-    assert fields(check_rules(too_many)) == ["rules"]
-    assert fields(check_rules([replace(BASE, per_fen=0)])) == ["rules[0].per_fen"]
 
 
 # --- lots ---------------------------------------------------------------------------------------
