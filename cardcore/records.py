@@ -286,14 +286,24 @@ class Unit:
             out += [dict(r) for r in await self._rows(statement, params | {"value": value})]
         return out
 
-    async def count(self, table: str, **where: Any) -> int:
+    async def count(
+        self, table: str, *, at_least: dict[str, int] | None = None, **where: Any
+    ) -> int:
+        """How many rows match `where`, and, with `at_least`, have each named column at
+        least its bound."""
         t = self.table(table)
         shape = _shape(where)
-        statement = self._statement(
-            ("count", self.postgres, table, shape),
-            lambda: select(func.count()).select_from(t).where(*self._where(t, shape)),
-        )
-        return int(await self._scalar(statement, _params(where)))
+        floors = tuple(at_least or {})
+
+        def build() -> Any:
+            query = select(func.count()).select_from(t).where(*self._where(t, shape))
+            for name in floors:
+                query = query.where(t.c[name] >= bindparam("min_" + name))
+            return query
+
+        statement = self._statement(("count", self.postgres, table, shape, floors), build)
+        params = _params(where) | {"min_" + name: low for name, low in (at_least or {}).items()}
+        return int(await self._scalar(statement, params))
 
     async def total(self, table: str, column: str, **where: Any) -> int:
         t = self.table(table)

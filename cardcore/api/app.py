@@ -132,6 +132,7 @@ def build_app(
             pos.features[kind] = coupons.pos
         pos.reversers.append(coupons.reverse_key)
         pos.rewards = coupons.rewards
+        pos.unreward = coupons.void_rewards
         cards_http.add_routes(app.router)
     else:
         for path in ("/internal/v1/pos", "/internal/v1/terminals", "/internal/v1/cards"):

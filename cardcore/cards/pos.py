@@ -241,6 +241,9 @@ class PosService:
         # Registered by the application: points of approved purchases, voids and refunds.
         self.points_round: PointsRound | None = None
         self.rewards: RewardRound | None = None
+        # Registered by the application: takes back the unused instant rewards of a purchase
+        # (by its key) that a void cancelled.
+        self.unreward: Callable[[str], Awaitable[None]] | None = None
 
     def _accounts(self) -> Accounts:
         if self.accounts is None:
@@ -308,7 +311,7 @@ class PosService:
     async def _money(self, plans: list[_Plan]) -> None:
         """Under the card locks of the call's money: decided, submitted in one call to the
         writer (again for resends found), the points round; then the features undo what
-        the call's approved reversals reversed."""
+        the call's approved reversals reversed, and voids take back their rewards."""
         async with contextlib.AsyncExitStack() as held:
             for lock in self._locks(plans):
                 await held.enter_async_context(lock)
@@ -393,18 +396,25 @@ class PosService:
         service uses, a manager's authorization, points), idempotently. Never before: a
         reversal the ledger refuses (the money given back is spent) undoes nothing. When a
         feature cannot answer now the reversal is answered `unavailable`: the gateway's
-        store and forward sends it again, and every step is idempotent."""
+        store and forward sends it again, and every step is idempotent. An approved void
+        takes back its purchase's unused instant rewards (`unreward`; its points went back
+        in the points round); when that cannot be done now it is answered `unavailable`
+        and the terminal's resend (replayed by the ledger) does it."""
         for plan in plans:
-            a, t = plan.answer, plan.terminal
-            if plan.request.kind is not Kind.REVERSE or a is None or t is None:
+            a, t, kind = plan.answer, plan.terminal, plan.request.kind
+            if kind not in (Kind.REVERSE, Kind.VOID) or a is None or t is None:
                 continue
             if a.outcome is not Outcome.APPROVED or not plan.original_key:
                 continue
             try:
+                if kind is Kind.VOID:  # its points went back in the points round
+                    if self.unreward is not None:
+                        await self.unreward(plan.original_key)
+                    continue
                 for undo in self.reversers:
                     await undo(t, plan.original_key)
             except (*DATABASE_ERRORS, AccountsUnavailable, Busy, LedgerUnavailable):
-                log.exception("a feature could not undo a reversed request")
+                log.exception("a feature could not undo a reversed or voided request")
                 plan.answer = PosResult(Outcome.UNAVAILABLE)
 
     async def _rewards(self, plans: list[_Plan]) -> None:

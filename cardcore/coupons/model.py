@@ -327,6 +327,7 @@ class Context:
     member_redeemed_today: int = 0
     others_in_transaction: int = 0  # coupons already taken in this transaction
     others_stackable: bool = True  # whether all of those may be combined
+    others_discount_fen: int = 0  # what those take off the bill together
     store_in_scope: bool = True
 
 
@@ -374,6 +375,7 @@ def _check_context(ctx: Context) -> None:
     """The service hands over validated, bounded figures: anything else is a bug."""
     assert 0 <= ctx.bill_fen <= limits.AMOUNT_MAX, ctx.bill_fen
     assert min(ctx.member_redeemed, ctx.member_redeemed_today, ctx.others_in_transaction) >= 0
+    assert 0 <= ctx.others_discount_fen <= limits.AMOUNT_MAX, ctx.others_discount_fen
     if ctx.lines is not None:
         assert len(ctx.lines) <= limits.COUPON_BASKET_LINES_MAX, len(ctx.lines)
         assert all(0 <= line.amount_fen <= limits.AMOUNT_MAX for line in ctx.lines)
@@ -478,6 +480,10 @@ def evaluate(c: Campaign, code: CodeState, ctx: Context) -> Verdict:
        else coupon_min_spend;
     10. an amount_off coupon worth more than the eligible amount under "refuse" ->
         coupon_exceeds_bill; under "forfeit" it takes the eligible amount, the rest forfeited.
+
+    From step 10 on, the eligible amount is at most what the transaction's other coupons left
+    of the bill: two coupons of one sale never take off more than the bill together (the
+    minimum spend is of the basket, before any coupon).
     """
     _check_context(ctx)
     refusal = (
@@ -493,7 +499,8 @@ def evaluate(c: Campaign, code: CodeState, ctx: Context) -> Verdict:
     eligible = eligible_fen(c, ctx)
     if eligible < c.min_spend_fen:
         return Verdict(False, "coupon_min_spend")
-    return _discount(c, eligible)
+    left = max(0, ctx.bill_fen - ctx.others_discount_fen)
+    return _discount(c, min(eligible, left))
 
 
 # --- figures -----------------------------------------------------------------------------------

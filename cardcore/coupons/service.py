@@ -94,12 +94,14 @@ ISSUING_STATES = (CampaignState.DRAFT, CampaignState.ACTIVE, CampaignState.PAUSE
 NOT_FOUND = "coupon_not_found"
 BUDGET_SPENT = "coupon_budget_spent"
 QR_SIGNATURE = "coupon_qr_signature"
+RESERVATION_LAPSED = "coupon_reservation_lapsed"  # a confirm after COUPON_RESERVE_S
 # Refusals -> POS outcomes (anything else: not_permitted, the refusal naming the rule).
 OUTCOME_OF_REFUSAL = {
     NOT_FOUND: Outcome.COUPON_UNKNOWN,
     model.CODE_MALFORMED: Outcome.COUPON_UNKNOWN,
     model.QR_MALFORMED: Outcome.COUPON_UNKNOWN,
     QR_SIGNATURE: Outcome.COUPON_UNKNOWN,
+    RESERVATION_LAPSED: Outcome.ORIGINAL_NOT_FOUND,  # 25, as a lapsed top-up hold
     BUDGET_SPENT: Outcome.OVER_LIMIT,  # 61
     "coupon_used": Outcome.COUPON_USED,
     "coupon_reserved": Outcome.COUPON_USED,
@@ -1217,15 +1219,14 @@ class CouponService:
         if limited:
             assert uow is not None
             assert member is not None
-            live = ["reserved", "redeemed"]
-            redeemed = await uow.count(REDEMPTIONS, campaign=c.code, member_id=member, state=live)
-            today = await uow.count(
-                REDEMPTIONS, campaign=c.code, member_id=member, state=live, day=day_of(now)
-            )
+            redeemed = await member_uses(uow, c.code, member, now)
+            today = await member_uses(uow, c.code, member, now, day=day_of(now))
         in_scope = terminal.legal_entity == campaign_row["legal_entity"] and (
             not campaign_row["store"] or terminal.store == campaign_row["store"]
         )
-        others, others_stackable = await self._same_sale(uow, terminal, request, row["code"])
+        others, others_stackable, others_fen = await self._same_sale(
+            uow, terminal, request, row["code"]
+        )
         lines = tuple(model.Line(d, fen) for d, fen in request.basket) or None
         ctx = model.Context(
             now_ms=now,
@@ -1237,6 +1238,7 @@ class CouponService:
             member_redeemed_today=today,
             others_in_transaction=others,
             others_stackable=others_stackable,
+            others_discount_fen=others_fen,
             store_in_scope=in_scope,
         )
         code_state = model.CodeState(status_of(row, now), _member(row["member_id"]))
@@ -1248,24 +1250,25 @@ class CouponService:
 
     async def _same_sale(
         self, uow: Unit | None, terminal: Terminal, request: PosRequest, code: str
-    ) -> tuple[int, bool]:
+    ) -> tuple[int, bool, int]:
         """The other coupons held or redeemed in this terminal's sale (its sale number):
-        how many, and whether all of them may be combined. Without a sale number each
-        coupon message is a sale of its own."""
+        how many, whether all of them may be combined, and what they take off the bill
+        together. Without a sale number each coupon message is a sale of its own."""
         if not request.sale:
-            return 0, True
+            return 0, True, 0
         assert uow is not None  # `_present` reads for a sale number
         rows = await uow.find(
             REDEMPTIONS,
             {"terminal": terminal.tid, "sale": request.sale, "state": ["reserved", "redeemed"]},
             order="key", limit=limits.COUPON_PER_TRANSACTION_MAX + 1,
         )  # fmt: skip
-        codes = {r["code"]: r["campaign"] for r in rows if r["code"] != code}
+        others = {r["code"]: r for r in rows if r["code"] != code}
         stackable = True
-        for campaign in set(codes.values()):
+        for campaign in {r["campaign"] for r in others.values()}:
             found = await uow.get(CAMPAIGNS, code=campaign)
             stackable = stackable and found is not None and campaign_of(found).stackable
-        return len(codes), stackable
+        taken = min(limits.AMOUNT_MAX, sum(int(r["discount_fen"]) for r in others.values()))
+        return len(others), stackable, taken
 
     async def _query(self, request: PosRequest, terminal: Terminal, card: Card | None) -> PosResult:
         now = self.clock_ms()
@@ -1300,7 +1303,7 @@ class CouponService:
             return replay(mine, request)
         row, campaign_row, verdict, member = await self._present(request, terminal, now, read)
         held_by = row["reserved_key"] or ""
-        if redeem and row["state"] == "reserved" and held_by.startswith(
+        if redeem and status_of(row, now) is CodeStatus.RESERVED and held_by.startswith(
             transaction_key(terminal, request.batch, "")
         ):  # fmt: skip
             return await self._confirm(request, key, held_by)
@@ -1471,14 +1474,11 @@ class CouponService:
             return
         if not locked:
             await uow.update(CAMPAIGNS, {"code": c.code}, {"code": c.code})  # the row lock
-        live = ["reserved", "redeemed"]
-        total = await uow.count(REDEMPTIONS, campaign=c.code, member_id=member, state=live)
+        total = await member_uses(uow, c.code, member, now)
         if c.per_member_max and total > c.per_member_max:
             raise _Refusal("coupon_member_limit")
         if c.per_member_per_day_max:
-            today = await uow.count(
-                REDEMPTIONS, campaign=c.code, member_id=member, state=live, day=day_of(now)
-            )
+            today = await member_uses(uow, c.code, member, now, day=day_of(now))
             if today > c.per_member_per_day_max:
                 raise _Refusal("coupon_daily_limit")
 
@@ -1508,7 +1508,10 @@ class CouponService:
     async def _confirm(self, request: PosRequest, key: str, held_key: str) -> PosResult:
         """Redeem the reservation held under `held_key` (this request's own key, or another
         STAN of this terminal's batch): one guarded update of the code (still reserved under
-        that key) decides; a reservation that lapsed and was taken answers coupon_used."""
+        that key, and still held) decides. A reservation that lapsed answers
+        `coupon_reservation_lapsed` (25), one another request took since `coupon_used`. A
+        redeem under another STAN of a coupon whose reservation lapsed does not come here:
+        it redeems the coupon afresh, its rules judged again."""
         now = self.clock_ms()
         async with self.records.read() as uow:
             if key != held_key:
@@ -1524,6 +1527,9 @@ class CouponService:
         campaign = held["campaign"]
         if held["state"] != "reserved":
             return refused("coupon_used", campaign)
+        until = int(held["created_at_ms"]) + limits.COUPON_RESERVE_S * 1000
+        if until <= now:
+            return refused(RESERVATION_LAPSED, campaign)
         redemption = {**held, "key": key, "state": "redeemed", "created_at_ms": now,
                       "updated_at_ms": now}  # fmt: skip
         values = {"state": str(CodeStatus.REDEEMED), "reserved_key": None,
@@ -1532,7 +1538,8 @@ class CouponService:
         try:
             async with self.records.begin() as uow:
                 mine = {"code": held["code"], "state": "reserved", "reserved_key": held_key}
-                if not await uow.update(CODES, mine, values):
+                live = {"reserved_until_ms": now + 1}  # lapsed meanwhile: not confirmed
+                if not await uow.update(CODES, mine, values, at_least=live):
                     again = await self._stored(uow, key, request)
                     if again is not None and key != held_key:
                         return again
@@ -1585,11 +1592,12 @@ class CouponService:
         row, _ = await self._undo(key)
         if row is None:
             await self._tombstone(terminal, key)
-        await self._void_rewards(key)
+        await self.void_rewards(key)
 
-    async def _void_rewards(self, key: str) -> None:
-        """The coupons a reversed purchase earned (instant reward) are voided while still
-        unused, each by a guarded update; one the member already used stays used."""
+    async def void_rewards(self, key: str) -> None:
+        """The coupons a purchase reversed or voided (`key`: the purchase's) earned as an
+        instant reward are voided while still unused, each by a guarded update; one the
+        member already used stays used. Idempotent."""
         async with self.records.read() as uow:
             batches = await uow.find(
                 BATCHES, starts_with={"key": f"reward/{key}/"}, order="id",
@@ -1802,6 +1810,24 @@ def _counted(campaign_row: dict[str, Any], r: dict[str, Any]) -> schema.Counted:
     value = max(int(r["discount_fen"]), store + supplier)
     budget = campaign_of(campaign_row).max_value_fen
     return schema.Counted(campaign_row["code"], budget, value, store, supplier)
+
+
+async def member_uses(
+    uow: Unit, campaign: str, member: int, now: int, *, day: int | None = None
+) -> int:
+    """A member's redemptions of a campaign (of one local day, with `day`) that count
+    against its limits: those redeemed, and the reservations still held at `now`. A
+    reservation that lapsed frees its code (`status_of`) and counts no more, though its
+    row stays `reserved` until another request takes the code."""
+    where: dict[str, Any] = {"campaign": campaign, "member_id": member}
+    if day is not None:
+        where["day"] = day
+    redeemed = await uow.count(REDEMPTIONS, state="redeemed", **where)
+    held_since = now - limits.COUPON_RESERVE_S * 1000 + 1  # reserved after it: held still
+    held = await uow.count(
+        REDEMPTIONS, state="reserved", at_least={"created_at_ms": held_since}, **where
+    )
+    return redeemed + held
 
 
 def _lost() -> NoReturn:

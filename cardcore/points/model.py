@@ -644,14 +644,14 @@ def plan_spend(lots: Sequence[Lot], points: int, now_ms: int) -> tuple[Take, ...
     return takes
 
 
-def _clawback_order(lot: Lot, now_ms: int, own: Collection[str]) -> tuple[int, int, int, str]:
-    """The returned earning's lots; other pending lots, latest available first; usable lots,
-    never-expiring first, then latest expiry first; ties by key."""
-    if lot.key in own:
-        return (0, 0, 0, lot.key)
+def _clawback_order(lot: Lot, now_ms: int, own: Collection[str]) -> tuple[int, int, int, int, str]:
+    """Pending lots first (the issue: "from pending first"), then usable ones; within each,
+    the returned earning's own lots first. Other pending lots latest available first; other
+    usable lots never-expiring first, then latest expiry first; ties by key."""
+    mine = 0 if lot.key in own else 1
     if is_pending(lot, now_ms):
-        return (1, -lot.available_ms, 0, lot.key)
-    return (2, lot.expires_ms is not None, -(lot.expires_ms or 0), lot.key)
+        return (0, mine, -lot.available_ms, 0, lot.key)
+    return (1, mine, lot.expires_ms is not None, -(lot.expires_ms or 0), lot.key)
 
 
 def plan_clawback(

@@ -245,6 +245,87 @@ async def test_a_lapsed_reservation_frees_the_code_and_its_holder_can_no_longer_
     assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 1
 
 
+async def test_a_lapsed_reservation_is_not_confirmed_even_when_nobody_took_the_code(
+    admin: AdminClient, db_url: str
+) -> None:
+    """The hold's time limit ends it: a confirm of it after COUPON_RESERVE_S answers 25
+    `coupon_reservation_lapsed` and redeems nothing, though the code is still free; a
+    redeem of the coupon under a new STAN of the same batch redeems it afresh."""
+    code, tid = await setup(admin)
+    coupons = service(admin)
+    start = int(time.time() * 1000)
+    coupons.clock_ms = lambda: start
+    reserve = ask(Kind.COUPON_RESERVE, tid, code, amount=2_000)
+    assert (await one(admin, reserve)).outcome is Outcome.APPROVED
+    coupons.clock_ms = lambda: start + limits.COUPON_RESERVE_S * 1000
+    for late in (
+        ask(Kind.COUPON_REDEEM, tid, code, amount=2_000, stan=reserve.stan),  # the same key
+        ask(Kind.COUPON_REDEEM, tid, amount=2_000, original_batch="000001",
+            original_stan=reserve.stan),
+    ):  # fmt: skip
+        answer = await one(admin, late)
+        assert (answer.outcome, answer.refusal) == (Outcome.ORIGINAL_NOT_FOUND,
+                                                    "coupon_reservation_lapsed")  # fmt: skip
+    assert (await code_row(db_url, code))["state"] == "reserved"  # lapsed: issued to the POS
+    assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 0
+    afresh = await one(admin, ask(Kind.COUPON_REDEEM, tid, code, amount=2_000))
+    assert (afresh.outcome, afresh.discount) == (Outcome.APPROVED, 1_000)
+    assert (await code_row(db_url, code))["state"] == "redeemed"
+    [held] = await sql_rows(db_url, "SELECT state FROM coupon_redemptions WHERE key = :k",
+                            k=f"{tid}/0/000001/{reserve.stan}")  # fmt: skip
+    assert held["state"] == "released"
+    assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 1
+
+
+async def test_a_lapsed_reservation_no_longer_counts_against_the_members_limits(
+    admin: AdminClient,
+) -> None:
+    """A member's reservation counts against its limits while it holds the code, not after
+    it lapsed (the code is free again: a lookup shows it issued)."""
+    await admin.org("LE1", "S1")
+    tid = await terminal(admin)
+    await campaign(admin, "ONCE", per_member_max=1, per_member_per_day_max=1)
+    first, second = await codes(admin, "ONCE", 2)
+    pan = await card_of(admin, await member(admin))
+    coupons = service(admin)
+    start = int(time.time() * 1000)
+    coupons.clock_ms = lambda: start
+    held = await one(admin, ask(Kind.COUPON_RESERVE, tid, first, amount=5_000, card=pan))
+    assert held.outcome is Outcome.APPROVED
+    coupons.clock_ms = lambda: start + limits.COUPON_RESERVE_S * 1000 - 1
+    still = await one(admin, ask(Kind.COUPON_QUERY, tid, second, amount=5_000, card=pan))
+    assert (still.outcome, still.refusal) == (Outcome.NOT_PERMITTED, "coupon_member_limit")
+    coupons.clock_ms = lambda: start + limits.COUPON_RESERVE_S * 1000
+    assert (await admin.ok("GET", f"/v1/coupons/{first}"))["state"] == "issued"
+    other = await one(admin, ask(Kind.COUPON_REDEEM, tid, second, amount=5_000, card=pan))
+    assert other.outcome is Outcome.APPROVED
+    again = await one(admin, ask(Kind.COUPON_REDEEM, tid, first, amount=5_000, card=pan))
+    assert (again.outcome, again.refusal) == (Outcome.NOT_PERMITTED, "coupon_member_limit")
+
+
+async def test_two_coupons_of_one_sale_never_take_more_than_its_bill(admin: AdminClient) -> None:
+    """The no-change rule of a sale's coupons together: a bill of 15.00 and two stackable
+    10.00 coupons; the second is refused under "refuse", and takes the 5.00 left under
+    "forfeit" (5.00 forfeited). Released coupons give their share back."""
+    await admin.org("LE1", "S1")
+    tid = await terminal(admin)
+    await campaign(admin, "A", stackable=True, change_rule="refuse")
+    await campaign(admin, "B", stackable=True, change_rule="refuse")
+    await campaign(admin, "C", stackable=True)
+    [a], [b], [c] = [await codes(admin, name, 1) for name in "ABC"]
+    first = await one(admin, ask(Kind.COUPON_REDEEM, tid, a, amount=1_500, sale="S-9"))
+    assert (first.outcome, first.discount) == (Outcome.APPROVED, 1_000)
+    second = await one(admin, ask(Kind.COUPON_REDEEM, tid, b, amount=1_500, sale="S-9"))
+    assert (second.outcome, second.refusal) == (Outcome.NOT_PERMITTED, "coupon_exceeds_bill")
+    hold = ask(Kind.COUPON_RESERVE, tid, c, amount=1_500, sale="S-9")
+    rest = await one(admin, hold)
+    assert (rest.outcome, rest.discount, rest.forfeited) == (Outcome.APPROVED, 500, 500)
+    undo = ask(Kind.COUPON_REVERSE, tid, original_batch="000001", original_stan=hold.stan)
+    assert (await one(admin, undo)).outcome is Outcome.APPROVED
+    alone = await one(admin, ask(Kind.COUPON_QUERY, tid, b, amount=2_000, sale="S-9"))
+    assert (alone.outcome, alone.discount) == (Outcome.APPROVED, 1_000)
+
+
 async def test_a_reversal_makes_a_redeemed_code_usable_again_exactly_once(
     admin: AdminClient, db_url: str
 ) -> None:
@@ -782,12 +863,9 @@ async def test_a_qualifying_purchase_earns_one_coupon_of_each_reward_campaign_on
     assert row["issued_count"] == 1
 
 
-async def test_a_purchase_at_the_pos_earns_its_reward_once_and_its_reversal_voids_it(
-    admin: AdminClient, db_url: str
-) -> None:
-    """The campaign card at the till: the approved purchase carries the coupon it earned
-    (a resend the same one); the purchase's reversal voids it while it is unused, and a
-    reward already used stays used when its purchase is reversed."""
+async def rewarding_campaign_and_card(admin: AdminClient, db_url: str) -> tuple[str, str]:
+    """A terminal of S1, a "spend 100.00, get a coupon" campaign, and a member's card with
+    500.00 on it: (terminal id, card number)."""
     await admin.org("LE1", "S1")
     tid = await terminal(admin)
     await campaign(admin, "SPEND100", reward_spend_fen=10_000)
@@ -795,6 +873,16 @@ async def test_a_purchase_at_the_pos_earns_its_reward_once_and_its_reversal_void
     [card] = (await admin.ok("GET", "/v1/cards", member_id=(await member_of(db_url, pan))))["items"]
     topup = {"amount": 50_000, "tender": "cash", "receipt": "R", "key": "rw"}
     await admin.ok("POST", f"/v1/cards/{card['id']}/topups", json=topup)
+    return tid, pan
+
+
+async def test_a_purchase_at_the_pos_earns_its_reward_once_and_its_reversal_voids_it(
+    admin: AdminClient, db_url: str
+) -> None:
+    """The campaign card at the till: the approved purchase carries the coupon it earned
+    (a resend the same one); the purchase's reversal voids it while it is unused, and a
+    reward already used stays used when its purchase is reversed."""
+    tid, pan = await rewarding_campaign_and_card(admin, db_url)
     sale = ask(Kind.PURCHASE, tid, card=pan, amount=12_000)
     first = await one(admin, sale)
     assert first.outcome is Outcome.APPROVED and len(first.rewards) == 1, first
@@ -815,6 +903,30 @@ async def test_a_purchase_at_the_pos_earns_its_reward_once_and_its_reversal_void
     undo = PosRequest(kind=Kind.REVERSE, terminal=tid, batch="000001", stan=second_sale.stan)
     assert (await one(admin, undo)).outcome is Outcome.APPROVED
     assert (await code_row(db_url, used))["state"] == "redeemed"
+
+
+async def test_a_void_of_a_rewarded_purchase_voids_its_unused_reward(
+    admin: AdminClient, db_url: str
+) -> None:
+    """A void cancels the purchase, so its instant reward goes with it (while unused), as
+    with a reversal; the void's resend changes nothing more. A refund leaves the reward."""
+    tid, pan = await rewarding_campaign_and_card(admin, db_url)
+    sale = ask(Kind.PURCHASE, tid, card=pan, amount=12_000)
+    [reward] = (await one(admin, sale)).rewards
+    void = ask(Kind.VOID, tid, card=pan, amount=12_000, original_batch="000001",
+               original_stan=sale.stan)  # fmt: skip
+    assert (await one(admin, void)).outcome is Outcome.APPROVED
+    assert (await code_row(db_url, reward))["state"] == "voided"
+    again = await one(admin, void)
+    assert (again.outcome, again.replayed) == (Outcome.APPROVED, True)
+    late = await one(admin, ask(Kind.COUPON_REDEEM, tid, reward, amount=2_000))
+    assert (late.outcome, late.refusal) == (Outcome.NOT_PERMITTED, "coupon_inactive")
+    kept = ask(Kind.PURCHASE, tid, card=pan, amount=12_000)
+    answer = await one(admin, kept)
+    [other] = answer.rewards
+    refund = ask(Kind.REFUND, tid, card=pan, amount=12_000, rrn=answer.rrn)
+    assert (await one(admin, refund)).outcome is Outcome.APPROVED
+    assert (await code_row(db_url, other))["state"] == "issued"
 
 
 async def member_of(db_url: str, pan: str) -> int:

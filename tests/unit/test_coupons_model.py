@@ -441,6 +441,24 @@ def test_stackable_coupons_combine() -> None:
     assert evaluate(campaign(), ISSUED, ctx(others_in_transaction=0)).ok
 
 
+def test_stacked_coupons_never_take_more_than_the_bill_together() -> None:
+    """The no-change rule holds for a sale's coupons together: each takes at most what the
+    others left of the bill (forfeiting the rest, or refused), while the minimum spend stays
+    of the basket."""
+    after = ctx(bill_fen=1500, others_in_transaction=1, others_discount_fen=1000)
+    forfeit = evaluate(campaign(stackable=True), ISSUED, after)
+    assert (forfeit.ok, forfeit.discount_fen, forfeit.forfeited_fen) == (True, 500, 500)
+    strict = campaign(stackable=True, change_rule=ChangeRule.REFUSE)
+    assert evaluate(strict, ISSUED, after) == Verdict(False, "coupon_exceeds_bill")
+    assert evaluate(strict, ISSUED, dataclasses.replace(after, bill_fen=2000)).discount_fen == 1000
+    pct = campaign(stackable=True, kind=CouponKind.PERCENT_OFF, value_fen=0, percent_bp=1000)
+    assert evaluate(pct, ISSUED, after).discount_fen == 50  # 10 % of the 5.00 left
+    spend = campaign(stackable=True, min_spend_fen=1500)
+    assert evaluate(spend, ISSUED, after).discount_fen == 500  # the basket reaches 15.00
+    gone = dataclasses.replace(after, others_discount_fen=1500)
+    assert evaluate(strict, ISSUED, gone) == Verdict(False, "coupon_exceeds_bill")
+
+
 def test_a_non_stackable_coupon_or_company_is_refused_negative() -> None:
     lone = ctx(others_in_transaction=1, others_stackable=True)
     assert evaluate(campaign(), ISSUED, lone).refusal == "coupon_not_stackable"

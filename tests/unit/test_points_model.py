@@ -538,7 +538,9 @@ def test_a_spend_of_no_or_too_many_points_is_refused(points: int, code: str) -> 
     assert caught.value.code == code
 
 
-def test_a_clawback_takes_the_earnings_lot_then_pending_then_latest_expiry() -> None:
+def test_a_clawback_takes_pending_first_then_the_earnings_lot_then_latest_expiry() -> None:
+    """From pending first (issue 5), whichever earning they came from; then the returned
+    earning's own usable lot; then the other usable lots, latest expiry first."""
     lots = [
         lot("soon", 10, NOW + DAY_MS),
         lot("late", 10, NOW + 9 * DAY_MS),
@@ -550,14 +552,24 @@ def test_a_clawback_takes_the_earnings_lot_then_pending_then_latest_expiry() -> 
     ]
     claw = plan_clawback(lots, 65, NOW, earn_lot_keys={"own", "expired"})
     assert pairs(claw.takes) == [
-        ("own", 10),
         ("pending-new", 10),
         ("pending-old", 10),
+        ("own", 10),
         ("never", 10),
         ("late", 10),
         ("soon", 10),
     ]
     assert claw.shortfall == 5
+
+
+def test_a_clawback_takes_the_earnings_own_pending_lot_before_other_pending_ones() -> None:
+    lots = [
+        lot("pending-new", 10, None, available=NOW + 2 * DAY_MS),
+        lot("own", 10, None, available=NOW + DAY_MS),
+        lot("usable", 10, None),
+    ]
+    claw = plan_clawback(lots, 15, NOW, earn_lot_keys={"own"})
+    assert pairs(claw.takes) == [("own", 10), ("pending-new", 5)]
 
 
 def test_a_clawback_of_nothing_takes_nothing() -> None:
