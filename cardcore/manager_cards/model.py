@@ -8,6 +8,8 @@ discount. Pure: a policy and integers in, a decision out.
 - Every discount names a reason from the card's list; no reason, no discount.
 - All or nothing: a discount over a cap is refused whole, never cut down to the cap, so the
   cashier and the member see exactly what was asked or a refusal.
+- The card's authority is its staff user's: at every use, as at issue, that user must exist,
+  be active, and hold a role and scope that may hold the card (`holder_refusal`).
 - Money is int fen (1 CNY = 100 fen); times are int milliseconds since the Unix epoch (UTC).
 """
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 from cardcore import limits
 from cardcore.localtime import DEFAULT_TIMEZONE, day_bounds
-from cardcore.org.model import Refused
+from cardcore.org.model import Place, Refused, Role, ScopeKind
 
 DEFAULT_TZ = DEFAULT_TIMEZONE  # the group's timezone: its day bounds the daily total
 MANAGER_ROLE = "manager"  # the role of a card that may authorize (vs "cashier", "member")
@@ -34,6 +36,12 @@ BAD_AMOUNT = "manager_bad_amount"
 REASON_UNKNOWN = "manager_reason_unknown"
 OVER_PERCENT = "manager_over_percent"
 OVER_DAILY = "manager_over_daily"
+STAFF_DISABLED = "manager_staff_disabled"  # the card's staff user is disabled or gone
+STAFF_NOT_ELIGIBLE = "manager_staff_not_eligible"  # its role or scope no longer fits the card
+
+# Staff a manager card may be bound to: anyone who works in the store, not an auditor.
+MANAGER_ROLES = frozenset(set(Role) - {Role.AUDITOR})
+STAFF_ACTIVE = "active"  # the state of a staff user who may act (vs "disabled")
 
 
 class ManagerState(enum.StrEnum):
@@ -50,6 +58,16 @@ class ManagerCard:
     daily_total_fen: int  # per local day, 1..MANAGER_DAILY_FEN_MAX
     reasons: frozenset[str]  # allowed reason codes, 1..MANAGER_REASONS_MAX of them
     state: ManagerState
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """The staff user a card is bound to, as the staff table has them now."""
+
+    state: str  # STAFF_ACTIVE or "disabled"
+    role: str
+    scope_kind: str
+    scope_id: str  # a store or legal entity code; "" for the group
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +112,23 @@ def check_card(c: ManagerCard) -> None:
         chars = limits.MANAGER_REASON_CHARS_MAX
         message = f"a reason is 1..{chars} lower-case letters, digits and _, from a letter"
         raise Refused("invalid", "invalid_value", message, "reasons")
+
+
+def holder_refusal(holder: Holder | None, place: Place) -> str:
+    """ "" when `holder` may hold (and use) a manager card of the store at `place`, else why
+    not: no such user or not active (`manager_staff_disabled`); an auditor, or a scope that
+    covers neither that store nor its legal entity nor the group
+    (`manager_staff_not_eligible`)."""
+    if holder is None or holder.state != STAFF_ACTIVE:
+        return STAFF_DISABLED
+    covers = (
+        holder.scope_kind == ScopeKind.GROUP
+        or (holder.scope_kind == ScopeKind.ENTITY and holder.scope_id == place.entity)
+        or (holder.scope_kind == ScopeKind.STORE and holder.scope_id == place.store)
+    )
+    if holder.role not in MANAGER_ROLES or not covers:
+        return STAFF_NOT_ELIGIBLE
+    return ""
 
 
 def _reason_ok(reason: str) -> bool:

@@ -1,14 +1,30 @@
 """Manager-card tables (SQLAlchemy Core, on the ledger's MetaData); migration 0005 makes them.
 
 A manager card is found by the keyed hash of its number (the number only as ciphertext), is
-bound to one staff user, and has its own PIN verification value and wrong-PIN count. Every
+bound to one staff user (read with it at every use: `card_and_holder_select`), and has its
+own PIN verification value and wrong-PIN count. Every
 authorization, approved or refused, is a row under its POS key (the audit of every use; the
 daily total sums the approved, unreversed ones of the local day).
 """
 
-from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, String, Table, Text
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    Integer,
+    Select,
+    String,
+    Table,
+    Text,
+    bindparam,
+    select,
+)
 
 from cardcore.ledger.schema import metadata
+from cardcore.org.schema import staff_users
 
 CODE = 32
 KEY = 160
@@ -49,3 +65,22 @@ manager_authorizations = Table(
     Column("created_at_ms", BigInteger, nullable=False),
     Index(None, "card", "day"),
 )
+
+
+# The labels `card_and_holder_select` gives the staff user's columns.
+HOLDER = (("holder_state", "state"), ("holder_role", "role"),
+          ("holder_scope_kind", "scope_kind"), ("holder_scope_id", "scope_id"))  # fmt: skip
+
+
+def card_and_holder_select() -> Select[Any]:
+    """A manager card (`id`) with its staff user's state, role and scope (labelled by
+    `HOLDER`; NULL when there is no such user), in one statement: what a use at the POS
+    reads under the card's lock."""
+    user = staff_users
+    holder = [user.c[column].label(label) for label, column in HOLDER]
+    joined = manager_cards.outerjoin(user, user.c.id == manager_cards.c.staff_user_id)
+    return (
+        select(manager_cards, *holder)
+        .select_from(joined)
+        .where(manager_cards.c.id == bindparam("id", type_=Integer))
+    )

@@ -11,6 +11,9 @@ Rules:
   full once (to the issuer, who hands the card over), masked everywhere else, never logged.
 - The PIN is kept as a verification value (`Vault.pvv`); wrong PINs count by a guarded
   update and lock the card at PIN_FAILURES_MAX, until a new PIN is set.
+- The card's staff user is read with the card at every use (one joined select): a user
+  since disabled, or no longer of a role and scope that may hold the card, makes the card
+  refuse (`manager_staff_disabled`, `manager_staff_not_eligible`) before its PIN is read.
 - At the POS every use, approved or refused, is a `manager_authorizations` row under the POS
   key, written in one transaction that first takes the card's row lock: uses of one card
   run one after another (across processes too), so the daily total (the approved,
@@ -32,18 +35,9 @@ from cardcore.cards.directory import Directory
 from cardcore.cards.model import Card, Outcome, PosRequest, PosResult, Terminal, luhn_ok, mask_pan
 from cardcore.cards.pins import pin_is_valid
 from cardcore.localtime import DEFAULT_TIMEZONE, day_number
-from cardcore.manager_cards import model
-from cardcore.manager_cards.model import ManagerCard, ManagerState
-from cardcore.org.model import (
-    Perm,
-    Place,
-    Principal,
-    Refused,
-    Role,
-    ScopeKind,
-    require,
-    scoped_filter,
-)
+from cardcore.manager_cards import model, schema
+from cardcore.manager_cards.model import Holder, ManagerCard, ManagerState
+from cardcore.org.model import Perm, Place, Principal, Refused, require, scoped_filter
 from cardcore.org.service import OrgService
 from cardcore.records import Conflict, Records, Unit
 from cardcore.service_cards.service import reversed_before_arrival
@@ -69,9 +63,6 @@ _OUTCOME_OF = {
     model.OVER_PERCENT: Outcome.OVER_LIMIT,
     model.OVER_DAILY: Outcome.OVER_LIMIT,
 }
-# Staff a manager card may be bound to: anyone who works in the store, not an auditor.
-MANAGER_ROLES = frozenset(set(Role) - {Role.AUDITOR})
-
 PinReader = Callable[[str, str], str]  # (PAN, zone PIN block hex) -> PIN; ValueError
 
 
@@ -136,6 +127,23 @@ def use_view(row: dict[str, Any]) -> dict[str, Any]:
 
 def place_of(row: dict[str, Any]) -> Place:
     return Place(row["legal_entity"], row["store"])
+
+
+def holder_of(row: dict[str, Any]) -> Holder | None:
+    """The staff user of a `schema.card_and_holder_select` row (None: no such user)."""
+    state, role, kind, scope_id = (row[label] for label, _ in schema.HOLDER)
+    if state is None:
+        return None
+    return Holder(state=state, role=role, scope_kind=kind, scope_id=scope_id)
+
+
+def usable(row: dict[str, Any]) -> str:
+    """ "" when a card and its staff user (a `schema.card_and_holder_select` row) may
+    authorize now, else the use's outcome: the card disabled, then its user disabled, gone,
+    or no longer of a role and scope that may hold it."""
+    if row["state"] != ManagerState.ACTIVE:
+        return model.NOT_ACTIVE
+    return model.holder_refusal(holder_of(row), place_of(row))
 
 
 class ManagerCards:
@@ -211,16 +219,13 @@ class ManagerCards:
             user = await uow.get(USERS, id=user_id)
         if user is None:
             raise Refused("not_found", "user_not_found", "no such staff user", "staff_user_id")
-        if user["state"] != "active":
+        holder = Holder(state=user["state"], role=user["role"], scope_kind=user["scope_kind"],
+                        scope_id=user["scope_id"])  # fmt: skip
+        refusal = model.holder_refusal(holder, place)
+        if refusal == model.STAFF_DISABLED:
             raise Refused("conflict", "user_disabled", "the staff user is disabled",
                           "staff_user_id")  # fmt: skip
-        kind, scope_id = user["scope_kind"], user["scope_id"]
-        covers = (
-            kind == ScopeKind.GROUP
-            or (kind == ScopeKind.ENTITY and scope_id == place.entity)
-            or (kind == ScopeKind.STORE and scope_id == place.store)
-        )
-        if user["role"] not in MANAGER_ROLES or not covers:
+        if refusal:
             raise Refused(
                 "conflict", "manager_user_not_eligible",
                 "a manager card is for a staff user of this store or of HQ above it",
@@ -363,14 +368,19 @@ class ManagerCards:
     async def _decide(self, r: PosRequest, row: dict[str, Any], use: dict[str, Any]) -> str:
         """The outcome of one use of a manager card, written with it. The first write takes
         the card's row lock (PostgreSQL) or the write lock (SQLite): the PIN count, the
-        daily total and this use are decided by one card's uses one at a time."""
+        daily total and this use are decided by one card's uses one at a time. The card is
+        read again under the lock with its staff user, in one statement: a user disabled
+        meanwhile authorizes nothing."""
         card_id = int(row["id"])
         use = {**use, "card": card_id, "staff_user_id": int(row["staff_user_id"])}
         async with self.records.begin() as uow:
             await _touch(uow, card_id)
-            fresh = await uow.get(CARDS, id=card_id)
+            fresh = await uow.select_one(
+                "manager_card_and_holder", schema.card_and_holder_select, {"id": card_id}
+            )
             assert fresh is not None
             outcome = WRONG_STORE if fresh["store"] != use["store"] else ""
+            outcome = outcome or usable(fresh)
             outcome = outcome or await self._pin(uow, r, fresh)
             if not outcome:
                 today = await uow.total(USES, "discount_fen", card=card_id, day=use["day"],
@@ -385,10 +395,8 @@ class ManagerCards:
         return outcome
 
     async def _pin(self, uow: Unit, r: PosRequest, card: dict[str, Any]) -> str:
-        """ "" when the PIN is right (and the card active), else the use's outcome. A
-        disabled card is refused before its PIN is looked at (nothing is counted)."""
-        if card["state"] != ManagerState.ACTIVE:
-            return model.NOT_ACTIVE
+        """ "" when the PIN is right, else the use's outcome. The caller refuses a disabled
+        card or staff user before this (its PIN is not looked at, nothing is counted)."""
         if not card["pvv"]:
             return PIN_NOT_SET
         failures = int(card["pin_failures"])

@@ -70,6 +70,10 @@ _PACKAGE_PROPS: dict[str, r.Schema] = {
     "uses_total": r.integer(1, limits.SERVICE_USES_MAX),
     "uses_left": r.integer(0, limits.SERVICE_USES_MAX),
     "price_fen": FEN,
+    "refund_policy": POLICY,  # the refund terms of the sale (the product's that day)
+    "refund_fee_fen": FEN,
+    "single_use_price_fen": FEN,
+    "refund_after_expiry": r.boolean(),
     "sold_ms": TIME_MS,
     "expires_ms": TIME_MS,
     "state": r.enum([x.value for x in EntitlementState]),
@@ -186,7 +190,7 @@ ROUTES = [
             "The service packages on a card, newest first", "service cards", "loyalty_read",
             path_params=CARD_PATH, answers={200: PACKAGES}),
     r.Route("POST", "/v1/service-packages/{package_id}/refund", _W(_refund),
-            "Refund a package's unused entitlements by its product's policy, idempotent by "
-            "key", "service cards", "services_sell", REFUND, path_params=PACKAGE_PATH,
+            "Refund a package's unused entitlements by the refund terms of its sale, "
+            "idempotent by key", "service cards", "services_sell", REFUND, path_params=PACKAGE_PATH,
             answers={200: REFUNDED}, refusals=_ALL),
 ]  # fmt: skip

@@ -7,10 +7,11 @@ and refunds. Pure: records and integers in, records, integers or a refusal code 
   day (sold 31 January with 1 month: the end of February).
 - A redemption uses one or more entitlements of one active, unexpired package, in a store the
   product names (no store named = every store).
-- A refund follows the product's policy: none; pro rata (the unused share of the price,
-  the fraction of a fen to the member); or the price less the used ones charged at the
-  one-use list price.
-  A refund fee is taken last and never makes a refund negative.
+- A refund follows the terms the package was sold under (`RefundTerms`, kept with it; a
+  later change of the product applies to later sales only): none; pro rata (the unused
+  share of the price paid, the fraction of a fen to the member); or the price paid less the
+  used ones charged at the one-use list price of the sale. A refund fee is taken last and
+  never makes a refund negative.
 - Times are int milliseconds since the Unix epoch (UTC); no float anywhere.
 """
 
@@ -65,6 +66,27 @@ class ServiceProduct:
 
 
 @dataclass(frozen=True, slots=True)
+class RefundTerms:
+    """How a package is refunded: its product's refund terms on the day it was sold, kept
+    with the package (the price paid and the uses sold are the package's own fields)."""
+
+    policy: RefundPolicy
+    fee_fen: int  # taken from a refund, never below zero
+    single_use_price_fen: int  # the one-use list price (policy pro_rata_after_use_price)
+    after_expiry: bool  # whether an expired package may still be refunded
+
+
+def refund_terms_of(p: ServiceProduct) -> RefundTerms:
+    """The refund terms a package of `p` sold now keeps."""
+    return RefundTerms(
+        policy=p.refund_policy,
+        fee_fen=p.refund_fee_fen,
+        single_use_price_fen=p.single_use_price_fen,
+        after_expiry=p.refund_after_expiry,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Entitlement:
     """One sold package on a card. `id` is its record id (0 before it is stored); it breaks
     ties when two packages are otherwise alike."""
@@ -77,6 +99,7 @@ class Entitlement:
     expires_ms: int  # exclusive: at this instant the package is expired
     price_fen: int  # the price paid at sale (refunds use it, not today's product price)
     state: EntitlementState
+    refund_terms: RefundTerms  # as of the sale (refunds use them, not today's product's)
 
 
 # --- time ---------------------------------------------------------------------------------------
@@ -163,8 +186,9 @@ def _store_problems(stores: frozenset[str]) -> list[Problem]:
 
 
 def sell(p: ServiceProduct, *, sold_ms: int, tz: str, id_: int = 0) -> Entitlement:
-    """The package a sale of `p` at `sold_ms` puts on a card: every use left, today's price,
-    expiring at the end of the month `p.validity_months` after the local sale date."""
+    """The package a sale of `p` at `sold_ms` puts on a card: every use left, today's price
+    and refund terms, expiring at the end of the month `p.validity_months` after the local
+    sale date."""
     return Entitlement(
         id=id_,
         product_code=p.code,
@@ -174,6 +198,7 @@ def sell(p: ServiceProduct, *, sold_ms: int, tz: str, id_: int = 0) -> Entitleme
         expires_ms=expiry_ms(sold_ms, p.validity_months, tz),
         price_fen=p.price_fen,
         state=EntitlementState.ACTIVE,
+        refund_terms=refund_terms_of(p),
     )
 
 
@@ -232,26 +257,28 @@ def choose_entitlement(
 # --- refunds ------------------------------------------------------------------------------------
 
 
-def refund_of(e: Entitlement, p: ServiceProduct, now_ms: int) -> int:
-    """The fen refunded for the unused entitlements of `e`, by the product's current policy
-    and fee, on the price the member paid (`e.price_fen`). Refuses (409) a refunded package
-    (`service_refunded`), a product without refunds (`service_refund_not_allowed`) and an
-    expired package when the product refunds none after expiry (`service_refund_expired`).
-    Nothing unused refunds 0; a fee never makes a refund negative."""
-    assert e.product_code == p.code, "the entitlement of another product"
+def refund_of(e: Entitlement, now_ms: int) -> int:
+    """The fen refunded for the unused entitlements of `e`, by the refund terms it was sold
+    under (`e.refund_terms`: policy, fee, one-use price, refund after expiry), on the price
+    the member paid (`e.price_fen`); the product's terms today play no part. Refuses (409) a
+    refunded package (`service_refunded`), a package sold without refunds
+    (`service_refund_not_allowed`) and an expired package sold with no refund after expiry
+    (`service_refund_expired`). Nothing unused refunds 0; a fee never makes a refund
+    negative."""
     assert 0 <= e.uses_left <= e.uses_total
+    terms = e.refund_terms
     if e.state is EntitlementState.REFUNDED:
         raise Refused("conflict", REFUNDED, "the package was refunded already")
-    if p.refund_policy is RefundPolicy.NONE:
-        raise Refused("conflict", REFUND_NOT_ALLOWED, "this product refunds nothing")
-    if is_expired(e, now_ms) and not p.refund_after_expiry:
+    if terms.policy is RefundPolicy.NONE:
+        raise Refused("conflict", REFUND_NOT_ALLOWED, "this package was sold without refunds")
+    if is_expired(e, now_ms) and not terms.after_expiry:
         raise Refused("conflict", REFUND_EXPIRED, "the package expired; no refund after expiry")
     if e.uses_left == 0:
         return 0
-    return max(0, _gross_refund(e, p) - p.refund_fee_fen)
+    return max(0, _gross_refund(e) - terms.fee_fen)
 
 
-def _gross_refund(e: Entitlement, p: ServiceProduct) -> int:
+def _gross_refund(e: Entitlement) -> int:
     """The refund before the fee.
 
     - pro_rata: the price less the used share rounded DOWN, so the member gets the fraction
@@ -260,7 +287,8 @@ def _gross_refund(e: Entitlement, p: ServiceProduct) -> int:
       price, never below zero (a package bought for its discount loses it when refunded).
     """
     used = e.uses_total - e.uses_left
-    if p.refund_policy is RefundPolicy.PRO_RATA:
+    terms = e.refund_terms
+    if terms.policy is RefundPolicy.PRO_RATA:
         return e.price_fen - e.price_fen * used // e.uses_total
-    assert p.refund_policy is RefundPolicy.PRO_RATA_AFTER_USE_PRICE
-    return max(0, e.price_fen - used * p.single_use_price_fen)
+    assert terms.policy is RefundPolicy.PRO_RATA_AFTER_USE_PRICE
+    return max(0, e.price_fen - used * terms.single_use_price_fen)

@@ -1,11 +1,12 @@
-"""Service-card tables (SQLAlchemy Core, on the ledger's MetaData); migration 0005 makes them.
+"""Service-card tables (SQLAlchemy Core, on the ledger's MetaData); migration 0005 makes them,
+0007 adds the refund terms a package keeps.
 
 A product is a definition (JSON the pure model reads); a sale is an entitlement row on a
-card holder (the card's value account id, shared by a replacement card) whose remaining
-uses move by guarded updates (the service's `records` updates with `at_least` and
-`at_most`: the database decides, never a value read before); each POS redemption is
-recorded under its POS key with the uses left after it, so a resend gets the same answer
-and a reversal finds it.
+card holder (the card's value account id, shared by a replacement card) that keeps the price
+paid and the product's refund terms of the day of the sale, and whose remaining uses move
+by guarded updates (the service's `records` updates with `at_least` and `at_most`: the
+database decides, never a value read before); each POS redemption is recorded under its POS
+key with the uses left after it, so a resend gets the same answer and a reversal finds it.
 """
 
 from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, String, Table, Text
@@ -40,6 +41,11 @@ service_entitlements = Table(
     Column("uses_total", Integer, nullable=False),
     Column("uses_left", Integer, nullable=False),
     Column("price_fen", BigInteger, nullable=False),
+    # The product's refund terms when it was sold (refunds use them, never today's).
+    Column("refund_policy", String(CODE), nullable=False),
+    Column("refund_fee_fen", BigInteger, nullable=False),
+    Column("single_use_price_fen", BigInteger, nullable=False),
+    Column("refund_after_expiry", Boolean, nullable=False),
     Column("sold_ms", BigInteger, nullable=False),
     Column("expires_ms", BigInteger, nullable=False),
     Column("state", String(16), nullable=False),

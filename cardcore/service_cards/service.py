@@ -13,9 +13,11 @@ Rules of every use case:
 - A redemption at the POS (`redeem`) takes uses by a guarded UPDATE (uses left >= asked),
   with a row under the POS key in the same transaction, so a resend answers the same and a
   reversal (`reverse`) gives the uses back exactly once.
-- A refund marks the package refunded first (a guarded update on the uses left that were
-  read, so no redemption slips in between), then pays the unused share from the selling
-  store's sales back to its till; a retry with the same key pays the same, once.
+- A package keeps its product's refund terms of the day it was sold; a refund follows those,
+  never the product's terms today. It marks the package refunded first (a guarded update on
+  the uses left that were read, so no redemption slips in between), then pays the unused
+  share from the selling store's sales back to its till; a retry with the same key pays the
+  same, once.
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ from cardcore.org.model import Function, Perm, Place, Principal, Refused, ScopeK
 from cardcore.org.service import OrgService
 from cardcore.records import Conflict, Records, Unit
 from cardcore.service_cards import model
-from cardcore.service_cards.model import Entitlement, EntitlementState, RefundPolicy
+from cardcore.service_cards.model import (
+    Entitlement,
+    EntitlementState,
+    RefundPolicy,
+    RefundTerms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +144,12 @@ def entitlement_of(row: dict[str, Any]) -> Entitlement:
         expires_ms=int(row["expires_ms"]),
         price_fen=int(row["price_fen"]),
         state=EntitlementState(row["state"]),
+        refund_terms=RefundTerms(
+            policy=RefundPolicy(row["refund_policy"]),
+            fee_fen=int(row["refund_fee_fen"]),
+            single_use_price_fen=int(row["single_use_price_fen"]),
+            after_expiry=bool(row["refund_after_expiry"]),
+        ),
     )
 
 
@@ -156,6 +169,10 @@ def package_view(row: dict[str, Any], now_ms: int) -> dict[str, Any]:
         "uses_total": e.uses_total,
         "uses_left": e.uses_left,
         "price_fen": e.price_fen,
+        "refund_policy": str(e.refund_terms.policy),
+        "refund_fee_fen": e.refund_terms.fee_fen,
+        "single_use_price_fen": e.refund_terms.single_use_price_fen,
+        "refund_after_expiry": e.refund_terms.after_expiry,
         "sold_ms": e.sold_ms,
         "expires_ms": e.expires_ms,
         "state": str(state),
@@ -289,8 +306,8 @@ class ServiceCards:
     async def update_product(
         self, p: Principal, code: str, changes: dict[str, Any]
     ) -> dict[str, Any]:
-        """Change a product: later sales use its new terms; refunds use its current policy
-        on the price each package was sold for; a retired product sells no more."""
+        """Change a product: later sales use its new terms; packages sold before keep the
+        refund terms and price of their sale; a retired product sells no more."""
         require(p, Perm.PROGRAMS_WRITE)
         _require_hq(p)
         now = self.clock_ms()
@@ -435,6 +452,10 @@ class ServiceCards:
             "uses_total": sold.uses_total,
             "uses_left": sold.uses_left,
             "price_fen": sold.price_fen,
+            "refund_policy": str(sold.refund_terms.policy),
+            "refund_fee_fen": sold.refund_terms.fee_fen,
+            "single_use_price_fen": sold.refund_terms.single_use_price_fen,
+            "refund_after_expiry": sold.refund_terms.after_expiry,
             "sold_ms": sold.sold_ms,
             "expires_ms": sold.expires_ms,
             "state": str(sold.state),
@@ -546,8 +567,9 @@ class ServiceCards:
         self, p: Principal, package_id: int, *, key: str, receipt: str
     ) -> dict[str, Any]:
         """Refund the unused entitlements of a package at the store that sold it, by the
-        product's policy: the package is refunded first, then the money leaves the store's
-        sales for its till. Idempotent by `key`; a second refund is refused."""
+        refund terms it was sold under (not the product's today): the package is refunded
+        first, then the money leaves the store's sales for its till. Idempotent by `key`; a
+        second refund is refused."""
         require(p, Perm.SERVICES_SELL)
         row = await self._package(package_id)
         store = await self.org.store_place(row["store"], "package_id")
@@ -555,9 +577,8 @@ class ServiceCards:
         ledger_key = _ledger_refund_key(package_id, key)
         if row["state"] == EntitlementState.REFUNDED and row["refund_key"] == key:
             return await self._pay_refund(p, row, store, ledger_key, receipt, replayed=True)
-        product = product_of(await self._product_row(row["product"], "package_id"))
         now = self.clock_ms()
-        amount = model.refund_of(entitlement_of(row), product, now)
+        amount = model.refund_of(entitlement_of(row), now)
         async with self.records.begin() as uow:
             changes = {"state": str(EntitlementState.REFUNDED), "refund_key": key,
                        "refunded_fen": amount, "updated_at_ms": now}  # fmt: skip

@@ -14,12 +14,13 @@ from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, luhn_ok
 from cardcore.frontend_gateway import security
 from tests import logscan
 from tests.conftest import ADMIN_KEK
-from tests.helpers import AdminClient, sql_rows
+from tests.helpers import AdminClient, sql_execute, sql_rows
 
 _stans = itertools.count(1)
 _tids = itertools.count(1)
 CARDS = "/v1/manager-cards"
 PIN = "860412"
+STAFF_NOT_ELIGIBLE = "manager_staff_not_eligible"
 
 
 async def world(admin: AdminClient) -> dict[str, Any]:
@@ -255,3 +256,37 @@ async def test_a_manager_card_authorizes_only_in_its_own_store(admin: AdminClien
     uses = await admin.ok("GET", f"{CARDS}/{card['id']}/authorizations")
     assert sorted(u["outcome"] for u in uses["items"]) == [
         "approved", "manager_wrong_store", "manager_wrong_store"]  # fmt: skip
+
+
+async def test_a_card_authorizes_nothing_once_its_staff_user_is_disabled_or_not_eligible(
+    admin: AdminClient, db_url: str
+) -> None:
+    """The staff user is checked at every use, not only at issue (audit finding, issue 5):
+    disabled, gone, or of a role or scope that may no longer hold the card, the card refuses
+    57 before its PIN is looked at (a wrong one is not counted); each use is recorded."""
+    w = await world(admin)
+    card = await ready_card(admin, w["manager"])
+    pan, user = card["pan"], f"/v1/users/{w['manager']}"
+    assert (await pos(admin, ask(w["t1"], pan, discount=100))).outcome is Outcome.APPROVED
+    await admin.ok("PATCH", user, json={"state": "disabled"})
+    for pin in (PIN, "000000"):
+        answer = await pos(admin, ask(w["t1"], pan, pin, discount=100))
+        assert (answer.outcome, answer.refusal) == (Outcome.NOT_PERMITTED,
+                                                    "manager_staff_disabled")  # fmt: skip
+    assert (await admin.ok("GET", f"{CARDS}/{card['id']}"))["pin_failures"] == 0
+    await admin.ok("PATCH", user, json={"state": "active"})
+    assert (await pos(admin, ask(w["t1"], pan, discount=100))).outcome is Outcome.APPROVED
+    # No route changes a user's role or scope; the check holds should the row change.
+    changes = [
+        ("UPDATE org_staff_users SET role = 'auditor'", STAFF_NOT_ELIGIBLE),
+        ("UPDATE org_staff_users SET role = 'store_supervisor', scope_id = 'S2'",
+         STAFF_NOT_ELIGIBLE),
+        ("DELETE FROM org_staff_users", "manager_staff_disabled"),
+    ]  # fmt: skip
+    for change, refusal in changes:
+        await sql_execute(db_url, f"{change} WHERE id = {int(w['manager'])}")
+        answer = await pos(admin, ask(w["t1"], pan, discount=100))
+        assert (answer.outcome, answer.refusal) == (Outcome.NOT_PERMITTED, refusal), change
+    uses = await admin.ok("GET", f"{CARDS}/{card['id']}/authorizations")
+    expected = ["approved"] * 2 + ["manager_staff_disabled"] * 3 + [STAFF_NOT_ELIGIBLE] * 2
+    assert sorted(u["outcome"] for u in uses["items"]) == sorted(expected)

@@ -344,3 +344,43 @@ def test_downgrade_below_0004_is_refused_once_two_cards_share_an_account(db_url:
         command.downgrade(config, "0003")
     migrate.upgrade(db_url)  # still at 0004, nothing half done: up again to head
     asyncio.run(migrate.check_current(db_url))
+
+
+def test_packages_from_before_0007_keep_their_products_refund_terms(db_url: str) -> None:
+    """0007: a package sold before it gets its product's terms as they are (the terms of its
+    day were not kept); one whose product is gone refunds nothing."""
+    config = migrate._alembic_config(db_url)
+    command.downgrade(config, "0006")
+    definition = (
+        '{"price_fen": 10000, "refund_after_expiry": true, "refund_fee_fen": 150, '
+        '"refund_policy": "pro_rata_after_use_price", "single_use_price_fen": 1200, '
+        '"stores": [], "uses": 10, "validity_months": 12}'
+    )
+    packages = [(1, "TEN"), (2, "GONE"), (20_003, "TEN")]  # the last in a later fill
+    asyncio.run(
+        sql_execute(
+            db_url,
+            "INSERT INTO service_products (code, name, legal_entity, definition, state, "  # noqa: S608
+            f"created_at_ms, updated_at_ms) VALUES ('TEN', 'Ten', 'LE1', '{definition}', "
+            "'active', 0, 0)",
+            *[
+                "INSERT INTO service_entitlements (id, product, holder, member_id, store, "  # noqa: S608
+                "uses_total, uses_left, price_fen, sold_ms, expires_ms, state, sale_key, "
+                f"refund_key, refunded_fen, updated_at_ms) VALUES ({i}, '{code}', 7, NULL, "
+                f"'S1', 10, 5, 10000, 0, 1, 'active', 'S1/k{i}', NULL, 0, 0)"
+                for i, code in packages
+            ],
+        )
+    )
+    command.upgrade(config, "head")
+    rows = asyncio.run(sql_rows(db_url, "SELECT id, refund_policy, refund_fee_fen, "
+                                "single_use_price_fen, refund_after_expiry "
+                                "FROM service_entitlements ORDER BY id"))  # fmt: skip
+    terms = [(r["id"], r["refund_policy"], r["refund_fee_fen"], r["single_use_price_fen"],
+              bool(r["refund_after_expiry"])) for r in rows]  # fmt: skip
+    assert terms == [
+        (1, "pro_rata_after_use_price", 150, 1200, True),
+        (2, "none", 0, 0, False),
+        (20_003, "pro_rata_after_use_price", 150, 1200, True),
+    ]
+    assert asyncio.run(_compare(db_url, schema.metadata)) == []

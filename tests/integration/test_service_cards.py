@@ -361,6 +361,46 @@ async def test_refunds_follow_the_policy_and_a_key_names_one_package(
     assert wash_refund["transfer_id"] != nail_refund["transfer_id"]
 
 
+async def test_a_package_is_refunded_by_the_terms_of_its_sale_not_a_later_change(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Audit finding (issue 5): a reprice or a policy change of the product (PATCH) applied
+    to packages already sold. 100.00 for 10 uses, one use listed at 12.00, 5 used: 4,000 fen
+    back less the 1.00 fee, also after HQ makes it 50.00, 5.00 a use, no fee, or `none`."""
+    w = await world(admin)
+    card_id, pan = w["card"]["id"], w["card"]["pan"]
+    sold_terms = {"refund_policy": "pro_rata_after_use_price", "single_use_price_fen": 1_200,
+                  "refund_fee_fen": 100, "refund_after_expiry": False}  # fmt: skip
+    await product(admin, "TEN", uses=10, price_fen=10_000, **sold_terms)
+    _, first = await sell(admin, card_id, "TEN")
+    _, second = await sell(admin, card_id, "TEN")
+    assert {k: first[k] for k in sold_terms} == sold_terms
+    [used] = await pos(admin, redemption(w["t1"], pan, product="TEN", uses=5))
+    assert (used.outcome, used.uses_left) == (Outcome.APPROVED, 5)
+    path = f"{PRODUCTS}/TEN"
+    await admin.ok("PATCH", path, json={"price_fen": 5_000, "single_use_price_fen": 500,
+                                        "refund_fee_fen": 0})  # fmt: skip
+    listed = await admin.ok("GET", f"/v1/cards/{card_id}/service-packages")
+    assert all({k: p[k] for k in sold_terms} == sold_terms for p in listed["items"])
+    refunded = await admin.ok("POST", f"/v1/service-packages/{first['id']}/refund",
+                              json={"key": "rf-1"})  # fmt: skip
+    assert refunded["refund_fen"] == 10_000 - 5 * 1_200 - 100
+    await admin.ok("PATCH", path, json={"refund_policy": "none"})
+    refunded = await admin.ok("POST", f"/v1/service-packages/{second['id']}/refund",
+                              json={"key": "rf-2"})  # fmt: skip
+    assert refunded["refund_fen"] == 10_000 - 100
+    # A package sold after the change keeps the new terms.
+    _, third = await sell(admin, card_id, "TEN")
+    assert (third["price_fen"], third["refund_policy"]) == (5_000, "none")
+    status, answer = await admin.call("POST", f"/v1/service-packages/{third['id']}/refund",
+                                      json={"key": "rf-3"})  # fmt: skip
+    assert (status, answer["error"]["code"]) == (409, "service_refund_not_allowed")
+    [row] = await sql_rows(db_url, "SELECT * FROM service_entitlements WHERE id = :i",
+                           i=first["id"])  # fmt: skip
+    assert (row["refund_policy"], row["single_use_price_fen"], row["refund_fee_fen"]) == (
+        "pro_rata_after_use_price", 1_200, 100)  # fmt: skip
+
+
 async def test_a_redemption_reversed_before_it_arrives_takes_nothing(admin: AdminClient) -> None:
     w = await world(admin)
     await sell(admin, w["card"]["id"], "WASH")

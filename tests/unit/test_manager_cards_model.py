@@ -12,14 +12,16 @@ from cardcore import limits
 from cardcore.manager_cards.model import (
     DEFAULT_TZ,
     Decision,
+    Holder,
     ManagerCard,
     ManagerState,
     authorize,
     check_card,
+    holder_refusal,
     local_day_bounds,
     percent_cap_fen,
 )
-from cardcore.org.model import Refused
+from cardcore.org.model import Place, Refused
 
 SHANGHAI = DEFAULT_TZ
 HOUR_MS = 3600 * 1000
@@ -187,6 +189,40 @@ def test_the_next_fen_after_the_daily_total_is_refused_negative() -> None:
 def test_a_discount_over_the_daily_total_is_not_cut_down_negative() -> None:
     decision = ask(discount=10_000, today=45_000)  # 5,000 fen of room left: still all or none
     assert refusal(decision) == "manager_over_daily"
+
+
+# --- the card's staff user ---------------------------------------------------------------------
+
+S1 = Place("LE1", "S1")
+SUPERVISOR = Holder(state="active", role="store_supervisor", scope_kind="store", scope_id="S1")
+
+
+@pytest.mark.parametrize(
+    "holder",
+    [
+        SUPERVISOR,
+        Holder(state="active", role="hq_admin", scope_kind="group", scope_id=""),
+        Holder(state="active", role="hq_admin", scope_kind="entity", scope_id="LE1"),
+    ],
+)
+def test_an_active_staff_user_of_the_store_or_above_it_may_hold_the_card(holder: Holder) -> None:
+    assert holder_refusal(holder, S1) == ""
+
+
+@pytest.mark.parametrize(
+    ("holder", "refusal"),
+    [
+        (None, "manager_staff_disabled"),
+        (replace(SUPERVISOR, state="disabled"), "manager_staff_disabled"),
+        (replace(SUPERVISOR, role="auditor"), "manager_staff_not_eligible"),
+        (replace(SUPERVISOR, scope_id="S2"), "manager_staff_not_eligible"),
+        (replace(SUPERVISOR, scope_kind="entity", scope_id="LE2"), "manager_staff_not_eligible"),
+    ],
+)
+def test_a_staff_user_disabled_gone_or_out_of_role_cannot_hold_the_card_negative(
+    holder: Holder | None, refusal: str
+) -> None:
+    assert holder_refusal(holder, S1) == refusal
 
 
 # --- the local day ------------------------------------------------------------------------------

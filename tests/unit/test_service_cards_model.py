@@ -17,6 +17,7 @@ from cardcore.service_cards.model import (
     Entitlement,
     EntitlementState,
     RefundPolicy,
+    RefundTerms,
     ServiceProduct,
     check_product,
     check_redeem,
@@ -25,6 +26,7 @@ from cardcore.service_cards.model import (
     product_problems,
     redeemed,
     refund_of,
+    refund_terms_of,
     sell,
 )
 
@@ -66,8 +68,14 @@ def package(**changes: object) -> Entitlement:
         expires_ms=shanghai_ms(2027, 2, 1),
         price_fen=30_000,
         state=EntitlementState.ACTIVE,
+        refund_terms=refund_terms_of(WASH),
     )
     return replace(e, **changes)  # type: ignore[arg-type]
+
+
+def sold_under(e: Entitlement, p: ServiceProduct) -> Entitlement:
+    """`e` as sold when `p` had its terms: the refund terms it keeps."""
+    return replace(e, refund_terms=refund_terms_of(p))
 
 
 def refused(call: object, *args: object) -> tuple[int, str]:
@@ -307,35 +315,53 @@ THREE = replace(WASH, uses=3, price_fen=10_000)
 
 def test_a_pro_rata_refund_gives_the_member_the_fraction_of_a_fen() -> None:
     e = package(uses_total=3, uses_left=2, price_fen=10_000)
-    assert refund_of(e, THREE, NOW_MS) == 6667  # 1/3 used is 3333.33: 3333 kept
+    assert refund_of(sold_under(e, THREE), NOW_MS) == 6667  # 1/3 used is 3333.33: 3333 kept
 
 
 def test_a_pro_rata_refund_never_rounds_the_members_share_down_negative() -> None:
     e = package(uses_total=3, uses_left=1, price_fen=10_000)
-    assert refund_of(e, THREE, NOW_MS) == 3334  # 2/3 used is 6666.67: 6666 kept
-    assert refund_of(package(uses_total=3, uses_left=2, price_fen=10_000), THREE, NOW_MS) != 6666
+    assert refund_of(sold_under(e, THREE), NOW_MS) == 3334  # 2/3 used is 6666.67: 6666 kept
+    other = package(uses_total=3, uses_left=2, price_fen=10_000)
+    assert refund_of(sold_under(other, THREE), NOW_MS) != 6666
 
 
 def test_an_unused_package_refunds_its_whole_price_less_the_fee() -> None:
     e = package()
-    assert refund_of(e, WASH, NOW_MS) == 30_000
-    assert refund_of(e, replace(WASH, refund_fee_fen=500), NOW_MS) == 29_500
+    assert refund_of(sold_under(e, WASH), NOW_MS) == 30_000
+    assert refund_of(sold_under(e, replace(WASH, refund_fee_fen=500)), NOW_MS) == 29_500
 
 
 def test_a_refund_uses_the_price_paid_not_todays_price() -> None:
     dearer = replace(WASH, price_fen=40_000)
-    assert refund_of(package(uses_left=5), dearer, NOW_MS) == 15_000
+    assert refund_of(sold_under(package(uses_left=5), dearer), NOW_MS) == 15_000
+
+
+def test_a_sale_keeps_the_refund_terms_of_its_day() -> None:
+    """Audit finding (issue 5): 100.00 paid for 10 uses, 5 used, one use listed at 12.00:
+    4,000 fen back less the 1.00 fee of the sale, whatever the product's terms become later
+    (a reprice to 50.00 and 5.00 a use made it 7,500, more than the 5,000 unused share)."""
+    product = replace(WASH, price_fen=10_000, refund_policy=RefundPolicy.PRO_RATA_AFTER_USE_PRICE,
+                      single_use_price_fen=1_200, refund_fee_fen=100)  # fmt: skip
+    e = redeemed(sell(product, sold_ms=SOLD_MS, tz=SHANGHAI), 5)
+    assert e.refund_terms == RefundTerms(
+        policy=RefundPolicy.PRO_RATA_AFTER_USE_PRICE, fee_fen=100, single_use_price_fen=1_200,
+        after_expiry=False,
+    )  # fmt: skip
+    assert refund_of(e, NOW_MS) == 10_000 - 5 * 1_200 - 100
+    assert refused(refund_of, e, e.expires_ms) == (409, "service_refund_expired")
+    kept = sell(replace(product, refund_after_expiry=True), sold_ms=SOLD_MS, tz=SHANGHAI)
+    assert refund_of(kept, kept.expires_ms) == 10_000 - 100
 
 
 def test_a_fee_never_makes_a_refund_negative_negative() -> None:
     e = package(uses_total=3, uses_left=1, price_fen=10_000)
-    assert refund_of(e, replace(THREE, refund_fee_fen=3334), NOW_MS) == 0
-    assert refund_of(e, replace(THREE, refund_fee_fen=5000), NOW_MS) == 0
-    assert refund_of(e, replace(THREE, refund_fee_fen=3333), NOW_MS) == 1
+    assert refund_of(sold_under(e, replace(THREE, refund_fee_fen=3334)), NOW_MS) == 0
+    assert refund_of(sold_under(e, replace(THREE, refund_fee_fen=5000)), NOW_MS) == 0
+    assert refund_of(sold_under(e, replace(THREE, refund_fee_fen=3333)), NOW_MS) == 1
 
 
 def test_a_fully_used_package_refunds_nothing() -> None:
-    assert refund_of(package(uses_left=0), WASH, NOW_MS) == 0
+    assert refund_of(sold_under(package(uses_left=0), WASH), NOW_MS) == 0
 
 
 AFTER_USE = replace(
@@ -345,38 +371,46 @@ AFTER_USE = replace(
 
 def test_after_use_price_refund_charges_used_ones_at_the_list_price() -> None:
     e = package(uses_left=7)  # 3 used at 35 CNY
-    assert refund_of(e, AFTER_USE, NOW_MS) == 30_000 - 3 * 3_500
-    assert refund_of(e, replace(AFTER_USE, refund_fee_fen=1_000), NOW_MS) == 18_500
+    assert refund_of(sold_under(e, AFTER_USE), NOW_MS) == 30_000 - 3 * 3_500
+    assert refund_of(sold_under(e, replace(AFTER_USE, refund_fee_fen=1_000)), NOW_MS) == 18_500
 
 
 def test_after_use_price_refund_is_never_negative_negative() -> None:
     e = package(uses_left=1)  # 9 used at 35 CNY = 315 CNY, more than the 300 CNY paid
-    assert refund_of(e, AFTER_USE, NOW_MS) == 0
-    assert refund_of(package(uses_left=2), replace(AFTER_USE, refund_fee_fen=9_999), NOW_MS) == 0
+    assert refund_of(sold_under(e, AFTER_USE), NOW_MS) == 0
+    assert (
+        refund_of(
+            sold_under(package(uses_left=2), replace(AFTER_USE, refund_fee_fen=9_999)), NOW_MS
+        )
+        == 0
+    )
 
 
 def test_a_product_without_refunds_refuses_negative() -> None:
     none = replace(WASH, refund_policy=RefundPolicy.NONE)
-    assert refused(refund_of, package(), none, NOW_MS) == (409, "service_refund_not_allowed")
+    assert refused(refund_of, sold_under(package(), none), NOW_MS) == (
+        409,
+        "service_refund_not_allowed",
+    )
 
 
 def test_an_expired_package_refunds_only_when_the_product_allows() -> None:
     late = package().expires_ms
     allows = replace(WASH, refund_after_expiry=True)
-    assert refund_of(package(uses_left=4), allows, late) == 12_000
+    assert refund_of(sold_under(package(uses_left=4), allows), late) == 12_000
     marked = package(uses_left=4, state=EntitlementState.EXPIRED)
-    assert refund_of(marked, allows, NOW_MS) == 12_000
+    assert refund_of(sold_under(marked, allows), NOW_MS) == 12_000
 
 
 def test_an_expired_package_is_not_refunded_otherwise_negative() -> None:
     e = package()
-    assert refund_of(e, WASH, e.expires_ms - 1) == 30_000
-    assert refused(refund_of, e, WASH, e.expires_ms) == (409, "service_refund_expired")
+    assert refund_of(sold_under(e, WASH), e.expires_ms - 1) == 30_000
+    assert refused(refund_of, sold_under(e, WASH), e.expires_ms) == (409, "service_refund_expired")
 
 
 def test_a_refunded_package_is_not_refunded_again_negative() -> None:
     e = package(state=EntitlementState.REFUNDED)
-    assert refused(refund_of, e, WASH, NOW_MS) == (409, "service_refunded")
+    assert refused(refund_of, sold_under(e, WASH), NOW_MS) == (409, "service_refunded")
 
 
 @given(
@@ -402,6 +436,6 @@ def test_a_refund_is_an_int_between_zero_and_the_unused_share(
     )
     assert product_problems(product) == ()
     e = package(uses_total=uses, uses_left=uses - used, price_fen=price)
-    refund = refund_of(e, product, NOW_MS)
+    refund = refund_of(sold_under(e, product), NOW_MS)
     assert type(refund) is int
     assert 0 <= refund <= price - price * used // uses  # the unused share, rounded up
