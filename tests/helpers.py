@@ -6,8 +6,8 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -313,3 +313,22 @@ def remember_secrets(value: object) -> None:
     elif isinstance(value, list):
         for item in value:
             remember_secrets(item)
+
+
+@dataclass
+class ClaimsInMemory:
+    """The key claims of a fake card directory (`Directory.claim_keys`, `claimed`,
+    `ledger_keys`), for unit tests of `PosService`: claims kept in a dict, no ledger keys."""
+
+    claims: dict[str, str] = field(default_factory=dict, kw_only=True)
+
+    async def claim_keys(self, wanted: dict[str, str], now_ms: int) -> dict[str, str]:
+        for key, function in wanted.items():
+            self.claims.setdefault(key, function)
+        return {key: self.claims[key] for key in wanted}
+
+    async def claimed(self, keys: Sequence[str]) -> dict[str, str]:
+        return {key: self.claims[key] for key in keys if key in self.claims}
+
+    async def ledger_keys(self, keys: Sequence[str]) -> set[str]:
+        return set()

@@ -12,13 +12,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import ColumnElement, func, insert, select, union_all, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cardcore import limits
 from cardcore.cards import schema
 from cardcore.cards.model import POS_CLIENT, BatchLine, Card, CardClass, Terminal
 from cardcore.ledger import schema as ledger_schema
+from cardcore.ledger.decide import TOMBSTONE_CODE
 from cardcore.ledger.model import Balance
 
 
@@ -322,6 +324,55 @@ class Directory:
             row = (await conn.execute(query)).mappings().first()
         return None if row is None else _transfer(row)
 
+    # --- the functions of POS transaction keys -------------------------------------------------
+
+    async def claim_keys(self, wanted: dict[str, str], now_ms: int) -> dict[str, str]:
+        """Claim each key of `wanted` (key -> function) not claimed yet: the function each
+        key stands claimed for afterwards (a key claimed before keeps its first function).
+        One transaction, a read and an insert of the new ones; a key claimed by another
+        process in between is read again."""
+        c = schema.pos_claims
+        keys = sorted(wanted)
+        for _ in range(2):
+            try:
+                async with self.engine.connect() as plain:
+                    # SQLite: the write lock at BEGIN, as `Records.begin` takes it.
+                    conn = await plain.execution_options(sqlite_begin="IMMEDIATE")
+                    async with conn.begin():
+                        found = await _claims(conn, keys)
+                        new = [
+                            {"key": k, "function": wanted[k], "created_at_ms": now_ms}
+                            for k in keys
+                            if k not in found
+                        ]
+                        if new:
+                            await conn.execute(insert(c), new)
+                        return found | {str(row["key"]): str(row["function"]) for row in new}
+            except IntegrityError:
+                continue
+        async with self.engine.connect() as conn:
+            return await _claims(conn, keys)
+
+    async def claimed(self, keys: Sequence[str]) -> dict[str, str]:
+        """The function each of `keys` was claimed for, if any."""
+        async with self.engine.connect() as conn:
+            return await _claims(conn, sorted(set(keys)))
+
+    async def ledger_keys(self, keys: Sequence[str]) -> set[str]:
+        """Which of `keys` the ledger holds a POS transfer or a decided failure under (not a
+        reversal's tombstone: a request reversed before it arrived is its own feature's to
+        answer)."""
+        t, f = ledger_schema.transfers, ledger_schema.failures
+        wanted = sorted(set(keys))
+        query = union_all(
+            select(t.c.key).where(t.c.client == POS_CLIENT, t.c.key.in_(wanted)),
+            select(f.c.key).where(
+                f.c.client == POS_CLIENT, f.c.key.in_(wanted), f.c.code != TOMBSTONE_CODE
+            ),
+        )
+        async with self.engine.connect() as conn:
+            return {str(row[0]) for row in await conn.execute(query)}
+
     async def undone(self, transfer_id: int) -> bool:
         """Whether the transfer was reversed (or, a hold, voided or expired) since."""
         t = ledger_schema.transfers
@@ -452,3 +503,9 @@ def _transfer(row: Any) -> dict[str, Any]:
             (int(a), str(side), int(amount)) for a, side, amount in json.loads(row["postings"])
         ],
     }
+
+
+async def _claims(conn: AsyncConnection, keys: Sequence[str]) -> dict[str, str]:
+    c = schema.pos_claims
+    rows = await conn.execute(select(c.c.key, c.c.function).where(c.c.key.in_(keys)))
+    return {str(key): str(function) for key, function in rows}

@@ -169,6 +169,20 @@ APPROVALS = frozenset({Outcome.APPROVED, Outcome.PARTIAL_APPROVED})
 GUARDED = frozenset({Kind.PURCHASE, Kind.TOPUP})
 # Requests whose points round takes points back (under the card account's lock too).
 _CLAWING = (Kind.VOID, Kind.REFUND)
+# The functions a feature request claims its key for (`PosService._key_conflicts`): the
+# coupon messages are one function (a redeem under its reservation's STAN confirms it).
+POINTS_REDEEM_CLAIM = "points_redeem"  # its money goes to the ledger under the key too
+CLAIMED = {
+    Kind.COUPON_RESERVE: "coupon",
+    Kind.COUPON_REDEEM: "coupon",
+    Kind.COUPON_REVERSE: "coupon",
+    Kind.SERVICE_REDEEM: "service",
+    Kind.MANAGER_AUTH: "manager",
+    Kind.POINTS_EARN: "points_earn",
+    Kind.POINTS_REDEEM: POINTS_REDEEM_CLAIM,
+}
+# Requests the ledger keeps under their own key: checked against the claims.
+_KEPT_BY_LEDGER = frozenset({Kind.PURCHASE, Kind.TOPUP, Kind.TOPUP_CONFIRM, Kind.VOID, Kind.REFUND})
 # The ledger's answer to a resend whose planned amount is not the stored one (a split
 # tender computed anew): the stored transfer decides.
 _OTHER_POSTINGS = "exists_with_different_postings"
@@ -269,6 +283,7 @@ class PosService:
         without it; a failure of the money part ends the call, and the features still
         running end with it before `handle` raises."""
         await self._warm_cards(requests)
+        settled = await self._key_conflicts(requests)
         room = asyncio.Semaphore(limits.POS_FEATURE_PLANS_CONCURRENT_MAX)
 
         async def feature(r: PosRequest) -> _Plan:
@@ -282,13 +297,13 @@ class PosService:
         features = {
             i: asyncio.ensure_future(feature(r))
             for i, r in enumerate(requests)
-            if r.kind in FEATURE_KINDS or r.kind in POINTS_KINDS
+            if (r.kind in FEATURE_KINDS or r.kind in POINTS_KINDS) and i not in settled
         }
         try:
             money = {
                 i: await self._plan_or_unavailable(r)
                 for i, r in enumerate(requests)
-                if i not in features
+                if i not in features and i not in settled
             }
             await self._money(list(money.values()))
             answered = {i: await task for i, task in features.items()}
@@ -296,7 +311,10 @@ class PosService:
             for task in features.values():
                 task.cancel()  # nothing when they are done
             await asyncio.gather(*features.values(), return_exceptions=True)
-        plans = [answered[i] if i in features else money[i] for i in range(len(requests))]
+        plans = [
+            settled[i] if i in settled else answered[i] if i in features else money[i]
+            for i in range(len(requests))
+        ]
         await self._rewards(plans)
         out = []
         for plan in plans:
@@ -334,6 +352,56 @@ class PosService:
             await self.directory.warm_cards(tokens)
         except DATABASE_ERRORS:
             log.warning("the cards of a call could not be read together")
+
+    async def _key_conflicts(self, requests: Sequence[PosRequest]) -> dict[int, _Plan]:
+        """The requests answered before planning, by index: those sent under a key already
+        used for another function (94, and nothing done). A key (terminal, batch cycle,
+        batch, STAN) is one transaction: the ledger keeps a money request's key, and a
+        feature request claims its key for its function (`CLAIMED`) in `pos_claims`. So a
+        money request under a claimed key, and a feature request under a key claimed for
+        another function or held by the ledger (but a points redemption's own money), are
+        answered 94. One request in flight per terminal: nothing of the same terminal runs
+        between the check and the request. When the check cannot be made, those requests
+        are answered `unavailable`."""
+        feature_keys: dict[str, str] = {}
+        money_keys: set[str] = set()
+        of: dict[str, int] = {}
+        for i, r in enumerate(requests):
+            function = CLAIMED.get(r.kind)
+            if function is None and r.kind not in _KEPT_BY_LEDGER:
+                continue
+            try:
+                t = await self.directory.terminal(r.terminal)
+            except DATABASE_ERRORS:
+                continue  # its plan answers it (unavailable)
+            if t is None or t.state != "active" or r.batch != t.batch:
+                continue  # its plan answers it
+            key = transaction_key(t, r.batch, r.stan)
+            of[key] = i
+            if function is None:
+                money_keys.add(key)
+            else:
+                feature_keys[key] = function
+        if not of:
+            return {}
+        try:
+            claimed = await self.directory.claimed(sorted(money_keys)) if money_keys else {}
+            if feature_keys:
+                owned = [k for k, f in feature_keys.items() if f != POINTS_REDEEM_CLAIM]
+                held = await self.directory.ledger_keys(owned) if owned else set()
+                wanted = {k: f for k, f in feature_keys.items() if k not in held}
+                claimed |= dict.fromkeys(held, "money")
+                if wanted:
+                    claimed |= await self.directory.claim_keys(wanted, self.clock_ms())
+        except DATABASE_ERRORS:
+            log.exception("the keys of a call could not be checked")
+            down = PosResult(Outcome.UNAVAILABLE)
+            return {i: _Plan(requests[i], answer=down) for i in of.values()}
+        return {
+            of[key]: _Plan(requests[of[key]], answer=PosResult(Outcome.DUPLICATE_MISMATCH))
+            for key, function in claimed.items()
+            if key in of and function != feature_keys.get(key)
+        }
 
     async def _plan_or_unavailable(self, r: PosRequest) -> _Plan:
         try:

@@ -99,3 +99,16 @@ pos_settlements = Table(
     Column("settled_at_ms", BigInteger, nullable=False),
     Index(None, "tid", "batch_cycle", "batch", unique=True),
 )
+
+# The function each POS transaction key was first used for by a feature request (coupons,
+# service and manager cards, points): a key is one transaction, whatever function it is sent
+# with (docs/card-protocol.md section 10), so a request of another function under it is
+# answered 94 (`PosService._key_conflicts`). Money requests are kept by the ledger under their
+# key and are not claimed here; they are checked against this table. Only ever inserted into.
+pos_claims = Table(
+    "pos_claims",
+    metadata,
+    Column("key", String(limits.KEY_CHARS_MAX), primary_key=True),
+    Column("function", String(16), nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+)

@@ -929,6 +929,40 @@ async def test_a_void_of_a_rewarded_purchase_voids_its_unused_reward(
     assert (await code_row(db_url, other))["state"] == "issued"
 
 
+async def test_a_key_used_for_one_function_is_answered_94_for_another(
+    admin: AdminClient, db_url: str
+) -> None:
+    """A key (terminal, batch, STAN) is one transaction whatever function it is sent with:
+    a coupon under a purchase's key, and a purchase under a coupon's key, are answered 94 and
+    change nothing; a redeem under its own reservation's key is the same function; a resend
+    is answered as before; and the 0400 of the key undoes only what was done under it."""
+    tid, pan = await rewarding_campaign_and_card(admin, db_url)
+    await campaign(admin, "TENOFF")
+    first, second, third = await codes(admin, "TENOFF", 3)
+    balance = (await one(admin, ask(Kind.INQUIRY, tid, card=pan))).balance
+    sale = ask(Kind.PURCHASE, tid, card=pan, amount=1_000)
+    assert (await one(admin, sale)).outcome is Outcome.APPROVED
+    reused = await one(admin, ask(Kind.COUPON_REDEEM, tid, first, amount=2_000, stan=sale.stan))
+    assert reused.outcome is Outcome.DUPLICATE_MISMATCH
+    assert (await code_row(db_url, first))["state"] == "issued"
+    coupon = ask(Kind.COUPON_REDEEM, tid, second, amount=2_000)
+    assert (await one(admin, coupon)).outcome is Outcome.APPROVED
+    paid = await one(admin, ask(Kind.PURCHASE, tid, card=pan, amount=700, stan=coupon.stan))
+    assert paid.outcome is Outcome.DUPLICATE_MISMATCH
+    after = (await one(admin, ask(Kind.INQUIRY, tid, card=pan))).balance
+    assert balance is not None and after == balance - 1_000
+    resent = await one(admin, coupon)
+    assert (resent.outcome, resent.replayed) == (Outcome.APPROVED, True)
+    held = ask(Kind.COUPON_RESERVE, tid, third, amount=2_000)
+    assert (await one(admin, held)).outcome is Outcome.APPROVED
+    confirm = ask(Kind.COUPON_REDEEM, tid, third, amount=2_000, stan=held.stan)
+    assert (await one(admin, confirm)).outcome is Outcome.APPROVED
+    undo = PosRequest(kind=Kind.REVERSE, terminal=tid, batch="000001", stan=coupon.stan)
+    assert (await one(admin, undo)).outcome is Outcome.APPROVED
+    assert (await code_row(db_url, second))["state"] == "issued"
+    assert (await one(admin, ask(Kind.INQUIRY, tid, card=pan))).balance == after
+
+
 async def member_of(db_url: str, pan: str) -> int:
     token = Vault(ADMIN_KEK).card_token(pan)
     [row] = await sql_rows(db_url, "SELECT member_id FROM cards WHERE token = :t", t=token)

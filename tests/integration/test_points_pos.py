@@ -145,23 +145,21 @@ async def test_a_resend_earns_nothing_twice(admin: AdminClient, db_url: str) -> 
     assert len(await sql_rows(db_url, "SELECT * FROM points_earnings")) == 1
 
 
-async def test_a_purchase_meeting_an_earning_already_pinned_under_its_key_earns_once(
+async def test_a_purchase_under_the_key_of_a_points_earning_is_answered_94(
     admin: AdminClient, db_url: str
 ) -> None:
-    """The pinned keys are looked up only for purchases the ledger answered as replays; a
-    fresh purchase whose earning key is taken anyway (here by a POINTS_EARN of the same
-    terminal, batch and STAN, which only a host called without the gateway can see) meets
-    the key's unique rule and takes what stands: nothing is earned twice."""
+    """A POINTS_EARN claims its key (terminal, batch, STAN): a purchase sent under it is
+    another function, answered 94 with no money moved and nothing earned twice."""
     shop = await Shop(admin).make()
     card = await shop.card()
     stan = "004242"
     earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=8_800, stan=stan))
     assert earn.points == 88
     sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000, stan=stan))
-    assert sale.outcome is Outcome.APPROVED and not sale.replayed
-    assert sale.points == 88  # the earning pinned under the key, not a second one
+    assert sale.outcome is Outcome.DUPLICATE_MISMATCH
     assert (await shop.points(card))["balance"] == 88
     assert len(await sql_rows(db_url, "SELECT * FROM points_earnings")) == 1
+    assert await sql_rows(db_url, "SELECT * FROM ledger_transfers WHERE reason = 'purchase'") == []
 
 
 async def test_a_card_without_a_program_earns_nothing(admin: AdminClient, db_url: str) -> None:

@@ -26,6 +26,7 @@ from cardcore.frontend_gateway.security import KeyMode
 from cardcore.frontend_gateway.terminal import PosTerminal
 from cardcore.ledger.model import Result
 from cardcore.metrics import Metrics
+from tests.helpers import ClaimsInMemory
 
 KEK = bytes(range(32))
 TMK = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
@@ -235,7 +236,7 @@ def test_settlement_counts_compare_modulo_1000() -> None:
     assert not _same_totals((5000, 1001, 0, 0), (5000, 2, 0, 0))
 
 
-class _Directory:
+class _Directory(ClaimsInMemory):
     """One terminal; reading another fails as a database timeout would."""
 
     terminal_record = Terminal(TID, MID, "S", "LE", "aes", "00", "active", "000001", 0, 1, 2)

@@ -51,6 +51,7 @@ from cardcore.ledger.model import (
     Result,
 )
 from cardcore.metrics import Metrics
+from tests.helpers import ClaimsInMemory
 
 KEK = bytes(range(32))
 TOKEN_KEY = b"k" * 32
@@ -266,7 +267,7 @@ T_A = Terminal("TERM000A", "M00000000000001", "S-A", "LE-A", "aes", "00", "activ
 
 
 @dataclass
-class Cards:
+class Cards(ClaimsInMemory):
     """A directory of a few cards and one terminal; no transfer is stored."""
 
     cards: dict[str, Card]
