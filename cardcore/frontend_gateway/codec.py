@@ -45,8 +45,9 @@ and it accepts what we must not (hex digits A-F in BCD fields, control bytes in 
 The tests check, with hypothesis, that pyiso8583 with SPEC reads every message we accept the
 way we do and writes every message we write byte for byte the same. Besides those checks,
 decode refuses a secondary bitmap, fields outside the table, short PANs, bad pad nibbles,
-trailing bytes and unknown MTIs, always with a `FormatError` carrying the response code to
-answer and whatever fields could be recovered for that answer.
+trailing bytes, unknown MTIs, the STAN 000000 and impossible times (F12) and dates (F13),
+always with a `FormatError` carrying the response code to answer and whatever fields could
+be recovered for that answer.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ COUNT_DIGITS: Final = 3
 STAN_DIGITS: Final = 6
 
 # --- protocol constants ----------------------------------------------------------------------
+TOTALS_REQUEST_FLAG: Final = "0"  # the flag of settlement totals a terminal sends
 AMOUNT_TYPE_AVAILABLE: Final = "02"  # F54: the available balance
 AMOUNT_TYPE_DUE: Final = "04"  # F54: the amount due (a split tender's remainder)
 TLV_DISCOUNT_BP: Final = "DB"  # F48 TLV of a reply: the card class's discount, basis points
@@ -107,6 +109,10 @@ MTIS: Final = frozenset(
         "0410", "0500", "0510", "0800", "0810", "0820", "0830",
     }
 )  # fmt: skip
+# The third digit of an MTI, its function (ISO 8583:1987): 0 request and 2 advice have a
+# response form (+ 10); 1 and 3 are those responses. Any other (4 notification, ...) has none.
+REQUEST_FUNCTIONS: Final = frozenset("02")
+RESPONSE_FUNCTIONS: Final = frozenset("13")
 
 # Response codes a FormatError answers with.
 CODE_FORMAT: Final = "30"
@@ -320,6 +326,32 @@ def _is_hex(value: str) -> bool:
 _CONTENT_CHECK: Final[Mapping[str, Callable[[str], bool]]] = MappingProxyType(
     {"n": _is_digits, "z": _is_track2, "an": _is_an, "ans": _is_ans, "b": _is_hex}
 )
+_DAYS_OF_MONTH: Final = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # MMDD has no year
+
+
+def _is_stan(value: str) -> bool:
+    return value != "0" * STAN_DIGITS  # 000001..999999: the count wraps past 000000
+
+
+def _is_time(value: str) -> bool:
+    return int(value[0:2]) <= 23 and int(value[2:4]) <= 59 and int(value[4:6]) <= 59
+
+
+def _is_month_day(value: str) -> bool:
+    month, day = int(value[0:2]), int(value[2:4])
+    return 1 <= month <= 12 and 1 <= day <= _DAYS_OF_MONTH[month - 1]
+
+
+# Fields whose digits must also make sense: field -> (check, what it must be). Each runs on a
+# value of the right length and digits only.
+_VALUE_CHECK: Final[Mapping[str, tuple[Callable[[str], bool], str]]] = MappingProxyType(
+    {
+        "11": (_is_stan, "000001..999999, never 000000"),
+        "12": (_is_time, "a time hhmmss: hour 00..23, minute and second 00..59"),
+        "13": (_is_month_day, "a date MMDD: month 01..12, a day of that month (0229 too)"),
+    }
+)
+
 _CONTENT_NAME: Final[Mapping[str, str]] = MappingProxyType(
     {
         "n": "digits only",
@@ -342,6 +374,9 @@ def _problem(key: str, value: str) -> str | None:
         return f"is {length} long, expected {field.min_len}..{field.max_len}"
     if not _CONTENT_CHECK[field.kind](value):
         return f"must be {_CONTENT_NAME[field.kind]}"
+    value_check = _VALUE_CHECK.get(key)
+    if value_check is not None and not value_check[0](value):
+        return f"must be {value_check[1]}"
     if key == "52" and length not in _PIN_BLOCK_BYTES:
         return f"is {length} bytes, expected 8 or 16"
     return None
@@ -568,12 +603,14 @@ def decode(body: bytes) -> dict[str, str]:
 
 def encode(fields: Mapping[str, str], *, decoded: frozenset[str] = frozenset()) -> bytes:
     """The message for `fields` (the shape `decode` returns). ValueError on any field we would
-    refuse to decode: that is a programming error on our side. Fields named in `decoded`
-    were copied from a message `decode` accepted, so they are not checked again (a reply
-    echoes half of its request)."""
+    refuse to decode: that is a programming error on our side. The MTI is one of MTIS, or
+    any response MTI: the 12 to a request we do not serve goes out under its + 10 (0110),
+    which decode refuses as it refuses 0100. Fields named in `decoded` were copied from a
+    message `decode` accepted, so they are not checked again (a reply echoes half of its
+    request)."""
     mti = fields.get("t")
-    if mti not in MTIS:
-        raise ValueError(f"MTI {mti!r} is not one we serve")
+    if not isinstance(mti, str) or not (mti in MTIS or _is_response_mti(mti)):
+        raise ValueError(f"MTI {mti!r} is neither one we serve nor a response")
     doc: dict[str, str] = {"t": mti}
     for key, value in fields.items():
         if key == "t":
@@ -656,12 +693,17 @@ def set_mac(body: bytes, mac: bytes) -> bytes:
     return body[:-MAC_BYTES] + mac
 
 
+def _is_response_mti(mti: str) -> bool:
+    return len(mti) == 4 and _is_digits(mti) and mti[2] in RESPONSE_FUNCTIONS
+
+
 def response_mti(mti: str) -> str:
-    """The reply's MTI: request + 10 (0200 -> 0210)."""
-    reply = f"{int(mti) + 10:04d}" if _is_digits(mti) and len(mti) == 4 else ""
-    if mti not in MTIS or reply not in MTIS or mti[2] not in "02":
+    """The reply's MTI: request + 10 (0200 -> 0210). Every request or advice MTI has one,
+    served or not: one we do not serve (0100) is answered 12 under its own (0110). ValueError
+    for an MTI without a response form (a response such as 0210, a notification such as 0140)."""
+    if len(mti) != 4 or not _is_digits(mti) or mti[2] not in REQUEST_FUNCTIONS:
         raise ValueError(f"MTI {mti!r} is not a request we answer")
-    return reply
+    return f"{int(mti) + 10:04d}"
 
 
 # --- field helpers ---------------------------------------------------------------------------
@@ -781,6 +823,17 @@ def parse_totals(value: str) -> Totals:
     if len(head) != TOTALS_DIGITS or not _is_digits(head):
         raise FormatError(f"settlement totals must start with {TOTALS_DIGITS} digits", field="48")
     return Totals(int(head[0:12]), int(head[12:15]), int(head[15:27]), int(head[27:30]))
+
+
+def parse_request_totals(value: str) -> Totals:
+    """The totals of a 0500 or of a 0320 end message: `parse_totals`, and the flag (the 31st
+    digit) must be TOTALS_REQUEST_FLAG; the flag means something only in a 0510."""
+    totals = parse_totals(value)
+    if value[TOTALS_DIGITS - 1] != TOTALS_REQUEST_FLAG:
+        raise FormatError(
+            f"the flag of a request's totals must be {TOTALS_REQUEST_FLAG}", field="48"
+        )
+    return totals
 
 
 def format_totals(totals: Totals, flag: str) -> str:

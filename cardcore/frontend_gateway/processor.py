@@ -223,6 +223,12 @@ class Processor:
         self._unknown: dict[str, float] = {}  # terminal id -> until when it is known unknown
         self._time_second = -1
         self._time_fields = ("", "")
+        self.draining = False  # shutting down: nothing new goes to the host
+
+    def drain(self) -> None:
+        """Shutdown has begun (`GatewayServer.close`): from now on a request that would go to
+        the host is answered 96 without going there. Requests already there finish as usual."""
+        self.draining = True
 
     # --- entry ---------------------------------------------------------------------------------
 
@@ -244,13 +250,18 @@ class Processor:
         return reply
 
     def _format_error(self, exc: codec.FormatError) -> Reply | None:
+        """The unMAC'd reply to a message that did not decode: MTI + 10 and the fields that
+        could be recovered. None when there is no MTI, or the MTI has no response form (a
+        response or a notification sent to us): nothing to answer."""
         if exc.mti is None:
             return None
         try:
             codec.response_mti(exc.mti)
         except ValueError:
             return None
-        self.metrics.gateway_messages.labels(exc.mti, exc.code).inc()
+        # An MTI we do not serve (12) is counted as "other": label values stay few.
+        label = exc.mti if exc.mti in codec.MTIS else "other"
+        self.metrics.gateway_messages.labels(label, exc.code).inc()
         fields = {"t": exc.mti, **exc.fields}
         return self._reply(fields, exc.code)
 
@@ -304,6 +315,8 @@ class Processor:
         if mti in ("0500", "0320"):
             if f.get("42") != s.mid:
                 return self._reply(f, "03"), "03"
+            if self.draining:
+                return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
             if mti == "0500":
                 return await self._settle(s, f)
             return await self._upload(s, f, net)
@@ -332,6 +345,8 @@ class Processor:
         session = self.sessions.get(tid)
         if session is not None and not session.take_token(now):
             return self._reply(f, SLOW_DOWN), SLOW_DOWN  # sign-ons cost keys: rate-limited too
+        if self.draining:
+            return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
         answer = await self._ask(PosRequest(kind=Kind.SIGN_ON, terminal=tid))
         code = CODE_OF_OUTCOME[answer.outcome]
         if answer.outcome is Outcome.TERMINAL_UNKNOWN:
@@ -377,6 +392,8 @@ class Processor:
         request_or_code = self._pos_request(s, f, kind)
         if isinstance(request_or_code, str):
             return self._reply(f, request_or_code, keys=s), request_or_code
+        if self.draining:  # shutting down: not sent, so nothing to reverse
+            return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
         request = request_or_code
         if kind not in SAF_REVERSED:
             try:
@@ -405,11 +422,14 @@ class Processor:
                 reply, code = self._answer(s, f, result, kind)
                 self.saf.release()
                 return reply, code
+        except asyncio.CancelledError:
+            # Shutdown's bound cut the wait: the host may apply it, the terminal hears
+            # nothing. Its reversal is stored before the task ends.
+            await self._store_cut(reversal, reserved=True)
+            raise
         except Exception:  # after the host may have applied it: reverse, as on a 96
             log.exception("financial request failed", extra={"terminal": s.tid})
-        try:
-            await self.saf.add(reversal, reserved=True)
-        except SafFull:
+        if not await self._stored(reversal, reserved=True):
             # No reversal on disk: answer nothing, so the terminal reverses by itself.
             log.critical(
                 "store-and-forward refused a reversal: no answer sent",
@@ -417,6 +437,27 @@ class Processor:
             )
             return None, SYSTEM_ERROR
         return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
+
+    async def _stored(self, reversal: PosRequest, *, reserved: bool) -> bool:
+        """Whether `reversal` is now on disk (False: no room, or the file failed). The write
+        runs in its own task: a caller cancelled by shutdown's bound does not stop it (the
+        store is closed only after every connection has ended)."""
+        write = asyncio.ensure_future(self.saf.add(reversal, reserved=reserved))
+        write.add_done_callback(_retrieve)
+        try:
+            await asyncio.shield(write)
+        except SafFull:
+            return False
+        return True
+
+    async def _store_cut(self, reversal: PosRequest, *, reserved: bool) -> None:
+        """Store the reversal of a request shutdown cut off at the host (its caller is being
+        cancelled, and re-raises)."""
+        where = {"terminal": reversal.terminal, "batch": reversal.batch, "stan": reversal.stan}
+        if await self._stored(reversal, reserved=reserved):
+            log.warning("shutdown cut a request at the host: reversal stored", extra=where)
+        else:
+            log.critical("shutdown cut a request at the host: reversal not stored", extra=where)
 
     def _answer(
         self, s: Session, f: dict[str, str], result: PosResult, kind: Kind | None = None
@@ -512,6 +553,8 @@ class Processor:
         f60 = _f60(f)
         if f60 is None:
             return self._reply(f, FORMAT_ERROR, keys=s), FORMAT_ERROR
+        if self.draining:
+            return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
         request = PosRequest(
             kind=Kind.REVERSE, terminal=s.tid, batch=f60.batch, stan=f["11"], date=f.get("13", "")
         )
@@ -519,10 +562,11 @@ class Processor:
             result = (await self.host.pos([request]))[0]
         except HostUnavailable:
             result = PosResult(Outcome.UNAVAILABLE)
+        except asyncio.CancelledError:  # shutdown's bound: the gateway delivers it later
+            await self._store_cut(request, reserved=False)
+            raise
         if result.outcome is Outcome.UNAVAILABLE:
-            try:
-                await self.saf.add(request)
-            except SafFull:
+            if not await self._stored(request, reserved=False):
                 # Not stored: answer nothing; the terminal keeps its reversal and sends it again.
                 log.critical("store-and-forward refused a reversal", extra={"terminal": s.tid})
                 return None, SYSTEM_ERROR
@@ -647,6 +691,13 @@ class Processor:
         return self._time_fields
 
 
+def _retrieve(write: asyncio.Future[None]) -> None:
+    """Mark a store-and-forward write's outcome as seen, so that asyncio does not report the
+    failure of one whose caller was cancelled meanwhile (the store logs a failed write)."""
+    if not write.cancelled():
+        write.exception()
+
+
 def _processing(result: PosResult) -> int:
     """The header nibble of a reply: 3 (sign on again) when the batch is not the host's."""
     if result.outcome is Outcome.BATCH_MISMATCH:
@@ -763,9 +814,10 @@ def _reply_tlv(result: PosResult) -> str:
 
 
 def _totals(value: str) -> tuple[int, int, int, int] | None:
-    """Settlement totals of F48 as the host takes them, or None when malformed."""
+    """Settlement totals of a request's F48 as the host takes them, or None when malformed
+    (the flag not 0 included)."""
     try:
-        t = codec.parse_totals(value)
+        t = codec.parse_request_totals(value)
     except codec.FormatError:
         return None
     return (t.debit_amount, t.debit_count, t.credit_amount, t.credit_count)

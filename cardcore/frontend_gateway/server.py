@@ -12,6 +12,9 @@ timer per read: each connection notes when its current wait began (a first byte,
 rest of a frame), and every `GATEWAY_WATCHDOG_MS` the watchdog aborts those past their
 limit (so a limit holds to within that period). A timer per read cost two timer handles per
 message, about 5 % of a purchase's CPU.
+
+Shutdown (`close`) stops accepting, answers what is read from then on without the host, lets
+the requests in hand finish within a bound, then closes every connection.
 """
 
 from __future__ import annotations
@@ -102,16 +105,32 @@ class GatewayServer:
         self._watchdog = asyncio.create_task(self._watch(), name="gateway-watchdog")
 
     async def close(self, grace_s: float = limits.GATEWAY_SHUTDOWN_GRACE_S) -> None:
-        """Stop accepting, let requests in hand finish within `grace_s`, close the rest."""
+        """Graceful shutdown, in order:
+
+        1. stop accepting connections;
+        2. from now on, answer a request read on an open connection without sending it to
+           the host (`Processor.drain`: 96), and close each connection once its reply is out;
+        3. wait, `grace_s` at most in all, for every connection with a request in hand,
+           including one that took its request during this wait;
+        4. close every connection. A request the bound cuts off at the host leaves its
+           reversal in store and forward (`Processor._financial`).
+        """
         self._closing = True
+        self.processor.drain()
         if self._server is not None:
             self._server.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watchdog
-        if self._busy:
-            await asyncio.wait(set(self._busy), timeout=grace_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self._busy:
+            left_s = deadline - loop.time()
+            if left_s <= 0:
+                break
+            # A busy connection ends after its reply (it is closing): wait for the tasks.
+            await asyncio.wait(set(self._busy), timeout=left_s)
         for task in list(self.connections):
             task.cancel()
         if self.connections:
@@ -181,6 +200,8 @@ class GatewayServer:
                 return
             self._busy.add(task)
             try:
+                # Read after shutdown began, it is answered 96 without reaching the host, and
+                # the loop then ends (`close`).
                 reply = await self.processor.handle(frame.body)
                 if reply is None:
                     bad_in_a_row += 1

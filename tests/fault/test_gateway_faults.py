@@ -400,8 +400,17 @@ def replies_in(data: bytes) -> list[dict[str, str]]:
         assert len(payload) == length, "a torn reply"
         split = codec.split_frame(payload)
         assert split.tpdu == codec.reply_tpdu(TPDU), split
-        out.append(codec.decode(split.body))
+        out.append(decode_reply(split.body))
     return out
+
+
+def decode_reply(body: bytes) -> dict[str, str]:
+    """A reply's fields. The 12 to an MTI we do not serve goes out under that MTI + 10
+    (0110), which decode refuses: its fields are read under 0210."""
+    mti = body[: codec.MTI_BYTES].hex()
+    if mti in codec.MTIS:
+        return codec.decode(body)
+    return codec.decode(bytes.fromhex("0210") + body[codec.MTI_BYTES :]) | {"t": mti}
 
 
 async def wait_replies(
@@ -650,6 +659,32 @@ async def test_a_message_that_frames_but_does_not_decode_is_answered_30_and_the_
         _, echo = await wait_replies(line, 2)
         assert echo["39"] == "00", echo
         assert echo["11"] == "000002", echo
+        assert not line.closed.done()
+    finally:
+        transport.abort()
+    await assert_served_quickly(serve.host, serve.port, good)
+
+
+def _unserved(tid: str, stan: int) -> bytes:
+    """An echo under MTI 0100 (an authorization request): a request we do not serve."""
+    return _framed(bytes.fromhex("0100") + _echo_body(tid, stan)[codec.MTI_BYTES :])
+
+
+async def test_an_mti_we_do_not_serve_is_answered_12_and_the_line_stays(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    (good,) = await register(http, serve.url, 1)
+    count = limits.GATEWAY_BAD_FRAMES_MAX + 1  # more than close a line when unanswered
+    transport, line = await connect(serve.host, serve.port)
+    try:
+        transport.write(b"".join(_unserved("NOSERV01", stan) for stan in range(1, count + 1)))
+        replies = await wait_replies(line, count)
+        assert [(r["t"], r["39"], r["11"], r["41"]) for r in replies] == [
+            ("0110", "12", f"{stan:06d}", "NOSERV01") for stan in range(1, count + 1)
+        ]
+        transport.write(echo_frame("NOSERV01", count + 1))
+        *_, echo = await wait_replies(line, count + 1)
+        assert (echo["t"], echo["39"], echo["11"]) == ("0830", "00", f"{count + 1:06d}"), echo
         assert not line.closed.done()
     finally:
         transport.abort()

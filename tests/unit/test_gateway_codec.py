@@ -337,6 +337,53 @@ def test_unknown_mti_is_an_invalid_transaction_with_fields_recovered() -> None:
     assert error.fields == {"t": "0100", **ECHO_FIELDS}
 
 
+# STAN, time and date: digits that must also make sense (docs/card-protocol.md section 4).
+
+
+@pytest.mark.parametrize("stan", ["000001", "000123", "999999"])
+def test_stan_000001_to_999999_is_accepted(stan: str) -> None:
+    assert decode(raw("0200", {**ECHO, 11: stan}))["11"] == stan
+
+
+def test_stan_000000_is_a_format_error_and_not_recovered() -> None:
+    error = refused(raw("0200", {**ECHO, 11: "000000"}))
+    assert (error.code, error.field, error.mti) == ("30", "11", "0200")
+    assert "11" not in error.fields  # never echoed: the reply must decode at the terminal
+    assert error.fields == {"t": "0200", "3": "000000", "41": "12345678", "42": "123456789012345"}
+
+
+@pytest.mark.parametrize("hhmmss", ["000000", "120000", "235959", "095930"])
+def test_a_valid_local_time_is_accepted(hhmmss: str) -> None:
+    assert decode(raw("0200", {**ECHO, 12: hhmmss}))["12"] == hhmmss
+
+
+@pytest.mark.parametrize("hhmmss", ["240000", "250101", "996000", "126000", "120060", "235999"])
+def test_an_impossible_local_time_is_a_format_error(hhmmss: str) -> None:
+    error = refused(raw("0200", {**ECHO, 12: hhmmss}))
+    assert (error.code, error.field) == ("30", "12")
+    assert error.fields == {"t": "0200", **ECHO_FIELDS}  # the rest still recovered
+
+
+@pytest.mark.parametrize("mmdd", ["0101", "0131", "0228", "0229", "0331", "0430", "1130", "1231"])
+def test_a_valid_local_date_is_accepted_and_0229_always(mmdd: str) -> None:
+    assert decode(raw("0200", {**ECHO, 13: mmdd}))["13"] == mmdd
+
+
+@pytest.mark.parametrize(
+    "mmdd", ["0000", "0001", "0100", "1301", "9901", "0132", "0230", "0431", "0631", "0931", "1131"]
+)
+def test_an_impossible_local_date_is_a_format_error(mmdd: str) -> None:
+    error = refused(raw("0200", {**ECHO, 13: mmdd}))
+    assert (error.code, error.field) == ("30", "13")
+    assert error.fields == {"t": "0200", **ECHO_FIELDS}
+
+
+@pytest.mark.parametrize(("key", "value"), [("11", "000000"), ("12", "240000"), ("13", "0230")])
+def test_encode_refuses_an_impossible_stan_time_or_date(key: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"field {key} must be"):
+        encode({"t": "0200", key: value})
+
+
 def test_mti_that_is_not_bcd_is_a_format_error() -> None:
     error = refused(raw("0A00", ECHO))
     assert (error.code, error.field, error.mti) == ("30", "t", None)
@@ -393,6 +440,29 @@ def test_response_mti_adds_ten() -> None:
     ]
     with pytest.raises(ValueError, match="not a request"):
         codec.response_mti("0210")
+
+
+@pytest.mark.parametrize(("mti", "reply"), [("0100", "0110"), ("0420", "0430"), ("0120", "0130")])
+def test_a_request_mti_we_do_not_serve_has_a_response_mti_that_encodes(
+    mti: str, reply: str
+) -> None:
+    assert codec.response_mti(mti) == reply
+    body = encode({"t": reply, **ECHO_FIELDS, "39": "12"})
+    assert body[:2] == bytes.fromhex(reply)
+    with pytest.raises(FormatError):  # never taken from a terminal
+        decode(body)
+
+
+@pytest.mark.parametrize("mti", ["0110", "0140", "0190", "0210", "0A00", "020", "02000"])
+def test_an_mti_without_a_response_form_has_no_response_mti(mti: str) -> None:
+    with pytest.raises(ValueError, match="not a request"):
+        codec.response_mti(mti)
+
+
+@pytest.mark.parametrize("mti", ["0100", "0140", "9999", "0A00", "020"])
+def test_encode_refuses_an_mti_that_is_neither_ours_nor_a_response(mti: str) -> None:
+    with pytest.raises(ValueError, match="MTI"):
+        encode({"t": mti, **ECHO_FIELDS})
 
 
 # --- framing ---------------------------------------------------------------------------------
@@ -520,6 +590,20 @@ def test_tlv_encode_refuses_bad_items(items: list[tuple[str, str]]) -> None:
         codec.tlv_encode(items)
 
 
+def test_request_totals_take_the_flag_0() -> None:
+    text = "0000000123450030000000001000010"
+    assert codec.parse_request_totals(text) == Totals(12345, 3, 100, 1)
+    assert codec.parse_request_totals(text + "999") == Totals(12345, 3, 100, 1)
+
+
+@pytest.mark.parametrize("flag", ["1", "2", "3", "9"])
+def test_request_totals_with_another_flag_are_a_format_error(flag: str) -> None:
+    with pytest.raises(FormatError) as caught:
+        codec.parse_request_totals("000000012345003000000000100001" + flag)
+    assert (caught.value.code, caught.value.field) == ("30", "48")
+    assert codec.parse_totals("000000012345003000000000100001" + flag)  # a reply's flag
+
+
 def test_totals_parse_and_format() -> None:
     text = "0000000123450030000000001000010"
     assert codec.parse_totals(text) == Totals(12345, 3, 100, 1)
@@ -586,6 +670,14 @@ def _value(key: str) -> st.SearchStrategy[str]:
     field = codec.LAYOUT[key]
     low = field.max_len if field.prefix_bytes == 0 else field.min_len
     high = field.max_len
+    if key == "11":
+        return st.integers(1, 999_999).map(lambda n: f"{n:06d}")
+    if key == "12":
+        return st.tuples(st.integers(0, 23), st.integers(0, 59), st.integers(0, 59)).map(
+            lambda t: f"{t[0]:02d}{t[1]:02d}{t[2]:02d}"
+        )
+    if key == "13":
+        return st.dates().map(lambda d: d.strftime("%m%d"))  # 0229 of leap years too
     if key == "52":
         return st.sampled_from([8, 16]).flatmap(
             lambda n: st.binary(min_size=n, max_size=n).map(lambda b: b.hex().upper())

@@ -19,6 +19,7 @@ The tests at the end of this file pin bugs the fuzz found that are fixed since.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import dataclasses
 import logging
 import random
@@ -153,6 +154,13 @@ def random_value(rng: random.Random, key: str) -> str:
     """A value that `codec.encode` accepts for field `key`, of any length the layout allows."""
     f = codec.LAYOUT[key]
     size = f.max_len if f.prefix_bytes == 0 else rng.randint(f.min_len, f.max_len)
+    if key == "11":  # STAN, time and date must make sense too; mutations break them
+        return f"{rng.randrange(1, 10**6):06d}"
+    if key == "12":
+        return f"{rng.randrange(24):02d}{rng.randrange(60):02d}{rng.randrange(60):02d}"
+    if key == "13":
+        month = rng.randint(1, 12)
+        return f"{month:02d}{rng.randint(1, calendar.monthrange(2024, month)[1]):02d}"  # 0229 too
     if f.kind == "n":
         return _text(rng, _DIGITS, size)
     if f.kind == "z":
@@ -305,7 +313,7 @@ def mutate(rng: random.Random, body: bytes, other: bytes) -> bytes:
         elif choice == 6 and len(data) >= 10:  # bitmap bits
             data[2 + rng.randrange(8)] ^= 1 << rng.randrange(8)
         elif choice == 7 and len(data) >= 2:  # another MTI, known or not
-            mti = rng.choice([*sorted(codec.MTIS), "0100", "0210", "9999", "0A00"])
+            mti = rng.choice([*sorted(codec.MTIS), "0100", "0140", "0420", "0210", "9999", "0A00"])
             data[0:2] = bytes.fromhex(mti)
         elif choice == 8 and data:  # a nibble A-F into a BCD spot
             data[min(at, len(data) - 1)] |= 0x0A
@@ -326,7 +334,8 @@ class Read:
 
     @property
     def expects_reply(self) -> bool:
-        """The processor answers every message whose MTI is a request we serve, no other."""
+        """The processor answers every message whose MTI is a request or an advice (served
+        or not: 12 to one we do not serve), no other."""
         if self.mti is None:
             return False
         try:
@@ -344,12 +353,24 @@ def read(body: bytes) -> Read:
     return Read(fields, fields["t"])
 
 
+def decode_reply(body: bytes) -> dict[str, str]:
+    """A reply's fields. The 12 to an MTI we do not serve goes out under that MTI + 10
+    (0110), which decode refuses: its fields are read under 0210."""
+    mti = body[: codec.MTI_BYTES].hex()
+    if mti in codec.MTIS:
+        return codec.decode(body)
+    return codec.decode(bytes.fromhex("0210") + body[codec.MTI_BYTES :]) | {"t": mti}
+
+
 def check_reply(sent: Read, reply_body: bytes) -> dict[str, str]:
-    """The reply decodes, answers the request's MTI + 10, and carries a response code."""
-    fields = codec.decode(reply_body)
+    """The reply decodes, answers the request's MTI + 10, and carries a response code (12
+    to an MTI we do not serve)."""
+    fields = decode_reply(reply_body)
     assert sent.mti is not None
     assert fields["t"] == codec.response_mti(sent.mti), (sent, fields)
     assert len(fields.get("39", "")) == 2, fields
+    if sent.mti not in codec.MTIS:
+        assert fields["39"] == "12", fields
     return fields
 
 
