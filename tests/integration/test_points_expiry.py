@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cardcore.cards.model import Kind, Outcome
+import pytest
+
+from cardcore.cards.model import Kind, Outcome, PosResult
 from cardcore.points.http import POINTS_KEY
 from cardcore.points.service import PointsService
 from tests.helpers import AdminClient, run_cardcore, sql_rows
@@ -114,9 +116,7 @@ async def test_reminders_go_out_once_per_lot_within_the_days_asked(
     assert json.loads(reminder["payload"])["expires_at_ms"] == MIDNIGHT
 
 
-async def test_what_a_spend_left_expires_and_a_stale_run_takes_nothing_twice(
-    admin: AdminClient, db_url: str
-) -> None:
+async def test_what_a_spend_left_expires(admin: AdminClient, db_url: str) -> None:
     shop, card, service = await shop_with_points(admin)
     await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=100))  # spends all of it
     done = await service.expire(MIDNIGHT, 0)
@@ -125,6 +125,36 @@ async def test_what_a_spend_left_expires_and_a_stale_run_takes_nothing_twice(
     await shop.one(shop.request(Kind.PURCHASE, card, amount=4_000))
     done = await service.expire(MIDNIGHT, 0)
     assert (done["lots_expired"], done["points_expired"]) == (1, 40)
+
+
+async def test_a_stale_run_that_read_a_lot_before_a_spend_takes_nothing_twice(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run reads a page of lots, and a redemption spends from one of them before the
+    run expires it: the run's transfer (keyed by the lot's version as read) is refused, so
+    the points spent are never expired too; the next run expires exactly what is left."""
+    shop, card, service = await shop_with_points(admin, redeem_points=10, redeem_fen=10)
+    real = PointsService._expire_lot
+    spent: list[PosResult] = []
+
+    async def spend_first(self: PointsService, *args: Any) -> None:
+        if not spent:  # between the run's read of the lot and its transfer
+            spent.append(await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=30)))
+        await real(self, *args)
+
+    monkeypatch.setattr(PointsService, "_expire_lot", spend_first)
+    stale = await service.expire(MIDNIGHT, 0)
+    assert spent[0].outcome is Outcome.APPROVED
+    assert (stale["failed"], stale["lots_expired"], stale["points_expired"]) == (1, 0, 0)
+    monkeypatch.setattr(PointsService, "_expire_lot", real)
+    done = await service.expire(MIDNIGHT, 0)
+    assert (done["failed"], done["lots_expired"], done["points_expired"]) == (0, 1, 70)
+    assert (await service.expire(MIDNIGHT, 0))["points_expired"] == 0
+    service.clock_ms = lambda: MIDNIGHT
+    assert (await shop.points(card))["balance"] == 0
+    expired = await sql_rows(db_url, "SELECT * FROM ledger_transfers WHERE reason = "
+                             "'points_expire'")  # fmt: skip
+    assert len(expired) == 1
 
 
 async def test_points_put_back_into_an_expired_lot_expire_again(
