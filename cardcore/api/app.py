@@ -121,8 +121,11 @@ def build_app(
         points = PointsService(records, org, ledger, pos.directory, accounts)
         app[points_http.POINTS_KEY] = points
         pos.points_round = points.after_money
-        pos.features[Kind.POINTS_EARN] = points.pos_earn
-        pos.features[Kind.POINTS_REDEEM] = points.pos_redeem
+        pos.features |= {
+            Kind.POINTS_EARN: points.pos_earn,
+            Kind.POINTS_REDEEM: points.pos_redeem,
+            Kind.POINTS_RETURN: points.pos_return,
+        }
         pos.reversers.append(points.reverse_pos)
         app.cleanup_ctx.append(_points_expiry)
         coupons = CouponService(records, org, vault)

@@ -34,9 +34,10 @@ class Kind(enum.StrEnum):
     REVERSE = "reverse"  # the terminal's (or the gateway's) reversal of batch + STAN
     SETTLE = "settle"  # the host's totals for a batch; closes it when they match
     UPLOAD = "upload"  # batch upload: the terminal's own lines, compared with the host's
-    # Issue 5's functions (private processing codes 90..97; docs/card-protocol.md 5.11)
+    # Issue 5's functions (private processing codes 90..98; docs/card-protocol.md 5.11)
     POINTS_EARN = "points_earn"  # a purchase paid some other way earns points on the card
     POINTS_REDEEM = "points_redeem"  # points as payment: the store is paid in money
+    POINTS_RETURN = "points_return"  # goods of a POINTS_EARN come back: its share clawed back
     COUPON_QUERY = "coupon_query"  # what a coupon would take off this bill, changing nothing
     COUPON_RESERVE = "coupon_reserve"  # held for this transaction until confirmed or released
     COUPON_REDEEM = "coupon_redeem"  # confirm a reservation (or reserve and redeem at once)
@@ -218,7 +219,7 @@ class PosRequest:
     amount: int = 0
     original_batch: str = ""  # void, top-up confirmation
     original_stan: str = ""
-    rrn: str = ""  # refund: the original's retrieval reference number
+    rrn: str = ""  # refund, points return: the original's retrieval reference number
     operator: str = ""
     date: str = ""  # F13 MMDD, as the terminal sent it (matching never depends on it)
     totals: tuple[int, int, int, int] = (0, 0, 0, 0)  # settle: debit amt, cnt, credit amt, cnt

@@ -26,8 +26,9 @@ the value moves through the due-to / due-from clearing pair (`model.value_postin
 Points (ADR 0007). After the money of one call is decided, its approved purchases, voids and
 refunds of cards get their points in one more submit, under the same card locks (voids and
 refunds lock their card too: a clawback reads the lots it takes from): `points_round`, set by
-the application to the points engine. POINTS_EARN and POINTS_REDEEM are answered by the
-points engine through `features`, and its reverser undoes the points of a reversed key.
+the application to the points engine. POINTS_EARN, POINTS_REDEEM and POINTS_RETURN (the
+return of goods a POINTS_EARN earned on) are answered by the points engine through
+`features`, and its reverser undoes the points of a reversed key.
 
 Resends. A purchase or top-up the host would decline (the card frozen since, its PIN locked,
 a partial amount computed anew) is first looked up under its key: when the ledger already
@@ -136,8 +137,12 @@ PointsRound = Callable[[Sequence[MoneyDone]], Awaitable[list[PointsAnswer | None
 RewardRound = Callable[[Terminal, str, Card, int], Awaitable[tuple[str, ...]]]
 # Kinds that are purchases: an approved one may earn an instant reward.
 REWARDED = frozenset({Kind.PURCHASE, Kind.POINTS_EARN})
-# Kinds the points engine answers through `features` (POINTS_EARN, POINTS_REDEEM).
-POINTS_KINDS = frozenset({Kind.POINTS_EARN, Kind.POINTS_REDEEM})
+# Kinds the points engine answers through `features` (POINTS_EARN, POINTS_REDEEM,
+# POINTS_RETURN).
+POINTS_KINDS = frozenset({Kind.POINTS_EARN, Kind.POINTS_REDEEM, Kind.POINTS_RETURN})
+# Feature kinds that take something back from the card: its card is taken as a refund's is
+# (frozen, lost or expired too), or what it earned before would stay on it.
+TAKING_BACK = frozenset({Kind.POINTS_RETURN})
 
 # Ledger result codes (and the original codes of id_already_failed) -> outcomes.
 _OUTCOME_OF_CODE = {
@@ -180,6 +185,7 @@ CLAIMED = {
     Kind.MANAGER_AUTH: "manager",
     Kind.POINTS_EARN: "points_earn",
     Kind.POINTS_REDEEM: POINTS_REDEEM_CLAIM,
+    Kind.POINTS_RETURN: "points_return",
 }
 # Requests the ledger keeps under their own key: checked against the claims.
 _KEPT_BY_LEDGER = frozenset({Kind.PURCHASE, Kind.TOPUP, Kind.TOPUP_CONFIRM, Kind.VOID, Kind.REFUND})
@@ -592,7 +598,7 @@ class PosService:
             return
         card = None
         if r.card and r.kind is not Kind.MANAGER_AUTH:
-            card = await self._card(plan)
+            card = await self._card(plan, giving_back=r.kind in TAKING_BACK)
             if card is None or not await self._pin_ok(plan, card, required=False):
                 return
         plan.answer = await handler(r, t, transaction_key(t, r.batch, r.stan), card)

@@ -77,7 +77,7 @@ NET_UPLOAD_DETAIL = "201"
 NET_UPLOAD_END = frozenset({"202", "207"})
 
 # (MTI, processing code) -> kind. Points, coupons, service and manager cards use private
-# codes 90..97 (our own).
+# codes 90..98 (our own).
 ROUTES: dict[tuple[str, str], Kind] = {
     ("0200", "310000"): Kind.INQUIRY,
     ("0200", "000000"): Kind.PURCHASE,
@@ -94,6 +94,7 @@ ROUTES: dict[tuple[str, str], Kind] = {
     ("0200", "950000"): Kind.COUPON_RESERVE,
     ("0200", "960000"): Kind.SERVICE_REDEEM,
     ("0200", "970000"): Kind.MANAGER_AUTH,
+    ("0200", "980000"): Kind.POINTS_RETURN,
 }
 # Kinds that move money or value (points, a coupon's use, entitlements, a manager's daily
 # room): when the host does not answer, the gateway reverses them (so a 96 leaves nothing
@@ -107,6 +108,7 @@ SAF_REVERSED = frozenset(
         Kind.REFUND,
         Kind.POINTS_EARN,
         Kind.POINTS_REDEEM,
+        Kind.POINTS_RETURN,
         Kind.COUPON_RESERVE,
         Kind.COUPON_REDEEM,
         Kind.SERVICE_REDEEM,
@@ -122,6 +124,7 @@ NEEDS_AMOUNT = frozenset(
         Kind.TOPUP_CONFIRM,
         Kind.REFUND,
         Kind.POINTS_EARN,
+        Kind.POINTS_RETURN,
         Kind.COUPON_QUERY,
         Kind.COUPON_RESERVE,
         Kind.COUPON_REDEEM,
@@ -137,6 +140,7 @@ NEEDS_CARD = frozenset(
         Kind.REFUND,
         Kind.POINTS_EARN,
         Kind.POINTS_REDEEM,
+        Kind.POINTS_RETURN,
         Kind.SERVICE_REDEEM,
         Kind.MANAGER_AUTH,
     }
@@ -144,6 +148,8 @@ NEEDS_CARD = frozenset(
 # Kinds that take a member card when the terminal has one (a coupon's holder and limits).
 MAY_NAME_CARD = frozenset({Kind.COUPON_QUERY, Kind.COUPON_RESERVE, Kind.COUPON_REDEEM})
 NEEDS_ORIGINAL = frozenset({Kind.VOID, Kind.TOPUP_CONFIRM, Kind.REFUND, Kind.COUPON_REVERSE})
+# Kinds that name their original by its retrieval reference number (F37, 12 digits).
+NEEDS_RRN = frozenset({Kind.REFUND, Kind.POINTS_RETURN})
 # Kinds whose F48 is read as request TLV (section 6), and the tags some of them need.
 READS_TLV = frozenset(
     {
@@ -151,6 +157,7 @@ READS_TLV = frozenset(
         Kind.REFUND,
         Kind.POINTS_EARN,
         Kind.POINTS_REDEEM,
+        Kind.POINTS_RETURN,
         Kind.COUPON_QUERY,
         Kind.COUPON_RESERVE,
         Kind.COUPON_REDEEM,
@@ -511,7 +518,7 @@ class Processor:
                 return FORMAT_ERROR
             original_batch, original_stan = f61.batch, f61.stan
         rrn = ""
-        if kind is Kind.REFUND:
+        if kind in NEEDS_RRN:
             rrn = f.get("37", "")
             if len(rrn) != 12 or not rrn.isdigit():
                 return FORMAT_ERROR

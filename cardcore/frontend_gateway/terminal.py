@@ -357,9 +357,11 @@ class PosTerminal:
         *,
         pin: str | None = None,
         original_stan: str | None = None,
+        rrn: str | None = None,
     ) -> Reply:
-        """A message with a private processing code (90..97: points, coupons, service and
-        manager cards); its data in F48 TLV (docs/card-protocol.md sections 5.11 and 6)."""
+        """A message with a private processing code (90..98: points, coupons, service and
+        manager cards); its data in F48 TLV (docs/card-protocol.md sections 5.11 and 6), an
+        original named by reference in F37 (`rrn`) or by this batch's STAN in F61."""
         fields = self._base("0200", pcode, "90")
         if pan is not None:
             self._card(fields, pan, pin)
@@ -370,6 +372,8 @@ class PosTerminal:
             fields["48"] = codec.tlv_encode(tlv)
         if original_stan is not None:
             fields["61"] = codec.format_f61(codec.Field61(self.batch, original_stan, ""))
+        if rrn is not None:
+            fields["37"] = rrn
         return await self.financial(_ordered(fields))
 
     async def points_earn(
@@ -377,6 +381,12 @@ class PosTerminal:
     ) -> Reply:
         """Points on a purchase paid some other way (cash, a bank card)."""
         return await self.private("900000", pan, amount, _basket(basket))
+
+    async def points_return(self, pan: str, amount: int, rrn: str) -> Reply:
+        """Goods of a purchase paid some other way come back: `amount` fen of the 900000
+        whose reply carried `rrn` (F37). The reply's `PT` is the points taken back (below
+        zero) and `PB` the card's points after. Like the 900000, not a batch line."""
+        return await self.private("980000", pan, amount, rrn=rrn)
 
     async def points_redeem(self, pan: str, points: int, pin: str | None = None) -> Reply:
         """Points as payment: the reply's F4 is the money they paid."""

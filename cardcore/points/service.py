@@ -20,7 +20,10 @@ Keys (POS client, under the terminal transaction's key K):
   the mirrored legs for a multi-lot one (a clawback): the key makes it happen at most once;
 - a refund F claws back under `F:p` (pinned in `points_clawbacks`): the returned part's share,
   from the earning's own lot first, then pending, then usable lots latest expiry first, and
-  what the lots cannot cover debits the holder's debt account.
+  what the lots cannot cover debits the holder's debt account;
+- a POINTS_RETURN F2 (goods of a POINTS_EARN returned) names the earning by its RRN and claws
+  back under `F2:p` exactly as a refund does (`pos_return`); a terminal reversal of F2 puts
+  back what stands under `F2:p` like a refund's clawback.
 
 `:` is in the ledger's key alphabet; the transfers' reasons (points_earn, points_void,
 points_clawback, points_reversal) are ones settlement totals ignore.
@@ -1127,6 +1130,96 @@ class PointsService:
             await self._upgrade(found, card.account_id)
         return await self._answer(res, found, card, int(row["points"]))
 
+    async def pos_return(
+        self, r: PosRequest, t: Terminal, key: str, card: Card | None
+    ) -> PosResult:
+        """Kind.POINTS_RETURN: goods of a POINTS_EARN come back. `r.rrn` names the earning
+        (the 900000's reply F37: its transfer under `K:p`), `r.amount` the fen returned: its
+        share of the earning's points (`model.proportional_clawback`, floored cumulatively)
+        is taken back under `F2:p` as a refund's is (`_claw_earning`), all returns of one
+        earning together at most its amount. A resend submits the pinned clawback again; a
+        terminal reversal puts back exactly what it took (`reverse_pos`), and one that
+        overtook it (F2's tombstone, the POS host's) refuses it for ever."""
+        if card is None or r.amount <= 0 or not r.rrn:
+            return PosResult(Outcome.BAD_REQUEST)
+        original = await self.directory.transfer_by_id(int(r.rrn))
+        earning = None
+        if original is not None and original["reason"] == "points_earn":
+            earning = await self._earning(original["key"])
+        if earning is None or earning["source"]:  # a card purchase's earning: its refund
+            return PosResult(Outcome.ORIGINAL_NOT_FOUND)
+        if int(earning["holder"]) != card.account_id:
+            return PosResult(Outcome.ORIGINAL_MISMATCH)
+        found = await self._program(earning["program"])
+        if found is None:
+            return PosResult(Outcome.ORIGINAL_NOT_FOUND)
+        claw_key = key + EARN_SUFFIX
+        async with self.accounts.lock(card.account_id):
+            earning = await self._earning(earning["key"])  # its counters, under the lock
+            assert earning is not None  # an earning row is never deleted
+            refused = await self._return_refused(r, key, earning)
+            if refused is not None:
+                return refused
+            claw = await self._claw_earning(
+                earning, found, card.legal_entity, claw_key, _metadata(t, r), returned=r.amount
+            )
+            if await self._tombstoned(key):  # checked after the pin: see reverse_pos
+                await self._unpin_return(claw_key)
+                return PosResult(Outcome.REVERSED_BEFORE_ARRIVAL)
+            if claw is None:  # a share of less than one point: nothing to take
+                balance = await self._balance(found, card.account_id)
+                return PosResult(Outcome.APPROVED, points=0, points_balance=balance)
+            results = await self.ledger.submit(claw[0])
+            failed = next((x for x in results if x.code != "linked_event_failed" and not x.ok),
+                          None)  # fmt: skip
+            if failed is not None:
+                return await self._return_failed(failed, claw_key)
+            return await self._answer(results[0], found, card, -claw[1])
+
+    async def _return_failed(self, res: Result, claw_key: str) -> PosResult:
+        """A POINTS_RETURN's clawback the ledger refused. After its terminal reversal (the
+        reversal tombstoned `claw_key` before the return pinned): refused for ever, its pin
+        undone. Else not decided (a lot moved meanwhile): `unavailable`, so the gateway
+        reverses it, which undoes the pin (`reverse_pos`), and the terminal retries anew."""
+        code = res.original_code if res.code == "id_already_failed" else res.code
+        if code == "reversed_before_arrival":
+            await self._unpin_return(claw_key)
+            return PosResult(Outcome.REVERSED_BEFORE_ARRIVAL, replayed=res.replayed)
+        log.warning("points return refused by the ledger", extra={"code": code})
+        return PosResult(Outcome.UNAVAILABLE)
+
+    async def _return_refused(
+        self, r: PosRequest, key: str, earning: dict[str, Any]
+    ) -> PosResult | None:
+        """Why a POINTS_RETURN under `key` of `earning` is refused, or None. A resend (its
+        clawback pinned) must match it; a new return must not come after its own terminal
+        reversal, nor of a reversed earning, nor past what is left of the earning."""
+        async with self.records.read() as uow:
+            pinned = await uow.get(CLAWBACKS, key=key + EARN_SUFFIX)
+            earn_key = earning["key"].removesuffix(EARN_SUFFIX)
+            undone = await uow.get(CLAWBACKS, key=earn_key + REVERSAL_SUFFIX + EARN_SUFFIX)
+        if pinned is not None:
+            if pinned["earning"] != earning["key"] or int(pinned["returned"]) != r.amount:
+                return PosResult(Outcome.DUPLICATE_MISMATCH)
+            return None
+        if await self._tombstoned(key):
+            return PosResult(Outcome.REVERSED_BEFORE_ARRIVAL)
+        if undone is not None:
+            return PosResult(Outcome.ALREADY_REVERSED)
+        if r.amount > int(earning["amount"]) - int(earning["returned"]):
+            return PosResult(Outcome.REFUND_EXCEEDS_ORIGINAL,
+                             refusal=model.RETURN_EXCEEDS_ORIGINAL)  # fmt: skip
+        return None
+
+    async def _unpin_return(self, claw_key: str) -> None:
+        """A POINTS_RETURN its terminal reversed before it reached the ledger: the earning's
+        counters moved back, once (`_unpin_clawback`; the reversal may have done it)."""
+        async with self.records.read() as uow:
+            pinned = await uow.get(CLAWBACKS, key=claw_key)
+        if pinned is not None:
+            undo = claw_key.removesuffix(EARN_SUFFIX) + REVERSAL_SUFFIX + EARN_SUFFIX
+            await self._unpin_clawback(pinned, undo)
+
     async def pos_redeem(
         self, r: PosRequest, t: Terminal, key: str, card: Card | None
     ) -> PosResult:
@@ -1347,8 +1440,9 @@ class PointsService:
     async def _unpin_clawback(self, clawback: dict[str, Any], undo: str) -> bool:
         """Record that a clawback is undone: a row with its amounts negated under `undo`, and
         the earning's counters moved back, in one transaction. Whether there is anything
-        to put back (False: a clawback of nothing, or undone before)."""
-        if int(clawback["points"]) <= 0:
+        to put back (False: a clawback of no points, whose returned fen alone go back, or
+        nothing at all)."""
+        if int(clawback["points"]) <= 0 and int(clawback["returned"]) <= 0:
             return False
         row = {
             "key": undo,
@@ -1368,7 +1462,7 @@ class PointsService:
                 )
         except Conflict:
             pass  # pinned before: the resend submits the same transfer again
-        return True
+        return int(clawback["points"]) > 0
 
     async def _tombstoned(self, key: str) -> bool:
         """Whether a terminal reversal of `key` arrived before anything was done under it."""

@@ -3,7 +3,8 @@ host and gateway), the reference terminal over TCP, on SQLite and PostgreSQL, ev
 up through the admin API (/v1) as HQ and a store would.
 
 Points earned with a purchase and with a cash purchase (900000), points as payment
-(910000) and its reversal, coupon query, reserve, redeem, a second terminal's redeem of the
+(910000) and its reversal, the return of goods of a cash purchase (980000) and its
+reversal, coupon query, reserve, redeem, a second terminal's redeem of the
 used coupon, coupon reverse (920000..950000), service redemption (960000) and its reversal,
 manager authorization (970000) approved and declined. The module's last test stops the
 servers and runs `cardcore ledger verify` on each database.
@@ -194,6 +195,44 @@ async def test_points_earned_with_purchases_redeemed_as_payment_and_taken_back(
     assert (too_many.code, too_many.refusal) == ("51", "points_insufficient")
     view = await admin.ok("GET", f"/v1/cards/{w.card['id']}/points")
     assert (view["balance"], view["usable"]) == (100, 100), view
+
+
+async def test_a_cash_purchase_returned_takes_back_its_points_share_over_the_wire(
+    admin: Admin, kit: Kit
+) -> None:
+    """980000 names the 900000 by the F37 of its reply: the returned part's share of its
+    points goes back (PT below zero, PB after), every reply MAC'd under the session key;
+    a 0400 of the return puts the points back; more than the 900000's amount is 61."""
+    run = secrets.token_hex(3).upper()
+    program = f"BACK{run}"
+    await admin.ok("POST", "/v1/points/programs", {"code": program, "name": "Club points",
+                   "asset": f"PTS:B{run}", "redeem_points": 100, "redeem_fen": 100})  # fmt: skip
+    await admin.ok("POST", f"/v1/points/programs/{program}/rules",
+                   {"code": "BASE", "kind": "base", "points": 1, "per_fen": 100})  # fmt: skip
+    card_class = f"BACK{run}"
+    await admin.ok("POST", "/v1/card-classes", {"code": card_class, "name": "Club",
+                   "named": True, "points_program": program})  # fmt: skip
+    w = await _world(admin, kit, card_class=card_class)
+    pan, term = w.card["pan"], w.terminal
+    cash = await w.other.points_earn(pan, 10_000)
+    assert (cash.code, cash.points, cash.points_balance) == ("00", 100, 100)
+    money = await kit.available(w.card["account_id"])
+    checked = term.replies_checked
+
+    back = await term.points_return(pan, 2_550, cash.fields["37"])
+    assert (back.code, back.points, back.points_balance) == ("00", -25, 75), back.fields
+    assert "64" in back.fields and back.fields["37"] != cash.fields["37"]
+    assert term.replies_checked == checked + 1  # its MAC verified under the session MAK
+    # The terminal never saw that reply: its reversal puts the 25 points back.
+    assert (await term.send(reversal_of(_last_request(term)))).code == "00"
+    view = await admin.ok("GET", f"/v1/cards/{w.card['id']}/points")
+    assert view["balance"] == 100, view
+
+    whole = await w.other.points_return(pan, 10_000, cash.fields["37"])
+    assert (whole.code, whole.points, whole.points_balance) == ("00", -100, 0)
+    over = await term.points_return(pan, 1, cash.fields["37"])
+    assert (over.code, over.refusal) == ("61", "return_exceeds_original")
+    assert await kit.available(w.card["account_id"]) == money  # no money moved
 
 
 # --- service cards ------------------------------------------------------------------------------

@@ -452,6 +452,228 @@ async def test_a_reversal_after_a_refund_takes_back_only_what_is_left(
     assert (earning["returned"], earning["clawed"]) == (10_000, 100)
 
 
+# --- returns of purchases paid another way (POINTS_RETURN, 980000) -----------------------------
+
+
+async def test_returns_of_a_cash_purchase_claw_back_their_share_floored_to_the_whole(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Three returns of one POINTS_EARN: each takes floor(points x returned so far / amount)
+    less what the ones before took, so the parts sum to the whole earning; the card's money
+    is not touched and settlement totals count none of it."""
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    assert (earn.points, earn.rrn != "") == (100, True)
+    answers = [
+        await shop.one(shop.request(Kind.POINTS_RETURN, card, amount=fen, rrn=earn.rrn))
+        for fen in (3_333, 3_333, 3_334)
+    ]
+    assert [a.outcome for a in answers] == [Outcome.APPROVED] * 3
+    assert [(a.points, a.points_balance) for a in answers] == [(-33, 67), (-33, 34), (-34, 0)]
+    assert all(a.rrn and a.auth_code for a in answers)
+    [earning] = await sql_rows(db_url, "SELECT * FROM points_earnings")
+    assert (earning["returned"], earning["clawed"]) == (10_000, 100)
+    assert (await shop.points(card))["balance"] == 0
+    assert await shop.money(card) == 100_000
+    terminal = await shop.pos.directory.terminal(shop.tids["S1"])
+    assert terminal is not None
+    lines = await shop.pos.directory.batch_lines(f"{terminal.tid}/0/000001/")
+    assert {x.reason for x in lines} == {"points_earn", "points_clawback"}
+    assert batch_totals(lines) == (0, 0, 0, 0)
+
+
+async def test_a_return_over_what_is_left_of_the_earning_is_refused_with_nothing_changed(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    first = await shop.one(shop.request(Kind.POINTS_RETURN, card, amount=6_000, rrn=earn.rrn))
+    assert (first.points, first.points_balance) == (-60, 40)
+    over = await shop.one(shop.request(Kind.POINTS_RETURN, card, amount=4_001, rrn=earn.rrn))
+    assert (over.outcome, over.refusal) == (Outcome.REFUND_EXCEEDS_ORIGINAL,
+                                            "return_exceeds_original")  # fmt: skip
+    assert (over.points, over.rrn) == (None, "")
+    assert (await shop.points(card))["balance"] == 40
+    [earning] = await sql_rows(db_url, "SELECT * FROM points_earnings")
+    assert (earning["returned"], earning["clawed"]) == (6_000, 60)
+    assert len(await sql_rows(db_url, "SELECT * FROM points_clawbacks")) == 1
+    rest = await shop.one(shop.request(Kind.POINTS_RETURN, card, amount=4_000, rrn=earn.rrn))
+    assert (rest.points, rest.points_balance) == (-40, 0)
+    more = await shop.one(shop.request(Kind.POINTS_RETURN, card, amount=1, rrn=earn.rrn))
+    assert more.outcome is Outcome.REFUND_EXCEEDS_ORIGINAL
+
+
+async def test_a_resent_return_is_answered_the_same_and_takes_nothing_twice(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    back = shop.request(Kind.POINTS_RETURN, card, amount=2_550, rrn=earn.rrn)
+    first = await shop.one(back)
+    assert (first.outcome, first.points, first.points_balance) == (Outcome.APPROVED, -25, 75)
+    again = await shop.one(back)
+    assert (again.points, again.points_balance, again.rrn, again.replayed) == (
+        -25, 75, first.rrn, True)  # fmt: skip
+    both = await shop.pos.handle([back, back])
+    assert [(a.points, a.rrn) for a in both] == [(-25, first.rrn)] * 2
+    assert (await shop.points(card))["balance"] == 75
+    [earning] = await sql_rows(db_url, "SELECT * FROM points_earnings")
+    assert (earning["returned"], earning["clawed"]) == (2_550, 25)
+    # The same key with other content is another transaction: 94, nothing done.
+    other = PosRequest(**{**_fields(back), "amount": 2_000})
+    assert (await shop.one(other)).outcome is Outcome.DUPLICATE_MISMATCH
+    assert (await shop.points(card))["balance"] == 75
+    assert len(await sql_rows(db_url, "SELECT * FROM points_clawbacks")) == 1
+
+
+async def test_a_reversal_of_a_return_restores_exactly_the_lots_it_took(
+    admin: AdminClient, db_url: str
+) -> None:
+    """The return takes the earning's own lot first (what is left of it after a
+    redemption), then the latest-expiring lot; its 0400 puts back exactly those points
+    into those lots, once, and the earning's counters with them."""
+    shop = await Shop(admin).make(
+        expiry={"kind": "rolling_months", "months": 3}, redeem_points=10, redeem_fen=10
+    )
+    service = admin.app[POINTS_KEY]
+    card = await shop.card()
+    january, march = 1_768_000_000_000, 1_773_000_000_000  # 2026-01-10, 2026-03-08
+    service.clock_ms = lambda: january
+    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))  # to April
+    service.clock_ms = lambda: march - 1
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=5_000))  # 50, to end of June
+    service.clock_ms = lambda: march
+    spent = await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=80))  # January's
+    assert spent.outcome is Outcome.APPROVED
+    before = (await shop.points(card))["lots"]
+    assert [(lot["remaining"], lot["expires_on"]) for lot in before] == [
+        (20, "2026-04-30"), (50, "2026-06-30")]  # fmt: skip
+    back = shop.request(Kind.POINTS_RETURN, card, amount=6_000, rrn=earn.rrn)
+    assert ((await shop.one(back)).points, (await shop.one(back)).points_balance) == (-60, 10)
+    taken = (await shop.points(card))["lots"]
+    assert [(lot["remaining"], lot["expires_on"]) for lot in taken] == [(10, "2026-06-30")]
+    reverse = shop.request(Kind.REVERSE, None, stan=back.stan)
+    for _ in range(2):
+        assert (await shop.one(reverse)).outcome is Outcome.APPROVED
+    assert (await shop.points(card))["lots"] == before
+    [earning] = await sql_rows(db_url, "SELECT * FROM points_earnings WHERE source = ''")
+    assert (earning["returned"], earning["clawed"]) == (0, 0)
+    # Resent after its reversal: refused, and nothing taken again.
+    assert (await shop.one(back)).outcome is Outcome.REVERSED_BEFORE_ARRIVAL
+    assert (await shop.points(card))["lots"] == before
+    # A reversal that overtook its return: the late return is refused, nothing pinned.
+    late = shop.request(Kind.POINTS_RETURN, card, amount=1_000, rrn=earn.rrn)
+    assert (await shop.one(shop.request(Kind.REVERSE, None, stan=late.stan))).outcome is (
+        Outcome.APPROVED
+    )
+    assert (await shop.one(late)).outcome is Outcome.REVERSED_BEFORE_ARRIVAL
+    assert (await shop.points(card))["lots"] == before
+    [earning] = await sql_rows(db_url, "SELECT * FROM points_earnings WHERE source = ''")
+    assert (earning["returned"], earning["clawed"]) == (0, 0)
+    await admin.app[LEDGER_KEY].store.verify(100)
+
+
+async def test_a_return_of_less_than_a_point_is_approved_and_its_reversal_gives_the_fen_back(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    small = shop.request(Kind.POINTS_RETURN, card, amount=50, rrn=earn.rrn)
+    answer = await shop.one(small)
+    assert (answer.outcome, answer.points, answer.points_balance) == (Outcome.APPROVED, 0, 100)
+    await shop.one(shop.request(Kind.REVERSE, None, stan=small.stan))
+    [earning] = await sql_rows(db_url, "SELECT * FROM points_earnings")
+    assert (earning["returned"], earning["clawed"]) == (0, 0)
+    whole = await shop.one(shop.request(Kind.POINTS_RETURN, card, amount=10_000, rrn=earn.rrn))
+    assert (whole.points, whole.points_balance) == (-100, 0)
+
+
+async def test_a_return_naming_no_earning_of_this_card_is_refused(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop = await Shop(admin).make()
+    card, other = await shop.card(), await shop.card()
+    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=5_000))  # paid by the card
+
+    def back(who: dict[str, Any], **fields: Any) -> PosRequest:
+        return shop.request(Kind.POINTS_RETURN, who, **{"amount": 1_000, "rrn": earn.rrn,
+                                                         **fields})  # fmt: skip
+
+    for request, outcome in (
+        (back(other), Outcome.ORIGINAL_MISMATCH),  # another card's earning
+        (back(card, rrn=sale.rrn), Outcome.ORIGINAL_NOT_FOUND),  # a card purchase: refund it
+        (back(card, rrn="000099999999"), Outcome.ORIGINAL_NOT_FOUND),
+        (back(card, amount=0), Outcome.BAD_REQUEST),
+        (back(card, rrn=""), Outcome.BAD_REQUEST),
+        (back(await shop.card("PLAIN")), Outcome.ORIGINAL_MISMATCH),
+    ):
+        answer = await shop.one(request)
+        assert (answer.outcome, answer.points) == (outcome, None), request
+    assert [(await shop.points(c))["balance"] for c in (card, other)] == [150, 0]
+    assert await sql_rows(db_url, "SELECT * FROM points_clawbacks") == []
+    # A refund of stored value never names a 900000: its points come back by 980000 only.
+    refund = await shop.one(shop.request(Kind.REFUND, card, amount=1_000, rrn=earn.rrn))
+    assert refund.outcome is Outcome.ORIGINAL_NOT_FOUND
+    # The 900000 reversed: a return of it has nothing to take back.
+    earned = shop.request(Kind.POINTS_EARN, card, amount=2_000)
+    gone = await shop.one(earned)
+    await shop.one(shop.request(Kind.REVERSE, None, stan=earned.stan))
+    late = await shop.one(back(card, rrn=gone.rrn))
+    assert late.outcome is Outcome.ALREADY_REVERSED
+    assert (await shop.points(card))["balance"] == 150
+
+
+async def test_a_frozen_card_earns_nothing_more_but_its_returns_take_points_back(
+    admin: AdminClient,
+) -> None:
+    """A return takes back as a refund gives back: from a card frozen (or lost) since the
+    earning too, or the points it earned on goods returned would stay on it."""
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    await admin.ok("POST", f"/v1/cards/{card['id']}/freeze")
+    refused = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    assert refused.outcome is Outcome.CARD_FROZEN
+    back = await shop.one(shop.request(Kind.POINTS_RETURN, card, amount=10_000, rrn=earn.rrn))
+    assert (back.outcome, back.points, back.points_balance) == (Outcome.APPROVED, -100, 0)
+
+
+async def test_a_purchase_under_the_key_of_a_points_return_is_answered_94(
+    admin: AdminClient, db_url: str
+) -> None:
+    """A POINTS_RETURN claims its key (terminal, batch, STAN) for its function: a purchase
+    or a 900000 sent under it is another transaction, answered 94 with nothing done."""
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    stan = "005151"
+    back = await shop.one(shop.request(Kind.POINTS_RETURN, card, amount=5_000, rrn=earn.rrn,
+                                       stan=stan))  # fmt: skip
+    assert back.points == -50
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000, stan=stan))
+    assert sale.outcome is Outcome.DUPLICATE_MISMATCH
+    again = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000, stan=stan))
+    assert again.outcome is Outcome.DUPLICATE_MISMATCH
+    assert (await shop.points(card))["balance"] == 50
+    assert await shop.money(card) == 100_000
+    assert await sql_rows(db_url, "SELECT * FROM ledger_transfers WHERE reason = 'purchase'") == []
+    # And the other way round: a return under a purchase's key.
+    paid = shop.request(Kind.PURCHASE, card, amount=1_000)
+    await shop.one(paid)
+    clash = shop.request(Kind.POINTS_RETURN, card, amount=1_000, rrn=earn.rrn, stan=paid.stan)
+    assert (await shop.one(clash)).outcome is Outcome.DUPLICATE_MISMATCH
+    assert (await shop.points(card))["balance"] == 60
+
+
+def _fields(r: PosRequest) -> dict[str, Any]:
+    return {name: getattr(r, name) for name in r.__dataclass_fields__}
+
+
 # --- redemption ---------------------------------------------------------------------------------
 
 

@@ -61,3 +61,21 @@ async def test_points_its_reversal_overtook_are_never_earned(admin: AdminClient)
     answer = await shop.one(late)
     assert answer.outcome is not Outcome.APPROVED, answer
     assert (await shop.points(card))["balance"] == 0
+
+
+async def test_a_points_return_its_reversal_overtook_takes_nothing_and_unpins(
+    admin: AdminClient,
+) -> None:
+    """The points reverser ran first: it found nothing under the return's `K:p` and left
+    its tombstone there. The late return pins its clawback, the ledger refuses it, and the
+    pin is undone: the earning can still be returned whole."""
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    late = shop.request(Kind.POINTS_RETURN, card, amount=4_000, rrn=earn.rrn)
+    t, key = await _terminal_and_key(admin, shop.tids["S1"], late.stan)
+    await admin.app[POINTS_KEY].reverse_pos(t, key)
+    assert (await shop.one(late)).outcome is Outcome.REVERSED_BEFORE_ARRIVAL
+    assert (await shop.points(card))["balance"] == 100
+    whole = await shop.one(shop.request(Kind.POINTS_RETURN, card, amount=10_000, rrn=earn.rrn))
+    assert (whole.outcome, whole.points, whole.points_balance) == (Outcome.APPROVED, -100, 0)

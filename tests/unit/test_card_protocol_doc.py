@@ -63,6 +63,7 @@ TDES_TID = "POS00002"
 DISCOUNT_BP = 500  # the card class's discount in the examples: 5 % off
 COUPON = "7KQ2-M9XR-4TPW-8HNB"  # a coupon code as printed (Crockford base32 + check symbol)
 MANAGER_CARD = "6288880000000021"  # a manager's special-discount authorization card
+POINTS_EARN_RRN = "000000001011"  # the 900000's reference, which the points return names
 AES_BATCH = "000042"  # the batch the host hands each terminal at sign-on
 TDES_BATCH = "000007"
 DAY = (2025, 3, 15)
@@ -281,7 +282,7 @@ async def build_examples(saf_dir: Path, aes_pin_block: bytes | None = None) -> B
         rec.name(pos, "offline-advice")
 
         clock.at("093210")
-        answer(PosResult(APPROVED, rrn="000000001011", points=23, points_balance=523))
+        answer(PosResult(APPROVED, rrn=POINTS_EARN_RRN, points=23, points_balance=523))
         await pos.points_earn(CARD, 2_350, [("FOOD", 1_350), ("TOYS", 1_000)])
         rec.name(pos, "points-earn")
 
@@ -409,6 +410,13 @@ async def _issue_5_examples(
     answer(PosResult(Outcome.OVER_LIMIT, refusal="manager_over_percent"))
     await legacy.manager_auth(MANAGER_CARD, PIN, 30_000, 9_000, "price_match")
     rec.name(legacy, "manager-over-limit")
+
+    # Half of the cash purchase of 12.12 (RRN 000000001011, 23 points) comes back.
+    clock.at("100220")
+    answer(PosResult(APPROVED, rrn="000000001013", auth_code="001013", points=-11,
+                     points_balance=12))  # fmt: skip
+    await legacy.points_return(CARD, 1_175, POINTS_EARN_RRN)
+    rec.name(legacy, "points-return")
 
 
 # --- the field-by-field breakdown --------------------------------------------------------------
@@ -806,6 +814,7 @@ def test_host_requests_behind_the_examples(built: Built) -> None:
         Kind.SERVICE_REDEEM,
         Kind.MANAGER_AUTH,
         Kind.MANAGER_AUTH,
+        Kind.POINTS_RETURN,
     ]  # the MAC error, the sign-off and the purchase after it never reach the host
     reversal = seen[5]
     assert (reversal.batch, reversal.stan) == (AES_BATCH, "000006")  # the lost purchase
@@ -827,7 +836,7 @@ def test_host_requests_behind_the_examples(built: Built) -> None:
         assert security.read_zone_pin_block(bytes.fromhex(purchase.pin_block), CARD, zpk) == PIN
         assert security.zone_pin_reader(KEK)(CARD, purchase.pin_block) == PIN  # the host's
     # Only the split tender said (F60.6) that the terminal takes a partial approval.
-    assert [r.partial for r in seen] == [False] * 17 + [True] + [False] * 10
+    assert [r.partial for r in seen] == [False] * 17 + [True] + [False] * 11
     # Section 5.11: what F48 carried to the host.
     earn = seen[10]
     assert (earn.amount, earn.basket) == (2_350, (("FOOD", 1_350), ("TOYS", 1_000)))
@@ -842,6 +851,8 @@ def test_host_requests_behind_the_examples(built: Built) -> None:
     assert (manager.card, manager.amount, manager.discount, manager.reason) == (
         MANAGER_CARD, 30_000, 1_500, "price_match")  # fmt: skip
     assert security.zone_pin_reader(KEK)(MANAGER_CARD, manager.pin_block) == PIN
+    back = seen[28]
+    assert (back.card, back.amount, back.rrn, back.points) == (CARD, 1_175, POINTS_EARN_RRN, 0)
 
 
 # --- behaviour the doc promises, beyond the examples ------------------------------------------
@@ -886,6 +897,25 @@ async def test_a_silent_host_gets_private_requests_that_change_something_reverse
     assert (reply.code, host.seen[-1].kind) == ("96", kind)
     owed = list(gateway.saf.pending.values())
     assert [(r.kind, r.batch, r.stan) for r in owed] == [(Kind.REVERSE, AES_BATCH, "000002")]
+    await gateway.saf.close()
+
+
+async def test_a_points_return_without_its_reference_or_amount_never_reaches_the_host(
+    tmp_path: Path,
+) -> None:
+    pos, host, gateway = await _signed_on(tmp_path)
+    for rrn, amount, code in ((None, 1_000, "30"), ("00000000101X", 1_000, "30"),
+                              (POINTS_EARN_RRN, 0, "13")):  # fmt: skip
+        reply = await pos.private("980000", CARD, amount, rrn=rrn)
+        assert (reply.code, "64" in reply.fields) == (code, True)
+    assert [r.kind for r in host.seen] == [Kind.SIGN_ON]
+    # A silent host: 96, and the gateway owes the host the return's reversal.
+    host.answers.append(HostUnavailable("no answer in time"))
+    reply = await pos.points_return(CARD, 1_000, POINTS_EARN_RRN)
+    assert (reply.code, host.seen[-1].kind, host.seen[-1].rrn) == (
+        "96", Kind.POINTS_RETURN, POINTS_EARN_RRN)  # fmt: skip
+    owed = list(gateway.saf.pending.values())
+    assert [(r.kind, r.stan) for r in owed] == [(Kind.REVERSE, reply.fields["11"])]
     await gateway.saf.close()
 
 
