@@ -112,7 +112,9 @@ MEMBER_CARDS_SHOWN_MAX: Final = 100  # cards listed in one member's view (`cards
 CARD_ISSUE_ATTEMPTS_MAX: Final = 5  # fresh numbers drawn / ids re-read when an issue clashes
 RECEIPT_CHARS_MAX: Final = 32  # a counter receipt number (transfer metadata external_ref)
 COUNTER_KEY_CHARS_MAX: Final = 64  # the caller's idempotency key of a counter top-up or sale
-OPERATOR_CHARS_MAX: Final = 16  # the operator's name in a transfer's metadata
+# The operator in a counter transfer's metadata: a whole staff user name (1-32 characters,
+# org.model.CODE), so two clerks are never one name; a metadata value may take 64.
+OPERATOR_CHARS_MAX: Final = 32
 REPORT_READ_ROWS_MAX: Final = 1000  # cards read per query while a report sums them
 
 # --- front-end gateway (cardcore.frontend_gateway) -------------------------------------------

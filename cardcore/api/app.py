@@ -106,7 +106,9 @@ def build_app(
         app[terminal_http.TERMINALS_KEY] = TerminalAdmin(
             records, org, ledger, pos.directory, accounts
         )
-        app[members_http.MEMBERS_KEY] = MemberService(records, org, vault, ledger)
+        app[members_http.MEMBERS_KEY] = MemberService(
+            records, org, vault, ledger, accounts=accounts, directory=pos.directory
+        )
         app[cards_admin_http.CARDS_KEY] = CardService(
             records, org, vault, ledger, pos.directory, accounts, pins
         )

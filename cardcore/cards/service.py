@@ -103,6 +103,16 @@ def expiry_of(now_ms: int, validity_months: int) -> str:
     return f"{(total // 12) % 100:02d}{total % 12 + 1:02d}"
 
 
+def expiry_at_sale(expires: str, now_ms: int, validity_months: int) -> str:
+    """The expiry of a card sold or activated now: its term counts from the sale, so a card
+    printed long before (a batch in stock) still gets the class's whole term, and never ends
+    sooner than it already did. "" (no expiry) on either side wins."""
+    counted = expiry_of(now_ms, validity_months)
+    if not expires or not counted:
+        return ""
+    return max(expires, counted)
+
+
 def expired(expires: str, now_ms: int) -> bool:
     year, month = shanghai_month(now_ms)
     return bool(expires) and f"{year % 100:02d}{month:02d}" > expires
@@ -411,9 +421,22 @@ class CardService:
         await self._check_grant(store, function, class_code, count=1, amount=0)
         now = self.clock_ms()
         [new] = await self._prepare(klass, place, member_id, 1, now, state=_first_state(klass))
+
+        async def member_still_active(uow: Unit, _first_id: int) -> None:
+            """A member deleted (its cards closed) since the check gets no new card."""
+            if member_id is None:
+                return
+            await _touch(uow, MEMBERS, id=member_id)  # waits for a delete of the member
+            member = await uow.get(MEMBERS, id=member_id)
+            if member is None or member["state"] != "active":
+                raise Refused(
+                    "conflict", "member_not_active", "the member is not active", "member_id"
+                )
+
         written = await self._write(
-            p, [new], grant=(store, function, class_code, 1), action="card.issue", now=now
-        )
+            p, [new], grant=(store, function, class_code, 1), action="card.issue", now=now,
+            also=member_still_active,
+        )  # fmt: skip
         card = written[0].row
         await self._fee(klass["issue_fee"], place, p, f"fee/issue/{card['id']}", "issue_fee")
         return self._issued_view(p, card, new.pan)
@@ -824,7 +847,8 @@ class CardService:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def activate(self, p: Principal, card_id: int) -> dict[str, Any]:
-        """An inactive stored-value card handed out becomes active (gift cards: by sale)."""
+        """An inactive stored-value card handed out becomes active (gift cards: by sale), its
+        term counted again from now (`expiry_at_sale`)."""
         card = await self._card_for(p, card_id, Perm.CARDS_ISSUE)
         klass = await self.directory.card_class(card["class_code"])
         if klass is not None and klass.gift:
@@ -832,9 +856,13 @@ class CardService:
                 "conflict", "gift_sale_required", "a gift card becomes active when it is sold"
             )
         async with self.accounts.lock(int(card["account_id"])):
+            fresh = await self._card(card_id)  # only activation and sale change an expiry
+            expires = fresh["expires"]
+            if klass is not None:
+                expires = expiry_at_sale(expires, self.clock_ms(), klass.validity_months)
             return await self._transition(
                 p, card_id, allowed={CardState.INACTIVE}, state=CardState.ACTIVE,
-                action="card.activate",
+                action="card.activate", extra={"expires": expires},
             )  # fmt: skip
 
     async def freeze(self, p: Principal, card_id: int) -> dict[str, Any]:
@@ -1070,7 +1098,11 @@ class CardService:
     ) -> dict[str, Any]:
         """Stored value bought at the counter in cash or by bank card, idempotent by the
         caller's key. The class maximum is checked under the card account's lock, which the
-        POS top-up path holds too, so two top-ups never pass it together."""
+        POS top-up path holds too, so two top-ups never pass it together. Selling stored
+        value needs the counter store's `stored_value` grant for the card's class: checked
+        before the ledger is touched, then spent (its amount budget) with the top-up's audit
+        row once the transfer is in; if that is refused the transfer is reversed, as a
+        gift sale's is."""
         card = await self._card_for(p, card_id, Perm.CARDS_MONEY)
         counter = await self._counter(p, store, card)
         klass = await self.directory.card_class(card["class_code"])
@@ -1079,7 +1111,10 @@ class CardService:
         _check_payment(amount, tender)
         account_id = int(card["account_id"])
         async with self.accounts.lock(account_id):
-            if await self.directory.keyed_transfer(COUNTER_CLIENT, _key(counter, key)) is None:
+            known = await self.directory.keyed_transfer(COUNTER_CLIENT, _key(counter, key))
+            if known is not None:
+                await self._refuse_undone(known)
+            else:
                 fresh = await self._card(card_id)
                 self._check_payable(fresh)
                 account = await self.ledger.account(account_id)
@@ -1090,13 +1125,45 @@ class CardService:
                         "conflict", "over_balance_max",
                         f"the card's maximum balance is {fresh['balance_max']} fen", "amount",
                     )  # fmt: skip
+                await self._check_grant(counter.store, Function.STORED_VALUE,
+                                        card["class_code"], count=0, amount=amount)  # fmt: skip
             op = await self._counter_op(
                 p, card, counter=counter, amount=amount, tender=tender, receipt=receipt,
                 key=key, reason="counter_topup",
             )  # fmt: skip
             result = await self._submit_one(op)
-        _ledger_ok(result)
+            _ledger_ok(result)
+            if known is None and not result.replayed:  # a replay spent and audited before
+                try:
+                    await self._record_topup(
+                        p, card, counter, result, amount=amount, tender=tender, receipt=receipt
+                    )
+                except Exception:
+                    await self._undo(op, "counter_topup_undone")
+                    raise
         return await self._money_answer(card, result, amount)
+
+    async def _record_topup(
+        self, p: Principal, card: dict[str, Any], counter: Place, result: Result,
+        *, amount: int, tender: str, receipt: str,
+    ) -> None:  # fmt: skip
+        """Spend the counter store's stored-value grant and write the top-up's audit row, in
+        one transaction."""
+        assert result.transfer_id is not None
+        now = self.clock_ms()
+        async with self.records.begin() as uow:
+            await _touch(uow, CARDS, id=card["id"])
+            grant = await self.org.use_grant(
+                uow, counter.store, Function.STORED_VALUE, card["class_code"], count=0,
+                amount=amount,
+            )  # fmt: skip
+            record = {"card_id": int(card["id"]), "amount": amount, "tender": tender,
+                      "receipt": receipt, "store": counter.store,
+                      "transfer_id": result.transfer_id, "grant_id": grant.id}  # fmt: skip
+            await uow.audit(
+                p, action="card.topup", kind="card", object_id=card["id"],
+                place=place_of(card), before=None, after=record, now_ms=now,
+            )  # fmt: skip
 
     async def sell(
         self,
@@ -1127,6 +1194,7 @@ class CardService:
         async with self.accounts.lock(account_id):
             known = await self.directory.keyed_transfer(COUNTER_CLIENT, _key(counter, key))
             if known is not None:  # the same sale again: the ledger answers as the first time
+                await self._refuse_undone(known)
                 op = await self._counter_op(
                     p, card, counter=counter, amount=amount, tender=tender, receipt=receipt,
                     key=key, reason="gift_sale",
@@ -1150,10 +1218,10 @@ class CardService:
             try:
                 await self._activate_sold(
                     p, fresh, counter=counter, product=klass.code, amount=amount,
-                    receipt=receipt,
+                    receipt=receipt, validity_months=klass.validity_months,
                 )  # fmt: skip
             except Exception:
-                await self._undo(op)
+                await self._undo(op, "gift_sale_undone")
                 raise
         return await self._money_answer(card, result, amount)
 
@@ -1166,6 +1234,7 @@ class CardService:
         product: str,
         amount: int,
         receipt: str,
+        validity_months: int,
     ) -> None:
         now = self.clock_ms()
         async with self.records.begin() as uow:
@@ -1173,7 +1242,11 @@ class CardService:
             await self.org.use_grant(
                 uow, counter.store, Function.GIFT, product, count=0, amount=amount
             )
-            changes = {"state": str(CardState.ACTIVE), "updated_at_ms": now}
+            changes = {
+                "state": str(CardState.ACTIVE),
+                "expires": expiry_at_sale(card["expires"], now, validity_months),
+                "updated_at_ms": now,
+            }
             changed = await uow.update(
                 CARDS, {"id": card["id"], "state": str(CardState.INACTIVE)}, changes
             )
@@ -1187,15 +1260,27 @@ class CardService:
             )  # fmt: skip
         self.directory.forget_card(card["token"])
 
-    async def _undo(self, op: CreateTransfer) -> None:
-        """Give back a sale whose card could not be activated (best effort: it is logged by
-        the ledger under its key, and the card stays inactive, so nothing can spend it)."""
+    async def _refuse_undone(self, known: dict[str, Any]) -> None:
+        """Refuse the retry of a counter request that was refused after its payment went in
+        (and was given back by `_undo`): the key stays spent, the value never arrived."""
+        if await self.directory.undone(int(known["id"])):
+            raise Refused(
+                "conflict", "counter_request_undone",
+                "the request under this key was refused and its payment given back; "
+                "send it again under a new key", "key",
+            )  # fmt: skip
+
+    async def _undo(self, op: CreateTransfer, reason: str) -> None:
+        """Give back a counter transfer whose record change was refused: a sale whose card
+        could not be activated (the card stays inactive, so nothing can spend it), a top-up
+        whose grant refused it (the card account's lock is still held, so nothing spent it).
+        Best effort: a failure is logged by the ledger under its key."""
         await self._submit_one(
             Reverse(
                 client=COUNTER_CLIENT,
                 key=op.key[: limits.KEY_CHARS_MAX - 2] + "/R",
                 target_key=op.key,
-                reason="gift_sale_undone",
+                reason=reason,
                 metadata=op.metadata,
             )
         )

@@ -19,12 +19,16 @@ on `members.mobile`: one wins, the other gets 409 `member_exists`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from collections.abc import Callable
 from typing import Any
 
 from cardcore import limits
+from cardcore.cards.accounts import Accounts
+from cardcore.cards.directory import Directory
 from cardcore.cards.model import CardState
+from cardcore.cards.service import card_view as card_image
 from cardcore.ledger.service import Ledger
 from cardcore.members.model import (
     ID_MAX,
@@ -115,6 +119,10 @@ def not_active(row: dict[str, Any], field: str = "member_id") -> Refused:
     return Refused("conflict", "member_not_active", f"the member is {row['state']}", field)
 
 
+def member_changed() -> Refused:
+    return Refused("conflict", "member_changed", "the member's cards changed meanwhile; retry")
+
+
 def mobile_taken() -> Refused:
     # Never says which member holds the number: the caller may not be allowed to see it.
     return Refused("conflict", "member_exists", "a member has this mobile number", "mobile")
@@ -127,12 +135,17 @@ class MemberService:
         org: OrgService,
         vault: Vault,
         ledger: Ledger,
+        *,
+        accounts: Accounts,
+        directory: Directory,
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self.records = records
         self.org = org
         self.vault = vault
         self.ledger = ledger
+        self.accounts = accounts  # the card-account locks, shared with top-ups and the POS
+        self.directory = directory  # the POS's card cache, told of the cards a delete closes
         self.clock_ms = clock_ms or org.clock_ms
 
     # --- register ------------------------------------------------------------------------------
@@ -450,9 +463,12 @@ class MemberService:
     # --- delete --------------------------------------------------------------------------------
 
     async def delete(self, p: Principal, member_id: int) -> dict[str, Any]:
-        """Erase the member's personal data and mark it deleted; 409 `member_has_value` while
-        a live card (not closed or replaced) holds value, posted or pending. Deleting a
-        deleted member changes nothing."""
+        """Erase the member's personal data, mark it deleted and close its live cards (not
+        closed or replaced), in one transaction; 409 `member_has_value` while one of them
+        holds value, posted or pending. The value is read under the cards' account locks,
+        the ones every counter and POS top-up and purchase of those cards holds, and the
+        transaction commits before they are let go: no value arrives between the check and
+        the delete. Deleting a deleted member changes nothing."""
         row = await self._read(p, Perm.MEMBERS_WRITE, member_id)
         if row["state"] == MemberState.DELETED:
             return await self.get(p, member_id)
@@ -460,10 +476,27 @@ class MemberService:
             raise not_active(row)
         async with self.records.read() as uow:
             checked = await _live_cards(uow, member_id)
-        # Balances are read outside the transaction below (ledger reads use their own
-        # connections); the transaction then makes sure the live cards are still these.
-        for card in checked:
-            await self._refuse_value(card)
+        for card in checked:  # the delete closes them: each must be in the caller's scope
+            if not p.covers(Place(card["legal_entity"], card["store"])):
+                raise Refused(
+                    "forbidden", "scope_forbidden",
+                    f"card {card['pan_masked']} of the member is outside your scope",
+                )  # fmt: skip
+        async with contextlib.AsyncExitStack() as held:
+            for account_id in sorted({int(c["account_id"]) for c in checked}):  # one order
+                await held.enter_async_context(self.accounts.lock(account_id))
+            for card in checked:
+                await self._refuse_value(card)
+            view, closed = await self._erase(p, member_id, checked)
+            for card in closed:
+                self.directory.forget_card(card["token"])
+        return view
+
+    async def _erase(
+        self, p: Principal, member_id: int, checked: list[dict[str, Any]]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The deleting transaction: the member erased and its live cards, still the ones
+        `checked`, closed (each with its audit row). Answers the view and the closed cards."""
         now = self.clock_ms()
         async with self.records.begin() as uow:
             before = await self._lock(uow, member_id)
@@ -472,9 +505,9 @@ class MemberService:
             require(p, Perm.MEMBERS_WRITE, place_of(before))
             live = await _live_cards(uow, member_id)
             if {c["id"] for c in live} != {c["id"] for c in checked}:
-                raise Refused(
-                    "conflict", "member_changed", "the member's cards changed meanwhile; retry"
-                )
+                raise member_changed()
+            for card in live:
+                await _close_card(uow, p, card, now)
             for purpose, flag in FLAG.items():
                 if before[flag]:
                     await _record_consent(
@@ -483,12 +516,13 @@ class MemberService:
             values = {**ERASED, "state": MemberState.DELETED.value, "updated_at_ms": now}
             await uow.update(MEMBERS, {"id": member_id}, values)
             after = {**before, **values}
+            closed_ids = sorted(int(c["id"]) for c in live)
             await uow.audit(
                 p, action="member.delete", kind="member", object_id=member_id,
-                place=place_of(before), before=member_view(before), after=member_view(after),
-                now_ms=now,
+                place=place_of(before), before=member_view(before),
+                after={**member_view(after), "closed_card_ids": closed_ids}, now_ms=now,
             )  # fmt: skip
-            return await self._full_view(uow, after)
+            return await self._full_view(uow, after), live
 
     async def _refuse_value(self, card: dict[str, Any]) -> None:
         account = await self.ledger.account(int(card["account_id"]))
@@ -553,6 +587,19 @@ async def _all_cards(uow: Unit, member_id: int) -> list[dict[str, Any]]:
 
 async def _card_ids(uow: Unit, member_id: int) -> list[int]:
     return [int(c["id"]) for c in await _all_cards(uow, member_id)]
+
+
+async def _close_card(uow: Unit, p: Principal, card: dict[str, Any], now: int) -> None:
+    """Close a card of a deleted member (it holds no value: nothing to refund), audited as
+    `card.close` at the card's place; a card another request changed first refuses all."""
+    changes = {"state": CardState.CLOSED.value, "updated_at_ms": now}
+    if not await uow.update(CARDS, {"id": card["id"], "state": card["state"]}, changes):
+        raise member_changed()
+    await uow.audit(
+        p, action="card.close", kind="card", object_id=card["id"],
+        place=Place(card["legal_entity"], card["store"]), before=card_image(card),
+        after=card_image({**card, **changes}), now_ms=now,
+    )  # fmt: skip
 
 
 async def _live_cards(uow: Unit, member_id: int) -> list[dict[str, Any]]:

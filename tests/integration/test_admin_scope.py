@@ -1,11 +1,12 @@
 """A store officer cannot read or change another store's data through any admin route.
 
 Root builds a world in store S1 (legal entity LE1): a terminal, a grant, members, cards with
-value, a staff user with a token. Then officers of store S2 (same legal entity) call every
-route of the admin route table aimed at S1's objects. Each call must be refused 403 (or, for
-a listing, answer only objects of S2), and the database must be exactly as it was: every
-table's rows and every account's balances. A route missing from the table below fails the
-test, so a new route cannot skip the check.
+value (a sold gift card among them), a staff user with a token; and a sold gift card in S3
+(LE2), so that by 2099 both entities have breakage a leaking report would show. Then officers
+of store S2 (same legal entity) call every route of the admin route table aimed at S1's
+objects. Each call must be refused 403 (or, for a listing, answer only objects of S2), and the
+database must be exactly as it was: every table's rows and every account's balances. A route
+missing from the table below fails the test, so a new route cannot skip the check.
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ async def _world(admin: AdminClient) -> dict[str, Any]:
     await ok("POST", f"/v1/cards/{card['id']}/topups", json={"amount": 10_000,
              "tender": "cash", "receipt": "R1", "key": "k1"})  # fmt: skip
     gift = await ok("POST", "/v1/cards", json={"class_code": "GIFT", "store": "S1"})
+    # Sold gift cards in S1 (LE1) and S3 (LE2): value left on them by 2099 is breakage that a
+    # report leaking another store's or entity's cards would show.
+    await ok("POST", f"/v1/cards/{gift['id']}/sell", json={"amount": 10_000, "tender": "cash",
+             "receipt": "R2", "key": "k2"})  # fmt: skip
+    await ok("POST", "/v1/grants", json={"store": "S3", "function": "gift"})
+    elsewhere = await ok("POST", "/v1/cards", json={"class_code": "GIFT", "store": "S3"})
+    await ok("POST", f"/v1/cards/{elsewhere['id']}/sell", json={"amount": 10_000,
+             "tender": "cash", "receipt": "R3", "key": "k3"})  # fmt: skip
+    await ok("POST", "/v1/users", json={"name": "s3crm", "role": "store_crm",
+             "scope_kind": "store", "scope_id": "S3"})  # fmt: skip
     user = await ok("POST", "/v1/users", json={"name": "s1crm", "role": "store_crm",
                     "scope_kind": "store", "scope_id": "S1"})  # fmt: skip
     token = await ok("POST", f"/v1/users/{user['id']}/tokens", json={"label": "t"})
@@ -317,6 +328,10 @@ async def test_a_store_officer_reaches_no_other_stores_data_through_any_route(
         f"routes without a scope check here: {sorted(routes - set(calls))}; "
         f"checks of routes that no longer exist: {sorted(set(calls) - routes)}"
     )
+    # Root's report shows the world's breakage: the officers' empty one below is their scope.
+    everything = await admin.ok("GET", "/v1/reports/breakage", as_of="2099-12")
+    breakage = {e["legal_entity"]: e["gift"]["cards"] for e in everything["entities"]}
+    assert breakage == {"LE1": 1, "LE2": 1}
     officers = {
         role: await admin.token(role, "store", "S2") for role in ("store_crm", "store_supervisor")
     }
@@ -339,3 +354,54 @@ async def test_a_store_officer_reaches_no_other_stores_data_through_any_route(
             seen.append(status)
     assert await _snapshot(db_url) == before
     assert seen.count(403) > len(calls)  # the officers were refused, not merely mistaken
+
+
+async def test_entity_scoped_readers_of_the_audit_log_and_staff_see_their_entity_only(
+    admin: AdminClient, db_url: str
+) -> None:
+    """No store role reads the audit log or the staff (they are `audit_read`, `staff_read`:
+    HQ roles and auditors, in a group or an entity scope), so the narrowest scoped readers
+    are an entity's: each listing and filter shows them their entity's rows, nothing else."""
+    await _world(admin)
+    readers = {
+        (role, entity): await admin.token(role, "entity", entity)
+        for role in ("hq_admin", "hq_finance", "auditor")
+        for entity in ("LE1", "LE2")
+    }
+    before = await _snapshot(db_url)
+    for (role, entity), token in readers.items():
+        other = "LE2" if entity == "LE1" else "LE1"
+        where = (role, entity)
+        rows = await _all_pages(admin, token, "/v1/audit", limit=7)
+        assert rows, where
+        assert {r["entity"] for r in rows} == {entity}, where
+        sales = (await admin.ok("GET", "/v1/audit", token, action="card.sell"))["items"]
+        assert [r["store"] for r in sales] == ["S1" if entity == "LE1" else "S3"], where
+        for filters in ({"entity": other}, {"store": "S3" if entity == "LE1" else "S1"}):
+            found = await admin.ok("GET", "/v1/audit", token, **filters)
+            assert found["items"] == [], (where, filters)
+        mine = await admin.ok("GET", "/v1/audit", token, entity=entity, object_kind="card")
+        assert mine["items"], where
+        assert {r["entity"] for r in mine["items"]} == {entity}, where
+        users = await _all_pages(admin, token, "/v1/users", limit=2)
+        assert {u["scope_entity"] for u in users} == {entity}, where
+        assert {u["scope_kind"] for u in users} <= {"entity", "store"}, where  # never root
+        named = {u["name"] for u in users}
+        assert ("s1crm" in named, "s3crm" in named) == (entity == "LE1", entity == "LE2"), where
+    assert await _snapshot(db_url) == before
+
+
+async def _all_pages(admin: AdminClient, token: str, path: str, limit: int) -> list[Any]:
+    """Every item of a listing, page by page."""
+    items: list[Any] = []
+    after = None
+    for _ in range(100):
+        query: dict[str, Any] = (
+            {"limit": limit} if after is None else {"limit": limit, "after": after}
+        )
+        page = await admin.ok("GET", path, token, **query)
+        items.extend(page["items"])
+        after = page["next_after"]
+        if after is None:
+            return items
+    raise AssertionError(f"{path} never ended")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from cardcore.cards.admin_http import CARDS_KEY
 from cardcore.cards.model import Kind, Outcome
 from tests.helpers import AdminClient, sql_rows
@@ -84,6 +86,97 @@ async def test_a_counter_topup_is_idempotent_by_key_and_records_store_operator_a
     assert status == 201
     assert int((await store_account(db_url, "S1", "bank_card"))["debits_posted"]) == 1_000
     assert int((await store_account(db_url, "S1", "cash"))["debits_posted"]) == 5_000
+
+
+async def test_two_clerks_whose_names_begin_alike_stay_two_operators_in_the_ledger(
+    admin: AdminClient,
+) -> None:
+    await world(admin)
+    issued = await issue(admin, "BEAR")
+    names = ("s1-counter-clerk-wang", "s1-counter-clerk-zhang-" + "x" * 9)  # 21 and 32 chars
+    for i, name in enumerate(names):
+        user = await admin.ok("POST", "/v1/users", json={"name": name, "role": "store_supervisor",
+                              "scope_kind": "store", "scope_id": "S1"})  # fmt: skip
+        token = (await admin.ok("POST", f"/v1/users/{user['id']}/tokens", json={}))["token"]
+        status, _ = await admin.call("POST", f"/v1/cards/{issued['id']}/topups", token,
+                                     pay(1_000, f"clerk-{i}"))  # fmt: skip
+        assert status == 201
+    lines = (await admin.ok("GET", f"/v1/cards/{issued['id']}/transactions"))["items"]
+    assert sorted(line["metadata"]["operator"] for line in lines) == sorted(names)
+
+
+async def grant_of(admin: AdminClient, store: str, grant_id: int) -> dict[str, Any]:
+    listed = await admin.ok("GET", "/v1/grants", store=store)
+    [found] = [g for g in listed["items"] if g["id"] == grant_id]
+    return dict(found)
+
+
+async def test_a_topup_needs_the_counter_stores_stored_value_grant_and_spends_its_budget(
+    admin: AdminClient, db_url: str
+) -> None:
+    await admin.org("LE1", "S1", "S2")
+    await new_class(admin, "BEAR", name="Bearer", named=False)
+    budget = await grant(admin, "S1", "stored_value", product="BEAR", budget_amount=30_000)
+    issued = await issue(admin, "BEAR")
+    path = f"/v1/cards/{issued['id']}/topups"
+    status, first = await admin.call("POST", path, json=pay(20_000, "g-1"))
+    assert status == 201, first
+    assert (await grant_of(admin, "S1", budget["id"]))["used_amount"] == 20_000
+    [audited] = (await admin.ok("GET", "/v1/audit", action="card.topup"))["items"]
+    assert (audited["object_id"], audited["before"]) == (str(issued["id"]), None)
+    assert audited["after"] == {
+        "card_id": issued["id"], "amount": 20_000, "tender": "cash", "receipt": "R-g-1",
+        "store": "S1", "transfer_id": first["transfer_id"], "grant_id": budget["id"],
+    }  # fmt: skip
+    status, again = await admin.call("POST", path, json=pay(20_000, "g-1"))
+    assert (status, again["replayed"]) == (200, True)  # a replay spends nothing again
+    assert (await grant_of(admin, "S1", budget["id"]))["used_amount"] == 20_000
+    before = await counts(db_url)
+    refusals = [
+        (pay(20_000, "g-2"), "grant_budget_exceeded"),  # 40,000 would pass the 30,000
+        (pay(1_000, "g-3", store="S2"), "not_granted"),  # S2 was granted nothing
+    ]
+    for body, code in refusals:
+        status, answer = await admin.call("POST", path, json=body)
+        assert (status, answer["error"]["code"]) == (403, code), answer
+    assert await counts(db_url) == before
+    status, _ = await admin.call("POST", path, json=pay(10_000, "g-4"))
+    assert status == 201
+    assert (await grant_of(admin, "S1", budget["id"]))["used_amount"] == 30_000
+    await admin.ok("DELETE", f"/v1/grants/{budget['id']}")
+    before = await counts(db_url)
+    status, answer = await admin.call("POST", path, json=pay(1, "g-5"))
+    assert (status, answer["error"]["code"]) == (403, "not_granted")
+    assert await counts(db_url) == before
+    assert (await card(admin, issued["id"]))["balances"]["available"] == 30_000
+
+
+async def test_a_topup_whose_grant_goes_meanwhile_is_given_back_and_its_key_stays_refused(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await admin.org("LE1", "S1")
+    await new_class(admin, "BEAR", name="Bearer", named=False)
+    only = await grant(admin, "S1", "stored_value")
+    issued = await issue(admin, "BEAR")
+    service = admin.app[CARDS_KEY]
+    checked = service._check_grant
+
+    async def check_then_revoke(*args: Any, **kwargs: Any) -> None:
+        await checked(*args, **kwargs)  # the grant lets it through ...
+        await admin.ok("DELETE", f"/v1/grants/{only['id']}")  # ... and HQ revokes it now
+
+    monkeypatch.setattr(service, "_check_grant", check_then_revoke)
+    path = f"/v1/cards/{issued['id']}/topups"
+    status, answer = await admin.call("POST", path, json=pay(5_000, "race"))
+    assert (status, answer["error"]["code"]) == (403, "not_granted")
+    assert (await card(admin, issued["id"]))["balances"]["available"] == 0
+    reasons = await sql_rows(db_url, "SELECT reason FROM ledger_transfers ORDER BY id")
+    assert [r["reason"] for r in reasons] == ["counter_topup", "counter_topup_undone"]
+    assert (await admin.ok("GET", "/v1/audit", action="card.topup"))["items"] == []
+    assert (await grant_of(admin, "S1", only["id"]))["used_amount"] == 0
+    status, answer = await admin.call("POST", path, json=pay(5_000, "race"))
+    assert (status, answer["error"]["code"]) == (409, "counter_request_undone")
+    assert (await card(admin, issued["id"]))["balances"]["available"] == 0
 
 
 async def test_concurrent_topups_never_pass_the_class_maximum_and_a_refused_one_changes_nothing(

@@ -5,6 +5,7 @@ the same app answering for the cards the API changed."""
 from __future__ import annotations
 
 import asyncio
+import calendar
 import csv
 import io
 import itertools
@@ -12,7 +13,7 @@ from typing import Any
 
 from jsonschema import Draft7Validator
 
-from cardcore.cards.admin_http import LEDGER_ACCOUNT, LEDGER_ENTRY
+from cardcore.cards.admin_http import CARDS_KEY, LEDGER_ACCOUNT, LEDGER_ENTRY
 from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, luhn_ok
 from cardcore.ledger.http import LEDGER_KEY
@@ -101,6 +102,11 @@ async def pos(admin: AdminClient, kind: Kind, tid: str, pan: str, amount: int = 
                          card=pan, amount=amount)  # fmt: skip
     [result] = await admin.app[POS_KEY].handle([request])
     return result
+
+
+def shanghai_noon(year: int, month: int, day: int) -> int:
+    """The clock (ms) at noon of a day in Asia/Shanghai (UTC+8)."""
+    return calendar.timegm((year, month, day, 4, 0, 0)) * 1000
 
 
 async def count(db_url: str, table: str) -> int:
@@ -271,6 +277,28 @@ async def test_a_gift_card_is_inactive_until_sold_and_a_bearer_card_expires_afte
     assert bearer["expires"][2:] == gift["expires"][2:]
     status, answer = await admin.call("POST", f"/v1/cards/{gift['id']}/activate")
     assert (status, answer["error"]["code"]) == (409, "gift_sale_required")
+
+
+async def test_batch_cards_sold_or_activated_years_after_printing_get_their_whole_term(
+    admin: AdminClient,
+) -> None:
+    await world(admin)
+    service = admin.app[CARDS_KEY]
+    service.clock_ms = lambda: shanghai_noon(2025, 1, 15)  # printed in January 2025
+    gifts = await admin.ok("POST", "/v1/card-batches", json={"class_code": "GIFT",
+                           "store": "S1", "count": 1})  # fmt: skip
+    bearers = await admin.ok("POST", "/v1/card-batches", json={"class_code": "BEAR",
+                             "store": "S1", "count": 1})  # fmt: skip
+    assert (await card(admin, bearers["first_id"]))["expires"] == "2801"
+    service.clock_ms = lambda: shanghai_noon(2027, 11, 20)  # handed out in November 2027
+    sale = {"amount": 10_000, "tender": "cash", "receipt": "R1", "key": "late-sale"}
+    await admin.ok("POST", f"/v1/cards/{gifts['first_id']}/sell", json=sale)
+    activated = await admin.ok("POST", f"/v1/cards/{bearers['first_id']}/activate")
+    assert activated["expires"] == "3011"  # November 2027 + 36 months
+    assert (await card(admin, gifts["first_id"]))["expires"] == "3011"
+    for action in ("card.activate", "card.sell"):
+        [row] = (await admin.ok("GET", "/v1/audit", action=action))["items"]
+        assert (row["before"]["expires"], row["after"]["expires"]) == ("2801", "3011")
 
 
 # --- the lifecycle and the POS -------------------------------------------------------------

@@ -18,11 +18,13 @@ from cardcore.api import routes
 from cardcore.api.app import ADMIN_ROUTES, build_app
 from cardcore.api.edge import ApiError
 from cardcore.cards.admin import ensure_currency
+from cardcore.cards.admin_http import CARDS_KEY
 from cardcore.cards.http import POS_KEY
-from cardcore.cards.model import CURRENCY
+from cardcore.cards.model import CURRENCY, Kind, Outcome
 from cardcore.config import Config
 from cardcore.ledger.model import AccountFlags, CreateAccount
 from cardcore.ledger.service import Ledger
+from cardcore.members.http import MEMBERS_KEY
 from cardcore.members.service import id_context
 from cardcore.metrics import Metrics
 from cardcore.org.http import ORG_KEY
@@ -30,6 +32,7 @@ from cardcore.records import Records
 from cardcore.vault import Vault
 from tests.conftest import ADMIN_KEK
 from tests.helpers import AdminClient, move, sql_execute, sql_rows
+from tests.integration import test_cards_api as cards_api
 
 RESIDENT = "11010519491231002X"  # GB 11643's example number
 RESIDENT_2 = "440301199003071230"
@@ -541,6 +544,91 @@ async def test_deleting_a_member_with_value_on_a_card_is_refused_and_changes_not
     assert await ok(admin, "DELETE", f"/v1/members/{posted['id']}") == deleted  # once is enough
     actions = [a["action"] for a in (await snapshot(db_url))["org_audit_log"]]
     assert actions.count("member.delete") == 1
+
+
+async def test_deleting_a_member_closes_its_cards_and_no_value_reaches_them_after(
+    admin: AdminClient,
+) -> None:
+    await cards_api.world(admin)
+    tid = await cards_api.terminal(admin, "S1")
+    first = await cards_api.issue(admin, "ORD")
+    member_id = first["member_id"]
+    frozen = await cards_api.issue(admin, "ORD", member_id=member_id)
+    await ok(admin, "POST", f"/v1/cards/{frozen['id']}/freeze")
+    deleted = await ok(admin, "DELETE", f"/v1/members/{member_id}")
+    assert [(c["id"], c["state"]) for c in deleted["cards"]] == [
+        (first["id"], "closed"), (frozen["id"], "closed"),
+    ]  # fmt: skip
+    for c in (first, frozen):
+        status, answer = await cards_api.topup(admin, c["id"], 50_000)
+        assert (status, answer["error"]["code"]) == (409, "card_state")
+        for kind in (Kind.TOPUP, Kind.PURCHASE):
+            result = await cards_api.pos(admin, kind, tid, c["pan"], 1_000)
+            assert result.outcome is Outcome.CARD_CLOSED, kind
+        assert (await cards_api.card(admin, c["id"]))["balances"]["available"] == 0
+    closes = (await ok(admin, "GET", "/v1/audit", action="card.close"))["items"]
+    assert sorted((a["object_id"], a["before"]["state"], a["after"]["state"]) for a in closes) == [
+        (str(first["id"]), "active", "closed"), (str(frozen["id"]), "frozen", "closed"),
+    ]  # fmt: skip
+    [erased] = (await ok(admin, "GET", "/v1/audit", action="member.delete"))["items"]
+    assert erased["after"]["closed_card_ids"] == [first["id"], frozen["id"]]
+    named = {"class_code": "ORD", "store": "S1", "member_id": member_id}
+    status, answer = await call(admin, "POST", "/v1/cards", None, named)
+    assert (status, answer["error"]["code"]) == (409, "member_not_active")
+
+
+async def test_a_store_officer_cannot_delete_a_member_with_a_card_of_another_store(
+    admin: AdminClient, db_url: str
+) -> None:
+    await cards_api.world(admin)
+    member_id = await cards_api.member(admin, "S1")
+    await cards_api.issue(admin, "ORD", "S2", member_id=member_id)  # HQ issued it at S2
+    officer = await admin.token("store_crm", "store", "S1")
+    before = await snapshot(db_url)
+    status, code = await refused(admin, "DELETE", f"/v1/members/{member_id}", officer)
+    assert (status, code) == (403, "scope_forbidden")
+    assert await snapshot(db_url) == before
+
+
+async def test_a_counter_topup_racing_a_member_delete_never_lands_on_its_closed_card(
+    admin: AdminClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await cards_api.world(admin)
+    issued = await cards_api.issue(admin, "ORD")
+    service = admin.app[MEMBERS_KEY]
+    checked = service._refuse_value
+    racing: list[asyncio.Task[tuple[int, Any]]] = []
+
+    async def check_then_topup(row: dict[str, Any]) -> None:
+        await checked(row)  # no value yet: the delete may go on ...
+        racing.append(asyncio.create_task(cards_api.topup(admin, issued["id"], 30_000)))
+        await asyncio.wait(racing, timeout=1.0)  # ... while a top-up of the card comes in
+
+    monkeypatch.setattr(service, "_refuse_value", check_then_topup)
+    deleted = await ok(admin, "DELETE", f"/v1/members/{issued['member_id']}")
+    status, answer = await racing[0]
+    assert (deleted["state"], deleted["cards"][0]["state"]) == ("deleted", "closed")
+    assert (status, answer["error"]["code"]) == (409, "card_state")
+    assert (await cards_api.card(admin, issued["id"]))["balances"]["available"] == 0
+
+
+async def test_a_card_issued_while_its_member_is_deleted_is_refused(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await cards_api.world(admin)
+    member_id = await cards_api.member(admin)
+    service = admin.app[CARDS_KEY]
+    checked = service._check_member
+
+    async def check_then_delete(*args: Any) -> None:
+        await checked(*args)  # the member is active ...
+        await ok(admin, "DELETE", f"/v1/members/{member_id}")  # ... and is deleted now
+
+    monkeypatch.setattr(service, "_check_member", check_then_delete)
+    named = {"class_code": "ORD", "store": "S1", "member_id": member_id}
+    status, answer = await call(admin, "POST", "/v1/cards", None, named)
+    assert (status, answer["error"]["code"]) == (409, "member_not_active")
+    assert await sql_rows(db_url, "SELECT id FROM cards") == []
 
 
 # --- secrets and availability -------------------------------------------------------------------

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from cardcore import limits
+from cardcore.org.http import ORG_KEY
 from tests.helpers import AdminClient
 
 
@@ -73,6 +75,26 @@ async def test_revoked_and_expired_tokens_stop_at_once(admin: AdminClient) -> No
         "POST", "/v1/legal-entities", second["token"], {"id": "LE9", "name": "x"}
     )
     assert (status, body["error"]["code"]) == (403, "role_forbidden")
+
+
+async def test_a_token_is_refused_once_its_ttl_has_passed(admin: AdminClient) -> None:
+    await admin.org()
+    org = admin.app[ORG_KEY]
+    start = org.clock_ms()
+    org.clock_ms = lambda: start
+    user = await admin.ok(
+        "POST", "/v1/users", json={"name": "amy", "role": "auditor", "scope_kind": "group"}
+    )
+    minted = await admin.ok("POST", f"/v1/users/{user['id']}/tokens", json={"ttl_s": 60})
+    assert minted["expires_at_ms"] == start + 60_000
+    org.clock_ms = lambda: start + 59_000  # read from the database, then kept a few seconds
+    assert (await admin.call("GET", "/v1/stores", minted["token"]))[0] == 200
+    org.clock_ms = lambda: start + 60_000  # the kept token, at its expiry
+    status, body = await admin.call("GET", "/v1/stores", minted["token"])
+    assert (status, body["error"]["code"]) == (401, "unauthorized")
+    org.clock_ms = lambda: start + 60_000 + limits.TOKEN_CACHE_S * 1000  # read again
+    status, body = await admin.call("GET", "/v1/stores", minted["token"])
+    assert (status, body["error"]["code"]) == (401, "unauthorized")
 
 
 async def test_user_scope_must_fit_role_and_never_exceed_the_creator(admin: AdminClient) -> None:

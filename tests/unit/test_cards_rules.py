@@ -17,13 +17,14 @@ from cardcore.cards.service import (
     class_defaults,
     csv_text,
     expired,
+    expiry_at_sale,
     expiry_of,
     metadata,
     month_yymm,
     over_maximum,
 )
 from cardcore.ledger.model import Balance, Result
-from cardcore.org.model import Refused
+from cardcore.org.model import CODE, Refused
 from cardcore.vault import Vault, VaultError
 
 
@@ -55,6 +56,14 @@ def test_a_card_expires_after_its_last_month_not_during_it() -> None:
     assert not expired("2803", utc_ms(2028, 3, 31, 15, 59))
     assert expired("2803", utc_ms(2028, 3, 31, 16, 0))  # April in Shanghai
     assert month_yymm("2028-04") == "2804"
+
+
+def test_a_card_sold_late_gets_its_whole_term_from_the_sale_and_never_less_than_it_had() -> None:
+    printed = expiry_of(utc_ms(2025, 1, 15), 36)  # stock printed in January 2025: "2801"
+    assert expiry_at_sale(printed, utc_ms(2027, 11, 20), 36) == "3011"
+    assert expiry_at_sale("3912", utc_ms(2027, 11, 20), 36) == "3912"  # never shortened
+    assert expiry_at_sale("", utc_ms(2027, 11, 20), 36) == ""  # no expiry stays
+    assert expiry_at_sale(printed, utc_ms(2027, 11, 20), 0) == ""
 
 
 # --- classes ------------------------------------------------------------------------------------
@@ -145,12 +154,17 @@ def test_the_class_maximum_counts_top_ups_waiting_for_confirmation() -> None:
     assert not over_maximum(held, 10**9, 0)  # 0 means no maximum
 
 
-def test_counter_metadata_is_sorted_and_bounded() -> None:
-    pairs = metadata("S1", "a-very-long-operator-name", "R-1")
+def test_counter_metadata_is_sorted_and_keeps_the_whole_operator_name() -> None:
+    longest = "s1-counter-clerk-zhang-" + "x" * 9  # a staff user name is at most 32 characters
+    assert CODE.fullmatch(longest) and not CODE.fullmatch(longest + "x")
+    pairs = metadata("S1", longest, "R-1")
     assert [name for name, _ in pairs] == sorted(name for name, _ in pairs)
-    assert dict(pairs) == {"external_ref": "R-1", "operator": "a-very-long-oper", "store": "S1"}
-    assert len(dict(pairs)["operator"]) == limits.OPERATOR_CHARS_MAX
+    assert dict(pairs) == {"external_ref": "R-1", "operator": longest, "store": "S1"}
     assert dict(metadata("S1", "amy", "")) == {"operator": "amy", "store": "S1"}
+    assert len(dict(metadata("S1", longest + "-more", ""))["operator"]) == (
+        limits.OPERATOR_CHARS_MAX
+    )
+    assert limits.OPERATOR_CHARS_MAX <= limits.METADATA_VALUE_CHARS_MAX
 
 
 @pytest.mark.parametrize(
