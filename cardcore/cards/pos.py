@@ -339,6 +339,7 @@ class PosService:
         async with contextlib.AsyncExitStack() as held:
             for lock in self._locks(plans):
                 await held.enter_async_context(lock)
+            await self._still_usable(plans)
             await self._decide(plans)
             await self._resends(plans)
             await self._submit(plans)
@@ -428,6 +429,24 @@ class PosService:
         }
         accounts = self._accounts() if ids else None
         return [] if accounts is None else [accounts.lock(i) for i in sorted(ids)]
+
+    async def _still_usable(self, plans: list[_Plan]) -> None:
+        """Under the card locks: each locked card's state again, as the directory holds it
+        now (in memory; a card changed since is read anew: every change forgets it while it
+        holds the same lock, as a member's delete closing its cards does). A card closed,
+        frozen or replaced between the plan and the lock is declined as at the plan."""
+        for plan in plans:
+            card, kind = plan.card, plan.request.kind
+            if card is None or plan.answer is not None:
+                continue
+            if plan.money is None and not (plan.op is not None and kind in _CLAWING):
+                continue
+            fresh = await self.directory.card(card.token)
+            state = CardState.CLOSED if fresh is None else fresh.state
+            allowed = GIVE_BACK_STATES if kind in _CLAWING else (CardState.ACTIVE,)
+            if state not in allowed:
+                plan.op = None
+                self._decline(plan, outcome_of_state(state))
 
     async def _points(self, plans: list[_Plan]) -> None:
         """The points round: approved purchases earn, voids and refunds take back, in one

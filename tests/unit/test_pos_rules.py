@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -357,6 +357,31 @@ async def test_purchases_in_one_call_each_see_what_the_ones_before_took() -> Non
     assert isinstance(split, CreateTransfer)
     meta = dict(split.metadata)
     assert meta["requested"] == "300"
+
+
+async def test_a_card_closed_while_its_purchase_waited_for_the_lock_is_declined() -> None:
+    """The state is read again under the card's lock: a purchase planned while its card
+    was active, whose card was closed before the lock came (a member's delete closes its
+    cards under the same locks), is declined and nothing is submitted."""
+    books = Books({41: 10_000})
+    service = _service(books, [_card(PAN, 41)])
+    directory = service.directory
+    assert isinstance(directory, Cards)
+    planned = directory.card
+
+    async def closed_after_the_plan(asked: str) -> Card | None:
+        card = await planned(asked)
+        directory.card = closing  # type: ignore[method-assign,assignment]
+        return card
+
+    async def closing(asked: str) -> Card | None:
+        found = await planned(asked)
+        return None if found is None else replace(found, state="closed")
+
+    directory.card = closed_after_the_plan  # type: ignore[method-assign,assignment]
+    [answer] = await service.handle([_purchase(PAN, "000001", 300)])
+    assert answer.outcome is Outcome.CARD_CLOSED
+    assert books.calls == []
 
 
 async def test_two_calls_locking_the_same_cards_in_other_orders_never_deadlock() -> None:
