@@ -109,9 +109,10 @@ def build_app(
         app[members_http.MEMBERS_KEY] = MemberService(
             records, org, vault, ledger, accounts=accounts, directory=pos.directory
         )
-        app[cards_admin_http.CARDS_KEY] = CardService(
+        app[cards_admin_http.CARDS_KEY] = cards = CardService(
             records, org, vault, ledger, pos.directory, accounts, pins
         )
+        pos.topup_grant = cards.pos_topup_grant
         services = ServiceCards(records, org, ledger, accounts)
         app[service_cards_http.SERVICE_CARDS_KEY] = services
         pos.features[Kind.SERVICE_REDEEM] = services.redeem

@@ -264,6 +264,9 @@ class PosService:
         # Registered by the application: takes back the unused instant rewards of a purchase
         # (by its key) that a void cancelled.
         self.unreward: Callable[[str], Awaitable[None]] | None = None
+        # Registered by the application: spends a top-up's amount from the stored-value grant
+        # of (store, card class); "" when it did, else the refusal (not_granted, ...).
+        self.topup_grant: Callable[[str, str, int], Awaitable[str]] | None = None
 
     def _accounts(self) -> Accounts:
         if self.accounts is None:
@@ -345,6 +348,7 @@ class PosService:
             await self._submit(plans)
             if await self._resends(plans):
                 await self._submit(plans)
+            await self._granted(plans)
             await self._points(plans)
         await self._undo(plans)
 
@@ -429,6 +433,37 @@ class PosService:
         }
         accounts = self._accounts() if ids else None
         return [] if accounts is None else [accounts.lock(i) for i in sorted(ids)]
+
+    async def _granted(self, plans: list[_Plan]) -> None:
+        """A top-up is a sale of stored value: its hold, once the ledger took it (fresh, not
+        a replay), spends its amount from the store's stored-value grant for the card's class
+        (`topup_grant`). When the grant refuses it (none, expired, or its budget used up), the
+        hold is voided at once under `K/G` and the top-up declined `not_permitted` with the
+        refusal; when the grant cannot be read now, it is voided and answered `unavailable`.
+        A resend of a voided hold gets the ledger's answer for it (the hold no longer holds)."""
+        if self.topup_grant is None:
+            return
+        for plan in plans:
+            res, card, t = plan.result, plan.card, plan.terminal
+            if plan.request.kind is not Kind.TOPUP or card is None or t is None:
+                continue
+            if res is None or not res.ok or res.replayed or res.transfer_id is None:
+                continue
+            try:
+                refusal = await self.topup_grant(t.store, card.class_code, plan.request.amount)
+                answer = PosResult(Outcome.NOT_PERMITTED, refusal=refusal) if refusal else None
+            except DATABASE_ERRORS:
+                log.exception("a top-up's grant could not be spent")
+                answer = PosResult(Outcome.UNAVAILABLE)
+            if answer is None:
+                continue
+            key = transaction_key(t, plan.request.batch, plan.request.stan) + "/G"
+            void = VoidPending(POS_CLIENT, key, res.transfer_id, reason="topup_not_granted")
+            try:
+                await self.ledger.submit([void])
+            except (Busy, LedgerUnavailable):
+                log.exception("a top-up refused by its grant could not be voided (it lapses)")
+            plan.answer = answer
 
     async def _still_usable(self, plans: list[_Plan]) -> None:
         """Under the card locks: each locked card's state again, as the directory holds it

@@ -61,7 +61,7 @@ from cardcore.org.model import (
     require,
     scoped_filter,
 )
-from cardcore.org.service import OrgService
+from cardcore.org.service import STORES, OrgService
 from cardcore.records import Conflict, Records, Unit
 from cardcore.vault import Vault
 
@@ -1142,6 +1142,23 @@ class CardService:
                     await self._undo(op, "counter_topup_undone")
                     raise
         return await self._money_answer(card, result, amount)
+
+    async def pos_topup_grant(self, store: str, class_code: str, amount: int) -> str:
+        """A POS top-up's spend of its store's stored-value grant for the card's class
+        (`PosService.topup_grant`), in a transaction of its own: "" when spent, else the
+        refusal (`not_granted`, `grant_budget_exceeded`). A terminal the bootstrap registered
+        (`/internal/v1/terminals`: the demo, the benchmark) in a store the organization does
+        not hold has no grants to spend: "" (a terminal of the admin API is always in one)."""
+        try:
+            async with self.records.begin() as uow:
+                if await uow.get(STORES, id=store) is None:
+                    return ""
+                await self.org.use_grant(
+                    uow, store, Function.STORED_VALUE, class_code, count=0, amount=amount
+                )
+        except Refused as exc:
+            return exc.code
+        return ""
 
     async def _record_topup(
         self, p: Principal, card: dict[str, Any], counter: Place, result: Result,

@@ -151,6 +151,30 @@ async def test_a_topup_needs_the_counter_stores_stored_value_grant_and_spends_it
     assert (await card(admin, issued["id"]))["balances"]["available"] == 30_000
 
 
+async def test_a_pos_topup_spends_its_stores_grant_and_one_past_it_is_voided_at_once(
+    admin: AdminClient, db_url: str
+) -> None:
+    """A POS top-up sells stored value as a counter's does: its hold spends the terminal
+    store's stored_value grant for the card's class; past the budget, or at a store granted
+    nothing, it is declined (57, the refusal) and its hold voided at once, so nothing is
+    held on the card; a resend of the approved one spends nothing again."""
+    await admin.org("LE1", "S1", "S2")
+    await new_class(admin, "BEAR", name="Bearer", named=False)
+    budget = await grant(admin, "S1", "stored_value", product="BEAR", budget_amount=30_000)
+    issued = await issue(admin, "BEAR")
+    at_s1, at_s2 = await terminal(admin, "S1"), await terminal(admin, "S2")
+    pan = issued["pan"]
+    held = await pos(admin, Kind.TOPUP, at_s1, pan, 20_000)
+    assert held.outcome is Outcome.APPROVED
+    assert (await grant_of(admin, "S1", budget["id"]))["used_amount"] == 20_000
+    for tid, code in ((at_s1, "grant_budget_exceeded"), (at_s2, "not_granted")):
+        refused = await pos(admin, Kind.TOPUP, tid, pan, 20_000)
+        assert (refused.outcome, refused.refusal) == (Outcome.NOT_PERMITTED, code)
+    assert (await grant_of(admin, "S1", budget["id"]))["used_amount"] == 20_000
+    balances = (await card(admin, issued["id"]))["balances"]
+    assert balances["incoming"] == 20_000, balances  # the refused holds were voided
+
+
 async def test_a_topup_whose_grant_goes_meanwhile_is_given_back_and_its_key_stays_refused(
     admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
