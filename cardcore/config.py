@@ -45,6 +45,8 @@ class Config:
     gateway_tls_key: str = ""
     gateway_saf_file: str = "data/gateway-saf.jsonl"  # reversals owed to the host
     gateway_metrics_port: int = 0  # cardcore gateway: /metrics and /healthz here; 0 = none
+    # Requests a terminal may send a second (a burst of as many); past it: 91.
+    gateway_terminal_rate_per_s: int = limits.GATEWAY_TERMINAL_RATE_PER_S
 
     def check(self) -> Config:
         if not 0 < self.port < 65536:
@@ -63,6 +65,9 @@ class Config:
             raise ConfigError(f"gateway_port must be 1..65535, not {self.gateway_port}")
         if not 0 <= self.gateway_metrics_port < 65536:
             raise ConfigError("gateway_metrics_port must be 0..65535")
+        rate_max = limits.GATEWAY_TERMINAL_RATE_PER_S_MAX
+        if not 1 <= self.gateway_terminal_rate_per_s <= rate_max:
+            raise ConfigError(f"gateway_terminal_rate_per_s must be 1..{rate_max}")
         if bool(self.gateway_tls_cert) != bool(self.gateway_tls_key):
             raise ConfigError("gateway_tls_cert and gateway_tls_key go together")
         if self.kek and not _is_kek_hex(self.kek):

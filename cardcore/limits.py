@@ -127,6 +127,8 @@ GATEWAY_WATCHDOG_MS: Final = 500  # how often the idle and frame timeouts are ch
 GATEWAY_HOST_TIMEOUT_MS: Final = 8_000  # answer 96 before the terminal's own 30-60 s timeout
 GATEWAY_IN_FLIGHT_WAIT_S: Final = 10  # a resent request waits this long for the first
 GATEWAY_TERMINAL_RATE_PER_S: Final = 20  # requests per terminal per second (burst the same)
+# The most `gateway_terminal_rate_per_s` may be set to (a terminal sends one request at a time).
+GATEWAY_TERMINAL_RATE_PER_S_MAX: Final = 1_000
 GATEWAY_BAD_FRAMES_MAX: Final = 5  # undecodable messages in a row before the connection closes
 GATEWAY_MAC_FAILURES_MAX: Final = 3  # wrong MACs in a row before the terminal must sign on
 GATEWAY_HOST_BATCH_MAX: Final = 512  # POS requests the HTTP host adapter sends in one call

@@ -48,7 +48,9 @@ async def start_gateway(config: Config, kek: bytes, host: Host, metrics: Metrics
     )
     saf.open()
     metrics.gateway_reversals_pending.set(len(saf.pending))
-    processor = Processor(host, saf, kek, metrics)
+    processor = Processor(
+        host, saf, kek, metrics, terminal_rate_per_s=config.gateway_terminal_rate_per_s
+    )
     server = GatewayServer(
         processor,
         metrics,

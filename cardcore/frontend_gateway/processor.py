@@ -191,11 +191,12 @@ class Session:
     mac_failures: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     queued: int = 0  # requests waiting for `lock` (each under its time limit)
-    tokens: float = float(limits.GATEWAY_TERMINAL_RATE_PER_S)
+    rate_per_s: float = 0.0  # requests a second, and the burst (`Processor`: the setting)
+    tokens: float = 0.0
     refilled_at: float = 0.0
 
     def take_token(self, now: float) -> bool:
-        rate = float(limits.GATEWAY_TERMINAL_RATE_PER_S)
+        rate = self.rate_per_s
         self.tokens = min(rate, self.tokens + (now - self.refilled_at) * rate)
         self.refilled_at = now
         if self.tokens < 1.0:
@@ -219,8 +220,10 @@ class Processor:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.time,
+        terminal_rate_per_s: int | None = None,  # GATEWAY_TERMINAL_RATE_PER_S
     ) -> None:
         self.host = host
+        self.terminal_rate_per_s = terminal_rate_per_s or limits.GATEWAY_TERMINAL_RATE_PER_S
         self.saf = saf
         self.kek = kek
         self.zpk = security.zone_pin_key(kek)
@@ -372,7 +375,9 @@ class Processor:
         if session is None or session.mode is not mode or session.tmk != tmk:
             if session is not None and session.keys is not None:
                 self.metrics.gateway_signed_on.dec()  # the replaced session held keys
-            session = Session(tid=tid, mid=answer.mid, mode=mode, tmk=tmk)
+            rate = float(self.terminal_rate_per_s)
+            session = Session(tid=tid, mid=answer.mid, mode=mode, tmk=tmk, rate_per_s=rate,
+                              tokens=rate)  # fmt: skip
             self.sessions[tid] = session
         if session.keys is None:
             self.metrics.gateway_signed_on.inc()

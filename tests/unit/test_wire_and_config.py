@@ -369,6 +369,8 @@ def test_a_loopback_host_needs_no_token(host: str) -> None:
         ("queue_requests_max", 0, "queue_requests_max must be"),
         ("log_format", "xml", "log_format must be json or text"),
         ("log_level", "LOUD", "log_level"),
+        ("gateway_terminal_rate_per_s", 0, "gateway_terminal_rate_per_s must be 1..1000"),
+        ("gateway_terminal_rate_per_s", limits.GATEWAY_TERMINAL_RATE_PER_S_MAX + 1, "1..1000"),
     ],
 )
 def test_check_refuses_a_value_out_of_range(setting: str, value: object, message: str) -> None:
