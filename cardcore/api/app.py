@@ -137,8 +137,11 @@ def build_app(
                      Kind.COUPON_REVERSE):  # fmt: skip
             pos.features[kind] = coupons.pos
         pos.reversers.append(coupons.reverse_key)
-        pos.rewards = coupons.rewards
-        pos.unreward = coupons.void_rewards
+        pos.rewards, pos.unreward, pos.reward_back = (
+            coupons.rewards,
+            coupons.void_rewards,
+            coupons.rewards_back,
+        )
         cards_http.add_routes(app.router)
     else:
         for path in ("/internal/v1/pos", "/internal/v1/terminals", "/internal/v1/cards"):

@@ -300,7 +300,7 @@ class Directory:
     async def keyed_transfer(self, client: str, key: str) -> dict[str, Any] | None:
         """The transfer applied under (client, key), if any (a counter request's retry)."""
         t = ledger_schema.transfers
-        query = select(t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings).where(
+        query = select(t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings, t.c.target_id).where(
             t.c.client == client, t.c.key == key
         )
         async with self.engine.connect() as conn:
@@ -317,7 +317,7 @@ class Directory:
 
     async def _pos_transfer(self, condition: ColumnElement[bool]) -> dict[str, Any] | None:
         t = ledger_schema.transfers
-        query = select(t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings).where(
+        query = select(t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings, t.c.target_id).where(
             t.c.client == POS_CLIENT, condition
         )
         async with self.engine.connect() as conn:
@@ -499,6 +499,7 @@ def _transfer(row: Any) -> dict[str, Any]:
         "key": row["key"],
         "kind": row["kind"],
         "reason": row["reason"],
+        "target_id": None if row["target_id"] is None else int(row["target_id"]),
         "postings": [
             (int(a), str(side), int(amount)) for a, side, amount in json.loads(row["postings"])
         ],

@@ -176,7 +176,6 @@ GUARDED = frozenset({Kind.PURCHASE, Kind.TOPUP})
 _CLAWING = (Kind.VOID, Kind.REFUND)
 # The functions a feature request claims its key for (`PosService._key_conflicts`): the
 # coupon messages are one function (a redeem under its reservation's STAN confirms it).
-POINTS_REDEEM_CLAIM = "points_redeem"  # its money goes to the ledger under the key too
 CLAIMED = {
     Kind.COUPON_RESERVE: "coupon",
     Kind.COUPON_REDEEM: "coupon",
@@ -184,9 +183,14 @@ CLAIMED = {
     Kind.SERVICE_REDEEM: "service",
     Kind.MANAGER_AUTH: "manager",
     Kind.POINTS_EARN: "points_earn",
-    Kind.POINTS_REDEEM: POINTS_REDEEM_CLAIM,
+    Kind.POINTS_REDEEM: "points_redeem",
     Kind.POINTS_RETURN: "points_return",
 }
+# A top-up hold its grant refused is voided under its key + this, the reason naming the
+# refusal (`PosService._granted`, `_grant_refusal`).
+GRANT_VOID_SUFFIX = "/G"
+GRANT_VOID_REASON = "grant:"
+UNAVAILABLE_REFUSAL = "unavailable"
 # Requests the ledger keeps under their own key: checked against the claims.
 _KEPT_BY_LEDGER = frozenset({Kind.PURCHASE, Kind.TOPUP, Kind.TOPUP_CONFIRM, Kind.VOID, Kind.REFUND})
 # The ledger's answer to a resend whose planned amount is not the stored one (a split
@@ -230,6 +234,7 @@ class _Plan:
     resend: bool = False  # a host decline of a purchase or top-up: the ledger may hold it
     from_stored: bool = False  # its op repeats the transfer stored under its key
     original_key: str = ""  # void, refund: the purchase's ledger key; reversal: its target
+    voided_key: str = ""  # the reversal of a void: the key of the purchase it voided
 
 
 class PosService:
@@ -262,8 +267,10 @@ class PosService:
         self.points_round: PointsRound | None = None
         self.rewards: RewardRound | None = None
         # Registered by the application: takes back the unused instant rewards of a purchase
-        # (by its key) that a void cancelled.
-        self.unreward: Callable[[str], Awaitable[None]] | None = None
+        # (its key) that a void (its key) cancelled, and gives them back when that void is
+        # reversed.
+        self.unreward: Callable[[str, str], Awaitable[None]] | None = None
+        self.reward_back: Callable[[str, str], Awaitable[None]] | None = None
         # Registered by the application: spends a top-up's amount from the stored-value grant
         # of (store, card class); "" when it did, else the refusal (not_granted, ...).
         self.topup_grant: Callable[[str, str, int], Awaitable[str]] | None = None
@@ -370,8 +377,9 @@ class PosService:
         batch, STAN) is one transaction: the ledger keeps a money request's key, and a
         feature request claims its key for its function (`CLAIMED`) in `pos_claims`. So a
         money request under a claimed key, and a feature request under a key claimed for
-        another function or held by the ledger (but a points redemption's own money), are
-        answered 94. One request in flight per terminal: nothing of the same terminal runs
+        another function or, unclaimed, held by the ledger, are answered 94 (a points
+        redemption's own money goes under its key after its claim: its resend finds the
+        claim first). One request in flight per terminal: nothing of the same terminal runs
         between the check and the request. When the check cannot be made, those requests
         are answered `unavailable`."""
         feature_keys: dict[str, str] = {}
@@ -395,19 +403,35 @@ class PosService:
                 feature_keys[key] = function
         if not of:
             return {}
+        down = PosResult(Outcome.UNAVAILABLE)
         try:
-            claimed = await self.directory.claimed(sorted(money_keys)) if money_keys else {}
-            if feature_keys:
-                owned = [k for k, f in feature_keys.items() if f != POINTS_REDEEM_CLAIM]
-                held = await self.directory.ledger_keys(owned) if owned else set()
-                wanted = {k: f for k, f in feature_keys.items() if k not in held}
-                claimed |= dict.fromkeys(held, "money")
-                if wanted:
-                    claimed |= await self.directory.claim_keys(wanted, self.clock_ms())
+            claimed = await self.directory.claimed(sorted(of))
         except DATABASE_ERRORS:
-            log.exception("the keys of a call could not be checked")
-            down = PosResult(Outcome.UNAVAILABLE)
+            log.exception("the keys of a call could not be read")
             return {i: _Plan(requests[i], answer=down) for i in of.values()}
+        # A feature key not claimed yet: refused when the ledger holds it (a purchase's, or
+        # a decline the ledger keeps; never claimed then), else claimed now. A feature
+        # request whose claim cannot be written is answered `unavailable`, alone.
+        new = {k: f for k, f in feature_keys.items() if k not in claimed}
+        try:
+            held = await self.directory.ledger_keys(sorted(new)) if new else set()
+            claimed |= dict.fromkeys(held, "money")
+            wanted = {k: f for k, f in new.items() if k not in held}
+            if wanted:
+                claimed |= await self.directory.claim_keys(wanted, self.clock_ms())
+        except DATABASE_ERRORS:
+            log.exception("the keys of a call's feature requests could not be claimed")
+            unclaimed = {of[k]: _Plan(requests[of[k]], answer=down) for k in new}
+            return unclaimed | self._mismatched(requests, of, claimed, feature_keys)
+        return self._mismatched(requests, of, claimed, feature_keys)
+
+    @staticmethod
+    def _mismatched(
+        requests: Sequence[PosRequest], of: dict[str, int], claimed: dict[str, str],
+        feature_keys: dict[str, str],
+    ) -> dict[int, _Plan]:  # fmt: skip
+        """94 for each request whose key stands claimed (or held by the ledger: "money")
+        for a function other than its own (a money request has none)."""
         return {
             of[key]: _Plan(requests[of[key]], answer=PosResult(Outcome.DUPLICATE_MISMATCH))
             for key, function in claimed.items()
@@ -440,7 +464,8 @@ class PosService:
         (`topup_grant`). When the grant refuses it (none, expired, or its budget used up), the
         hold is voided at once under `K/G` and the top-up declined `not_permitted` with the
         refusal; when the grant cannot be read now, it is voided and answered `unavailable`.
-        A resend of a voided hold gets the ledger's answer for it (the hold no longer holds)."""
+        The void's reason keeps the refusal: a resend of the top-up is answered the same
+        (`_grant_refusal`)."""
         if self.topup_grant is None:
             return
         for plan in plans:
@@ -454,16 +479,32 @@ class PosService:
                 answer = PosResult(Outcome.NOT_PERMITTED, refusal=refusal) if refusal else None
             except DATABASE_ERRORS:
                 log.exception("a top-up's grant could not be spent")
-                answer = PosResult(Outcome.UNAVAILABLE)
+                refusal, answer = UNAVAILABLE_REFUSAL, PosResult(Outcome.UNAVAILABLE)
             if answer is None:
                 continue
-            key = transaction_key(t, plan.request.batch, plan.request.stan) + "/G"
-            void = VoidPending(POS_CLIENT, key, res.transfer_id, reason="topup_not_granted")
+            key = transaction_key(t, plan.request.batch, plan.request.stan) + GRANT_VOID_SUFFIX
+            reason = (GRANT_VOID_REASON + refusal)[: limits.REASON_CHARS_MAX]
+            void = VoidPending(POS_CLIENT, key, res.transfer_id, reason=reason)
             try:
                 await self.ledger.submit([void])
             except (Busy, LedgerUnavailable):
                 log.exception("a top-up refused by its grant could not be voided (it lapses)")
             plan.answer = answer
+
+    async def _grant_refusal(self, plan: _Plan) -> PosResult | None:
+        """The resend of a top-up whose grant refused it (`_granted`: its hold voided under
+        `K/G`, the refusal in the void's reason): the first answer again, or None."""
+        t, r = plan.terminal, plan.request
+        if r.kind is not Kind.TOPUP or t is None:
+            return None
+        key = transaction_key(t, r.batch, r.stan) + GRANT_VOID_SUFFIX
+        void = await self.directory.keyed_transfer(POS_CLIENT, key)
+        if void is None or not str(void["reason"]).startswith(GRANT_VOID_REASON):
+            return None
+        refusal = str(void["reason"]).removeprefix(GRANT_VOID_REASON)
+        if refusal == UNAVAILABLE_REFUSAL:
+            return PosResult(Outcome.UNAVAILABLE, replayed=True)
+        return PosResult(Outcome.NOT_PERMITTED, refusal=refusal, replayed=True)
 
     async def _still_usable(self, plans: list[_Plan]) -> None:
         """Under the card locks: each locked card's state again, as the directory holds it
@@ -476,7 +517,12 @@ class PosService:
                 continue
             if plan.money is None and not (plan.op is not None and kind in _CLAWING):
                 continue
-            fresh = await self.directory.card(card.token)
+            try:
+                fresh = await self.directory.card(card.token)
+            except DATABASE_ERRORS:
+                log.exception("a card could not be read again under its lock")
+                plan.op, plan.answer = None, PosResult(Outcome.UNAVAILABLE)
+                continue
             state = CardState.CLOSED if fresh is None else fresh.state
             allowed = GIVE_BACK_STATES if kind in _CLAWING else (CardState.ACTIVE,)
             if state not in allowed:
@@ -537,10 +583,13 @@ class PosService:
             try:
                 if kind is Kind.VOID:  # its points went back in the points round
                     if self.unreward is not None:
-                        await self.unreward(plan.original_key)
+                        r = plan.request
+                        await self.unreward(plan.original_key, transaction_key(t, r.batch, r.stan))
                     continue
                 for undo in self.reversers:
                     await undo(t, plan.original_key)
+                if plan.voided_key and self.reward_back is not None:
+                    await self.reward_back(plan.voided_key, plan.original_key)
             except (*DATABASE_ERRORS, AccountsUnavailable, Busy, LedgerUnavailable):
                 log.exception("a feature could not undo a reversed or voided request")
                 plan.answer = PosResult(Outcome.UNAVAILABLE)
@@ -589,6 +638,9 @@ class PosService:
         resent = answer.replayed and answer.outcome in APPROVALS and answer.rrn
         undoable = plan.request.kind in UNDOABLE
         if resent and undoable and await self.directory.undone(int(answer.rrn)):
+            refused = await self._grant_refusal(plan)
+            if refused is not None:
+                return refused
             return PosResult(Outcome.REVERSED_BEFORE_ARRIVAL, replayed=True)
         if answer.replayed and answer.balance is None and plan.card is not None and answer.rrn:
             after = await self.directory.balance_after(int(answer.rrn), plan.card.account_id)
@@ -1005,6 +1057,9 @@ class PosService:
         key = reversal_key(t, r.batch, r.stan)
         plan.original_key = target_key  # the features undo it once the ledger did (`_undo`)
         original = await self.directory.transfer_by_key(target_key)
+        if original is not None and original["reason"] == "void" and original["target_id"]:
+            voided = await self.directory.transfer_by_id(original["target_id"])
+            plan.voided_key = "" if voided is None else voided["key"]
         if original is not None and original["kind"] == "pending":
             plan.op = VoidPending(
                 client=POS_CLIENT,

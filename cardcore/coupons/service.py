@@ -1594,10 +1594,30 @@ class CouponService:
             await self._tombstone(terminal, key)
         await self.void_rewards(key)
 
-    async def void_rewards(self, key: str) -> None:
+    async def void_rewards(self, key: str, by: str = "") -> None:
         """The coupons a purchase reversed or voided (`key`: the purchase's) earned as an
         instant reward are voided while still unused, each by a guarded update; one the
-        member already used stays used. Idempotent."""
+        member already used stays used. Idempotent. A POS void names itself (`by`, its key,
+        kept in the code's `reserved_key`): its reversal gives them back (`rewards_back`)."""
+        rows = await self._reward_codes(key)
+        now = self.clock_ms()
+        values = {"state": str(CodeStatus.VOIDED), "reserved_key": by or None,
+                  "reserved_until_ms": None, "version": ("+", 1)}  # fmt: skip
+        for row in rows:
+            async with self.records.begin() as uow:
+                await self._take(uow, row, now, values)
+
+    async def rewards_back(self, key: str, by: str) -> None:
+        """The reversal of the void `by` of purchase `key`: the reward coupons that void
+        voided are issued again (each by a guarded update: voided by `by`). Idempotent."""
+        back = {"state": str(CodeStatus.ISSUED), "reserved_key": None, "version": ("+", 1)}
+        for row in await self._reward_codes(key):
+            async with self.records.begin() as uow:
+                mine = {"code": row["code"], "state": str(CodeStatus.VOIDED), "reserved_key": by}
+                await uow.update(CODES, mine, back)
+
+    async def _reward_codes(self, key: str) -> list[dict[str, Any]]:
+        """The codes purchase `key` earned as instant rewards (its `reward/{key}/` batches)."""
         async with self.records.read() as uow:
             batches = await uow.find(
                 BATCHES, starts_with={"key": f"reward/{key}/"}, order="id",
@@ -1607,12 +1627,7 @@ class CouponService:
                 CODES, {"batch": [b["id"] for b in batches]}, order="code",
                 limit=limits.COUPON_REWARD_CAMPAIGNS_MAX,
             )  # fmt: skip
-        now = self.clock_ms()
-        values = {"state": str(CodeStatus.VOIDED), "reserved_key": None,
-                  "reserved_until_ms": None, "version": ("+", 1)}  # fmt: skip
-        for row in rows[: limits.COUPON_REWARD_CAMPAIGNS_MAX]:
-            async with self.records.begin() as uow:
-                await self._take(uow, row, now, values)
+        return rows[: limits.COUPON_REWARD_CAMPAIGNS_MAX]
 
     # --- enrolment (the campaign card) -----------------------------------------------------------
 

@@ -404,9 +404,9 @@ class Processor:
         request_or_code = self._pos_request(s, f, kind)
         if isinstance(request_or_code, str):
             return self._reply(f, request_or_code, keys=s), request_or_code
-        if self.draining:  # shutting down: not sent, so nothing to reverse
-            return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
         request = request_or_code
+        if self.draining:
+            return await self._drained(s, f, request, kind)
         if kind not in SAF_REVERSED:
             try:
                 result = (await self.host.pos([request]))[0]
@@ -448,6 +448,28 @@ class Processor:
                 extra={"terminal": s.tid, "batch": request.batch, "stan": request.stan},
             )
             return None, SYSTEM_ERROR
+        return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
+
+    async def _drained(
+        self, s: Session, f: dict[str, str], request: PosRequest, kind: Kind
+    ) -> tuple[Reply | None, str]:
+        """A financial request read once shutdown began: not sent to the host, answered 96.
+        It may be the resend of an original still at the host, or applied there with its
+        reply lost (a resend waits for its original's turn): a 96 says "reversed if done",
+        so the reversal is stored first, as on any 96 (a reversal of a request the host
+        never took only leaves its tombstone). No room for it: no answer, and the terminal
+        reverses by itself."""
+        if kind in SAF_REVERSED:
+            reversal = PosRequest(
+                kind=Kind.REVERSE, terminal=s.tid, batch=request.batch, stan=request.stan,
+                date=request.date,
+            )  # fmt: skip
+            if not self.saf.reserve() or not await self._stored(reversal, reserved=True):
+                log.critical(
+                    "shutting down: no reversal stored for a request: no answer sent",
+                    extra={"terminal": s.tid, "batch": request.batch, "stan": request.stan},
+                )
+                return None, SYSTEM_ERROR
         return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
 
     async def _stored(self, reversal: PosRequest, *, reserved: bool) -> bool:

@@ -909,7 +909,9 @@ async def test_a_void_of_a_rewarded_purchase_voids_its_unused_reward(
     admin: AdminClient, db_url: str
 ) -> None:
     """A void cancels the purchase, so its instant reward goes with it (while unused), as
-    with a reversal; the void's resend changes nothing more. A refund leaves the reward."""
+    with a reversal; the void's resend changes nothing more; the void's own reversal (the
+    terminal owes one when the void got no reply) puts the purchase back, and its reward
+    with it. A refund leaves the reward."""
     tid, pan = await rewarding_campaign_and_card(admin, db_url)
     sale = ask(Kind.PURCHASE, tid, card=pan, amount=12_000)
     [reward] = (await one(admin, sale)).rewards
@@ -921,6 +923,11 @@ async def test_a_void_of_a_rewarded_purchase_voids_its_unused_reward(
     assert (again.outcome, again.replayed) == (Outcome.APPROVED, True)
     late = await one(admin, ask(Kind.COUPON_REDEEM, tid, reward, amount=2_000))
     assert (late.outcome, late.refusal) == (Outcome.NOT_PERMITTED, "coupon_inactive")
+    undo = PosRequest(kind=Kind.REVERSE, terminal=tid, batch="000001", stan=void.stan)
+    assert (await one(admin, undo)).outcome is Outcome.APPROVED
+    assert (await code_row(db_url, reward))["state"] == "issued"
+    assert (await one(admin, undo)).outcome is Outcome.APPROVED  # again: changes nothing
+    assert (await code_row(db_url, reward))["state"] == "issued"
     kept = ask(Kind.PURCHASE, tid, card=pan, amount=12_000)
     answer = await one(admin, kept)
     [other] = answer.rewards

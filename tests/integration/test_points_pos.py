@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, batch_totals
@@ -160,6 +161,38 @@ async def test_a_purchase_under_the_key_of_a_points_earning_is_answered_94(
     assert (await shop.points(card))["balance"] == 88
     assert len(await sql_rows(db_url, "SELECT * FROM points_earnings")) == 1
     assert await sql_rows(db_url, "SELECT * FROM ledger_transfers WHERE reason = 'purchase'") == []
+
+
+async def test_a_points_redemption_under_a_purchases_key_never_takes_the_key_from_it(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A points redemption sent under the key of an approved purchase is answered 94 and
+    claims nothing: the purchase's resend is still its own (replayed, approved). Its own
+    resend finds its claim. And when the claims of a call cannot be written, only its
+    feature requests are answered `unavailable`: the purchases of the call go on."""
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=50_000))  # 500 points to spend
+    sale = shop.request(Kind.PURCHASE, card, amount=1_000)
+    assert (await shop.one(sale)).outcome is Outcome.APPROVED
+    reused = await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=100, stan=sale.stan))
+    assert reused.outcome is Outcome.DUPLICATE_MISMATCH
+    assert await sql_rows(db_url, "SELECT * FROM pos_claims") == []
+    again = await shop.one(sale)
+    assert (again.outcome, again.replayed) == (Outcome.APPROVED, True)
+    redeem = shop.request(Kind.POINTS_REDEEM, card, points=100)
+    assert (await shop.one(redeem)).outcome is Outcome.APPROVED
+    resent = await shop.one(redeem)
+    assert (resent.outcome, resent.replayed) == (Outcome.APPROVED, True)
+
+    async def broken(*_args: Any) -> dict[str, str]:
+        raise OperationalError("insert", {}, Exception("disk full"))
+
+    monkeypatch.setattr(shop.pos.directory, "claim_keys", broken)
+    earn = shop.request(Kind.POINTS_EARN, card, amount=1_000)
+    paid = shop.request(Kind.PURCHASE, card, amount=1_000, store="S2")
+    first, second = await shop.pos.handle([earn, paid])
+    assert (first.outcome, second.outcome) == (Outcome.UNAVAILABLE, Outcome.APPROVED)
 
 
 async def test_a_card_without_a_program_earns_nothing(admin: AdminClient, db_url: str) -> None:

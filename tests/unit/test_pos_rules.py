@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from cardcore import limits
 from cardcore.cards.model import (
@@ -382,6 +383,28 @@ async def test_a_card_closed_while_its_purchase_waited_for_the_lock_is_declined(
     [answer] = await service.handle([_purchase(PAN, "000001", 300)])
     assert answer.outcome is Outcome.CARD_CLOSED
     assert books.calls == []
+
+
+async def test_a_card_that_cannot_be_read_again_under_the_lock_fails_its_request_alone() -> None:
+    books = Books({41: 10_000, 42: 10_000})
+    service = _service(books, [_card(PAN, 41), _card(OTHER_PAN, 42)])
+    directory = service.directory
+    assert isinstance(directory, Cards)
+    planned, reads = directory.card, {PAN: 0}
+
+    async def second_read_fails(asked: str) -> Card | None:
+        if asked == card_token(TOKEN_KEY, PAN):
+            reads[PAN] += 1
+            if reads[PAN] == 2:
+                raise OperationalError("select", {}, Exception("statement timeout"))
+        return await planned(asked)
+
+    directory.card = second_read_fails  # type: ignore[method-assign,assignment]
+    one, other = await service.handle(
+        [_purchase(PAN, "000001", 300), _purchase(OTHER_PAN, "000002", 300)]
+    )
+    assert (one.outcome, other.outcome) == (Outcome.UNAVAILABLE, Outcome.APPROVED)
+    assert len(books.calls) == 1 and len(books.calls[0]) == 1
 
 
 async def test_two_calls_locking_the_same_cards_in_other_orders_never_deadlock() -> None:
