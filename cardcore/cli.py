@@ -5,7 +5,8 @@
     cardcore ledger verify   recompute the hash chain and every balance from the journal
     cardcore migrate         bring the database schema up to date
     cardcore gateway         the POS front-end gateway alone, calling ledgers over HTTP
-    cardcore pos ACTION      a POS terminal: sign on, buy, inquire, void, refund, settle ...
+    cardcore pos ACTION      a POS terminal: sign on, buy, void, refund, points, coupons,
+                             reverse, settle ...
     cardcore terminal add    register a POS terminal with a running host (master key once)
     cardcore card issue      issue stored-value cards through a running host
     cardcore admin ...       bootstrap: first HQ admin token, card batches, demo organization
@@ -36,6 +37,11 @@ from cardcore.ledger.store import LedgerStore
 
 EXIT_MISMATCH = 1
 EXIT_USAGE = 2
+POS_ACTIONS = (
+    "sign-on", "echo", "inquiry", "purchase", "void", "refund", "topup", "settle", "sign-off",
+    "points-earn", "points-redeem", "points-return", "coupon-query", "coupon-reserve",
+    "coupon-redeem", "coupon-reverse", "service-redeem", "manager-auth", "reverse", "script",
+)  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,37 +112,48 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     pos = commands.add_parser(
         "pos",
         help="a POS terminal simulator",
-        description="A POS terminal on the documented card protocol. Every run signs on, "
-        "sends any reversal still owed, then does ACTION. Defaults: the demo terminal.",
+        description="A POS terminal on the documented card protocol (docs/card-protocol.md). "
+        "Every run signs on, sends any reversal still owed, then does ACTION and prints the "
+        "reply: its response code and what it carries. The points-, coupon-, service- and "
+        "manager- actions are the messages of section 5.11. reverse sends a 0400 of the "
+        "terminal's last financial request of this batch, or of --original-stan; unanswered, "
+        "it is owed and sent again at the next run. script: the demo's scripted session. "
+        "Defaults: the demo terminal.",
     )
-    pos.add_argument(
-        "action",
-        choices=[
-            "sign-on",
-            "echo",
-            "inquiry",
-            "purchase",
-            "void",
-            "refund",
-            "topup",
-            "settle",
-            "sign-off",
-            "script",
-        ],
-    )
+    pos.add_argument("action", choices=POS_ACTIONS, metavar="ACTION", help=", ".join(POS_ACTIONS))
     pos.add_argument("--gateway", help="HOST:PORT of the gateway (default from configuration)")
     pos.add_argument("--tid", default="DEMO0001", help="terminal id (F41)")
     pos.add_argument("--mid", default="DEMO00000000001", help="merchant id (F42)")
     pos.add_argument("--tmk", default="", help="terminal master key, hex (default: the demo's)")
     pos.add_argument("--key-mode", default="aes", choices=["aes", "3des"])
-    pos.add_argument("--card", default="", help="card number")
+    pos.add_argument("--card", default="", help="card number (manager-auth: the manager's)")
     pos.add_argument("--pin", default=None, help="PIN (sent as an enciphered PIN block)")
-    pos.add_argument("--amount", type=int, default=None, help="amount in fen")
-    pos.add_argument("--original-stan", default="", help="void, refund: the original's STAN")
+    pos.add_argument(
+        "--amount", type=int, default=None, help="amount in fen (coupons, manager-auth: the bill)"
+    )
+    pos.add_argument(
+        "--original-stan",
+        default="",
+        help="void, refund, coupon-reverse, reverse: the original's STAN; coupon-redeem: its "
+        "reservation's (the redeem goes under it)",
+    )
     pos.add_argument("--original-batch", default="", help="refund: the original's batch")
-    pos.add_argument("--rrn", default="", help="refund: the original's reference number")
+    pos.add_argument(
+        "--rrn", default="", help="refund, points-return: the original's reference number"
+    )
+    pos.add_argument("--points", type=int, default=None, help="points-redeem: points to spend")
+    pos.add_argument("--coupon", default="", help="coupon-*: the code as printed, or QR text")
+    pos.add_argument("--sale", default="", help="coupon-*: sale number (one sale's coupons)")
+    pos.add_argument("--product", default="", help="service-redeem: product (else the host picks)")
+    pos.add_argument("--uses", type=int, default=None, help="service-redeem: uses (default 1)")
+    pos.add_argument("--discount", type=int, default=None, help="manager-auth: discount in fen")
+    pos.add_argument("--reason", default="", help="manager-auth: reason code")
     pos.add_argument("--state", default="", help="terminal state file (data/pos-TID.json)")
-    pos.add_argument("--raw", action="store_true", help="also print the frames in hex")
+    pos.add_argument(
+        "--raw",
+        action="store_true",
+        help="also print the frames in hex (card number masked, PIN block and keys starred)",
+    )
 
     term = commands.add_parser("terminal", help="POS terminals", description="POS terminals.")
     term_commands = term.add_subparsers(

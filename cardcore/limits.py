@@ -146,6 +146,7 @@ GATEWAY_SAF_RETRY_MS: Final = 1_000  # store-and-forward: pause between delivery
 GATEWAY_SAF_ENTRIES_MAX: Final = 100_000  # undelivered reversals; past it the gateway says 96
 GATEWAY_SAF_COMPACT_BYTES: Final = 4 * 1024 * 1024  # rewrite the SAF file past this size
 GATEWAY_SHUTDOWN_GRACE_S: Final = 10  # in-flight requests finish within this on shutdown
+POS_STATE_REQUESTS_MAX: Final = 64  # `cardcore pos`: this batch's requests kept to reverse
 
 # --- benchmark -----------------------------------------------------------------------------
 BENCH_SECONDS_MAX: Final = 3600

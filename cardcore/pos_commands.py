@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,17 @@ from typing import Any
 import aiohttp
 
 from cardcore import demo, limits
+from cardcore.cards.model import mask_pan
 from cardcore.config import Config, ConfigError, create_kek_file, load_kek
+from cardcore.frontend_gateway import codec
 from cardcore.frontend_gateway.app import start_gateway
 from cardcore.frontend_gateway.host import HttpHost
-from cardcore.frontend_gateway.security import KeyMode
+from cardcore.frontend_gateway.security import (
+    PIN_DIGITS_MAX,
+    PIN_DIGITS_MIN,
+    KeyMode,
+    SecurityError,
+)
 from cardcore.frontend_gateway.terminal import PosTerminal, Reply, TerminalError, describe
 from cardcore.metrics import Metrics
 from cardcore.runtime import settle_gc
@@ -111,35 +119,81 @@ async def host_post(config: Config, url: str | None, path: str, body: dict[str, 
 
 # --- pos -------------------------------------------------------------------------------------
 
+Show = Callable[[str, Reply], None]
+Step = Callable[[PosTerminal, Show], Awaitable[Reply | None]]
+ReversalCopy = dict[str, str]
+
 
 def _state_path(args: Any) -> Path:
     return Path(args.state or f"data/pos-{args.tid}.json")
 
 
-def _load_state(terminal: PosTerminal, path: Path) -> None:
+def _load_state(terminal: PosTerminal, path: Path) -> list[ReversalCopy]:
+    """Restore the terminal's memory; the reversal copies of this batch's requests."""
     if not path.exists():
-        return
+        return []
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
         terminal.stan = state["stan"]
         terminal.batch = state["batch"]
         terminal.pending_reversal = state.get("pending_reversal")
         terminal.restore_lines(state.get("lines", []))
-    except (ValueError, KeyError, TypeError) as exc:
+        requests = state.get("requests", [])
+        for copy in requests:
+            _check_copy(copy)
+    except (ValueError, KeyError, TypeError, codec.FormatError) as exc:
         raise CommandError(f"terminal state file {path} is damaged: {exc}") from None
+    terminal.last_request = requests[-1] if requests else None
+    return list(requests)
 
 
-def _save_state(terminal: PosTerminal, path: Path) -> None:
+def _check_copy(copy: Any) -> None:
+    """A reversal copy as the state file keeps it, or a ValueError (the file is damaged)."""
+    if not isinstance(copy, dict) or copy.get("t") != "0400":
+        raise ValueError("a kept request is not a 0400")
+    if not all(isinstance(v, str) for v in copy.values()) or "11" not in copy:
+        raise ValueError("a kept request is not text with a STAN")
+    codec.parse_f60(copy["60"])
+
+
+def _save_state(terminal: PosTerminal, path: Path, requests: list[ReversalCopy]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "stan": terminal.stan,
         "batch": terminal.batch,
         "pending_reversal": terminal.pending_reversal,
         "lines": [asdict(x) for x in terminal.lines],
+        "requests": requests,
     }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state), encoding="utf-8")
     tmp.replace(path)
+
+
+def _remembered(terminal: PosTerminal, requests: list[ReversalCopy]) -> list[ReversalCopy]:
+    """The requests to keep: those of the terminal's batch, this run's last one added."""
+    kept = list(requests)
+    last = terminal.last_request
+    if last is not None and (not kept or kept[-1] != last):
+        kept.append(last)
+    kept = [x for x in kept if codec.parse_f60(x["60"]).batch == terminal.batch]
+    return kept[-limits.POS_STATE_REQUESTS_MAX :]
+
+
+def frame_text(frame: bytes) -> str:
+    """A frame in hex for --raw: the card number masked, a PIN block and keys starred."""
+    text = frame.hex().upper()
+    try:
+        fields = codec.decode(codec.split_frame(frame[codec.LENGTH_BYTES :]).body)
+    except (codec.FormatError, codec.FrameError, ValueError):
+        return f"({len(frame)} bytes that do not decode)"
+    for name in ("35", "52", "62"):  # track 2, the PIN block, the working keys
+        if name in fields:
+            secret = fields[name].upper().replace("=", "D")
+            text = text.replace(secret, "*" * len(secret))
+    if "2" in fields:
+        text = text.replace(fields["2"], mask_pan(fields["2"]))
+    return text
 
 
 async def run_pos(config: Config, args: Any) -> int:
@@ -151,21 +205,22 @@ async def run_pos(config: Config, args: Any) -> int:
         tmk = bytes.fromhex(args.tmk) if args.tmk else demo.DEMO_TMK
     except ValueError:
         raise CommandError("--tmk is 32 hexadecimal digits") from None
+    out = sys.stdout
+    if args.action == "script":
+        await demo.pos_session(host, int(port), out)
+        return 0
     terminal = PosTerminal(host, int(port), args.tid, args.mid, tmk, KeyMode(args.key_mode))
     path = _state_path(args)
-    _load_state(terminal, path)
-    out = sys.stdout
+    requests = _load_state(terminal, path)
+    step = plan(args, requests, path)  # every option checked before anything is sent
 
     def show(what: str, reply: Reply) -> None:
         out.write(f"{what:<14} {describe(reply)}\n")
         if args.raw:
-            out.write(f"{'':<14} sent     {terminal.last_sent.hex().upper()}\n")
-            out.write(f"{'':<14} received {reply.raw.hex().upper()}\n")
+            out.write(f"{'':<14} sent     {frame_text(terminal.last_sent)}\n")
+            out.write(f"{'':<14} received {frame_text(reply.raw)}\n")
 
     try:
-        if args.action == "script":
-            await demo.pos_session(host, int(port), out)
-            return 0
         batch_before = terminal.batch
         signed = await terminal.sign_on()
         show("sign-on", signed)
@@ -175,13 +230,15 @@ async def run_pos(config: Config, args: Any) -> int:
             terminal.lines.clear()  # the host closed that batch: a new one begins
         if terminal.pending_reversal is not None:
             show("reversal", await terminal.send_pending_reversal())
-        reply = await _pos_action(terminal, args)
-    except TerminalError as exc:
+        reply = await step(terminal, show)
+    except (TerminalError, SecurityError) as exc:
         raise CommandError(f"terminal: {exc}") from None
     except OSError as exc:
         raise CommandError(f"cannot reach the gateway at {host}:{port}: {exc}") from None
+    except ValueError as exc:  # a value the message layout cannot carry: nothing was sent
+        raise CommandError(f"{args.action}: {exc}") from None
     finally:
-        _save_state(terminal, path)
+        _save_state(terminal, path, _remembered(terminal, requests))
         await terminal.close()
     if reply is None:
         return 0
@@ -189,43 +246,191 @@ async def run_pos(config: Config, args: Any) -> int:
     return 0 if reply.code == "00" else 1
 
 
-async def _pos_action(terminal: PosTerminal, args: Any) -> Reply | None:
-    def need(name: str) -> Any:
-        value = getattr(args, name)
+class _Options:
+    """The options of one action, each checked as it is read (missing or bad: exit 2). An
+    error names the option, never its value: it may be a card number or a PIN."""
+
+    def __init__(self, args: Any) -> None:
+        self.args = args
+
+    def _given(self, name: str) -> Any:
+        value = getattr(self.args, name)
         if value in (None, ""):
-            raise CommandError(f"{args.action} needs --{name.replace('_', '-')}")
+            raise CommandError(f"{self.args.action} needs {_flag(name)}")
         return value
 
+    def card(self) -> str:
+        value = str(self._given("card"))
+        if not (_digits(value) and codec.PAN_DIGITS_MIN <= len(value) <= codec.PAN_DIGITS_MAX):
+            raise CommandError(
+                f"--card must be {codec.PAN_DIGITS_MIN} to {codec.PAN_DIGITS_MAX} digits"
+            )
+        return value
+
+    def maybe_card(self) -> str | None:
+        return self.card() if self.args.card else None
+
+    def pin(self) -> str:
+        value = str(self._given("pin"))
+        if not (_digits(value) and PIN_DIGITS_MIN <= len(value) <= PIN_DIGITS_MAX):
+            raise CommandError(f"--pin must be {PIN_DIGITS_MIN} to {PIN_DIGITS_MAX} digits")
+        return value
+
+    def maybe_pin(self) -> str | None:
+        return None if self.args.pin is None else self.pin()
+
+    def number(self, name: str, low: int, high: int) -> int:
+        value = int(self._given(name))
+        if not low <= value <= high:
+            raise CommandError(f"{_flag(name)} must be {low}..{high}")
+        return value
+
+    def fen(self, name: str = "amount") -> int:
+        return self.number(name, 0, limits.POS_AMOUNT_MAX)
+
+    def trace(self, name: str) -> str:
+        """A STAN or a batch number: 1 to 6 digits, not all zero; sent as 6."""
+        value = str(self._given(name))
+        if not (_digits(value) and len(value) <= STAN_DIGITS and int(value) > 0):
+            raise CommandError(f"{_flag(name)} must be 1 to {STAN_DIGITS} digits, not all zero")
+        return value.zfill(STAN_DIGITS)
+
+    def rrn(self) -> str:
+        value = str(self._given("rrn"))
+        if not (len(value) == RRN_CHARS and value.isascii() and value.isalnum()):
+            raise CommandError(f"--rrn must be {RRN_CHARS} letters or digits (F37 of the reply)")
+        return value
+
+    def maybe_trace(self, name: str) -> str:
+        return self.trace(name) if getattr(self.args, name) else ""
+
+    def text(self, name: str) -> str:
+        value = str(self._given(name))
+        if not (value.isascii() and value.isprintable()):
+            raise CommandError(f"{_flag(name)} must be printable ASCII")
+        return value
+
+    def maybe_text(self, name: str) -> str:
+        return self.text(name) if getattr(self.args, name) else ""
+
+
+STAN_DIGITS = 6
+RRN_CHARS = 12
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _digits(value: str) -> bool:
+    return value.isascii() and value.isdigit()
+
+
+def plan(args: Any, requests: list[ReversalCopy], path: Path) -> Step:
+    """What `args.action` does once signed on, its options checked now (a CommandError)."""
+    return _plan_card(args, _Options(args)) or _plan_loyalty(args, _Options(args), requests, path)
+
+
+def _plan_card(args: Any, o: _Options) -> Step | None:
+    """The card messages of sections 5.2 to 5.13: None for an action that is not one."""
     action = args.action
     if action == "sign-on":
-        return None
+        return _nothing
     if action == "echo":
-        return await terminal.echo()
+        return lambda t, _: t.echo()
     if action == "sign-off":
-        return await terminal.sign_off()
+        return lambda t, _: t.sign_off()
     if action == "inquiry":
-        return await terminal.inquiry(need("card"), args.pin)
+        card, pin = o.card(), o.maybe_pin()
+        return lambda t, _: t.inquiry(card, pin)
     if action == "purchase":
-        return await terminal.purchase(need("card"), need("amount"), args.pin)
+        card, amount, pin = o.card(), o.fen(), o.maybe_pin()
+        return lambda t, _: t.purchase(card, amount, pin)
     if action == "void":
-        return await terminal.void(need("card"), need("amount"), need("original_stan"))
+        card, amount, stan = o.card(), o.fen(), o.trace("original_stan")
+        return lambda t, _: t.void(card, amount, stan)
     if action == "refund":
-        return await terminal.refund(
-            need("card"), need("amount"), need("rrn"), need("original_batch"), need("original_stan")
-        )
+        card, amount, rrn = o.card(), o.fen(), o.rrn()
+        batch, stan = o.trace("original_batch"), o.trace("original_stan")
+        return lambda t, _: t.refund(card, amount, rrn, batch, stan)
     if action == "topup":
-        reply = await terminal.topup(need("card"), need("amount"))
-        if reply.code != "00":
-            return reply
-        return await terminal.topup_confirm(reply.fields["11"], args.amount)
+        card, amount = o.card(), o.fen()
+
+        async def topup(t: PosTerminal, _: Show) -> Reply:
+            reply = await t.topup(card, amount)
+            if reply.code != "00":
+                return reply
+            return await t.topup_confirm(reply.fields["11"], amount)
+
+        return topup
     if action == "settle":
-        reply = await terminal.settle()
-        if reply.code == "00" and reply.fields["48"][30] != "1":
-            sys.stdout.write(f"{'settle':<14} {describe(reply)}\n")
-            replies = await terminal.upload()
-            return replies[-1]
-        return reply
+        return _settle
+    return None
+
+
+def _plan_loyalty(args: Any, o: _Options, requests: list[ReversalCopy], path: Path) -> Step:
+    """The points, coupon, service and manager messages (section 5.11) and `reverse`."""
+    action = args.action
+    if action == "points-earn":
+        card, amount = o.card(), o.fen()
+        return lambda t, _: t.points_earn(card, amount)
+    if action == "points-redeem":
+        card, pin = o.card(), o.maybe_pin()
+        points = o.number("points", 1, limits.POINTS_PER_TXN_MAX)
+        return lambda t, _: t.points_redeem(card, points, pin)
+    if action == "points-return":
+        card, amount, rrn = o.card(), o.fen(), o.rrn()
+        return lambda t, _: t.points_return(card, amount, rrn)
+    if action in COUPON_CODES:
+        pcode, code, bill = COUPON_CODES[action], o.text("coupon"), o.fen()
+        member, sale = o.maybe_card(), o.maybe_text("sale")
+        held = o.maybe_trace("original_stan") if action == "coupon-redeem" else ""
+        return lambda t, _: t.coupon(pcode, code, bill, member, sale=sale, stan=held)
+    if action == "coupon-reverse":
+        stan, code = o.trace("original_stan"), o.maybe_text("coupon")
+        return lambda t, _: t.coupon_reverse(stan, code or None)
+    if action == "service-redeem":
+        card, product = o.card(), o.maybe_text("product")
+        uses = o.number("uses", 1, limits.SERVICE_USES_MAX) if args.uses is not None else 1
+        return lambda t, _: t.service_redeem(card, uses, product)
+    if action == "manager-auth":
+        manager, manager_pin, bill = o.card(), o.pin(), o.fen()
+        discount = o.number("discount", 1, limits.POS_AMOUNT_MAX)
+        reason = o.text("reason")
+        return lambda t, _: t.manager_auth(manager, manager_pin, bill, discount, reason)
+    if action == "reverse":
+        original = _original(o, requests, path)
+        return lambda t, _: t.reverse(original)
     raise CommandError(f"unknown action {action}")
+
+
+COUPON_CODES = {"coupon-query": "920000", "coupon-reserve": "950000", "coupon-redeem": "930000"}
+
+
+def _original(o: _Options, requests: list[ReversalCopy], path: Path) -> ReversalCopy:
+    """The reversal copy `reverse` sends: the last request's, or --original-stan's."""
+    if not o.args.original_stan:
+        if not requests:
+            raise CommandError(f"reverse: no financial request of this batch in {path}")
+        return requests[-1]
+    stan = o.trace("original_stan")
+    for copy in reversed(requests):
+        if copy["11"] == stan:
+            return copy
+    raise CommandError(f"reverse: no request with STAN {stan} of this batch in {path}")
+
+
+async def _nothing(_t: PosTerminal, _show: Show) -> None:
+    return None
+
+
+async def _settle(t: PosTerminal, show: Show) -> Reply:
+    reply = await t.settle()
+    if reply.code == "00" and reply.fields["48"][30] != "1":
+        show("settle", reply)
+        replies = await t.upload()
+        return replies[-1]
+    return reply
 
 
 async def issue_cards(config: Config, args: Any) -> int:

@@ -5,7 +5,8 @@ It behaves as a UnionPay-style terminal does: it signs on to get working keys (c
 their check values), MACs every financial message and checks the MAC of every reply, counts
 its own STAN and batch (999999 wraps to 000001), keeps its batch totals for settlement, and
 when a financial request gets no reply (or a reply with a bad MAC) it keeps a reversal that
-it sends before its next transaction.
+it sends before its next transaction. It also keeps the reversal copy of its last financial
+request, so that the cashier can cancel it after its reply came (`reverse`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from cardcore.frontend_gateway.security import KeyMode, WorkingKeys
 TPDU = bytes.fromhex("6000010000")  # id 60, destination 0001 (the host), source 0000
 HEADER = bytes.fromhex("603100000000")  # POS application, version 31
 NET_CODE_OF_MODE = {KeyMode.TDES: "003", KeyMode.AES: "005"}
+TXN_VOID = "23"  # F60.1 of a void
 
 
 class TerminalError(Exception):
@@ -132,6 +134,7 @@ class PosTerminal:
     timeout_s: float = 30.0
     keys: WorkingKeys | None = field(default=None, repr=False)
     pending_reversal: dict[str, str] | None = None
+    last_request: dict[str, str] | None = None  # the 0400 copy of the last financial request
     lines: list[_Line] = field(default_factory=list)
     last_sent: bytes = b""
     tls: ssl.SSLContext | None = None  # a gateway that serves TLS
@@ -175,7 +178,9 @@ class PosTerminal:
         return Reply(codec.decode(frame.body), frame.header[2] & 0x0F, prefix + payload)
 
     async def exchange(self, fields: dict[str, str], *, mac: bool) -> Reply:
-        body = self.encode(fields, mac=mac)
+        return await self._exchange_body(fields, self.encode(fields, mac=mac), mac=mac)
+
+    async def _exchange_body(self, fields: dict[str, str], body: bytes, *, mac: bool) -> Reply:
         self.last_sent = codec.pack_frame(TPDU, HEADER, body)
         await self.send_raw(self.last_sent)
         reply = await self.read_reply()
@@ -212,12 +217,16 @@ class PosTerminal:
         self.stan = codec.next_stan(self.stan)
         return self.stan
 
-    def _base(self, mti: str, pcode: str | None, txn_type: str, net: str = "000") -> dict[str, str]:
+    def _base(
+        self, mti: str, pcode: str | None, txn_type: str, net: str = "000", stan: str = ""
+    ) -> dict[str, str]:
+        """A request's common fields, under the next STAN (or `stan`: a coupon redeem under
+        its reservation's)."""
         now = time.localtime()
         fields = {"t": mti}
         if pcode is not None:
             fields["3"] = pcode
-        fields["11"] = self.next_stan()
+        fields["11"] = stan or self.next_stan()
         fields["12"] = time.strftime("%H%M%S", now)
         fields["13"] = time.strftime("%m%d", now)
         fields["41"] = self.tid
@@ -251,25 +260,56 @@ class PosTerminal:
             owed = await self.send_pending_reversal()
             if self.pending_reversal is not None:
                 raise TerminalError(f"a reversal is still owed (answered {owed.code})")
-        confirmation = fields["t"] == "0220" and fields.get("3") == "630000"
-        if not confirmation:
-            kept = {k: v for k, v in fields.items() if k not in ("2", "35", "52", "53", "37")}
-            self.pending_reversal = {**kept, "t": "0400", "39": "98"}
+        body = self.encode(fields, mac=True)  # one that cannot be encoded is never owed
+        kept = {k: v for k, v in fields.items() if k not in ("2", "35", "52", "53", "37")}
+        self.last_request = {**kept, "t": "0400", "39": REVERSAL_NO_REPLY}
+        if not (fields["t"] == "0220" and fields.get("3") == "630000"):  # not a confirmation
+            self.pending_reversal = dict(self.last_request)
         try:
-            reply = await self.exchange(fields, mac=True)
+            reply = await self._exchange_body(fields, body, mac=True)
         except TerminalError as exc:
             if "MAC" in str(exc) and self.pending_reversal is not None:
-                self.pending_reversal["39"] = "A0"
+                self.pending_reversal["39"] = REVERSAL_BAD_MAC
             raise
         self.pending_reversal = None
         return reply
 
     async def send_pending_reversal(self) -> Reply:
-        assert self.pending_reversal is not None
-        reply = await self.exchange(self.pending_reversal, mac=True)
+        """Send the reversal owed; it is done on 00, 12 or 25 (else still owed). On 00 the
+        batch lines follow: the reversed request's line goes, a reversed void's purchase
+        counts again."""
+        owed = self.pending_reversal
+        assert owed is not None
+        reply = await self.exchange(owed, mac=True)
         if reply.code in ("00", "12", "25"):
             self.pending_reversal = None
+        if reply.code == "00":
+            self._reversed(owed)
         return reply
+
+    async def reverse(self, original: dict[str, str] | None = None) -> Reply:
+        """The cashier cancels a financial request whose reply came: a 0400 (reason 06) of
+        `original`, a reversal copy as `last_request` holds (by default that one). It is
+        owed like any reversal until a 0410 with 00, 12 or 25 arrives."""
+        if self.pending_reversal is not None:
+            raise TerminalError("a reversal is still owed: it goes first")
+        copy = original or self.last_request
+        if copy is None:
+            raise TerminalError("no financial request to reverse")
+        assert copy["t"] == "0400", "a reversal copy, not a request"
+        self.pending_reversal = {**copy, "39": REVERSAL_CANCELLED}
+        return await self.send_pending_reversal()
+
+    def _reversed(self, copy: dict[str, str]) -> None:
+        f60 = codec.parse_f60(copy["60"])
+        if f60.batch != self.batch:
+            return  # a request of an earlier batch: this batch's lines are not its
+        self.lines = [x for x in self.lines if x.stan != copy["11"]]
+        if f60.txn_type == TXN_VOID and "61" in copy:
+            voided = codec.parse_f61(copy["61"]).stan  # the void is undone: its purchase stands
+            for line in self.lines:
+                if line.stan == voided:
+                    line.voided = False
 
     def _card(self, fields: dict[str, str], pan: str, pin: str | None) -> None:
         fields["2"] = pan
@@ -310,7 +350,7 @@ class PosTerminal:
         return reply
 
     async def void(self, pan: str, amount: int, original_stan: str) -> Reply:
-        fields = self._base("0200", "200000", "23")
+        fields = self._base("0200", "200000", TXN_VOID)
         self._card(fields, pan, None)
         fields |= {"4": f"{amount:012d}", "25": "00", "49": "156"}
         fields["61"] = codec.format_f61(codec.Field61(self.batch, original_stan, ""))
@@ -358,11 +398,12 @@ class PosTerminal:
         pin: str | None = None,
         original_stan: str | None = None,
         rrn: str | None = None,
+        stan: str = "",
     ) -> Reply:
         """A message with a private processing code (90..98: points, coupons, service and
         manager cards); its data in F48 TLV (docs/card-protocol.md sections 5.11 and 6), an
         original named by reference in F37 (`rrn`) or by this batch's STAN in F61."""
-        fields = self._base("0200", pcode, "90")
+        fields = self._base("0200", pcode, "90", stan=stan)
         if pan is not None:
             self._card(fields, pan, pin)
         if amount is not None:
@@ -401,13 +442,15 @@ class PosTerminal:
         basket: list[tuple[str, int]] | None = None,
         *,
         sale: str = "",
+        stan: str = "",
     ) -> Reply:
         """Coupon query (920000), reserve (950000) or redeem (930000) against a bill; the
-        coupons of one sale share its `sale` number (stacking rules)."""
+        coupons of one sale share its `sale` number (stacking rules). A redeem may go under
+        its reservation's `stan`."""
         tlv = [(codec.TLV_COUPON, code), *_basket(basket)]
         if sale:
             tlv.append((codec.TLV_SALE, sale))
-        return await self.private(pcode, pan, bill, tlv)
+        return await self.private(pcode, pan, bill, tlv, stan=stan)
 
     async def coupon_reverse(self, original_stan: str, code: str | None = None) -> Reply:
         """Release a reservation or undo a redemption of this batch (940000)."""
@@ -480,6 +523,10 @@ def _ordered(fields: dict[str, str]) -> dict[str, str]:
 
 # Replies that approve: a MAC is required on them, and the batch counts them.
 APPROVAL_CODES = frozenset({"00", "10"})
+# A reversal's reason (its F39): no reply, a reply whose MAC did not verify, the cashier's.
+REVERSAL_NO_REPLY = "98"
+REVERSAL_BAD_MAC = "A0"
+REVERSAL_CANCELLED = "06"
 
 RESPONSE_TEXT = {
     "00": "approved",

@@ -29,6 +29,7 @@ PYTHON_M_CARDCORE = (sys.executable, "-m", "cardcore")
 CONSOLE_SCRIPT = Path(sys.executable).parent / "cardcore"
 TOKEN = "e2e-token-0123456789abcdef"  # noqa: S105 - a test server's token
 STOP_S_MAX = 15
+DEMO_CARD = "6288880000000013"  # the demo's first card (cardcore.demo.DEMO_CARDS)
 START_S_MAX = 30
 
 Done = subprocess.CompletedProcess[str]
@@ -166,6 +167,51 @@ def _refusals(tmp: Path, port: str = "8080") -> dict[str, Refusal]:
         ),
         "bench pos shares without the realistic mix": Refusal(
             ("bench", "pos", "--shares", "0,100,0"), {}, "--shares is for --mix realistic"
+        ),
+        # `cardcore pos` checks its options before it signs on (no gateway listens here).
+        "pos action without its card": Refusal(
+            ("pos", "points-earn", "--amount", "100"), {}, "points-earn needs --card"
+        ),
+        "pos amount that is not a number": Refusal(
+            ("pos", "points-return", "--card", DEMO_CARD, "--amount", "ten"),
+            {},
+            "argument --amount: invalid int value: 'ten'",
+        ),
+        "pos amount below zero": Refusal(
+            ("pos", "coupon-query", "--coupon", "ABCD", "--amount", "-5"),
+            {},
+            "--amount must be 0..999999999999",
+        ),
+        "pos card number that is not digits": Refusal(
+            ("pos", "points-earn", "--card", "6288-8800-0000-0013", "--amount", "100"),
+            {},
+            "--card must be 12 to 19 digits",
+        ),
+        "pos manager authorization without a pin": Refusal(
+            ("pos", "manager-auth", "--card", DEMO_CARD, "--amount", "900", "--reason", "x"),
+            {},
+            "manager-auth needs --pin",
+        ),
+        "pos points that are zero": Refusal(
+            ("pos", "points-redeem", "--card", DEMO_CARD, "--points", "0"),
+            {},
+            "--points must be 1..1000000000",
+        ),
+        "pos coupon redeem without a coupon": Refusal(
+            ("pos", "coupon-redeem", "--amount", "900"), {}, "coupon-redeem needs --coupon"
+        ),
+        "pos stan that is not digits": Refusal(
+            ("pos", "coupon-reverse", "--original-stan", "12a"),
+            {},
+            "--original-stan must be 1 to 6 digits",
+        ),
+        "pos reference number of the wrong length": Refusal(
+            ("pos", "points-return", "--card", DEMO_CARD, "--amount", "100", "--rrn", "123"),
+            {},
+            "--rrn must be 12 letters or digits",
+        ),
+        "pos reverse before any request": Refusal(
+            ("pos", "reverse"), {}, "reverse: no financial request of this batch"
         ),
         "unreachable postgresql": Refusal(
             ("serve", "--db", "postgresql://cardcore@127.0.0.1:1/cardcore", "--port", port),

@@ -1,6 +1,7 @@
 """The gateway as the processes an operator runs: `cardcore gateway` beside `cardcore ledger`
 (failover across ledger URLs, metrics), TLS to terminals, the bootstrap commands and the
-terminal simulator on the command line, and `serve` without a key-encrypting key."""
+terminal simulator on the command line (its card, points, coupon, service, manager and
+reversal actions against `serve --demo`), and `serve` without a key-encrypting key."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import datetime
 import json
 import os
 import ssl
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from cardcore import migrate
+from cardcore import demo, migrate
+from cardcore.cards.model import mask_pan
 from cardcore.frontend_gateway.terminal import PosTerminal
 from tests.e2e.test_cli import Server
 from tests.helpers import cardcore_env, free_port, run_cardcore
@@ -217,6 +220,7 @@ def test_bootstrap_commands_and_the_pos_simulator(tmp_path: Path) -> None:
         purchase = next(x for x in lines if x.startswith("purchase"))
         assert "amount 12.34" in purchase and "balance 37.66" in purchase
         assert any(x.strip().startswith("sent     ") for x in lines)  # --raw shows the bytes
+        assert pan not in bought.stdout and mask_pan(pan) in bought.stdout  # masked in them
         stan = purchase.rsplit("stan ", 1)[1]
 
         voided = run_cardcore(
@@ -240,6 +244,158 @@ def test_bootstrap_commands_and_the_pos_simulator(tmp_path: Path) -> None:
         assert server.stop() == 0
     log = server.log.read_text()
     assert pan not in log and terminal["tmk"] not in log
+
+
+def _admin(url: str, token: str, method: str, path: str, body: Any) -> Any:
+    request = urllib.request.Request(  # noqa: S310 - loopback test servers
+        url + path,
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        method=method,
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback
+        assert response.status in (200, 201)
+        return json.loads(response.read())
+
+
+def _club_card_and_coupon(url: str, token: str) -> tuple[str, str]:
+    """On top of `serve --demo` and `cardcore admin demo`, as the README's quickstart goes: a
+    points program (1 point a yuan), a member's card of a class in it at the demo terminal's
+    store, and an active coupon campaign (20.00 off 50.00) with one code."""
+    store, entity = demo.DEMO_STORE, demo.DEMO_ENTITY
+    _admin(url, token, "POST", "/v1/points/programs", {"code": "CLUB", "name": "Club points",
+           "asset": "PTS:CLUB", "redeem_points": 100, "redeem_fen": 100})  # fmt: skip
+    _admin(url, token, "POST", "/v1/points/programs/CLUB/rules",
+           {"code": "BASE", "kind": "base", "points": 1, "per_fen": 100})  # fmt: skip
+    _admin(url, token, "POST", "/v1/card-classes",
+           {"code": "CLUB", "name": "Club", "named": True, "points_program": "CLUB"})  # fmt: skip
+    for function in ("points", "coupon"):
+        _admin(url, token, "POST", "/v1/grants", {"store": store, "function": function})
+    member = _admin(url, token, "POST", "/v1/members",
+                    {"mobile": "13600000001", "name": "Lin Yue", "home_store": store})  # fmt: skip
+    card = _admin(url, token, "POST", "/v1/cards",
+                  {"class_code": "CLUB", "store": store, "member_id": member["id"]})  # fmt: skip
+    now_ms = int(time.time() * 1000)
+    _admin(url, token, "POST", "/v1/coupon-campaigns", {
+        "code": "SPRING", "name": "Spring 20 off 50", "kind": "amount_off",
+        "legal_entity": entity, "value_fen": 2_000, "min_spend_fen": 5_000,
+        "valid_from_ms": now_ms - 3_600_000, "valid_to_ms": now_ms + 86_400_000,
+    })  # fmt: skip
+    _admin(url, token, "PATCH", "/v1/coupon-campaigns/SPRING", {"state": "active"})
+    codes = _admin(url, token, "POST", "/v1/coupon-campaigns/SPRING/codes", {"count": 1})
+    return str(card["pan"]), str(codes["codes"][0])
+
+
+def _reply_line(done: Any, action: str) -> str:
+    """The line of `cardcore pos ACTION`'s reply (after the sign-on's)."""
+    lines = [x for x in done.stdout.splitlines() if x.startswith(f"{action} ")]
+    assert len(lines) == 1, done.stdout + done.stderr
+    return str(lines[0])
+
+
+def _after(line: str, label: str) -> str:
+    return line.split(f"{label} ", 1)[1].split(",", 1)[0]
+
+
+def test_pos_simulator_points_coupons_service_manager_and_reverse_on_the_demo(
+    tmp_path: Path,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'demo.db'}"
+    migrate.upgrade(db)
+    gateway_port = free_port()
+    env = cardcore_env(
+        CARDCORE_KEK=KEK,
+        CARDCORE_PORT=str(free_port()),
+        CARDCORE_GATEWAY_PORT=str(gateway_port),
+        CARDCORE_GATEWAY_SAF_FILE=str(tmp_path / "saf.jsonl"),
+        CARDCORE_DB_URL=db,
+    )
+    with Server(["serve", "--demo"], tmp_path, env) as server:
+        minted = run_cardcore("admin", "token", cwd=tmp_path, env=env)
+        assert minted.returncode == 0, minted.stderr
+        token = json.loads(minted.stdout)["token"]
+        assert run_cardcore("admin", "demo", cwd=tmp_path, env=env).returncode == 0
+        pan, code = _club_card_and_coupon(server.ready["url"], token)
+        state = tmp_path / "demo-pos.json"
+
+        def pos(action: str, *options: str) -> Any:
+            return run_cardcore(
+                "pos", action, "--gateway", f"127.0.0.1:{gateway_port}", "--state", str(state),
+                *options, cwd=tmp_path, env=env,
+            )  # fmt: skip
+
+        # Points on a cash purchase, then part of its goods back (980000 names it by F37).
+        earned = pos("points-earn", "--card", pan, "--amount", "5000", "--raw")
+        assert earned.returncode == 0, earned.stdout + earned.stderr
+        line = _reply_line(earned, "points-earn")
+        assert "00 approved" in line and "points 50, points balance 50" in line, line
+        assert pan not in earned.stdout and mask_pan(pan) in earned.stdout  # --raw, masked
+        returned = pos(
+            "points-return", "--card", pan, "--amount", "2550", "--rrn", _after(line, "rrn")
+        )
+        assert returned.returncode == 0, returned.stdout + returned.stderr
+        line = _reply_line(returned, "points-return")
+        assert "00 approved" in line and "points -25, points balance 25" in line, line
+        # The demo's own cards belong to no points program: the refusal is printed, exit 1.
+        refused = pos("points-redeem", "--card", demo.DEMO_CARDS[0], "--points", "100")
+        assert refused.returncode == 1
+        assert "57 not permitted" in _reply_line(refused, "points-redeem")
+        assert "refused by points_no_program" in refused.stdout
+
+        # A coupon reserved, redeemed under its reservation's STAN, used, then reversed.
+        reserved = pos("coupon-reserve", "--coupon", code, "--amount", "12000", "--card", pan)
+        line = _reply_line(reserved, "coupon-reserve")
+        assert "00 approved" in line and "discount 20.00" in line and "campaign SPRING" in line
+        held = _after(line, "stan")
+        redeemed = pos("coupon-redeem", "--coupon", code, "--amount", "12000",
+                       "--card", pan, "--original-stan", held.lstrip("0"))  # fmt: skip
+        line = _reply_line(redeemed, "coupon-redeem")
+        assert "00 approved" in line and "discount 20.00" in line, line
+        assert _after(line, "stan") == held
+        used = pos("coupon-query", "--coupon", code, "--amount", "12000")
+        assert used.returncode == 1 and "C2 coupon already used" in used.stdout
+        undone = pos("reverse", "--original-stan", held)  # the redeem kept under that STAN
+        assert undone.returncode == 0, undone.stdout + undone.stderr
+        line = _reply_line(undone, "reverse")
+        assert "00 approved" in line and _after(line, "stan") == held, line
+        free = pos("coupon-query", "--coupon", code, "--amount", "12000")
+        assert "00 approved" in _reply_line(free, "coupon-query")
+        unknown = pos("coupon-query", "--coupon", "0000-0000-0000-0000", "--amount", "12000")
+        assert unknown.returncode == 1 and "C1 coupon unknown" in unknown.stdout
+
+        # Service and manager cards: the demo has neither; their refusals come back.
+        service = pos("service-redeem", "--card", demo.DEMO_CARDS[1], "--uses", "2")
+        assert "refused by service_no_package" in _reply_line(service, "service-redeem")
+        manager = pos("manager-auth", "--card", demo.DEMO_CARDS[1], "--pin", "246810",
+                      "--amount", "30000", "--discount", "1500", "--reason", "damaged",
+                      "--raw")  # fmt: skip
+        assert "refused by manager_not_manager" in _reply_line(manager, "manager-auth")
+        assert "*" * 32 in manager.stdout  # the AES PIN block, starred
+        assert demo.DEMO_CARDS[1] not in manager.stdout
+
+        # A purchase reversed by its STAN: the money is back and it leaves the batch; a void
+        # reversed: its purchase stands. The terminal's totals then match the host's.
+        card = demo.DEMO_CARDS[2]
+        bought = pos("purchase", "--card", card, "--amount", "1500")
+        assert "balance 485.00" in _reply_line(bought, "purchase")
+        stan = _after(_reply_line(bought, "purchase"), "stan")
+        back = pos("reverse", "--original-stan", stan)
+        assert back.returncode == 0 and f"stan {stan}" in _reply_line(back, "reverse")
+        assert "balance 500.00" in _reply_line(pos("inquiry", "--card", card), "inquiry")
+        kept = pos("purchase", "--card", card, "--amount", "1200")
+        kept_stan = _after(_reply_line(kept, "purchase"), "stan")
+        voided = pos("void", "--card", card, "--amount", "1200", "--original-stan", kept_stan)
+        assert "balance 500.00" in _reply_line(voided, "void")
+        assert pos("reverse").returncode == 0
+        assert "balance 488.00" in _reply_line(pos("inquiry", "--card", card), "inquiry")
+        settled = pos("settle")
+        assert "not balanced" not in settled.stdout, settled.stdout  # no upload was needed
+        assert "00 approved, batch 000002, balanced" in _reply_line(settled, "settle")
+        nothing = pos("reverse")  # the batch closed: nothing of it is left to reverse
+        assert nothing.returncode == 2 and "no financial request" in nothing.stderr
+        assert server.stop() == 0
+    log = server.log.read_text()
+    assert pan not in log
 
 
 def test_serve_without_a_key_encrypting_key_runs_no_pos(tmp_path: Path) -> None:
