@@ -488,15 +488,21 @@ async def test_a_reversal_after_a_refund_takes_back_only_what_is_left(
 # --- returns of purchases paid another way (POINTS_RETURN, 980000) -----------------------------
 
 
+async def earned_otherwise(admin: AdminClient) -> tuple[Shop, dict[str, Any], PosResult]:
+    """A shop, a card of class PTS, and its 900000 of 100.00 paid otherwise (100 points)."""
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    return shop, card, earn
+
+
 async def test_returns_of_a_cash_purchase_claw_back_their_share_floored_to_the_whole(
     admin: AdminClient, db_url: str
 ) -> None:
     """Three returns of one POINTS_EARN: each takes floor(points x returned so far / amount)
     less what the ones before took, so the parts sum to the whole earning; the card's money
     is not touched and settlement totals count none of it."""
-    shop = await Shop(admin).make()
-    card = await shop.card()
-    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    shop, card, earn = await earned_otherwise(admin)
     assert (earn.points, earn.rrn != "") == (100, True)
     answers = [
         await shop.one(shop.request(Kind.POINTS_RETURN, card, amount=fen, rrn=earn.rrn))
@@ -519,9 +525,7 @@ async def test_returns_of_a_cash_purchase_claw_back_their_share_floored_to_the_w
 async def test_a_return_over_what_is_left_of_the_earning_is_refused_with_nothing_changed(
     admin: AdminClient, db_url: str
 ) -> None:
-    shop = await Shop(admin).make()
-    card = await shop.card()
-    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    shop, card, earn = await earned_otherwise(admin)
     first = await shop.one(shop.request(Kind.POINTS_RETURN, card, amount=6_000, rrn=earn.rrn))
     assert (first.points, first.points_balance) == (-60, 40)
     over = await shop.one(shop.request(Kind.POINTS_RETURN, card, amount=4_001, rrn=earn.rrn))
@@ -541,9 +545,7 @@ async def test_a_return_over_what_is_left_of_the_earning_is_refused_with_nothing
 async def test_a_resent_return_is_answered_the_same_and_takes_nothing_twice(
     admin: AdminClient, db_url: str
 ) -> None:
-    shop = await Shop(admin).make()
-    card = await shop.card()
-    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    shop, card, earn = await earned_otherwise(admin)
     back = shop.request(Kind.POINTS_RETURN, card, amount=2_550, rrn=earn.rrn)
     first = await shop.one(back)
     assert (first.outcome, first.points, first.points_balance) == (Outcome.APPROVED, -25, 75)
@@ -612,9 +614,7 @@ async def test_a_reversal_of_a_return_restores_exactly_the_lots_it_took(
 async def test_a_return_of_less_than_a_point_is_approved_and_its_reversal_gives_the_fen_back(
     admin: AdminClient, db_url: str
 ) -> None:
-    shop = await Shop(admin).make()
-    card = await shop.card()
-    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    shop, card, earn = await earned_otherwise(admin)
     small = shop.request(Kind.POINTS_RETURN, card, amount=50, rrn=earn.rrn)
     answer = await shop.one(small)
     assert (answer.outcome, answer.points, answer.points_balance) == (Outcome.APPROVED, 0, 100)
@@ -666,9 +666,7 @@ async def test_a_frozen_card_earns_nothing_more_but_its_returns_take_points_back
 ) -> None:
     """A return takes back as a refund gives back: from a card frozen (or lost) since the
     earning too, or the points it earned on goods returned would stay on it."""
-    shop = await Shop(admin).make()
-    card = await shop.card()
-    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    shop, card, earn = await earned_otherwise(admin)
     await admin.ok("POST", f"/v1/cards/{card['id']}/freeze")
     refused = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
     assert refused.outcome is Outcome.CARD_FROZEN
@@ -681,9 +679,7 @@ async def test_a_purchase_under_the_key_of_a_points_return_is_answered_94(
 ) -> None:
     """A POINTS_RETURN claims its key (terminal, batch, STAN) for its function: a purchase
     or a 900000 sent under it is another transaction, answered 94 with nothing done."""
-    shop = await Shop(admin).make()
-    card = await shop.card()
-    earn = await shop.one(shop.request(Kind.POINTS_EARN, card, amount=10_000))
+    shop, card, earn = await earned_otherwise(admin)
     stan = "005151"
     back = await shop.one(shop.request(Kind.POINTS_RETURN, card, amount=5_000, rrn=earn.rrn,
                                        stan=stan))  # fmt: skip
