@@ -34,6 +34,7 @@ from cardcore.frontend_gateway import codec
 from cardcore.frontend_gateway.security import KeyMode
 from cardcore.frontend_gateway.terminal import HEADER, TPDU, PosTerminal, Reply
 from tests.helpers import cardcore_env, free_port, run_cardcore
+from tests.unit.test_gateway_fuzz import decode_reply
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(180)]
 
@@ -402,15 +403,6 @@ def replies_in(data: bytes) -> list[dict[str, str]]:
         assert split.tpdu == codec.reply_tpdu(TPDU), split
         out.append(decode_reply(split.body))
     return out
-
-
-def decode_reply(body: bytes) -> dict[str, str]:
-    """A reply's fields. The 12 to an MTI we do not serve goes out under that MTI + 10
-    (0110), which decode refuses: its fields are read under 0210."""
-    mti = body[: codec.MTI_BYTES].hex()
-    if mti in codec.MTIS:
-        return codec.decode(body)
-    return codec.decode(bytes.fromhex("0210") + body[codec.MTI_BYTES :]) | {"t": mti}
 
 
 async def wait_replies(
