@@ -299,10 +299,19 @@ class PosService:
         without it; a failure of the money part ends the call, and the features still
         running end with it before `handle` raises."""
         await self._warm_cards(requests)
-        settled = await self._key_conflicts(requests)
+        settled, unclaimed = await self._key_conflicts(requests)
+        # The feature keys not claimed yet are claimed while the money goes on: the feature
+        # requests wait for the claims (all of them, so that they still start in one turn
+        # of the event loop and their reads meet: `cardcore.coalesce`), the money never
+        # does (it was checked just now).
+        claiming = asyncio.ensure_future(self._claim(requests, unclaimed)) if unclaimed else None
         room = asyncio.Semaphore(limits.POS_FEATURE_PLANS_CONCURRENT_MAX)
 
-        async def feature(r: PosRequest) -> _Plan:
+        async def feature(i: int, r: PosRequest) -> _Plan:
+            if claiming is not None:
+                refused = await asyncio.shield(claiming)
+                if i in refused:
+                    return refused[i]
             async with room:
                 try:
                     return await self._plan_or_unavailable(r)
@@ -311,7 +320,7 @@ class PosService:
                     return _Plan(r, answer=PosResult(Outcome.UNAVAILABLE))
 
         features = {
-            i: asyncio.ensure_future(feature(r))
+            i: asyncio.ensure_future(feature(i, r))
             for i, r in enumerate(requests)
             if (r.kind in FEATURE_KINDS or r.kind in POINTS_KINDS) and i not in settled
         }
@@ -324,9 +333,10 @@ class PosService:
             await self._money(list(money.values()))
             answered = {i: await task for i, task in features.items()}
         finally:
-            for task in features.values():
+            ended = [*features.values(), *([claiming] if claiming is not None else [])]
+            for task in ended:
                 task.cancel()  # nothing when they are done
-            await asyncio.gather(*features.values(), return_exceptions=True)
+            await asyncio.gather(*ended, return_exceptions=True)
         plans = [
             settled[i] if i in settled else answered[i] if i in features else money[i]
             for i in range(len(requests))
@@ -371,19 +381,21 @@ class PosService:
         except DATABASE_ERRORS:
             log.warning("the cards of a call could not be read together")
 
-    async def _key_conflicts(self, requests: Sequence[PosRequest]) -> dict[int, _Plan]:
+    async def _key_conflicts(
+        self, requests: Sequence[PosRequest]
+    ) -> tuple[dict[int, _Plan], dict[int, tuple[str, str]]]:
         """The requests answered before planning, by index: those sent under a key already
-        used for another function (94, and nothing done). A key (terminal, batch cycle,
-        batch, STAN) is one transaction: the ledger keeps a money request's key, and a
-        feature request claims its key for its function (`CLAIMED`) in `pos_claims`. So a
-        money request under a claimed key, and a feature request under a key claimed for
-        another function or, unclaimed, held by the ledger, are answered 94 (a points
-        redemption's own money goes under its key after its claim: its resend finds the
-        claim first). One request in flight per terminal: nothing of the same terminal runs
-        between the check and the request. When the check cannot be made, those requests
-        are answered `unavailable`."""
+        used for another function (94, and nothing done); and the feature requests whose
+        key is not claimed yet (index -> (key, function)), for `_claim`. A key (terminal,
+        batch cycle, batch, STAN) is one transaction: the ledger keeps a money request's
+        key, and a feature request claims its key for its function (`CLAIMED`) in
+        `pos_claims`. So a money request under a claimed key, and a feature request under a
+        key claimed for another function or, unclaimed, held by the ledger, are answered 94
+        (a points redemption's own money goes under its key after its claim: its resend
+        finds the claim first). One request in flight per terminal: nothing of the same
+        terminal runs between the check and the request. One read for the call's keys;
+        when it fails, the checked requests are answered `unavailable`."""
         feature_keys: dict[str, str] = {}
-        money_keys: set[str] = set()
         of: dict[str, int] = {}
         for i, r in enumerate(requests):
             function = CLAIMED.get(r.kind)
@@ -397,33 +409,40 @@ class PosService:
                 continue  # its plan answers it
             key = transaction_key(t, r.batch, r.stan)
             of[key] = i
-            if function is None:
-                money_keys.add(key)
-            else:
+            if function is not None:
                 feature_keys[key] = function
         if not of:
-            return {}
-        down = PosResult(Outcome.UNAVAILABLE)
+            return {}, {}
         try:
             claimed = await self.directory.claimed(sorted(of))
         except DATABASE_ERRORS:
             log.exception("the keys of a call could not be read")
-            return {i: _Plan(requests[i], answer=down) for i in of.values()}
-        # A feature key not claimed yet: refused when the ledger holds it (a purchase's, or
-        # a decline the ledger keeps; never claimed then), else claimed now. A feature
-        # request whose claim cannot be written is answered `unavailable`, alone.
-        new = {k: f for k, f in feature_keys.items() if k not in claimed}
+            down = PosResult(Outcome.UNAVAILABLE)
+            return {i: _Plan(requests[i], answer=down) for i in of.values()}, {}
+        unclaimed = {of[k]: (k, f) for k, f in feature_keys.items() if k not in claimed}
+        return self._mismatched(requests, of, claimed, feature_keys), unclaimed
+
+    async def _claim(
+        self, requests: Sequence[PosRequest], unclaimed: dict[int, tuple[str, str]]
+    ) -> dict[int, _Plan]:
+        """Claim the keys of feature requests not claimed yet: those the ledger holds (a
+        purchase's, or a decline it keeps) are answered 94 and never claimed; the others
+        are claimed in one transaction, and one claimed meanwhile for another function is
+        answered 94. When the claims cannot be written, these requests are answered
+        `unavailable` (the call's money is not held up by them)."""
+        wanted = dict(unclaimed.values())
+        of = {key: i for i, (key, _) in unclaimed.items()}
         try:
-            held = await self.directory.ledger_keys(sorted(new)) if new else set()
-            claimed |= dict.fromkeys(held, "money")
-            wanted = {k: f for k, f in new.items() if k not in held}
-            if wanted:
-                claimed |= await self.directory.claim_keys(wanted, self.clock_ms())
+            held = await self.directory.ledger_keys(sorted(wanted))
+            claimed = dict.fromkeys(held, "money")
+            free = {k: f for k, f in wanted.items() if k not in held}
+            if free:
+                claimed |= await self.directory.claim_keys(free, self.clock_ms())
         except DATABASE_ERRORS:
             log.exception("the keys of a call's feature requests could not be claimed")
-            unclaimed = {of[k]: _Plan(requests[of[k]], answer=down) for k in new}
-            return unclaimed | self._mismatched(requests, of, claimed, feature_keys)
-        return self._mismatched(requests, of, claimed, feature_keys)
+            down = PosResult(Outcome.UNAVAILABLE)
+            return {i: _Plan(requests[i], answer=down) for i in unclaimed}
+        return self._mismatched(requests, of, claimed, wanted)
 
     @staticmethod
     def _mismatched(

@@ -562,6 +562,36 @@ async def test_a_calls_money_is_submitted_while_its_coupons_are_answered() -> No
     assert answers[0].campaign == "C" and books.balances == {41: 9_900}
 
 
+async def test_a_calls_money_does_not_wait_for_its_feature_requests_claims() -> None:
+    """A feature request claims its key in a write of its own (`PosService._claim`); the
+    call's money goes on meanwhile, and the feature is planned once its claim is written."""
+    books = Books({41: 10_000})
+    service = _service(books, [_card(PAN, 41)])
+    directory = service.directory
+    assert isinstance(directory, Cards)
+    written = directory.claim_keys
+    submitted_before_claim: list[int] = []
+
+    async def slow_claim(wanted: dict[str, str], now_ms: int) -> dict[str, str]:
+        for _ in range(100):  # until the purchase reached the ledger (at most a second)
+            if books.calls:
+                break
+            await asyncio.sleep(0.01)
+        submitted_before_claim.append(len(books.calls))
+        return await written(wanted, now_ms)
+
+    async def coupon(r: PosRequest, _t: Terminal, _key: str, _card: Card | None) -> PosResult:
+        return PosResult(Outcome.APPROVED, campaign="C")
+
+    directory.claim_keys = slow_claim  # type: ignore[method-assign]
+    service.features[Kind.COUPON_REDEEM] = coupon
+    redeem = replace(_coupon_query("000001"), kind=Kind.COUPON_REDEEM)
+    answers = await service.handle([redeem, _purchase(PAN, "000002", 100)])
+    assert submitted_before_claim == [1]  # the money did not wait for the claim (before: 0)
+    assert [a.outcome for a in answers] == [Outcome.APPROVED, Outcome.APPROVED]
+    assert list(directory.claims.values()) == ["coupon"]
+
+
 async def test_a_failure_of_the_money_ends_the_calls_features_and_is_raised_as_itself() -> None:
     books = Books({41: 10_000})
     service = _service(books, [_card(PAN, 41)])
