@@ -308,16 +308,16 @@ class PosService:
         room = asyncio.Semaphore(limits.POS_FEATURE_PLANS_CONCURRENT_MAX)
 
         async def feature(i: int, r: PosRequest) -> _Plan:
-            if claiming is not None:
-                refused = await asyncio.shield(claiming)
-                if i in refused:
-                    return refused[i]
-            async with room:
-                try:
+            try:
+                if claiming is not None:
+                    refused = await asyncio.shield(claiming)
+                    if i in refused:
+                        return refused[i]
+                async with room:
                     return await self._plan_or_unavailable(r)
-                except Exception:  # a defect in one feature never fails its neighbours
-                    log.exception("a feature request failed", extra={"kind": str(r.kind)})
-                    return _Plan(r, answer=PosResult(Outcome.UNAVAILABLE))
+            except Exception:  # a defect in one feature never fails its neighbours
+                log.exception("a feature request failed", extra={"kind": str(r.kind)})
+                return _Plan(r, answer=PosResult(Outcome.UNAVAILABLE))
 
         features = {
             i: asyncio.ensure_future(feature(i, r))

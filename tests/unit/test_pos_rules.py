@@ -592,6 +592,22 @@ async def test_a_calls_money_does_not_wait_for_its_feature_requests_claims() -> 
     assert list(directory.claims.values()) == ["coupon"]
 
 
+async def test_a_defect_in_the_claims_answers_the_feature_requests_only() -> None:
+    books = Books({41: 10_000})
+    service = _service(books, [_card(PAN, 41)])
+    directory = service.directory
+    assert isinstance(directory, Cards)
+
+    async def defect(wanted: dict[str, str], now_ms: int) -> dict[str, str]:
+        raise RuntimeError("a defect in the claims")
+
+    directory.claim_keys = defect  # type: ignore[method-assign]
+    redeem = replace(_coupon_query("000001"), kind=Kind.COUPON_REDEEM)
+    answers = await service.handle([redeem, _purchase(PAN, "000002", 100)])
+    assert [a.outcome for a in answers] == [Outcome.UNAVAILABLE, Outcome.APPROVED]
+    assert books.balances == {41: 9_900}
+
+
 async def test_a_failure_of_the_money_ends_the_calls_features_and_is_raised_as_itself() -> None:
     books = Books({41: 10_000})
     service = _service(books, [_card(PAN, 41)])
