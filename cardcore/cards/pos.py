@@ -33,6 +33,12 @@ return of goods a POINTS_EARN earned on) are answered by the points engine throu
 Resends. A purchase or top-up the host would decline (the card frozen since, its PIN locked,
 a partial amount computed anew) is first looked up under its key: when the ledger already
 took it, the request is a resend and gets the ledger's stored answer.
+
+One key, one function. A key (terminal, batch cycle, batch, STAN) is one transaction,
+whatever function it is sent with: the ledger keeps the keys of money requests, and feature
+requests claim theirs in `pos_claims` (`_key_conflicts`, one read per call; `_claim`, written
+while the call's money goes on). A request under a key used for another function is answered
+94 and changes nothing.
 """
 
 from __future__ import annotations
