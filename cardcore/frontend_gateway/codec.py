@@ -45,9 +45,9 @@ and it accepts what we must not (hex digits A-F in BCD fields, control bytes in 
 The tests check, with hypothesis, that pyiso8583 with SPEC reads every message we accept the
 way we do and writes every message we write byte for byte the same. Besides those checks,
 decode refuses a secondary bitmap, fields outside the table, short PANs, bad pad nibbles,
-trailing bytes, unknown MTIs, the STAN 000000 and impossible times (F12) and dates (F13),
-always with a `FormatError` carrying the response code to answer and whatever fields could
-be recovered for that answer.
+trailing bytes, unknown MTIs, the STAN 000000, impossible times (F12), dates (F13, F15) and
+expiry months (F14), always with a `FormatError` carrying the response code to answer and
+whatever fields could be recovered for that answer.
 """
 
 from __future__ import annotations
@@ -337,10 +337,23 @@ def _is_time(value: str) -> bool:
     return int(value[0:2]) <= 23 and int(value[2:4]) <= 59 and int(value[4:6]) <= 59
 
 
-def _is_month_day(value: str) -> bool:
-    month, day = int(value[0:2]), int(value[2:4])
-    return 1 <= month <= 12 and 1 <= day <= _DAYS_OF_MONTH[month - 1]
+def _is_month(value: str) -> bool:
+    return 1 <= int(value) <= len(_DAYS_OF_MONTH)
 
+
+def _is_month_day(value: str) -> bool:
+    """MMDD (F13, F15): a month 01..12 and a day of it; 0229 always, as there is no year."""
+    month, day = value[0:2], int(value[2:4])
+    return _is_month(month) and 1 <= day <= _DAYS_OF_MONTH[int(month) - 1]
+
+
+def _is_year_month(value: str) -> bool:
+    """YYMM (F14): any year, a month 01..12. A past expiry is well-formed: the host judges
+    the card's expiry by its own record, not by F14."""
+    return _is_month(value[2:4])
+
+
+_MONTH_DAY: Final = "a date MMDD: month 01..12, a day of that month (0229 too)"
 
 # Fields whose digits must also make sense: field -> (check, what it must be). Each runs on a
 # value of the right length and digits only.
@@ -348,7 +361,9 @@ _VALUE_CHECK: Final[Mapping[str, tuple[Callable[[str], bool], str]]] = MappingPr
     {
         "11": (_is_stan, "000001..999999, never 000000"),
         "12": (_is_time, "a time hhmmss: hour 00..23, minute and second 00..59"),
-        "13": (_is_month_day, "a date MMDD: month 01..12, a day of that month (0229 too)"),
+        "13": (_is_month_day, _MONTH_DAY),
+        "14": (_is_year_month, "an expiry YYMM: month 01..12"),
+        "15": (_is_month_day, _MONTH_DAY),
     }
 )
 

@@ -676,8 +676,10 @@ def _value(key: str) -> st.SearchStrategy[str]:
         return st.tuples(st.integers(0, 23), st.integers(0, 59), st.integers(0, 59)).map(
             lambda t: f"{t[0]:02d}{t[1]:02d}{t[2]:02d}"
         )
-    if key == "13":
+    if key in ("13", "15"):
         return st.dates().map(lambda d: d.strftime("%m%d"))  # 0229 of leap years too
+    if key == "14":
+        return st.dates().map(lambda d: d.strftime("%y%m"))
     if key == "52":
         return st.sampled_from([8, 16]).flatmap(
             lambda n: st.binary(min_size=n, max_size=n).map(lambda b: b.hex().upper())

@@ -158,7 +158,9 @@ def random_value(rng: random.Random, key: str) -> str:
         return f"{rng.randrange(1, 10**6):06d}"
     if key == "12":
         return f"{rng.randrange(24):02d}{rng.randrange(60):02d}{rng.randrange(60):02d}"
-    if key == "13":
+    if key == "14":
+        return f"{rng.randrange(100):02d}{rng.randint(1, 12):02d}"
+    if key in ("13", "15"):
         month = rng.randint(1, 12)
         return f"{month:02d}{rng.randint(1, calendar.monthrange(2024, month)[1]):02d}"  # 0229 too
     if f.kind == "n":

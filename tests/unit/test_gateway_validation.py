@@ -1,6 +1,7 @@
 """Decodable but bad content is answered with its code, never with silence: an MTI we do not
-serve gets 12 under its MTI + 10; a STAN of 000000, an impossible time (F12) or date (F13),
-and settlement totals whose flag is not 0 get 30. None of them reaches the host."""
+serve gets 12 under its MTI + 10; a STAN of 000000, an impossible time (F12), date (F13) or
+settlement date (F15), an expiry (F14) whose month is not 01..12, and settlement totals whose
+flag is not 0 get 30. None of them reaches the host."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from cardcore.frontend_gateway import codec, security
 from cardcore.frontend_gateway.processor import Processor, Reply
 from cardcore.frontend_gateway.saf import ReversalQueue
 from cardcore.frontend_gateway.security import KeyMode
-from cardcore.frontend_gateway.terminal import PosTerminal
+from cardcore.frontend_gateway.server import GatewayServer
+from cardcore.frontend_gateway.terminal import HEADER, TPDU, PosTerminal
 from cardcore.metrics import Metrics
 
 KEK = bytes(range(32))
@@ -88,6 +90,19 @@ def _purchase(t: PosTerminal) -> dict[str, str]:
     return fields | {"2": PAN, "4": "000000000100", "22": "012", "25": "00", "49": "156"}
 
 
+# Where each fixed date field starts in `_purchase`'s body with F14 and F15 added: MTI, bitmap,
+# F2 (LL + 8 bytes), F3 (3), F4 (6), then F11, F12, F13, F14, F15 (BCD: hex = digits).
+_AT = {"11": 28, "12": 31, "13": 34, "14": 36, "15": 38}
+
+
+def _with_bytes(body: bytes, key: str, good: str, value: str) -> bytes:
+    """`body` with field `key`'s BCD digits `good` overwritten by `value` (which `encode`
+    would refuse to write)."""
+    at, old = _AT[key], bytes.fromhex(good)
+    assert body[at : at + len(old)] == old
+    return body[:at] + bytes.fromhex(value) + body[at + len(old) :]
+
+
 def _messages_counted(metrics: Metrics, mti: str, code: str) -> float | None:
     labels = {"mti": mti, "code": code}
     return metrics.registry.get_sample_value("cardcore_gateway_messages_total", labels)
@@ -134,13 +149,7 @@ async def test_an_impossible_stan_time_or_date_is_answered_30(
 ) -> None:
     fields = _purchase(gateway.terminal) | {"11": "123456", "12": "101010", "13": "1112"}
     body = gateway.terminal.encode(fields, mac=True)
-    # MTI, bitmap, F2 (LL + 8 bytes), F3 (3), F4 (6), then F11, F12, F13 (BCD: hex = digits).
-    at = {"11": 28, "12": 31, "13": 34}[key]
-    good = bytes.fromhex(fields[key])
-    assert body[at : at + len(good)] == good
-    reply = await gateway.processor.handle(
-        body[:at] + bytes.fromhex(value) + body[at + len(good) :]
-    )
+    reply = await gateway.processor.handle(_with_bytes(body, key, fields[key], value))
     answer = _fields(reply)
     assert (answer["t"], answer["39"]) == ("0210", "30")
     assert answer.get("11") == (None if key == "11" else "123456")  # an invalid STAN is not echoed
@@ -154,6 +163,100 @@ async def test_a_real_date_goes_through(gateway: Gateway, mmdd: str) -> None:
     answer = _fields(await gateway.processor.handle(gateway.terminal.encode(fields, mac=True)))
     assert answer["39"] == "00"
     assert [(r.kind, r.date) for r in gateway.host.seen] == [(Kind.PURCHASE, mmdd)]
+
+
+# --- expiry (F14, YYMM) and settlement date (F15, MMDD): 30 -------------------------------------
+
+_GOOD_EXPIRY, _GOOD_SETTLEMENT = "2512", "1112"
+IMPOSSIBLE_EXPIRY_OR_SETTLEMENT_DATE = [
+    ("14", "2500"), ("14", "2513"), ("14", "0099"),
+    ("15", "0000"), ("15", "0015"), ("15", "1301"), ("15", "9901"), ("15", "0100"),
+    ("15", "0132"), ("15", "0230"), ("15", "0231"), ("15", "0431"), ("15", "1131"),
+]  # fmt: skip
+
+
+def _purchase_with_dates(t: PosTerminal, expiry: str, settlement: str) -> dict[str, str]:
+    fields = _purchase(t) | {"11": "123456", "12": "101010", "13": "1112"}
+    return fields | {"14": expiry, "15": settlement}
+
+
+@pytest.mark.parametrize(("key", "value"), IMPOSSIBLE_EXPIRY_OR_SETTLEMENT_DATE)
+async def test_an_impossible_expiry_month_or_settlement_date_is_answered_30(
+    gateway: Gateway, key: str, value: str
+) -> None:
+    fields = _purchase_with_dates(gateway.terminal, _GOOD_EXPIRY, _GOOD_SETTLEMENT)
+    body = gateway.terminal.encode(fields, mac=True)
+    reply = await gateway.processor.handle(_with_bytes(body, key, fields[key], value))
+    answer = _fields(reply)
+    assert (answer["t"], answer["39"]) == ("0210", "30")
+    for echoed in ("3", "4", "11", "41", "42", "60"):
+        assert answer[echoed] == fields[echoed], echoed
+    assert not {"2", "14", "15", "64"} & answer.keys()  # no card data back, no MAC
+    assert gateway.host.seen == []
+    assert _messages_counted(gateway.metrics, "0200", "30") == 1
+
+
+@pytest.mark.parametrize(("key", "value"), IMPOSSIBLE_EXPIRY_OR_SETTLEMENT_DATE)
+def test_decode_names_the_impossible_expiry_or_settlement_date(key: str, value: str) -> None:
+    fields = {"t": "0200", "11": "000001", "14": _GOOD_EXPIRY, "15": _GOOD_SETTLEMENT}
+    body = codec.encode(fields)
+    at = codec.MTI_BYTES + codec.BITMAP_BYTES + 3 + {"14": 0, "15": 2}[key]  # after F11
+    with pytest.raises(codec.FormatError) as caught:
+        codec.decode(body[:at] + bytes.fromhex(value) + body[at + 2 :])
+    error = caught.value
+    assert (error.code, error.field, error.mti) == ("30", key, "0200")
+    assert error.fields == {"t": "0200", "11": "000001"}
+    with pytest.raises(ValueError, match=f"field {key} must be"):
+        codec.encode(fields | {key: value})
+
+
+@pytest.mark.parametrize(
+    ("expiry", "settlement"),
+    [("2512", "0229"), ("0001", "1231"), ("9912", "0101"), ("2601", "0430"), ("4907", "0831")],
+)
+async def test_a_real_expiry_and_settlement_date_go_through(
+    gateway: Gateway, expiry: str, settlement: str
+) -> None:
+    fields = _purchase_with_dates(gateway.terminal, expiry, settlement)
+    answer = _fields(await gateway.processor.handle(gateway.terminal.encode(fields, mac=True)))
+    assert answer["39"] == "00"
+    assert [r.kind for r in gateway.host.seen] == [Kind.PURCHASE]
+
+
+async def test_an_expiry_in_the_past_is_not_the_gateways_to_judge(gateway: Gateway) -> None:
+    """F14 is accepted and not used: the host declines an expired card (54) by its own
+    record, so a well-formed expiry long past (January 2020) goes to the host like any other
+    purchase, and the host request carries no expiry."""
+    fields = _purchase_with_dates(gateway.terminal, "2001", _GOOD_SETTLEMENT)
+    answer = _fields(await gateway.processor.handle(gateway.terminal.encode(fields, mac=True)))
+    assert answer["39"] == "00"
+    [request] = gateway.host.seen
+    assert (request.kind, request.card, request.amount) == (Kind.PURCHASE, PAN, 100)
+    assert not any("expir" in name for name in PosRequest.__dataclass_fields__)
+
+
+async def test_a_frame_with_an_impossible_expiry_is_answered_and_the_connection_stays_open(
+    gateway: Gateway,
+) -> None:
+    server = GatewayServer(gateway.processor, gateway.metrics, host="127.0.0.1", port=0)
+    await server.start()
+    terminal = gateway.terminal
+    terminal.host, terminal.port, terminal.timeout_s = "127.0.0.1", server.port, 10
+    try:
+        fields = _purchase_with_dates(terminal, _GOOD_EXPIRY, _GOOD_SETTLEMENT)
+        body = terminal.encode(fields, mac=True)
+        bad = _with_bytes(body, "14", _GOOD_EXPIRY, "2513")
+        await terminal.send_raw(codec.pack_frame(TPDU, HEADER, bad))
+        line = terminal._writer
+        reply = await terminal.read_reply()
+        assert (reply.fields["t"], reply.code, reply.fields["11"]) == ("0210", "30", "123456")
+        sale = await terminal.purchase(PAN, 100)
+        assert sale.code == "00", sale.fields
+        assert terminal._writer is line  # the same connection: it stayed open
+        assert [r.kind for r in gateway.host.seen] == [Kind.PURCHASE]
+    finally:
+        await terminal.close()
+        await server.close(grace_s=0)
 
 
 # --- the flag of settlement totals: 0, else 30 -------------------------------------------------
