@@ -74,6 +74,7 @@ _PACKAGE_PROPS: dict[str, r.Schema] = {
     "refund_fee_fen": FEN,
     "single_use_price_fen": FEN,
     "refund_after_expiry": r.boolean(),
+    "stores": STORES,  # where it may be redeemed: the product's stores of the sale, [] = all
     "sold_ms": TIME_MS,
     "expires_ms": TIME_MS,
     "state": r.enum([x.value for x in EntitlementState]),

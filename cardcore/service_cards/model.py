@@ -5,10 +5,13 @@ and refunds. Pure: records and integers in, records, integers or a refusal code 
   package (an `Entitlement`) expires at the end of the month `validity_months` after the local
   sale date, in the group's timezone: the instant of local midnight after that month's last
   day (sold 31 January with 1 month: the end of February).
+- A package keeps every term of its sale: the uses sold, the expiry, the price paid, the
+  stores where it may be redeemed and the refund terms (`RefundTerms`). A later change of
+  the product applies to later sales only: a package's use and refund read the package,
+  never the product.
 - A redemption uses one or more entitlements of one active, unexpired package, in a store the
-  product names (no store named = every store).
-- A refund follows the terms the package was sold under (`RefundTerms`, kept with it; a
-  later change of the product applies to later sales only): none; pro rata (the unused
+  package names (the product's stores on the day of its sale; none named = every store).
+- A refund follows the refund terms the package was sold under: none; pro rata (the unused
   share of the price paid, the fraction of a fen to the member); or the price paid less the
   used ones charged at the one-use list price of the sale. A refund fee is taken last and
   never makes a refund negative.
@@ -58,7 +61,7 @@ class ServiceProduct:
     uses: int  # entitlements per sale, 1..SERVICE_USES_MAX
     price_fen: int  # what the member pays for the package
     validity_months: int  # 1..SERVICE_VALIDITY_MONTHS_MAX, to the end of the month
-    stores: frozenset[str]  # store codes where it may be redeemed; empty = every store
+    stores: frozenset[str]  # where packages sold now may be redeemed; empty = every store
     refund_policy: RefundPolicy
     refund_fee_fen: int  # taken from a refund, never below zero
     single_use_price_fen: int  # the one-use list price (policy pro_rata_after_use_price)
@@ -88,8 +91,8 @@ def refund_terms_of(p: ServiceProduct) -> RefundTerms:
 
 @dataclass(frozen=True, slots=True)
 class Entitlement:
-    """One sold package on a card. `id` is its record id (0 before it is stored); it breaks
-    ties when two packages are otherwise alike."""
+    """One sold package on a card, with the terms of its sale. `id` is its record id (0
+    before it is stored); it breaks ties when two packages are otherwise alike."""
 
     id: int
     product_code: str
@@ -100,6 +103,7 @@ class Entitlement:
     price_fen: int  # the price paid at sale (refunds use it, not today's product price)
     state: EntitlementState
     refund_terms: RefundTerms  # as of the sale (refunds use them, not today's product's)
+    stores: frozenset[str]  # where it redeems: the product's at the sale; empty = every store
 
 
 # --- time ---------------------------------------------------------------------------------------
@@ -186,9 +190,9 @@ def _store_problems(stores: frozenset[str]) -> list[Problem]:
 
 
 def sell(p: ServiceProduct, *, sold_ms: int, tz: str, id_: int = 0) -> Entitlement:
-    """The package a sale of `p` at `sold_ms` puts on a card: every use left, today's price
-    and refund terms, expiring at the end of the month `p.validity_months` after the local
-    sale date."""
+    """The package a sale of `p` at `sold_ms` puts on a card: every use left, today's price,
+    stores and refund terms, expiring at the end of the month `p.validity_months` after the
+    local sale date."""
     return Entitlement(
         id=id_,
         product_code=p.code,
@@ -199,6 +203,7 @@ def sell(p: ServiceProduct, *, sold_ms: int, tz: str, id_: int = 0) -> Entitleme
         price_fen=p.price_fen,
         state=EntitlementState.ACTIVE,
         refund_terms=refund_terms_of(p),
+        stores=p.stores,
     )
 
 
@@ -207,22 +212,20 @@ def is_expired(e: Entitlement, now_ms: int) -> bool:
     return e.state is EntitlementState.EXPIRED or now_ms >= e.expires_ms
 
 
-def check_redeem(
-    e: Entitlement, p: ServiceProduct, *, store: str, now_ms: int, uses: int
-) -> str | None:
+def check_redeem(e: Entitlement, *, store: str, now_ms: int, uses: int) -> str | None:
     """None when `uses` entitlements of `e` may be redeemed in `store` at `now_ms`, else
-    the refusal code. Checked in this order: the count asked is 1..SERVICE_USES_MAX
-    (`service_bad_count`); the package is not refunded (`service_refunded`) nor expired
-    (`service_expired`); the product is sold in `store` (`service_wrong_store`); at least
-    `uses` are left (`service_no_uses_left`, also when some but too few are left)."""
-    assert e.product_code == p.code, "the entitlement of another product"
+    the refusal code. Only the package's own terms count, never its product's today.
+    Checked in this order: the count asked is 1..SERVICE_USES_MAX (`service_bad_count`);
+    the package is not refunded (`service_refunded`) nor expired (`service_expired`); the
+    package may be redeemed in `store` (`service_wrong_store`); at least `uses` are left
+    (`service_no_uses_left`, also when some but too few are left)."""
     if not 1 <= uses <= limits.SERVICE_USES_MAX:
         return BAD_COUNT
     if e.state is EntitlementState.REFUNDED:
         return REFUNDED
     if is_expired(e, now_ms):
         return EXPIRED
-    if p.stores and store not in p.stores:
+    if e.stores and store not in e.stores:
         return WRONG_STORE
     if uses > e.uses_left:
         return NO_USES_LEFT

@@ -13,11 +13,12 @@ Rules of every use case:
 - A redemption at the POS (`redeem`) takes uses by a guarded UPDATE (uses left >= asked),
   with a row under the POS key in the same transaction, so a resend answers the same and a
   reversal (`reverse`) gives the uses back exactly once.
-- A package keeps its product's refund terms of the day it was sold; a refund follows those,
-  never the product's terms today. It marks the package refunded first (a guarded update on
-  the uses left that were read, so no redemption slips in between), then pays the unused
-  share from the selling store's sales back to its till; a retry with the same key pays the
-  same, once.
+- A package keeps the terms of the day it was sold: the uses, the expiry, the price paid,
+  the product's stores (where it may be redeemed) and its refund terms. A redemption and a
+  refund follow those, never the product's terms today (they do not read the product).
+- A refund marks the package refunded first (a guarded update on the uses left that were
+  read, so no redemption slips in between), then pays the unused share from the selling
+  store's sales back to its till; a retry with the same key pays the same, once.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NoReturn
 
 from cardcore import limits
@@ -150,7 +151,13 @@ def entitlement_of(row: dict[str, Any]) -> Entitlement:
             single_use_price_fen=int(row["single_use_price_fen"]),
             after_expiry=bool(row["refund_after_expiry"]),
         ),
+        stores=frozenset(json.loads(row["stores"])),
     )
+
+
+def stores_text(stores: frozenset[str]) -> str:
+    """A package's stores as its row keeps them: a JSON list, sorted ([] = every store)."""
+    return json.dumps(sorted(stores))
 
 
 def package_view(row: dict[str, Any], now_ms: int) -> dict[str, Any]:
@@ -173,6 +180,7 @@ def package_view(row: dict[str, Any], now_ms: int) -> dict[str, Any]:
         "refund_fee_fen": e.refund_terms.fee_fen,
         "single_use_price_fen": e.refund_terms.single_use_price_fen,
         "refund_after_expiry": e.refund_terms.after_expiry,
+        "stores": sorted(e.stores),
         "sold_ms": e.sold_ms,
         "expires_ms": e.expires_ms,
         "state": str(state),
@@ -307,7 +315,8 @@ class ServiceCards:
         self, p: Principal, code: str, changes: dict[str, Any]
     ) -> dict[str, Any]:
         """Change a product: later sales use its new terms; packages sold before keep the
-        refund terms and price of their sale; a retired product sells no more."""
+        terms of their sale (uses, expiry, price, stores, refund terms); a retired product
+        sells no more."""
         require(p, Perm.PROGRAMS_WRITE)
         _require_hq(p)
         now = self.clock_ms()
@@ -456,6 +465,7 @@ class ServiceCards:
             "refund_fee_fen": sold.refund_terms.fee_fen,
             "single_use_price_fen": sold.refund_terms.single_use_price_fen,
             "refund_after_expiry": sold.refund_terms.after_expiry,
+            "stores": stores_text(sold.stores),
             "sold_ms": sold.sold_ms,
             "expires_ms": sold.expires_ms,
             "state": str(sold.state),
@@ -643,7 +653,8 @@ class ServiceCards:
 
     async def redeem(self, r: PosRequest, t: PosTerminal, key: str, card: Card | None) -> PosResult:
         """`r.uses` (default 1) entitlements of the card's package of `r.product` ("" = the
-        package the rules choose among all) used at the terminal's store, once per POS key."""
+        package the rules choose among all) used at the terminal's store, once per POS key.
+        The packages' own terms decide (their stores, expiry, uses); no product is read."""
         if card is None:
             return PosResult(Outcome.BAD_REQUEST)
         uses = r.uses or 1
@@ -658,14 +669,9 @@ class ServiceCards:
                 PACKAGES, {"holder": card.account_id}, descending=True,
                 limit=limits.SERVICE_ENTITLEMENTS_PER_CARD_MAX,
             )  # fmt: skip
-            codes = {row["product"] for row in rows if not r.product or row["product"] == r.product}
-            products = {
-                c: product_of(found)
-                for c in codes
-                if (found := await uow.get(PRODUCTS, code=c)) is not None
-            }
         packages = [entitlement_of(row) for row in rows[: limits.SERVICE_ENTITLEMENTS_PER_CARD_MAX]]
-        chosen, refusal = choose_package(packages, products, store=t.store, now_ms=now, uses=uses)
+        codes = {e.product_code for e in packages if not r.product or e.product_code == r.product}
+        chosen, refusal = choose_package(packages, codes, store=t.store, now_ms=now, uses=uses)
         if chosen is None:
             return _refused(refusal)
         try:
@@ -781,22 +787,19 @@ class _Lost(Exception):
 
 def choose_package(
     packages: list[Entitlement],
-    products: dict[str, model.ServiceProduct],
+    products: Collection[str],
     *,
     store: str,
     now_ms: int,
     uses: int,
 ) -> tuple[Entitlement | None, str]:
-    """The package to use (the model's choice among those the rules let redeem here), or
-    None and the refusal of the package the model would have chosen (else of the newest)."""
+    """The package of one of `products` (codes) to use (the model's choice among those
+    their own terms let redeem here), or None and the refusal of the package the model
+    would have chosen (else of the newest)."""
     mine = [e for e in packages if e.product_code in products]
     if not mine:
         return None, NO_PACKAGE
-    ok = [
-        e for e in mine
-        if model.check_redeem(e, products[e.product_code], store=store, now_ms=now_ms,
-                              uses=uses) is None
-    ]  # fmt: skip
+    ok = [e for e in mine if model.check_redeem(e, store=store, now_ms=now_ms, uses=uses) is None]
     picks = [
         found
         for code in sorted({e.product_code for e in ok})
@@ -810,9 +813,7 @@ def choose_package(
         if (found := model.choose_entitlement(mine, code, now_ms)) is not None
     ]
     blame = min(best, key=lambda e: (e.expires_ms, e.sold_ms, e.id)) if best else mine[0]
-    refusal = model.check_redeem(
-        blame, products[blame.product_code], store=store, now_ms=now_ms, uses=uses
-    )
+    refusal = model.check_redeem(blame, store=store, now_ms=now_ms, uses=uses)
     return None, refusal or model.NO_USES_LEFT
 
 

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from typing import Any
 
+from alembic import command
+
+from cardcore import migrate
 from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult
 from cardcore.ledger.http import LEDGER_KEY
 from cardcore.service_cards.http import SERVICE_CARDS_KEY
-from cardcore.service_cards.service import take_uses
+from cardcore.service_cards.service import entitlement_of, take_uses
 from tests import logscan
-from tests.helpers import AdminClient, sql_rows
+from tests.helpers import AdminClient, sql_execute, sql_rows
 
 _stans = itertools.count(1)
 _tids = itertools.count(1)
@@ -424,3 +428,115 @@ async def test_the_same_sale_sent_twice_at_once_sells_one_package(
     assert await store_balance(admin, "S1", "sales") == sales + 10_000
     rows = await sql_rows(db_url, "SELECT id FROM service_entitlements")
     assert len(rows) == 1
+
+
+# --- the terms of the sale -----------------------------------------------------------------------
+
+
+async def test_a_package_redeems_in_the_stores_of_its_sale_not_a_later_narrowing(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Audit finding: a package's redeemable stores were the product's of the day of the
+    redemption, so narrowing the product refused packages already sold. Ten washes sold
+    valid in S1 and S2 stay valid in S2 after HQ narrows the product to S1; a package sold
+    after the change is refused in S2."""
+    w = await world(admin)
+    pan = w["card"]["pan"]
+    await product(admin, "TWO", uses=10, price_fen=10_000, stores=["S1", "S2"])
+    _, before = await sell(admin, w["card"]["id"], "TWO")
+    assert before["stores"] == ["S1", "S2"]
+    narrowed = await admin.ok("PATCH", f"{PRODUCTS}/TWO", json={"stores": ["S1"]})
+    assert narrowed["stores"] == ["S1"]
+    [kept] = await pos(admin, redemption(w["t2"], pan, product="TWO"))
+    assert (kept.outcome, kept.uses_left) == (Outcome.APPROVED, 9)
+    [chosen] = await pos(admin, redemption(w["t2"], pan))  # "" = the card's choice
+    assert (chosen.outcome, chosen.uses_left) == (Outcome.APPROVED, 8)
+    listed = await admin.ok("GET", f"/v1/cards/{w['card']['id']}/service-packages")
+    assert [p["stores"] for p in listed["items"]] == [["S1", "S2"]]
+
+    later = await issue(admin, "S1")
+    _, after = await sell(admin, later["id"], "TWO")
+    assert after["stores"] == ["S1"]
+    before_counts = await counts(db_url)
+    [refused] = await pos(admin, redemption(w["t2"], later["pan"], product="TWO"))
+    assert (refused.outcome, refused.refusal) == (Outcome.NOT_PERMITTED, "service_wrong_store")
+    [chosen] = await pos(admin, redemption(w["t2"], later["pan"]))
+    assert (chosen.outcome, chosen.refusal) == (Outcome.NOT_PERMITTED, "service_wrong_store")
+    assert await counts(db_url) == before_counts  # refusals change nothing
+    [here] = await pos(admin, redemption(w["t1"], later["pan"], product="TWO"))
+    assert (here.outcome, here.uses_left) == (Outcome.APPROVED, 9)
+    query = "SELECT stores FROM service_entitlements WHERE id = :i"
+    stored = [(await sql_rows(db_url, query, i=p["id"]))[0]["stores"] for p in (before, after)]
+    assert [json.loads(s) for s in stored] == [["S1", "S2"], ["S1"]]
+
+
+async def test_a_package_keeps_the_uses_and_validity_of_its_sale_not_a_later_change(
+    admin: AdminClient,
+) -> None:
+    """The other terms a package is redeemed by (the uses sold, the expiry) are its own too:
+    after HQ cuts the product from 10 uses for 12 months to 5 for 1, a package sold before
+    takes 8 uses at once and redeems after the new month is over; one sold after has 5 uses
+    and is expired by then."""
+    w = await world(admin)
+    pan = w["card"]["pan"]
+    await product(admin, "LONG", uses=10, price_fen=10_000)
+    _, before = await sell(admin, w["card"]["id"], "LONG")
+    await admin.ok("PATCH", f"{PRODUCTS}/LONG", json={"uses": 5, "validity_months": 1})
+    later = await issue(admin, "S1")
+    _, after = await sell(admin, later["id"], "LONG")
+    assert (before["uses_total"], after["uses_total"]) == (10, 5)
+    assert after["expires_ms"] < before["expires_ms"]
+    [eight] = await pos(admin, redemption(w["t1"], pan, product="LONG", uses=8))
+    assert (eight.outcome, eight.uses_left) == (Outcome.APPROVED, 2)
+    [six] = await pos(admin, redemption(w["t1"], later["pan"], product="LONG", uses=6))
+    assert (six.outcome, six.refusal) == (Outcome.INSUFFICIENT_FUNDS, "service_no_uses_left")
+    services = admin.app[SERVICE_CARDS_KEY]
+    now = services.clock_ms()
+    services.clock_ms = lambda: now + 70 * 86_400_000  # past the new month's end, not the year's
+    [kept] = await pos(admin, redemption(w["t1"], pan, product="LONG"))
+    assert (kept.outcome, kept.uses_left) == (Outcome.APPROVED, 1)
+    [old] = await pos(admin, redemption(w["t1"], later["pan"], product="LONG"))
+    assert (old.outcome, old.refusal) == (Outcome.NOT_PERMITTED, "service_expired")
+
+
+def test_packages_from_before_0009_get_their_products_stores_of_the_upgrade(db_url: str) -> None:
+    """0009: a package sold before it gets its product's stores as they are (what its
+    redemptions read until then); one whose product is gone gets the store that sold it.
+    Each reads back as the package's own stores."""
+    config = migrate._alembic_config(db_url)
+    command.downgrade(config, "0008")
+    definition = (
+        '{{"price_fen": 10000, "refund_after_expiry": false, "refund_fee_fen": 0, '
+        '"refund_policy": "pro_rata", "single_use_price_fen": 1000, "stores": {}, '
+        '"uses": 10, "validity_months": 12}}'
+    )
+    products = [("TWO", '["S1", "S2"]'), ("ALL", "[]")]
+    packages = [(1, "TWO", "S1"), (2, "ALL", "S1"), (3, "GONE", "S3"), (20_003, "TWO", "S2")]
+    asyncio.run(
+        sql_execute(
+            db_url,
+            *[
+                "INSERT INTO service_products (code, name, legal_entity, definition, state, "  # noqa: S608
+                f"created_at_ms, updated_at_ms) VALUES ('{code}', '{code}', 'LE1', "
+                f"'{definition.format(stores)}', 'active', 0, 0)"
+                for code, stores in products
+            ],
+            *[
+                "INSERT INTO service_entitlements (id, product, holder, member_id, store, "  # noqa: S608
+                "uses_total, uses_left, price_fen, refund_policy, refund_fee_fen, "
+                "single_use_price_fen, refund_after_expiry, sold_ms, expires_ms, state, "
+                "sale_key, refund_key, refunded_fen, updated_at_ms) VALUES "
+                f"({i}, '{code}', 7, NULL, '{store}', 10, 5, 10000, 'pro_rata', 0, 1000, "
+                f"FALSE, 0, 1, 'active', '{store}/k{i}', NULL, 0, 0)"
+                for i, code, store in packages
+            ],
+        )
+    )
+    command.upgrade(config, "head")
+    rows = asyncio.run(sql_rows(db_url, "SELECT * FROM service_entitlements ORDER BY id"))
+    assert [(r["id"], entitlement_of(r).stores) for r in rows] == [
+        (1, frozenset({"S1", "S2"})),
+        (2, frozenset()),  # every store, as its product
+        (3, frozenset({"S3"})),  # its product is gone: where it was sold
+        (20_003, frozenset({"S1", "S2"})),  # in a later fill
+    ]

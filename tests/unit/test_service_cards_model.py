@@ -1,5 +1,6 @@
 """The service card rules (pure): expiry to the end of a month in the group's timezone, product
-checks, redemption and its refusal codes, the choice of a package, refunds by policy."""
+checks, redemption by the package's own terms and its refusal codes, the choice of a package,
+refunds by policy."""
 
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ def package(**changes: object) -> Entitlement:
         price_fen=30_000,
         state=EntitlementState.ACTIVE,
         refund_terms=refund_terms_of(WASH),
+        stores=WASH.stores,
     )
     return replace(e, **changes)  # type: ignore[arg-type]
 
@@ -204,74 +206,80 @@ def test_every_problem_of_a_product_is_listed() -> None:
 
 
 def test_an_active_package_with_uses_left_redeems() -> None:
-    assert check_redeem(package(), WASH, store="S001", now_ms=NOW_MS, uses=1) is None
-    assert check_redeem(package(uses_left=3), WASH, store="S001", now_ms=NOW_MS, uses=3) is None
+    assert check_redeem(package(), store="S001", now_ms=NOW_MS, uses=1) is None
+    assert check_redeem(package(uses_left=3), store="S001", now_ms=NOW_MS, uses=3) is None
 
 
 def test_a_package_without_enough_uses_left_is_refused_negative() -> None:
     for left, asked in ((0, 1), (2, 3)):
         e = package(uses_left=left)
-        assert check_redeem(e, WASH, store="S001", now_ms=NOW_MS, uses=asked) == (
-            "service_no_uses_left"
-        )
+        assert check_redeem(e, store="S001", now_ms=NOW_MS, uses=asked) == "service_no_uses_left"
 
 
 def test_the_last_use_redeems_and_then_none_is_left() -> None:
     e = package(uses_left=1)
-    assert check_redeem(e, WASH, store="S001", now_ms=NOW_MS, uses=1) is None
+    assert check_redeem(e, store="S001", now_ms=NOW_MS, uses=1) is None
     after = redeemed(e, 1)
     assert after.uses_left == 0
-    assert check_redeem(after, WASH, store="S001", now_ms=NOW_MS, uses=1) == (
-        "service_no_uses_left"
-    )
+    assert check_redeem(after, store="S001", now_ms=NOW_MS, uses=1) == "service_no_uses_left"
 
 
 def test_a_package_redeems_until_the_instant_before_it_expires() -> None:
     e = package()
-    assert check_redeem(e, WASH, store="S001", now_ms=e.expires_ms - 1, uses=1) is None
+    assert check_redeem(e, store="S001", now_ms=e.expires_ms - 1, uses=1) is None
 
 
 def test_a_package_is_refused_from_the_instant_it_expires_negative() -> None:
     e = package()
-    assert check_redeem(e, WASH, store="S001", now_ms=e.expires_ms, uses=1) == "service_expired"
+    assert check_redeem(e, store="S001", now_ms=e.expires_ms, uses=1) == "service_expired"
     marked = package(state=EntitlementState.EXPIRED)
-    assert check_redeem(marked, WASH, store="S001", now_ms=NOW_MS, uses=1) == "service_expired"
+    assert check_redeem(marked, store="S001", now_ms=NOW_MS, uses=1) == "service_expired"
 
 
-def test_a_product_for_named_stores_redeems_in_them() -> None:
-    named = replace(WASH, stores=frozenset({"S001"}))
-    assert check_redeem(package(), named, store="S001", now_ms=NOW_MS, uses=1) is None
-    assert check_redeem(package(), WASH, store="S999", now_ms=NOW_MS, uses=1) is None  # all
+def test_a_package_for_named_stores_redeems_in_them() -> None:
+    named = package(stores=frozenset({"S001", "S002"}))
+    assert check_redeem(named, store="S001", now_ms=NOW_MS, uses=1) is None
+    assert check_redeem(named, store="S002", now_ms=NOW_MS, uses=1) is None
+    assert check_redeem(package(), store="S999", now_ms=NOW_MS, uses=1) is None  # all
 
 
-def test_a_product_for_named_stores_is_refused_elsewhere_negative() -> None:
-    named = replace(WASH, stores=frozenset({"S001"}))
-    e = package()
-    assert check_redeem(e, named, store="S002", now_ms=NOW_MS, uses=1) == "service_wrong_store"
+def test_a_package_for_named_stores_is_refused_elsewhere_negative() -> None:
+    e = package(stores=frozenset({"S001"}))
+    assert check_redeem(e, store="S002", now_ms=NOW_MS, uses=1) == "service_wrong_store"
+
+
+def test_a_sale_keeps_the_stores_of_its_day() -> None:
+    """A package redeems where its product did when it was sold: a package sold for S001
+    and S002 keeps both (the check reads no product, so narrowing the product later cannot
+    reach it); one sold after the product named S001 alone redeems there only."""
+    both = sell(replace(WASH, stores=frozenset({"S001", "S002"})), sold_ms=SOLD_MS, tz=SHANGHAI)
+    assert both.stores == frozenset({"S001", "S002"})
+    assert check_redeem(both, store="S002", now_ms=NOW_MS, uses=1) is None
+    narrowed = sell(replace(WASH, stores=frozenset({"S001"})), sold_ms=NOW_MS, tz=SHANGHAI)
+    assert check_redeem(narrowed, store="S002", now_ms=NOW_MS, uses=1) == "service_wrong_store"
+    assert check_redeem(narrowed, store="S001", now_ms=NOW_MS, uses=1) is None
+    assert sell(WASH, sold_ms=SOLD_MS, tz=SHANGHAI).stores == frozenset()  # every store
 
 
 def test_a_refunded_package_is_refused_negative() -> None:
     e = package(state=EntitlementState.REFUNDED)
-    assert check_redeem(e, WASH, store="S001", now_ms=NOW_MS, uses=1) == "service_refunded"
+    assert check_redeem(e, store="S001", now_ms=NOW_MS, uses=1) == "service_refunded"
 
 
 @pytest.mark.parametrize("uses", [0, -1, limits.SERVICE_USES_MAX + 1])
 def test_a_count_out_of_bounds_is_refused_negative(uses: int) -> None:
     e = package()
-    assert check_redeem(e, WASH, store="S001", now_ms=NOW_MS, uses=uses) == "service_bad_count"
+    assert check_redeem(e, store="S001", now_ms=NOW_MS, uses=uses) == "service_bad_count"
 
 
 def test_refusals_come_in_a_stable_order() -> None:
-    e = package(state=EntitlementState.REFUNDED, uses_left=0)
-    named = replace(WASH, stores=frozenset({"S001"}))
+    e = package(state=EntitlementState.REFUNDED, uses_left=0, stores=frozenset({"S001"}))
     late = e.expires_ms
-    assert check_redeem(e, named, store="S002", now_ms=late, uses=0) == "service_bad_count"
-    assert check_redeem(e, named, store="S002", now_ms=late, uses=1) == "service_refunded"
+    assert check_redeem(e, store="S002", now_ms=late, uses=0) == "service_bad_count"
+    assert check_redeem(e, store="S002", now_ms=late, uses=1) == "service_refunded"
     active = replace(e, state=EntitlementState.ACTIVE)
-    assert check_redeem(active, named, store="S002", now_ms=late, uses=1) == "service_expired"
-    assert check_redeem(active, named, store="S002", now_ms=NOW_MS, uses=1) == (
-        "service_wrong_store"
-    )
+    assert check_redeem(active, store="S002", now_ms=late, uses=1) == "service_expired"
+    assert check_redeem(active, store="S002", now_ms=NOW_MS, uses=1) == "service_wrong_store"
 
 
 # --- choosing the package -----------------------------------------------------------------------

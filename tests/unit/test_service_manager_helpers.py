@@ -27,7 +27,7 @@ def package(id_: int, code: str = "WASH", *, left: int = 3, expires_in_days: int
     return Entitlement(
         id=id_, product_code=code, uses_total=5, uses_left=left, sold_ms=NOW - DAY_MS,
         expires_ms=NOW + expires_in_days * DAY_MS, price_fen=1_000, state=state,
-        refund_terms=model.refund_terms_of(PRODUCTS[code]),
+        refund_terms=model.refund_terms_of(PRODUCTS[code]), stores=PRODUCTS[code].stores,
     )  # fmt: skip
 
 
