@@ -106,9 +106,14 @@ def build_app(
         app[terminal_http.TERMINALS_KEY] = TerminalAdmin(
             records, org, ledger, pos.directory, accounts
         )
-        app[members_http.MEMBERS_KEY] = MemberService(
-            records, org, vault, ledger, accounts=accounts, directory=pos.directory
+        # The points engine first: a member's delete reads its cards' points through it.
+        app[points_http.POINTS_KEY] = points = PointsService(
+            records, org, ledger, pos.directory, accounts
         )
+        app[members_http.MEMBERS_KEY] = MemberService(
+            records, org, vault, ledger, accounts=accounts, directory=pos.directory,
+            points_held=points.points_held,
+        )  # fmt: skip
         app[cards_admin_http.CARDS_KEY] = cards = CardService(
             records, org, vault, ledger, pos.directory, accounts, pins
         )
@@ -121,8 +126,6 @@ def build_app(
         app[manager_cards_http.MANAGER_CARDS_KEY] = managers
         pos.features[Kind.MANAGER_AUTH] = managers.authorize
         pos.reversers.append(managers.reverse)
-        points = PointsService(records, org, ledger, pos.directory, accounts)
-        app[points_http.POINTS_KEY] = points
         pos.points_round = points.after_money
         pos.features |= {
             Kind.POINTS_EARN: points.pos_earn,

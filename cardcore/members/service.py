@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from cardcore import limits
@@ -67,6 +67,9 @@ ERASED = {
     "sms_marketing": False,
 }
 FLAG = {Purpose.ALERTS: "sms_alerts", Purpose.MARKETING: "sms_marketing"}
+# The points each holder (a card's value account id) still has to use, usable or pending, in
+# any program: the points engine's read (`PointsService.points_held`), wired by the app.
+PointsHeld = Callable[[Sequence[int]], Awaitable[dict[int, int]]]
 
 
 def member_view(row: dict[str, Any]) -> dict[str, Any]:
@@ -138,6 +141,7 @@ class MemberService:
         *,
         accounts: Accounts,
         directory: Directory,
+        points_held: PointsHeld,
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self.records = records
@@ -146,6 +150,7 @@ class MemberService:
         self.ledger = ledger
         self.accounts = accounts  # the card-account locks, shared with top-ups and the POS
         self.directory = directory  # the POS's card cache, told of the cards a delete closes
+        self.points_held = points_held  # read under the same card-account locks as the value
         self.clock_ms = clock_ms or org.clock_ms
 
     # --- register ------------------------------------------------------------------------------
@@ -465,10 +470,14 @@ class MemberService:
     async def delete(self, p: Principal, member_id: int) -> dict[str, Any]:
         """Erase the member's personal data, mark it deleted and close its live cards (not
         closed or replaced), in one transaction; 409 `member_has_value` while one of them
-        holds value, posted or pending. The value is read under the cards' account locks,
-        the ones every counter and POS top-up and purchase of those cards holds, and the
-        transaction commits before they are let go: no value arrives between the check and
-        the delete. Deleting a deleted member changes nothing."""
+        holds value, posted or pending, and 409 `member_has_points` while one holds points,
+        usable or pending, in any program (a points debt alone does not refuse: it is
+        written off with the cards). Both are read under the cards' account locks, the ones
+        every counter and POS top-up and purchase, every earning and spend of points of those
+        cards holds, and the transaction commits before they are let go: no value and no
+        points arrive between the check and the delete (but a points transfer to a card,
+        which holds the giver's lock only: docs/members.md). Deleting a deleted member
+        changes nothing."""
         row = await self._read(p, Perm.MEMBERS_WRITE, member_id)
         if row["state"] == MemberState.DELETED:
             return await self.get(p, member_id)
@@ -487,6 +496,7 @@ class MemberService:
                 await held.enter_async_context(self.accounts.lock(account_id))
             for card in checked:
                 await self._refuse_value(card)
+            await self._refuse_points(checked)
             view, closed = await self._erase(p, member_id, checked)
             for card in closed:
                 self.directory.forget_card(card["token"])
@@ -535,6 +545,20 @@ class MemberService:
                 "member_has_value",
                 f"card {card['pan_masked']} holds value: close it (refunding the value) first",
             )
+
+    async def _refuse_points(self, cards: list[dict[str, Any]]) -> None:
+        """409 `member_has_points` when a card's holder (its account: a replaced card and its
+        successor share it) has points to use, usable or pending, in any program."""
+        held = await self.points_held(sorted({int(c["account_id"]) for c in cards}))
+        for card in cards:
+            points = held.get(int(card["account_id"]), 0)
+            if points:
+                raise Refused(
+                    "conflict",
+                    "member_has_points",
+                    f"card {card['pan_masked']} holds {points} points: redeem or transfer "
+                    "them (pending points once usable) first",
+                )
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -656,6 +656,25 @@ class PointsService:
         async with self.records.read() as uow:
             return await _holdings(uow, wanted)
 
+    async def points_held(self, holders: Sequence[int]) -> dict[int, int]:
+        """The points each holder (a card's value account id) still has to use, in every
+        program, active or closed, whether or not its card's class earns in it now: its
+        usable and pending lots (not expired) summed. A debt is not netted against them (it
+        is what the holder owes, not what it holds). One read of the programs (at most
+        PAGE_LIMIT_MAX, as the expiry job reads them) and one of the holders' accounts."""
+        out = dict.fromkeys(holders, 0)
+        if not out:
+            return out
+        now = self.clock_ms()
+        async with self.records.read() as uow:
+            rows = await uow.find(PROGRAMS, order="code", limit=limits.PAGE_LIMIT_MAX)
+            programs = [program_record(r).program for r in rows[: limits.PAGE_LIMIT_MAX]]
+            wanted = [(program, holder) for program in programs for holder in sorted(out)]
+            held = await _holdings(uow, wanted) if wanted else {}
+        for (_asset, holder), holding in held.items():
+            out[holder] += holding.usable(now) + holding.pending(now)
+        return out
+
     def _entity_account(self, program: model.Program, entity: str, purpose: str) -> Wanted:
         return Wanted(entity, "entity", entity, purpose, program.asset)
 
