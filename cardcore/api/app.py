@@ -118,6 +118,7 @@ def build_app(
             records, org, vault, ledger, pos.directory, accounts, pins
         )
         pos.topup_grant = cards.pos_topup_grant
+        pos.reversers.append(cards.pos_topup_release)
         services = ServiceCards(records, org, ledger, accounts)
         app[service_cards_http.SERVICE_CARDS_KEY] = services
         pos.features[Kind.SERVICE_REDEEM] = services.redeem
@@ -133,7 +134,7 @@ def build_app(
             Kind.POINTS_RETURN: points.pos_return,
         }
         pos.reversers.append(points.reverse_pos)
-        app.cleanup_ctx.append(_points_expiry)
+        app.cleanup_ctx.extend((_points_expiry, _topup_grant_sweep))
         coupons = CouponService(records, org, vault)
         app[coupons_http.COUPONS_KEY] = coupons
         for kind in (Kind.COUPON_QUERY, Kind.COUPON_RESERVE, Kind.COUPON_REDEEM,
@@ -159,6 +160,19 @@ async def _points_expiry(app: web.Application) -> AsyncIterator[None]:
             limits.POINTS_EXPIRY_FIRST_S,
             limits.POINTS_EXPIRY_EVERY_S,
             limits.POINTS_REMINDER_DAYS_DEFAULT,
+        )
+    )
+    yield
+    job.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await job
+
+
+async def _topup_grant_sweep(app: web.Application) -> AsyncIterator[None]:
+    """The POS top-up grant sweep on a schedule (spends of lapsed holds given back)."""
+    job = asyncio.create_task(
+        app[cards_admin_http.CARDS_KEY].sweep_topup_grants_on_schedule(
+            limits.TOPUP_GRANT_SWEEP_FIRST_S, limits.TOPUP_GRANT_SWEEP_EVERY_S
         )
     )
     yield

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, insert, select, union_all, update
+from sqlalchemy import ColumnElement, bindparam, func, insert, select, union_all, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -300,9 +300,7 @@ class Directory:
     async def keyed_transfer(self, client: str, key: str) -> dict[str, Any] | None:
         """The transfer applied under (client, key), if any (a counter request's retry)."""
         t = ledger_schema.transfers
-        query = select(t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings, t.c.target_id).where(
-            t.c.client == client, t.c.key == key
-        )
+        query = select(*_transfer_columns(t)).where(t.c.client == client, t.c.key == key)
         async with self.engine.connect() as conn:
             row = (await conn.execute(query)).mappings().first()
         return None if row is None else _transfer(row)
@@ -317,12 +315,22 @@ class Directory:
 
     async def _pos_transfer(self, condition: ColumnElement[bool]) -> dict[str, Any] | None:
         t = ledger_schema.transfers
-        query = select(t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings, t.c.target_id).where(
-            t.c.client == POS_CLIENT, condition
-        )
+        query = select(*_transfer_columns(t)).where(t.c.client == POS_CLIENT, condition)
         async with self.engine.connect() as conn:
             row = (await conn.execute(query)).mappings().first()
         return None if row is None else _transfer(row)
+
+    async def holds_resolved(self, hold_ids: Sequence[int]) -> dict[int, str]:
+        """The holds of `hold_ids` that were resolved, each with the kind of the transfer
+        that resolved it (post, void, expire); open holds are left out. One read (a hold
+        resolves once: `pending_id` is unique)."""
+        if not hold_ids:
+            return {}
+        t = ledger_schema.transfers
+        query = select(t.c.pending_id, t.c.kind).where(t.c.pending_id.in_(sorted(set(hold_ids))))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return {int(r["pending_id"]): str(r["kind"]) for r in rows}
 
     # --- the functions of POS transaction keys -------------------------------------------------
 
@@ -374,14 +382,37 @@ class Directory:
             return {str(row[0]) for row in await conn.execute(query)}
 
     async def undone(self, transfer_id: int) -> bool:
-        """Whether the transfer was reversed (or, a hold, voided or expired) since."""
+        """Whether the transfer was reversed (or, a hold, voided or expired) since, and
+        stays so: a reversal that was itself reversed (a void the terminal reversed) leaves
+        its target standing (`reversals_of`: an odd chain undoes it)."""
         t = ledger_schema.transfers
         query = select(t.c.id).where(
-            ((t.c.kind == "reverse") & (t.c.target_id == transfer_id))
-            | (t.c.kind.in_(("void", "expire")) & (t.c.pending_id == transfer_id))
+            t.c.kind.in_(("void", "expire")) & (t.c.pending_id == transfer_id)
         )
         async with self.engine.connect() as conn:
-            return (await conn.execute(query.limit(1))).first() is not None
+            if (await conn.execute(query.limit(1))).first() is not None:
+                return True
+        return len(await self.reversals_of(transfer_id)) % 2 == 1
+
+    async def reversals_of(self, transfer_id: int) -> list[dict[str, Any]]:
+        """The chain of reversals from a transfer, in order: its reversal, that reversal's
+        reversal, and so on (the ledger reverses a transfer at most once), at most
+        `REVERSAL_CHAIN_MAX`. An odd chain leaves the transfer undone, an even one standing
+        (a void, the terminal's reversal of that void: the purchase stands again)."""
+        t = ledger_schema.transfers
+        query = select(*_transfer_columns(t)).where(
+            t.c.kind == "reverse", t.c.target_id == bindparam("target")
+        )
+        chain: list[dict[str, Any]] = []
+        async with self.engine.connect() as conn:
+            target = transfer_id
+            for _ in range(limits.REVERSAL_CHAIN_MAX):
+                row = (await conn.execute(query, {"target": target})).mappings().first()
+                if row is None:
+                    break
+                chain.append(_transfer(row))
+                target = int(row["id"])
+        return chain
 
     async def balance_after(self, transfer_id: int, account_id: int) -> Balance | None:
         """The account's balance right after `transfer_id` (the stored answer of a replay)."""
@@ -493,6 +524,10 @@ def _terminal(row: Any) -> Terminal:
     )
 
 
+def _transfer_columns(t: Any) -> tuple[Any, ...]:
+    return t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings, t.c.target_id, t.c.pending_id
+
+
 def _transfer(row: Any) -> dict[str, Any]:
     return {
         "id": int(row["id"]),
@@ -500,6 +535,7 @@ def _transfer(row: Any) -> dict[str, Any]:
         "kind": row["kind"],
         "reason": row["reason"],
         "target_id": None if row["target_id"] is None else int(row["target_id"]),
+        "pending_id": None if row["pending_id"] is None else int(row["pending_id"]),
         "postings": [
             (int(a), str(side), int(amount)) for a, side, amount in json.loads(row["postings"])
         ],

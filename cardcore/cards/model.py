@@ -158,6 +158,15 @@ class Card:
     has_pin: bool = False
 
 
+def unusable_outcome(card: Card | None, *, giving_back: bool = False) -> Outcome | None:
+    """A card read again under its account's lock: None when it may still do what it was
+    asked (active; when giving back, also frozen or lost: `GIVE_BACK_STATES`), else the POS
+    answer of its state. A card no longer found counts as closed."""
+    state = CardState.CLOSED if card is None else card.state
+    allowed = GIVE_BACK_STATES if giving_back else frozenset({CardState.ACTIVE})
+    return None if state in allowed else outcome_of_state(state)
+
+
 @dataclass(frozen=True, slots=True)
 class CardClass:
     """A card product defined by the user (ordinary, VIP, corporate, a gift card, ...)."""
@@ -442,11 +451,20 @@ def batch_totals(lines: list[BatchLine]) -> tuple[int, int, int, int]:
 
 
 def _reversed(lines: list[BatchLine]) -> set[int]:
-    """Transfers whose reversal stands: a reversal that was itself reversed (a void the
-    terminal reversed) leaves its target live."""
-    reversals = [x for x in lines if x.kind == "reverse" and x.target_id is not None]
-    undone = {x.target_id for x in reversals}
-    return {x.target_id for x in reversals if x.id not in undone and x.target_id is not None}
+    """Transfers whose reversal stands: each transfer is reversed at most once, and a
+    reversal may itself be reversed (a void the terminal reversed), and that one too (the
+    purchase voided again): a transfer is undone when its chain of reversals is odd."""
+    reversal_of = {
+        x.target_id: x.id for x in lines if x.kind == "reverse" and x.target_id is not None
+    }
+    out = set()
+    for target in reversal_of:
+        hops, at = 0, target
+        while at in reversal_of and hops <= len(reversal_of):
+            at, hops = reversal_of[at], hops + 1
+        if hops % 2 == 1:
+            out.add(target)
+    return out
 
 
 def stans_of(lines: list[BatchLine], prefix: str) -> dict[str, int]:

@@ -51,7 +51,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from cardcore import limits
 from cardcore.cards.accounts import Accounts, AccountsUnavailable
@@ -141,6 +141,16 @@ PointsRound = Callable[[Sequence[MoneyDone]], Awaitable[list[PointsAnswer | None
 # The instant reward of an approved purchase (the campaign card): the coupon codes it earned,
 # issued to the card's member under the purchase's key (a resend gets the same codes).
 RewardRound = Callable[[Terminal, str, Card, int], Awaitable[tuple[str, ...]]]
+
+
+# A top-up's spend of its store's stored-value grant: (store, card class, amount, key=the
+# top-up's key, hold_id=its hold) -> "" when spent, else the refusal (not_granted, ...).
+class TopupGrant(Protocol):
+    def __call__(
+        self, store: str, class_code: str, amount: int, *, key: str, hold_id: int
+    ) -> Awaitable[str]: ...
+
+
 # Kinds that are purchases: an approved one may earn an instant reward.
 REWARDED = frozenset({Kind.PURCHASE, Kind.POINTS_EARN})
 # Kinds the points engine answers through `features` (POINTS_EARN, POINTS_REDEEM,
@@ -278,8 +288,9 @@ class PosService:
         self.unreward: Callable[[str, str], Awaitable[None]] | None = None
         self.reward_back: Callable[[str, str], Awaitable[None]] | None = None
         # Registered by the application: spends a top-up's amount from the stored-value grant
-        # of (store, card class); "" when it did, else the refusal (not_granted, ...).
-        self.topup_grant: Callable[[str, str, int], Awaitable[str]] | None = None
+        # of (store, card class), recorded by the top-up's key and hold (given back when the
+        # hold ends without its value staying); "" when it did, else the refusal.
+        self.topup_grant: TopupGrant | None = None
 
     def _accounts(self) -> Accounts:
         if self.accounts is None:
@@ -499,15 +510,19 @@ class PosService:
                 continue
             if res is None or not res.ok or res.replayed or res.transfer_id is None:
                 continue
+            r = plan.request
             try:
-                refusal = await self.topup_grant(t.store, card.class_code, plan.request.amount)
+                refusal = await self.topup_grant(
+                    t.store, card.class_code, r.amount,
+                    key=transaction_key(t, r.batch, r.stan), hold_id=res.transfer_id,
+                )  # fmt: skip
                 answer = PosResult(Outcome.NOT_PERMITTED, refusal=refusal) if refusal else None
             except DATABASE_ERRORS:
                 log.exception("a top-up's grant could not be spent")
                 refusal, answer = UNAVAILABLE_REFUSAL, PosResult(Outcome.UNAVAILABLE)
             if answer is None:
                 continue
-            key = transaction_key(t, plan.request.batch, plan.request.stan) + GRANT_VOID_SUFFIX
+            key = transaction_key(t, r.batch, r.stan) + GRANT_VOID_SUFFIX
             reason = (GRANT_VOID_REASON + refusal)[: limits.REASON_CHARS_MAX]
             void = VoidPending(POS_CLIENT, key, res.transfer_id, reason=reason)
             try:
@@ -1040,10 +1055,24 @@ class PosService:
             plan.answer = PosResult(Outcome.ORIGINAL_MISMATCH)
             return
         plan.original_key = target_key
+        # A purchase whose void the terminal reversed stands again, and may be voided again:
+        # the ledger reverses a transfer once, so this void reverses the last reversal of
+        # the chain (the void's reversal), which gives the purchase's amount back again.
+        # A resend of a void made so finds itself in the chain, and repeats its target.
+        key = transaction_key(t, r.batch, r.stan)
+        chain = [original, *await self.directory.reversals_of(original["id"])]
+        mine = next((j for j, x in enumerate(chain) if x["key"] == key), None)
+        if mine is not None:
+            reversed_key = chain[mine - 1]["key"]
+        elif len(chain) > limits.REVERSAL_CHAIN_MAX:
+            plan.answer = PosResult(Outcome.ALREADY_REVERSED)
+            return
+        else:
+            reversed_key = chain[-1]["key"] if len(chain) % 2 == 1 else target_key
         plan.op = Reverse(
             client=POS_CLIENT,
-            key=transaction_key(t, r.batch, r.stan),
-            target_key=target_key,
+            key=key,
+            target_key=reversed_key,
             reason="void",
             metadata=_metadata(t, r),
         )
@@ -1083,8 +1112,7 @@ class PosService:
         plan.original_key = target_key  # the features undo it once the ledger did (`_undo`)
         original = await self.directory.transfer_by_key(target_key)
         if original is not None and original["reason"] == "void" and original["target_id"]:
-            voided = await self.directory.transfer_by_id(original["target_id"])
-            plan.voided_key = "" if voided is None else voided["key"]
+            plan.voided_key = await self._voided_purchase(original["target_id"])
         if original is not None and original["kind"] == "pending":
             plan.op = VoidPending(
                 client=POS_CLIENT,
@@ -1094,6 +1122,14 @@ class PosService:
                 metadata=_metadata(t, r),
             )
         else:
+            # A purchase whose void was reversed stands again: its own 0400 reverses the last
+            # reversal of the chain, as a second void does (`_void`).
+            chain = [] if original is None else await self.directory.reversals_of(original["id"])
+            mine = next((j for j, x in enumerate(chain) if x["key"] == key), None)
+            if mine is not None:  # a resend: its target again (the original's, at 0)
+                target_key = chain[mine - 1]["key"] if mine > 0 else target_key
+            elif chain and len(chain) % 2 == 0:
+                target_key = chain[-1]["key"]
             plan.op = Reverse(
                 client=POS_CLIENT,
                 key=key,
@@ -1103,6 +1139,18 @@ class PosService:
                 metadata=_metadata(t, r),
             )
         plan.finish = _reversal_answer
+
+    async def _voided_purchase(self, target_id: int) -> str:
+        """The key of the purchase a void undid: its target, or, a void of a purchase whose
+        earlier void was reversed (`_void`), the root of the chain of reversals it reversed."""
+        for _ in range(limits.REVERSAL_CHAIN_MAX + 1):
+            target = await self.directory.transfer_by_id(target_id)
+            if target is None:
+                return ""
+            if target["kind"] != "reverse" or target["target_id"] is None:
+                return str(target["key"])
+            target_id = target["target_id"]
+        return ""
 
     # --- settlement ----------------------------------------------------------------------------
 

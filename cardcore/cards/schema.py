@@ -112,3 +112,17 @@ pos_claims = Table(
     Column("function", String(16), nullable=False),
     Column("created_at_ms", BigInteger, nullable=False),
 )
+
+# The stored-value grant budget each POS top-up spent (`PosService._granted`), by the top-up's
+# key, until its hold ends: confirmed ("kept"), or voided, lapsed or reversed ("returned": the
+# amount given back to the grant once, in the transaction that turns the state).
+pos_grant_spends = Table(
+    "pos_grant_spends",
+    metadata,
+    Column("key", String(limits.KEY_CHARS_MAX), primary_key=True),
+    Column("grant_id", BigInteger, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("hold_id", BigInteger, nullable=False),
+    Column("state", String(8), nullable=False, index=True),  # open, kept, returned
+    Column("created_at_ms", BigInteger, nullable=False),
+)

@@ -23,6 +23,7 @@ import asyncio
 import csv
 import io
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from cardcore.cards.accounts import Accounts, AccountsUnavailable
 from cardcore.cards.directory import Directory
 from cardcore.cards.model import CURRENCY, CardState, luhn_ok, mask_pan, value_postings
 from cardcore.cards.pins import Pins, pin_is_valid
+from cardcore.db import DATABASE_ERRORS
 from cardcore.ledger import wire
 from cardcore.ledger.model import (
     Account,
@@ -47,6 +49,7 @@ from cardcore.ledger.model import (
     Reverse,
     SetAccountFrozen,
     Side,
+    TransferKind,
 )
 from cardcore.ledger.service import Ledger
 from cardcore.ledger.writer import Busy, LedgerUnavailable
@@ -65,7 +68,12 @@ from cardcore.org.service import STORES, OrgService
 from cardcore.records import Conflict, Records, Unit
 from cardcore.vault import Vault
 
+log = logging.getLogger(__name__)
+
 CARDS, CLASSES, MEMBERS = "cards", "card_classes", "members"
+GRANT_SPENDS = "pos_grant_spends"
+# A POS top-up's grant spend: its hold open, its value kept (confirmed), or given back.
+SPEND_OPEN, SPEND_KEPT, SPEND_RETURNED = "open", "kept", "returned"
 COUNTER_CLIENT = "counter"  # the ledger scope of counter top-ups, sales, refunds and fees
 TENDERS = ("cash", "bank_card")  # the store account a counter payment comes from
 # States in which a card still holds its holder's value (a replaced card's value moved on
@@ -1143,22 +1151,108 @@ class CardService:
                     raise
         return await self._money_answer(card, result, amount)
 
-    async def pos_topup_grant(self, store: str, class_code: str, amount: int) -> str:
+    async def pos_topup_grant(
+        self, store: str, class_code: str, amount: int, *, key: str, hold_id: int
+    ) -> str:
         """A POS top-up's spend of its store's stored-value grant for the card's class
-        (`PosService.topup_grant`), in a transaction of its own: "" when spent, else the
-        refusal (`not_granted`, `grant_budget_exceeded`). A terminal the bootstrap registered
-        (`/internal/v1/terminals`: the demo, the benchmark) in a store the organization does
-        not hold has no grants to spend: "" (a terminal of the admin API is always in one)."""
+        (`PosService.topup_grant`), in a transaction of its own with the record of the spend
+        (`pos_grant_spends`, by the top-up's key, state open): "" when spent, else the
+        refusal (`not_granted`, `grant_budget_exceeded`). The spend is given back when the
+        hold ends without its value staying (`pos_topup_release`, `sweep_topup_grants`). A
+        terminal the bootstrap registered (`/internal/v1/terminals`: the demo, the
+        benchmark) in a store the organization does not hold has no grants to spend: "" (a
+        terminal of the admin API is always in one)."""
         try:
             async with self.records.begin() as uow:
                 if await uow.get(STORES, id=store) is None:
                     return ""
-                await self.org.use_grant(
+                grant = await self.org.use_grant(
                     uow, store, Function.STORED_VALUE, class_code, count=0, amount=amount
                 )
+                await uow.insert(GRANT_SPENDS, {
+                    "key": key, "grant_id": grant.id, "amount": amount, "hold_id": hold_id,
+                    "state": SPEND_OPEN, "created_at_ms": self.clock_ms(),
+                })  # fmt: skip
         except Refused as exc:
             return exc.code
+        except Conflict:
+            return ""  # spent for this key already (nothing spent twice: rolled back)
         return ""
+
+    async def pos_topup_release(self, _t: object, key: str) -> None:
+        """A reverser of the POS (`PosService.reversers`): the ledger took a reversal of the
+        transfer under `key`. When that was a top-up's hold, or the confirmation that posted
+        it, the value left the card: the grant spend of the top-up is given back, once."""
+        async with self.records.read() as uow:
+            spend = await uow.get(GRANT_SPENDS, key=key)
+        if spend is None:
+            confirm = await self.directory.transfer_by_key(key)
+            if confirm is None or confirm["reason"] != "topup_confirm":
+                return
+            if confirm["pending_id"] is None:
+                return
+            hold = await self.directory.transfer_by_id(confirm["pending_id"])
+            if hold is None:
+                return
+            key = hold["key"]
+        await self._give_back_spend(key, (SPEND_OPEN, SPEND_KEPT))
+
+    async def sweep_topup_grants(self) -> dict[str, int]:
+        """The open POS top-up grant spends whose hold has ended: posted by its confirmation
+        (kept), or voided or lapsed unconfirmed (the amount given back to the grant, once).
+        Holds still open stay for a later sweep. Idempotent, safe to run twice or at once
+        with a reversal (each state turns in a guarded update)."""
+        totals = {"kept": 0, "returned": 0}
+        after = None
+        while True:
+            async with self.records.read() as uow:
+                rows = await uow.find(
+                    GRANT_SPENDS, {"state": SPEND_OPEN}, order="key", after=after,
+                    limit=limits.TOPUP_GRANT_SWEEP_PAGE_ROWS_MAX,
+                )  # fmt: skip
+            page = rows[: limits.TOPUP_GRANT_SWEEP_PAGE_ROWS_MAX]
+            ended = await self.directory.holds_resolved([int(r["hold_id"]) for r in page])
+            for row in page:
+                kind = ended.get(int(row["hold_id"]))
+                if kind == TransferKind.POST:
+                    async with self.records.begin() as uow:
+                        totals["kept"] += await uow.update(
+                            GRANT_SPENDS, {"key": row["key"], "state": SPEND_OPEN},
+                            {"state": SPEND_KEPT},
+                        )  # fmt: skip
+                elif kind is not None:
+                    totals["returned"] += await self._give_back_spend(row["key"], (SPEND_OPEN,))
+            if len(rows) <= limits.TOPUP_GRANT_SWEEP_PAGE_ROWS_MAX:
+                return totals
+            after = page[-1]["key"]
+
+    async def sweep_topup_grants_on_schedule(self, first_s: int, every_s: int) -> None:
+        """`sweep_topup_grants` inside the server: after `first_s` seconds, then every
+        `every_s`, until cancelled. A sweep that fails is logged; the next one retries."""
+        await asyncio.sleep(first_s)
+        while True:
+            try:
+                totals = await self.sweep_topup_grants()
+            except DATABASE_ERRORS:
+                log.exception("the top-up grant sweep failed; the next one retries")
+            else:
+                if totals["returned"]:
+                    log.info("top-up grant spends given back", extra=totals)
+            await asyncio.sleep(every_s)
+
+    async def _give_back_spend(self, key: str, states: tuple[str, ...]) -> int:
+        """The spend under `key` turned returned (from one of `states`) and its amount given
+        back to its grant, in one transaction: 1, or 0 when it had turned already."""
+        async with self.records.begin() as uow:
+            spend = await uow.get(GRANT_SPENDS, key=key)
+            if spend is None or spend["state"] not in states:
+                return 0
+            turned = await uow.update(
+                GRANT_SPENDS, {"key": key, "state": spend["state"]}, {"state": SPEND_RETURNED}
+            )
+            if turned:
+                await self.org.give_back_grant(uow, int(spend["grant_id"]), int(spend["amount"]))
+            return turned
 
     async def _record_topup(
         self, p: Principal, card: dict[str, Any], counter: Place, result: Result,

@@ -508,6 +508,15 @@ class OrgService:
                 return grant
         raise Refused("forbidden", "grant_budget_exceeded", "the grant's budget is used up")
 
+    async def give_back_grant(self, uow: Unit, grant_id: int, amount: int) -> None:
+        """Give `amount` fen back to the grant's used amount, inside the caller's
+        transaction (a POS top-up whose hold ended without its value staying). Whatever the
+        grant's state now: what was spent from it is returned to it. Never below zero."""
+        await uow.update(
+            GRANTS, {"id": grant_id}, {"used_amount": ("+", -amount)},
+            at_least={"used_amount": 0},
+        )  # fmt: skip
+
     # --- audit -------------------------------------------------------------------------------
 
     async def audit_page(

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from cardcore import limits
 from cardcore.cards.admin_http import CARDS_KEY
 from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest
@@ -181,6 +182,99 @@ async def test_a_pos_topup_spends_its_stores_grant_and_one_past_it_is_voided_at_
     assert (await grant_of(admin, "S1", budget["id"]))["used_amount"] == 20_000
     balances = (await card(admin, issued["id"]))["balances"]
     assert balances["incoming"] == 20_000, balances  # the refused holds were voided
+
+
+async def _budgeted_topups(admin: AdminClient) -> tuple[int, str, str, int]:
+    """A bearer class granted 50,000 fen of top-ups at S1, a card of it and a terminal:
+    (grant id, terminal, card number, card id)."""
+    await admin.org("LE1", "S1")
+    await new_class(admin, "BEAR", name="Bearer", named=False)
+    budget = await grant(admin, "S1", "stored_value", product="BEAR", budget_amount=50_000)
+    issued = await issue(admin, "BEAR")
+    return budget["id"], await terminal(admin, "S1"), issued["pan"], issued["id"]
+
+
+def _topup(tid: str, pan: str, stan: str, amount: int = 20_000) -> PosRequest:
+    return PosRequest(kind=Kind.TOPUP, terminal=tid, batch="000001", stan=stan, card=pan,
+                      amount=amount)  # fmt: skip
+
+
+def _confirm(tid: str, stan: str, original: str, amount: int = 20_000) -> PosRequest:
+    return PosRequest(kind=Kind.TOPUP_CONFIRM, terminal=tid, batch="000001", stan=stan,
+                      original_batch="000001", original_stan=original, amount=amount)  # fmt: skip
+
+
+def _reversal(tid: str, stan: str) -> PosRequest:
+    return PosRequest(kind=Kind.REVERSE, terminal=tid, batch="000001", stan=stan)
+
+
+async def test_a_reversed_pos_topup_gives_its_grant_spend_back_once(
+    admin: AdminClient,
+) -> None:
+    """The terminal reverses a top-up (its hold, or the confirmation that posted it): the
+    value leaves the card, so the stored-value budget it spent is given back, once however
+    often the reversal is sent; the budget then sells the same amount again."""
+    grant_id, tid, pan, card_id = await _budgeted_topups(admin)
+    service = admin.app[POS_KEY]
+
+    async def used() -> int:
+        return int((await grant_of(admin, "S1", grant_id))["used_amount"])
+
+    [held] = await service.handle([_topup(tid, pan, "000201")])
+    assert (held.outcome, await used()) == (Outcome.APPROVED, 20_000)
+    for _ in range(2):  # the 0400 and its resend
+        [undone] = await service.handle([_reversal(tid, "000201")])
+        assert (undone.outcome, await used()) == (Outcome.APPROVED, 0)
+    # a confirmed top-up, then its confirmation reversed
+    [held] = await service.handle([_topup(tid, pan, "000202", 30_000)])
+    [posted] = await service.handle([_confirm(tid, "000203", "000202", 30_000)])
+    assert (posted.outcome, await used()) == (Outcome.APPROVED, 30_000)
+    assert (await card(admin, card_id))["balances"]["available"] == 30_000
+    for _ in range(2):
+        [undone] = await service.handle([_reversal(tid, "000203")])
+        assert undone.outcome is Outcome.APPROVED
+        assert await used() == 0
+    assert (await card(admin, card_id))["balances"]["available"] == 0
+    [again] = await service.handle([_topup(tid, pan, "000204", 50_000)])  # the whole budget
+    assert (again.outcome, await used()) == (Outcome.APPROVED, 50_000)
+    # a refused reversal (the hold is confirmed: only the confirmation can be reversed)
+    # gives nothing back
+    await service.handle([_confirm(tid, "000205", "000204", 50_000)])
+    [refused] = await service.handle([_reversal(tid, "000204")])
+    assert (refused.outcome, await used()) == (Outcome.ALREADY_REVERSED, 50_000)
+
+
+async def test_a_lapsed_pos_topup_hold_gives_its_grant_spend_back_and_a_confirmed_one_keeps_it(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep (`CardService.sweep_topup_grants`, on a schedule in the server): a hold that
+    lapsed unconfirmed gives its spend back, a confirmed one keeps it, an open one waits;
+    a second sweep changes nothing."""
+    grant_id, tid, pan, _ = await _budgeted_topups(admin)
+    service, cards = admin.app[POS_KEY], admin.app[CARDS_KEY]
+    monkeypatch.setattr(limits, "TOPUP_CONFIRM_S", 1)
+    [lapsing] = await service.handle([_topup(tid, pan, "000301", 10_000)])
+    [kept] = await service.handle([_topup(tid, pan, "000302", 15_000)])
+    await service.handle([_confirm(tid, "000303", "000302", 15_000)])
+    assert (lapsing.outcome, kept.outcome) == (Outcome.APPROVED, Outcome.APPROVED)
+    monkeypatch.setattr(limits, "TOPUP_CONFIRM_S", 600)
+    [waiting] = await service.handle([_topup(tid, pan, "000304", 5_000)])
+    assert waiting.outcome is Outcome.APPROVED
+    assert (await grant_of(admin, "S1", grant_id))["used_amount"] == 30_000
+    for _ in range(100):  # the writer expires the 1 s hold on its own scan
+        await asyncio.sleep(0.05)
+        lapsed = await sql_rows(
+            db_url, "SELECT count(*) AS n FROM ledger_transfers WHERE kind = 'expire'"
+        )
+        if lapsed[0]["n"]:
+            break
+    assert await cards.sweep_topup_grants() == {"kept": 1, "returned": 1}
+    assert (await grant_of(admin, "S1", grant_id))["used_amount"] == 20_000
+    assert await cards.sweep_topup_grants() == {"kept": 0, "returned": 0}
+    states = await sql_rows(db_url, "SELECT key, state FROM pos_grant_spends ORDER BY key")
+    assert [r["state"] for r in states] == ["returned", "kept", "open"]
+    [late] = await service.handle([_reversal(tid, "000301")])  # the lapsed hold's 0400
+    assert (await grant_of(admin, "S1", grant_id))["used_amount"] == 20_000, late
 
 
 async def test_a_topup_whose_grant_goes_meanwhile_is_given_back_and_its_key_stays_refused(

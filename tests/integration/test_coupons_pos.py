@@ -928,6 +928,15 @@ async def test_a_void_of_a_rewarded_purchase_voids_its_unused_reward(
     assert (await code_row(db_url, reward))["state"] == "issued"
     assert (await one(admin, undo)).outcome is Outcome.APPROVED  # again: changes nothing
     assert (await code_row(db_url, reward))["state"] == "issued"
+    # The cashier voids the reinstated purchase again: the reward goes again, and comes
+    # back with that void's reversal (the purchase found through the chain of reversals).
+    void_again = ask(Kind.VOID, tid, card=pan, amount=12_000, original_batch="000001",
+                     original_stan=sale.stan)  # fmt: skip
+    assert (await one(admin, void_again)).outcome is Outcome.APPROVED
+    assert (await code_row(db_url, reward))["state"] == "voided"
+    undo_again = PosRequest(kind=Kind.REVERSE, terminal=tid, batch="000001", stan=void_again.stan)
+    assert (await one(admin, undo_again)).outcome is Outcome.APPROVED
+    assert (await code_row(db_url, reward))["state"] == "issued"
     kept = ask(Kind.PURCHASE, tid, card=pan, amount=12_000)
     answer = await one(admin, kept)
     [other] = answer.rewards

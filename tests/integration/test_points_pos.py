@@ -373,6 +373,57 @@ async def test_a_reversal_of_a_void_earns_again(admin: AdminClient) -> None:
     assert await shop.money(card) == 100_000 - 5_000
 
 
+async def test_a_purchase_whose_void_was_reversed_can_be_voided_again_and_again(
+    admin: AdminClient,
+) -> None:
+    """The cashier's void lost its reply, the terminal reversed the void (the purchase
+    stands again), and the cashier voids once more: that void is approved, gives the money
+    and takes the points back, and each round of void and reversal does it exactly once. A
+    resend of the purchase answers its approval while it stands, and is declined once it is
+    voided; the batch counts the purchase only while it stands."""
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    sale = shop.request(Kind.PURCHASE, card, amount=5_000)
+    assert (await shop.one(sale)).points == 50
+    for round_ in range(3):
+        void = shop.request(Kind.VOID, card, amount=5_000, original_batch="000001",
+                            original_stan=sale.stan)  # fmt: skip
+        for _ in range(2):  # the void and its resend
+            voided = await shop.one(void)
+            assert voided.outcome is Outcome.APPROVED, (round_, voided)
+            assert await shop.money(card) == 100_000
+            assert (await shop.points(card))["balance"] == 0
+        resent = await shop.one(sale)
+        assert resent.outcome is Outcome.REVERSED_BEFORE_ARRIVAL
+        for _ in range(2):  # the terminal's 0400 of the void, and its resend
+            back = await shop.one(shop.request(Kind.REVERSE, None, stan=void.stan))
+            assert back.outcome is Outcome.APPROVED
+            assert await shop.money(card) == 100_000 - 5_000
+            assert (await shop.points(card))["balance"] == 50
+        assert (await shop.one(sale)).outcome is Outcome.APPROVED  # it stands again
+
+    def void_again() -> PosRequest:
+        return shop.request(Kind.VOID, card, amount=5_000, original_batch="000001",
+                            original_stan=sale.stan)  # fmt: skip
+
+    last = void_again()
+    assert (await shop.one(last)).outcome is Outcome.APPROVED
+    assert (await shop.one(void_again())).outcome is Outcome.ALREADY_REVERSED  # voided now
+    assert await shop.money(card) == 100_000
+    assert (await shop.points(card))["balance"] == 0
+    # That void reversed too; then the purchase's own 0400 (its reply was lost, say)
+    # undoes it, once.
+    await shop.one(shop.request(Kind.REVERSE, None, stan=last.stan))
+    assert (await shop.points(card))["balance"] == 50
+    for _ in range(2):
+        undone = await shop.one(shop.request(Kind.REVERSE, None, stan=sale.stan))
+        assert undone.outcome is Outcome.APPROVED
+        assert await shop.money(card) == 100_000
+        assert (await shop.points(card))["balance"] == 0
+    assert (await shop.one(sale)).outcome is Outcome.REVERSED_BEFORE_ARRIVAL
+    assert (await shop.one(void_again())).outcome is Outcome.ALREADY_REVERSED
+
+
 async def test_a_reversal_the_ledger_refuses_gives_no_points_back(admin: AdminClient) -> None:
     """The reversal of a void whose money was spent again is refused by the ledger (the
     card cannot go below zero): the void's points stay taken back too (review finding)."""

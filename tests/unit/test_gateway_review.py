@@ -348,6 +348,9 @@ async def test_an_expired_card_still_takes_a_void_and_a_refund() -> None:
         async def transfer_by_id(self, transfer_id: int) -> dict[str, Any] | None:
             return original if transfer_id == original["id"] else None
 
+        async def reversals_of(self, transfer_id: int) -> list[dict[str, Any]]:
+            return []  # never voided
+
     class Ledger:
         async def submit(self, ops: Sequence[Any]) -> list[Result]:
             return [Result(ok=True, code="ok", transfer_id=10 + i) for i in range(len(ops))]

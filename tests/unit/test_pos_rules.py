@@ -20,6 +20,7 @@ from cardcore.cards.model import (
     BASIS_POINTS,
     GIVE_BACK_STATES,
     OUTCOME_OF_STATE,
+    BatchLine,
     Card,
     CardClass,
     CardState,
@@ -28,6 +29,7 @@ from cardcore.cards.model import (
     PosRequest,
     PosResult,
     Terminal,
+    batch_totals,
     member_price,
     outcome_of_state,
     parse_request,
@@ -657,3 +659,18 @@ async def test_a_feature_that_fails_answers_its_own_request_only() -> None:
     answers = await service.handle([_coupon_query("000001"), _purchase(PAN, "000002", 100)])
     assert [a.outcome for a in answers] == [Outcome.UNAVAILABLE, Outcome.APPROVED]
     assert books.balances == {41: 9_900}
+
+
+def test_batch_totals_count_a_purchase_only_while_its_chain_of_reversals_is_even() -> None:
+    """A purchase voided (1 reversal), its void reversed (2: it stands), voided again (3)
+    and that void reversed (4): counted in the batch only at 0, 2 and 4 reversals."""
+
+    def line(id_: int, reason: str, target: int | None = None) -> BatchLine:
+        kind = "posted" if target is None else "reverse"
+        return BatchLine(id_, f"K{id_}", kind, reason, 500, target)
+
+    lines = [line(1, "purchase"), line(2, "purchase")]
+    chain = [line(3, "void", 1), line(4, "reversal", 3), line(5, "void", 4), line(6, "reversal", 5)]
+    expected = [(1_000, 2), (500, 1), (1_000, 2), (500, 1), (1_000, 2)]
+    for n, (amount, count) in enumerate(expected):
+        assert batch_totals([*lines, *chain[:n]]) == (amount, count, 0, 0), n
