@@ -79,6 +79,7 @@ from cardcore.cards.model import (
     rrn_of,
     stans_of,
     transaction_key,
+    unusable_outcome,
     value_postings,
 )
 from cardcore.cards.pins import PinCheck, Pins
@@ -563,11 +564,10 @@ class PosService:
                 log.exception("a card could not be read again under its lock")
                 plan.op, plan.answer = None, PosResult(Outcome.UNAVAILABLE)
                 continue
-            state = CardState.CLOSED if fresh is None else fresh.state
-            allowed = GIVE_BACK_STATES if kind in _CLAWING else (CardState.ACTIVE,)
-            if state not in allowed:
+            refused = unusable_outcome(fresh, giving_back=kind in _CLAWING)
+            if refused is not None:
                 plan.op = None
-                self._decline(plan, outcome_of_state(state))
+                self._decline(plan, refused)
 
     async def _points(self, plans: list[_Plan]) -> None:
         """The points round: approved purchases earn, voids and refunds take back, in one

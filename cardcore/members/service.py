@@ -474,10 +474,9 @@ class MemberService:
         usable or pending, in any program (a points debt alone does not refuse: it is
         written off with the cards). Both are read under the cards' account locks, the ones
         every counter and POS top-up and purchase, every earning and spend of points of those
-        cards holds, and the transaction commits before they are let go: no value and no
-        points arrive between the check and the delete (but a points transfer to a card,
-        which holds the giver's lock only: docs/members.md). Deleting a deleted member
-        changes nothing."""
+        cards holds (a points transfer holds both cards'), and the transaction commits
+        before they are let go: no value and no points arrive between the check and the
+        delete. Deleting a deleted member changes nothing."""
         row = await self._read(p, Perm.MEMBERS_WRITE, member_id)
         if row["state"] == MemberState.DELETED:
             return await self.get(p, member_id)

@@ -32,6 +32,7 @@ points_clawback, points_reversal) are ones settlement totals ignore.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -53,6 +54,7 @@ from cardcore.cards.model import (
     Terminal,
     auth_code_of,
     rrn_of,
+    unusable_outcome,
     value_postings,
 )
 from cardcore.cards.pos import MoneyDone, PointsAnswer
@@ -1119,6 +1121,14 @@ class PointsService:
 
     # --- POS: earning on another tender, redemption, reversal --------------------------------
 
+    async def _still_usable(self, card: Card, *, giving_back: bool = False) -> PosResult | None:
+        """Under the card account's lock: the card as the directory holds it now (every change
+        of it, a member's delete closing it, a freeze, forgets it while it holds this lock),
+        declined with the outcome of its state when it is gone or may no longer do this, as
+        `PosService._still_usable` declines a purchase; None when it may go on."""
+        outcome = unusable_outcome(await self.directory.card(card.token), giving_back=giving_back)
+        return None if outcome is None else PosResult(outcome)
+
     async def pos_earn(self, r: PosRequest, t: Terminal, key: str, card: Card | None) -> PosResult:
         """Kind.POINTS_EARN: a purchase paid by another tender earns on `r.amount` under
         `K:p` like a purchase (no money moves); a resend gets the same answer. A terminal
@@ -1132,6 +1142,9 @@ class PointsService:
         # Under the card's lock from the pin on: the day's caps count the earnings pinned
         # before, so two earnings of one card at once cannot both pass a cap.
         async with self.accounts.lock(card.account_id):
+            declined = await self._still_usable(card)
+            if declined is not None:
+                return declined
             try:
                 [row], _ = await self._pin(
                     [_ToPin(key + EARN_SUFFIX, card, t, found, _basket(r, r.amount), "")]
@@ -1174,6 +1187,9 @@ class PointsService:
             return PosResult(Outcome.ORIGINAL_NOT_FOUND)
         claw_key = key + EARN_SUFFIX
         async with self.accounts.lock(card.account_id):
+            declined = await self._still_usable(card, giving_back=True)
+            if declined is not None:
+                return declined
             earning = await self._earning(earning["key"])  # its counters, under the lock
             assert earning is not None  # an earning row is never deleted
             refused = await self._return_refused(r, key, earning)
@@ -1257,6 +1273,9 @@ class PointsService:
         except model.PointsRefused as exc:
             return PosResult(Outcome.BAD_REQUEST, refusal=exc.code)
         async with self.accounts.lock(card.account_id):
+            declined = await self._still_usable(card)
+            if declined is not None:
+                return declined
             planned = await self._redeem_ops(r, t, key, card, found=found, fen=fen)
             if isinstance(planned, PosResult):
                 return planned
@@ -1533,6 +1552,11 @@ class PointsService:
         ledger_key = f"reward/{holder}/{key}"
         metadata: Metadata = (("external_ref", reward),)
         async with self.accounts.lock(holder):
+            async with self.records.read() as uow:  # frozen, lost or closed meanwhile?
+                now_card = await uow.get("cards", id=card_id)
+            if now_card is None or now_card["state"] != "active":
+                state = "closed" if now_card is None else now_card["state"]
+                raise Refused("conflict", "card_state", f"the card is {state}")
             stored, keys = await self._chunks(ledger_key, ADMIN_CLIENT)
             if stored:
                 same = sum(x for *_, x in _credits(stored)) == points
@@ -1604,29 +1628,27 @@ class PointsService:
         """Give `points` of one card to another member's card in the same program, within
         the program's transfer policy (`model.check_transfer`: allowed, per transfer, per
         giving holder and local day). The points keep their lots' expiry on the receiving
-        side; across legal entities they pass the entities' points clearing pair."""
+        side; across legal entities they pass the entities' points clearing pair. Under
+        both cards' account locks (ascending, the one order), where both cards' states are
+        read again: a member's delete or a freeze that came first is seen."""
         card, found = await self._live_card(p, card_id)
         program, giver = found.program, int(card["account_id"])
-        async with self.records.read() as uow:
-            to = await uow.get("cards", id=to_card_id)
-            to_class = None if to is None else await uow.get("card_classes", code=to["class_code"])
-        if to is None or to_class is None:
-            raise Refused("not_found", "card_not_found", "no such card", "to_card_id")
-        if to_class["points_program"] != found.code or to["state"] != "active":
-            raise Refused(
-                "conflict", "transfer_not_allowed", "the receiving card is not in this program",
-                "to_card_id",
-            )  # fmt: skip
+        to = await self._receiving(found, to_card_id)
         receiver = int(to["account_id"])
         if receiver == giver:
             raise Refused("invalid", "transfer_not_allowed", "a card gives to itself", "to_card_id")
         ledger_key = f"gift/{giver}/{key}"
         now = self.clock_ms()
         day = day_number(program.timezone, now)
-        async with self.accounts.lock(giver):
+        async with contextlib.AsyncExitStack() as held:
+            for account_id in sorted((giver, receiver)):
+                await held.enter_async_context(self.accounts.lock(account_id))
             async with self.records.read() as uow:
+                card = await _card_row(uow, card_id)
+                to = await _card_row(uow, to_card_id)
                 done = await uow.get(TRANSFERS, key=ledger_key)
                 today = await uow.total(TRANSFERS, "points", from_holder=giver, day=day)
+            _refuse_moved(card, to)
             if done is not None:
                 if (int(done["points"]), int(done["to_holder"])) != (points, receiver):
                     raise Refused("conflict", "key_reused", "the key names another transfer",
@@ -1652,6 +1674,21 @@ class PointsService:
             await self._audit(p, "points.transfer", card_id,
                               Place(card["legal_entity"], card["store"]), view)  # fmt: skip
         return view
+
+    async def _receiving(self, found: ProgramRecord, to_card_id: int) -> dict[str, Any]:
+        """The receiving card of a transfer in `found`'s program: 404 `card_not_found`, 409
+        `transfer_not_allowed` when it is in another program (or none) or not active."""
+        async with self.records.read() as uow:
+            to = await uow.get("cards", id=to_card_id)
+            to_class = None if to is None else await uow.get("card_classes", code=to["class_code"])
+        if to is None or to_class is None:
+            raise Refused("not_found", "card_not_found", "no such card", "to_card_id")
+        if to_class["points_program"] != found.code or to["state"] != "active":
+            raise Refused(
+                "conflict", "transfer_not_allowed", "the receiving card is not in this program",
+                "to_card_id",
+            )  # fmt: skip
+        return to
 
     async def _transfer_ops(
         self, found: ProgramRecord, card: dict[str, Any], to: dict[str, Any], key: str, *,
@@ -1976,6 +2013,23 @@ def _credits(stored: Sequence[dict[str, Any]]) -> list[tuple[int, str, int]]:
 
 def _tier_named(policy: model.TierPolicy, code: str) -> model.Tier | None:
     return next((t for t in policy.tiers if t.code == code), None)
+
+
+async def _card_row(uow: Unit, card_id: int) -> dict[str, Any]:
+    row = await uow.get("cards", id=card_id)
+    assert row is not None  # a card is never deleted
+    return row
+
+
+def _refuse_moved(card: dict[str, Any], to: dict[str, Any]) -> None:
+    """A transfer's cards read again under their locks: 409 `card_state` when the giving card
+    is no longer active, `transfer_not_allowed` when the receiving one is not (a member's
+    delete closed it, an officer froze it, while the transfer waited for the locks)."""
+    if card["state"] != "active":
+        raise Refused("conflict", "card_state", f"the card is {card['state']}")
+    if to["state"] != "active":
+        raise Refused("conflict", "transfer_not_allowed",
+                      f"the receiving card is {to['state']}", "to_card_id")  # fmt: skip
 
 
 def _raced() -> None:

@@ -4,12 +4,16 @@ caller's key, audited, refused with a stable code and nothing changed."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import pytest
+
 from cardcore.cards.model import Kind
+from cardcore.points.http import POINTS_KEY
 from tests.helpers import AdminClient, sql_rows
 from tests.integration.test_points_api import counts
-from tests.integration.test_points_pos import Shop
+from tests.integration.test_points_pos import Shop, pause_after
 
 TRANSFER = {"allowed": True, "per_transfer_max_points": 300, "per_day_max_points": 500}
 
@@ -121,3 +125,27 @@ async def test_a_transfer_across_legal_entities_clears_between_them(
     lots = await sql_rows(db_url, "SELECT legal_entity FROM ledger_accounts WHERE owner_id = "
                           ":o AND owner_kind = 'points'", o=str(taker["account_id"]))  # fmt: skip
     assert {r["legal_entity"] for r in lots} == {"LE2"}
+
+
+async def test_a_reward_redemption_on_a_card_frozen_while_it_waited_for_the_lock_is_refused(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The redemption read the card active; an officer froze it before the redemption took
+    the card's lock: under the lock it reads the card again, 409 `card_state`, and nothing
+    is spent."""
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    await earned(shop, card, 50_000)
+    inside, go_on = pause_after(monkeypatch, admin.app[POINTS_KEY], "_live_card")
+    path = f"/v1/cards/{card['id']}/points/redemptions"
+    asked = asyncio.create_task(
+        admin.call("POST", path, json={"points": 120, "reward": "COUPON-9", "key": "r1"})
+    )
+    await asyncio.wait_for(inside.wait(), timeout=5)
+    await admin.ok("POST", f"/v1/cards/{card['id']}/freeze")
+    go_on.set()
+    status, answer = await asyncio.wait_for(asked, timeout=5)
+    assert (status, answer["error"]["code"]) == (409, "card_state"), answer
+    assert (await shop.points(card))["balance"] == 500
+    assert await sql_rows(db_url, "SELECT id FROM ledger_transfers WHERE reason = "
+                          "'points_reward'") == []  # fmt: skip

@@ -1079,3 +1079,91 @@ async def test_the_points_redemptions_of_one_call_read_together_each_answered_as
         "find_each ledger_accounts 1",
     ], reads
     assert [(await shop.points(c))["balance"] for c in cards] == [200, 500, 400]
+
+
+# --- a card changed while a points request waited for its lock --------------------------------
+
+
+def pause_after(
+    monkeypatch: pytest.MonkeyPatch, target: object, name: str
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make `target.name`, a method awaited just before a card's lock is taken, stop once
+    it returned (`inside` set) until `go_on` is set."""
+    real = getattr(target, name)
+    inside, go_on = asyncio.Event(), asyncio.Event()
+
+    async def then_wait(*args: Any, **kwargs: Any) -> Any:
+        got = await real(*args, **kwargs)
+        inside.set()
+        await go_on.wait()
+        return got
+
+    monkeypatch.setattr(target, name, then_wait)
+    return inside, go_on
+
+
+async def after_change(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch, paused: str, request: PosRequest,
+    path: str, body: Any = None,
+) -> PosResult:  # fmt: skip
+    """`request`, held just before it takes its card's lock (after `paused` returned) while
+    the admin API's POST `path` changes the card, then let go."""
+    inside, go_on = pause_after(monkeypatch, shop.admin.app[POINTS_KEY], paused)
+    asked = asyncio.create_task(shop.one(request))
+    await asyncio.wait_for(inside.wait(), timeout=5)
+    await shop.admin.ok("POST", path, json=body)
+    go_on.set()
+    return await asyncio.wait_for(asked, timeout=5)
+
+
+async def test_an_earning_on_a_card_frozen_while_it_waited_for_the_lock_is_declined(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A POINTS_EARN read the card active; an officer froze it before the earning took the
+    card's lock: under the lock the earning reads it again, `card_frozen`, nothing earned."""
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    request = shop.request(Kind.POINTS_EARN, card, amount=10_000)
+    answer = await after_change(shop, monkeypatch, "_program_of_card", request,
+                                f"/v1/cards/{card['id']}/freeze")  # fmt: skip
+    assert (answer.outcome, answer.points, answer.rrn) == (Outcome.CARD_FROZEN, None, "")
+    view = await shop.points(card)
+    assert (view["balance"], view["usable"], view["pending"], view["lots"]) == (0, 0, 0, [])
+    assert await sql_rows(db_url, "SELECT * FROM points_earnings") == []
+    assert await sql_rows(db_url, "SELECT * FROM ledger_transfers WHERE reason = "
+                          "'points_earn'") == []  # fmt: skip
+
+
+async def test_a_redemption_on_a_card_reported_lost_while_it_waited_for_the_lock_is_declined(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A POINTS_REDEEM read the card active; it was reported lost before the redemption
+    took the card's lock: under the lock it reads it again, `card_lost`, no point spent and
+    no money paid to the store."""
+    shop, card, _earn = await earned_otherwise(admin)
+    request = shop.request(Kind.POINTS_REDEEM, card, points=100)
+    answer = await after_change(shop, monkeypatch, "_program_of_card", request,
+                                f"/v1/cards/{card['id']}/lost")  # fmt: skip
+    assert (answer.outcome, answer.points, answer.amount) == (Outcome.CARD_LOST, None, None)
+    view = await shop.points(card)
+    assert (view["balance"], view["usable"]) == (100, 100)
+    assert await sql_rows(db_url, "SELECT * FROM ledger_transfers WHERE reason = "
+                          "'points_redeem'") == []  # fmt: skip
+
+
+async def test_a_return_on_a_card_closed_while_it_waited_for_the_lock_is_declined(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A POINTS_RETURN read the card active; it was closed before the return took the
+    card's lock: under the lock it reads it again and is declined `card_closed`, as a
+    return on a closed card is at once, with no clawback pinned or posted."""
+    shop, card, earn = await earned_otherwise(admin)
+    request = shop.request(Kind.POINTS_RETURN, card, amount=10_000, rrn=earn.rrn)
+    answer = await after_change(shop, monkeypatch, "_program", request,
+                                f"/v1/cards/{card['id']}/close", {"receipt": "C1"})  # fmt: skip
+    assert (answer.outcome, answer.points) == (Outcome.CARD_CLOSED, None)
+    assert await sql_rows(db_url, "SELECT * FROM points_clawbacks") == []
+    assert await sql_rows(db_url, "SELECT * FROM ledger_transfers WHERE reason = "
+                          "'points_clawback'") == []  # fmt: skip
+    [earning] = await sql_rows(db_url, "SELECT * FROM points_earnings")
+    assert (earning["returned"], earning["clawed"]) == (0, 0)
