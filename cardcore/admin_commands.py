@@ -18,12 +18,13 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from cardcore import demo as demo_data
 from cardcore import limits, migrate
 from cardcore.cards.accounts import Accounts
 from cardcore.cards.directory import Directory
@@ -36,7 +37,7 @@ from cardcore.db import make_engine
 from cardcore.ledger.service import Ledger
 from cardcore.ledger.store import WriterLockError
 from cardcore.metrics import Metrics
-from cardcore.org.model import Function, Refused, Role
+from cardcore.org.model import Refused, Role
 from cardcore.org.service import CONSOLE, OrgService
 from cardcore.records import Records
 from cardcore.vault import Vault
@@ -241,25 +242,10 @@ def _csv_sink(handle: TextIO) -> Callable[[list[str]], None]:
 
 # --- demo ------------------------------------------------------------------------------------
 
-DEMO_ENTITIES = {"LE-A": "Demo Retail East Ltd.", "LE-B": "Demo Retail West Ltd."}
-DEMO_STORES = (
-    ("S-A01", "LE-A", "East flagship", "East", "Shanghai"),
-    ("S-A02", "LE-A", "East mall", "East", "Hangzhou"),
-    ("S-B01", "LE-B", "West flagship", "West", "Chengdu"),
-)
-DEMO_CLASSES: tuple[dict[str, Any], ...] = (
-    {"code": "ORDINARY", "name": "Ordinary member card", "named": True, "balance_max": 500_000},
-    {"code": "VIP", "name": "VIP member card", "named": True, "discount_bp": 500},
-    {"code": "BEARER", "name": "Bearer stored-value card", "named": False,
-     "balance_max": 100_000, "validity_months": 36},
-    {"code": "GIFT100", "name": "Gift card", "named": False, "gift": True,
-     "denominations": [10_000, 20_000, 50_000]},
-)  # fmt: skip
-DEMO_GRANTS = (Function.STORED_VALUE, Function.GIFT)
-
 
 async def demo(config: Config) -> dict[str, Any]:
-    """Two legal entities, three stores, four card classes and each store's grants; what
+    """The demo organization (`demo.load_organization`, which `serve --demo` makes too):
+    two legal entities, three stores, four card classes and each store's grants; what
     exists already is left as it is."""
     ledger = Ledger.open(config.db_url, Metrics())  # never started: nothing here posts
     records = Records(ledger.store.engine)
@@ -270,50 +256,9 @@ async def demo(config: Config) -> dict[str, Any]:
     cards = CardService(
         records, org, vault, ledger, directory, Accounts(ledger), Pins(records, vault, directory)
     )
-    made: dict[str, list[str]] = {"entities": [], "stores": [], "classes": [], "grants": []}
     try:
-        for entity, name in DEMO_ENTITIES.items():
-            if await _absent(org.create_entity(CONSOLE, entity, name)):
-                made["entities"].append(entity)
-        for store, entity, name, region, city in DEMO_STORES:
-            values = {"id": store, "legal_entity": entity, "name": name, "region": region,
-                      "city": city}  # fmt: skip
-            if await _absent(org.create_store(CONSOLE, values)):
-                made["stores"].append(store)
-        for klass in DEMO_CLASSES:
-            if await _absent(cards.create_class(CONSOLE, klass)):
-                made["classes"].append(klass["code"])
-        for store, *_ in DEMO_STORES:
-            held = await org.list_grants(CONSOLE, store, None, limits.PAGE_LIMIT_MAX)
-            have = {g["function"] for g in held if g["state"] == "active" and not g["product"]}
-            for function in DEMO_GRANTS:
-                if function.value not in have:
-                    await org.create_grant(CONSOLE, _grant(store, function))
-                    made["grants"].append(f"{store}:{function.value}")
+        made = await demo_data.load_organization(org, cards)
     finally:
         await ledger.store.engine.dispose()
-    return {"made": made, "classes": [c["code"] for c in DEMO_CLASSES],
-            "stores": [s[0] for s in DEMO_STORES]}  # fmt: skip
-
-
-def _grant(store: str, function: Function) -> dict[str, Any]:
-    return {
-        "store": store,
-        "function": function.value,
-        "product": "",
-        "budget_count": None,
-        "budget_amount": None,
-        "valid_from": "",
-        "valid_to": "",
-    }
-
-
-async def _absent(change: Awaitable[object]) -> bool:
-    """Run a create; False when the object exists already (the demo leaves it)."""
-    try:
-        await change
-    except Refused as exc:
-        if exc.code.endswith("_exists"):
-            return False
-        raise
-    return True
+    return {"made": made, "classes": [c["code"] for c in demo_data.DEMO_CLASSES],
+            "stores": [s[0] for s in demo_data.DEMO_STORES]}  # fmt: skip

@@ -133,9 +133,12 @@ async def issue_cards(
     balance: int = 0,
     balance_max: int = 0,
     expires: str = "",
+    class_code: str = "",
+    store: str = "",
 ) -> list[Issued]:
     """Issue `count` new cards (or the given `pans`), each with its stored-value account
-    and, when `balance` is set, an opening top-up from the entity's card float."""
+    and, when `balance` is set, an opening top-up from the entity's card float; of the card
+    class `class_code` ("" none: such a card earns no points) issued in `store` ("" none)."""
     if not 0 <= count <= limits.CARD_ISSUE_BATCH_MAX:
         raise AdminError(f"count must be 0..{limits.CARD_ISSUE_BATCH_MAX}")
     wanted = list(dict.fromkeys(pans))
@@ -177,6 +180,8 @@ async def issue_cards(
             expires=expires,
             state="active",
             balance_max=balance_max,
+            class_code=class_code,
+            store=store,
         )
         for pan, token, account_id in zip(wanted, tokens, ids, strict=True)
         if account_id is not None

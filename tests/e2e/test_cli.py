@@ -316,6 +316,21 @@ class Server:
             raise
         return self
 
+    def lines_until(self, prefix: str, timeout_s: float = START_S_MAX) -> list[str]:
+        """The stdout lines after the listening line, up to the first that starts with
+        `prefix` (the demo prints its scripted POS session there), or a failure."""
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            seen.append(line.rstrip("\n"))
+            if line.startswith(prefix):
+                return seen
+        pytest.fail(f"no line {prefix!r} within {timeout_s} s: {seen} {self.log.read_text()}")
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -387,6 +402,7 @@ def test_migrate_then_serve_demo_answers_stops_on_sigterm_and_reloads_without_du
         assert card["credits_posted"] - card["debits_posted"] == 50_000
         assert card["flags"]["no_overdraft"] is True
         assert accounts["card_1_points"]["credits_posted"] == 1_200
+        first.lines_until("POS DEMO0001 settlement")  # the scripted session ended
         assert first.stop() == 0, first.stderr
         assert "Traceback" not in first.stderr
 
@@ -397,6 +413,7 @@ def test_migrate_then_serve_demo_answers_stops_on_sigterm_and_reloads_without_du
         assert second.ready["demo_pos"] == first.ready["demo_pos"]
         # The demo's accounts are not made twice; only the scripted POS session adds
         # transfers: on the demo terminal's cards and its store's sales account.
+        second.lines_until("POS DEMO0001 settlement")
         later_seq, later_accounts = _demo_state(second.ready["url"], ids)
         sales = "store_a_sales"
         assert {k: v for k, v in later_accounts.items() if k != sales} == {
