@@ -238,6 +238,7 @@ POINTS_REMINDER_DAYS_DEFAULT: Final = 7  # `cardcore points expire`: reminders t
 POINTS_TIER_EARNINGS_READ_MAX: Final = 100_000  # earnings of one holder a tier period sums
 POINTS_EXPIRY_FIRST_S: Final = 60  # the server's first points expiry run, after it starts
 POINTS_EXPIRY_EVERY_S: Final = 900  # then every quarter hour (lots expire at local midnight)
+POINTS_FORFEIT_LOTS_MAX: Final = 1024  # point accounts one card's close forfeits (REQUEST_OPS_MAX)
 POS_SALE_CHARS_MAX: Final = 24  # a terminal's sale number (F48 SN): the coupons of one sale
 COUPON_CAMPAIGNS_PARSED_MAX: Final = 1024  # campaign definitions kept parsed (a pure cache)
 COUPON_REWARD_CACHE_S: Final = (

@@ -118,6 +118,7 @@ def build_app(
             records, org, vault, ledger, pos.directory, accounts, pins
         )
         pos.topup_grant = cards.pos_topup_grant
+        cards.points_held, cards.forfeit_points = points.points_held, points.forfeit
         pos.reversers.append(cards.pos_topup_release)
         services = ServiceCards(records, org, ledger, accounts)
         app[service_cards_http.SERVICE_CARDS_KEY] = services

@@ -116,7 +116,10 @@ REFUND = r.obj(
     },
     ["amount", "transfer_ids"],
 )
-CLOSED = r.obj({**_CARD_PROPS, "refund": REFUND}, [*_CARD_REQUIRED, "refund"])
+CLOSED = r.obj(
+    {**_CARD_PROPS, "refund": REFUND, "points_forfeited": r.integer(0, limits.BALANCE_MAX)},
+    [*_CARD_REQUIRED, "refund", "points_forfeited"],
+)
 NEW_CARD = r.obj(
     {"class_code": CLASS_CODE, "store": r.string(r.CODE), "member_id": MEMBER_ID},
     ["class_code", "store"],
@@ -142,7 +145,9 @@ PAID = r.obj(
      "available": AMOUNT, "replayed": r.boolean()},
     ["card_id", "transfer_id", "amount", "available", "replayed"],
 )  # fmt: skip
-CLOSE = r.obj({"receipt": RECEIPT, "store": r.string(r.CODE)}, ["receipt"])
+CLOSE = r.obj(
+    {"receipt": RECEIPT, "store": r.string(r.CODE), "forfeit_points": r.boolean()}, ["receipt"]
+)
 PIN = r.obj(
     {"pin": r.string(f"[0-9]{{{limits.PIN_DIGITS_MIN},{limits.PIN_DIGITS_MAX}}}",
                      max_length=limits.PIN_DIGITS_MAX)},
@@ -364,8 +369,9 @@ async def _close(request: web.Request) -> web.Response:
     card_id = _card_id(request)
     b = await r.body(request, CLOSE)
     view = await service.close(
-        principal(request), card_id, receipt=b["receipt"], store=b.get("store")
-    )
+        principal(request), card_id, receipt=b["receipt"], store=b.get("store"),
+        forfeit_points=b.get("forfeit_points", False),
+    )  # fmt: skip
     return web.json_response(view)
 
 

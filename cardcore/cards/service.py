@@ -25,7 +25,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -315,6 +315,10 @@ class CardService:
         self.pins = pins
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self._currency_ready = False
+        # Registered by the application (the points engine): the points each value account
+        # still holds, usable or pending, and the forfeit of all of them (a close).
+        self.points_held: Callable[[Sequence[int]], Awaitable[dict[int, int]]] | None = None
+        self.forfeit_points: Callable[[int], Awaitable[int]] | None = None
 
     # --- card classes ---------------------------------------------------------------------
 
@@ -1008,21 +1012,26 @@ class CardService:
         return self._issued_view(p, written.row, written.pan)
 
     async def close(
-        self, p: Principal, card_id: int, *, receipt: str, store: str | None
-    ) -> dict[str, Any]:
+        self, p: Principal, card_id: int, *, receipt: str, store: str | None,
+        forfeit_points: bool = False,
+    ) -> dict[str, Any]:  # fmt: skip
         """Close the card, then refund its available balance in cash at the counter. The
         state changes first, so the POS declines the card; a purchase that was already on
         its way may still change the balance, so the refund reads and tries again (at most
         CARD_CLOSE_ATTEMPTS_MAX times). A closed card with value left (an earlier close
-        stopped half way) may be closed again to finish the refund."""
+        stopped half way) may be closed again to finish the refund. Points are value too:
+        while the card's account holds points (usable or pending, any program) the close is
+        refused 409 `card_has_points` and nothing changes, unless `forfeit_points` gives
+        them up (moved to the entity's points_forfeited account, in the audit row)."""
         card = await self._card_for(p, card_id, Perm.CARDS_MONEY)
         counter = await self._counter(p, store, card)
         account_id = int(card["account_id"])
         async with self.accounts.lock(account_id):
             card = await self._card(card_id)
+            points = await self._points_left(account_id, forfeit=forfeit_points)
             if card["state"] == CardState.CLOSED:
                 account = await self.ledger.account(account_id)
-                if account is None or available(account.balance) <= 0:
+                if not points and (account is None or available(account.balance) <= 0):
                     raise _state_refused("closed", "nothing is left to refund")
                 view = card_view(card)
             else:
@@ -1032,16 +1041,43 @@ class CardService:
                 )  # fmt: skip
             if await self._debit_frozen(account_id):
                 await self._set_frozen(account_id, frozen=False)  # the closed state declines
+            forfeited = await self._forfeit(account_id) if points else 0
             refund, transfer_ids = await self._refund_all(p, card, counter, receipt)
         now = self.clock_ms()
         record = {"card_id": card_id, "amount": refund, "transfer_ids": transfer_ids,
-                  "receipt": receipt, "store": counter.store}  # fmt: skip
+                  "receipt": receipt, "store": counter.store,
+                  "points_forfeited": forfeited}  # fmt: skip
         async with self.records.begin() as uow:
             await uow.audit(
                 p, action="card.close_refund", kind="card", object_id=card_id,
                 place=place_of(card), before=None, after=record, now_ms=now,
             )  # fmt: skip
-        return {**view, "refund": {"amount": refund, "transfer_ids": transfer_ids}}
+        return {
+            **view,
+            "refund": {"amount": refund, "transfer_ids": transfer_ids},
+            "points_forfeited": forfeited,
+        }
+
+    async def _points_left(self, account_id: int, *, forfeit: bool) -> int:
+        """The points the account holds (0 without a points engine); 409 `card_has_points`
+        when it holds some and the close does not give them up."""
+        if self.points_held is None:
+            return 0
+        points = (await self.points_held([account_id]))[account_id]
+        if points and not forfeit:
+            raise Refused(
+                "conflict", "card_has_points",
+                f"the card holds {points} points: redeem or transfer them first, or close "
+                "with forfeit_points", "forfeit_points",
+            )  # fmt: skip
+        return points
+
+    async def _forfeit(self, account_id: int) -> int:
+        assert self.forfeit_points is not None
+        try:
+            return await self.forfeit_points(account_id)
+        except (AccountsUnavailable, Busy, LedgerUnavailable) as exc:
+            raise CardsUnavailable("the ledger cannot take the points now; retry") from exc
 
     async def _refund_all(
         self, p: Principal, card: dict[str, Any], counter: Place, receipt: str

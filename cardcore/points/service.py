@@ -677,6 +677,43 @@ class PointsService:
             out[holder] += holding.usable(now) + holding.pending(now)
         return out
 
+    async def forfeit(self, holder: int) -> int:
+        """Every point the holder (a card's value account) still has, usable or pending, in
+        any program, moved to its lot's legal entity's `points_forfeited` account: a card
+        closed with its points given up (`CardService.close`, `forfeit_points`). The caller
+        holds the card account's lock. Each lot goes under `forfeit/<lot account>/<its
+        version>`, so a retry forfeits nothing twice; a debt stays. How many points went.
+        The ledger busy or away raises its error (`Busy`, `LedgerUnavailable`): retry."""
+        async with self.records.read() as uow:
+            rows = await uow.find_each(
+                ACCOUNTS, "owner_id", [str(holder)], {"owner_kind": OWNER_KIND},
+                limit_each=limits.POINTS_FORFEIT_LOTS_MAX,
+            )  # fmt: skip
+        lots = [r for r in rows if r["purpose"].startswith(model.LOT_PREFIX) and available(r)]
+        if len(rows) >= limits.POINTS_FORFEIT_LOTS_MAX:  # the first part now, the rest again
+            lots = lots[: limits.POINTS_FORFEIT_LOTS_MAX - 1]
+        wanted = [Wanted(r["legal_entity"], "entity", r["legal_entity"], "points_forfeited",
+                         r["asset"]) for r in lots]  # fmt: skip
+        into = await self.accounts.ensure(wanted) if wanted else []
+        ops: list[Op] = [
+            CreateTransfer(
+                EXPIRY_CLIENT,
+                f"forfeit/{r['id']}/{r['version']}",
+                r["asset"],
+                (
+                    Posting(int(r["id"]), Side.DEBIT, available(r)),
+                    Posting(forfeited, Side.CREDIT, available(r)),
+                ),
+                reason="points_forfeit",
+            )
+            for r, forfeited in zip(lots, into, strict=True)
+        ]
+        results = await self.ledger.submit(ops) if ops else []  # Busy, LedgerUnavailable: retry
+        refused = next((res.code for res in results if not res.ok), None)
+        if refused is not None:  # nothing moves the lots under the lock: a defect, or a race
+            raise Refused("conflict", "ledger_refused", f"the ledger refused it: {refused}")
+        return sum(available(r) for r, res in zip(lots, results, strict=True) if not res.replayed)
+
     def _entity_account(self, program: model.Program, entity: str, purpose: str) -> Wanted:
         return Wanted(entity, "entity", entity, purpose, program.asset)
 

@@ -149,3 +149,48 @@ async def test_a_reward_redemption_on_a_card_frozen_while_it_waited_for_the_lock
     assert (await shop.points(card))["balance"] == 500
     assert await sql_rows(db_url, "SELECT id FROM ledger_transfers WHERE reason = "
                           "'points_reward'") == []  # fmt: skip
+
+
+async def test_a_card_holding_points_closes_only_when_they_are_given_up(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Points are value: a close of a card holding any (usable, or pending in the return
+    window) is refused 409 `card_has_points` and changes nothing; with `forfeit_points` the
+    card closes, its money is refunded and every point goes to the entity's
+    points_forfeited account, once. The member may then be deleted."""
+    shop = await Shop(admin).make()
+    card = await shop.card(balance=20_000)
+    await earned(shop, card, 5_000)  # 50 points, 15,000 fen left
+    path = f"/v1/cards/{card['id']}/close"
+    before = await counts(db_url)
+    status, answer = await admin.call("POST", path, json={"receipt": "C-1"})
+    assert (status, answer["error"]["code"]) == (409, "card_has_points"), answer
+    assert answer["error"]["field"] == "forfeit_points"
+    assert await counts(db_url) == before
+    assert (await admin.ok("GET", f"/v1/cards/{card['id']}"))["state"] == "active"
+    closed = await admin.ok("POST", path, json={"receipt": "C-1", "forfeit_points": True})
+    assert (closed["state"], closed["refund"]["amount"], closed["points_forfeited"]) == (
+        "closed", 15_000, 50)  # fmt: skip
+    view = await shop.points(card)
+    assert (view["balance"], view["usable"], view["pending"]) == (0, 0, 0)
+    [forfeit] = await sql_rows(db_url, "SELECT postings FROM ledger_transfers WHERE reason = "
+                               "'points_forfeit'")  # fmt: skip
+    [into] = await sql_rows(db_url, "SELECT credits_posted FROM ledger_accounts WHERE "
+                            "purpose = 'points_forfeited'")  # fmt: skip
+    assert int(into["credits_posted"]) == 50, forfeit
+    status, again = await admin.call("POST", path, json={"receipt": "C-1", "forfeit_points": True})
+    assert (status, again["error"]["code"]) == (409, "card_state")  # nothing left
+    [audit] = (await admin.ok("GET", "/v1/audit", action="card.close_refund"))["items"]
+    assert audit["after"]["points_forfeited"] == 50
+    status, _ = await admin.call("DELETE", f"/v1/members/{card['member_id']}")
+    assert status == 200
+
+
+async def test_pending_points_refuse_a_close_too(admin: AdminClient) -> None:
+    shop = await Shop(admin).make(pending_days=14)
+    card = await shop.card()
+    await earned(shop, card, 3_000)
+    assert (await shop.points(card))["pending"] == 30
+    status, answer = await admin.call("POST", f"/v1/cards/{card['id']}/close",
+                                      json={"receipt": "C-2"})  # fmt: skip
+    assert (status, answer["error"]["code"]) == (409, "card_has_points"), answer
