@@ -396,9 +396,10 @@ class Directory:
 
     async def reversals_of(self, transfer_id: int) -> list[dict[str, Any]]:
         """The chain of reversals from a transfer, in order: its reversal, that reversal's
-        reversal, and so on (the ledger reverses a transfer at most once), at most
-        `REVERSAL_CHAIN_MAX`. An odd chain leaves the transfer undone, an even one standing
-        (a void, the terminal's reversal of that void: the purchase stands again)."""
+        reversal, and so on (the ledger reverses a transfer at most once), the whole chain:
+        the POS lets it grow to `REVERSAL_CHAIN_MAX` + 1 links, and this reads one more. An
+        odd chain leaves the transfer undone, an even one standing (a void, the terminal's
+        reversal of that void: the purchase stands again)."""
         t = ledger_schema.transfers
         query = select(*_transfer_columns(t)).where(
             t.c.kind == "reverse", t.c.target_id == bindparam("target")
@@ -406,7 +407,7 @@ class Directory:
         chain: list[dict[str, Any]] = []
         async with self.engine.connect() as conn:
             target = transfer_id
-            for _ in range(limits.REVERSAL_CHAIN_MAX):
+            for _ in range(limits.REVERSAL_CHAIN_MAX + 2):
                 row = (await conn.execute(query, {"target": target})).mappings().first()
                 if row is None:
                     break

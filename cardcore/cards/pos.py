@@ -1064,7 +1064,7 @@ class PosService:
         mine = next((j for j, x in enumerate(chain) if x["key"] == key), None)
         if mine is not None:
             reversed_key = chain[mine - 1]["key"]
-        elif len(chain) > limits.REVERSAL_CHAIN_MAX:
+        elif len(chain) - 1 >= limits.REVERSAL_CHAIN_MAX:  # links: voided and reinstated
             plan.answer = PosResult(Outcome.ALREADY_REVERSED)
             return
         else:
@@ -1128,7 +1128,7 @@ class PosService:
             mine = next((j for j, x in enumerate(chain) if x["key"] == key), None)
             if mine is not None:  # a resend: its target again (the original's, at 0)
                 target_key = chain[mine - 1]["key"] if mine > 0 else target_key
-            elif chain and len(chain) % 2 == 0:
+            elif chain and len(chain) % 2 == 0 and len(chain) <= limits.REVERSAL_CHAIN_MAX:
                 target_key = chain[-1]["key"]
             plan.op = Reverse(
                 client=POS_CLIENT,

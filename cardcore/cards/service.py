@@ -1026,8 +1026,11 @@ class CardService:
         card = await self._card_for(p, card_id, Perm.CARDS_MONEY)
         counter = await self._counter(p, store, card)
         account_id = int(card["account_id"])
+        closable = {*LIVE_STATES, CardState.INACTIVE}
         async with self.accounts.lock(account_id):
             card = await self._card(card_id)
+            if card["state"] not in {*closable, CardState.CLOSED}:  # replaced: its successor
+                raise _state_refused(card["state"], f"card.close needs {sorted(closable)}")
             points = await self._points_left(account_id, forfeit=forfeit_points)
             if card["state"] == CardState.CLOSED:
                 account = await self.ledger.account(account_id)
@@ -1036,9 +1039,8 @@ class CardService:
                 view = card_view(card)
             else:
                 view = await self._transition(
-                    p, card_id, allowed={*LIVE_STATES, CardState.INACTIVE},
-                    state=CardState.CLOSED, action="card.close",
-                )  # fmt: skip
+                    p, card_id, allowed=closable, state=CardState.CLOSED, action="card.close"
+                )
             if await self._debit_frozen(account_id):
                 await self._set_frozen(account_id, frozen=False)  # the closed state declines
             forfeited = await self._forfeit(account_id) if points else 0

@@ -681,20 +681,32 @@ class PointsService:
         """Every point the holder (a card's value account) still has, usable or pending, in
         any program, moved to its lot's legal entity's `points_forfeited` account: a card
         closed with its points given up (`CardService.close`, `forfeit_points`). The caller
-        holds the card account's lock. Each lot goes under `forfeit/<lot account>/<its
-        version>`, so a retry forfeits nothing twice; a debt stays. How many points went.
-        The ledger busy or away raises its error (`Busy`, `LedgerUnavailable`): retry."""
-        async with self.records.read() as uow:
-            rows = await uow.find_each(
-                ACCOUNTS, "owner_id", [str(holder)], {"owner_kind": OWNER_KIND},
-                limit_each=limits.POINTS_FORFEIT_LOTS_MAX,
-            )  # fmt: skip
-        lots = [r for r in rows if r["purpose"].startswith(model.LOT_PREFIX) and available(r)]
-        if len(rows) >= limits.POINTS_FORFEIT_LOTS_MAX:  # the first part now, the rest again
-            lots = lots[: limits.POINTS_FORFEIT_LOTS_MAX - 1]
+        holds the card account's lock. The holder's accounts are read a page at a time
+        (`POINTS_FORFEIT_LOTS_MAX`), each page's lots with points left in one submit; each
+        lot goes under `forfeit/<lot account>/<its version>`, so a retry forfeits nothing
+        twice. A debt stays. How many points went. The ledger busy or away raises its
+        error (`Busy`, `LedgerUnavailable`): the close is retried."""
+        total, after = 0, None
+        while True:
+            async with self.records.read() as uow:
+                rows = await uow.find(
+                    ACCOUNTS, {"owner_kind": OWNER_KIND, "owner_id": str(holder)},
+                    after=after, limit=limits.POINTS_FORFEIT_LOTS_MAX,
+                )  # fmt: skip
+            page = rows[: limits.POINTS_FORFEIT_LOTS_MAX]
+            total += await self._forfeit_lots(
+                [r for r in page if r["purpose"].startswith(model.LOT_PREFIX) and available(r)]
+            )
+            if len(rows) <= limits.POINTS_FORFEIT_LOTS_MAX:
+                return total
+            after = page[-1]["id"]
+
+    async def _forfeit_lots(self, lots: Sequence[dict[str, Any]]) -> int:
+        if not lots:
+            return 0
         wanted = [Wanted(r["legal_entity"], "entity", r["legal_entity"], "points_forfeited",
                          r["asset"]) for r in lots]  # fmt: skip
-        into = await self.accounts.ensure(wanted) if wanted else []
+        into = await self.accounts.ensure(wanted)
         ops: list[Op] = [
             CreateTransfer(
                 EXPIRY_CLIENT,
@@ -708,7 +720,7 @@ class PointsService:
             )
             for r, forfeited in zip(lots, into, strict=True)
         ]
-        results = await self.ledger.submit(ops) if ops else []  # Busy, LedgerUnavailable: retry
+        results = await self.ledger.submit(ops)  # Busy, LedgerUnavailable: retry
         refused = next((res.code for res in results if not res.ok), None)
         if refused is not None:  # nothing moves the lots under the lock: a defect, or a race
             raise Refused("conflict", "ledger_refused", f"the ledger refused it: {refused}")

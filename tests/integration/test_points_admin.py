@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
+from cardcore import limits
 from cardcore.cards.model import Kind
 from cardcore.points.http import POINTS_KEY
 from tests.helpers import AdminClient, sql_rows
 from tests.integration.test_points_api import counts
-from tests.integration.test_points_pos import Shop, pause_after
+from tests.integration.test_points_pos import Shop, fixed, pause_after
 
 TRANSFER = {"allowed": True, "per_transfer_max_points": 300, "per_day_max_points": 500}
 
@@ -194,3 +195,25 @@ async def test_pending_points_refuse_a_close_too(admin: AdminClient) -> None:
     status, answer = await admin.call("POST", f"/v1/cards/{card['id']}/close",
                                       json={"receipt": "C-2"})  # fmt: skip
     assert (status, answer["error"]["code"]) == (409, "card_has_points"), answer
+
+
+async def test_a_forfeit_on_close_takes_every_lot_page_by_page(
+    admin: AdminClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A card with more point accounts than one page of the forfeit: every lot still goes,
+    the emptied ones and the full ones, so the closed card holds no points."""
+    shop = await Shop(admin).make(pending_days=0, expiry={"kind": "rolling_months", "months": 120})
+    service = admin.app[POINTS_KEY]
+    card = await shop.card(balance=100_000)
+    start, day_ms = 1_768_000_000_000, 86_400_000
+    for month in range(5):  # five lots, one per month-end of expiry
+        service.clock_ms = fixed(start + month * 31 * day_ms)
+        await earned(shop, card, 1_000)
+    service.clock_ms = fixed(start + 5 * 31 * day_ms)
+    assert len((await shop.points(card))["lots"]) == 5
+    monkeypatch.setattr(limits, "POINTS_FORFEIT_LOTS_MAX", 2)
+    closed = await admin.ok("POST", f"/v1/cards/{card['id']}/close",
+                            json={"receipt": "C-3", "forfeit_points": True})  # fmt: skip
+    assert closed["points_forfeited"] == 50
+    view = await shop.points(card)
+    assert (view["balance"], view["pending"], view["lots"]) == (0, 0, [])

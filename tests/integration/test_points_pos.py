@@ -1159,8 +1159,9 @@ async def test_a_return_on_a_card_closed_while_it_waited_for_the_lock_is_decline
     return on a closed card is at once, with no clawback pinned or posted."""
     shop, card, earn = await earned_otherwise(admin)
     request = shop.request(Kind.POINTS_RETURN, card, amount=10_000, rrn=earn.rrn)
+    closing = {"receipt": "C1", "forfeit_points": True}  # its points go with it
     answer = await after_change(shop, monkeypatch, "_program", request,
-                                f"/v1/cards/{card['id']}/close", {"receipt": "C1"})  # fmt: skip
+                                f"/v1/cards/{card['id']}/close", closing)  # fmt: skip
     assert (answer.outcome, answer.points) == (Outcome.CARD_CLOSED, None)
     assert await sql_rows(db_url, "SELECT * FROM points_clawbacks") == []
     assert await sql_rows(db_url, "SELECT * FROM ledger_transfers WHERE reason = "
