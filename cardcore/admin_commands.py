@@ -175,11 +175,17 @@ async def issue_cards(
 
 
 def _write_csv(path: Path, text: str) -> None:
-    """Readable by the owner only (mode 0600): full card numbers never reach the group."""
+    with _private_file(path) as handle:
+        handle.write(text)
+
+
+def _private_file(path: Path) -> TextIO:
+    """The file opened for writing, emptied, readable by the owner only (mode 0600, an
+    existing file's mode changed too): full card numbers and codes never reach the group."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as handle:
-        handle.write(text)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "w", encoding="ascii")
 
 
 # --- coupons generate --------------------------------------------------------------------------
@@ -215,10 +221,7 @@ async def generate_coupons(
     handle: TextIO | None = None
     try:
         if out is not None:
-            path = Path(out)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            handle = os.fdopen(fd, "w", encoding="ascii")
+            handle = _private_file(Path(out))
             handle.write("code,display\n")
         sink = None if handle is None else _csv_sink(handle)
         records = Records(engine)

@@ -858,6 +858,9 @@ class PosService:
         if card is None:
             return
         found = await self._class_of(card)
+        if found is not None and found.gift:  # its value is sold once, at a denomination
+            plan.answer = PosResult(Outcome.NOT_PERMITTED, refusal="gift_not_reloadable")
+            return
         bounds = [x for x in (card.balance_max, 0 if found is None else found.balance_max) if x]
         limit = min(bounds, default=0)
         # The store's entity took the cash: it owes the card's entity the value.

@@ -47,7 +47,7 @@ from cardcore.records import Conflict, Records, Unit
 from cardcore.vault import Vault
 
 MEMBERS, CONSENTS, CARDS = "members", "member_consents", "cards"
-DEAD_CARD_STATES = (CardState.CLOSED.value, CardState.REPLACED.value)  # hold no value of their own
+DEAD_CARD_STATES = (CardState.CLOSED.value, CardState.REPLACED.value)  # not closed by a delete
 PUBLIC = (
     "id", "mobile", "name", "gender", "birthday", "id_type", "id_masked", "email",
     "sms_alerts", "sms_marketing", "tier", "home_store", "legal_entity", "state",
@@ -469,8 +469,9 @@ class MemberService:
 
     async def delete(self, p: Principal, member_id: int) -> dict[str, Any]:
         """Erase the member's personal data, mark it deleted and close its live cards (not
-        closed or replaced), in one transaction; 409 `member_has_value` while one of them
-        holds value, posted or pending, and 409 `member_has_points` while one holds points,
+        closed or replaced), in one transaction; 409 `member_has_value` while one of them,
+        or a closed card of the member, holds value, posted or pending, and 409
+        `member_has_points` while one of those holds points,
         usable or pending, in any program (a points debt alone does not refuse: it is
         written off with the cards). Both are read under the cards' account locks, the ones
         every counter and POS top-up and purchase, every earning and spend of points of those
@@ -483,19 +484,23 @@ class MemberService:
         if row["state"] != MemberState.ACTIVE:
             raise not_active(row)
         async with self.records.read() as uow:
-            checked = await _live_cards(uow, member_id)
+            all_cards = await _all_cards(uow, member_id)
+        checked = [c for c in all_cards if c["state"] not in DEAD_CARD_STATES]
         for card in checked:  # the delete closes them: each must be in the caller's scope
             if not p.covers(Place(card["legal_entity"], card["store"])):
                 raise Refused(
                     "forbidden", "scope_forbidden",
                     f"card {card['pan_masked']} of the member is outside your scope",
                 )  # fmt: skip
+        # A closed card can hold value too (a close whose refund stopped half way, a
+        # terminal's reversal since): the delete is refused for it as for a live card.
+        valued = [*checked, *(c for c in all_cards if c["state"] == CardState.CLOSED.value)]
         async with contextlib.AsyncExitStack() as held:
-            for account_id in sorted({int(c["account_id"]) for c in checked}):  # one order
+            for account_id in sorted({int(c["account_id"]) for c in valued}):  # one order
                 await held.enter_async_context(self.accounts.lock(account_id))
-            for card in checked:
+            for card in valued:
                 await self._refuse_value(card)
-            await self._refuse_points(checked)
+            await self._refuse_points(valued)
             view, closed = await self._erase(p, member_id, checked)
             for card in closed:
                 self.directory.forget_card(card["token"])
@@ -556,7 +561,8 @@ class MemberService:
                     "conflict",
                     "member_has_points",
                     f"card {card['pan_masked']} holds {points} points: redeem or transfer "
-                    "them (pending points once usable) first",
+                    "them (pending points once usable) first, or close the card with "
+                    "forfeit_points",
                 )
 
 

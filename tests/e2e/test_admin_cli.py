@@ -84,6 +84,8 @@ def test_admin_issue_cards_writes_a_print_file_masked_unless_full_numbers_are_as
     assert all(r["card_number"].startswith("628888*********") for r in masked)
     assert {(r["class_code"], r["face_value"]) for r in masked} == {("GIFT100", "")}
     full_file = tmp_path / "full.csv"
+    full_file.write_text("an older file, readable by all\n")
+    full_file.chmod(0o644)  # the export makes it private all the same
     done = admin(tmp_path, env, "issue-cards", "--class", "BEARER", "--store", "S-B01",
                  "--count", "20", "--out", str(full_file), "--full-numbers")  # fmt: skip
     assert answer(done)["full_numbers"] is True

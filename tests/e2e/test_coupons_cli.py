@@ -67,6 +67,9 @@ async def test_generate_writes_chunks_with_a_progress_bar_and_a_private_csv(
     await _campaign(db_url, max_issued=30_000)
     count = limits.COUPON_INSERT_CHUNK_MAX * 2 + 5
     out = tmp_path / "print" / "codes.csv"
+    out.parent.mkdir()
+    out.write_text("an older file, readable by all\n")
+    out.chmod(0o644)  # the export makes it private all the same
     done = coupons(tmp_path, env, "--campaign", "BULK", "--count", str(count), "--out", str(out))
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout.splitlines()[-1])

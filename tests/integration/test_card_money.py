@@ -412,6 +412,14 @@ async def test_a_gift_card_is_sold_once_at_a_denomination_and_spends_the_grants_
     assert (result.outcome, result.balance) == (Outcome.APPROVED, 15_000)
     status, answer = await topup(admin, gift["id"], 100)
     assert (status, answer["error"]["code"]) == (409, "gift_not_reloadable")
+    # Nor at a terminal (whatever stored-value grant its store holds): declined, no hold.
+    await grant(admin, "S1", "stored_value")
+    before = await counts(db_url)
+    for _ in range(2):  # twice: nothing is held either time
+        at_pos = await pos(admin, Kind.TOPUP, tid, gift["pan"], 5_000)
+        assert (at_pos.outcome, at_pos.refusal) == (Outcome.NOT_PERMITTED, "gift_not_reloadable")
+    assert await counts(db_url) == before
+    assert (await card(admin, gift["id"]))["balances"]["incoming"] == 0
 
 
 async def test_a_gift_sale_past_the_only_grants_amount_budget_is_refused_and_changes_nothing(

@@ -292,3 +292,25 @@ async def test_a_transfer_in_flight_makes_the_receivers_delete_wait_and_refuse(
     assert member["state"] == "active"
     assert [(c["id"], c["state"]) for c in member["cards"]] == [(taker["id"], "active")]
     assert (await admin.ok("GET", f"/v1/cards/{taker['id']}/points"))["balance"] == 40
+
+
+async def test_a_closed_card_holding_value_again_refuses_the_members_delete(
+    admin: AdminClient,
+) -> None:
+    """A closed card can hold money again (a terminal's reversal of a purchase after the
+    close refunded the rest): the member's delete is refused 409 `member_has_value`, until
+    a second close refunds it."""
+    shop = await Shop(admin).make()
+    card = await shop.card("PLAIN", balance=10_000)
+    sale = shop.request(Kind.PURCHASE, card, amount=3_000)
+    assert (await shop.one(sale)).outcome is Outcome.APPROVED
+    closed = await admin.ok("POST", f"/v1/cards/{card['id']}/close", json={"receipt": "C1"})
+    assert closed["refund"]["amount"] == 7_000
+    undone = await shop.one(shop.request(Kind.REVERSE, None, stan=sale.stan))
+    assert undone.outcome is Outcome.APPROVED  # always taken: 3,000 back on the closed card
+    status, answer = await delete(admin, card)
+    assert (status, answer["error"]["code"]) == (409, "member_has_value"), answer
+    again = await admin.ok("POST", f"/v1/cards/{card['id']}/close", json={"receipt": "C2"})
+    assert again["refund"]["amount"] == 3_000
+    status, _ = await delete(admin, card)
+    assert status == 200

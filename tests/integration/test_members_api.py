@@ -521,9 +521,20 @@ async def test_deleting_a_member_with_value_on_a_card_is_refused_and_changes_not
             409, "member_has_value",
         )  # fmt: skip
     assert await snapshot(db_url) == before
-    # once the card with value is closed (its value refunded), the member can go
+    # once the card with value is closed and its value refunded, the member can go (closed
+    # with its value still on it, the delete is refused as for a live card)
     async with Records(admin.app[POS_KEY].ledger.store.engine).begin() as uow:
         await uow.update("cards", {"id": valued["id"]}, {"state": "closed"})
+    assert await refused(admin, "DELETE", f"/v1/members/{posted['id']}") == (
+        409, "member_has_value",
+    )  # fmt: skip
+    ledger: Ledger = admin.app[POS_KEY].ledger
+    [float_] = await ledger.submit([CreateAccount(CURRENCY, "LE1", "entity", "LE1", "test_float")])
+    assert float_.account_id is not None
+    [refund] = await ledger.submit(
+        [move("refund-valued", valued["account_id"], float_.account_id, 1)]
+    )
+    assert refund.ok
     await ok(admin, "POST", f"/v1/members/{posted['id']}/consents", None,
              {"purpose": "alerts", "granted": True, "source": "counter"})  # fmt: skip
     deleted = await ok(admin, "DELETE", f"/v1/members/{posted['id']}")
