@@ -222,7 +222,9 @@ def status_of(row: dict[str, Any], now_ms: int) -> CodeStatus:
 
 
 def code_view(row: dict[str, Any], campaign: Campaign, now_ms: int) -> dict[str, Any]:
-    """What a lookup shows of a code: its state as the POS would see it now."""
+    """What a lookup shows of a code: its state as the POS would see it now, and its
+    campaign's validity (the code row's copy is the validity when it was issued, which a
+    draft's change may have moved since)."""
     status = status_of(row, now_ms)
     ended = campaign.state is CampaignState.ENDED or now_ms >= campaign.valid_to_ms
     if status is CodeStatus.ISSUED and ended:
@@ -236,8 +238,8 @@ def code_view(row: dict[str, Any], campaign: Campaign, now_ms: int) -> dict[str,
         "state": str(status),
         "source": row["source"],
         "member_id": None if member is None else int(member),
-        "valid_from_ms": int(row["valid_from_ms"]),
-        "valid_to_ms": int(row["valid_to_ms"]),
+        "valid_from_ms": campaign.valid_from_ms,  # the campaign's, as the till judges it
+        "valid_to_ms": campaign.valid_to_ms,
         "reserved_until_ms": (
             int(row["reserved_until_ms"]) if status is CodeStatus.RESERVED else None
         ),
@@ -335,6 +337,27 @@ def candidates(text: str) -> list[str]:
     if not out:
         raise Refused("invalid", model.CODE_MALFORMED, "not a coupon code", "code")
     return out
+
+
+def spellings(code: str) -> list[str]:
+    """The stored codes an imported code would be confused with: itself, and its normalised
+    form (`model.normalize`: how `candidates` reads a typed generated code). Every spelling
+    `candidates` finds for the code typed as it is printed is one of them."""
+    return sorted({code, model.normalize(code)})
+
+
+async def _no_other_spelling(uow: Unit, codes: list[str]) -> None:
+    """Inside an import's transaction: 409 `coupon_code_exists` when a code of the import,
+    or its normalised form, is stored already (the import's own rows are not yet written).
+    A look-up, so two imports at the same moment can each miss the other's spelling (see
+    docs/coupons.md); the exact code stays guarded by the primary key."""
+    wanted = sorted({s for c in codes for s in spellings(c)})
+    found = await uow.find_each(CODES, "code", wanted, {}, limit_each=1)
+    if found:
+        raise Refused(
+            "conflict", "coupon_code_exists",
+            "a code exists already (as it is, or in its normalised form)", "codes",
+        )  # fmt: skip
 
 
 # --- the service -------------------------------------------------------------------------------
@@ -475,8 +498,9 @@ class CouponService:
     ) -> dict[str, Any]:
         """Change a draft's definition, or a live campaign's name and budgets; move its state
         (draft -> active -> paused <-> active, any -> ended). A guarded update: a change made
-        meanwhile by another request makes this one 409 `campaign_changed`."""
-        self._rewarding.clear()
+        meanwhile by another request makes this one 409 `campaign_changed`. The reward
+        campaigns read for the till are forgotten once the change committed (a purchase that
+        read them meanwhile would otherwise keep the old ones cached)."""
         row = await self._campaign_row(code)
         place = place_of(row)
         require(p, Perm.CAMPAIGNS_WRITE, place)
@@ -547,6 +571,7 @@ class CouponService:
                 p, action="coupon_campaign.update", kind="coupon_campaign", object_id=code,
                 place=place, before=campaign_view(row), after=view, now_ms=now,
             )  # fmt: skip
+        self._rewarding.clear()  # after the commit, never before it
         return view
 
     async def figures(self, p: Principal, code: str) -> dict[str, Any]:
@@ -594,10 +619,15 @@ class CouponService:
         self, p: Principal, campaign: str, codes: list[str], *, key: str = ""
     ) -> dict[str, Any]:
         """A partner's codes, as they are (`model.check_imported`); all or none: a code that
-        exists anywhere in the group refuses the import (409 `coupon_code_exists`)."""
+        exists anywhere in the group, as it is or as its normalised form (`spellings`: what
+        a cashier typing it may find), refuses the import (409 `coupon_code_exists`); two
+        codes of the import with one normalised form refuse it too (400 `invalid_value`)."""
         checked = [model.check_imported(c) for c in codes]
-        if len(set(checked)) != len(checked):
-            raise Refused("invalid", "invalid_value", "the codes repeat", "codes")
+        if len({model.normalize(c) for c in checked}) != len(checked):
+            raise Refused(
+                "invalid", "invalid_value",
+                "the codes repeat (as typed: case, hyphens, I/L as 1, O as 0 aside)", "codes",
+            )  # fmt: skip
         return await self._issue(p, campaign, len(checked), source="imported", key=key,
                                  given=checked)  # fmt: skip
 
@@ -630,10 +660,8 @@ class CouponService:
         segment: dict[str, str] | None,
     ) -> list[int]:
         most = limits.COUPON_ISSUE_MEMBERS_MAX
-        where: dict[str, Any] = {"legal_entity": place.entity, "state": "active"}
+        where = _member_scope(p, place)
         store = place.store or p.store
-        if store:
-            where["home_store"] = store
         async with self.records.read() as uow:
             if member_ids is not None:
                 rows = await uow.find(MEMBERS, {**where, "id": member_ids}, limit=most)
@@ -692,6 +720,8 @@ class CouponService:
                 return done
         if c.state not in ISSUING_STATES:
             raise Refused("conflict", "campaign_ended", "the campaign has ended", "campaign")
+        if p is None and c.state is not CampaignState.ACTIVE:  # by rule: an active one only
+            raise Refused("conflict", "campaign_inactive", "the campaign is not active", "campaign")
         if not model.budget_room(
             c, int(row["issued_count"]), int(row["issued_value"]), count, count * face_value(c)
         ):
@@ -718,6 +748,8 @@ class CouponService:
         for attempt in range(limits.COUPON_GENERATE_ATTEMPTS_MAX):
             try:
                 async with self.records.begin() as uow:
+                    if given is not None:
+                        await _no_other_spelling(uow, given)
                     batch = await self._open_batch(
                         uow, p, row, c, count, source=source, key=batch_key, now=now
                     )
@@ -767,6 +799,9 @@ class CouponService:
         place = place_of(row)
         if p is not None:
             await self._granted(uow, p, place, c.code, count)
+        elif place.store:  # by rule, a store's campaign: its grant, as its officer's issuance
+            await self.org.use_grant(uow, place.store, Function.COUPON, c.code, count=count,
+                                     amount=0)  # fmt: skip
         bounds = {}
         if c.max_issued:
             bounds["issued_count"] = c.max_issued
@@ -1056,7 +1091,9 @@ class CouponService:
 
     async def qr(self, p: Principal, text: str) -> dict[str, Any]:
         """The signed QR text of a code, under its issuing entity's newest active key; valid
-        until the code's end. 409 `no_signing_key` when the entity has none."""
+        until its campaign's end (as the till judges it; never the code row's copy, which
+        a draft's change of validity leaves behind). 409 `no_signing_key` when the entity
+        has none."""
         async with self.records.read() as uow:
             row, campaign = await self._code(uow, text)
             require(p, Perm.LOYALTY_READ, place_of(campaign))
@@ -1076,7 +1113,7 @@ class CouponService:
             raise Refused(
                 "conflict", "signing_key_unreadable", "the signing key does not open"
             ) from None
-        expiry = int(row["valid_to_ms"])
+        expiry = campaign_of(campaign).valid_to_ms
         payload = model.qr_payload(
             model.QR_VERSION,
             code=row["code"],
@@ -1634,7 +1671,8 @@ class CouponService:
     async def enrol(self, p: Principal, code: str, member_ids: list[int]) -> dict[str, Any]:
         """Enrol members into a campaign (only enrolled members earn the instant reward of
         an `enrolled_only` campaign). Members enrolled already stay as they were; an unknown
-        member refuses the whole request (404 `member_not_found`), changing nothing."""
+        member, or one outside the scope issuance to members has (`_member_scope`), refuses
+        the whole request (404 `member_not_found`), changing nothing."""
         row = await self._campaign_row(code)
         place = place_of(row)
         require(p, Perm.CAMPAIGNS_WRITE, place)
@@ -1642,12 +1680,13 @@ class CouponService:
         now = self.clock_ms()
         async with self.records.begin() as uow:
             await self._granted(uow, p, place, code, 0)
-            known = await uow.find(MEMBERS, {"id": wanted, "state": "active"},
+            known = await uow.find(MEMBERS, {**_member_scope(p, place), "id": wanted},
                                    limit=limits.COUPON_ISSUE_MEMBERS_MAX)  # fmt: skip
             missing = sorted(set(wanted) - {int(m["id"]) for m in known})
             if missing:
                 raise Refused("not_found", "member_not_found",
-                              f"no active member {missing[0]}", "member_ids")  # fmt: skip
+                              f"member {missing[0]} is not an active member here",
+                              "member_ids")  # fmt: skip
             have = await uow.find(
                 ENROLMENTS, {"campaign": code, "member_id": wanted}, order="member_id",
                 limit=limits.COUPON_ISSUE_MEMBERS_MAX,
@@ -1848,6 +1887,17 @@ async def member_uses(
 def _lost() -> NoReturn:
     """Another request took the code first."""
     raise _Refusal("coupon_used")
+
+
+def _member_scope(p: Principal, place: Place) -> dict[str, Any]:
+    """The members a campaign at `place` may name, as the principal sees them: active, of
+    the campaign's legal entity and, for a store's campaign or a store officer, of that
+    home store (issuance to members and enrolment alike)."""
+    where: dict[str, Any] = {"legal_entity": place.entity, "state": "active"}
+    store = place.store or p.store
+    if store:
+        where["home_store"] = store
+    return where
 
 
 def _member(value: object) -> int | None:

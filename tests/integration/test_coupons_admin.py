@@ -469,3 +469,98 @@ async def test_every_coupon_answer_matches_its_route_schema(admin: AdminClient) 
     await call("POST", "/v1/coupons/{code}/void", f"/v1/coupons/{code}/void")
     await call("POST", "/v1/coupon-keys/{kid}/retire", "/v1/coupon-keys/k1/retire")
     assert seen == set(schemas)
+
+
+# --- audit fixes ---------------------------------------------------------------------------------
+
+
+async def test_enrolment_refuses_members_outside_the_campaigns_scope_and_changes_nothing(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Enrolment names members as issuance to members does: of the campaign's legal entity
+    and, for a store's campaign, of its home store; anyone else is not found here."""
+    await admin.org("LE1", "S1", "S2")
+    await admin.org("LE2", "S3")
+    await campaign(admin, "HQCLUB", reward_spend_fen=5_000, enrolled_only=True)
+    await campaign(admin, "S1CLUB", store="S1", reward_spend_fen=5_000, enrolled_only=True)
+    here, next_door, abroad = (
+        await member(admin),
+        await member(admin, "S2"),
+        await member(admin, "S3"),
+    )
+    before = await count(db_url, "coupon_enrolments")
+    audit = await count(db_url, "org_audit_log")
+    for path, ids in (
+        ("/v1/coupon-campaigns/HQCLUB/enrolments", [here, abroad]),
+        ("/v1/coupon-campaigns/S1CLUB/enrolments", [here, next_door]),
+        ("/v1/coupon-campaigns/S1CLUB/enrolments", [999_999]),
+    ):
+        got, body = await admin.call("POST", path, json={"member_ids": ids})
+        assert (got, body["error"]["code"]) == (404, "member_not_found"), (path, ids)
+    assert await count(db_url, "coupon_enrolments") == before
+    assert await count(db_url, "org_audit_log") == audit
+    made = await admin.ok("POST", "/v1/coupon-campaigns/HQCLUB/enrolments",
+                          json={"member_ids": [here, next_door]})  # fmt: skip
+    assert made["enrolled"] == 2
+    made = await admin.ok("POST", "/v1/coupon-campaigns/S1CLUB/enrolments",
+                          json={"member_ids": [here]})  # fmt: skip
+    assert made["enrolled"] == 1
+
+
+async def test_an_import_of_another_spelling_of_an_existing_code_is_refused_whole(
+    admin: AdminClient, db_url: str
+) -> None:
+    """A partner code whose normalised form (what a cashier typing it finds) is a code that
+    exists, or is another code of the same import, would make a lookup find two codes: the
+    import is refused and writes nothing."""
+    await admin.org("LE1", "S1")
+    await campaign(admin)
+    service(admin).randbytes = bytes  # every symbol 0: the code 0000000000000000
+    [generated] = await codes(admin, "TENOFF", 1)
+    assert generated == "0" * 16
+    await admin.ok("POST", "/v1/coupon-campaigns/TENOFF/imports",
+                   json={"codes": ["PART0001"]})  # fmt: skip
+    before = await counts(db_url)
+    row = await campaign_row(db_url, "TENOFF")
+    spelled = model.display(generated)  # hyphens kept by the import
+    for codes_, status, error in (
+        (["FRESH-0001", spelled], 409, "coupon_code_exists"),
+        (["oooo0000OOOO0000"], 409, "coupon_code_exists"),
+        (["PART-0001"], 409, "coupon_code_exists"),
+        (["FRESH-0002", "FRESH0002"], 400, "invalid_value"),
+        (["FRESH-0003", "FRE-SH-0003"], 400, "invalid_value"),
+    ):
+        got, body = await admin.call("POST", "/v1/coupon-campaigns/TENOFF/imports",
+                                     json={"codes": codes_})  # fmt: skip
+        assert (got, body["error"]["code"]) == (status, error), codes_
+    assert await counts(db_url) == before
+    assert await campaign_row(db_url, "TENOFF") == row
+    found = await admin.ok("GET", f"/v1/coupons/{spelled}")
+    assert (found["code"], found["source"]) == (generated, "generated")
+    made = await admin.ok("POST", "/v1/coupon-campaigns/TENOFF/imports",
+                          json={"codes": ["FRESH-0001"]})  # fmt: skip
+    assert [c["code"] for c in made["codes"]] == ["FRESH-0001"]
+
+
+async def test_a_codes_qr_expiry_and_shown_dates_follow_its_drafts_later_validity(
+    admin: AdminClient,
+) -> None:
+    """Codes issued while the campaign was a draft: the draft's validity changed afterwards
+    is the one a lookup shows and the QR text is signed with (the one the till judges)."""
+    await admin.org("LE1", "S1")
+    await campaign(admin, state="draft")
+    [code] = await codes(admin, "TENOFF", 1)
+    later = {"valid_from_ms": NOW_MS - 2 * DAY_MS, "valid_to_ms": NOW_MS + 10 * DAY_MS}
+    await admin.ok("PATCH", "/v1/coupon-campaigns/TENOFF", json=later)
+    await admin.ok("PATCH", "/v1/coupon-campaigns/TENOFF", json={"state": "active"})
+    found = await admin.ok("GET", f"/v1/coupons/{code}")
+    assert (found["valid_from_ms"], found["valid_to_ms"]) == (
+        later["valid_from_ms"],
+        later["valid_to_ms"],
+    )
+    listed = await admin.ok("GET", "/v1/coupon-campaigns/TENOFF/codes")
+    assert [c["valid_to_ms"] for c in listed["items"]] == [later["valid_to_ms"]]
+    await admin.ok("POST", "/v1/coupon-keys", json={"legal_entity": "LE1", "kid": "le1-1"})
+    qr = await admin.ok("GET", f"/v1/coupons/{code}/qr")
+    assert qr["expiry_ms"] == later["valid_to_ms"]
+    assert model.parse_qr(qr["qr"]).expiry_ms == later["valid_to_ms"]

@@ -1054,3 +1054,87 @@ async def test_an_enrolled_only_campaign_rewards_only_its_enrolled_members(
     audit = await sql_rows(db_url, "SELECT action FROM org_audit_log WHERE action LIKE "
                            "'coupon.%rol%' OR action = 'coupon.withdraw' ORDER BY id")  # fmt: skip
     assert [a["action"] for a in audit] == ["coupon.enrol", "coupon.withdraw"]
+
+
+# --- audit fixes: instant rewards by rule ------------------------------------------------------
+
+
+async def grant_used(db_url: str, grant: int) -> int:
+    [row] = await sql_rows(db_url, "SELECT used_count FROM org_grants WHERE id = :g", g=grant)
+    return int(row["used_count"])
+
+
+async def test_a_store_campaigns_reward_spends_its_stores_coupon_grant_and_stops_without_it(
+    admin: AdminClient, db_url: str
+) -> None:
+    """An instant reward of a store's campaign is an issuance of the store: it spends HQ's
+    `coupon` grant as the store officer's issuance does, and gets no reward once the budget
+    is used or the grant revoked (the sale stands). A group campaign needs no grant."""
+    tid, pan = await rewarding_campaign_and_card(admin, db_url)  # SPEND100: HQ's
+    made = await admin.ok("POST", "/v1/grants", json={"store": "S1", "function": "coupon",
+                          "budget_count": 1})  # fmt: skip
+    await campaign(admin, "S1SPEND", store="S1", reward_spend_fen=5_000)
+    t = await pos(admin).directory.terminal(tid)
+    assert t is not None
+    coupons = service(admin)
+    key = transaction_key(t, "000001", "000301")
+    earned = await coupons.reward_purchase(t, key, None, 6_000)
+    assert [e["campaign"] for e in earned] == ["S1SPEND"]
+    assert await grant_used(db_url, made["id"]) == 1
+    assert await coupons.reward_purchase(t, key, None, 6_000) == earned  # a resend: no spend
+    assert await grant_used(db_url, made["id"]) == 1
+    before = await state_of(db_url)
+    spent = await coupons.reward_purchase(t, transaction_key(t, "000001", "000302"), None, 6_000)
+    assert spent == []  # the grant's budget is used: no reward, nothing written
+    assert await state_of(db_url) == before
+    sale = await one(admin, ask(Kind.PURCHASE, tid, card=pan, amount=12_000))
+    assert sale.outcome is Outcome.APPROVED  # the sale stands, with the group's reward only
+    assert [(await code_row(db_url, c))["campaign"] for c in sale.rewards] == ["SPEND100"]
+    again = await admin.ok("POST", "/v1/grants", json={"store": "S1", "function": "coupon"})
+    more = await coupons.reward_purchase(t, transaction_key(t, "000001", "000303"), None, 6_000)
+    assert [e["campaign"] for e in more] == ["S1SPEND"]
+    await admin.ok("DELETE", f"/v1/grants/{again['id']}")  # HQ stops the store's campaign
+    assert await coupons.reward_purchase(t, transaction_key(t, "000001", "000304"), None,
+                                         6_000) == []  # fmt: skip
+    assert (await campaign_row(db_url, "S1SPEND"))["issued_count"] == 2
+
+
+async def test_a_paused_reward_campaign_issues_no_reward_even_from_a_stale_cache(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Issuance by rule needs the campaign active when it issues, whatever the reward
+    campaigns cached for the till say (another server paused it meanwhile)."""
+    await admin.org("LE1", "S1")
+    tid = await terminal(admin)
+    await campaign(admin, "SPEND50", reward_spend_fen=5_000)
+    t = await pos(admin).directory.terminal(tid)
+    assert t is not None
+    coupons = service(admin)
+    first = await coupons.reward_purchase(t, transaction_key(t, "000001", "000401"), None, 6_000)
+    assert len(first) == 1  # the reward campaigns are cached now
+    await sql_execute(db_url, "UPDATE coupon_campaigns SET state = 'paused', updated_at_ms ="
+                      " updated_at_ms + 1 WHERE code = 'SPEND50'")  # fmt: skip
+    before = await state_of(db_url)
+    late = await coupons.reward_purchase(t, transaction_key(t, "000001", "000402"), None, 6_000)
+    assert late == []
+    assert await state_of(db_url) == before
+
+
+async def test_a_campaign_change_forgets_the_cached_reward_campaigns_after_it_commits(
+    admin: AdminClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A purchase that reads the reward campaigns while a pause is being written caches the
+    campaign as active; the change forgets the cache once it committed, so the till sees the
+    pause at once (not COUPON_REWARD_CACHE_S later)."""
+    await admin.org("LE1", "S1")
+    await campaign(admin, "SPEND50", reward_spend_fen=5_000)
+    coupons = service(admin)
+    real = coupons._granted
+
+    async def granted_then_read(*args: Any) -> None:
+        await real(*args)
+        await coupons._rewarding_of("LE1")  # a purchase's read inside the change's transaction
+
+    monkeypatch.setattr(coupons, "_granted", granted_then_read)
+    await admin.ok("PATCH", "/v1/coupon-campaigns/SPEND50", json={"state": "paused"})
+    assert [r["code"] for r in await coupons._rewarding_of("LE1")] == []

@@ -23,6 +23,7 @@ from cardcore.coupons.service import (
     replay,
     reward_spend_of,
     same_code,
+    spellings,
     status_of,
 )
 from cardcore.org.model import Refused
@@ -75,6 +76,28 @@ def test_a_code_of_an_ended_campaign_shows_expired() -> None:
     assert code_view(row, a_campaign(state=CampaignState.ACTIVE), 1_500)["state"] == "issued"
     assert code_view(row, a_campaign(state=CampaignState.ACTIVE), 2_000)["state"] == "expired"
     assert code_view(row, a_campaign(state=CampaignState.ENDED), 1_500)["state"] == "expired"
+
+
+def test_a_code_shows_its_campaigns_validity_not_the_copy_it_was_issued_with() -> None:
+    """A draft's validity may change after codes were issued: the till judges the campaign's,
+    so a lookup shows the campaign's."""
+    row = {"code": CODE, "campaign": "C1", "state": "issued", "source": "generated",
+           "member_id": None, "valid_from_ms": 1_000, "valid_to_ms": 2_000,
+           "reserved_until_ms": None, "redeemed_at_ms": None, "issued_at_ms": 1_000}  # fmt: skip
+    moved = a_campaign(state=CampaignState.ACTIVE, valid_from_ms=500, valid_to_ms=3_000)
+    view = code_view(row, moved, 2_500)
+    assert (view["valid_from_ms"], view["valid_to_ms"], view["state"]) == (500, 3_000, "issued")
+
+
+def test_an_imported_codes_spellings_cover_every_code_candidates_finds_for_it() -> None:
+    """What an import looks up: the code and its normalised form, which hold every stored
+    spelling a cashier typing the code as printed may find."""
+    for imported in (model.display(CODE), "PARTNER-0001", "oil-2024", CODE):
+        code = model.check_imported(imported)
+        assert set(candidates(code)) <= set(spellings(code)), imported
+    assert spellings(model.display(CODE)) == sorted({CODE, model.display(CODE)})
+    assert spellings("OIL-2024") == ["0112024", "OIL-2024"]
+    assert spellings(CODE) == [CODE]
 
 
 @pytest.mark.parametrize(
