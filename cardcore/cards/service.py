@@ -20,12 +20,14 @@ Rules of every use case:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
 import logging
+import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -294,6 +296,29 @@ class _New:
 # --- the service -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class FeeTaken:
+    """A fee charged before its change is written (`CardService._fee_first`)."""
+
+    service: CardService
+    op: CreateTransfer | None  # None: no fee
+    undo_reason: str
+
+    @contextlib.asynccontextmanager
+    async def undone_on_error(self) -> AsyncIterator[None]:
+        """The change runs inside; refused (any error), the fee is given back, best effort
+        (a give-back the ledger cannot take now is logged), and the error goes on."""
+        try:
+            yield
+        except BaseException:
+            if self.op is not None:
+                try:
+                    await self.service._undo(self.op, self.undo_reason)
+                except (CardsUnavailable, Refused):
+                    log.exception("a fee whose change was refused could not be given back")
+            raise
+
+
 class CardService:
     def __init__(  # noqa: PLR0917 - the services it composes, one each, in a fixed order
         self,
@@ -445,13 +470,13 @@ class CardService:
                     "conflict", "member_not_active", "the member is not active", "member_id"
                 )
 
-        written = await self._write(
-            p, [new], grant=(store, function, class_code, 1), action="card.issue", now=now,
-            also=member_still_active,
-        )  # fmt: skip
-        card = written[0].row
-        await self._fee(klass["issue_fee"], place, p, f"fee/issue/{card['id']}", "issue_fee")
-        return self._issued_view(p, card, new.pan)
+        fee = await self._fee_first(klass["issue_fee"], place, p, "issue")
+        async with fee.undone_on_error():
+            written = await self._write(
+                p, [new], grant=(store, function, class_code, 1), action="card.issue", now=now,
+                also=member_still_active,
+            )  # fmt: skip
+        return self._issued_view(p, written[0].row, new.pan)
 
     async def issue_batch(
         self,
@@ -481,12 +506,13 @@ class CardService:
         new = await self._prepare(
             klass, place, None, count, now, state=CardState.INACTIVE, progress=progress
         )
-        written = await self._write(
-            p, new, grant=(store, function, class_code, count), action="card_batch.issue",
-            now=now, progress=progress,
-        )  # fmt: skip
+        fee = await self._fee_first(klass["issue_fee"] * count, place, p, "issue")
+        async with fee.undone_on_error():
+            written = await self._write(
+                p, new, grant=(store, function, class_code, count), action="card_batch.issue",
+                now=now, progress=progress,
+            )  # fmt: skip
         first, last = int(written[0].row["id"]), int(written[-1].row["id"])
-        await self._fee(klass["issue_fee"] * count, place, p, f"fee/batch/{first}", "issue_fee")
         return {"first_id": first, "last_id": last, "count": count}
 
     async def _check_member(
@@ -673,23 +699,32 @@ class CardService:
             view["pan"] = pan  # shown this once, to a role that must see it
         return view
 
-    async def _fee(self, amount: int, place: Place, p: Principal, key: str, reason: str) -> None:
-        """A fee paid at the counter: the store's cash to its fee income."""
+    async def _fee(
+        self, amount: int, place: Place, p: Principal, key: str, reason: str
+    ) -> CreateTransfer | None:
+        """A fee paid at the counter: the store's cash to its fee income (the op made)."""
         if amount <= 0:
-            return
+            return None
         cash = await self._store_account(place, "cash")
         fees = await self._store_account(place, "fees")
-        result = await self._submit_one(
-            CreateTransfer(
-                client=COUNTER_CLIENT,
-                key=key,
-                asset=CURRENCY,
-                postings=(Posting(cash, Side.DEBIT, amount), Posting(fees, Side.CREDIT, amount)),
-                reason=reason,
-                metadata=metadata(place.store, p.user, ""),
-            )
+        op = CreateTransfer(
+            client=COUNTER_CLIENT,
+            key=key,
+            asset=CURRENCY,
+            postings=(Posting(cash, Side.DEBIT, amount), Posting(fees, Side.CREDIT, amount)),
+            reason=reason,
+            metadata=metadata(place.store, p.user, ""),
         )
-        _ledger_ok(result)
+        _ledger_ok(await self._submit_one(op))
+        return op
+
+    async def _fee_first(self, amount: int, place: Place, p: Principal, fee: str) -> FeeTaken:
+        """The fee of a change paid before the change is written (`issue`, `replace`), under
+        a key of its own: a change refused afterwards gives it back (`FeeTaken.undo`), and a
+        fee the ledger cannot take now refuses the change before anything is written, so
+        an error never leaves a written card whose number nobody was told."""
+        op = await self._fee(amount, place, p, f"fee/{fee}/{secrets.token_hex(8)}", f"{fee}_fee")
+        return FeeTaken(self, op, f"{fee}_fee_undone")
 
     # --- reading cards -----------------------------------------------------------------------
 
@@ -998,17 +1033,16 @@ class CardService:
                 )  # fmt: skip
 
             try:
-                [written] = await self._write(
-                    p, [new], grant=None, action="card.replace", now=now, also=retire_old
-                )
+                fee = await self._fee_first(klass["replace_fee"], place, p, "replace")
+                async with fee.undone_on_error():
+                    [written] = await self._write(
+                        p, [new], grant=None, action="card.replace", now=now, also=retire_old
+                    )
             except Exception:
                 if was_frozen:
                     await self._set_frozen(account_id, frozen=True)
                 raise
             self.directory.forget_card(old["token"])
-        await self._fee(
-            klass["replace_fee"], place, p, f"fee/replace/{written.row['id']}", "replace_fee"
-        )
         return self._issued_view(p, written.row, written.pan)
 
     async def close(

@@ -14,6 +14,8 @@ from cardcore import limits
 from cardcore.cards.admin_http import CARDS_KEY
 from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest
+from cardcore.cards.service import CardsUnavailable
+from cardcore.org.model import Refused
 from tests.helpers import AdminClient, sql_rows
 from tests.integration.test_cards_api import (
     card,
@@ -502,6 +504,49 @@ async def test_issue_and_replace_fees_move_the_stores_cash_to_its_fees(
     assert int(fees["credits_posted"]) == 500 + 4 * 500 + 300
     reasons = await sql_rows(db_url, "SELECT reason FROM ledger_transfers ORDER BY id")
     assert [r["reason"] for r in reasons] == ["issue_fee", "issue_fee", "replace_fee"]
+
+
+async def test_a_fee_is_taken_before_its_card_is_written_and_given_back_when_the_write_fails(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An issue (or replace) whose fee the ledger cannot take now is refused before any card
+    is written (503, nothing changed: no card whose number nobody was told); one whose
+    card write is refused after the fee gives the fee back, and the store's cash is as it
+    was."""
+    await admin.org("LE1", "S1")
+    await new_class(admin, "FEE", name="With fees", named=False, issue_fee=500, replace_fee=300)
+    await grant(admin, "S1", "stored_value")
+    service = admin.app[CARDS_KEY]
+    real_submit = service._submit_one
+
+    async def ledger_busy(op: Any) -> Any:
+        if op.reason.endswith("_fee"):
+            raise CardsUnavailable("busy")
+        return await real_submit(op)
+
+    before = await counts(db_url)
+    with monkeypatch.context() as patched:
+        patched.setattr(service, "_submit_one", ledger_busy)
+        status, answer = await admin.call("POST", "/v1/cards",
+                                          json={"class_code": "FEE", "store": "S1"})  # fmt: skip
+    assert (status, answer["error"]["code"]) == (503, "ledger_unavailable")
+    cards_after = await sql_rows(db_url, "SELECT count(*) AS n FROM cards")
+    assert cards_after[0]["n"] == 0
+    assert (await counts(db_url))["ledger_transfers"] == before["ledger_transfers"]
+
+    async def refused_write(*_args: Any, **_kwargs: Any) -> Any:
+        raise Refused("conflict", "member_not_active", "the member went meanwhile")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(service, "_write", refused_write)
+        status, answer = await admin.call("POST", "/v1/cards",
+                                          json={"class_code": "FEE", "store": "S1"})  # fmt: skip
+    assert (status, answer["error"]["code"]) == (409, "member_not_active")
+    reasons = await sql_rows(db_url, "SELECT reason FROM ledger_transfers WHERE reason LIKE "
+                             "'issue_fee%' ORDER BY id")  # fmt: skip
+    assert [r["reason"] for r in reasons] == ["issue_fee", "issue_fee_undone"]
+    cash = await store_account(db_url, "S1", "cash")
+    assert int(cash["debits_posted"]) == int(cash["credits_posted"]) == 500
 
 
 # --- breakage ----------------------------------------------------------------------------------
