@@ -58,6 +58,9 @@ cards = Table(
     Column("pin_failures", Integer, nullable=False),
     Column("replaced_by", BigInteger, nullable=True),
     Column("updated_at_ms", BigInteger, nullable=False),
+    # The issue fee a batch card still owes, in fen: paid when it is handed out (activated
+    # or sold), then 0. A card issued at the counter paid its fee then (0).
+    Column("fee_due", BigInteger, nullable=False, server_default="0"),
 )
 
 card_classes = Table(

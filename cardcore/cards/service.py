@@ -504,14 +504,13 @@ class CardService:
         await self._check_grant(store, function, class_code, count=count, amount=0)
         now = self.clock_ms()
         new = await self._prepare(
-            klass, place, None, count, now, state=CardState.INACTIVE, progress=progress
-        )
-        fee = await self._fee_first(klass["issue_fee"] * count, place, p, "issue")
-        async with fee.undone_on_error():
-            written = await self._write(
-                p, new, grant=(store, function, class_code, count), action="card_batch.issue",
-                now=now, progress=progress,
-            )  # fmt: skip
+            klass, place, None, count, now, state=CardState.INACTIVE, progress=progress,
+            fee_due=klass["issue_fee"],
+        )  # fmt: skip
+        written = await self._write(
+            p, new, grant=(store, function, class_code, count), action="card_batch.issue",
+            now=now, progress=progress,
+        )  # fmt: skip
         first, last = int(written[0].row["id"]), int(written[-1].row["id"])
         return {"first_id": first, "last_id": last, "count": count}
 
@@ -559,6 +558,7 @@ class CardService:
         state: str,
         account_ids: list[int] | None = None,
         progress: Progress | None = None,
+        fee_due: int = 0,
     ) -> list[_New]:
         """New unique numbers, their sealed columns and (unless given) their value accounts."""
         pans = await self._draw(count)
@@ -586,6 +586,7 @@ class CardService:
                 "pin_failures": 0,
                 "replaced_by": None,
                 "updated_at_ms": now,
+                "fee_due": fee_due,
                 **admin.sealed_columns(self.vault, token, pan),
             }
             out.append(_New(pan, row))
@@ -904,13 +905,19 @@ class CardService:
             )
         async with self.accounts.lock(int(card["account_id"])):
             fresh = await self._card(card_id)  # only activation and sale change an expiry
+            if fresh["state"] != CardState.INACTIVE:
+                raise _state_refused(fresh["state"], "only an inactive card is activated")
             expires = fresh["expires"]
             if klass is not None:
                 expires = expiry_at_sale(expires, self.clock_ms(), klass.validity_months)
-            return await self._transition(
-                p, card_id, allowed={CardState.INACTIVE}, state=CardState.ACTIVE,
-                action="card.activate", extra={"expires": expires},
-            )  # fmt: skip
+            # A batch card pays its issue fee now that it is handed out, once (`fee_due`
+            # turns 0 in the guarded update that activates it).
+            fee = await self._fee_first(int(fresh["fee_due"]), place_of(fresh), p, "issue")
+            async with fee.undone_on_error():
+                return await self._transition(
+                    p, card_id, allowed={CardState.INACTIVE}, state=CardState.ACTIVE,
+                    action="card.activate", extra={"expires": expires, "fee_due": 0},
+                )  # fmt: skip
 
     async def freeze(self, p: Principal, card_id: int) -> dict[str, Any]:
         card = await self._card_for(p, card_id, Perm.CARDS_STATE)
@@ -1392,20 +1399,24 @@ class CardService:
                 raise Refused("conflict", "card_expired", "the card has expired")
             await self._check_grant(counter.store, Function.GIFT, klass.code, count=0,
                                     amount=amount)  # fmt: skip
-            op = await self._counter_op(
-                p, card, counter=counter, amount=amount, tender=tender, receipt=receipt,
-                key=key, reason="gift_sale",
-            )  # fmt: skip
-            result = await self._submit_one(op)
-            _ledger_ok(result)
-            try:
-                await self._activate_sold(
-                    p, fresh, counter=counter, product=klass.code, amount=amount,
-                    receipt=receipt, validity_months=klass.validity_months,
+            # A batch card pays its issue fee at its sale, once (`fee_due` turns 0 with the
+            # state in `_activate_sold`), before its value is taken.
+            fee = await self._fee_first(int(fresh["fee_due"]), counter, p, "issue")
+            async with fee.undone_on_error():
+                op = await self._counter_op(
+                    p, card, counter=counter, amount=amount, tender=tender, receipt=receipt,
+                    key=key, reason="gift_sale",
                 )  # fmt: skip
-            except Exception:
-                await self._undo(op, "gift_sale_undone")
-                raise
+                result = await self._submit_one(op)
+                _ledger_ok(result)
+                try:
+                    await self._activate_sold(
+                        p, fresh, counter=counter, product=klass.code, amount=amount,
+                        receipt=receipt, validity_months=klass.validity_months,
+                    )  # fmt: skip
+                except Exception:
+                    await self._undo(op, "gift_sale_undone")
+                    raise
         return await self._money_answer(card, result, amount)
 
     async def _activate_sold(
@@ -1429,6 +1440,7 @@ class CardService:
                 "state": str(CardState.ACTIVE),
                 "expires": expiry_at_sale(card["expires"], now, validity_months),
                 "updated_at_ms": now,
+                "fee_due": 0,
             }
             changed = await uow.update(
                 CARDS, {"id": card["id"], "state": str(CardState.INACTIVE)}, changes

@@ -497,13 +497,43 @@ async def test_issue_and_replace_fees_move_the_stores_cash_to_its_fees(
     await new_class(admin, "FEE", name="With fees", named=False, issue_fee=500, replace_fee=300)
     await grant(admin, "S1", "stored_value")
     one = await issue(admin, "FEE")
-    await admin.ok("POST", "/v1/card-batches", json={"class_code": "FEE", "store": "S1",
-                                                     "count": 4})  # fmt: skip
+    batch = await admin.ok("POST", "/v1/card-batches", json={"class_code": "FEE", "store": "S1",
+                                                             "count": 4})  # fmt: skip
     await admin.ok("POST", f"/v1/cards/{one['id']}/replace")
     fees = await store_account(db_url, "S1", "fees")
-    assert int(fees["credits_posted"]) == 500 + 4 * 500 + 300
+    assert int(fees["credits_posted"]) == 500 + 300  # the batch is stock: no fee paid yet
+    # A batch card pays its fee when it is handed out, once.
+    first = batch["first_id"]
+    for card_id in (first, first + 1):
+        await admin.ok("POST", f"/v1/cards/{card_id}/activate")
+    status, answer = await admin.call("POST", f"/v1/cards/{first}/activate")
+    assert (status, answer["error"]["code"]) == (409, "card_state")
+    fees = await store_account(db_url, "S1", "fees")
+    assert int(fees["credits_posted"]) == 500 + 300 + 2 * 500
     reasons = await sql_rows(db_url, "SELECT reason FROM ledger_transfers ORDER BY id")
-    assert [r["reason"] for r in reasons] == ["issue_fee", "issue_fee", "replace_fee"]
+    assert [r["reason"] for r in reasons] == ["issue_fee", "replace_fee", "issue_fee", "issue_fee"]
+    due = await sql_rows(db_url, "SELECT id, fee_due FROM cards WHERE id >= :f ORDER BY id",
+                         f=first)  # fmt: skip
+    assert [int(r["fee_due"]) for r in due][:4] == [0, 0, 500, 500]
+
+
+async def test_a_gift_batch_card_pays_its_issue_fee_at_its_sale_once(
+    admin: AdminClient, db_url: str
+) -> None:
+    await admin.org("LE1", "S1")
+    await new_class(admin, "GFEE", name="Gift with fee", named=False, gift=True,
+                    denominations=[10_000], issue_fee=200)  # fmt: skip
+    await grant(admin, "S1", "gift")
+    batch = await admin.ok("POST", "/v1/card-batches", json={"class_code": "GFEE", "store": "S1",
+                                                             "count": 2})  # fmt: skip
+    assert await sql_rows(db_url, "SELECT id FROM ledger_transfers WHERE reason = "
+                          "'issue_fee'") == []  # fmt: skip
+    path = f"/v1/cards/{batch['first_id']}/sell"
+    for _ in range(2):  # the sale and its retry
+        status, _ = await admin.call("POST", path, json=pay(10_000, "gf-1"))
+        assert status in (200, 201)
+    fees = await store_account(db_url, "S1", "fees")
+    assert int(fees["credits_posted"]) == 200
 
 
 async def test_a_fee_is_taken_before_its_card_is_written_and_given_back_when_the_write_fails(
