@@ -112,7 +112,7 @@ def build_app(
         )
         app[members_http.MEMBERS_KEY] = MemberService(
             records, org, vault, ledger, accounts=accounts, directory=pos.directory,
-            points_held=points.points_held,
+            points_held=points.points_held, coupons_merge=CouponService.merge_member,
         )  # fmt: skip
         app[cards_admin_http.CARDS_KEY] = cards = CardService(
             records, org, vault, ledger, pos.directory, accounts, pins

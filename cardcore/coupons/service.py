@@ -1731,6 +1731,50 @@ class CouponService:
         return [{"member_id": int(r["member_id"]), "enrolled_at_ms": int(r["enrolled_at_ms"])}
                 for r in rows]  # fmt: skip
 
+    # --- a member merge ------------------------------------------------------------------------
+
+    @staticmethod
+    async def merge_member(uow: Unit, survivor_id: int, duplicate_id: int) -> dict[str, int]:
+        """The coupon side of a member merge, in the merge's own unit of work (all or
+        nothing with the cards it moves; wired by the app, members may not import coupons):
+        every per-member row of the duplicate becomes the survivor's. Its codes
+        (`coupon_codes.member_id`: a holder-only code redeems by the survivor's cards), its
+        redemption rows in every state (`coupon_redemptions.member_id`, with their `day`:
+        what `member_uses` counts against `per_member_max` and `per_member_per_day_max`),
+        and its enrolments (the campaign card); where both were enrolled into a campaign
+        the survivor's enrolment stays and the duplicate's is dropped. In the order the POS
+        takes them (a code, then its redemption). How many rows of each moved or went."""
+        assert survivor_id != duplicate_id
+        to_survivor = {"member_id": survivor_id}
+        moved_codes = await uow.update(CODES, {"member_id": duplicate_id}, to_survivor)
+        moved_uses = await uow.update(REDEMPTIONS, {"member_id": duplicate_id}, to_survivor)
+        dropped = 0
+        after: str | None = None
+        while True:  # a page of the duplicate's enrolments at a time, by campaign
+            page = await uow.find(ENROLMENTS, {"member_id": duplicate_id}, order="campaign",
+                                  after=after, limit=limits.PAGE_LIMIT_MAX)  # fmt: skip
+            campaigns = [str(r["campaign"]) for r in page[: limits.PAGE_LIMIT_MAX]]
+            if campaigns:
+                both = await uow.find(
+                    ENROLMENTS, {"member_id": survivor_id, "campaign": campaigns},
+                    order="campaign", limit=limits.PAGE_LIMIT_MAX,
+                )  # fmt: skip
+                clash = [str(r["campaign"]) for r in both]
+                if clash:
+                    dropped += await uow.delete(
+                        ENROLMENTS, {"member_id": duplicate_id, "campaign": clash}
+                    )
+            if len(page) <= limits.PAGE_LIMIT_MAX:
+                break
+            after = campaigns[-1]
+        moved_enrolments = await uow.update(ENROLMENTS, {"member_id": duplicate_id}, to_survivor)
+        return {
+            "codes": moved_codes,
+            "redemptions": moved_uses,
+            "enrolments": moved_enrolments,
+            "enrolments_dropped": dropped,
+        }
+
     async def _rewarding_of(self, entity: str) -> list[dict[str, Any]]:
         """The entity's active reward campaigns, read at most every COUPON_REWARD_CACHE_S."""
         found = self._rewarding.get(entity)

@@ -70,6 +70,10 @@ FLAG = {Purpose.ALERTS: "sms_alerts", Purpose.MARKETING: "sms_marketing"}
 # The points each holder (a card's value account id) still has to use, usable or pending, in
 # any program: the points engine's read (`PointsService.points_held`), wired by the app.
 PointsHeld = Callable[[Sequence[int]], Awaitable[dict[int, int]]]
+# A merge's coupon side (`CouponService.merge_member`, wired by the app): in the merge's unit
+# of work, the duplicate's (second id) coupon codes, redemptions and campaign enrolments
+# become the survivor's (first id); answers how many rows of each moved or were dropped.
+CouponsMerge = Callable[[Unit, int, int], Awaitable[dict[str, int]]]
 
 
 def member_view(row: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +146,7 @@ class MemberService:
         accounts: Accounts,
         directory: Directory,
         points_held: PointsHeld,
+        coupons_merge: CouponsMerge,
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self.records = records
@@ -151,6 +156,7 @@ class MemberService:
         self.accounts = accounts  # the card-account locks, shared with top-ups and the POS
         self.directory = directory  # the POS's card cache, told of the cards a delete closes
         self.points_held = points_held  # read under the same card-account locks as the value
+        self.coupons_merge = coupons_merge  # run inside the merge's transaction
         self.clock_ms = clock_ms or org.clock_ms
 
     # --- register ------------------------------------------------------------------------------
@@ -418,8 +424,11 @@ class MemberService:
 
     async def merge(self, p: Principal, survivor_id: int, duplicate_id: int) -> dict[str, Any]:
         """Fold `duplicate_id` into `survivor_id`: every card of the duplicate moves to the
-        survivor with its account (so every balance stays as it is), the duplicate becomes
-        "merged" with `merged_into` and loses its mobile number (free for reuse)."""
+        survivor with its account (so every balance and every point stays as it is: points
+        are held by the card's account), and so do the duplicate's coupon codes, coupon
+        redemptions (what the per-member limits count) and campaign enrolments
+        (`coupons_merge`, in the same transaction); the duplicate becomes "merged" with
+        `merged_into` and loses its mobile number (free for reuse)."""
         if survivor_id == duplicate_id:
             raise Refused(
                 "invalid", "merge_same_member", "a member cannot merge into itself",
@@ -440,6 +449,7 @@ class MemberService:
             await uow.update(
                 CARDS, {"member_id": duplicate_id}, {"member_id": survivor_id, "updated_at_ms": now}
             )
+            coupons = await self.coupons_merge(uow, survivor_id, duplicate_id)
             merged = {
                 "state": MemberState.MERGED.value,
                 "merged_into": survivor_id,
@@ -460,7 +470,7 @@ class MemberService:
                 place=place_of(survivor),
                 before={**member_view(survivor), "card_ids": kept},
                 after={**member_view(kept_row), "card_ids": sorted(kept + moved),
-                       "merged_from": duplicate_id},
+                       "merged_from": duplicate_id, "coupons": coupons},
                 now_ms=now,
             )  # fmt: skip
             return await self._full_view(uow, kept_row)
