@@ -142,10 +142,11 @@ def build_app(
                      Kind.COUPON_REVERSE):  # fmt: skip
             pos.features[kind] = coupons.pos
         pos.reversers.append(coupons.reverse_key)
-        pos.rewards, pos.unreward, pos.reward_back = (
+        pos.rewards, pos.unreward, pos.reward_back, points.coupons = (
             coupons.rewards,
             coupons.void_rewards,
             coupons.rewards_back,
+            coupons,  # a points redemption's coupon (points may not write coupon tables)
         )
         cards_http.add_routes(app.router)
     else:

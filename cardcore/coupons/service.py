@@ -705,15 +705,18 @@ class CouponService:
         members: list[int | None] | None = None,
         sink: Sink | None = None,
         progress: Progress | None = None,
+        raw_key: bool = False,
     ) -> dict[str, Any]:
         """The budget reserved by a guarded update, a batch row, the codes (given, or drawn
-        fresh), the audit row. Under a `key` a repeat answers the first batch."""
+        fresh), the audit row. Under a `key` a repeat answers the first batch. An officer's
+        key is the campaign's (`<campaign>/<key>`) unless `raw_key` (a points redemption's
+        key, found again without its campaign)."""
         row = await self._campaign_row(campaign, "campaign")
         place = place_of(row)
         if p is not None:
             require(p, Perm.CAMPAIGNS_WRITE, place)
         c = campaign_of(row)
-        batch_key = f"{campaign}/{key}" if key and p is not None else key
+        batch_key = f"{campaign}/{key}" if key and p is not None and not raw_key else key
         if batch_key:
             done = await self._replay_batch(batch_key, campaign, sink)
             if done is not None:
@@ -919,6 +922,67 @@ class CouponService:
             "source": batch["source"],
             "replayed": True,
         }
+
+    # --- issuance on points redemption (PointsService.coupons: points may not import us) ------
+
+    async def points_reward_issue(
+        self, p: Principal, campaign: str, member: int | None, key: str
+    ) -> str:
+        """One code of `campaign` for a points redemption, keyed by the redemption (`key`,
+        the batch's key as it is): a repeat answers the same code and issues nothing; the
+        same key for another campaign is 409 `key_reused`. Exactly an officer's issuance to
+        members: `campaigns_write` at the campaign's place, the member in `_member_scope`
+        (404 `member_not_found`), the budget's guarded update, a store officer's grant, the
+        audit row. The code is the member's (holder-bound); a holder-only campaign needs a
+        member (409 `coupon_needs_member`). Every refusal names `coupon_campaign`."""
+        try:
+            batch = await self._points_batch(p, campaign, member, key)
+        except Refused as exc:
+            raise Refused(_KIND_OF[exc.status], exc.code, str(exc), "coupon_campaign") from None
+        async with self.records.read() as uow:
+            [code] = await uow.find(CODES, {"batch": batch}, order="code", limit=1)
+        return str(code["code"])
+
+    async def _points_batch(self, p: Principal, campaign: str, member: int | None, key: str) -> int:
+        row = await self._campaign_row(campaign, "campaign")
+        place = place_of(row)
+        require(p, Perm.CAMPAIGNS_WRITE, place)
+        if member is None and campaign_of(row).holder_only:
+            raise Refused(
+                "conflict", "coupon_needs_member",
+                "the campaign is holder-only and the card has no member", "campaign",
+            )  # fmt: skip
+        if member is not None:
+            await self._members(p, place, [member], None)
+        done = await self._issue(p, campaign, 1, source="points", key=key, members=[member],
+                                 raw_key=True)  # fmt: skip
+        return int(done["batch"])
+
+    async def points_reward_of(self, key: str) -> tuple[str, str] | None:
+        """(campaign, code) issued under a points redemption's `key`, or None."""
+        async with self.records.read() as uow:
+            batch = await uow.get(BATCHES, key=key)
+            rows = [] if batch is None else await uow.find(
+                CODES, {"batch": batch["id"]}, order="code", limit=1
+            )  # fmt: skip
+        return None if not rows else (str(rows[0]["campaign"]), str(rows[0]["code"]))
+
+    async def points_reward_void(self, key: str) -> bool:
+        """Void the code a points redemption (`key`) issued while it is unused (a guarded
+        update; a lapsed reservation counts as unused): True when it is void now (by this
+        call or before) or none was issued; False when a terminal holds it or it was
+        redeemed (a reward given is not taken back)."""
+        found = await self.points_reward_of(key)
+        if found is None:
+            return True
+        values = {"state": str(CodeStatus.VOIDED), "reserved_key": None,
+                  "reserved_until_ms": None, "version": ("+", 1)}  # fmt: skip
+        async with self.records.begin() as uow:
+            row = await uow.get(CODES, code=found[1])
+            assert row is not None
+            if row["state"] == str(CodeStatus.VOIDED):
+                return True
+            return await self._take(uow, row, self.clock_ms(), values)
 
     async def batch_codes(self, p: Principal, campaign: str, batch: int) -> list[dict[str, Any]]:
         """The codes of one small batch (an issuance's answer), with their holders."""
@@ -1926,6 +1990,9 @@ async def member_uses(
         REDEMPTIONS, state="reserved", at_least={"created_at_ms": held_since}, **where
     )
     return redeemed + held
+
+
+_KIND_OF = {status: kind for kind, status in Refused.STATUS.items()}
 
 
 def _lost() -> NoReturn:

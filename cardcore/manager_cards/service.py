@@ -37,7 +37,7 @@ from cardcore.cards.pins import pin_is_valid
 from cardcore.localtime import DEFAULT_TIMEZONE, day_number
 from cardcore.manager_cards import model, schema
 from cardcore.manager_cards.model import Holder, ManagerCard, ManagerState
-from cardcore.org.model import Perm, Place, Principal, Refused, require, scoped_filter
+from cardcore.org.model import Function, Perm, Place, Principal, Refused, require, scoped_filter
 from cardcore.org.service import OrgService
 from cardcore.records import Conflict, Records, Unit
 from cardcore.service_cards.service import reversed_before_arrival
@@ -181,6 +181,11 @@ class ManagerCards:
             state=ManagerState.ACTIVE,
         )
         model.check_card(policy)
+        if p.user_id == policy.staff_user_id:  # separation of duties: limits set by another
+            raise Refused(
+                "forbidden", "manager_self_issue",
+                "a manager card is issued to a staff user by another", "staff_user_id",
+            )  # fmt: skip
         await self._check_user(policy.staff_user_id, place)
         pan = await self._draw()
         token = self.vault.card_token(pan)
@@ -200,6 +205,9 @@ class ManagerCards:
             "updated_at_ms": now,
         }
         async with self.records.begin() as uow:
+            # HQ grants a store the manager function (docs/admin-api.md "Grants"): one card
+            # of its count budget, spent with the card's row.
+            await self.org.use_grant(uow, place.store, Function.MANAGER, "", count=1, amount=0)
             try:
                 card_id = await uow.insert(CARDS, row)
             except Conflict:

@@ -188,19 +188,25 @@ KEY_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}"
 CLIENT_KEY = r.string(KEY_PATTERN, max_length=64)
 REWARD = r.string(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}", max_length=64)
 SPEND = r.integer(1, limits.POINTS_PER_TXN_MAX)
-NEW_REDEMPTION = r.obj({"points": SPEND, "reward": REWARD, "key": CLIENT_KEY},
+CAMPAIGN = r.string(r.CODE, max_length=32)  # a coupon campaign's code
+COUPON = r.nullable(r.string(max_length=40))  # the code a redemption issued, or null
+NEW_REDEMPTION = r.obj({"points": SPEND, "reward": REWARD, "key": CLIENT_KEY,
+                        "coupon_campaign": CAMPAIGN},
                        ["points", "reward", "key"])  # fmt: skip
 REDEMPTION = r.obj(
     {"key": CLIENT_KEY, "card_id": r.integer(1, 2**62), "points": SPEND, "reward": REWARD,
+     "coupon_campaign": r.nullable(CAMPAIGN), "coupon": COUPON,
      "transfer_id": r.nullable(r.integer(1, 2**62)), "replayed": r.boolean(),
      "points_balance": r.integer(0, limits.BALANCE_MAX)},
-    ["key", "card_id", "points", "reward", "transfer_id", "replayed", "points_balance"],
+    ["key", "card_id", "points", "reward", "coupon_campaign", "coupon", "transfer_id",
+     "replayed", "points_balance"],
 )  # fmt: skip
 REDEMPTION_REVERSED = r.obj(
     {"key": CLIENT_KEY, "card_id": r.integer(1, 2**62), "points": SPEND,
-     "reversed": r.boolean(), "transfer_id": r.nullable(r.integer(1, 2**62)),
+     "reversed": r.boolean(), "coupon": COUPON, "transfer_id": r.nullable(r.integer(1, 2**62)),
      "replayed": r.boolean(), "points_balance": r.integer(0, limits.BALANCE_MAX)},
-    ["key", "card_id", "points", "reversed", "transfer_id", "replayed", "points_balance"],
+    ["key", "card_id", "points", "reversed", "coupon", "transfer_id", "replayed",
+     "points_balance"],
 )  # fmt: skip
 NEW_TRANSFER = r.obj({"to_card_id": r.integer(1, 2**62), "points": SPEND, "key": CLIENT_KEY},
                      ["to_card_id", "points", "key"])  # fmt: skip
@@ -306,8 +312,9 @@ async def _post_redemption(request: web.Request) -> web.Response:
     card_id = r.path_int(request, "card_id")
     b = await r.body(request, NEW_REDEMPTION)
     view = await service.redeem_reward(
-        principal(request), card_id, points=b["points"], reward=b["reward"], key=b["key"]
-    )
+        principal(request), card_id, points=b["points"], reward=b["reward"], key=b["key"],
+        coupon_campaign=b.get("coupon_campaign", ""),
+    )  # fmt: skip
     return web.json_response(view, status=200 if view["replayed"] else 201)
 
 

@@ -38,7 +38,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from cardcore import limits
 from cardcore.cards.accounts import Accounts, AccountsUnavailable, Wanted
@@ -352,6 +352,19 @@ class _Pinned:
     parts: list[dict[str, Any]]
 
 
+class RewardCoupons(Protocol):
+    """The coupon side of a reward redemption (CouponService; wired by the app: the points
+    engine writes no coupon table). `key` is the redemption's ledger key."""
+
+    async def points_reward_issue(
+        self, p: Principal, campaign: str, member: int | None, key: str
+    ) -> str: ...
+
+    async def points_reward_of(self, key: str) -> tuple[str, str] | None: ...
+
+    async def points_reward_void(self, key: str) -> bool: ...
+
+
 # --- the service -----------------------------------------------------------------------------
 
 
@@ -371,6 +384,7 @@ class PointsService:
         self.directory = directory
         self.accounts = accounts
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        self.coupons: RewardCoupons | None = None  # the app wires CouponService
         # What every purchase at the till reads, kept a moment (monotonic time read, value):
         # active programs by code and the rules of each program (row and parsed rule).
         # Forgotten at every program or rule change made here, and after
@@ -1591,15 +1605,20 @@ class PointsService:
         return card, found
 
     async def redeem_reward(
-        self, p: Principal, card_id: int, *, points: int, reward: str, key: str
-    ) -> dict[str, Any]:
+        self, p: Principal, card_id: int, *, points: int, reward: str, key: str,
+        coupon_campaign: str = "",
+    ) -> dict[str, Any]:  # fmt: skip
         """Spend `points` of a card for a reward (a coupon, a gift card, goods; `reward` is
         its reference): from the lots `plan_spend` chooses to points_redeemed, idempotent by
-        the caller's `key` (the same key and request answers the first result again)."""
+        the caller's `key` (the same key and request answers the first result again). With
+        `coupon_campaign`, one code of it is issued to the card's member under the same key
+        (`RewardCoupons`) BEFORE the points move, and voided if the ledger refuses them: the
+        code is answered only once the points are spent."""
         card, found = await self._live_card(p, card_id)
-        holder, program = int(card["account_id"]), found.program
+        holder = int(card["account_id"])
         ledger_key = f"reward/{holder}/{key}"
         metadata: Metadata = (("external_ref", reward),)
+        coupon: str | None = None
         async with self.accounts.lock(holder):
             async with self.records.read() as uow:  # frozen, lost or closed meanwhile?
                 now_card = await uow.get("cards", id=card_id)
@@ -1608,52 +1627,101 @@ class PointsService:
                 raise Refused("conflict", "card_state", f"the card is {state}")
             stored, keys = await self._chunks(ledger_key, ADMIN_CLIENT)
             if stored:
-                same = sum(x for *_, x in _credits(stored)) == points
-                if not same or _meta(stored[0]) != metadata:
-                    raise Refused("conflict", "key_reused", "the key names another redemption",
-                                  "key")  # fmt: skip
-                undone, _ = await self._chunks(ledger_key + REVERSAL_SUFFIX, ADMIN_CLIENT)
-                if undone:  # a retry must not hear that a reversed redemption stands
-                    raise Refused(
-                        "conflict", "redemption_reversed",
-                        "this redemption was reversed; redeem under a new key", "key",
-                    )  # fmt: skip
-                ops = again(stored, ADMIN_CLIENT, keys, metadata)
+                coupon = await self._same_redemption(stored, ledger_key, points, metadata,
+                                                     coupon_campaign)  # fmt: skip
+                results = await self._submit(again(stored, ADMIN_CLIENT, keys, metadata))
             else:
-                holding = await self.holding(program, holder)
+                ops = await self._reward_ops(found, card, ledger_key, points, metadata)
+                if coupon_campaign:
+                    member = now_card["member_id"]
+                    coupon = await self._coupons().points_reward_issue(
+                        p, coupon_campaign, None if member is None else int(member), ledger_key
+                    )
                 try:
-                    takes = model.plan_spend(holding.lots, points, self.clock_ms())
-                except model.PointsRefused as exc:
-                    raise Refused("conflict", exc.code, exc.message, "points") from None
-                [redeemed] = await self.accounts.ensure(
-                    [self._entity_account(program, card["legal_entity"], "points_redeemed")]
-                )
-                legs = [Posting(holding.ids[t.key], Side.DEBIT, t.points) for t in takes]
-                ops = split(ADMIN_CLIENT, ledger_key, program.asset, legs, redeemed,
-                            reason="points_reward", metadata=metadata)  # fmt: skip
-            results = await self._submit(ops)
+                    results = await self._submit(ops)
+                except Refused:  # the points stay: the code (never answered) goes
+                    if coupon is not None:
+                        await self._coupons().points_reward_void(ledger_key)
+                    raise
         first = results[0]
         place = Place(card["legal_entity"], card["store"])
         view = {"key": key, "card_id": card_id, "points": points, "reward": reward,
+                "coupon_campaign": coupon_campaign or None, "coupon": coupon,
                 "transfer_id": first.transfer_id, "replayed": first.replayed,
                 "points_balance": await self._balance(found, holder)}  # fmt: skip
         if not first.replayed:
             await self._audit(p, "points.redeem", card_id, place, view)
         return view
 
+    def _coupons(self) -> RewardCoupons:
+        if self.coupons is None:
+            raise Refused("invalid", "invalid_value", "coupons are not served here",
+                          "coupon_campaign")  # fmt: skip
+        return self.coupons
+
+    async def _same_redemption(
+        self, stored: list[dict[str, Any]], ledger_key: str, points: int, metadata: Metadata,
+        coupon_campaign: str,
+    ) -> str | None:  # fmt: skip
+        """A redemption asked again under its key: the same one (else 409 `key_reused`), not
+        reversed (else 409 `redemption_reversed`); the code it issued, if any."""
+        issued = None
+        if self.coupons is not None:
+            issued = await self.coupons.points_reward_of(ledger_key)
+        same = sum(x for *_, x in _credits(stored)) == points
+        if (not same or _meta(stored[0]) != metadata
+                or (issued[0] if issued else "") != coupon_campaign):  # fmt: skip
+            raise Refused("conflict", "key_reused", "the key names another redemption", "key")
+        undone, _ = await self._chunks(ledger_key + REVERSAL_SUFFIX, ADMIN_CLIENT)
+        if undone:  # a retry must not hear that a reversed redemption stands
+            raise Refused(
+                "conflict", "redemption_reversed",
+                "this redemption was reversed; redeem under a new key", "key",
+            )  # fmt: skip
+        return None if issued is None else issued[1]
+
+    async def _reward_ops(
+        self, found: ProgramRecord, card: dict[str, Any], ledger_key: str, points: int,
+        metadata: Metadata,
+    ) -> list[Op]:  # fmt: skip
+        """The transfers of a new reward redemption (409 when the usable points are short)."""
+        program, holder = found.program, int(card["account_id"])
+        holding = await self.holding(program, holder)
+        try:
+            takes = model.plan_spend(holding.lots, points, self.clock_ms())
+        except model.PointsRefused as exc:
+            raise Refused("conflict", exc.code, exc.message, "points") from None
+        [redeemed] = await self.accounts.ensure(
+            [self._entity_account(program, card["legal_entity"], "points_redeemed")]
+        )
+        legs = [Posting(holding.ids[t.key], Side.DEBIT, t.points) for t in takes]
+        return split(ADMIN_CLIENT, ledger_key, program.asset, legs, redeemed,
+                     reason="points_reward", metadata=metadata)  # fmt: skip
+
     async def reverse_reward(self, p: Principal, card_id: int, key: str) -> dict[str, Any]:
         """Undo a reward redemption: its points back into exactly the lots they came from
-        (with their own expiry), once (the reversal's key is the redemption's plus "/R")."""
+        (with their own expiry), once (the reversal's key is the redemption's plus "/R").
+        The coupon it issued is voided first, while unused; a coupon already used (or held
+        by a terminal) refuses the reversal, 409 `coupon_used`, nothing changed."""
         card, found = await self._card_and_program(p, card_id, Perm.POINTS_WRITE)
         if found is None:
             raise Refused("not_found", "redemption_not_found", "no such redemption", "key")
         holder = int(card["account_id"])
         ledger_key = f"reward/{holder}/{key}"
         undo = ledger_key + REVERSAL_SUFFIX
+        coupon = None
         async with self.accounts.lock(holder):
             stored, _keys = await self._chunks(ledger_key, ADMIN_CLIENT)
             if not stored:
                 raise Refused("not_found", "redemption_not_found", "no such redemption", "key")
+            coupons = self.coupons
+            issued = None if coupons is None else await coupons.points_reward_of(ledger_key)
+            if coupons is not None and issued is not None:
+                coupon = issued[1]
+                if not await coupons.points_reward_void(ledger_key):
+                    raise Refused("conflict", "coupon_used",
+                                  "the redemption's coupon was used: a reward given stays given",
+                                  "key")  # fmt: skip
             metadata = _meta(stored[0])
             ops: list[Op] = [
                 replace(_mirror(t, chunk_key(undo, i), "points_reward_reversal", metadata),
@@ -1664,7 +1732,8 @@ class PointsService:
         first = results[0]
         points = sum(x for _, _s, x in _credits(stored))
         view = {"key": key, "card_id": card_id, "points": points, "reversed": True,
-                "transfer_id": first.transfer_id, "replayed": first.replayed,
+                "coupon": coupon, "transfer_id": first.transfer_id,
+                "replayed": first.replayed,
                 "points_balance": await self._balance(found, holder)}  # fmt: skip
         if not first.replayed:
             place = Place(card["legal_entity"], card["store"])

@@ -128,7 +128,7 @@ async def _terminal(admin: Admin, kit: Kit, mode: KeyMode = KeyMode.AES) -> Cert
 async def _world(admin: Admin, kit: Kit, *, card_class: str) -> World:
     run = secrets.token_hex(3).upper()
     await _org(admin)
-    for function in ("stored_value", "service", "coupon", "points"):
+    for function in ("stored_value", "service", "coupon", "points", "manager"):
         await admin.ok("POST", "/v1/grants", {"store": STORE, "function": function})
     member = await admin.ok(
         "POST",

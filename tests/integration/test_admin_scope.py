@@ -71,6 +71,7 @@ async def _world(admin: AdminClient) -> dict[str, Any]:
     token = await ok("POST", f"/v1/users/{user['id']}/tokens", json={"label": "t"})
     # --- service and manager cards ---
     await ok("POST", "/v1/grants", json={"store": "S1", "function": "service"})
+    await ok("POST", "/v1/grants", json={"store": "S1", "function": "manager"})
     await ok("POST", "/v1/service-products", json={"code": "WASH", "name": "Car wash",
              "legal_entity": "LE1", "uses": 10, "price_fen": 30_000,
              "validity_months": 12})  # fmt: skip

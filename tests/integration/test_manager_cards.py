@@ -35,6 +35,7 @@ async def world(admin: AdminClient) -> dict[str, Any]:
     await admin.ok("POST", "/v1/card-classes", json={"code": "BEAR", "name": "Bearer",
                    "named": False})  # fmt: skip
     await admin.ok("POST", "/v1/grants", json={"store": "S1", "function": "stored_value"})
+    await admin.ok("POST", "/v1/grants", json={"store": "S1", "function": "manager"})
     customer = await admin.ok("POST", "/v1/cards", json={"class_code": "BEAR", "store": "S1"})
     return {"manager": manager["id"], "other": other["id"], "customer": customer["pan"],
             "t1": await terminal(admin, "S1"), "t2": await terminal(admin, "S1")}  # fmt: skip
@@ -146,6 +147,29 @@ async def test_a_card_is_issued_with_its_number_once_and_refusals_change_nothing
     assert (await admin.ok("GET", CARDS, s2))["items"] == []
     status, answer = await admin.call("GET", f"{CARDS}/{card['id']}", s2)
     assert (status, answer["error"]["code"]) == (403, "scope_forbidden")
+
+
+async def test_a_manager_card_needs_hqs_grant_and_another_issuer_than_its_holder(
+    admin: AdminClient, db_url: str
+) -> None:
+    """HQ grants a store the manager function (with a count budget): without it, or past
+    it, a card is refused and nothing changes; nobody issues a card to themselves (the one
+    who uses it never sets its own limits)."""
+    w = await world(admin)
+    own = await admin.ok("POST", f"/v1/users/{w['manager']}/tokens", json={"label": "own"})
+    before = await counts(db_url)
+    got, answer = await issue(admin, w["other"], store="S2")  # S2 holds no manager grant
+    assert (got, answer["error"]["code"]) == (403, "not_granted")
+    got, answer = await issue(admin, w["manager"], own["token"])
+    assert (got, answer["error"]["code"], answer["error"]["field"]) == (
+        403, "manager_self_issue", "staff_user_id")  # fmt: skip
+    assert await counts(db_url) == before
+    await admin.ok("POST", "/v1/grants", json={"store": "S2", "function": "manager",
+                                             "budget_count": 1})  # fmt: skip
+    got, _ = await issue(admin, w["other"], store="S2")
+    assert got == 201
+    got, answer = await issue(admin, w["other"], store="S2")
+    assert (got, answer["error"]["code"]) == (403, "grant_budget_exceeded")
 
 
 # --- the POS -------------------------------------------------------------------------------------
