@@ -295,3 +295,20 @@ def _gross_refund(e: Entitlement) -> int:
         return e.price_fen - e.price_fen * used // e.uses_total
     assert terms.policy is RefundPolicy.PRO_RATA_AFTER_USE_PRICE
     return max(0, e.price_fen - used * terms.single_use_price_fen)
+
+
+def refund_rest_of(e: Entitlement, refunded_fen: int) -> int:
+    """What a refunded package still owes: what its refund terms give for its uses left
+    now less what its refunds paid (`refunded_fen`). A redemption reversed after the
+    refund gives its uses back to the package; the refund paid only the uses left then, so
+    a further refund pays the difference, once (the fee was taken by the first). Expiry
+    plays no part (the refund was allowed; this finishes it). Refuses (409
+    `service_refunded`) when nothing more is owed. Only for a refunded package (`refund_of`
+    refunds an active one)."""
+    assert 0 <= e.uses_left <= e.uses_total
+    assert e.state is EntitlementState.REFUNDED
+    due = 0 if e.uses_left == 0 else max(0, _gross_refund(e) - e.refund_terms.fee_fen)
+    if due <= refunded_fen:
+        message = "the package was refunded already; nothing more is owed"
+        raise Refused("conflict", REFUNDED, message)
+    return due - refunded_fen

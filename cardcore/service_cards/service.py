@@ -393,9 +393,9 @@ class ServiceCards:
             raise _undone()
         self._check_sellable(row, product, card, counter)
         await self._check_grant(counter.store, product.code, product.price_fen)
-        async with self.records.read() as uow:
-            held = await uow.count(PACKAGES, holder=int(card["account_id"]), state="active")
-        if held >= limits.SERVICE_ENTITLEMENTS_PER_CARD_MAX:
+        if await self._usable_count(int(card["account_id"])) >= (
+            limits.SERVICE_ENTITLEMENTS_PER_CARD_MAX
+        ):
             raise Refused(
                 "conflict", "service_too_many_packages",
                 f"a card holds at most {limits.SERVICE_ENTITLEMENTS_PER_CARD_MAX} packages",
@@ -416,6 +416,15 @@ class ServiceCards:
             raise
         assert result.transfer_id is not None
         return {**view, "transfer_id": result.transfer_id, "replayed": False}
+
+    async def _usable_count(self, holder: int) -> int:
+        """The holder's usable packages (active, unexpired, a use left): what the cap counts
+        (a used-up, expired or refunded package no longer does)."""
+        async with self.records.read() as uow:
+            return await uow.count(
+                PACKAGES, holder=holder, state="active",
+                at_least={"uses_left": 1, "expires_ms": self.clock_ms() + 1},
+            )  # fmt: skip
 
     def _check_sellable(
         self,
@@ -561,15 +570,22 @@ class ServiceCards:
 
     async def list_packages(self, p: Principal, card_id: int) -> list[dict[str, Any]]:
         """The card's packages (its value account's, so a replaced card's carry over),
-        newest first."""
+        newest first: every usable one (at most the cap) and the newest of the others (used
+        up, expired, refunded; at most the cap of any state), so no live package falls out
+        of view behind old ones."""
         card = await self._card_for(p, card_id, Perm.LOYALTY_READ)
         now = self.clock_ms()
+        holder, cap = int(card["account_id"]), limits.SERVICE_ENTITLEMENTS_PER_CARD_MAX
         async with self.records.read() as uow:
-            rows = await uow.find(
-                PACKAGES, {"holder": int(card["account_id"])}, descending=True,
-                limit=limits.SERVICE_ENTITLEMENTS_PER_CARD_MAX,
+            usable = await uow.find(
+                PACKAGES, {"holder": holder, "state": "active"}, descending=True, limit=cap,
+                at_least={"uses_left": 1, "expires_ms": now + 1},
             )  # fmt: skip
-        return [{**package_view(r, now), "card_id": card_id} for r in rows]
+            newest = await uow.find(PACKAGES, {"holder": holder}, descending=True, limit=cap)
+        rows = {int(r["id"]): r for r in [*usable[:cap], *newest[:cap]]}
+        return [
+            {**package_view(rows[i], now), "card_id": card_id} for i in sorted(rows, reverse=True)
+        ]
 
     # --- refunds -------------------------------------------------------------------------------
 
@@ -578,24 +594,37 @@ class ServiceCards:
     ) -> dict[str, Any]:
         """Refund the unused entitlements of a package at the store that sold it, by the
         refund terms it was sold under (not the product's today): the package is refunded
-        first, then the money leaves the store's sales for its till. Idempotent by `key`; a
-        second refund is refused."""
+        first, then the money leaves the store's sales for its till. Idempotent by `key`
+        (the first answer again, whoever asks and with whatever receipt). A refunded package
+        whose uses a reversal gave back since may be refunded again, under a new key: the
+        difference its terms owe now (`model.refund_rest_of`), once; else it is refused."""
         require(p, Perm.SERVICES_SELL)
         row = await self._package(package_id)
         store = await self.org.store_place(row["store"], "package_id")
         require(p, Perm.SERVICES_SELL, store)
         ledger_key = _ledger_refund_key(package_id, key)
+        known = await self._keyed(ledger_key)
+        if known is not None:  # paid under this key: that refund's answer
+            return self._refund_answer(row, _paid_fen(known), int(known["id"]), replayed=True)
         if row["state"] == EntitlementState.REFUNDED and row["refund_key"] == key:
-            return await self._pay_refund(p, row, store, ledger_key, receipt, replayed=True)
+            # Marked under this key, not paid (the ledger was unavailable) or paid nothing.
+            owed = int(row["refunded_fen"]) - await self._refunded_before(package_id)
+            return await self._pay_refund(p, row, store, ledger_key, receipt, owed,
+                                          replayed=True)  # fmt: skip
         now = self.clock_ms()
-        amount = model.refund_of(entitlement_of(row), now)
+        e = entitlement_of(row)
+        before_fen = int(row["refunded_fen"])
+        if e.state is EntitlementState.REFUNDED:
+            amount = model.refund_rest_of(e, before_fen)
+        else:
+            amount = model.refund_of(e, now)
         async with self.records.begin() as uow:
             changes = {"state": str(EntitlementState.REFUNDED), "refund_key": key,
-                       "refunded_fen": amount, "updated_at_ms": now}  # fmt: skip
+                       "refunded_fen": before_fen + amount, "updated_at_ms": now}  # fmt: skip
             changed = await uow.update(
                 PACKAGES,
                 {"id": package_id, "state": row["state"], "uses_left": row["uses_left"],
-                 "refund_key": None},
+                 "refund_key": row["refund_key"], "refunded_fen": before_fen},
                 changes,
             )  # fmt: skip
             if not changed:
@@ -604,23 +633,37 @@ class ServiceCards:
             await uow.audit(
                 p, action="service_package.refund", kind="service_package",
                 object_id=package_id, place=store, before=package_view(row, now),
-                after={**package_view({**row, **changes}, now), "receipt": receipt},
+                after={**package_view({**row, **changes}, now), "receipt": receipt,
+                       "refund_fen": amount},
                 now_ms=now,
             )  # fmt: skip
-        return await self._pay_refund(p, {**row, **changes}, store, ledger_key, receipt,
+        return await self._pay_refund(p, {**row, **changes}, store, ledger_key, receipt, amount,
                                       replayed=False)  # fmt: skip
 
-    async def _pay_refund(
+    async def _refunded_before(self, package_id: int) -> int:
+        """What the package's refunds had refunded before its latest one: the `refunded_fen`
+        of the image before its newest refund audit row (written with that refund's mark)."""
+        async with self.records.read() as uow:
+            rows = await uow.find(
+                "org_audit_log", {"object_kind": "service_package", "object_id": str(package_id),
+                                  "action": "service_package.refund"},
+                descending=True, limit=1,
+            )  # fmt: skip
+        if not rows or rows[0]["before"] is None:
+            return 0
+        return int(json.loads(rows[0]["before"])["refunded_fen"])
+
+    async def _pay_refund(  # noqa: PLR0917 - the refund's parts, one each
         self,
         p: Principal,
         row: dict[str, Any],
         store: Place,
         ledger_key: str,
         receipt: str,
+        amount: int,
         *,
         replayed: bool,
     ) -> dict[str, Any]:
-        amount = int(row["refunded_fen"])
         transfer_id = None
         if amount > 0:
             sales = await self._store_account(store, "sales")
@@ -636,8 +679,16 @@ class ServiceCards:
                     metadata=metadata(store.store, p.user, receipt),
                 )
             )  # fmt: skip
+            known = None if result.ok else await self._keyed(ledger_key)
+            if known is not None:  # paid at this moment by the same key from another caller
+                return self._refund_answer(row, _paid_fen(known), int(known["id"]), replayed=True)
             _ledger_ok(result)
             transfer_id = result.transfer_id
+        return self._refund_answer(row, amount, transfer_id, replayed=replayed)
+
+    def _refund_answer(
+        self, row: dict[str, Any], amount: int, transfer_id: int | None, *, replayed: bool
+    ) -> dict[str, Any]:
         view = package_view(row, self.clock_ms())
         return {**view, "refund_fen": amount, "transfer_id": transfer_id, "replayed": replayed}
 
@@ -665,37 +716,67 @@ class ServiceCards:
                 return _replayed(stored)
             if await reversed_before_arrival(uow, key):
                 return PosResult(Outcome.REVERSED_BEFORE_ARRIVAL)
+        # A take lost to another terminal reads the card's packages again and chooses again
+        # (another package may still have uses), a bounded number of times.
+        for _ in range(limits.SERVICE_REDEEM_ATTEMPTS_MAX):
+            chosen, refusal = await self._choose(card, r.product, store=t.store, now_ms=now,
+                                                 uses=uses)  # fmt: skip
+            if chosen is None:
+                return _refused(refusal)
+            try:
+                left = await self._take(chosen.id, uses, key=key, t=t, now_ms=now)
+            except (Conflict, _Lost) as exc:
+                # The same request at the same moment (its answer), or another terminal took
+                # the uses first (choose again).
+                async with self.records.read() as uow:
+                    stored = await uow.get(REDEMPTIONS, key=key)
+                if stored is not None:
+                    return _replayed(stored)
+                if isinstance(exc, _Lost):
+                    continue
+                return PosResult(Outcome.UNAVAILABLE)
+            return PosResult(Outcome.APPROVED, uses_left=left)
+        return PosResult(Outcome.UNAVAILABLE)  # lost every attempt: the terminal may retry
+
+    async def _choose(
+        self, card: Card, product: str, *, store: str, now_ms: int, uses: int
+    ) -> tuple[Entitlement | None, str]:
+        """The package a redemption uses, read now: of the card's usable packages (active,
+        unexpired, a use left; at most the cap of them, expiring first); when none fits, the
+        refusal of the newest ones of the product asked (else of any), of any state."""
+        cap = limits.SERVICE_ENTITLEMENTS_PER_CARD_MAX
+        async with self.records.read() as uow:
             rows = await uow.find(
-                PACKAGES, {"holder": card.account_id}, descending=True,
-                limit=limits.SERVICE_ENTITLEMENTS_PER_CARD_MAX,
+                PACKAGES, {"holder": card.account_id, "state": "active"}, order="expires_ms",
+                limit=cap, at_least={"uses_left": 1, "expires_ms": now_ms + 1},
             )  # fmt: skip
-        packages = [entitlement_of(row) for row in rows[: limits.SERVICE_ENTITLEMENTS_PER_CARD_MAX]]
-        codes = {e.product_code for e in packages if not r.product or e.product_code == r.product}
-        chosen, refusal = choose_package(packages, codes, store=t.store, now_ms=now, uses=uses)
-        if chosen is None:
-            return _refused(refusal)
-        try:
-            async with self.records.begin() as uow:
-                if not await take_uses(uow, chosen.id, uses, now_ms=now):
-                    _raise(_Lost())
-                after = await uow.get(PACKAGES, id=chosen.id)
-                assert after is not None
-                left = int(after["uses_left"])
-                await uow.insert(REDEMPTIONS, {
-                    "key": key, "entitlement": chosen.id, "uses": uses, "uses_left_after": left,
-                    "store": t.store, "terminal": t.tid, "reversed": False, "created_at_ms": now,
-                })  # fmt: skip
-        except (Conflict, _Lost) as exc:
-            # The same request at the same moment (its answer), or another terminal took
-            # the uses first.
-            async with self.records.read() as uow:
-                stored = await uow.get(REDEMPTIONS, key=key)
-            if stored is not None:
-                return _replayed(stored)
-            if isinstance(exc, _Lost):
-                return _refused(model.NO_USES_LEFT)
-            return PosResult(Outcome.UNAVAILABLE)
-        return PosResult(Outcome.APPROVED, uses_left=left)
+        usable = [entitlement_of(row) for row in rows[:cap]]
+        chosen, _ = _choose_among(usable, product, store=store, now_ms=now_ms, uses=uses)
+        if chosen is not None:
+            return chosen, ""
+        mine = {"holder": card.account_id} | ({"product": product} if product else {})
+        async with self.records.read() as uow:
+            rows = await uow.find(PACKAGES, mine, descending=True, limit=cap)
+        return _choose_among(
+            [entitlement_of(row) for row in rows[:cap]], product, store=store, now_ms=now_ms,
+            uses=uses,
+        )  # fmt: skip
+
+    async def _take(self, package_id: int, uses: int, *, key: str, t: PosTerminal,
+                    now_ms: int) -> int:  # fmt: skip
+        """Take the uses by the guarded update and record the redemption under its POS key,
+        in one transaction; the uses left after it. _Lost when the guard matched no row."""
+        async with self.records.begin() as uow:
+            if not await take_uses(uow, package_id, uses, now_ms=now_ms):
+                _raise(_Lost())
+            after = await uow.get(PACKAGES, id=package_id)
+            assert after is not None
+            left = int(after["uses_left"])
+            await uow.insert(REDEMPTIONS, {
+                "key": key, "entitlement": package_id, "uses": uses, "uses_left_after": left,
+                "store": t.store, "terminal": t.tid, "reversed": False, "created_at_ms": now_ms,
+            })  # fmt: skip
+        return left
 
     async def reverse(self, t: PosTerminal, key: str) -> None:
         """Give back the uses a redemption under `key` took, exactly once. When nothing was
@@ -785,6 +866,14 @@ class _Lost(Exception):
     """A guarded update matched no row: another request took the uses first."""
 
 
+def _choose_among(
+    packages: list[Entitlement], product: str, *, store: str, now_ms: int, uses: int
+) -> tuple[Entitlement | None, str]:
+    """`choose_package` of the product asked ("" = every product among `packages`)."""
+    codes = {e.product_code for e in packages if not product or e.product_code == product}
+    return choose_package(packages, codes, store=store, now_ms=now_ms, uses=uses)
+
+
 def choose_package(
     packages: list[Entitlement],
     products: Collection[str],
@@ -868,6 +957,12 @@ def _undone() -> Refused:
         "conflict", "service_sale_undone",
         "a sale under this key was undone; use a new key", "key",
     )  # fmt: skip
+
+
+def _paid_fen(transfer: dict[str, Any]) -> int:
+    """The fen a refund transfer (a `ledger_transfers` row) paid: its one debit."""
+    [debit, _] = json.loads(transfer["postings"])
+    return int(debit[2])
 
 
 def _ledger_ok(result: Result) -> None:

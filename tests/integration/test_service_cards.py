@@ -12,7 +12,7 @@ from typing import Any
 
 from alembic import command
 
-from cardcore import migrate
+from cardcore import limits, migrate
 from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult
 from cardcore.ledger.http import LEDGER_KEY
@@ -540,3 +540,152 @@ def test_packages_from_before_0009_get_their_products_stores_of_the_upgrade(db_u
         (3, frozenset({"S3"})),  # its product is gone: where it was sold
         (20_003, frozenset({"S1", "S2"})),  # in a later fill
     ]
+
+
+# --- audit findings (races, the cap, refunds after a reversal, refund retries) -------------------
+
+
+async def test_a_redemption_losing_its_package_to_another_terminal_takes_another_one(
+    admin: AdminClient, monkeypatch: Any
+) -> None:
+    """Audit finding: two terminals redeeming "any package" at once both chose the package
+    expiring first (1 use left); the loser was declined `service_no_uses_left` although
+    the card's other package had uses. Now it reads again and takes the other one."""
+    w = await world(admin)
+    pan, card_id = w["card"]["pan"], w["card"]["id"]
+    _, first = await sell(admin, card_id, "WASH")
+    [two] = await pos(admin, redemption(w["t1"], pan, product="WASH", uses=2))
+    assert two.uses_left == 1
+    _, second = await sell(admin, card_id, "WASH")
+    services = admin.app[SERVICE_CARDS_KEY]
+    choose, chosen = services._choose, []
+    both_read = asyncio.Barrier(2)
+
+    async def choose_together(*args: Any, **kwargs: Any) -> Any:
+        found = await choose(*args, **kwargs)
+        assert found[0] is not None
+        chosen.append(found[0].id)
+        if len(chosen) <= 2:  # both first reads are made before either takes
+            await both_read.wait()
+        return found
+
+    monkeypatch.setattr(services, "_choose", choose_together)
+    t3 = await terminal(admin, "S1")
+    answers = await asyncio.gather(*(pos(admin, redemption(tid, pan)) for tid in (w["t1"], t3)))
+    assert chosen[:2] == [first["id"], first["id"]]
+    assert sorted((a.outcome, a.uses_left) for [a] in answers) == [
+        (Outcome.APPROVED, 0), (Outcome.APPROVED, 2)]  # fmt: skip
+    listed = await admin.ok("GET", f"/v1/cards/{card_id}/service-packages")
+    assert {p["id"]: p["uses_left"] for p in listed["items"]} == {first["id"]: 0,
+                                                                  second["id"]: 2}  # fmt: skip
+
+
+async def test_a_lost_take_whose_package_was_refunded_meanwhile_is_declined_refunded(
+    admin: AdminClient, monkeypatch: Any
+) -> None:
+    """Choosing again after a lost take answers the refusal of the package now: refunded."""
+    w = await world(admin)
+    pan = w["card"]["pan"]
+    _, sold = await sell(admin, w["card"]["id"], "WASH")
+    services = admin.app[SERVICE_CARDS_KEY]
+    choose = services._choose
+    refunded = False
+
+    async def refund_after_choosing(*args: Any, **kwargs: Any) -> Any:
+        nonlocal refunded
+        found = await choose(*args, **kwargs)
+        if not refunded:
+            refunded = True
+            await admin.ok("POST", f"/v1/service-packages/{sold['id']}/refund",
+                           json={"key": "rf-race"})  # fmt: skip
+        return found
+
+    monkeypatch.setattr(services, "_choose", refund_after_choosing)
+    [answer] = await pos(admin, redemption(w["t1"], pan))
+    assert (answer.outcome, answer.refusal) == (Outcome.NOT_PERMITTED, "service_refunded")
+
+
+async def test_the_cap_counts_usable_packages_and_old_live_ones_stay_redeemable(
+    admin: AdminClient, monkeypatch: Any
+) -> None:
+    """Audit finding: used-up and expired packages counted against the card's cap for ever,
+    and a redemption read only the newest packages of any state, so an older live package
+    fell out of view. Cap 2: a used-up WASH no longer counts; the old SPA still redeems."""
+    monkeypatch.setattr(limits, "SERVICE_ENTITLEMENTS_PER_CARD_MAX", 2)
+    w = await world(admin)
+    card_id, pan = w["card"]["id"], w["card"]["pan"]
+    _, spa = await sell(admin, card_id, "SPA")
+    _, used_up = await sell(admin, card_id, "WASH")
+    [gone] = await pos(admin, redemption(w["t1"], pan, product="WASH", uses=3))
+    assert (gone.outcome, gone.uses_left) == (Outcome.APPROVED, 0)
+    status, wash = await sell(admin, card_id, "WASH")
+    assert status == 201, wash  # SPA and the new WASH are the 2 usable ones
+    status, answer = await sell(admin, card_id, "WASH")
+    assert (status, answer["error"]["code"]) == (409, "service_too_many_packages")
+    # "" = the card's choice: the SPA, sold first (both expire at the same month's end).
+    [kept] = await pos(admin, redemption(w["t1"], pan))
+    assert (kept.outcome, kept.uses_left) == (Outcome.APPROVED, 1)
+    listed = await admin.ok("GET", f"/v1/cards/{card_id}/service-packages")
+    assert [p["id"] for p in listed["items"]] == [wash["id"], used_up["id"], spa["id"]]
+    # Expired packages no longer count either.
+    services = admin.app[SERVICE_CARDS_KEY]
+    now = services.clock_ms()
+    services.clock_ms = lambda: now + 400 * 86_400_000  # past the 12 months' end
+    [old] = await pos(admin, redemption(w["t1"], pan, product="SPA"))
+    assert (old.outcome, old.refusal) == (Outcome.NOT_PERMITTED, "service_expired")
+    status, answer = await sell(admin, card_id, "WASH")
+    assert status == 201, answer
+
+
+async def test_a_redemption_reversed_after_the_refund_is_refunded_by_a_second_refund_once(
+    admin: AdminClient,
+) -> None:
+    """Audit finding: a redemption reversed after its package was refunded gave the use
+    back to a dead package; the refund had paid only the uses left then. 10,000 fen for 3
+    uses, 1 used, refunded 6,667; the use comes back; a second refund pays 3,333 (10,000
+    in all); a third pays nothing."""
+    w = await world(admin)
+    pan = w["card"]["pan"]
+    _, sold = await sell(admin, w["card"]["id"], "WASH")
+    used = redemption(w["t1"], pan)
+    [answer] = await pos(admin, used)
+    assert answer.uses_left == 2
+    path = f"/v1/service-packages/{sold['id']}/refund"
+    sales = await store_balance(admin, "S1", "sales")
+    first = await admin.ok("POST", path, json={"key": "rf-1"})
+    assert (first["refund_fen"], first["refunded_fen"]) == (6_667, 6_667)
+    assert (await reverse(admin, used)).outcome is Outcome.APPROVED
+    listed = await admin.ok("GET", f"/v1/cards/{w['card']['id']}/service-packages")
+    assert (listed["items"][0]["state"], listed["items"][0]["uses_left"]) == ("refunded", 3)
+    second = await admin.ok("POST", path, json={"key": "rf-2"})
+    assert (second["refund_fen"], second["refunded_fen"], second["replayed"]) == (
+        3_333, 10_000, False)  # fmt: skip
+    assert await store_balance(admin, "S1", "sales") == sales - 10_000
+    status, answer = await admin.call("POST", path, json={"key": "rf-3"})
+    assert (status, answer["error"]["code"]) == (409, "service_refunded")
+    again = await admin.ok("POST", path, json={"key": "rf-1"})
+    assert (again["refund_fen"], again["transfer_id"], again["replayed"]) == (
+        6_667, first["transfer_id"], True)  # fmt: skip
+    again = await admin.ok("POST", path, json={"key": "rf-2"})
+    assert (again["refund_fen"], again["transfer_id"], again["replayed"]) == (
+        3_333, second["transfer_id"], True)  # fmt: skip
+    assert await store_balance(admin, "S1", "sales") == sales - 10_000
+
+
+async def test_a_refund_retried_by_another_operator_with_another_receipt_is_replayed(
+    admin: AdminClient,
+) -> None:
+    """Audit finding: the retry rebuilt the transfer's metadata from its own caller and
+    receipt, so the ledger answered `idempotency_key_reused`. The first refund answers."""
+    w = await world(admin)
+    _, sold = await sell(admin, w["card"]["id"], "WASH")
+    path = f"/v1/service-packages/{sold['id']}/refund"
+    first = await admin.ok("POST", path, json={"key": "rf-1", "receipt": "R2"})
+    assert first["refund_fen"] == 10_000
+    sales = await store_balance(admin, "S1", "sales")
+    other = await admin.token("store_supervisor", "store", "S1")
+    status, again = await admin.call("POST", path, other, {"key": "rf-1", "receipt": "R9"})
+    assert status == 200, again
+    assert (again["refund_fen"], again["transfer_id"], again["replayed"]) == (
+        10_000, first["transfer_id"], True)  # fmt: skip
+    assert await store_balance(admin, "S1", "sales") == sales

@@ -27,6 +27,7 @@ from cardcore.service_cards.model import (
     product_problems,
     redeemed,
     refund_of,
+    refund_rest_of,
     refund_terms_of,
     sell,
 )
@@ -447,3 +448,25 @@ def test_a_refund_is_an_int_between_zero_and_the_unused_share(
     refund = refund_of(sold_under(e, product), NOW_MS)
     assert type(refund) is int
     assert 0 <= refund <= price - price * used // uses  # the unused share, rounded up
+
+
+def test_a_refunded_package_given_uses_back_owes_the_difference_once() -> None:
+    """10,000 fen for 3 uses, refunded at 2 left (6,667); a reversal gives the third back:
+    3,333 more is owed, and then nothing (the fee, taken by the first refund, not again)."""
+    e = package(uses_total=3, uses_left=2, price_fen=10_000)
+    paid = refund_of(e, NOW_MS)
+    assert paid == 6_667
+    back = replace(e, state=EntitlementState.REFUNDED, uses_left=3)
+    assert refund_rest_of(back, paid) == 3_333
+    assert refused(refund_rest_of, back, 10_000) == (409, "service_refunded")
+    dead = replace(e, state=EntitlementState.REFUNDED)  # no use came back
+    assert refused(refund_rest_of, dead, paid) == (409, "service_refunded")
+    fee = RefundTerms(RefundPolicy.PRO_RATA, fee_fen=500, single_use_price_fen=0,
+                      after_expiry=False)  # fmt: skip
+    with_fee = replace(e, refund_terms=fee)
+    first = refund_of(with_fee, NOW_MS)
+    assert first == 6_167
+    later = replace(
+        with_fee, state=EntitlementState.REFUNDED, uses_left=3, expires_ms=NOW_MS
+    )  # expired since: the refund is finished all the same
+    assert first + refund_rest_of(later, first) == 10_000 - 500
