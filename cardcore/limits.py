@@ -81,6 +81,7 @@ TOPUP_GRANT_SWEEP_PAGE_ROWS_MAX: Final = 500  # open top-up grant spends one swe
 REVERSAL_CHAIN_MAX: Final = 16  # a purchase voided and reinstated (void reversed) 8 times
 CARD_CACHE_ENTRIES_MAX: Final = 200_000  # card and terminal records the host keeps in memory
 CARD_WARM_MAX: Final = 512  # cards one POS call reads together (GATEWAY_HOST_BATCH_MAX)
+CARD_FEE_ATTEMPTS_MAX: Final = 8  # a card's fee taken again after its change was refused
 RECORDS_STATEMENTS_MAX: Final = 2048  # built statements records.Unit keeps (one per query shape)
 CARD_ISSUE_BATCH_MAX: Final = 100_000  # cards issued by one command
 

@@ -719,13 +719,33 @@ class CardService:
         _ledger_ok(await self._submit_one(op))
         return op
 
-    async def _fee_first(self, amount: int, place: Place, p: Principal, fee: str) -> FeeTaken:
-        """The fee of a change paid before the change is written (`issue`, `replace`), under
-        a key of its own: a change refused afterwards gives it back (`FeeTaken.undo`), and a
-        fee the ledger cannot take now refuses the change before anything is written, so
-        an error never leaves a written card whose number nobody was told."""
-        op = await self._fee(amount, place, p, f"fee/{fee}/{secrets.token_hex(8)}", f"{fee}_fee")
+    async def _fee_first(
+        self, amount: int, place: Place, p: Principal, fee: str, *, of: str = ""
+    ) -> FeeTaken:
+        """The fee of a change paid before the change is written (issue, replace, a batch
+        card handed out), under a key of its own: a change refused afterwards gives it back
+        (`FeeTaken.undone_on_error`), and a fee the ledger cannot take now refuses the change
+        before anything is written, so an error never leaves a written card whose number
+        nobody was told. With `of` (the card it is for: a replace, a hand-out) the key is
+        that card's, so a retry replays the fee that stands (never a second fee, even when
+        a give-back failed); a new card has no identity yet: a key drawn at random."""
+        if amount <= 0:
+            return FeeTaken(self, None, "")
+        base = f"fee/{fee}/card/{of}" if of else f"fee/{fee}/{secrets.token_hex(8)}"
+        key = await self._fee_key(base) if of else base
+        op = await self._fee(amount, place, p, key, f"{fee}_fee")
         return FeeTaken(self, op, f"{fee}_fee_undone")
+
+    async def _fee_key(self, base: str) -> str:
+        """`base`, unless the fee under it was given back (its change refused): then the
+        next `base/N` not given back (at most `CARD_FEE_ATTEMPTS_MAX`)."""
+        key = base
+        for n in range(2, limits.CARD_FEE_ATTEMPTS_MAX + 2):
+            known = await self.directory.keyed_transfer(COUNTER_CLIENT, key)
+            if known is None or not await self.directory.undone(int(known["id"])):
+                return key
+            key = f"{base}/{n}"
+        raise Refused("conflict", "fee_attempts_exceeded", "too many refused attempts: ask HQ")
 
     # --- reading cards -----------------------------------------------------------------------
 
@@ -912,7 +932,9 @@ class CardService:
                 expires = expiry_at_sale(expires, self.clock_ms(), klass.validity_months)
             # A batch card pays its issue fee now that it is handed out, once (`fee_due`
             # turns 0 in the guarded update that activates it).
-            fee = await self._fee_first(int(fresh["fee_due"]), place_of(fresh), p, "issue")
+            fee = await self._fee_first(
+                int(fresh["fee_due"]), place_of(fresh), p, "issue", of=str(card_id)
+            )
             async with fee.undone_on_error():
                 return await self._transition(
                     p, card_id, allowed={CardState.INACTIVE}, state=CardState.ACTIVE,
@@ -1040,7 +1062,9 @@ class CardService:
                 )  # fmt: skip
 
             try:
-                fee = await self._fee_first(klass["replace_fee"], place, p, "replace")
+                fee = await self._fee_first(
+                    klass["replace_fee"], place, p, "replace", of=str(card_id)
+                )
                 async with fee.undone_on_error():
                     [written] = await self._write(
                         p, [new], grant=None, action="card.replace", now=now, also=retire_old
@@ -1401,7 +1425,7 @@ class CardService:
                                     amount=amount)  # fmt: skip
             # A batch card pays its issue fee at its sale, once (`fee_due` turns 0 with the
             # state in `_activate_sold`), before its value is taken.
-            fee = await self._fee_first(int(fresh["fee_due"]), counter, p, "issue")
+            fee = await self._fee_first(int(fresh["fee_due"]), counter, p, "issue", of=str(card_id))
             async with fee.undone_on_error():
                 op = await self._counter_op(
                     p, card, counter=counter, amount=amount, tender=tender, receipt=receipt,

@@ -1631,16 +1631,26 @@ class PointsService:
                                                      coupon_campaign)  # fmt: skip
                 results = await self._submit(again(stored, ADMIN_CLIENT, keys, metadata))
             else:
-                ops = await self._reward_ops(found, card, ledger_key, points, metadata)
-                if coupon_campaign:
-                    member = now_card["member_id"]
-                    coupon = await self._coupons().points_reward_issue(
-                        p, coupon_campaign, None if member is None else int(member), ledger_key
-                    )
+                # An earlier attempt under this key may have issued its code and then not
+                # heard the ledger (503, a crash): that code is this redemption's, and goes
+                # with it whenever the points are not spent now.
+                prior = None
+                if self.coupons is not None:
+                    prior = await self.coupons.points_reward_of(ledger_key)
+                if prior is not None and prior[0] != coupon_campaign:
+                    raise Refused("conflict", "key_reused", "the key names another redemption",
+                                  "key")  # fmt: skip
                 try:
+                    ops = await self._reward_ops(found, card, ledger_key, points, metadata)
+                    if coupon_campaign:
+                        member = now_card["member_id"]
+                        coupon = await self._coupons().points_reward_issue(
+                            p, coupon_campaign, None if member is None else int(member),
+                            ledger_key,
+                        )  # fmt: skip
                     results = await self._submit(ops)
                 except Refused:  # the points stay: the code (never answered) goes
-                    if coupon is not None:
+                    if coupon is not None or prior is not None:
                         await self._coupons().points_reward_void(ledger_key)
                     raise
         first = results[0]

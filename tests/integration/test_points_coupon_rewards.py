@@ -15,6 +15,7 @@ import pytest
 from cardcore.cards.model import Kind, Outcome
 from cardcore.org.model import Refused
 from cardcore.points.http import POINTS_KEY
+from cardcore.points.service import PointsUnavailable
 from tests.helpers import AdminClient, sql_rows
 from tests.integration.test_coupons_admin import campaign, campaign_row, count
 from tests.integration.test_points_admin import earned
@@ -117,6 +118,47 @@ async def test_a_spend_the_ledger_refuses_voids_the_code_it_issued(
     [row] = await codes_of(db_url)
     assert row["state"] == "voided"
     assert (await shop.points(card))["balance"] == 500
+
+
+async def test_a_redemption_whose_spend_went_unheard_keeps_its_one_code_or_voids_it(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger did not answer the spend (503) after the code was issued: a retry under
+    the key answers that same code and spends once; when the points are gone by the retry,
+    the retry is refused and the code voided, never left live without points spent."""
+    shop, card, path = await shop_with_points(admin)
+    points = admin.app[POINTS_KEY]
+    real_submit = points._submit
+
+    async def unheard(_ops: Any) -> Any:
+        raise PointsUnavailable("the ledger did not answer")
+
+    body = {"points": 100, "reward": "GIFT", "key": "r1", "coupon_campaign": "GIFT"}
+    with monkeypatch.context() as patched:
+        patched.setattr(points, "_submit", unheard)
+        got, _ = await admin.call("POST", path, json=body)
+    assert got == 503
+    [issued] = await codes_of(db_url)
+    assert issued["state"] == "issued"
+    made = await admin.ok("POST", path, json=body)  # the retry: the same code, spent once
+    assert (made["coupon"], made["points_balance"]) == (issued["code"], 400)
+    assert len(await codes_of(db_url)) == 1
+    # Another redemption unheard, then the points spent elsewhere before its retry.
+    body2 = {**body, "key": "r2", "points": 400}
+    with monkeypatch.context() as patched:
+        patched.setattr(points, "_submit", unheard)
+        got, _ = await admin.call("POST", path, json=body2)
+    assert got == 503
+    assert points._submit == real_submit
+    spent = await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=300))
+    assert spent.outcome is Outcome.APPROVED
+    got, answer = await admin.call("POST", path, json=body2)
+    assert (got, answer["error"]["code"]) == (409, "points_insufficient")
+    states = sorted(r["state"] for r in await codes_of(db_url))
+    assert states == ["issued", "voided"]  # r1's code stays; r2's never stood
+    without = {k: v for k, v in body2.items() if k != "coupon_campaign"}
+    got, answer = await admin.call("POST", path, json=without)  # the key named a coupon
+    assert (got, answer["error"]["code"]) == (409, "key_reused"), answer
 
 
 async def test_the_reversal_voids_an_unused_code_and_gives_the_points_back(
