@@ -615,6 +615,7 @@ class ServiceCards:
         e = entitlement_of(row)
         before_fen = int(row["refunded_fen"])
         if e.state is EntitlementState.REFUNDED:
+            await self._refuse_unpaid(package_id, row)
             amount = model.refund_rest_of(e, before_fen)
         else:
             amount = model.refund_of(e, now)
@@ -639,6 +640,21 @@ class ServiceCards:
             )  # fmt: skip
         return await self._pay_refund(p, {**row, **changes}, store, ledger_key, receipt, amount,
                                       replayed=False)  # fmt: skip
+
+    async def _refuse_unpaid(self, package_id: int, row: dict[str, Any]) -> None:
+        """409 `refund_pending` while the package's latest refund was marked and not paid
+        (the ledger did not take it): a new refund would count that unpaid amount as paid.
+        Its own key's retry pays it first."""
+        owed = int(row["refunded_fen"]) - await self._refunded_before(package_id)
+        if (
+            owed > 0
+            and await self._keyed(_ledger_refund_key(package_id, row["refund_key"])) is None
+        ):
+            raise Refused(
+                "conflict", "refund_pending",
+                f"the refund under key {row['refund_key']} is not paid yet: send it again first",
+                "key",
+            )  # fmt: skip
 
     async def _refunded_before(self, package_id: int) -> int:
         """What the package's refunds had refunded before its latest one: the `refunded_fen`

@@ -10,6 +10,7 @@ import itertools
 import json
 from typing import Any
 
+import pytest
 from alembic import command
 
 from cardcore import limits, migrate
@@ -17,7 +18,7 @@ from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult
 from cardcore.ledger.http import LEDGER_KEY
 from cardcore.service_cards.http import SERVICE_CARDS_KEY
-from cardcore.service_cards.service import entitlement_of, take_uses
+from cardcore.service_cards.service import ServicesUnavailable, entitlement_of, take_uses
 from tests import logscan
 from tests.helpers import AdminClient, sql_execute, sql_rows
 
@@ -669,6 +670,38 @@ async def test_a_redemption_reversed_after_the_refund_is_refunded_by_a_second_re
     again = await admin.ok("POST", path, json={"key": "rf-2"})
     assert (again["refund_fen"], again["transfer_id"], again["replayed"]) == (
         3_333, second["transfer_id"], True)  # fmt: skip
+    assert await store_balance(admin, "S1", "sales") == sales - 10_000
+
+
+async def test_a_refund_marked_but_not_paid_is_paid_before_any_other_refund(
+    admin: AdminClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: a refund marked and then not paid (the ledger away), a use given back,
+    and a refund under a new key counted the unpaid one as paid. Now the new key is refused
+    409 `refund_pending` until the first key's retry pays; then the second pays the rest."""
+    w = await world(admin)
+    pan = w["card"]["pan"]
+    _, sold = await sell(admin, w["card"]["id"], "WASH")
+    used = redemption(w["t1"], pan)
+    await pos(admin, used)
+    path = f"/v1/service-packages/{sold['id']}/refund"
+    sales = await store_balance(admin, "S1", "sales")
+    services = admin.app[SERVICE_CARDS_KEY]
+
+    async def away(*_args: Any, **_kwargs: Any) -> Any:
+        raise ServicesUnavailable("the ledger went away")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(services, "_submit_one", away)
+        status, _ = await admin.call("POST", path, json={"key": "rf-1"})
+    assert status == 503
+    assert (await reverse(admin, used)).outcome is Outcome.APPROVED
+    status, answer = await admin.call("POST", path, json={"key": "rf-2"})
+    assert (status, answer["error"]["code"]) == (409, "refund_pending")
+    first = await admin.ok("POST", path, json={"key": "rf-1"})
+    assert first["refund_fen"] == 6_667
+    second = await admin.ok("POST", path, json={"key": "rf-2"})
+    assert (second["refund_fen"], second["refunded_fen"]) == (3_333, 10_000)
     assert await store_balance(admin, "S1", "sales") == sales - 10_000
 
 
