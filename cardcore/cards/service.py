@@ -1035,9 +1035,13 @@ class CardService:
             if old["state"] not in allowed:
                 raise _state_refused(old["state"], "only an active, frozen or lost card")
             now = self.clock_ms()
+            # A stock card reported lost before it was handed out (its fee still due) is
+            # replaced by stock: inactive, owing the same fee, paid when it is handed out.
+            stock = int(old["fee_due"]) > 0
             [new] = await self._prepare(
-                klass, place, old["member_id"], 1, now, state=CardState.ACTIVE,
-                account_ids=[account_id],
+                klass, place, old["member_id"], 1, now,
+                state=CardState.INACTIVE if stock else CardState.ACTIVE,
+                account_ids=[account_id], fee_due=int(old["fee_due"]),
             )  # fmt: skip
             new.row["expires"] = old["expires"]  # replacing never extends the value's life
             new.row["balance_max"] = old["balance_max"]

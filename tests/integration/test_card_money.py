@@ -546,6 +546,27 @@ async def test_an_activation_retried_after_a_refused_write_pays_its_fee_once(
     assert int(fees["credits_posted"]) - int(fees["debits_posted"]) == 2 * 500
 
 
+async def test_a_stock_card_lost_before_its_hand_out_is_replaced_by_stock_owing_the_fee(
+    admin: AdminClient, db_url: str
+) -> None:
+    """A batch card reported lost in the store (never handed out, its fee still due) is
+    replaced by an inactive card owing the same fee: its activation pays it, once; the
+    replacement never skips the fee by being active at once."""
+    await admin.org("LE1", "S1")
+    await new_class(admin, "FEE", name="With fees", named=False, issue_fee=500)
+    await grant(admin, "S1", "stored_value")
+    batch = await admin.ok("POST", "/v1/card-batches", json={"class_code": "FEE", "store": "S1",
+                                                             "count": 1})  # fmt: skip
+    await admin.ok("POST", f"/v1/cards/{batch['first_id']}/lost")
+    new = await admin.ok("POST", f"/v1/cards/{batch['first_id']}/replace")
+    assert new["state"] == "inactive"
+    assert await sql_rows(db_url, "SELECT id FROM ledger_transfers WHERE reason = "
+                          "'issue_fee'") == []  # fmt: skip
+    await admin.ok("POST", f"/v1/cards/{new['id']}/activate")
+    fees = await store_account(db_url, "S1", "fees")
+    assert int(fees["credits_posted"]) == 500
+
+
 async def test_a_gift_batch_card_pays_its_issue_fee_at_its_sale_once(
     admin: AdminClient, db_url: str
 ) -> None:
