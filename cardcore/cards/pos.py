@@ -1058,20 +1058,11 @@ class PosService:
             plan.answer = PosResult(Outcome.ORIGINAL_MISMATCH)
             return
         plan.original_key = target_key
-        # A purchase whose void the terminal reversed stands again, and may be voided again:
-        # the ledger reverses a transfer once, so this void reverses the last reversal of
-        # the chain (the void's reversal), which gives the purchase's amount back again.
-        # A resend of a void made so finds itself in the chain, and repeats its target.
         key = transaction_key(t, r.batch, r.stan)
-        chain = [original, *await self.directory.reversals_of(original["id"])]
-        mine = next((j for j, x in enumerate(chain) if x["key"] == key), None)
-        if mine is not None:
-            reversed_key = chain[mine - 1]["key"]
-        elif len(chain) - 1 >= limits.REVERSAL_CHAIN_MAX:  # links: voided and reinstated
+        reversed_key = await self._chain_target(original, key, most=limits.REVERSAL_CHAIN_MAX - 1)
+        if reversed_key is None:  # voided and reinstated as often as it may be
             plan.answer = PosResult(Outcome.ALREADY_REVERSED)
             return
-        else:
-            reversed_key = chain[-1]["key"] if len(chain) % 2 == 1 else target_key
         plan.op = Reverse(
             client=POS_CLIENT,
             key=key,
@@ -1125,14 +1116,9 @@ class PosService:
                 metadata=_metadata(t, r),
             )
         else:
-            # A purchase whose void was reversed stands again: its own 0400 reverses the last
-            # reversal of the chain, as a second void does (`_void`).
-            chain = [] if original is None else await self.directory.reversals_of(original["id"])
-            mine = next((j for j, x in enumerate(chain) if x["key"] == key), None)
-            if mine is not None:  # a resend: its target again (the original's, at 0)
-                target_key = chain[mine - 1]["key"] if mine > 0 else target_key
-            elif chain and len(chain) % 2 == 0 and len(chain) <= limits.REVERSAL_CHAIN_MAX:
-                target_key = chain[-1]["key"]
+            if original is not None:  # past the cap: the original's key (nothing undone)
+                found = await self._chain_target(original, key, most=limits.REVERSAL_CHAIN_MAX)
+                target_key = found or target_key
             plan.op = Reverse(
                 client=POS_CLIENT,
                 key=key,
@@ -1142,6 +1128,23 @@ class PosService:
                 metadata=_metadata(t, r),
             )
         plan.finish = _reversal_answer
+
+    async def _chain_target(self, original: dict[str, Any], key: str, *, most: int) -> str | None:
+        """The key a reversal or void under `key` of `original` reverses. The ledger reverses
+        a transfer once, and a reversal may be reversed (a void the terminal reversed: the
+        purchase stands again), so a purchase's reversals form a chain: while it is even the
+        purchase stands and the chain's last link (the purchase itself when there is none)
+        is what undoes it now; while it is odd the purchase is undone and its own key is
+        answered (the ledger refuses, or a reversal does nothing). A resend finds itself in
+        the chain and repeats its target. None: the chain has `most` links already."""
+        chain = [original, *await self.directory.reversals_of(original["id"])]
+        mine = next((j for j, x in enumerate(chain) if x["key"] == key), None)
+        if mine is not None:
+            return str(chain[mine - 1]["key"]) if mine else str(original["key"])
+        links = len(chain) - 1
+        if links % 2 == 1:
+            return str(original["key"])
+        return None if links > most else str(chain[-1]["key"])
 
     async def _voided_purchase(self, target_id: int) -> str:
         """The key of the purchase a void undid: its target, or, a void of a purchase whose

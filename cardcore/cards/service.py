@@ -296,29 +296,6 @@ class _New:
 # --- the service -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class FeeTaken:
-    """A fee charged before its change is written (`CardService._fee_first`)."""
-
-    service: CardService
-    op: CreateTransfer | None  # None: no fee
-    undo_reason: str
-
-    @contextlib.asynccontextmanager
-    async def undone_on_error(self) -> AsyncIterator[None]:
-        """The change runs inside; refused (any error), the fee is given back, best effort
-        (a give-back the ledger cannot take now is logged), and the error goes on."""
-        try:
-            yield
-        except BaseException:
-            if self.op is not None:
-                try:
-                    await self.service._undo(self.op, self.undo_reason)
-                except (CardsUnavailable, Refused):
-                    log.exception("a fee whose change was refused could not be given back")
-            raise
-
-
 class CardService:
     def __init__(  # noqa: PLR0917 - the services it composes, one each, in a fixed order
         self,
@@ -470,8 +447,7 @@ class CardService:
                     "conflict", "member_not_active", "the member is not active", "member_id"
                 )
 
-        fee = await self._fee_first(klass["issue_fee"], place, p, "issue")
-        async with fee.undone_on_error():
+        async with self._fee_first(klass["issue_fee"], place, p, "issue"):
             written = await self._write(
                 p, [new], grant=(store, function, class_code, 1), action="card.issue", now=now,
                 also=member_still_active,
@@ -719,22 +695,32 @@ class CardService:
         _ledger_ok(await self._submit_one(op))
         return op
 
+    @contextlib.asynccontextmanager
     async def _fee_first(
         self, amount: int, place: Place, p: Principal, fee: str, *, of: str = ""
-    ) -> FeeTaken:
-        """The fee of a change paid before the change is written (issue, replace, a batch
-        card handed out), under a key of its own: a change refused afterwards gives it back
-        (`FeeTaken.undone_on_error`), and a fee the ledger cannot take now refuses the change
-        before anything is written, so an error never leaves a written card whose number
-        nobody was told. With `of` (the card it is for: a replace, a hand-out) the key is
-        that card's, so a retry replays the fee that stands (never a second fee, even when
-        a give-back failed); a new card has no identity yet: a key drawn at random."""
-        if amount <= 0:
-            return FeeTaken(self, None, "")
-        base = f"fee/{fee}/card/{of}" if of else f"fee/{fee}/{secrets.token_hex(8)}"
-        key = await self._fee_key(base) if of else base
-        op = await self._fee(amount, place, p, key, f"{fee}_fee")
-        return FeeTaken(self, op, f"{fee}_fee_undone")
+    ) -> AsyncIterator[None]:
+        """The fee of a change (issue, replace, a batch card handed out), paid on entering,
+        before the change inside is written: a fee the ledger cannot take now refuses the
+        change before anything is written, so an error never leaves a written card whose
+        number nobody was told; a change refused inside gives the fee back (best effort: a
+        give-back the ledger cannot take now is logged) and its error goes on. With `of`
+        (the card it is for: a replace, a hand-out) the key is that card's, so a retry
+        replays the fee that stands (never a second fee, even when a give-back failed); a
+        new card has no identity yet: a key drawn at random."""
+        op = None
+        if amount > 0:
+            base = f"fee/{fee}/card/{of}" if of else f"fee/{fee}/{secrets.token_hex(8)}"
+            key = await self._fee_key(base) if of else base
+            op = await self._fee(amount, place, p, key, f"{fee}_fee")
+        try:
+            yield
+        except Exception:
+            if op is not None:
+                try:
+                    await self._undo(op, f"{fee}_fee_undone")
+                except (CardsUnavailable, Refused):
+                    log.exception("a fee whose change was refused could not be given back")
+            raise
 
     async def _fee_key(self, base: str) -> str:
         """`base`, unless the fee under it was given back (its change refused): then the
@@ -932,10 +918,9 @@ class CardService:
                 expires = expiry_at_sale(expires, self.clock_ms(), klass.validity_months)
             # A batch card pays its issue fee now that it is handed out, once (`fee_due`
             # turns 0 in the guarded update that activates it).
-            fee = await self._fee_first(
+            async with self._fee_first(
                 int(fresh["fee_due"]), place_of(fresh), p, "issue", of=str(card_id)
-            )
-            async with fee.undone_on_error():
+            ):
                 return await self._transition(
                     p, card_id, allowed={CardState.INACTIVE}, state=CardState.ACTIVE,
                     action="card.activate", extra={"expires": expires, "fee_due": 0},
@@ -1066,10 +1051,9 @@ class CardService:
                 )  # fmt: skip
 
             try:
-                fee = await self._fee_first(
+                async with self._fee_first(
                     klass["replace_fee"], place, p, "replace", of=str(card_id)
-                )
-                async with fee.undone_on_error():
+                ):
                     [written] = await self._write(
                         p, [new], grant=None, action="card.replace", now=now, also=retire_old
                     )
@@ -1429,8 +1413,7 @@ class CardService:
                                     amount=amount)  # fmt: skip
             # A batch card pays its issue fee at its sale, once (`fee_due` turns 0 with the
             # state in `_activate_sold`), before its value is taken.
-            fee = await self._fee_first(int(fresh["fee_due"]), counter, p, "issue", of=str(card_id))
-            async with fee.undone_on_error():
+            async with self._fee_first(int(fresh["fee_due"]), counter, p, "issue", of=str(card_id)):
                 op = await self._counter_op(
                     p, card, counter=counter, amount=amount, tender=tender, receipt=receipt,
                     key=key, reason="gift_sale",
