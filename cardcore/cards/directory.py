@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, func, insert, select, union_all, update
+from sqlalchemy import ColumnElement, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -22,11 +22,16 @@ from cardcore.cards.model import POS_CLIENT, BatchLine, Card, CardClass, Termina
 from cardcore.ledger import schema as ledger_schema
 from cardcore.ledger.decide import TOMBSTONE_CODE
 from cardcore.ledger.model import Balance
+from cardcore.records import Records
 
 
 class Directory:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # The reads of every POS call (its cards, its keys' claims), on PostgreSQL at the
+        # driver without a transaction: one round trip each, where SQLAlchemy's connection
+        # adds a BEGIN and a ROLLBACK (docs/adr/0008).
+        self._records = Records(engine)
         self._terminals: dict[str, Terminal] = {}
         self._cards: OrderedDict[str, Card] = OrderedDict()
         self._classes: dict[str, CardClass] = {}
@@ -39,16 +44,8 @@ class Directory:
         cached = self._terminals.get(tid)
         if cached is not None:
             return cached
-        async with self.engine.connect() as conn:
-            row = (
-                (
-                    await conn.execute(
-                        select(schema.pos_terminals).where(schema.pos_terminals.c.tid == tid)
-                    )
-                )
-                .mappings()
-                .first()
-            )
+        async with self._records.read() as unit:
+            row = await unit.get("pos_terminals", tid=tid)
         if row is None:
             return None
         terminal = _terminal(row)
@@ -131,12 +128,8 @@ class Directory:
         if cached is not None:
             return cached
         generation = self._card_generation
-        async with self.engine.connect() as conn:
-            row = (
-                (await conn.execute(select(schema.cards).where(schema.cards.c.token == token)))
-                .mappings()
-                .first()
-            )
+        async with self._records.read() as unit:
+            row = await unit.get("cards", token=token)
         if row is None:
             return None
         card = card_of(row)
@@ -153,12 +146,8 @@ class Directory:
         if len(wanted) < 2:  # one read either way
             return
         generation = self._card_generation
-        async with self.engine.connect() as conn:
-            rows = (
-                (await conn.execute(select(schema.cards).where(schema.cards.c.token.in_(wanted))))
-                .mappings()
-                .all()
-            )
+        async with self._records.read() as unit:
+            rows = await unit.find_each("cards", "token", wanted, {}, limit_each=1)
         if generation == self._card_generation:
             self._hold([card_of(row) for row in rows])
 
@@ -338,9 +327,15 @@ class Directory:
         """Claim each key of `wanted` (key -> function) not claimed yet: the function each
         key stands claimed for afterwards (a key claimed before keeps its first function).
         One transaction, a read and an insert of the new ones; a key claimed by another
-        process in between is read again."""
+        process in between is read again. PostgreSQL: one statement (`schema.CLAIM_SQL`)."""
         c = schema.pos_claims
         keys = sorted(wanted)
+        if self._records.postgres:
+            functions = [wanted[k] for k in keys]
+            rows = await self._records.statement_rows(schema.CLAIM_SQL, [keys, functions, now_ms])
+            found = {str(row["key"]): str(row["function"]) for row in rows}
+            missing = [k for k in keys if k not in found]
+            return found | (await self.claimed(missing) if missing else {})
         for _ in range(2):
             try:
                 async with self.engine.connect() as plain:
@@ -363,23 +358,21 @@ class Directory:
 
     async def claimed(self, keys: Sequence[str]) -> dict[str, str]:
         """The function each of `keys` was claimed for, if any."""
-        async with self.engine.connect() as conn:
-            return await _claims(conn, sorted(set(keys)))
+        async with self._records.read() as unit:
+            rows = await unit.find_each("pos_claims", "key", keys, {}, limit_each=1)
+        return {str(row["key"]): str(row["function"]) for row in rows}
 
     async def ledger_keys(self, keys: Sequence[str]) -> set[str]:
         """Which of `keys` the ledger holds a POS transfer or a decided failure under (not a
         reversal's tombstone: a request reversed before it arrived is its own feature's to
         answer)."""
-        t, f = ledger_schema.transfers, ledger_schema.failures
-        wanted = sorted(set(keys))
-        query = union_all(
-            select(t.c.key).where(t.c.client == POS_CLIENT, t.c.key.in_(wanted)),
-            select(f.c.key).where(
-                f.c.client == POS_CLIENT, f.c.key.in_(wanted), f.c.code != TOMBSTONE_CODE
-            ),
-        )
-        async with self.engine.connect() as conn:
-            return {str(row[0]) for row in await conn.execute(query)}
+        where = {"client": POS_CLIENT}
+        async with self._records.read() as unit:
+            posted = await unit.find_each("ledger_transfers", "key", keys, where, limit_each=1)
+            failed = await unit.find_each("ledger_failures", "key", keys, where, limit_each=1)
+        return {str(row["key"]) for row in posted} | {
+            str(row["key"]) for row in failed if row["code"] != TOMBSTONE_CODE
+        }
 
     async def undone(self, transfer_id: int) -> bool:
         """Whether the transfer was reversed (or, a hold, voided or expired) since, and

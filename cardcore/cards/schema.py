@@ -116,6 +116,21 @@ pos_claims = Table(
     Column("created_at_ms", BigInteger, nullable=False),
 )
 
+# PostgreSQL: claim the keys of $1 for the functions of $2 (one array each, one element per
+# key) at $3 (ms), in one statement (`Directory.claim_keys`): the keys not claimed yet are
+# inserted (in key order), and each key's claim is returned, the new ones and those the
+# statement's snapshot saw. A key another transaction claimed after that snapshot is in
+# neither: the caller reads it again. Each key is one index probe whatever the statistics.
+CLAIM_SQL = (
+    "WITH wanted AS (SELECT * FROM unnest($1::varchar[], $2::varchar[]) AS w(key, function)),"
+    " made AS (INSERT INTO pos_claims (key, function, created_at_ms)"
+    " SELECT key, function, $3::bigint FROM wanted ORDER BY key"
+    " ON CONFLICT (key) DO NOTHING RETURNING key, function)"
+    " SELECT key, function FROM made"
+    " UNION ALL SELECT found.key, found.function FROM wanted CROSS JOIN LATERAL"
+    " (SELECT c.key, c.function FROM pos_claims AS c WHERE c.key = wanted.key LIMIT 1) AS found"
+)
+
 # The stored-value grant budget each POS top-up spent (`PosService._granted`), by the top-up's
 # key, until its hold ends: confirmed ("kept"), or voided, lapsed or reversed ("returned": the
 # amount given back to the grant once, in the transaction that turns the state).

@@ -1071,9 +1071,14 @@ async def test_the_points_redemptions_of_one_call_read_together_each_answered_as
     assert (spend.outcome, spend.points_balance) == (Outcome.APPROVED, 200)
     assert (over.outcome, over.refusal) == (Outcome.INSUFFICIENT_FUNDS, "points_insufficient")
     assert (resend.outcome, resend.replayed, resend.points) == (Outcome.APPROVED, True, 100)
-    # Their six keys in one read; the lots of the two that are not resends in one read; then
-    # the resend's balance, read again.
+    # The call's three keys' claims in one read (the card directory's), the two unclaimed
+    # keys checked against the ledger (a read of its transfers and one of its failures);
+    # their six keys in one read; the lots of the two that are not resends in one read;
+    # then the resend's balance, read again.
     assert reads == [
+        "find_each pos_claims 3",
+        "find_each ledger_transfers 2",
+        "find_each ledger_failures 2",
         "find ledger_transfers 6",
         "find_each ledger_accounts 2",
         "find_each ledger_accounts 1",
