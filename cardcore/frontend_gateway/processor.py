@@ -234,6 +234,10 @@ class Processor:
         self._time_second = -1
         self._time_fields = ("", "")
         self.draining = False  # shutting down: nothing new goes to the host
+        # The labelled series each (MTI, response code) counts into: looked up once, not
+        # per message (`labels` takes a lock and checks its values). MTIs are those
+        # `codec.decode` accepts and codes this module's: a bounded set.
+        self._series: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def drain(self) -> None:
         """Shutdown has begun (`GatewayServer.close`): from now on a request that would go to
@@ -255,8 +259,14 @@ class Processor:
         except Exception:  # contained: a bug answers 96 to this terminal only
             log.exception("message handling failed", extra={"mti": mti})
             reply, code = self._reply(fields, SYSTEM_ERROR), SYSTEM_ERROR
-        self.metrics.gateway_messages.labels(mti, code).inc()
-        self.metrics.gateway_seconds.labels(mti).observe(time.perf_counter() - started)
+        series = self._series.get((mti, code))
+        if series is None:
+            series = self._series[mti, code] = (
+                self.metrics.gateway_messages.labels(mti, code),
+                self.metrics.gateway_seconds.labels(mti),
+            )
+        series[0].inc()
+        series[1].observe(time.perf_counter() - started)
         return reply
 
     def _format_error(self, exc: codec.FormatError) -> Reply | None:
