@@ -10,7 +10,9 @@ and refunds. Pure: records and integers in, records, integers or a refusal code 
   the product applies to later sales only: a package's use and refund read the package,
   never the product.
 - A redemption uses one or more entitlements of one active, unexpired package, in a store the
-  package names (the product's stores on the day of its sale; none named = every store).
+  package names (the product's stores on the day of its sale; none named = every store). A
+  package sold by code that recorded no stores (before migration 0009) is given its
+  product's stores of the day of the use by the service that reads it.
 - A refund follows the refund terms the package was sold under: none; pro rata (the unused
   share of the price paid, the fraction of a fen to the member); or the price paid less the
   used ones charged at the one-use list price of the sale. A refund fee is taken last and

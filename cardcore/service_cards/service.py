@@ -15,7 +15,10 @@ Rules of every use case:
   reversal (`reverse`) gives the uses back exactly once.
 - A package keeps the terms of the day it was sold: the uses, the expiry, the price paid,
   the product's stores (where it may be redeemed) and its refund terms. A redemption and a
-  refund follow those, never the product's terms today (they do not read the product).
+  refund follow those, never the product's terms today (they do not read the product). One
+  exception: a package sold by code older than migration 0009 recorded no stores (NULL);
+  it is redeemable in its product's stores as they are at each use (what that code read),
+  so its product is read with it (`with_stores`), and only then.
 - A refund marks the package refunded first (a guarded update on the uses left that were
   read, so no redemption slips in between), then pays the unused share from the selling
   store's sales back to its till; a retry with the same key pays the same, once.
@@ -136,6 +139,8 @@ def product_view(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def entitlement_of(row: dict[str, Any]) -> Entitlement:
+    """The model's package of a row whose stores are known (`with_stores` fills a NULL)."""
+    assert row["stores"] is not None, "a package row read without with_stores"
     return Entitlement(
         id=int(row["id"]),
         product_code=row["product"],
@@ -158,6 +163,25 @@ def entitlement_of(row: dict[str, Any]) -> Entitlement:
 def stores_text(stores: frozenset[str]) -> str:
     """A package's stores as its row keeps them: a JSON list, sorted ([] = every store)."""
     return json.dumps(sorted(stores))
+
+
+async def with_stores(uow: Unit, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Package rows with their stores known: a row that recorded none (NULL: sold by code
+    older than migration 0009) gets its product's stores as they are now, read here (what
+    that code's redemptions read), else the store that sold it (its product is gone; none
+    ever is: 0009's rule). Rows that all recorded theirs come back as they are, with no
+    statement run."""
+    codes = sorted({row["product"] for row in rows if row["stores"] is None})
+    if not codes:
+        return rows
+    products = await uow.find(PRODUCTS, {"code": codes}, order="code", limit=len(codes))
+    stores = {row["code"]: stores_text(product_of(row).stores) for row in products[: len(codes)]}
+    return [
+        row
+        if row["stores"] is not None
+        else {**row, "stores": stores.get(row["product"], stores_text(frozenset({row["store"]})))}
+        for row in rows
+    ]
 
 
 def package_view(row: dict[str, Any], now_ms: int) -> dict[str, Any]:
@@ -582,7 +606,8 @@ class ServiceCards:
                 at_least={"uses_left": 1, "expires_ms": now + 1},
             )  # fmt: skip
             newest = await uow.find(PACKAGES, {"holder": holder}, descending=True, limit=cap)
-        rows = {int(r["id"]): r for r in [*usable[:cap], *newest[:cap]]}
+            known = await with_stores(uow, [*usable[:cap], *newest[:cap]])
+        rows = {int(r["id"]): r for r in known}
         return [
             {**package_view(rows[i], now), "card_id": card_id} for i in sorted(rows, reverse=True)
         ]
@@ -711,17 +736,19 @@ class ServiceCards:
     async def _package(self, package_id: int) -> dict[str, Any]:
         async with self.records.read() as uow:
             row = await uow.get(PACKAGES, id=package_id)
-        if row is None:
+            known = [] if row is None else await with_stores(uow, [row])
+        if not known:
             raise Refused("not_found", "package_not_found", "no such service package",
                           "package_id")  # fmt: skip
-        return row
+        return known[0]
 
     # --- the POS --------------------------------------------------------------------------------
 
     async def redeem(self, r: PosRequest, t: PosTerminal, key: str, card: Card | None) -> PosResult:
         """`r.uses` (default 1) entitlements of the card's package of `r.product` ("" = the
         package the rules choose among all) used at the terminal's store, once per POS key.
-        The packages' own terms decide (their stores, expiry, uses); no product is read."""
+        The packages' own terms decide (their stores, expiry, uses); no product is read,
+        except for a package that recorded no stores (`with_stores`)."""
         if card is None:
             return PosResult(Outcome.BAD_REQUEST)
         uses = r.uses or 1
@@ -766,15 +793,17 @@ class ServiceCards:
                 PACKAGES, {"holder": card.account_id, "state": "active"}, order="expires_ms",
                 limit=cap, at_least={"uses_left": 1, "expires_ms": now_ms + 1},
             )  # fmt: skip
-        usable = [entitlement_of(row) for row in rows[:cap]]
+            rows = await with_stores(uow, rows[:cap])
+        usable = [entitlement_of(row) for row in rows]
         chosen, _ = _choose_among(usable, product, store=store, now_ms=now_ms, uses=uses)
         if chosen is not None:
             return chosen, ""
         mine = {"holder": card.account_id} | ({"product": product} if product else {})
         async with self.records.read() as uow:
             rows = await uow.find(PACKAGES, mine, descending=True, limit=cap)
+            rows = await with_stores(uow, rows[:cap])
         return _choose_among(
-            [entitlement_of(row) for row in rows[:cap]], product, store=store, now_ms=now_ms,
+            [entitlement_of(row) for row in rows], product, store=store, now_ms=now_ms,
             uses=uses,
         )  # fmt: skip
 
@@ -825,7 +854,9 @@ class ServiceCards:
 
     async def _package_by_sale_key(self, sale_key: str) -> dict[str, Any] | None:
         async with self.records.read() as uow:
-            return await uow.get(PACKAGES, sale_key=sale_key)
+            row = await uow.get(PACKAGES, sale_key=sale_key)
+            known = [] if row is None else await with_stores(uow, [row])
+        return known[0] if known else None
 
     async def _keyed(self, key: str) -> dict[str, Any] | None:
         async with self.records.read() as uow:

@@ -10,8 +10,14 @@ get their product's current stores: the best there is, as the stores of their da
 kept (and what their redemptions read until now). A package whose product is gone (none is
 ever deleted) gets the store that sold it, where its product was redeemable at its sale.
 
-The column has no default once filled: a sale by code older than 0009 fails (and its money
-transfer is undone, `service_sale_undone`) until the code that writes it runs.
+The column is nullable and has no default: NULL means "not recorded", and a package reads
+its product's stores at each use then, as code older than 0009 did. Code older than 0009
+keeps running during a rolling upgrade and sells packages without the column: they are
+accepted, and those it sells while the fill runs (beyond the last id read at its start) stay
+NULL, redeemable where their product is, never wider. (This revision first added the column
+NOT NULL with the default '[]' until filled: those sales failed after it, and those during
+it got '[]', every store. 0012 drops NOT NULL where that ran: both paths end the same.)
+Code from 0009 on writes the column at every sale.
 
 Revision ID: 0009
 Revises: 0008
@@ -30,8 +36,8 @@ depends_on: str | Sequence[str] | None = None
 
 TABLE = "service_entitlements"
 BACKFILL_ROWS = 10_000  # packages filled per statement (by primary key range)
-# The new column, and what it holds until filled (every package is filled below).
-COLUMNS = (("stores", sa.Text(), "[]"),)
+# The new column: NULL until filled (and for good in packages sold by older code meanwhile).
+COLUMNS = (("stores", sa.Text()),)
 
 # The product's stores, from its definition (JSON text), else the selling store: one
 # statement per dialect.
@@ -55,20 +61,17 @@ WHERE id >= :low AND id < :high
 
 def upgrade() -> None:
     with op.batch_alter_table(TABLE) as batch:
-        for name, type_, default in COLUMNS:
-            batch.add_column(sa.Column(name, type_, nullable=False, server_default=default))
+        for name, type_ in COLUMNS:
+            batch.add_column(sa.Column(name, type_, nullable=True))
     bind = op.get_bind()
     fill = sa.text(FILL_POSTGRESQL if bind.dialect.name == "postgresql" else FILL_SQLITE)
     low, high = bind.execute(sa.text(f"SELECT min(id), max(id) FROM {TABLE}")).one()  # noqa: S608
     if low is not None:
         for start in range(low, high + 1, BACKFILL_ROWS):
             bind.execute(fill, {"low": start, "high": start + BACKFILL_ROWS})
-    with op.batch_alter_table(TABLE) as batch:
-        for name, type_, _ in COLUMNS:
-            batch.alter_column(name, existing_type=type_, server_default=None)
 
 
 def downgrade() -> None:
     with op.batch_alter_table(TABLE) as batch:
-        for name, _, _ in COLUMNS:
+        for name, _ in COLUMNS:
             batch.drop_column(name)
