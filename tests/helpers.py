@@ -317,8 +317,8 @@ def remember_secrets(value: object) -> None:
 
 @dataclass
 class ClaimsInMemory:
-    """The key claims of a fake card directory (`Directory.claim_keys`, `claimed`,
-    `ledger_keys`), for unit tests of `PosService`: claims kept in a dict, no ledger keys."""
+    """The key claims of a fake card directory (`Directory.claim_keys`, `claimed`), for
+    unit tests of `PosService`: claims kept in a dict, no ledger keys."""
 
     claims: dict[str, str] = field(default_factory=dict, kw_only=True)
 
@@ -329,6 +329,3 @@ class ClaimsInMemory:
 
     async def claimed(self, keys: Sequence[str]) -> dict[str, str]:
         return {key: self.claims[key] for key in keys if key in self.claims}
-
-    async def ledger_keys(self, keys: Sequence[str]) -> set[str]:
-        return set()

@@ -324,22 +324,32 @@ class Directory:
     # --- the functions of POS transaction keys -------------------------------------------------
 
     async def claim_keys(self, wanted: dict[str, str], now_ms: int) -> dict[str, str]:
-        """Claim each key of `wanted` (key -> function) not claimed yet: the function each
-        key stands claimed for afterwards (a key claimed before keeps its first function).
-        One transaction, a read and an insert of the new ones; a key claimed by another
-        process in between is read again. PostgreSQL: one statement (`schema.CLAIM_SQL`)."""
-        c = schema.pos_claims
+        """Claim each key of `wanted` (key -> function) for its function, unless the ledger
+        holds it (`ledger_keys`: a purchase's, or a decline it keeps), which is never
+        claimed and stands for "money": the function each key stands for afterwards (a key
+        claimed before keeps its first function). PostgreSQL: one statement
+        (`schema.CLAIM_SQL`); a key another transaction claimed after its snapshot is read
+        again. SQLite: the ledger's keys read, then one transaction (a read, an insert of
+        the new claims)."""
         keys = sorted(wanted)
         if self._records.postgres:
-            functions = [wanted[k] for k in keys]
-            rows = await self._records.statement_rows(schema.CLAIM_SQL, [keys, functions, now_ms])
+            args = [keys, [wanted[k] for k in keys], now_ms, POS_CLIENT, TOMBSTONE_CODE]
+            rows = await self._records.statement_rows(schema.CLAIM_SQL, args)
             found = {str(row["key"]): str(row["function"]) for row in rows}
             missing = [k for k in keys if k not in found]
             return found | (await self.claimed(missing) if missing else {})
+        held = await self.ledger_keys(keys)
+        free = {k: wanted[k] for k in keys if k not in held}
+        return dict.fromkeys(held, "money") | (await self._claim_free(free, now_ms) if free else {})
+
+    async def _claim_free(self, wanted: dict[str, str], now_ms: int) -> dict[str, str]:
+        """SQLite: claim the keys not claimed yet, in one transaction under the write lock."""
+        c = schema.pos_claims
+        keys = sorted(wanted)
         for _ in range(2):
             try:
                 async with self.engine.connect() as plain:
-                    # SQLite: the write lock at BEGIN, as `Records.begin` takes it.
+                    # The write lock at BEGIN, as `Records.begin` takes it.
                     conn = await plain.execution_options(sqlite_begin="IMMEDIATE")
                     async with conn.begin():
                         found = await _claims(conn, keys)

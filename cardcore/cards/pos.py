@@ -443,19 +443,15 @@ class PosService:
     async def _claim(
         self, requests: Sequence[PosRequest], unclaimed: dict[int, tuple[str, str]]
     ) -> dict[int, _Plan]:
-        """Claim the keys of feature requests not claimed yet: those the ledger holds (a
-        purchase's, or a decline it keeps) are answered 94 and never claimed; the others
-        are claimed in one transaction, and one claimed meanwhile for another function is
-        answered 94. When the claims cannot be written, these requests are answered
-        `unavailable` (the call's money is not held up by them)."""
+        """Claim the keys of feature requests not claimed yet (`Directory.claim_keys`, one
+        statement on PostgreSQL): those the ledger holds (a purchase's, or a decline it
+        keeps) are answered 94 and never claimed; the others are claimed, and one claimed
+        meanwhile for another function is answered 94. When the claims cannot be written,
+        these requests are answered `unavailable` (the call's money is not held up)."""
         wanted = dict(unclaimed.values())
         of = {key: i for i, (key, _) in unclaimed.items()}
         try:
-            held = await self.directory.ledger_keys(sorted(wanted))
-            claimed = dict.fromkeys(held, "money")
-            free = {k: f for k, f in wanted.items() if k not in held}
-            if free:
-                claimed |= await self.directory.claim_keys(free, self.clock_ms())
+            claimed = await self.directory.claim_keys(wanted, self.clock_ms())
         except DATABASE_ERRORS:
             log.exception("the keys of a call's feature requests could not be claimed")
             down = PosResult(Outcome.UNAVAILABLE)

@@ -117,18 +117,28 @@ pos_claims = Table(
 )
 
 # PostgreSQL: claim the keys of $1 for the functions of $2 (one array each, one element per
-# key) at $3 (ms), in one statement (`Directory.claim_keys`): the keys not claimed yet are
-# inserted (in key order), and each key's claim is returned, the new ones and those the
-# statement's snapshot saw. A key another transaction claimed after that snapshot is in
-# neither: the caller reads it again. Each key is one index probe whatever the statistics.
+# key) at $3 (ms), in one statement (`Directory.claim_keys`). A key the ledger holds for client
+# $4 (a transfer, or a failure but a reversal's tombstone, code $5) is never claimed and comes
+# back as "money"; the other keys not claimed yet are inserted (in key order); and each key's
+# claim is returned, the new ones and those the statement's snapshot saw. A key another
+# transaction claimed after that snapshot is in neither: the caller reads it again. Each key
+# is one index probe per table whatever the statistics (a LATERAL subquery kept apart by its
+# LIMIT 1, as `db.each_value`: an EXISTS was planned as a hash of every POS key the ledger
+# holds when the tables had no statistics).
 CLAIM_SQL = (
     "WITH wanted AS (SELECT * FROM unnest($1::varchar[], $2::varchar[]) AS w(key, function)),"
+    " held AS (SELECT w.key FROM wanted AS w CROSS JOIN LATERAL"
+    " (SELECT 1 FROM ledger_transfers AS t WHERE t.client = $4 AND t.key = w.key LIMIT 1) AS t"
+    " UNION SELECT w.key FROM wanted AS w CROSS JOIN LATERAL (SELECT 1 FROM ledger_failures AS f"
+    " WHERE f.client = $4 AND f.key = w.key AND f.code <> $5 LIMIT 1) AS f),"
     " made AS (INSERT INTO pos_claims (key, function, created_at_ms)"
-    " SELECT key, function, $3::bigint FROM wanted ORDER BY key"
-    " ON CONFLICT (key) DO NOTHING RETURNING key, function)"
-    " SELECT key, function FROM made"
+    " SELECT key, function, $3::bigint FROM wanted WHERE key NOT IN (SELECT key FROM held)"
+    " ORDER BY key ON CONFLICT (key) DO NOTHING RETURNING key, function)"
+    " SELECT key, 'money' AS function FROM held"
+    " UNION ALL SELECT key, function FROM made"
     " UNION ALL SELECT found.key, found.function FROM wanted CROSS JOIN LATERAL"
     " (SELECT c.key, c.function FROM pos_claims AS c WHERE c.key = wanted.key LIMIT 1) AS found"
+    " WHERE wanted.key NOT IN (SELECT key FROM held)"
 )
 
 # The stored-value grant budget each POS top-up spent (`PosService._granted`), by the top-up's

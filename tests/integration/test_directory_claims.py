@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy import text
 
+from cardcore.cards import schema
 from cardcore.cards.directory import Directory
 from cardcore.cards.model import POS_CLIENT
 from cardcore.db import make_engine
@@ -75,6 +76,18 @@ async def test_ledger_keys_tell_a_tombstone_from_a_kept_decline(
     )
     asked = ["T3/1/000001/000001", "T3/1/000001/000002", "T3/1/000001/000003"]
     assert await directory.ledger_keys(asked) == {"T3/1/000001/000001"}
+    # A key the ledger holds is never claimed: it stands for "money". A tombstone's key and
+    # another client's key are claimed as any other.
+    claims = await directory.claim_keys(dict.fromkeys(asked, "coupon"), 1)
+    assert claims == {
+        "T3/1/000001/000001": "money",
+        "T3/1/000001/000002": "coupon",
+        "T3/1/000001/000003": "coupon",
+    }
+    assert await directory.claimed(asked) == {
+        "T3/1/000001/000002": "coupon",
+        "T3/1/000001/000003": "coupon",
+    }
 
 
 async def test_a_key_claimed_by_a_transaction_still_open_is_read_once_it_commits(
@@ -102,3 +115,30 @@ async def test_a_key_claimed_by_a_transaction_still_open_is_read_once_it_commits
         assert await claiming == {"T4/1/000001/000001": "coupon"}
     finally:
         await other.dispose()
+
+
+async def test_the_claim_statement_probes_each_key_on_tables_never_analyzed(db_url: str) -> None:
+    """PostgreSQL: the ledger's keys are looked up one index probe per key even with no
+    statistics (an EXISTS was planned as a hash of every POS key the ledger holds)."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("one statement on PostgreSQL only")
+    await sql_execute(
+        db_url,
+        "INSERT INTO ledger_failures (client, key, request, code, seq, created_at_ms)"  # noqa: S608
+        f" SELECT '{POS_CLIENT}', 'K' || g, '{{}}', '51', 0, 0 FROM generate_series(1, 20000) g",
+    )
+    engine = make_engine(db_url, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            args = [["K1", "K2", "X"], ["coupon"] * 3, 1, POS_CLIENT, TOMBSTONE_CODE]
+            plan = [row[0] for row in await driver.fetch("EXPLAIN " + schema.CLAIM_SQL, *args)]
+    finally:
+        await engine.dispose()
+    ledger = [line for line in plan if " on ledger_" in line]
+    assert len(ledger) == 2, plan
+    assert all("Index" in line and "Scan" in line for line in ledger), plan
+    conditions = [line for line in plan if "Index Cond" in line and "client" in line]
+    assert len(conditions) == 2 and all("key" in line for line in conditions), plan
