@@ -1,10 +1,13 @@
-"""E-coupon tables (SQLAlchemy Core, on the ledger's MetaData); migration 0005 makes them.
+"""E-coupon tables (SQLAlchemy Core, on the ledger's MetaData); migration 0005 makes them
+(0013 adds `coupon_codes.spelling`).
 
 A code's life is one row whose state moves by guarded updates (`issued -> reserved ->
 redeemed`, back by release or reversal), so two terminals racing for one code meet in the
-database: exactly one update matches. Redemptions are recorded per POS key with their cost
-by funder (supplier settlement reads them). Signing keys: one Ed25519 key pair per issuing
-legal entity and key id, the private half sealed by the vault.
+database: exactly one update matches. No two codes share a normalised form (`spelling`, a
+unique index; some older codes have none, see the column), so two imports of confusable
+codes at the same moment meet in the database too. Redemptions are recorded per POS key
+with their cost by funder (supplier settlement reads them). Signing keys: one Ed25519 key
+pair per issuing legal entity and key id, the private half sealed by the vault.
 """
 
 import functools
@@ -72,9 +75,16 @@ coupon_codes = Table(
     Column("redeemed_at_ms", BigInteger, nullable=True),
     Column("issued_at_ms", BigInteger, nullable=False),
     Column("version", Integer, nullable=False),
+    # The code's normalised form (`model.normalize`: how a till reads a typed code), unique:
+    # two codes a cashier could confuse are never both stored with one, so two imports
+    # committing at the same moment meet here. Every insert writes it. NULL (migration
+    # 0013): a code stored by code older than 0013, or one left out by 0013 because a code
+    # issued before it has its normalised form; the index does not guard those.
+    Column("spelling", String(40), nullable=True),
     Index(None, "campaign", "state"),
     Index(None, "member_id"),
     Index(None, "batch"),
+    Index(None, "spelling", unique=True),
 )
 
 coupon_redemptions = Table(

@@ -346,18 +346,29 @@ def spellings(code: str) -> list[str]:
     return sorted({code, model.normalize(code)})
 
 
+def _code_exists() -> Refused:
+    """An import's code exists already, as it is or in its normalised form: the answer of
+    the look-up and, the same, of the unique index behind it."""
+    return Refused(
+        "conflict", "coupon_code_exists",
+        "a code exists already (as it is, or in its normalised form)", "codes",
+    )  # fmt: skip
+
+
 async def _no_other_spelling(uow: Unit, codes: list[str]) -> None:
-    """Inside an import's transaction: 409 `coupon_code_exists` when a code of the import,
-    or its normalised form, is stored already (the import's own rows are not yet written).
-    A look-up, so two imports at the same moment can each miss the other's spelling (see
-    docs/coupons.md); the exact code stays guarded by the primary key."""
+    """Inside an import's transaction, before its rows: 409 `coupon_code_exists` when a
+    stored code has the normalised form of a code of the import (its `spelling`: what the
+    unique index refuses), or is a code of the import or its normalised form (`spellings`:
+    for the codes stored without a spelling, see `schema.coupon_codes`). A look-up, for the
+    clear answer in the common case: two imports at the same moment can each miss the
+    other's code, and then the unique index refuses the later one's insert, answered the
+    same (`CouponService._issue`)."""
+    normal = sorted({model.normalize(c) for c in codes})
+    if await uow.find_each(CODES, "spelling", normal, {}, limit_each=1):
+        raise _code_exists()
     wanted = sorted({s for c in codes for s in spellings(c)})
-    found = await uow.find_each(CODES, "code", wanted, {}, limit_each=1)
-    if found:
-        raise Refused(
-            "conflict", "coupon_code_exists",
-            "a code exists already (as it is, or in its normalised form)", "codes",
-        )  # fmt: skip
+    if await uow.find_each(CODES, "code", wanted, {}, limit_each=1):
+        raise _code_exists()
 
 
 # --- the service -------------------------------------------------------------------------------
@@ -607,7 +618,8 @@ class CouponService:
         progress: Progress | None = None,
     ) -> dict[str, Any]:
         """`count` fresh bearer codes for printing (cryptographically random, unique across
-        the group: a chunk that clashes is drawn again). Up to COUPON_INSERT_CHUNK_MAX codes
+        the group, as they are and in their normalised form: a chunk that clashes is drawn
+        again). Up to COUPON_INSERT_CHUNK_MAX codes
         commit at once with their budget; more (the CLI) reserve the budget first and then
         commit chunk by chunk, the batch's `done` counting them. `sink` receives the codes."""
         assert 1 <= count <= limits.COUPON_GENERATE_CLI_MAX, count
@@ -618,9 +630,10 @@ class CouponService:
     async def import_codes(
         self, p: Principal, campaign: str, codes: list[str], *, key: str = ""
     ) -> dict[str, Any]:
-        """A partner's codes, as they are (`model.check_imported`); all or none: a code that
-        exists anywhere in the group, as it is or as its normalised form (`spellings`: what
-        a cashier typing it may find), refuses the import (409 `coupon_code_exists`); two
+        """A partner's codes, as they are (`model.check_imported`); all or none: a code
+        with the normalised form of a stored code (`_no_other_spelling`: a cashier typing
+        one might find the other) refuses the import (409 `coupon_code_exists`), also when
+        that code's import commits at the same moment (the unique index on `spelling`); two
         codes of the import with one normalised form refuse it too (400 `invalid_value`)."""
         checked = [model.check_imported(c) for c in codes]
         if len({model.normalize(c) for c in checked}) != len(checked):
@@ -763,10 +776,8 @@ class CouponService:
                         await uow.update(BATCHES, {"id": batch}, {"done": count, "state": "done"})
                 break
             except _Clash:
-                if given is not None:
-                    raise Refused(
-                        "conflict", "coupon_code_exists", "a code exists already", "codes"
-                    ) from None
+                if given is not None:  # a code or its normalised form stored meanwhile
+                    raise _code_exists() from None
                 if attempt + 1 == limits.COUPON_GENERATE_ATTEMPTS_MAX:
                     raise
             except Conflict:
@@ -860,10 +871,15 @@ class CouponService:
         codes: list[str],
         owners: list[int | None],
     ) -> None:
+        """The codes' rows, each with its normalised form (`spelling`, unique). A code
+        stored already, or one whose normalised form a stored code has (the primary key or
+        the unique index refuses it, also when that code committed a moment ago): `_Clash`,
+        and the transaction writes nothing."""
         rows = [
-            {**base, "code": code, "batch": batch, "member_id": owner}
+            {**base, "code": code, "spelling": model.normalize(code), "batch": batch,
+             "member_id": owner}
             for code, owner in zip(codes, owners, strict=True)
-        ]
+        ]  # fmt: skip
         try:
             await uow.insert(CODES, rows)
         except Conflict:
