@@ -16,7 +16,9 @@ and refunds. Pure: records and integers in, records, integers or a refusal code 
 - A refund follows the refund terms the package was sold under: none; pro rata (the unused
   share of the price paid, the fraction of a fen to the member); or the price paid less the
   used ones charged at the one-use list price of the sale. A refund fee is taken last and
-  never makes a refund negative.
+  never makes a refund negative. A package sold by code that recorded no refund terms
+  (before migration 0007) is given its product's terms of the day of the refund by the
+  service that reads it.
 - Times are int milliseconds since the Unix epoch (UTC); no float anywhere.
 """
 

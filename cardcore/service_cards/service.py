@@ -16,9 +16,11 @@ Rules of every use case:
 - A package keeps the terms of the day it was sold: the uses, the expiry, the price paid,
   the product's stores (where it may be redeemed) and its refund terms. A redemption and a
   refund follow those, never the product's terms today (they do not read the product). One
-  exception: a package sold by code older than migration 0009 recorded no stores (NULL);
-  it is redeemable in its product's stores as they are at each use (what that code read),
-  so its product is read with it (`with_stores`), and only then.
+  exception: a package sold by code older than migration 0009 recorded no stores (NULL),
+  and one sold by code older than 0007 no refund terms either; it is redeemable in its
+  product's stores and refunded by its product's refund terms as they are at each use and
+  refund (what that code read), so its product is read with it (`with_terms`), and only
+  then.
 - A refund marks the package refunded first (a guarded update on the uses left that were
   read, so no redemption slips in between), then pays the unused share from the selling
   store's sales back to its till; a retry with the same key pays the same, once.
@@ -139,8 +141,9 @@ def product_view(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def entitlement_of(row: dict[str, Any]) -> Entitlement:
-    """The model's package of a row whose stores are known (`with_stores` fills a NULL)."""
-    assert row["stores"] is not None, "a package row read without with_stores"
+    """The model's package of a row whose terms are all known (`with_terms` fills those a
+    sale by older code did not record)."""
+    assert not _unrecorded(row), "a package row read without with_terms"
     return Entitlement(
         id=int(row["id"]),
         product_code=row["product"],
@@ -165,23 +168,61 @@ def stores_text(stores: frozenset[str]) -> str:
     return json.dumps(sorted(stores))
 
 
-async def with_stores(uow: Unit, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Package rows with their stores known: a row that recorded none (NULL: sold by code
-    older than migration 0009) gets its product's stores as they are now, read here (what
-    that code's redemptions read), else the store that sold it (its product is gone; none
-    ever is: 0009's rule). Rows that all recorded theirs come back as they are, with no
-    statement run."""
-    codes = sorted({row["product"] for row in rows if row["stores"] is None})
+# A package row's refund terms: a sale writes all four, or (code older than migration 0007)
+# none of them (NULL); a row missing any of them takes all four from its product.
+REFUND_TERMS = ("refund_policy", "refund_fee_fen", "single_use_price_fen", "refund_after_expiry")
+# The terms of a package that recorded none and whose product is gone (none ever is): no
+# refund, as migration 0007 filled such packages.
+NO_REFUND = RefundTerms(policy=RefundPolicy.NONE, fee_fen=0, single_use_price_fen=0,
+                        after_expiry=False)  # fmt: skip
+
+
+def terms_columns(terms: RefundTerms) -> dict[str, Any]:
+    """A package's refund terms as its row keeps them (the columns `REFUND_TERMS`)."""
+    return {
+        "refund_policy": str(terms.policy),
+        "refund_fee_fen": terms.fee_fen,
+        "single_use_price_fen": terms.single_use_price_fen,
+        "refund_after_expiry": terms.after_expiry,
+    }
+
+
+def _terms_unrecorded(row: dict[str, Any]) -> bool:
+    return any(row[name] is None for name in REFUND_TERMS)
+
+
+def _unrecorded(row: dict[str, Any]) -> bool:
+    """Whether a package row lacks a term of its sale (sold by code older than 0009 or 0007)."""
+    return row["stores"] is None or _terms_unrecorded(row)
+
+
+async def with_terms(uow: Unit, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Package rows with every term known. A row sold by code older than migration 0009
+    recorded no stores (NULL), one sold by code older than 0007 no refund terms either: it
+    gets its product's as they are now, read here (what that code read at each use and
+    refund); its product gone (none ever is), the store that sold it and no refund (the
+    rules of 0009 and 0007). One read of the products of all such rows; rows that recorded
+    every term come back as they are, with no statement run. Nothing is written back."""
+    codes = sorted({row["product"] for row in rows if _unrecorded(row)})
     if not codes:
         return rows
-    products = await uow.find(PRODUCTS, {"code": codes}, order="code", limit=len(codes))
-    stores = {row["code"]: stores_text(product_of(row).stores) for row in products[: len(codes)]}
-    return [
-        row
-        if row["stores"] is not None
-        else {**row, "stores": stores.get(row["product"], stores_text(frozenset({row["store"]})))}
-        for row in rows
-    ]
+    found = await uow.find(PRODUCTS, {"code": codes}, order="code", limit=len(codes))
+    products = {row["code"]: product_of(row) for row in found[: len(codes)]}
+    return [_known(row, products.get(row["product"])) for row in rows]
+
+
+def _known(row: dict[str, Any], product: model.ServiceProduct | None) -> dict[str, Any]:
+    """`row` with the terms it did not record taken from `product` (None: gone)."""
+    if not _unrecorded(row):
+        return row
+    known = dict(row)
+    if row["stores"] is None:
+        stores = frozenset({row["store"]}) if product is None else product.stores
+        known["stores"] = stores_text(stores)
+    if _terms_unrecorded(row):
+        terms = NO_REFUND if product is None else model.refund_terms_of(product)
+        known.update(terms_columns(terms))
+    return known
 
 
 def package_view(row: dict[str, Any], now_ms: int) -> dict[str, Any]:
@@ -494,10 +535,7 @@ class ServiceCards:
             "uses_total": sold.uses_total,
             "uses_left": sold.uses_left,
             "price_fen": sold.price_fen,
-            "refund_policy": str(sold.refund_terms.policy),
-            "refund_fee_fen": sold.refund_terms.fee_fen,
-            "single_use_price_fen": sold.refund_terms.single_use_price_fen,
-            "refund_after_expiry": sold.refund_terms.after_expiry,
+            **terms_columns(sold.refund_terms),
             "stores": stores_text(sold.stores),
             "sold_ms": sold.sold_ms,
             "expires_ms": sold.expires_ms,
@@ -606,7 +644,7 @@ class ServiceCards:
                 at_least={"uses_left": 1, "expires_ms": now + 1},
             )  # fmt: skip
             newest = await uow.find(PACKAGES, {"holder": holder}, descending=True, limit=cap)
-            known = await with_stores(uow, [*usable[:cap], *newest[:cap]])
+            known = await with_terms(uow, [*usable[:cap], *newest[:cap]])
         rows = {int(r["id"]): r for r in known}
         return [
             {**package_view(rows[i], now), "card_id": card_id} for i in sorted(rows, reverse=True)
@@ -736,7 +774,7 @@ class ServiceCards:
     async def _package(self, package_id: int) -> dict[str, Any]:
         async with self.records.read() as uow:
             row = await uow.get(PACKAGES, id=package_id)
-            known = [] if row is None else await with_stores(uow, [row])
+            known = [] if row is None else await with_terms(uow, [row])
         if not known:
             raise Refused("not_found", "package_not_found", "no such service package",
                           "package_id")  # fmt: skip
@@ -748,7 +786,7 @@ class ServiceCards:
         """`r.uses` (default 1) entitlements of the card's package of `r.product` ("" = the
         package the rules choose among all) used at the terminal's store, once per POS key.
         The packages' own terms decide (their stores, expiry, uses); no product is read,
-        except for a package that recorded no stores (`with_stores`)."""
+        except for a package that did not record them all (`with_terms`)."""
         if card is None:
             return PosResult(Outcome.BAD_REQUEST)
         uses = r.uses or 1
@@ -793,7 +831,7 @@ class ServiceCards:
                 PACKAGES, {"holder": card.account_id, "state": "active"}, order="expires_ms",
                 limit=cap, at_least={"uses_left": 1, "expires_ms": now_ms + 1},
             )  # fmt: skip
-            rows = await with_stores(uow, rows[:cap])
+            rows = await with_terms(uow, rows[:cap])
         usable = [entitlement_of(row) for row in rows]
         chosen, _ = _choose_among(usable, product, store=store, now_ms=now_ms, uses=uses)
         if chosen is not None:
@@ -801,7 +839,7 @@ class ServiceCards:
         mine = {"holder": card.account_id} | ({"product": product} if product else {})
         async with self.records.read() as uow:
             rows = await uow.find(PACKAGES, mine, descending=True, limit=cap)
-            rows = await with_stores(uow, rows[:cap])
+            rows = await with_terms(uow, rows[:cap])
         return _choose_among(
             [entitlement_of(row) for row in rows], product, store=store, now_ms=now_ms,
             uses=uses,
@@ -855,7 +893,7 @@ class ServiceCards:
     async def _package_by_sale_key(self, sale_key: str) -> dict[str, Any] | None:
         async with self.records.read() as uow:
             row = await uow.get(PACKAGES, sale_key=sale_key)
-            known = [] if row is None else await with_stores(uow, [row])
+            known = [] if row is None else await with_terms(uow, [row])
         return known[0] if known else None
 
     async def _keyed(self, key: str) -> dict[str, Any] | None:

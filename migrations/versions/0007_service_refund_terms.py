@@ -5,10 +5,18 @@ fee, one-use list price and whether it refunds after expiry, as four columns of
 Before 0007 a refund read the product's terms of the day, so a later change of the product
 applied to packages already sold. Packages sold before 0007 get their product's current terms:
 the best there is, as the terms of their day were not kept. A package whose product is gone
-(none is ever deleted) gets no refund (policy `none`).
+(none is ever deleted) gets no refund (policy `none`, no fee, no list price, not after
+expiry).
 
-The columns have no default once filled: a sale by code older than 0007 fails (and its money
-transfer is undone, `service_sale_undone`) until the code that writes them runs.
+The columns are nullable and have no default: NULL means "not recorded", and a package is
+refunded by its product's terms as they are at the refund then, as code older than 0007 did
+(its product gone: no refund, as above). Code older than 0007 keeps running during a rolling
+upgrade and sells packages without the columns: they are accepted, and those it sells while
+the fill runs (beyond the last id read at its start) stay NULL, refunded by their product's
+terms. (This revision first added the columns NOT NULL with the defaults `none`, 0, 0, false
+until filled: those sales failed after it, and those during it could get no refund. 0014
+drops NOT NULL where that ran: both paths end the same.) Code from 0007 on writes all four
+at every sale.
 
 Revision ID: 0007
 Revises: 0006
@@ -28,12 +36,12 @@ depends_on: str | Sequence[str] | None = None
 TABLE = "service_entitlements"
 CODE = 32
 BACKFILL_ROWS = 10_000  # packages filled per statement (by primary key range)
-# The new columns, and what they hold until filled: no refund (a product that is gone).
+# The new columns: NULL until filled (and for good in packages sold by older code meanwhile).
 COLUMNS = (
-    ("refund_policy", sa.String(CODE), "none"),
-    ("refund_fee_fen", sa.BigInteger(), "0"),
-    ("single_use_price_fen", sa.BigInteger(), "0"),
-    ("refund_after_expiry", sa.Boolean(), sa.false()),
+    ("refund_policy", sa.String(CODE)),
+    ("refund_fee_fen", sa.BigInteger()),
+    ("single_use_price_fen", sa.BigInteger()),
+    ("refund_after_expiry", sa.Boolean()),
 )
 
 # The product's terms, from its definition (JSON text): one statement per dialect.
@@ -57,24 +65,31 @@ UPDATE service_entitlements SET
 WHERE id >= :low AND id < :high
   AND product IN (SELECT code FROM service_products)
 """  # noqa: S608 - fixed text, the bounds are parameters
+# No refund for a package whose product is gone (what the defaults once gave): both dialects.
+FILL_GONE = """
+UPDATE service_entitlements SET
+    refund_policy = 'none', refund_fee_fen = 0, single_use_price_fen = 0,
+    refund_after_expiry = FALSE
+WHERE id >= :low AND id < :high
+  AND product NOT IN (SELECT code FROM service_products)
+"""
 
 
 def upgrade() -> None:
     with op.batch_alter_table(TABLE) as batch:
-        for name, type_, default in COLUMNS:
-            batch.add_column(sa.Column(name, type_, nullable=False, server_default=default))
+        for name, type_ in COLUMNS:
+            batch.add_column(sa.Column(name, type_, nullable=True))
     bind = op.get_bind()
     fill = sa.text(FILL_POSTGRESQL if bind.dialect.name == "postgresql" else FILL_SQLITE)
     low, high = bind.execute(sa.text(f"SELECT min(id), max(id) FROM {TABLE}")).one()  # noqa: S608
     if low is not None:
         for start in range(low, high + 1, BACKFILL_ROWS):
-            bind.execute(fill, {"low": start, "high": start + BACKFILL_ROWS})
-    with op.batch_alter_table(TABLE) as batch:
-        for name, type_, _ in COLUMNS:
-            batch.alter_column(name, existing_type=type_, server_default=None)
+            bounds = {"low": start, "high": min(start + BACKFILL_ROWS, high + 1)}
+            bind.execute(fill, bounds)
+            bind.execute(sa.text(FILL_GONE), bounds)
 
 
 def downgrade() -> None:
     with op.batch_alter_table(TABLE) as batch:
-        for name, _, _ in COLUMNS:
+        for name, _ in COLUMNS:
             batch.drop_column(name)
