@@ -286,6 +286,20 @@ class Unit:
             out += [dict(r) for r in await self._rows(statement, params | {"value": value})]
         return out
 
+    async def find_unique(
+        self, table: str, column: str, values: Sequence[Any], where: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The rows whose `column` is one of `values` and that match `where`, where at most
+        one row matches each value (a unique key), in no order. One statement on either
+        database: on PostgreSQL `find_each` (an index probe per value), on SQLite one `IN`
+        (`find_each` there is a statement per value)."""
+        wanted = sorted(set(values))
+        if not wanted:
+            return []
+        if self.postgres:
+            return await self.find_each(table, column, wanted, where, limit_each=1)
+        return await self.find(table, where | {column: wanted}, order=column, limit=len(wanted))
+
     async def count(
         self, table: str, *, at_least: dict[str, int] | None = None, **where: Any
     ) -> int:

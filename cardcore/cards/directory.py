@@ -1,7 +1,10 @@
 """The host's card, card-class and terminal records, and the ledger reads the POS service
-needs (SQLAlchemy Core on the ledger's engine). Records are cached in memory: this process is
-the only writer of these tables, and every change made through the admin services calls
-`forget_card` / `forget_class` / `forget_terminal`, so the POS never acts on a stale state."""
+needs, on the ledger's engine: a POS call's reads through `records.py` (on PostgreSQL at the
+driver, no transaction; one statement for a call's cards or keys on either database), its
+key claims as one statement on PostgreSQL (`schema.CLAIM_SQL`). Records are cached in
+memory: this process is the only writer of these tables, and every change made through the
+admin services calls `forget_card` / `forget_class` / `forget_terminal`, so the POS never
+acts on a stale state."""
 
 from __future__ import annotations
 
@@ -147,7 +150,7 @@ class Directory:
             return
         generation = self._card_generation
         async with self._records.read() as unit:
-            rows = await unit.find_each("cards", "token", wanted, {}, limit_each=1)
+            rows = await unit.find_unique("cards", "token", wanted, {})
         if generation == self._card_generation:
             self._hold([card_of(row) for row in rows])
 
@@ -369,7 +372,7 @@ class Directory:
     async def claimed(self, keys: Sequence[str]) -> dict[str, str]:
         """The function each of `keys` was claimed for, if any."""
         async with self._records.read() as unit:
-            rows = await unit.find_each("pos_claims", "key", keys, {}, limit_each=1)
+            rows = await unit.find_unique("pos_claims", "key", keys, {})
         return {str(row["key"]): str(row["function"]) for row in rows}
 
     async def ledger_keys(self, keys: Sequence[str]) -> set[str]:
@@ -378,8 +381,8 @@ class Directory:
         answer)."""
         where = {"client": POS_CLIENT}
         async with self._records.read() as unit:
-            posted = await unit.find_each("ledger_transfers", "key", keys, where, limit_each=1)
-            failed = await unit.find_each("ledger_failures", "key", keys, where, limit_each=1)
+            posted = await unit.find_unique("ledger_transfers", "key", keys, where)
+            failed = await unit.find_unique("ledger_failures", "key", keys, where)
         return {str(row["key"]) for row in posted} | {
             str(row["key"]) for row in failed if row["code"] != TOMBSTONE_CODE
         }
