@@ -49,6 +49,10 @@ DB_POOL_SIZE_MAX: Final = 24
 DB_CONNECT_TIMEOUT_S: Final = 10
 DB_STATEMENT_TIMEOUT_MS: Final = 30_000
 DB_LOCK_TIMEOUT_MS: Final = 5_000
+# A migration's CREATE INDEX CONCURRENTLY (0013): it waits for older transactions and reads
+# the whole table, blocking no writer meanwhile, so the two bounds above would only make it
+# fail on a large table or behind one long transaction; this bounds both instead.
+DB_INDEX_BUILD_TIMEOUT_MS: Final = 3_600_000
 DB_STATEMENTS_CACHED_MAX: Final = 512  # prepared statements asyncpg keeps per connection
 SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
 DB_INSERT_ROWS_MAX: Final = 1000  # rows in one multi-row INSERT (bulk card issuance)

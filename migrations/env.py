@@ -33,6 +33,10 @@ def _run(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        # Each revision commits on its own: the locks one takes (a column added to a busy
+        # table) are held for that revision, not for every revision after it, and a
+        # revision that commits in steps (`autocommit_block`, 0013) starts clean.
+        transaction_per_migration=True,
     )
     with context.begin_transaction():
         context.run_migrations()

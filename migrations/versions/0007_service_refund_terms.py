@@ -11,12 +11,13 @@ expiry).
 The columns are nullable and have no default: NULL means "not recorded", and a package is
 refunded by its product's terms as they are at the refund then, as code older than 0007 did
 (its product gone: no refund, as above). Code older than 0007 keeps running during a rolling
-upgrade and sells packages without the columns: they are accepted, and those it sells while
-the fill runs (beyond the last id read at its start) stay NULL, refunded by their product's
-terms. (This revision first added the columns NOT NULL with the defaults `none`, 0, 0, false
-until filled: those sales failed after it, and those during it could get no refund. 0014
-drops NOT NULL where that ran: both paths end the same.) Code from 0007 on writes all four
-at every sale.
+upgrade and sells packages without the columns: they are accepted, NULL. While this revision
+runs its sales wait: the column's addition locks the table until the revision commits (each
+revision commits on its own, migrations/env.py), and a sale that waits past the lock timeout
+fails cleanly (its money undone). Those after stay NULL, refunded by their product's terms.
+(This revision first added the columns NOT NULL: those sales failed after it. 0014 drops NOT
+NULL where that ran: both paths end the same.) Code from 0007 on writes all four at every
+sale.
 
 Revision ID: 0007
 Revises: 0006

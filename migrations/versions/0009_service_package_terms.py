@@ -13,11 +13,12 @@ ever deleted) gets the store that sold it, where its product was redeemable at i
 The column is nullable and has no default: NULL means "not recorded", and a package reads
 its product's stores at each use then, as code older than 0009 did. Code older than 0009
 keeps running during a rolling upgrade and sells packages without the column: they are
-accepted, and those it sells while the fill runs (beyond the last id read at its start) stay
+accepted, NULL. While this revision runs its sales wait: the column's addition locks the
+table until the revision commits (each revision commits on its own, migrations/env.py), and
+a sale that waits past the lock timeout fails cleanly (its money undone). Those after stay
 NULL, redeemable where their product is, never wider. (This revision first added the column
-NOT NULL with the default '[]' until filled: those sales failed after it, and those during
-it got '[]', every store. 0012 drops NOT NULL where that ran: both paths end the same.)
-Code from 0009 on writes the column at every sale.
+NOT NULL: those sales failed after it. 0012 drops NOT NULL where that ran: both paths end
+the same.) Code from 0009 on writes the column at every sale.
 
 Revision ID: 0009
 Revises: 0008

@@ -10,6 +10,10 @@ read), so an older sale is accepted and redeems where its product does. Code tha
 writes the column at every sale, as before. 0009 now adds the column nullable; on a
 database where it ran the first way, this drops NOT NULL, so both end the same.
 
+Code of the releases from 0009 to 0011 (before this) cannot read a NULL: a database
+left there with packages sold meanwhile by code older than 0009 needs this revision
+before that code serves again.
+
 Downgrade: the packages left NULL get their product's stores as they are, else the store
 that sold them (as 0009 fills), in batches by id; then the column is NOT NULL again.
 

@@ -43,10 +43,12 @@ keeps inserting codes (NULL) and reading them; the index refuses none of its ins
 Timeouts: migrations/env.py sets the lock and statement timeouts of every migration on
 PostgreSQL. Adding a nullable column changes the catalogue only. On PostgreSQL the index is
 built CONCURRENTLY (the till keeps writing codes meanwhile; a build that failed half way is
-dropped first), and each batch of the fill commits on its own, so an update of a code at the
-till waits at most for one batch, never for the whole fill. A run that failed half way runs
-again as it is: the column and the index are kept, and the fill takes every code again and
-ends as one run would.
+dropped first, a valid one kept), under its own bounds (`DB_INDEX_BUILD_TIMEOUT_MS` for its
+lock waits and its statement: a large table's build outlasts the migrations' 30 s), and each
+batch of the fill commits on its own, so an update of a code at the till waits at most for
+one batch, never for the whole fill. A run that failed half way runs again as it is: the
+column and the index are kept, and the fill takes every code again and ends as one run
+would.
 
 Downgrade: drops the index and the column.
 
@@ -61,6 +63,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
+
+from cardcore import limits
 
 revision: str = "0013"
 down_revision: str | None = "0012"
@@ -103,6 +107,12 @@ HELD = sa.text(
 CLEAR = sa.text("UPDATE coupon_codes SET spelling = NULL WHERE code = :code")
 WRITE = sa.text("UPDATE coupon_codes SET spelling = :spelling WHERE code = :code")
 
+# Whether the index exists and is valid (None: it does not exist).
+VALID = sa.text(
+    "SELECT i.indisvalid FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid"
+    " WHERE c.relname = :name AND pg_table_is_visible(c.oid)"
+)
+
 Rank = tuple[int, str]  # (issued_at_ms, code): the smaller was issued first
 
 
@@ -122,11 +132,25 @@ def _build_index() -> None:
     if op.get_bind().dialect.name != "postgresql":  # one transaction: never half built
         op.create_index(INDEX, TABLE, [COLUMN], unique=True, if_not_exists=True)
         return
-    # Built CONCURRENTLY: the till keeps writing codes meanwhile. A build that failed half
-    # way leaves an invalid index of that name: dropped first.
+    # Built CONCURRENTLY: the till keeps writing codes meanwhile. A valid index of a run that
+    # failed later (in the fill) is kept; a build that failed half way leaves an invalid
+    # index of that name: dropped first. The build has its own timeouts (it blocks no writer
+    # while it waits for older transactions or reads the table), the migration's again after.
+    bind = op.get_bind()
     with op.get_context().autocommit_block():
-        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {INDEX}")
-        op.create_index(INDEX, TABLE, [COLUMN], unique=True, postgresql_concurrently=True)
+        valid = bind.execute(VALID, {"name": INDEX}).scalar()
+        if valid:
+            return
+        bound = limits.DB_INDEX_BUILD_TIMEOUT_MS
+        bind.execute(sa.text(f"SET lock_timeout = {bound}"))
+        bind.execute(sa.text(f"SET statement_timeout = {bound}"))
+        try:
+            if valid is not None:
+                op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {INDEX}")
+            op.create_index(INDEX, TABLE, [COLUMN], unique=True, postgresql_concurrently=True)
+        finally:
+            bind.execute(sa.text(f"SET lock_timeout = {limits.DB_LOCK_TIMEOUT_MS}"))
+            bind.execute(sa.text(f"SET statement_timeout = {limits.DB_STATEMENT_TIMEOUT_MS}"))
 
 
 def _commit() -> None:

@@ -14,6 +14,10 @@ four from the product when any is NULL. Code that sells writes all four at every
 before. 0007 now adds the columns nullable; on a database where it ran the first way, this
 drops NOT NULL, so both end the same.
 
+Code of the releases from 0007 to 0011 (before this) cannot read a NULL: a database
+left there with packages sold meanwhile by code older than 0007 needs this revision
+before that code serves again.
+
 Downgrade: the packages with a term NULL get their product's four terms as they are, else
 no refund (as 0007 fills), in batches by id; then the columns are NOT NULL again.
 
