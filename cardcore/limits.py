@@ -82,6 +82,11 @@ TOPUP_CONFIRM_S: Final = 600  # a top-up hold waits this long for the terminal's
 TOPUP_GRANT_SWEEP_FIRST_S: Final = 30  # the server's first look at top-up holds that ended
 TOPUP_GRANT_SWEEP_EVERY_S: Final = 60  # then every minute: a lapsed hold's grant spend back
 TOPUP_GRANT_SWEEP_PAGE_ROWS_MAX: Final = 500  # open top-up grant spends one sweep reads a page
+# A new card's fee recorded this long ago with no card written is given back by the sweep
+# (`CardService.sweep_fee_intents`): far longer than any issue request takes.
+CARD_FEE_INTENT_STALE_S: Final = 600
+CARD_FEE_SWEEP_EVERY_S: Final = 300  # the server's card fee sweep, after TOPUP_GRANT_SWEEP_FIRST_S
+CARD_FEE_SWEEP_PAGE_ROWS_MAX: Final = 500  # fee records one sweep reads a page
 REVERSAL_CHAIN_MAX: Final = 16  # a purchase voided and reinstated (void reversed) 8 times
 CARD_CACHE_ENTRIES_MAX: Final = 200_000  # card and terminal records the host keeps in memory
 CARD_WARM_MAX: Final = 512  # cards one POS call reads together (GATEWAY_HOST_BATCH_MAX)

@@ -135,7 +135,7 @@ def build_app(
             Kind.POINTS_RETURN: points.pos_return,
         }
         pos.reversers.append(points.reverse_pos)
-        app.cleanup_ctx.extend((_points_expiry, _topup_grant_sweep))
+        app.cleanup_ctx.extend((_points_expiry, _card_sweeps))
         coupons = CouponService(records, org, vault)
         app[coupons_http.COUPONS_KEY] = coupons
         for kind in (Kind.COUPON_QUERY, Kind.COUPON_RESERVE, Kind.COUPON_REDEEM,
@@ -170,17 +170,25 @@ async def _points_expiry(app: web.Application) -> AsyncIterator[None]:
         await job
 
 
-async def _topup_grant_sweep(app: web.Application) -> AsyncIterator[None]:
-    """The POS top-up grant sweep on a schedule (spends of lapsed holds given back)."""
-    job = asyncio.create_task(
-        app[cards_admin_http.CARDS_KEY].sweep_topup_grants_on_schedule(
-            limits.TOPUP_GRANT_SWEEP_FIRST_S, limits.TOPUP_GRANT_SWEEP_EVERY_S
-        )
-    )
+async def _card_sweeps(app: web.Application) -> AsyncIterator[None]:
+    """The card service's sweeps on a schedule: POS top-up grant spends of lapsed holds given
+    back, and the fees of new cards never written."""
+    cards = app[cards_admin_http.CARDS_KEY]
+    first = limits.TOPUP_GRANT_SWEEP_FIRST_S
+    jobs = [
+        asyncio.create_task(
+            cards.sweep_topup_grants_on_schedule(first, limits.TOPUP_GRANT_SWEEP_EVERY_S)
+        ),
+        asyncio.create_task(
+            cards.sweep_fee_intents_on_schedule(first, limits.CARD_FEE_SWEEP_EVERY_S)
+        ),
+    ]
     yield
-    job.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await job
+    for job in jobs:
+        job.cancel()
+    for job in jobs:
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
 
 
 async def _pos_disabled(_request: web.Request) -> web.Response:

@@ -141,6 +141,21 @@ CLAIM_SQL = (
     " WHERE wanted.key NOT IN (SELECT key FROM held)"
 )
 
+# The fee of a new card, recorded before the fee is taken (`CardService._fee_first`) and
+# deleted in the transaction that writes the card. One left behind is a fee whose card was
+# never written (the server stopped, or the request was cancelled, in between) and the sweep
+# gives it back (`CardService.sweep_fee_intents`): it first turns the state from open to
+# undoing, so a write that comes that late finds it gone and is refused.
+card_fee_intents = Table(
+    "card_fee_intents",
+    metadata,
+    Column("key", String(limits.KEY_CHARS_MAX), primary_key=True),  # the fee's ledger key
+    Column("store", String(NAME), nullable=False),
+    Column("operator", String(limits.OPERATOR_CHARS_MAX), nullable=False),
+    Column("state", String(8), nullable=False),  # open, undoing
+    Column("created_at_ms", BigInteger, nullable=False, index=True),
+)
+
 # The stored-value grant budget each POS top-up spent (`PosService._granted`), by the top-up's
 # key, until its hold ends: confirmed ("kept"), or voided, lapsed or reversed ("returned": the
 # amount given back to the grant once, in the transaction that turns the state).

@@ -74,6 +74,8 @@ log = logging.getLogger(__name__)
 
 CARDS, CLASSES, MEMBERS = "cards", "card_classes", "members"
 GRANT_SPENDS = "pos_grant_spends"
+FEE_INTENTS = "card_fee_intents"
+INTENT_OPEN, INTENT_UNDOING = "open", "undoing"
 # A POS top-up's grant spend: its hold open, its value kept (confirmed), or given back.
 SPEND_OPEN, SPEND_KEPT, SPEND_RETURNED = "open", "kept", "returned"
 COUNTER_CLIENT = "counter"  # the ledger scope of counter top-ups, sales, refunds and fees
@@ -436,21 +438,24 @@ class CardService:
         now = self.clock_ms()
         [new] = await self._prepare(klass, place, member_id, 1, now, state=_first_state(klass))
 
-        async def member_still_active(uow: Unit, _first_id: int) -> None:
-            """A member deleted (its cards closed) since the check gets no new card."""
-            if member_id is None:
-                return
-            await _touch(uow, MEMBERS, id=member_id)  # waits for a delete of the member
-            member = await uow.get(MEMBERS, id=member_id)
-            if member is None or member["state"] != "active":
-                raise Refused(
-                    "conflict", "member_not_active", "the member is not active", "member_id"
-                )
+        async with self._fee_first(klass["issue_fee"], place, p, "issue") as intent:
 
-        async with self._fee_first(klass["issue_fee"], place, p, "issue"):
+            async def also(uow: Unit, _first_id: int) -> None:
+                """A member deleted (its cards closed) since the check gets no new card; the
+                fee's record goes with the card's write (`_fee_first`)."""
+                await _fee_recorded(uow, intent)
+                if member_id is None:
+                    return
+                await _touch(uow, MEMBERS, id=member_id)  # waits for a delete of the member
+                member = await uow.get(MEMBERS, id=member_id)
+                if member is None or member["state"] != "active":
+                    raise Refused(
+                        "conflict", "member_not_active", "the member is not active", "member_id"
+                    )
+
             written = await self._write(
                 p, [new], grant=(store, function, class_code, 1), action="card.issue", now=now,
-                also=member_still_active,
+                also=also,
             )  # fmt: skip
         return self._issued_view(p, written[0].row, new.pan)
 
@@ -698,29 +703,113 @@ class CardService:
     @contextlib.asynccontextmanager
     async def _fee_first(
         self, amount: int, place: Place, p: Principal, fee: str, *, of: str = ""
-    ) -> AsyncIterator[None]:
+    ) -> AsyncIterator[str]:
         """The fee of a change (issue, replace, a batch card handed out), paid on entering,
         before the change inside is written: a fee the ledger cannot take now refuses the
         change before anything is written, so an error never leaves a written card whose
         number nobody was told; a change refused inside gives the fee back (best effort: a
         give-back the ledger cannot take now is logged) and its error goes on. With `of`
         (the card it is for: a replace, a hand-out) the key is that card's, so a retry
-        replays the fee that stands (never a second fee, even when a give-back failed); a
-        new card has no identity yet: a key drawn at random."""
-        op = None
+        replays the fee that stands (never a second fee, even when a give-back failed). A
+        new card has no identity yet: its fee's key is drawn at random, and the fee is
+        recorded first (`card_fee_intents`); it yields the record's key, which the card's
+        write deletes in its transaction (`_fee_recorded`), and a record left behind (the
+        server stopped, the request was cancelled) is the sweep's to give back
+        (`sweep_fee_intents`). Otherwise it yields ""."""
+        op, intent = None, ""
         if amount > 0:
-            base = f"fee/{fee}/card/{of}" if of else f"fee/{fee}/{secrets.token_hex(8)}"
-            key = await self._fee_key(base) if of else base
+            if of:
+                key = await self._fee_key(f"fee/{fee}/card/{of}")
+            else:
+                key = intent = f"fee/{fee}/{secrets.token_hex(8)}"
+                async with self.records.begin() as uow:
+                    await uow.insert(FEE_INTENTS, {
+                        "key": key, "store": place.store, "state": INTENT_OPEN,
+                        "operator": p.user[: limits.OPERATOR_CHARS_MAX],
+                        "created_at_ms": self.clock_ms(),
+                    })  # fmt: skip
             op = await self._fee(amount, place, p, key, f"{fee}_fee")
         try:
-            yield
+            yield intent
         except Exception:
+            given_back = op is None
             if op is not None:
                 try:
-                    await self._undo(op, f"{fee}_fee_undone")
-                except (CardsUnavailable, Refused):
+                    await self._fee_back(op.key, place.store, p.user, f"{fee}_fee_undone")
+                    given_back = True
+                except (CardsUnavailable, Refused):  # a new card's: the sweep's, later
                     log.exception("a fee whose change was refused could not be given back")
+            if intent and given_back:
+                with contextlib.suppress(*DATABASE_ERRORS):  # else the sweep finds it given
+                    async with self.records.begin() as uow:
+                        await uow.delete(FEE_INTENTS, {"key": intent, "state": INTENT_OPEN})
             raise
+
+    async def _fee_back(self, key: str, store: str, operator: str, reason: str) -> None:
+        """Give back the counter fee under `key`: reversed once (its reversal's key is the
+        fee's and "/R", the same from every path), or, never taken, a tombstone under its key
+        so it never will be. Refused when the ledger cannot answer now."""
+        result = await self._submit_one(
+            Reverse(
+                client=COUNTER_CLIENT,
+                key=key[: limits.KEY_CHARS_MAX - 2] + "/R",
+                target_key=key,
+                reason=reason,
+                metadata=metadata(store, operator, ""),
+                tombstone=True,
+            )
+        )
+        if not result.ok and result.code != "target_already_reversed":
+            _ledger_ok(result)
+
+    async def sweep_fee_intents(self) -> int:
+        """The fees of new cards whose card was never written, given back: each record older
+        than `CARD_FEE_INTENT_STALE_S` is first turned undoing (a card write that comes
+        this late then finds it gone and is refused), its fee given back (or, never taken,
+        barred by a tombstone), and the record deleted. Idempotent: a sweep that stopped
+        half way leaves records undoing, which the next one finishes. How many it gave back."""
+        stale = self.clock_ms() - limits.CARD_FEE_INTENT_STALE_S * 1000
+        done, after = 0, None
+        while True:
+            async with self.records.read() as uow:
+                rows = await uow.find(
+                    FEE_INTENTS, order="key", after=after,
+                    limit=limits.CARD_FEE_SWEEP_PAGE_ROWS_MAX,
+                )  # fmt: skip
+            page = rows[: limits.CARD_FEE_SWEEP_PAGE_ROWS_MAX]
+            for row in (r for r in page if int(r["created_at_ms"]) < stale):
+                async with self.records.begin() as uow:
+                    await uow.update(
+                        FEE_INTENTS, {"key": row["key"], "state": INTENT_OPEN},
+                        {"state": INTENT_UNDOING},
+                    )  # fmt: skip
+                    current = await uow.get(FEE_INTENTS, key=row["key"])
+                if current is None:  # its card was written meanwhile
+                    continue
+                try:
+                    await self._fee_back(
+                        row["key"], row["store"], row["operator"], "issue_fee_unwritten"
+                    )
+                except (CardsUnavailable, Refused):  # left undoing: the next sweep's
+                    log.exception("a fee of a card never written could not be given back")
+                    continue
+                async with self.records.begin() as uow:
+                    done += await uow.delete(FEE_INTENTS, {"key": row["key"]})
+            if len(rows) <= limits.CARD_FEE_SWEEP_PAGE_ROWS_MAX:
+                return done
+            after = page[-1]["key"]
+
+    async def sweep_fee_intents_on_schedule(self, first_s: int, every_s: int) -> None:
+        """`sweep_fee_intents` inside the server: after `first_s` seconds, then every
+        `every_s`, until cancelled. A sweep that fails is logged; the next one retries."""
+        await asyncio.sleep(first_s)
+        while True:
+            try:
+                if given := await self.sweep_fee_intents():
+                    log.warning("fees of cards never written given back", extra={"fees": given})
+            except (*DATABASE_ERRORS, CardsUnavailable, Refused):
+                log.exception("the card fee sweep failed; the next one retries")
+            await asyncio.sleep(every_s)
 
     async def _fee_key(self, base: str) -> str:
         """`base`, unless the fee under it was given back (its change refused): then the
@@ -1662,6 +1751,17 @@ class CardService:
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+async def _fee_recorded(uow: Unit, intent: str) -> None:
+    """In the transaction that writes a new card: its fee's record (`_fee_first`) deleted.
+    One the sweep took meanwhile (the request outlasted `CARD_FEE_INTENT_STALE_S`: its fee
+    is being given back) refuses the write."""
+    if intent and not await uow.delete(FEE_INTENTS, {"key": intent, "state": INTENT_OPEN}):
+        raise Refused(
+            "conflict", "fee_given_back",
+            "the card's fee was given back (the request took too long): issue the card again",
+        )  # fmt: skip
 
 
 async def _touch(uow: Unit, table: str, **where: Any) -> None:

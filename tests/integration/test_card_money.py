@@ -538,7 +538,7 @@ async def test_an_activation_retried_after_a_refused_write_pays_its_fee_once(
         with monkeypatch.context() as patched:
             patched.setattr(service, "_transition", refused)
             if give_back_fails:
-                patched.setattr(service, "_undo", refused)
+                patched.setattr(service, "_fee_back", refused)
             status, _ = await admin.call("POST", f"/v1/cards/{card_id}/activate")
         assert status == 503
         assert (await admin.ok("POST", f"/v1/cards/{card_id}/activate"))["state"] == "active"
