@@ -199,6 +199,15 @@ class Unit:
         rows = await self._rows(statement, params)
         return dict(rows[0]) if rows else None
 
+    async def select_all(
+        self, name: str, build: Callable[[], Any], params: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Every row of a select an adapter's schema builds (a grouping the database does,
+        say), as mappings by column label. The select bounds its own rows (a `limit`
+        parameter); built and reused as `select_one`'s."""
+        statement = self._statement(("select_all", self.postgres, name, build), build)
+        return [dict(r) for r in await self._rows(statement, params)]
+
     async def find(
         self,
         table: str,

@@ -109,10 +109,27 @@ IMPORT = r.obj(
      "key": CLIENT_KEY},
     ["codes"],
 )  # fmt: skip
+LOCAL_DATE = r.string(r.DATE, max_length=10)
+SPEND_SEGMENT = {
+    **r.obj(
+        {"spend_at_least": r.integer(1, limits.AMOUNT_MAX),
+         "program": r.string(r.CODE, max_length=limits.POINTS_CODE_CHARS_MAX),
+         "since": LOCAL_DATE, "until": LOCAL_DATE},
+        ["spend_at_least", "program", "since", "until"],
+    ),
+    "description": (
+        "Members whose spend (fen) in the points program over its local days since..until "
+        f"(both included, at most {limits.COUPON_SEGMENT_DAYS_MAX}) is at least "
+        "spend_at_least: purchases that earned points in the program, less returns, over "
+        "all of a member's cards"
+    ),
+}  # fmt: skip
 SEGMENT = {
-    **r.obj({"card_class": r.string(r.CODE, max_length=32), "tier": r.string(r.CODE)}),
-    "minProperties": 1,
-    "maxProperties": 1,
+    "oneOf": [
+        r.obj({"card_class": r.string(r.CODE, max_length=32)}, ["card_class"]),
+        r.obj({"tier": r.string(r.CODE)}, ["tier"]),
+        SPEND_SEGMENT,
+    ]
 }
 ISSUE = {
     **r.obj(
@@ -388,8 +405,9 @@ ROUTES = [
             "campaigns_write", IMPORT, path_params=CAMPAIGN_PATH,
             answers={200: ISSUED, 201: ISSUED}, refusals=_ALL),
     r.Route("POST", "/v1/coupon-campaigns/{code}/issues", _issue,
-            "Issue one code to each member of a list or a segment (card class or tier), "
-            "idempotent by key", TAG, "campaigns_write", ISSUE, path_params=CAMPAIGN_PATH,
+            "Issue one code to each member of a list or a segment (card class, tier, or "
+            "spend in a points program over a period), idempotent by key", TAG,
+            "campaigns_write", ISSUE, path_params=CAMPAIGN_PATH,
             answers={200: ISSUED, 201: ISSUED}, refusals=_ALL),
     r.Route("POST", "/v1/coupon-campaigns/{code}/enrolments", _enrol,
             "Enrol members into a campaign (an enrolled_only campaign rewards only them)",

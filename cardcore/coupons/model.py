@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import enum
 import re
 from collections.abc import Callable
@@ -282,6 +283,47 @@ def budget_room(c: Campaign, issued: int, value_used_fen: int, count: int, value
     if c.max_issued and issued + count > c.max_issued:
         return False
     return not c.max_value_fen or value_used_fen + value_fen <= c.max_value_fen
+
+
+# --- issuing to a spend segment ----------------------------------------------------------------
+
+_ISO_DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
+
+
+def _segment_value(field: str, message: str) -> Refused:
+    return Refused("invalid", "invalid_value", message, f"segment.{field}")
+
+
+def _local_date(field: str, text: str) -> datetime.date:
+    """A YYYY-MM-DD calendar date (nothing else ISO 8601 allows: no week dates, no 20250101)."""
+    found = _ISO_DATE.fullmatch(text)
+    if found is None:
+        raise _segment_value(field, f"{field} is a date YYYY-MM-DD")
+    try:
+        return datetime.date(*(int(part) for part in found.groups()))
+    except ValueError:
+        raise _segment_value(field, f"{field} is not a calendar date") from None
+
+
+def spend_period(
+    spend_at_least: int, since: str, until: str
+) -> tuple[datetime.date, datetime.date]:
+    """The first and last local day of a spend segment (`{"spend_at_least", "program",
+    "since", "until"}`), both included, or 400 `invalid_value` naming the field: a spend
+    below 1 fen (or past AMOUNT_MAX), a date that is not YYYY-MM-DD or not in the calendar
+    (2025-02-30), `until` before `since`, more than COUPON_SEGMENT_DAYS_MAX days."""
+    if type(spend_at_least) is not int or not 1 <= spend_at_least <= limits.AMOUNT_MAX:
+        raise _segment_value(
+            "spend_at_least", f"spend_at_least is a whole number of fen, 1 to {limits.AMOUNT_MAX}"
+        )
+    first, last = _local_date("since", since), _local_date("until", until)
+    if last < first:
+        raise _segment_value("until", "until is before since")
+    days = (last - first).days + 1
+    if days > limits.COUPON_SEGMENT_DAYS_MAX:
+        most = limits.COUPON_SEGMENT_DAYS_MAX
+        raise _segment_value("until", f"the period is {days} days, at most {most}")
+    return first, last
 
 
 # --- at the POS --------------------------------------------------------------------------------

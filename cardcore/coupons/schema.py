@@ -25,6 +25,7 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    func,
     literal_column,
     select,
     true,
@@ -33,6 +34,8 @@ from sqlalchemy import (
 from cardcore import limits
 from cardcore.cards.schema import cards
 from cardcore.ledger.schema import metadata
+from cardcore.members.schema import members
+from cardcore.points.schema import points_earnings
 
 CODE = 32
 NAME = limits.NAME_CHARS_MAX
@@ -358,3 +361,53 @@ def holds_sql(code_sets: tuple[str, ...], count: bool) -> str:
         " (q.r_key IN (SELECT key FROM added))::int AS added"
         " FROM q ORDER BY q.n"
     )
+
+
+def _spend_segment(by_store: bool) -> Select[Any]:
+    """The members of an issuance's spend segment, in one statement grouped by the database
+    (`CouponService._spend_members`): the active members of a legal entity (`entity`, `state`;
+    `by_store`: of the home store `store` too), each holder (card value account) of their
+    cards once (a replaced card shares its account with its successor), the holders'
+    earnings of the program (`program`) on the local days `first`..`last` (YYYYMMDD), and
+    per member the sum of `amount - returned` (the points engine's spend, as its tier basis
+    counts it) at least `at_least`; member ids ascending, at most `limit` of them."""
+    scope = [
+        members.c.legal_entity == bindparam("entity", type_=String),
+        members.c.state == bindparam("state", type_=String),
+    ]
+    if by_store:
+        scope.append(members.c.home_store == bindparam("store", type_=String))
+    holders = (
+        select(cards.c.member_id, cards.c.account_id)
+        .select_from(cards.join(members, members.c.id == cards.c.member_id))
+        .where(*scope)
+        .distinct()
+        .subquery("holders")
+    )
+    e = points_earnings
+    spend = func.sum(e.c.amount - e.c.returned)
+    joined = holders.join(
+        e,
+        (e.c.holder == holders.c.account_id)
+        & (e.c.program == bindparam("program", type_=String))
+        & (e.c.day >= bindparam("first", type_=Integer))
+        & (e.c.day <= bindparam("last", type_=Integer)),
+    )
+    return (
+        select(holders.c.member_id)
+        .select_from(joined)
+        .group_by(holders.c.member_id)
+        .having(spend >= bindparam("at_least", type_=BigInteger))
+        .order_by(holders.c.member_id)
+        .limit(bindparam("limit", type_=Integer))
+    )
+
+
+def spend_segment_select() -> Select[Any]:
+    """`_spend_segment` over a legal entity's members."""
+    return _spend_segment(by_store=False)
+
+
+def spend_segment_in_store_select() -> Select[Any]:
+    """`_spend_segment` over one home store's members."""
+    return _spend_segment(by_store=True)

@@ -58,6 +58,7 @@ from cardcore.org.model import (
     scoped_filter,
 )
 from cardcore.org.service import OrgService
+from cardcore.points import model as points_model
 from cardcore.records import Conflict, Deadlock, Records, Unit
 from cardcore.vault import (
     Vault,
@@ -79,6 +80,7 @@ CAMPAIGNS, CODES, REDEMPTIONS, BATCHES, KEYS = (
     "coupon_signing_keys",
 )
 MEMBERS, CARDS, ENTITIES = "members", "cards", "org_legal_entities"
+PROGRAMS = "points_programs"
 TIMEZONE = "Asia/Shanghai"  # the group's business day (per-day limits)
 # Campaign state changes an officer may make.
 TRANSITIONS = {
@@ -650,12 +652,13 @@ class CouponService:
         campaign: str,
         *,
         member_ids: list[int] | None = None,
-        segment: dict[str, str] | None = None,
+        segment: dict[str, Any] | None = None,
         key: str = "",
     ) -> dict[str, Any]:
-        """One code for each member: a list, or a segment (holders of a card class, or
-        members of a tier) of the campaign's legal entity (a store officer: its store's
-        members). At most COUPON_ISSUE_MEMBERS_MAX members."""
+        """One code for each member: a list, or a segment (holders of a card class, members
+        of a tier, or members whose spend in a points program over a period reached a
+        bound) of the campaign's legal entity (a store officer: its store's members). At
+        most COUPON_ISSUE_MEMBERS_MAX members."""
         row = await self._campaign_row(campaign, "campaign")
         place = place_of(row)
         require(p, Perm.CAMPAIGNS_WRITE, place)
@@ -670,11 +673,13 @@ class CouponService:
         p: Principal,
         place: Place,
         member_ids: list[int] | None,
-        segment: dict[str, str] | None,
+        segment: dict[str, Any] | None,
     ) -> list[int]:
         most = limits.COUPON_ISSUE_MEMBERS_MAX
         where = _member_scope(p, place)
         store = place.store or p.store
+        if segment is not None and "spend_at_least" in segment:
+            return await self._spend_members(where, segment)
         async with self.records.read() as uow:
             if member_ids is not None:
                 rows = await uow.find(MEMBERS, {**where, "id": member_ids}, limit=most)
@@ -700,11 +705,44 @@ class CouponService:
                     card_where["store"] = store
                 rows = await uow.find(CARDS, card_where, limit=most)
                 ids = sorted({int(r["member_id"]) for r in rows if r["member_id"] is not None})
-        if len(rows) > most:
-            raise Refused(
-                "invalid", "segment_too_large", f"the segment is over {most} members", "segment"
-            )
+        _check_segment_size(len(rows))
         return ids
+
+    async def _spend_members(self, where: dict[str, Any], segment: dict[str, Any]) -> list[int]:
+        """The members in scope (`where`, `_member_scope`) whose spend in the points program
+        `segment["program"]` over its local days since..until (both included) is at least
+        `spend_at_least` fen: what the points engine counts as spend for tiers
+        (`TierBasis.SPEND`: `amount - returned` of the earnings, that is of purchases that
+        earned points in the program), summed over the holders of all of a member's cards.
+        One statement grouped by the database (`schema.spend_segment_select`); 404
+        `program_not_found` for an unknown program (every program is the group's)."""
+        first, last = model.spend_period(
+            segment["spend_at_least"], segment["since"], segment["until"]
+        )
+        async with self.records.read() as uow:
+            program = await uow.get(PROGRAMS, code=segment["program"])
+            if program is None:
+                raise Refused(
+                    "not_found", "program_not_found", "no such points program", "segment.program"
+                )
+            tz = points_model.program_of(json.loads(program["definition"])).timezone
+            params = {
+                "entity": where["legal_entity"],
+                "state": where["state"],
+                "program": segment["program"],
+                "first": localtime.day_number(tz, localtime.day_start_ms(tz, first)),
+                "last": localtime.day_number(tz, localtime.day_start_ms(tz, last)),
+                "at_least": segment["spend_at_least"],
+                "limit": limits.COUPON_ISSUE_MEMBERS_MAX + 1,
+            }
+            if "home_store" in where:
+                params["store"] = where["home_store"]
+                build = schema.spend_segment_in_store_select
+            else:
+                build = schema.spend_segment_select
+            rows = await uow.select_all("coupon_spend_segment", build, params)
+        _check_segment_size(len(rows))
+        return [int(r["member_id"]) for r in rows]
 
     async def _issue(
         self,
@@ -2014,6 +2052,15 @@ _KIND_OF = {status: kind for kind, status in Refused.STATUS.items()}
 def _lost() -> NoReturn:
     """Another request took the code first."""
     raise _Refusal("coupon_used")
+
+
+def _check_segment_size(rows: int) -> None:
+    """A segment's read takes one row past COUPON_ISSUE_MEMBERS_MAX: then it is too large."""
+    most = limits.COUPON_ISSUE_MEMBERS_MAX
+    if rows > most:
+        raise Refused(
+            "invalid", "segment_too_large", f"the segment is over {most} members", "segment"
+        )
 
 
 def _member_scope(p: Principal, place: Place) -> dict[str, Any]:
