@@ -173,22 +173,13 @@ async def _points_expiry(app: web.Application) -> AsyncIterator[None]:
 async def _card_sweeps(app: web.Application) -> AsyncIterator[None]:
     """The card service's sweeps on a schedule: POS top-up grant spends of lapsed holds given
     back, and the fees of new cards never written."""
-    cards = app[cards_admin_http.CARDS_KEY]
-    first = limits.TOPUP_GRANT_SWEEP_FIRST_S
-    jobs = [
-        asyncio.create_task(
-            cards.sweep_topup_grants_on_schedule(first, limits.TOPUP_GRANT_SWEEP_EVERY_S)
-        ),
-        asyncio.create_task(
-            cards.sweep_fee_intents_on_schedule(first, limits.CARD_FEE_SWEEP_EVERY_S)
-        ),
-    ]
+    job = asyncio.create_task(
+        app[cards_admin_http.CARDS_KEY].sweeps_on_schedule(limits.TOPUP_GRANT_SWEEP_FIRST_S)
+    )
     yield
-    for job in jobs:
-        job.cancel()
-    for job in jobs:
-        with contextlib.suppress(asyncio.CancelledError):
-            await job
+    job.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await job
 
 
 async def _pos_disabled(_request: web.Request) -> web.Response:

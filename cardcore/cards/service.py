@@ -762,12 +762,13 @@ class CardService:
         if not result.ok and result.code != "target_already_reversed":
             _ledger_ok(result)
 
-    async def sweep_fee_intents(self) -> int:
+    async def sweep_fee_intents(self) -> dict[str, int]:
         """The fees of new cards whose card was never written, given back: each record older
         than `CARD_FEE_INTENT_STALE_S` is first turned undoing (a card write that comes
         this late then finds it gone and is refused), its fee given back (or, never taken,
         barred by a tombstone), and the record deleted. Idempotent: a sweep that stopped
-        half way leaves records undoing, which the next one finishes. How many it gave back."""
+        half way leaves records undoing, which the next one finishes. How many fees it gave
+        back (`fees_returned`)."""
         stale = self.clock_ms() - limits.CARD_FEE_INTENT_STALE_S * 1000
         done, after = 0, None
         while True:
@@ -796,20 +797,8 @@ class CardService:
                 async with self.records.begin() as uow:
                     done += await uow.delete(FEE_INTENTS, {"key": row["key"]})
             if len(rows) <= limits.CARD_FEE_SWEEP_PAGE_ROWS_MAX:
-                return done
+                return {"fees_returned": done}
             after = page[-1]["key"]
-
-    async def sweep_fee_intents_on_schedule(self, first_s: int, every_s: int) -> None:
-        """`sweep_fee_intents` inside the server: after `first_s` seconds, then every
-        `every_s`, until cancelled. A sweep that fails is logged; the next one retries."""
-        await asyncio.sleep(first_s)
-        while True:
-            try:
-                if given := await self.sweep_fee_intents():
-                    log.warning("fees of cards never written given back", extra={"fees": given})
-            except (*DATABASE_ERRORS, CardsUnavailable, Refused):
-                log.exception("the card fee sweep failed; the next one retries")
-            await asyncio.sleep(every_s)
 
     async def _fee_key(self, base: str) -> str:
         """`base`, unless the fee under it was given back (its change refused): then the
@@ -1406,19 +1395,31 @@ class CardService:
                 return totals
             after = page[-1]["key"]
 
-    async def sweep_topup_grants_on_schedule(self, first_s: int, every_s: int) -> None:
-        """`sweep_topup_grants` inside the server: after `first_s` seconds, then every
-        `every_s`, until cancelled. A sweep that fails is logged; the next one retries."""
+    async def sweeps_on_schedule(self, first_s: int) -> None:
+        """The card sweeps inside the server, until cancelled: after `first_s` seconds, then
+        `sweep_topup_grants` every `TOPUP_GRANT_SWEEP_EVERY_S` and `sweep_fee_intents` every
+        `CARD_FEE_SWEEP_EVERY_S`. A sweep that fails is logged; its next turn retries."""
+        jobs = (
+            (self.sweep_topup_grants, limits.TOPUP_GRANT_SWEEP_EVERY_S),
+            (self.sweep_fee_intents, limits.CARD_FEE_SWEEP_EVERY_S),
+        )
         await asyncio.sleep(first_s)
+        due = [0.0] * len(jobs)
         while True:
-            try:
-                totals = await self.sweep_topup_grants()
-            except DATABASE_ERRORS:
-                log.exception("the top-up grant sweep failed; the next one retries")
-            else:
-                if totals["returned"]:
-                    log.info("top-up grant spends given back", extra=totals)
-            await asyncio.sleep(every_s)
+            now = asyncio.get_running_loop().time()
+            for n, (sweep, every_s) in enumerate(jobs):
+                if now < due[n]:
+                    continue
+                due[n] = now + every_s
+                try:
+                    result = await sweep()
+                except (*DATABASE_ERRORS, CardsUnavailable, Refused):
+                    log.exception("a card sweep failed; its next turn retries",
+                                  extra={"sweep": sweep.__name__})  # fmt: skip
+                else:
+                    if any(result.values()):
+                        log.info("a card sweep gave back", extra=result)
+            await asyncio.sleep(max(0.0, min(due) - asyncio.get_running_loop().time()))
 
     async def _give_back_spend(self, key: str, states: tuple[str, ...]) -> int:
         """The spend under `key` turned returned (from one of `states`) and its amount given

@@ -7,13 +7,14 @@ took its fee is refused; a fee never taken is barred by a tombstone (`card_fee_i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
 
 from cardcore import limits
 from cardcore.cards.admin_http import CARDS_KEY
-from cardcore.cards.service import CardService
+from cardcore.cards.service import CardService, CardsUnavailable
 from cardcore.ledger.decide import TOMBSTONE_CODE
 from cardcore.org.http import ORG_KEY
 from cardcore.org.model import Principal
@@ -57,7 +58,7 @@ async def test_an_issued_card_leaves_no_fee_record(admin: AdminClient, db_url: s
     await admin.ok("POST", "/v1/cards", json={"class_code": "FEE", "store": "S1"})
     assert await intents(db_url) == []
     assert await fees_net(db_url) == 500
-    assert await service.sweep_fee_intents() == 0
+    assert await service.sweep_fee_intents() == {"fees_returned": 0}
 
 
 async def test_a_fee_whose_card_was_never_written_is_given_back_once(
@@ -78,13 +79,13 @@ async def test_a_fee_whose_card_was_never_written_is_given_back_once(
     assert await fees_net(db_url) == 500
     [record] = await intents(db_url)
     assert record["state"] == "open"
-    assert await service.sweep_fee_intents() == 0  # not stale yet
+    assert await service.sweep_fee_intents() == {"fees_returned": 0}  # not stale yet
     assert await fees_net(db_url) == 500
     later(service, monkeypatch, STALE_MS + 1)
-    assert await service.sweep_fee_intents() == 1
+    assert await service.sweep_fee_intents() == {"fees_returned": 1}
     assert await fees_net(db_url) == 0
     assert await intents(db_url) == []
-    assert await service.sweep_fee_intents() == 0
+    assert await service.sweep_fee_intents() == {"fees_returned": 0}
     assert await fees_net(db_url) == 0
     assert await sql_rows(db_url, "SELECT id FROM cards") == []
 
@@ -110,7 +111,7 @@ async def test_a_write_after_the_sweep_took_its_fee_is_refused(
     await asyncio.wait_for(entered.wait(), 10)
     assert await fees_net(db_url) == 500
     later(service, monkeypatch, STALE_MS + 1)
-    assert await service.sweep_fee_intents() == 1
+    assert await service.sweep_fee_intents() == {"fees_returned": 1}
     go_on.set()
     status, answer = await issuing
     assert (status, answer["error"]["code"]) == (409, "fee_given_back")
@@ -135,7 +136,7 @@ async def test_a_fee_recorded_but_never_taken_is_barred(
             await service.issue(await root(admin), "FEE", "S1", None)
     [record] = await intents(db_url)
     later(service, monkeypatch, STALE_MS + 1)
-    assert await service.sweep_fee_intents() == 1
+    assert await service.sweep_fee_intents() == {"fees_returned": 1}
     [tombstone] = await sql_rows(
         db_url, "SELECT code FROM ledger_failures WHERE key = :k", k=record["key"]
     )
@@ -166,3 +167,43 @@ async def test_a_refused_write_gives_its_fee_back_and_drops_the_record(
     assert (status, answer["error"]["code"]) == (409, "member_not_active")
     assert await fees_net(db_url) == 0
     assert await intents(db_url) == []
+
+
+async def test_the_server_sweeps_on_its_schedule(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sweeps_on_schedule` (run by the server) gives back a fee left behind without being
+    asked, and keeps running when a sweep fails."""
+    service = await shop(admin)
+
+    async def cancelled(*_args: Any, **_kwargs: Any) -> Any:
+        raise asyncio.CancelledError
+
+    with monkeypatch.context() as patched:
+        patched.setattr(service, "_write", cancelled)
+        with pytest.raises(asyncio.CancelledError):
+            await service.issue(await root(admin), "FEE", "S1", None)
+    later(service, monkeypatch, STALE_MS + 1)
+    failed = {"topups": 0}
+    real = service.sweep_topup_grants
+
+    async def failing_once() -> dict[str, int]:
+        failed["topups"] += 1
+        if failed["topups"] == 1:
+            raise CardsUnavailable("the ledger went away")
+        return await real()
+
+    monkeypatch.setattr(service, "sweep_topup_grants", failing_once)
+    job = asyncio.create_task(service.sweeps_on_schedule(0))
+    try:
+        for _ in range(500):
+            if not await intents(db_url):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+    assert await intents(db_url) == []
+    assert await fees_net(db_url) == 0
+    assert failed["topups"] == 1  # failed, and the fee sweep still ran in the same turn
