@@ -241,6 +241,8 @@ COUPON_GENERATE_ATTEMPTS_MAX: Final = 5  # fresh draws of a chunk whose code cla
 COUPON_IMPORT_CODES_MAX: Final = 1000  # partner codes one import request carries
 COUPON_ISSUE_MEMBERS_MAX: Final = 10_000  # members one issuance reaches (a list or a segment)
 COUPON_SEGMENT_DAYS_MAX: Final = 366  # local days of a spend segment's period (since..until)
+COUPON_SEGMENT_YEAR_MIN: Final = 1971  # a spend segment's dates: no earning is older
+COUPON_SEGMENT_YEAR_MAX: Final = 9998  # ... and the local day's start stays a timestamp
 COUPON_REWARD_CAMPAIGNS_MAX: Final = 100  # active campaigns one purchase is checked against
 COUPON_CLIENT_KEY_CHARS_MAX: Final = 64  # an issuance's client idempotency key
 

@@ -767,8 +767,9 @@ class CardService:
         than `CARD_FEE_INTENT_STALE_S` is first turned undoing (a card write that comes
         this late then finds it gone and is refused), its fee given back (or, never taken,
         barred by a tombstone), and the record deleted. Idempotent: a sweep that stopped
-        half way leaves records undoing, which the next one finishes. How many fees it gave
-        back (`fees_returned`)."""
+        half way leaves records undoing, which the next one finishes; the ledger being
+        unavailable ends it (CardsUnavailable) for the next. How many records it settled
+        (`fees_settled`: a fee given back, or one never taken barred)."""
         stale = self.clock_ms() - limits.CARD_FEE_INTENT_STALE_S * 1000
         done, after = 0, None
         while True:
@@ -787,17 +788,17 @@ class CardService:
                     current = await uow.get(FEE_INTENTS, key=row["key"])
                 if current is None:  # its card was written meanwhile
                     continue
-                try:
+                try:  # the give-back of `_fee_first`'s: the same reversal, whichever is first
                     await self._fee_back(
-                        row["key"], row["store"], row["operator"], "issue_fee_unwritten"
+                        row["key"], row["store"], row["operator"], "issue_fee_undone"
                     )
-                except (CardsUnavailable, Refused):  # left undoing: the next sweep's
+                except Refused:  # left undoing; the ledger being down ends the sweep
                     log.exception("a fee of a card never written could not be given back")
                     continue
                 async with self.records.begin() as uow:
                     done += await uow.delete(FEE_INTENTS, {"key": row["key"]})
             if len(rows) <= limits.CARD_FEE_SWEEP_PAGE_ROWS_MAX:
-                return {"fees_returned": done}
+                return {"fees_settled": done}
             after = page[-1]["key"]
 
     async def _fee_key(self, base: str) -> str:
@@ -1413,11 +1414,11 @@ class CardService:
                 due[n] = now + every_s
                 try:
                     result = await sweep()
-                except (*DATABASE_ERRORS, CardsUnavailable, Refused):
+                except Exception:  # a sweep that fails never stops the other
                     log.exception("a card sweep failed; its next turn retries",
                                   extra={"sweep": sweep.__name__})  # fmt: skip
                 else:
-                    if any(result.values()):
+                    if result.get("returned") or result.get("fees_settled"):
                         log.info("a card sweep gave back", extra=result)
             await asyncio.sleep(max(0.0, min(due) - asyncio.get_running_loop().time()))
 

@@ -300,9 +300,13 @@ def _local_date(field: str, text: str) -> datetime.date:
     if found is None:
         raise _segment_value(field, f"{field} is a date YYYY-MM-DD")
     try:
-        return datetime.date(*(int(part) for part in found.groups()))
+        day = datetime.date(*(int(part) for part in found.groups()))
     except ValueError:
         raise _segment_value(field, f"{field} is not a calendar date") from None
+    low, high = limits.COUPON_SEGMENT_YEAR_MIN, limits.COUPON_SEGMENT_YEAR_MAX
+    if not low <= day.year <= high:
+        raise _segment_value(field, f"{field} is a date in the years {low} to {high}")
+    return day
 
 
 def spend_period(

@@ -58,7 +58,7 @@ async def test_an_issued_card_leaves_no_fee_record(admin: AdminClient, db_url: s
     await admin.ok("POST", "/v1/cards", json={"class_code": "FEE", "store": "S1"})
     assert await intents(db_url) == []
     assert await fees_net(db_url) == 500
-    assert await service.sweep_fee_intents() == {"fees_returned": 0}
+    assert await service.sweep_fee_intents() == {"fees_settled": 0}
 
 
 async def test_a_fee_whose_card_was_never_written_is_given_back_once(
@@ -79,13 +79,13 @@ async def test_a_fee_whose_card_was_never_written_is_given_back_once(
     assert await fees_net(db_url) == 500
     [record] = await intents(db_url)
     assert record["state"] == "open"
-    assert await service.sweep_fee_intents() == {"fees_returned": 0}  # not stale yet
+    assert await service.sweep_fee_intents() == {"fees_settled": 0}  # not stale yet
     assert await fees_net(db_url) == 500
     later(service, monkeypatch, STALE_MS + 1)
-    assert await service.sweep_fee_intents() == {"fees_returned": 1}
+    assert await service.sweep_fee_intents() == {"fees_settled": 1}
     assert await fees_net(db_url) == 0
     assert await intents(db_url) == []
-    assert await service.sweep_fee_intents() == {"fees_returned": 0}
+    assert await service.sweep_fee_intents() == {"fees_settled": 0}
     assert await fees_net(db_url) == 0
     assert await sql_rows(db_url, "SELECT id FROM cards") == []
 
@@ -111,7 +111,7 @@ async def test_a_write_after_the_sweep_took_its_fee_is_refused(
     await asyncio.wait_for(entered.wait(), 10)
     assert await fees_net(db_url) == 500
     later(service, monkeypatch, STALE_MS + 1)
-    assert await service.sweep_fee_intents() == {"fees_returned": 1}
+    assert await service.sweep_fee_intents() == {"fees_settled": 1}
     go_on.set()
     status, answer = await issuing
     assert (status, answer["error"]["code"]) == (409, "fee_given_back")
@@ -136,7 +136,7 @@ async def test_a_fee_recorded_but_never_taken_is_barred(
             await service.issue(await root(admin), "FEE", "S1", None)
     [record] = await intents(db_url)
     later(service, monkeypatch, STALE_MS + 1)
-    assert await service.sweep_fee_intents() == {"fees_returned": 1}
+    assert await service.sweep_fee_intents() == {"fees_settled": 1}
     [tombstone] = await sql_rows(
         db_url, "SELECT code FROM ledger_failures WHERE key = :k", k=record["key"]
     )
@@ -207,3 +207,27 @@ async def test_the_server_sweeps_on_its_schedule(
     assert await intents(db_url) == []
     assert await fees_net(db_url) == 0
     assert failed["topups"] == 1  # failed, and the fee sweep still ran in the same turn
+
+
+async def test_a_fee_given_back_by_its_request_is_settled_by_the_sweep_once(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request gave its fee back but its record stayed (the server stopped before the
+    record's delete): the sweep's give-back is the same reversal, replayed, so the record
+    is settled without an error and the fee is given back once."""
+    service = await shop(admin)
+
+    async def cancelled(*_args: Any, **_kwargs: Any) -> Any:
+        raise asyncio.CancelledError
+
+    with monkeypatch.context() as patched:
+        patched.setattr(service, "_write", cancelled)
+        with pytest.raises(asyncio.CancelledError):
+            await service.issue(await root(admin), "FEE", "S1", None)
+    [record] = await intents(db_url)
+    await service._fee_back(record["key"], "S1", "root", "issue_fee_undone")
+    assert await fees_net(db_url) == 0
+    later(service, monkeypatch, STALE_MS + 1)
+    assert await service.sweep_fee_intents() == {"fees_settled": 1}
+    assert await intents(db_url) == []
+    assert await fees_net(db_url) == 0

@@ -254,6 +254,9 @@ async def test_a_spend_segment_over_the_most_members_is_refused_and_issues_nothi
         (segment(extra=1), 400, "invalid_value", "segment"),
         (segment(card_class="PTS"), 400, "invalid_value", "segment"),
         (segment(program="BAD CODE"), 400, "invalid_value", "segment.program"),
+        # Dates far from any earning: refused, never a day number out of range (a 500).
+        (segment(since="0001-01-01", until="0001-01-02"), 400, "invalid_value", "segment.since"),
+        (segment(since="9999-12-30", until="9999-12-31"), 400, "invalid_value", "segment.since"),
     ],
 )  # fmt: skip
 async def test_a_bad_spend_segment_is_refused_with_its_code_and_issues_nothing(
