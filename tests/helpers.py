@@ -323,7 +323,7 @@ class ClaimsInMemory:
     claims: dict[str, str] = field(default_factory=dict, kw_only=True)
 
     async def claim_keys(self, wanted: dict[str, str], now_ms: int) -> dict[str, str]:
-        for key, function in wanted.items():
+        for key, function in wanted.items():  # (the real one also marks the terminal)
             self.claims.setdefault(key, function)
         return {key: self.claims[key] for key in wanted}
 

@@ -21,7 +21,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cardcore import limits
 from cardcore.cards import schema
-from cardcore.cards.model import POS_CLIENT, BatchLine, Card, CardClass, Terminal
+from cardcore.cards.model import (
+    POS_CLIENT,
+    BatchLine,
+    Card,
+    CardClass,
+    Terminal,
+    claims_mark,
+)
 from cardcore.ledger import schema as ledger_schema
 from cardcore.ledger.decide import TOMBSTONE_CODE
 from cardcore.ledger.model import Balance
@@ -94,7 +101,7 @@ class Directory:
             await conn.execute(
                 update(schema.pos_terminals)
                 .where(schema.pos_terminals.c.tid == t.tid)
-                .values(batch=next_batch, batch_cycle=next_cycle)
+                .values(batch=next_batch, batch_cycle=next_cycle, claims_batch="")
             )
         self._terminals.pop(t.tid, None)
         fresh = await self.terminal(t.tid)
@@ -333,21 +340,32 @@ class Directory:
         claimed before keeps its first function). PostgreSQL: one statement
         (`schema.CLAIM_SQL`); a key another transaction claimed after its snapshot is read
         again. SQLite: the ledger's keys read, then one transaction (a read, an insert of
-        the new claims)."""
+        the new claims). Each key's terminal keeps its batch as the one of its last claim
+        (`claims_batch`, in the same statement or transaction, and in memory after)."""
         keys = sorted(wanted)
+        marks = dict(claims_mark(k) for k in keys)  # terminal -> the batch of its claim
         if self._records.postgres:
-            args = [keys, [wanted[k] for k in keys], now_ms, POS_CLIENT, TOMBSTONE_CODE]
+            args = [keys, [wanted[k] for k in keys], now_ms, POS_CLIENT, TOMBSTONE_CODE,
+                    list(marks), list(marks.values())]  # fmt: skip
             rows = await self._records.statement_rows(schema.CLAIM_SQL, args)
             found = {str(row["key"]): str(row["function"]) for row in rows}
             missing = [k for k in keys if k not in found]
-            return found | (await self.claimed(missing) if missing else {})
-        held = await self.ledger_keys(keys)
-        free = {k: wanted[k] for k in keys if k not in held}
-        return dict.fromkeys(held, "money") | (await self._claim_free(free, now_ms) if free else {})
+            claims = found | (await self.claimed(missing) if missing else {})
+        else:
+            held = await self.ledger_keys(keys)
+            free = {k: wanted[k] for k in keys if k not in held}
+            claims = dict.fromkeys(held, "money") | await self._claim_free(free, now_ms, marks)
+        for tid, mark in marks.items():  # as the statement wrote it
+            if (t := self._terminals.get(tid)) is not None:
+                self._terminals[tid] = replace(t, claims_batch=mark)
+        return claims
 
-    async def _claim_free(self, wanted: dict[str, str], now_ms: int) -> dict[str, str]:
-        """SQLite: claim the keys not claimed yet, in one transaction under the write lock."""
-        c = schema.pos_claims
+    async def _claim_free(
+        self, wanted: dict[str, str], now_ms: int, marks: dict[str, str]
+    ) -> dict[str, str]:
+        """SQLite: claim the keys not claimed yet, and mark their terminals' batch, in one
+        transaction under the write lock."""
+        c, t = schema.pos_claims, schema.pos_terminals
         keys = sorted(wanted)
         for _ in range(2):
             try:
@@ -363,6 +381,10 @@ class Directory:
                         ]
                         if new:
                             await conn.execute(insert(c), new)
+                        for tid, mark in marks.items():
+                            await conn.execute(
+                                update(t).where(t.c.tid == tid).values(claims_batch=mark)
+                            )
                         return found | {str(row["key"]): str(row["function"]) for row in new}
             except IntegrityError:
                 continue
@@ -477,6 +499,7 @@ def terminal_row(t: Terminal, now_ms: int) -> dict[str, Any]:
         "sales_account": t.sales_account,
         "cash_account": t.cash_account,
         "created_at_ms": now_ms,
+        "claims_batch": "",  # none claimed yet
     }
 
 
@@ -528,6 +551,7 @@ def _terminal(row: Any) -> Terminal:
         batch_cycle=int(row["batch_cycle"]),
         sales_account=int(row["sales_account"]),
         cash_account=int(row["cash_account"]),
+        claims_batch=row["claims_batch"],
     )
 
 

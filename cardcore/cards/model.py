@@ -107,6 +107,21 @@ class Terminal:
     batch_cycle: int  # how often the batch number wrapped: part of every ledger key
     sales_account: int
     cash_account: int
+    # "cycle/batch" of the batch of its last key claimed by a feature request (`pos_claims`),
+    # "" none since it was registered or its batch closed, None not known (registered before
+    # migration 0016): its money keys are read against the claims only while it may have one.
+    claims_batch: str | None = None
+
+
+def may_have_claims(t: Terminal) -> bool:
+    """Whether a key of the terminal's open batch may stand claimed."""
+    return t.claims_batch is None or t.claims_batch == f"{t.batch_cycle}/{t.batch}"
+
+
+def claims_mark(key: str) -> tuple[str, str]:
+    """(terminal, "cycle/batch") of a `transaction_key`."""
+    tid, cycle, batch, _ = key.split("/")
+    return tid, f"{cycle}/{batch}"
 
 
 class CardState(enum.StrEnum):

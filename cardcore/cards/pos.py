@@ -73,6 +73,7 @@ from cardcore.cards.model import (
     batch_prefix,
     batch_totals,
     luhn_ok,
+    may_have_claims,
     next_batch,
     outcome_of_state,
     reversal_key,
@@ -415,6 +416,7 @@ class PosService:
         when it fails, the checked requests are answered `unavailable`."""
         feature_keys: dict[str, str] = {}
         of: dict[str, int] = {}
+        free: dict[int, tuple[str, str]] = {}
         for i, r in enumerate(requests):
             function = CLAIMED.get(r.kind)
             if function is None and r.kind not in _KEPT_BY_LEDGER:
@@ -426,19 +428,22 @@ class PosService:
             if t is None or t.state != "active" or r.batch != t.batch:
                 continue  # its plan answers it
             key = transaction_key(t, r.batch, r.stan)
-            of[key] = i
             if function is not None:
                 feature_keys[key] = function
+            if may_have_claims(t):
+                of[key] = i
+            elif function is not None:
+                free[i] = (key, function)  # no key of its open batch is claimed
         if not of:
-            return {}, {}
+            return {}, free
         try:
             claimed = await self.directory.claimed(sorted(of))
         except DATABASE_ERRORS:
             log.exception("the keys of a call could not be read")
             down = PosResult(Outcome.UNAVAILABLE)
             return {i: _Plan(requests[i], answer=down) for i in of.values()}, {}
-        unclaimed = {of[k]: (k, f) for k, f in feature_keys.items() if k not in claimed}
-        return self._mismatched(requests, of, claimed, feature_keys), unclaimed
+        unclaimed = {of[k]: (k, f) for k, f in feature_keys.items() if k in of and k not in claimed}
+        return self._mismatched(requests, of, claimed, feature_keys), unclaimed | free
 
     async def _claim(
         self, requests: Sequence[PosRequest], unclaimed: dict[int, tuple[str, str]]

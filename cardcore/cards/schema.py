@@ -33,6 +33,8 @@ pos_terminals = Table(
     Column("sales_account", BigInteger, nullable=False),
     Column("cash_account", BigInteger, nullable=False),
     Column("created_at_ms", BigInteger, nullable=False),
+    # model.Terminal.claims_batch (migration 0016): NULL not known, "" none in the open batch.
+    Column("claims_batch", String(24), nullable=True),
 )
 
 cards = Table(
@@ -121,7 +123,8 @@ pos_claims = Table(
 # $4 (a transfer, or a failure but a reversal's tombstone, code $5) is never claimed and comes
 # back as "money"; the other keys not claimed yet are inserted (in key order); and each key's
 # claim is returned, the new ones and those the statement's snapshot saw. A key another
-# transaction claimed after that snapshot is in neither: the caller reads it again. Each key
+# transaction claimed after that snapshot is in neither: the caller reads it again. Each
+# terminal of $6 keeps the batch of $7 as the one of its last claim (`claims_batch`). Each key
 # is one index probe per table whatever the statistics (a LATERAL subquery kept apart by its
 # LIMIT 1, as `db.each_value`: an EXISTS was planned as a hash of every POS key the ledger
 # holds when the tables had no statistics).
@@ -131,6 +134,8 @@ CLAIM_SQL = (
     " (SELECT 1 FROM ledger_transfers AS t WHERE t.client = $4 AND t.key = w.key LIMIT 1) AS t"
     " UNION SELECT w.key FROM wanted AS w CROSS JOIN LATERAL (SELECT 1 FROM ledger_failures AS f"
     " WHERE f.client = $4 AND f.key = w.key AND f.code <> $5 LIMIT 1) AS f),"
+    " marked AS (UPDATE pos_terminals AS p SET claims_batch = m.mark"
+    " FROM unnest($6::varchar[], $7::varchar[]) AS m(tid, mark) WHERE p.tid = m.tid),"
     " made AS (INSERT INTO pos_claims (key, function, created_at_ms)"
     " SELECT key, function, $3::bigint FROM wanted WHERE key NOT IN (SELECT key FROM held)"
     " ORDER BY key ON CONFLICT (key) DO NOTHING RETURNING key, function)"

@@ -24,6 +24,7 @@ from cardcore.cards.pos import PosService
 from cardcore.coupons import model
 from cardcore.coupons.schema import presented_many_sql
 from cardcore.coupons.service import CouponService
+from cardcore.db import Statement
 from cardcore.records import Deadlock, Records, Unit
 from cardcore.vault import Vault
 from tests import logscan
@@ -981,6 +982,46 @@ async def test_a_key_used_for_one_function_is_answered_94_for_another(
     assert (await one(admin, undo)).outcome is Outcome.APPROVED
     assert (await code_row(db_url, second))["state"] == "issued"
     assert (await one(admin, ask(Kind.INQUIRY, tid, card=pan))).balance == after
+
+
+async def test_the_claims_are_read_only_for_a_terminal_that_claimed_in_its_open_batch(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call reads its money keys against the claims only for terminals that may have one
+    in their open batch (`pos_terminals.claims_batch`): none before a coupon, then every
+    time, also once the terminal is read again from the database (a restart); and a
+    terminal whose mark is not known (NULL: registered before migration 0016) is read."""
+    tid, pan = await rewarding_campaign_and_card(admin, db_url)
+    await campaign(admin, "TENOFF")
+    [code] = await codes(admin, "TENOFF", 1)
+    reads: list[str] = []
+    real = Unit._rows
+
+    async def counted(self: Unit, statement: Statement, params: dict[str, Any]) -> Any:
+        if "FROM pos_claims" in str(statement.clause):
+            reads.append(str(statement.clause))
+        return await real(self, statement, params)
+
+    monkeypatch.setattr(Unit, "_rows", counted)
+    assert (await one(admin, ask(Kind.PURCHASE, tid, card=pan, amount=100))).outcome is (
+        Outcome.APPROVED
+    )
+    assert reads == []  # no claim in its open batch: nothing to read
+    coupon = ask(Kind.COUPON_REDEEM, tid, code, amount=2_000)
+    assert (await one(admin, coupon)).outcome is Outcome.APPROVED
+    [mark] = await sql_rows(db_url, "SELECT claims_batch FROM pos_terminals WHERE tid = :t", t=tid)
+    assert mark["claims_batch"] == "0/000001"
+    reads.clear()
+    reused = ask(Kind.PURCHASE, tid, card=pan, amount=700, stan=coupon.stan)
+    assert (await one(admin, reused)).outcome is Outcome.DUPLICATE_MISMATCH
+    assert len(reads) == 1
+    pos(admin).directory.forget_terminal(tid)  # read again from the database, as at a start
+    assert (await one(admin, reused)).outcome is Outcome.DUPLICATE_MISMATCH
+    await sql_execute(db_url, f"UPDATE pos_terminals SET claims_batch = NULL WHERE tid = '{tid}'")  # noqa: S608
+    pos(admin).directory.forget_terminal(tid)
+    reads.clear()
+    assert (await one(admin, reused)).outcome is Outcome.DUPLICATE_MISMATCH
+    assert len(reads) == 1
 
 
 async def member_of(db_url: str, pan: str) -> int:

@@ -133,7 +133,7 @@ async def test_the_claim_statement_probes_each_key_on_tables_never_analyzed(db_u
             raw = await conn.get_raw_connection()
             driver = raw.driver_connection
             assert driver is not None
-            args = [["K1", "K2", "X"], ["coupon"] * 3, 1, POS_CLIENT, TOMBSTONE_CODE]
+            args = [["K1", "K2", "X"], ["coupon"] * 3, 1, POS_CLIENT, TOMBSTONE_CODE, [], []]
             plan = [row[0] for row in await driver.fetch("EXPLAIN " + schema.CLAIM_SQL, *args)]
     finally:
         await engine.dispose()

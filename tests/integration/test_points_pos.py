@@ -1079,14 +1079,15 @@ async def test_the_points_redemptions_of_one_call_read_together_each_answered_as
     assert (spend.outcome, spend.points_balance) == (Outcome.APPROVED, 200)
     assert (over.outcome, over.refusal) == (Outcome.INSUFFICIENT_FUNDS, "points_insufficient")
     assert (resend.outcome, resend.replayed, resend.points) == (Outcome.APPROVED, True, 100)
-    # The call's three keys' claims in one read (the card directory's); on SQLite the two
+    # The claims of the one key whose terminal has claimed in its open batch (the resend's;
+    # the other two terminals never claimed) in one read (the card directory's); on SQLite the two
     # unclaimed keys checked against the ledger (a read of its transfers and one of its
     # failures; PostgreSQL checks them in the claim's one statement); their six keys in one
     # read; the lots of the two that are not resends in one read; then the resend's
     # balance, read again.
     sqlite = ["find_unique ledger_transfers 2", "find_unique ledger_failures 2"]
     assert reads == [
-        "find_unique pos_claims 3",
+        "find_unique pos_claims 1",
         *([] if db_url.startswith("postgresql") else sqlite),
         "find ledger_transfers 6",
         "find_each ledger_accounts 2",
