@@ -238,6 +238,7 @@ COUPON_INSERT_CHUNK_MAX: Final = 10_000  # generated codes written per transacti
 COUPON_GENERATE_ROUTE_MAX: Final = 10_000  # codes one admin request generates (the CLI: more)
 COUPON_GENERATE_CLI_MAX: Final = 10_000_000  # codes one `cardcore coupons generate` makes
 COUPON_GENERATE_ATTEMPTS_MAX: Final = 5  # fresh draws of a chunk whose code clashed
+COUPON_BUDGET_READS_MAX: Final = 3  # reads of a campaign changed while a redemption counts
 COUPON_IMPORT_CODES_MAX: Final = 1000  # partner codes one import request carries
 COUPON_ISSUE_MEMBERS_MAX: Final = 10_000  # members one issuance reaches (a list or a segment)
 COUPON_SEGMENT_DAYS_MAX: Final = 366  # local days of a spend segment's period (since..until)

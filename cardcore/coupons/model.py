@@ -374,6 +374,8 @@ class Context:
     others_in_transaction: int = 0  # coupons already taken in this transaction
     others_stackable: bool = True  # whether all of those may be combined
     others_discount_fen: int = 0  # what those take off the bill together
+    # those of them scoped to departments: (their departments, what each takes off)
+    others_scoped: tuple[tuple[tuple[str, ...], int], ...] = ()
     store_in_scope: bool = True
 
 
@@ -422,6 +424,7 @@ def _check_context(ctx: Context) -> None:
     assert 0 <= ctx.bill_fen <= limits.AMOUNT_MAX, ctx.bill_fen
     assert min(ctx.member_redeemed, ctx.member_redeemed_today, ctx.others_in_transaction) >= 0
     assert 0 <= ctx.others_discount_fen <= limits.AMOUNT_MAX, ctx.others_discount_fen
+    assert all(0 <= fen <= limits.AMOUNT_MAX for _, fen in ctx.others_scoped), ctx.others_scoped
     if ctx.lines is not None:
         assert len(ctx.lines) <= limits.COUPON_BASKET_LINES_MAX, len(ctx.lines)
         assert all(0 <= line.amount_fen <= limits.AMOUNT_MAX for line in ctx.lines)
@@ -529,7 +532,10 @@ def evaluate(c: Campaign, code: CodeState, ctx: Context) -> Verdict:
 
     From step 10 on, the eligible amount is at most what the transaction's other coupons left
     of the bill: two coupons of one sale never take off more than the bill together (the
-    minimum spend is of the basket, before any coupon).
+    minimum spend is of the basket, before any coupon). A department-scoped coupon's lines
+    are also less what the sale's other coupons scoped to any of its departments took (all
+    of it, whichever of their departments they took it from): two coupons never take more
+    than a department's lines together.
     """
     _check_context(ctx)
     refusal = (
@@ -546,6 +552,10 @@ def evaluate(c: Campaign, code: CodeState, ctx: Context) -> Verdict:
     if eligible < c.min_spend_fen:
         return Verdict(False, "coupon_min_spend")
     left = max(0, ctx.bill_fen - ctx.others_discount_fen)
+    if c.departments:
+        mine = set(c.departments)
+        taken = sum(fen for departments, fen in ctx.others_scoped if mine.intersection(departments))
+        left = min(left, max(0, eligible - taken))
     return _discount(c, min(eligible, left))
 
 

@@ -234,10 +234,12 @@ def _pg_type(column: Column[Any]) -> str:
 @dataclass(frozen=True, slots=True)
 class Counted:
     """What a redemption adds to its campaign: the value (against the value budget,
-    `budget` fen, 0: none) and the cost by funder."""
+    `budget` fen, 0: none) and the cost by funder; `read_at` is the campaign row's
+    `updated_at_ms` the budget was read from (the statement refuses a row changed since)."""
 
     campaign: str
     budget: int
+    read_at: int
     value: int
     store_cost: int
     supplier_cost: int
@@ -272,8 +274,12 @@ def holds_statement(holds: Sequence[Hold]) -> tuple[str, list[Any]]:
         raise ValueError("the holds of one statement name distinct codes")
     if len({h.redemption["key"] for h in holds}) < len(holds):
         raise ValueError("the holds of one statement have distinct keys")
-    budgets = {(h.counted.campaign, h.counted.budget) for h in holds if h.counted is not None}
-    if len(budgets) > len({campaign for campaign, _ in budgets}):
+    budgets = {
+        (h.counted.campaign, h.counted.budget, h.counted.read_at)
+        for h in holds
+        if h.counted is not None
+    }
+    if len(budgets) > len({campaign for campaign, _, _ in budgets}):
         raise ValueError("the holds of one statement read one budget per campaign")
     args: list[Any] = [[h.redemption["code"] for h in holds]]
     args += [[h.code_values[name] for h in holds] for name in sets]
@@ -282,8 +288,8 @@ def holds_statement(holds: Sequence[Hold]) -> tuple[str, list[Any]]:
         counted = [h.counted for h in holds if h.counted is not None]
         args += [
             [c.campaign for c in counted], [c.budget for c in counted],
-            [c.value for c in counted], [c.store_cost for c in counted],
-            [c.supplier_cost for c in counted],
+            [c.read_at for c in counted], [c.value for c in counted],
+            [c.store_cost for c in counted], [c.supplier_cost for c in counted],
         ]  # fmt: skip
     return holds_sql(sets, count), args
 
@@ -308,7 +314,9 @@ def holds_sql(code_sets: tuple[str, ...], count: bool) -> str:
 
     Parameters, one array each with one element per hold: $1 the codes, then `code_sets`
     in order, then every redemption column in table order, then (`count`) the campaigns,
-    their value budgets (0: none), the values and the store's and the supplier's costs."""
+    their value budgets (0: none), the `updated_at_ms` each budget was read at (a campaign
+    changed since is refused here, and the transaction reads it again), the values and the
+    store's and the supplier's costs."""
     # Only parameter numbers, column names and fixed words go into the text.
     n = iter(range(1, 1000))
     typed = [("code", _pg_type(coupon_codes.c.code))]
@@ -316,7 +324,8 @@ def holds_sql(code_sets: tuple[str, ...], count: bool) -> str:
     typed += [("r_" + c.name, _pg_type(c)) for c in coupon_redemptions.c]
     if count:
         typed += [("c_campaign", "varchar")]
-        typed += [(name, "bigint") for name in ("c_budget", "c_value", "c_store", "c_supplier")]
+        counters = ("c_budget", "c_read_at", "c_value", "c_store", "c_supplier")
+        typed += [(name, "bigint") for name in counters]
     arrays = ", ".join(f"${next(n)}::{kind}[]" for _, kind in typed)
     names = ", ".join(name for name, _ in typed)
     columns = [c.name for c in coupon_redemptions.c]
@@ -326,11 +335,13 @@ def holds_sql(code_sets: tuple[str, ...], count: bool) -> str:
     if count:
         campaign = (
             "want AS (SELECT q.c_campaign AS campaign, max(q.c_budget) AS budget,"
+            " max(q.c_read_at) AS read_at,"
             " sum(q.c_value) AS value FROM q JOIN code ON code.code = q.code"
             " GROUP BY q.c_campaign), "
             "campaign AS (SELECT coupon_campaigns.code FROM coupon_campaigns"
             " JOIN want ON coupon_campaigns.code = want.campaign"
-            " WHERE coupon_campaigns.state = 'active' AND (want.budget = 0"
+            " WHERE coupon_campaigns.state = 'active'"
+            " AND coupon_campaigns.updated_at_ms = want.read_at AND (want.budget = 0"
             " OR coupon_campaigns.redeemed_value + want.value <= want.budget)"
             " ORDER BY coupon_campaigns.code FOR NO KEY UPDATE OF coupon_campaigns), "
         )

@@ -91,6 +91,12 @@ TRANSITIONS = {
 }
 # What may still change once a campaign left its draft: its name and budgets.
 LIVE_CHANGES = frozenset({"name", "max_issued", "max_value_fen", "state"})
+# A budget and the counters it bounds: a change below what was used is refused.
+_BUDGETS_USED = (
+    ("max_issued", "issued_count"),
+    ("max_value_fen", "issued_value"),
+    ("max_value_fen", "redeemed_value"),
+)
 ISSUING_STATES = (CampaignState.DRAFT, CampaignState.ACTIVE, CampaignState.PAUSED)
 # The service's own refusal codes at the POS (beside model.REFUSALS).
 NOT_FOUND = "coupon_not_found"
@@ -135,6 +141,17 @@ class _Read:
     found: tuple[dict[str, Any], dict[str, Any]] | None
     member: int | None
     malformed: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Sale:
+    """The other coupons of a sale (`_same_sale`): how many, whether all may be combined,
+    what they take off together, and (departments, fen) of those scoped to departments."""
+
+    count: int
+    stackable: bool
+    discount_fen: int
+    scoped: tuple[tuple[tuple[str, ...], int], ...]
 
 
 class _Clash(Exception):
@@ -543,11 +560,12 @@ class CouponService:
         after = dataclasses.replace(before, state=state, **fields)
         model.check_campaign(after)
         _check_stores(after, place)
-        for budget, used in (("max_issued", "issued_count"), ("max_value_fen", "issued_value")):
+        for budget, used in _BUDGETS_USED:
             bound = getattr(after, budget)
             if budget in changes and bound and bound < int(row[used]):
                 raise Refused(
-                    "conflict", "budget_below_issued", f"{budget} is below what was issued",
+                    "conflict", "budget_below_issued",
+                    f"{budget} is below what was {used.split('_')[0]}",
                     budget,
                 )  # fmt: skip
         reward = int(changes.get("reward_spend_fen", reward_spend_of(row)))
@@ -559,11 +577,8 @@ class CouponService:
             "state": str(after.state),
             "updated_at_ms": now,
         }
-        bounds = {
-            used: getattr(after, budget)
-            for budget, used in (("max_issued", "issued_count"), ("max_value_fen", "issued_value"))
-            if getattr(after, budget)
-        }
+        bounds = {used: getattr(after, budget) for budget, used in _BUDGETS_USED}
+        bounds = {used: bound for used, bound in bounds.items() if bound}
         async with self.records.begin() as uow:
             await self._granted(uow, p, place, code, 0)
             changed = await uow.update(
@@ -988,13 +1003,19 @@ class CouponService:
         members: `campaigns_write` at the campaign's place, the member in `_member_scope`
         (404 `member_not_found`), the budget's guarded update, a store officer's grant, the
         audit row. The code is the member's (holder-bound); a holder-only campaign needs a
-        member (409 `coupon_needs_member`). Every refusal names `coupon_campaign`."""
+        member (409 `coupon_needs_member`). Every refusal names `coupon_campaign`. A repeat
+        whose code was voided (`points_reward_void`: the ledger refused that attempt's
+        points, and the code was never answered) issues that code again: the retry's points
+        buy a live code, never a void one."""
         try:
             batch = await self._points_batch(p, campaign, member, key)
         except Refused as exc:
             raise Refused(_KIND_OF[exc.status], exc.code, str(exc), "coupon_campaign") from None
-        async with self.records.read() as uow:
+        async with self.records.begin() as uow:
             [code] = await uow.find(CODES, {"batch": batch}, order="code", limit=1)
+            if code["state"] == str(CodeStatus.VOIDED):
+                revived = {"state": str(CodeStatus.ISSUED), "version": ("+", 1)}
+                await uow.update(CODES, {"code": code["code"], "state": code["state"]}, revived)
         return str(code["code"])
 
     async def _points_batch(self, p: Principal, campaign: str, member: int | None, key: str) -> int:
@@ -1379,9 +1400,7 @@ class CouponService:
         in_scope = terminal.legal_entity == campaign_row["legal_entity"] and (
             not campaign_row["store"] or terminal.store == campaign_row["store"]
         )
-        others, others_stackable, others_fen = await self._same_sale(
-            uow, terminal, request, row["code"]
-        )
+        sale = await self._same_sale(uow, terminal, request, row["code"])
         lines = tuple(model.Line(d, fen) for d, fen in request.basket) or None
         ctx = model.Context(
             now_ms=now,
@@ -1391,9 +1410,10 @@ class CouponService:
             member_id=member,
             member_redeemed=redeemed,
             member_redeemed_today=today,
-            others_in_transaction=others,
-            others_stackable=others_stackable,
-            others_discount_fen=others_fen,
+            others_in_transaction=sale.count,
+            others_stackable=sale.stackable,
+            others_discount_fen=sale.discount_fen,
+            others_scoped=sale.scoped,
             store_in_scope=in_scope,
         )
         code_state = model.CodeState(status_of(row, now), _member(row["member_id"]))
@@ -1405,12 +1425,13 @@ class CouponService:
 
     async def _same_sale(
         self, uow: Unit | None, terminal: Terminal, request: PosRequest, code: str
-    ) -> tuple[int, bool, int]:
+    ) -> _Sale:
         """The other coupons held or redeemed in this terminal's sale (its sale number):
-        how many, whether all of them may be combined, and what they take off the bill
-        together. Without a sale number each coupon message is a sale of its own."""
+        how many, whether all of them may be combined, what they take off the bill
+        together, and what those scoped to departments take. Without a sale number each
+        coupon message is a sale of its own."""
         if not request.sale:
-            return 0, True, 0
+            return _Sale(0, True, 0, ())
         assert uow is not None  # `_present` reads for a sale number
         rows = await uow.find(
             REDEMPTIONS,
@@ -1419,11 +1440,18 @@ class CouponService:
         )  # fmt: skip
         others = {r["code"]: r for r in rows if r["code"] != code}
         stackable = True
-        for campaign in {r["campaign"] for r in others.values()}:
+        departments: dict[str, tuple[str, ...]] = {}
+        for campaign in sorted({r["campaign"] for r in others.values()}):
             found = await uow.get(CAMPAIGNS, code=campaign)
             stackable = stackable and found is not None and campaign_of(found).stackable
+            departments[campaign] = () if found is None else campaign_of(found).departments
         taken = min(limits.AMOUNT_MAX, sum(int(r["discount_fen"]) for r in others.values()))
-        return len(others), stackable, taken
+        scoped = tuple(
+            (departments[r["campaign"]], min(limits.AMOUNT_MAX, int(r["discount_fen"])))
+            for r in others.values()
+            if departments[r["campaign"]]
+        )
+        return _Sale(len(others), stackable, taken, scoped)
 
     async def _query(self, request: PosRequest, terminal: Terminal, card: Card | None) -> PosResult:
         now = self.clock_ms()
@@ -1577,11 +1605,13 @@ class CouponService:
         alone: list[int] = []
         codes: set[str] = set()
         keys: set[str] = set()
-        budgets: dict[str, int] = {}
+        budgets: dict[str, tuple[int, int]] = {}
         for i, h in enumerate(holds):
             code, key = h.redemption["code"], h.redemption["key"]
-            campaign, budget = ("", 0) if h.counted is None else (h.counted.campaign,
-                                                                   h.counted.budget)  # fmt: skip
+            campaign, budget = (
+                ("", (0, 0)) if h.counted is None
+                else (h.counted.campaign, (h.counted.budget, h.counted.read_at))
+            )  # fmt: skip
             if code in codes or key in keys or budgets.setdefault(campaign, budget) != budget:
                 alone.append(i)
             else:
@@ -1641,7 +1671,10 @@ class CouponService:
         self, uow: Unit, campaign_row: dict[str, Any], r: dict[str, Any], sign: int
     ) -> None:
         """The campaign's redemption counters and cost by funder, by one guarded update: a
-        redemption needs the campaign active and room in its value budget."""
+        redemption needs the campaign active and room in its value budget, the budget of
+        the row as it is: the update also names the `updated_at_ms` the budget was read at,
+        and a campaign changed since (its budget lowered, say) is read again and judged on
+        that (only its name, budgets and state change while it is active)."""
         n = _counted(campaign_row, r)
         values = {
             "redeemed_count": ("+", sign),
@@ -1652,13 +1685,23 @@ class CouponService:
         if sign < 0:
             await uow.update(CAMPAIGNS, {"code": campaign_row["code"]}, values)
             return
-        c = campaign_of(campaign_row)
-        bounds = {"redeemed_value": c.max_value_fen} if c.max_value_fen else {}
-        where = {"code": c.code, "state": str(CampaignState.ACTIVE)}
-        if not await uow.update(CAMPAIGNS, where, values, at_most=bounds):
+        row = campaign_row
+        for _ in range(limits.COUPON_BUDGET_READS_MAX):
+            c = campaign_of(row)
+            bounds = {"redeemed_value": c.max_value_fen} if c.max_value_fen else {}
+            where = {
+                "code": c.code, "state": str(CampaignState.ACTIVE),
+                "updated_at_ms": row["updated_at_ms"],
+            }  # fmt: skip
+            if await uow.update(CAMPAIGNS, where, values, at_most=bounds):
+                return
             fresh = await uow.get(CAMPAIGNS, code=c.code)
-            active = fresh is not None and fresh["state"] == CampaignState.ACTIVE
-            raise _Refusal(BUDGET_SPENT if active else "coupon_inactive")
+            if fresh is None or fresh["state"] != CampaignState.ACTIVE:
+                raise _Refusal("coupon_inactive")
+            if fresh["updated_at_ms"] == row["updated_at_ms"]:
+                break  # the budget as it is has no room
+            row = fresh
+        raise _Refusal(BUDGET_SPENT)
 
     async def _confirm(self, request: PosRequest, key: str, held_key: str) -> PosResult:
         """Redeem the reservation held under `held_key` (this request's own key, or another
@@ -1677,7 +1720,9 @@ class CouponService:
             campaign_row = None if held is None else await uow.get(CAMPAIGNS, code=held["campaign"])
         if held is None or campaign_row is None:
             return PosResult(Outcome.ORIGINAL_NOT_FOUND)
-        if not same_code(held, request.coupon):
+        if not same_code(held, request.coupon) or request.amount != int(held["bill_fen"]):
+            # The discount, minimum spend and no-change rule were judged on the reserved
+            # bill: a confirm of another bill would skip them (release and redeem afresh).
             return PosResult(Outcome.ORIGINAL_MISMATCH)
         campaign = held["campaign"]
         if held["state"] != "reserved":
@@ -2025,7 +2070,8 @@ def _counted(campaign_row: dict[str, Any], r: dict[str, Any]) -> schema.Counted:
     store, supplier = int(r["store_cost_fen"]), int(r["supplier_cost_fen"])
     value = max(int(r["discount_fen"]), store + supplier)
     budget = campaign_of(campaign_row).max_value_fen
-    return schema.Counted(campaign_row["code"], budget, value, store, supplier)
+    read_at = int(campaign_row["updated_at_ms"])
+    return schema.Counted(campaign_row["code"], budget, read_at, value, store, supplier)
 
 
 async def member_uses(

@@ -54,8 +54,10 @@ def _redemption(key: str, code: str, discount: int = 100) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _counted(budget: int = 0, value: int = 100) -> Counted:
-    return Counted(CAMPAIGN, budget, value, value * 7 // 10, value * 3 // 10)
+def _counted(budget: int = 0, value: int = 100, read_at: int = 0) -> Counted:
+    """What a redemption adds, its budget read from the campaign as `_campaign_sql` made it
+    (updated_at_ms 0) unless `read_at` says otherwise."""
+    return Counted(CAMPAIGN, budget, read_at, value, value * 7 // 10, value * 3 // 10)
 
 
 async def _hold(
@@ -129,6 +131,7 @@ async def test_a_reservation_takes_the_code_and_adds_its_row_without_counting(
         ("ended", "issued", False, _counted(), (1, 0, 0)),
         ("paused", "issued", False, _counted(), (1, 0, 0)),
         ("active", "issued", False, _counted(budget=99), (1, 0, 0)),  # over the budget
+        ("active", "issued", False, _counted(read_at=-1), (1, 0, 0)),  # changed since read
         ("active", "issued", True, _counted(), (1, 1, 0)),  # the key stored meanwhile
     ],
 )

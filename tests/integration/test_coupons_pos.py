@@ -222,6 +222,69 @@ async def test_a_redeem_confirms_the_reservation_of_its_own_stan_or_of_its_batch
     assert (await one(admin, wrong)).outcome is Outcome.ORIGINAL_MISMATCH
 
 
+async def test_a_confirm_of_another_bill_than_the_reserved_one_is_refused_and_redeems_nothing(
+    admin: AdminClient, db_url: str
+) -> None:
+    """The discount, the minimum spend and the no-change rule were judged on the reserved
+    bill: a confirm carrying a smaller F4 would skip them (10.00 off a 5.00 bill under
+    `refuse`, below the 40.00 minimum), a larger one would take another sale's discount."""
+    code, tid = await setup(admin, change_rule="refuse", min_spend_fen=4_000)
+    reserve = ask(Kind.COUPON_RESERVE, tid, code, amount=5_000)
+    assert (await one(admin, reserve)).discount == 1_000
+    before = await state_of(db_url)
+    for bill in (500, 6_000):
+        for confirm in (
+            ask(Kind.COUPON_REDEEM, tid, amount=bill, original_batch="000001",
+                original_stan=reserve.stan),
+            ask(Kind.COUPON_REDEEM, tid, code, amount=bill, stan=reserve.stan),
+            ask(Kind.COUPON_REDEEM, tid, code, amount=bill),  # another STAN of the batch
+        ):  # fmt: skip
+            got = await one(admin, confirm)
+            assert got.outcome is Outcome.ORIGINAL_MISMATCH, (bill, confirm, got)
+            assert await state_of(db_url) == before
+    done = await one(admin, ask(Kind.COUPON_REDEEM, tid, amount=5_000, original_batch="000001",
+                                original_stan=reserve.stan))  # fmt: skip
+    assert (done.outcome, done.discount) == (Outcome.APPROVED, 1_000)
+
+
+async def test_a_redemption_counts_against_the_value_budget_as_it_is_when_it_writes(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HQ lowers a campaign's value budget between a till's read of the campaign and its
+    write: the write judges the budget as it is now (both the one-statement hold and the
+    transaction's update), so a 50.00 discount is refused under a 10.00 budget."""
+    await admin.org("LE1", "S1")
+    tid = await terminal(admin)
+    await campaign(admin, "PCT", kind="percent_off", value_fen=0, percent_bp=5_000,
+                   max_value_fen=10_000)  # fmt: skip
+    first, second = await codes(admin, "PCT", 2)
+    coupons = service(admin)
+    real = coupons._present
+    lowered = iter([1_000, 2_000])
+
+    async def present(*args: Any, **kw: Any) -> Any:
+        got = await real(*args, **kw)
+        budget = next(lowered, None)  # meanwhile HQ lowers the budget (nothing counted yet)
+        if budget is not None:
+            await admin.ok("PATCH", "/v1/coupon-campaigns/PCT", json={"max_value_fen": budget})
+        return got
+
+    monkeypatch.setattr(coupons, "_present", present)
+    before = await state_of(db_url)
+    spent = await one(admin, ask(Kind.COUPON_REDEEM, tid, first, amount=10_000))
+    assert (spent.outcome, spent.refusal) == (Outcome.OVER_LIMIT, "coupon_budget_spent")
+    after = await state_of(db_url)
+    assert after[:2] == before[:2]  # no code or redemption changed (only the budget did)
+    assert (await campaign_row(db_url, "PCT"))["redeemed_value"] == 0
+    assert (await code_row(db_url, first))["state"] == "issued"
+    fits = await one(admin, ask(Kind.COUPON_REDEEM, tid, second, amount=2_000))
+    assert (fits.outcome, fits.discount) == (Outcome.APPROVED, 1_000)  # within the new 2,000
+    assert (await campaign_row(db_url, "PCT"))["redeemed_value"] == 1_000
+    status, body = await admin.call("PATCH", "/v1/coupon-campaigns/PCT",
+                                    json={"max_value_fen": 999})  # fmt: skip
+    assert (status, body["error"]["code"]) == (409, "budget_below_issued")
+
+
 async def test_a_lapsed_reservation_frees_the_code_and_its_holder_can_no_longer_confirm(
     admin: AdminClient, db_url: str
 ) -> None:
@@ -326,6 +389,29 @@ async def test_two_coupons_of_one_sale_never_take_more_than_its_bill(admin: Admi
     assert (await one(admin, undo)).outcome is Outcome.APPROVED
     alone = await one(admin, ask(Kind.COUPON_QUERY, tid, b, amount=2_000, sale="S-9"))
     assert (alone.outcome, alone.discount) == (Outcome.APPROVED, 1_000)
+
+
+async def test_two_department_coupons_of_one_sale_never_take_more_than_its_lines(
+    admin: AdminClient,
+) -> None:
+    """A 100.00 bill with 30.00 of FOOD and two stackable 30.00-off FOOD coupons: the
+    second finds FOOD taken (refused under "refuse"); a DRINK coupon still takes its own."""
+    await admin.org("LE1", "S1")
+    tid = await terminal(admin)
+    for name, department in (("F1", "FOOD"), ("F2", "FOOD"), ("D1", "DRINK")):
+        await campaign(admin, name, stackable=True, change_rule="refuse", value_fen=3_000,
+                       departments=[department])  # fmt: skip
+    [f1], [f2], [d1] = [await codes(admin, name, 1) for name in ("F1", "F2", "D1")]
+    basket = (("FOOD", 3_000), ("DRINK", 7_000))
+
+    def redeem(code: str) -> PosRequest:
+        return ask(Kind.COUPON_REDEEM, tid, code, amount=10_000, basket=basket, sale="S-7")
+
+    assert (await one(admin, redeem(f1))).discount == 3_000
+    second = await one(admin, redeem(f2))
+    assert (second.outcome, second.refusal) == (Outcome.NOT_PERMITTED, "coupon_exceeds_bill")
+    drink = await one(admin, redeem(d1))
+    assert (drink.outcome, drink.discount) == (Outcome.APPROVED, 3_000)
 
 
 async def test_a_reversal_makes_a_redeemed_code_usable_again_exactly_once(

@@ -111,13 +111,21 @@ async def test_a_spend_the_ledger_refuses_voids_the_code_it_issued(
     async def refuse(_ops: Any) -> Any:
         raise Refused("conflict", "points_insufficient", "the lots moved meanwhile", "points")
 
-    monkeypatch.setattr(points, "_submit", refuse)
     body = {"points": 100, "reward": "GIFT", "key": "r1", "coupon_campaign": "GIFT"}
-    got, answer = await admin.call("POST", path, json=body)
+    with monkeypatch.context() as patched:
+        patched.setattr(points, "_submit", refuse)
+        got, answer = await admin.call("POST", path, json=body)
     assert (got, answer["error"]["code"]) == (409, "points_insufficient")
     [row] = await codes_of(db_url)
     assert row["state"] == "voided"
     assert (await shop.points(card))["balance"] == 500
+    # A retry under the key that the ledger takes: its points buy that code, live again
+    # (it was never answered), never a void one; and a resend changes nothing more.
+    for _ in range(2):
+        made = await admin.ok("POST", path, json=body)
+        assert (made["coupon"], made["points_balance"]) == (row["code"], 400)
+        [again] = await codes_of(db_url)
+        assert again["state"] == "issued"
 
 
 async def test_a_redemption_whose_spend_went_unheard_keeps_its_one_code_or_voids_it(

@@ -14,7 +14,7 @@ REDEEMED = {
     "redeemed_key": "", "redeemed_at_ms": 5, "version": ("+", 1),
 }  # fmt: skip
 RESERVED = {"state": "reserved", "reserved_key": "", "reserved_until_ms": 99, "version": ("+", 1)}
-COUNTED = Counted("C1", 0, 100, 70, 30)
+COUNTED = Counted("C1", 0, 0, 100, 70, 30)
 
 
 def _ask(key: str, code: str, counted: Counted | None, values: dict[str, Any]) -> Hold:
@@ -44,6 +44,10 @@ def test_one_statement_refuses_holds_of_two_shapes() -> None:
 def test_one_statement_refuses_two_budgets_of_one_campaign() -> None:
     """Redemptions of one campaign that read its budget at different moments (it changed in
     between) are judged each against its own: never in one statement."""
-    other = Counted("C1", 500, 100, 70, 30)
-    with pytest.raises(ValueError, match="one budget per campaign"):
-        holds_statement([_ask("t:1", "K1", COUNTED, REDEEMED), _ask("t:2", "K2", other, REDEEMED)])
+    other = Counted("C1", 500, 0, 100, 70, 30)
+    later = Counted("C1", 0, 7, 100, 70, 30)  # the same budget, read from a later version
+    for second in (other, later):
+        with pytest.raises(ValueError, match="one budget per campaign"):
+            holds_statement(
+                [_ask("t:1", "K1", COUNTED, REDEEMED), _ask("t:2", "K2", second, REDEEMED)]
+            )

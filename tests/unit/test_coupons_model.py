@@ -459,6 +459,34 @@ def test_stacked_coupons_never_take_more_than_the_bill_together() -> None:
     assert evaluate(strict, ISSUED, gone) == Verdict(False, "coupon_exceeds_bill")
 
 
+def test_stacked_department_coupons_never_take_more_than_their_lines_together() -> None:
+    """Two 30.00-off FOOD coupons on 30.00 of FOOD in a 100.00 bill: the second finds the
+    FOOD lines taken (whatever the rest of the bill left); two 60 %-off FOOD coupons take
+    60 % and then 60 % of what is left; a DRINK coupon is not held back by FOOD's."""
+    lines = (Line("FOOD", 3000), Line("DRINK", 7000))
+    food = campaign(stackable=True, value_fen=3000, departments=("FOOD",))
+    first = evaluate(food, ISSUED, ctx(bill_fen=10_000, lines=lines))
+    assert first.discount_fen == 3000
+    after = ctx(bill_fen=10_000, lines=lines, others_in_transaction=1, others_discount_fen=3000,
+                others_scoped=((("FOOD",), 3000),))  # fmt: skip
+    second = evaluate(food, ISSUED, after)
+    assert (second.ok, second.discount_fen, second.forfeited_fen) == (True, 0, 3000)
+    strict = dataclasses.replace(food, change_rule=ChangeRule.REFUSE)
+    assert evaluate(strict, ISSUED, after) == Verdict(False, "coupon_exceeds_bill")
+    drink = dataclasses.replace(food, departments=("DRINK",))
+    assert evaluate(drink, ISSUED, after).discount_fen == 3000
+    wide = ((("FOOD", "DRINK"), 3000),)  # an overlap counts in full, whatever it took from
+    assert evaluate(food, ISSUED, dataclasses.replace(after, others_scoped=wide)).discount_fen == 0
+    pct = campaign(stackable=True, kind=CouponKind.PERCENT_OFF, value_fen=0, percent_bp=6000,
+                   departments=("FOOD",))  # fmt: skip
+    big = (Line("FOOD", 10_000), Line("DRINK", 90_000))
+    a = evaluate(pct, ISSUED, ctx(bill_fen=100_000, lines=big))
+    b = evaluate(pct, ISSUED, ctx(bill_fen=100_000, lines=big, others_in_transaction=1,
+                                  others_discount_fen=a.discount_fen,
+                                  others_scoped=((("FOOD",), a.discount_fen),)))  # fmt: skip
+    assert (a.discount_fen, b.discount_fen) == (6000, 2400)
+
+
 def test_a_non_stackable_coupon_or_company_is_refused_negative() -> None:
     lone = ctx(others_in_transaction=1, others_stackable=True)
     assert evaluate(campaign(), ISSUED, lone).refusal == "coupon_not_stackable"

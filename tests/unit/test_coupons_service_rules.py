@@ -160,7 +160,7 @@ async def test_holds_that_read_two_budgets_of_one_campaign_never_share_a_stateme
         redemption |= {"key": key, "code": code}
         values = {"state": "redeemed", "reserved_key": None, "reserved_until_ms": None,
                   "redeemed_key": key, "redeemed_at_ms": 5, "version": ("+", 1)}  # fmt: skip
-        return schema.Hold(values, redemption, schema.Counted("C1", budget, 100, 100, 0))
+        return schema.Hold(values, redemption, schema.Counted("C1", budget, 0, 100, 100, 0))
 
     got = await service._holds_together(
         [hold("t:1", "K1", 0), hold("t:2", "K2", 500), hold("t:3", "K3", 0)]
