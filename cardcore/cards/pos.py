@@ -253,6 +253,7 @@ class _Plan:
     from_stored: bool = False  # its op repeats the transfer stored under its key
     original_key: str = ""  # void, refund: the purchase's ledger key; reversal: its target
     voided_key: str = ""  # the reversal of a void: the key of the purchase it voided
+    credit_limit: int = 0  # a new void or refund: the most its card may hold (0: none)
 
 
 class PosService:
@@ -854,6 +855,20 @@ class PosService:
         extra = await self._card_metadata(plan)
         plan.money = _Money(clearing, extra, needs_balance=plan.request.partial)
 
+    async def _balance_max(self, card: Card) -> int:
+        """The most the card may hold, in fen: its own maximum and its class's, the lower
+        (0: no maximum)."""
+        found = await self._class_of(card)
+        bounds = [x for x in (card.balance_max, 0 if found is None else found.balance_max) if x]
+        return min(bounds, default=0)
+
+    async def _limit_credit(self, plan: _Plan, card: Card, key: str) -> None:
+        """A void or refund gives money back to the card: held to the card's maximum like a
+        top-up (`_decide`), unless the ledger took it already (a resend, answered as first)."""
+        limit = await self._balance_max(card)
+        if limit and await self.directory.transfer_by_key(key) is None:
+            plan.credit_limit = limit
+
     async def _topup(self, plan: _Plan, t: Terminal) -> None:
         card = await self._paying_card(plan)
         if card is None:
@@ -862,8 +877,7 @@ class PosService:
         if found is not None and found.gift:  # its value is sold once, at a denomination
             plan.answer = PosResult(Outcome.NOT_PERMITTED, refusal="gift_not_reloadable")
             return
-        bounds = [x for x in (card.balance_max, 0 if found is None else found.balance_max) if x]
-        limit = min(bounds, default=0)
+        limit = await self._balance_max(card)
         # The store's entity took the cash: it owes the card's entity the value.
         clearing = await self._accounts().clearing(t.legal_entity, card.legal_entity)
         extra = await self._card_metadata(plan)
@@ -876,6 +890,9 @@ class PosService:
         debits: dict[int, int] = {}
         credits: dict[int, int] = {}
         for plan in plans:
+            if plan.credit_limit and plan.op is not None and plan.answer is None:
+                self._hold_to_limit(plan, balances, credits)
+                continue
             if plan.money is None or plan.answer is not None or plan.card is None:
                 continue
             r, card, money = plan.request, plan.card, plan.money
@@ -903,6 +920,27 @@ class PosService:
             credits[account_id] = credits.get(account_id, 0) + r.amount
             self._topup_op(plan, money)
 
+    def _hold_to_limit(
+        self, plan: _Plan, balances: dict[int, Account | None], credits: dict[int, int]
+    ) -> None:
+        """A void or refund that would take its card past its maximum is declined (61, the
+        money stays where it is: the till pays it back otherwise)."""
+        assert plan.card is not None
+        account_id = plan.card.account_id
+        account = balances.get(account_id)
+        if account is None:
+            found = account_id in balances
+            plan.op = None
+            plan.answer = PosResult(Outcome.CARD_NOT_FOUND if found else Outcome.UNAVAILABLE)
+            return
+        b = account.balance
+        held = available(b) + b.credits_pending + credits.get(account_id, 0)
+        if held + plan.request.amount > plan.credit_limit:
+            plan.op = None
+            plan.answer = PosResult(Outcome.OVER_LIMIT)
+            return
+        credits[account_id] = credits.get(account_id, 0) + plan.request.amount
+
     async def _balances(self, plans: list[_Plan]) -> dict[int, Account | None]:
         """The accounts whose balance a check needs, read once each (a few at a time). An
         account that could not be read is missing; one that does not exist maps to None."""
@@ -910,7 +948,8 @@ class PosService:
             {
                 p.card.account_id
                 for p in plans
-                if p.money is not None and p.money.needs_balance and p.card is not None
+                if p.card is not None
+                and ((p.money is not None and p.money.needs_balance) or p.credit_limit)
             }
         )
         out: dict[int, Account | None] = {}
@@ -1072,6 +1111,7 @@ class PosService:
             metadata=_metadata(t, r),
         )
         plan.finish = lambda res: _answer(res, card, r.amount)
+        await self._limit_credit(plan, card, key)
 
     async def _refund(self, plan: _Plan, t: Terminal) -> None:
         r = plan.request
@@ -1098,6 +1138,7 @@ class PosService:
             metadata=_metadata(t, r),
         )
         plan.finish = lambda res: _answer(res, card, r.amount)
+        await self._limit_credit(plan, card, plan.op.key)
 
     async def _reverse(self, plan: _Plan, t: Terminal) -> None:
         """Always taken, whatever the card's state: it only undoes what the terminal sent."""

@@ -428,7 +428,9 @@ class MemberService:
         are held by the card's account), and so do the duplicate's coupon codes, coupon
         redemptions (what the per-member limits count) and campaign enrolments
         (`coupons_merge`, in the same transaction); the duplicate becomes "merged" with
-        `merged_into` and loses its mobile number (free for reuse)."""
+        `merged_into` and loses its mobile number (free for reuse). Every card moved must be
+        in the caller's scope (403 `scope_forbidden` otherwise, nothing changed), as for a
+        delete."""
         if survivor_id == duplicate_id:
             raise Refused(
                 "invalid", "merge_same_member", "a member cannot merge into itself",
@@ -445,7 +447,15 @@ class MemberService:
                     raise not_active(row, field)
                 require(p, Perm.MEMBERS_WRITE, place_of(row))
             kept = await _card_ids(uow, survivor_id)
-            moved = await _card_ids(uow, duplicate_id)
+            cards = await _all_cards(uow, duplicate_id)
+            for card in cards:  # the merge moves them: each must be in the caller's scope
+                if not p.covers(Place(card["legal_entity"], card["store"])):
+                    raise Refused(
+                        "forbidden", "scope_forbidden",
+                        f"card {card['pan_masked']} of the duplicate is outside your scope",
+                        "duplicate_id",
+                    )  # fmt: skip
+            moved = [int(c["id"]) for c in cards]
             await uow.update(
                 CARDS, {"member_id": duplicate_id}, {"member_id": survivor_id, "updated_at_ms": now}
             )

@@ -601,6 +601,25 @@ async def test_a_store_officer_cannot_delete_a_member_with_a_card_of_another_sto
     assert await snapshot(db_url) == before
 
 
+async def test_a_store_officer_cannot_merge_a_duplicate_with_a_card_of_another_store(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Both members are the officer's, but the duplicate's card is S2's: a merge would move
+    it, so it is refused as a delete is, and nothing changes; HQ may merge them."""
+    await cards_api.world(admin)
+    survivor, duplicate = await cards_api.member(admin, "S1"), await cards_api.member(admin, "S1")
+    elsewhere = await cards_api.issue(admin, "ORD", "S2", member_id=duplicate)
+    officer = await admin.token("store_crm", "store", "S1")
+    before = await snapshot(db_url)
+    status, code = await refused(
+        admin, "POST", f"/v1/members/{survivor}/merge", officer, {"duplicate_id": duplicate}
+    )
+    assert (status, code) == (403, "scope_forbidden")
+    assert await snapshot(db_url) == before
+    await admin.ok("POST", f"/v1/members/{survivor}/merge", json={"duplicate_id": duplicate})
+    assert (await cards_api.card(admin, elsewhere["id"]))["member_id"] == survivor
+
+
 async def test_a_counter_topup_racing_a_member_delete_never_lands_on_its_closed_card(
     admin: AdminClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

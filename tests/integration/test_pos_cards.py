@@ -481,6 +481,45 @@ async def test_a_top_up_over_the_class_maximum_is_refused_and_changes_nothing(
     )
 
 
+async def test_a_void_or_refund_that_would_pass_the_cards_maximum_is_refused_and_changes_nothing(
+    world: World,
+) -> None:
+    """A card at its maximum after a top-up that followed a purchase: giving the purchase
+    back (a void, a refund) would pass the maximum, so it is declined 61 and nothing moves
+    (the till pays it back otherwise); what fits is approved, and a resend of an approved
+    refund once the card is at its maximum again is that refund, not a decline."""
+    await world.card_class("NAMED", balance_max=10_000)
+    t = world.terminals["LE-A"]
+    card = await world.card("LE-A", 10_000, class_code="NAMED")
+    bought = request(Kind.PURCHASE, t, card, amount=6_000)
+    sale = await world.one(bought)
+    assert sale.outcome is Outcome.APPROVED
+    topup = await world.one(request(Kind.TOPUP, t, card, amount=6_000))  # a hold: counted
+    assert topup.outcome is Outcome.APPROVED
+    before = await world.account(card.account_id)
+    void = request(Kind.VOID, t, card, amount=6_000, original_batch=t.batch,
+                   original_stan=bought.stan)  # fmt: skip
+    refund = request(Kind.REFUND, t, card, amount=1, rrn=sale.rrn)
+    for asked in (void, refund):
+        got = await world.one(asked)
+        assert got.outcome is Outcome.OVER_LIMIT, (asked.kind, got)
+        assert await world.account(card.account_id) == before
+    more = await purchase(world, card, 3_000)  # 1,000 + 6,000 held: room for 3,000 more
+    assert more.outcome is Outcome.APPROVED
+    fits = request(Kind.REFUND, t, card, amount=3_000, rrn=sale.rrn)
+    over = request(Kind.REFUND, t, card, amount=1, rrn=sale.rrn)
+    first, second = await world.ask(fits, over)  # one call: the second sees the first
+    assert (first.outcome, second.outcome) == (Outcome.APPROVED, Outcome.OVER_LIMIT)
+    at_max = await world.account(card.account_id)
+    again = await world.one(fits)
+    assert (again.outcome, again.replayed) == (Outcome.APPROVED, True)
+    assert await world.account(card.account_id) == at_max
+    unlimited = await world.card("LE-A", 10_000)  # a class without a maximum: no check
+    paid = await purchase(world, unlimited, 100)
+    back = await world.one(request(Kind.REFUND, t, unlimited, amount=100, rrn=paid.rrn))
+    assert back.outcome is Outcome.APPROVED
+
+
 async def test_a_resent_purchase_gets_its_first_answer_after_the_card_was_frozen(
     world: World,
 ) -> None:
