@@ -109,26 +109,23 @@ class Directory:
         return fresh
 
     async def settlement(
-        self, tid: str, batch: str
-    ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None:
-        """The host's and the terminal's totals of the last balanced settlement of `batch`."""
+        self, tid: str, cycle: int, batch: str
+    ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int], bool] | None:
+        """The settlement recorded when batch (`cycle`, `batch`) closed: the host's totals,
+        the terminal's, and whether they balanced; None while it is open or unknown."""
         s = schema.pos_settlements
-        query = (
-            select(s)
-            .where(s.c.tid == tid, s.c.batch == batch, s.c.balanced.is_(True))
-            .order_by(s.c.id.desc())
-            .limit(1)
-        )
+        query = select(s).where(s.c.tid == tid, s.c.batch_cycle == cycle, s.c.batch == batch)
         async with self.engine.connect() as conn:
             row = (await conn.execute(query)).mappings().first()
         if row is None:
             return None
-        host = (row["debit_amount"], row["debit_count"], row["credit_amount"], row["credit_count"])
         names = ("debit_amount", "debit_count", "credit_amount", "credit_count")
+        host = tuple(int(row[n]) for n in names)
         terminal = tuple(int(row[f"terminal_{n}"]) for n in names)
         return (
-            (int(host[0]), int(host[1]), int(host[2]), int(host[3])),
+            (host[0], host[1], host[2], host[3]),
             (terminal[0], terminal[1], terminal[2], terminal[3]),
+            bool(row["balanced"]),
         )
 
     # --- cards -------------------------------------------------------------------------------

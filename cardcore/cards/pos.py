@@ -1212,8 +1212,8 @@ class PosService:
             assert fresh is not None
             if r.batch != fresh.batch:
                 # The same settlement again (its 0510 was lost): the stored answer again.
-                done = await self.directory.settlement(fresh.tid, r.batch)
-                if done is not None and _same_totals(done[1], r.totals):
+                done = await self._just_closed(fresh, r.batch)
+                if done is not None and done[2] and _same_totals(done[1], r.totals):
                     return PosResult(
                         Outcome.APPROVED,
                         totals=done[0],
@@ -1237,6 +1237,13 @@ class PosService:
             fresh = await self.directory.terminal(t.tid)
             assert fresh is not None
             if r.batch != fresh.batch:
+                # The same end of upload again (its 0330 was lost): the stored answer again,
+                # never the next batch closed.
+                done = None if r.lines else await self._just_closed(fresh, r.batch)
+                if done is not None and _same_totals(done[1], r.totals):
+                    return PosResult(
+                        Outcome.APPROVED, totals=done[0], balanced=done[2], replayed=True
+                    )
                 return PosResult(Outcome.BATCH_MISMATCH, batch=fresh.batch)
             prefix = batch_prefix(fresh, fresh.batch)
             lines = await self.directory.batch_lines(prefix)
@@ -1248,6 +1255,17 @@ class PosService:
                 return PosResult(Outcome.APPROVED, totals=totals, balanced=balanced)
             unmatched = tuple(stan for stan, amount in r.lines if host.get(stan) != amount)
             return PosResult(Outcome.APPROVED, balanced=not unmatched, unmatched=unmatched)
+
+    async def _just_closed(
+        self, t: Terminal, batch: str
+    ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int], bool] | None:
+        """The settlement of `batch` when it is the batch that closed last (the one before
+        the open batch, in its cycle across a wrap): what a lost 0510 or 0330 answers again.
+        An older batch of the same number (a cycle ago) is not it."""
+        after, wrapped = next_batch(batch)
+        if after != t.batch:
+            return None
+        return await self.directory.settlement(t.tid, t.batch_cycle - wrapped, batch)
 
     async def _close(
         self,

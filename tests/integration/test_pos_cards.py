@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter, defaultdict
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -518,6 +519,58 @@ async def test_a_void_or_refund_that_would_pass_the_cards_maximum_is_refused_and
     paid = await purchase(world, unlimited, 100)
     back = await world.one(request(Kind.REFUND, t, unlimited, amount=100, rrn=paid.rrn))
     assert back.outcome is Outcome.APPROVED
+
+
+async def test_a_lost_settlement_or_upload_end_answer_is_answered_again_and_closes_nothing_more(
+    world: World,
+) -> None:
+    """The 0330 of an upload's end was lost: the same end again gets the stored answer
+    (never 77, whose sign-on would have the terminal close its next, empty batch); the same
+    holds across a batch wrap (the settlement is that of the batch closed last, in its
+    cycle), and a settlement naming an older batch of the same number is 77."""
+    t = world.terminals["LE-A"]
+    card = await world.card("LE-A", 10_000)
+    assert (await world.one(request(Kind.PURCHASE, t, card, amount=1_000))).outcome is (
+        Outcome.APPROVED
+    )
+    unbalanced = await world.one(request(Kind.SETTLE, t, totals=(999, 1, 0, 0)))
+    assert (unbalanced.outcome, unbalanced.balanced) == (Outcome.APPROVED, False)
+    end = request(Kind.UPLOAD, t, totals=(999, 1, 0, 0))
+    first = await world.one(end)
+    assert (first.outcome, first.balanced, first.totals) == (
+        Outcome.APPROVED, False, (1_000, 1, 0, 0))  # fmt: skip
+    for _ in range(2):
+        again = await world.one(end)
+        assert (again.outcome, again.balanced, again.totals, again.replayed) == (
+            Outcome.APPROVED, False, (1_000, 1, 0, 0), True)  # fmt: skip
+    other = await world.one(replace(end, totals=(1_000, 1, 0, 0)))  # not the same end
+    assert (other.outcome, other.batch) == (Outcome.BATCH_MISMATCH, "000002")
+    zero = request(Kind.SETTLE, t, batch="000002", totals=(0, 0, 0, 0))
+    assert (await world.one(zero)).balanced is True  # 000002 closes, 000003 opens
+
+    async def move_to(batch: str, cycle: int) -> None:  # as if many batches went by
+        async with world.records.begin() as uow:
+            await uow.update("pos_terminals", {"tid": t.tid},
+                             {"batch": batch, "batch_cycle": cycle})  # fmt: skip
+        world.directory.forget_terminal(t.tid)
+
+    # A wrap later, batch 000003 is open again: 000002 of the last cycle never closed, so
+    # a 0500 naming it is 77, though a 000002 of the cycle before closed with its totals.
+    await move_to("000003", 1)
+    stale = await world.one(zero)
+    assert (stale.outcome, stale.batch) == (Outcome.BATCH_MISMATCH, "000003")
+    # Across a wrap: 999999 closes balanced and 000001 of the next cycle opens; the same
+    # settlement again is answered as first.
+    await move_to("999999", 1)
+    settle = request(Kind.SETTLE, t, batch="999999", totals=(0, 0, 0, 0))
+    closed = await world.one(settle)
+    assert (closed.outcome, closed.balanced, closed.replayed) == (Outcome.APPROVED, True, False)
+    again = await world.one(settle)
+    assert (again.outcome, again.balanced, again.replayed) == (Outcome.APPROVED, True, True)
+    fresh = await world.directory.terminal(t.tid)
+    assert fresh is not None and (fresh.batch, fresh.batch_cycle) == ("000001", 2)
+    old = await world.one(request(Kind.UPLOAD, t, batch="999998", totals=(0, 0, 0, 0)))
+    assert (old.outcome, old.batch) == (Outcome.BATCH_MISMATCH, "000001")
 
 
 async def test_a_resent_purchase_gets_its_first_answer_after_the_card_was_frozen(
