@@ -1400,7 +1400,7 @@ class CouponService:
         in_scope = terminal.legal_entity == campaign_row["legal_entity"] and (
             not campaign_row["store"] or terminal.store == campaign_row["store"]
         )
-        sale = await self._same_sale(uow, terminal, request, row["code"])
+        sale = await self._same_sale(uow, terminal, request, row["code"], now)
         lines = tuple(model.Line(d, fen) for d, fen in request.basket) or None
         ctx = model.Context(
             now_ms=now,
@@ -1424,12 +1424,13 @@ class CouponService:
         return row, campaign_row, verdict, member
 
     async def _same_sale(
-        self, uow: Unit | None, terminal: Terminal, request: PosRequest, code: str
+        self, uow: Unit | None, terminal: Terminal, request: PosRequest, code: str, now: int
     ) -> _Sale:
         """The other coupons held or redeemed in this terminal's sale (its sale number):
         how many, whether all of them may be combined, what they take off the bill
-        together, and what those scoped to departments take. Without a sale number each
-        coupon message is a sale of its own."""
+        together, and what those scoped to departments take. A reservation that lapsed
+        holds nothing and is not one of them. Without a sale number each coupon message is
+        a sale of its own."""
         if not request.sale:
             return _Sale(0, True, 0, ())
         assert uow is not None  # `_present` reads for a sale number
@@ -1438,7 +1439,13 @@ class CouponService:
             {"terminal": terminal.tid, "sale": request.sale, "state": ["reserved", "redeemed"]},
             order="key", limit=limits.COUPON_PER_TRANSACTION_MAX + 1,
         )  # fmt: skip
-        others = {r["code"]: r for r in rows if r["code"] != code}
+        held_since = now - limits.COUPON_RESERVE_S * 1000  # reserved after it: held still
+        others = {
+            r["code"]: r
+            for r in rows
+            if r["code"] != code
+            and (r["state"] == "redeemed" or int(r["created_at_ms"]) > held_since)
+        }
         stackable = True
         departments: dict[str, tuple[str, ...]] = {}
         for campaign in sorted({r["campaign"] for r in others.values()}):

@@ -368,6 +368,30 @@ async def test_a_lapsed_reservation_no_longer_counts_against_the_members_limits(
     assert (again.outcome, again.refusal) == (Outcome.NOT_PERMITTED, "coupon_member_limit")
 
 
+async def test_a_lapsed_reservation_is_no_longer_one_of_its_sales_coupons(
+    admin: AdminClient,
+) -> None:
+    """A non-stackable coupon reserved in a sale: while it holds, another coupon of that
+    sale is refused (not stackable) and a stackable one takes only what it left of the
+    bill; once it lapsed, it holds nothing and takes nothing from the sale."""
+    await admin.org("LE1", "S1")
+    tid = await terminal(admin)
+    await campaign(admin, "LONE")
+    await campaign(admin, "PAIR", stackable=True)
+    [lone], [pair] = await codes(admin, "LONE", 1), await codes(admin, "PAIR", 1)
+    coupons = service(admin)
+    start = int(time.time() * 1000)
+    coupons.clock_ms = lambda: start
+    held = await one(admin, ask(Kind.COUPON_RESERVE, tid, lone, amount=1_500, sale="S-3"))
+    assert held.outcome is Outcome.APPROVED
+    coupons.clock_ms = lambda: start + limits.COUPON_RESERVE_S * 1000 - 1
+    joined = await one(admin, ask(Kind.COUPON_QUERY, tid, pair, amount=1_500, sale="S-3"))
+    assert (joined.outcome, joined.refusal) == (Outcome.NOT_PERMITTED, "coupon_not_stackable")
+    coupons.clock_ms = lambda: start + limits.COUPON_RESERVE_S * 1000
+    alone = await one(admin, ask(Kind.COUPON_REDEEM, tid, pair, amount=1_500, sale="S-3"))
+    assert (alone.outcome, alone.discount, alone.forfeited) == (Outcome.APPROVED, 1_000, 0)
+
+
 async def test_two_coupons_of_one_sale_never_take_more_than_its_bill(admin: AdminClient) -> None:
     """The no-change rule of a sale's coupons together: a bill of 15.00 and two stackable
     10.00 coupons; the second is refused under "refuse", and takes the 5.00 left under
