@@ -102,6 +102,9 @@ class BatchEffects:
     pendings: dict[int, PendingState] = field(default_factory=dict)  # holds made or resolved
     reversed_by: dict[int, int] = field(default_factory=dict)  # targets reversed by the batch
     refunded: dict[int, int] = field(default_factory=dict)  # targets whose refunds changed
+    # the kinds of the transfers the batch made and of those it gave back to: the next
+    # batch, read before this one commits, judges a chain of reversals by them
+    kinds: dict[int, TransferKind] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -132,7 +135,7 @@ class _Scratch:
         self.pendings = dict(view.pendings)
         self.reversed_by = dict(view.reversed_by)
         self.refunded = dict(view.refunded)
-        self.kinds = view.kinds
+        self.kinds = dict(view.kinds)
         self.next = {
             "account": counters.account,
             "transfer": counters.transfer,
@@ -194,6 +197,7 @@ class _Scratch:
         e = self.effects
         e.transfers.append(transfer)
         e.entries.extend(entries)
+        self.set(self.kinds, transfer.id, transfer.kind)
         e.outbox.append(
             OutboxEvent(
                 id=self.take_id("outbox"),
@@ -269,6 +273,7 @@ def decide_batch(
     e.pendings = {pid: s.pendings[pid] for pid in created | resolved if pid is not None}
     e.reversed_by = {k: v for k, v in s.reversed_by.items() if view.reversed_by.get(k) != v}
     e.refunded = {k: v for k, v in s.refunded.items() if view.refunded.get(k) != v}
+    e.kinds = {k: v for k, v in s.kinds.items() if k not in view.kinds}
     return e
 
 
@@ -287,6 +292,7 @@ def overlay(view: LedgerView, effects: BatchEffects) -> None:
     view.pendings.update(effects.pendings)
     view.reversed_by.update(effects.reversed_by)
     view.refunded.update(effects.refunded)
+    view.kinds.update(effects.kinds)
 
 
 def _decide_single(s: _Scratch, op: Op) -> Result:
@@ -621,6 +627,8 @@ def _reverse(s: _Scratch, op: Reverse) -> Result:
     replay = _replay(s, op)
     if replay is not None:
         return replay
+    if op.target_key == op.key:  # the edge refuses it too; its tombstone would be its own key
+        raise _Failed("target_not_reversible", "target_key")
     target = s.transfers_by_key.get((op.client, op.target_key))
     if target is None:
         failed = s.failures_by_key.get((op.client, op.target_key))
@@ -667,7 +675,8 @@ def _chain_allows_reverse(s: _Scratch, target: Transfer) -> bool:
     if target.target_id is None:
         return True
     if target.kind is TransferKind.REVERSE:
-        return _kind_of(s, target.target_id) is not TransferKind.REFUND
+        inner = _kind_of(s, target.target_id)  # unknown: refused, never let through
+        return inner is not None and inner is not TransferKind.REFUND
     if target.kind is TransferKind.REFUND:
         return target.target_id not in s.reversed_by
     return True
@@ -737,6 +746,7 @@ def _give_back(
         Posting(p.account_id, Side.CREDIT if p.side is Side.DEBIT else Side.DEBIT, amount)
         for p in target.postings
     )
+    s.set(s.kinds, target.id, target.kind)  # what a later batch's chain check reads
     moves = []
     for p in postings:
         account = s.accounts.get(p.account_id)

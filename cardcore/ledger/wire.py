@@ -16,6 +16,7 @@ from typing import Any
 from cardcore import limits
 from cardcore.ledger import codes
 from cardcore.ledger.model import (
+    LEDGER_CLIENT,
     METADATA_NAMES,
     Account,
     AccountFlags,
@@ -152,6 +153,8 @@ def parse_ops_request(body: object) -> tuple[str, list[Op]]:
     """`{"client": "...", "ops": [...]}` -> (client, ops)."""
     top = _Fields(body, "", frozenset({"client", "ops"}))
     client = top.string("client", CLIENT_RE, required=False) or DEFAULT_CLIENT
+    if client == LEDGER_CLIENT:  # the writer's own name (hold expiries): never a caller's
+        raise RequestError("invalid_value", "client", f"{LEDGER_CLIENT!r} is reserved")
     raw_ops = top.raw("ops", True)
     if not isinstance(raw_ops, list):
         raise RequestError("wrong_type", "ops", "expected an array of operations")
@@ -193,10 +196,14 @@ def parse_op(raw: object, path: str, client: str) -> Op:
         return _transfer(f, client, key, reason=reason, metadata=metadata, linked=linked)
     if kind == "reverse":
         target = _str(f, "target_key", KEY_RE)
+        if target == key:
+            raise RequestError("invalid_value", f.at("target_key"), "a reversal's own key")
         tombstone = bool(f.boolean("tombstone"))
         return Reverse(client, key, target, tombstone, reason, metadata, linked)
     if kind == "refund":
         target = _str(f, "target_key", KEY_RE)
+        if target == key:
+            raise RequestError("invalid_value", f.at("target_key"), "a refund's own key")
         refund_amount = f.integer("amount", low=1, high=limits.AMOUNT_MAX)
         assert refund_amount is not None
         return Refund(client, key, target, refund_amount, reason, metadata, linked)

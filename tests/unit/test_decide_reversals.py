@@ -783,3 +783,45 @@ def test_a_reversed_refund_is_final_and_a_reversed_original_keeps_its_refunds() 
     book.one(reverse("rev-8", "sale-8"))  # gives back the other 70
     # Taking the refund back now would charge 30 for a sale that is reversed.
     book.one(reverse("rev-ref-8", "ref-8"), "target_not_reversible")
+
+
+def test_a_reversed_refund_stays_final_when_its_reversal_is_not_committed_yet() -> None:
+    """The writer's pipeline: batch N+1 is read from the database before batch N commits,
+    then N is laid over it (`overlay`). N reverses refund F; N+1 reverses that reversal.
+    The kind of F (a refund: its reversal is final) comes with N's effects, so N+1 refuses
+    as one batch after the other would; an unknown kind is refused, never let through."""
+    book = Book()
+    book.one(sale("P", 100))
+    book.one(refund("F", "P", 100))
+    committed = book.view  # P and F, read by N with N's keys
+    n = decide_batch([[reverse("RF", "F")]], committed, book.counters, book.seq, NOW)
+    assert codes(n) == ["ok"]
+    # N+1 names only RRF and RF: none of them is in the database yet, so its view holds no
+    # transfers, and the kinds it knows are those of what N did.
+    fresh = LedgerView(
+        assets={"CNY": CNY},
+        accounts=dict(committed.accounts),
+        account_ids_by_natural_key=dict(committed.account_ids_by_natural_key),
+    )
+    overlay(fresh, n)
+    later = decide_batch([[reverse("RRF", "RF")]], fresh, n.counters, book.seq + 1, NOW)
+    assert codes(later) == ["target_not_reversible"]
+    assert_no_effect(later)
+    blind = LedgerView(
+        assets={"CNY": CNY},
+        accounts=dict(committed.accounts),
+        account_ids_by_natural_key=dict(committed.account_ids_by_natural_key),
+        transfers_by_key={(CLIENT, "RF"): n.transfers[0]},
+    )  # a reversal whose target's kind is unknown: refused
+    unknown = decide_batch([[reverse("RRF", "RF")]], blind, n.counters, book.seq + 1, NOW)
+    assert codes(unknown) == ["target_not_reversible"]
+
+
+def test_a_reverse_or_refund_naming_its_own_key_is_refused_and_changes_nothing() -> None:
+    """A tombstone reversal whose target key is its own key would write its tombstone and
+    its own record under one key (the batch's commit would fail for everyone in it)."""
+    book = Book()
+    e = book.run(reverse("X", "X", tombstone=True), sale("other", 10))
+    assert codes(e) == ["target_not_reversible", "ok"]
+    assert [t.key for t in e.transfers] == ["other"]
+    assert len(e.failures) == 1

@@ -16,6 +16,7 @@ from cardcore import limits
 from cardcore.config import Config, ConfigError, load
 from cardcore.ledger import codes, wire
 from cardcore.ledger.model import (
+    LEDGER_CLIENT,
     METADATA_NAMES,
     AccountFlags,
     AssetKind,
@@ -150,7 +151,9 @@ def transfers(draw: st.DrawFn) -> CreateTransfer:
     metadata = draw(st.dictionaries(st.sampled_from(sorted(METADATA_NAMES)), metadata_values))
     return CreateTransfer(
         client=draw(
-            _text(string.ascii_letters + string.digits + "._-", 1, limits.CLIENT_CHARS_MAX)
+            _text(string.ascii_letters + string.digits + "._-", 1, limits.CLIENT_CHARS_MAX).filter(
+                lambda c: c != LEDGER_CLIENT  # the writer's own name: refused from callers
+            )
         ),
         key=draw(_text(NAME_CHARS + "/+=", 1, limits.KEY_CHARS_MAX)),
         asset=draw(
@@ -195,6 +198,22 @@ def test_a_bad_field_is_refused_with_its_code_and_path(
         wire.parse_ops_request({"client": "pos", "ops": [op]})
     assert refused.value.code == code
     assert refused.value.field == (field or "ops[0].postings")
+
+
+def test_the_writers_own_client_name_and_a_target_that_is_its_own_key_are_refused() -> None:
+    """Client `ledger` is the writer's (its hold expiries' keys): a caller's transfer under it
+    could take an expiry's key. A reverse or refund naming its own key as target would write
+    two records under that key."""
+    op = wire.encode_op(EXAMPLES["transfer"])
+    with pytest.raises(wire.RequestError) as refused:
+        wire.parse_ops_request({"client": LEDGER_CLIENT, "ops": [op]})
+    assert (refused.value.code, refused.value.field) == ("invalid_value", "client")
+    for name in ("reverse", "refund"):
+        own = wire.encode_op(EXAMPLES[name])
+        own["target_key"] = own["key"]
+        with pytest.raises(wire.RequestError) as refused:
+            wire.parse_ops_request({"client": "pos", "ops": [own]})
+        assert (refused.value.code, refused.value.field) == ("invalid_value", "ops[0].target_key")
 
 
 def test_an_amount_that_is_a_bool_or_too_large_is_refused() -> None:
