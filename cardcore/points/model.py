@@ -39,8 +39,9 @@ Lots (`Lot`, `plan_spend`, `plan_clawback`, `expire`, ...)
 - A clawback takes the returned earning's own lots first, then other pending lots (latest
   available first), then usable lots LATEST expiry first (never-expiring first): the member
   keeps the points that expire soonest, which favours the program; the shortfall is a debt.
-- `proportional_clawback` floors cumulatively, so a return in parts claws back exactly what
-  the whole return would. A reversed spend puts back exactly its takes (`put_back`).
+- `proportional_clawback` floors cumulatively on what was clawed, so a return in parts claws
+  back exactly what the whole return would, and never more than the earning in all. A
+  reversed spend puts back exactly its takes (`put_back`).
 
 Tiers (`Tier`, `TierPolicy`, `tier_for`, `next_tier`, `period_bounds`)
 - Upgrade at once when the period's value reaches a higher threshold; with downgrade
@@ -668,20 +669,25 @@ def plan_clawback(
 
 
 def proportional_clawback(
-    earned_points: int, original_fen: int, returned_fen_before: int, returned_fen_now: int
+    earned_points: int,
+    original_fen: int,
+    returned_fen_before: int,
+    returned_fen_now: int,
+    clawed_before: int,
 ) -> int:
-    """The points a return of `returned_fen_now` takes back, floored cumulatively:
-    floor(earned x (before + now) / original) - floor(earned x before / original), so parts
-    of a return sum to what the whole return takes; `return_exceeds_original` past it."""
+    """The points a return of `returned_fen_now` takes back, floored cumulatively on what
+    was taken: floor(earned x (before + now) / original) - clawed_before, never below 0 nor
+    past what the earning still holds. So parts of a return sum to what the whole return
+    takes, and a return reversed in between (its fen and points given back) never makes
+    later returns take more than the earning; `return_exceeds_original` past the original."""
     assert min(earned_points, original_fen, returned_fen_before, returned_fen_now) >= 0
+    assert 0 <= clawed_before <= earned_points, (clawed_before, earned_points)
     after = returned_fen_before + returned_fen_now
     if after > original_fen:
         raise PointsRefused(RETURN_EXCEEDS_ORIGINAL, "more returned than bought", "amount_fen")
     if original_fen == 0:
         return 0
-    return (
-        earned_points * after // original_fen - earned_points * returned_fen_before // original_fen
-    )
+    return max(0, earned_points * after // original_fen - clawed_before)
 
 
 def settle_debt(debt: int, earned: int) -> tuple[int, int]:

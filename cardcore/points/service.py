@@ -1126,7 +1126,9 @@ class PointsService:
                 fen, points = amount - before, int(earning["points"]) - int(earning["clawed"])
             else:
                 fen = min(returned, amount - before)
-                points = model.proportional_clawback(int(earning["points"]), amount, before, fen)
+                points = model.proportional_clawback(
+                    int(earning["points"]), amount, before, fen, int(earning["clawed"])
+                )
             pinned = await self._pin_clawback(key, earning, fen, points)
             if pinned is None:
                 return None
@@ -1464,7 +1466,7 @@ class PointsService:
             clawback = await uow.get(CLAWBACKS, key=key)
         stored, _keys = await self._chunks(key)
         if clawback is not None:
-            if not await self._unpin_clawback(clawback, undo):
+            if not await self._unpin_standing(clawback, undo):
                 return
         elif stored and stored[0]["reason"] != "points_redeem":
             return
@@ -1537,6 +1539,23 @@ class PointsService:
             res, *_rest = await self.ledger.submit(claw[0])
         if not res.ok:
             log.warning("points reversal refused by the ledger", extra={"code": res.code})
+
+    async def _unpin_standing(self, clawback: dict[str, Any], undo: str) -> bool:
+        """`_unpin_clawback` while the earning stands: once a terminal's reversal of the
+        earning itself took back all it held (the return's share was taken already), a
+        reversal of the return puts nothing back, as the money ledger never takes back a
+        refund of a reversed purchase. Under the holder's lock, which the earning's
+        reversal holds too."""
+        earning = await self._earning(clawback["earning"])
+        if earning is None:
+            return False
+        base = str(earning["key"]).removesuffix(EARN_SUFFIX)
+        async with self.accounts.lock(int(earning["holder"])):
+            async with self.records.read() as uow:
+                reversed_whole = await uow.get(CLAWBACKS, key=base + REVERSAL_SUFFIX + EARN_SUFFIX)
+            if reversed_whole is not None:
+                return False
+            return await self._unpin_clawback(clawback, undo)
 
     async def _unpin_clawback(self, clawback: dict[str, Any], undo: str) -> bool:
         """Record that a clawback is undone: a row with its amounts negated under `undo`, and

@@ -677,6 +677,62 @@ async def test_a_return_of_less_than_a_point_is_approved_and_its_reversal_gives_
     assert (whole.points, whole.points_balance) == (-100, 0)
 
 
+async def test_returns_around_a_reversed_return_never_take_more_than_the_earning(
+    admin: AdminClient, db_url: str
+) -> None:
+    """100 points on 100.00: 1.50 returned (1 point), 98.50 returned (99), the 1.50 return
+    reversed (1 point back), 1.50 returned again: 1 point (cumulatively 100), never 2 with
+    a point of debt; the same with card refunds of a card purchase."""
+    shop, card, earn = await earned_otherwise(admin)
+    first = shop.request(Kind.POINTS_RETURN, card, amount=150, rrn=earn.rrn)
+    assert (await shop.one(first)).points == -1
+    rest = await shop.one(shop.request(Kind.POINTS_RETURN, card, amount=9_850, rrn=earn.rrn))
+    assert rest.points == -99
+    assert (await shop.one(shop.request(Kind.REVERSE, None, stan=first.stan))).outcome is (
+        Outcome.APPROVED
+    )
+    again = await shop.one(shop.request(Kind.POINTS_RETURN, card, amount=150, rrn=earn.rrn))
+    assert (again.points, again.points_balance) == (-1, 0)
+    [earning] = await sql_rows(db_url, "SELECT * FROM points_earnings")
+    assert (earning["returned"], earning["clawed"]) == (10_000, 100)
+    assert (await shop.points(card))["debt"] == 0
+    other = await shop.card()
+    sale = await shop.one(shop.request(Kind.PURCHASE, other, amount=10_000))
+    refund = shop.request(Kind.REFUND, other, amount=150, rrn=sale.rrn)
+    assert (await shop.one(refund)).points == -1
+    most = await shop.one(shop.request(Kind.REFUND, other, amount=9_850, rrn=sale.rrn))
+    assert most.points == -99
+    assert (await shop.one(shop.request(Kind.REVERSE, None, stan=refund.stan))).outcome is (
+        Outcome.APPROVED
+    )
+    last = await shop.one(shop.request(Kind.REFUND, other, amount=150, rrn=sale.rrn))
+    assert last.points == -1
+    view = await shop.points(other)
+    assert (view["balance"], view["debt"]) == (0, 0)
+
+
+async def test_a_returns_reversal_after_the_earnings_own_reversal_puts_nothing_back(
+    admin: AdminClient,
+) -> None:
+    """A cash purchase earns 100, half is returned (50 back), then the terminal reverses the
+    earning (the other 50) and then the return: nothing earned stands, so nothing comes
+    back (as the money ledger never takes back a refund of a reversed purchase). In the
+    other order the return's points come back first and the earning's reversal takes all."""
+    shop = await Shop(admin).make()
+    for earning_first in (True, False):
+        card = await shop.card()
+        earn_request = shop.request(Kind.POINTS_EARN, card, amount=10_000)
+        earn = await shop.one(earn_request)
+        ret = shop.request(Kind.POINTS_RETURN, card, amount=5_000, rrn=earn.rrn)
+        assert (await shop.one(ret)).points == -50
+        order = [earn_request, ret] if earning_first else [ret, earn_request]
+        for target in order:
+            undo = await shop.one(shop.request(Kind.REVERSE, None, stan=target.stan))
+            assert undo.outcome is Outcome.APPROVED
+        view = await shop.points(card)
+        assert (view["balance"], view["debt"]) == (0, 0), (earning_first, view)
+
+
 async def test_a_return_naming_no_earning_of_this_card_is_refused(
     admin: AdminClient, db_url: str
 ) -> None:

@@ -578,10 +578,24 @@ def test_a_clawback_of_nothing_takes_nothing() -> None:
 
 
 def test_a_return_in_parts_claws_back_what_the_whole_return_would() -> None:
-    parts = [proportional_clawback(100, 300, before, 100) for before in (0, 100, 200)]
+    parts = [proportional_clawback(100, 300, before, 100, 100 * before // 300)
+             for before in (0, 100, 200)]  # fmt: skip
     assert parts == [33, 33, 34]
-    assert proportional_clawback(100, 300, 0, 300) == 100
-    assert proportional_clawback(100, 300, 0, 150) == 50
+    assert proportional_clawback(100, 300, 0, 300, 0) == 100
+    assert proportional_clawback(100, 300, 0, 150, 0) == 50
+
+
+def test_a_return_after_an_earlier_one_was_reversed_never_takes_more_than_the_earning() -> None:
+    """100 points on 100.00: 1.50 returned (1 point), 98.50 returned (99), the 1.50 return
+    reversed (1.50 and 1 point back), 1.50 returned again: 1 point, never 2 (101 in all)."""
+    first = proportional_clawback(100, 10_000, 0, 150, 0)
+    second = proportional_clawback(100, 10_000, 150, 9_850, first)
+    assert (first, second) == (1, 99)
+    again = proportional_clawback(100, 10_000, 9_850, 150, first + second - first)
+    assert again == 1
+    # More taken than the floor says (a reversal's order): nothing more, never negative.
+    assert proportional_clawback(100, 300, 100, 50, 40) == 10
+    assert proportional_clawback(100, 300, 100, 1, 40) == 0
 
 
 @settings(max_examples=200, deadline=None)
@@ -595,7 +609,7 @@ def test_any_split_of_a_whole_return_claws_back_exactly_all_points(
     original = sum(returns)
     before = clawed = 0
     for now in returns:
-        clawed += proportional_clawback(earned, original, before, now)
+        clawed += proportional_clawback(earned, original, before, now, clawed)
         before += now
         assert 0 <= clawed <= earned
     assert clawed == (earned if original else 0)
@@ -603,9 +617,9 @@ def test_any_split_of_a_whole_return_claws_back_exactly_all_points(
 
 def test_a_return_beyond_the_original_amount_is_refused() -> None:
     with pytest.raises(PointsRefused) as caught:
-        proportional_clawback(100, 300, 200, 101)
+        proportional_clawback(100, 300, 200, 101, 66)
     assert caught.value.code == RETURN_EXCEEDS_ORIGINAL
-    assert proportional_clawback(100, 300, 200, 100) == 34
+    assert proportional_clawback(100, 300, 200, 100, 66) == 34
 
 
 def test_new_earnings_repay_a_debt_first() -> None:
@@ -717,7 +731,9 @@ class Simulator:
             return
         record = self.earnings[which % len(self.earnings)]
         now_fen = (record.fen - record.returned_fen) * percent // 100
-        claw = proportional_clawback(record.points, record.fen, record.returned_fen, now_fen)
+        claw = proportional_clawback(
+            record.points, record.fen, record.returned_fen, now_fen, record.clawed
+        )
         record.returned_fen += now_fen
         record.clawed += claw
         own = {record.lot_key} if record.lot_key else set()
