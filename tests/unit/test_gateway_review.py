@@ -306,10 +306,10 @@ async def test_a_settlement_sent_again_after_its_reply_was_lost_gets_the_same_an
         terminal_record = Terminal(TID, MID, "S", "LE", "aes", "00", "active", "000008", 0, 1, 2)
 
         async def settlement(
-            self, tid: str, batch: str
-        ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None:
-            if (tid, batch) == (TID, "000007"):
-                return (900, 2, 0, 0), (900, 2, 0, 0)
+            self, tid: str, cycle: int, batch: str
+        ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int], bool] | None:
+            if (tid, cycle, batch) == (TID, 0, "000007"):
+                return (900, 2, 0, 0), (900, 2, 0, 0), True
             return None
 
     service = PosService(ledger=None, directory=Settled(), token_key=b"k")  # type: ignore[arg-type]
