@@ -747,7 +747,10 @@ class PosService:
         card = None
         if r.card and r.kind is not Kind.MANAGER_AUTH:
             card = await self._card(plan, giving_back=r.kind in TAKING_BACK)
-            if card is None or not await self._pin_ok(plan, card, required=False):
+            # Points spent as money need the card's PIN, as a purchase does (a locked PIN
+            # refuses them); for the other functions a PIN sent is checked.
+            paying = r.kind is Kind.POINTS_REDEEM
+            if card is None or not await self._pin_ok(plan, card, required=paying):
                 return
         plan.answer = await handler(r, t, transaction_key(t, r.batch, r.stan), card)
 

@@ -24,6 +24,7 @@ from cardcore.points.http import POINTS_KEY
 from cardcore.records import Unit
 from tests import logscan
 from tests.helpers import AdminClient, sql_rows
+from tests.integration.test_manager_cards import block
 from tests.integration.test_points_api import PROGRAM, RULE
 
 _stans = itertools.count(1)
@@ -849,6 +850,29 @@ async def test_points_pay_part_of_a_bill_in_whole_blocks(admin: AdminClient, db_
     plain = await shop.card("PLAIN")
     no = await shop.one(shop.request(Kind.POINTS_REDEEM, plain, points=100))
     assert (no.outcome, no.refusal) == (Outcome.NOT_PERMITTED, "points_no_program")
+
+
+async def test_points_spent_as_money_need_the_cards_pin_and_its_lockout_holds(
+    admin: AdminClient,
+) -> None:
+    """A 910000 pays with points as a purchase pays with money: on a card with a PIN it
+    needs F52 (55 without it), a wrong one is counted, and once the PIN is locked even the
+    right one is 75; nothing is spent by a refusal."""
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=50_000))  # 500 points
+    await admin.ok("POST", f"/v1/cards/{card['id']}/pin", json={"pin": "123456"})
+    right, wrong = block("123456", card["pan"]), block("999999", card["pan"])
+    bare = await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=100))
+    assert bare.outcome is Outcome.PIN_REQUIRED
+    paid = await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=100, pin_block=right))
+    assert (paid.outcome, paid.points_balance) == (Outcome.APPROVED, 400)
+    for _ in range(3):
+        bad = await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=100, pin_block=wrong))
+        assert bad.outcome in (Outcome.PIN_WRONG, Outcome.PIN_LOCKED)
+    locked = await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=100, pin_block=right))
+    assert locked.outcome is Outcome.PIN_LOCKED
+    assert (await shop.points(card))["balance"] == 400
 
 
 async def test_a_redemption_reversed_restores_exactly_the_lots_it_took(
