@@ -278,13 +278,19 @@ class ManagerCards:
         return [card_view(r) for r in rows]
 
     async def change(self, p: Principal, card_id: int, changes: dict[str, Any]) -> dict[str, Any]:
-        """Disable or enable the card, or change its percent, daily total or reasons."""
+        """Disable or enable the card, or change its percent, daily total or reasons; never
+        by its own holder (separation of duties, as at its issue: 403 `manager_self_change`)."""
         await self._card_for(p, card_id, Perm.MANAGER_CARDS_WRITE)
         now = self.clock_ms()
         async with self.records.begin() as uow:
             await _touch(uow, card_id)
             row = await uow.get(CARDS, id=card_id)
             assert row is not None
+            if p.user_id == int(row["staff_user_id"]):
+                raise Refused(
+                    "forbidden", "manager_self_change",
+                    "a manager card's limits and state are changed by another", "card_id",
+                )  # fmt: skip
             before = card_view(row)
             merged = {**before, **changes}
             policy = ManagerCard(
@@ -307,18 +313,25 @@ class ManagerCards:
 
     async def set_pin(self, p: Principal, card_id: int, pin: str) -> dict[str, Any]:
         """Set or change the PIN; the count of wrong PINs starts again (a locked card
-        unlocks)."""
+        unlocks). Its holder may set its own PIN, but not unlock it: once locked, another
+        officer sets it (403 `manager_self_unlock`; the lock is checked by the update)."""
         row = await self._card_for(p, card_id, Perm.MANAGER_CARDS_WRITE)
         if not pin_is_valid(pin):
             raise Refused(
                 "invalid", "invalid_value",
                 f"a PIN is {limits.PIN_DIGITS_MIN} to {limits.PIN_DIGITS_MAX} digits", "pin",
             )  # fmt: skip
+        own = p.user_id == int(row["staff_user_id"])
+        unlocked = {"pin_failures": limits.PIN_FAILURES_MAX - 1} if own else None
         now = self.clock_ms()
         changes = {"pvv": self.vault.pvv(row["token"], pin), "pin_failures": 0,
                    "updated_at_ms": now}  # fmt: skip
         async with self.records.begin() as uow:
-            await uow.update(CARDS, {"id": card_id}, changes)
+            if not await uow.update(CARDS, {"id": card_id}, changes, at_most=unlocked):
+                raise Refused(
+                    "forbidden", "manager_self_unlock",
+                    "a locked manager card is unlocked by another officer", "card_id",
+                )  # fmt: skip
             after = card_view({**row, **changes})
             await uow.audit(
                 p, action="manager_card.pin_set", kind="manager_card", object_id=card_id,

@@ -241,6 +241,39 @@ async def test_wrong_pins_lock_the_card_a_new_pin_unlocks_it_and_a_disabled_card
     assert (await pos(admin, ask(w["t1"], pan, discount=1_000))).outcome is Outcome.APPROVED
 
 
+async def test_a_cards_holder_never_changes_its_limits_nor_unlocks_its_own_pin(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Separation of duties past the issue: the holder's own token may not raise its
+    percent or daily total (nor change its state), and may set its own PIN while the card
+    is not locked, but once wrong PINs locked it another officer unlocks it; nothing
+    changes on a refusal."""
+    w = await world(admin)
+    card = await ready_card(admin, w["manager"])
+    pan, path = card["pan"], f"{CARDS}/{card['id']}"
+    own = (await admin.ok("POST", f"/v1/users/{w['manager']}/tokens", json={"label": "own"}))[
+        "token"
+    ]
+    before = await counts(db_url)
+    for change in ({"max_percent_bp": 10_000}, {"daily_total_fen": 100_000_000},
+                   {"state": "disabled"}):  # fmt: skip
+        got, answer = await admin.call("PATCH", path, own, change)
+        assert (got, answer["error"]["code"]) == (403, "manager_self_change"), change
+    assert await counts(db_url) == before
+    assert (await pos(admin, ask(w["t1"], pan, bill=10_000, discount=9_000))).outcome is not (
+        Outcome.APPROVED
+    )
+    await admin.ok("POST", f"{path}/pin", own, json={"pin": "482913"})  # its own PIN: fine
+    for _ in range(3):
+        await pos(admin, ask(w["t1"], pan, "111111"))
+    assert (await admin.ok("GET", path))["pin_failures"] == 3
+    got, answer = await admin.call("POST", f"{path}/pin", own, {"pin": "482914"})
+    assert (got, answer["error"]["code"]) == (403, "manager_self_unlock")
+    assert (await admin.ok("GET", path))["pin_failures"] == 3
+    await admin.ok("POST", f"{path}/pin", json={"pin": PIN})  # another officer unlocks it
+    assert (await pos(admin, ask(w["t1"], pan))).outcome is Outcome.APPROVED
+
+
 async def test_concurrent_terminals_never_exceed_the_daily_total(admin: AdminClient) -> None:
     w = await world(admin)
     card = await ready_card(admin, w["manager"])
