@@ -639,7 +639,10 @@ class PosService:
     async def _rewards(self, plans: list[_Plan]) -> None:
         """Approved purchases (paid by the card, or by another tender: POINTS_EARN) get the
         coupons of the campaigns they qualify for. The reward never decides the sale: when
-        it cannot be issued now the sale stands without it (a resend issues it)."""
+        it cannot be issued now the sale stands without it (a resend issues it). A purchase
+        reversed or voided since gets none: a resend of one (`_complete` declines it) is
+        not rewarded, and a reward issued while its reversal was being taken (whose hook
+        found nothing to void yet) is voided here."""
         if self.rewards is None:
             return
         for plan in plans:
@@ -649,13 +652,26 @@ class PosService:
             if r.kind not in REWARDED:
                 continue
             moved = r.amount if a.amount is None else a.amount
+            key = transaction_key(t, r.batch, r.stan)
             try:
-                codes = await self.rewards(t, transaction_key(t, r.batch, r.stan), card, moved)
+                if a.replayed and await self._undone(plan, a):
+                    continue
+                codes = await self.rewards(t, key, card, moved)
+                if codes and await self._undone(plan, a):
+                    if self.unreward is not None:
+                        await self.unreward(key, "")
+                    continue
             except DATABASE_ERRORS:
                 log.exception("an instant reward could not be issued")
                 continue
             if codes:
                 plan.answer = replace(a, rewards=codes)
+
+    async def _undone(self, plan: _Plan, answer: PosResult) -> bool:
+        """Whether the money of an approved request was reversed since (a void, a 0400)."""
+        if plan.request.kind not in UNDOABLE or not answer.rrn:
+            return False
+        return await self.directory.undone(int(answer.rrn))
 
     async def _submit(self, plans: list[_Plan]) -> None:
         pending = [p for p in plans if p.op is not None and p.answer is None]

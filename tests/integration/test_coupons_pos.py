@@ -1020,6 +1020,45 @@ async def test_a_purchase_at_the_pos_earns_its_reward_once_and_its_reversal_void
     assert (await code_row(db_url, used))["state"] == "redeemed"
 
 
+async def test_a_reversed_purchase_keeps_no_reward_whatever_the_order(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A purchase's reward never outlives its reversal: a resend after the 0400 (the
+    campaign started in between, so the resend would be the first to qualify) is declined
+    and issues nothing; and a 0400 taken while the purchase's reward was being issued (its
+    hook found nothing to void yet) leaves the reward voided."""
+    await admin.org("LE1", "S1")
+    tid = await terminal(admin)
+    pan = await card_of(admin, await member(admin))
+    [card] = (await admin.ok("GET", "/v1/cards", member_id=(await member_of(db_url, pan))))["items"]
+    topup = {"amount": 50_000, "tender": "cash", "receipt": "R", "key": "rw"}
+    await admin.ok("POST", f"/v1/cards/{card['id']}/topups", json=topup)
+    sale = ask(Kind.PURCHASE, tid, card=pan, amount=12_000)
+    assert (await one(admin, sale)).rewards == ()  # no campaign yet
+    await campaign(admin, "SPEND100", reward_spend_fen=10_000)
+    reverse = PosRequest(kind=Kind.REVERSE, terminal=tid, batch="000001", stan=sale.stan)
+    assert (await one(admin, reverse)).outcome is Outcome.APPROVED
+    again = await one(admin, sale)
+    assert (again.outcome, again.rewards) == (Outcome.REVERSED_BEFORE_ARRIVAL, ())
+    assert await sql_rows(db_url, "SELECT code FROM coupon_codes") == []
+
+    host = pos(admin)
+    real = host.rewards
+    assert real is not None
+    racing = ask(Kind.PURCHASE, tid, card=pan, amount=12_000)
+
+    async def reversed_meanwhile(*args: Any) -> Any:
+        undo = PosRequest(kind=Kind.REVERSE, terminal=tid, batch="000001", stan=racing.stan)
+        assert (await one(admin, undo)).outcome is Outcome.APPROVED  # its hook: nothing yet
+        return await real(*args)
+
+    monkeypatch.setattr(host, "rewards", reversed_meanwhile)
+    raced = await one(admin, racing)
+    assert (raced.outcome, raced.rewards) == (Outcome.APPROVED, ())
+    [row] = await sql_rows(db_url, "SELECT state FROM coupon_codes")
+    assert row["state"] == "voided"
+
+
 async def test_a_void_of_a_rewarded_purchase_voids_its_unused_reward(
     admin: AdminClient, db_url: str
 ) -> None:
