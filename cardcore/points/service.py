@@ -1774,27 +1774,31 @@ class PointsService:
     ) -> dict[str, Any]:
         """Give `points` of one card to another member's card in the same program, within
         the program's transfer policy (`model.check_transfer`: allowed, per transfer, per
-        giving holder and local day). The points keep their lots' expiry on the receiving
+        giving member and local day: what all of the member's cards gave that day; a
+        bearer card is its own giver). The points keep their lots' expiry on the receiving
         side; across legal entities they pass the entities' points clearing pair. Under
-        both cards' account locks (ascending, the one order), where both cards' states are
-        read again: a member's delete or a freeze that came first is seen."""
+        the account locks of the receiving card and of every card of the giving member
+        (ascending, the one order: two of its cards never pass the day's limit together),
+        where both cards' states are read again: a member's delete or a freeze that came
+        first is seen."""
         card, found = await self._live_card(p, card_id)
         program, giver = found.program, int(card["account_id"])
         to = await self._receiving(found, to_card_id)
         receiver = int(to["account_id"])
         if receiver == giver:
             raise Refused("invalid", "transfer_not_allowed", "a card gives to itself", "to_card_id")
+        givers = await self._givers(card)
         ledger_key = f"gift/{giver}/{key}"
         now = self.clock_ms()
         day = day_number(program.timezone, now)
         async with contextlib.AsyncExitStack() as held:
-            for account_id in sorted((giver, receiver)):
+            for account_id in sorted({*givers, receiver}):
                 await held.enter_async_context(self.accounts.lock(account_id))
             async with self.records.read() as uow:
                 card = await _card_row(uow, card_id)
                 to = await _card_row(uow, to_card_id)
                 done = await uow.get(TRANSFERS, key=ledger_key)
-                today = await uow.total(TRANSFERS, "points", from_holder=giver, day=day)
+                today = await uow.total(TRANSFERS, "points", from_holder=givers, day=day)
             _refuse_moved(card, to)
             if done is not None:
                 if (int(done["points"]), int(done["to_holder"])) != (points, receiver):
@@ -1821,6 +1825,20 @@ class PointsService:
             await self._audit(p, "points.transfer", card_id,
                               Place(card["legal_entity"], card["store"]), view)  # fmt: skip
         return view
+
+    async def _givers(self, card: dict[str, Any]) -> list[int]:
+        """The holders whose transfers count against a giving card's daily limit: the
+        accounts of every card of its member (at most `POINTS_MEMBER_CARDS_READ_MAX`), or
+        the card's own for a bearer card."""
+        own = int(card["account_id"])
+        if card["member_id"] is None:
+            return [own]
+        async with self.records.read() as uow:
+            rows = await uow.find(
+                "cards", {"member_id": int(card["member_id"])}, order="id",
+                limit=limits.POINTS_MEMBER_CARDS_READ_MAX,
+            )  # fmt: skip
+        return sorted({own, *(int(r["account_id"]) for r in rows)})
 
     async def _receiving(self, found: ProgramRecord, to_card_id: int) -> dict[str, Any]:
         """The receiving card of a transfer in `found`'s program: 404 `card_not_found`, 409

@@ -104,6 +104,35 @@ async def test_members_give_points_within_the_programs_policy(
     assert (await shop.points(taker))["balance"] == 400
 
 
+async def test_the_daily_transfer_limit_is_the_giving_members_over_all_its_cards(
+    admin: AdminClient, db_url: str
+) -> None:
+    """500 a day per giving member: what one card gave counts against the member's other
+    cards, also when both give at the same moment; a bearer card is its own giver."""
+    shop = await Shop(admin).make(transfer=TRANSFER)
+    first, taker = await shop.card(), await shop.card()
+    second = await admin.ok("POST", "/v1/cards", json={
+        "class_code": "PTS", "store": "S1", "member_id": first["member_id"]})  # fmt: skip
+    await admin.ok("POST", f"/v1/cards/{second['id']}/topups", json={
+        "amount": 100_000, "tender": "cash", "receipt": "R2", "key": "top-second"})  # fmt: skip
+    for card in (first, second):
+        await earned(shop, card, 100_000)
+
+    def give(card: dict[str, Any], points: int, key: str) -> Any:
+        body = {"to_card_id": taker["id"], "points": points, "key": key}
+        return admin.call("POST", f"/v1/cards/{card['id']}/points/transfers", None, body)
+
+    assert (await give(first, 300, "a1"))[0] == 201
+    together = await asyncio.gather(give(first, 200, "a2"), give(second, 200, "b1"))
+    codes = sorted(str(answer.get("error", {}).get("code", status)) for status, answer in together)
+    assert codes == ["201", "transfer_over_daily_limit"], together
+    path = f"/v1/cards/{second['id']}/points/transfers"
+    await refused(admin, db_url, path, {"to_card_id": taker["id"], "points": 1, "key": "b2"},
+                  409, "transfer_over_daily_limit")  # fmt: skip
+    rows = await sql_rows(db_url, "SELECT points FROM points_transfers")
+    assert sum(r["points"] for r in rows) == 500
+
+
 async def test_a_transfer_across_legal_entities_clears_between_them(
     admin: AdminClient, db_url: str
 ) -> None:
