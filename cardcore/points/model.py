@@ -630,18 +630,23 @@ def _bounded(lots: Sequence[Lot]) -> None:
     assert len({lot.key for lot in lots}) == len(lots), "lot keys are unique"
 
 
-def plan_spend(lots: Sequence[Lot], points: int, now_ms: int) -> tuple[Take, ...]:
+def plan_spend(lots: Sequence[Lot], points: int, now_ms: int, owed: int) -> tuple[Take, ...]:
     """Spend from the lots usable at `now_ms`, earliest expiry first, never-expiring last, ties
-    by key; `InsufficientPoints` when they hold fewer than `points`."""
+    by key; `InsufficientPoints` when they hold fewer than `points` once the holder's debt
+    (`owed`: points clawed back that the lots could not cover) is counted against them: points
+    put back into lots beside a debt (a reward's reversal) are not spendable twice."""
     _check_points(points)
     _bounded(lots)
+    assert owed >= 0, owed
     usable = sorted(
         (lot for lot in lots if is_usable(lot, now_ms)),
         key=lambda lot: (lot.expires_ms is None, lot.expires_ms or 0, lot.key),
     )
+    spendable = sum(lot.remaining for lot in usable) - owed
+    if spendable < points:
+        raise InsufficientPoints(points, max(0, spendable))
     takes, shortfall = _draw(usable, points)
-    if shortfall:
-        raise InsufficientPoints(points, points - shortfall)
+    assert shortfall == 0, shortfall
     return takes
 
 

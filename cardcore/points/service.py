@@ -1371,7 +1371,7 @@ class PointsService:
         else:
             before = holding.usable(self.clock_ms())
             try:
-                takes = model.plan_spend(holding.lots, r.points, self.clock_ms())
+                takes = model.plan_spend(holding.lots, r.points, self.clock_ms(), holding.debt)
             except model.InsufficientPoints as exc:
                 return PosResult(Outcome.INSUFFICIENT_FUNDS, refusal=exc.code,
                                  points_balance=exc.usable)  # fmt: skip
@@ -1717,7 +1717,7 @@ class PointsService:
         program, holder = found.program, int(card["account_id"])
         holding = await self.holding(program, holder)
         try:
-            takes = model.plan_spend(holding.lots, points, self.clock_ms())
+            takes = model.plan_spend(holding.lots, points, self.clock_ms(), holding.debt)
         except model.PointsRefused as exc:
             raise Refused("conflict", exc.code, exc.message, "points") from None
         [redeemed] = await self.accounts.ensure(
@@ -1864,7 +1864,7 @@ class PointsService:
         owing, owed = card["legal_entity"], to["legal_entity"]
         holding = await self.holding(program, giver)
         try:
-            takes = model.plan_spend(holding.lots, points, now)
+            takes = model.plan_spend(holding.lots, points, now, holding.debt)
         except model.PointsRefused as exc:
             raise Refused("conflict", exc.code, exc.message, "points") from None
         lots = await self.accounts.ensure(

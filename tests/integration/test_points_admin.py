@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from cardcore import limits
-from cardcore.cards.model import Kind
+from cardcore.cards.model import Kind, Outcome
 from cardcore.points.http import POINTS_KEY
 from tests.helpers import AdminClient, sql_rows
 from tests.integration.test_points_api import counts
@@ -131,6 +131,33 @@ async def test_the_daily_transfer_limit_is_the_giving_members_over_all_its_cards
                   409, "transfer_over_daily_limit")  # fmt: skip
     rows = await sql_rows(db_url, "SELECT points FROM points_transfers")
     assert sum(r["points"] for r in rows) == 500
+
+
+async def test_points_put_back_beside_a_debt_are_not_spent_twice(admin: AdminClient) -> None:
+    """Earn 100, spend them on a reward, return the purchase (a debt of 100), reverse the
+    reward (100 back in a lot): the member holds 100 and owes 100, so nothing is spendable,
+    at the POS, on a reward or by a transfer; the refusals change nothing."""
+    shop = await Shop(admin).make(transfer=TRANSFER)
+    card, other = await shop.card(), await shop.card()
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))
+    assert sale.points == 100
+    path = f"/v1/cards/{card['id']}/points"
+    await admin.ok("POST", f"{path}/redemptions", json={"points": 100, "reward": "mug",
+                                                      "key": "r1"})  # fmt: skip
+    await shop.one(shop.request(Kind.REFUND, card, amount=10_000, rrn=sale.rrn))
+    await admin.ok("POST", f"{path}/redemptions/r1/reversal")
+    before = await shop.points(card)
+    assert (before["usable"], before["debt"]) == (100, 100)
+    spent = await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=100))
+    assert (spent.outcome, spent.points_balance) == (Outcome.INSUFFICIENT_FUNDS, 0)
+    status, answer = await admin.call("POST", f"{path}/redemptions", None,
+                                      {"points": 100, "reward": "mug", "key": "r2"})  # fmt: skip
+    assert (status, answer["error"]["code"]) == (409, "points_insufficient")
+    status, answer = await admin.call(
+        "POST", f"{path}/transfers", None, {"to_card_id": other["id"], "points": 100, "key": "t1"}
+    )
+    assert (status, answer["error"]["code"]) == (409, "points_insufficient")
+    assert await shop.points(card) == before
 
 
 async def test_a_transfer_across_legal_entities_clears_between_them(

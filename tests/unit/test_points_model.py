@@ -500,12 +500,26 @@ def test_a_spend_takes_the_earliest_expiry_first_and_never_expiring_points_last(
         lot("b-soon", 10, NOW + DAY_MS),
         lot("a-soon", 10, NOW + DAY_MS),
     ]
-    assert pairs(plan_spend(lots, 35, NOW)) == [
+    assert pairs(plan_spend(lots, 35, NOW, 0)) == [
         ("a-soon", 10),
         ("b-soon", 10),
         ("late", 10),
         ("never", 5),
     ]
+
+
+def test_a_debt_counts_against_the_usable_points_of_a_spend() -> None:
+    """Points put back into a lot beside a debt (a reward's reversal after a return left a
+    debt) are not spent twice: 100 usable and 100 owed spend nothing; 150 usable, 40."""
+    lots = [lot("back", 100, None)]
+    with pytest.raises(InsufficientPoints) as caught:
+        plan_spend(lots, 1, NOW, 100)
+    assert caught.value.usable == 0
+    more = [lot("back", 100, None), lot("new", 50, None)]
+    assert sum(t.points for t in plan_spend(more, 50, NOW, 100)) == 50
+    with pytest.raises(InsufficientPoints) as caught:
+        plan_spend(more, 51, NOW, 100)
+    assert caught.value.usable == 50
 
 
 def test_a_spend_never_draws_on_pending_or_expired_lots() -> None:
@@ -514,9 +528,9 @@ def test_a_spend_never_draws_on_pending_or_expired_lots() -> None:
         lot("pending", 50, None, available=NOW + 1),
         lot("ok", 5, None),
     ]
-    assert pairs(plan_spend(lots, 5, NOW)) == [("ok", 5)]
+    assert pairs(plan_spend(lots, 5, NOW, 0)) == [("ok", 5)]
     with pytest.raises(InsufficientPoints) as caught:
-        plan_spend(lots, 6, NOW)
+        plan_spend(lots, 6, NOW, 0)
     assert (caught.value.code, caught.value.needed, caught.value.usable) == (
         POINTS_INSUFFICIENT,
         6,
@@ -534,7 +548,7 @@ def test_a_spend_never_draws_on_pending_or_expired_lots() -> None:
 )
 def test_a_spend_of_no_or_too_many_points_is_refused(points: int, code: str) -> None:
     with pytest.raises(PointsRefused) as caught:
-        plan_spend([lot("a", 10, None)], points, NOW)
+        plan_spend([lot("a", 10, None)], points, NOW, 0)
     assert caught.value.code == code
 
 
@@ -652,7 +666,7 @@ def test_reminders_list_points_expiring_within_the_days_asked() -> None:
 
 def test_a_reversal_puts_back_exactly_the_takes_into_the_same_lots() -> None:
     lots = (lot("a", 10, NOW + DAY_MS), lot("b", 10, None))
-    takes = plan_spend(lots, 15, NOW)
+    takes = plan_spend(lots, 15, NOW, 0)
     spent = take_from(lots, takes)
     assert [x.remaining for x in spent] == [0, 5]
     assert put_back(spent, takes) == lots
@@ -713,13 +727,13 @@ class Simulator:
         self.earnings.append(EarnRecord(key, earned, fen))
 
     def spend(self, points: int) -> None:
-        usable = sum(x.remaining for x in self.lots if is_usable(x, self.now))
-        if usable < points:
+        spendable = sum(x.remaining for x in self.lots if is_usable(x, self.now)) - self.debt
+        if spendable < points:
             with pytest.raises(InsufficientPoints) as refused:
-                plan_spend(self.lots, points, self.now)
-            assert refused.value.usable == usable
+                plan_spend(self.lots, points, self.now, self.debt)
+            assert refused.value.usable == max(0, spendable)
             return
-        takes = plan_spend(self.lots, points, self.now)
+        takes = plan_spend(self.lots, points, self.now, self.debt)
         by_key = {x.key: x for x in self.lots}
         assert all(is_usable(by_key[t.key], self.now) for t in takes), "drew an unusable lot"
         assert self.take(takes) == points
