@@ -1129,7 +1129,7 @@ class PointsService:
                 points = model.proportional_clawback(
                     int(earning["points"]), amount, before, fen, int(earning["clawed"])
                 )
-            pinned = await self._pin_clawback(key, earning, fen, points)
+            pinned = await self._pin_clawback(key, earning, fen, points, whole=returned is None)
             if pinned is None:
                 return None
         points = int(pinned["points"])
@@ -1144,13 +1144,27 @@ class PointsService:
         return claw, points
 
     async def _pin_clawback(
-        self, key: str, earning: dict[str, Any], returned: int, points: int
+        self, key: str, earning: dict[str, Any], returned: int, points: int, *, whole: bool
     ) -> dict[str, Any] | None:
+        """The clawback pinned under `key`, the earning's counters moved with it. A `whole`
+        take-back (a void or a terminal's reversal of the purchase) also gives the earning's
+        points back to the day caps of its rules: its parts again, negated, under `key` (a
+        sale reversed and rung again earns within the cap as the first did)."""
         row = {"key": key, "earning": earning["key"], "returned": returned, "points": points,
                "debt": 0, "created_at_ms": self.clock_ms()}  # fmt: skip
         try:
             async with self.records.begin() as uow:
                 await uow.insert(CLAWBACKS, row)
+                if whole:
+                    parts = await uow.find(
+                        PARTS, {"key": earning["key"]}, order="rule",
+                        limit=limits.POINTS_RULES_PER_PROGRAM_MAX,
+                    )  # fmt: skip
+                    if parts:
+                        await uow.insert(PARTS, [
+                            {**part, "key": key, "points": -int(part["points"])}
+                            for part in parts
+                        ])  # fmt: skip
                 changed = await uow.update(
                     EARNINGS,
                     {"key": earning["key"], "returned": earning["returned"],
@@ -1580,6 +1594,14 @@ class PointsService:
                     {"key": clawback["earning"]},
                     {"returned": ("+", row["returned"]), "clawed": ("+", row["points"])},
                 )
+                given = await uow.find(  # a whole take-back gave the day caps back: undone
+                    PARTS, {"key": clawback["key"]}, order="rule",
+                    limit=limits.POINTS_RULES_PER_PROGRAM_MAX,
+                )  # fmt: skip
+                if given:
+                    await uow.insert(PARTS, [
+                        {**part, "key": undo, "points": -int(part["points"])} for part in given
+                    ])  # fmt: skip
         except Conflict:
             pass  # pinned before: the resend submits the same transfer again
         return int(clawback["points"]) > 0

@@ -375,6 +375,35 @@ async def test_a_reversal_of_a_void_earns_again(admin: AdminClient) -> None:
     assert await shop.money(card) == 100_000 - 5_000
 
 
+async def test_a_reversed_or_voided_earning_gives_its_points_back_to_the_day_cap(
+    admin: AdminClient, db_url: str
+) -> None:
+    """A rule capped at 100 points a day: a sale earning 100 reversed by its terminal frees
+    the cap (the sale rung again earns 100); a void does too, and the void's reversal (the
+    sale stands again) takes it once more, so a further sale that day earns nothing."""
+    shop = await Shop(admin).make()
+    await admin.ok("PATCH", f"/v1/points/programs/CLUB/rules/{RULE['code']}",
+                   json={"cap_per_day_points": 100})  # fmt: skip
+    card = await shop.card()
+    sale = shop.request(Kind.PURCHASE, card, amount=10_000)
+    assert (await shop.one(sale)).points == 100
+    assert (await shop.one(shop.request(Kind.REVERSE, None, stan=sale.stan))).outcome is (
+        Outcome.APPROVED
+    )
+    again = shop.request(Kind.PURCHASE, card, amount=10_000)
+    assert (await shop.one(again)).points == 100
+    void = shop.request(Kind.VOID, card, amount=10_000, original_batch="000001",
+                        original_stan=again.stan)  # fmt: skip
+    assert (await shop.one(void)).outcome is Outcome.APPROVED
+    undo = await shop.one(shop.request(Kind.REVERSE, None, stan=void.stan))
+    assert undo.outcome is Outcome.APPROVED
+    assert (await shop.points(card))["balance"] == 100
+    late = await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))
+    assert (late.outcome, late.points) == (Outcome.APPROVED, 0)
+    parts = await sql_rows(db_url, "SELECT SUM(points) AS s FROM points_earning_parts")
+    assert parts[0]["s"] == 100
+
+
 async def test_a_purchase_whose_void_was_reversed_can_be_voided_again_and_again(
     admin: AdminClient,
 ) -> None:
