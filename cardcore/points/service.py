@@ -909,8 +909,9 @@ class PointsService:
                     return  # made at the same moment: the next earning or review decides
                 return
             changes: dict[str, Any] = {"updated_at_ms": now} if reviewed else {}
-            if row["tier"] != code:
-                changes |= {"tier": code, "tier_since_ms": now}
+            if row["tier"] != code:  # a change counts as this period's review: an upgrade
+                # earned in a new period is never undone by the ended period's review
+                changes |= {"tier": code, "tier_since_ms": now, "updated_at_ms": now}
             if changes:
                 await uow.update(HOLDERS, {"holder": holder, "program": found.code}, changes)
 

@@ -220,6 +220,25 @@ async def test_a_tier_comes_at_once_and_goes_at_the_periods_end(
     assert (holder["tier"], holder["tier_since_ms"]) == ("SILVER", IN_2028)
 
 
+async def test_an_upgrade_earned_in_a_new_period_survives_the_ended_periods_review(
+    admin: AdminClient,
+) -> None:
+    """SILVER in 2026; in the first minutes of 2027, before the job's first run of the
+    year, the member earns GOLD: that run reviews 2026 for everyone else, but not this
+    member, whose tier changed in 2027 already."""
+    shop = await Shop(admin).make(tiers=TIERS)
+    service: PointsService = admin.app[POINTS_KEY]
+    service.clock_ms = lambda: IN_2026
+    card = await shop.card(balance=300_000)
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))
+    assert (await shop.points(card))["tier"] == "SILVER"
+    service.clock_ms = lambda: IN_2027 + 1_000
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=100_000))
+    assert (await shop.points(card))["tier"] == "GOLD"
+    assert await service.review_tiers(IN_2027 + 60_000) == 0
+    assert (await shop.points(card))["tier"] == "GOLD"
+
+
 async def test_under_downgrade_never_a_tier_stays(admin: AdminClient) -> None:
     shop = await Shop(admin).make(tiers={**TIERS, "downgrade": "never"})
     service: PointsService = admin.app[POINTS_KEY]
