@@ -758,10 +758,10 @@ class PointsService:
     async def _decide_earnings(
         self, items: Sequence[_ToPin], held: dict[tuple[str, int], Holding]
     ) -> list[_Pinned | None]:
-        """Each item's earning as the rows to pin (None: it earns nothing), from the holders'
-        debts in `held` and one read of their tiers and the capped rules' points of the day
-        (when the programs have them). Items are decided in order, each seeing the ones
-        before it (caps, debt)."""
+        """Each item's earning as the rows to pin (0 points when it earns nothing: its spend
+        is kept), from the holders' debts in `held` and one read of their tiers and the
+        capped rules' points of the day (when the programs have them). Items are decided in
+        order, each seeing the ones before it (caps, debt)."""
         now = self.clock_ms()
         holders = sorted({i.card.account_id for i in items})
         rules = [
@@ -810,8 +810,8 @@ class PointsService:
                     for r in item_rules if r.cap_per_day_points is not None
                 },
             )  # fmt: skip
-            if earning.points <= 0:
-                out.append(None)
+            if earning.points <= 0:  # pinned all the same: its spend counts (tiers, segments)
+                out.append(_Pinned(_nothing_earned(item, holder, day, now), []))
                 continue
             debt = debts.get((program.asset, holder), 0)
             repaid, _ = model.settle_debt(debt, earning.points)
@@ -914,6 +914,11 @@ class PointsService:
                 changes |= {"tier": code, "tier_since_ms": now, "updated_at_ms": now}
             if changes:
                 await uow.update(HOLDERS, {"holder": holder, "program": found.code}, changes)
+
+    async def _upgrade_by_spend(self, found: ProgramRecord, holder: int) -> None:
+        """After a purchase that earned nothing: its spend may still reach a tier."""
+        if found.tiers is not None and found.tiers.basis is model.TierBasis.SPEND_FEN:
+            await self._upgrade(found, holder)
 
     async def _upgrade(self, found: ProgramRecord, holder: int) -> None:
         """After an earning: up at once when the period's value reaches a higher tier."""
@@ -1030,9 +1035,16 @@ class PointsService:
         rows, held = await self._pin([item for _, item in earning])
         steps: list[tuple[int, list[Op], ProgramRecord, int, int]] = [
             (i, [], item.found, item.card.account_id, 0)
-            for (i, item), row in zip(earning, rows, strict=True) if row is None
+            for (i, item), row in zip(earning, rows, strict=True) if not _points_of(row)
         ]  # fmt: skip
-        earned = [(i, item, row) for (i, item), row in zip(earning, rows, strict=True) if row]
+        earned = [
+            (i, item, row)
+            for (i, item), row in zip(earning, rows, strict=True)
+            if row is not None and _points_of(row)
+        ]
+        for (_, item), row in zip(earning, rows, strict=True):
+            if row is not None and not _points_of(row):  # a spend tier counts it all the same
+                await self._upgrade_by_spend(item.found, item.card.account_id)
         ops_of = await self._earn_ops([
             (row, item.card, item.found, _metadata(item.terminal, done[i].request))
             for i, item, row in earned
@@ -1115,6 +1127,11 @@ class PointsService:
         transaction (a guarded update: two takers cannot both take the same points); the
         transfer takes from the lots as planned now, under the card account's lock. An
         earning that never reached the ledger is tombstoned instead, so it never will."""
+        if not _points_of(earning):  # nothing issued: only its spend goes back (the fen)
+            left = int(earning["amount"]) - int(earning["returned"])
+            fen = left if returned is None else min(returned, left)
+            await self._pin_clawback(key, earning, fen, 0, whole=False)
+            return None
         if await self.directory.keyed_transfer(POS_CLIENT, earning["key"]) is None:
             op = Reverse(POS_CLIENT, key, earning["key"], tombstone=True,
                          reason="points_reversal", metadata=metadata)  # fmt: skip
@@ -1233,9 +1250,11 @@ class PointsService:
                 return PosResult(Outcome.BAD_REQUEST, refusal=exc.code)
             if await self._tombstoned(key):  # checked after the pin: see reverse_pos
                 return PosResult(Outcome.REVERSED_BEFORE_ARRIVAL)
-            if row is None:
+            if not _points_of(row):
+                await self._upgrade_by_spend(found, card.account_id)
                 balance = await self._balance(found, card.account_id)
                 return PosResult(Outcome.APPROVED, points=0, points_balance=balance)
+            assert row is not None
             [ops] = await self._earn_ops([(row, card, found, _metadata(t, r))])
             res, *_rest = await self.ledger.submit(ops)
         if res.ok:
@@ -2222,6 +2241,23 @@ def _refuse_moved(card: dict[str, Any], to: dict[str, Any]) -> None:
 
 def _raced() -> None:
     raise Conflict(EARNINGS)
+
+
+def _points_of(row: dict[str, Any] | None) -> int:
+    """The points an earning row issued (0 for none, or no row)."""
+    return 0 if row is None else int(row["points"])
+
+
+def _nothing_earned(item: _ToPin, holder: int, day: int, now: int) -> dict[str, Any]:
+    """The earning row of a purchase in a program that earned no points (under a rule's
+    minimum, out of its windows or categories): nothing is issued, but its spend is kept for
+    the tier basis and the coupon segments by spend."""
+    return {
+        "key": item.key, "holder": holder, "program": item.found.code, "day": day,
+        "points": 0, "debt_repaid": 0, "amount": item.basket.amount_fen, "returned": 0,
+        "clawed": 0, "lot": model.lot_purpose(item.found.program, now),
+        "store": item.terminal.store, "source": item.source, "created_at_ms": now,
+    }  # fmt: skip
 
 
 def _basket(r: PosRequest, amount: int) -> model.Basket:

@@ -239,6 +239,40 @@ async def test_an_upgrade_earned_in_a_new_period_survives_the_ended_periods_revi
     assert (await shop.points(card))["tier"] == "GOLD"
 
 
+async def test_a_spend_tier_counts_purchases_that_earned_no_points(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Only FOOD earns; a spend tier counts every purchase of the program's cards all the
+    same: 1,000.00 of TV (no points) and 10.00 of FOOD reach GOLD at 500.00, at once, and a
+    refund of the TV brings the year's spend back under it (the next review says SILVER)."""
+    tiers = {**TIERS, "basis": "spend_fen", "ladder": [
+        {"code": "SILVER", "threshold": 0, "multiplier_pct": 100},
+        {"code": "GOLD", "threshold": 50_000, "multiplier_pct": 150}]}  # fmt: skip
+    shop = await Shop(admin).make(tiers=tiers)
+    await admin.ok("PATCH", "/v1/points/programs/CLUB/rules/BASE", json={"state": "retired"})
+    await admin.ok("POST", "/v1/points/programs/CLUB/rules", json={
+        "code": "FOOD", "kind": "category", "points": 1, "per_fen": 100,
+        "departments": ["FOOD"]})  # fmt: skip
+    service: PointsService = admin.app[POINTS_KEY]
+    service.clock_ms = lambda: IN_2026
+    card = await shop.card(balance=300_000)
+    tv = await shop.one(shop.request(Kind.PURCHASE, card, amount=100_000,
+                                     basket=(("TV", 100_000),)))  # fmt: skip
+    assert (tv.outcome, tv.points) == (Outcome.APPROVED, 0)
+    assert (await shop.points(card))["tier"] == "GOLD"  # 1,000.00 spent: at once
+    food = await shop.one(shop.request(Kind.PURCHASE, card, amount=1_000,
+                                       basket=(("FOOD", 1_000),)))  # fmt: skip
+    assert food.points == 15  # 10 points at GOLD's 150 %
+    back = await shop.one(shop.request(Kind.REFUND, card, amount=100_000, rrn=tv.rrn))
+    assert back.outcome is Outcome.APPROVED
+    rows = await sql_rows(db_url, "SELECT points, amount, returned FROM points_earnings "
+                          "ORDER BY points")  # fmt: skip
+    assert [(r["points"], r["amount"], r["returned"]) for r in rows] == [
+        (0, 100_000, 100_000), (15, 1_000, 0)]  # fmt: skip
+    assert await service.review_tiers(IN_2027 + 60_000) == 1
+    assert (await shop.points(card))["tier"] == "SILVER"
+
+
 async def test_under_downgrade_never_a_tier_stays(admin: AdminClient) -> None:
     shop = await Shop(admin).make(tiers={**TIERS, "downgrade": "never"})
     service: PointsService = admin.app[POINTS_KEY]
