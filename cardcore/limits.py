@@ -229,6 +229,7 @@ POINTS_OPEN_LOTS_MAX: Final = 100_000  # lots with points left that one spend or
 POINTS_POS_TOGETHER_MAX: Final = 64  # POS points redemptions of one turn read together
 POINTS_REMINDER_DAYS_MAX: Final = 366  # how far ahead an expiry reminder looks
 POINTS_MEMBER_CARDS_READ_MAX: Final = 1000  # a member's cards a transfer's daily limit sums
+CARD_TOPUP_RECORDS_READ_MAX: Final = 100  # a card's top-up records since a retried one, read
 
 # --- issue 5 at the POS ---
 POS_BASKET_LINES_MAX: Final = 32  # (department, fen) lines one POS request carries (F48)

@@ -1311,6 +1311,11 @@ class CardService:
             )  # fmt: skip
             result = await self._submit_one(op)
             _ledger_ok(result)
+            if known is not None and not await self._topup_recorded(card_id, known):
+                # The first attempt's record was refused and its give-back failed too (the
+                # ledger busy): this retry gives the value back, as that attempt meant to.
+                await self._undo(op, "counter_topup_undone")
+                await self._refuse_undone(known)
             if known is None and not result.replayed:  # a replay spent and audited before
                 try:
                     await self._record_topup(
@@ -1320,6 +1325,21 @@ class CardService:
                     await self._undo(op, "counter_topup_undone")
                     raise
         return await self._money_answer(card, result, amount)
+
+    async def _topup_recorded(self, card_id: int, known: dict[str, Any]) -> bool:
+        """Whether the counter top-up `known` (a transfer) has its record: the `card.topup`
+        audit row written with its grant spend (`_record_topup`), at or after it."""
+        async with self.records.read() as uow:
+            rows = await uow.find(
+                "org_audit_log",
+                {"object_kind": "card", "object_id": str(card_id), "action": "card.topup"},
+                order="id", descending=True, at_least={"at_ms": int(known["created_at_ms"])},
+                limit=limits.CARD_TOPUP_RECORDS_READ_MAX,
+            )  # fmt: skip
+        return any(
+            json.loads(row["after"] or "{}").get("transfer_id") == int(known["id"])
+            for row in rows[: limits.CARD_TOPUP_RECORDS_READ_MAX]
+        )
 
     async def pos_topup_grant(
         self, store: str, class_code: str, amount: int, *, key: str, hold_id: int
@@ -1494,6 +1514,11 @@ class CardService:
                 )  # fmt: skip
                 result = await self._submit_one(op)
                 _ledger_ok(result)
+                if (await self._card(card_id))["state"] == CardState.INACTIVE:
+                    # Its activation was refused and the give-back failed too (the ledger
+                    # busy): this retry gives the value back, as that attempt meant to.
+                    await self._undo(op, "gift_sale_undone")
+                    await self._refuse_undone(known)
                 return await self._money_answer(card, result, amount)
             fresh = await self._card(card_id)
             if fresh["state"] != CardState.INACTIVE:

@@ -307,6 +307,40 @@ async def test_a_topup_whose_grant_goes_meanwhile_is_given_back_and_its_key_stay
     assert (await card(admin, issued["id"]))["balances"]["available"] == 0
 
 
+async def test_a_retry_finishes_the_give_back_a_refused_counter_request_could_not_make(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A top-up (and a gift sale) whose record was refused after its value went in, and
+    whose give-back then failed too (the ledger busy): its retry under the same key gives
+    the value back and is refused as undone; it never answers the top-up as done without
+    its grant spent and its audit row (nor leaves a sold gift card inactive with value)."""
+    await world(admin)
+    service = admin.app[CARDS_KEY]
+    bearer, gift = await issue(admin, "BEAR"), await issue(admin, "GIFT")
+
+    async def refused_record(*_args: Any, **_kwargs: Any) -> None:
+        raise Refused("forbidden", "not_granted", "the grant went meanwhile")
+
+    async def busy(*_args: Any, **_kwargs: Any) -> None:
+        raise CardsUnavailable("the ledger is busy")
+
+    for issued, path, record in (
+        (bearer, "topups", "_record_topup"), (gift, "sell", "_activate_sold")
+    ):  # fmt: skip
+        url = f"/v1/cards/{issued['id']}/{path}"
+        with monkeypatch.context() as patched:
+            patched.setattr(service, record, refused_record)
+            patched.setattr(service, "_undo", busy)
+            status, _ = await admin.call("POST", url, json=pay(20_000, f"k-{path}"))
+        assert status == 503
+        assert (await card(admin, issued["id"]))["balances"]["available"] == 20_000
+        for _ in range(2):
+            status, answer = await admin.call("POST", url, json=pay(20_000, f"k-{path}"))
+            assert (status, answer["error"]["code"]) == (409, "counter_request_undone")
+        assert (await card(admin, issued["id"]))["balances"]["available"] == 0
+    assert (await admin.ok("GET", "/v1/audit", action="card.topup"))["items"] == []
+
+
 async def test_concurrent_topups_never_pass_the_class_maximum_and_a_refused_one_changes_nothing(
     admin: AdminClient, db_url: str
 ) -> None:
