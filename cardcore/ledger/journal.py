@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -360,8 +361,16 @@ class Verifier:
         self.infos[info.id] = info
 
     def _transfers(self, seq: int, transfers: Iterable[Row], entries: Iterable[Row]) -> None:
+        transfers = list(transfers)
         sums: dict[int, list[int]] = {}  # transfer -> [debit posted, credit posted, dp, cp]
         asset_of = {t["id"]: t["asset"] for t in transfers}
+        legs: dict[int, Counter[tuple[int, str, int, int]]] = {}  # what the entries moved
+        for e in entries:
+            legs.setdefault(e["transfer_id"], Counter())[
+                (e["account_id"], e["side"], e["posted_delta"], e["pending_delta"])
+            ] += 1
+        for t in transfers:
+            self._legs_match(seq, t, legs.get(t["id"], Counter()))
         for e in entries:
             aid, tid = e["account_id"], e["transfer_id"]
             where = f"batch {seq} entry {e['id']} (account {aid}, transfer {tid})"
@@ -408,6 +417,23 @@ class Verifier:
         for tid, (dp, cp, dpen, cpen) in sums.items():
             if dp != cp or dpen != cpen:
                 raise Mismatch(f"batch {seq} transfer {tid}: debits and credits differ")
+
+    @staticmethod
+    def _legs_match(seq: int, t: Row, moved: Counter[tuple[int, str, int, int]]) -> None:
+        """A transfer that moves its own postings (posted, a hold, a reversal or a refund)
+        has an entry for each, no more: its postings as stored cannot say other amounts
+        than its entries moved (a refund's bound is read from them). Posts, voids and
+        expiries move their hold's legs, checked by the balances."""
+        kind = TransferKind(t["kind"])
+        if kind in (TransferKind.POST, TransferKind.VOID, TransferKind.EXPIRE):
+            return
+        held = kind is TransferKind.PENDING
+        wanted = Counter(
+            (p.account_id, str(p.side), 0 if held else p.amount, p.amount if held else 0)
+            for p in postings_from_json(t["postings"])
+        )
+        if wanted != moved:
+            raise Mismatch(f"batch {seq} transfer {t['id']}: its postings are not its entries")
 
     def accounts(self, stored: Iterable[Account]) -> None:
         """Compare the replayed accounts (owner, asset, flags, balances) with the table."""

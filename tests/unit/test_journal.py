@@ -177,6 +177,24 @@ def test_verifier_rechecks_balance_after_each_entry_even_with_a_valid_hash() -> 
         verifier.batch(header, rows)
 
 
+def test_verifier_checks_a_transfers_postings_against_its_entries_even_with_a_valid_hash() -> None:
+    """A sale's stored postings rewritten (500 -> 5,000: what a refund's bound reads) with
+    the batch hash recomputed: its entries still move 500, and verify says so."""
+    batches, _ = _two_batches()
+    header, rows = batches[1]
+    rows["transfers"][0]["postings"] = json.dumps([[1, "debit", 5000], [2, "credit", 5000]])
+    header = {
+        **header,
+        "hash": journal.batch_hash(
+            header["prev_hash"], 2, header["committed_at_ms"], journal.records_of(rows)
+        ),
+    }
+    verifier = journal.Verifier()
+    verifier.batch(*batches[0])
+    with pytest.raises(journal.Mismatch, match="postings are not its entries"):
+        verifier.batch(header, rows)
+
+
 def test_a_transfer_without_target_hashes_as_before_migration_0002() -> None:
     """Batches written before target_id existed (13 columns) still verify."""
     before = (7, "pos", "k", "posted", "CNY", "[]", None, None, None, "", "{}", 3, 1000)
