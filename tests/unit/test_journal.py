@@ -161,16 +161,19 @@ def test_verifier_detects_balance_that_disagrees_with_the_replay() -> None:
         verifier.accounts(accounts.values())
 
 
+def _rehashed(header: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The header of a batch whose rows a tamperer changed, its hash computed again."""
+    digest = journal.batch_hash(
+        header["prev_hash"], header["seq"], header["committed_at_ms"], journal.records_of(rows)
+    )
+    return {**header, "hash": digest}
+
+
 def test_verifier_rechecks_balance_after_each_entry_even_with_a_valid_hash() -> None:
     batches, _ = _two_batches()
     header, rows = batches[1]
     rows["entries"][1]["credits_posted"] += 1  # balance-after lies, and the hash is recomputed
-    header = {
-        **header,
-        "hash": journal.batch_hash(
-            header["prev_hash"], 2, header["committed_at_ms"], journal.records_of(rows)
-        ),
-    }
+    header = _rehashed(header, rows)
     verifier = journal.Verifier()
     verifier.batch(*batches[0])
     with pytest.raises(journal.Mismatch, match="balance after"):
@@ -183,12 +186,7 @@ def test_verifier_checks_a_transfers_postings_against_its_entries_even_with_a_va
     batches, _ = _two_batches()
     header, rows = batches[1]
     rows["transfers"][0]["postings"] = json.dumps([[1, "debit", 5000], [2, "credit", 5000]])
-    header = {
-        **header,
-        "hash": journal.batch_hash(
-            header["prev_hash"], 2, header["committed_at_ms"], journal.records_of(rows)
-        ),
-    }
+    header = _rehashed(header, rows)
     verifier = journal.Verifier()
     verifier.batch(*batches[0])
     with pytest.raises(journal.Mismatch, match="postings are not its entries"):
