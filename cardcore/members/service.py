@@ -343,11 +343,15 @@ class MemberService:
             except Conflict:
                 raise mobile_taken() from None
             after = {**before, **values}
-            await uow.audit(
-                p, action="member.update", kind="member", object_id=member_id,
-                place=place_of(after), before=member_view(before), after=member_view(after),
-                now_ms=now,
-            )  # fmt: skip
+            # A move to another store is seen from both places: the row at the old one too,
+            # so the entity and store that lost the member can read that they did.
+            places = dict.fromkeys((place_of(before), place_of(after)))
+            for place in places:
+                await uow.audit(
+                    p, action="member.update", kind="member", object_id=member_id,
+                    place=place, before=member_view(before), after=member_view(after),
+                    now_ms=now,
+                )  # fmt: skip
             return await self._full_view(uow, after)
 
     async def _changes(

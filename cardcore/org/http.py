@@ -255,8 +255,10 @@ async def _post_token(request: web.Request) -> web.Response:
 
 async def _list_tokens(request: web.Request) -> web.Response:
     user_id = r.path_int(request, "user_id", limits.RECORD_ID_MAX)
-    tokens = await org(request).list_tokens(principal(request), user_id)
-    return web.json_response({"items": tokens, "next_after": None})
+    q = _page_args(request)
+    limit = q.get("limit", limits.PAGE_LIMIT_DEFAULT)
+    tokens = await org(request).list_tokens(principal(request), user_id, _int_cursor(q), limit)
+    return r.page(tokens, limit, "id")
 
 
 async def _delete_token(request: web.Request) -> web.Response:
@@ -351,7 +353,7 @@ ROUTES = [
             "Issue an API token (the secret is answered this once)", "staff", "staff_write",
             NEW_TOKEN, path_params=ID, answers={201: TOKEN}, refusals=(400, 403, 404, 409)),
     r.Route("GET", "/v1/users/{user_id}/tokens", _list_tokens, "A user's tokens (no secrets)",
-            "staff", "staff_read", path_params=ID, answers={200: r.page_of(TOKEN)}),
+            "staff", "staff_read", path_params=ID, query=_PAGE, answers={200: r.page_of(TOKEN)}),
     r.Route("DELETE", "/v1/tokens/{token_id}", _delete_token, "Revoke a token", "staff",
             "staff_write", path_params=TOKEN_ID, answers={200: TOKEN}),
     r.Route("POST", "/v1/grants", _post_grant,

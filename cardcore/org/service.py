@@ -8,6 +8,7 @@ audited. Tokens are random, shown once, stored as SHA-256 hashes, expiring and r
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import secrets
@@ -369,11 +370,15 @@ class OrgService:
             )  # fmt: skip
         return {**view, "token": secret}  # the secret, shown this once
 
-    async def list_tokens(self, p: Principal, user_id: int) -> list[dict[str, Any]]:
+    async def list_tokens(
+        self, p: Principal, user_id: int, after: int | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """A page of the user's tokens by id (revoked and expired ones too), `limit + 1`
+        rows so the page knows whether more follow."""
         await self._user(p, user_id, Perm.STAFF_READ)
         async with self.records.read() as uow:
-            rows = await uow.find(TOKENS, {"user_id": user_id})
-        return [token_view(r) for r in rows[: limits.PAGE_LIMIT_MAX]]
+            rows = await uow.find(TOKENS, {"user_id": user_id}, after=after, limit=limit)
+        return [token_view(r) for r in rows]
 
     async def revoke_token(self, p: Principal, token_id: int) -> dict[str, Any]:
         async with self.records.read() as uow:
@@ -421,6 +426,9 @@ class OrgService:
         require(p, Perm.GRANTS_WRITE, place)
         if p.scope.kind is ScopeKind.STORE:
             raise Refused("forbidden", "scope_forbidden", "a store cannot grant itself")
+        for name in ("valid_from", "valid_to"):  # the schema checks the shape, not the day
+            if values[name] and not _is_calendar_date(values[name]):
+                raise Refused("invalid", "invalid_value", f"{values[name]} is no such day", name)
         if (
             values["valid_from"]
             and values["valid_to"]
@@ -586,3 +594,12 @@ def token_view(row: dict[str, Any]) -> dict[str, Any]:
         "expires_at_ms": int(row["expires_at_ms"]),
         "revoked_at_ms": None if row["revoked_at_ms"] is None else int(row["revoked_at_ms"]),
     }
+
+
+def _is_calendar_date(text: str) -> bool:
+    """Whether YYYY-MM-DD names a day of the calendar (2025-02-30 does not)."""
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True

@@ -664,6 +664,28 @@ async def test_a_card_issued_while_its_member_is_deleted_is_refused(
 # --- secrets and availability -------------------------------------------------------------------
 
 
+async def test_a_member_moved_to_another_entity_is_audited_where_it_was_and_where_it_is(
+    admin: AdminClient,
+) -> None:
+    """The entity that lost the member reads that it did: the change is audited at both
+    places (each side's auditor sees it), once at each."""
+    await admin.org("LE1", "S1")
+    await admin.org("LE2", "S3")
+    moved = await admin.ok("POST", "/v1/members", json={"mobile": "13800138000", "name": "A",
+                                                      "home_store": "S1"})  # fmt: skip
+    await admin.ok("PATCH", f"/v1/members/{moved['id']}", json={"home_store": "S3"})
+    for entity in ("LE1", "LE2"):
+        auditor = await admin.token("auditor", "entity", entity)
+        rows = await admin.ok("GET", "/v1/audit", auditor, object_kind="member")
+        updates = [r for r in rows["items"] if r["action"] == "member.update"]
+        assert len(updates) == 1, (entity, rows)
+    stay = await admin.ok("POST", "/v1/members", json={"mobile": "13800138001", "name": "B",
+                                                     "home_store": "S1"})  # fmt: skip
+    await admin.ok("PATCH", f"/v1/members/{stay['id']}", json={"name": "Bo"})
+    rows = await admin.ok("GET", "/v1/audit", object_kind="member", object_id=str(stay["id"]))
+    assert [r["action"] for r in rows["items"]].count("member.update") == 1
+
+
 async def test_the_id_number_is_in_no_answer_and_no_audit_row(
     admin: AdminClient, db_url: str
 ) -> None:

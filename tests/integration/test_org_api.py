@@ -8,7 +8,7 @@ from typing import Any
 
 from cardcore import limits
 from cardcore.org.http import ORG_KEY
-from tests.helpers import AdminClient
+from tests.helpers import AdminClient, sql_execute
 
 
 async def test_openapi_document_is_served_without_a_token(admin: AdminClient) -> None:
@@ -134,12 +134,44 @@ async def test_grants_are_scoped_and_revocable(admin: AdminClient) -> None:
                                     "valid_from": "2027-01-02", "valid_to": "2027-01-01"}
     )  # fmt: skip
     assert (status, body["error"]["code"]) == (400, "invalid_value")
+    for name, day in (("valid_from", "2025-02-30"), ("valid_to", "2025-04-31")):
+        status, body = await admin.call("POST", "/v1/grants", json={
+            "store": "S1", "function": "gift", name: day})  # fmt: skip
+        assert (status, body["error"]["code"], body["error"]["field"]) == (
+            400, "invalid_value", name)  # fmt: skip
+    assert len((await admin.ok("GET", "/v1/grants"))["items"]) == 1
     officer = await admin.token("store_crm", "store", "S2")
     assert (await admin.ok("GET", "/v1/grants", officer))["items"] == []
     status, _ = await admin.call("DELETE", f"/v1/grants/{grant['id']}", officer)
     assert status == 403
     revoked = await admin.ok("DELETE", f"/v1/grants/{grant['id']}")
     assert revoked["state"] == "revoked"
+
+
+async def test_a_users_tokens_are_listed_by_pages(admin: AdminClient, db_url: str) -> None:
+    """Revoked and expired tokens pile up; the live one past the first page is reached by the
+    cursor, never dropped; bad paging is a stable 400."""
+    await admin.org("LE1", "S1")
+    user = await admin.ok("POST", "/v1/users", json={"name": "bot", "role": "auditor",
+                                                   "scope_kind": "group"})  # fmt: skip
+    old = ",".join(f"({user['id']}, 'h{i:063d}', 'old', 0, 1, 1)" for i in range(5))
+    await sql_execute(
+        db_url,
+        "INSERT INTO org_api_tokens (user_id, secret_hash, label, "  # noqa: S608 - the test's rows
+        f"created_at_ms, expires_at_ms, revoked_at_ms) VALUES {old}",
+    )
+    live = await admin.ok("POST", f"/v1/users/{user['id']}/tokens", json={"label": "live"})
+    path, seen, after = f"/v1/users/{user['id']}/tokens", [], None
+    while True:
+        page = await admin.ok("GET", path, limit=2, **({"after": after} if after else {}))
+        seen += [t["id"] for t in page["items"]]
+        after = page["next_after"]
+        if after is None:
+            break
+    assert len(seen) == 6 and seen[-1] == live["id"] and seen == sorted(seen)
+    for bad in ({"limit": "abc"}, {"bogus": "1"}):
+        status, answer = await admin.call("GET", path, **bad)
+        assert status == 400, (bad, answer)
 
 
 async def test_bad_bodies_get_stable_codes_and_change_nothing(admin: AdminClient) -> None:
