@@ -300,7 +300,7 @@ class Processor:
             if net == NET_ECHO:
                 return self._reply(f, APPROVED), APPROVED
             if net == NET_SIGN_OFF:
-                return self._sign_off(f)
+                return await self._sign_off(f)
             return self._reply(f, INVALID_TRANSACTION), INVALID_TRANSACTION
         session = self.sessions.get(tid)
         if session is None or session.keys is None:
@@ -308,23 +308,32 @@ class Processor:
             return reply, SIGN_ON_AGAIN
         if not session.take_token(time.monotonic()):
             return self._reply(f, SLOW_DOWN), SLOW_DOWN
-        # One request in flight per terminal: a resend waits for the first to finish. A
-        # lock that is free with nobody queued is taken at once, without a timer.
-        if session.lock.locked() or session.queued:
-            session.queued += 1
-            try:
-                async with asyncio.timeout(limits.GATEWAY_IN_FLIGHT_WAIT_S):
-                    await session.lock.acquire()
-            except TimeoutError:
-                return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
-            finally:
-                session.queued -= 1
-        else:
-            await session.lock.acquire()
+        if not await self._turn(session):
+            return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
         try:
             return await self._in_session(session, mti, f, net, body)
         finally:
             session.lock.release()
+
+    @staticmethod
+    async def _turn(session: Session) -> bool:
+        """Take the terminal's lock: one request in flight per terminal (a resend waits for
+        the first to finish), and a sign-on or sign-off never changes the keys a request
+        in flight was checked with and will be answered under. A lock that is free with
+        nobody queued is taken at once, without a timer. False: not within
+        `GATEWAY_IN_FLIGHT_WAIT_S` (the caller answers 96)."""
+        if not (session.lock.locked() or session.queued):
+            await session.lock.acquire()
+            return True
+        session.queued += 1
+        try:
+            async with asyncio.timeout(limits.GATEWAY_IN_FLIGHT_WAIT_S):
+                await session.lock.acquire()
+        except TimeoutError:
+            return False
+        finally:
+            session.queued -= 1
+        return True
 
     async def _in_session(
         self, s: Session, mti: str, f: dict[str, str], net: str, body: bytes
@@ -381,29 +390,42 @@ class Processor:
             return self._reply(f, INVALID_TRANSACTION), INVALID_TRANSACTION
         tmk = security.unseal(self.kek, bytes.fromhex(answer.tmk_sealed), b"tmk:" + tid.encode())
         keys, payload = security.issue_working_keys(mode, tmk)
-        session = self.sessions.get(tid)
-        if session is None or session.mode is not mode or session.tmk != tmk:
-            if session is not None and session.keys is not None:
-                self.metrics.gateway_signed_on.dec()  # the replaced session held keys
-            rate = float(self.terminal_rate_per_s)
-            session = Session(tid=tid, mid=answer.mid, mode=mode, tmk=tmk, rate_per_s=rate,
-                              tokens=rate)  # fmt: skip
-            self.sessions[tid] = session
-        if session.keys is None:
-            self.metrics.gateway_signed_on.inc()
-        session.keys, session.mac_failures = keys, 0
-        extra = {
-            "60": codec.format_f60(codec.Field60("00", answer.batch, net)),
-            "62": payload.hex().upper(),
-        }
-        log.info("terminal signed on", extra={"terminal": tid, "key_mode": str(mode)})
-        return self._reply(f, APPROVED, extra=extra), APPROVED
+        held = self.sessions.get(tid)  # its lock: no request of it in flight meanwhile
+        if held is not None and not await self._turn(held):
+            return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
+        try:
+            session = self.sessions.get(tid)
+            if session is None or session.mode is not mode or session.tmk != tmk:
+                if session is not None and session.keys is not None:
+                    self.metrics.gateway_signed_on.dec()  # the replaced session held keys
+                rate = float(self.terminal_rate_per_s)
+                session = Session(tid=tid, mid=answer.mid, mode=mode, tmk=tmk, rate_per_s=rate,
+                                  tokens=rate)  # fmt: skip
+                self.sessions[tid] = session
+            if session.keys is None:
+                self.metrics.gateway_signed_on.inc()
+            session.keys, session.mac_failures = keys, 0
+            extra = {
+                "60": codec.format_f60(codec.Field60("00", answer.batch, net)),
+                "62": payload.hex().upper(),
+            }
+            log.info("terminal signed on", extra={"terminal": tid, "key_mode": str(mode)})
+            return self._reply(f, APPROVED, extra=extra), APPROVED
+        finally:
+            if held is not None:
+                held.lock.release()
 
-    def _sign_off(self, f: dict[str, str]) -> tuple[Reply | None, str]:
+    async def _sign_off(self, f: dict[str, str]) -> tuple[Reply | None, str]:
         session = self.sessions.get(f["41"])
-        if session is not None and session.keys is not None:
-            session.keys = None  # the session's keys die with it
-            self.metrics.gateway_signed_on.dec()
+        if session is not None:  # after the request in flight, answered under its keys
+            if not await self._turn(session):
+                return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
+            try:
+                if session.keys is not None:
+                    session.keys = None  # the session's keys die with it
+                    self.metrics.gateway_signed_on.dec()
+            finally:
+                session.lock.release()
         return self._reply(f, APPROVED), APPROVED
 
     # --- financial ------------------------------------------------------------------------------

@@ -714,11 +714,14 @@ def purchase_body(rng: random.Random, keys: WorkingKeys) -> bytes:
     return maced(fields, keys)
 
 
-async def test_a_request_waiting_for_its_terminal_while_it_signs_off_gets_77(
+async def test_a_sign_off_waits_for_the_requests_ahead_of_it_and_later_ones_get_77(
     saf: ReversalQueue, logs: pytest.LogCaptureFixture
 ) -> None:
-    """Was: the keys were checked before the wait for the session lock and asserted after,
-    so the waiting request tripped an AssertionError (traceback logged, answered 96)."""
+    """A sign-off while a purchase is at the host and another waits for the terminal: both
+    are answered 00 under the keys they were checked with (MAC'd; the keys do not change
+    under a request in flight), then the sign-off is answered, and a request after it gets
+    77 with processing nibble 3. (Was: the keys were checked before the wait for the session
+    lock and asserted after, so the waiting request tripped an AssertionError.)"""
     entered, release = asyncio.Event(), asyncio.Event()
 
     class SlowHost(FakeHost):
@@ -730,20 +733,26 @@ async def test_a_request_waiting_for_its_terminal_while_it_signs_off_gets_77(
 
     processor, keys = await _signed_on_processor(SlowHost(), saf)
     rng = random.Random(4)
-    # The first purchase holds the terminal (its host call hangs); a second one, sent on
-    # another connection, waits for it; then the terminal signs off.
     first = asyncio.create_task(processor.handle(purchase_body(rng, keys)))
     await asyncio.wait_for(entered.wait(), REPLY_WAIT_S)
     second = asyncio.create_task(processor.handle(purchase_body(rng, keys)))
     await asyncio.sleep(0.1)  # no I/O on its way: it is waiting for the lock by now
-    off = await processor.handle(codec.encode(base(rng, "0820", None, "00", "002")))
-    assert off is not None
-    assert codec.decode(off.body)["39"] == "00"
+    off = asyncio.create_task(
+        processor.handle(codec.encode(base(rng, "0820", None, "00", "002")))
+    )
+    await asyncio.sleep(0.1)
+    assert not off.done()  # the sign-off waits its turn
     release.set()
-    _, waited = await asyncio.wait_for(asyncio.gather(first, second), REPLY_WAIT_S)
-    assert waited is not None
-    assert codec.decode(waited.body)["39"] == "77"
-    assert waited.processing == codec.PROCESSING_SIGN_ON
+    answered = await asyncio.wait_for(asyncio.gather(first, second, off), REPLY_WAIT_S)
+    for reply in answered:
+        assert reply is not None
+        assert codec.decode(reply.body)["39"] == "00"
+    for reply in answered[:2]:
+        assert reply is not None and "64" in codec.decode(reply.body)
+    late = await processor.handle(purchase_body(rng, keys))
+    assert late is not None
+    assert codec.decode(late.body)["39"] == "77"
+    assert late.processing == codec.PROCESSING_SIGN_ON
     assert not errors_logged(logs), errors_logged(logs)
 
 
