@@ -62,21 +62,29 @@ class InProcessHost:
     to the writer in one submission), as the HTTP adapter batches them into one POST. The
     time limit is one timer per call: when it passes, the call's callers not answered yet
     get `HostUnavailable` (the call itself goes on; what it decides is reversed by the
-    gateway's store and forward, as for any 96)."""
+    gateway's store and forward, as for any 96). Requests not decided yet, waiting or in a
+    call that goes on after its time limit, are at most `queue_max`: past it a request gets
+    `HostUnavailable` at once, so a host that hangs never piles up calls without bound."""
 
     def __init__(
         self,
         handle: PosHandler,
         timeout_ms: int = limits.GATEWAY_HOST_TIMEOUT_MS,
         batch_max: int = limits.GATEWAY_HOST_BATCH_MAX,
+        queue_max: int = limits.GATEWAY_HOST_QUEUE_MAX,
     ):
         self._handle = handle
         self._timeout_s = timeout_ms / 1000
         self._batch_max = batch_max
+        self._queue_max = queue_max
+        self._undecided = 0  # requests waiting or in a call not ended
         self._waiting: list[tuple[PosRequest, asyncio.Future[PosResult]]] = []
         self._calls: set[asyncio.Task[None]] = set()
 
     async def pos(self, requests: Sequence[PosRequest]) -> list[PosResult]:
+        if self._undecided + len(requests) > self._queue_max:
+            raise HostUnavailable("too many requests waiting for the host")
+        self._undecided += len(requests)
         loop = asyncio.get_running_loop()
         futures = []
         for r in requests:
@@ -97,8 +105,12 @@ class InProcessHost:
             call = loop.create_task(self._call(batch))
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
+            call.add_done_callback(functools.partial(self._decided, len(batch)))
             timer = loop.call_later(self._timeout_s, _too_late, batch)
             call.add_done_callback(functools.partial(_ended, timer, batch))
+
+    def _decided(self, count: int, _call: object) -> None:
+        self._undecided -= count
 
     async def _call(self, batch: list[tuple[PosRequest, asyncio.Future[PosResult]]]) -> None:
         try:

@@ -937,6 +937,34 @@ async def test_the_in_process_host_fails_every_caller_of_a_late_call_and_lets_it
     assert loop.time() - started < 0.25
 
 
+async def test_a_hanging_in_process_host_holds_at_most_its_queue_of_undecided_requests() -> None:
+    """A host that never answers: requests past `queue_max` undecided ones (waiting, or in
+    calls that go on after their time limit) are refused at once; once the calls end, the
+    room is back."""
+    hang = asyncio.Event()
+
+    async def handle(requests: Sequence[PosRequest]) -> list[PosResult]:
+        await hang.wait()
+        return [PosResult(Outcome.APPROVED) for _ in requests]
+
+    host = InProcessHost(handle, timeout_ms=50, queue_max=3)
+
+    def ask(stan: str) -> Any:
+        return host.pos([PosRequest(kind=Kind.INQUIRY, terminal=TID, batch=BATCH, stan=stan)])
+
+    first = await asyncio.gather(*(ask(f"00000{i}") for i in range(1, 5)), return_exceptions=True)
+    assert all(isinstance(x, HostUnavailable) for x in first)  # 3 timed out, 1 refused at once
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(HostUnavailable):
+        await ask("000005")  # the three calls still go on: no room, no wait
+    assert asyncio.get_running_loop().time() - started < 0.04
+    hang.set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert (await ask("000006"))[0].outcome is Outcome.APPROVED
+    await host.close()
+
+
 async def test_each_call_of_a_split_loop_turn_has_its_own_timer() -> None:
     """More requests in a turn than one call takes: each call is timed on its own, and a
     call that answers in time answers even when its neighbour is late."""
