@@ -24,9 +24,10 @@ import dataclasses
 import logging
 import random
 import string
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -737,9 +738,7 @@ async def test_a_sign_off_waits_for_the_requests_ahead_of_it_and_later_ones_get_
     await asyncio.wait_for(entered.wait(), REPLY_WAIT_S)
     second = asyncio.create_task(processor.handle(purchase_body(rng, keys)))
     await asyncio.sleep(0.1)  # no I/O on its way: it is waiting for the lock by now
-    off = asyncio.create_task(
-        processor.handle(codec.encode(base(rng, "0820", None, "00", "002")))
-    )
+    off = asyncio.create_task(processor.handle(codec.encode(base(rng, "0820", None, "00", "002"))))
     await asyncio.sleep(0.1)
     assert not off.done()  # the sign-off waits its turn
     release.set()
@@ -949,7 +948,7 @@ async def test_a_hanging_in_process_host_holds_at_most_its_queue_of_undecided_re
 
     host = InProcessHost(handle, timeout_ms=50, queue_max=3)
 
-    def ask(stan: str) -> Any:
+    def ask(stan: str) -> Coroutine[Any, Any, list[PosResult]]:
         return host.pos([PosRequest(kind=Kind.INQUIRY, terminal=TID, batch=BATCH, stan=stan)])
 
     first = await asyncio.gather(*(ask(f"00000{i}") for i in range(1, 5)), return_exceptions=True)
