@@ -252,6 +252,11 @@ LAYOUT: Final[Mapping[str, _Field]] = MappingProxyType(
 _CONTENT_CODE: Final[Mapping[str, str]] = MappingProxyType(
     {"2": CODE_INVALID_CARD, "35": CODE_INVALID_CARD, "4": CODE_INVALID_AMOUNT}
 )
+# A card field that cannot be framed (its length prefix, pad nibble or end) is 14 all the
+# same: the card is what the terminal must read again (section 2); any other field is 30.
+_FRAMING_CODE: Final[Mapping[str, str]] = MappingProxyType(
+    {"2": CODE_INVALID_CARD, "35": CODE_INVALID_CARD}
+)
 _PIN_BLOCK_BYTES: Final = frozenset({8, 16})
 _FIELD_64_BIT: Final = 1
 _SECONDARY_BITMAP_BIT: Final = 1 << 63
@@ -464,16 +469,21 @@ class _Fault:
 def _read_length(body: bytes, pos: int, step: _Step) -> int | _Fault:
     """The value of the BCD length prefix at `pos`, or the fault."""
     if pos + step.prefix_bytes > len(body):
-        return _Fault(step.key, f"message ends inside the length prefix at byte {pos}")
+        return _framing(step, f"message ends inside the length prefix at byte {pos}")
     length = _BCD_VALUE[body[pos]]
     if step.prefix_bytes == 2 and length >= 0:
         low = _BCD_VALUE[body[pos + 1]]
         length = length * 100 + low if low >= 0 else -1
     if length < 0:
-        return _Fault(step.key, f"length prefix at byte {pos} is not BCD")
+        return _framing(step, f"length prefix at byte {pos} is not BCD")
     if length > step.max_len:
-        return _Fault(step.key, f"length {length} is over the maximum {step.max_len}")
+        return _framing(step, f"length {length} is over the maximum {step.max_len}")
     return length
+
+
+def _framing(step: _Step, message: str) -> _Fault:
+    """A field that cannot be framed: decoding stops here."""
+    return _Fault(step.key, message, _FRAMING_CODE.get(step.key, CODE_FORMAT))
 
 
 def _decode_fields(body: bytes, bitmap: int, pos: int, doc: dict[str, str]) -> _Fault | None:
@@ -497,7 +507,7 @@ def _decode_fields(body: bytes, bitmap: int, pos: int, doc: dict[str, str]) -> _
             length = step.max_len
         size = (length + 1) >> 1 if step.nibbles else length
         if pos + size > end:
-            return fault or _Fault(step.key, f"message ends inside the field at byte {pos}")
+            return fault or _framing(step, f"message ends inside the field at byte {pos}")
         chunk = body[pos : pos + size]
         pos += size
         if step.nibbles:
@@ -506,7 +516,7 @@ def _decode_fields(body: bytes, bitmap: int, pos: int, doc: dict[str, str]) -> _
                 # fixed fields are padded on the left, variable ones on the right (UnionPay)
                 pad, value = (value[-1], value[:-1]) if step.prefix_bytes else (value[0], value[1:])
                 if pad != _PAD_NIBBLE:
-                    return fault or _Fault(step.key, f"pad nibble is {pad.upper()}, not 0")
+                    return fault or _framing(step, f"pad nibble is {pad.upper()}, not 0")
             if step.kind == "z":
                 value = value.replace(_TRACK2_SEPARATOR_NIBBLE.lower(), _TRACK2_SEPARATOR)
         elif step.kind == "b":
