@@ -147,6 +147,7 @@ GATEWAY_BAD_FRAMES_MAX: Final = 5  # undecodable messages in a row before the co
 GATEWAY_MAC_FAILURES_MAX: Final = 3  # wrong MACs in a row before the terminal must sign on
 GATEWAY_HOST_BATCH_MAX: Final = 512  # POS requests the HTTP host adapter sends in one call
 GATEWAY_HOST_BATCH_WAIT_MS: Final = 2  # how long a call waits for company
+GATEWAY_SESSION_TURNS_MAX: Final = 3  # sign-on/off: sessions replaced while it waited, followed
 GATEWAY_HOST_QUEUE_MAX: Final = 8192  # POS requests waiting for the host; more answer 96
 GATEWAY_HOST_CALLS_MAX: Final = 64  # HTTP host: calls in flight (and pooled connections)
 GATEWAY_HOST_CONNECT_MS: Final = 1_000  # HTTP host: a ledger that does not accept is skipped
@@ -229,7 +230,7 @@ POINTS_OPEN_LOTS_MAX: Final = 100_000  # lots with points left that one spend or
 POINTS_POS_TOGETHER_MAX: Final = 64  # POS points redemptions of one turn read together
 POINTS_REMINDER_DAYS_MAX: Final = 366  # how far ahead an expiry reminder looks
 POINTS_MEMBER_CARDS_READ_MAX: Final = 1000  # a member's cards a transfer's daily limit sums
-CARD_TOPUP_RECORDS_READ_MAX: Final = 100  # a card's top-up records since a retried one, read
+CARD_TOPUP_RECORDS_READ_MAX: Final = 1000  # a card's latest top-up records a retry looks in
 
 # --- issue 5 at the POS ---
 POS_BASKET_LINES_MAX: Final = 32  # (department, fen) lines one POS request carries (F48)

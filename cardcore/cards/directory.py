@@ -553,10 +553,7 @@ def _terminal(row: Any) -> Terminal:
 
 
 def _transfer_columns(t: Any) -> tuple[Any, ...]:
-    return (
-        t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings, t.c.target_id, t.c.pending_id,
-        t.c.created_at_ms,
-    )  # fmt: skip
+    return t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings, t.c.target_id, t.c.pending_id
 
 
 def _transfer(row: Any) -> dict[str, Any]:
@@ -567,7 +564,6 @@ def _transfer(row: Any) -> dict[str, Any]:
         "reason": row["reason"],
         "target_id": None if row["target_id"] is None else int(row["target_id"]),
         "pending_id": None if row["pending_id"] is None else int(row["pending_id"]),
-        "created_at_ms": int(row["created_at_ms"]),
         "postings": [
             (int(a), str(side), int(amount)) for a, side, amount in json.loads(row["postings"])
         ],

@@ -1328,13 +1328,13 @@ class CardService:
 
     async def _topup_recorded(self, card_id: int, known: dict[str, Any]) -> bool:
         """Whether the counter top-up `known` (a transfer) has its record: the `card.topup`
-        audit row written with its grant spend (`_record_topup`), at or after it."""
+        audit row written with its grant spend (`_record_topup`), among the card's latest
+        `CARD_TOPUP_RECORDS_READ_MAX` (a retry comes soon after its attempt)."""
         async with self.records.read() as uow:
             rows = await uow.find(
                 "org_audit_log",
                 {"object_kind": "card", "object_id": str(card_id), "action": "card.topup"},
-                order="id", descending=True, at_least={"at_ms": int(known["created_at_ms"])},
-                limit=limits.CARD_TOPUP_RECORDS_READ_MAX,
+                order="id", descending=True, limit=limits.CARD_TOPUP_RECORDS_READ_MAX,
             )  # fmt: skip
         return any(
             json.loads(row["after"] or "{}").get("transfer_id") == int(known["id"])

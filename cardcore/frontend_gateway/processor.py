@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from cardcore import limits
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult
@@ -390,14 +390,15 @@ class Processor:
             return self._reply(f, INVALID_TRANSACTION), INVALID_TRANSACTION
         tmk = security.unseal(self.kek, bytes.fromhex(answer.tmk_sealed), b"tmk:" + tid.encode())
         keys, payload = security.issue_working_keys(mode, tmk)
-        held = self.sessions.get(tid)  # its lock: no request of it in flight meanwhile
-        if held is not None and not await self._turn(held):
+        held = await self._current(tid)  # its lock: no request of it in flight meanwhile
+        if held is False:
             return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
         try:
-            session = self.sessions.get(tid)
+            session = held
             if session is None or session.mode is not mode or session.tmk != tmk:
                 if session is not None and session.keys is not None:
                     self.metrics.gateway_signed_on.dec()  # the replaced session held keys
+                    session.keys = None  # what waits on its lock is answered 77
                 rate = float(self.terminal_rate_per_s)
                 session = Session(tid=tid, mid=answer.mid, mode=mode, tmk=tmk, rate_per_s=rate,
                                   tokens=rate)  # fmt: skip
@@ -416,10 +417,10 @@ class Processor:
                 held.lock.release()
 
     async def _sign_off(self, f: dict[str, str]) -> tuple[Reply | None, str]:
-        session = self.sessions.get(f["41"])
-        if session is not None:  # after the request in flight, answered under its keys
-            if not await self._turn(session):
-                return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
+        session = await self._current(f["41"])  # after the request in flight, answered
+        if session is False:  # under its keys
+            return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
+        if session is not None:
             try:
                 if session.keys is not None:
                     session.keys = None  # the session's keys die with it
@@ -427,6 +428,21 @@ class Processor:
             finally:
                 session.lock.release()
         return self._reply(f, APPROVED), APPROVED
+
+    async def _current(self, tid: str) -> Session | Literal[False] | None:
+        """The terminal's session, its lock held (`_turn`), as it is once the lock is taken:
+        a sign-on that replaced the session while this waited is followed to the new one.
+        None: no session (nothing to hold); False: not within the wait (answer 96)."""
+        for _ in range(limits.GATEWAY_SESSION_TURNS_MAX):
+            session = self.sessions.get(tid)
+            if session is None:
+                return None
+            if not await self._turn(session):
+                return False
+            if self.sessions.get(tid) is session:
+                return session
+            session.lock.release()  # replaced meanwhile: the new one's turn
+        return False
 
     # --- financial ------------------------------------------------------------------------------
 

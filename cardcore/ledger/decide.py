@@ -273,7 +273,7 @@ def decide_batch(
     e.pendings = {pid: s.pendings[pid] for pid in created | resolved if pid is not None}
     e.reversed_by = {k: v for k, v in s.reversed_by.items() if view.reversed_by.get(k) != v}
     e.refunded = {k: v for k, v in s.refunded.items() if view.refunded.get(k) != v}
-    e.kinds = {k: v for k, v in s.kinds.items() if k not in view.kinds}
+    e.kinds = dict(s.kinds)  # all it knew (kinds never change): the next view is read afresh
     return e
 
 

@@ -1147,7 +1147,8 @@ class PointsService:
                 points = model.proportional_clawback(
                     int(earning["points"]), amount, before, fen, int(earning["clawed"])
                 )
-            pinned = await self._pin_clawback(key, earning, fen, points, whole=returned is None)
+            whole = returned is None and fen > 0  # a second whole take-back undoes nothing
+            pinned = await self._pin_clawback(key, earning, fen, points, whole=whole)
             if pinned is None:
                 return None
         points = int(pinned["points"])

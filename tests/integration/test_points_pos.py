@@ -402,6 +402,17 @@ async def test_a_reversed_or_voided_earning_gives_its_points_back_to_the_day_cap
     assert (late.outcome, late.points) == (Outcome.APPROVED, 0)
     parts = await sql_rows(db_url, "SELECT SUM(points) AS s FROM points_earning_parts")
     assert parts[0]["s"] == 100
+    # A void and then the terminal's 0400 of the same sale: the cap comes back once.
+    other = await shop.card()
+    sold = shop.request(Kind.PURCHASE, other, amount=10_000)
+    assert (await shop.one(sold)).points == 100
+    voided = shop.request(Kind.VOID, other, amount=10_000, original_batch="000001",
+                          original_stan=sold.stan)  # fmt: skip
+    assert (await shop.one(voided)).outcome is Outcome.APPROVED
+    await shop.one(shop.request(Kind.REVERSE, None, stan=sold.stan))
+    first = await shop.one(shop.request(Kind.PURCHASE, other, amount=10_000))
+    second = await shop.one(shop.request(Kind.PURCHASE, other, amount=10_000))
+    assert (first.points, second.points) == (100, 0)
 
 
 async def test_a_purchase_whose_void_was_reversed_can_be_voided_again_and_again(

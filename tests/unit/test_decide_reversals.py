@@ -785,6 +785,18 @@ def test_a_reversed_refund_is_final_and_a_reversed_original_keeps_its_refunds() 
     book.one(reverse("rev-ref-8", "ref-8"), "target_not_reversible")
 
 
+def next_view(committed: LedgerView, n: BatchEffects) -> LedgerView:
+    """The writer's view of batch N+1 when none of its keys is committed yet (N is not): the
+    accounts as read, and N laid over them (`overlay`)."""
+    view = LedgerView(
+        assets={"CNY": CNY},
+        accounts=dict(committed.accounts),
+        account_ids_by_natural_key=dict(committed.account_ids_by_natural_key),
+    )
+    overlay(view, n)
+    return view
+
+
 def test_a_reversed_refund_stays_final_when_its_reversal_is_not_committed_yet() -> None:
     """The writer's pipeline: batch N+1 is read from the database before batch N commits,
     then N is laid over it (`overlay`). N reverses refund F; N+1 reverses that reversal.
@@ -798,12 +810,7 @@ def test_a_reversed_refund_stays_final_when_its_reversal_is_not_committed_yet() 
     assert codes(n) == ["ok"]
     # N+1 names only RRF and RF: none of them is in the database yet, so its view holds no
     # transfers, and the kinds it knows are those of what N did.
-    fresh = LedgerView(
-        assets={"CNY": CNY},
-        accounts=dict(committed.accounts),
-        account_ids_by_natural_key=dict(committed.account_ids_by_natural_key),
-    )
-    overlay(fresh, n)
+    fresh = next_view(committed, n)
     later = decide_batch([[reverse("RRF", "RF")]], fresh, n.counters, book.seq + 1, NOW)
     assert codes(later) == ["target_not_reversible"]
     assert_no_effect(later)
@@ -825,3 +832,22 @@ def test_a_reverse_or_refund_naming_its_own_key_is_refused_and_changes_nothing()
     assert codes(e) == ["target_not_reversible", "ok"]
     assert [t.key for t in e.transfers] == ["other"]
     assert len(e.failures) == 1
+
+
+def test_a_void_reversed_in_the_next_batch_before_the_void_commits_is_allowed() -> None:
+    """Batch N, read with the kind of P (the inner target of refund F it names), reverses F
+    and voids P; batch N+1, read before N commits, reverses the void. P's kind comes over
+    with N's effects (every kind N knew, not only the new ones), so the void's reversal is
+    allowed, as when N had committed first."""
+    book = Book()
+    p = book.one(sale("P", 100)).transfers[0]
+    book.one(refund("F", "P", 30))
+    committed = book.view
+    committed.kinds[p.id] = p.kind  # what the store reads for a batch naming F
+    n = decide_batch(
+        [[reverse("RF", "F")], [reverse("V", "P")]], committed, book.counters, book.seq, NOW
+    )
+    assert codes(n) == ["ok", "ok"]
+    fresh = next_view(committed, n)
+    later = decide_batch([[reverse("RV", "V")]], fresh, n.counters, book.seq + 1, NOW)
+    assert codes(later) == ["ok"]

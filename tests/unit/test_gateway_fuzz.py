@@ -715,6 +715,20 @@ def purchase_body(rng: random.Random, keys: WorkingKeys) -> bytes:
     return maced(fields, keys)
 
 
+class PurchaseAtTheHost(FakeHost):
+    """A host that holds every call with a purchase in it (`entered` set) until `release`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+
+    async def pos(self, requests: Sequence[PosRequest]) -> list[PosResult]:
+        if any(r.kind is Kind.PURCHASE for r in requests):
+            self.entered.set()
+            await self.release.wait()
+        return await super().pos(requests)
+
+
 async def test_a_sign_off_waits_for_the_requests_ahead_of_it_and_later_ones_get_77(
     saf: ReversalQueue, logs: pytest.LogCaptureFixture
 ) -> None:
@@ -723,16 +737,10 @@ async def test_a_sign_off_waits_for_the_requests_ahead_of_it_and_later_ones_get_
     under a request in flight), then the sign-off is answered, and a request after it gets
     77 with processing nibble 3. (Was: the keys were checked before the wait for the session
     lock and asserted after, so the waiting request tripped an AssertionError.)"""
-    entered, release = asyncio.Event(), asyncio.Event()
+    host = PurchaseAtTheHost()
+    entered, release = host.entered, host.release
 
-    class SlowHost(FakeHost):
-        async def pos(self, requests: Sequence[PosRequest]) -> list[PosResult]:
-            if any(r.kind is Kind.PURCHASE for r in requests):
-                entered.set()
-                await release.wait()
-            return await super().pos(requests)
-
-    processor, keys = await _signed_on_processor(SlowHost(), saf)
+    processor, keys = await _signed_on_processor(host, saf)
     rng = random.Random(4)
     first = asyncio.create_task(processor.handle(purchase_body(rng, keys)))
     await asyncio.wait_for(entered.wait(), REPLY_WAIT_S)
@@ -753,6 +761,33 @@ async def test_a_sign_off_waits_for_the_requests_ahead_of_it_and_later_ones_get_
     assert codec.decode(late.body)["39"] == "77"
     assert late.processing == codec.PROCESSING_SIGN_ON
     assert not errors_logged(logs), errors_logged(logs)
+
+
+async def test_a_sign_off_queued_behind_a_replacing_sign_on_signs_off_the_new_session(
+    saf: ReversalQueue,
+) -> None:
+    """A purchase in flight, the terminal's master key rotated, then a sign-on (which makes
+    a new session) and a sign-off wait their turns: the sign-off follows the session to the
+    new one, so the terminal is signed off after all three are answered, and the signed-on
+    gauge says so."""
+    host = PurchaseAtTheHost()
+    entered, release = host.entered, host.release
+
+    processor, keys = await _signed_on_processor(host, saf)
+    tid = TIDS[0]
+    rng = random.Random(4)
+    first = asyncio.create_task(processor.handle(purchase_body(rng, keys)))
+    await asyncio.wait_for(entered.wait(), REPLY_WAIT_S)
+    host.sealed[tid] = security.seal(KEK, b"\x11" * 16, b"tmk:" + tid.encode()).hex()
+    on = asyncio.create_task(processor.handle(sign_on_body(random.Random(7))))
+    await asyncio.sleep(0.05)
+    off = asyncio.create_task(processor.handle(codec.encode(base(rng, "0820", None, "00", "002"))))
+    await asyncio.sleep(0.05)
+    release.set()
+    replies = await asyncio.wait_for(asyncio.gather(first, on, off), REPLY_WAIT_S)
+    assert [codec.decode(r.body)["39"] for r in replies if r is not None] == ["00"] * 3
+    assert processor.sessions[tid].keys is None
+    assert processor.metrics.gateway_signed_on._value.get() == 0
 
 
 async def test_upload_end_with_bad_totals_is_answered_30_without_an_error_logged(
