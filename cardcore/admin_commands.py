@@ -13,12 +13,13 @@ database (use POST /v1/card-batches then). Its CSV holds masked numbers unless
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import os
 import secrets
 import sys
-from collections.abc import AsyncIterator, Callable
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -159,33 +160,51 @@ async def issue_cards(
     kek = load_kek(config)
     if kek is None:
         raise AdminCommandError("issuing cards needs the key-encrypting key (CARDCORE_KEK)")
-    async with card_service(config, kek) as service:
-        batch = await service.issue_batch(
-            CONSOLE, class_code, store, count, progress=ProgressBar(progress_to)
-        )
-        answer: dict[str, Any] = {"class": class_code, "store": store, **batch}
-        if out is None:
-            return answer
-        # The console sees full numbers; an auditor's view of the same cards is masked.
-        reader = CONSOLE if full_numbers else replace(CONSOLE, role=Role.AUDITOR)
-        text = await service.export(reader, batch["first_id"], batch["last_id"])
-    path = Path(out)
-    await asyncio.to_thread(_write_csv, path, text)
-    return {**answer, "out": str(path), "full_numbers": full_numbers}
+    with contextlib.ExitStack() as files:
+        handle = None if out is None else files.enter_context(private_output(Path(out)))
+        async with card_service(config, kek) as service:
+            batch = await service.issue_batch(
+                CONSOLE, class_code, store, count, progress=ProgressBar(progress_to)
+            )
+            answer: dict[str, Any] = {"class": class_code, "store": store, **batch}
+            if handle is None:
+                return answer
+            # The console sees full numbers; an auditor's view of the same cards is masked.
+            reader = CONSOLE if full_numbers else replace(CONSOLE, role=Role.AUDITOR)
+            handle.write(await service.export(reader, batch["first_id"], batch["last_id"]))
+    return {**answer, "out": out, "full_numbers": full_numbers}
 
 
-def _write_csv(path: Path, text: str) -> None:
-    with _private_file(path) as handle:
-        handle.write(text)
-
-
-def _private_file(path: Path) -> TextIO:
-    """The file opened for writing, emptied, readable by the owner only (mode 0600, an
-    existing file's mode changed too): full card numbers and codes never reach the group."""
+@contextlib.contextmanager
+def private_output(path: Path, keep: Callable[[], bool] = lambda: False) -> Iterator[TextIO]:
+    """A file for full card numbers or codes, opened BEFORE the work that makes them: a
+    temporary file beside `path`, readable by the owner only (mode 0600), that replaces
+    `path` once the block ends without an error (or with one, when `keep()` says that what
+    was written stands: codes committed chunk by chunk). So a path that cannot be written
+    is refused before anything is issued (a number shown once is never lost), and a
+    failure before anything stands leaves an existing file as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    return os.fdopen(fd, "w", encoding="ascii")
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    handle = os.fdopen(fd, "w", encoding="ascii")
+    try:
+        os.fchmod(fd, 0o600)
+        yield handle
+    except BaseException:
+        if not keep():
+            handle.close()
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        _commit(handle, temporary, path)
+        raise
+    _commit(handle, temporary, path)
+
+
+def _commit(handle: TextIO, temporary: str, path: Path) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+    handle.close()
+    os.replace(temporary, path)
 
 
 # --- coupons generate --------------------------------------------------------------------------
@@ -218,27 +237,31 @@ async def generate_coupons(
     # Generating seals nothing: without the KEK a throwaway key stands in for the vault.
     vault = Vault(load_kek(config) or secrets.token_bytes(32))
     engine = make_engine(config.db_url, pool_size=2)
-    handle: TextIO | None = None
     try:
-        if out is not None:
-            handle = _private_file(Path(out))
-            handle.write("code,display\n")
-        sink = None if handle is None else _csv_sink(handle)
-        records = Records(engine)
-        service = CouponService(records, OrgService(records), vault)
-        done = await service.generate(
-            CONSOLE, campaign, count, sink=sink, progress=ProgressBar(progress_to)
-        )
+        written = [0]  # codes in the file: they stand (committed) even if a later chunk fails
+        with contextlib.ExitStack() as files:
+            handle = (
+                None
+                if out is None
+                else files.enter_context(private_output(Path(out), keep=lambda: written[0] > 0))
+            )
+            if handle is not None:
+                handle.write("code,display\n")
+            sink = None if handle is None else _csv_sink(handle, written)
+            records = Records(engine)
+            service = CouponService(records, OrgService(records), vault)
+            done = await service.generate(
+                CONSOLE, campaign, count, sink=sink, progress=ProgressBar(progress_to)
+            )
     finally:
-        if handle is not None:
-            handle.close()
         await engine.dispose()
     return {**done, **({} if out is None else {"out": out})}
 
 
-def _csv_sink(handle: TextIO) -> Callable[[list[str]], None]:
+def _csv_sink(handle: TextIO, written: list[int]) -> Callable[[list[str]], None]:
     def write(codes: list[str]) -> None:
         handle.writelines(f"{code},{display(code)}\n" for code in codes)
+        written[0] += len(codes)
 
     return write
 

@@ -38,4 +38,10 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Libraries that log what they carry at DEBUG (statements with their values: tokens,
+    # sealed numbers, codes) or every request: only their warnings, whatever the level.
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+_QUIET = ("aiohttp.access", "aiosqlite", "asyncpg", "sqlalchemy", "hpack", "urllib3")

@@ -9,10 +9,9 @@ memory, and signs on at the start of every run.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -22,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from cardcore import demo, limits
+from cardcore.admin_commands import private_output
 from cardcore.cards.model import mask_pan
 from cardcore.config import Config, ConfigError, create_kek_file, load_kek
 from cardcore.frontend_gateway import codec
@@ -441,21 +441,18 @@ async def issue_cards(config: Config, args: Any) -> int:
         "balance_max": args.balance_max,
         "expires": args.expires,
     }
-    answer = await host_post(config, args.url, "/internal/v1/cards", body)
-    cards = answer["cards"]
-    if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lines = "".join(f"{c['pan']},{c['account_id']}\n" for c in cards)
-        await asyncio.to_thread(_write_private, path, "card_number,account_id\n" + lines)
-        print(json.dumps({"issued": len(cards), "out": str(path)}))
-    else:
-        print(json.dumps({"issued": len(cards), "cards": cards}))
+    if not args.out:
+        answer = await host_post(config, args.url, "/internal/v1/cards", body)
+        print(json.dumps({"issued": len(answer["cards"]), "cards": answer["cards"]}))
+        return 0
+    with contextlib.ExitStack() as files:
+        try:  # the file first: full numbers are shown once, never issued into a lost file
+            handle = files.enter_context(private_output(Path(args.out)))
+        except OSError as exc:
+            raise CommandError(f"--out {args.out}: {exc.strerror}") from None
+        answer = await host_post(config, args.url, "/internal/v1/cards", body)
+        cards = answer["cards"]
+        handle.write("card_number,account_id\n")
+        handle.writelines(f"{c['pan']},{c['account_id']}\n" for c in cards)
+    print(json.dumps({"issued": len(cards), "out": args.out}))
     return 0
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Full card numbers: readable by the owner only (mode 0600), never by the group."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as handle:
-        handle.write(text)

@@ -119,6 +119,12 @@ def test_admin_issue_cards_refusals_are_one_line_and_change_nothing(
     too_many = one_error(admin(tmp_path, env, "issue-cards", "--class", "GIFT100", "--store",
                                "S-A01", "--count", "100001"))  # fmt: skip
     assert "--count is 1..100000" in too_many
+    blocked = tmp_path / "a-file"  # an --out under a file: refused before anything is issued
+    blocked.write_text("not a folder\n")
+    line = one_error(admin(tmp_path, env, *base, "--class", "GIFT100",
+                           "--out", str(blocked / "cards.csv")))  # fmt: skip
+    assert "a-file" in line or "directory" in line.lower(), line
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     done = admin(tmp_path, env, "issue-cards", "--class", "GIFT100", "--store", "S-A01",
                  "--count", "1")  # fmt: skip
     assert answer(done)["first_id"] == 1  # nothing before was issued

@@ -88,8 +88,12 @@ async def test_generate_writes_chunks_with_a_progress_bar_and_a_private_csv(
     assert (batch["count"], batch["done"], batch["state"]) == (count, count, "done")
     over = coupons(tmp_path, env, "--campaign", "BULK", "--count", "10000")
     assert "campaign_budget_exceeded" in one_error(over)
-    assert "campaign_not_found" in one_error(coupons(tmp_path, env, "--campaign", "NONE",
-                                                     "--count", "1"))  # fmt: skip
+    before = out.read_text(encoding="ascii")
+    assert "campaign_not_found" in one_error(
+        coupons(tmp_path, env, "--campaign", "NONE", "--count", "1", "--out", str(out))
+    )
+    assert out.read_text(encoding="ascii") == before  # a refusal leaves the last file whole
+    assert [p.name for p in out.parent.iterdir()] == ["codes.csv"]  # and no temporary one
     assert "--count is 1.." in one_error(coupons(tmp_path, env, "--campaign", "BULK",
                                                  "--count", "0"))  # fmt: skip
     [after] = await sql_rows(db_url, "SELECT count(*) AS n FROM coupon_codes")

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import ssl
+import stat
 import time
 import urllib.request
 from pathlib import Path
@@ -197,13 +198,23 @@ def test_bootstrap_commands_and_the_pos_simulator(tmp_path: Path) -> None:
         assert again.returncode == 2
         assert again.stderr.startswith("cardcore: error: ") and "exists" in again.stderr
 
+        blocked = tmp_path / "a-file"  # an --out that cannot be written: nothing is issued
+        blocked.write_text("not a folder\n")
+        refused = run_cardcore(
+            "card", "issue", "--legal-entity", "LE-CLI", "--count", "3",
+            "--out", str(blocked / "cards.csv"), cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert refused.returncode == 2 and refused.stderr.startswith("cardcore: error: --out")
         out = tmp_path / "cards.csv"
+        out.write_text("an older file, readable by all\n")
+        out.chmod(0o644)  # the full numbers make it private all the same
         issued = run_cardcore(
             "card", "issue", "--legal-entity", "LE-CLI", "--count", "3", "--balance", "5000",
             "--out", str(out), cwd=tmp_path, env=env,
         )  # fmt: skip
         assert issued.returncode == 0, issued.stderr
         assert json.loads(issued.stdout) == {"issued": 3, "out": str(out)}
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600
         rows = out.read_text().splitlines()
         assert rows[0] == "card_number,account_id" and len(rows) == 4
         pan = rows[1].split(",")[0]

@@ -50,3 +50,24 @@ def test_records_of_every_logger_reach_the_run_scan() -> None:
     logging.getLogger("cardcore.some.module").info("hello", extra={"terminal": "T1"})
     assert len(logscan.SCAN.lines) + logscan.SCAN.dropped == before + 1
     assert '"terminal": "T1"' in logscan.SCAN.lines[-1]
+
+
+def test_debug_logging_keeps_the_database_drivers_quiet() -> None:
+    """CARDCORE_LOG_LEVEL=DEBUG: our own loggers say everything, the drivers only their
+    warnings (aiosqlite logs every statement with its values at DEBUG: sealed numbers,
+    tokens, coupon codes)."""
+    import logging  # noqa: PLC0415 - the root logger is put back below
+
+    from cardcore import logs  # noqa: PLC0415
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.configure("debug", "json")
+        assert logging.getLogger("cardcore.ledger").isEnabledFor(logging.DEBUG)
+        for name in ("aiosqlite", "asyncpg", "sqlalchemy.engine"):
+            assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name
+            assert logging.getLogger(name).isEnabledFor(logging.WARNING), name
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
