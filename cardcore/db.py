@@ -7,6 +7,7 @@ SQLite runs in WAL mode with `synchronous=FULL` (a commit survives power loss); 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,17 +36,36 @@ DATABASE_ERRORS = (
 
 
 def async_url(url: str) -> URL:
-    """Accept `sqlite:///file`, `postgresql://...` and their async driver spellings."""
+    """Accept `sqlite:///file`, `postgresql://...` and their async driver spellings; libpq's
+    `sslmode=` is asyncpg's `ssl=`. Refused with a one-line error (the password never in
+    it): a URL that does not parse, a port outside 1..65535, an in-memory SQLite database
+    (each connection would see its own), another database."""
     try:
         parsed = make_url(url)
+        port = parsed.port
     except Exception as exc:
-        raise DatabaseUrlError(f"not a database URL: {url!r}") from exc
+        raise DatabaseUrlError(f"not a database URL: {_without_password(url)!r}") from exc
+    if port is not None and not 1 <= port <= _PORT_MAX:
+        raise DatabaseUrlError(f"the database port is 1..{_PORT_MAX}, not {port}")
     backend = parsed.get_backend_name()
     if backend == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            raise DatabaseUrlError("SQLite needs a file (sqlite:///path.db), not memory")
         return parsed.set(drivername="sqlite+aiosqlite")
     if backend in ("postgresql", "postgres"):
-        return parsed.set(drivername="postgresql+asyncpg")
+        query = dict(parsed.query)
+        if "sslmode" in query:
+            query["ssl"] = query.pop("sslmode")
+        return parsed.set(drivername="postgresql+asyncpg", query=query)
     raise DatabaseUrlError(f"unsupported database {backend!r}: use sqlite or postgresql")
+
+
+_PORT_MAX = 65_535
+
+
+def _without_password(url: str) -> str:
+    """`scheme://user:secret@host` as `scheme://user:***@host`, for messages."""
+    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
 
 
 def make_engine(url: str, *, pool_size: int = limits.DB_POOL_SIZE_MAX) -> AsyncEngine:

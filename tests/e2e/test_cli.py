@@ -145,6 +145,19 @@ def _refusals(tmp: Path, port: str = "8080") -> dict[str, Refusal]:
         "unsupported database url": Refusal(
             ("serve", "--port", port), {"CARDCORE_DB_URL": "mysql://x"}, "unsupported database"
         ),
+        "database url whose port does not parse, password kept out": Refusal(
+            ("migrate", "--db", "postgresql://u:s3cretpw@127.0.0.1:abc/db"),
+            {},
+            "not a database URL: 'postgresql://u:***@127.0.0.1:abc/db'",
+        ),
+        "database port out of range": Refusal(
+            ("migrate", "--db", "postgresql://u@127.0.0.1:99999/x"),
+            {},
+            "the database port is 1..65535, not 99999",
+        ),
+        "in-memory sqlite database": Refusal(
+            ("migrate", "--db", "sqlite://"), {}, "SQLite needs a file"
+        ),
         "non-loopback host without token": Refusal(
             ("serve", "--db", db, "--port", port), everywhere, "CARDCORE_INTERNAL_TOKEN"
         ),

@@ -396,3 +396,12 @@ def test_check_refuses_a_value_out_of_range(setting: str, value: object, message
     config = Config().with_overrides({setting: value})
     with pytest.raises(ConfigError, match=message):
         config.check()
+
+
+def test_a_postgresql_url_with_libpq_sslmode_asks_asyncpg_for_ssl() -> None:
+    """`?sslmode=require` (libpq's spelling, what operators write) is asyncpg's `ssl`: it
+    failed with a TypeError from the driver."""
+    from cardcore.db import async_url  # noqa: PLC0415
+
+    url = async_url("postgresql://u@db.example/cards?sslmode=require")
+    assert (url.drivername, dict(url.query)) == ("postgresql+asyncpg", {"ssl": "require"})
