@@ -359,8 +359,14 @@ def _dispatch(args: argparse.Namespace, config: config_module.Config) -> int:
     if args.command in ("serve", "ledger"):
         from cardcore.api.server import serve  # noqa: PLC0415 - keep aiohttp off other commands
 
+        with_demo = getattr(args, "demo", False)
+        if with_demo and not config_module.is_loopback(config.gateway_host):
+            raise config_module.ConfigError(
+                "--demo serves a terminal whose master key is published: its gateway_host "
+                f"must be loopback, not {config.gateway_host}"
+            )
         asyncio.run(migrate.check_current(config.db_url))
-        runtime.run(serve(config, role=args.command, with_demo=getattr(args, "demo", False)))
+        runtime.run(serve(config, role=args.command, with_demo=with_demo))
         return 0
     if args.command == "keys":
         print(json.dumps(pos_commands.keys_init(config, args.kek_file)))

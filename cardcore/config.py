@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -72,15 +73,27 @@ class Config:
             raise ConfigError("gateway_tls_cert and gateway_tls_key go together")
         if self.kek and not _is_kek_hex(self.kek):
             raise ConfigError("kek must be 64 hexadecimal digits (32 bytes)")
+        if self.internal_token and not _TOKEN_RE.fullmatch(self.internal_token):
+            raise ConfigError(
+                "internal_token is printable ASCII without spaces (it goes into a header)"
+            )
         if not is_loopback(self.host) and len(self.internal_token) < 16:
             raise ConfigError(
                 f"listening on {self.host} (not loopback) needs internal_token "
                 "(CARDCORE_INTERNAL_TOKEN) of at least 16 characters"
             )
+        if not self.gateway_saf_file.strip():
+            raise ConfigError("gateway_saf_file must name a file (reversals owed to the host)")
+        for url in self.gateway_ledger_urls.split(","):
+            if not url.strip().startswith(("http://", "https://")):
+                raise ConfigError(f"gateway_ledger_urls: {url.strip()!r} is not an http(s) URL")
         return self
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: a header value as it is sent
 
 
 def _is_kek_hex(text: str) -> bool:

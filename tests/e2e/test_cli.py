@@ -158,6 +158,27 @@ def _refusals(tmp: Path, port: str = "8080") -> dict[str, Refusal]:
         "in-memory sqlite database": Refusal(
             ("migrate", "--db", "sqlite://"), {}, "SQLite needs a file"
         ),
+        "demo with a public gateway": Refusal(
+            ("serve", "--db", db, "--port", port, "--demo"),
+            {"CARDCORE_GATEWAY_HOST": "0.0.0.0"},
+            "--demo serves a terminal whose master key is published",
+        ),
+        "internal token with a line break": Refusal(
+            ("serve", "--db", db, "--port", port),
+            {"CARDCORE_INTERNAL_TOKEN": "abcdefghijklmnop\r\nX: 1"},
+            "printable ASCII",
+        ),
+        "internal token of spaces": Refusal(
+            ("serve", "--db", db, "--port", port),
+            {**everywhere, "CARDCORE_INTERNAL_TOKEN": " " * 16},
+            "printable ASCII",
+        ),
+        "gateway ledger that is not a url": Refusal(
+            ("gateway",), {"CARDCORE_GATEWAY_LEDGER_URLS": "notaurl"}, "not an http(s) URL"
+        ),
+        "empty reversal store file": Refusal(
+            ("gateway",), {"CARDCORE_GATEWAY_SAF_FILE": " "}, "gateway_saf_file must name"
+        ),
         "non-loopback host without token": Refusal(
             ("serve", "--db", db, "--port", port), everywhere, "CARDCORE_INTERNAL_TOKEN"
         ),
