@@ -120,6 +120,9 @@ def create_kek_file(path: str) -> bool:
     True when it wrote one. Losing it loses every sealed terminal key: back it up."""
     target = Path(path)
     if target.exists():
+        if not target.is_file():
+            raise ConfigError(f"kek_file {path} is not a file")
+        load_kek(Config(kek_file=path))  # an existing key must be one (64 hex digits)
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

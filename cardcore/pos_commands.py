@@ -199,8 +199,8 @@ def frame_text(frame: bytes) -> str:
 async def run_pos(config: Config, args: Any) -> int:
     """One terminal session: sign on, send any reversal owed, do `args.action`, print."""
     host, _, port = (args.gateway or f"{config.gateway_host}:{config.gateway_port}").rpartition(":")
-    if not port.isdigit():
-        raise CommandError("--gateway is HOST:PORT")
+    if not (port.isdigit() and 1 <= int(port) <= 65_535):
+        raise CommandError("--gateway is HOST:PORT, the port 1..65535")
     try:
         tmk = bytes.fromhex(args.tmk) if args.tmk else demo.DEMO_TMK
     except ValueError:

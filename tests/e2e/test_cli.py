@@ -253,6 +253,15 @@ def _refusals(tmp: Path, port: str = "8080") -> dict[str, Refusal]:
             "",
             exit_code=None,
         ),
+        "keys init over a folder": Refusal(
+            ("keys", "init", "--kek-file", str(tmp)), {}, "is not a file"
+        ),
+        "keys init over a file that holds no key": Refusal(
+            ("keys", "init", "--kek-file", str(blocker)), {}, "must hold 64 hexadecimal digits"
+        ),
+        "pos gateway port out of range": Refusal(
+            ("pos", "echo", "--gateway", "127.0.0.1:99999"), {}, "the port 1..65535"
+        ),
         "migrate to a path under a file": Refusal(
             ("migrate", "--db", f"sqlite:///{blocker / 'x.db'}"), {}, "", exit_code=None
         ),
