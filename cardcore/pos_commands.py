@@ -134,6 +134,8 @@ def _load_state(terminal: PosTerminal, path: Path) -> list[ReversalCopy]:
         return []
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
+        for name in ("stan", "batch"):
+            _check_six_digits(name, state[name])
         terminal.stan = state["stan"]
         terminal.batch = state["batch"]
         terminal.pending_reversal = state.get("pending_reversal")
@@ -145,6 +147,12 @@ def _load_state(terminal: PosTerminal, path: Path) -> list[ReversalCopy]:
         raise CommandError(f"terminal state file {path} is damaged: {exc}") from None
     terminal.last_request = requests[-1] if requests else None
     return list(requests)
+
+
+def _check_six_digits(name: str, value: Any) -> None:
+    """A STAN or batch as the state file keeps it, or a ValueError (the file is damaged)."""
+    if not (isinstance(value, str) and len(value) == 6 and value.isdigit()):
+        raise ValueError(f"{name} is not six digits")
 
 
 def _check_copy(copy: Any) -> None:

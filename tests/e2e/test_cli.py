@@ -259,6 +259,10 @@ def _refusals(tmp: Path, port: str = "8080") -> dict[str, Refusal]:
         "keys init over a file that holds no key": Refusal(
             ("keys", "init", "--kek-file", str(blocker)), {}, "must hold 64 hexadecimal digits"
         ),
+        "pos state file of the wrong shape": Refusal(
+            ("pos", "echo", "--state", str(tmp / "bad-state.json"), "--gateway", "127.0.0.1:1"),
+            {}, "is damaged: stan is not six digits",
+        ),
         "pos gateway port out of range": Refusal(
             ("pos", "echo", "--gateway", "127.0.0.1:99999"), {}, "the port 1..65535"
         ),
@@ -278,6 +282,7 @@ def refused(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Done]:
     tmp = tmp_path_factory.mktemp("refusals")
     (tmp / "unknown-key.toml").write_text('db_url = "sqlite:///x.db"\ncolour = "red"\n')
     (tmp / "a-file").write_text("not a directory\n")
+    (tmp / "bad-state.json").write_text('{"stan": 5, "batch": "000001"}')
     port = str(free_port())  # nothing should listen on it
     commands = {
         name: Command([*PYTHON_M_CARDCORE, *r.args], cardcore_env(**r.env), tmp)
