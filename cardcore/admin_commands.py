@@ -14,6 +14,7 @@ database (use POST /v1/card-batches then). Its CSV holds masked numbers unless
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -183,6 +184,8 @@ def private_output(path: Path, keep: Callable[[], bool] = lambda: False) -> Iter
     was written stands: codes committed chunk by chunk). So a path that cannot be written
     is refused before anything is issued (a number shown once is never lost), and a
     failure before anything stands leaves an existing file as it was."""
+    if path.is_dir():  # checked now: the rename at the end would fail after the work
+        raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     handle = os.fdopen(fd, "w", encoding="ascii")

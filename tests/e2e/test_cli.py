@@ -261,7 +261,8 @@ def _refusals(tmp: Path, port: str = "8080") -> dict[str, Refusal]:
         ),
         "pos state file of the wrong shape": Refusal(
             ("pos", "echo", "--state", str(tmp / "bad-state.json"), "--gateway", "127.0.0.1:1"),
-            {}, "is damaged: stan is not six digits",
+            {},
+            "is damaged: stan is not six digits",
         ),
         "pos gateway port out of range": Refusal(
             ("pos", "echo", "--gateway", "127.0.0.1:99999"), {}, "the port 1..65535"
