@@ -26,6 +26,7 @@ from cardcore.cards.model import (
     BatchLine,
     Card,
     CardClass,
+    Settlement,
     Terminal,
     claims_mark,
 )
@@ -108,11 +109,9 @@ class Directory:
         assert fresh is not None
         return fresh
 
-    async def settlement(
-        self, tid: str, cycle: int, batch: str
-    ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int], bool] | None:
-        """The settlement recorded when batch (`cycle`, `batch`) closed: the host's totals,
-        the terminal's, and whether they balanced; None while it is open or unknown."""
+    async def settlement(self, tid: str, cycle: int, batch: str) -> Settlement | None:
+        """The settlement recorded when batch (`cycle`, `batch`) closed; None while it is
+        open or unknown."""
         s = schema.pos_settlements
         query = select(s).where(s.c.tid == tid, s.c.batch_cycle == cycle, s.c.batch == batch)
         async with self.engine.connect() as conn:
@@ -120,13 +119,9 @@ class Directory:
         if row is None:
             return None
         names = ("debit_amount", "debit_count", "credit_amount", "credit_count")
-        host = tuple(int(row[n]) for n in names)
-        terminal = tuple(int(row[f"terminal_{n}"]) for n in names)
-        return (
-            (host[0], host[1], host[2], host[3]),
-            (terminal[0], terminal[1], terminal[2], terminal[3]),
-            bool(row["balanced"]),
-        )
+        a, b, c, d = (int(row[n]) for n in names)
+        e, f, g, h = (int(row[f"terminal_{n}"]) for n in names)
+        return Settlement((a, b, c, d), (e, f, g, h), bool(row["balanced"]))
 
     # --- cards -------------------------------------------------------------------------------
 

@@ -447,6 +447,16 @@ class BatchLine:
     target_id: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """A closed batch's settlement as recorded: the host's totals, the terminal's, and
+    whether they balanced (what a lost 0510 or 0330 is answered again)."""
+
+    host: tuple[int, int, int, int]
+    terminal: tuple[int, int, int, int]
+    balanced: bool
+
+
 def batch_totals(lines: list[BatchLine]) -> tuple[int, int, int, int]:
     """(debit amount, debit count, credit amount, credit count) of a terminal batch, the way
     the terminal counts them: purchases are debits, refunds and confirmed top-ups credits;

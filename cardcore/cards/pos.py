@@ -68,6 +68,7 @@ from cardcore.cards.model import (
     Outcome,
     PosRequest,
     PosResult,
+    Settlement,
     Terminal,
     auth_code_of,
     batch_prefix,
@@ -930,12 +931,13 @@ class PosService:
                 debits[account_id] = debits.get(account_id, 0) + taken
                 self._purchase_op(plan, money, taken)
                 continue
-            if money.limit and account is not None:
-                b = account.balance
-                held = available(b) + b.credits_pending + credits.get(account_id, 0)
-                if held + r.amount > money.limit:
-                    self._decline(plan, Outcome.OVER_LIMIT)
-                    continue
+            if (
+                money.limit
+                and account is not None
+                and _past_limit(account, credits, r.amount, money.limit)
+            ):
+                self._decline(plan, Outcome.OVER_LIMIT)
+                continue
             credits[account_id] = credits.get(account_id, 0) + r.amount
             self._topup_op(plan, money)
 
@@ -952,9 +954,7 @@ class PosService:
             plan.op = None
             plan.answer = PosResult(Outcome.CARD_NOT_FOUND if found else Outcome.UNAVAILABLE)
             return
-        b = account.balance
-        held = available(b) + b.credits_pending + credits.get(account_id, 0)
-        if held + plan.request.amount > plan.credit_limit:
+        if _past_limit(account, credits, plan.request.amount, plan.credit_limit):
             plan.op = None
             plan.answer = PosResult(Outcome.OVER_LIMIT)
             return
@@ -1232,10 +1232,10 @@ class PosService:
             if r.batch != fresh.batch:
                 # The same settlement again (its 0510 was lost): the stored answer again.
                 done = await self._just_closed(fresh, r.batch)
-                if done is not None and done[2] and _same_totals(done[1], r.totals):
+                if done is not None and done.balanced and _same_totals(done.terminal, r.totals):
                     return PosResult(
                         Outcome.APPROVED,
-                        totals=done[0],
+                        totals=done.host,
                         balanced=True,
                         batch=r.batch,
                         replayed=True,
@@ -1259,9 +1259,9 @@ class PosService:
                 # The same end of upload again (its 0330 was lost): the stored answer again,
                 # never the next batch closed.
                 done = None if r.lines else await self._just_closed(fresh, r.batch)
-                if done is not None and _same_totals(done[1], r.totals):
+                if done is not None and _same_totals(done.terminal, r.totals):
                     return PosResult(
-                        Outcome.APPROVED, totals=done[0], balanced=done[2], replayed=True
+                        Outcome.APPROVED, totals=done.host, balanced=done.balanced, replayed=True
                     )
                 return PosResult(Outcome.BATCH_MISMATCH, batch=fresh.batch)
             prefix = batch_prefix(fresh, fresh.batch)
@@ -1275,9 +1275,7 @@ class PosService:
             unmatched = tuple(stan for stan, amount in r.lines if host.get(stan) != amount)
             return PosResult(Outcome.APPROVED, balanced=not unmatched, unmatched=unmatched)
 
-    async def _just_closed(
-        self, t: Terminal, batch: str
-    ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int], bool] | None:
+    async def _just_closed(self, t: Terminal, batch: str) -> Settlement | None:
         """The settlement of `batch` when it is the batch that closed last (the one before
         the open batch, in its cycle across a wrap): what a lost 0510 or 0330 answers again.
         An older batch of the same number (a cycle ago) is not it."""
@@ -1307,6 +1305,14 @@ class PosService:
 
 
 # --- answers ---------------------------------------------------------------------------------
+
+
+def _past_limit(account: Account, credits: dict[int, int], amount: int, limit: int) -> bool:
+    """Whether crediting `amount` takes the card past `limit`: what it holds now, with the
+    credits still waiting for a confirmation and those planned earlier in the call."""
+    b = account.balance
+    held = available(b) + b.credits_pending + credits.get(account.id, 0)
+    return held + amount > limit
 
 
 def available(b: Balance) -> int:

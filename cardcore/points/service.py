@@ -757,7 +757,7 @@ class PointsService:
 
     async def _decide_earnings(
         self, items: Sequence[_ToPin], held: dict[tuple[str, int], Holding]
-    ) -> list[_Pinned | None]:
+    ) -> list[_Pinned]:
         """Each item's earning as the rows to pin (0 points when it earns nothing: its spend
         is kept), from the holders' debts in `held` and one read of their tiers and the
         capped rules' points of the day (when the programs have them). Items are decided in
@@ -791,7 +791,7 @@ class PointsService:
                         PARTS, "points", ("holder", "rule", "day"),
                         holder=holders, rule=capped, day=sorted(set(days)),
                     )  # fmt: skip
-        out: list[_Pinned | None] = []
+        out: list[_Pinned] = []
         for item, item_rules, day in zip(items, rules, days, strict=True):
             holder, program = item.card.account_id, item.found.program
             klass = await self.directory.card_class(item.card.class_code)
@@ -834,9 +834,9 @@ class PointsService:
 
     async def _pin(
         self, items: Sequence[_ToPin]
-    ) -> tuple[list[dict[str, Any] | None], dict[tuple[str, int], Holding]]:
+    ) -> tuple[list[dict[str, Any]], dict[tuple[str, int], Holding]]:
         """The earning pinned under each item's key: read back, or decided and written now
-        (None where it earns nothing), and the holders' points before them: one read (the
+        (0 points where it earns nothing), and the holders' points before them: one read (the
         pinned keys looked up only for items whose money was not applied just now), one
         decision round, one insert of all (one statement on PostgreSQL). Two items never
         share a key (one request in flight per terminal)."""
@@ -850,12 +850,11 @@ class PointsService:
                 else []
             )
             held = await _holdings(uow, [(i.found.program, i.card.account_id) for i in items])
-        pinned: dict[str, dict[str, Any] | None] = {r["key"]: r for r in rows}
+        pinned: dict[str, dict[str, Any]] = {r["key"]: r for r in rows}
         unpinned = [i for i in items if i.key not in pinned]
-        decided = await self._decide_earnings(unpinned, held) if unpinned else []
-        for item, new in zip(unpinned, decided, strict=True):
-            pinned[item.key] = None if new is None else new.row
-        writes = [new for new in decided if new is not None]
+        writes = await self._decide_earnings(unpinned, held) if unpinned else []
+        for item, new in zip(unpinned, writes, strict=True):
+            pinned[item.key] = new.row
         if not writes:
             return [pinned[i.key] for i in items], held
         try:
@@ -872,7 +871,9 @@ class PointsService:
                         await uow.insert(PARTS, new.parts)
                 except Conflict:
                     async with self.records.read() as uow:
-                        pinned[new.row["key"]] = await uow.get(EARNINGS, key=new.row["key"])
+                        stood = await uow.get(EARNINGS, key=new.row["key"])
+                    assert stood is not None  # the conflict was this key's row
+                    pinned[new.row["key"]] = stood
         return [pinned[i.key] for i in items], held
 
     async def _period_value(
@@ -1037,13 +1038,10 @@ class PointsService:
             (i, [], item.found, item.card.account_id, 0)
             for (i, item), row in zip(earning, rows, strict=True) if not _points_of(row)
         ]  # fmt: skip
-        earned = [
-            (i, item, row)
-            for (i, item), row in zip(earning, rows, strict=True)
-            if row is not None and _points_of(row)
-        ]
+        earned = [(i, item, row) for (i, item), row in zip(earning, rows, strict=True)
+                  if _points_of(row)]  # fmt: skip
         for (_, item), row in zip(earning, rows, strict=True):
-            if row is not None and not _points_of(row):  # a spend tier counts it all the same
+            if not _points_of(row):  # a spend tier counts it all the same
                 await self._upgrade_by_spend(item.found, item.card.account_id)
         ops_of = await self._earn_ops([
             (row, item.card, item.found, _metadata(item.terminal, done[i].request))
@@ -1175,15 +1173,7 @@ class PointsService:
             async with self.records.begin() as uow:
                 await uow.insert(CLAWBACKS, row)
                 if whole:
-                    parts = await uow.find(
-                        PARTS, {"key": earning["key"]}, order="rule",
-                        limit=limits.POINTS_RULES_PER_PROGRAM_MAX,
-                    )  # fmt: skip
-                    if parts:
-                        await uow.insert(PARTS, [
-                            {**part, "key": key, "points": -int(part["points"])}
-                            for part in parts
-                        ])  # fmt: skip
+                    await _negate_parts(uow, earning["key"], key)
                 changed = await uow.update(
                     EARNINGS,
                     {"key": earning["key"], "returned": earning["returned"],
@@ -1255,7 +1245,6 @@ class PointsService:
                 await self._upgrade_by_spend(found, card.account_id)
                 balance = await self._balance(found, card.account_id)
                 return PosResult(Outcome.APPROVED, points=0, points_balance=balance)
-            assert row is not None
             [ops] = await self._earn_ops([(row, card, found, _metadata(t, r))])
             res, *_rest = await self.ledger.submit(ops)
         if res.ok:
@@ -1615,14 +1604,8 @@ class PointsService:
                     {"key": clawback["earning"]},
                     {"returned": ("+", row["returned"]), "clawed": ("+", row["points"])},
                 )
-                given = await uow.find(  # a whole take-back gave the day caps back: undone
-                    PARTS, {"key": clawback["key"]}, order="rule",
-                    limit=limits.POINTS_RULES_PER_PROGRAM_MAX,
-                )  # fmt: skip
-                if given:
-                    await uow.insert(PARTS, [
-                        {**part, "key": undo, "points": -int(part["points"])} for part in given
-                    ])  # fmt: skip
+                # A whole take-back gave the day caps back (its negated parts): undone too.
+                await _negate_parts(uow, clawback["key"], undo)
         except Conflict:
             pass  # pinned before: the resend submits the same transfer again
         return int(clawback["points"]) > 0
@@ -2244,9 +2227,17 @@ def _raced() -> None:
     raise Conflict(EARNINGS)
 
 
-def _points_of(row: dict[str, Any] | None) -> int:
-    """The points an earning row issued (0 for none, or no row)."""
-    return 0 if row is None else int(row["points"])
+def _points_of(row: dict[str, Any]) -> int:
+    """The points an earning row issued (0: it earned nothing, only its spend counts)."""
+    return int(row["points"])
+
+
+async def _negate_parts(uow: Unit, of: str, key: str) -> None:
+    """The day-cap parts under `of` written again negated under `key` (none: nothing)."""
+    parts = await uow.find(PARTS, {"key": of}, order="rule",
+                           limit=limits.POINTS_RULES_PER_PROGRAM_MAX)  # fmt: skip
+    if parts:
+        await uow.insert(PARTS, [{**p, "key": key, "points": -int(p["points"])} for p in parts])
 
 
 def _nothing_earned(item: _ToPin, holder: int, day: int, now: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, Terminal
+from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, Settlement, Terminal
 from cardcore.cards.pos import PosService, _reversal_answer, _same_totals
 from cardcore.frontend_gateway import codec, security
 from cardcore.frontend_gateway.host import HostUnavailable
@@ -305,11 +305,9 @@ async def test_a_settlement_sent_again_after_its_reply_was_lost_gets_the_same_an
     class Settled(_Directory):
         terminal_record = Terminal(TID, MID, "S", "LE", "aes", "00", "active", "000008", 0, 1, 2)
 
-        async def settlement(
-            self, tid: str, cycle: int, batch: str
-        ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int], bool] | None:
+        async def settlement(self, tid: str, cycle: int, batch: str) -> Settlement | None:
             if (tid, cycle, batch) == (TID, 0, "000007"):
-                return (900, 2, 0, 0), (900, 2, 0, 0), True
+                return Settlement((900, 2, 0, 0), (900, 2, 0, 0), balanced=True)
             return None
 
     service = PosService(ledger=None, directory=Settled(), token_key=b"k")  # type: ignore[arg-type]
