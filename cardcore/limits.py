@@ -159,7 +159,7 @@ GATEWAY_UNKNOWN_TERMINAL_S: Final = 30  # an unknown terminal id is answered 97 
 GATEWAY_UNKNOWN_TERMINALS_MAX: Final = 10_000  # unknown ids remembered at once
 GATEWAY_SAF_RETRY_MS: Final = 1_000  # store-and-forward: pause between delivery rounds
 GATEWAY_SAF_ENTRIES_MAX: Final = 100_000  # undelivered reversals; past it the gateway says 96
-GATEWAY_SAF_COMPACT_BYTES: Final = 4 * 1024 * 1024  # rewrite the SAF file past this size
+GATEWAY_SAF_COMPACT_BYTES: Final = 4 * 1024 * 1024  # SAF file growth since its last rewrite
 GATEWAY_SHUTDOWN_GRACE_S: Final = 10  # in-flight requests finish within this on shutdown
 POS_STATE_REQUESTS_MAX: Final = 64  # `cardcore pos`: this batch's requests kept to reverse
 

@@ -163,14 +163,13 @@ class HttpHost:
 
     async def pos(self, requests: Sequence[PosRequest]) -> list[PosResult]:
         self._start()
+        if self._queue.maxsize - self._queue.qsize() < len(requests):  # all or none queued
+            raise HostUnavailable("too many requests waiting for the host")
         loop = asyncio.get_running_loop()
         futures = []
         for r in requests:
             future: asyncio.Future[PosResult] = loop.create_future()
-            try:
-                self._queue.put_nowait((r, future))
-            except asyncio.QueueFull:
-                raise HostUnavailable("too many requests waiting for the host") from None
+            self._queue.put_nowait((r, future))  # room was checked, and nothing awaited since
             futures.append(future)
         try:
             async with asyncio.timeout(self._timeout_s):  # a timer; wait_for makes a task

@@ -74,6 +74,9 @@ class ReversalQueue:
         self._reserved = 0  # slots promised to requests now waiting for the host
         self._broken = False  # an append failed: the file's tail is unknown until a rewrite
         self._next_id = 1
+        self._span = limits.GATEWAY_HOST_BATCH_MAX  # reversals per round; halved on a failure
+        self._after = 0  # the last id a round sent: the next round starts past it
+        self._compacted_bytes = 0  # the file's size after its last rewrite
         self._file: Any = None
         self._lock_file: Any = None
         self._lock = asyncio.Lock()
@@ -121,7 +124,7 @@ class ReversalQueue:
             ) from None
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_name(self.path.name + ".tmp")  # its own, as the lock file is
         with tmp.open("w", encoding="utf-8") as handle:
             for entry_id, request in sorted(self.pending.items()):
                 handle.write(json.dumps({"add": entry_id, "request": request_json(request)}) + "\n")
@@ -137,6 +140,7 @@ class ReversalQueue:
             self._file.close()
         self._file = self.path.open("a", encoding="utf-8")
         self._broken = False
+        self._compacted_bytes = self.path.stat().st_size
 
     # --- the owed set ---------------------------------------------------------------------------
 
@@ -207,29 +211,47 @@ class ReversalQueue:
 
     async def _deliver_forever(self, host: Host) -> None:
         while True:
+            delivered = 0
             try:
-                if self.pending:
-                    await self.deliver(host)
-                if self._broken:
+                if self._broken:  # repaired first: nothing is appended to a torn tail
                     async with self._lock:
                         await asyncio.to_thread(self._rewrite)
+                if self.pending:
+                    delivered = await self.deliver(host)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the task must outlive any failure, or nothing is delivered
                 log.exception("store-and-forward: delivery round failed")
+            if delivered and self.pending:
+                continue  # more is owed and the host is taking it: no pause
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), limits.GATEWAY_SAF_RETRY_MS / 1000)
 
+    def _next_round(self) -> list[tuple[int, PosRequest]]:
+        """The next `_span` pending reversals after the last one sent, wrapping around: a
+        reversal whose call keeps failing is retried in its turn, never ahead of all."""
+        ordered = sorted(self.pending.items())
+        start = next((i for i, (entry_id, _) in enumerate(ordered) if entry_id > self._after), 0)
+        return (ordered[start:] + ordered[:start])[: self._span]
+
     async def deliver(self, host: Host) -> int:
-        """One round: send every pending reversal; return how many the host confirmed."""
-        entries = sorted(self.pending.items())[: limits.GATEWAY_HOST_BATCH_MAX]
+        """One round: send the next pending reversals; return how many the host confirmed.
+        A failed call halves the round (down to one reversal, so one the host cannot take
+        holds up no other); a confirmed one doubles it again."""
+        entries = self._next_round()
         if not entries:
             return 0
+        self._after = entries[-1][0]
         try:
             results = await host.pos([r for _, r in entries])
         except HostUnavailable:
+            self._span = max(1, len(entries) // 2)
             return 0
+        except Exception:
+            self._span = max(1, len(entries) // 2)
+            raise
+        self._span = min(limits.GATEWAY_HOST_BATCH_MAX, self._span * 2)
         done = [
             entry_id
             for (entry_id, _), res in zip(entries, results, strict=True)
@@ -238,13 +260,19 @@ class ReversalQueue:
         if not done:
             return 0
         async with self._lock:
-            lines = "".join(json.dumps({"done": entry_id}) + "\n" for entry_id in done)
-            await asyncio.shield(asyncio.to_thread(self._append, lines))
-            for entry_id in done:
-                self._forget(entry_id)
-            self.on_change(len(self.pending))
-            if not self.pending and self.path.stat().st_size > limits.GATEWAY_SAF_COMPACT_BYTES:
+            if self._broken:  # an add's append failed meanwhile: the rewrite records it
+                for entry_id in done:
+                    self._forget(entry_id)
                 await asyncio.to_thread(self._rewrite)
+            else:
+                lines = "".join(json.dumps({"done": entry_id}) + "\n" for entry_id in done)
+                await asyncio.shield(asyncio.to_thread(self._append, lines))
+                for entry_id in done:
+                    self._forget(entry_id)
+                grown = self.path.stat().st_size - self._compacted_bytes
+                if grown > limits.GATEWAY_SAF_COMPACT_BYTES:  # pending or not
+                    await asyncio.to_thread(self._rewrite)
+            self.on_change(len(self.pending))
         log.info("store-and-forward: reversals delivered", extra={"count": len(done)})
         return len(done)
 

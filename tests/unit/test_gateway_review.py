@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from cardcore import limits
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, Settlement, Terminal
 from cardcore.cards.pos import PosService, _reversal_answer, _same_totals
 from cardcore.frontend_gateway import codec, security
-from cardcore.frontend_gateway.host import HostUnavailable
+from cardcore.frontend_gateway.host import HostUnavailable, HttpHost
 from cardcore.frontend_gateway.processor import Processor
-from cardcore.frontend_gateway.saf import ReversalQueue, SafDamaged, SafLocked
+from cardcore.frontend_gateway.saf import ReversalQueue, SafDamaged, SafFull, SafLocked
 from cardcore.frontend_gateway.security import KeyMode
 from cardcore.frontend_gateway.terminal import PosTerminal
 from cardcore.ledger.model import Result
@@ -365,3 +366,134 @@ async def test_an_expired_card_still_takes_a_void_and_a_refund() -> None:
     )  # fmt: skip
     assert (void.outcome, refund.outcome) == (Outcome.APPROVED, Outcome.APPROVED)
     assert purchase.outcome is Outcome.CARD_EXPIRED
+
+
+# --- the reversal file under faults (second review) -----------------------------------------
+
+
+def _owed(stan: str) -> PosRequest:
+    return PosRequest(kind=Kind.REVERSE, terminal=TID, batch="000001", stan=stan)
+
+
+class _Confirming:
+    """Confirms every reversal; a call holding one of `poison` fails as a whole."""
+
+    def __init__(self, poison: frozenset[str] = frozenset(), stuck: str = "") -> None:
+        self.poison, self.stuck = poison, stuck
+        self.delivered: list[str] = []
+
+    async def pos(self, requests: Sequence[PosRequest]) -> list[PosResult]:
+        if any(r.stan in self.poison for r in requests):
+            raise HostUnavailable("the whole call failed")
+        self.delivered += [r.stan for r in requests if r.stan != self.stuck]
+        return [
+            PosResult(Outcome.UNAVAILABLE if r.stan == self.stuck else Outcome.APPROVED)
+            for r in requests
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+class _TornOnce:
+    """The reversal file's handle: the next write puts half its text down, then fails."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.tear = real, True
+
+    def write(self, text: str) -> int:
+        if self.tear:
+            self.tear = False
+            self.real.write(text[: len(text) // 2])
+            self.real.flush()
+            raise OSError(28, "No space left on device")
+        return int(self.real.write(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+async def test_two_files_differing_only_in_suffix_rewrite_through_their_own_temporaries(
+    tmp_path: Path,
+) -> None:
+    """`gateway-saf.1` and `gateway-saf.2` (one file per process): each rewrite goes through
+    a temporary named after its own file, so one never renames the other's lines over its
+    own."""
+    a, b = ReversalQueue(tmp_path / "gateway-saf.1"), ReversalQueue(tmp_path / "gateway-saf.2")
+    made: list[str] = []
+    real_replace = Path.replace
+
+    def replace(self: Path, target: Path) -> Path:
+        made.append(self.name)
+        return real_replace(self, target)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Path, "replace", replace)
+        a.open()
+        b.open()
+    assert made == ["gateway-saf.1.tmp", "gateway-saf.2.tmp"]
+    await a.close()
+    await b.close()
+
+
+async def test_a_torn_append_is_repaired_before_any_done_record_follows_it(
+    tmp_path: Path,
+) -> None:
+    """An add's append fails half way (disk full): the round that then confirms a reversal
+    rewrites the file instead of appending after the torn line, so the gateway starts
+    again (and owes what it owed)."""
+    path = tmp_path / "saf.jsonl"
+    queue = ReversalQueue(path)
+    queue.open()
+    await queue.add(_owed("000001"))
+    await queue.add(_owed("000003"))
+    queue._file = _TornOnce(queue._file)
+    with pytest.raises(SafFull):
+        await queue.add(_owed("000002"))
+    assert await queue.deliver(_Confirming(poison=frozenset({"000003"}))) == 0
+    queue._span = 1  # only 000001 this round
+    queue._after = 0
+    assert await queue.deliver(_Confirming()) == 1
+    await queue.close()
+    again = ReversalQueue(path)
+    again.open()  # not SafDamaged
+    assert [r.stan for r in again.pending.values()] == ["000003"]
+    await again.close()
+
+
+async def test_a_reversal_whose_call_keeps_failing_holds_up_no_other(tmp_path: Path) -> None:
+    queue = ReversalQueue(tmp_path / "saf.jsonl")
+    queue.open()
+    for stan in ("000001", "000002", "000003"):
+        await queue.add(_owed(stan))
+    host = _Confirming(poison=frozenset({"000001"}))
+    for _ in range(8):
+        await queue.deliver(host)
+    assert [r.stan for r in queue.pending.values()] == ["000001"]
+    assert sorted(host.delivered) == ["000002", "000003"]
+    await queue.close()
+
+
+async def test_the_file_is_compacted_while_a_reversal_stays_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "GATEWAY_SAF_COMPACT_BYTES", 4096)
+    path = tmp_path / "saf.jsonl"
+    queue = ReversalQueue(path)
+    queue.open()
+    host = _Confirming(stuck="999999")  # answered `unavailable` every time
+    await queue.add(_owed("999999"))
+    for i in range(1, 400):
+        await queue.add(_owed(f"{i:06d}"))
+        await queue.deliver(host)
+    assert [r.stan for r in queue.pending.values()] == ["999999"]
+    assert path.stat().st_size < 2 * 4096
+    await queue.close()
+
+
+async def test_a_call_to_the_http_host_that_does_not_fit_its_queue_sends_none_of_it() -> None:
+    host = HttpHost(["http://127.0.0.1:9"], queue_max=4)
+    host._start = lambda: None  # type: ignore[method-assign]  # no sender: the queue stays
+    with pytest.raises(HostUnavailable, match="too many"):
+        await host.pos([_owed(f"{i:06d}") for i in range(1, 7)])
+    assert host._queue.qsize() == 0
