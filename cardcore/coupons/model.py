@@ -8,8 +8,9 @@ Codes
 A code is `limits.COUPON_CODE_CHARS_DEFAULT` random Crockford base32 symbols (0-9 and A-Z without
 I, L, O, U), five random bits each, and one check symbol: the code read as a base-32 number,
 mod 37, written in `CHECK_ALPHABET`. A typed code is normalized first (upper case, spaces and
-hyphens dropped, I and L read as 1, O as 0), so a mistyped code is refused offline with
-`coupon_code_malformed` before any lookup. Partner codes are imported as they are
+hyphens dropped, I and L read as 1, O as 0). A mistyped generated code fails its check
+symbol; the service still looks its spelling up as a partner code (`candidates`), and it is
+answered `coupon_not_found`. Partner codes are imported as they are
 (`check_imported`): 4 to `limits.COUPON_IMPORTED_CHARS_MAX` of A-Z, 0-9 and "-".
 
 Signed QR
@@ -156,7 +157,8 @@ class Campaign:
     """A coupon campaign. Zero means unlimited for `max_issued`, `max_value_fen`, `cap_fen`,
     `per_member_max` and `per_member_per_day_max`; an empty `stores` means every store of the
     issuing scope, an empty `departments` the whole bill. Valid in [valid_from_ms,
-    valid_to_ms), UTC ms (the service computes them from local dates)."""
+    valid_to_ms), UTC ms, as the admin API is given them (the caller turns local dates into
+    instants); the per-day limits count days in the group's zone (`service.TIMEZONE`)."""
 
     code: str
     name: str
@@ -409,6 +411,7 @@ REFUSALS = {
     "coupon_daily_limit": "the member has used this campaign's coupons as often as allowed today",
     "coupon_not_stackable": "the coupon cannot be combined with the other coupons",
     "coupon_exceeds_bill": "the coupon is worth more than the bill",
+    "coupon_nothing_left": "the sale's other coupons left nothing for this one to take",
 }
 
 _STATUS_REFUSAL = {
@@ -529,6 +532,8 @@ def evaluate(c: Campaign, code: CodeState, ctx: Context) -> Verdict:
        else coupon_min_spend;
     10. an amount_off coupon worth more than the eligible amount under "refuse" ->
         coupon_exceeds_bill; under "forfeit" it takes the eligible amount, the rest forfeited.
+        An amount-off or percent-off coupon with nothing left to take (the sale's other
+        coupons took it all) -> coupon_nothing_left, under either rule.
 
     From step 10 on, the eligible amount is at most what the transaction's other coupons left
     of the bill: two coupons of one sale never take off more than the bill together (the
@@ -556,6 +561,8 @@ def evaluate(c: Campaign, code: CodeState, ctx: Context) -> Verdict:
         mine = set(c.departments)
         taken = sum(fen for departments, fen in ctx.others_scoped if mine.intersection(departments))
         left = min(left, max(0, eligible - taken))
+    if min(eligible, left) == 0 and c.kind is not CouponKind.GIFT_ITEM:
+        return Verdict(False, "coupon_nothing_left")  # never used up for no discount at all
     return _discount(c, min(eligible, left))
 
 

@@ -1490,6 +1490,8 @@ class CouponService:
         if mine is not None:
             if redeem and mine["state"] == "reserved" and same_code(mine, request.coupon):
                 return await self._confirm(request, key, key)
+            if redeem and mine["state"] == "confirmed":  # another STAN redeemed it: not this
+                return refused("coupon_used", mine["campaign"])
             return replay(mine, request)
         row, campaign_row, verdict, member = await self._present(request, terminal, now, read)
         held_by = row["reserved_key"] or ""
@@ -1782,6 +1784,8 @@ class CouponService:
             return PosResult(Outcome.ORIGINAL_NOT_FOUND, replayed=True)
         if not same_code(found, coupon):
             return PosResult(Outcome.ORIGINAL_MISMATCH)
+        if found["state"] == "confirmed":  # redeemed under another STAN: reverse that one
+            return PosResult(Outcome.ORIGINAL_NOT_FOUND, campaign=found["campaign"])
         row, undone = await self._undo(original)
         if row is None:
             return PosResult(Outcome.ORIGINAL_NOT_FOUND)

@@ -222,6 +222,40 @@ async def test_a_redeem_confirms_the_reservation_of_its_own_stan_or_of_its_batch
     assert (await one(admin, wrong)).outcome is Outcome.ORIGINAL_MISMATCH
 
 
+async def test_a_reservation_confirmed_under_another_stan_is_never_redeemed_or_reversed_again(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Reserve under STAN1, confirm under STAN2 (F61 = STAN1): the reservation is STAN2's
+    redemption now. A 930000 under STAN1 is refused C2, before and after STAN2's reversal
+    (it never gets an approval that redeemed nothing), and a 940000 naming STAN1 answers 25
+    and undoes nothing; reversing STAN2 gives the coupon back, once."""
+    code, tid = await setup(admin)
+    reserve = ask(Kind.COUPON_RESERVE, tid, code, amount=5_000)
+    assert (await one(admin, reserve)).outcome is Outcome.APPROVED
+    confirm = ask(Kind.COUPON_REDEEM, tid, amount=5_000, original_batch="000001",
+                  original_stan=reserve.stan)  # fmt: skip
+    assert (await one(admin, confirm)).discount == 1_000
+    again = ask(Kind.COUPON_REDEEM, tid, code, amount=5_000, stan=reserve.stan)
+    got = await one(admin, again)
+    assert (got.outcome, got.refusal) == (Outcome.COUPON_USED, "coupon_used")
+    wrong = ask(Kind.COUPON_REVERSE, tid, code, original_batch="000001",
+                original_stan=reserve.stan)  # fmt: skip
+    assert (await one(admin, wrong)).outcome is Outcome.ORIGINAL_NOT_FOUND
+    assert (await code_row(db_url, code))["state"] == "redeemed"
+    assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 1
+    undo = ask(Kind.COUPON_REVERSE, tid, code, original_batch="000001",
+               original_stan=confirm.stan)  # fmt: skip
+    assert (await one(admin, undo)).outcome is Outcome.APPROVED
+    assert (await code_row(db_url, code))["state"] == "issued"
+    got = await one(admin, again)
+    assert (got.outcome, got.discount) == (Outcome.COUPON_USED, None)
+    assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 0
+    elsewhere = await one(admin, ask(Kind.COUPON_REDEEM, await terminal(admin, "S2"), code,
+                                     amount=5_000))  # fmt: skip
+    assert elsewhere.outcome is Outcome.APPROVED  # usable again, once
+    assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 1
+
+
 async def test_a_confirm_of_another_bill_than_the_reserved_one_is_refused_and_redeems_nothing(
     admin: AdminClient, db_url: str
 ) -> None:
@@ -419,11 +453,16 @@ async def test_two_department_coupons_of_one_sale_never_take_more_than_its_lines
     admin: AdminClient,
 ) -> None:
     """A 100.00 bill with 30.00 of FOOD and two stackable 30.00-off FOOD coupons: the
-    second finds FOOD taken (refused under "refuse"); a DRINK coupon still takes its own."""
+    second finds FOOD taken and is refused, under "forfeit" too (never used up for no
+    discount); a DRINK coupon still takes its own."""
     await admin.org("LE1", "S1")
     tid = await terminal(admin)
-    for name, department in (("F1", "FOOD"), ("F2", "FOOD"), ("D1", "DRINK")):
-        await campaign(admin, name, stackable=True, change_rule="refuse", value_fen=3_000,
+    for name, department, rule in (
+        ("F1", "FOOD", "refuse"),
+        ("F2", "FOOD", "forfeit"),
+        ("D1", "DRINK", "refuse"),
+    ):
+        await campaign(admin, name, stackable=True, change_rule=rule, value_fen=3_000,
                        departments=[department])  # fmt: skip
     [f1], [f2], [d1] = [await codes(admin, name, 1) for name in ("F1", "F2", "D1")]
     basket = (("FOOD", 3_000), ("DRINK", 7_000))
@@ -433,7 +472,7 @@ async def test_two_department_coupons_of_one_sale_never_take_more_than_its_lines
 
     assert (await one(admin, redeem(f1))).discount == 3_000
     second = await one(admin, redeem(f2))
-    assert (second.outcome, second.refusal) == (Outcome.NOT_PERMITTED, "coupon_exceeds_bill")
+    assert (second.outcome, second.refusal) == (Outcome.NOT_PERMITTED, "coupon_nothing_left")
     drink = await one(admin, redeem(d1))
     assert (drink.outcome, drink.discount) == (Outcome.APPROVED, 3_000)
 

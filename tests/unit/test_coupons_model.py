@@ -456,7 +456,9 @@ def test_stacked_coupons_never_take_more_than_the_bill_together() -> None:
     spend = campaign(stackable=True, min_spend_fen=1500)
     assert evaluate(spend, ISSUED, after).discount_fen == 500  # the basket reaches 15.00
     gone = dataclasses.replace(after, others_discount_fen=1500)
-    assert evaluate(strict, ISSUED, gone) == Verdict(False, "coupon_exceeds_bill")
+    forfeiting = dataclasses.replace(strict, change_rule=ChangeRule.FORFEIT)
+    for coupon in (strict, forfeiting, pct):  # never used up for no discount at all
+        assert evaluate(coupon, ISSUED, gone) == Verdict(False, "coupon_nothing_left")
 
 
 def test_stacked_department_coupons_never_take_more_than_their_lines_together() -> None:
@@ -469,14 +471,14 @@ def test_stacked_department_coupons_never_take_more_than_their_lines_together() 
     assert first.discount_fen == 3000
     after = ctx(bill_fen=10_000, lines=lines, others_in_transaction=1, others_discount_fen=3000,
                 others_scoped=((("FOOD",), 3000),))  # fmt: skip
-    second = evaluate(food, ISSUED, after)
-    assert (second.ok, second.discount_fen, second.forfeited_fen) == (True, 0, 3000)
+    nothing = Verdict(False, "coupon_nothing_left")  # never used up for no discount
+    assert evaluate(food, ISSUED, after) == nothing
     strict = dataclasses.replace(food, change_rule=ChangeRule.REFUSE)
-    assert evaluate(strict, ISSUED, after) == Verdict(False, "coupon_exceeds_bill")
+    assert evaluate(strict, ISSUED, after) == nothing
     drink = dataclasses.replace(food, departments=("DRINK",))
     assert evaluate(drink, ISSUED, after).discount_fen == 3000
     wide = ((("FOOD", "DRINK"), 3000),)  # an overlap counts in full, whatever it took from
-    assert evaluate(food, ISSUED, dataclasses.replace(after, others_scoped=wide)).discount_fen == 0
+    assert evaluate(food, ISSUED, dataclasses.replace(after, others_scoped=wide)) == nothing
     pct = campaign(stackable=True, kind=CouponKind.PERCENT_OFF, value_fen=0, percent_bp=6000,
                    departments=("FOOD",))  # fmt: skip
     big = (Line("FOOD", 10_000), Line("DRINK", 90_000))
