@@ -263,8 +263,9 @@ COUPON_REWARD_CACHE_S: Final = (
     5  # a reward campaign changed elsewhere applies at the till this late
 )
 POINTS_DEFINITIONS_CACHE_S: Final = (
-    5  # a program or rule changed elsewhere applies at the till this late
+    5  # a program, rule or points grant changed elsewhere applies at the till this late
 )
+POINTS_GRANTS_CACHED_MAX: Final = 4_096  # (store, program) points grants held (then cleared)
 
 # --- process ---------------------------------------------------------------------------------
 GC_YOUNG_OBJECTS_MAX: Final = 20_000  # net new objects between collections (CPython: 700)

@@ -251,7 +251,7 @@ class PosRequest:
     pin_block: str = field(default="", repr=False)  # format 4 under the zone PIN key
     partial: bool = False  # purchase: the terminal takes a partial approval (F60.6 = 1)
     # issue 5 (F48 TLV on the wire)
-    basket: tuple[tuple[str, int], ...] = ()  # (department, fen) lines of the bill
+    basket: tuple[tuple[str, int], ...] = ()  # (department[/category], fen) lines of the bill
     coupon: str = field(default="", repr=False)  # a coupon code, or a signed QR text
     sale: str = ""  # coupons: the terminal's sale number; the coupons of one sale share it
     points: int = 0  # points redeem: the points to spend
@@ -639,7 +639,16 @@ def parse_request(raw: object, path: str) -> PosRequest:
     )
 
 
-_DEPARTMENT = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+# One line of a bill (F48 `BL`): its department, and optionally "/" and its category.
+BASKET_LINE = re.compile(r"[A-Za-z0-9_.-]{1,32}(?:/[A-Za-z0-9_.-]{1,32})?")
+
+
+def line_parts(label: str) -> tuple[str, str]:
+    """(department, category) of a basket line's label ("" without a category)."""
+    department, _, category = label.partition("/")
+    return department, category
+
+
 _PRINTABLE = re.compile(r"[\x21-\x7e]*")
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _SALE = re.compile(r"[A-Za-z0-9_.-]*")
@@ -669,12 +678,12 @@ def _issue_5_fields(raw: dict[str, Any], path: str) -> dict[str, Any]:
             not isinstance(line, list)
             or len(line) != 2
             or not isinstance(line[0], str)
-            or not _DEPARTMENT.fullmatch(line[0])
+            or not BASKET_LINE.fullmatch(line[0])
             or isinstance(line[1], bool)
             or not isinstance(line[1], int)
             or not 0 <= line[1] <= limits.POS_AMOUNT_MAX
         ):
-            raise PosRequestError(f"{path}.basket", "[department, fen] pairs")
+            raise PosRequestError(f"{path}.basket", "[department[/category], fen] pairs")
         lines.append((line[0], line[1]))
     reason = raw.get("reason", "")
     if not isinstance(reason, str) or (reason and not _REASON.fullmatch(reason)):

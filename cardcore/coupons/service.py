@@ -42,6 +42,7 @@ from cardcore.cards.model import (
     PosRequest,
     PosResult,
     Terminal,
+    line_parts,
     transaction_key,
 )
 from cardcore.coalesce import Coalescer
@@ -1401,7 +1402,9 @@ class CouponService:
             not campaign_row["store"] or terminal.store == campaign_row["store"]
         )
         sale = await self._same_sale(uow, terminal, request, row["code"], now)
-        lines = tuple(model.Line(d, fen) for d, fen in request.basket) or None
+        lines = (
+            tuple(model.Line(line_parts(label)[0], fen) for label, fen in request.basket) or None
+        )
         ctx = model.Context(
             now_ms=now,
             store=terminal.store,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cardcore import limits
-from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult
+from cardcore.cards.model import BASKET_LINE, Kind, Outcome, PosRequest, PosResult
 from cardcore.frontend_gateway import codec, security
 from cardcore.frontend_gateway.host import Host, HostUnavailable
 from cardcore.frontend_gateway.saf import ReversalQueue, SafFull
@@ -801,7 +801,6 @@ def _f60(f: dict[str, str]) -> codec.Field60 | None:
         return None
 
 
-_DEPARTMENT = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _CODE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _SHORT_TEXT = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a campaign or refusal code in a reply
@@ -820,7 +819,7 @@ def _request_data(value: str) -> dict[str, Any] | None:
     for tag, item in items:
         if tag == codec.TLV_BASKET_LINE:
             department, _, fen = item.partition("=")
-            if not _DEPARTMENT.fullmatch(department) or not _amount_ok(fen):
+            if not BASKET_LINE.fullmatch(department) or not _amount_ok(fen):
                 return None
             basket.append((department, int(fen)))
             continue

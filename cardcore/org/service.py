@@ -481,6 +481,14 @@ class OrgService:
             )  # fmt: skip
         return after
 
+    async def granted(self, store: str, function: Function, product: str) -> bool:
+        """Whether HQ grants `store` the function (for `product`) today: a read, nothing
+        spent (what a store's own rules need to keep applying)."""
+        day = day_of(self.clock_ms())
+        async with self.records.read() as uow:
+            rows = await uow.find(GRANTS, {"store": store, "function": str(function)})
+        return any(g.applies(function, product, day) for g in map(grant_of, rows))
+
     async def use_grant(
         self, uow: Unit, store: str, function: Function, product: str, *, count: int, amount: int
     ) -> Grant:

@@ -25,10 +25,12 @@ Earning (`Rule`, `check_rule`, `earn`)
   when its eligible spend is positive and reaches `min_spend_fen`.
 - Eligible spend: the basket total ("base", "bonus") or its lines whose department or
   category the rule names ("category"). Rate rules give floor(eligible x points / per_fen);
-  a bonus gives its fixed `points` plus floor(points so far x bonus_pct / 100).
+  a bonus gives its fixed `points`.
 - Then the card class and tier percentages the rule accepts, in ONE floor:
-  floor(x x class_pct x tier_pct / 10 000); then the per-transaction cap; then what is left of
-  the per-day cap after what the rule earned earlier that local day.
+  floor(x x class_pct x tier_pct / 10 000); a bonus then adds floor(points so far x
+  bonus_pct / 100), of points already multiplied (never multiplied again); then the
+  per-transaction cap; then what is left of the per-day cap after what the rule earned
+  earlier that local day.
 - A rule that gives 0 is not listed and stops nothing; a non-stackable rule that gives points
   stops the rules after it. An earning gives at most POINTS_PER_TXN_MAX points.
 
@@ -36,8 +38,9 @@ Lots (`Lot`, `plan_spend`, `plan_clawback`, `expire`, ...)
 - Usable at `now`: available_ms <= now < expires_ms. A lot past expires_ms is expired and is
   never drawn from, by a spend or a clawback.
 - A spend takes the earliest expiry first (never-expiring last), ties by key.
-- A clawback takes the returned earning's own lots first, then other pending lots (latest
-  available first), then usable lots LATEST expiry first (never-expiring first): the member
+- A clawback takes pending lots first (the issue: "from pending first"; the returned
+  earning's own lot first among them), then usable lots (the earning's own first, then the
+  LATEST expiry first, never-expiring first): the member
   keeps the points that expire soonest, which favours the program; the shortfall is a debt.
 - `proportional_clawback` floors cumulatively on what was clawed, so a return in parts claws
   back exactly what the whole return would, and never more than the earning in all. A
@@ -486,11 +489,10 @@ def _eligible_fen(rule: Rule, basket: Basket) -> int:
     )
 
 
-def _raw_points(rule: Rule, eligible_fen: int, so_far: int) -> int:
-    """Rate rules: floor(eligible x points / per_fen); a bonus: its fixed points plus
-    floor(so_far x bonus_pct / 100)."""
+def _raw_points(rule: Rule, eligible_fen: int) -> int:
+    """Rate rules: floor(eligible x points / per_fen); a bonus: its fixed points."""
     if rule.kind is RuleKind.BONUS:
-        return rule.points + so_far * rule.bonus_pct // PCT
+        return rule.points
     return eligible_fen * rule.points // rule.per_fen
 
 
@@ -518,7 +520,9 @@ def _rule_points(
         return 0
     class_pct = pcts[0] if rule.card_class_multiplier else PCT
     tier_pct = pcts[1] if rule.tier_multiplier else PCT
-    points = multiplied(_raw_points(rule, eligible, so_far), class_pct, tier_pct)
+    points = multiplied(_raw_points(rule, eligible), class_pct, tier_pct)
+    if rule.kind is RuleKind.BONUS:  # of points already multiplied: never multiplied again
+        points += so_far * rule.bonus_pct // PCT
     return _capped(rule, points, today)
 
 

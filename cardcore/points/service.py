@@ -53,6 +53,7 @@ from cardcore.cards.model import (
     PosResult,
     Terminal,
     auth_code_of,
+    line_parts,
     rrn_of,
     unusable_outcome,
     value_postings,
@@ -271,6 +272,17 @@ class Holding:
     def pending(self, now_ms: int) -> int:
         return sum(lot.remaining for lot in self.lots if model.is_pending(lot, now_ms))
 
+    def spendable(self, now_ms: int, program: model.Program) -> int:
+        """What a POS reply's PB says: usable points less the debt (`spendable`)."""
+        return spendable(self.usable(now_ms), self.debt, program)
+
+
+def spendable(usable: int, debt: int, program: model.Program) -> int:
+    """Usable points less what the holder owes (every spend counts the debt against them):
+    never below 0 under the `debt` policy, signed under `negative`."""
+    left = usable - debt
+    return left if program.negative_policy is model.NegativePolicy.NEGATIVE else max(0, left)
+
 
 def _metadata(t: Terminal, r: PosRequest) -> Metadata:
     pairs = {"batch": r.batch, "operator": r.operator, "stan": r.stan, "store": t.store,
@@ -391,12 +403,14 @@ class PointsService:
         # POINTS_DEFINITIONS_CACHE_S.
         self._programs: dict[str, tuple[float, ProgramRecord | None]] = {}
         self._rules: dict[str, tuple[float, list[tuple[dict[str, Any], model.Rule]]]] = {}
+        self._grants: dict[tuple[str, str], tuple[float, bool]] = {}  # (store, program)
         # The reads of the POS redemptions asked in one turn of the event loop, together.
         self._redeeming = Coalescer(self._redeem_reads, limits.POINTS_POS_TOGETHER_MAX)
 
     def _forget(self) -> None:
         self._programs.clear()
         self._rules.clear()
+        self._grants.clear()
 
     async def _active_program(self, code: str) -> ProgramRecord | None:
         """The program `code` when it is active (cached), else None."""
@@ -411,14 +425,28 @@ class PointsService:
         self._programs[code] = (time.monotonic(), record)
         return record
 
+    async def _store_granted(self, store: str, program: str) -> bool:
+        """Whether HQ grants `store` the points function for `program` today (cached as the
+        rules are): a store's own rules earn only while it does."""
+        found = self._grants.get((store, program))
+        if found is not None and time.monotonic() - found[0] < limits.POINTS_DEFINITIONS_CACHE_S:
+            return found[1]
+        granted = await self.org.granted(store, Function.POINTS, program)
+        if len(self._grants) >= limits.POINTS_GRANTS_CACHED_MAX:
+            self._grants.clear()
+        self._grants[store, program] = (time.monotonic(), granted)
+        return granted
+
     async def _rules_of(self, program: str) -> list[tuple[dict[str, Any], model.Rule]]:
-        """The program's rule rows, each with its parsed rule (cached)."""
+        """The program's active rule rows (at most POINTS_RULES_PER_PROGRAM_MAX: the writes
+        keep it so, however many retired rows there are), each with its parsed rule
+        (cached)."""
         found = self._rules.get(program)
         if found is not None and time.monotonic() - found[0] < limits.POINTS_DEFINITIONS_CACHE_S:
             return found[1]
         async with self.records.read() as uow:
-            rows = await uow.find(RULES, {"program": program}, order="code",
-                                  limit=limits.POINTS_RULES_PER_PROGRAM_MAX * 4)  # fmt: skip
+            rows = await uow.find(RULES, {"program": program, "state": "active"}, order="code",
+                                  limit=limits.POINTS_RULES_PER_PROGRAM_MAX)  # fmt: skip
         parsed = [(r, model.rule_of(json.loads(r["definition"]))) for r in rows]
         # Each checked when it was made (`check_rule`; codes unique in the table): earning
         # takes at most POINTS_RULES_PER_PROGRAM_MAX of them, so `earn` need not check again.
@@ -769,6 +797,7 @@ class PointsService:
                 rule
                 for row, rule in await self._rules_of(i.found.code)
                 if applies_at(row, i.terminal)
+                and (not row["store"] or await self._store_granted(row["store"], i.found.code))
             ][: limits.POINTS_RULES_PER_PROGRAM_MAX]
             for i in items
         ]
@@ -1011,7 +1040,7 @@ class PointsService:
         return out
 
     async def _balance(self, found: ProgramRecord, holder: int) -> int:
-        return (await self.holding(found.program, holder)).usable(self.clock_ms())
+        return (await self.holding(found.program, holder)).spendable(self.clock_ms(), found.program)
 
     async def _program(self, code: str) -> ProgramRecord | None:
         async with self.records.read() as uow:
@@ -1063,6 +1092,7 @@ class PointsService:
         # and each of its answers carries that balance.
         now = self.clock_ms()
         usable = {key: holding.usable(now) for key, holding in held.items()}
+        owed = {key: holding.debt for key, holding in held.items()}
         reread = [(p, h) for p, h in {(f.program, h) for _, _, f, h, _ in steps}
                   if (p.asset, h) in clawing]  # fmt: skip
         for i, ops, found, holder, points in steps:
@@ -1079,16 +1109,29 @@ class PointsService:
                 await self._upgrade(found, holder)
                 lot, repaid = lots[i]
                 landed = model.is_usable(model.lot_of(found.program, lot, 0), now)
-                if landed and not res.replayed and key not in clawing:
-                    usable[key] += points - (repaid if rest and rest[0].ok else 0)
-            out[i] = PointsAnswer(points, None if key in clawing else usable[key])
+                if not res.replayed and key not in clawing:
+                    repaid = repaid if rest and rest[0].ok else 0
+                    owed[key] -= repaid
+                    if landed:
+                        usable[key] += points - repaid
+            balance = None if key in clawing else spendable(usable[key], owed[key], found.program)
+            out[i] = PointsAnswer(points, balance)
         if reread:
-            usable |= {k: h.usable(now) for k, h in (await self.holdings(reread)).items()}
+            await self._balances_after(reread, steps, out, now)
+        return out
+
+    async def _balances_after(
+        self, reread: list[tuple[model.Program, int]],
+        steps: list[tuple[int, list[Op], ProgramRecord, int, int]],
+        out: list[PointsAnswer | None], now: int,
+    ) -> None:  # fmt: skip
+        """The answers of holders with a clawback in the call: their balance read again."""
+        again = await self.holdings(reread)
         for i, _, found, holder, points in steps:
             answer = out[i]
             if answer is not None and answer.ok and answer.points_balance is None:
-                out[i] = PointsAnswer(points, usable[found.program.asset, holder])
-        return out
+                holding = again[found.program.asset, holder]
+                out[i] = PointsAnswer(points, holding.spendable(now, found.program))
 
     async def _claw_steps(
         self, done: Sequence[MoneyDone]
@@ -1131,6 +1174,12 @@ class PointsService:
             await self._pin_clawback(key, earning, fen, 0, whole=False)
             return None
         if await self.directory.keyed_transfer(POS_CLIENT, earning["key"]) is None:
+            # Never issued, and never will be: the whole earning goes (its counters, and
+            # its day-cap parts negated), so no cap, tier or spend segment counts it.
+            await self._pin_clawback(
+                key, earning, int(earning["amount"]) - int(earning["returned"]),
+                int(earning["points"]) - int(earning["clawed"]), whole=True,
+            )  # fmt: skip
             op = Reverse(POS_CLIENT, key, earning["key"], tombstone=True,
                          reason="points_reversal", metadata=metadata)  # fmt: skip
             return [op], 0
@@ -1393,7 +1442,7 @@ class PointsService:
             money = tuple(Posting(a, Side(s), x) for a, s, x in stored_money["postings"])
             points_ops = again(stored, POS_CLIENT, keys, metadata, link_last=True)
         else:
-            before = holding.usable(self.clock_ms())
+            before = holding.spendable(self.clock_ms(), program)
             try:
                 takes = model.plan_spend(holding.lots, r.points, self.clock_ms(), holding.debt)
             except model.InsufficientPoints as exc:
@@ -1489,23 +1538,32 @@ class PointsService:
         async with self.records.read() as uow:
             clawback = await uow.get(CLAWBACKS, key=key)
         stored, _keys = await self._chunks(key)
-        if clawback is not None:
-            if not await self._unpin_standing(clawback, undo):
-                return
-        elif stored and stored[0]["reason"] != "points_redeem":
-            return
-        # Nothing under the key (yet): the tombstone below makes a late earning or
-        # redemption under it refused by the ledger, so a reversal that overtook its
-        # request is never lost.
+        # Nothing under the key (yet): the tombstone makes a late earning or redemption
+        # under it refused by the ledger, so a reversal that overtook its request is never
+        # lost.
         ops: list[Op] = [
             replace(_mirror(t, chunk_key(undo, i), "points_reversal", meta),
                     linked=i < len(stored) - 1)
             for i, t in enumerate(stored)
         ] or [Reverse(POS_CLIENT, undo, key, tombstone=True, reason="points_reversal",
                       metadata=meta)]  # fmt: skip
-        if clawback is not None and stored:
-            ops = await self._debt_aware(clawback, ops)
-        res, *_rest = await self.ledger.submit(ops)
+        if clawback is None:
+            if stored and stored[0]["reason"] != "points_redeem":
+                return
+            res, *_rest = await self.ledger.submit(ops)
+        else:
+            earning = await self._earning(clawback["earning"])
+            if earning is None:
+                return
+            # Under the holder's lock from the unpin to the put-back's submit: an earning
+            # that repays the debt cannot slip in between (the put-back would credit the
+            # debt past what is owed and be refused, the clawback already unpinned).
+            async with self.accounts.lock(int(earning["holder"])):
+                if not await self._unpin_standing(clawback, earning, undo):
+                    return
+                if stored:
+                    ops = await self._debt_aware(clawback, ops)
+                res, *_rest = await self.ledger.submit(ops)
         if not res.ok:
             log.warning("points reversal refused by the ledger", extra={"code": res.code})
 
@@ -1564,22 +1622,20 @@ class PointsService:
         if not res.ok:
             log.warning("points reversal refused by the ledger", extra={"code": res.code})
 
-    async def _unpin_standing(self, clawback: dict[str, Any], undo: str) -> bool:
+    async def _unpin_standing(
+        self, clawback: dict[str, Any], earning: dict[str, Any], undo: str
+    ) -> bool:
         """`_unpin_clawback` while the earning stands: once a terminal's reversal of the
         earning itself took back all it held (the return's share was taken already), a
         reversal of the return puts nothing back, as the money ledger never takes back a
-        refund of a reversed purchase. Under the holder's lock, which the earning's
-        reversal holds too."""
-        earning = await self._earning(clawback["earning"])
-        if earning is None:
-            return False
+        refund of a reversed purchase. The caller holds the holder's lock, which the
+        earning's reversal holds too."""
         base = str(earning["key"]).removesuffix(EARN_SUFFIX)
-        async with self.accounts.lock(int(earning["holder"])):
-            async with self.records.read() as uow:
-                reversed_whole = await uow.get(CLAWBACKS, key=base + REVERSAL_SUFFIX + EARN_SUFFIX)
-            if reversed_whole is not None:
-                return False
-            return await self._unpin_clawback(clawback, undo)
+        async with self.records.read() as uow:
+            reversed_whole = await uow.get(CLAWBACKS, key=base + REVERSAL_SUFFIX + EARN_SUFFIX)
+        if reversed_whole is not None:
+            return False
+        return await self._unpin_clawback(clawback, undo)
 
     async def _unpin_clawback(self, clawback: dict[str, Any], undo: str) -> bool:
         """Record that a clawback is undone: a row with its amounts negated under `undo`, and
@@ -2253,9 +2309,9 @@ def _nothing_earned(item: _ToPin, holder: int, day: int, now: int) -> dict[str, 
 
 
 def _basket(r: PosRequest, amount: int) -> model.Basket:
-    """The bill an earning looks at: the request's department lines when they fit in the
-    amount, else the whole amount as one line."""
-    lines = tuple(model.Line(dept, "", fen) for dept, fen in r.basket)
+    """The bill an earning looks at: the request's department (and category) lines when
+    they fit in the amount, else the whole amount as one line."""
+    lines = tuple(model.Line(*line_parts(label), fen) for label, fen in r.basket)
     if sum(line.amount_fen for line in lines) > amount:
         lines = ()
     return model.Basket(amount, lines)

@@ -16,10 +16,12 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from cardcore import limits
 from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, batch_totals
 from cardcore.cards.pos import PosService
 from cardcore.ledger.http import LEDGER_KEY
+from cardcore.ledger.writer import Busy
 from cardcore.points.http import POINTS_KEY
 from cardcore.records import Unit
 from tests import logscan
@@ -224,6 +226,7 @@ async def test_rules_apply_in_their_stores_with_caps_and_the_class_multiplier(
     path = "/v1/points/programs/CLUB/rules"
     await admin.ok("POST", path, json={"code": "S2BONUS", "kind": "bonus", "points": 50,
                                        "store": "S2"})  # fmt: skip
+    grant = await admin.ok("POST", "/v1/grants", json={"store": "S2", "function": "points"})
     await admin.ok("POST", path, json={"code": "FOOD", "kind": "category", "points": 2,
                                        "per_fen": 100, "departments": ["FOOD"],
                                        "cap_per_day_points": 30})  # fmt: skip
@@ -244,6 +247,11 @@ async def test_rules_apply_in_their_stores_with_caps_and_the_class_multiplier(
     assert [(p["rule"], int(p["n"])) for p in parts] == [("BASE", 60), ("FOOD", 30),
                                                          ("S2BONUS", 100)]  # fmt: skip
     assert (await shop.points(card))["balance"] == 50 + 20 + 120
+    # HQ revokes S2's points grant: its own rule earns no more (the group's still does).
+    await admin.ok("DELETE", f"/v1/grants/{grant['id']}")
+    admin.app[POINTS_KEY]._forget()  # no wait for POINTS_DEFINITIONS_CACHE_S
+    after = await shop.one(shop.request(Kind.PURCHASE, card, "S2", amount=1_000))
+    assert after.points == 20
 
 
 async def test_concurrent_earnings_of_one_card_never_pass_the_daily_cap(
@@ -464,6 +472,142 @@ async def test_a_purchase_whose_void_was_reversed_can_be_voided_again_and_again(
         assert (await shop.points(card))["balance"] == 0
     assert (await shop.one(sale)).outcome is Outcome.REVERSED_BEFORE_ARRIVAL
     assert (await shop.one(void_again())).outcome is Outcome.ALREADY_REVERSED
+
+
+async def test_a_returns_reversal_racing_a_debt_repayment_puts_back_what_it_took(
+    admin: AdminClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100 earned, 100 redeemed, half returned (50 of debt); the return's reversal reads the
+    debt, and another till's purchase of the card arrives right then: it waits for the
+    reversal (the holder's lock is held from the unpin to the put-back), so the put-back
+    clears the debt and the purchase's 80 points land in full. Before, the purchase repaid
+    the debt in the gap, the put-back was refused (no-overcredit) and 50 points were lost."""
+    shop = await Shop(admin).make()
+    points = admin.app[POINTS_KEY]
+    card = await shop.card()
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))
+    await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=100))
+    refund = shop.request(Kind.REFUND, card, amount=5_000, rrn=sale.rrn)
+    assert (await shop.one(refund)).points == -50
+    assert (await shop.points(card))["debt"] == 50
+    real = points._debt_aware
+    elsewhere: list[asyncio.Task[PosResult]] = []
+
+    async def then_a_purchase_elsewhere(clawback: Any, ops: Any) -> Any:
+        got = await real(clawback, ops)
+        request = shop.request(Kind.PURCHASE, card, "S2", amount=8_000)
+        elsewhere.append(asyncio.ensure_future(shop.one(request)))
+        await asyncio.sleep(0.2)  # the purchase runs as far as it can
+        return got
+
+    monkeypatch.setattr(points, "_debt_aware", then_a_purchase_elsewhere)
+    assert (await shop.one(shop.request(Kind.REVERSE, None, stan=refund.stan))).outcome is (
+        Outcome.APPROVED
+    )
+    assert (await elsewhere[0]).points == 80
+    view = await shop.points(card)
+    assert (view["debt"], view["usable"]) == (0, 80)
+
+
+async def test_an_earning_that_never_reached_the_ledger_and_was_reversed_counts_nowhere(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The points round pinned an earning, then the ledger was busy: 96, and the terminal's
+    0400 tombstones the earning. Its counters and day-cap parts go with it, so the next
+    purchase earns its 100 under a 100-point day cap (before, it earned 0)."""
+    shop = await Shop(admin).make()
+    await admin.ok("PATCH", "/v1/points/programs/CLUB/rules/BASE",
+                   json={"cap_per_day_points": 100})  # fmt: skip
+    points = admin.app[POINTS_KEY]
+    card = await shop.card()
+    real = points._earn_ops
+    calls = itertools.count()
+
+    async def busy_once(*args: Any, **kw: Any) -> Any:
+        if next(calls) == 0:
+            raise Busy("queue full")
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(points, "_earn_ops", busy_once)
+    sale = shop.request(Kind.PURCHASE, card, amount=10_000)
+    assert (await shop.one(sale)).outcome is Outcome.UNAVAILABLE
+    assert (await shop.one(shop.request(Kind.REVERSE, None, stan=sale.stan))).outcome is (
+        Outcome.APPROVED
+    )
+    [row] = await sql_rows(db_url, "SELECT points, clawed FROM points_earnings")
+    assert (row["points"], row["clawed"]) == (100, 100)
+    again = await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))
+    assert (again.points, (await shop.points(card))["balance"]) == (100, 100)
+
+
+async def test_pb_is_what_the_card_can_spend_and_below_zero_only_under_negative(
+    admin: AdminClient,
+) -> None:
+    """PB is the spendable points after (usable less the debt): under `negative` a void
+    that leaves 100 owed answers -100; under `debt` points beside a debt are not counted
+    as spendable (a 100-point redemption is refused, and PB said so before)."""
+    shop = await Shop(admin).make(negative_policy="negative")
+    card = await shop.card()
+    sale = shop.request(Kind.PURCHASE, card, amount=10_000)
+    await shop.one(sale)
+    await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=100))
+    void = await shop.one(shop.request(Kind.VOID, card, amount=10_000, original_batch="000001",
+                                       original_stan=sale.stan))  # fmt: skip
+    assert (void.points, void.points_balance) == (-100, -100)
+    assert (await shop.points(card))["balance"] == -100
+    small = await shop.one(shop.request(Kind.PURCHASE, card, amount=3_000))
+    assert (small.points, small.points_balance) == (30, -70)  # repaid 30 of the debt
+
+
+async def test_pb_does_not_count_points_that_sit_beside_a_debt(admin: AdminClient) -> None:
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))
+    path = f"/v1/cards/{card['id']}/points"
+    await admin.ok("POST", f"{path}/redemptions",
+                   json={"points": 100, "reward": "mug", "key": "r1"})  # fmt: skip
+    await shop.one(shop.request(Kind.REFUND, card, amount=10_000, rrn=sale.rrn))
+    await admin.ok("POST", f"{path}/redemptions/r1/reversal")  # 100 back beside 100 owed
+    small = await shop.one(shop.request(Kind.PURCHASE, card, amount=100))
+    assert (small.points, small.points_balance) == (1, 1)
+    two = await shop.one(shop.request(Kind.POINTS_REDEEM, card, points=100))
+    assert (two.outcome, two.points_balance) == (Outcome.INSUFFICIENT_FUNDS, 1)
+
+
+async def test_an_active_rule_earns_however_many_retired_rules_come_before_it(
+    admin: AdminClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retired rules are kept (history); the rules read for earning are the active ones,
+    so an active rule late in code order still earns (a bound of 4 active rules here, so
+    17 retired ones are past what a read of every row took)."""
+    monkeypatch.setattr(limits, "POINTS_RULES_PER_PROGRAM_MAX", 4)
+    shop = await Shop(admin).make()
+    path = "/v1/points/programs/CLUB/rules"
+    await admin.ok("PATCH", f"{path}/BASE", json={"state": "retired"})
+    for n in range(17):
+        await admin.ok("POST", path, json={"code": f"OLD{n:02d}", "kind": "base", "points": 1,
+                                           "per_fen": 100})  # fmt: skip
+        await admin.ok("PATCH", f"{path}/OLD{n:02d}", json={"state": "retired"})
+    await admin.ok("POST", path, json={"code": "ZNEW", "kind": "base", "points": 2,
+                                       "per_fen": 100})  # fmt: skip
+    card = await shop.card()
+    assert (await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))).points == 200
+
+
+async def test_a_category_rule_earns_on_the_lines_of_its_categories(admin: AdminClient) -> None:
+    """`BL` lines may carry a category after the department (`FOOD/DAIRY=600`): a category
+    rule earns on those lines; a department rule still sees the department."""
+    shop = await Shop(admin).make()
+    path = "/v1/points/programs/CLUB/rules"
+    await admin.ok("PATCH", f"{path}/BASE", json={"state": "retired"})
+    await admin.ok("POST", path, json={"code": "DAIRY", "kind": "category", "points": 3,
+                                       "per_fen": 100, "categories": ["DAIRY"]})  # fmt: skip
+    await admin.ok("POST", path, json={"code": "TOYS", "kind": "category", "points": 1,
+                                       "per_fen": 100, "departments": ["TOYS"]})  # fmt: skip
+    card = await shop.card()
+    basket = (("FOOD/DAIRY", 600), ("FOOD/BREAD", 300), ("TOYS/LEGO", 1_000))
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=1_900, basket=basket))
+    assert sale.points == 18 + 10
 
 
 async def test_a_reversal_the_ledger_refuses_gives_no_points_back(admin: AdminClient) -> None:

@@ -940,6 +940,8 @@ async def test_a_silent_host_leaves_a_coupon_query_and_a_coupon_reverse_alone(
         ("920000", "CP004ABCDBL005FOOD="),  # a basket line without its amount
         ("920000", "CP004ABCDBL010FOOD=12.00"),  # an amount that is not fen digits
         ("920000", "CP004ABCDBL012bad line=100"),  # a department with a space
+        ("920000", "CP004ABCDBL015FOOD/DAIRY/X=1"),  # two categories
+        ("920000", "CP004ABCDBL007/DAIRY=1"),  # a category without its department
         ("930000", "CP004ABC"),  # TLV running past the end
         ("960000", "SU0050"),  # zero uses
         ("970000", "MR011price_match"),  # a manager authorization without its discount
@@ -958,6 +960,14 @@ async def test_malformed_private_data_is_answered_30_and_never_reaches_the_host(
     reply = await pos.financial(terminal._ordered(fields))
     assert reply.code == "30"
     assert [r.kind for r in host.seen] == [Kind.SIGN_ON]
+    await gateway.saf.close()
+
+
+async def test_a_basket_line_may_name_its_category_after_its_department(tmp_path: Path) -> None:
+    pos, host, gateway = await _signed_on(tmp_path)
+    host.answers.append(PosResult(APPROVED, points=1))
+    assert (await pos.points_earn(CARD, 1_000, [("FOOD/DAIRY", 600), ("TOYS", 400)])).code == "00"
+    assert host.seen[-1].basket == (("FOOD/DAIRY", 600), ("TOYS", 400))
     await gateway.saf.close()
 
 

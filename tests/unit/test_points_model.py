@@ -411,6 +411,14 @@ def test_a_bonus_adds_fixed_points_and_a_percent_of_the_points_so_far() -> None:
     assert earn_at([BASE, half], 12_345).points == 123 + 61
 
 
+def test_a_percent_bonus_takes_its_share_of_points_already_multiplied_once() -> None:
+    """Class 200 %, tier 150 %: the base's 100 points become 300; a 50 % bonus adds 150 (of
+    the 300, not multiplied again), its fixed 7 points multiplied (21)."""
+    bonus = Rule("bonus", RuleKind.BONUS, priority=5, points=7, bonus_pct=50)
+    got = earn_at([BASE, bonus], 10_000, class_pct=200, tier_pct=150)
+    assert got.parts == (EarnPart("base", 300), EarnPart("bonus", 21 + 150))
+
+
 def test_rules_apply_by_priority_then_code() -> None:
     first = Rule("b", RuleKind.BASE, priority=1, points=1, per_fen=100)
     second = Rule("a", RuleKind.BASE, priority=2, points=1, per_fen=100)
