@@ -205,7 +205,7 @@ LEDGER_ENTRY = r.obj(
      "debits_posted", "credits_posted", "debits_pending", "credits_pending", "version",
      "reason", "metadata", "created_at_ms"],
 )  # fmt: skip
-MONTH = r"[0-9]{4}-(0[1-9]|1[0-2])"
+MONTH = r"20[0-9]{2}-(0[1-9]|1[0-2])"  # 2000-2099: card expiries are kept as YYMM
 TOTAL = r.obj({"cards": r.integer(0, 2**62), "value": AMOUNT}, ["cards", "value"])
 ENTITY_TOTALS = r.obj(
     {"legal_entity": r.string(max_length=64), "gift": TOTAL, "stored_value": TOTAL},

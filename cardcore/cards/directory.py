@@ -548,7 +548,10 @@ def _terminal(row: Any) -> Terminal:
 
 
 def _transfer_columns(t: Any) -> tuple[Any, ...]:
-    return t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings, t.c.target_id, t.c.pending_id
+    return (
+        t.c.id, t.c.key, t.c.kind, t.c.reason, t.c.postings, t.c.target_id, t.c.pending_id,
+        t.c.metadata,
+    )  # fmt: skip
 
 
 def _transfer(row: Any) -> dict[str, Any]:
@@ -562,6 +565,7 @@ def _transfer(row: Any) -> dict[str, Any]:
         "postings": [
             (int(a), str(side), int(amount)) for a, side, amount in json.loads(row["postings"])
         ],
+        "metadata": dict(json.loads(row["metadata"])),
     }
 
 

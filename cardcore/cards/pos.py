@@ -214,7 +214,10 @@ UNAVAILABLE_REFUSAL = "unavailable"
 _KEPT_BY_LEDGER = frozenset({Kind.PURCHASE, Kind.TOPUP, Kind.TOPUP_CONFIRM, Kind.VOID, Kind.REFUND})
 # The ledger's answer to a resend whose planned amount is not the stored one (a split
 # tender computed anew): the stored transfer decides.
-_OTHER_POSTINGS = "exists_with_different_postings"
+# What the ledger answers a purchase's resend whose postings (the balance moved since) or
+# card metadata (its class or discount changed since) are worked out again differently.
+_OTHER_CONTENT = frozenset({"exists_with_different_postings", "exists_with_different_metadata"})
+_CARD_METADATA = ("card_class", "discount_bp")  # what `_card_metadata` adds
 # Counts in settlement totals are three digits on the wire: compared modulo 1000.
 COUNT_MODULUS = 1000
 
@@ -1047,10 +1050,10 @@ class PosService:
 
     async def _resends(self, plans: list[_Plan]) -> bool:
         """Purchases and top-ups the host declined, and purchases the ledger found under
-        their key with other postings: when the ledger holds a transfer of this card under
-        the key, the request is a resend, and its op becomes that transfer again (the
-        ledger then answers what it answered first, or 94 if the content differs). Whether
-        any op was made."""
+        their key with other postings or card metadata: when the ledger holds a transfer of
+        this card under the key, the request is a resend, and its op becomes that transfer
+        again (the ledger then answers what it answered first, or 94 if the content
+        differs). Whether any op was made."""
         again = False
         for plan in plans:
             r, card, t = plan.request, plan.card, plan.terminal
@@ -1058,19 +1061,21 @@ class PosService:
                 continue
             declined = plan.resend and plan.op is None
             plan.resend = False  # looked up once
-            other = plan.result is not None and plan.result.code == _OTHER_POSTINGS
+            other = plan.result is not None and plan.result.code in _OTHER_CONTENT
             if not (declined or (other and r.kind is Kind.PURCHASE)):
                 continue
             try:
                 stored = await self.directory.transfer_by_key(transaction_key(t, r.batch, r.stan))
                 if stored is None or not _of_card(stored, card, r.kind):
                     continue
-                extra = await self._card_metadata(plan)
             except DATABASE_ERRORS:
                 log.exception("a resend could not be checked", extra={"kind": str(r.kind)})
                 plan.answer, plan.op = PosResult(Outcome.UNAVAILABLE), None
                 continue
             postings = tuple(Posting(a, Side(side), x) for a, side, x in stored["postings"])
+            # The card's part as it was recorded: its class or the class discount may have
+            # changed since, and the resend is the same request all the same.
+            extra = {k: v for k, v in stored["metadata"].items() if k in _CARD_METADATA}
             if r.kind is Kind.PURCHASE:
                 self._purchase_from(plan, postings, extra)
             else:
@@ -1142,6 +1147,11 @@ class PosService:
             return
         original = await self.directory.transfer_by_id(int(r.rrn))
         if original is None or original["reason"] != "purchase":
+            plan.answer = PosResult(Outcome.ORIGINAL_NOT_FOUND)
+            return
+        if original["metadata"].get("store") != t.store:
+            # Refunded where it was bought: a refund gives back from the selling store's
+            # sales, and its batch line must be that store's for the day's books to tie.
             plan.answer = PosResult(Outcome.ORIGINAL_NOT_FOUND)
             return
         if not _matches(original, card, None):

@@ -694,7 +694,62 @@ async def test_breakage_is_the_value_left_on_expired_cards_per_issuing_entity_in
     mine = await admin.ok("GET", "/v1/reports/breakage", officer, as_of="2099-01")
     assert mine["entities"] == [{"legal_entity": "LE1", "gift": {"cards": 0, "value": 0},
                                  "stored_value": {"cards": 1, "value": 2_500}}]  # fmt: skip
-    status, answer = await admin.call("GET", "/v1/reports/breakage", as_of="2099-13")
-    assert (status, answer["error"]["field"]) == (400, "as_of")
+    for month in ("2099-13", "1999-01", "2100-01"):  # expiries are YYMM: 2000-2099 only
+        status, answer = await admin.call("GET", "/v1/reports/breakage", as_of=month)
+        assert (status, answer["error"]["field"]) == (400, "as_of"), month
     status, answer = await admin.call("GET", "/v1/reports/breakage")
     assert (status, answer["error"]["code"]) == (400, "missing_field")
+
+
+async def test_a_resend_after_the_class_discount_changed_gets_the_first_answer(
+    admin: AdminClient, db_url: str
+) -> None:
+    """The purchase recorded the class discount; HQ changes it while the terminal's reply is
+    lost: the resend (same STAN) is the same request, answered as the first (approved, the
+    same reference), never 94 for money that was taken."""
+    await world(admin)
+    await new_class(admin, "VIP", name="VIP", named=False, discount_bp=500)
+    await admin.ok("POST", "/v1/grants", json={"store": "S1", "function": "stored_value",
+                                              "product": "VIP"})  # fmt: skip
+    vip = await issue(admin, "VIP", "S1")
+    assert (await topup(admin, vip["id"], 10_000))[0] == 201
+    tid = await terminal(admin, "S1")
+    sale = PosRequest(kind=Kind.PURCHASE, terminal=tid, batch="000001", stan="000777",
+                      card=vip["pan"], amount=2_000)  # fmt: skip
+    [first] = await admin.app[POS_KEY].handle([sale])
+    assert first.outcome is Outcome.APPROVED
+    await admin.ok("PATCH", "/v1/card-classes/VIP", json={"discount_bp": 800})
+    [again] = await admin.app[POS_KEY].handle([sale])
+    assert (again.outcome, again.rrn) == (Outcome.APPROVED, first.rrn)
+    rows = await sql_rows(
+        db_url, "SELECT count(*) AS n FROM ledger_transfers WHERE reason = 'purchase'"
+    )
+    assert int(rows[0]["n"]) == 1
+    other = replace(sale, amount=2_500)  # another amount under the key: still 94
+    assert (await admin.app[POS_KEY].handle([other]))[0].outcome is Outcome.DUPLICATE_MISMATCH
+
+
+async def test_a_refund_is_made_in_the_store_where_the_purchase_was(
+    admin: AdminClient, db_url: str
+) -> None:
+    """A refund gives back from the selling store's sales: at another store's terminal (of
+    its entity or of another) it is 25 and nothing moves; at the selling store it goes."""
+    await world(admin)
+    bear = await issue(admin, "BEAR", "S1")
+    assert (await topup(admin, bear["id"], 10_000))[0] == 201
+    here, same_entity, other_entity = [await terminal(admin, s) for s in ("S1", "S2", "S3")]
+    [sale] = await admin.app[POS_KEY].handle([PosRequest(
+        kind=Kind.PURCHASE, terminal=here, batch="000001", stan="000001", card=bear["pan"],
+        amount=5_000)])  # fmt: skip
+    assert sale.outcome is Outcome.APPROVED
+    before = await sql_rows(db_url, "SELECT count(*) AS n FROM ledger_transfers")
+    for tid in (same_entity, other_entity):
+        [got] = await admin.app[POS_KEY].handle([PosRequest(
+            kind=Kind.REFUND, terminal=tid, batch="000001", stan="000002", card=bear["pan"],
+            amount=2_000, rrn=sale.rrn)])  # fmt: skip
+        assert got.outcome is Outcome.ORIGINAL_NOT_FOUND
+    assert await sql_rows(db_url, "SELECT count(*) AS n FROM ledger_transfers") == before
+    [done] = await admin.app[POS_KEY].handle([PosRequest(
+        kind=Kind.REFUND, terminal=here, batch="000001", stan="000003", card=bear["pan"],
+        amount=2_000, rrn=sale.rrn)])  # fmt: skip
+    assert (done.outcome, done.balance) == (Outcome.APPROVED, 7_000)

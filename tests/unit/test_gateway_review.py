@@ -335,6 +335,7 @@ async def test_an_expired_card_still_takes_a_void_and_a_refund() -> None:
         "kind": "posted",
         "reason": "purchase",
         "postings": [(41, "debit", 500), (1, "credit", 500)],
+        "metadata": {"store": "S", "terminal": TID},
     }
 
     class Cards(_Directory):
