@@ -231,6 +231,7 @@ POINTS_POS_TOGETHER_MAX: Final = 64  # POS points redemptions of one turn read t
 POINTS_REMINDER_DAYS_MAX: Final = 366  # how far ahead an expiry reminder looks
 POINTS_MEMBER_CARDS_READ_MAX: Final = 1000  # a member's cards a transfer's daily limit sums
 CARD_TOPUP_RECORDS_READ_MAX: Final = 1000  # a card's latest top-up records a retry looks in
+CARD_AUDIT_READ_MAX: Final = 200  # a card's latest audit rows read for its story (guesses, stock)
 
 # --- issue 5 at the POS ---
 POS_BASKET_LINES_MAX: Final = 32  # (department, fen) lines one POS request carries (F48)

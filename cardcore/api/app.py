@@ -120,8 +120,11 @@ def build_app(
         pos.topup_grant = cards.pos_topup_grant
         cards.points_held, cards.forfeit_points = points.points_held, points.forfeit
         pos.reversers.append(cards.pos_topup_release)
-        services = ServiceCards(records, org, ledger, accounts)
-        app[service_cards_http.SERVICE_CARDS_KEY] = services
+        app[service_cards_http.SERVICE_CARDS_KEY] = services = ServiceCards(
+            records, org, ledger, accounts
+        )
+        # A close and a member's delete refuse while a card holds a usable package.
+        cards.services_held = app[members_http.MEMBERS_KEY].services_held = services.packages_held
         pos.features[Kind.SERVICE_REDEEM] = services.redeem
         pos.reversers.append(services.reverse)
         managers = ManagerCards(records, org, vault, pos.directory, pos.pin_of)

@@ -129,6 +129,8 @@ async def _post_cards(request: web.Request) -> web.Response:
     expires = _text(body, "expires", re.compile(r"(|[0-9]{2}(0[1-9]|1[0-2]))"))
     if count == 0:
         raise ApiError(400, "invalid_value", "count must be at least 1", "count")
+    if balance_max and balance > balance_max:
+        raise ApiError(400, "invalid_value", "balance is at most balance_max", "balance")
     pos = request.app[POS_KEY]
     try:
         issued = await admin.issue_cards(

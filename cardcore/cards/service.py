@@ -36,7 +36,7 @@ from cardcore.cards import admin
 from cardcore.cards.accounts import Accounts, AccountsUnavailable
 from cardcore.cards.directory import Directory
 from cardcore.cards.model import CURRENCY, CardState, luhn_ok, mask_pan, value_postings
-from cardcore.cards.pins import Pins, pin_is_valid
+from cardcore.cards.pins import PinCheck, Pins, pin_is_valid
 from cardcore.db import DATABASE_ERRORS
 from cardcore.ledger import wire
 from cardcore.ledger.model import (
@@ -79,6 +79,8 @@ INTENT_OPEN, INTENT_UNDOING = "open", "undoing"
 # A POS top-up's grant spend: its hold open, its value kept (confirmed), or given back.
 SPEND_OPEN, SPEND_KEPT, SPEND_RETURNED = "open", "kept", "returned"
 COUNTER_CLIENT = "counter"  # the ledger scope of counter top-ups, sales, refunds and fees
+AUDIT = "org_audit_log"
+PIN_VERIFY_FAILED, PIN_UNLOCKED = "card.pin_verify_failed", "card.pin_unlock"  # audit actions
 TENDERS = ("cash", "bank_card")  # the store account a counter payment comes from
 # States in which a card still holds its holder's value (a replaced card's value moved on
 # with its account; a closed card's was refunded).
@@ -323,6 +325,8 @@ class CardService:
         # still holds, usable or pending, and the forfeit of all of them (a close).
         self.points_held: Callable[[Sequence[int]], Awaitable[dict[int, int]]] | None = None
         self.forfeit_points: Callable[[int], Awaitable[int]] | None = None
+        # (the service cards) the usable packages each value account holds
+        self.services_held: Callable[[Sequence[int]], Awaitable[dict[int, int]]] | None = None
 
     # --- card classes ---------------------------------------------------------------------
 
@@ -1099,9 +1103,10 @@ class CardService:
             if old["state"] not in allowed:
                 raise _state_refused(old["state"], "only an active, frozen or lost card")
             now = self.clock_ms()
-            # A stock card reported lost before it was handed out (its fee still due) is
-            # replaced by stock: inactive, owing the same fee, paid when it is handed out.
-            stock = int(old["fee_due"]) > 0
+            # A stock card reported lost before it was handed out (its fee still due, or its
+            # loss reported while inactive) is replaced by stock: inactive, owing the same
+            # fee, paid when it is handed out (its term starts then, as any stock card's).
+            stock = int(old["fee_due"]) > 0 or await self._lost_in_stock(old)
             [new] = await self._prepare(
                 klass, place, old["member_id"], 1, now,
                 state=CardState.INACTIVE if stock else CardState.ACTIVE,
@@ -1151,7 +1156,8 @@ class CardService:
         state changes first, so the POS declines the card; a purchase that was already on
         its way may still change the balance, so the refund reads and tries again (at most
         CARD_CLOSE_ATTEMPTS_MAX times). A closed card with value left (an earlier close
-        stopped half way) may be closed again to finish the refund. Points are value too:
+        stopped half way) may be closed again to finish the refund. A usable service
+        package refuses it (409 `card_has_services`). Points are value too:
         while the card's account holds points (usable or pending, any program) the close is
         refused 409 `card_has_points` and nothing changes, unless `forfeit_points` gives
         them up (moved to the entity's points_forfeited account, in the audit row)."""
@@ -1164,6 +1170,8 @@ class CardService:
             if card["state"] not in {*closable, CardState.CLOSED}:  # replaced: its successor
                 raise _state_refused(card["state"], f"card.close needs {sorted(closable)}")
             points = await self._points_left(account_id, forfeit=forfeit_points)
+            if card["state"] != CardState.CLOSED:
+                await self._refuse_services(account_id)
             if card["state"] == CardState.CLOSED:
                 account = await self.ledger.account(account_id)
                 if not points and (account is None or available(account.balance) <= 0):
@@ -1191,6 +1199,18 @@ class CardService:
             "refund": {"amount": refund, "transfer_ids": transfer_ids},
             "points_forfeited": forfeited,
         }
+
+    async def _refuse_services(self, account_id: int) -> None:
+        """409 `card_has_services` while the card's account holds a usable service package
+        (paid for: redeem or refund it first)."""
+        if self.services_held is None:
+            return
+        held = (await self.services_held([account_id]))[account_id]
+        if held:
+            raise Refused(
+                "conflict", "card_has_services",
+                f"the card holds {held} usable service packages: redeem or refund them first",
+            )  # fmt: skip
 
     async def _points_left(self, account_id: int, *, forfeit: bool) -> int:
         """The points the account holds (0 without a points engine); 409 `card_has_points`
@@ -1679,20 +1699,60 @@ class CardService:
         return after
 
     async def verify_pin(self, p: Principal, card_id: int, pin: str) -> dict[str, Any]:
-        await self._card_for(p, card_id, Perm.CARDS_STATE)
+        """A PIN typed at the counter, checked and counted as at the POS. Every wrong or
+        locked answer is audited (`card.pin_verify_failed`, who and the count): the officer
+        whose guesses those are cannot then unlock the card (`unlock_pin`)."""
+        card = await self._card_for(p, card_id, Perm.CARDS_STATE)
         verdict, failures = await self.pins.check(card_id, pin)
+        if verdict in (PinCheck.WRONG, PinCheck.LOCKED):
+            async with self.records.begin() as uow:
+                await uow.audit(
+                    p, action=PIN_VERIFY_FAILED, kind="card", object_id=card_id,
+                    place=place_of(card), before=None,
+                    after={"result": str(verdict), "failures": failures},
+                    now_ms=self.clock_ms(),
+                )  # fmt: skip
         return {"result": str(verdict), "failures": failures}
 
+    async def _story(self, card_id: int) -> list[dict[str, Any]]:
+        """The card's latest audit rows, newest first (at most CARD_AUDIT_READ_MAX)."""
+        async with self.records.read() as uow:
+            return await uow.find(
+                AUDIT, {"object_kind": "card", "object_id": str(card_id)}, descending=True,
+                limit=limits.CARD_AUDIT_READ_MAX,
+            )  # fmt: skip
+
+    async def _lost_in_stock(self, card: dict[str, Any]) -> bool:
+        """Whether a lost card was reported lost before it was ever handed out (inactive)."""
+        if card["state"] != CardState.LOST:
+            return False
+        for row in await self._story(int(card["id"])):
+            if row["action"] == "card.lost":
+                return bool(json.loads(row["before"] or "{}").get("state") == CardState.INACTIVE)
+        return False
+
     async def unlock_pin(self, p: Principal, card_id: int) -> dict[str, Any]:
+        """The count of wrong PINs back to 0, by an officer; never by one who typed wrong
+        PINs at the counter for the card since its last unlock (403 `pin_self_unlock`: they
+        could guess on for ever)."""
         card = await self._card_for(p, card_id, Perm.CARDS_STATE)
         if not card["pvv"]:
             raise Refused("conflict", "pin_not_set", "the card has no PIN")
+        for row in await self._story(card_id):
+            if row["action"] == PIN_UNLOCKED:
+                break
+            if row["action"] == PIN_VERIFY_FAILED and int(row["user_id"]) == p.user_id:
+                raise Refused(
+                    "forbidden", "pin_self_unlock",
+                    "the card is unlocked by another officer than one who typed wrong PINs",
+                    "card_id",
+                )  # fmt: skip
         now = self.clock_ms()
         async with self.records.begin() as uow:
             await self.pins.unlock(uow, card_id)
             after = card_view({**card, "pin_failures": 0})
             await uow.audit(
-                p, action="card.pin_unlock", kind="card", object_id=card_id,
+                p, action=PIN_UNLOCKED, kind="card", object_id=card_id,
                 place=place_of(card), before=card_view(card), after=after, now_ms=now,
             )  # fmt: skip
         self.directory.forget_card(card["token"])

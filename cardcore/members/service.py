@@ -156,6 +156,8 @@ class MemberService:
         self.accounts = accounts  # the card-account locks, shared with top-ups and the POS
         self.directory = directory  # the POS's card cache, told of the cards a delete closes
         self.points_held = points_held  # read under the same card-account locks as the value
+        # (the service cards, wired by the app) the usable packages each value account holds
+        self.services_held: PointsHeld | None = None
         self.coupons_merge = coupons_merge  # run inside the merge's transaction
         self.clock_ms = clock_ms or org.clock_ms
 
@@ -241,19 +243,19 @@ class MemberService:
         require(p, perm, place_of(row))
         return row
 
-    async def _full_view(self, uow: Unit, row: dict[str, Any]) -> dict[str, Any]:
+    async def _full_view(self, p: Principal, uow: Unit, row: dict[str, Any]) -> dict[str, Any]:
+        """The member and its cards in the caller's scope (a store officer sees its own
+        store's cards of the member, not the ones other stores issued)."""
         shown = limits.MEMBER_CARDS_SHOWN_MAX
         cards = await uow.find(CARDS, {"member_id": row["id"]}, limit=shown)
-        return {
-            **member_view(row),
-            "cards": [card_view(c) for c in cards[:shown]],
-            "cards_more": len(cards) > shown,
-        }
+        more = len(cards) > shown
+        mine = [c for c in cards[:shown] if p.covers(Place(c["legal_entity"], c["store"]))]
+        return {**member_view(row), "cards": [card_view(c) for c in mine], "cards_more": more}
 
     async def get(self, p: Principal, member_id: int) -> dict[str, Any]:
         row = await self._read(p, Perm.MEMBERS_READ, member_id)
         async with self.records.read() as uow:
-            return await self._full_view(uow, row)
+            return await self._full_view(p, uow, row)
 
     def _scoped(self, p: Principal, where: dict[str, Any]) -> dict[str, Any] | None:
         """`where` narrowed to the caller's scope; None when nothing in it can match."""
@@ -352,7 +354,7 @@ class MemberService:
                     place=place, before=member_view(before), after=member_view(after),
                     now_ms=now,
                 )  # fmt: skip
-            return await self._full_view(uow, after)
+            return await self._full_view(p, uow, after)
 
     async def _changes(
         self, p: Principal, current: dict[str, Any], changes: dict[str, Any], now: int
@@ -487,7 +489,7 @@ class MemberService:
                        "merged_from": duplicate_id, "coupons": coupons},
                 now_ms=now,
             )  # fmt: skip
-            return await self._full_view(uow, kept_row)
+            return await self._full_view(p, uow, kept_row)
 
     # --- delete --------------------------------------------------------------------------------
 
@@ -495,7 +497,8 @@ class MemberService:
         """Erase the member's personal data, mark it deleted and close its live cards (not
         closed or replaced), in one transaction; 409 `member_has_value` while one of them,
         or a closed card of the member, holds value, posted or pending, and 409
-        `member_has_points` while one of those holds points,
+        `member_has_points` while one of those holds points (409 `member_has_services` while
+        one holds a usable service package),
         usable or pending, in any program (a points debt alone does not refuse: it is
         written off with the cards). Both are read under the cards' account locks, the ones
         every counter and POS top-up and purchase, every earning and spend of points of those
@@ -525,6 +528,7 @@ class MemberService:
             for card in valued:
                 await self._refuse_value(card)
             await self._refuse_points(valued)
+            await self._refuse_services(valued)
             view, closed = await self._erase(p, member_id, checked)
             for card in closed:
                 self.directory.forget_card(card["token"])
@@ -560,7 +564,7 @@ class MemberService:
                 place=place_of(before), before=member_view(before),
                 after={**member_view(after), "closed_card_ids": closed_ids}, now_ms=now,
             )  # fmt: skip
-            return await self._full_view(uow, after), live
+            return await self._full_view(p, uow, after), live
 
     async def _refuse_value(self, card: dict[str, Any]) -> None:
         account = await self.ledger.account(int(card["account_id"]))
@@ -573,6 +577,19 @@ class MemberService:
                 "member_has_value",
                 f"card {card['pan_masked']} holds value: close it (refunding the value) first",
             )
+
+    async def _refuse_services(self, cards: list[dict[str, Any]]) -> None:
+        """409 `member_has_services` while a card's account holds a usable service package."""
+        if self.services_held is None:
+            return
+        held = await self.services_held(sorted({int(c["account_id"]) for c in cards}))
+        for card in cards:
+            if held.get(int(card["account_id"]), 0):
+                raise Refused(
+                    "conflict", "member_has_services",
+                    f"card {card['pan_masked']} holds usable service packages: redeem or "
+                    "refund them first",
+                )  # fmt: skip
 
     async def _refuse_points(self, cards: list[dict[str, Any]]) -> None:
         """409 `member_has_points` when a card's holder (its account: a replaced card and its

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, NoReturn
 
 from cardcore import limits
@@ -471,9 +471,13 @@ class ServiceCards:
         result = await self._submit_one(op)
         _ledger_ok(result)
         try:
-            view = await self._write_sale(
-                p, card, product=product, counter=counter, sale_key=sale_key, receipt=receipt
-            )
+            # Under the card account's lock, which a close and a member's delete hold while
+            # they check for packages: none is sold onto a card they are closing.
+            async with self.accounts.lock(int(card["account_id"])):
+                view = await self._write_sale(
+                    p, card, product=product, counter=counter, sale_key=sale_key,
+                    receipt=receipt,
+                )  # fmt: skip
         except _Raced as raced:
             return await self._sale_replay(raced.row, card, product, counter, key)
         except Exception:
@@ -481,6 +485,12 @@ class ServiceCards:
             raise
         assert result.transfer_id is not None
         return {**view, "transfer_id": result.transfer_id, "replayed": False}
+
+    async def packages_held(self, holders: Sequence[int]) -> dict[int, int]:
+        """How many usable packages (active, unexpired, a use left) each holder (a card's
+        value account) has: a card holding some is not closed, nor its member deleted, while
+        they are (the customer paid for them)."""
+        return {holder: await self._usable_count(holder) for holder in holders}
 
     async def _usable_count(self, holder: int) -> int:
         """The holder's usable packages (active, unexpired, a use left): what the cap counts

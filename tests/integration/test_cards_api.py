@@ -349,6 +349,27 @@ async def test_frozen_and_lost_cards_are_declined_at_the_pos(admin: AdminClient)
     assert (result.outcome, result.balance) == (Outcome.APPROVED, 4_800)
 
 
+async def test_a_stock_card_lost_before_hand_out_is_replaced_by_stock_whatever_its_fee(
+    admin: AdminClient,
+) -> None:
+    """A bearer card printed in January 2025 (a class without an issue fee), reported lost
+    in stock in November 2027 and replaced: the replacement is stock too (inactive, takes
+    no money), and its term starts when it is handed out, as any stock card's."""
+    await world(admin)
+    service = admin.app[CARDS_KEY]
+    service.clock_ms = lambda: shanghai_noon(2025, 1, 15)
+    batch = await admin.ok("POST", "/v1/card-batches",
+                           json={"class_code": "BEAR", "store": "S1", "count": 1})  # fmt: skip
+    service.clock_ms = lambda: shanghai_noon(2027, 11, 20)
+    await admin.ok("POST", f"/v1/cards/{batch['first_id']}/lost")
+    new = await admin.ok("POST", f"/v1/cards/{batch['first_id']}/replace")
+    assert new["state"] == "inactive"
+    status, answer = await topup(admin, new["id"], 50_000)
+    assert (status, answer["error"]["code"]) == (409, "card_state")
+    handed = await admin.ok("POST", f"/v1/cards/{new['id']}/activate")
+    assert (handed["state"], handed["expires"] >= "3011") == ("active", True)
+
+
 async def test_replace_carries_the_exact_balance_and_the_old_card_is_dead_at_the_pos(
     admin: AdminClient,
 ) -> None:
@@ -517,11 +538,19 @@ async def test_a_pin_is_set_checked_locked_and_unlocked_and_never_shown_or_audit
     status, answer = await admin.call("POST", path, json={"pin": "4x2y"})
     assert (status, answer["error"]["code"], answer["error"]["field"]) == (
         400, "invalid_value", "pin")  # fmt: skip
-    await admin.ok("POST", f"{path}/unlock")
+    # The officer who typed those wrong PINs cannot unlock (they could guess on for ever);
+    # another officer does, and after that unlock the first may verify and unlock again.
+    status, answer = await admin.call("POST", f"{path}/unlock")
+    assert (status, answer["error"]["code"]) == (403, "pin_self_unlock")
+    other = await admin.token("store_supervisor", "store", "S1")
+    await admin.ok("POST", f"{path}/unlock", other)
     assert (await admin.ok("POST", f"{path}/verify", json={"pin": "482913"}))["result"] == "ok"
     audit = await admin.ok("GET", "/v1/audit", object_kind="card")
     assert "482913" not in str(audit)
-    assert {"card.pin_set", "card.pin_unlock"} <= {a["action"] for a in audit["items"]}
+    actions = [a["action"] for a in audit["items"]]
+    assert {"card.pin_set", "card.pin_unlock"} <= set(actions)
+    assert actions.count("card.pin_verify_failed") == 5  # 2 wrong, then 3 locked
+    await admin.ok("POST", f"{path}/unlock")  # no wrong PIN of its own since the last unlock
 
 
 # --- reads ----------------------------------------------------------------------------------------
@@ -645,3 +674,18 @@ async def test_ledger_accounts_and_their_entries_are_read_within_the_tokens_scop
     status, answer = await admin.call("GET", f"/v1/accounts/{account}/entries", finance, limit=0)
     assert status == 400, answer
     assert await counts(db_url) == before
+
+
+async def test_a_store_officer_sees_only_its_own_stores_cards_of_a_member(
+    admin: AdminClient,
+) -> None:
+    await world(admin)
+    owner = await member(admin, "S1")
+    here = await issue(admin, "ORD", "S1", member_id=owner)
+    await issue(admin, "ORD", "S2", member_id=owner)
+    await issue(admin, "ORD", "S3", member_id=owner)
+    everything = await admin.ok("GET", f"/v1/members/{owner}")
+    assert len(everything["cards"]) == 3
+    officer = await admin.token("store_crm", "store", "S1")
+    mine = await admin.ok("GET", f"/v1/members/{owner}", officer)
+    assert [c["id"] for c in mine["cards"]] == [here["id"]]

@@ -22,7 +22,7 @@ from cardcore.db import Statement
 from cardcore.ledger.model import Side
 from cardcore.ledger.service import Ledger
 from cardcore.records import Unit
-from tests.helpers import sql_rows
+from tests.helpers import AdminClient, sql_rows
 from tests.integration.pos_world import Issued, World, request, zone_block
 
 PIN = "204816"
@@ -590,3 +590,13 @@ async def test_a_resent_purchase_gets_its_first_answer_after_the_card_was_frozen
         2_000,
     )
     assert await world.available(card.account_id) == 2_000
+
+
+async def test_the_internal_issue_refuses_a_balance_past_the_cards_maximum(
+    admin: AdminClient, db_url: str
+) -> None:
+    before = await sql_rows(db_url, "SELECT count(*) AS n FROM cards")
+    status, answer = await admin.call("POST", "/internal/v1/cards", json={
+        "legal_entity": "LE1", "count": 1, "balance": 900_000, "balance_max": 100_000})  # fmt: skip
+    assert (status, answer["error"]["field"]) == (400, "balance")
+    assert await sql_rows(db_url, "SELECT count(*) AS n FROM cards") == before

@@ -722,3 +722,26 @@ async def test_a_refund_retried_by_another_operator_with_another_receipt_is_repl
     assert (again["refund_fen"], again["transfer_id"], again["replayed"]) == (
         10_000, first["transfer_id"], True)  # fmt: skip
     assert await store_balance(admin, "S1", "sales") == sales
+
+
+async def test_a_card_or_member_holding_a_usable_package_is_not_closed_or_deleted(
+    admin: AdminClient, db_url: str
+) -> None:
+    """The member paid for the package: closing the card, or deleting its member (which
+    closes it), is 409 and changes nothing while the package is usable; once it is
+    refunded the close goes through."""
+    w = await world(admin)
+    card_id, member_id = w["card"]["id"], w["card"]["member_id"]
+    _, sold = await sell(admin, card_id, "WASH")
+    before = await counts(db_url)
+    status, answer = await admin.call("POST", f"/v1/cards/{card_id}/close",
+                                      json={"receipt": "C1"})  # fmt: skip
+    assert (status, answer["error"]["code"]) == (409, "card_has_services")
+    status, answer = await admin.call("DELETE", f"/v1/members/{member_id}")
+    assert (status, answer["error"]["code"]) == (409, "member_has_services")
+    assert await counts(db_url) == before
+    assert (await admin.ok("GET", f"/v1/cards/{card_id}"))["state"] == "active"
+    await admin.ok("POST", f"/v1/service-packages/{sold['id']}/refund",
+                   json={"key": "rf-1", "receipt": "R2"})  # fmt: skip
+    closed = await admin.ok("POST", f"/v1/cards/{card_id}/close", json={"receipt": "C1"})
+    assert closed["state"] == "closed"
