@@ -53,12 +53,14 @@ PIN_NOT_SET = "manager_pin_not_set"
 WRONG_STORE = "manager_wrong_store"  # the card authorizes in the store it was issued for
 REVERSED_FIRST = "reversed_before_arrival"  # a use's row written by its reversal
 BAD_PIN_BLOCK = "manager_bad_pin_block"
+PIN_UNREADABLE = "manager_pin_unreadable"  # this host has no PIN key (no KEK): not the terminal
 _OUTCOME_OF = {
     APPROVED: Outcome.APPROVED,
     PIN_WRONG: Outcome.PIN_WRONG,
     PIN_LOCKED: Outcome.PIN_LOCKED,
     PIN_REQUIRED: Outcome.PIN_REQUIRED,
     BAD_PIN_BLOCK: Outcome.BAD_REQUEST,
+    PIN_UNREADABLE: Outcome.UNAVAILABLE,
     model.BAD_AMOUNT: Outcome.BAD_REQUEST,
     model.OVER_PERCENT: Outcome.OVER_LIMIT,
     model.OVER_DAILY: Outcome.OVER_LIMIT,
@@ -205,6 +207,7 @@ class ManagerCards:
             "updated_at_ms": now,
         }
         async with self.records.begin() as uow:
+            await _one_active_card(uow, policy.staff_user_id)
             # HQ grants a store the manager function (docs/admin-api.md "Grants"): one card
             # of its count budget, spent with the card's row.
             await self.org.use_grant(uow, place.store, Function.MANAGER, "", count=1, amount=0)
@@ -301,6 +304,8 @@ class ManagerCards:
                 state=ManagerState(merged["state"]),
             )
             model.check_card(policy)
+            if policy.state is ManagerState.ACTIVE and row["state"] != ManagerState.ACTIVE:
+                await _one_active_card(uow, policy.staff_user_id)
             stored = {"definition": definition_of(policy), "state": str(policy.state),
                       "updated_at_ms": now}  # fmt: skip
             await uow.update(CARDS, {"id": card_id}, stored)
@@ -425,9 +430,9 @@ class ManagerCards:
             return PIN_LOCKED
         if not r.pin_block:
             return PIN_REQUIRED
-        if self.pin_of is None:
+        if self.pin_of is None:  # the host's fault, not the terminal's: 96
             log.error("a manager card has a PIN and this host cannot read PIN blocks")
-            return BAD_PIN_BLOCK
+            return PIN_UNREADABLE
         try:
             pin = self.pin_of(r.card, r.pin_block)
         except ValueError:
@@ -483,3 +488,15 @@ def _replayed(stored: dict[str, Any]) -> PosResult:
     answer = _answer(stored["outcome"], int(stored["discount_fen"]))
     return PosResult(answer.outcome, discount=answer.discount, refusal=answer.refusal,
                      replayed=True)  # fmt: skip
+
+
+async def _one_active_card(uow: Unit, staff_user_id: int) -> None:
+    """409 `manager_user_has_card` when the staff user already holds an active manager
+    card: the daily total is the manager's, never one per card."""
+    held = await uow.find(CARDS, {"staff_user_id": staff_user_id, "state": "active"}, limit=1)
+    if held:
+        raise Refused(
+            "conflict", "manager_user_has_card",
+            f"the staff user holds active manager card {held[0]['id']}: disable it first",
+            "staff_user_id",
+        )  # fmt: skip

@@ -140,8 +140,15 @@ async def test_a_card_is_issued_with_its_number_once_and_refusals_change_nothing
         got, answer = await issue(admin, user, token, **extra)
         assert (got, answer["error"]["code"]) == (status, code), (user, extra, answer)
     assert await counts(db_url) == before
+    # One active card a manager: the daily total is the manager's, never one per card.
+    status, answer = await issue(admin, w["manager"], s1)
+    assert (status, answer["error"]["code"]) == (409, "manager_user_has_card")
+    assert await counts(db_url) == before
+    await admin.ok("PATCH", f"{CARDS}/{card['id']}", json={"state": "disabled"})
     status, mine = await issue(admin, w["manager"], s1)
     assert status == 201, mine
+    status, answer = await admin.call("PATCH", f"{CARDS}/{card['id']}", json={"state": "active"})
+    assert (status, answer["error"]["code"]) == (409, "manager_user_has_card")
     listed = await admin.ok("GET", CARDS, s1)
     assert [c["id"] for c in listed["items"]] == [card["id"], mine["id"]]
     assert (await admin.ok("GET", CARDS, s2))["items"] == []
@@ -168,7 +175,12 @@ async def test_a_manager_card_needs_hqs_grant_and_another_issuer_than_its_holder
                                              "budget_count": 1})  # fmt: skip
     got, _ = await issue(admin, w["other"], store="S2")
     assert got == 201
-    got, answer = await issue(admin, w["other"], store="S2")
+    third = await admin.ok(
+        "POST",
+        "/v1/users",
+        json={"name": "mgr3", "role": "store_supervisor", "scope_kind": "store", "scope_id": "S2"},
+    )
+    got, answer = await issue(admin, third["id"], store="S2")
     assert (got, answer["error"]["code"]) == (403, "grant_budget_exceeded")
 
 
