@@ -108,6 +108,7 @@ def _sqlite_events(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA case_sensitive_like=ON")  # a prefix matches as on PostgreSQL
         cursor.execute(f"PRAGMA busy_timeout={limits.SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute(f"PRAGMA wal_autocheckpoint={limits.SQLITE_WAL_CHECKPOINT_PAGES_MAX}")
         cursor.close()

@@ -146,8 +146,21 @@ class Route:
 
 
 def register(router: web.UrlDispatcher, routes: Sequence[Route]) -> None:
+    """Add the routes; one that takes no query parameters refuses any (400
+    `unknown_parameter`, as a listing refuses a name it does not know)."""
     for route in routes:
-        router.add_route(route.method, route.path, route.handler)
+        router.add_route(
+            route.method, route.path, route.handler if route.query else _no_query(route.handler)
+        )
+
+
+def _no_query(handler: Handler) -> Handler:
+    async def refusing(request: web.Request) -> web.StreamResponse:
+        for name in request.query:
+            raise ApiError(400, "unknown_parameter", "query parameter is not allowed", name)
+        return await handler(request)
+
+    return refusing
 
 
 # --- validation --------------------------------------------------------------------------------

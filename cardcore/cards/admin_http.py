@@ -431,7 +431,7 @@ ROUTES = [
     r.Route("POST", "/v1/card-classes", _W(_post_class),
             "Define a card class (named or bearer, gift, discount, fees, maximum balance)",
             "card classes", "classes_write", NEW_CLASS, answers={201: CLASS},
-            refusals=(400, 403, 409)),
+            refusals=(400, 403, 404, 409)),
     r.Route("GET", "/v1/card-classes", _W(_list_classes), "List card classes", "card classes",
             "classes_read", query={**_PAGE, **CLASS_FILTERS},
             answers={200: r.page_of(CLASS)}, refusals=(400, 403)),

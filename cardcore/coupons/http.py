@@ -281,7 +281,7 @@ async def _enrolments(request: web.Request) -> web.Response:
     code = r.path_code(request, "code")
     q = r.query(request, r.PAGE_QUERY)
     limit = q.get("limit", limits.PAGE_LIMIT_DEFAULT)
-    after = r.cursor_int(q)
+    after = r.cursor_int(q, ID_MAX)
     rows = await service.enrolments(principal(request), code, after, limit)
     return r.page(rows, limit, "member_id")
 
@@ -289,7 +289,7 @@ async def _enrolments(request: web.Request) -> web.Response:
 async def _withdraw(request: web.Request) -> web.Response:
     service = coupons(request)
     code = r.path_code(request, "code")
-    member_id = r.path_int(request, "member_id")
+    member_id = r.path_int(request, "member_id", ID_MAX)
     return web.json_response(await service.withdraw(principal(request), code, member_id))
 
 

@@ -135,7 +135,7 @@ LOOKUP = r.obj(
         "id_type": ID_TYPE,
         "id_number": ID_NUMBER,
         "limit": r.integer(1, limits.PAGE_LIMIT_MAX),
-        "after": r.integer(0, ID_MAX),
+        "after": r.string(r"[0-9]{1,10}"),  # `next_after` as answered: a string
     },
     ["id_type", "id_number"],
     closed=True,
@@ -192,7 +192,7 @@ async def _lookup(request: web.Request) -> web.Response:
         principal(request),
         IdType(b["id_type"]),
         b["id_number"],
-        b.get("after"),
+        None if "after" not in b else int(b["after"]),
         b.get("limit", limits.PAGE_LIMIT_DEFAULT),
     )
     return _page(items, next_after)

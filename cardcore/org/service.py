@@ -463,6 +463,8 @@ class OrgService:
             return await uow.find(GRANTS, where, after=after, limit=limit)
 
     async def revoke_grant(self, p: Principal, grant_id: int) -> dict[str, Any]:
+        """Revoke a grant; revoking it again answers it as it is and changes (and audits)
+        nothing."""
         async with self.records.read() as uow:
             row = await uow.get(GRANTS, id=grant_id)
         if row is None:
@@ -474,7 +476,10 @@ class OrgService:
         now = self.clock_ms()
         after = {**row, "state": "revoked"}
         async with self.records.begin() as uow:
-            await uow.update(GRANTS, {"id": grant_id}, {"state": "revoked"})
+            if not await uow.update(
+                GRANTS, {"id": grant_id, "state": "active"}, {"state": "revoked"}
+            ):
+                return after  # revoked before: nothing changes
             await uow.audit(
                 p, action="grant.revoke", kind="grant", object_id=grant_id,
                 place=place, before=row, after=after, now_ms=now,

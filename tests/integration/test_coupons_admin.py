@@ -564,3 +564,17 @@ async def test_a_codes_qr_expiry_and_shown_dates_follow_its_drafts_later_validit
     qr = await admin.ok("GET", f"/v1/coupons/{code}/qr")
     assert qr["expiry_ms"] == later["valid_to_ms"]
     assert model.parse_qr(qr["qr"]).expiry_ms == later["valid_to_ms"]
+
+
+async def test_an_enrolment_member_id_past_the_column_is_a_clear_refusal(
+    admin: AdminClient,
+) -> None:
+    """PostgreSQL's member ids are int4: an id past it is 404 (path) or 400 (cursor), never
+    the 503 of a statement the database refused."""
+    await admin.org("LE1", "S1")
+    await campaign(admin)
+    base = "/v1/coupon-campaigns/TENOFF/enrolments"
+    status, answer = await admin.call("GET", base, after="3000000000")
+    assert (status, answer["error"]["field"]) == (400, "after")
+    status, answer = await admin.call("DELETE", f"{base}/3000000000")
+    assert (status, answer["error"]["code"]) == (404, "not_found")

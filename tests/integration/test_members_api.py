@@ -349,6 +349,7 @@ async def test_members_are_listed_by_filters_with_a_cursor(admin: AdminClient) -
     assert await listed(mobile="138-0000-0002") == [ids[1]]
     assert await listed(mobile="+442079460958") == [ids[3]]
     assert await listed(name_prefix="Wang") == [ids[0], ids[1], ids[3]]
+    assert await listed(name_prefix="wang") == []  # case-sensitive on either database
     assert await listed(name_prefix="Wang", home_store="S1") == [ids[0], ids[1]]
     assert await listed(tier="gold") == [ids[0], ids[2]]
     assert await listed(state="merged") == []
@@ -378,6 +379,14 @@ async def test_lookup_by_id_document_takes_the_number_in_the_body(admin: AdminCl
     other_type = await ok(admin, "POST", "/v1/members/lookup", None,
                           {"id_type": "other", "id_number": RESIDENT})  # fmt: skip
     assert other_type["items"] == []
+    # Paged as the docs say: the answer's next_after goes back as after.
+    twin = await register(admin, "13800000003", id_type="passport", id_number="E1234567")
+    ask = {"id_type": "passport", "id_number": "E1234567", "limit": 1}
+    first = await ok(admin, "POST", "/v1/members/lookup", None, ask)
+    assert first["next_after"] is not None
+    second = await ok(admin, "POST", "/v1/members/lookup", None,
+                      {**ask, "after": first["next_after"]})  # fmt: skip
+    assert [m["id"] for m in second["items"]] == [twin["id"]]
     assert await refused(admin, "POST", "/v1/members/lookup", None,
                          {"id_type": "resident_id", "id_number": "110105194912310021"}) == (
         400, "invalid_id_number",

@@ -323,3 +323,21 @@ async def test_a_token_revoked_while_it_is_being_read_is_not_cached(db_url: str)
     assert await in_flight is not None  # that request began before the revoke
     assert await org.authenticate(minted["token"]) is None
     await engine.dispose()
+
+
+async def test_a_route_without_query_parameters_refuses_any(admin: AdminClient) -> None:
+    await admin.org("LE1", "S1")
+    for method, path in (("GET", "/v1/stores/S1"), ("PATCH", "/v1/stores/S1")):
+        status, answer = await admin.call(method, path, json={} if method != "GET" else None,
+                                          foo="1")  # fmt: skip
+        assert (status, answer["error"]["code"], answer["error"]["field"]) == (
+            400, "unknown_parameter", "foo")  # fmt: skip
+
+
+async def test_revoking_a_revoked_grant_changes_and_audits_nothing(admin: AdminClient) -> None:
+    await admin.org("LE1", "S1")
+    grant = await admin.ok("POST", "/v1/grants", json={"store": "S1", "function": "gift"})
+    for _ in range(2):
+        assert (await admin.ok("DELETE", f"/v1/grants/{grant['id']}"))["state"] == "revoked"
+    audit = await admin.ok("GET", "/v1/audit", object_kind="grant")
+    assert [a["action"] for a in audit["items"]].count("grant.revoke") == 1
