@@ -188,6 +188,10 @@ class Session:
     mode: KeyMode
     tmk: bytes = field(repr=False)
     keys: WorkingKeys | None = None
+    # Keys a sign-on issued while the session held keys: the ones in use stay good until a
+    # request verifies under these (a sign-on under the terminal's id by anyone else, whose
+    # keys nobody can read, never takes the terminal's own keys away).
+    next_keys: WorkingKeys | None = None
     mac_failures: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     queued: int = 0  # requests waiting for `lock` (each under its time limit)
@@ -300,7 +304,7 @@ class Processor:
             if net == NET_ECHO:
                 return self._reply(f, APPROVED), APPROVED
             if net == NET_SIGN_OFF:
-                return await self._sign_off(f)
+                return await self._sign_off(f, body)
             return self._reply(f, INVALID_TRANSACTION), INVALID_TRANSACTION
         session = self.sessions.get(tid)
         if session is None or session.keys is None:
@@ -341,20 +345,18 @@ class Processor:
         if s.keys is None:  # signed off (or MAC'd out) while this request waited its turn
             reply = self._reply(f, SIGN_ON_AGAIN, processing=codec.PROCESSING_SIGN_ON)
             return reply, SIGN_ON_AGAIN
-        if mti in ("0500", "0320"):
-            if f.get("42") != s.mid:
-                return self._reply(f, "03"), "03"
-            if self.draining:
-                return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
-            if mti == "0500":
-                return await self._settle(s, f)
-            return await self._upload(s, f, net)
-        # 0200, 0220, 0400: MAC'd both ways.
+        # 0200, 0220, 0400, 0500, 0320: MAC'd both ways.
         if not self._mac_ok(s, f, body):
             return self._mac_failed(s, f)
         s.mac_failures = 0
         if f.get("42") != s.mid:
             return self._reply(f, "03", keys=s), "03"
+        if mti in ("0500", "0320"):
+            if self.draining:
+                return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
+            if mti == "0500":
+                return await self._settle(s, f)
+            return await self._upload(s, f, net)
         if mti == "0400":
             return await self._reversal(s, f)
         kind = ROUTES.get((mti, f.get("3", "")))
@@ -405,7 +407,9 @@ class Processor:
                 self.sessions[tid] = session
             if session.keys is None:
                 self.metrics.gateway_signed_on.inc()
-            session.keys, session.mac_failures = keys, 0
+                session.keys, session.mac_failures = keys, 0
+            else:  # the keys in use stay good until a request verifies under these
+                session.next_keys = keys
             extra = {
                 "60": codec.format_f60(codec.Field60("00", answer.batch, net)),
                 "62": payload.hex().upper(),
@@ -416,18 +420,29 @@ class Processor:
             if held is not None:
                 held.lock.release()
 
-    async def _sign_off(self, f: dict[str, str]) -> tuple[Reply | None, str]:
+    async def _sign_off(self, f: dict[str, str], body: bytes) -> tuple[Reply | None, str]:
+        """End the session's keys: only with a request MAC'd under them (anyone may know a
+        terminal's id), answered MAC'd under them. A terminal without keys here is
+        answered 00 unMAC'd: there is nothing to end."""
         session = await self._current(f["41"])  # after the request in flight, answered
         if session is False:  # under its keys
             return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
-        if session is not None:
-            try:
-                if session.keys is not None:
-                    session.keys = None  # the session's keys die with it
-                    self.metrics.gateway_signed_on.dec()
-            finally:
-                session.lock.release()
-        return self._reply(f, APPROVED), APPROVED
+        if session is None:
+            return self._reply(f, APPROVED), APPROVED
+        try:
+            if session.keys is None:
+                return self._reply(f, APPROVED), APPROVED
+            if not self._mac_ok(session, f, body):
+                return self._mac_failed(session, f)
+            session.mac_failures = 0
+            if f.get("42") != session.mid:
+                return self._reply(f, "03", keys=session), "03"
+            reply = self._reply(f, APPROVED, keys=session)  # under the keys it ends
+            session.keys = session.next_keys = None  # the session's keys die with it
+            self.metrics.gateway_signed_on.dec()
+            return reply, APPROVED
+        finally:
+            session.lock.release()
 
     async def _current(self, tid: str) -> Session | Literal[False] | None:
         """The terminal's session, its lock held (`_turn`), as it is once the lock is taken:
@@ -661,53 +676,54 @@ class Processor:
     async def _settle(self, s: Session, f: dict[str, str]) -> tuple[Reply | None, str]:
         f60 = _f60(f)
         if f60 is None or "48" not in f:
-            return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
+            return self._reply(f, FORMAT_ERROR, keys=s), FORMAT_ERROR
         if self.saf.owes_terminal(s.tid):  # its batch is not final until they are delivered
-            return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
+            return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
         totals = _totals(f["48"])
         if totals is None:
-            return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
+            return self._reply(f, FORMAT_ERROR, keys=s), FORMAT_ERROR
         request = PosRequest(
             kind=Kind.SETTLE, terminal=s.tid, batch=f60.batch, stan=f["11"], totals=totals
         )
         result = await self._ask(request)
         code = CODE_OF_OUTCOME[result.outcome]
         if result.outcome is not Outcome.APPROVED or result.totals is None:
-            return self._reply(f, code, processing=_processing(result)), code
+            return self._reply(f, code, keys=s, processing=_processing(result)), code
         debit_amount, debit_count, credit_amount, credit_count = result.totals
         # Three digits carry a count: modulo 1000, as the host compares them.
         host = codec.Totals(debit_amount, debit_count % 1000, credit_amount, credit_count % 1000)
         flag = "1" if result.balanced else "2"
-        return self._reply(f, APPROVED, extra={"48": codec.format_totals(host, flag)}), APPROVED
+        reply = self._reply(f, APPROVED, keys=s, extra={"48": codec.format_totals(host, flag)})
+        return reply, APPROVED
 
     async def _upload(self, s: Session, f: dict[str, str], net: str) -> tuple[Reply | None, str]:
         f60 = _f60(f)
         if f60 is None:
-            return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
+            return self._reply(f, FORMAT_ERROR, keys=s), FORMAT_ERROR
         if net in NET_UPLOAD_END:
             if self.saf.owes_terminal(s.tid):
-                return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
+                return self._reply(f, SYSTEM_ERROR, keys=s), SYSTEM_ERROR
             totals = _totals(f["48"]) if "48" in f else (0, 0, 0, 0)
             if totals is None:
-                return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
+                return self._reply(f, FORMAT_ERROR, keys=s), FORMAT_ERROR
             request = PosRequest(
                 kind=Kind.UPLOAD, terminal=s.tid, batch=f60.batch, stan=f["11"], totals=totals
             )
         elif net == NET_UPLOAD_DETAIL:
             lines = _upload_lines(f.get("48", ""))
             if lines is None:
-                return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
+                return self._reply(f, FORMAT_ERROR, keys=s), FORMAT_ERROR
             request = PosRequest(
                 kind=Kind.UPLOAD, terminal=s.tid, batch=f60.batch, stan=f["11"], lines=lines
             )
         else:
-            return self._reply(f, INVALID_TRANSACTION), INVALID_TRANSACTION
+            return self._reply(f, INVALID_TRANSACTION, keys=s), INVALID_TRANSACTION
         result = await self._ask(request)
         code = CODE_OF_OUTCOME[result.outcome]
         extra = {}
         if result.unmatched:
             extra["48"] = "".join(result.unmatched)
-        return self._reply(f, code, extra=extra, processing=_processing(result)), code
+        return self._reply(f, code, keys=s, extra=extra, processing=_processing(result)), code
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -723,7 +739,13 @@ class Processor:
         tag = f.get("64")
         if tag is None:
             return False
-        return s.keys.verify(s.mode, codec.mac_input(body), bytes.fromhex(tag))
+        data, mac = codec.mac_input(body), bytes.fromhex(tag)
+        if s.keys.verify(s.mode, data, mac):
+            return True
+        if s.next_keys is not None and s.next_keys.verify(s.mode, data, mac):
+            s.keys, s.next_keys = s.next_keys, None  # the terminal took its new keys
+            return True
+        return False
 
     def _mac_failed(self, s: Session, f: dict[str, str]) -> tuple[Reply | None, str]:
         self.metrics.gateway_mac_failures.inc()
@@ -732,7 +754,7 @@ class Processor:
             log.warning("terminal must sign on again after MAC failures", extra={"terminal": s.tid})
             if s.keys is not None:
                 self.metrics.gateway_signed_on.dec()
-            s.keys, s.mac_failures = None, 0
+            s.keys, s.next_keys, s.mac_failures = None, None, 0
             return self._reply(f, MAC_ERROR, processing=codec.PROCESSING_SIGN_ON), MAC_ERROR
         return self._reply(f, MAC_ERROR), MAC_ERROR
 

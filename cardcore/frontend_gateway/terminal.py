@@ -136,7 +136,7 @@ class PosTerminal:
     pending_reversal: dict[str, str] | None = None
     last_request: dict[str, str] | None = None  # the 0400 copy of the last financial request
     lines: list[_Line] = field(default_factory=list)
-    last_sent: bytes = b""
+    last_sent: bytes = field(default=b"", repr=False)  # a card number, a PIN block
     tls: ssl.SSLContext | None = None  # a gateway that serves TLS
     _reader: asyncio.StreamReader | None = None
     _writer: asyncio.StreamWriter | None = None
@@ -202,10 +202,10 @@ class PosTerminal:
         for name in ("3", "11", "41"):
             if sent.get(name) != f.get(name):
                 raise TerminalError(f"reply field {name} does not echo the request")
-        if reply.code == "00" and sent.get("42") != f.get("42"):
+        if reply.code in APPROVAL_CODES and sent.get("42") != f.get("42"):
             raise TerminalError("reply field 42 does not echo the request")
-        if mac and reply.code in APPROVAL_CODES and "64" not in f:
-            raise TerminalError("an approval without a MAC")
+        if mac and "64" not in f and reply.code not in UNMACD_CODES:
+            raise TerminalError("a reply without a MAC")  # forged: as a MAC that fails
         if mac and "64" in f and self.keys is not None:
             body = reply.raw[codec.LENGTH_BYTES + codec.TPDU_BYTES + codec.HEADER_BYTES :]
             if not self.keys.verify(self.mode, codec.mac_input(body), bytes.fromhex(f["64"])):
@@ -245,7 +245,9 @@ class PosTerminal:
         return reply
 
     async def sign_off(self) -> Reply:
-        reply = await self.exchange(self._base("0820", None, "00", "002"), mac=False)
+        """MAC'd under the keys it ends (without keys there is nothing to end)."""
+        signed_on = self.keys is not None
+        reply = await self.exchange(self._base("0820", None, "00", "002"), mac=signed_on)
         self.keys = None
         return reply
 
@@ -271,7 +273,8 @@ class PosTerminal:
             if "MAC" in str(exc) and self.pending_reversal is not None:
                 self.pending_reversal["39"] = REVERSAL_BAD_MAC
             raise
-        self.pending_reversal = None
+        if "64" in reply.fields or reply.code in NOT_SENT_CODES:
+            self.pending_reversal = None  # an unMAC'd 96 proves nothing: still owed
         return reply
 
     async def send_pending_reversal(self) -> Reply:
@@ -480,7 +483,7 @@ class PosTerminal:
         fields = self._base("0500", None, "00", "201")
         fields["48"] = codec.format_totals(totals or self.totals(), "0")
         fields["49"] = "156"
-        reply = await self.exchange(_ordered(fields), mac=False)
+        reply = await self.exchange(_ordered(fields), mac=True)
         if reply.code == "00" and reply.fields["48"][30] == "1":
             self.close_batch()
         return reply
@@ -493,10 +496,10 @@ class PosTerminal:
         for i in range(0, len(live), 8):
             fields = self._base("0320", None, "00", "201")
             fields["48"] = "".join(f"{x.stan}{x.amount:012d}" for x in live[i : i + 8])
-            replies.append(await self.exchange(_ordered(fields), mac=False))
+            replies.append(await self.exchange(_ordered(fields), mac=True))
         fields = self._base("0320", None, "00", "202")
         fields["48"] = codec.format_totals(self.totals(), "0")
-        replies.append(await self.exchange(_ordered(fields), mac=False))
+        replies.append(await self.exchange(_ordered(fields), mac=True))
         if replies[-1].code == "00":
             self.close_batch()
         return replies
@@ -523,6 +526,10 @@ def _ordered(fields: dict[str, str]) -> dict[str, str]:
 
 # Replies that approve: a MAC is required on them, and the batch counts them.
 APPROVAL_CODES = frozenset({"00", "10"})
+# What the gateway answers a MAC'd request without a MAC (docs/card-protocol.md section 8);
+# any other code without one is forged. None of them settles the request.
+UNMACD_CODES = frozenset({"13", "14", "30", "77", "91", "96", "A0"})
+NOT_SENT_CODES = UNMACD_CODES - {"96"}  # the gateway answers them before the host sees it
 # A reversal's reason (its F39): no reply, a reply whose MAC did not verify, the cashier's.
 REVERSAL_NO_REPLY = "98"
 REVERSAL_BAD_MAC = "A0"

@@ -367,9 +367,9 @@ class CertTerminal(PosTerminal):
         """One hand-made MAC'd request and its (strictly checked) reply."""
         return await self.exchange(fields, mac=True)
 
-    async def send_plain(self, fields: dict[str, str]) -> Reply:
-        """One hand-made request without MAC (0320, 0500, 08x0)."""
-        return await self.exchange(fields, mac=False)
+    async def send_macd(self, fields: dict[str, str]) -> Reply:
+        """One hand-made MAC'd request (a 0320 line or end, a 0500), its reply's MAC checked."""
+        return await self.exchange(fields, mac=True)
 
     def frame(self, fields: dict[str, str]) -> bytes:
         return codec.pack_frame(TPDU, HEADER, self.encode(fields, mac=True))

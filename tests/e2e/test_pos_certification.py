@@ -616,11 +616,11 @@ async def test_unbalanced_settlement_then_batch_upload_closes_the_batch(
     assert term.batch == old  # still open: the upload follows
 
     lines = first + amount12(1_100) + second + amount12(2_300) + "999990" + amount12(100)
-    detail = await term.send_plain(upload(term, "201", lines))
+    detail = await term.send_macd(upload(term, "201", lines))
     assert detail.code == "00", detail.fields
     assert detail.fields["t"] == "0330"
     assert detail.fields.get("48") == second + "999990"  # what the host does not have
-    closing = await term.send_plain(upload(term, "202", codec.format_totals(wrong, "0")))
+    closing = await term.send_macd(upload(term, "202", codec.format_totals(wrong, "0")))
     assert closing.code == "00", closing.fields
     term.close_batch()
 

@@ -746,7 +746,7 @@ async def test_a_sign_off_waits_for_the_requests_ahead_of_it_and_later_ones_get_
     await asyncio.wait_for(entered.wait(), REPLY_WAIT_S)
     second = asyncio.create_task(processor.handle(purchase_body(rng, keys)))
     await asyncio.sleep(0.1)  # no I/O on its way: it is waiting for the lock by now
-    off = asyncio.create_task(processor.handle(codec.encode(base(rng, "0820", None, "00", "002"))))
+    off = asyncio.create_task(processor.handle(maced(base(rng, "0820", None, "00", "002"), keys)))
     await asyncio.sleep(0.1)
     assert not off.done()  # the sign-off waits its turn
     release.set()
@@ -768,8 +768,8 @@ async def test_a_sign_off_queued_behind_a_replacing_sign_on_signs_off_the_new_se
 ) -> None:
     """A purchase in flight, the terminal's master key rotated, then a sign-on (which makes
     a new session) and a sign-off wait their turns: the sign-off follows the session to the
-    new one, so the terminal is signed off after all three are answered, and the signed-on
-    gauge says so."""
+    new one, whose keys it was not MAC'd under, so it is A0 and ends nothing (a sign-off
+    ends only the keys it proves); the new session stays signed on, and the gauge says so."""
     host = PurchaseAtTheHost()
     entered, release = host.entered, host.release
 
@@ -781,22 +781,22 @@ async def test_a_sign_off_queued_behind_a_replacing_sign_on_signs_off_the_new_se
     host.sealed[tid] = security.seal(KEK, b"\x11" * 16, b"tmk:" + tid.encode()).hex()
     on = asyncio.create_task(processor.handle(sign_on_body(random.Random(7))))
     await asyncio.sleep(0.05)
-    off = asyncio.create_task(processor.handle(codec.encode(base(rng, "0820", None, "00", "002"))))
+    off = asyncio.create_task(processor.handle(maced(base(rng, "0820", None, "00", "002"), keys)))
     await asyncio.sleep(0.05)
     release.set()
     replies = await asyncio.wait_for(asyncio.gather(first, on, off), REPLY_WAIT_S)
-    assert [codec.decode(r.body)["39"] for r in replies if r is not None] == ["00"] * 3
-    assert processor.sessions[tid].keys is None
-    assert processor.metrics.gateway_signed_on._value.get() == 0
+    assert [codec.decode(r.body)["39"] for r in replies if r is not None] == ["00", "00", "A0"]
+    assert processor.sessions[tid].keys is not None
+    assert processor.metrics.gateway_signed_on._value.get() == 1
 
 
 async def test_upload_end_with_bad_totals_is_answered_30_without_an_error_logged(
     saf: ReversalQueue, logs: pytest.LogCaptureFixture
 ) -> None:
     """Was: parse_totals' FormatError escaped Processor._upload (traceback logged, 96)."""
-    processor, _ = await _signed_on_processor(FakeHost(), saf)
+    processor, keys = await _signed_on_processor(FakeHost(), saf)
     fields = base(random.Random(2), "0320", None, "00", "202") | {"48": "NOT TOTALS"}
-    body = codec.encode(_ordered(fields))
+    body = maced(_ordered(fields), keys)
     reply = await processor.handle(body)
     assert reply is not None
     assert codec.decode(reply.body)["39"] == "30"

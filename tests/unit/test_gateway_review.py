@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from cardcore.frontend_gateway.host import HostUnavailable, HttpHost
 from cardcore.frontend_gateway.processor import Processor
 from cardcore.frontend_gateway.saf import ReversalQueue, SafDamaged, SafFull, SafLocked
 from cardcore.frontend_gateway.security import KeyMode
-from cardcore.frontend_gateway.terminal import PosTerminal
+from cardcore.frontend_gateway.terminal import PosTerminal, Reply, TerminalError
 from cardcore.ledger.model import Result
 from cardcore.metrics import Metrics
 from tests.helpers import ClaimsInMemory
@@ -153,10 +153,10 @@ async def test_settlement_waits_for_the_reversals_the_gateway_owes(tmp_path: Pat
     await processor.handle(_purchase(t))
     host.silent = False
     settle = t._base("0500", None, "00", "201") | {"48": "0" * 31, "49": "156"}
-    assert _code(await processor.handle(codec.encode(settle))) == "96"
+    assert _code(await processor.handle(t.encode(settle, mac=True))) == "96"
     assert await processor.saf.deliver(host) == 1
     settle = t._base("0500", None, "00", "201") | {"48": "0" * 31, "49": "156"}
-    assert _code(await processor.handle(codec.encode(settle))) == "00"
+    assert _code(await processor.handle(t.encode(settle, mac=True))) == "00"
 
 
 async def test_one_store_and_forward_file_per_process(tmp_path: Path) -> None:
@@ -498,3 +498,86 @@ async def test_a_call_to_the_http_host_that_does_not_fit_its_queue_sends_none_of
     with pytest.raises(HostUnavailable, match="too many"):
         await host.pos([_owed(f"{i:06d}") for i in range(1, 7)])
     assert host._queue.qsize() == 0
+
+
+def _forging_terminal(code: str) -> PosTerminal:
+    """A reference terminal whose replies come from an on-path forger: `code`, no F64."""
+    t = PosTerminal("unused", 0, TID, MID, TMK, KeyMode.AES)
+    t.keys = security.WorkingKeys(pik=bytes(16), mak=bytes(16))
+    sent: dict[str, Any] = {}
+
+    async def send_raw(frame: bytes) -> None:
+        sent["f"] = codec.decode(
+            frame[codec.LENGTH_BYTES + codec.TPDU_BYTES + codec.HEADER_BYTES :]
+        )
+
+    async def read_reply() -> Any:
+        f = sent["f"]
+        forged = {"t": "0210", "3": f["3"], "4": f["4"], "11": f["11"], "39": code,
+                  "41": f["41"], "42": f["42"], "60": f["60"]}  # fmt: skip
+        body = codec.encode(forged)
+        return Reply(
+            codec.decode(body), 0, codec.pack_frame(b"\x60\x00\x00\x00\x01", bytes(6), body)
+        )
+
+    t.send_raw, t.read_reply = send_raw, read_reply  # type: ignore[method-assign]
+    return t
+
+
+@pytest.mark.parametrize("code", ["51", "00", "96"])
+async def test_an_unmacd_reply_never_settles_what_the_terminal_owes(code: str) -> None:
+    """A decline or approval without F64 (a code the gateway only sends MAC'd) is taken as a
+    MAC that failed; an unMAC'd 96 is taken as no reply. Either way the terminal keeps its
+    reversal: a forger cannot make it forget money that may have been taken."""
+    t = _forging_terminal(code)
+    if code == "96":
+        assert (await t.purchase(PAN, 100)).code == "96"
+    else:
+        with pytest.raises(TerminalError, match="without a MAC"):
+            await t.purchase(PAN, 100)
+    assert t.pending_reversal is not None
+    assert PAN not in repr(t)
+
+
+# --- what only the terminal itself may do (second security review) --------------------------
+
+
+async def test_a_sign_on_by_anyone_else_never_takes_the_terminals_keys_away(
+    tmp_path: Path,
+) -> None:
+    """A stranger signs on under the terminal's id (it cannot read the keys): the terminal
+    goes on under its keys. When the terminal itself signs on, its first request under the
+    new keys retires the old ones."""
+    processor, _host, t = await _gateway(tmp_path)
+    old = t.keys
+    stranger = await processor.handle(codec.encode(t._base("0800", None, "00", "005")))
+    assert stranger is not None and _code(stranger) == "00"
+    assert _code(await processor.handle(_purchase(t))) == "00"  # under the old keys
+    new = security.read_working_keys(KeyMode.AES, TMK, bytes.fromhex(codec.decode(
+        stranger.body)["62"]))  # fmt: skip
+    t.keys = new  # the terminal's own sign-on, say: its first request takes the new keys
+    assert _code(await processor.handle(_purchase(t))) == "00"
+    t.keys = old
+    assert _code(await processor.handle(_purchase(t))) == "A0"  # retired
+
+
+@pytest.mark.parametrize("mti", ["0820", "0500", "0320"])
+async def test_a_sign_off_settlement_or_upload_without_the_terminals_mac_does_nothing(
+    tmp_path: Path, mti: str
+) -> None:
+    """Anyone may know a terminal's id: a sign-off, a settlement or a batch upload without a
+    MAC under its keys (missing or wrong) is A0, reaches no host and ends nothing."""
+    processor, host, t = await _gateway(tmp_path)
+    net = {"0820": "002", "0500": "201", "0320": "202"}[mti]
+    fields = t._base(mti, None, "00", net)
+    if mti != "0820":
+        fields["48"] = codec.format_totals(codec.Totals(0, 0, 0, 0), "0")
+    wrong = replace(t, keys=security.WorkingKeys(pik=bytes(16), mak=bytes(16)))
+    for body in (codec.encode(fields), wrong.encode(fields, mac=True)):
+        reply = await processor.handle(body)
+        assert reply is not None and _code(reply) == "A0"
+        assert "64" not in codec.decode(reply.body)
+    assert host.seen == []
+    assert _code(await processor.handle(_purchase(t))) == "00"  # still signed on
+    good = await processor.handle(t.encode(fields, mac=True))
+    assert good is not None and _code(good) == "00" and "64" in codec.decode(good.body)

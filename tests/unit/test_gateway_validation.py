@@ -268,13 +268,13 @@ Message = Callable[[PosTerminal, str], bytes]
 def _settlement(t: PosTerminal, flag: str) -> bytes:
     fields = t._base("0500", None, "00", "201")
     fields["48"] = codec.format_totals(codec.Totals(0, 0, 0, 0), flag)
-    return codec.encode(fields)
+    return t.encode(fields, mac=True)
 
 
 def _upload_end(t: PosTerminal, flag: str) -> bytes:
     fields = t._base("0320", None, "00", "202")
     fields["48"] = codec.format_totals(codec.Totals(0, 0, 0, 0), flag)
-    return codec.encode(fields)
+    return t.encode(fields, mac=True)
 
 
 @pytest.mark.parametrize("message", [_settlement, _upload_end])
