@@ -228,8 +228,9 @@ def decide_batch(
     is linked answers `linked_event_chain_open` for that group.
 
     Every open hold in `view` whose timeout has passed is expired first (the writer loads the
-    ones its expiry scan found, and those the batch's operations name), so an outcome never
-    depends on when the scan last ran.
+    ones its expiry scan found, and those the batch's operations name), so a post or void of
+    a hold never depends on when the scan last ran; a transfer on the hold's account that
+    does not name it may still see the hold's amount until the next scan.
     """
     s = _Scratch(view, counters, seq, now_ms)
     due = sorted(
@@ -363,6 +364,10 @@ def _create_asset(s: _Scratch, op: CreateAsset) -> Result:
     return Result(ok=True, code=codes.OK, seq=s.seq, asset=op.code)
 
 
+def _kind_flags(flags: AccountFlags) -> tuple[bool, bool]:
+    return flags.no_overdraft, flags.no_overcredit
+
+
 def _create_account(s: _Scratch, op: CreateAccount) -> Result:
     if op.asset not in s.assets:
         raise _Failed("asset_not_found", "asset")
@@ -370,7 +375,9 @@ def _create_account(s: _Scratch, op: CreateAccount) -> Result:
     existing_id = s.natural.get(nkey)
     if existing_id is not None:
         existing = s.accounts[existing_id]
-        if existing.info.flags != op.flags:
+        if _kind_flags(existing.info.flags) != _kind_flags(op.flags):
+            # what the account is; its frozen flags change over time (freeze, thaw): the
+            # same account asked for again is the same account, frozen or not
             raise _Failed("exists_with_different_flags", "flags")
         return Result(ok=True, code=codes.OK, account_id=existing_id, replayed=True)
     info = AccountInfo(

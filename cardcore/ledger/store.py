@@ -68,6 +68,7 @@ class WriterState:
     hash: str
     counters: IdCounters
     assets: dict[str, Asset]
+    committed_at_ms: int = 0  # the last batch's time: a restarted writer never goes before it
 
 
 class LedgerStore:
@@ -91,11 +92,10 @@ class LedgerStore:
     # --- writer -----------------------------------------------------------------------------
 
     async def writer_state(self, conn: AsyncConnection) -> WriterState:
+        b = schema.batches
         last = (
             await conn.execute(
-                select(schema.batches.c.seq, schema.batches.c.hash)
-                .order_by(schema.batches.c.seq.desc())
-                .limit(1)
+                select(b.c.seq, b.c.hash, b.c.committed_at_ms).order_by(b.c.seq.desc()).limit(1)
             )
         ).first()
 
@@ -116,7 +116,9 @@ class LedgerStore:
         }
         if last is None:
             return WriterState(0, journal.GENESIS_HASH, counters, assets)
-        return WriterState(int(last.seq), str(last.hash), counters, assets)
+        return WriterState(
+            int(last.seq), str(last.hash), counters, assets, int(last.committed_at_ms)
+        )
 
     async def due_holds(self, conn: AsyncConnection, now_ms: int, limit: int) -> list[int]:
         holds = schema.open_holds

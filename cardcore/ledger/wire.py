@@ -112,6 +112,8 @@ class _Fields:
             return None
         if not isinstance(value, str):
             raise RequestError("wrong_type", self.at(name), "expected a string")
+        if not value and not pattern.fullmatch(value):
+            raise RequestError("empty_string", self.at(name), "must not be empty")
         limit = _CHARS_MAX[pattern]
         if len(value) > limit:
             raise RequestError("string_too_long", self.at(name), f"at most {limit} characters")
@@ -176,6 +178,7 @@ def parse_op(raw: object, path: str, client: str) -> Op:
     kind = raw.get("op")
     if not isinstance(kind, str) or kind not in _OP_FIELDS:
         code = "missing_field" if kind is None else "invalid_value"
+        code = "wrong_type" if kind is not None and not isinstance(kind, str) else code
         raise RequestError(code, _join(path, "op"), f"one of {sorted(_OP_FIELDS)}")
     f = _Fields(raw, path, _OP_FIELDS[kind])
     linked = bool(f.boolean("linked"))

@@ -166,6 +166,8 @@ class Writer:
     async def _connect(self) -> None:
         self.accounts.clear()  # a batch that failed may have committed all the same
         self._session, self._state = await WriterSession.open(self._store)
+        # Batch times never step back, across a restart too (the clock may be behind).
+        self._last_now_ms = max(self._last_now_ms, self._state.committed_at_ms)
 
     async def _disconnect(self) -> None:
         if self._session is not None:
@@ -316,7 +318,7 @@ class Writer:
             records = journal.batch_records(effects)
             digest = journal.batch_hash(tip.hash, effects.seq, now_ms, records)
             assets = {**tip.assets, **{a.code: a for a in effects.assets}}
-            next_tip = WriterState(effects.seq, digest, effects.counters, assets)
+            next_tip = WriterState(effects.seq, digest, effects.counters, assets, now_ms)
         return _Decided(batch, effects, records, digest, tip.hash, next_tip, len(ops))
 
     def _launch(self, decided: _Decided) -> _InFlight:

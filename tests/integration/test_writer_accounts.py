@@ -272,3 +272,25 @@ async def test_a_batch_the_database_refuses_writes_nothing_of_itself(
     assert row["debits_posted"] == 0
     [retry] = await ledger.submit([move("m-1", a, b, 60)])
     assert retry.ok and not retry.replayed
+
+
+async def test_a_restarted_writer_never_dates_a_batch_before_the_last_one(db_url: str) -> None:
+    """The clock of the machine that takes over is an hour behind: its first batch is dated
+    no earlier than the journal's last (batch times, hold expiries and the hash chain follow
+    commit order)."""
+    first = Ledger.open(db_url, Metrics(), batch_wait_ms_max=1)
+    await first.start()
+    source, [wallet] = await setup_accounts(first, 1, funding=100)
+    await first.submit([move("before", source, wallet, 1)])
+    await first.close()
+    [last] = await sql_rows(db_url, "SELECT max(committed_at_ms) AS t FROM ledger_batches")
+    second = Ledger.open(db_url, Metrics(), batch_wait_ms_max=1)
+    second.writer._clock_ms = lambda: int(last["t"]) - 3_600_000
+    await second.start()
+    try:
+        await second.submit([move("after", source, wallet, 1)])
+    finally:
+        await second.close()
+    rows = await sql_rows(db_url, "SELECT committed_at_ms AS t FROM ledger_batches ORDER BY seq")
+    times = [int(r["t"]) for r in rows]
+    assert times == sorted(times) and times[-1] >= int(last["t"])

@@ -344,6 +344,15 @@ def test_create_account_is_idempotent_by_natural_key() -> None:
     assert codes(decide([replace(op, asset="NOPE")], v)) == ["asset_not_found"]
 
 
+def test_an_account_asked_for_again_after_a_freeze_is_the_same_account() -> None:
+    """Frozen flags are the account's state (a freeze, a thaw), not what it is: creating it
+    again with the flags it was made with answers it, frozen as it is."""
+    v = view(account(9, no_overdraft=True, debit_frozen=True))
+    again = CreateAccount("CNY", "LE1", "card", "c9", "sv", AccountFlags(no_overdraft=True))
+    e = decide([again], v)
+    assert codes(e) == ["ok"] and e.results[0].account_id == 9 and e.results[0].replayed
+
+
 def test_create_asset_idempotent_and_checked() -> None:
     e = decide(
         [

@@ -188,6 +188,9 @@ def test_a_request_of_encoded_transfers_parses_to_the_same_ops(op: CreateTransfe
         ({"timeout_s": 60}, "invalid_value", "ops[0].timeout_s"),
         ({"metadata": {"store": "S1\n"}}, "invalid_characters", "ops[0].metadata.store"),
         ({"key": "k" * (limits.KEY_CHARS_MAX + 1)}, "string_too_long", "ops[0].key"),
+        ({"key": ""}, "empty_string", "ops[0].key"),
+        ({"op": 5}, "wrong_type", "ops[0].op"),
+        ({"op": "teleport"}, "invalid_value", "ops[0].op"),
     ],
 )
 def test_a_bad_field_is_refused_with_its_code_and_path(
