@@ -388,7 +388,7 @@ async def test_bad_refund_amount_is_a_400_with_a_stable_code(
         (reverse("r", "t", amount=5), "unknown_field", "ops[0].amount"),
         (refund("r", "t", 5, tombstone=True), "unknown_field", "ops[0].tombstone"),
         (reverse("r", "bad key"), "invalid_characters", "ops[0].target_key"),
-        (reverse("r", ""), "invalid_characters", "ops[0].target_key"),  # as an empty key
+        (reverse("r", ""), "empty_string", "ops[0].target_key"),  # as an empty key
         (reverse("r", "k" * 129), "string_too_long", "ops[0].target_key"),
     ],
 )
