@@ -183,6 +183,7 @@ SERVICE_VALIDITY_MONTHS_MAX: Final = 120  # months a sold package lives (to the 
 SERVICE_STORES_MAX: Final = 500  # stores named on one product (none named = every store)
 SERVICE_NAME_CHARS_MAX: Final = 64  # a service product's display name
 SERVICE_ENTITLEMENTS_PER_CARD_MAX: Final = 256  # packages one card holds and a choice reads
+SERVICE_REFUNDS_READ_MAX: Final = 100  # a package's latest refund audit rows a key looks in
 SERVICE_REDEEM_ATTEMPTS_MAX: Final = 5  # choices of a package when terminals take it at once
 MANAGER_PERCENT_BP_MAX: Final = 10_000  # a manager card's cap per transaction (100 %)
 MANAGER_DAILY_FEN_MAX: Final = 100_000_000  # discount one manager card authorizes per local day

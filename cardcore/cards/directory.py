@@ -16,6 +16,8 @@ from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import ColumnElement, bindparam, func, insert, select, update
+from sqlalchemy import column as sa_column
+from sqlalchemy import table as sa_table
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -34,6 +36,10 @@ from cardcore.ledger import schema as ledger_schema
 from cardcore.ledger.decide import TOMBSTONE_CODE
 from cardcore.ledger.model import Balance
 from cardcore.records import Records
+
+# The manager cards' numbers (their own table, manager_cards.schema: named here, not imported,
+# as cards may not import that feature).
+_MANAGER_TOKENS = sa_table("manager_cards", sa_column("token")).c.token
 
 
 class Directory:
@@ -188,12 +194,14 @@ class Directory:
         return found
 
     async def existing_tokens(self, tokens: list[str]) -> set[str]:
+        """The tokens a customer card or a manager card already has (a number is unique
+        among both: the POS tells them apart by it)."""
         found: set[str] = set()
-        c = schema.cards.c.token
         async with self.engine.connect() as conn:
-            for i in range(0, len(tokens), 1000):
-                chunk = tokens[i : i + 1000]
-                found.update((await conn.execute(select(c).where(c.in_(chunk)))).scalars())
+            for c in (schema.cards.c.token, _MANAGER_TOKENS):
+                for i in range(0, len(tokens), 1000):
+                    chunk = tokens[i : i + 1000]
+                    found.update((await conn.execute(select(c).where(c.in_(chunk)))).scalars())
         return found
 
     async def add_cards(

@@ -452,7 +452,7 @@ class ServiceCards:
         sale_key = _sale_key(counter.store, key)
         known = await self._package_by_sale_key(sale_key)
         if known is not None:
-            return await self._sale_replay(known, card, product, counter, key)
+            return await self._sale_replay(known, card, product, counter, key, tender=tender)
         ledger_key = _ledger_sale_key(counter.store, key)
         if await self._keyed(_undo_key(ledger_key)) is not None:
             raise _undone()
@@ -479,7 +479,7 @@ class ServiceCards:
                     receipt=receipt,
                 )  # fmt: skip
         except _Raced as raced:
-            return await self._sale_replay(raced.row, card, product, counter, key)
+            return await self._sale_replay(raced.row, card, product, counter, key, tender=tender)
         except Exception:
             await self._undo(op)
             raise
@@ -589,13 +589,25 @@ class ServiceCards:
         product: model.ServiceProduct,
         counter: Place,
         key: str,
+        *,
+        tender: str,
     ) -> dict[str, Any]:
-        """The same sale again: the stored package, if the request is the same one."""
-        if row["holder"] != card["account_id"] or row["product"] != product.code:
+        """The same sale again: the stored package, if the request is the same one (the
+        card, the product and the tender it was paid with)."""
+        transfer = await self._keyed(_ledger_sale_key(counter.store, key))
+        paid_from = None
+        if transfer is not None:
+            till = await self._store_account(counter, tender)
+            legs = json.loads(transfer["postings"])
+            paid_from = next(a for a, side, _ in legs if side == "debit")
+        if (
+            row["holder"] != card["account_id"]
+            or row["product"] != product.code
+            or (paid_from is not None and paid_from != till)
+        ):
             raise Refused(
                 "conflict", "idempotency_key_reused", "the key was used for another sale", "key"
             )
-        transfer = await self._keyed(_ledger_sale_key(counter.store, key))
         view = {**package_view(row, self.clock_ms()), "card_id": card["id"]}
         return {**view, "transfer_id": None if transfer is None else int(transfer["id"]),
                 "replayed": True}  # fmt: skip
@@ -684,6 +696,9 @@ class ServiceCards:
             owed = int(row["refunded_fen"]) - await self._refunded_before(package_id)
             return await self._pay_refund(p, row, store, ledger_key, receipt, owed,
                                           replayed=True)  # fmt: skip
+        earlier = await self._refund_marked(package_id, key)
+        if earlier is not None:  # an earlier refund under this key that paid nothing
+            return self._refund_answer(row, earlier, None, replayed=True)
         now = self.clock_ms()
         e = entitlement_of(row)
         before_fen = int(row["refunded_fen"])
@@ -708,7 +723,7 @@ class ServiceCards:
                 p, action="service_package.refund", kind="service_package",
                 object_id=package_id, place=store, before=package_view(row, now),
                 after={**package_view({**row, **changes}, now), "receipt": receipt,
-                       "refund_fen": amount},
+                       "refund_fen": amount, "refund_key": key},
                 now_ms=now,
             )  # fmt: skip
         return await self._pay_refund(p, {**row, **changes}, store, ledger_key, receipt, amount,
@@ -728,6 +743,21 @@ class ServiceCards:
                 f"the refund under key {row['refund_key']} is not paid yet: send it again first",
                 "key",
             )  # fmt: skip
+
+    async def _refund_marked(self, package_id: int, key: str) -> int | None:
+        """What an earlier refund of the package marked under `key` refunded (its audit
+        row), or None: a key that paid nothing leaves no transfer to find it by."""
+        async with self.records.read() as uow:
+            rows = await uow.find(
+                "org_audit_log", {"object_kind": "service_package", "object_id": str(package_id),
+                                  "action": "service_package.refund"},
+                descending=True, limit=limits.SERVICE_REFUNDS_READ_MAX,
+            )  # fmt: skip
+        for row in rows:
+            after = json.loads(row["after"] or "{}")
+            if after.get("refund_key") == key:
+                return int(after["refund_fen"])
+        return None
 
     async def _refunded_before(self, package_id: int) -> int:
         """What the package's refunds had refunded before its latest one: the `refunded_fen`

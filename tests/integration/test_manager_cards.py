@@ -12,6 +12,7 @@ from typing import Any
 from cardcore.cards.http import POS_KEY
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult, luhn_ok
 from cardcore.frontend_gateway import security
+from cardcore.vault import Vault
 from tests import logscan
 from tests.conftest import ADMIN_KEK
 from tests.helpers import AdminClient, sql_execute, sql_rows
@@ -359,3 +360,14 @@ async def test_a_card_authorizes_nothing_once_its_staff_user_is_disabled_or_not_
     uses = await admin.ok("GET", f"{CARDS}/{card['id']}/authorizations")
     expected = ["approved"] * 2 + ["manager_staff_disabled"] * 3 + [STAFF_NOT_ELIGIBLE] * 2
     assert sorted(u["outcome"] for u in uses["items"]) == sorted(expected)
+
+
+async def test_a_manager_cards_number_is_never_a_customer_cards(admin: AdminClient) -> None:
+    """A number is unique among customer and manager cards, whichever is issued second: the
+    customer side's check of a number sees the manager cards too."""
+    w = await world(admin)
+    status, card = await issue(admin, w["manager"])
+    assert status == 201
+    pos = admin.app[POS_KEY]
+    token = Vault(ADMIN_KEK).card_token(card["pan"])
+    assert await pos.directory.existing_tokens([token]) == {token}

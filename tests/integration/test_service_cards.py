@@ -191,6 +191,8 @@ async def test_a_sale_moves_the_price_from_the_till_to_sales_once_per_key(
     assert again == {**sold, "replayed": True}
     status, answer = await sell(admin, card_id, "SPA", key="k-1")
     assert (status, answer["error"]["code"]) == (409, "idempotency_key_reused")
+    status, answer = await sell(admin, card_id, "WASH", key="k-1", tender="bank_card")
+    assert (status, answer["error"]["code"]) == (409, "idempotency_key_reused")  # paid in cash
     assert await counts(db_url) == before
     assert await store_balance(admin, "S1", "sales") == sales + 10_000
     [transfer] = await sql_rows(
@@ -745,3 +747,21 @@ async def test_a_card_or_member_holding_a_usable_package_is_not_closed_or_delete
                    json={"key": "rf-1", "receipt": "R2"})  # fmt: skip
     closed = await admin.ok("POST", f"/v1/cards/{card_id}/close", json={"receipt": "C1"})
     assert closed["state"] == "closed"
+
+
+async def test_a_refund_key_that_paid_nothing_answers_the_same_after_a_later_refund(
+    admin: AdminClient,
+) -> None:
+    """Used up, refunded 0 under rf-1; a reversal gives the uses back and rf-2 pays 100.00:
+    rf-1 again is its own refund (0, replayed), not a 409."""
+    w = await world(admin)
+    pan = w["card"]["pan"]
+    _, sold = await sell(admin, w["card"]["id"], "WASH")
+    used = redemption(w["t1"], pan, uses=3)
+    assert (await pos(admin, used))[0].uses_left == 0
+    path = f"/v1/service-packages/{sold['id']}/refund"
+    assert (await admin.ok("POST", path, json={"key": "rf-1"}))["refund_fen"] == 0
+    assert (await reverse(admin, used)).outcome is Outcome.APPROVED
+    assert (await admin.ok("POST", path, json={"key": "rf-2"}))["refund_fen"] == 10_000
+    again = await admin.ok("POST", path, json={"key": "rf-1"})
+    assert (again["refund_fen"], again["replayed"], again["transfer_id"]) == (0, True, None)
