@@ -139,6 +139,10 @@ def _load_state(terminal: PosTerminal, path: Path) -> list[ReversalCopy]:
         terminal.stan = state["stan"]
         terminal.batch = state["batch"]
         terminal.pending_reversal = state.get("pending_reversal")
+        confirmation = state.get("pending_confirmation")
+        if confirmation is not None:
+            _check_copy(confirmation, "0220")
+        terminal.pending_confirmation = confirmation
         terminal.restore_lines(state.get("lines", []))
         requests = state.get("requests", [])
         for copy in requests:
@@ -155,10 +159,11 @@ def _check_six_digits(name: str, value: Any) -> None:
         raise ValueError(f"{name} is not six digits")
 
 
-def _check_copy(copy: Any) -> None:
-    """A reversal copy as the state file keeps it, or a ValueError (the file is damaged)."""
-    if not isinstance(copy, dict) or copy.get("t") != "0400":
-        raise ValueError("a kept request is not a 0400")
+def _check_copy(copy: Any, mti: str = "0400") -> None:
+    """A reversal copy (or a confirmation owed) as the state file keeps it, or a ValueError
+    (the file is damaged)."""
+    if not isinstance(copy, dict) or copy.get("t") != mti:
+        raise ValueError(f"a kept request is not a {mti}")
     if not all(isinstance(v, str) for v in copy.values()) or "11" not in copy:
         raise ValueError("a kept request is not text with a STAN")
     codec.parse_f60(copy["60"])
@@ -170,6 +175,7 @@ def _save_state(terminal: PosTerminal, path: Path, requests: list[ReversalCopy])
         "stan": terminal.stan,
         "batch": terminal.batch,
         "pending_reversal": terminal.pending_reversal,
+        "pending_confirmation": terminal.pending_confirmation,
         "lines": [asdict(x) for x in terminal.lines],
         "requests": requests,
     }
@@ -238,6 +244,8 @@ async def run_pos(config: Config, args: Any) -> int:
             terminal.lines.clear()  # the host closed that batch: a new one begins
         if terminal.pending_reversal is not None:
             show("reversal", await terminal.send_pending_reversal())
+        if terminal.pending_confirmation is not None:
+            show("confirmation", await terminal.send_pending_confirmation())
         reply = await step(terminal, show)
     except (TerminalError, SecurityError) as exc:
         raise CommandError(f"terminal: {exc}") from None

@@ -134,6 +134,9 @@ class PosTerminal:
     timeout_s: float = 30.0
     keys: WorkingKeys | None = field(default=None, repr=False)
     pending_reversal: dict[str, str] | None = None
+    # A top-up's 0220 confirmation not yet answered for good (the cash is in the drawer): sent
+    # again, same STAN, before anything else, until 00 or a refusal that will not change.
+    pending_confirmation: dict[str, str] | None = None
     last_request: dict[str, str] | None = None  # the 0400 copy of the last financial request
     lines: list[_Line] = field(default_factory=list)
     last_sent: bytes = field(default=b"", repr=False)  # a card number, a PIN block
@@ -262,6 +265,11 @@ class PosTerminal:
             owed = await self.send_pending_reversal()
             if self.pending_reversal is not None:
                 raise TerminalError(f"a reversal is still owed (answered {owed.code})")
+        confirmation = self.pending_confirmation
+        if confirmation is not None and confirmation.get("11") != fields.get("11"):
+            owed = await self.send_pending_confirmation()
+            if self.pending_confirmation is not None:
+                raise TerminalError(f"a top-up confirmation is still owed (answered {owed.code})")
         body = self.encode(fields, mac=True)  # one that cannot be encoded is never owed
         kept = {k: v for k, v in fields.items() if k not in ("2", "35", "52", "53", "37")}
         self.last_request = {**kept, "t": "0400", "39": REVERSAL_NO_REPLY}
@@ -383,12 +391,23 @@ class PosTerminal:
         return await self.financial(_ordered(fields))
 
     async def topup_confirm(self, original_stan: str, amount: int) -> Reply:
+        """The 0220 that makes a top-up's value available. Owed until answered for good:
+        without a reply, or on 96 / 91 / 77 / A0, it is sent again with the same STAN
+        (`send_pending_confirmation`) before the next request, by this run or the next."""
         fields = self._base("0220", "630000", "49")
         fields |= {"4": f"{amount:012d}", "25": "00", "49": "156"}
         fields["61"] = codec.format_f61(codec.Field61(self.batch, original_stan, ""))
-        reply = await self.financial(_ordered(fields))
+        self.pending_confirmation = _ordered(fields)
+        return await self.send_pending_confirmation()
+
+    async def send_pending_confirmation(self) -> Reply:
+        owed = self.pending_confirmation
+        assert owed is not None
+        reply = await self.financial(owed)
+        if reply.code not in CONFIRM_AGAIN_CODES:
+            self.pending_confirmation = None
         if reply.code == "00":
-            self.lines.append(_Line(fields["11"], "topup_confirm", amount))
+            self.lines.append(_Line(owed["11"], "topup_confirm", int(owed["4"])))
         return reply
 
     async def private(
@@ -530,6 +549,8 @@ APPROVAL_CODES = frozenset({"00", "10"})
 # any other code without one is forged. None of them settles the request.
 UNMACD_CODES = frozenset({"13", "14", "30", "77", "91", "96", "A0"})
 NOT_SENT_CODES = UNMACD_CODES - {"96"}  # the gateway answers them before the host sees it
+# A top-up confirmation answered so is sent again, same STAN (docs/card-protocol.md 5.9).
+CONFIRM_AGAIN_CODES = frozenset({"96", "91", "77", "A0"})
 # A reversal's reason (its F39): no reply, a reply whose MAC did not verify, the cashier's.
 REVERSAL_NO_REPLY = "98"
 REVERSAL_BAD_MAC = "A0"

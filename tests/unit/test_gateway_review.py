@@ -581,3 +581,43 @@ async def test_a_sign_off_settlement_or_upload_without_the_terminals_mac_does_no
     assert _code(await processor.handle(_purchase(t))) == "00"  # still signed on
     good = await processor.handle(t.encode(fields, mac=True))
     assert good is not None and _code(good) == "00" and "64" in codec.decode(good.body)
+
+
+def _scripted_terminal(codes: list[str]) -> tuple[PosTerminal, list[dict[str, str]]]:
+    """A reference terminal whose replies are `codes` in turn (00 MAC'd under its keys);
+    the requests it sent, decoded, in the list."""
+    t = PosTerminal("unused", 0, TID, MID, TMK, KeyMode.AES)
+    t.keys = security.WorkingKeys(pik=bytes(16), mak=bytes(16))
+    sent: list[dict[str, str]] = []
+    skip = codec.LENGTH_BYTES + codec.TPDU_BYTES + codec.HEADER_BYTES
+
+    async def send_raw(frame: bytes) -> None:
+        sent.append(codec.decode(frame[skip:]))
+
+    async def read_reply() -> Any:
+        f, code = sent[-1], codes.pop(0)
+        reply = {"t": codec.response_mti(f["t"]), "3": f["3"], "4": f["4"], "11": f["11"],
+                 "39": code, "41": f["41"], "42": f["42"], "60": f["60"]}  # fmt: skip
+        body = codec.encode(reply)
+        if code == "00":
+            body = t.encode(reply, mac=True)
+        frame = codec.pack_frame(b"\x60\x00\x00\x00\x01", bytes(6), body)
+        return Reply(codec.decode(body), 0, frame)
+
+    t.send_raw, t.read_reply = send_raw, read_reply  # type: ignore[method-assign]
+    return t, sent
+
+
+async def test_a_top_up_confirmation_without_a_final_answer_is_sent_again_with_its_stan() -> None:
+    """The cash is in the drawer: a 0220 answered 96 is owed, sent again with the same STAN
+    before the next request, until 00; and never reversed."""
+    t, sent = _scripted_terminal(["00", "96", "00", "00"])
+    assert (await t.topup(PAN, 5_000)).code == "00"
+    hold_stan = sent[-1]["11"]
+    assert (await t.topup_confirm(hold_stan, 5_000)).code == "96"
+    assert t.pending_confirmation is not None and t.pending_reversal is None
+    confirm_stan = sent[-1]["11"]
+    assert (await t.purchase(PAN, 100)).code == "00"
+    assert [(f["t"], f["11"]) for f in sent[-2:]] == [("0220", confirm_stan), ("0200", t.stan)]
+    assert t.pending_confirmation is None
+    assert [x.kind for x in t.lines][-2:] == ["topup_confirm", "purchase"]
