@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import enum
 import re
+from typing import Any
 
 from cardcore import limits
 from cardcore.org.model import Refused
@@ -135,6 +136,23 @@ def mask_id(id_type: IdType, number: str) -> str:
             tail -= 1
     hidden = len(number) - head - tail
     return number[:head] + "*" * hidden + (number[len(number) - tail :] if tail else "")
+
+
+def masked_personal(view: dict[str, Any]) -> dict[str, Any]:
+    """A member's view as the append-only audit log keeps it: the name, mobile, email and
+    birthday masked (a delete erases the member; the log, which cannot be changed, must not
+    keep what it erased). What changed still shows: the masks differ."""
+    out = dict(view)
+    name = out.get("name") or ""
+    out["name"] = name[:1] + "*" * max(1, len(name) - 1) if name else name
+    mobile = out.get("mobile") or ""
+    out["mobile"] = mobile[:6] + "*" * max(0, len(mobile) - 10) + mobile[-4:] if mobile else mobile
+    email = out.get("email") or ""
+    local, at, domain = email.partition("@")
+    out["email"] = local[:1] + "***" + at + domain if email else email
+    birthday = out.get("birthday") or ""
+    out["birthday"] = birthday[:4] + "-**-**" if birthday else birthday
+    return out
 
 
 # --- the rest of the natural identity ----------------------------------------------------------

@@ -38,6 +38,7 @@ from cardcore.members.model import (
     check_birthday,
     check_gender,
     mask_id,
+    masked_personal,
     normalize_id,
     normalize_mobile,
 )
@@ -86,6 +87,11 @@ def member_view(row: dict[str, Any]) -> dict[str, Any]:
     view["created_at_ms"] = int(row["created_at_ms"])
     view["updated_at_ms"] = int(row["updated_at_ms"])
     return view
+
+
+def audit_image(row: dict[str, Any]) -> dict[str, Any]:
+    """A member as the audit log keeps it: the public view, its personal data masked."""
+    return masked_personal(member_view(row))
 
 
 def card_view(row: dict[str, Any]) -> dict[str, Any]:
@@ -216,7 +222,7 @@ class MemberService:
             view = member_view({**row, "id": member_id})
             await uow.audit(
                 p, action="member.create", kind="member", object_id=member_id,
-                place=place, before=None, after=view, now_ms=now,
+                place=place, before=None, after=masked_personal(view), now_ms=now,
             )  # fmt: skip
         return {**view, "cards": [], "cards_more": False}
 
@@ -351,7 +357,7 @@ class MemberService:
             for place in places:
                 await uow.audit(
                     p, action="member.update", kind="member", object_id=member_id,
-                    place=place, before=member_view(before), after=member_view(after),
+                    place=place, before=audit_image(before), after=audit_image(after),
                     now_ms=now,
                 )  # fmt: skip
             return await self._full_view(p, uow, after)
@@ -407,8 +413,8 @@ class MemberService:
             after = {**before, flag: granted, "updated_at_ms": now}
             await uow.audit(
                 p, action=f"member.consent.{purpose.value}", kind="member",
-                object_id=member_id, place=place_of(after), before=member_view(before),
-                after=member_view(after), now_ms=now,
+                object_id=member_id, place=place_of(after), before=audit_image(before),
+                after=audit_image(after), now_ms=now,
             )  # fmt: skip
             row = await uow.get(CONSENTS, id=consent_id)
         assert row is not None
@@ -478,14 +484,14 @@ class MemberService:
             await uow.audit(
                 p, action="member.merged", kind="member", object_id=duplicate_id,
                 place=place_of(duplicate),
-                before={**member_view(duplicate), "card_ids": moved},
-                after={**member_view(gone), "card_ids": []}, now_ms=now,
+                before={**audit_image(duplicate), "card_ids": moved},
+                after={**audit_image(gone), "card_ids": []}, now_ms=now,
             )  # fmt: skip
             await uow.audit(
                 p, action="member.merge", kind="member", object_id=survivor_id,
                 place=place_of(survivor),
-                before={**member_view(survivor), "card_ids": kept},
-                after={**member_view(kept_row), "card_ids": sorted(kept + moved),
+                before={**audit_image(survivor), "card_ids": kept},
+                after={**audit_image(kept_row), "card_ids": sorted(kept + moved),
                        "merged_from": duplicate_id, "coupons": coupons},
                 now_ms=now,
             )  # fmt: skip
@@ -561,8 +567,8 @@ class MemberService:
             closed_ids = sorted(int(c["id"]) for c in live)
             await uow.audit(
                 p, action="member.delete", kind="member", object_id=member_id,
-                place=place_of(before), before=member_view(before),
-                after={**member_view(after), "closed_card_ids": closed_ids}, now_ms=now,
+                place=place_of(before), before=audit_image(before),
+                after={**audit_image(after), "closed_card_ids": closed_ids}, now_ms=now,
             )  # fmt: skip
             return await self._full_view(p, uow, after), live
 
