@@ -145,6 +145,7 @@ GATEWAY_TERMINAL_RATE_PER_S: Final = 20  # requests per terminal per second (bur
 GATEWAY_TERMINAL_RATE_PER_S_MAX: Final = 1_000
 GATEWAY_BAD_FRAMES_MAX: Final = 5  # undecodable messages in a row before the connection closes
 GATEWAY_MAC_FAILURES_MAX: Final = 3  # wrong MACs in a row before the terminal must sign on
+GATEWAY_PENDING_KEYS_MAX: Final = 4  # key sets sign-ons issued beside the keys still in use
 GATEWAY_HOST_BATCH_MAX: Final = 512  # POS requests the HTTP host adapter sends in one call
 GATEWAY_HOST_BATCH_WAIT_MS: Final = 2  # how long a call waits for company
 GATEWAY_SESSION_TURNS_MAX: Final = 3  # sign-on/off: sessions replaced while it waited, followed
@@ -232,7 +233,6 @@ POINTS_POS_TOGETHER_MAX: Final = 64  # POS points redemptions of one turn read t
 POINTS_REMINDER_DAYS_MAX: Final = 366  # how far ahead an expiry reminder looks
 POINTS_MEMBER_CARDS_READ_MAX: Final = 1000  # a member's cards a transfer's daily limit sums
 CARD_TOPUP_RECORDS_READ_MAX: Final = 1000  # a card's latest top-up records a retry looks in
-CARD_AUDIT_READ_MAX: Final = 200  # a card's latest audit rows read for its story (guesses, stock)
 
 # --- issue 5 at the POS ---
 POS_BASKET_LINES_MAX: Final = 32  # (department, fen) lines one POS request carries (F48)

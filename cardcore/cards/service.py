@@ -1714,22 +1714,31 @@ class CardService:
                 )  # fmt: skip
         return {"result": str(verdict), "failures": failures}
 
-    async def _story(self, card_id: int) -> list[dict[str, Any]]:
-        """The card's latest audit rows, newest first (at most CARD_AUDIT_READ_MAX)."""
+    async def _latest(self, card_id: int, action: str, **where: Any) -> dict[str, Any] | None:
+        """The card's newest audit row of `action` (and `where`), or None."""
         async with self.records.read() as uow:
-            return await uow.find(
-                AUDIT, {"object_kind": "card", "object_id": str(card_id)}, descending=True,
-                limit=limits.CARD_AUDIT_READ_MAX,
+            rows = await uow.find(
+                AUDIT, {"object_kind": "card", "object_id": str(card_id), "action": action,
+                        **where},
+                descending=True, limit=1,
             )  # fmt: skip
+        return rows[0] if rows else None
+
+    async def _guessed_since_unlock(self, card_id: int, user_id: int) -> bool:
+        """Whether `user_id` typed a wrong PIN for the card since its last unlock."""
+        guessed = await self._latest(card_id, PIN_VERIFY_FAILED, user_id=user_id)
+        if guessed is None:
+            return False
+        unlocked = await self._latest(card_id, PIN_UNLOCKED)
+        return unlocked is None or int(unlocked["id"]) < int(guessed["id"])
 
     async def _lost_in_stock(self, card: dict[str, Any]) -> bool:
         """Whether a lost card was reported lost before it was ever handed out (inactive)."""
         if card["state"] != CardState.LOST:
             return False
-        for row in await self._story(int(card["id"])):
-            if row["action"] == "card.lost":
-                return bool(json.loads(row["before"] or "{}").get("state") == CardState.INACTIVE)
-        return False
+        lost = await self._latest(int(card["id"]), "card.lost")
+        before = {} if lost is None else json.loads(lost["before"] or "{}")
+        return bool(before.get("state") == CardState.INACTIVE)
 
     async def unlock_pin(self, p: Principal, card_id: int) -> dict[str, Any]:
         """The count of wrong PINs back to 0, by an officer; never by one who typed wrong
@@ -1738,15 +1747,12 @@ class CardService:
         card = await self._card_for(p, card_id, Perm.CARDS_STATE)
         if not card["pvv"]:
             raise Refused("conflict", "pin_not_set", "the card has no PIN")
-        for row in await self._story(card_id):
-            if row["action"] == PIN_UNLOCKED:
-                break
-            if row["action"] == PIN_VERIFY_FAILED and int(row["user_id"]) == p.user_id:
-                raise Refused(
-                    "forbidden", "pin_self_unlock",
-                    "the card is unlocked by another officer than one who typed wrong PINs",
-                    "card_id",
-                )  # fmt: skip
+        if await self._guessed_since_unlock(card_id, p.user_id):
+            raise Refused(
+                "forbidden", "pin_self_unlock",
+                "the card is unlocked by another officer than one who typed wrong PINs",
+                "card_id",
+            )  # fmt: skip
         now = self.clock_ms()
         async with self.records.begin() as uow:
             await self.pins.unlock(uow, card_id)

@@ -188,10 +188,11 @@ class Session:
     mode: KeyMode
     tmk: bytes = field(repr=False)
     keys: WorkingKeys | None = None
-    # Keys a sign-on issued while the session held keys: the ones in use stay good until a
-    # request verifies under these (a sign-on under the terminal's id by anyone else, whose
-    # keys nobody can read, never takes the terminal's own keys away).
-    next_keys: WorkingKeys | None = None
+    # Keys sign-ons issued while the session held keys, newest last (at most
+    # GATEWAY_PENDING_KEYS_MAX): the ones in use stay good until a request verifies under one
+    # of these, which then takes their place. A sign-on under the terminal's id by anyone
+    # else, who cannot read the keys, never takes the terminal's own keys away.
+    next_keys: list[WorkingKeys] = field(default_factory=list, repr=False)
     mac_failures: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     queued: int = 0  # requests waiting for `lock` (each under its time limit)
@@ -409,7 +410,7 @@ class Processor:
                 self.metrics.gateway_signed_on.inc()
                 session.keys, session.mac_failures = keys, 0
             else:  # the keys in use stay good until a request verifies under these
-                session.next_keys = keys
+                session.next_keys = [*session.next_keys, keys][-limits.GATEWAY_PENDING_KEYS_MAX :]
             extra = {
                 "60": codec.format_f60(codec.Field60("00", answer.batch, net)),
                 "62": payload.hex().upper(),
@@ -438,7 +439,7 @@ class Processor:
             if f.get("42") != session.mid:
                 return self._reply(f, "03", keys=session), "03"
             reply = self._reply(f, APPROVED, keys=session)  # under the keys it ends
-            session.keys = session.next_keys = None  # the session's keys die with it
+            session.keys, session.next_keys = None, []  # the session's keys die with it
             self.metrics.gateway_signed_on.dec()
             return reply, APPROVED
         finally:
@@ -742,9 +743,10 @@ class Processor:
         data, mac = codec.mac_input(body), bytes.fromhex(tag)
         if s.keys.verify(s.mode, data, mac):
             return True
-        if s.next_keys is not None and s.next_keys.verify(s.mode, data, mac):
-            s.keys, s.next_keys = s.next_keys, None  # the terminal took its new keys
-            return True
+        for keys in reversed(s.next_keys):
+            if keys.verify(s.mode, data, mac):  # the terminal took these new keys
+                s.keys, s.next_keys, s.mac_failures = keys, [], 0
+                return True
         return False
 
     def _mac_failed(self, s: Session, f: dict[str, str]) -> tuple[Reply | None, str]:
@@ -754,7 +756,7 @@ class Processor:
             log.warning("terminal must sign on again after MAC failures", extra={"terminal": s.tid})
             if s.keys is not None:
                 self.metrics.gateway_signed_on.dec()
-            s.keys, s.next_keys, s.mac_failures = None, None, 0
+            s.keys, s.next_keys, s.mac_failures = None, [], 0
             return self._reply(f, MAC_ERROR, processing=codec.PROCESSING_SIGN_ON), MAC_ERROR
         return self._reply(f, MAC_ERROR), MAC_ERROR
 

@@ -625,3 +625,60 @@ async def test_a_top_up_confirmation_without_a_final_answer_is_sent_again_with_i
 
 def _confirmation_owed(t: PosTerminal) -> dict[str, str] | None:
     return t.pending_confirmation
+
+
+def _wired(t: PosTerminal, processor: Processor) -> None:
+    """The reference terminal's line straight into an in-memory processor."""
+    box: dict[str, bytes] = {}
+    skip = codec.LENGTH_BYTES + codec.TPDU_BYTES + codec.HEADER_BYTES
+
+    async def send_raw(frame: bytes) -> None:
+        box["body"] = frame[skip:]
+
+    async def read_reply() -> Reply:
+        reply = await processor.handle(box["body"])
+        assert reply is not None
+        frame = codec.pack_frame(b"\x60\x00\x00\x00\x01", bytes(6), reply.body)
+        return Reply(codec.decode(reply.body), 0, frame)
+
+    t.send_raw, t.read_reply = send_raw, read_reply  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("why", ["restart", "mac_errors"])
+async def test_a_sign_off_the_gateway_has_no_keys_for_is_00_and_the_terminal_takes_it(
+    tmp_path: Path, why: str
+) -> None:
+    """The gateway restarted, or dropped the keys after MAC errors: the terminal's MAC'd
+    sign-off is answered 00 without F64 (nothing to end), and the terminal forgets its keys."""
+    processor, _host, t = await _gateway(tmp_path)
+    if why == "restart":
+        saf = ReversalQueue(tmp_path / "again.jsonl")
+        saf.open()
+        processor = Processor(Host(), saf, KEK, Metrics())
+    else:
+        wrong = replace(t, keys=security.WorkingKeys(pik=bytes(16), mak=bytes(16)))
+        for _ in range(limits.GATEWAY_MAC_FAILURES_MAX):
+            assert _code(await processor.handle(_purchase(wrong))) == "A0"
+    _wired(t, processor)
+    reply = await t.sign_off()
+    assert reply.code == "00" and "64" not in reply.fields and t.keys is None
+
+
+async def test_a_strangers_sign_on_right_after_the_terminals_own_does_not_stop_it(
+    tmp_path: Path,
+) -> None:
+    """The terminal signs on again; before its first request under the new keys a stranger
+    signs on too: the terminal's new keys still verify (and reset the MAC error count)."""
+    processor, _host, t = await _gateway(tmp_path)
+    wrong = replace(t, keys=security.WorkingKeys(pik=bytes(16), mak=bytes(16)))
+    for _ in range(limits.GATEWAY_MAC_FAILURES_MAX - 1):
+        assert _code(await processor.handle(_purchase(wrong))) == "A0"
+    own = await processor.handle(codec.encode(t._base("0800", None, "00", "005")))
+    assert own is not None and _code(own) == "00"
+    t.keys = security.read_working_keys(
+        KeyMode.AES, TMK, bytes.fromhex(codec.decode(own.body)["62"])
+    )
+    stranger = await processor.handle(codec.encode(t._base("0800", None, "00", "005")))
+    assert stranger is not None and _code(stranger) == "00"
+    assert _code(await processor.handle(_purchase(t))) == "00"
+    assert processor.sessions[TID].mac_failures == 0
