@@ -343,9 +343,39 @@ def _remember_failure(s: _Scratch, op: Op, result: Result) -> None:
 
 def _apply_or_fail(s: _Scratch, op: Op) -> Result:
     try:
+        _fits_journal(op)
         return _APPLY[type(op)](s, op)
     except _Failed as failed:
         return Result(ok=False, code=failed.code, field=failed.field)
+
+
+# What the journal's columns hold (the edge checks a caller's request the same way; an
+# in-process caller reaches decide directly, and a value past a column would fail the whole
+# batch's statement on PostgreSQL, for every caller in it).
+_TEXT_BOUNDS = (
+    ("key", limits.KEY_CHARS_MAX),
+    ("target_key", limits.KEY_CHARS_MAX),
+    ("client", limits.CLIENT_CHARS_MAX),
+    ("reason", limits.REASON_CHARS_MAX),
+    ("legal_entity", limits.NAME_CHARS_MAX),
+    ("owner_kind", limits.NAME_CHARS_MAX),
+    ("owner_id", limits.NAME_CHARS_MAX),
+    ("purpose", limits.NAME_CHARS_MAX),
+    ("asset", limits.ASSET_CODE_CHARS_MAX),
+    ("code", limits.ASSET_CODE_CHARS_MAX),
+    ("name", limits.NAME_CHARS_MAX),
+)
+
+
+def _fits_journal(op: Op) -> None:
+    """Refuse an operation whose text would not fit the journal (not kept: its shape)."""
+    for name, most in _TEXT_BOUNDS:
+        value = getattr(op, name, None)
+        if isinstance(value, str) and len(value) > most:
+            raise _Failed("string_too_long", name)
+    postings = getattr(op, "postings", None)
+    if postings is not None and len(postings) > limits.POSTINGS_PER_TRANSFER_MAX:
+        raise _Failed("too_many_postings", "postings")
 
 
 # --- assets and accounts -------------------------------------------------------------------

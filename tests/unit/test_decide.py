@@ -400,3 +400,14 @@ def test_post_replay_accepts_explicit_full_amount() -> None:
     )
     assert codes(e) == ["ok", "ok", "exists_with_different_amount"]
     assert e.results[1].replayed
+
+
+def test_an_operation_past_the_journals_columns_is_refused_alone() -> None:
+    """An in-process caller skips the edge: a key past KEY_CHARS_MAX or too many postings is
+    refused with its own result, and the batch's other operations go on (on PostgreSQL the
+    batch's one statement would otherwise fail for everyone in it)."""
+    v = view(account(1, credits=100), account(2))
+    long_key = move("k" * (limits.KEY_CHARS_MAX + 1), 1, 2, 1)
+    e = decide([long_key, move("fine", 1, 2, 1)], v)
+    assert codes(e) == ["string_too_long", "ok"]
+    assert e.results[0].field == "key" and e.failures == []
