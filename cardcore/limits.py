@@ -130,6 +130,7 @@ COUNTER_KEY_CHARS_MAX: Final = 64  # the caller's idempotency key of a counter t
 # org.model.CODE), so two clerks are never one name; a metadata value may take 64.
 OPERATOR_CHARS_MAX: Final = 32
 REPORT_READ_ROWS_MAX: Final = 1000  # cards read per query while a report sums them
+REPORT_TERMINALS_MAX: Final = 10_000  # terminals a scoped settlement report reads first
 
 # --- front-end gateway (cardcore.frontend_gateway) -------------------------------------------
 GATEWAY_CONNECTIONS_MAX: Final = 30_000  # open terminal connections in one gateway process

@@ -89,6 +89,38 @@ async def _patch(request: web.Request) -> web.Response:
     return web.json_response(await service.set_state(principal(request), tid, b["state"]))
 
 
+TOTALS = r.obj(
+    {name: r.integer(0, 2**62) for name in
+     ("debit_amount", "debit_count", "credit_amount", "credit_count")},
+    ["debit_amount", "debit_count", "credit_amount", "credit_count"],
+)  # fmt: skip
+SETTLEMENT = r.obj(
+    {
+        "id": r.integer(1, 2**62),
+        "tid": TID,
+        "store": r.string(max_length=64),
+        "batch": r.string("[0-9]{6}", max_length=6),
+        "batch_cycle": r.integer(0, 2**62),
+        "host": TOTALS,
+        "terminal": TOTALS,
+        "balanced": r.boolean(),
+        "settled_at_ms": r.integer(0, 2**62),
+    },
+    ["id", "tid", "store", "batch", "batch_cycle", "host", "terminal", "balanced",
+     "settled_at_ms"],
+)  # fmt: skip
+SETTLEMENT_FILTERS = {"tid": TID, "store": r.string(r.CODE), "balanced": r.boolean()}
+
+
+async def _settlements(request: web.Request) -> web.Response:
+    q = r.query(request, {**r.PAGE_QUERY, **SETTLEMENT_FILTERS})
+    limit = q.pop("limit", limits.PAGE_LIMIT_DEFAULT)
+    after = r.cursor_int(q, 2**31 - 1)
+    q.pop("after", None)
+    rows = await _service(request).settlements(principal(request), q, after, limit)
+    return r.page(rows, limit, "id")
+
+
 PATH = {"tid": TID}
 ROUTES = [
     r.Route("POST", "/v1/terminals", _post,
@@ -100,6 +132,10 @@ ROUTES = [
             refusals=(400, 403)),
     r.Route("GET", "/v1/terminals/{tid}", _get, "One terminal", "terminals", "org_read",
             path_params=PATH, answers={200: TERMINAL}),
+    r.Route("GET", "/v1/reports/settlements", _settlements,
+            "Settled terminal batches: the host's totals beside the terminal's, balanced or not",
+            "reports", "reports_read", query={**r.PAGE_QUERY, **SETTLEMENT_FILTERS},
+            answers={200: r.page_of(SETTLEMENT)}, refusals=(400, 403)),
     r.Route("PATCH", "/v1/terminals/{tid}", _patch,
             "Disable or enable a terminal (the POS refuses a disabled one at once)",
             "terminals", "org_write", TERMINAL_CHANGES, path_params=PATH,

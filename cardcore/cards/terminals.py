@@ -5,10 +5,12 @@ and enabled inside the caller's scope. A disabled terminal is refused at the POS
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Callable
 from typing import Any
 
+from cardcore import limits
 from cardcore.cards import admin
 from cardcore.cards.accounts import Accounts
 from cardcore.cards.directory import Directory, terminal_row
@@ -19,6 +21,22 @@ from cardcore.org.service import OrgService
 from cardcore.records import Conflict, Records
 
 TERMINALS = "pos_terminals"
+SETTLEMENTS = "pos_settlements"
+
+
+def settlement_view(row: dict[str, Any], store: str) -> dict[str, Any]:
+    """A settled terminal batch: the host's totals, the terminal's, and whether they agreed."""
+
+    def totals(prefix: str) -> dict[str, int]:
+        return {name: int(row[prefix + name]) for name in
+                ("debit_amount", "debit_count", "credit_amount", "credit_count")}  # fmt: skip
+
+    return {
+        "id": int(row["id"]), "tid": row["tid"], "store": store, "batch": row["batch"],
+        "batch_cycle": int(row["batch_cycle"]), "host": totals(""),
+        "terminal": totals("terminal_"), "balanced": bool(row["balanced"]),
+        "settled_at_ms": int(row["settled_at_ms"]),
+    }  # fmt: skip
 
 
 def terminal_view(row: dict[str, Any]) -> dict[str, Any]:
@@ -116,6 +134,49 @@ class TerminalAdmin:
         async with self.records.read() as uow:
             rows = await uow.find(TERMINALS, where, order="tid", after=after, limit=limit)
         return [terminal_view(r) for r in rows]
+
+    async def settlements(
+        self, p: Principal, filters: dict[str, Any], after: int | None, limit: int
+    ) -> builtins.list[dict[str, Any]]:
+        """HQ finance's daily reconciliation of terminals: each settled batch (0500 or the
+        upload's end), the host's totals beside the terminal's and whether they agreed,
+        newest last, of the terminals in the caller's scope (`tid`, `store` and `balanced`
+        narrow it). A scope or store narrower than the group reads its terminals first (at
+        most REPORT_TERMINALS_MAX)."""
+        require(p, Perm.REPORTS_READ)
+        place = {k: filters[k] for k in ("store",) if k in filters}
+        scoped = scoped_filter(p, place)
+        if scoped is None:
+            return []
+        where: dict[str, Any] = {}
+        if "balanced" in filters:
+            where["balanced"] = filters["balanced"]
+        async with self.records.read() as uow:
+            if scoped or "tid" in filters:
+                terminals = await uow.find(
+                    TERMINALS, {**scoped, **({"tid": filters["tid"]} if "tid" in filters else {})},
+                    order="tid", limit=limits.REPORT_TERMINALS_MAX,
+                )  # fmt: skip
+                if len(terminals) > limits.REPORT_TERMINALS_MAX:
+                    raise Refused(
+                        "invalid", "too_many_terminals",
+                        f"more than {limits.REPORT_TERMINALS_MAX} terminals: narrow by store",
+                        "store",
+                    )  # fmt: skip
+                if not terminals:
+                    return []
+                where["tid"] = [t["tid"] for t in terminals]
+            rows = await uow.find(SETTLEMENTS, where, after=after, limit=limit)
+            tids = sorted({r["tid"] for r in rows})
+            stores = {
+                t["tid"]: t["store"]
+                for t in (
+                    await uow.find(TERMINALS, {"tid": tids}, order="tid", limit=len(tids))
+                    if tids
+                    else []
+                )
+            }
+        return [settlement_view(r, stores.get(r["tid"], "")) for r in rows]
 
     async def set_state(self, p: Principal, tid: str, state: str) -> dict[str, Any]:
         row = await self._row(p, tid, Perm.ORG_WRITE)

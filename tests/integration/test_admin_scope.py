@@ -302,6 +302,8 @@ def _calls(w: dict[str, Any]) -> dict[tuple[str, str], Call]:
             lambda a: all(e[k]["cards"] == 0 for e in a["entities"]
                           for k in ("gift", "stored_value")),
             query={"as_of": "2099-12"}),
+        ("GET", "/v1/reports/settlements"): Call(
+            "/v1/reports/settlements", lambda a: a["items"] == [], query={"store": "S1"}),
     }  # fmt: skip
 
 

@@ -753,3 +753,50 @@ async def test_a_refund_is_made_in_the_store_where_the_purchase_was(
         kind=Kind.REFUND, terminal=here, batch="000001", stan="000003", card=bear["pan"],
         amount=2_000, rrn=sale.rrn)])  # fmt: skip
     assert (done.outcome, done.balance) == (Outcome.APPROVED, 7_000)
+
+
+async def test_the_settlement_report_shows_each_settled_batch_in_the_callers_scope(
+    admin: AdminClient,
+) -> None:
+    """Terminals of S1 and S3 settle, one balanced and one not: HQ finance sees both with
+    the host's totals beside the terminal's; S1's officer sees its own; filters narrow."""
+    await world(admin)
+    bear = await issue(admin, "BEAR", "S1")
+    assert (await topup(admin, bear["id"], 10_000))[0] == 201
+    t1, t3 = await terminal(admin, "S1"), await terminal(admin, "S3")
+    pos_service = admin.app[POS_KEY]
+    [sale] = await pos_service.handle([PosRequest(
+        kind=Kind.PURCHASE, terminal=t1, batch="000001", stan="000001", card=bear["pan"],
+        amount=1_500)])  # fmt: skip
+    assert sale.outcome is Outcome.APPROVED
+    for tid, totals in ((t1, (1_500, 1, 0, 0)), (t3, (700, 1, 0, 0))):
+        [settled] = await pos_service.handle(
+            [
+                PosRequest(
+                    kind=Kind.SETTLE, terminal=tid, batch="000001", stan="000002", totals=totals
+                )
+            ]
+        )
+        assert settled.outcome is Outcome.APPROVED
+    [end] = await pos_service.handle(
+        [
+            PosRequest(  # S3's batch closes by its upload
+                kind=Kind.UPLOAD, terminal=t3, batch="000001", stan="000003", totals=(700, 1, 0, 0)
+            )
+        ]
+    )
+    assert end.outcome is Outcome.APPROVED
+    everything = await admin.ok("GET", "/v1/reports/settlements")
+    assert [(x["tid"], x["store"], x["balanced"], x["host"]["debit_amount"],
+             x["terminal"]["debit_amount"]) for x in everything["items"]] == [
+        (t1, "S1", True, 1_500, 1_500), (t3, "S3", False, 0, 700)]  # fmt: skip
+    officer = await admin.token("store_crm", "store", "S1")
+    mine = await admin.ok("GET", "/v1/reports/settlements", officer)
+    assert [x["tid"] for x in mine["items"]] == [t1]
+    unbalanced = await admin.ok("GET", "/v1/reports/settlements", balanced="false")
+    assert [x["tid"] for x in unbalanced["items"]] == [t3]
+    assert (await admin.ok("GET", "/v1/reports/settlements", officer, store="S3"))[
+        "items"] == []  # fmt: skip
+    assert (await admin.ok("GET", "/v1/reports/settlements", tid=t3))["items"][0]["tid"] == t3
+    page = await admin.ok("GET", "/v1/reports/settlements", limit=1)
+    assert page["next_after"] == str(everything["items"][0]["id"])
