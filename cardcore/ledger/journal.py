@@ -322,6 +322,8 @@ class Verifier:
     infos: dict[int, AccountInfo] = field(default_factory=dict)
     batches: int = 0
     entries: int = 0
+    # Holds not yet resolved (id -> (postings, expires_at_ms)): bounded by what is open.
+    holds: dict[int, tuple[tuple[Posting, ...], int | None]] = field(default_factory=dict)
 
     def batch(self, header: Mapping[str, Any], rows: Mapping[str, list[Row]]) -> None:
         seq = header["seq"]
@@ -371,6 +373,7 @@ class Verifier:
             ] += 1
         for t in transfers:
             self._legs_match(seq, t, legs.get(t["id"], Counter()))
+            self._chain(seq, t, legs.get(t["id"], Counter()))
         for e in entries:
             aid, tid = e["account_id"], e["transfer_id"]
             where = f"batch {seq} entry {e['id']} (account {aid}, transfer {tid})"
@@ -434,6 +437,83 @@ class Verifier:
         )
         if wanted != moved:
             raise Mismatch(f"batch {seq} transfer {t['id']}: its postings are not its entries")
+
+    def _chain(self, seq: int, t: Row, moved: Counter[tuple[int, str, int, int]]) -> None:
+        """What a transfer may do given the ones before it: a post, void or expiry resolves
+        an open hold once and moves exactly its legs (released in full; posted: each leg's
+        one amount, at most the hold's, none for a void or expiry). Reversals and refunds
+        are checked against their targets afterwards (`given_back`)."""
+        kind, tid = TransferKind(t["kind"]), int(t["id"])
+        where = f"batch {seq} transfer {tid}"
+        postings = postings_from_json(t["postings"])
+        if kind is TransferKind.PENDING:
+            self.holds[tid] = (postings, t["expires_at_ms"])
+        elif kind in (TransferKind.POST, TransferKind.VOID, TransferKind.EXPIRE):
+            hold = self.holds.pop(int(t["pending_id"] or 0), None)
+            if hold is None:
+                raise Mismatch(f"{where}: resolves no open hold ({t['pending_id']})")
+            posted = {amount for (_a, _s, amount, _p) in moved}
+            if kind is not TransferKind.POST and posted != {0}:
+                raise Mismatch(f"{where}: a {kind} posts money")
+            if len(posted) != 1:
+                raise Mismatch(f"{where}: its legs post different amounts")
+            amount = posted.pop()
+            wanted = Counter((p.account_id, str(p.side), amount, -p.amount) for p in hold[0])
+            if wanted != moved or any(amount > p.amount for p in hold[0]):
+                raise Mismatch(f"{where}: does not move its hold's legs")
+
+    @staticmethod
+    def given_back(rows: Iterable[Row]) -> None:
+        """Every reversal and refund, in id order, each with its target (`target_kind`,
+        `target_target_id`, `target_postings`): it mirrors the target's legs (sides
+        swapped, one amount); refunds never give back more than their target moved; a
+        reversal of a transfer gives back exactly what its refunds (less their reversals)
+        left of it, a reversal of a reversal exactly that reversal. Memory: what refunds
+        took, per refunded transfer."""
+        refunded: dict[int, int] = {}
+        for t in rows:
+            where = f"transfer {t['id']}"
+            if t["target_kind"] is None:
+                raise Mismatch(f"{where}: gives back an unknown transfer ({t['target_id']})")
+            postings, target = (
+                postings_from_json(t["postings"]),
+                postings_from_json(t["target_postings"]),
+            )
+            swapped = Counter(
+                (p.account_id, str(Side.CREDIT if p.side is Side.DEBIT else Side.DEBIT))
+                for p in target
+            )
+            amounts = {p.amount for p in postings}
+            if len(amounts) != 1 or Counter((p.account_id, str(p.side)) for p in postings) != (
+                swapped
+            ):
+                raise Mismatch(f"{where}: does not mirror the legs of transfer {t['target_id']}")
+            amount, whole, origin = amounts.pop(), target[0].amount, int(t["target_id"])
+            target_kind = TransferKind(t["target_kind"])
+            if TransferKind(t["kind"]) is TransferKind.REFUND:
+                if refunded.get(origin, 0) + amount > whole:
+                    raise Mismatch(f"{where}: refunds more than transfer {origin} moved")
+                refunded[origin] = refunded.get(origin, 0) + amount
+            elif target_kind is TransferKind.REFUND:
+                inner = int(t["target_target_id"])
+                refunded[inner] = refunded.get(inner, 0) - amount
+            elif target_kind is TransferKind.REVERSE:
+                if amount != whole:
+                    raise Mismatch(f"{where}: reverses other than the reversal {origin} moved")
+            elif amount != whole - refunded.get(origin, 0):
+                raise Mismatch(f"{where}: reverses other than what refunds left of {origin}")
+
+    def open_holds(self, stored: Iterable[tuple[int, int | None]]) -> None:
+        """Compare the replayed unresolved holds with the working set (id, expires_at_ms)."""
+        replayed = {tid: expires for tid, (_legs, expires) in self.holds.items()}
+        kept = dict(stored)
+        if kept != replayed:
+            missing = sorted(set(replayed) - set(kept))
+            extra = sorted(set(kept) - set(replayed))
+            raise Mismatch(
+                f"open holds: the journal leaves {sorted(replayed)}, the table holds "
+                f"{sorted(kept)} (missing {missing}, extra {extra})"
+            )
 
     def accounts(self, stored: Iterable[Account]) -> None:
         """Compare the replayed accounts (owner, asset, flags, balances) with the table."""

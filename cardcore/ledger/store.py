@@ -558,6 +558,22 @@ class LedgerStore:
                     raise journal.Mismatch(f"account {account.id}: natural key does not match")
                 accounts.append(account)
             verifier.accounts(accounts)
+            holds = await conn.execute(
+                select(schema.open_holds.c.transfer_id, schema.open_holds.c.expires_at_ms)
+            )
+            verifier.open_holds((int(r[0]), r[1]) for r in holds)
+            t, g = schema.transfers, schema.transfers.alias("target")
+            given = await conn.execute(
+                select(
+                    t.c.id, t.c.kind, t.c.target_id, t.c.postings,
+                    g.c.kind.label("target_kind"), g.c.target_id.label("target_target_id"),
+                    g.c.postings.label("target_postings"),
+                )
+                .select_from(t.outerjoin(g, g.c.id == t.c.target_id))
+                .where(t.c.kind.in_([str(TransferKind.REVERSE), str(TransferKind.REFUND)]))
+                .order_by(t.c.id)
+            )  # fmt: skip
+            journal.Verifier.given_back(dict(r) for r in given.mappings())
         return verifier
 
 

@@ -236,3 +236,72 @@ def test_stored_texts_are_json_dumps_canonical_text(
     assert journal.canonical_json({"k": metadata, "b": [1, None]}) == _dumps(
         {"k": metadata, "b": [1, None]}
     )
+
+
+# --- holds, reversals and refunds against what came before (second ledger review) ------------
+
+
+def _legs(*legs: tuple[int, str, int]) -> str:
+    return journal.postings_json(tuple(Posting(a, Side(s), x) for a, s, x in legs))
+
+
+def _transfer(tid: int, kind: str, legs: str, **extra: Any) -> dict[str, Any]:
+    return {"id": tid, "kind": kind, "postings": legs, "pending_id": None, "target_id": None,
+            "expires_at_ms": None, **extra}  # fmt: skip
+
+
+def test_a_resolution_must_resolve_an_open_hold_once_moving_its_legs() -> None:
+    from collections import Counter  # noqa: PLC0415
+
+    v = journal.Verifier()
+    hold = _legs((1, "debit", 100), (2, "credit", 100))
+    v._chain(1, _transfer(10, "pending", hold), Counter())
+    released = Counter({(1, "debit", 0, -100): 1, (2, "credit", 0, -100): 1})
+    moved_money = Counter({(1, "debit", 60, -100): 1, (2, "credit", 60, -100): 1})
+    with pytest.raises(journal.Mismatch, match="posts money"):  # a void that pays out
+        v._chain(2, _transfer(11, "void", hold, pending_id=10), moved_money)
+    v._chain(1, _transfer(10, "pending", hold), Counter())
+    too_much = Counter({(1, "debit", 5000, -100): 1, (2, "credit", 5000, -100): 1})
+    with pytest.raises(journal.Mismatch, match="does not move its hold's legs"):
+        v._chain(2, _transfer(11, "post", hold, pending_id=10), too_much)
+    v._chain(1, _transfer(10, "pending", hold), Counter())
+    v._chain(2, _transfer(11, "post", hold, pending_id=10), moved_money)  # a partial post
+    with pytest.raises(journal.Mismatch, match="resolves no open hold"):  # twice
+        v._chain(3, _transfer(12, "void", hold, pending_id=10), released)
+    v.open_holds([])
+    v._chain(4, _transfer(13, "pending", hold, expires_at_ms=5), Counter())
+    with pytest.raises(journal.Mismatch, match="missing \\[13\\]"):  # its working-set row gone
+        v.open_holds([])
+    v.open_holds([(13, 5)])
+
+
+def _given(tid: int, kind: str, target: int, legs: str, target_kind: str, target_legs: str,
+           target_target: int | None = None) -> dict[str, Any]:  # fmt: skip
+    return {"id": tid, "kind": kind, "target_id": target, "postings": legs,
+            "target_kind": target_kind, "target_target_id": target_target,
+            "target_postings": target_legs}  # fmt: skip
+
+
+def test_reversals_and_refunds_mirror_their_targets_and_never_give_back_more() -> None:
+    sale = _legs((1, "debit", 100), (2, "credit", 100))
+
+    def back(amount: int) -> str:
+        return _legs((1, "credit", amount), (2, "debit", amount))
+
+    journal.Verifier.given_back([
+        _given(11, "refund", 10, back(30), "posted", sale),
+        _given(12, "reverse", 11, _legs((1, "debit", 30), (2, "credit", 30)), "refund",
+               back(30), target_target=10),  # the refund reversed: 100 refundable again
+        _given(13, "refund", 10, back(100), "posted", sale),
+    ])  # fmt: skip
+    bad = {
+        "refunds more": [_given(11, "refund", 10, back(60), "posted", sale),
+                         _given(12, "refund", 10, back(60), "posted", sale)],
+        "what refunds left": [_given(11, "refund", 10, back(30), "posted", sale),
+                              _given(12, "reverse", 10, back(100), "posted", sale)],
+        "does not mirror": [_given(11, "refund", 10, sale, "posted", sale)],
+        "unknown transfer": [_given(11, "refund", 99, back(1), None, "[]")],  # type: ignore[arg-type]
+    }  # fmt: skip
+    for match, rows in bad.items():
+        with pytest.raises(journal.Mismatch, match=match):
+            journal.Verifier.given_back(rows)
