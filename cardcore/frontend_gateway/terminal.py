@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cardcore.frontend_gateway import codec, security
 from cardcore.frontend_gateway.security import KeyMode, WorkingKeys
@@ -403,10 +403,17 @@ class PosTerminal:
         return await self.send_pending_confirmation()
 
     async def send_pending_confirmation(self) -> Reply:
+        """The owed confirmation again, with its STAN, in the terminal's current batch (a
+        sign-on since may have moved it: F61 still names the top-up). Done on 00, and on a
+        refusal that will not change (12: confirmed already; 25, 64, 94); owed otherwise."""
         owed = self.pending_confirmation
         assert owed is not None
+        f60 = codec.parse_f60(owed["60"])
+        if f60.batch != self.batch:
+            owed = {**owed, "60": codec.format_f60(replace(f60, batch=self.batch))}
+            self.pending_confirmation = owed
         reply = await self.financial(owed)
-        if reply.code not in CONFIRM_AGAIN_CODES:
+        if reply.code in CONFIRM_DONE_CODES:
             self.pending_confirmation = None
         if reply.code == "00":
             self.lines.append(_Line(owed["11"], "topup_confirm", int(owed["4"])))
@@ -500,7 +507,14 @@ class PosTerminal:
         credit = [x.amount for x in live if x.kind in ("refund", "topup_confirm")]
         return codec.Totals(sum(debit), len(debit), sum(credit), len(credit))
 
+    def _nothing_owed(self) -> None:
+        """A batch is settled or uploaded only once its reversal and confirmation owed are
+        done: they belong to it."""
+        if self.pending_reversal is not None or self.pending_confirmation is not None:
+            raise TerminalError("a reversal or a top-up confirmation is still owed: send it first")
+
     async def settle(self, totals: codec.Totals | None = None) -> Reply:
+        self._nothing_owed()
         fields = self._base("0500", None, "00", "201")
         fields["48"] = codec.format_totals(totals or self.totals(), "0")
         fields["49"] = "156"
@@ -512,6 +526,7 @@ class PosTerminal:
     async def upload(self) -> list[Reply]:
         """Batch upload after an unbalanced settlement: every live line, eight per message,
         then the closing message; the batch then closes."""
+        self._nothing_owed()
         replies = []
         live = [x for x in self.lines if not x.voided and x.kind != "void"]
         for i in range(0, len(live), 8):
@@ -551,8 +566,8 @@ APPROVAL_CODES = frozenset({"00", "10"})
 # any other code without one is forged. None of them settles the request.
 UNMACD_CODES = frozenset({"13", "14", "30", "77", "91", "96", "A0"})
 NOT_SENT_CODES = UNMACD_CODES - {"96"}  # the gateway answers them before the host sees it
-# A top-up confirmation answered so is sent again, same STAN (docs/card-protocol.md 5.9).
-CONFIRM_AGAIN_CODES = frozenset({"96", "91", "77", "A0"})
+# A top-up confirmation is sent again, same STAN, until one of these (card-protocol 5.9).
+CONFIRM_DONE_CODES = frozenset({"00", "12", "25", "64", "94"})
 # A reversal's reason (its F39): no reply, a reply whose MAC did not verify, the cashier's.
 REVERSAL_NO_REPLY = "98"
 REVERSAL_BAD_MAC = "A0"

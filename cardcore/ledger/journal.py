@@ -324,6 +324,13 @@ class Verifier:
     entries: int = 0
     # Holds not yet resolved (id -> (postings, expires_at_ms)): bounded by what is open.
     holds: dict[int, tuple[tuple[Posting, ...], int | None]] = field(default_factory=dict)
+    # `given_back`: what refunds took of each payment; each reversal's target, amount and
+    # (of a payment) the payment's leg; the transfers whose effect is undone now.
+    refunded: dict[int, int] = field(default_factory=dict)
+    reversal_of: dict[int, int] = field(default_factory=dict)
+    reversal_amount: dict[int, int] = field(default_factory=dict)
+    reversal_leg: dict[int, int] = field(default_factory=dict)
+    undone: set[int] = field(default_factory=set)
 
     def batch(self, header: Mapping[str, Any], rows: Mapping[str, list[Row]]) -> None:
         seq = header["seq"]
@@ -442,7 +449,7 @@ class Verifier:
         """What a transfer may do given the ones before it: a post, void or expiry resolves
         an open hold once and moves exactly its legs (released in full; posted: each leg's
         one amount, at most the hold's, none for a void or expiry). Reversals and refunds
-        are checked against their targets afterwards (`given_back`)."""
+        are checked against their targets afterwards (`given_back`, streamed by id)."""
         kind, tid = TransferKind(t["kind"]), int(t["id"])
         where = f"batch {seq} transfer {tid}"
         postings = postings_from_json(t["postings"])
@@ -452,56 +459,75 @@ class Verifier:
             hold = self.holds.pop(int(t["pending_id"] or 0), None)
             if hold is None:
                 raise Mismatch(f"{where}: resolves no open hold ({t['pending_id']})")
+            whole = Counter((p.account_id, str(p.side), p.amount, -p.amount) for p in hold[0])
+            if kind is TransferKind.POST and moved == whole:
+                return  # a full post: each leg its own amount (the legs may differ)
             posted = {amount for (_a, _s, amount, _p) in moved}
             if kind is not TransferKind.POST and posted != {0}:
                 raise Mismatch(f"{where}: a {kind} posts money")
             if len(posted) != 1:
                 raise Mismatch(f"{where}: its legs post different amounts")
-            amount = posted.pop()
+            amount = posted.pop()  # a partial post (equal legs), a void or an expiry
             wanted = Counter((p.account_id, str(p.side), amount, -p.amount) for p in hold[0])
             if wanted != moved or any(amount > p.amount for p in hold[0]):
                 raise Mismatch(f"{where}: does not move its hold's legs")
 
-    @staticmethod
-    def given_back(rows: Iterable[Row]) -> None:
-        """Every reversal and refund, in id order, each with its target (`target_kind`,
-        `target_target_id`, `target_postings`): it mirrors the target's legs (sides
-        swapped, one amount); refunds never give back more than their target moved; a
-        reversal of a transfer gives back exactly what its refunds (less their reversals)
-        left of it, a reversal of a reversal exactly that reversal. Memory: what refunds
-        took, per refunded transfer."""
-        refunded: dict[int, int] = {}
-        for t in rows:
-            where = f"transfer {t['id']}"
-            if t["target_kind"] is None:
-                raise Mismatch(f"{where}: gives back an unknown transfer ({t['target_id']})")
-            postings, target = (
-                postings_from_json(t["postings"]),
-                postings_from_json(t["target_postings"]),
-            )
-            swapped = Counter(
-                (p.account_id, str(Side.CREDIT if p.side is Side.DEBIT else Side.DEBIT))
-                for p in target
-            )
-            amounts = {p.amount for p in postings}
-            if len(amounts) != 1 or Counter((p.account_id, str(p.side)) for p in postings) != (
-                swapped
-            ):
-                raise Mismatch(f"{where}: does not mirror the legs of transfer {t['target_id']}")
-            amount, whole, origin = amounts.pop(), target[0].amount, int(t["target_id"])
-            target_kind = TransferKind(t["target_kind"])
-            if TransferKind(t["kind"]) is TransferKind.REFUND:
-                if refunded.get(origin, 0) + amount > whole:
-                    raise Mismatch(f"{where}: refunds more than transfer {origin} moved")
-                refunded[origin] = refunded.get(origin, 0) + amount
-            elif target_kind is TransferKind.REFUND:
-                inner = int(t["target_target_id"])
-                refunded[inner] = refunded.get(inner, 0) - amount
-            elif target_kind is TransferKind.REVERSE:
-                if amount != whole:
-                    raise Mismatch(f"{where}: reverses other than the reversal {origin} moved")
-            elif amount != whole - refunded.get(origin, 0):
-                raise Mismatch(f"{where}: reverses other than what refunds left of {origin}")
+    def given_back(self, t: Row) -> None:
+        """One reversal or refund, in id order, with its target (`target_kind`,
+        `target_target_id`, `target_postings`): it mirrors the target's legs (sides swapped,
+        one amount). A refund gives back a payment (posted, or a post) that stands, never
+        past what it moved; a reversal undoes what stands: a payment, exactly what its
+        refunds (less their reversals) left; a refund or a reversal, exactly its amount.
+        Undoing a reversal makes its target stand again (and a payment undone once more,
+        whose refunds came since, must still have room for it). Memory: what refunds took
+        per refunded payment, and each reversal's target and amount."""
+        where = f"transfer {t['id']}"
+        if t["target_kind"] is None:
+            raise Mismatch(f"{where}: gives back an unknown transfer ({t['target_id']})")
+        postings = postings_from_json(t["postings"])
+        target = postings_from_json(t["target_postings"])
+        swapped = Counter(
+            (p.account_id, str(Side.CREDIT if p.side is Side.DEBIT else Side.DEBIT)) for p in target
+        )
+        amounts = {p.amount for p in postings}
+        if len(amounts) != 1 or Counter((p.account_id, str(p.side)) for p in postings) != swapped:
+            raise Mismatch(f"{where}: does not mirror the legs of transfer {t['target_id']}")
+        amount, whole, origin = amounts.pop(), target[0].amount, int(t["target_id"])
+        target_kind = TransferKind(t["target_kind"])
+        payment = target_kind in (TransferKind.POSTED, TransferKind.POST)
+        if origin in self.undone:
+            raise Mismatch(f"{where}: gives back transfer {origin}, which was undone")
+        if TransferKind(t["kind"]) is TransferKind.REFUND:
+            if not payment:
+                raise Mismatch(f"{where}: refunds transfer {origin}, which is not a payment")
+            if self.refunded.get(origin, 0) + amount > whole:
+                raise Mismatch(f"{where}: refunds more than transfer {origin} moved")
+            self.refunded[origin] = self.refunded.get(origin, 0) + amount
+            return
+        if amount != (whole - self.refunded.get(origin, 0) if payment else whole):
+            raise Mismatch(f"{where}: reverses other than what is left of transfer {origin}")
+        if target_kind is TransferKind.REFUND:
+            inner = int(t["target_target_id"])
+            self.refunded[inner] = self.refunded.get(inner, 0) - amount
+        rid = int(t["id"])
+        self.reversal_of[rid], self.reversal_amount[rid] = origin, amount
+        if payment:
+            self.reversal_leg[rid] = whole
+        self.undone.add(origin)
+        current = origin  # undoing a reversal makes its target stand, and so on down
+        while current in self.reversal_of:
+            inner = self.reversal_of[current]
+            if current in self.undone:
+                self.undone.discard(inner)
+            else:
+                self.undone.add(inner)
+                leg = self.reversal_leg.get(current)
+                if (
+                    leg is not None
+                    and self.refunded.get(inner, 0) + (self.reversal_amount[current]) > leg
+                ):
+                    raise Mismatch(f"{where}: undoes transfer {inner} again past its refunds")
+            current = inner
 
     def open_holds(self, stored: Iterable[tuple[int, int | None]]) -> None:
         """Compare the replayed unresolved holds with the working set (id, expires_at_ms)."""

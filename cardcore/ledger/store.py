@@ -563,7 +563,7 @@ class LedgerStore:
             )
             verifier.open_holds((int(r[0]), r[1]) for r in holds)
             t, g = schema.transfers, schema.transfers.alias("target")
-            given = await conn.execute(
+            given = await conn.stream(
                 select(
                     t.c.id, t.c.kind, t.c.target_id, t.c.postings,
                     g.c.kind.label("target_kind"), g.c.target_id.label("target_target_id"),
@@ -573,7 +573,8 @@ class LedgerStore:
                 .where(t.c.kind.in_([str(TransferKind.REVERSE), str(TransferKind.REFUND)]))
                 .order_by(t.c.id)
             )  # fmt: skip
-            journal.Verifier.given_back(dict(r) for r in given.mappings())
+            async for row in given.mappings():  # streamed: every reversal and refund
+                verifier.given_back(dict(row))
         return verifier
 
 

@@ -141,12 +141,12 @@ def mask_id(id_type: IdType, number: str) -> str:
 def masked_personal(view: dict[str, Any]) -> dict[str, Any]:
     """A member's view as the append-only audit log keeps it: the name, mobile, email and
     birthday masked (a delete erases the member; the log, which cannot be changed, must not
-    keep what it erased). What changed still shows: the masks differ."""
+    keep what it erased). Which fields a change changed, the update's audit row lists."""
     out = dict(view)
     name = out.get("name") or ""
     out["name"] = name[:1] + "*" * max(1, len(name) - 1) if name else name
-    mobile = out.get("mobile") or ""
-    out["mobile"] = mobile[:6] + "*" * max(0, len(mobile) - 10) + mobile[-4:] if mobile else mobile
+    mobile = out.get("mobile") or ""  # E.164 (8 to 16 characters): its last four shown
+    out["mobile"] = "*" * (len(mobile) - 4) + mobile[-4:] if mobile else mobile
     email = out.get("email") or ""
     local, at, domain = email.partition("@")
     out["email"] = local[:1] + "***" + at + domain if email else email

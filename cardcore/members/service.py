@@ -354,11 +354,13 @@ class MemberService:
             # A move to another store is seen from both places: the row at the old one too,
             # so the entity and store that lost the member can read that they did.
             places = dict.fromkeys((place_of(before), place_of(after)))
+            was, now_is = member_view(before), member_view(after)
+            changed = sorted(k for k in now_is if k != "updated_at_ms" and was[k] != now_is[k])
             for place in places:
                 await uow.audit(
                     p, action="member.update", kind="member", object_id=member_id,
-                    place=place, before=audit_image(before), after=audit_image(after),
-                    now_ms=now,
+                    place=place, before=audit_image(before),
+                    after={**audit_image(after), "changed": changed}, now_ms=now,
                 )  # fmt: skip
             return await self._full_view(p, uow, after)
 

@@ -623,6 +623,20 @@ async def test_a_top_up_confirmation_without_a_final_answer_is_sent_again_with_i
     assert [x.kind for x in t.lines][-2:] == ["topup_confirm", "purchase"]
 
 
+async def test_an_owed_confirmation_goes_in_the_current_batch_and_blocks_settling() -> None:
+    """A sign-on moved the batch after a 96 to the confirmation: it is sent again in the new
+    batch (a 77 for the old one would keep it owed for ever); no settlement before it."""
+    t, sent = _scripted_terminal(["00", "96", "00"])
+    assert (await t.topup(PAN, 5_000)).code == "00"
+    assert (await t.topup_confirm(sent[-1]["11"], 5_000)).code == "96"
+    with pytest.raises(TerminalError, match="still owed"):
+        await t.settle()
+    t.batch = "000002"
+    assert (await t.send_pending_confirmation()).code == "00"
+    assert codec.parse_f60(sent[-1]["60"]).batch == "000002"
+    assert _confirmation_owed(t) is None
+
+
 def _confirmation_owed(t: PosTerminal) -> dict[str, str] | None:
     return t.pending_confirmation
 

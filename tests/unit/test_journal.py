@@ -273,6 +273,11 @@ def test_a_resolution_must_resolve_an_open_hold_once_moving_its_legs() -> None:
     with pytest.raises(journal.Mismatch, match="missing \\[13\\]"):  # its working-set row gone
         v.open_holds([])
     v.open_holds([(13, 5)])
+    uneven = _legs((1, "debit", 54), (2, "credit", 27), (3, "credit", 27))
+    v._chain(5, _transfer(20, "pending", uneven), Counter())
+    in_full = Counter({(1, "debit", 54, -54): 1, (2, "credit", 27, -27): 1,
+                       (3, "credit", 27, -27): 1})  # fmt: skip
+    v._chain(6, _transfer(21, "post", uneven, pending_id=20), in_full)  # legs may differ
 
 
 def _given(tid: int, kind: str, target: int, legs: str, target_kind: str, target_legs: str,
@@ -282,26 +287,54 @@ def _given(tid: int, kind: str, target: int, legs: str, target_kind: str, target
             "target_postings": target_legs}  # fmt: skip
 
 
+def _check(rows: list[dict[str, Any]]) -> None:
+    v = journal.Verifier()
+    for row in rows:
+        v.given_back(row)
+
+
 def test_reversals_and_refunds_mirror_their_targets_and_never_give_back_more() -> None:
     sale = _legs((1, "debit", 100), (2, "credit", 100))
 
     def back(amount: int) -> str:
         return _legs((1, "credit", amount), (2, "debit", amount))
 
-    journal.Verifier.given_back([
+    def forth(amount: int) -> str:
+        return _legs((1, "debit", amount), (2, "credit", amount))
+
+    _check([
         _given(11, "refund", 10, back(30), "posted", sale),
-        _given(12, "reverse", 11, _legs((1, "debit", 30), (2, "credit", 30)), "refund",
-               back(30), target_target=10),  # the refund reversed: 100 refundable again
-        _given(13, "refund", 10, back(100), "posted", sale),
+        _given(12, "reverse", 11, forth(30), "refund", back(30), target_target=10),
+        _given(13, "refund", 10, back(100), "posted", sale),  # 100 refundable again
+    ])  # fmt: skip
+    _check([  # a void, its reversal, a void again, its reversal; then a refund
+        _given(11, "reverse", 10, back(100), "posted", sale),
+        _given(12, "reverse", 11, forth(100), "reverse", back(100), target_target=10),
+        _given(13, "reverse", 12, back(100), "reverse", forth(100), target_target=11),
+        _given(14, "reverse", 13, forth(100), "reverse", back(100), target_target=12),
+        _given(15, "refund", 10, back(40), "posted", sale),
     ])  # fmt: skip
     bad = {
         "refunds more": [_given(11, "refund", 10, back(60), "posted", sale),
                          _given(12, "refund", 10, back(60), "posted", sale)],
-        "what refunds left": [_given(11, "refund", 10, back(30), "posted", sale),
-                              _given(12, "reverse", 10, back(100), "posted", sale)],
+        "what is left": [_given(11, "refund", 10, back(30), "posted", sale),
+                         _given(12, "reverse", 10, back(100), "posted", sale)],
         "does not mirror": [_given(11, "refund", 10, sale, "posted", sale)],
         "unknown transfer": [_given(11, "refund", 99, back(1), None, "[]")],  # type: ignore[arg-type]
+        "which was undone": [_given(11, "reverse", 10, back(100), "posted", sale),
+                             _given(12, "refund", 10, back(50), "posted", sale)],
+        "not a payment": [_given(11, "refund", 10, forth(5), "refund", back(5))],
+        # a reversal of a 30 refund rewritten to 80, then 100 refunded
+        "left of transfer 11": [
+            _given(11, "refund", 10, back(30), "posted", sale),
+            _given(12, "reverse", 11, forth(80), "refund", back(30), target_target=10)],
+        # void, its reversal, a refund of 40, then the void undone again: 140 given back
+        "again past its refunds": [
+            _given(11, "reverse", 10, back(100), "posted", sale),
+            _given(12, "reverse", 11, forth(100), "reverse", back(100), target_target=10),
+            _given(13, "refund", 10, back(40), "posted", sale),
+            _given(14, "reverse", 12, back(100), "reverse", forth(100), target_target=11)],
     }  # fmt: skip
     for match, rows in bad.items():
         with pytest.raises(journal.Mismatch, match=match):
-            journal.Verifier.given_back(rows)
+            _check(rows)
