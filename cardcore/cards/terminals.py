@@ -151,12 +151,14 @@ class TerminalAdmin:
         where: dict[str, Any] = {}
         if "balanced" in filters:
             where["balanced"] = filters["balanced"]
+        if "tid" in filters:
+            scoped = {**scoped, "tid": filters["tid"]}
         async with self.records.read() as uow:
-            if scoped or "tid" in filters:
+            stores: dict[str, str] | None = None  # tid -> store, when read first
+            if scoped:
                 terminals = await uow.find(
-                    TERMINALS, {**scoped, **({"tid": filters["tid"]} if "tid" in filters else {})},
-                    order="tid", limit=limits.REPORT_TERMINALS_MAX,
-                )  # fmt: skip
+                    TERMINALS, scoped, order="tid", limit=limits.REPORT_TERMINALS_MAX
+                )
                 if len(terminals) > limits.REPORT_TERMINALS_MAX:
                     raise Refused(
                         "invalid", "too_many_terminals",
@@ -165,18 +167,14 @@ class TerminalAdmin:
                     )  # fmt: skip
                 if not terminals:
                     return []
-                where["tid"] = [t["tid"] for t in terminals]
+                stores = {t["tid"]: t["store"] for t in terminals}
+                where["tid"] = sorted(stores)
             rows = await uow.find(SETTLEMENTS, where, after=after, limit=limit)
             tids = sorted({r["tid"] for r in rows})
-            stores = {
-                t["tid"]: t["store"]
-                for t in (
-                    await uow.find(TERMINALS, {"tid": tids}, order="tid", limit=len(tids))
-                    if tids
-                    else []
-                )
-            }
-        return [settlement_view(r, stores.get(r["tid"], "")) for r in rows]
+            if stores is None and tids:  # the whole group: the page's terminals' stores
+                page = await uow.find(TERMINALS, {"tid": tids}, order="tid", limit=len(tids))
+                stores = {t["tid"]: t["store"] for t in page}
+        return [settlement_view(r, (stores or {}).get(r["tid"], "")) for r in rows]
 
     async def set_state(self, p: Principal, tid: str, state: str) -> dict[str, Any]:
         row = await self._row(p, tid, Perm.ORG_WRITE)

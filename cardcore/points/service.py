@@ -1562,19 +1562,18 @@ class PointsService:
                 if not await self._unpin_standing(clawback, earning, undo):
                     return
                 if stored:
-                    ops = await self._debt_aware(clawback, ops)
+                    ops = await self._debt_aware(earning, ops)
                 res, *_rest = await self.ledger.submit(ops)
         if not res.ok:
             log.warning("points reversal refused by the ledger", extra={"code": res.code})
 
-    async def _debt_aware(self, clawback: dict[str, Any], ops: list[Op]) -> list[Op]:
-        """A clawback's put-back, with what it recorded as debt given back to the debt only
-        as far as the holder still owes it: a later earning may have repaid that debt
+    async def _debt_aware(self, earning: dict[str, Any], ops: list[Op]) -> list[Op]:
+        """The put-back of a clawback of `earning`, what it recorded as debt given back to
+        the debt only as far as the holder still owes it: a later earning may have repaid that debt
         since (a credit past the debt is refused: no-overcredit), and then those points
         go back to the earning's own lot instead."""
-        earning = await self._earning(clawback["earning"])
-        found = None if earning is None else await self._program(earning["program"])
-        if earning is None or found is None:
+        found = await self._program(earning["program"])
+        if found is None:
             return ops
         holder = int(earning["holder"])
         holding = await self.holding(found.program, holder)

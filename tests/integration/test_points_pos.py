@@ -493,8 +493,8 @@ async def test_a_returns_reversal_racing_a_debt_repayment_puts_back_what_it_took
     real = points._debt_aware
     elsewhere: list[asyncio.Task[PosResult]] = []
 
-    async def then_a_purchase_elsewhere(clawback: Any, ops: Any) -> Any:
-        got = await real(clawback, ops)
+    async def then_a_purchase_elsewhere(earning: Any, ops: Any) -> Any:
+        got = await real(earning, ops)
         request = shop.request(Kind.PURCHASE, card, "S2", amount=8_000)
         elsewhere.append(asyncio.ensure_future(shop.one(request)))
         await asyncio.sleep(0.2)  # the purchase runs as far as it can
