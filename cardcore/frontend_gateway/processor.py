@@ -826,7 +826,8 @@ def _f60(f: dict[str, str]) -> codec.Field60 | None:
 
 
 _CODE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
-_REASON = re.compile(r"[a-z][a-z0-9_]{0,31}")
+# MR: no longer than a manager card's reasons can be (longer is 30, never 57)
+_REASON = re.compile(rf"[a-z][a-z0-9_]{{0,{limits.MANAGER_REASON_CHARS_MAX - 1}}}")
 _SHORT_TEXT = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a campaign or refusal code in a reply
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from cardcore import limits
+from cardcore import demo, limits
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult
 from cardcore.frontend_gateway import codec, processor, security, terminal
 from cardcore.frontend_gateway.host import HostUnavailable
@@ -282,7 +282,8 @@ async def build_examples(saf_dir: Path, aes_pin_block: bytes | None = None) -> B
         rec.name(pos, "offline-advice")
 
         clock.at("093210")
-        answer(PosResult(APPROVED, rrn=POINTS_EARN_RRN, points=23, points_balance=523))
+        answer(PosResult(APPROVED, rrn=POINTS_EARN_RRN, auth_code=POINTS_EARN_RRN[-6:], points=23,
+                           points_balance=523))  # fmt: skip
         await pos.points_earn(CARD, 2_350, [("FOOD", 1_350), ("TOYS", 1_000)])
         rec.name(pos, "points-earn")
 
@@ -392,7 +393,7 @@ async def _issue_5_examples(
     rec.name(legacy, "coupon-used")
 
     clock.at("100140")
-    answer(PosResult(APPROVED))
+    answer(PosResult(APPROVED, discount=2_000, campaign="SPRING25"))  # what it gave back
     await legacy.coupon_reverse(redeemed.fields["11"], COUPON)
     rec.name(legacy, "coupon-reverse")
 
@@ -946,6 +947,7 @@ async def test_a_silent_host_leaves_a_coupon_query_and_a_coupon_reverse_alone(
         ("960000", "SU0050"),  # zero uses
         ("970000", "MR011price_match"),  # a manager authorization without its discount
         ("970000", "MD0041500MR011Price_Match"),  # a reason in capitals
+        ("970000", "MD0041500MR017price_match_12345"),  # longer than a card's reasons can be
     ],
 )
 async def test_malformed_private_data_is_answered_30_and_never_reaches_the_host(
@@ -1082,6 +1084,20 @@ def test_limits_table_names_every_gateway_bound_with_its_value(doc_text: str) ->
     listed = {row[0]: int(row[1].replace(",", "")) for row in rows}
     wanted = {k: v for k, v in vars(limits).items() if k.startswith("GATEWAY_")}
     assert listed == wanted
+
+
+def test_host_bounds_table_names_every_host_bound_the_doc_mentions(doc_text: str) -> None:
+    rows = doc_table(doc_text, "| Host bound | Value |")
+    listed = {row[0].strip("`"): int(row[1].replace(",", "")) for row in rows}
+    named = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", doc_text)) & set(vars(limits))
+    wanted = {k: getattr(limits, k) for k in named if not k.startswith("GATEWAY_")}
+    assert listed == wanted
+
+
+def test_readme_gives_the_demo_terminal_what_a_vendor_needs_to_sign_on() -> None:
+    readme = (DOC.parents[1] / "README.md").read_text()
+    for value in (demo.DEMO_TERMINAL, demo.DEMO_MERCHANT, demo.DEMO_TMK.hex().upper()):
+        assert f"`{value}`" in readme
 
 
 def test_derived_values_table_is_what_the_code_computes(doc_text: str) -> None:
