@@ -27,6 +27,8 @@ import base64
 import binascii
 import datetime
 import enum
+import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -693,3 +695,10 @@ def parse_qr(text: str) -> QrClaims:
     return QrClaims(
         version, code, issuer, int(expiry), nonce, kid, payload.encode("ascii"), signature
     )
+
+
+def issue_digest(source: str, request: object) -> str:
+    """SHA-256 (hex) of an issuance's request as its caller gave it (`source` and the
+    request in canonical JSON): what an idempotency key's repeat is compared by."""
+    text = json.dumps([source, request], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -129,6 +129,9 @@ coupon_batches = Table(
     Column("created_at_ms", BigInteger, nullable=False),
     # the idempotency key of an issuance: "<campaign>/<client key>", or a POS reward's
     Column("key", String(KEY), nullable=True, unique=True),
+    # SHA-256 (hex) of the request a key was given with (`model.issue_digest`): the same key
+    # with another request is refused; NULL on batches made before migration 0017
+    Column("request_sha256", String(64), nullable=True),
     Index(None, "campaign"),
 )
 
@@ -412,6 +415,43 @@ def _spend_segment(by_store: bool) -> Select[Any]:
         .order_by(holders.c.member_id)
         .limit(bindparam("limit", type_=Integer))
     )
+
+
+def _class_segment(by_store: bool) -> Select[Any]:
+    """The members of an issuance's card-class segment, each once (`CouponService._members`):
+    the active members of a legal entity (`entity`, `state`; `by_store`: of the home store
+    `store`) holding an active card of class `class_code` issued by that entity (`by_store`:
+    by that store); member ids ascending, at most `limit` of them."""
+    where = [
+        members.c.legal_entity == bindparam("entity", type_=String),
+        members.c.state == bindparam("state", type_=String),
+        cards.c.class_code == bindparam("class_code", type_=String),
+        cards.c.legal_entity == bindparam("entity", type_=String),
+        cards.c.state == bindparam("card_state", type_=String),
+    ]
+    if by_store:
+        where += [
+            members.c.home_store == bindparam("store", type_=String),
+            cards.c.store == bindparam("store", type_=String),
+        ]
+    return (
+        select(members.c.id.label("member_id"))
+        .select_from(cards.join(members, members.c.id == cards.c.member_id))
+        .where(*where)
+        .distinct()
+        .order_by(members.c.id)
+        .limit(bindparam("limit", type_=Integer))
+    )
+
+
+def class_segment_select() -> Select[Any]:
+    """`_class_segment` over a legal entity's members."""
+    return _class_segment(by_store=False)
+
+
+def class_segment_in_store_select() -> Select[Any]:
+    """`_class_segment` over one home store's members and cards."""
+    return _class_segment(by_store=True)
 
 
 def spend_segment_select() -> Select[Any]:

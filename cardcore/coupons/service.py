@@ -80,7 +80,7 @@ CAMPAIGNS, CODES, REDEMPTIONS, BATCHES, KEYS = (
     "coupon_batches",
     "coupon_signing_keys",
 )
-MEMBERS, CARDS, ENTITIES = "members", "cards", "org_legal_entities"
+MEMBERS, CARDS, ENTITIES, STORES = "members", "cards", "org_legal_entities", "org_stores"
 PROGRAMS = "points_programs"
 TIMEZONE = "Asia/Shanghai"  # the group's business day (per-day limits)
 # Campaign state changes an officer may make.
@@ -464,7 +464,7 @@ class CouponService:
                 fields[name] = (CouponKind if name == "kind" else model.ChangeRule)(fields[name])
         campaign = Campaign(code=values["code"], state=CampaignState.DRAFT, **fields)
         model.check_campaign(campaign)
-        _check_stores(campaign, place)
+        await self._check_stores(campaign, place)
         reward = int(values.get("reward_spend_fen", 0))
         enrolled_only = bool(values.get("enrolled_only", False))
         now = self.clock_ms()
@@ -560,7 +560,7 @@ class CouponService:
             fields["change_rule"] = model.ChangeRule(fields["change_rule"])
         after = dataclasses.replace(before, state=state, **fields)
         model.check_campaign(after)
-        _check_stores(after, place)
+        await self._check_stores(after, place)
         for budget, used in _BUDGETS_USED:
             bound = getattr(after, budget)
             if budget in changes and bound and bound < int(row[used]):
@@ -642,8 +642,9 @@ class CouponService:
         commit chunk by chunk, the batch's `done` counting them. `sink` receives the codes."""
         assert 1 <= count <= limits.COUPON_GENERATE_CLI_MAX, count
         return await self._issue(
-            p, campaign, count, source="generated", key=key, sink=sink, progress=progress
-        )
+            p, campaign, count, source="generated", key=key, sink=sink, progress=progress,
+            request={"count": count},
+        )  # fmt: skip
 
     async def import_codes(
         self, p: Principal, campaign: str, codes: list[str], *, key: str = ""
@@ -660,7 +661,7 @@ class CouponService:
                 "the codes repeat (as typed: case, hyphens, I/L as 1, O as 0 aside)", "codes",
             )  # fmt: skip
         return await self._issue(p, campaign, len(checked), source="imported", key=key,
-                                 given=checked)  # fmt: skip
+                                 given=checked, request={"codes": checked})  # fmt: skip
 
     async def issue_to_members(
         self,
@@ -678,11 +679,18 @@ class CouponService:
         row = await self._campaign_row(campaign, "campaign")
         place = place_of(row)
         require(p, Perm.CAMPAIGNS_WRITE, place)
+        request = {"member_ids": member_ids, "segment": segment}  # as asked, not as resolved
+        if key:  # a repeat answers the first batch, whoever the segment holds by now
+            done = await self._replay_batch(f"{campaign}/{key}", campaign, "member", request, None)
+            if done is not None:
+                return done
         members = await self._members(p, place, member_ids, segment)
         if not members:
             raise Refused("invalid", "no_members", "no member to issue to", "member_ids")
         owners: list[int | None] = list(members)
-        return await self._issue(p, campaign, len(owners), source="member", key=key, members=owners)
+        return await self._issue(
+            p, campaign, len(owners), source="member", key=key, members=owners, request=request
+        )
 
     async def _members(
         self,
@@ -711,16 +719,19 @@ class CouponService:
             if "tier" in segment:
                 rows = await uow.find(MEMBERS, {**where, "tier": segment["tier"]}, limit=most)
                 ids = sorted({int(r["id"]) for r in rows})
-            else:
-                card_where: dict[str, Any] = {
-                    "class_code": segment["card_class"],
-                    "legal_entity": place.entity,
-                    "state": "active",
-                }
+            else:  # members in scope holding an active card of the class (of the store)
+                params = {
+                    "entity": where["legal_entity"], "state": where["state"],
+                    "class_code": segment["card_class"], "card_state": "active",
+                    "limit": most + 1,
+                }  # fmt: skip
+                build = schema.class_segment_select
                 if store:
-                    card_where["store"] = store
-                rows = await uow.find(CARDS, card_where, limit=most)
-                ids = sorted({int(r["member_id"]) for r in rows if r["member_id"] is not None})
+                    assert where.get("home_store") == store
+                    params["store"] = store
+                    build = schema.class_segment_in_store_select
+                rows = await uow.select_all("coupon_class_segment", build, params)
+                ids = [int(r["member_id"]) for r in rows]
         _check_segment_size(len(rows))
         return ids
 
@@ -773,11 +784,13 @@ class CouponService:
         sink: Sink | None = None,
         progress: Progress | None = None,
         raw_key: bool = False,
+        request: dict[str, Any],
     ) -> dict[str, Any]:
         """The budget reserved by a guarded update, a batch row, the codes (given, or drawn
-        fresh), the audit row. Under a `key` a repeat answers the first batch. An officer's
-        key is the campaign's (`<campaign>/<key>`) unless `raw_key` (a points redemption's
-        key, found again without its campaign)."""
+        fresh), the audit row. Under a `key` a repeat of the same `request` (what the caller
+        asked, with `source`) answers the first batch; another request under it is 409
+        `key_reused`. An officer's key is the campaign's (`<campaign>/<key>`) unless
+        `raw_key` (a points redemption's key, found again without its campaign)."""
         row = await self._campaign_row(campaign, "campaign")
         place = place_of(row)
         if p is not None:
@@ -785,7 +798,7 @@ class CouponService:
         c = campaign_of(row)
         batch_key = f"{campaign}/{key}" if key and p is not None and not raw_key else key
         if batch_key:
-            done = await self._replay_batch(batch_key, campaign, sink)
+            done = await self._replay_batch(batch_key, campaign, source, request, sink)
             if done is not None:
                 return done
         if c.state not in ISSUING_STATES:
@@ -821,8 +834,9 @@ class CouponService:
                     if given is not None:
                         await _no_other_spelling(uow, given)
                     batch = await self._open_batch(
-                        uow, p, row, c, count, source=source, key=batch_key, now=now
-                    )
+                        uow, p, row, c, count, source=source, key=batch_key, now=now,
+                        digest=model.issue_digest(source, request) if batch_key else None,
+                    )  # fmt: skip
                     codes: list[str] = []
                     if count <= chunk:
                         codes = given or self._draw(count)
@@ -836,7 +850,7 @@ class CouponService:
                     raise
             except Conflict:
                 if batch_key:  # the same key at the same moment: the first batch answers
-                    done = await self._replay_batch(batch_key, campaign, sink)
+                    done = await self._replay_batch(batch_key, campaign, source, request, sink)
                     if done is not None:
                         return done
                 raise
@@ -860,6 +874,7 @@ class CouponService:
         source: str,
         key: str,
         now: int,
+        digest: str | None,
     ) -> int:
         """Inside the issuance's transaction: the grant (a store officer), the budget by a
         guarded update (never past max_issued or max_value_fen, never after a change of the
@@ -898,6 +913,7 @@ class CouponService:
                 "created_by": 0 if p is None else p.user_id,
                 "created_at_ms": now,
                 "key": key or None,
+                "request_sha256": digest,
             },
         )
         assert batch is not None
@@ -966,16 +982,44 @@ class CouponService:
         async with self.records.begin() as uow:
             await uow.update(BATCHES, {"id": batch}, {"state": "done"})
 
+    async def _check_stores(self, c: Campaign, place: Place) -> None:
+        """A store campaign applies in its own store only; an entity's campaign names only
+        stores of its legal entity (400 `store_other_entity`, also for a store that does
+        not exist)."""
+        if place.store:
+            if c.stores not in ((), (place.store,)):
+                raise Refused(
+                    "invalid", "invalid", "a store campaign applies in its own store", "stores"
+                )
+            return
+        if not c.stores:
+            return
+        async with self.records.read() as uow:
+            rows = await uow.find(STORES, {"id": sorted(set(c.stores))}, limit=len(c.stores))
+        if len(rows) != len(set(c.stores)) or any(r["legal_entity"] != place.entity for r in rows):
+            raise Refused(
+                "invalid", "store_other_entity",
+                "an entity's campaign names only stores of its legal entity", "stores",
+            )  # fmt: skip
+
     async def _replay_batch(
-        self, key: str, campaign: str, sink: Sink | None
+        self, key: str, campaign: str, source: str, request: dict[str, Any], sink: Sink | None
     ) -> dict[str, Any] | None:
-        """The batch made under `key` before, its codes to `sink`; None when there is none."""
+        """The batch made under `key` before, its codes to `sink`; None when there is none.
+        409 `key_reused` when it was made for another campaign or another request (a batch
+        made before its request was kept, migration 0017, is compared by campaign only)."""
         async with self.records.read() as uow:
             batch = await uow.get(BATCHES, key=key)
             if batch is None:
                 return None
             if batch["campaign"] != campaign:
                 raise Refused("conflict", "key_reused", "the key was used for another campaign",
+                              "key")  # fmt: skip
+            kept = batch["request_sha256"]
+            if batch["source"] != source or (
+                kept is not None and kept != model.issue_digest(source, request)
+            ):
+                raise Refused("conflict", "key_reused", "the key was used for another request",
                               "key")  # fmt: skip
             rows = []
             if sink is not None:
@@ -1031,7 +1075,7 @@ class CouponService:
         if member is not None:
             await self._members(p, place, [member], None)
         done = await self._issue(p, campaign, 1, source="points", key=key, members=[member],
-                                 raw_key=True)  # fmt: skip
+                                 raw_key=True, request={"member": member})  # fmt: skip
         return int(done["batch"])
 
     async def points_reward_of(self, key: str) -> tuple[str, str] | None:
@@ -2068,8 +2112,9 @@ class CouponService:
             batch_key = f"reward/{key}/{c.code}"
             try:
                 done = await self._issue(
-                    None, c.code, 1, source="rule", key=batch_key, members=[member]
-                )
+                    None, c.code, 1, source="rule", key=batch_key, members=[member],
+                    request={"member": member},
+                )  # fmt: skip
             except Refused:
                 continue  # the budget is used up, or the campaign changed: no reward
             async with self.records.read() as uow:
@@ -2141,9 +2186,3 @@ def _member(value: object) -> int | None:
 def _key_context(kid: str, entity: str) -> str:
     """What a sealed private key is bound to: it opens only as this key of this entity."""
     return f"coupon-signing-key/{entity}/{kid}"
-
-
-def _check_stores(c: Campaign, place: Place) -> None:
-    """A store campaign applies in its own store only."""
-    if place.store and c.stores not in ((), (place.store,)):
-        raise Refused("invalid", "invalid", "a store campaign applies in its own store", "stores")

@@ -628,14 +628,23 @@ class PointsService:
     async def list_rules(
         self, p: Principal, program: str, after: str | None, limit: int
     ) -> list[dict[str, Any]]:
+        """The rules the principal sees, in code order after `after`: `limit + 1` of them
+        when there are more. Read in chunks until the page is full or the rules end, so
+        rules outside the scope (other stores', retired ones by the hundred) never hide
+        the caller's own behind a short last page."""
         require(p, Perm.LOYALTY_READ)
+        chunk = limits.POINTS_RULES_PER_PROGRAM_MAX * 4
+        shown: list[dict[str, Any]] = []
         async with self.records.read() as uow:
             await _program_row(uow, program, "program")
-            rows = await uow.find(
-                RULES, {"program": program}, order="code", after=after,
-                limit=limits.POINTS_RULES_PER_PROGRAM_MAX * 4,
-            )  # fmt: skip
-        shown = [rule_view(r) for r in rows if visible(p, r)]
+            while len(shown) <= limit:
+                rows = await uow.find(
+                    RULES, {"program": program}, order="code", after=after, limit=chunk
+                )
+                shown += [rule_view(r) for r in rows[:chunk] if visible(p, r)]
+                if len(rows) <= chunk:
+                    break
+                after = rows[chunk - 1]["code"]
         return shown[: limit + 1]
 
     async def get_rule(self, p: Principal, program: str, code: str) -> dict[str, Any]:

@@ -578,3 +578,92 @@ async def test_an_enrolment_member_id_past_the_column_is_a_clear_refusal(
     assert (status, answer["error"]["field"]) == (400, "after")
     status, answer = await admin.call("DELETE", f"{base}/3000000000")
     assert (status, answer["error"]["code"]) == (404, "not_found")
+
+
+async def test_a_card_class_segment_reaches_only_members_in_the_campaigns_scope_each_once(
+    admin: AdminClient, db_url: str
+) -> None:
+    """A store's campaign issues by card class to its home store's members holding an active
+    card of the class issued there: not to another store's member holding one (a reviewer's
+    finding: the segment read the cards alone), and once to a member with two."""
+    await admin.org("LE1", "S1", "S2")
+    await admin.ok("POST", "/v1/card-classes", json={"code": "VIP", "name": "VIP", "named": True})
+    for store in ("S1", "S2"):
+        await admin.ok("POST", "/v1/grants", json={"store": store, "function": "stored_value"})
+    theirs, ours = await member(admin, "S1"), await member(admin, "S2")
+    for holder in (theirs, ours, ours):
+        await admin.ok("POST", "/v1/cards", json={"class_code": "VIP", "store": "S2",
+                                                  "member_id": holder})  # fmt: skip
+    await campaign(admin, "S2ONLY", store="S2")
+    await campaign(admin, "S2MORE", store="S2")
+    segment = {"segment": {"card_class": "VIP"}}
+    made = await admin.ok("POST", "/v1/coupon-campaigns/S2ONLY/issues", json=segment)
+    assert [c["member_id"] for c in made["codes"]] == [ours]
+    await admin.ok("PATCH", f"/v1/members/{ours}", json={"home_store": "S1"})
+    before = await counts(db_url)
+    got, answer = await admin.call("POST", "/v1/coupon-campaigns/S2MORE/issues", json=segment)
+    assert (got, answer["error"]["code"]) == (400, "no_members"), answer
+    assert await counts(db_url) == before
+
+
+async def test_an_issuance_key_answers_only_its_own_request_again(
+    admin: AdminClient, db_url: str
+) -> None:
+    """The same key with another request (other codes, count, members, kind of issuance) is
+    409 `key_reused` and changes nothing: before, it was answered `replayed` and the new
+    request was never done. A repeat of a segment's issuance answers its first batch even
+    when the segment holds others by then."""
+    await admin.org("LE1", "S1")
+    await campaign(admin)
+    await admin.ok("POST", "/v1/card-classes", json={"code": "VIP", "name": "VIP", "named": True})
+    await admin.ok("POST", "/v1/grants", json={"store": "S1", "function": "stored_value"})
+    one, two = await member(admin), await member(admin)
+    await admin.ok("POST", "/v1/cards", json={"class_code": "VIP", "store": "S1",
+                                              "member_id": one})  # fmt: skip
+    path = "/v1/coupon-campaigns/TENOFF"
+    imported = await admin.ok("POST", f"{path}/imports", json={"codes": ["PARTNER-A1"], "key": "a"})
+    generated = await admin.ok("POST", f"{path}/codes", json={"count": 3, "key": "g"})
+    issued = await admin.ok("POST", f"{path}/issues", json={"member_ids": [one], "key": "m"})
+    by_class = await admin.ok("POST", f"{path}/issues",
+                              json={"segment": {"card_class": "VIP"}, "key": "s"})  # fmt: skip
+    before = await counts(db_url)
+    for route, body in (
+        ("imports", {"codes": ["PARTNER-B2"], "key": "a"}),
+        ("codes", {"count": 4, "key": "g"}),
+        ("codes", {"count": 1, "key": "a"}),
+        ("issues", {"member_ids": [two], "key": "m"}),
+        ("issues", {"member_ids": [one], "key": "s"}),
+        ("issues", {"segment": {"card_class": "VIP"}, "key": "m"}),
+    ):
+        got, answer = await admin.call("POST", f"{path}/{route}", json=body)
+        assert (got, answer["error"]["code"]) == (409, "key_reused"), (route, body)
+    assert await counts(db_url) == before
+    await admin.ok("POST", "/v1/cards", json={"class_code": "VIP", "store": "S1",
+                                              "member_id": two})  # fmt: skip
+    for route, body, first in (
+        ("imports", {"codes": ["PARTNER-A1"], "key": "a"}, imported),
+        ("codes", {"count": 3, "key": "g"}, generated),
+        ("issues", {"member_ids": [one], "key": "m"}, issued),
+        ("issues", {"segment": {"card_class": "VIP"}, "key": "s"}, by_class),
+    ):
+        again = await admin.ok("POST", f"{path}/{route}", json=body)
+        assert (again["replayed"], again["batch"]) == (True, first["batch"]), (route, body)
+    looked, _ = await admin.call("GET", "/v1/coupons/PARTNER-B2")
+    assert looked == 404
+
+
+async def test_an_entity_campaign_names_only_stores_of_its_legal_entity(
+    admin: AdminClient, db_url: str
+) -> None:
+    await admin.org("LE1", "S1")
+    await admin.org("LE2", "S3")
+    before = await counts(db_url)
+    for stores in (["S3"], ["S1", "S3"], ["NOWHERE"]):
+        got, answer = await admin.call("POST", "/v1/coupon-campaigns",
+                                       json=definition(stores=stores))  # fmt: skip
+        assert (got, answer["error"]["code"]) == (400, "store_other_entity"), stores
+    assert await counts(db_url) == before
+    await campaign(admin, state="draft", stores=["S1"])
+    got, answer = await admin.call("PATCH", "/v1/coupon-campaigns/TENOFF", json={"stores": ["S3"]})
+    assert (got, answer["error"]["code"]) == (400, "store_other_entity"), answer
+    assert (await admin.ok("GET", "/v1/coupon-campaigns/TENOFF"))["stores"] == ["S1"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from cardcore.ledger.http import LEDGER_KEY
 from cardcore.ledger.model import AssetKind, CreateAsset
-from tests.helpers import AdminClient, sql_rows
+from tests.helpers import AdminClient, sql_execute, sql_rows
 
 PROGRAM = {
     "code": "CLUB",
@@ -304,6 +304,34 @@ async def test_a_store_officer_sees_the_groups_its_entitys_and_its_stores_rules_
     assert (status, answer["error"]["code"]) == (403, "scope_forbidden")
     status, answer = await admin.call("GET", f"{path}/NOPE")
     assert (status, answer["error"]["code"]) == (404, "rule_not_found")
+
+
+async def test_a_store_officer_finds_its_rules_behind_hundreds_it_cannot_see(
+    admin: AdminClient, db_url: str
+) -> None:
+    """The list read one chunk of rules and filtered it by scope: another store's rules
+    (retired ones have no bound) sorting first left an officer a short page with no next."""
+    tokens = await points_world(admin)
+    path = "/v1/points/programs/CLUB/rules"
+    await admin.ok("POST", path, json={**RULE, "code": "S2X", "store": "S2"})
+    await admin.ok("POST", path, json={**RULE, "code": "S1X", "store": "S1"})
+    [row] = await sql_rows(db_url, "SELECT * FROM points_rules WHERE code = 'S2X'")
+    values = ", ".join(
+        f"('CLUB', 'AA{i:04d}', '{row['legal_entity']}', 'S2', '{row['definition']}', 'retired',"
+        f" {row['created_at_ms']}, {row['updated_at_ms']})"
+        for i in range(300)
+    )
+    await sql_execute(
+        db_url,
+        "INSERT INTO points_rules (program, code, legal_entity, store, definition, state,"  # noqa: S608 - the test's own values
+        f" created_at_ms, updated_at_ms) VALUES {values}",
+    )
+    listed = await admin.ok("GET", path, tokens["s1"])
+    assert ([r["code"] for r in listed["items"]], listed["next_after"]) == (["S1X"], None)
+    await admin.ok("POST", path, json={**RULE, "code": "S1Y", "store": "S1"})
+    first = await admin.ok("GET", path, tokens["s1"], limit=1)
+    rest = await admin.ok("GET", path, tokens["s1"], after=first["next_after"])
+    assert [r["code"] for r in first["items"] + rest["items"]] == ["S1X", "S1Y"]
 
 
 async def test_a_program_holds_at_most_its_limit_of_active_rules(
