@@ -13,11 +13,13 @@ database (use POST /v1/card-batches then). Its CSV holds masked numbers unless
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
 import os
 import secrets
+import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -51,6 +53,19 @@ PROGRESS_WIDTH = 30  # characters of the progress bar
 
 class AdminCommandError(Exception):
     """A command that cannot run as asked: one line on stderr, a non-zero exit."""
+
+
+class Interrupted(AdminCommandError):
+    """Ctrl-C (or SIGTERM, which `cardcore` turns into it) after part of the work stands:
+    what stands goes to stdout as the command's JSON line (`answer`), what to do about the
+    rest to stderr, exit 130."""
+
+    def __init__(self, message: str, answer: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.answer = answer
+
+
+INTERRUPTS = (KeyboardInterrupt, asyncio.CancelledError)  # Ctrl-C, inside asyncio.run or not
 
 
 async def run(config: Config, args: Any) -> int:
@@ -103,8 +118,10 @@ class ProgressBar:
 
     stream: TextIO
     last: tuple[str, int] = ("", -1)
+    done: int = 0  # the last count drawn
 
     def __call__(self, phase: str, done: int, total: int) -> None:
+        self.done = done
         filled = PROGRESS_WIDTH * done // max(total, 1)
         if (phase, filled) == self.last and done != total:
             return
@@ -172,7 +189,15 @@ async def issue_cards(
                 return answer
             # The console sees full numbers; an auditor's view of the same cards is masked.
             reader = CONSOLE if full_numbers else replace(CONSOLE, role=Role.AUDITOR)
-            handle.write(await service.export(reader, batch["first_id"], batch["last_id"]))
+            try:
+                handle.write(await service.export(reader, batch["first_id"], batch["last_id"]))
+            except INTERRUPTS:  # the cards stand: say so, or a second run issues them again
+                raise Interrupted(
+                    f"interrupted after the cards were issued (ids {batch['first_id']}.."
+                    f"{batch['last_id']}), before {out} was written: do not issue them again; "
+                    "export them with GET /v1/cards/export",
+                    {**answer, "out": None, "full_numbers": full_numbers},
+                ) from None
     return {**answer, "out": out, "full_numbers": full_numbers}
 
 
@@ -253,12 +278,69 @@ async def generate_coupons(
             sink = None if handle is None else _csv_sink(handle, written)
             records = Records(engine)
             service = CouponService(records, OrgService(records), vault)
-            done = await service.generate(
-                CONSOLE, campaign, count, sink=sink, progress=ProgressBar(progress_to)
-            )
+            batch: list[int] = []
+            bar = ProgressBar(progress_to)
+            asked = [False]  # Ctrl-C or SIGTERM asked the run to stop
+
+            def progress(phase: str, done: int, total: int) -> None:
+                bar(phase, done, total)
+                if asked[0] and done < total:
+                    raise _Stop
+
+            try:
+                with _stop_between_chunks(asked):
+                    done = await service.generate(
+                        CONSOLE, campaign, count, sink=sink, progress=progress,
+                        opened=batch.append,
+                    )  # fmt: skip
+            except (_Stop, *INTERRUPTS):
+                if not batch:
+                    raise  # nothing reserved, nothing written
+                made = bar.done  # committed chunks, each in the file (kept) when --out
+                raise Interrupted(
+                    f"interrupted: {made} of {count} codes of campaign {campaign} stand in "
+                    f"batch {batch[0]}{f' and in {out}' if out else ''} (the batch's `done` "
+                    "counts any chunk committed as the run stopped); the batch stays running "
+                    f"with the campaign's budget reserved for all {count}; a new run is a new "
+                    "batch (docs/coupons.md)",
+                    {
+                        "campaign": campaign,
+                        "batch": batch[0],
+                        "count": count,
+                        "done": made,
+                        "source": "generated",
+                        **({} if out is None else {"out": out}),
+                    },
+                ) from None
     finally:
         await engine.dispose()
     return {**done, **({} if out is None else {"out": out})}
+
+
+class _Stop(Exception):
+    """Raised between two chunks of a run that Ctrl-C (or SIGTERM) asked to stop."""
+
+
+@contextlib.contextmanager
+def _stop_between_chunks(asked: list[bool]) -> Iterator[None]:
+    """While a chunked run goes on, Ctrl-C (and SIGTERM, `cli._interrupt`) sets `asked[0]`:
+    the run's progress callback then stops it at the end of the chunk it is writing, with no
+    statement in flight. Cancelling the task instead did not do: asyncpg does not always give
+    way to a cancellation in the middle of a statement, and a run went on for minutes. A
+    second Ctrl-C cancels the run where it is."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+
+    def on_signal() -> None:
+        if asked[0] and task is not None:
+            task.cancel()
+        asked[0] = True
+
+    loop.add_signal_handler(signal.SIGINT, on_signal)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def _csv_sink(handle: TextIO, written: list[int]) -> Callable[[list[str]], None]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +38,8 @@ from cardcore.ledger.store import LedgerStore
 
 EXIT_MISMATCH = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, also for a SIGTERM (`_interrupt`)
+SERVERS = ("serve", "ledger", "gateway")  # `ledger verify` is not one, but stops as well
 POS_ACTIONS = (
     "sign-on", "echo", "inquiry", "purchase", "void", "refund", "topup", "settle", "sign-off",
     "points-earn", "points-redeem", "points-return", "coupon-query", "coupon-reserve",
@@ -92,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
         description="Recompute the hash chain and every balance from the journal; "
         "exit 1 at the first mismatch.",
     )
-    verify.add_argument("--db", dest="db_url", help="database URL (CARDCORE_DB_URL)")
+    # SUPPRESS: `cardcore ledger --db URL verify` keeps the ledger's --db (a subparser's
+    # default would overwrite it with None, and verify would check the default database)
+    verify.add_argument(
+        "--db", dest="db_url", default=argparse.SUPPRESS, help="database URL (CARDCORE_DB_URL)"
+    )
 
     mig = commands.add_parser(
         "migrate", help="bring the schema up to date", description="Apply pending migrations."
@@ -331,7 +338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides["gateway_ledger_urls"] = args.ledger
         config = config.with_overrides(overrides).check()
         logs.configure(config.log_level, config.log_format)
+        if args.command not in SERVERS:
+            signal.signal(signal.SIGTERM, _interrupt)
         return _dispatch(args, config)
+    except admin_commands.Interrupted as exc:
+        print(json.dumps(exc.answer))
+        return _fail(str(exc), EXIT_INTERRUPTED)
     except (
         config_module.ConfigError,
         DatabaseUrlError,
@@ -346,7 +358,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DATABASE_ERRORS as exc:  # e.g. a port in use, a path under a file, a dead server
         return _fail(migrate.reason(exc), EXIT_USAGE)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (`timeout`, systemd, a CI runner) stops a command as Ctrl-C does, so the same
+    clean-up runs: a bulk job keeps and reports what stands, a benchmark stops the servers
+    it started. The servers (SERVERS) shut down gracefully on SIGTERM themselves."""
+    signal.raise_signal(signal.SIGINT)
 
 
 def _dispatch(args: argparse.Namespace, config: config_module.Config) -> int:

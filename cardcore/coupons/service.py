@@ -634,16 +634,19 @@ class CouponService:
         key: str = "",
         sink: Sink | None = None,
         progress: Progress | None = None,
+        opened: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
         """`count` fresh bearer codes for printing (cryptographically random, unique across
         the group, as they are and in their normalised form: a chunk that clashes is drawn
         again). Up to COUPON_INSERT_CHUNK_MAX codes
         commit at once with their budget; more (the CLI) reserve the budget first and then
-        commit chunk by chunk, the batch's `done` counting them. `sink` receives the codes."""
+        commit chunk by chunk, the batch's `done` counting them. `sink` receives the codes;
+        `opened` the batch's id once its budget is reserved (the CLI names it when a run is
+        cut short)."""
         assert 1 <= count <= limits.COUPON_GENERATE_CLI_MAX, count
         return await self._issue(
             p, campaign, count, source="generated", key=key, sink=sink, progress=progress,
-            request={"count": count},
+            request={"count": count}, opened=opened,
         )  # fmt: skip
 
     async def import_codes(
@@ -785,6 +788,7 @@ class CouponService:
         progress: Progress | None = None,
         raw_key: bool = False,
         request: dict[str, Any],
+        opened: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
         """The budget reserved by a guarded update, a batch row, the codes (given, or drawn
         fresh), the audit row. Under a `key` a repeat of the same `request` (what the caller
@@ -801,17 +805,7 @@ class CouponService:
             done = await self._replay_batch(batch_key, campaign, source, request, sink)
             if done is not None:
                 return done
-        if c.state not in ISSUING_STATES:
-            raise Refused("conflict", "campaign_ended", "the campaign has ended", "campaign")
-        if p is None and c.state is not CampaignState.ACTIVE:  # by rule: an active one only
-            raise Refused("conflict", "campaign_inactive", "the campaign is not active", "campaign")
-        if not model.budget_room(
-            c, int(row["issued_count"]), int(row["issued_value"]), count, count * face_value(c)
-        ):
-            raise Refused(
-                "conflict", "campaign_budget_exceeded", "the campaign's budget has no room",
-                "count",
-            )  # fmt: skip
+        _check_issuable(c, row, count, by_rule=p is None)
         now = self.clock_ms()
         chunk = limits.COUPON_INSERT_CHUNK_MAX
         base = {
@@ -854,6 +848,8 @@ class CouponService:
                     if done is not None:
                         return done
                 raise
+        if opened is not None:
+            opened(batch)
         if count <= chunk:
             if sink is not None:
                 sink(codes)
@@ -2157,6 +2153,21 @@ _KIND_OF = {status: kind for kind, status in Refused.STATUS.items()}
 def _lost() -> NoReturn:
     """Another request took the code first."""
     raise _Refusal("coupon_used")
+
+
+def _check_issuable(c: Campaign, row: dict[str, Any], count: int, *, by_rule: bool) -> None:
+    """`count` more codes may be issued now (the budget is checked again, guarded, as the
+    batch reserves it): a live campaign (by rule: an active one) with room in its budget."""
+    if c.state not in ISSUING_STATES:
+        raise Refused("conflict", "campaign_ended", "the campaign has ended", "campaign")
+    if by_rule and c.state is not CampaignState.ACTIVE:
+        raise Refused("conflict", "campaign_inactive", "the campaign is not active", "campaign")
+    if not model.budget_room(
+        c, int(row["issued_count"]), int(row["issued_value"]), count, count * face_value(c)
+    ):
+        raise Refused(
+            "conflict", "campaign_budget_exceeded", "the campaign's budget has no room", "count"
+        )
 
 
 def _check_segment_size(rows: int) -> None:

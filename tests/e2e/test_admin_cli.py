@@ -4,7 +4,9 @@ bar and its print file. Every process is bounded in time (`run_cardcore`)."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import io
 import json
 import stat
 import subprocess
@@ -13,10 +15,12 @@ from typing import Any
 
 import pytest
 
-from cardcore import migrate
+from cardcore import admin_commands, migrate
+from cardcore import config as config_module
 from cardcore.cards.model import luhn_ok
+from cardcore.cards.service import CardService
 from tests import logscan
-from tests.helpers import cardcore_env, run_cardcore
+from tests.helpers import cardcore_env, run_cardcore, sql_rows
 
 KEK = "5a" * 32
 
@@ -128,3 +132,36 @@ def test_admin_issue_cards_refusals_are_one_line_and_change_nothing(
     done = admin(tmp_path, env, "issue-cards", "--class", "GIFT100", "--store", "S-A01",
                  "--count", "1")  # fmt: skip
     assert answer(done)["first_id"] == 1  # nothing before was issued
+
+
+async def test_an_issue_cut_short_after_its_cards_stand_says_so_and_what_stands(
+    tmp_path: Path, env: dict[str, str], db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C as the print file is being written, after the batch committed: the command
+    names the cards that stand (stdout) and says not to issue them again (stderr, exit 130:
+    `cli.main`). Before, it printed nothing, so an operator ran it again and issued twice."""
+    answer(admin(tmp_path, env, "demo"))
+    for name in ("CARDCORE_DB_URL", "CARDCORE_KEK"):
+        monkeypatch.setenv(name, env[name])
+    config = config_module.load(None).check()
+
+    async def cut_short(*args: object) -> str:
+        raise asyncio.CancelledError  # the run's task cancelled by Ctrl-C
+
+    monkeypatch.setattr(CardService, "export", cut_short)
+    out = tmp_path / "cards.csv"
+    with pytest.raises(admin_commands.Interrupted) as caught:
+        await admin_commands.issue_cards(
+            config, class_code="GIFT100", store="S-A01", count=7, out=str(out),
+            full_numbers=False, progress_to=io.StringIO(),
+        )  # fmt: skip
+    stood = caught.value.answer
+    assert (stood["count"], stood["last_id"] - stood["first_id"], stood["out"]) == (7, 6, None)
+    assert f"ids {stood['first_id']}..{stood['last_id']}" in str(caught.value)
+    assert "do not issue them again" in str(caught.value)
+    rows = await sql_rows(
+        db_url, "SELECT count(*) AS n FROM cards WHERE id BETWEEN :a AND :b",
+        a=stood["first_id"], b=stood["last_id"],
+    )  # fmt: skip
+    assert rows[0]["n"] == 7
+    assert not out.exists()

@@ -501,6 +501,49 @@ def test_internal_token_guards_everything_but_health(tmp_path: Path) -> None:
 # --- benchmark -----------------------------------------------------------------------------
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def test_a_benchmark_stopped_by_sigterm_stops_the_server_it_started(tmp_path: Path) -> None:
+    """SIGTERM (a `timeout`, a CI runner) stops `cardcore bench` as Ctrl-C does, so the
+    ledger it started stops too. Before, the child kept running, orphaned, holding the
+    database's writer lock, with its temporary folder left behind."""
+    bench = subprocess.Popen(
+        [*PYTHON_M_CARDCORE, "bench", "ledger", "--seconds", "60", "--clients", "2",
+         "--accounts", "20"],
+        cwd=tmp_path, env=cardcore_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        children: list[int] = []
+        while not children and time.monotonic() < deadline:
+            time.sleep(0.2)
+            children = _children(bench.pid)
+        assert children, "the benchmark started no server"
+        time.sleep(3)  # the server is listening and the clients are at work
+        bench.send_signal(signal.SIGTERM)
+        _, err = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+    assert bench.returncode == 130, err
+    assert "Traceback" not in err
+    assert not any(Path(f"/proc/{child}").exists() for child in children)
+
+
 def test_bench_ledger_prints_one_json_line_without_errors(tmp_path: Path) -> None:
     args = ["--seconds", "2", "--clients", "4", "--accounts", "50", "--ops-per-request", "4"]
     # Its own session: the ledger process the benchmark starts goes too if we must kill it.

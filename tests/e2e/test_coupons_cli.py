@@ -4,10 +4,14 @@ campaign's budget counted once, and its refusals as one line on stderr."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
+import os
+import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -98,3 +102,46 @@ async def test_generate_writes_chunks_with_a_progress_bar_and_a_private_csv(
                                                  "--count", "0"))  # fmt: skip
     [after] = await sql_rows(db_url, "SELECT count(*) AS n FROM coupon_codes")
     assert after["n"] == count
+
+
+async def test_a_run_stopped_by_sigterm_keeps_and_reports_the_codes_that_stand(
+    tmp_path: Path, env: dict[str, str], db_url: str
+) -> None:
+    """SIGTERM (a `timeout`, systemd) stops a bulk run as Ctrl-C does: the CSV keeps every
+    code written so far, stdout names the batch and what stands, stderr says what to do, exit
+    130. Before, SIGTERM killed it outright: no CSV (the codes in a hidden temporary file,
+    the last ones unflushed) and no word of the batch left running with its budget."""
+    await _campaign(db_url)
+    out = tmp_path / "codes.csv"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cardcore", "coupons", "generate", "--campaign", "BULK",
+        "--count", "500000", "--out", str(out),
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            rows = await sql_rows(db_url, "SELECT done FROM coupon_batches")
+            if rows and rows[0]["done"] >= limits.COUPON_INSERT_CHUNK_MAX:
+                break
+            await asyncio.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        raw_out, raw_err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    stdout, stderr = raw_out.decode(), raw_err.decode()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    answer = json.loads(stdout.splitlines()[-1])
+    [line] = [x for x in stderr.splitlines() if "cardcore: error:" in x]
+    assert f"of 500000 codes of campaign BULK stand in batch {answer['batch']}" in line, line
+    [batch] = await sql_rows(db_url, "SELECT id, count, done, state FROM coupon_batches")
+    assert (batch["id"], batch["count"], batch["state"]) == (answer["batch"], 500_000, "running")
+    with out.open(encoding="ascii") as handle:
+        written = [r["code"] for r in csv.DictReader(handle)]
+    assert len(written) == answer["done"] >= limits.COUPON_INSERT_CHUNK_MAX
+    assert batch["done"] - limits.COUPON_INSERT_CHUNK_MAX <= answer["done"] <= batch["done"]
+    stored = await sql_rows(db_url, "SELECT code FROM coupon_codes")
+    assert set(written) <= {r["code"] for r in stored}
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".codes")] == []
