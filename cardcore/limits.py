@@ -240,6 +240,7 @@ POS_BASKET_LINES_MAX: Final = 32  # (department, fen) lines one POS request carr
 
 # --- e-coupons: service, admin API, POS ---
 COUPON_RESERVE_S: Final = 300  # a POS reservation holds a code this long, then it is free again
+COUPON_UNDO_READS_MAX: Final = 3  # reserved -> redeemed -> reversed: a read overtaken twice
 COUPON_INSERT_CHUNK_MAX: Final = 10_000  # generated codes written per transaction
 COUPON_GENERATE_ROUTE_MAX: Final = 10_000  # codes one admin request generates (the CLI: more)
 COUPON_GENERATE_CLI_MAX: Final = 10_000_000  # codes one `cardcore coupons generate` makes

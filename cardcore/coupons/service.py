@@ -155,6 +155,10 @@ class _Sale:
     scoped: tuple[tuple[tuple[str, ...], int], ...]
 
 
+class _Moved(Exception):
+    """A redemption row's state moved since it was read (`CouponService._undo`)."""
+
+
 class _Clash(Exception):
     """A generated code clashed with one that exists: draw the chunk again."""
 
@@ -2033,37 +2037,44 @@ class CouponService:
     async def _undo(self, key: str) -> tuple[dict[str, Any] | None, bool]:
         """Release a reservation or un-redeem a redemption made under `key`: the row's state
         moves by a guarded update, so only the first reversal changes anything; the code is
-        issued again only if it is still this key's. (row, whether this call undid it)."""
+        issued again only if it is still this key's. A reservation confirmed in place (or a
+        redemption undone) between the read and the write is read again and undone as it
+        is now: a 0400 racing its own 930000 never answers 00 with the coupon still
+        redeemed. (row, whether this call undid it)."""
         now = self.clock_ms()
-        async with self.records.read() as uow:
-            row = await uow.get(REDEMPTIONS, key=key)
-        if row is None or row["state"] not in ("reserved", "redeemed"):
-            return row, False
+        row = None
+        for _ in range(limits.COUPON_UNDO_READS_MAX):
+            async with self.records.read() as uow:
+                row = await uow.get(REDEMPTIONS, key=key)
+            if row is None or row["state"] not in ("reserved", "redeemed"):
+                return row, False
+            try:
+                async with self.records.begin() as uow:
+                    await self._undo_row(uow, row, key, now)
+            except _Moved:
+                continue
+            return row, True
+        return row, False
+
+    async def _undo_row(self, uow: Unit, row: dict[str, Any], key: str, now: int) -> None:
+        """Inside a transaction: the code back to issued (when it is still `key`'s), then the
+        row from the state read (`_Moved` when it is no longer so: the transaction rolls
+        back), and a redemption's campaign counters down. The code is written first, as a
+        confirm writes it (`_confirm`): in the other order the two deadlocked."""
+        state = row["state"]
         back = {"state": str(CodeStatus.ISSUED), "reserved_key": None, "reserved_until_ms": None,
                 "redeemed_key": None, "redeemed_at_ms": None, "version": ("+", 1)}  # fmt: skip
-        async with self.records.begin() as uow:
-            if row["state"] == "reserved":
-                if not await uow.update(
-                    REDEMPTIONS, {"key": key, "state": "reserved"},
-                    {"state": "released", "updated_at_ms": now},
-                ):  # fmt: skip
-                    return row, False
-                await uow.update(
-                    CODES, {"code": row["code"], "state": "reserved", "reserved_key": key}, back
-                )
-                return row, True
-            if not await uow.update(
-                REDEMPTIONS, {"key": key, "state": "redeemed"},
-                {"state": "reversed", "updated_at_ms": now},
-            ):  # fmt: skip
-                return row, False
-            await uow.update(
-                CODES, {"code": row["code"], "state": "redeemed", "redeemed_key": key}, back
-            )
+        holder = "reserved_key" if state == "reserved" else "redeemed_key"
+        await uow.update(CODES, {"code": row["code"], "state": state, holder: key}, back)
+        after = "released" if state == "reserved" else "reversed"
+        if not await uow.update(
+            REDEMPTIONS, {"key": key, "state": state}, {"state": after, "updated_at_ms": now}
+        ):
+            raise _Moved
+        if state == "redeemed":
             campaign_row = await uow.get(CAMPAIGNS, code=row["campaign"])
             assert campaign_row is not None
             await self._count(uow, campaign_row, row, -1)
-        return row, True
 
     # --- issuance by rule ----------------------------------------------------------------------
 

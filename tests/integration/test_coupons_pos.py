@@ -8,6 +8,7 @@ many terminals (and direct service calls) redeem one code at once and exactly on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import secrets
 import sys
@@ -511,6 +512,42 @@ async def test_a_0400_reversal_releases_a_reservation(admin: AdminClient, db_url
     assert (await code_row(db_url, code))["state"] == "issued"
     [row] = await sql_rows(db_url, "SELECT state FROM coupon_redemptions")
     assert row["state"] == "released"
+    assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 0
+
+
+async def test_a_0400_overtaken_by_its_own_confirm_undoes_the_redemption(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 0400 of a reservation read it reserved; its own 930000 (through another gateway)
+    confirmed it in place before the 0400 wrote. The 0400 was answered 00 with the coupon
+    left redeemed and counted (a reviewer's race on two gateways, 5-10 codes in 150). Now
+    it reads the row again and undoes the redemption."""
+    code, tid = await setup(admin)
+    held = ask(Kind.COUPON_RESERVE, tid, code, amount=3_000)
+    assert (await one(admin, held)).outcome is Outcome.APPROVED
+    confirm = ask(Kind.COUPON_REDEEM, tid, code, amount=3_000, stan=held.stan)
+    real_begin = Records.begin
+    confirmed: list[PosResult] = []
+
+    def begin(self: Records) -> Any:
+        if not confirmed and sys._getframe(1).f_code.co_name == "_undo":
+            confirmed.append(PosResult(Outcome.APPROVED))  # once: the confirm writes too
+            return _confirm_then(real_begin(self))
+        return real_begin(self)
+
+    @contextlib.asynccontextmanager
+    async def _confirm_then(inner: contextlib.AbstractAsyncContextManager[Unit]) -> Any:
+        confirmed[0] = await one(admin, confirm)  # between the 0400's read and its write
+        async with inner as uow:
+            yield uow
+
+    monkeypatch.setattr(Records, "begin", begin)
+    undone = await one(admin, ask(Kind.REVERSE, tid, stan=held.stan))
+    monkeypatch.undo()
+    assert (confirmed[0].outcome, undone.outcome) == (Outcome.APPROVED, Outcome.APPROVED)
+    assert (await code_row(db_url, code))["state"] == "issued"
+    [row] = await sql_rows(db_url, "SELECT state FROM coupon_redemptions")
+    assert row["state"] == "reversed"
     assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 0
 
 
