@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -50,7 +51,21 @@ POS_ACTIONS = (
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse's usage errors, in our one-line style
         self.print_usage(sys.stderr)
-        raise SystemExit(_fail(f"{self.prog}: {message}", EXIT_USAGE))
+        raise SystemExit(_fail(f"{self.prog}: {_unsecret(message)}", EXIT_USAGE))
+
+
+_UNRECOGNIZED = "unrecognized arguments: "
+
+
+def _unsecret(message: str) -> str:
+    """An argparse error without the values it would echo: a mistyped option's value (`--crad
+    NUMBER`, `--pn PIN`) is left out, and a run of 12 or more digits (a card number) is
+    masked. An error names the option, never its value."""
+    if message.startswith(_UNRECOGNIZED):
+        words = message.removeprefix(_UNRECOGNIZED).split()
+        shown = [w if w.startswith("-") else "..." for w in words]
+        message = _UNRECOGNIZED + " ".join(shown)
+    return re.sub(r"\d{12,}", lambda m: m.group()[:6] + "*" * (len(m.group()) - 6), message)
 
 
 def _fail(message: str, code: int) -> int:
@@ -404,7 +419,7 @@ def _dispatch(args: argparse.Namespace, config: config_module.Config) -> int:
             "key_mode": args.key_mode,
         }
         answer = asyncio.run(
-            pos_commands.host_post(config, args.url, "/internal/v1/terminals", body)
+            pos_commands.host_post(config, args.url, "/internal/v1/terminals", body, "tmk")
         )
         print(json.dumps(answer))
         return 0

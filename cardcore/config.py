@@ -152,6 +152,8 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:  # TOML is UTF-8: a Latin-1 comment, say
+            raise ConfigError(f"config file {path} is not UTF-8 text") from exc
         values.update(_typed(document, f"config file {path}"))
     env = {
         f.name: environ[ENV_PREFIX + f.name.upper()]

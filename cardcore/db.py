@@ -8,7 +8,7 @@ SQLite runs in WAL mode with `synchronous=FULL` (a commit survives power loss); 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -53,11 +53,36 @@ def async_url(url: str) -> URL:
             raise DatabaseUrlError("SQLite needs a file (sqlite:///path.db), not memory")
         return parsed.set(drivername="sqlite+aiosqlite")
     if backend in ("postgresql", "postgres"):
-        query = dict(parsed.query)
-        if "sslmode" in query:
-            query["ssl"] = query.pop("sslmode")
-        return parsed.set(drivername="postgresql+asyncpg", query=query)
+        return parsed.set(drivername="postgresql+asyncpg", query=_pg_query(parsed.query))
     raise DatabaseUrlError(f"unsupported database {backend!r}: use sqlite or postgresql")
+
+
+# A PostgreSQL URL's parameters (libpq's names, or asyncpg's `ssl`): what each becomes.
+_PG_PARAMETERS = {"sslmode": "ssl", "ssl": "ssl", "connect_timeout": "timeout",
+                  "application_name": "application_name"}  # fmt: skip
+
+
+def _pg_query(query: Mapping[str, str | tuple[str, ...]]) -> dict[str, str]:
+    """The URL's parameters as `make_engine` takes them; any other is refused by name (its
+    value could hold a secret), as is one given twice or a connect_timeout that is not
+    1..DB_CONNECT_TIMEOUT_S_MAX seconds. Before, asyncpg was handed them and failed with a
+    traceback."""
+    out: dict[str, str] = {}
+    for name, value in query.items():
+        if name not in _PG_PARAMETERS:
+            known = ", ".join(sorted(_PG_PARAMETERS))
+            raise DatabaseUrlError(f"the database URL parameter {name!r} is not one of {known}")
+        if not isinstance(value, str) or _PG_PARAMETERS[name] in out:
+            raise DatabaseUrlError(f"the database URL parameter {name!r} is given twice")
+        out[_PG_PARAMETERS[name]] = value
+    timeout = out.get("timeout")
+    if timeout is not None and not (
+        timeout.isdigit() and 1 <= int(timeout) <= limits.DB_CONNECT_TIMEOUT_S_MAX
+    ):
+        raise DatabaseUrlError(
+            f"connect_timeout is 1..{limits.DB_CONNECT_TIMEOUT_S_MAX} seconds, not {timeout!r}"
+        )
+    return out
 
 
 _PORT_MAX = 65_535
@@ -79,20 +104,23 @@ def make_engine(url: str, *, pool_size: int = limits.DB_POOL_SIZE_MAX) -> AsyncE
         )
         _sqlite_events(engine)
         return engine
+    query = dict(target.query)  # `async_url` left ssl, timeout and application_name: text
+    timeout = int(str(query.pop("timeout", limits.DB_CONNECT_TIMEOUT_S)))
+    name = str(query.pop("application_name", "cardcore"))
     return create_async_engine(
-        target,
+        target.set(query=query),
         pool_size=pool_size,
         max_overflow=0,
-        pool_timeout=limits.DB_CONNECT_TIMEOUT_S,
+        pool_timeout=timeout,
         connect_args={
-            "timeout": limits.DB_CONNECT_TIMEOUT_S,
+            "timeout": timeout,
             "command_timeout": limits.DB_STATEMENT_TIMEOUT_MS / 1000,
             "statement_cache_size": limits.DB_STATEMENTS_CACHED_MAX,
             "server_settings": {
                 "synchronous_commit": "on",
                 "statement_timeout": str(limits.DB_STATEMENT_TIMEOUT_MS),
                 "lock_timeout": str(limits.DB_LOCK_TIMEOUT_MS),
-                "application_name": "cardcore",
+                "application_name": name,
                 "plan_cache_mode": "force_custom_plan",
             },
         },

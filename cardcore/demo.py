@@ -306,10 +306,11 @@ COUPON_QUERY, COUPON_REDEEM = "920000", "930000"  # processing codes (card-proto
 COUPON_BILL = 8_800  # fen: a bill the demo coupon takes 10.00 off
 
 
-async def pos_session(host: str, port: int, out: TextIO) -> None:
+async def pos_session(host: str, port: int, out: TextIO) -> bool:
     """A short scripted POS session against the demo data, printed for a person to read.
     Whatever it takes it gives back (the coupon, the service use, the loyalty card's money),
-    and it earns more points than it spends: it runs the same on every start."""
+    and it earns more points than it spends: it runs the same on every start. False when it
+    stopped half way (no gateway, a broken line): `cardcore pos script` exits 1 then."""
     terminal = PosTerminal(host, port, DEMO_TERMINAL, DEMO_MERCHANT, DEMO_TMK, KeyMode.AES)
     card = DEMO_CARDS[0]
 
@@ -334,9 +335,11 @@ async def pos_session(host: str, port: int, out: TextIO) -> None:
         await _settle(terminal, show, "settlement")
     except (TerminalError, OSError) as exc:
         show("session stopped", str(exc))
+        return False
     finally:
         await terminal.close()
-    _by_hand(out)
+        _by_hand(out)
+    return True
 
 
 async def _settle(terminal: PosTerminal, show: Callable[[str, str], None], what: str) -> None:

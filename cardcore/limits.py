@@ -47,6 +47,7 @@ WRITER_ACCOUNTS_CACHED_MAX: Final = 20_000
 # better; the plain purchase mix the same either way; docs/benchmarks.md, eighth session).
 DB_POOL_SIZE_MAX: Final = 24
 DB_CONNECT_TIMEOUT_S: Final = 10
+DB_CONNECT_TIMEOUT_S_MAX: Final = 300  # the most a URL's connect_timeout may ask for
 DB_STATEMENT_TIMEOUT_MS: Final = 30_000
 DB_LOCK_TIMEOUT_MS: Final = 5_000
 # A migration's CREATE INDEX CONCURRENTLY (0013): it waits for older transactions and reads

@@ -8,7 +8,6 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from cardcore.db import DATABASE_ERRORS, async_url, make_engine
@@ -31,7 +30,7 @@ def _alembic_config(db_url: str) -> AlembicConfig:
 
 
 def _sqlite_path(db_url: str) -> Path | None:
-    url = make_url(db_url)
+    url = async_url(db_url)  # a URL that does not parse is refused in one line, not a traceback
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         return Path(url.database)
     return None

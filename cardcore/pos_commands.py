@@ -97,24 +97,39 @@ async def run_gateway(config: Config) -> None:
 # --- terminal add, card issue ----------------------------------------------------------------
 
 
-async def host_post(config: Config, url: str | None, path: str, body: dict[str, Any]) -> Any:
+async def host_post(
+    config: Config, url: str | None, path: str, body: dict[str, Any], answer_key: str
+) -> dict[str, Any]:
+    """POST to the host's internal API; its JSON object answer, which must hold
+    `answer_key`. Anything else (a proxy's HTML page, no answer in time) is one error line,
+    not a traceback."""
     base = (url or f"http://{config.host}:{config.port}").rstrip("/")
     headers = {"Authorization": f"Bearer {config.internal_token}"} if config.internal_token else {}
-    timeout = aiohttp.ClientTimeout(total=limits.HTTP_CLIENT_TIMEOUT_S * 10)
+    seconds = limits.HTTP_CLIENT_TIMEOUT_S * 10
+    timeout = aiohttp.ClientTimeout(total=seconds)
     try:
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,
             session.post(base + path, json=body, headers=headers) as response,
         ):
-            document = await response.json(content_type=None)
-            if response.status >= 300:
-                error = document.get("error", {}) if isinstance(document, dict) else {}
-                raise CommandError(
-                    f"{base}{path}: {response.status} {error.get('code')}: {error.get('message')}"
-                )
-            return document
+            try:
+                document = await response.json(content_type=None)
+            except ValueError:
+                document = None
+            status, kind = response.status, response.content_type
     except aiohttp.ClientError as exc:
         raise CommandError(f"cannot reach the host at {base}: {exc}") from None
+    except TimeoutError:
+        raise CommandError(f"{base}{path}: no answer within {seconds} s") from None
+    if not isinstance(document, dict):
+        raise CommandError(f"{base}{path}: {status}, not a cardcore answer ({kind})")
+    if status >= 300:
+        error = document.get("error")
+        error = error if isinstance(error, dict) else {}
+        raise CommandError(f"{base}{path}: {status} {error.get('code')}: {error.get('message')}")
+    if answer_key not in document:
+        raise CommandError(f"{base}{path}: {status}, an answer without {answer_key!r}")
+    return document
 
 
 # --- pos -------------------------------------------------------------------------------------
@@ -138,7 +153,10 @@ def _load_state(terminal: PosTerminal, path: Path) -> list[ReversalCopy]:
             _check_six_digits(name, state[name])
         terminal.stan = state["stan"]
         terminal.batch = state["batch"]
-        terminal.pending_reversal = state.get("pending_reversal")
+        reversal = state.get("pending_reversal")
+        if reversal is not None:
+            _check_copy(reversal)
+        terminal.pending_reversal = reversal
         confirmation = state.get("pending_confirmation")
         if confirmation is not None:
             _check_copy(confirmation, "0220")
@@ -184,6 +202,18 @@ def _save_state(terminal: PosTerminal, path: Path, requests: list[ReversalCopy])
     tmp.replace(path)
 
 
+def _keep_state(terminal: PosTerminal, path: Path, requests: list[ReversalCopy]) -> None:
+    """After the exchange: the state saved, or a warning on stderr (the reply still counts;
+    the file was written before anything was sent, so this is a disk that failed since)."""
+    try:
+        _save_state(terminal, path, requests)
+    except OSError as exc:
+        sys.stderr.write(
+            f"cardcore: warning: --state {path}: cannot be written ({exc.strerror}): the "
+            "terminal's STAN and owed reversals are not kept\n"
+        )
+
+
 def _remembered(terminal: PosTerminal, requests: list[ReversalCopy]) -> list[ReversalCopy]:
     """The requests to keep: those of the terminal's batch, this run's last one added."""
     kept = list(requests)
@@ -221,12 +251,15 @@ async def run_pos(config: Config, args: Any) -> int:
         raise CommandError("--tmk is 32 hexadecimal digits") from None
     out = sys.stdout
     if args.action == "script":
-        await demo.pos_session(host, int(port), out)
-        return 0
+        return 0 if await demo.pos_session(host, int(port), out) else 1
     terminal = PosTerminal(host, int(port), args.tid, args.mid, tmk, KeyMode(args.key_mode))
     path = _state_path(args)
     requests = _load_state(terminal, path)
     step = plan(args, requests, path)  # every option checked before anything is sent
+    try:  # and the state file written, as it will be after: a STAN is never sent twice
+        _save_state(terminal, path, requests)
+    except OSError as exc:
+        raise CommandError(f"--state {path}: cannot be written: {exc.strerror}") from None
 
     def show(what: str, reply: Reply) -> None:
         out.write(f"{what:<14} {describe(reply)}\n")
@@ -254,7 +287,7 @@ async def run_pos(config: Config, args: Any) -> int:
     except ValueError as exc:  # a value the message layout cannot carry: nothing was sent
         raise CommandError(f"{args.action}: {exc}") from None
     finally:
-        _save_state(terminal, path, _remembered(terminal, requests))
+        _keep_state(terminal, path, _remembered(terminal, requests))
         await terminal.close()
     if reply is None:
         return 0
@@ -458,7 +491,7 @@ async def issue_cards(config: Config, args: Any) -> int:
         "expires": args.expires,
     }
     if not args.out:
-        answer = await host_post(config, args.url, "/internal/v1/cards", body)
+        answer = await host_post(config, args.url, "/internal/v1/cards", body, "cards")
         print(json.dumps({"issued": len(answer["cards"]), "cards": answer["cards"]}))
         return 0
     with contextlib.ExitStack() as files:
@@ -466,7 +499,7 @@ async def issue_cards(config: Config, args: Any) -> int:
             handle = files.enter_context(private_output(Path(args.out)))
         except OSError as exc:
             raise CommandError(f"--out {args.out}: {exc.strerror}") from None
-        answer = await host_post(config, args.url, "/internal/v1/cards", body)
+        answer = await host_post(config, args.url, "/internal/v1/cards", body, "cards")
         cards = answer["cards"]
         handle.write("card_number,account_id\n")
         handle.writelines(f"{c['pan']},{c['account_id']}\n" for c in cards)

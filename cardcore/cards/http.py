@@ -25,6 +25,7 @@ from cardcore.cards.model import (
 )
 from cardcore.cards.pos import PosService
 from cardcore.frontend_gateway import security
+from cardcore.org.http import ORG_KEY
 from cardcore.vault import Vault
 
 POS_KEY = web.AppKey("pos", PosService)
@@ -84,6 +85,7 @@ async def _post_terminal(request: web.Request) -> web.Response:
     store = _text(body, "store", _NAME)
     entity = _text(body, "legal_entity", _NAME)
     mode_text = _text(body, "key_mode", re.compile(r"aes|3des"), "aes")
+    await request.app[ORG_KEY].check_bootstrap_place(entity, store)
     mode, tmk, sealed = new_master_key(request.app[KEK_KEY], tid, mode_text)
     pos = request.app[POS_KEY]
     try:
@@ -131,6 +133,7 @@ async def _post_cards(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_value", "count must be at least 1", "count")
     if balance_max and balance > balance_max:
         raise ApiError(400, "invalid_value", "balance is at most balance_max", "balance")
+    await request.app[ORG_KEY].check_bootstrap_place(entity, None)
     pos = request.app[POS_KEY]
     try:
         issued = await admin.issue_cards(

@@ -1369,9 +1369,9 @@ class CardService:
         (`pos_grant_spends`, by the top-up's key, state open): "" when spent, else the
         refusal (`not_granted`, `grant_budget_exceeded`). The spend is given back when the
         hold ends without its value staying (`pos_topup_release`, `sweep_topup_grants`). A
-        terminal the bootstrap registered (`/internal/v1/terminals`: the demo, the
-        benchmark) in a store the organization does not hold has no grants to spend: "" (a
-        terminal of the admin API is always in one)."""
+        terminal the bootstrap registered on a host without an organization
+        (`OrgService.check_bootstrap_place`) is in no store the organization holds and has
+        no grants to spend: "" (a terminal of the admin API is always in one)."""
         try:
             async with self.records.begin() as uow:
                 if await uow.get(STORES, id=store) is None:

@@ -130,6 +130,27 @@ class OrgService:
             raise Refused("conflict", "store_closed", "the store is closed", field)
         return Place(store["legal_entity"], store_id)
 
+    async def check_bootstrap_place(self, entity: str, store: str | None) -> None:
+        """The internal bootstrap (`/internal/v1/terminals`, `/internal/v1/cards`: trusted,
+        no principal) names a legal entity and maybe a store of the organization: once the
+        organization has a legal entity, an unknown one, an unknown store, or a store of
+        another entity is refused (404 `entity_not_found`, `store_not_found`; 400
+        `store_other_entity`). A host without an organization (a ledger alone) takes any."""
+        async with self.records.read() as uow:
+            if not await uow.find(ENTITIES, limit=1):
+                return
+            if await uow.get(ENTITIES, id=entity) is None:
+                raise Refused("not_found", "entity_not_found", "no such legal entity",
+                              "legal_entity")  # fmt: skip
+            row = None if store is None else await uow.get(STORES, id=store)
+        if store is None:
+            return
+        if row is None:
+            raise Refused("not_found", "store_not_found", "no such store", "store")
+        if row["legal_entity"] != entity:
+            raise Refused("invalid", "store_other_entity",
+                          f"store {store} belongs to another legal entity", "store")  # fmt: skip
+
     # --- legal entities ----------------------------------------------------------------------
 
     async def create_entity(self, p: Principal, entity_id: str, name: str) -> dict[str, Any]:

@@ -155,6 +155,16 @@ def _refusals(tmp: Path, port: str = "8080") -> dict[str, Refusal]:
             {},
             "the database port is 1..65535, not 99999",
         ),
+        "database url with a parameter the driver does not take": Refusal(
+            ("migrate", "--db", "postgresql://u@127.0.0.1/x?options=-c%20y"),
+            {},
+            "the database URL parameter 'options' is not one of",
+        ),
+        "verify of a database url whose port does not parse": Refusal(
+            ("ledger", "verify", "--db", "postgresql://u:secret@127.0.0.1:abc/db"),
+            {},
+            "not a database URL: 'postgresql://u:***@127.0.0.1:abc/db'",
+        ),
         "in-memory sqlite database": Refusal(
             ("migrate", "--db", "sqlite://"), {}, "SQLite needs a file"
         ),
@@ -264,6 +274,27 @@ def _refusals(tmp: Path, port: str = "8080") -> dict[str, Refusal]:
             {},
             "is damaged: stan is not six digits",
         ),
+        "pos state file under a file (before anything is sent)": Refusal(
+            (
+                "pos",
+                "purchase",
+                "--card",
+                DEMO_CARD,
+                "--amount",
+                "100",
+                "--state",
+                str(blocker / "pos.json"),
+                "--gateway",
+                "127.0.0.1:1",
+            ),
+            {},
+            "--state",
+        ),
+        "pos state file whose owed reversal is not a 0400": Refusal(
+            ("pos", "echo", "--state", str(tmp / "bad-reversal.json"), "--gateway", "127.0.0.1:1"),
+            {},
+            "is damaged: a kept request is not a 0400",
+        ),
         "pos gateway port out of range": Refusal(
             ("pos", "echo", "--gateway", "127.0.0.1:99999"), {}, "the port 1..65535"
         ),
@@ -284,6 +315,9 @@ def refused(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Done]:
     (tmp / "unknown-key.toml").write_text('db_url = "sqlite:///x.db"\ncolour = "red"\n')
     (tmp / "a-file").write_text("not a directory\n")
     (tmp / "bad-state.json").write_text('{"stan": 5, "batch": "000001"}')
+    (tmp / "bad-reversal.json").write_text(
+        '{"stan": "000001", "batch": "000001", "pending_reversal": "x"}'
+    )
     port = str(free_port())  # nothing should listen on it
     commands = {
         name: Command([*PYTHON_M_CARDCORE, *r.args], cardcore_env(**r.env), tmp)
@@ -499,6 +533,13 @@ def test_internal_token_guards_everything_but_health(tmp_path: Path) -> None:
 
 
 # --- benchmark -----------------------------------------------------------------------------
+
+
+def test_a_scripted_pos_session_that_stops_half_way_exits_1(tmp_path: Path) -> None:
+    """`cardcore pos script` said "session stopped" and exited 0 all the same."""
+    done = run_cardcore("pos", "script", "--gateway", f"127.0.0.1:{free_port()}", cwd=tmp_path)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "session stopped" in done.stdout and "Traceback" not in done.stderr
 
 
 def _children(pid: int) -> list[int]:

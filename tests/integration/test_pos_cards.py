@@ -600,3 +600,32 @@ async def test_the_internal_issue_refuses_a_balance_past_the_cards_maximum(
         "legal_entity": "LE1", "count": 1, "balance": 900_000, "balance_max": 100_000})  # fmt: skip
     assert (status, answer["error"]["field"]) == (400, "balance")
     assert await sql_rows(db_url, "SELECT count(*) AS n FROM cards") == before
+
+
+async def test_the_bootstrap_names_only_the_organizations_entities_and_their_stores(
+    admin: AdminClient, db_url: str
+) -> None:
+    """`cardcore terminal add` and `cardcore card issue` (the internal bootstrap) registered a
+    terminal in a store that does not exist, or of another legal entity, and issued cards
+    of an entity that does not exist (a reviewer's finding): once the organization has
+    legal entities, each is refused and nothing changes."""
+    await admin.org("LE1", "S1")
+    await admin.org("LE2", "S3")
+    terminal = {"tid": "BOOT0001", "mid": "898310048990001", "key_mode": "aes"}
+    tables = ("SELECT count(*) AS n FROM pos_terminals", "SELECT count(*) AS n FROM cards",
+              "SELECT count(*) AS n FROM ledger_accounts")  # fmt: skip
+    before = [await sql_rows(db_url, q) for q in tables]
+    for body, status, code in (
+        ({**terminal, "store": "NOPE", "legal_entity": "LE1"}, 404, "store_not_found"),
+        ({**terminal, "store": "S3", "legal_entity": "LE1"}, 400, "store_other_entity"),
+        ({**terminal, "store": "S1", "legal_entity": "NOPE"}, 404, "entity_not_found"),
+    ):
+        got, answer = await admin.call("POST", "/internal/v1/terminals", json=body)
+        assert (got, answer["error"]["code"]) == (status, code), body
+    got, answer = await admin.call("POST", "/internal/v1/cards",
+                                   json={"legal_entity": "NOPE", "count": 1})  # fmt: skip
+    assert (got, answer["error"]["code"]) == (404, "entity_not_found")
+    assert [await sql_rows(db_url, q) for q in tables] == before
+    made = await admin.ok("POST", "/internal/v1/terminals",
+                          json={**terminal, "store": "S3", "legal_entity": "LE2"})  # fmt: skip
+    assert made["tid"] == "BOOT0001"

@@ -4,12 +4,14 @@ terminal keeps when a request cannot be encoded."""
 from __future__ import annotations
 
 import pytest
+from aiohttp import web
 
 from cardcore.cards.model import mask_pan
+from cardcore.config import Config
 from cardcore.frontend_gateway import codec
 from cardcore.frontend_gateway.security import WorkingKeys
 from cardcore.frontend_gateway.terminal import HEADER, TPDU, PosTerminal
-from cardcore.pos_commands import frame_text
+from cardcore.pos_commands import CommandError, frame_text, host_post
 
 PAN = "6288880000000013"
 PIN_BLOCK = "0123456789ABCDEF0123456789ABCDEF"
@@ -50,3 +52,37 @@ async def test_a_request_that_cannot_be_encoded_is_neither_sent_nor_owed() -> No
         await terminal.purchase(PAN, -5)  # F4 cannot carry it
     assert terminal.pending_reversal is None  # a reversal of it would never encode either
     assert terminal.last_request is None and terminal.last_sent == b""
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "text", "says"),
+    [
+        (502, "text/html", "<html>Bad Gateway</html>", "502, not a cardcore answer (text/html)"),
+        (200, "application/json", "[1, 2]", "200, not a cardcore answer"),
+        (201, "application/json", "{}", "201, an answer without 'cards'"),
+        (409, "application/json", '{"error": "busy"}', "409 None: None"),
+    ],
+)
+async def test_the_bootstrap_commands_name_an_answer_that_is_not_the_hosts(
+    status: int, content_type: str, text: str, says: str
+) -> None:
+    """`cardcore terminal add` and `cardcore card issue` behind a proxy that answered its own
+    page (or an answer of another shape) failed with a traceback (JSONDecodeError,
+    KeyError): now one error line names the status and what came back."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=status, content_type=content_type, text=text)
+
+    app = web.Application()
+    app.router.add_post("/internal/v1/cards", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        with pytest.raises(CommandError) as refused:
+            await host_post(Config(), f"http://127.0.0.1:{port}", "/internal/v1/cards", {}, "cards")
+    finally:
+        await runner.cleanup()
+    assert says in str(refused.value)

@@ -408,3 +408,48 @@ def test_a_postgresql_url_with_libpq_sslmode_asks_asyncpg_for_ssl() -> None:
 
     url = async_url("postgresql://u@db.example/cards?sslmode=require")
     assert (url.drivername, dict(url.query)) == ("postgresql+asyncpg", {"ssl": "require"})
+
+
+def test_a_postgresql_url_takes_libpq_connect_timeout_and_application_name() -> None:
+    """libpq's `connect_timeout` and `application_name` (common in operators' URLs) were
+    handed to asyncpg, which failed with a traceback; now they set the connection's timeout
+    and name."""
+    from cardcore.db import async_url, make_engine  # noqa: PLC0415
+
+    url = "postgresql://u@db.example/cards?connect_timeout=5&application_name=hq-ledger"
+    assert dict(async_url(url).query) == {"timeout": "5", "application_name": "hq-ledger"}
+    engine = make_engine(url)
+    try:
+        _, params = engine.sync_engine.dialect.create_connect_args(engine.url)
+        assert "application_name" not in params and "timeout" not in params
+        assert engine.pool.timeout() == 5  # type: ignore[attr-defined]  # QueuePool's
+    finally:
+        engine.sync_engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ("options=-c%20x", "parameter 'options' is not one of"),
+        ("password=hunter2", "parameter 'password' is not one of"),
+        ("sslmode=require&ssl=disable", "given twice"),
+        ("connect_timeout=0", "connect_timeout is 1..300"),
+        ("connect_timeout=soon", "connect_timeout is 1..300"),
+    ],
+)
+def test_a_postgresql_url_parameter_asyncpg_cannot_take_is_refused_by_name(
+    query: str, says: str
+) -> None:
+    from cardcore.db import DatabaseUrlError, async_url  # noqa: PLC0415
+
+    with pytest.raises(DatabaseUrlError, match=says) as refused:
+        async_url(f"postgresql://u@db.example/cards?{query}")
+    assert "hunter2" not in str(refused.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A Latin-1 comment gave a UnicodeDecodeError traceback."""
+    path = tmp_path / "cardcore.toml"
+    path.write_bytes("# caf\xe9\nport = 8081\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load(str(path), environ={})
