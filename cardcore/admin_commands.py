@@ -119,6 +119,7 @@ class ProgressBar:
     stream: TextIO
     last: tuple[str, int] = ("", -1)
     done: int = 0  # the last count drawn
+    drawn: bool = False  # a bar is on the line, not ended
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         self.done = done
@@ -128,9 +129,17 @@ class ProgressBar:
         self.last = (phase, filled)
         bar = "#" * filled + "." * (PROGRESS_WIDTH - filled)
         self.stream.write(f"\r{phase:<9}[{bar}] {done}/{total}")
-        if done >= total:
+        self.drawn = done < total  # a line the next draw overwrites
+        if not self.drawn:
             self.stream.write("\n")
         self.stream.flush()
+
+    def end(self) -> None:
+        """End a bar left half drawn (a run cut short), so the next line starts clean."""
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
 
 
 @asynccontextmanager
@@ -179,7 +188,7 @@ async def issue_cards(
     if kek is None:
         raise AdminCommandError("issuing cards needs the key-encrypting key (CARDCORE_KEK)")
     with contextlib.ExitStack() as files:
-        handle = None if out is None else files.enter_context(private_output(Path(out)))
+        handle = None if out is None else _print_file(files, out)
         async with card_service(config, kek) as service:
             batch = await service.issue_batch(
                 CONSOLE, class_code, store, count, progress=ProgressBar(progress_to)
@@ -228,6 +237,17 @@ def private_output(path: Path, keep: Callable[[], bool] = lambda: False) -> Iter
     _commit(handle, temporary, path)
 
 
+def _print_file(
+    files: contextlib.ExitStack, out: str, keep: Callable[[], bool] = lambda: False
+) -> TextIO:
+    """`private_output` of `--out`, opened in `files`; refused in one line naming the option
+    when the path cannot be written (a folder, a path under a file, no permission)."""
+    try:
+        return files.enter_context(private_output(Path(out), keep))
+    except OSError as exc:
+        raise AdminCommandError(f"--out {out}: {exc.strerror}") from None
+
+
 def _commit(handle: TextIO, temporary: str, path: Path) -> None:
     handle.flush()
     os.fsync(handle.fileno())
@@ -268,11 +288,7 @@ async def generate_coupons(
     try:
         written = [0]  # codes in the file: they stand (committed) even if a later chunk fails
         with contextlib.ExitStack() as files:
-            handle = (
-                None
-                if out is None
-                else files.enter_context(private_output(Path(out), keep=lambda: written[0] > 0))
-            )
+            handle = None if out is None else _print_file(files, out, keep=lambda: written[0] > 0)
             if handle is not None:
                 handle.write("code,display\n")
             sink = None if handle is None else _csv_sink(handle, written)
@@ -294,6 +310,7 @@ async def generate_coupons(
                         opened=batch.append,
                     )  # fmt: skip
             except (_Stop, *INTERRUPTS):
+                bar.end()
                 if not batch:
                     raise  # nothing reserved, nothing written
                 made = bar.done  # committed chunks, each in the file (kept) when --out

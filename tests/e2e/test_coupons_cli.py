@@ -135,6 +135,7 @@ async def test_a_run_stopped_by_sigterm_keeps_and_reports_the_codes_that_stand(
     assert "Traceback" not in stderr
     answer = json.loads(stdout.splitlines()[-1])
     [line] = [x for x in stderr.splitlines() if "cardcore: error:" in x]
+    assert line.startswith("cardcore: error: interrupted: "), line  # not glued to the bar
     assert f"of 500000 codes of campaign BULK stand in batch {answer['batch']}" in line, line
     [batch] = await sql_rows(db_url, "SELECT id, count, done, state FROM coupon_batches")
     assert (batch["id"], batch["count"], batch["state"]) == (answer["batch"], 500_000, "running")
