@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -377,7 +378,17 @@ def _digits(value: str) -> bool:
 
 def plan(args: Any, requests: list[ReversalCopy], path: Path) -> Step:
     """What `args.action` does once signed on, its options checked now (a CommandError)."""
+    for name, pattern in (("tid", _TID), ("mid", _MID)):
+        if not pattern.fullmatch(getattr(args, name)):
+            raise CommandError(f"--{name} must be {pattern.pattern}")
     return _plan_card(args, _Options(args)) or _plan_loyalty(args, _Options(args), requests, path)
+
+
+_TID, _MID = re.compile(r"[A-Za-z0-9]{8}"), re.compile(r"[A-Za-z0-9]{15}")  # F41, F42
+# A coupon's text and a sale number as F48 carries them (docs/card-protocol.md section 6):
+# CP within what F48 holds beside its own tag and length, SN the gateway's own bound.
+_COUPON_CHARS_MAX = min(limits.COUPON_QR_CHARS_MAX, codec.LAYOUT["48"].max_len - 5)
+_SALE = re.compile(rf"[A-Za-z0-9_.-]{{1,{limits.POS_SALE_CHARS_MAX}}}")
 
 
 def _plan_card(args: Any, o: _Options) -> Step | None:
@@ -433,6 +444,10 @@ def _plan_loyalty(args: Any, o: _Options, requests: list[ReversalCopy], path: Pa
     if action in COUPON_CODES:
         pcode, code, bill = COUPON_CODES[action], o.text("coupon"), o.fen()
         member, sale = o.maybe_card(), o.maybe_text("sale")
+        if len(code) > _COUPON_CHARS_MAX:
+            raise CommandError(f"--coupon is 1 to {_COUPON_CHARS_MAX} characters")
+        if sale and not _SALE.fullmatch(sale):
+            raise CommandError(f"--sale must be {_SALE.pattern}")
         held = o.maybe_trace("original_stan") if action == "coupon-redeem" else ""
         return lambda t, _: t.coupon(pcode, code, bill, member, sale=sale, stan=held)
     if action == "coupon-reverse":

@@ -295,6 +295,14 @@ def _refusals(tmp: Path, port: str = "8080") -> dict[str, Refusal]:
             {},
             "is damaged: a kept request is not a 0400",
         ),
+        "pos coupon text longer than F48 carries (before sign-on)": Refusal(
+            ("pos", "coupon-query", "--coupon", "A" * 400, "--amount", "100"),
+            {},
+            "--coupon is 1 to 317 characters",
+        ),
+        "pos merchant id of the wrong length (before sign-on)": Refusal(
+            ("pos", "echo", "--mid", "M1"), {}, "--mid must be [A-Za-z0-9]{15}"
+        ),
         "pos gateway port out of range": Refusal(
             ("pos", "echo", "--gateway", "127.0.0.1:99999"), {}, "the port 1..65535"
         ),
