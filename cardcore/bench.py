@@ -85,6 +85,19 @@ def check(options: BenchOptions) -> None:
         raise BenchError(f"--accounts must be 2..{limits.BENCH_ACCOUNTS_MAX}")
     if not 1 <= options.ops_per_request <= limits.REQUEST_OPS_MAX:
         raise BenchError(f"--ops-per-request must be 1..{limits.REQUEST_OPS_MAX}")
+    writer = {"--batch-size-max": options.batch_size_max,
+              "--batch-wait-ms-max": options.batch_wait_ms_max}  # fmt: skip
+    given = [name for name, value in writer.items() if value is not None]
+    if options.url and given:  # a running ledger keeps the settings it started with
+        raise BenchError(f"{given[0]} is for the ledger started here, not one at --url")
+    if options.batch_size_max is not None and not (
+        1 <= options.batch_size_max <= limits.BATCH_SIZE_MAX_CEILING
+    ):
+        raise BenchError(f"--batch-size-max must be 1..{limits.BATCH_SIZE_MAX_CEILING}")
+    if options.batch_wait_ms_max is not None and not (
+        0 <= options.batch_wait_ms_max <= limits.BATCH_WAIT_MS_MAX_CEILING
+    ):
+        raise BenchError(f"--batch-wait-ms-max must be 0..{limits.BATCH_WAIT_MS_MAX_CEILING}")
 
 
 def run(options: BenchOptions) -> dict[str, Any]:

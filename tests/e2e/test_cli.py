@@ -198,6 +198,14 @@ def _refusals(tmp: Path, port: str = "8080") -> dict[str, Refusal]:
         "unknown log level": Refusal(
             ("migrate", "--db", db), {"CARDCORE_LOG_LEVEL": "LOUD"}, "log_level"
         ),
+        "bench with a writer setting for a ledger it does not start": Refusal(
+            ("bench", "ledger", "--url", "http://127.0.0.1:1", "--batch-size-max", "5"),
+            {},
+            "--batch-size-max is for the ledger started here",
+        ),
+        "bench with a batch size of zero (before it starts anything)": Refusal(
+            ("bench", "ledger", "--batch-size-max", "0"), {}, "--batch-size-max must be 1.."
+        ),
         "bench with zero clients": Refusal(
             ("bench", "ledger", "--clients", "0"), {}, "--clients must be 1.."
         ),
