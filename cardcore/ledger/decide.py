@@ -59,7 +59,7 @@ EVENT_BY_KIND = {
 # What `reverse` may undo and `refund` may give back: transfers that moved posted balances.
 # A reversal may itself be reversed (a terminal reversing a void whose reply it lost): its
 # target is then live again, though never reversible a second time.
-_REVERSIBLE = frozenset(
+REVERSIBLE = frozenset(
     {TransferKind.POSTED, TransferKind.POST, TransferKind.REFUND, TransferKind.REVERSE}
 )
 _REFUNDABLE = frozenset({TransferKind.POSTED, TransferKind.POST})
@@ -685,7 +685,7 @@ def _reverse(s: _Scratch, op: Reverse) -> Result:
             s.set(s.failures_by_key, (op.client, op.target_key), tombstone)
             return _no_effect(s, op, None)
         return _no_effect(s, op, None)  # the target failed: nothing was applied to undo
-    if target.kind not in _REVERSIBLE or not _chain_allows_reverse(s, target):
+    if target.kind not in REVERSIBLE or not _chain_allows_reverse(s, target):
         raise _Failed("target_not_reversible", "target_key")
     done = s.reversed_by.get(target.id)
     if done is not None:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cardcore.ledger.decide import BatchEffects
+from cardcore.ledger.decide import REVERSIBLE, BatchEffects
 from cardcore.ledger.model import (
     Account,
     AccountEvent,
@@ -331,6 +331,10 @@ class Verifier:
     reversal_amount: dict[int, int] = field(default_factory=dict)
     reversal_leg: dict[int, int] = field(default_factory=dict)
     undone: set[int] = field(default_factory=set)
+    # The reversals of refunds (final: never reversed) and every transfer ever reversed (a
+    # refund of one can no longer be reversed): the two chain rules of `decide`.
+    reverses_refund: set[int] = field(default_factory=set)
+    ever_reversed: set[int] = field(default_factory=set)
 
     def batch(self, header: Mapping[str, Any], rows: Mapping[str, list[Row]]) -> None:
         seq = header["seq"]
@@ -472,6 +476,17 @@ class Verifier:
             if wanted != moved or any(amount > p.amount for p in hold[0]):
                 raise Mismatch(f"{where}: does not move its hold's legs")
 
+    def _reversible(self, where: str, origin: int, kind: TransferKind, inner: int | None) -> None:
+        """What `decide` lets a reversal undo: a payment, a refund or a reversal, never a
+        hold or its resolution; never a reversal of a refund (final), nor a refund of a
+        transfer reversed before (its rest went back already)."""
+        if kind not in REVERSIBLE:
+            raise Mismatch(f"{where}: reverses transfer {origin}, a {kind}, which no reversal may")
+        if kind is TransferKind.REVERSE and origin in self.reverses_refund:
+            raise Mismatch(f"{where}: reverses transfer {origin}, the final reversal of a refund")
+        if kind is TransferKind.REFUND and int(inner or 0) in self.ever_reversed:
+            raise Mismatch(f"{where}: reverses refund {origin} of a transfer reversed before")
+
     def given_back(self, t: Row) -> None:
         """One reversal or refund, in id order, with its target (`target_kind`,
         `target_target_id`, `target_postings`): it mirrors the target's legs (sides swapped,
@@ -504,12 +519,15 @@ class Verifier:
                 raise Mismatch(f"{where}: refunds more than transfer {origin} moved")
             self.refunded[origin] = self.refunded.get(origin, 0) + amount
             return
+        self._reversible(where, origin, target_kind, t["target_target_id"])
         if amount != (whole - self.refunded.get(origin, 0) if payment else whole):
             raise Mismatch(f"{where}: reverses other than what is left of transfer {origin}")
+        rid = int(t["id"])
         if target_kind is TransferKind.REFUND:
             inner = int(t["target_target_id"])
             self.refunded[inner] = self.refunded.get(inner, 0) - amount
-        rid = int(t["id"])
+            self.reverses_refund.add(rid)
+        self.ever_reversed.add(origin)
         self.reversal_of[rid], self.reversal_amount[rid] = origin, amount
         if payment:
             self.reversal_leg[rid] = whole

@@ -492,7 +492,11 @@ def _replayed(stored: dict[str, Any]) -> PosResult:
 
 async def _one_active_card(uow: Unit, staff_user_id: int) -> None:
     """409 `manager_user_has_card` when the staff user already holds an active manager
-    card: the daily total is the manager's, never one per card."""
+    card: the daily total is the manager's, never one per card. The staff user's row is
+    locked first (a write of nothing), so two issues for one user at the same moment are
+    decided one after the other: on PostgreSQL both read "none" and both cards became
+    active (SQLite's BEGIN IMMEDIATE orders them already)."""
+    await uow.update(USERS, {"id": staff_user_id}, {"created_at_ms": ("+", 0)})
     held = await uow.find(CARDS, {"staff_user_id": staff_user_id, "state": "active"}, limit=1)
     if held:
         raise Refused(

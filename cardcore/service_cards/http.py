@@ -34,13 +34,14 @@ NAME = r.string(
     max_length=limits.SERVICE_NAME_CHARS_MAX,
 )
 FEN = r.integer(0, limits.SERVICE_PRICE_FEN_MAX)
+PRICE = r.integer(1, limits.SERVICE_PRICE_FEN_MAX)  # a sale moves it: never 0
 STORES = {**r.array(CODE, limits.SERVICE_STORES_MAX), "uniqueItems": True}
 POLICY = r.enum([x.value for x in RefundPolicy])
 STATE = r.enum(["active", "retired"])
 TERMS: dict[str, r.Schema] = {
     "name": NAME,
     "uses": r.integer(1, limits.SERVICE_USES_MAX),
-    "price_fen": FEN,
+    "price_fen": PRICE,
     "validity_months": r.integer(1, limits.SERVICE_VALIDITY_MONTHS_MAX),
     "stores": STORES,
     "refund_policy": POLICY,
@@ -69,7 +70,7 @@ _PACKAGE_PROPS: dict[str, r.Schema] = {
     "store": CODE,
     "uses_total": r.integer(1, limits.SERVICE_USES_MAX),
     "uses_left": r.integer(0, limits.SERVICE_USES_MAX),
-    "price_fen": FEN,
+    "price_fen": PRICE,
     "refund_policy": POLICY,  # the refund terms of the sale (the product's that day)
     "refund_fee_fen": FEN,
     "single_use_price_fen": FEN,

@@ -154,18 +154,20 @@ def _identity_problems(p: ServiceProduct) -> list[Problem]:
 
 
 def _money_problems(p: ServiceProduct) -> list[Problem]:
-    """Price, fee and list price are int fen in 0..SERVICE_PRICE_FEN_MAX. When the refund
-    charges used entitlements at the list price, all uses at that price cost at least the
-    package, so such a refund never exceeds the unused share of the price (rounded up)."""
+    """Price, fee and list price are int fen in 0..SERVICE_PRICE_FEN_MAX, the price at least
+    1 (a sale is a ledger transfer of it, and the ledger moves no 0: a product of price 0
+    was made and then never sold). When the refund charges used entitlements at the list
+    price, all uses at that price cost at least the package, so such a refund never exceeds
+    the unused share of the price (rounded up)."""
     high = limits.SERVICE_PRICE_FEN_MAX
     found = [
-        Problem(name, f"{name} is 0..{high} fen")
-        for name, value in (
-            ("price_fen", p.price_fen),
-            ("refund_fee_fen", p.refund_fee_fen),
-            ("single_use_price_fen", p.single_use_price_fen),
+        Problem(name, f"{name} is {low}..{high} fen")
+        for name, value, low in (
+            ("price_fen", p.price_fen, 1),
+            ("refund_fee_fen", p.refund_fee_fen, 0),
+            ("single_use_price_fen", p.single_use_price_fen, 0),
         )
-        if not _int_in(value, 0, high)
+        if not _int_in(value, low, high)
     ]
     if p.refund_policy is RefundPolicy.PRO_RATA_AFTER_USE_PRICE and (
         p.single_use_price_fen * p.uses < p.price_fen
@@ -311,7 +313,10 @@ def refund_rest_of(e: Entitlement, refunded_fen: int) -> int:
     refunds an active one)."""
     assert 0 <= e.uses_left <= e.uses_total
     assert e.state is EntitlementState.REFUNDED
-    due = 0 if e.uses_left == 0 else max(0, _gross_refund(e) - e.refund_terms.fee_fen)
+    owes = e.uses_left > 0 and e.refund_terms.policy is not RefundPolicy.NONE
+    # (a package sold before migration 0007 takes its product's terms as they are now: HQ
+    # may have made them `none` since its first refund, which then owes nothing more)
+    due = max(0, _gross_refund(e) - e.refund_terms.fee_fen) if owes else 0
     if due <= refunded_fen:
         message = "the package was refunded already; nothing more is owed"
         raise Refused("conflict", REFUNDED, message)

@@ -481,7 +481,8 @@ class ServiceCards:
         except _Raced as raced:
             return await self._sale_replay(raced.row, card, product, counter, key, tender=tender)
         except Exception:
-            await self._undo(op)
+            if await self._undo(op):  # the money went back and the key is spent: say so
+                raise _undone() from None
             raise
         assert result.transfer_id is not None
         return {**view, "transfer_id": result.transfer_id, "replayed": False}
@@ -638,8 +639,10 @@ class ServiceCards:
         except _DryRun:
             return
 
-    async def _undo(self, op: CreateTransfer) -> None:
-        """Give back a sale whose package could not be written (its key is then spent)."""
+    async def _undo(self, op: CreateTransfer) -> bool:
+        """Give back a sale whose package could not be written (its key is then spent);
+        False when the ledger did not take the reversal (a resend of the sale then finds
+        its money taken and writes the package)."""
         result = await self._submit_one(
             Reverse(
                 client=COUNTER_CLIENT,
@@ -651,6 +654,7 @@ class ServiceCards:
         )
         if not result.ok:
             log.error("a service sale could not be undone", extra={"code": result.code})
+        return result.ok
 
     async def list_packages(self, p: Principal, card_id: int) -> list[dict[str, Any]]:
         """The card's packages (its value account's, so a replaced card's carry over),

@@ -136,6 +136,7 @@ async def test_hq_defines_products_and_bad_ones_are_refused_changing_nothing(
     cases = [
         (None, {**base, "uses": 0}, 400, "invalid_value", "uses"),
         (None, {**base, "price_fen": 1.5}, 400, "wrong_type", "price_fen"),
+        (None, {**base, "price_fen": 0}, 400, "invalid_value", "price_fen"),  # never sold
         (None, {**base, "refund_policy": "pro_rata_after_use_price",
                 "single_use_price_fen": 49}, 400, "invalid_value", "single_use_price_fen"),
         (None, {**base, "stores": ["S3"]}, 400, "store_other_entity", "stores"),
@@ -765,3 +766,56 @@ async def test_a_refund_key_that_paid_nothing_answers_the_same_after_a_later_ref
     assert (await admin.ok("POST", path, json={"key": "rf-2"}))["refund_fen"] == 10_000
     again = await admin.ok("POST", path, json={"key": "rf-1"})
     assert (again["refund_fen"], again["replayed"], again["transfer_id"]) == (0, True, None)
+
+
+async def test_the_sale_that_loses_the_grant_budget_race_says_its_key_is_spent(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Two sales at once against a grant's last package: the loser's money moves and is
+    given back, and its key is spent. It was answered 403 `grant_budget_exceeded` (as if
+    nothing had happened; a resend then got 409 `service_sale_undone`); it is answered 409
+    `service_sale_undone` at once, as docs/service-cards.md says."""
+    w = await world(admin)
+    await admin.ok("POST", "/v1/grants", json={"store": "S2", "function": "service",
+                                               "budget_count": 1})  # fmt: skip
+    card = w["card"]["id"]
+    answers = await asyncio.gather(
+        sell(admin, card, "WASH", store="S2", key="race-a"),
+        sell(admin, card, "WASH", store="S2", key="race-b"),
+    )
+    statuses = sorted(status for status, _ in answers)
+    assert statuses in ([201, 403], [201, 409]), answers
+    [(_, lost)] = [a for a in answers if a[0] != 201]
+    # Refused before its money moved (it read the grant after the winner wrote): 403, and
+    # nothing happened. Refused after (both read it first): the money went back and the key
+    # is spent, which the answer must say.
+    undone = await sql_rows(
+        db_url, "SELECT count(*) AS n FROM ledger_transfers WHERE reason = 'service_sale_undone'"
+    )
+    expected = "service_sale_undone" if undone[0]["n"] else "grant_budget_exceeded"
+    assert lost["error"]["code"] == expected, (lost, undone)
+
+
+async def test_a_further_refund_of_an_older_package_whose_product_refunds_nothing_now(
+    admin: AdminClient, db_url: str
+) -> None:
+    """A package sold before migration 0007 takes its product's refund terms as they are at
+    the refund. Refunded, then a use given back by a reversal, then the product's policy
+    made `none`: the further refund was a 500 (an assertion); it is 409
+    `service_refunded`, nothing more owed."""
+    w = await world(admin)
+    pan = w["card"]["pan"]
+    _, sold = await sell(admin, w["card"]["id"], "WASH")
+    await sql_execute(db_url, "UPDATE service_entitlements SET refund_policy = NULL, "  # noqa: S608 - the test's own id
+                      "refund_fee_fen = NULL, single_use_price_fen = NULL, "
+                      f"refund_after_expiry = NULL WHERE id = {int(sold['id'])}")  # fmt: skip
+    used = redemption(w["t1"], pan)
+    [answer] = await pos(admin, used)
+    assert answer.uses_left == 2
+    path = f"/v1/service-packages/{sold['id']}/refund"
+    first = await admin.ok("POST", path, json={"key": "rf-1"})
+    assert first["refund_fen"] == 6_667
+    assert (await reverse(admin, used)).outcome is Outcome.APPROVED
+    await admin.ok("PATCH", "/v1/service-products/WASH", json={"refund_policy": "none"})
+    status, body = await admin.call("POST", path, json={"key": "rf-2"})
+    assert (status, body["error"]["code"]) == (409, "service_refunded"), body

@@ -334,6 +334,17 @@ def test_reversals_and_refunds_mirror_their_targets_and_never_give_back_more() -
             _given(12, "reverse", 11, forth(100), "reverse", back(100), target_target=10),
             _given(13, "refund", 10, back(40), "posted", sale),
             _given(14, "reverse", 12, back(100), "reverse", forth(100), target_target=11)],
+        # what `decide` refuses (target_not_reversible), rewritten into the journal: a hold
+        # reversed, a reversal of a refund reversed, a refund of a reversed sale reversed
+        "a pending, which no reversal may": [_given(11, "reverse", 10, back(100), "pending", sale)],
+        "the final reversal of a refund": [
+            _given(11, "refund", 10, back(30), "posted", sale),
+            _given(12, "reverse", 11, forth(30), "refund", back(30), target_target=10),
+            _given(13, "reverse", 12, back(30), "reverse", forth(30), target_target=11)],
+        "of a transfer reversed before": [
+            _given(11, "refund", 10, back(30), "posted", sale),
+            _given(12, "reverse", 10, back(70), "posted", sale),
+            _given(13, "reverse", 11, forth(30), "refund", back(30), target_target=10)],
     }  # fmt: skip
     for match, rows in bad.items():
         with pytest.raises(journal.Mismatch, match=match):

@@ -425,7 +425,7 @@ def test_a_refunded_package_is_not_refunded_again_negative() -> None:
 @given(
     uses=st.integers(1, 50),
     used=st.integers(0, 50),
-    price=st.integers(0, 1_000_000),
+    price=st.integers(1, 1_000_000),
     fee=st.integers(0, 100_000),
     list_extra=st.integers(0, 100_000),
     policy=st.sampled_from([RefundPolicy.PRO_RATA, RefundPolicy.PRO_RATA_AFTER_USE_PRICE]),
