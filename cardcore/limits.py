@@ -171,7 +171,8 @@ BENCH_SECONDS_MAX: Final = 3600
 BENCH_CLIENTS_MAX: Final = 4096
 BENCH_ACCOUNTS_MAX: Final = 1_000_000
 BENCH_SERVER_START_S_MAX: Final = 60
-BENCH_TERMINALS_MAX: Final = 30_000
+BENCH_TERMINALS_MAX: Final = 9_999  # buying terminals: one member each, mobile 139RRRRiiii
+BENCH_IDLE_TERMINALS_MAX: Final = 30_000  # terminals that only hold a connection (--idle)
 BENCH_RATE_PER_S_MAX: Final = 1_000_000
 BENCH_RETRY_PAUSE_MS: Final = 10  # a load client's pause after a failed request
 BENCH_ANSWER_HEAD_BYTES_MAX: Final = 64 * 1024  # status line and headers of an answer
@@ -185,6 +186,7 @@ SERVICE_PRICE_FEN_MAX: Final = 100_000_000  # a package's price, its fee, its on
 SERVICE_VALIDITY_MONTHS_MAX: Final = 120  # months a sold package lives (to the month's end)
 SERVICE_STORES_MAX: Final = 500  # stores named on one product (none named = every store)
 SERVICE_NAME_CHARS_MAX: Final = 64  # a service product's display name
+SERVICE_PRODUCT_CHARS_MAX: Final = 32  # a service product's code (String(32))
 SERVICE_ENTITLEMENTS_PER_CARD_MAX: Final = 256  # packages one card holds and a choice reads
 SERVICE_REFUNDS_READ_MAX: Final = 100  # a package's latest refund audit rows a key looks in
 SERVICE_REDEEM_ATTEMPTS_MAX: Final = 5  # choices of a package when terminals take it at once
@@ -271,6 +273,7 @@ POINTS_DEFINITIONS_CACHE_S: Final = (
     5  # a program, rule or points grant changed elsewhere applies at the till this late
 )
 POINTS_GRANTS_CACHED_MAX: Final = 4_096  # (store, program) points grants held (then cleared)
+POINTS_PROGRAMS_CACHED_MAX: Final = 256  # programs (and their rule lists) held, then cleared
 
 # --- process ---------------------------------------------------------------------------------
 GC_YOUNG_OBJECTS_MAX: Final = 20_000  # net new objects between collections (CPython: 700)

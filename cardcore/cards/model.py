@@ -650,7 +650,7 @@ def line_parts(label: str) -> tuple[str, str]:
 
 
 _PRINTABLE = re.compile(r"[\x21-\x7e]*")
-_REASON = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_REASON = re.compile(rf"[a-z][a-z0-9_]{{0,{limits.MANAGER_REASON_CHARS_MAX - 1}}}")
 _SALE = re.compile(r"[A-Za-z0-9_.-]*")
 
 
@@ -687,12 +687,15 @@ def _issue_5_fields(raw: dict[str, Any], path: str) -> dict[str, Any]:
         lines.append((line[0], line[1]))
     reason = raw.get("reason", "")
     if not isinstance(reason, str) or (reason and not _REASON.fullmatch(reason)):
-        raise PosRequestError(f"{path}.reason", "a reason code: a-z, 0-9, _ (32 at most)")
+        raise PosRequestError(
+            f"{path}.reason",
+            f"a reason code: a-z, 0-9, _ ({limits.MANAGER_REASON_CHARS_MAX} at most)",
+        )
     return {
         "basket": tuple(lines),
         "coupon": text("coupon", _PRINTABLE, limits.COUPON_QR_CHARS_MAX),
         "points": count("points", limits.POINTS_PER_TXN_MAX),
-        "product": text("product", _PRINTABLE, 32),
+        "product": text("product", _PRINTABLE, limits.SERVICE_PRODUCT_CHARS_MAX),
         "uses": count("uses", limits.SERVICE_USES_MAX),
         "reason": reason,
         "discount": count("discount", limits.POS_AMOUNT_MAX),

@@ -376,8 +376,8 @@ class ManagerCards:
         use = {
             "key": key, "card": 0, "staff_user_id": 0, "store": t.store, "terminal": t.tid,
             "day": day, "bill_fen": r.amount, "discount_fen": r.discount,
-            "reason": r.reason[:32], "outcome": model.NOT_MANAGER, "reversed": False,
-            "created_at_ms": now,
+            "reason": r.reason[: limits.MANAGER_REASON_CHARS_MAX],
+            "outcome": model.NOT_MANAGER, "reversed": False, "created_at_ms": now,
         }  # fmt: skip
         try:
             if row is None:  # a cashier's or a member's card, or no card at all

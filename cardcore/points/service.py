@@ -25,8 +25,8 @@ Keys (POS client, under the terminal transaction's key K):
   back under `F2:p` exactly as a refund does (`pos_return`); a terminal reversal of F2 puts
   back what stands under `F2:p` like a refund's clawback.
 
-`:` is in the ledger's key alphabet; the transfers' reasons (points_earn, points_void,
-points_clawback, points_reversal) are ones settlement totals ignore.
+`:` is in the ledger's key alphabet; the transfers' reasons (points_earn, points_repay,
+points_clawback, points_reversal, points_redeem) are ones settlement totals ignore.
 """
 
 from __future__ import annotations
@@ -420,7 +420,7 @@ class PointsService:
         async with self.records.read() as uow:
             row = await uow.get(PROGRAMS, code=code)
         record = None if row is None or row["state"] != "active" else program_record(row)
-        if len(self._programs) >= limits.POINTS_RULES_PER_PROGRAM_MAX:
+        if len(self._programs) >= limits.POINTS_PROGRAMS_CACHED_MAX:
             self._programs.clear()  # bounded: a group has a few programs
         self._programs[code] = (time.monotonic(), record)
         return record
@@ -451,7 +451,7 @@ class PointsService:
         # Each checked when it was made (`check_rule`; codes unique in the table): earning
         # takes at most POINTS_RULES_PER_PROGRAM_MAX of them, so `earn` need not check again.
         assert not any(model.check_rule(rule) for _, rule in parsed), program
-        if len(self._rules) >= limits.POINTS_RULES_PER_PROGRAM_MAX:
+        if len(self._rules) >= limits.POINTS_PROGRAMS_CACHED_MAX:
             self._rules.clear()
         self._rules[program] = (time.monotonic(), parsed)
         return parsed
