@@ -64,6 +64,7 @@ manager_authorizations = Table(
     Column("reversed", Boolean, nullable=False),
     Column("created_at_ms", BigInteger, nullable=False),
     Index(None, "card", "day"),
+    Index(None, "staff_user_id", "day"),  # the manager's day's total (migration 0018)
 )
 
 

@@ -409,8 +409,10 @@ class ManagerCards:
             outcome = outcome or usable(fresh)
             outcome = outcome or await self._pin(uow, r, fresh)
             if not outcome:
-                today = await uow.total(USES, "discount_fen", card=card_id, day=use["day"],
-                                        outcome=APPROVED, reversed=False)  # fmt: skip
+                today = await uow.total(  # the manager's, whichever of its cards took it
+                    USES, "discount_fen", staff_user_id=use["staff_user_id"], day=use["day"],
+                    outcome=APPROVED, reversed=False,
+                )  # fmt: skip
                 decision = model.authorize(
                     policy_of(fresh), bill_fen=r.amount, discount_fen=r.discount,
                     reason=r.reason, authorized_today_fen=today,

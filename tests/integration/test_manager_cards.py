@@ -399,3 +399,18 @@ async def test_issues_at_the_same_moment_leave_one_active_card_per_staff_user(
     assert sorted(status for status, _ in answers) == [200, 409, 409]
     rows = await sql_rows(db_url, "SELECT id FROM manager_cards WHERE state = 'active'")
     assert len(rows) == 1
+
+
+async def test_the_days_total_is_the_managers_whichever_card_took_it(admin: AdminClient) -> None:
+    """The day's total was summed per card: a card disabled and another issued to the same
+    manager the same day started the day again (a reviewer's finding). It is the manager's."""
+    w = await world(admin)
+    first = await ready_card(admin, w["manager"])  # 10 % a bill, 10.00 a day
+    used = await pos(admin, ask(w["t1"], first["pan"], discount=800))
+    assert used.outcome is Outcome.APPROVED
+    await admin.ok("PATCH", f"{CARDS}/{first['id']}", json={"state": "disabled"})
+    second = await ready_card(admin, w["manager"])
+    over = await pos(admin, ask(w["t1"], second["pan"], discount=300))
+    assert (over.outcome, over.refusal) == (Outcome.OVER_LIMIT, "manager_over_daily")
+    within = await pos(admin, ask(w["t1"], second["pan"], discount=200))
+    assert within.outcome is Outcome.APPROVED
