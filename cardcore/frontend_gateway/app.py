@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cardcore import limits
-from cardcore.config import Config
+from cardcore.config import Config, ConfigError
 from cardcore.frontend_gateway.host import Host
 from cardcore.frontend_gateway.processor import Processor
 from cardcore.frontend_gateway.saf import ReversalQueue
@@ -38,7 +38,14 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(config.gateway_tls_cert, config.gateway_tls_key)
+    try:
+        context.load_cert_chain(config.gateway_tls_cert, config.gateway_tls_key)
+    except OSError as exc:  # a missing file, or PEM that is not a certificate and its key
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            f"gateway_tls_cert {config.gateway_tls_cert} and gateway_tls_key "
+            f"{config.gateway_tls_key}: {reason}"
+        ) from None
     return context
 
 

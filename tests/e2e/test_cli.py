@@ -183,6 +183,16 @@ def _refusals(tmp: Path, port: str = "8080") -> dict[str, Refusal]:
             {**everywhere, "CARDCORE_INTERNAL_TOKEN": " " * 16},
             "printable ASCII",
         ),
+        "gateway tls files that do not exist": Refusal(
+            ("gateway",),
+            {
+                "CARDCORE_GATEWAY_TLS_CERT": str(tmp / "no-cert.pem"),
+                "CARDCORE_GATEWAY_TLS_KEY": str(tmp / "no-key.pem"),
+                "CARDCORE_KEK": "5a" * 32,
+                "CARDCORE_GATEWAY_LEDGER_URLS": "http://127.0.0.1:1",
+            },
+            "no-cert.pem and gateway_tls_key",
+        ),
         "gateway ledger that is not a url": Refusal(
             ("gateway",), {"CARDCORE_GATEWAY_LEDGER_URLS": "notaurl"}, "not an http(s) URL"
         ),
