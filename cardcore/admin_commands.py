@@ -311,8 +311,8 @@ async def generate_coupons(
                     )  # fmt: skip
             except (_Stop, *INTERRUPTS):
                 bar.end()
-                if not batch:
-                    raise  # nothing reserved, nothing written
+                if not batch:  # nothing reserved, nothing written: a plain Ctrl-C (130)
+                    raise KeyboardInterrupt from None
                 made = bar.done  # committed chunks, each in the file (kept) when --out
                 raise Interrupted(
                     f"interrupted: {made} of {count} codes of campaign {campaign} stand in "

@@ -63,7 +63,8 @@ def _unsecret(message: str) -> str:
     masked. An error names the option, never its value."""
     if message.startswith(_UNRECOGNIZED):
         words = message.removeprefix(_UNRECOGNIZED).split()
-        shown = [w if w.startswith("-") else "..." for w in words]
+        shown = [w.partition("=")[0] + ("=..." if "=" in w else "") if w.startswith("-")
+                 else "..." for w in words]  # fmt: skip
         message = _UNRECOGNIZED + " ".join(shown)
     return re.sub(r"\d{12,}", lambda m: m.group()[:6] + "*" * (len(m.group()) - 6), message)
 
@@ -372,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_USAGE)
     except DATABASE_ERRORS as exc:  # e.g. a port in use, a path under a file, a dead server
         return _fail(migrate.reason(exc), EXIT_USAGE)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, once or twice
         return EXIT_INTERRUPTED
 
 

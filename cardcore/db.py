@@ -76,8 +76,9 @@ def _pg_query(query: Mapping[str, str | tuple[str, ...]]) -> dict[str, str]:
             raise DatabaseUrlError(f"the database URL parameter {name!r} is given twice")
         out[_PG_PARAMETERS[name]] = value
     timeout = out.get("timeout")
+    most = limits.DB_CONNECT_TIMEOUT_S_MAX
     if timeout is not None and not (
-        timeout.isdigit() and 1 <= int(timeout) <= limits.DB_CONNECT_TIMEOUT_S_MAX
+        re.fullmatch(r"[0-9]{1,6}", timeout) and 1 <= int(timeout) <= most
     ):
         raise DatabaseUrlError(
             f"connect_timeout is 1..{limits.DB_CONNECT_TIMEOUT_S_MAX} seconds, not {timeout!r}"

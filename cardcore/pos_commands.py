@@ -386,8 +386,9 @@ def plan(args: Any, requests: list[ReversalCopy], path: Path) -> Step:
 
 _TID, _MID = re.compile(r"[A-Za-z0-9]{8}"), re.compile(r"[A-Za-z0-9]{15}")  # F41, F42
 # A coupon's text and a sale number as F48 carries them (docs/card-protocol.md section 6):
-# CP within what F48 holds beside its own tag and length, SN the gateway's own bound.
-_COUPON_CHARS_MAX = min(limits.COUPON_QR_CHARS_MAX, codec.LAYOUT["48"].max_len - 5)
+# each item is its tag (2) and length (3) and its text, all within F48's length.
+_TLV_ITEM_HEAD = 5
+_F48_CHARS_MAX = codec.LAYOUT["48"].max_len
 _SALE = re.compile(rf"[A-Za-z0-9_.-]{{1,{limits.POS_SALE_CHARS_MAX}}}")
 
 
@@ -444,10 +445,13 @@ def _plan_loyalty(args: Any, o: _Options, requests: list[ReversalCopy], path: Pa
     if action in COUPON_CODES:
         pcode, code, bill = COUPON_CODES[action], o.text("coupon"), o.fen()
         member, sale = o.maybe_card(), o.maybe_text("sale")
-        if len(code) > _COUPON_CHARS_MAX:
-            raise CommandError(f"--coupon is 1 to {_COUPON_CHARS_MAX} characters")
         if sale and not _SALE.fullmatch(sale):
             raise CommandError(f"--sale must be {_SALE.pattern}")
+        room = _F48_CHARS_MAX - _TLV_ITEM_HEAD - (_TLV_ITEM_HEAD + len(sale) if sale else 0)
+        most = min(limits.COUPON_QR_CHARS_MAX, room)
+        if len(code) > most:
+            beside = " beside this --sale" if sale else ""
+            raise CommandError(f"--coupon is 1 to {most} characters{beside}")
         held = o.maybe_trace("original_stan") if action == "coupon-redeem" else ""
         return lambda t, _: t.coupon(pcode, code, bill, member, sale=sale, stan=held)
     if action == "coupon-reverse":

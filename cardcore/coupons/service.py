@@ -564,7 +564,8 @@ class CouponService:
             fields["change_rule"] = model.ChangeRule(fields["change_rule"])
         after = dataclasses.replace(before, state=state, **fields)
         model.check_campaign(after)
-        await self._check_stores(after, place)
+        if "stores" in changes:  # a campaign saved before the check stays changeable
+            await self._check_stores(after, place)
         for budget, used in _BUDGETS_USED:
             bound = getattr(after, budget)
             if budget in changes and bound and bound < int(row[used]):
@@ -1007,7 +1008,8 @@ class CouponService:
     ) -> dict[str, Any] | None:
         """The batch made under `key` before, its codes to `sink`; None when there is none.
         409 `key_reused` when it was made for another campaign or another request (a batch
-        made before its request was kept, migration 0017, is compared by campaign only)."""
+        made before its request was kept, migration 0017, is compared by campaign and
+        source only)."""
         async with self.records.read() as uow:
             batch = await uow.get(BATCHES, key=key)
             if batch is None:

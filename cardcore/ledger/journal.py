@@ -477,9 +477,9 @@ class Verifier:
                 raise Mismatch(f"{where}: does not move its hold's legs")
 
     def _reversible(self, where: str, origin: int, kind: TransferKind, inner: int | None) -> None:
-        """What `decide` lets a reversal undo: a payment, a refund or a reversal, never a
-        hold or its resolution; never a reversal of a refund (final), nor a refund of a
-        transfer reversed before (its rest went back already)."""
+        """What `decide` lets a reversal undo: a payment (posted, or a hold's post), a refund
+        or a reversal; never a hold, a void or an expiry; never a reversal of a refund
+        (final), nor a refund of a transfer reversed before (its rest went back already)."""
         if kind not in REVERSIBLE:
             raise Mismatch(f"{where}: reverses transfer {origin}, a {kind}, which no reversal may")
         if kind is TransferKind.REVERSE and origin in self.reverses_refund:

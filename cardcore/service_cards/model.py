@@ -137,9 +137,13 @@ def product_problems(p: ServiceProduct) -> tuple[Problem, ...]:
     return tuple(found)
 
 
-def check_product(p: ServiceProduct) -> None:
-    """Refuse (400 `invalid_value`, naming the field) the first fault of `p`."""
+def check_product(p: ServiceProduct, *, kept_price: int | None = None) -> None:
+    """Refuse (400 `invalid_value`, naming the field) the first fault of `p`. `kept_price`:
+    the stored price, when a change leaves it as it is; a product priced 0 before the price
+    had to be at least 1 may then still be renamed, changed or retired."""
     for problem in product_problems(p):
+        if problem.field == "price_fen" and p.price_fen == kept_price == 0:
+            continue
         raise Refused("invalid", "invalid_value", problem.message, problem.field)
 
 

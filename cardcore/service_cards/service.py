@@ -405,7 +405,8 @@ class ServiceCards:
                 single_use_price_fen=merged["single_use_price_fen"],
                 refund_after_expiry=merged["refund_after_expiry"],
             )
-            model.check_product(product)
+            kept = None if "price_fen" in changes else before["price_fen"]
+            model.check_product(product, kept_price=kept)
             await _check_stores(uow, row["legal_entity"], product.stores)
             stored = {
                 "name": product.name,

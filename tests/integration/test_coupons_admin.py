@@ -20,7 +20,7 @@ from cardcore.coupons.http import COUPONS_KEY
 from cardcore.coupons.http import ROUTES as COUPON_ROUTES
 from cardcore.coupons.service import CouponService
 from cardcore.vault import ed25519_verify
-from tests.helpers import AdminClient, sql_rows
+from tests.helpers import AdminClient, sql_execute, sql_rows
 
 DAY_MS = 86_400_000
 NOW_MS = int(time.time() * 1000)
@@ -667,3 +667,26 @@ async def test_an_entity_campaign_names_only_stores_of_its_legal_entity(
     got, answer = await admin.call("PATCH", "/v1/coupon-campaigns/TENOFF", json={"stores": ["S3"]})
     assert (got, answer["error"]["code"]) == (400, "store_other_entity"), answer
     assert (await admin.ok("GET", "/v1/coupon-campaigns/TENOFF"))["stores"] == ["S1"]
+
+
+async def test_a_live_campaign_saved_before_the_store_check_can_still_be_ended(
+    admin: AdminClient, db_url: str
+) -> None:
+    """An entity campaign naming another entity's store was accepted before the check; a
+    live campaign's stores cannot change, so every change of it was refused since (the
+    session's diff review): the check runs only on a change of `stores`."""
+    await admin.org("LE1", "S1")
+    await admin.org("LE2", "S3")
+    await campaign(admin, stores=["S1"])
+    [row] = await sql_rows(db_url, "SELECT definition FROM coupon_campaigns WHERE code = 'TENOFF'")
+    legacy = row["definition"].replace('"stores":["S1"]', '"stores":["S1","S3"]')
+    assert legacy != row["definition"]
+    await sql_execute(
+        db_url,
+        "UPDATE coupon_campaigns SET definition = replace(definition, "
+        """'"stores":["S1"]', '"stores":["S1","S3"]') WHERE code = 'TENOFF'""",
+    )
+    [row] = await sql_rows(db_url, "SELECT definition FROM coupon_campaigns WHERE code = 'TENOFF'")
+    assert row["definition"] == legacy
+    ended = await admin.ok("PATCH", "/v1/coupon-campaigns/TENOFF", json={"state": "ended"})
+    assert ended["state"] == "ended"

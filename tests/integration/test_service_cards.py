@@ -819,3 +819,21 @@ async def test_a_further_refund_of_an_older_package_whose_product_refunds_nothin
     await admin.ok("PATCH", "/v1/service-products/WASH", json={"refund_policy": "none"})
     status, body = await admin.call("POST", path, json={"key": "rf-2"})
     assert (status, body["error"]["code"]) == (409, "service_refunded"), body
+
+
+async def test_a_product_priced_0_before_the_rule_can_still_be_retired(
+    admin: AdminClient, db_url: str
+) -> None:
+    """A price of 0 was accepted before a product had to cost at least 1 fen; such a product
+    is retired (or renamed) with its price as it is, and only a change of price is held to
+    the rule (the session's diff review)."""
+    await world(admin)
+    await sql_execute(db_url, "UPDATE service_products SET definition = "
+                      "replace(definition, '\"price_fen\": 10000', '\"price_fen\": 0') "
+                      "WHERE code = 'WASH'")  # fmt: skip
+    [row] = await sql_rows(db_url, "SELECT definition FROM service_products WHERE code = 'WASH'")
+    assert '"price_fen": 0' in row["definition"]
+    retired = await admin.ok("PATCH", "/v1/service-products/WASH", json={"state": "retired"})
+    assert retired["state"] == "retired"
+    got, answer = await admin.call("PATCH", "/v1/service-products/WASH", json={"price_fen": 0})
+    assert (got, answer["error"]["code"]) == (400, "invalid_value")

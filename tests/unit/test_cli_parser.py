@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
-from cardcore.cli import build_parser
+from cardcore import admin_commands
+from cardcore.cli import build_parser, main
 
 
 @pytest.mark.parametrize(
@@ -33,6 +37,7 @@ def test_ledger_verify_checks_the_database_named_before_or_after_verify(
     [
         ["pos", "purchase", "--crad", "6288880000000013"],
         ["pos", "manager-auth", "--card", "6288880000000013", "--pn", "123456"],
+        ["pos", "manager-auth", "--card", "6288880000000013", "--pn=123456"],
         ["pos", "purchase", "--amount", "x6288880000000013"],
     ],
 )
@@ -45,3 +50,19 @@ def test_a_usage_error_never_echoes_a_card_number_or_pin(
     assert stopped.value.code == 2
     assert "cardcore: error:" in err
     assert "6288880000000013" not in err and "123456" not in err, err
+
+
+def test_a_run_cancelled_by_a_second_ctrl_c_exits_130_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A second Ctrl-C cancels a bulk run's task where it is: `asyncio.run` then raises
+    CancelledError, which ended in a traceback (the session's diff review)."""
+
+    async def cancelled(config: object, args: object) -> int:
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(admin_commands, "run_coupons", cancelled)
+    monkeypatch.chdir(tmp_path)
+    argv = ["coupons", "--db", f"sqlite:///{tmp_path / 'x.db'}", "generate", "--campaign", "C",
+            "--count", "1"]  # fmt: skip
+    assert main(argv) == 130

@@ -435,6 +435,7 @@ def test_a_postgresql_url_takes_libpq_connect_timeout_and_application_name() -> 
         ("sslmode=require&ssl=disable", "given twice"),
         ("connect_timeout=0", "connect_timeout is 1..300"),
         ("connect_timeout=soon", "connect_timeout is 1..300"),
+        ("connect_timeout=%C2%B2", "connect_timeout is 1..300"),  # a digit, but not ASCII
     ],
 )
 def test_a_postgresql_url_parameter_asyncpg_cannot_take_is_refused_by_name(
