@@ -531,7 +531,9 @@ class PosService:
                 continue
             key = transaction_key(t, r.batch, r.stan) + GRANT_VOID_SUFFIX
             reason = (GRANT_VOID_REASON + refusal)[: limits.REASON_CHARS_MAX]
-            void = VoidPending(POS_CLIENT, key, res.transfer_id, reason=reason)
+            void = VoidPending(
+                POS_CLIENT, key, res.transfer_id, reason=reason, metadata=_metadata(t, r)
+            )
             try:
                 await self.ledger.submit([void])
             except (Busy, LedgerUnavailable):

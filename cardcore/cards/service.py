@@ -1172,6 +1172,7 @@ class CardService:
             points = await self._points_left(account_id, forfeit=forfeit_points)
             if card["state"] != CardState.CLOSED:
                 await self._refuse_services(account_id)
+                await self._refuse_incoming(account_id)
             if card["state"] == CardState.CLOSED:
                 account = await self.ledger.account(account_id)
                 if not points and (account is None or available(account.balance) <= 0):
@@ -1199,6 +1200,19 @@ class CardService:
             "refund": {"amount": refund, "transfer_ids": transfer_ids},
             "points_forfeited": forfeited,
         }
+
+    async def _refuse_incoming(self, account_id: int) -> None:
+        """409 `card_has_pending_topup` while a terminal's top-up waits for its confirmation
+        on the card (its hold is open): confirmed after the close, its value would land on
+        the closed card beyond the refund. The terminal confirms it (or it lapses after
+        `TOPUP_CONFIRM_S`), then the card is closed."""
+        account = await self.ledger.account(account_id)
+        if account is not None and account.balance.credits_pending > 0:
+            raise Refused(
+                "conflict", "card_has_pending_topup",
+                "a top-up waits for its terminal's confirmation: close the card once it is "
+                "confirmed or has lapsed",
+            )  # fmt: skip
 
     async def _refuse_services(self, account_id: int) -> None:
         """409 `card_has_services` while the card's account holds a usable service package
@@ -1543,8 +1557,8 @@ class CardService:
             fresh = await self._card(card_id)
             if fresh["state"] != CardState.INACTIVE:
                 raise _state_refused(fresh["state"], "only an unsold (inactive) gift card")
-            if expired(fresh["expires"], self.clock_ms()):
-                raise Refused("conflict", "card_expired", "the card has expired")
+            # No expiry check: an unsold card's term starts again at its sale
+            # (`_activate_sold`), however long it waited in stock.
             await self._check_grant(counter.store, Function.GIFT, klass.code, count=0,
                                     amount=amount)  # fmt: skip
             # A batch card pays its issue fee at its sale, once (`fee_due` turns 0 with the

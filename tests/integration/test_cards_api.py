@@ -697,3 +697,71 @@ async def test_a_store_officer_sees_only_its_own_stores_cards_of_a_member(
     officer = await admin.token("store_crm", "store", "S1")
     mine = await admin.ok("GET", f"/v1/members/{owner}", officer)
     assert [c["id"] for c in mine["cards"]] == [here["id"]]
+
+
+async def _pos_ask(admin: AdminClient, **fields: Any) -> tuple[PosRequest, PosResult]:
+    r = PosRequest(batch="000001", stan=f"{next(_stans) + 500_000:06d}", **fields)
+    [res] = await admin.app[POS_KEY].handle([r])
+    return r, res
+
+
+async def test_a_card_is_not_closed_while_a_terminals_top_up_waits_for_its_confirmation(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Closed with a POS top-up's hold open, the refund left the held amount out; its
+    confirmation then put it on the closed card, beyond any refund or report (a reviewer's
+    finding). The close is refused (409 `card_has_pending_topup`) until the hold is
+    confirmed or lapses; then the whole value is refunded."""
+    await world(admin)
+    tid = await terminal(admin, "S1")
+    issued = await issue(admin, "BEAR")
+    await topup(admin, issued["id"], 1_000)
+    hold, res = await _pos_ask(admin, kind=Kind.TOPUP, terminal=tid, card=issued["pan"],
+                               amount=5_000)  # fmt: skip
+    assert res.outcome is Outcome.APPROVED, res
+    before = await sql_rows(db_url, "SELECT count(*) AS n FROM ledger_transfers")
+    got, answer = await admin.call("POST", f"/v1/cards/{issued['id']}/close",
+                                   json={"receipt": "C1"})  # fmt: skip
+    assert (got, answer["error"]["code"]) == (409, "card_has_pending_topup")
+    assert (await card(admin, issued["id"]))["state"] == "active"
+    assert await sql_rows(db_url, "SELECT count(*) AS n FROM ledger_transfers") == before
+    _, confirmed = await _pos_ask(admin, kind=Kind.TOPUP_CONFIRM, terminal=tid, amount=5_000,
+                                  original_batch="000001", original_stan=hold.stan)  # fmt: skip
+    assert confirmed.outcome is Outcome.APPROVED
+    closed = await admin.ok("POST", f"/v1/cards/{issued['id']}/close", json={"receipt": "C2"})
+    assert closed["refund"]["amount"] == 6_000
+
+
+async def test_a_top_up_voided_for_its_grant_carries_its_store_and_terminal(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Every movement carries store and terminal: the void of a top-up its store's grant
+    refused had none (a reviewer's finding)."""
+    await admin.org("LE1", "S1", "S2")
+    await admin.ok("POST", "/v1/card-classes", json={"code": "BEAR", "name": "B", "named": False})
+    await admin.ok("POST", "/v1/grants", json={"store": "S1", "function": "stored_value"})
+    issued = await issue(admin, "BEAR")
+    tid = await terminal(admin, "S2")  # no stored-value grant in S2
+    _, res = await _pos_ask(admin, kind=Kind.TOPUP, terminal=tid, card=issued["pan"],
+                            amount=5_000)  # fmt: skip
+    assert res.outcome is Outcome.NOT_PERMITTED, res
+    [void] = await sql_rows(db_url, "SELECT metadata FROM ledger_transfers WHERE kind = 'void'")
+    assert '"store":"S2"' in void["metadata"] and f'"terminal":"{tid}"' in void["metadata"]
+
+
+async def test_a_gift_card_kept_in_stock_past_its_term_is_sold_with_a_whole_term(
+    admin: AdminClient,
+) -> None:
+    """A gift card's term counts from its sale, as a stock card's from its activation: one
+    printed more than three years before was refused `card_expired` at its sale (a
+    reviewer's finding)."""
+    await world(admin)
+    service = admin.app[CARDS_KEY]
+    service.clock_ms = lambda: shanghai_noon(2025, 1, 15)  # printed January 2025
+    gifts = await admin.ok("POST", "/v1/card-batches",
+                           json={"class_code": "GIFT", "store": "S1", "count": 1})  # fmt: skip
+    service.clock_ms = lambda: shanghai_noon(2028, 3, 10)  # sold March 2028
+    sale = {"amount": 10_000, "tender": "cash", "receipt": "R1", "key": "late-sale"}
+    await admin.ok("POST", f"/v1/cards/{gifts['first_id']}/sell", json=sale)
+    sold = await card(admin, gifts["first_id"])
+    assert (sold["state"], sold["expires"]) == ("active", "3103")
