@@ -122,6 +122,9 @@ MEMBER_NAME_CHARS_MAX: Final = 64
 EMAIL_CHARS_MAX: Final = 128
 MOBILE_CHARS_MAX: Final = 32  # a mobile number as typed (spaces, dashes, prefix) before normalizing
 ID_NUMBER_CHARS_MAX: Final = 32  # an ID document number of type "other"
+# What the admin API's schema lets through of a typed mobile, birthday or ID number: the
+# member rules refuse anything longer that is wrong with their own codes (invalid_mobile...).
+MEMBER_TYPED_CHARS_MAX: Final = 256
 ID_NUMBER_BYTES_MAX: Final = 96  # its UTF-8, so its ciphertext fits members.id_sealed
 MEMBER_CARDS_SHOWN_MAX: Final = 100  # cards listed in one member's view (`cards_more` says more)
 CARD_ISSUE_ATTEMPTS_MAX: Final = 5  # fresh numbers drawn / ids re-read when an issue clashes

@@ -288,12 +288,12 @@ def query(request: web.Request, schema: dict[str, Schema]) -> dict[str, Any]:
     return out
 
 
-def path_int(request: web.Request, name: str, high: int = 2**62) -> int:
-    """An id in the path; 404 for anything that cannot be one (the column's range included:
-    PostgreSQL refuses an int4 comparison past 2**31 - 1)."""
+def path_int(request: web.Request, name: str, high: int = 2**62, code: str = "not_found") -> int:
+    """An id in the path; 404 `code` for anything that cannot be one (the column's range
+    included: PostgreSQL refuses an int4 comparison past 2**31 - 1)."""
     raw = request.match_info[name]
     if not re.fullmatch(r"[0-9]{1,19}", raw) or not 1 <= int(raw) <= high:
-        raise ApiError(404, "not_found", f"no such {name.removesuffix('_id')}", name)
+        raise ApiError(404, code, f"no such {name.removesuffix('_id')}", name)
     return int(raw)
 
 

@@ -37,12 +37,14 @@ NAME = r.string(f"{_TEXT}{{1,{limits.MEMBER_NAME_CHARS_MAX}}}",
                 max_length=limits.MEMBER_NAME_CHARS_MAX)  # fmt: skip
 EMAIL = r.string(f"|{_EMAIL_PART}+@{_EMAIL_PART}+\\.{_EMAIL_PART}+",
                  max_length=limits.EMAIL_CHARS_MAX)  # fmt: skip
-MOBILE = r.string(max_length=limits.MOBILE_CHARS_MAX)  # any spelling; normalized or refused
+# Any spelling, long or not: the member rules answer invalid_mobile, invalid_birthday and
+# invalid_id_number for what they refuse, as docs/members.md says.
+MOBILE = r.string(max_length=limits.MEMBER_TYPED_CHARS_MAX)
 GENDER = r.enum(GENDERS)
-BIRTHDAY = r.string(f"|{r.DATE}", max_length=10)
+BIRTHDAY = r.string(max_length=limits.MEMBER_TYPED_CHARS_MAX)
 TIER = r.string(f"|{r.CODE}", max_length=32)
 ID_TYPE = r.enum([t.value for t in IdType])
-ID_NUMBER = r.string(max_length=64)  # checked per type by the member rules
+ID_NUMBER = r.string(max_length=limits.MEMBER_TYPED_CHARS_MAX)  # checked per type
 SOURCE = r.string(r"[a-z][a-z0-9_]{0,31}", max_length=32)  # counter, sms, app, import, ...
 PURPOSE = r.enum([x.value for x in Purpose])
 STATE = r.enum([x.value for x in MemberState])
@@ -200,26 +202,26 @@ async def _lookup(request: web.Request) -> web.Response:
 
 async def _get_member(request: web.Request) -> web.Response:
     service = members(request)
-    member_id = r.path_int(request, "member_id")
+    member_id = _member_id(request)
     return web.json_response(await service.get(principal(request), member_id))
 
 
 async def _patch_member(request: web.Request) -> web.Response:
     service = members(request)
-    member_id = r.path_int(request, "member_id")
+    member_id = _member_id(request)
     b = await r.body(request, MEMBER_CHANGES)
     return web.json_response(await service.update(principal(request), member_id, b))
 
 
 async def _delete_member(request: web.Request) -> web.Response:
     service = members(request)
-    member_id = r.path_int(request, "member_id")
+    member_id = _member_id(request)
     return web.json_response(await service.delete(principal(request), member_id))
 
 
 async def _merge(request: web.Request) -> web.Response:
     service = members(request)
-    member_id = r.path_int(request, "member_id")
+    member_id = _member_id(request)
     b = await r.body(request, MERGE)
     view = await service.merge(principal(request), member_id, b["duplicate_id"])
     return web.json_response(view)
@@ -227,7 +229,7 @@ async def _merge(request: web.Request) -> web.Response:
 
 async def _post_consent(request: web.Request) -> web.Response:
     service = members(request)
-    member_id = r.path_int(request, "member_id")
+    member_id = _member_id(request)
     b = await r.body(request, NEW_CONSENT)
     view = await service.consent(
         principal(request), member_id, Purpose(b["purpose"]), b["granted"], b["source"]
@@ -237,7 +239,7 @@ async def _post_consent(request: web.Request) -> web.Response:
 
 async def _list_consents(request: web.Request) -> web.Response:
     service = members(request)
-    member_id = r.path_int(request, "member_id")
+    member_id = _member_id(request)
     q = r.query(request, r.PAGE_QUERY)
     limit = q.pop("limit", limits.PAGE_LIMIT_DEFAULT)
     after = _cursor(q)
@@ -279,3 +281,9 @@ ROUTES = [
             "A member's consent history, oldest first", "members", "members_read",
             query=dict(r.PAGE_QUERY), path_params=PATH, answers={200: r.page_of(CONSENT)}),
 ]  # fmt: skip
+
+
+def _member_id(request: web.Request) -> int:
+    """The path's member id: 404 `member_not_found` for one that cannot be (0, text, past
+    the column), as for one that is not there."""
+    return r.path_int(request, "member_id", ID_MAX, code="member_not_found")

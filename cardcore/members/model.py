@@ -166,6 +166,13 @@ def check_gender(gender: str, field: str = "gender") -> str:
     return gender
 
 
+def check_name(text: str, field: str = "name") -> str:
+    """A name with something in it: spaces alone are refused (400 `invalid_value`)."""
+    if not text.strip():
+        raise Refused("invalid", "invalid_value", "a name is not spaces alone", field)
+    return text
+
+
 def check_birthday(text: str, today: datetime.date, field: str = "birthday") -> str:
     """Empty (not given) or a real date, YYYY-MM-DD, not after `today`; else 400
     `invalid_birthday`."""

@@ -37,6 +37,7 @@ from cardcore.members.model import (
     Purpose,
     check_birthday,
     check_gender,
+    check_name,
     mask_id,
     masked_personal,
     normalize_id,
@@ -183,7 +184,7 @@ class MemberService:
         now = self.clock_ms()
         row: dict[str, Any] = {
             "mobile": normalize_mobile(values["mobile"]),
-            "name": values["name"],
+            "name": check_name(values["name"]),
             "gender": check_gender(values.get("gender", "")),
             "birthday": check_birthday(values.get("birthday", ""), _today(now)),
             "email": values.get("email", ""),
@@ -356,6 +357,8 @@ class MemberService:
             places = dict.fromkeys((place_of(before), place_of(after)))
             was, now_is = member_view(before), member_view(after)
             changed = sorted(k for k in now_is if k != "updated_at_ms" and was[k] != now_is[k])
+            if before.get("id_hash") != after.get("id_hash") and "id_masked" not in changed:
+                changed = sorted([*changed, "id_masked"])  # another number behind the same mask
             for place in places:
                 await uow.audit(
                     p, action="member.update", kind="member", object_id=member_id,
@@ -373,6 +376,8 @@ class MemberService:
         for name in ("name", "email", "tier"):
             if name in changes:
                 values[name] = changes[name]
+        if "name" in changes:
+            check_name(changes["name"])
         if "gender" in changes:
             values["gender"] = check_gender(changes["gender"])
         if "birthday" in changes:
@@ -521,7 +526,7 @@ class MemberService:
         async with self.records.read() as uow:
             all_cards = await _all_cards(uow, member_id)
         checked = [c for c in all_cards if c["state"] not in DEAD_CARD_STATES]
-        for card in checked:  # the delete closes them: each must be in the caller's scope
+        for card in all_cards:  # the delete closes them and erases the member of every one
             if not p.covers(Place(card["legal_entity"], card["store"])):
                 raise Refused(
                     "forbidden", "scope_forbidden",
