@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -296,6 +297,18 @@ DEBITS_PER_TRANSFER_MAX = limits.POSTINGS_PER_TRANSFER_MAX - 1  # and one credit
 def chunk_key(key: str, index: int) -> str:
     """The key of a multi-lot move's `index`th transfer: the key itself, then `key.2`, ..."""
     return key if index == 0 else f"{key}.{index + 1}"
+
+
+_CHUNK_SUFFIX = re.compile(r".*\.[0-9]+")  # `chunk_key`'s ending
+
+
+def check_client_key(key: str) -> None:
+    """A caller's key of a move may not end like a chunk's (`.N`): `big.2` would name the
+    second transfer of the move under `big` (its replay answered, its reversal undoing
+    part of another move: points made from nothing). 400 `invalid_value`."""
+    if _CHUNK_SUFFIX.fullmatch(key):
+        raise Refused("invalid", "invalid_value", "a key may not end in .N (a move's parts)",
+                      "key")  # fmt: skip
 
 
 def split(
@@ -1723,6 +1736,7 @@ class PointsService:
         `coupon_campaign`, one code of it is issued to the card's member under the same key
         (`RewardCoupons`) BEFORE the points move, and voided if the ledger refuses them: the
         code is answered only once the points are spent."""
+        check_client_key(key)
         card, found = await self._live_card(p, card_id)
         holder = int(card["account_id"])
         ledger_key = f"reward/{holder}/{key}"
@@ -1823,7 +1837,7 @@ class PointsService:
         The coupon it issued is voided first, while unused; a coupon already used (or held
         by a terminal) refuses the reversal, 409 `coupon_used`, nothing changed."""
         card, found = await self._card_and_program(p, card_id, Perm.POINTS_WRITE)
-        if found is None:
+        if found is None or _CHUNK_SUFFIX.fullmatch(key):  # a part of a move is none
             raise Refused("not_found", "redemption_not_found", "no such redemption", "key")
         holder = int(card["account_id"])
         ledger_key = f"reward/{holder}/{key}"
@@ -1871,6 +1885,7 @@ class PointsService:
         (ascending, the one order: two of its cards never pass the day's limit together),
         where both cards' states are read again: a member's delete or a freeze that came
         first is seen."""
+        check_client_key(key)
         card, found = await self._live_card(p, card_id)
         program, giver = found.program, int(card["account_id"])
         to = await self._receiving(found, to_card_id)
@@ -1888,7 +1903,9 @@ class PointsService:
                 card = await _card_row(uow, card_id)
                 to = await _card_row(uow, to_card_id)
                 done = await uow.get(TRANSFERS, key=ledger_key)
-                today = await uow.total(TRANSFERS, "points", from_holder=givers, day=day)
+                today = await uow.total(  # this program's day: another program's is its own
+                    TRANSFERS, "points", from_holder=givers, day=day, program=found.code
+                )
             _refuse_moved(card, to)
             if done is not None:
                 if (int(done["points"]), int(done["to_holder"])) != (points, receiver):

@@ -273,3 +273,56 @@ async def test_a_forfeit_on_close_takes_every_lot_page_by_page(
     assert closed["points_forfeited"] == 50
     view = await shop.points(card)
     assert (view["balance"], view["pending"], view["lots"]) == (0, 0, [])
+
+
+async def test_a_key_ending_like_a_moves_part_is_refused_and_never_names_one(
+    admin: AdminClient,
+) -> None:
+    """A move over many lots is several transfers keyed `K`, `K.2`, ...: a caller's key
+    `big.2` named the second part of the move under `big`, so its reversal put back part of
+    another move's points, and the real reversal then made points from nothing (170 spent,
+    190 back; a reviewer's finding). Such keys are refused, and are no redemption."""
+    start, day = 1_768_000_000_000, 86_400_000
+    shop = await Shop(admin).make(expiry={"kind": "rolling_months", "months": 120})
+    service = admin.app[POINTS_KEY]
+    card = await shop.card(balance=100_000)
+    for month in range(17):  # 17 lots: a spend of all of them is two transfers
+        service.clock_ms = fixed(start + month * 31 * day)
+        await earned(shop, card, 1_000)
+    service.clock_ms = fixed(start + 17 * 31 * day)
+    path = f"/v1/cards/{card['id']}/points/redemptions"
+    await admin.ok("POST", path, json={"points": 170, "reward": "TV", "key": "big"})
+    got, answer = await admin.call("POST", f"{path}/big.2/reversal")
+    assert (got, answer["error"]["code"]) == (404, "redemption_not_found")
+    got, answer = await admin.call("POST", path, json={"points": 10, "reward": "x", "key": "big.2"})
+    assert (got, answer["error"]["code"], answer["error"]["field"]) == (400, "invalid_value", "key")
+    assert (await shop.points(card))["balance"] == 0
+    await admin.ok("POST", f"{path}/big/reversal")
+    assert (await shop.points(card))["balance"] == 170
+
+
+async def test_the_days_transfer_limit_counts_only_the_programs_own_transfers(
+    admin: AdminClient,
+) -> None:
+    """A member's transfers in another program counted against this one's daily limit (a
+    reviewer's finding): each program's limit is its own."""
+    from tests.integration.test_points_api import PROGRAM, RULE  # noqa: PLC0415 - this test's
+
+    shop = await Shop(admin).make(transfer=TRANSFER)
+    gold_program = {**PROGRAM, "code": "GOLD", "asset": "PTS:GOLD", "transfer": TRANSFER}
+    await admin.ok("POST", "/v1/points/programs", json=gold_program)
+    await admin.ok("POST", "/v1/points/programs/GOLD/rules", json=RULE)
+    await admin.ok("POST", "/v1/card-classes", json={"code": "GLD", "name": "Gold",
+                   "named": True, "points_program": "GOLD"})  # fmt: skip
+    first, taker = await shop.card(), await shop.card()
+    gold = await admin.ok("POST", "/v1/cards", json={"class_code": "GLD", "store": "S1",
+                          "member_id": first["member_id"]})  # fmt: skip
+    await admin.ok("POST", f"/v1/cards/{gold['id']}/topups", json={
+        "amount": 100_000, "tender": "cash", "receipt": "R2", "key": "top-gold"})  # fmt: skip
+    gold_taker = await admin.ok("POST", "/v1/cards", json={"class_code": "GLD", "store": "S1",
+                                "member_id": taker["member_id"]})  # fmt: skip
+    await earned(shop, first, 100_000)
+    await earned(shop, gold, 100_000)
+    for giver, to, key in ((first, taker, "a1"), (gold, gold_taker, "g1")):
+        body = {"to_card_id": to["id"], "points": 300, "key": key}
+        await admin.ok("POST", f"/v1/cards/{giver['id']}/points/transfers", json=body)
