@@ -946,9 +946,12 @@ class PointsService:
 
     async def _set_tier(
         self, found: ProgramRecord, holder: int, tier: model.Tier | None, now: int, *,
-        reviewed: bool,
-    ) -> None:  # fmt: skip
-        """Record a holder's tier (and, for a period review, that it was reviewed now)."""
+        reviewed: bool, unless_since: int | None = None,
+    ) -> bool:  # fmt: skip
+        """Record a holder's tier (and, for a period review, that it was reviewed now);
+        whether the tier changed. `unless_since` (a review: its period's start): nothing
+        when the row changed since (an upgrade at the POS while the review read the ended
+        period), by a guarded update on the version read, so the review never undoes it."""
         code = "" if tier is None else tier.code
         async with self.records.begin() as uow:
             row = await uow.get(HOLDERS, holder=holder, program=found.code)
@@ -958,14 +961,20 @@ class PointsService:
                                                "tier": code, "tier_since_ms": now,
                                                "updated_at_ms": now})  # fmt: skip
                 except Conflict:
-                    return  # made at the same moment: the next earning or review decides
-                return
+                    return False  # made at the same moment: the next earning or review decides
+                return True
+            if unless_since is not None and int(row["updated_at_ms"]) >= unless_since:
+                return False
             changes: dict[str, Any] = {"updated_at_ms": now} if reviewed else {}
             if row["tier"] != code:  # a change counts as this period's review: an upgrade
                 # earned in a new period is never undone by the ended period's review
                 changes |= {"tier": code, "tier_since_ms": now, "updated_at_ms": now}
-            if changes:
-                await uow.update(HOLDERS, {"holder": holder, "program": found.code}, changes)
+            if not changes:
+                return False
+            where = {"holder": holder, "program": found.code}
+            if unless_since is not None:  # as read: not changed by anyone since
+                where["updated_at_ms"] = row["updated_at_ms"]
+            return bool(await uow.update(HOLDERS, where, changes)) and row["tier"] != code
 
     async def _upgrade_by_spend(self, found: ProgramRecord, holder: int) -> None:
         """After a purchase that earned nothing: its spend may still reach a tier."""
@@ -999,7 +1008,8 @@ class PointsService:
             policy = found.tiers
             if policy is None:
                 continue
-            start, _ = model.period_bounds(policy, found.program.timezone, now_ms)
+            period = model.period_bounds(policy, found.program.timezone, now_ms)
+            start = period[0]
             previous = model.period_bounds(policy, found.program.timezone, start - 1)
             after = None
             while True:
@@ -1012,11 +1022,16 @@ class PointsService:
                 for h in page:
                     if int(h["updated_at_ms"]) >= start:
                         continue  # reviewed (or changed) in this period already
-                    value = await self._period_value(found, policy, int(h["holder"]), previous)
+                    holder = int(h["holder"])
+                    value = await self._period_value(found, policy, holder, previous)
                     current = _tier_named(policy, h["tier"])
                     wanted = model.next_tier(current, value, at_period_end=True, policy=policy)
-                    changed += wanted != current
-                    await self._set_tier(found, int(h["holder"]), wanted, now_ms, reviewed=True)
+                    # never below what the new period has earned already (before this run)
+                    so_far = await self._period_value(found, policy, holder, period)
+                    wanted = model.next_tier(wanted, so_far, at_period_end=False, policy=policy)
+                    changed += await self._set_tier(
+                        found, holder, wanted, now_ms, reviewed=True, unless_since=start
+                    )
                 if len(holders) <= limits.POINTS_EXPIRY_PAGE_ROWS_MAX:
                     break
                 after = page[-1]["holder"]

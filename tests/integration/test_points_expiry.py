@@ -300,3 +300,54 @@ async def test_the_server_runs_the_job_on_its_schedule(admin: AdminClient, db_ur
     [notice] = await notices(db_url)
     assert notice["kind"] == "points_expired"
     assert (await shop.points(card))["balance"] == 0
+
+
+async def test_a_period_review_never_puts_a_tier_below_what_the_new_period_earned(
+    admin: AdminClient,
+) -> None:
+    """GOLD through 2026, 2026 earned little; in 2027's first minute, before the review ran,
+    the member earned GOLD's threshold in 2027: the review of 2026 put SILVER all the same
+    (a reviewer's finding). Up at once holds against the review too."""
+    shop = await Shop(admin).make(tiers=TIERS)
+    service: PointsService = admin.app[POINTS_KEY]
+    service.clock_ms = lambda: utc_ms("2025-06-01T04:00:00+00:00")
+    card = await shop.card(balance=300_000)
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=100_000))
+    service.clock_ms = lambda: IN_2026
+    assert await service.review_tiers(IN_2026) == 0  # 2025 qualified GOLD: GOLD for 2026
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=6_000))  # 2026: 90 points
+    service.clock_ms = lambda: IN_2027 + 1_000
+    sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=70_000))  # 2027: 1,050
+    assert sale.points == 1_050
+    await service.review_tiers(IN_2027 + 60_000)
+    assert (await shop.points(card))["tier"] == "GOLD"
+
+
+async def test_a_period_review_never_undoes_an_upgrade_made_while_it_ran(
+    admin: AdminClient,
+) -> None:
+    """The review read the ended period's value, a purchase upgraded the member meanwhile,
+    and the review wrote the ended period's tier over it (a reviewer's finding)."""
+    shop = await Shop(admin).make(tiers=TIERS)
+    service: PointsService = admin.app[POINTS_KEY]
+    service.clock_ms = lambda: IN_2026
+    card = await shop.card(balance=300_000)
+    await shop.one(shop.request(Kind.PURCHASE, card, amount=10_000))
+    assert (await shop.points(card))["tier"] == "SILVER"
+    service.clock_ms = lambda: IN_2027 + 1_000
+    real = service._period_value
+    upgraded: list[bool] = []
+
+    async def racing(*args: Any) -> int:  # the review reads the ended period ...
+        value = await real(*args)
+        if not upgraded:  # ... while a purchase in the new period upgrades the member
+            upgraded.append(True)
+            await shop.one(shop.request(Kind.PURCHASE, card, amount=100_000))
+        return value
+
+    service._period_value = racing  # type: ignore[method-assign,assignment]
+    try:
+        await service.review_tiers(IN_2027 + 500)
+    finally:
+        service._period_value = real  # type: ignore[method-assign]
+    assert (await shop.points(card))["tier"] == "GOLD"
