@@ -1750,20 +1750,24 @@ class PointsService:
         the caller's `key` (the same key and request answers the first result again). With
         `coupon_campaign`, one code of it is issued to the card's member under the same key
         (`RewardCoupons`) BEFORE the points move, and voided if the ledger refuses them: the
-        code is answered only once the points are spent."""
+        code is answered only once the points are spent. A retry of a redemption that was
+        made answers it again even if the card was frozen (or lost, closed) since: its
+        points were spent while the card could spend them."""
         check_client_key(key)
-        card, found = await self._live_card(p, card_id)
+        card, found = await self._card_and_program(p, card_id, Perm.POINTS_WRITE)
+        if found is None or found.state != "active":
+            raise Refused("conflict", "points_no_program", "the card earns in no active program")
         holder = int(card["account_id"])
         ledger_key = f"reward/{holder}/{key}"
         metadata: Metadata = (("external_ref", reward),)
         coupon: str | None = None
         async with self.accounts.lock(holder):
+            stored, keys = await self._chunks(ledger_key, ADMIN_CLIENT)
             async with self.records.read() as uow:  # frozen, lost or closed meanwhile?
                 now_card = await uow.get("cards", id=card_id)
-            if now_card is None or now_card["state"] != "active":
+            if not stored and (now_card is None or now_card["state"] != "active"):
                 state = "closed" if now_card is None else now_card["state"]
                 raise Refused("conflict", "card_state", f"the card is {state}")
-            stored, keys = await self._chunks(ledger_key, ADMIN_CLIENT)
             if stored:
                 coupon = await self._same_redemption(stored, ledger_key, points, metadata,
                                                      coupon_campaign)  # fmt: skip
@@ -1778,6 +1782,7 @@ class PointsService:
                 if prior is not None and prior[0] != coupon_campaign:
                     raise Refused("conflict", "key_reused", "the key names another redemption",
                                   "key")  # fmt: skip
+                assert now_card is not None  # refused above when it is not
                 try:
                     ops = await self._reward_ops(found, card, ledger_key, points, metadata)
                     if coupon_campaign:

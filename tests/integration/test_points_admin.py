@@ -193,7 +193,7 @@ async def test_a_reward_redemption_on_a_card_frozen_while_it_waited_for_the_lock
     shop = await Shop(admin).make()
     card = await shop.card()
     await earned(shop, card, 50_000)
-    inside, go_on = pause_after(monkeypatch, admin.app[POINTS_KEY], "_live_card")
+    inside, go_on = pause_after(monkeypatch, admin.app[POINTS_KEY], "_card_and_program")
     path = f"/v1/cards/{card['id']}/points/redemptions"
     asked = asyncio.create_task(
         admin.call("POST", path, json={"points": 120, "reward": "COUPON-9", "key": "r1"})
@@ -326,3 +326,22 @@ async def test_the_days_transfer_limit_counts_only_the_programs_own_transfers(
     for giver, to, key in ((first, taker, "a1"), (gold, gold_taker, "g1")):
         body = {"to_card_id": to["id"], "points": 300, "key": key}
         await admin.ok("POST", f"/v1/cards/{giver['id']}/points/transfers", json=body)
+
+
+async def test_a_redemption_retried_after_a_freeze_answers_what_it_did(
+    admin: AdminClient,
+) -> None:
+    """The points were spent, the answer lost, the card frozen: the retry under the same key
+    was refused 409 `card_state`, which tells a client that nothing was spent (a reviewer's
+    finding). It answers the redemption again; a new one on the frozen card is refused."""
+    shop = await Shop(admin).make()
+    card = await shop.card()
+    await earned(shop, card, 50_000)
+    path = f"/v1/cards/{card['id']}/points/redemptions"
+    body = {"points": 120, "reward": "COUPON-9", "key": "r1"}
+    first = await admin.ok("POST", path, json=body)
+    await admin.ok("POST", f"/v1/cards/{card['id']}/freeze")
+    again = await admin.ok("POST", path, json=body)
+    assert (again["replayed"], again["transfer_id"]) == (True, first["transfer_id"])
+    got, answer = await admin.call("POST", path, json={**body, "key": "r2"})
+    assert (got, answer["error"]["code"]) == (409, "card_state")
