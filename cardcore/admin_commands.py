@@ -188,7 +188,7 @@ async def issue_cards(
     if kek is None:
         raise AdminCommandError("issuing cards needs the key-encrypting key (CARDCORE_KEK)")
     with contextlib.ExitStack() as files:
-        handle = None if out is None else _print_file(files, out)
+        handle = None if out is None else print_file(files, out)
         async with card_service(config, kek) as service:
             batch = await service.issue_batch(
                 CONSOLE, class_code, store, count, progress=ProgressBar(progress_to)
@@ -237,7 +237,7 @@ def private_output(path: Path, keep: Callable[[], bool] = lambda: False) -> Iter
     _commit(handle, temporary, path)
 
 
-def _print_file(
+def print_file(
     files: contextlib.ExitStack, out: str, keep: Callable[[], bool] = lambda: False
 ) -> TextIO:
     """`private_output` of `--out`, opened in `files`; refused in one line naming the option
@@ -288,7 +288,7 @@ async def generate_coupons(
     try:
         written = [0]  # codes in the file: they stand (committed) even if a later chunk fails
         with contextlib.ExitStack() as files:
-            handle = None if out is None else _print_file(files, out, keep=lambda: written[0] > 0)
+            handle = None if out is None else print_file(files, out, keep=lambda: written[0] > 0)
             if handle is not None:
                 handle.write("code,display\n")
             sink = None if handle is None else _csv_sink(handle, written)

@@ -40,7 +40,7 @@ from cardcore.ledger.store import LedgerStore
 EXIT_MISMATCH = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, also for a SIGTERM (`_interrupt`)
-SERVERS = ("serve", "ledger", "gateway")  # `ledger verify` is not one, but stops as well
+SERVERS = ("serve", "ledger", "gateway")  # shut down gracefully on SIGTERM themselves
 POS_ACTIONS = (
     "sign-on", "echo", "inquiry", "purchase", "void", "refund", "topup", "settle", "sign-off",
     "points-earn", "points-redeem", "points-return", "coupon-query", "coupon-reserve",

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 
 from cardcore import demo, limits
-from cardcore.admin_commands import private_output
+from cardcore.admin_commands import print_file
 from cardcore.cards.model import mask_pan
 from cardcore.config import Config, ConfigError, create_kek_file, load_kek
 from cardcore.frontend_gateway import codec
@@ -514,10 +514,8 @@ async def issue_cards(config: Config, args: Any) -> int:
         print(json.dumps({"issued": len(answer["cards"]), "cards": answer["cards"]}))
         return 0
     with contextlib.ExitStack() as files:
-        try:  # the file first: full numbers are shown once, never issued into a lost file
-            handle = files.enter_context(private_output(Path(args.out)))
-        except OSError as exc:
-            raise CommandError(f"--out {args.out}: {exc.strerror}") from None
+        # the file first: full numbers are shown once, never issued into a lost file
+        handle = print_file(files, args.out)
         answer = await host_post(config, args.url, "/internal/v1/cards", body, "cards")
         cards = answer["cards"]
         handle.write("card_number,account_id\n")
