@@ -586,7 +586,7 @@ async def test_verify_passes_after_reversals_and_refunds(
     assert (await nets(api, ids))["card"] == FUNDS
 
     done = await asyncio.to_thread(
-        run_cardcore, "ledger", "verify", "--db", db_url, cwd=tmp_path, timeout_s=30
+        run_cardcore, "ledger", "verify", "--db", db_url, cwd=tmp_path, timeout_s=120
     )
     assert done.returncode == 0, done
     summary = json.loads(done.stdout.splitlines()[-1])

@@ -41,7 +41,7 @@ async def _activity(ledger: Ledger) -> Activity:
 
 
 def _verify_process(db_url: str, cwd: Path) -> tuple[int, dict[str, object], str]:
-    done = run_cardcore("ledger", "verify", "--db", db_url, cwd=cwd, timeout_s=30)
+    done = run_cardcore("ledger", "verify", "--db", db_url, cwd=cwd, timeout_s=120)
     lines = done.stdout.splitlines()
     assert len(lines) == 1, done
     return done.returncode, json.loads(lines[0]), done.stderr

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 import pytest
 
-from cardcore import admin_commands
+from cardcore import admin_commands, logs
 from cardcore.cli import build_parser, main
 
 
@@ -62,6 +63,9 @@ def test_a_run_cancelled_by_a_second_ctrl_c_exits_130_without_a_traceback(
         raise asyncio.CancelledError
 
     monkeypatch.setattr(admin_commands, "run_coupons", cancelled)
+    # main() configures logging and takes SIGTERM: neither may outlive this test's process
+    monkeypatch.setattr(logs, "configure", lambda *args: None)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
     monkeypatch.chdir(tmp_path)
     argv = ["coupons", "--db", f"sqlite:///{tmp_path / 'x.db'}", "generate", "--campaign", "C",
             "--count", "1"]  # fmt: skip
