@@ -56,7 +56,8 @@ def _pg_url_for(database: str) -> str:
 
 
 async def _pg_exec(*statements: str) -> None:
-    conn = await asyncpg.connect(_pg_admin_dsn(), timeout=5)
+    # 30 s: a bound for a dead server (a loaded CI run once took over 5 s to connect)
+    conn = await asyncpg.connect(_pg_admin_dsn(), timeout=30)
     try:
         for statement in statements:
             await conn.execute(statement)
