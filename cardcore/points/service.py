@@ -1733,14 +1733,6 @@ class PointsService:
 
     # --- admin: rewards and transfers between members --------------------------------------
 
-    async def _live_card(self, p: Principal, card_id: int) -> tuple[dict[str, Any], ProgramRecord]:
-        card, found = await self._card_and_program(p, card_id, Perm.POINTS_WRITE)
-        if found is None or found.state != "active":
-            raise Refused("conflict", "points_no_program", "the card earns in no active program")
-        if card["state"] != "active":
-            raise Refused("conflict", "card_state", f"the card is {card['state']}")
-        return card, found
-
     async def redeem_reward(
         self, p: Principal, card_id: int, *, points: int, reward: str, key: str,
         coupon_campaign: str = "",
@@ -1906,14 +1898,24 @@ class PointsService:
         where both cards' states are read again: a member's delete or a freeze that came
         first is seen."""
         check_client_key(key)
-        card, found = await self._live_card(p, card_id)
+        card, found = await self._card_and_program(p, card_id, Perm.POINTS_WRITE)
+        if found is None or found.state != "active":
+            raise Refused("conflict", "points_no_program", "the card earns in no active program")
         program, giver = found.program, int(card["account_id"])
+        ledger_key = f"gift/{giver}/{key}"
+        async with self.records.read() as uow:
+            done = await uow.get(TRANSFERS, key=ledger_key)
+        if done is not None:  # made, its answer lost: answered again whatever the cards are now
+            return await self._transfer_again(
+                found, card, done, to_card_id=to_card_id, points=points, key=key
+            )
+        if card["state"] != "active":
+            raise Refused("conflict", "card_state", f"the card is {card['state']}")
         to = await self._receiving(found, to_card_id)
         receiver = int(to["account_id"])
         if receiver == giver:
             raise Refused("invalid", "transfer_not_allowed", "a card gives to itself", "to_card_id")
         givers = await self._givers(card)
-        ledger_key = f"gift/{giver}/{key}"
         now = self.clock_ms()
         day = day_number(program.timezone, now)
         async with contextlib.AsyncExitStack() as held:
@@ -1926,32 +1928,49 @@ class PointsService:
                 today = await uow.total(  # this program's day: another program's is its own
                     TRANSFERS, "points", from_holder=givers, day=day, program=found.code
                 )
+            if done is not None:  # made by a request with this key that held the locks first
+                return await self._transfer_again(
+                    found, card, done, to_card_id=to_card_id, points=points, key=key
+                )
             _refuse_moved(card, to)
-            if done is not None:
-                if (int(done["points"]), int(done["to_holder"])) != (points, receiver):
-                    raise Refused("conflict", "key_reused", "the key names another transfer",
-                                  "key")  # fmt: skip
-                stored, keys = await self._chunks(ledger_key, ADMIN_CLIENT)
-                results = await self._submit(again(stored, ADMIN_CLIENT, keys, ()))
-            else:
-                refusal = model.check_transfer(program, points, today)
-                if refusal is not None:
-                    raise Refused("conflict", refusal, "the program's transfer policy refuses it",
-                                  "points")  # fmt: skip
-                ops = await self._transfer_ops(found, card, to, ledger_key, points=points, now=now)
-                results = await self._submit(ops)
-                async with self.records.begin() as uow:
-                    await uow.insert(TRANSFERS, {
-                        "key": ledger_key, "program": found.code, "from_holder": giver,
-                        "to_holder": receiver, "day": day, "points": points, "created_at_ms": now,
-                    })  # fmt: skip
+            refusal = model.check_transfer(program, points, today)
+            if refusal is not None:
+                raise Refused("conflict", refusal, "the program's transfer policy refuses it",
+                              "points")  # fmt: skip
+            ops = await self._transfer_ops(found, card, to, ledger_key, points=points, now=now)
+            results = await self._submit(ops)
+            async with self.records.begin() as uow:
+                await uow.insert(TRANSFERS, {
+                    "key": ledger_key, "program": found.code, "from_holder": giver,
+                    "to_holder": receiver, "day": day, "points": points, "created_at_ms": now,
+                })  # fmt: skip
         view = {"key": key, "card_id": card_id, "to_card_id": to_card_id, "points": points,
-                "transfer_id": results[0].transfer_id, "replayed": done is not None,
+                "transfer_id": results[0].transfer_id, "replayed": False,
                 "points_balance": await self._balance(found, giver)}  # fmt: skip
-        if done is None:
-            await self._audit(p, "points.transfer", card_id,
-                              Place(card["legal_entity"], card["store"]), view)  # fmt: skip
+        await self._audit(p, "points.transfer", card_id,
+                          Place(card["legal_entity"], card["store"]), view)  # fmt: skip
         return view
+
+    async def _transfer_again(
+        self, found: ProgramRecord, card: dict[str, Any], done: dict[str, Any], *,
+        to_card_id: int, points: int, key: str,
+    ) -> dict[str, Any]:  # fmt: skip
+        """A transfer asked again under its key: the same one (else 409 `key_reused`),
+        answered as it was made, even when either card was frozen, lost or closed since: its
+        points moved while both could move them. Its transfers are submitted again, and the
+        ledger answers them as replays."""
+        async with self.records.read() as uow:
+            to = await uow.get("cards", id=to_card_id)
+        if to is None or (int(done["points"]), int(done["to_holder"])) != (
+            points, int(to["account_id"])
+        ):  # fmt: skip
+            raise Refused("conflict", "key_reused", "the key names another transfer", "key")
+        stored, keys = await self._chunks(done["key"], ADMIN_CLIENT)
+        results = await self._submit(again(stored, ADMIN_CLIENT, keys, ()))
+        giver = int(card["account_id"])
+        return {"key": key, "card_id": int(card["id"]), "to_card_id": to_card_id,
+                "points": points, "transfer_id": results[0].transfer_id, "replayed": True,
+                "points_balance": await self._balance(found, giver)}  # fmt: skip
 
     async def _givers(self, card: dict[str, Any]) -> list[int]:
         """The holders whose transfers count against a giving card's daily limit: the

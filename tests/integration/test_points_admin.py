@@ -345,3 +345,30 @@ async def test_a_redemption_retried_after_a_freeze_answers_what_it_did(
     assert (again["replayed"], again["transfer_id"]) == (True, first["transfer_id"])
     got, answer = await admin.call("POST", path, json={**body, "key": "r2"})
     assert (got, answer["error"]["code"]) == (409, "card_state")
+
+
+async def test_a_transfer_retried_after_its_cards_were_frozen_answers_what_it_did(
+    admin: AdminClient,
+) -> None:
+    """The points moved, the answer was lost, then the cards were frozen: the retry under
+    the same key was refused 409 `card_state` (a client hears nothing moved, and gives
+    again under a new key). It answers the transfer again; another request under the key
+    is `key_reused`; a new transfer from the frozen card is refused."""
+    shop = await Shop(admin).make(transfer=TRANSFER)
+    giver, taker = await shop.card(), await shop.card()
+    await earned(shop, giver, 100_000)
+    path = f"/v1/cards/{giver['id']}/points/transfers"
+    body = {"to_card_id": taker["id"], "points": 300, "key": "t1"}
+    first = await admin.ok("POST", path, json=body)
+    for card in (giver, taker):
+        await admin.ok("POST", f"/v1/cards/{card['id']}/freeze")
+    status, again = await admin.call("POST", path, json=body)
+    assert (status, again["replayed"], again["transfer_id"]) == (
+        200, True, first["transfer_id"],
+    ), again  # fmt: skip
+    assert again["points_balance"] == first["points_balance"]
+    got, answer = await admin.call("POST", path, json={**body, "points": 301})
+    assert (got, answer["error"]["code"]) == (409, "key_reused")
+    got, answer = await admin.call("POST", path, json={**body, "key": "t2"})
+    assert (got, answer["error"]["code"]) == (409, "card_state")
+    assert (await shop.points(taker))["balance"] == 300
