@@ -216,10 +216,15 @@ def private_output(path: Path, keep: Callable[[], bool] = lambda: False) -> Iter
     temporary file beside `path`, readable by the owner only (mode 0600), that replaces
     `path` once the block ends without an error (or with one, when `keep()` says that what
     was written stands: codes committed chunk by chunk). So a path that cannot be written
-    is refused before anything is issued (a number shown once is never lost), and a
-    failure before anything stands leaves an existing file as it was."""
+    is refused before anything is issued (a number shown once is never lost). An existing
+    file is never replaced (it may hold the only copy of an earlier run's numbers): it is
+    refused at the start (FileExistsError), and the file is put in place by a link that
+    fails rather than replace one made meanwhile (`_commit`)."""
     if path.is_dir():  # checked now: the rename at the end would fail after the work
         raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(errno.EEXIST, "exists; an earlier print file is never replaced",
+                              str(path))  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     handle = os.fdopen(fd, "w", encoding="ascii")
@@ -249,10 +254,18 @@ def print_file(
 
 
 def _commit(handle: TextIO, temporary: str, path: Path) -> None:
+    """The written file in place under `path`, never over a file made there since the
+    start: then it stays under its temporary name, which the error names."""
     handle.flush()
     os.fsync(handle.fileno())
     handle.close()
-    os.replace(temporary, path)
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        raise AdminCommandError(
+            f"{path} was made by someone else meanwhile; this run's file is {temporary}"
+        ) from None
+    os.unlink(temporary)
 
 
 # --- coupons generate --------------------------------------------------------------------------

@@ -88,8 +88,6 @@ def test_admin_issue_cards_writes_a_print_file_masked_unless_full_numbers_are_as
     assert all(r["card_number"].startswith("628888*********") for r in masked)
     assert {(r["class_code"], r["face_value"]) for r in masked} == {("GIFT100", "")}
     full_file = tmp_path / "full.csv"
-    full_file.write_text("an older file, readable by all\n")
-    full_file.chmod(0o644)  # the export makes it private all the same
     done = admin(tmp_path, env, "issue-cards", "--class", "BEARER", "--store", "S-B01",
                  "--count", "20", "--out", str(full_file), "--full-numbers")  # fmt: skip
     assert answer(done)["full_numbers"] is True
@@ -129,6 +127,11 @@ def test_admin_issue_cards_refusals_are_one_line_and_change_nothing(
                            "--out", str(blocked / "cards.csv")))  # fmt: skip
     assert f"--out {blocked / 'cards.csv'}:" in line, line  # the option named
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    line = one_error(admin(tmp_path, env, *base, "--class", "GIFT100", "--out", str(blocked)))
+    assert f"--out {blocked}: exists; an earlier print file is never replaced" in line, (
+        line
+    )  # an earlier print file is kept whole
+    assert blocked.read_text() == "not a folder\n"
     done = admin(tmp_path, env, "issue-cards", "--class", "GIFT100", "--store", "S-A01",
                  "--count", "1")  # fmt: skip
     assert answer(done)["first_id"] == 1  # nothing before was issued

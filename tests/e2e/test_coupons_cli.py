@@ -72,8 +72,6 @@ async def test_generate_writes_chunks_with_a_progress_bar_and_a_private_csv(
     count = limits.COUPON_INSERT_CHUNK_MAX * 2 + 5
     out = tmp_path / "print" / "codes.csv"
     out.parent.mkdir()
-    out.write_text("an older file, readable by all\n")
-    out.chmod(0o644)  # the export makes it private all the same
     done = coupons(tmp_path, env, "--campaign", "BULK", "--count", str(count), "--out", str(out))
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout.splitlines()[-1])
@@ -93,11 +91,17 @@ async def test_generate_writes_chunks_with_a_progress_bar_and_a_private_csv(
     over = coupons(tmp_path, env, "--campaign", "BULK", "--count", "10000")
     assert "campaign_budget_exceeded" in one_error(over)
     before = out.read_text(encoding="ascii")
-    assert "campaign_not_found" in one_error(
-        coupons(tmp_path, env, "--campaign", "NONE", "--count", "1", "--out", str(out))
+    again = one_error(
+        coupons(tmp_path, env, "--campaign", "BULK", "--count", "1", "--out", str(out))
     )
-    assert out.read_text(encoding="ascii") == before  # a refusal leaves the last file whole
-    assert [p.name for p in out.parent.iterdir()] == ["codes.csv"]  # and no temporary one
+    assert f"--out {out}: exists; an earlier print file is never replaced" in again, (
+        again
+    )  # the last run's codes are never replaced
+    assert out.read_text(encoding="ascii") == before
+    assert "campaign_not_found" in one_error(coupons(
+        tmp_path, env, "--campaign", "NONE", "--count", "1", "--out", str(out.parent / "n.csv")
+    ))  # fmt: skip
+    assert [p.name for p in out.parent.iterdir()] == ["codes.csv"]  # a refusal leaves no file
     assert "--count is 1.." in one_error(coupons(tmp_path, env, "--campaign", "BULK",
                                                  "--count", "0"))  # fmt: skip
     [after] = await sql_rows(db_url, "SELECT count(*) AS n FROM coupon_codes")

@@ -206,8 +206,17 @@ def test_bootstrap_commands_and_the_pos_simulator(tmp_path: Path) -> None:
         )  # fmt: skip
         assert refused.returncode == 2 and refused.stderr.startswith("cardcore: error: --out")
         out = tmp_path / "cards.csv"
-        out.write_text("an older file, readable by all\n")
-        out.chmod(0o644)  # the full numbers make it private all the same
+        out.write_text("an older print file\n")
+        kept = run_cardcore(
+            "card", "issue", "--legal-entity", "LE-CLI", "--count", "3",
+            "--out", str(out), cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert (
+            kept.returncode == 2
+            and f"--out {out}: exists; an earlier print file is never replaced" in kept.stderr
+        ), kept.stderr
+        assert out.read_text() == "an older print file\n"  # its numbers are never replaced
+        out.unlink()
         issued = run_cardcore(
             "card", "issue", "--legal-entity", "LE-CLI", "--count", "3", "--balance", "5000",
             "--out", str(out), cwd=tmp_path, env=env,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cardcore.admin_commands import private_output
+from cardcore.admin_commands import AdminCommandError, private_output
 
 
 def _write_then_fail(path: Path, *, keep: bool = False) -> None:
@@ -26,20 +26,46 @@ def test_a_folder_is_refused_before_any_work(tmp_path: Path) -> None:
         _enter(tmp_path)
 
 
-def test_a_failure_leaves_the_old_file_whole_and_success_makes_it_private(
-    tmp_path: Path,
-) -> None:
+def test_an_existing_file_is_refused_before_any_work_and_kept_whole(tmp_path: Path) -> None:
+    """An earlier print run's file may hold the only copy of its full numbers: it is never
+    replaced (it was, by a later run with the same --out)."""
     old = tmp_path / "cards.csv"
     old.write_text("the last print run\n")
-    old.chmod(0o644)
-    with pytest.raises(RuntimeError):
-        _write_then_fail(old)
+    with pytest.raises(FileExistsError):
+        _enter(old)
+    (tmp_path / "link.csv").symlink_to(tmp_path / "nowhere.csv")
+    with pytest.raises(FileExistsError):
+        _enter(tmp_path / "link.csv")
     assert old.read_text() == "the last print run\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["cards.csv"]  # no temporary file left
-    with private_output(old) as handle:
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cards.csv", "link.csv"]
+
+
+def test_a_failure_leaves_nothing_and_success_makes_a_private_file(tmp_path: Path) -> None:
+    new = tmp_path / "cards.csv"
+    with pytest.raises(RuntimeError):
+        _write_then_fail(new)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+    with private_output(new) as handle:
         handle.write("card_number\n")
-    assert old.read_text() == "card_number\n"
-    assert stat.S_IMODE(old.stat().st_mode) == 0o600
+    assert new.read_text() == "card_number\n"
+    assert stat.S_IMODE(new.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["cards.csv"]
+
+
+def test_a_file_made_meanwhile_is_not_replaced_and_the_run_keeps_its_own(tmp_path: Path) -> None:
+    out = tmp_path / "cards.csv"
+
+    def made_meanwhile() -> None:
+        with private_output(out) as handle:
+            handle.write("this run's numbers\n")
+            out.write_text("someone else's\n")
+
+    with pytest.raises(AdminCommandError, match="made by someone else") as caught:
+        made_meanwhile()
+    assert out.read_text() == "someone else's\n"
+    [kept] = [p for p in tmp_path.iterdir() if p != out]
+    assert str(kept) in str(caught.value)
+    assert kept.read_text() == "this run's numbers\n"
 
 
 def test_what_stands_is_kept_when_asked(tmp_path: Path) -> None:
