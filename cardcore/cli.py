@@ -35,7 +35,7 @@ from cardcore import config as config_module
 from cardcore.db import DATABASE_ERRORS, DatabaseUrlError, make_engine
 from cardcore.frontend_gateway.saf import SafError
 from cardcore.ledger.journal import Mismatch
-from cardcore.ledger.store import LedgerStore
+from cardcore.ledger.store import LedgerStore, WriterLockError
 
 EXIT_MISMATCH = 1
 EXIT_USAGE = 2
@@ -367,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pos_commands.CommandError,
         admin_commands.AdminCommandError,
         SafError,
+        WriterLockError,  # a second `cardcore ledger` or `serve` on one database
     ) as exc:
         return _fail(str(exc), EXIT_USAGE)
     except (migrate.NotMigrated, migrate.DatabaseUnavailable) as exc:
@@ -489,7 +490,6 @@ async def _points_expire(config: config_module.Config, remind_days: int) -> int:
     from cardcore.cards.accounts import Accounts  # noqa: PLC0415 - only this command
     from cardcore.cards.directory import Directory  # noqa: PLC0415
     from cardcore.ledger.service import Ledger  # noqa: PLC0415
-    from cardcore.ledger.store import WriterLockError  # noqa: PLC0415
     from cardcore.metrics import Metrics  # noqa: PLC0415
     from cardcore.org.service import OrgService  # noqa: PLC0415
     from cardcore.points.service import PointsService  # noqa: PLC0415

@@ -101,6 +101,7 @@ def make_engine(url: str, *, pool_size: int = limits.DB_POOL_SIZE_MAX) -> AsyncE
             target,
             pool_size=pool_size,
             max_overflow=0,
+            hide_parameters=True,  # an error's text (logged) never holds a code or a token
             connect_args={"timeout": limits.SQLITE_BUSY_TIMEOUT_MS / 1000},
         )
         _sqlite_events(engine)
@@ -112,6 +113,7 @@ def make_engine(url: str, *, pool_size: int = limits.DB_POOL_SIZE_MAX) -> AsyncE
         target.set(query=query),
         pool_size=pool_size,
         max_overflow=0,
+        hide_parameters=True,
         pool_timeout=timeout,
         connect_args={
             "timeout": timeout,

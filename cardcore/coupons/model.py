@@ -509,6 +509,8 @@ def _discount(c: Campaign, eligible: int) -> Verdict:
     if c.kind is CouponKind.PERCENT_OFF:
         discount = eligible * c.percent_bp // BP_WHOLE
         discount = min(discount, c.cap_fen) if c.cap_fen else discount
+        if discount == 0:  # a few fen at a small percent round down to nothing
+            return Verdict(False, "coupon_nothing_left")
         return _granted(c, discount, 0, discount)
     if c.value_fen > eligible and c.change_rule is ChangeRule.REFUSE:
         return Verdict(False, "coupon_exceeds_bill")
@@ -535,7 +537,8 @@ def evaluate(c: Campaign, code: CodeState, ctx: Context) -> Verdict:
     10. an amount_off coupon worth more than the eligible amount under "refuse" ->
         coupon_exceeds_bill; under "forfeit" it takes the eligible amount, the rest forfeited.
         An amount-off or percent-off coupon with nothing left to take (the sale's other
-        coupons took it all) -> coupon_nothing_left, under either rule.
+        coupons took it all), or a percent-off one whose discount rounds down to 0 fen ->
+        coupon_nothing_left, under either rule.
 
     From step 10 on, the eligible amount is at most what the transaction's other coupons left
     of the bill: two coupons of one sale never take off more than the bill together (the

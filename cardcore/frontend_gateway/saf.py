@@ -100,7 +100,7 @@ class ReversalQueue:
                 "gateway_saf_file"
             ) from None
         if self.path.exists():
-            lines = self.path.read_text(encoding="utf-8").split("\n")
+            lines = self.path.read_bytes().split(b"\n")
             complete, tail = lines[:-1], lines[-1]
             for number, line in enumerate(complete, 1):
                 self._replay(line, number)
@@ -108,9 +108,9 @@ class ReversalQueue:
                 log.warning("store-and-forward: torn last line skipped")
         self._rewrite()
 
-    def _replay(self, line: str, number: int) -> None:
+    def _replay(self, line: bytes, number: int) -> None:
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))  # not UTF-8: a ValueError, damaged
             if "add" in record:
                 request = parse_request(record["request"], "saf")
                 self._remember(int(record["add"]), request)

@@ -4,6 +4,7 @@ the internal token, and the benchmark. Every process is bounded in time and ende
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -23,6 +24,8 @@ from typing import Any
 import pytest
 
 from cardcore import migrate
+from cardcore.ledger.service import Ledger
+from cardcore.metrics import Metrics
 from tests.helpers import cardcore_env, free_port, run_cardcore
 
 PYTHON_M_CARDCORE = (sys.executable, "-m", "cardcore")
@@ -556,6 +559,27 @@ def test_internal_token_guards_everything_but_health(tmp_path: Path) -> None:
             status, health = _http("GET", f"{url}{path}")
             assert status == 200, (path, health)
         assert server.stop() == 0, server.stderr
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_second_writer_on_one_database_is_refused_in_one_line(
+    tmp_path: Path, db_url: str
+) -> None:
+    """One writer per database (the advisory lock): a second `cardcore ledger` on it ended
+    in a WriterLockError traceback (a crash review); it is one line and exit 2."""
+    holder = Ledger.open(db_url, Metrics())
+    await holder.start()
+    try:
+        done = await asyncio.to_thread(
+            run_cardcore, "ledger", "--db", db_url, "--port", str(free_port()),
+            cwd=tmp_path, env=cardcore_env(),
+        )  # fmt: skip
+    finally:
+        await holder.close()
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [x for x in done.stderr.splitlines() if x.startswith("cardcore: error:")]
+    assert errors == ["cardcore: error: another cardcore ledger writer owns this database"]
 
 
 # --- benchmark -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from cardcore.db import DATABASE_ERRORS, async_url, make_engine
@@ -313,5 +314,22 @@ async def test_no_free_connection_in_time_is_a_database_error(db_url: str) -> No
             with pytest.raises(DATABASE_ERRORS):
                 async with records.read():
                     pass
+    finally:
+        await engine.dispose()
+
+
+async def test_a_database_error_never_carries_its_statements_values(db_url: str) -> None:
+    """A database error is logged with its text: SQLAlchemy put the statement's parameters in
+    it (a bearer coupon code, a lookup hash), which a security review found in the log."""
+    engine = make_engine(db_url)
+    try:
+        async with engine.connect() as conn:
+            with pytest.raises(DATABASE_ERRORS) as caught:
+                await conn.execute(
+                    text("SELECT code FROM coupon_codes WHERE code = :code AND no_such = 1"),
+                    {"code": "BEARERCODE77"},
+                )
+        assert "no_such" in str(caught.value)  # the error says what went wrong
+        assert "BEARERCODE77" not in str(caught.value), str(caught.value)
     finally:
         await engine.dispose()

@@ -459,6 +459,11 @@ def test_stacked_coupons_never_take_more_than_the_bill_together() -> None:
     forfeiting = dataclasses.replace(strict, change_rule=ChangeRule.FORFEIT)
     for coupon in (strict, forfeiting, pct):  # never used up for no discount at all
         assert evaluate(coupon, ISSUED, gone) == Verdict(False, "coupon_nothing_left")
+    # 10 % of the 0.09 left rounds down to nothing: refused, not used up for 0.00 (it was
+    # approved with discount 0 and the code redeemed, a reviewer found)
+    tiny = dataclasses.replace(after, others_discount_fen=1491)
+    assert evaluate(pct, ISSUED, tiny) == Verdict(False, "coupon_nothing_left")
+    assert evaluate(pct, ISSUED, dataclasses.replace(after, others_discount_fen=1490)).ok
 
 
 def test_stacked_department_coupons_never_take_more_than_their_lines_together() -> None:

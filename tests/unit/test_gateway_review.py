@@ -183,6 +183,11 @@ async def test_a_torn_last_line_is_skipped_and_a_damaged_one_refuses_to_start(
     path.write_text('{"add": 1, "requ\n' + json.dumps({"add": 2, "request": owed}) + "\n")
     with pytest.raises(SafDamaged):
         ReversalQueue(path).open()
+    # A byte that is not UTF-8 is damage too (it raised UnicodeDecodeError, a traceback)
+    path.write_bytes(json.dumps({"add": 1, "request": owed}).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(SafDamaged, match="damaged at line 2"):
+        ReversalQueue(path).open()
+    assert path.read_bytes().endswith(b"\xff\xfe\n")  # left as it was for the operator
 
 
 async def test_delivery_outlives_a_host_that_fails_unexpectedly(
