@@ -533,7 +533,9 @@ class PointsService:
     async def update_program(
         self, p: Principal, code: str, changes: dict[str, Any]
     ) -> dict[str, Any]:
-        """Change a program's name, state or definition (never its code or asset)."""
+        """Change a program's name, state or definition (never its code, asset or time zone:
+        a lot's expiry and availability days, and the days of caps and transfer limits, are
+        read in the zone, so a new one would move what was earned under the old)."""
         self._forget()
         _require_group(p, Perm.PROGRAMS_WRITE)
         now = self.clock_ms()
@@ -543,6 +545,9 @@ class PointsService:
             before = program_view(row)
             merged = {**before, **changes, "code": code, "asset": row["asset"]}
             program, tiers = _checked_program(merged)
+            if merged["timezone"] != before["timezone"]:
+                raise Refused("conflict", "program_timezone_fixed",
+                              "a program's time zone never changes", "timezone")  # fmt: skip
             stored = {
                 "name": merged["name"],
                 "state": merged["state"],

@@ -173,6 +173,11 @@ async def test_a_program_changes_within_its_rules_and_keeps_its_code_and_asset(
                   "asset")  # fmt: skip
     await refused(admin, db_url, "PATCH", path, None, {"timezone": "Nowhere/City"}, 400,
                   "points_program_invalid", "timezone")  # fmt: skip
+    # Its lots' days are read in its zone: a new zone moved their expiry (a review found)
+    await refused(admin, db_url, "PATCH", path, None, {"timezone": "America/Los_Angeles"}, 409,
+                  "program_timezone_fixed", "timezone")  # fmt: skip
+    same = await admin.ok("PATCH", path, json={"timezone": PROGRAM["timezone"]})
+    assert same["timezone"] == PROGRAM["timezone"]
     await refused(admin, db_url, "PATCH", path, None, {}, 400, "invalid_value")
     await refused(admin, db_url, "PATCH", "/v1/points/programs/NOPE", None, {"name": "x"}, 404,
                   "program_not_found")  # fmt: skip
@@ -181,7 +186,7 @@ async def test_a_program_changes_within_its_rules_and_keeps_its_code_and_asset(
     audit = await sql_rows(
         db_url, "SELECT * FROM org_audit_log WHERE action = 'points_program.update'"
     )
-    assert len(audit) == 2
+    assert len(audit) == 3
 
 
 # --- earning rules -----------------------------------------------------------------------------
