@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -242,6 +243,13 @@ async def _authorize(request: web.Request) -> None:
     given = request.headers.get("Authorization", "")
     if path.startswith("/internal/"):
         token = request.app[CONFIG_KEY].internal_token
+        if not token and not _loopback_host(request.host):
+            # No token is allowed on a loopback listener only (config.check); a web page
+            # whose name was made to resolve to 127.0.0.1 (DNS rebinding) sends its own
+            # name as Host, and must not read or move what /internal serves.
+            raise ApiError(421, "misdirected_request",
+                           "without an internal token /internal answers loopback names only "
+                           "(127.0.0.1, [::1], localhost)")  # fmt: skip
         expected = f"Bearer {token}"
         # aiohttp decodes headers with surrogateescape: encode them back the same way.
         if token and not hmac.compare_digest(
@@ -256,6 +264,14 @@ async def _authorize(request: web.Request) -> None:
         if found is None:
             raise ApiError(401, "unauthorized", "missing, unknown, expired or revoked token")
         request[org_http.PRINCIPAL_KEY] = found
+
+
+_LOOPBACK_HOST = re.compile(r"(?:127(?:\.[0-9]{1,3}){3}|\[::1\]|localhost)(?::[0-9]{1,5})?")
+
+
+def _loopback_host(host: str) -> bool:
+    """Whether a request's Host names this machine's loopback (an address or `localhost`)."""
+    return _LOOPBACK_HOST.fullmatch(host.lower()) is not None
 
 
 async def _healthz(_request: web.Request) -> web.Response:

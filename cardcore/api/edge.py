@@ -28,7 +28,13 @@ class ApiError(Exception):
 
 
 async def read_json(request: web.Request) -> Any:
-    """The request body as JSON, strictly: no NaN, no duplicate names, UTF-8 only."""
+    """The request body as JSON, strictly: declared `application/json` (415 otherwise: a
+    web page can send a `text/plain` POST to any address without asking first, but not
+    this one), no NaN, no duplicate names, UTF-8 only."""
+    if request.content_type != "application/json":
+        raise ApiError(
+            415, "unsupported_media_type", "the body must be sent as Content-Type: application/json"
+        )
     raw = await request.read()
     try:
         return json.loads(

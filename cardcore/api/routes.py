@@ -335,6 +335,7 @@ _STATUS_TEXT = {
     404: "No such object",
     409: "The request conflicts with the current state; nothing changed",
     413: "Request body too large",
+    415: "The body is not sent as application/json",
     503: "The ledger cannot answer now; retry",
 }
 
@@ -368,7 +369,9 @@ def openapi(routes: Sequence[Route], version: str) -> dict[str, Any]:
                 "description": _STATUS_TEXT.get(status, "OK"),
                 "content": {r.media: {"schema": schema}},
             }
-        refusals = () if r.public else (*r.refusals, 401, 413, 503)
+        refusals = (
+            () if r.public else (*r.refusals, 401, 413, *([415] if r.body is not None else []), 503)
+        )
         for status in sorted(set(refusals)):
             operation["responses"][str(status)] = {
                 "description": _STATUS_TEXT[status],

@@ -430,3 +430,38 @@ async def test_deeply_nested_body_gets_invalid_json_not_a_server_error(api: ApiC
     )
     assert deep.status == 400
     assert (await deep.json())["error"]["code"] == "invalid_json"
+
+
+async def test_a_body_not_sent_as_json_is_refused_415_and_changes_nothing(api: ApiClient) -> None:
+    """A web page may POST `text/plain` to any address without a preflight: the internal API
+    (no token on a loopback listener) took one and moved money (a security review)."""
+    ids = await setup(api)
+    before = await (await api.get("/internal/v1/journal")).json()
+    op = transfer_json("csrf-1", ids["float"], ids["shop"], 100)
+    body = json.dumps({"client": "web", "ops": [op]}).encode()
+    for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {} if kind is None else {"Content-Type": kind}
+        response = await api.post("/internal/v1/ops", data=body, headers=headers)
+        assert response.status == 415, kind
+        assert (await response.json())["error"]["code"] == "unsupported_media_type"
+    assert await (await api.get("/internal/v1/journal")).json() == before
+    sent = await api.post(
+        "/internal/v1/ops", data=body, headers={"Content-Type": "application/json; charset=utf-8"}
+    )
+    assert sent.status == 200, await sent.text()
+    assert (await sent.json())["results"][0]["status"] == "ok"
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "127.0.0.1.evil.example"])
+async def test_without_a_token_internal_answers_loopback_names_only(
+    api: ApiClient, host: str
+) -> None:
+    """A page whose name was made to resolve to 127.0.0.1 (DNS rebinding) is same-origin with
+    it and could read what /internal answers: without an internal token the Host must be a
+    loopback name."""
+    await setup(api)
+    response = await api.get("/internal/v1/journal", headers={"Host": host})
+    assert response.status == 421
+    assert (await response.json())["error"]["code"] == "misdirected_request"
+    for fine in ("127.0.0.1:8080", "localhost", "LOCALHOST:1", "[::1]:80"):
+        assert (await api.get("/internal/v1/journal", headers={"Host": fine})).status == 200
