@@ -593,12 +593,20 @@ def parse_request(raw: object, path: str) -> PosRequest:
     if not isinstance(operator, str) or len(operator) > 16 or not operator.isascii():
         raise PosRequestError(f"{path}.operator", "at most 16 ASCII characters")
     totals = raw.get("totals", [0, 0, 0, 0])
+    bounds = (limits.POS_AMOUNT_MAX, limits.POS_TOTALS_COUNT_MAX) * 2
     if (
         not isinstance(totals, list)
         or len(totals) != 4
-        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in totals)
+        or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= most
+            for x, most in zip(totals, bounds, strict=True)
+        )
     ):
-        raise PosRequestError(f"{path}.totals", "four non-negative integers")
+        raise PosRequestError(
+            f"{path}.totals",
+            f"[debit fen 0..{limits.POS_AMOUNT_MAX}, count 0..{limits.POS_TOTALS_COUNT_MAX}, "
+            "credit fen, count]",
+        )
     lines = raw.get("lines", [])
     if not isinstance(lines, list) or len(lines) > limits.POS_UPLOAD_LINES_MAX:
         raise PosRequestError(f"{path}.lines", f"at most {limits.POS_UPLOAD_LINES_MAX} lines")
@@ -611,9 +619,11 @@ def parse_request(raw: object, path: str) -> PosRequest:
             or not re.fullmatch(r"[0-9]{6}", line[0])
             or isinstance(line[1], bool)
             or not isinstance(line[1], int)
-            or line[1] < 0
+            or not 0 <= line[1] <= limits.POS_AMOUNT_MAX
         ):
-            raise PosRequestError(f"{path}.lines", "[stan, amount] pairs")
+            raise PosRequestError(
+                f"{path}.lines", f"[stan, amount 0..{limits.POS_AMOUNT_MAX}] pairs"
+            )
         parsed_lines.append((line[0], line[1]))
     partial = raw.get("partial", False)
     if not isinstance(partial, bool):

@@ -2074,6 +2074,11 @@ class CouponService:
         ):
             raise _Moved
         if state == "redeemed":
+            # The reservation a redeem under another STAN confirmed holds nothing now: a
+            # resend of it is never approved again (`replay`). A code is redeemed by one key
+            # at a time, so its confirmed reservation is this redemption's.
+            await uow.update(REDEMPTIONS, {"code": row["code"], "state": "confirmed"},
+                             {"state": "reversed", "updated_at_ms": now})  # fmt: skip
             campaign_row = await uow.get(CAMPAIGNS, code=row["campaign"])
             assert campaign_row is not None
             await self._count(uow, campaign_row, row, -1)

@@ -227,9 +227,10 @@ async def test_a_reservation_confirmed_under_another_stan_is_never_redeemed_or_r
     admin: AdminClient, db_url: str
 ) -> None:
     """Reserve under STAN1, confirm under STAN2 (F61 = STAN1): the reservation is STAN2's
-    redemption now. A 930000 under STAN1 is refused C2, before and after STAN2's reversal
-    (it never gets an approval that redeemed nothing), and a 940000 naming STAN1 answers 25
-    and undoes nothing; reversing STAN2 gives the coupon back, once."""
+    redemption now. A 930000 under STAN1 is refused C2 before STAN2's reversal and
+    `reversed_before_arrival` after it (it never gets an approval that redeemed nothing), a
+    940000 naming STAN1 answers 25 and undoes nothing; reversing STAN2 gives the coupon
+    back, once, and reverses STAN1's reservation with it."""
     code, tid = await setup(admin)
     reserve = ask(Kind.COUPON_RESERVE, tid, code, amount=5_000)
     assert (await one(admin, reserve)).outcome is Outcome.APPROVED
@@ -246,10 +247,16 @@ async def test_a_reservation_confirmed_under_another_stan_is_never_redeemed_or_r
     assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 1
     undo = ask(Kind.COUPON_REVERSE, tid, code, original_batch="000001",
                original_stan=confirm.stan)  # fmt: skip
+    resent = await one(admin, reserve)  # the reservation stands, confirmed: its answer again
+    assert (resent.outcome, resent.replayed) == (Outcome.APPROVED, True)
     assert (await one(admin, undo)).outcome is Outcome.APPROVED
     assert (await code_row(db_url, code))["state"] == "issued"
-    got = await one(admin, again)
-    assert (got.outcome, got.discount) == (Outcome.COUPON_USED, None)
+    got = await one(admin, again)  # STAN1's reservation was reversed with STAN2
+    assert (got.outcome, got.discount) == (Outcome.REVERSED_BEFORE_ARRIVAL, None)
+    # A resend of the reservation now holds nothing: it was approved again, with the code
+    # issued and held by no one (a review found), and the till told it held a coupon
+    resent = await one(admin, reserve)
+    assert (resent.outcome, resent.discount) == (Outcome.REVERSED_BEFORE_ARRIVAL, None)
     assert (await campaign_row(db_url, "TENOFF"))["redeemed_count"] == 0
     elsewhere = await one(admin, ask(Kind.COUPON_REDEEM, await terminal(admin, "S2"), code,
                                      amount=5_000))  # fmt: skip

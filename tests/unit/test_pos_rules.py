@@ -27,6 +27,7 @@ from cardcore.cards.model import (
     Kind,
     Outcome,
     PosRequest,
+    PosRequestError,
     PosResult,
     Terminal,
     batch_totals,
@@ -147,6 +148,22 @@ def test_a_partial_answer_carries_the_amount_taken_and_the_remainder() -> None:
 
 
 # --- the wire -----------------------------------------------------------------------------------
+
+
+def test_host_json_settlement_figures_are_bounded_as_f48_bounds_them() -> None:
+    """Over the HTTP host a total or an upload line above 2^63 reached the database's bigint
+    columns (a database error, not a clean refusal): the figures are bounded as F48's."""
+    settle = request_json(PosRequest(Kind.SETTLE, "T0000001", "000001", "000002"))
+    most = [limits.POS_AMOUNT_MAX, limits.POS_TOTALS_COUNT_MAX] * 2
+    assert parse_request({**settle, "totals": most}, "r").totals == tuple(most)
+    for i in range(4):
+        over = [*most[:i], most[i] + 1, *most[i + 1 :]]
+        with pytest.raises(PosRequestError, match=r"r\.totals"):
+            parse_request({**settle, "totals": over}, "r")
+    with pytest.raises(PosRequestError, match=r"r\.lines"):
+        parse_request({**settle, "lines": [["000001", 2**63]]}, "r")
+    line = ["000001", limits.POS_AMOUNT_MAX]
+    assert parse_request({**settle, "lines": [line]}, "r").lines == (tuple(line),)
 
 
 def test_host_json_carries_the_partial_flag_the_discount_and_the_remainder() -> None:
