@@ -173,6 +173,7 @@ _OUTCOME_OF_CODE = {
     "target_not_reversible": Outcome.ORIGINAL_NOT_FOUND,
     "target_already_reversed": Outcome.ALREADY_REVERSED,
     "target_already_refunded": Outcome.ALREADY_REVERSED,
+    "target_partly_refunded": Outcome.ALREADY_REVERSED,  # a void is of the whole sale
     "exceeds_refundable_amount": Outcome.REFUND_EXCEEDS_ORIGINAL,
     "reversed_before_arrival": Outcome.REVERSED_BEFORE_ARRIVAL,
     "pending_transfer_not_found": Outcome.ORIGINAL_NOT_FOUND,
@@ -1135,6 +1136,7 @@ class PosService:
             target_key=reversed_key,
             reason="void",
             metadata=_metadata(t, r),
+            whole=True,  # refunded in part: a void would give back the rest, not the amount
         )
         plan.finish = lambda res: _answer(res, card, r.amount)
         await self._limit_credit(plan, card, key)

@@ -35,6 +35,7 @@ PERSISTED_FAILURES: Final = frozenset(
         "target_not_uniform",
         "target_already_reversed",
         "target_already_refunded",
+        "target_partly_refunded",
         "exceeds_refundable_amount",
     }
 )
@@ -66,6 +67,7 @@ MESSAGES: Final[dict[str, str]] = {
     "target_not_uniform": "the target's legs have different amounts",
     "target_already_reversed": "the target was already reversed",
     "target_already_refunded": "the target was refunded in full; nothing is left to reverse",
+    "target_partly_refunded": "the target was refunded in part; a whole reversal is refused",
     "exceeds_refundable_amount": "refunds would exceed what is left of the target",
     "reversed_before_arrival": "a reversal for this key arrived first; it is never applied",
     "exists_with_different_target_key": "the key was used with another target",

@@ -692,6 +692,8 @@ def _reverse(s: _Scratch, op: Reverse) -> Result:
         if op.tombstone:  # a terminal's reversal after a void: nothing more to undo
             return _no_effect(s, op, done)
         raise _Failed("target_already_reversed", "target_key")
+    if op.whole and s.refunded.get(target.id, 0):
+        raise _Failed("target_partly_refunded", "target_key")
     amount = _leg_amount(target) - s.refunded.get(target.id, 0)
     if amount == 0:
         if op.tombstone:

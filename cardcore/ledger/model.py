@@ -198,7 +198,9 @@ class Reverse:
 
     With `tombstone` (a terminal's reversal, which may overtake its original), a target
     that never arrived is answered ok and its key is marked reversed, so the late original
-    is refused; without it (a cashier's void) an unknown target is an error."""
+    is refused; without it (a cashier's void) an unknown target is an error. With `whole`
+    (a cashier's void: the whole sale or nothing) a target refunded in part is refused
+    `target_partly_refunded`, where without it the rest is given back."""
 
     client: str
     key: str
@@ -207,6 +209,7 @@ class Reverse:
     reason: str = ""
     metadata: Metadata = ()
     linked: bool = False
+    whole: bool = False
 
 
 @dataclass(frozen=True, slots=True)

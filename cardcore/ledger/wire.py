@@ -143,7 +143,9 @@ _OP_FIELDS = {
         {"op", "key", "pending_id", "amount", "reason", "metadata", "linked"}
     ),
     "void_pending": frozenset({"op", "key", "pending_id", "reason", "metadata", "linked"}),
-    "reverse": frozenset({"op", "key", "target_key", "tombstone", "reason", "metadata", "linked"}),
+    "reverse": frozenset(
+        {"op", "key", "target_key", "tombstone", "whole", "reason", "metadata", "linked"}
+    ),
     "refund": frozenset({"op", "key", "target_key", "amount", "reason", "metadata", "linked"}),
 }
 _POSTING_FIELDS = frozenset({"account_id", "side", "amount"})
@@ -202,7 +204,8 @@ def parse_op(raw: object, path: str, client: str) -> Op:
         if target == key:
             raise RequestError("invalid_value", f.at("target_key"), "a reversal's own key")
         tombstone = bool(f.boolean("tombstone"))
-        return Reverse(client, key, target, tombstone, reason, metadata, linked)
+        whole = bool(f.boolean("whole"))
+        return Reverse(client, key, target, tombstone, reason, metadata, linked, whole)
     if kind == "refund":
         target = _str(f, "target_key", KEY_RE)
         if target == key:
@@ -392,6 +395,8 @@ def _encode_keyed(op: KeyedOp) -> dict[str, object]:
         out |= {"op": "reverse", "target_key": op.target_key}
         if op.tombstone:
             out["tombstone"] = True
+        if op.whole:
+            out["whole"] = True
     elif isinstance(op, Refund):
         out |= {"op": "refund", "target_key": op.target_key, "amount": op.amount}
     else:

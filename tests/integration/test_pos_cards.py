@@ -440,6 +440,31 @@ async def test_a_cross_entity_purchase_balances_each_legal_entity(world: World) 
     assert await world.available(card.account_id) == 3_000
 
 
+async def test_a_void_of_a_sale_refunded_in_part_is_declined_and_the_batch_stays_true(
+    world: World,
+) -> None:
+    """Purchase 10.00, refund 3.00 of it, then void the purchase: the ledger gave back the
+    7.00 left, the 0210 said 10.00, and the batch's totals dropped the voided sale but kept
+    the refund: a balanced settlement of 3.00 paid out when nothing net had moved (a
+    settlement review). A void is of the whole sale: declined 12, nothing moves."""
+    t = world.terminals["LE-A"]
+    card = await world.card("LE-A", 10_000)
+    bought = request(Kind.PURCHASE, t, card, amount=1_000)
+    sale = await world.one(bought)
+    refund = await world.one(request(Kind.REFUND, t, card, amount=300, rrn=sale.rrn))
+    assert (sale.outcome, refund.outcome) == (Outcome.APPROVED, Outcome.APPROVED)
+    before = await world.account(card.account_id)
+    void = await world.one(request(Kind.VOID, t, card, amount=1_000, original_batch=t.batch,
+                                   original_stan=bought.stan))  # fmt: skip
+    assert void.outcome is Outcome.ALREADY_REVERSED
+    assert await world.account(card.account_id) == before
+    lines = await world.directory.batch_lines(f"{t.tid}/0/{t.batch}/")
+    assert batch_totals(lines) == (1_000, 1, 300, 1)  # what moved: 10.00 out, 3.00 back
+    rest = await world.one(request(Kind.REFUND, t, card, amount=700, rrn=sale.rrn))
+    assert rest.outcome is Outcome.APPROVED  # the rest goes back as a refund
+    assert await world.available(card.account_id) == 10_000
+
+
 # --- top-up maximum ------------------------------------------------------------------------------
 
 

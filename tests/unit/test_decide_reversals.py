@@ -456,6 +456,23 @@ def test_reverse_after_partial_refunds_reverses_only_the_rest() -> None:
     assert codes(book.run(refund("ref-3", "sale-1", 1))) == ["target_already_reversed"]
 
 
+def test_a_whole_reverse_of_a_target_refunded_in_part_is_refused_and_moves_nothing() -> None:
+    """A cashier's void is of the whole sale: after a refund of part of it, it gave back the
+    rest (the terminal's 0210 said the whole). With `whole` it is refused; once the refund
+    is reversed (nothing refunded live) it is taken, the whole amount."""
+    book = Book()
+    book.one(sale("sale-1", 1_000))
+    book.one(refund("ref-1", "sale-1", 300))
+    nets = book.nets()
+    e = book.run(replace(reverse("void-1", "sale-1"), whole=True))
+    assert [(r.code, r.field) for r in e.results] == [("target_partly_refunded", "target_key")]
+    assert e.transfers == [] and book.nets() == nets
+    book.one(reverse("ref-1-undo", "ref-1"))
+    whole = book.one(replace(reverse("void-2", "sale-1"), whole=True))
+    assert {p.amount for p in whole.transfers[0].postings} == {1_000}
+    assert book.net(CARD) == FUNDS
+
+
 def test_reverse_after_refunds_took_everything() -> None:
     book = Book()
     book.one(sale("sale-1", 1_000))

@@ -83,6 +83,7 @@ EXAMPLES: dict[str, Op] = {
     "reverse or tombstone": Reverse(
         "pos", "k8", "k1", tombstone=True, reason="reversal", metadata=(("stan", "2"),)
     ),
+    "void of the whole": Reverse("pos", "k10", "k1", reason="void", whole=True),
     "refund": Refund("pos", "k9", "k1", 3, "refund", linked=True),
 }
 
