@@ -105,9 +105,11 @@ SETTLEMENT = r.obj(
         "terminal": TOTALS,
         "balanced": r.boolean(),
         "settled_at_ms": r.integer(0, 2**62),
+        "host_now": TOTALS,
+        "moved_since_close": r.boolean(),
     },
     ["id", "tid", "store", "batch", "batch_cycle", "host", "terminal", "balanced",
-     "settled_at_ms"],
+     "settled_at_ms", "host_now", "moved_since_close"],
 )  # fmt: skip
 SETTLEMENT_FILTERS = {"tid": TID, "store": r.string(r.CODE), "balanced": r.boolean()}
 

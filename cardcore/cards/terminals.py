@@ -14,7 +14,7 @@ from cardcore import limits
 from cardcore.cards import admin
 from cardcore.cards.accounts import Accounts
 from cardcore.cards.directory import Directory, terminal_row
-from cardcore.cards.model import Terminal
+from cardcore.cards.model import Terminal, batch_totals
 from cardcore.ledger.service import Ledger
 from cardcore.org.model import Perm, Principal, Refused, require, scoped_filter
 from cardcore.org.service import OrgService
@@ -24,18 +24,27 @@ TERMINALS = "pos_terminals"
 SETTLEMENTS = "pos_settlements"
 
 
-def settlement_view(row: dict[str, Any], store: str) -> dict[str, Any]:
-    """A settled terminal batch: the host's totals, the terminal's, and whether they agreed."""
+_TOTALS = ("debit_amount", "debit_count", "credit_amount", "credit_count")
+
+
+def settlement_view(
+    row: dict[str, Any], store: str, now: tuple[int, int, int, int]
+) -> dict[str, Any]:
+    """A settled terminal batch: the host's totals at its close, the terminal's, whether they
+    agreed, and the host's totals of the batch now (`now`, from the ledger): a reversal
+    that reached the host after the close (a gateway's store and forward) moves them."""
 
     def totals(prefix: str) -> dict[str, int]:
-        return {name: int(row[prefix + name]) for name in
-                ("debit_amount", "debit_count", "credit_amount", "credit_count")}  # fmt: skip
+        return {name: int(row[prefix + name]) for name in _TOTALS}
 
+    host = totals("")
+    host_now = dict(zip(_TOTALS, now, strict=True))
     return {
         "id": int(row["id"]), "tid": row["tid"], "store": store, "batch": row["batch"],
-        "batch_cycle": int(row["batch_cycle"]), "host": totals(""),
+        "batch_cycle": int(row["batch_cycle"]), "host": host,
         "terminal": totals("terminal_"), "balanced": bool(row["balanced"]),
-        "settled_at_ms": int(row["settled_at_ms"]),
+        "settled_at_ms": int(row["settled_at_ms"]), "host_now": host_now,
+        "moved_since_close": host_now != host,
     }  # fmt: skip
 
 
@@ -174,7 +183,16 @@ class TerminalAdmin:
             if stores is None and tids:  # the whole group: the page's terminals' stores
                 page = await uow.find(TERMINALS, {"tid": tids}, order="tid", limit=len(tids))
                 stores = {t["tid"]: t["store"] for t in page}
-        return [settlement_view(r, (stores or {}).get(r["tid"], "")) for r in rows]
+        now = [
+            batch_totals(await self.directory.batch_lines(
+                f"{r['tid']}/{int(r['batch_cycle'])}/{r['batch']}/"
+            ))
+            for r in rows
+        ]  # fmt: skip
+        return [
+            settlement_view(r, (stores or {}).get(r["tid"], ""), totals)
+            for r, totals in zip(rows, now, strict=True)
+        ]
 
     async def set_state(self, p: Principal, tid: str, state: str) -> dict[str, Any]:
         row = await self._row(p, tid, Perm.ORG_WRITE)

@@ -13,7 +13,7 @@ import pytest
 from cardcore import limits
 from cardcore.cards.admin_http import CARDS_KEY
 from cardcore.cards.http import POS_KEY
-from cardcore.cards.model import Kind, Outcome, PosRequest
+from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult
 from cardcore.cards.service import CardsUnavailable
 from cardcore.org.model import Refused
 from tests.helpers import AdminClient, sql_rows
@@ -800,3 +800,36 @@ async def test_the_settlement_report_shows_each_settled_batch_in_the_callers_sco
     assert (await admin.ok("GET", "/v1/reports/settlements", tid=t3))["items"][0]["tid"] == t3
     page = await admin.ok("GET", "/v1/reports/settlements", limit=1)
     assert page["next_after"] == str(everything["items"][0]["id"])
+
+
+async def test_a_reversal_after_the_batch_closed_shows_in_the_settlement_report(
+    admin: AdminClient,
+) -> None:
+    """A purchase, its batch settled balanced, then its 0400 (a gateway's store and forward,
+    delivered late): the money went back, and the report kept showing the batch as closed
+    (a settlement review). The host's totals now beside those at the close say it moved."""
+    await world(admin)
+    bear = await issue(admin, "BEAR", "S1")
+    assert (await topup(admin, bear["id"], 10_000))[0] == 201
+    tid = await terminal(admin, "S1")
+    pos_service = admin.app[POS_KEY]
+
+    async def one(**fields: Any) -> PosResult:
+        [got] = await pos_service.handle(
+            [PosRequest(terminal=tid, batch="000001", **{"card": bear["pan"], **fields})]
+        )
+        return got
+
+    assert (await one(kind=Kind.PURCHASE, stan="000001", amount=1_000)).outcome is Outcome.APPROVED
+    assert (await one(kind=Kind.PURCHASE, stan="000002", amount=400)).outcome is Outcome.APPROVED
+    settled = await one(kind=Kind.SETTLE, stan="000003", card="", totals=(1_400, 2, 0, 0))
+    assert (settled.outcome, settled.balanced) == (Outcome.APPROVED, True)
+    [item] = (await admin.ok("GET", "/v1/reports/settlements"))["items"]
+    assert (item["host_now"], item["moved_since_close"]) == (item["host"], False)
+    late = await one(kind=Kind.REVERSE, stan="000001", card="")
+    assert late.outcome is Outcome.APPROVED
+    [item] = (await admin.ok("GET", "/v1/reports/settlements"))["items"]
+    assert item["host"]["debit_amount"] == 1_400  # what the close recorded
+    assert item["host_now"] == {"debit_amount": 400, "debit_count": 1, "credit_amount": 0,
+                                "credit_count": 0}  # fmt: skip
+    assert (item["balanced"], item["moved_since_close"]) == (True, True)
