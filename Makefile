@@ -34,5 +34,7 @@ test: lint
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
+## make clean: the virtualenv and the tools' caches; never data/ (the embedded database, its
+## key-encrypting key and the store-and-forward file: remove that folder by hand, on purpose)
 clean:
-	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
 
 from cardcore import __version__, limits
 from cardcore.api import routes
@@ -279,10 +280,21 @@ async def _healthz(_request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
+    """Ready: the writer runs and the database answers now (a writer whose database went
+    away still runs, retrying: a load balancer must stop sending to it meanwhile)."""
     ledger = request.app[ledger_http.LEDGER_KEY]
     if not ledger.writer.ready:
         return error_response(503, "not_ready", "ledger writer is not running")
+    try:
+        async with asyncio.timeout(limits.READY_DATABASE_CHECK_MS / 1000):
+            async with ledger.store.engine.connect() as conn:
+                await conn.execute(_PING)
+    except (*DATABASE_ERRORS, TimeoutError):
+        return error_response(503, "not_ready", "the database does not answer", **RETRY)
     return web.json_response({"status": "ready", "seq": ledger.writer.last_seq})
+
+
+_PING = text("SELECT 1")
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 
 from cardcore import limits
 from tests.helpers import ApiClient, post_ops, transfer_json
@@ -465,3 +468,41 @@ async def test_without_a_token_internal_answers_loopback_names_only(
     assert (await response.json())["error"]["code"] == "misdirected_request"
     for fine in ("127.0.0.1:8080", "localhost", "LOCALHOST:1", "[::1]:80"):
         assert (await api.get("/internal/v1/journal", headers={"Host": fine})).status == 200
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_readiness_says_not_ready_while_the_database_is_away(
+    api: ApiClient, db_url: str
+) -> None:
+    """/readyz said ready while every request answered 503 (an operations review): it asks
+    the database now, and is ready again once the database is back, without a restart."""
+    await setup(api)
+    assert (await api.get("/readyz")).status == 200
+    name = make_url(db_url).database
+    admin = await asyncpg.connect(
+        make_url(db_url)
+        .set(database="postgres", drivername="postgresql")
+        .render_as_string(hide_password=False)
+    )
+    try:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        await admin.execute(f'ALTER DATABASE "{name}" RENAME TO "{name}_away"')
+        try:
+            away = await api.get("/readyz")
+            assert away.status == 503
+            assert (await away.json())["error"]["code"] == "not_ready"
+        finally:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                f"{name}_away",
+            )
+            await admin.execute(f'ALTER DATABASE "{name}_away" RENAME TO "{name}"')
+    finally:
+        await admin.close()
+    for _ in range(50):  # the pool reconnects on its next check-out
+        if (await api.get("/readyz")).status == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert (await api.get("/readyz")).status == 200

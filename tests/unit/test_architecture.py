@@ -380,3 +380,12 @@ def test_the_limits_check_sees_floats() -> None:
     values = constant_values("A_S: Final = 1.5\nB_MS = 10 / 2\nC_MAX = 2**63 - 1\nlower = 0.5\n")
     assert values == {"A_S": 1.5, "B_MS": 5.0, "C_MAX": 2**63 - 1}
     assert [n for n, v in values.items() if type(v) is not int] == ["A_S", "B_MS"]
+
+
+def test_make_clean_never_removes_the_data_folder() -> None:
+    """data/ holds the embedded database, its key-encrypting key and the store-and-forward
+    file: `make clean` removed it with the caches (an operations review)."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\nclean:\n", 1)[1].split("\n\n", 1)[0]
+    assert "rm -rf" in recipe
+    assert "data" not in recipe.split(), recipe
