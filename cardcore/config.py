@@ -18,6 +18,8 @@ from typing import Any
 from cardcore import limits
 
 ENV_PREFIX = "CARDCORE_"
+TEST_ENV_PREFIX = "CARDCORE_TEST_"  # the test suite's own variables, not settings
+KEK_SOURCES = frozenset({"kek", "kek_file"})  # two ways to give one key: a layer sets both
 
 
 class ConfigError(ValueError):
@@ -155,12 +157,22 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
         except UnicodeDecodeError as exc:  # TOML is UTF-8: a Latin-1 comment, say
             raise ConfigError(f"config file {path} is not UTF-8 text") from exc
         values.update(_typed(document, f"config file {path}"))
-    env = {
-        f.name: environ[ENV_PREFIX + f.name.upper()]
-        for f in fields(Config)
-        if ENV_PREFIX + f.name.upper() in environ
-    }
-    values.update(_typed(env, "environment", from_text=True))
+    names = {ENV_PREFIX + f.name.upper(): f.name for f in fields(Config)}
+    unknown = sorted(
+        k for k in environ
+        if k.startswith(ENV_PREFIX) and k not in names and k != ENV_PREFIX + "CONFIG"
+        and not k.startswith(TEST_ENV_PREFIX)
+    )  # fmt: skip
+    if unknown:  # a mistyped name would leave its setting at the default, unseen
+        raise ConfigError(f"environment: unknown setting {unknown[0]}")
+    env = _typed(
+        {name: environ[k] for k, name in names.items() if k in environ},
+        "environment", from_text=True,
+    )  # fmt: skip
+    if KEK_SOURCES & env.keys():  # the key the environment names wins over the file's
+        for name in KEK_SOURCES:
+            values.pop(name, None)
+    values.update(env)
     return Config(**values)
 
 

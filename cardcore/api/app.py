@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 
 from cardcore import __version__, limits
 from cardcore.api import routes
@@ -287,14 +286,10 @@ async def _readyz(request: web.Request) -> web.Response:
         return error_response(503, "not_ready", "ledger writer is not running")
     try:
         async with asyncio.timeout(limits.READY_DATABASE_CHECK_MS / 1000):
-            async with ledger.store.engine.connect() as conn:
-                await conn.execute(_PING)
+            await ledger.store.ping()
     except (*DATABASE_ERRORS, TimeoutError):
         return error_response(503, "not_ready", "the database does not answer", **RETRY)
     return web.json_response({"status": "ready", "seq": ledger.writer.last_seq})
-
-
-_PING = text("SELECT 1")
 
 
 async def _metrics(request: web.Request) -> web.Response:

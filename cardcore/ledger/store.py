@@ -79,6 +79,12 @@ class LedgerStore:
         self.autovacuum_checked = False  # the start-up warning, once (not per reconnect)
         self._batch_sql: str | None = None
 
+    async def ping(self) -> None:
+        """One `SELECT 1` on a pooled connection: the database answers now (readiness).
+        Raises the database's error when it does not."""
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
     # --- helpers ----------------------------------------------------------------------------
 
     def _member(self, column: Any, values: Collection[Any]) -> list[ColumnElement[bool]]:

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cardcore import limits
-from cardcore.config import Config, ConfigError, load
+from cardcore.config import Config, ConfigError, load, load_kek
 from cardcore.ledger import codes, wire
 from cardcore.ledger.model import (
     LEDGER_CLIENT,
@@ -315,6 +315,29 @@ def test_toml_overrides_defaults_and_env_overrides_toml(tmp_path: Path) -> None:
     env = {"CARDCORE_PORT": "9100", "CARDCORE_BATCH_WAIT_MS_MAX": "5", "OTHER_PORT": "1"}
     both = load(path, environ=env)
     assert (both.port, both.batch_wait_ms_max, both.db_url) == (9100, 5, "postgresql://c@db/c")
+
+
+def test_a_mistyped_variable_is_refused_and_the_test_suites_own_are_not_settings() -> None:
+    """CARDCORE_DATABASE_URL (for CARDCORE_DB_URL) was ignored: `migrate` made a new empty
+    database in the working folder (an operations review)."""
+    with pytest.raises(ConfigError, match="environment: unknown setting CARDCORE_DATABASE_URL"):
+        load(None, environ={"CARDCORE_DATABASE_URL": "postgresql://u@db/x"})
+    quiet = {"CARDCORE_TEST_PG_URL": "postgresql://u@db/t", "CARDCORE_CONFIG": "", "PATH": "/"}
+    assert load(None, environ=quiet) == Config()
+
+
+def test_the_environments_key_wins_over_the_files_either_way(tmp_path: Path) -> None:
+    """A TOML `kek` beat CARDCORE_KEK_FILE (kek is read before kek_file): the documented
+    order is defaults < TOML < environment < flags, for the key as for the rest."""
+    file_key, env_key = "a" * 64, "b" * 64
+    kek_file = tmp_path / "kek"
+    kek_file.write_text(env_key + "\n")
+    path = toml(tmp_path, f'kek = "{file_key}"\n')
+    assert load_kek(load(path, environ={})) == bytes.fromhex(file_key)
+    from_env = load(path, environ={"CARDCORE_KEK_FILE": str(kek_file)})
+    assert load_kek(from_env) == bytes.fromhex(env_key)
+    path = toml(tmp_path, f'kek_file = "{tmp_path / "nowhere"}"\n')
+    assert load_kek(load(path, environ={"CARDCORE_KEK": env_key})) == bytes.fromhex(env_key)
 
 
 def test_the_config_file_can_come_from_the_environment(tmp_path: Path) -> None:
