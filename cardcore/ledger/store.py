@@ -8,11 +8,13 @@ never takes the writer's path.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -709,14 +711,23 @@ class WriterSession:
     the next batch touches while the previous batch is still being written and committed.
     """
 
-    def __init__(self, store: LedgerStore, write: AsyncConnection, read: AsyncConnection) -> None:
+    def __init__(
+        self, store: LedgerStore, write: AsyncConnection, read: AsyncConnection,
+        lock: IO[bytes] | None = None,
+    ) -> None:  # fmt: skip
         self._store = store
         self._write = write
         self._read = read
+        self._lock = lock
 
     @classmethod
     async def open(cls, store: LedgerStore) -> tuple[WriterSession, WriterState]:
-        write = await store.engine.connect()
+        lock = None if store.postgres else _sqlite_writer_lock(store.engine)
+        try:
+            write = await store.engine.connect()
+        except BaseException:
+            _release(lock)
+            raise
         read: AsyncConnection | None = None
         try:
             if store.postgres:
@@ -732,8 +743,9 @@ class WriterSession:
         except BaseException:
             await write.invalidate()
             await write.close()
+            _release(lock)
             raise
-        return cls(store, write, read), state
+        return cls(store, write, read, lock), state
 
     async def read_view(
         self,
@@ -787,6 +799,32 @@ class WriterSession:
             with contextlib.suppress(Exception):
                 await conn.invalidate()
                 await conn.close()
+        _release(self._lock)
+        self._lock = None
+
+
+def _sqlite_writer_lock(engine: AsyncEngine) -> IO[bytes] | None:
+    """On SQLite the file beside the database (`<file>.writer-lock`) locked for the writer's
+    life, as PostgreSQL's advisory lock is: a second writer on the file (another `serve`,
+    `ledger`, `points expire`) is refused WriterLockError; the operating system releases it
+    when the process ends, however it ends. None for a database in memory."""
+    name = engine.url.database
+    if not name or name == ":memory:":
+        return None
+    handle = Path(name + ".writer-lock").open("ab")  # noqa: SIM115 - held for the session
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise WriterLockError("another cardcore ledger writer owns this database") from None
+    return handle
+
+
+def _release(lock: IO[bytes] | None) -> None:
+    if lock is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        lock.close()
 
 
 def _frozen(account: Account) -> tuple[bool, bool]:
