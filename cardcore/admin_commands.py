@@ -145,6 +145,7 @@ class ProgressBar:
 @asynccontextmanager
 async def card_service(config: Config, kek: bytes) -> AsyncIterator[CardService]:
     """The card service on the configured database, with its own running ledger writer."""
+    await migrate.check_kek(config.db_url, kek)  # never seal with another key than its own
     ledger = Ledger.open(config.db_url, Metrics(), batch_wait_ms_max=config.batch_wait_ms_max)
     try:
         await ledger.start()

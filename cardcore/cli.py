@@ -370,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         WriterLockError,  # a second `cardcore ledger` or `serve` on one database
     ) as exc:
         return _fail(str(exc), EXIT_USAGE)
-    except (migrate.NotMigrated, migrate.DatabaseUnavailable) as exc:
+    except (migrate.NotMigrated, migrate.DatabaseUnavailable, migrate.WrongKek) as exc:
         return _fail(str(exc), EXIT_USAGE)
     except DATABASE_ERRORS as exc:  # e.g. a port in use, a path under a file, a dead server
         return _fail(migrate.reason(exc), EXIT_USAGE)

@@ -50,6 +50,9 @@ class Config:
     gateway_metrics_port: int = 0  # cardcore gateway: /metrics and /healthz here; 0 = none
     # Requests a terminal may send a second (a burst of as many); past it: 91.
     gateway_terminal_rate_per_s: int = limits.GATEWAY_TERMINAL_RATE_PER_S
+    # 1: several gateway processes listen on one port (SO_REUSEPORT); 0: a second listener
+    # on the port (another host's gateway left on it, say) is refused, address in use.
+    gateway_shared_port: int = 0
 
     def check(self) -> Config:
         if not 0 < self.port < 65536:
@@ -71,6 +74,8 @@ class Config:
         rate_max = limits.GATEWAY_TERMINAL_RATE_PER_S_MAX
         if not 1 <= self.gateway_terminal_rate_per_s <= rate_max:
             raise ConfigError(f"gateway_terminal_rate_per_s must be 1..{rate_max}")
+        if self.gateway_shared_port not in (0, 1):
+            raise ConfigError("gateway_shared_port must be 0 or 1")
         if bool(self.gateway_tls_cert) != bool(self.gateway_tls_key):
             raise ConfigError("gateway_tls_cert and gateway_tls_key go together")
         if self.kek and not _is_kek_hex(self.kek):

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from cardcore.db import DATABASE_ERRORS, async_url, make_engine
+from cardcore.vault import kek_check_value
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +49,13 @@ def upgrade(db_url: str) -> None:
     """Bring the database to the newest schema. Synchronous: call it outside an event loop."""
     async_url(db_url)  # refuse unsupported URLs before alembic does anything
     ensure_sqlite_dir(db_url)
-    command.upgrade(_alembic_config(db_url), "head")
+    try:
+        command.upgrade(_alembic_config(db_url), "head")
+    except CommandError as exc:  # a revision this code does not know: a newer cardcore's
+        raise NotMigrated(
+            f"cannot migrate: {str(exc).splitlines()[0]} (this code's newest is "
+            f"{head_revision()}: the database was migrated by a newer cardcore)"
+        ) from None
 
 
 def head_revision() -> str | None:
@@ -76,10 +85,69 @@ async def check_current(db_url: str) -> None:
     finally:
         await engine.dispose()
     head = head_revision()
+    if found is not None and found != head and not _known(found):
+        raise NotMigrated(
+            f"database schema is at {found}, newer than this code ({head}): run the cardcore "
+            "that migrated it"
+        )
     if found != head:
         raise NotMigrated(
             f"database schema is at {found or 'nothing'}, code needs {head}: run `cardcore migrate`"
         )
+
+
+def _known(revision: str) -> bool:
+    """Whether `revision` is one of this code's migrations."""
+    try:
+        return (
+            ScriptDirectory.from_config(_alembic_config("sqlite://")).get_revision(revision)
+            is not None
+        )
+    except CommandError:
+        return False
+
+
+# The modules whose tables make the schema (each on the ledger's MetaData): what the
+# migrations make, and what `alembic check` compares them with (migrations/env.py).
+SCHEMA_MODULES = (
+    "cardcore.ledger.schema", "cardcore.org.schema", "cardcore.members.schema",
+    "cardcore.cards.schema", "cardcore.points.schema", "cardcore.coupons.schema",
+    "cardcore.service_cards.schema", "cardcore.manager_cards.schema",
+)  # fmt: skip
+
+
+class WrongKek(Exception):
+    """The key-encrypting key given is not the one the database was sealed with."""
+
+
+async def check_kek(db_url: str, kek: bytes, *, now_ms: int | None = None) -> None:
+    """The KEK is the database's: its check value (`vault.kek_check_value`) recorded on the
+    first start with a key, compared on every later one; `WrongKek` for another key. A
+    wrong key would find no card at the POS, count every PIN wrong, and seal what it made
+    next so that the right key never opens it."""
+    value = kek_check_value(kek)
+    at = int(time.time() * 1000) if now_ms is None else now_ms
+    engine = make_engine(db_url, pool_size=1)
+    try:
+        async with engine.begin() as conn:  # written first: no read lock to upgrade
+            await conn.execute(_KEK_RECORD, {"value": value, "at": at})  # when there is none
+            found = (await conn.execute(_KEK_READ)).scalar()
+    except DATABASE_ERRORS as exc:
+        raise DatabaseUnavailable(f"cannot reach the database: {reason(exc)}") from None
+    finally:
+        await engine.dispose()
+    if found != value:
+        raise WrongKek(
+            f"the key-encrypting key (kek / kek_file) is not this database's: its check value "
+            f"is {value}, the database's {found}"
+        )
+
+
+_KEK_READ = text("SELECT check_value FROM vault_keys WHERE name = 'kek'")
+_KEK_RECORD = text(
+    "INSERT INTO vault_keys (name, check_value, created_at_ms) VALUES ('kek', :value, :at) "
+    "ON CONFLICT (name) DO NOTHING"
+)
 
 
 def reason(exc: BaseException) -> str:

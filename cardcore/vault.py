@@ -80,6 +80,12 @@ def derive_key(kek: bytes, purpose: bytes) -> bytes:
     return hkdf.derive(kek)
 
 
+def kek_check_value(kek: bytes) -> str:
+    """A KEK's check value (16 hex digits of an HKDF derivation: tells two keys apart and
+    says nothing of either), kept in the database it seals for (`migrate.check_kek`)."""
+    return derive_key(kek, b"cardcore/kek-check/v1")[:8].hex()
+
+
 def token_key_of(kek: bytes) -> bytes:
     return hmac.new(kek, b"cardcore/card-token/v1", hashlib.sha256).digest()
 

@@ -5,6 +5,7 @@ would wait behind live traffic fails fast instead of stalling the ledger.
 """
 
 import asyncio
+import importlib
 
 from alembic import context
 from sqlalchemy import text
@@ -14,6 +15,13 @@ from cardcore import config as cardcore_config
 from cardcore import limits
 from cardcore.db import make_engine
 from cardcore.ledger.schema import metadata
+from cardcore.migrate import SCHEMA_MODULES
+
+# Every table is on the ledger's MetaData once its module is imported: all of them, so that
+# `alembic check` and autogenerate compare the whole schema (with the ledger's alone they
+# proposed dropping every other table).
+for _module in SCHEMA_MODULES:
+    importlib.import_module(_module)
 
 target_metadata = metadata
 

@@ -12,7 +12,7 @@ import sys
 
 from aiohttp import web
 
-from cardcore import demo, limits
+from cardcore import demo, limits, migrate
 from cardcore.api.app import build_app
 from cardcore.cards.accounts import Accounts
 from cardcore.cards.directory import Directory
@@ -40,6 +40,8 @@ async def serve(config: Config, *, role: str, with_demo: bool) -> None:
             log.warning("created a demo key-encrypting key", extra={"path": DEMO_KEK_FILE})
         config = config.with_overrides({"kek_file": DEMO_KEK_FILE})
     kek = load_kek(config)
+    if kek is not None:
+        await migrate.check_kek(config.db_url, kek)  # the database's own, or nothing starts
     metrics = Metrics()
     ledger = Ledger.open(
         config.db_url,

@@ -64,6 +64,7 @@ async def start_gateway(config: Config, kek: bytes, host: Host, metrics: Metrics
         host=config.gateway_host,
         port=config.gateway_port,
         tls=tls_context(config),
+        shared_port=bool(config.gateway_shared_port),
     )
     await server.start()
     saf.start(host)

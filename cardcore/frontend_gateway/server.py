@@ -72,8 +72,10 @@ class GatewayServer:
         frame_bytes_max: int = limits.GATEWAY_FRAME_BYTES_MAX,
         idle_s: float = limits.GATEWAY_IDLE_S,
         frame_read_s: float = limits.GATEWAY_FRAME_READ_S,
+        shared_port: bool = False,
     ) -> None:
         self.processor = processor
+        self.shared_port = shared_port
         self.metrics = metrics
         self.host = host
         self.port = port
@@ -96,7 +98,9 @@ class GatewayServer:
             self.port,
             ssl=self.tls,
             reuse_address=True,
-            reuse_port=hasattr(socket, "SO_REUSEPORT"),  # several gateway processes, one port
+            # several gateway processes on one port only when asked: else a second listener
+            # (another host's gateway) fails here instead of taking half the terminals
+            reuse_port=self.shared_port and hasattr(socket, "SO_REUSEPORT"),
             backlog=limits.GATEWAY_LISTEN_BACKLOG_MAX,
             ssl_handshake_timeout=limits.GATEWAY_TLS_HANDSHAKE_S if self.tls else None,
             limit=self.frame_bytes_max + codec.LENGTH_BYTES,

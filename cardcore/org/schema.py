@@ -94,3 +94,12 @@ audit_log = Table(
 )
 
 APPEND_ONLY = ("org_audit_log",)
+
+
+vault_keys = Table(  # migration 0019: the KEK's check value (`migrate.check_kek`)
+    "vault_keys",
+    metadata,
+    Column("name", String(16), primary_key=True),
+    Column("check_value", String(32), nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+)

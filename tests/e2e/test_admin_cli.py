@@ -118,6 +118,9 @@ def test_admin_issue_cards_refusals_are_one_line_and_change_nothing(
     no_key = {k: v for k, v in env.items() if k != "CARDCORE_KEK"}
     line = one_error(admin(tmp_path, no_key, *base, "--class", "GIFT100"))
     assert "key-encrypting key" in line
+    wrong_key = {**env, "CARDCORE_KEK": "a5" * 32}  # the database knows its own (0019)
+    line = one_error(admin(tmp_path, wrong_key, *base, "--class", "GIFT100"))
+    assert "the key-encrypting key (kek / kek_file) is not this database's" in line, line
     too_many = one_error(admin(tmp_path, env, "issue-cards", "--class", "GIFT100", "--store",
                                "S-A01", "--count", "100001"))  # fmt: skip
     assert "--count is 1..100000" in too_many

@@ -1023,3 +1023,26 @@ async def test_each_call_of_a_split_loop_turn_has_its_own_timer() -> None:
     ]  # fmt: skip
     late.set()
     await host.close()
+
+
+async def test_a_second_listener_on_the_port_is_refused_unless_the_port_is_shared(
+    gateway: GatewayServer,
+) -> None:
+    """Two `cardcore serve` on different databases both listened on the terminal port
+    (SO_REUSEPORT always on) and the kernel spread the terminals between two hosts (an
+    operations review). Sharing the port is asked for (`gateway_shared_port`), else the
+    second listener fails, address in use."""
+    second = GatewayServer(gateway.processor, Metrics(), host="127.0.0.1", port=gateway.port)
+    with pytest.raises(OSError, match=r"[Aa]ddress already in use"):
+        await second.start()
+    metrics = Metrics()
+    first = GatewayServer(gateway.processor, metrics, host="127.0.0.1", port=0, shared_port=True)
+    await first.start()
+    try:
+        other = GatewayServer(
+            gateway.processor, metrics, host="127.0.0.1", port=first.port, shared_port=True
+        )
+        await other.start()
+        await asyncio.wait_for(other.close(grace_s=1), 10)
+    finally:
+        await asyncio.wait_for(first.close(grace_s=1), 10)
