@@ -46,6 +46,9 @@ class Config:
     gateway_ledger_urls: str = "http://127.0.0.1:8080"  # cardcore gateway: comma-separated
     gateway_tls_cert: str = ""  # PEM files: with both, terminals connect over TLS
     gateway_tls_key: str = ""
+    # A PEM file of the CA that signs terminals' client certificates: with it a terminal must
+    # present one (TLS), and its connection speaks only for the terminal id in its subject CN.
+    gateway_tls_client_ca: str = ""
     gateway_saf_file: str = "data/gateway-saf.jsonl"  # reversals owed to the host
     gateway_metrics_port: int = 0  # cardcore gateway: /metrics and /healthz here; 0 = none
     # Requests a terminal may send a second (a burst of as many); past it: 91.
@@ -78,6 +81,8 @@ class Config:
             raise ConfigError("gateway_shared_port must be 0 or 1")
         if bool(self.gateway_tls_cert) != bool(self.gateway_tls_key):
             raise ConfigError("gateway_tls_cert and gateway_tls_key go together")
+        if self.gateway_tls_client_ca and not self.gateway_tls_cert:
+            raise ConfigError("gateway_tls_client_ca needs gateway_tls_cert and gateway_tls_key")
         if self.kek and not _is_kek_hex(self.kek):
             raise ConfigError("kek must be 64 hexadecimal digits (32 bytes)")
         if self.internal_token and not _TOKEN_RE.fullmatch(self.internal_token):

@@ -36,7 +36,9 @@ class RunningGateway:
 def tls_context(config: Config) -> ssl.SSLContext | None:
     if not config.gateway_tls_cert:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # A server context that trusts no CA but the terminals' own (with gateway_tls_client_ca):
+    # the system's CAs would let any public certificate name a terminal.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(config.gateway_tls_cert, config.gateway_tls_key)
@@ -46,6 +48,15 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
             f"gateway_tls_cert {config.gateway_tls_cert} and gateway_tls_key "
             f"{config.gateway_tls_key}: {reason}"
         ) from None
+    if config.gateway_tls_client_ca:
+        try:
+            context.load_verify_locations(cafile=config.gateway_tls_client_ca)
+        except OSError as exc:  # ssl.SSLError too: PEM that holds no certificate
+            reason = exc.strerror or str(exc)
+            raise ConfigError(
+                f"gateway_tls_client_ca {config.gateway_tls_client_ca}: {reason}"
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 

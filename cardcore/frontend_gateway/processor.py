@@ -251,8 +251,10 @@ class Processor:
 
     # --- entry ---------------------------------------------------------------------------------
 
-    async def handle(self, body: bytes) -> Reply | None:
-        """The reply to one message, or None when there is nothing to answer (no MTI)."""
+    async def handle(self, body: bytes, bound: str | None = None) -> Reply | None:
+        """The reply to one message, or None when there is nothing to answer (no MTI).
+        `bound`: the terminal id the connection's client certificate names; a message
+        naming another is answered 97 and touches nothing of that terminal's session."""
         try:
             fields = codec.decode(body)
         except codec.FormatError as exc:
@@ -260,7 +262,7 @@ class Processor:
         mti = fields["t"]
         started = time.perf_counter()
         try:
-            reply, code = await self._dispatch(mti, fields, body)
+            reply, code = await self._dispatch(mti, fields, body, bound)
         except Exception:  # contained: a bug answers 96 to this terminal only
             log.exception("message handling failed", extra={"mti": mti})
             reply, code = self._reply(fields, SYSTEM_ERROR), SYSTEM_ERROR
@@ -290,13 +292,17 @@ class Processor:
         fields = {"t": exc.mti, **exc.fields}
         return self._reply(fields, exc.code)
 
-    async def _dispatch(self, mti: str, f: dict[str, str], body: bytes) -> tuple[Reply | None, str]:
+    async def _dispatch(
+        self, mti: str, f: dict[str, str], body: bytes, bound: str | None = None
+    ) -> tuple[Reply | None, str]:
         if mti in ("0210", "0230", "0330", "0410", "0510", "0810", "0830"):
             return None, INVALID_TRANSACTION  # a reply sent to us: nothing to answer
         tid = f.get("41")
         if tid is None or "11" not in f:
             return self._reply(f, FORMAT_ERROR), FORMAT_ERROR
         if not (tid.isascii() and tid.isalnum()):  # no terminal is registered under it
+            return self._reply(f, "97"), "97"
+        if bound is not None and tid != bound:  # another terminal's certificate: not its own
             return self._reply(f, "97"), "97"
         net = _net_code(f)
         if mti == "0800":

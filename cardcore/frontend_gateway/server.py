@@ -193,6 +193,12 @@ class GatewayServer:
         line: _Line,
     ) -> None:
         bad_in_a_row = 0
+        bound: str | None = None  # the terminal id its client certificate names, if asked for
+        if self.tls is not None and self.tls.verify_mode == ssl.CERT_REQUIRED:
+            bound = terminal_of_certificate(writer.get_extra_info("peercert"))
+            if bound is None:
+                self.metrics.gateway_frames_dropped.labels("client_cert").inc()
+                return
         while not self._closing:
             payload = await self._read_frame(reader, line)
             if payload is None:
@@ -206,7 +212,7 @@ class GatewayServer:
             try:
                 # Read after shutdown began, it is answered 96 without reaching the host, and
                 # the loop then ends (`close`).
-                reply = await self.processor.handle(frame.body)
+                reply = await self.processor.handle(frame.body, bound)
                 if reply is None:
                     bad_in_a_row += 1
                     if bad_in_a_row >= limits.GATEWAY_BAD_FRAMES_MAX:
@@ -262,3 +268,20 @@ class GatewayServer:
             return None
         line.waiting = _Wait.NONE
         return payload
+
+
+TID_CHARS = 8  # F41, ans 8
+
+
+def terminal_of_certificate(peercert: object) -> str | None:
+    """The terminal id a verified client certificate names: its subject's one common name,
+    8 letters and digits (F41); None for anything else."""
+    if not isinstance(peercert, dict):
+        return None
+    names = [
+        value for rdn in peercert.get("subject", ()) for key, value in rdn if key == "commonName"
+    ]
+    if len(names) != 1 or not isinstance(names[0], str):
+        return None
+    tid = names[0]
+    return tid if len(tid) == TID_CHARS and tid.isascii() and tid.isalnum() else None

@@ -97,9 +97,9 @@ class Gateway:
 class SlowProcessor(Processor):
     """Takes `HOST_S` over every message before handling it, an echo too."""
 
-    async def handle(self, body: bytes) -> Reply | None:
+    async def handle(self, body: bytes, bound: str | None = None) -> Reply | None:
         await asyncio.sleep(HOST_S)
-        return await super().handle(body)
+        return await super().handle(body, bound)
 
 
 async def _start(tmp_path: Path, processor_class: type[Processor] = Processor) -> Gateway:
