@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -13,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from cardcore.db import DATABASE_ERRORS, async_url, make_engine
-from cardcore.vault import kek_check_value
+from cardcore.vault import Vault, VaultError, kek_check_value, unseal
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,9 +130,21 @@ async def check_kek(db_url: str, kek: bytes, *, now_ms: int | None = None) -> No
     at = int(time.time() * 1000) if now_ms is None else now_ms
     engine = make_engine(db_url, pool_size=1)
     try:
-        async with engine.begin() as conn:  # written first: no read lock to upgrade
-            await conn.execute(_KEK_RECORD, {"value": value, "at": at})  # when there is none
+        async with engine.connect() as conn:
             found = (await conn.execute(_KEK_READ)).scalar()
+            # None: a new database, or one upgraded to 0019 with data sealed before it. The
+            # key is first tried on what is sealed (a terminal's master key, a card number),
+            # so an upgrade never records the wrong key as the database's own.
+            sealed = None if found is not None else (await conn.execute(_SEALED_READ)).first()
+        if sealed is not None and not _opens(kek, sealed):
+            raise WrongKek(
+                "the key-encrypting key (kek / kek_file) does not open what this database "
+                f"sealed (its check value is {value})"
+            )
+        if found is None:
+            async with engine.begin() as conn:  # written first: no read lock to upgrade
+                await conn.execute(_KEK_RECORD, {"value": value, "at": at})  # unless made
+                found = (await conn.execute(_KEK_READ)).scalar()
     except DATABASE_ERRORS as exc:
         raise DatabaseUnavailable(f"cannot reach the database: {reason(exc)}") from None
     finally:
@@ -144,6 +157,28 @@ async def check_kek(db_url: str, kek: bytes, *, now_ms: int | None = None) -> No
 
 
 _KEK_READ = text("SELECT check_value FROM vault_keys WHERE name = 'kek'")
+# One sealed value of the database, if any: a terminal's master key, else a card's number.
+_SEALED_READ = text(
+    "SELECT * FROM ("
+    "SELECT 1 AS kind, tid AS name, tmk_sealed AS sealed FROM pos_terminals "
+    "UNION ALL SELECT 2, token, pan_sealed FROM cards WHERE pan_sealed <> ''"
+    ") AS s ORDER BY kind, name LIMIT 1"
+)
+
+
+def _opens(kek: bytes, row: Any) -> bool:
+    """Whether `kek` opens a sealed value `_SEALED_READ` found, with its own context."""
+    kind, name, sealed = row
+    try:
+        if kind == 1:
+            unseal(kek, bytes.fromhex(sealed), b"tmk:" + name.encode())
+        else:
+            Vault(kek).open_text(f"pan:{name}", sealed)
+    except (VaultError, ValueError):
+        return False
+    return True
+
+
 _KEK_RECORD = text(
     "INSERT INTO vault_keys (name, check_value, created_at_ms) VALUES ('kek', :value, :at) "
     "ON CONFLICT (name) DO NOTHING"

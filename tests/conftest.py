@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from sqlalchemy.engine import make_url
 
 from cardcore import migrate
@@ -39,7 +39,7 @@ from cardcore.org.http import ORG_KEY
 from cardcore.records import Records
 from cardcore.vault import token_key_of
 from tests import logscan
-from tests.helpers import AdminClient, ApiClient
+from tests.helpers import AdminClient, ApiClient, quiet_server
 
 PG_URL = os.environ.get("CARDCORE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 BACKENDS = ("sqlite", "postgresql")
@@ -167,7 +167,7 @@ async def records(db_url: str) -> AsyncIterator[Records]:
 async def api(db_url: str) -> AsyncIterator[ApiClient]:
     metrics = Metrics()
     app = build_app(Config(db_url=db_url), metrics, Ledger.open(db_url, metrics))
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(await quiet_server(app)) as client:
         yield client
 
 
@@ -187,7 +187,7 @@ async def admin(db_url: str) -> AsyncIterator[AdminClient]:
         pin_of=zone_pin_reader(ADMIN_KEK),
     )
     app = build_app(Config(db_url=db_url), metrics, ledger, pos, ADMIN_KEK)
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(await quiet_server(app)) as client:
         minted = await app[ORG_KEY].bootstrap_admin("root", 3600)
         yield AdminClient(client, minted["token"], app)
 

@@ -7,7 +7,9 @@ test starts registers its stderr file. At the end `tests/conftest.py` fails the 
 line holds:
 - a group card number in full (628888..., 16-19 digits, Luhn-valid),
 - a mainland resident ID number (18 characters with a valid ISO 7064 check character),
-- any secret a test registered with `remember` (PINs, keys, foreign card numbers).
+- any secret a test registered with `remember` (PINs, keys, foreign card numbers, coupon
+  codes answered over the admin API), the suites' own keys and internal token
+  (`KNOWN_KEYS`), and every working key and PIN block made in the test process.
 """
 
 from __future__ import annotations
@@ -118,8 +120,48 @@ class _Keeper(logging.Handler):
             SCAN.keep(repr(record.__dict__))
 
 
+# The keys the tests give the code (each module's constants), registered for every run:
+# the key-encrypting keys and terminal master keys of the suites, and the e2e internal token.
+KNOWN_KEYS = {
+    "a test key-encrypting key": (bytes(range(32)).hex(), bytes(range(32, 64)).hex(),
+                                  "0f" * 32, "5a" * 32),
+    "a test terminal master key": ("00112233445566778899AABBCCDDEEFF",
+                                   "0123456789ABCDEFFEDCBA9876543210"),
+    "a test internal token": ("e2e-token-0123456789abcdef",),
+}  # fmt: skip
+
+
+def _watch_keys_and_pin_blocks() -> None:
+    """Every working key pair made in this process (the gateway's and the reference
+    terminal's, one per sign-on) and every PIN block a reference terminal enciphers are
+    registered as they are made: none of them may reach a log line."""
+    from cardcore.frontend_gateway import security  # noqa: PLC0415 - after logging is set up
+
+    made = security.WorkingKeys.__post_init__
+
+    def registered(self: security.WorkingKeys) -> None:
+        made(self)
+        SCAN.remember("a working PIN key", self.pik.hex())
+        SCAN.remember("a working MAC key", self.mak.hex())
+
+    security.WorkingKeys.__post_init__ = registered  # type: ignore[method-assign]
+    for name in ("pin_block_0", "pin_block_4"):
+        enciphered = getattr(security, name)
+
+        def block(*args: object, _of: object = enciphered) -> bytes:
+            out: bytes = _of(*args)  # type: ignore[operator]
+            SCAN.remember("a PIN block", out.hex())
+            return out
+
+        setattr(security, name, block)
+
+
 def install() -> None:
     root = logging.getLogger()
     root.addHandler(_Keeper())
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
+    for label, values in KNOWN_KEYS.items():
+        for value in values:
+            SCAN.remember(label, value)
+    _watch_keys_and_pin_blocks()

@@ -44,7 +44,7 @@ class Ledger:
 
     async def close(self, grace_s: int = limits.SHUTDOWN_GRACE_S) -> None:
         await self.writer.stop(grace_s)
-        await self.store.engine.dispose()
+        await self.store.dispose()
 
     async def submit(self, ops: Sequence[Op]) -> list[Result]:
         return await self.writer.submit(ops)

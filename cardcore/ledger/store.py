@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnClause
 
 from cardcore import limits
-from cardcore.db import Statement, array_of, each_value, unnest_insert
+from cardcore.db import Statement, array_of, each_value, make_engine, unnest_insert
 from cardcore.ledger import journal, schema
 from cardcore.ledger.decide import BatchEffects
 from cardcore.ledger.model import (
@@ -80,12 +80,24 @@ class LedgerStore:
         self._reads: dict[str, Statement] = {}
         self.autovacuum_checked = False  # the start-up warning, once (not per reconnect)
         self._batch_sql: str | None = None
+        self._ping_engine: AsyncEngine | None = None  # readiness: `ping`
 
     async def ping(self) -> None:
-        """One `SELECT 1` on a pooled connection: the database answers now (readiness).
-        Raises the database's error when it does not."""
-        async with self.engine.connect() as conn:
+        """One `SELECT 1`: the database answers now (readiness). On a connection of its own
+        (a pool of one, made on first use), so a pool busy with requests never reads as a
+        database away. Raises the database's error when it does not answer."""
+        if self._ping_engine is None:
+            self._ping_engine = make_engine(
+                self.engine.url.render_as_string(hide_password=False), pool_size=1
+            )
+        async with self._ping_engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        """Close every connection of the store's engines."""
+        await self.engine.dispose()
+        if self._ping_engine is not None:
+            await self._ping_engine.dispose()
 
     # --- helpers ----------------------------------------------------------------------------
 

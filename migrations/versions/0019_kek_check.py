@@ -7,7 +7,9 @@ with a KEK records its check value here (an HKDF derivation of the key, never th
 every later start compares and refuses another key.
 
 Running code: code older than this revision never reads the table. A database upgraded
-from an earlier revision has no row: its next start records the KEK it is given.
+from an earlier revision has no row: its next start tries the KEK it is given on what the
+database sealed (a terminal's master key, else a card number) and records it only if it
+opens it (`migrate.check_kek`).
 
 Revision ID: 0019
 Revises: 0018

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from sqlalchemy.engine import make_url
 
 from cardcore.api.app import build_app
@@ -29,6 +29,7 @@ from cardcore.metrics import Metrics
 from tests.helpers import (
     ApiClient,
     expected_balances,
+    quiet_server,
     setup_accounts_over_http,
     transfer_json,
 )
@@ -292,7 +293,7 @@ async def test_full_writer_queue_answers_busy_at_once_and_changes_nothing(db_url
         db_url, metrics, queue_requests_max=1, batch_size_max=1, batch_wait_ms_max=0
     )
     app = build_app(Config(db_url=db_url), metrics, ledger)
-    async with TestClient(TestServer(app)) as api:
+    async with TestClient(await quiet_server(app)) as api:
         source, (wallet,) = await setup_accounts_over_http(api, 1)
         ops = {
             f"flood-{i}": transfer_json(f"flood-{i}", source, wallet, 100 + i) for i in range(FLOOD)

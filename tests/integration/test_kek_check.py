@@ -10,11 +10,11 @@ import pytest
 
 from cardcore import migrate
 from cardcore.vault import kek_check_value
-from tests.helpers import sql_rows
+from tests.helpers import AdminClient, sql_rows
 
 pytestmark = pytest.mark.asyncio
 
-RIGHT, WRONG = bytes(range(32)), bytes(range(1, 33))
+RIGHT, WRONG = bytes(range(32)), bytes(range(1, 33))  # RIGHT: the `admin` fixture's KEK
 
 
 async def test_the_first_key_is_recorded_and_another_is_refused(db_url: str) -> None:
@@ -28,3 +28,21 @@ async def test_the_first_key_is_recorded_and_another_is_refused(db_url: str) -> 
     assert kek_check_value(WRONG) in str(refused.value)
     assert WRONG.hex() not in str(refused.value)
     assert await sql_rows(db_url, "SELECT * FROM vault_keys") == rows  # nothing changed
+
+
+async def test_an_upgraded_database_records_only_the_key_that_opens_what_it_sealed(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Migration 0019 adds no row: the first start after the upgrade recorded whatever key
+    it was given, and the right one was refused from then on (a review of this change). The
+    key is first tried on what the database sealed: a terminal's master key here."""
+    await admin.org("LE1", "S1")
+    await admin.ok("POST", "/v1/terminals", json={"tid": "T0000001", "mid": "M00000000000001",
+                                                  "store": "S1"})  # fmt: skip
+    assert await sql_rows(db_url, "SELECT * FROM vault_keys") == []  # as after the upgrade
+    with pytest.raises(migrate.WrongKek, match="does not open what this database sealed"):
+        await migrate.check_kek(db_url, WRONG)
+    assert await sql_rows(db_url, "SELECT * FROM vault_keys") == []
+    await migrate.check_kek(db_url, RIGHT)
+    [row] = await sql_rows(db_url, "SELECT check_value FROM vault_keys")
+    assert row["check_value"] == kek_check_value(RIGHT)

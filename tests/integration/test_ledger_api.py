@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from cardcore import limits
+from cardcore.ledger.http import LEDGER_KEY
 from tests.helpers import ApiClient, post_ops, transfer_json
 
 WALLET = {"no_overdraft": True}
@@ -506,3 +507,19 @@ async def test_readiness_says_not_ready_while_the_database_is_away(
             break
         await asyncio.sleep(0.1)
     assert (await api.get("/readyz")).status == 200
+
+
+async def test_readiness_is_not_fooled_by_a_busy_pool(api: ApiClient) -> None:
+    """The readiness ping took a connection from the pool the requests use: with every one
+    of them busy it said not ready after 2 s while the database was fine (a review)."""
+    await setup(api)
+    engine = api.app[LEDGER_KEY].store.engine
+    held = []
+    try:
+        for _ in range(limits.DB_POOL_SIZE_MAX - 2):  # the writer holds two
+            held.append(await engine.connect())
+        ready = await api.get("/readyz")
+        assert ready.status == 200, await ready.text()
+    finally:
+        for conn in held:
+            await conn.close()

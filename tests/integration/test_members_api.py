@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from sqlalchemy.exc import DBAPIError
 
 from cardcore.api import routes
@@ -31,7 +31,7 @@ from cardcore.org.http import ORG_KEY
 from cardcore.records import Records
 from cardcore.vault import Vault
 from tests.conftest import ADMIN_KEK
-from tests.helpers import AdminClient, move, sql_execute, sql_rows
+from tests.helpers import AdminClient, move, quiet_server, sql_execute, sql_rows
 from tests.integration import test_cards_api as cards_api
 
 RESIDENT = "11010519491231002X"  # GB 11643's example number
@@ -728,7 +728,7 @@ async def test_the_id_number_is_in_no_answer_and_no_audit_row(
 async def test_member_routes_answer_503_without_a_key_encrypting_key(db_url: str) -> None:
     metrics = Metrics()
     app = build_app(Config(db_url=db_url), metrics, Ledger.open(db_url, metrics))
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(await quiet_server(app)) as client:
         minted = await app[ORG_KEY].bootstrap_admin("root", 3600)
         headers = {"Authorization": f"Bearer {minted['token']}"}
         for method, path in (("GET", "/v1/members"), ("POST", "/v1/members"),
