@@ -26,7 +26,7 @@ from cardcore.admin_commands import print_file
 from cardcore.cards.model import mask_pan
 from cardcore.config import Config, ConfigError, create_kek_file, load_kek
 from cardcore.frontend_gateway import codec
-from cardcore.frontend_gateway.app import start_gateway
+from cardcore.frontend_gateway.app import start_gateway, tls_context
 from cardcore.frontend_gateway.host import HttpHost
 from cardcore.frontend_gateway.security import (
     PIN_DIGITS_MAX,
@@ -37,6 +37,7 @@ from cardcore.frontend_gateway.security import (
 from cardcore.frontend_gateway.terminal import PosTerminal, Reply, TerminalError, describe
 from cardcore.metrics import Metrics
 from cardcore.runtime import settle_gc
+from cardcore.vault import kek_check_value
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,18 @@ async def run_gateway(config: Config) -> None:
     urls = [u.strip() for u in config.gateway_ledger_urls.split(",") if u.strip()]
     if not urls:
         raise ConfigError("gateway_ledger_urls names no ledger")
+    tls_context(config)  # its files refused before the ledger is asked anything
+    host = HttpHost(urls, token=config.internal_token)
+    theirs = await host.kek_check_value()
+    if theirs is not None and theirs != kek_check_value(kek):
+        raise ConfigError(
+            f"the gateway's key-encrypting key is not the ledger's (check values "
+            f"{kek_check_value(kek)} and {theirs}): terminals could not sign on"
+        )
     metrics = Metrics()
-    gateway = await start_gateway(config, kek, HttpHost(urls, token=config.internal_token), metrics)
+    gateway = await start_gateway(config, kek, host, metrics)
+    if theirs is None:  # it serves with the ledger away all the same (96, store and forward)
+        log.warning("the ledger did not give its key's check value: the keys were not compared")
     metrics_runner = None
     if config.gateway_metrics_port:
         from cardcore.api.app import metrics_app  # noqa: PLC0415

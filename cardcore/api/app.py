@@ -154,8 +154,11 @@ def build_app(
         )
         cards_http.add_routes(app.router)
     else:
-        for path in ("/internal/v1/pos", "/internal/v1/terminals", "/internal/v1/cards"):
-            app.router.add_post(path, _pos_disabled)
+        for method, path in (
+            ("POST", "/internal/v1/pos"), ("POST", "/internal/v1/terminals"),
+            ("POST", "/internal/v1/cards"), ("GET", "/internal/v1/kek"),
+        ):  # fmt: skip
+            app.router.add_route(method, path, _pos_disabled)
     return app
 
 

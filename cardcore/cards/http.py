@@ -26,7 +26,7 @@ from cardcore.cards.model import (
 from cardcore.cards.pos import PosService
 from cardcore.frontend_gateway import security
 from cardcore.org.http import ORG_KEY
-from cardcore.vault import Vault
+from cardcore.vault import Vault, kek_check_value
 
 POS_KEY = web.AppKey("pos", PosService)
 KEK_KEY = web.AppKey("kek", bytes)
@@ -38,6 +38,13 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/internal/v1/pos", _post_pos)
     router.add_post("/internal/v1/terminals", _post_terminal)
     router.add_post("/internal/v1/cards", _post_cards)
+    router.add_get("/internal/v1/kek", _get_kek)
+
+
+async def _get_kek(request: web.Request) -> web.Response:
+    """The check value of the host's key-encrypting key (never the key): a gateway compares
+    it with its own before it serves terminals (`cardcore gateway`)."""
+    return web.json_response({"check_value": kek_check_value(request.app[KEK_KEY])})
 
 
 async def _post_pos(request: web.Request) -> web.Response:

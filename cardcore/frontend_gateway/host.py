@@ -161,6 +161,22 @@ class HttpHost:
         self._calls: set[asyncio.Task[None]] = set()
         self._in_flight = asyncio.Semaphore(limits.GATEWAY_HOST_CALLS_MAX)
 
+    async def kek_check_value(self) -> str | None:
+        """The check value of the ledger's key-encrypting key (`GET /internal/v1/kek`), from
+        the first URL that answers it; None when none does (down, or without a key)."""
+        timeout = aiohttp.ClientTimeout(total=self._timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for url in self.urls:
+                try:
+                    async with session.get(url + "/internal/v1/kek", headers=self._headers) as r:
+                        if r.status == 200:
+                            value = (await r.json()).get("check_value")
+                            if isinstance(value, str):
+                                return value
+                except (aiohttp.ClientError, TimeoutError, ValueError):
+                    continue
+        return None
+
     async def pos(self, requests: Sequence[PosRequest]) -> list[PosResult]:
         self._start()
         if self._queue.maxsize - self._queue.qsize() < len(requests):  # all or none queued

@@ -96,6 +96,15 @@ def test_gateway_process_fails_over_to_the_next_ledger_and_serves_metrics(
             assert 'cardcore_gateway_messages_total{code="00",mti="0200"} 1.0' in text
             assert gateway.stop() == 0
         assert "ledger failover" in (tmp_path / gateway.log.name).read_text()
+        # A gateway with another key than the ledger's served, and every sign-on failed (96,
+        # a traceback in its log): it compares the keys' check values and refuses to start.
+        wrong = run_cardcore(
+            "gateway", "--ledger", url, cwd=tmp_path,
+            env={**env, "CARDCORE_KEK": "f0" * 32, "CARDCORE_GATEWAY_PORT": str(free_port())},
+        )  # fmt: skip
+        assert wrong.returncode == 2, wrong.stderr
+        assert "the gateway's key-encrypting key is not the ledger's" in wrong.stderr
+        assert "Traceback" not in wrong.stderr
         assert ledger.stop() == 0
 
 

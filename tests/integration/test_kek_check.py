@@ -10,7 +10,7 @@ import pytest
 
 from cardcore import migrate
 from cardcore.vault import kek_check_value
-from tests.helpers import AdminClient, sql_rows
+from tests.helpers import AdminClient, ApiClient, sql_rows
 
 pytestmark = pytest.mark.asyncio
 
@@ -46,3 +46,16 @@ async def test_an_upgraded_database_records_only_the_key_that_opens_what_it_seal
     await migrate.check_kek(db_url, RIGHT)
     [row] = await sql_rows(db_url, "SELECT check_value FROM vault_keys")
     assert row["check_value"] == kek_check_value(RIGHT)
+
+
+async def test_the_host_says_its_keys_check_value_and_never_the_key(
+    admin: AdminClient,
+) -> None:
+    """`cardcore gateway` compares its key with the ledger's through this route."""
+    status, answer = await admin.call("GET", "/internal/v1/kek", token="")
+    assert (status, answer) == (200, {"check_value": kek_check_value(RIGHT)})
+
+
+async def test_a_host_without_a_key_says_so(api: ApiClient) -> None:
+    without = await api.get("/internal/v1/kek")
+    assert (without.status, (await without.json())["error"]["code"]) == (503, "pos_disabled")
