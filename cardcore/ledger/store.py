@@ -823,7 +823,9 @@ def _sqlite_writer_lock(engine: AsyncEngine) -> IO[bytes] | None:
     name = engine.url.database
     if not name or name == ":memory:":
         return None
-    handle = Path(name + ".writer-lock").open("ab")  # noqa: SIM115 - held for the session
+    # Beside the file itself: a symbolic link to it (another path) meets the same lock.
+    real = Path(name).resolve()
+    handle = real.with_name(real.name + ".writer-lock").open("ab")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
