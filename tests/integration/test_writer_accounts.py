@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from cardcore.ledger.model import Account, AccountFlags, AccountInfo, Balance, Op, SetAccountFrozen
 from cardcore.ledger.service import Ledger
@@ -234,6 +236,13 @@ async def test_a_second_writer_on_sqlite_is_refused_while_the_first_runs(
     with pytest.raises(WriterLockError):
         await other.start()
     await other.close()
+    path = Path(make_url(db_url).database or "")
+    link = path.with_name("another-name.db")
+    link.symlink_to(path)  # the same file by another path meets the same lock
+    linked = Ledger.open(f"sqlite:///{link}", Metrics(), batch_wait_ms_max=1)
+    with pytest.raises(WriterLockError):
+        await linked.start()
+    await linked.close()
     await ledger.close()
     after = Ledger.open(db_url, Metrics(), batch_wait_ms_max=1)
     await after.start()
