@@ -266,6 +266,10 @@ def _commit(handle: TextIO, temporary: str, path: Path) -> None:
         raise AdminCommandError(
             f"{path} was made by someone else meanwhile; this run's file is {temporary}"
         ) from None
+    except OSError as exc:  # a file system without hard links, say: the numbers are kept
+        raise AdminCommandError(
+            f"{path} could not be put in place ({exc.strerror}); this run's file is {temporary}"
+        ) from None
     os.unlink(temporary)
 
 

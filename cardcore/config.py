@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import os
 import re
 import tomllib
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from cardcore import limits
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "CARDCORE_"
 TEST_ENV_PREFIX = "CARDCORE_TEST_"  # the test suite's own variables, not settings
@@ -120,10 +123,16 @@ def load_kek(config: Config) -> bytes | None:
         return None
     try:
         text = Path(config.kek_file).read_text(encoding="ascii").strip()
+        mode = Path(config.kek_file).stat().st_mode
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read kek_file {config.kek_file}: {exc}") from None
     if not _is_kek_hex(text):
         raise ConfigError(f"kek_file {config.kek_file} must hold 64 hexadecimal digits")
+    if mode & 0o077:  # `chmod 600`: the key opens every card number and terminal key
+        log.warning(
+            "kek_file is readable by others than its owner",
+            extra={"path": config.kek_file, "mode": oct(mode & 0o777)},
+        )
     return bytes.fromhex(text)
 
 

@@ -74,3 +74,25 @@ def test_what_stands_is_kept_when_asked(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         _write_then_fail(out, keep=True)
     assert out.read_text() == "half of a new one\n"
+
+
+def test_a_file_system_without_hard_links_keeps_the_run_and_names_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file goes in place by a hard link; where there are none the error was a raw
+    OSError after the cards stood, naming nothing (a review)."""
+
+    def no_links(_src: str, _dst: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("cardcore.admin_commands.os.link", no_links)
+    out = tmp_path / "cards.csv"
+
+    def write() -> None:
+        with private_output(out) as handle:
+            handle.write("this run's numbers\n")
+
+    with pytest.raises(AdminCommandError, match="could not be put in place") as caught:
+        write()
+    [kept] = list(tmp_path.iterdir())
+    assert str(kept) in str(caught.value) and kept.read_text() == "this run's numbers\n"

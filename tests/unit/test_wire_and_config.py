@@ -478,3 +478,23 @@ def test_a_config_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path) -
     path.write_bytes("# caf\xe9\nport = 8081\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         load(str(path), environ={})
+
+
+def test_a_kek_file_others_may_read_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The key opens every card number and terminal key: a file of mode 0644 was taken
+    without a word (an operations review)."""
+    path = tmp_path / "kek"
+    path.write_text("ab" * 32 + "\n")
+    path.chmod(0o644)
+    with caplog.at_level("WARNING", logger="cardcore.config"):
+        assert load_kek(Config(kek_file=str(path))) == bytes.fromhex("ab" * 32)
+    assert [r.getMessage() for r in caplog.records] == [
+        "kek_file is readable by others than its owner"
+    ]
+    caplog.clear()
+    path.chmod(0o600)
+    with caplog.at_level("WARNING", logger="cardcore.config"):
+        load_kek(Config(kek_file=str(path)))
+    assert caplog.records == []
