@@ -81,6 +81,7 @@ POS_FEATURE_PLANS_CONCURRENT_MAX: Final = 16
 POS_UPLOAD_LINES_MAX: Final = 64  # transaction lines in one batch-upload request
 POS_TOTALS_COUNT_MAX: Final = 999  # a settlement's counts are three digits (F48, n3)
 READY_DATABASE_CHECK_MS: Final = 2_000  # /readyz: the database answers SELECT 1 within
+DB_ERROR_LOG_INTERVAL_S: Final = 10  # a database error's traceback at most this often
 TOPUP_CONFIRM_S: Final = 600  # a top-up hold waits this long for the terminal's confirmation
 TOPUP_GRANT_SWEEP_FIRST_S: Final = 30  # the server's first look at top-up holds that ended
 TOPUP_GRANT_SWEEP_EVERY_S: Final = 60  # then every minute: a lapsed hold's grant spend back

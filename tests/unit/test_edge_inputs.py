@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from cardcore import limits
+from cardcore.api.app import DatabaseErrorLog
 from cardcore.ledger import wire
 
 
@@ -21,3 +23,28 @@ def test_lone_surrogate_in_metadata_is_refused_before_the_writer() -> None:
         "invalid_characters",
         "ops[0].metadata.store",
     )
+
+
+def test_a_database_outage_logs_one_traceback_per_interval_and_counts_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the database is away every request fails: each logged its traceback (65 a
+    minute in an operations review). One per `DB_ERROR_LOG_INTERVAL_S`, with how many were
+    not logged since."""
+    now = [100.0]
+    errors = DatabaseErrorLog(clock=lambda: now[0])
+    with caplog.at_level("ERROR", logger="cardcore.api.app"):
+        for step in range(7):  # 0 .. 18 s, every 3 s
+            now[0] = 100.0 + 3 * step
+            try:
+                _refused()
+            except OSError:
+                errors.log("GET", "/v1/stores")
+    logged = [(r.created, getattr(r, "not_logged_since", None), r.exc_info is not None)
+              for r in caplog.records]  # fmt: skip
+    assert [(quiet, traced) for _, quiet, traced in logged] == [(0, True), (3, True)]
+    assert limits.DB_ERROR_LOG_INTERVAL_S == 10  # 0 s logged, 3-9 s counted, 12 s logged
+
+
+def _refused() -> None:
+    raise OSError("connection refused")
