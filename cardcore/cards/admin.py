@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 from cardcore import limits
 from cardcore.cards.directory import Directory
-from cardcore.cards.model import CURRENCY, POS_CLIENT, Card, Terminal, luhn_digit, mask_pan
+from cardcore.cards.model import (
+    CURRENCY,
+    POS_CLIENT,
+    Card,
+    Terminal,
+    is_terminal_id,
+    luhn_digit,
+    mask_pan,
+)
 from cardcore.ledger.model import (
     AccountFlags,
     AssetKind,
@@ -66,7 +74,7 @@ async def add_terminal(
     tmk_sealed: str,
 ) -> Terminal:
     """Register a terminal of `store` with its sealed master key; batch 000001."""
-    if len(tid) != 8 or not tid.isalnum() or not tid.isascii():
+    if not is_terminal_id(tid):
         raise AdminError("terminal id is eight letters or digits")
     if len(mid) != 15 or not mid.isalnum() or not mid.isascii():
         raise AdminError("merchant id is fifteen letters or digits")

@@ -371,6 +371,14 @@ def _opt_int(value: object) -> int | None:
 # --- keys in the ledger ----------------------------------------------------------------------
 
 
+TERMINAL_ID_CHARS = 8  # F41, ans 8
+
+
+def is_terminal_id(text: str) -> bool:
+    """A terminal id: eight ASCII letters or digits (F41)."""
+    return len(text) == TERMINAL_ID_CHARS and text.isascii() and text.isalnum()
+
+
 def transaction_key(t: Terminal, batch: str, stan: str) -> str:
     """The idempotency key of one terminal transaction: terminal, batch cycle, batch, STAN.
     The cycle makes a batch number that wrapped (999999 -> 000001) a new key space. Batch

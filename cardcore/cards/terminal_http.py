@@ -9,6 +9,7 @@ from cardcore import limits
 from cardcore.api import routes as r
 from cardcore.api.edge import ApiError
 from cardcore.cards.http import KEK_KEY, master_key_answer, new_master_key
+from cardcore.cards.model import is_terminal_id
 from cardcore.cards.terminals import TerminalAdmin
 from cardcore.org.http import principal
 
@@ -50,7 +51,7 @@ def _service(request: web.Request) -> TerminalAdmin:
 
 def _tid(request: web.Request) -> str:
     tid = request.match_info["tid"]
-    if len(tid) != 8 or not tid.isalnum() or not tid.isascii():
+    if not is_terminal_id(tid):
         raise ApiError(404, "terminal_not_found", "no such terminal", "tid")
     return tid
 

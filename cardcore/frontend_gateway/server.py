@@ -27,6 +27,7 @@ import socket
 import ssl
 
 from cardcore import limits
+from cardcore.cards.model import is_terminal_id
 from cardcore.frontend_gateway import codec
 from cardcore.frontend_gateway.processor import Processor
 from cardcore.metrics import Metrics
@@ -270,9 +271,6 @@ class GatewayServer:
         return payload
 
 
-TID_CHARS = 8  # F41, ans 8
-
-
 def terminal_of_certificate(peercert: object) -> str | None:
     """The terminal id a verified client certificate names: its subject's one common name,
     8 letters and digits (F41); None for anything else."""
@@ -283,5 +281,4 @@ def terminal_of_certificate(peercert: object) -> str | None:
     ]
     if len(names) != 1 or not isinstance(names[0], str):
         return None
-    tid = names[0]
-    return tid if len(tid) == TID_CHARS and tid.isascii() and tid.isalnum() else None
+    return names[0] if is_terminal_id(names[0]) else None
