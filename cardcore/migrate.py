@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +14,10 @@ from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
+from cardcore import limits
 from cardcore.db import DATABASE_ERRORS, async_url, make_engine
 from cardcore.vault import Vault, VaultError, kek_check_value, unseal
 
@@ -57,6 +62,62 @@ def upgrade(db_url: str) -> None:
             f"cannot migrate: {str(exc).splitlines()[0]} (this code's newest is "
             f"{head_revision()}: the database was migrated by a newer cardcore)"
         ) from None
+
+
+# pg_advisory_lock key held while one connection migrates (not the writer's key: a server
+# may run while its database is migrated).
+_MIGRATE_LOCK_KEY = 0x636172646D696772  # "cardmigr"
+_LOCK_POLL_S = 0.1
+
+
+@contextlib.contextmanager
+def migration_lock(connection: Connection) -> Iterator[None]:
+    """One migration of a database at a time (migrations/env.py holds it around alembic's
+    run): a second `cardcore migrate` waits for the first, up to MIGRATE_LOCK_WAIT_S, and then
+    finds the schema current, instead of failing halfway (`relation already exists`,
+    `database is locked`). PostgreSQL: an advisory lock of the session; SQLite: `flock` on
+    `<file>.migrate-lock` beside the database; both end with the process, however it ends.
+    The waiter polls, outside any transaction: a transaction waiting on PostgreSQL would hold
+    a snapshot that the running migration's CREATE INDEX CONCURRENTLY waits for (deadlock)."""
+    if connection.dialect.name == "postgresql":
+
+        def taken() -> bool:
+            query = text("SELECT pg_try_advisory_lock(:k)")
+            locked = bool(connection.execute(query, {"k": _MIGRATE_LOCK_KEY}).scalar())
+            connection.commit()
+            return locked
+
+        _wait_for(taken)
+        yield  # the session's lock ends with the connection (migrations/env.py closes it)
+        return
+    name = connection.engine.url.database
+    if not name or name == ":memory:":
+        yield
+        return
+    real = Path(name).resolve()  # a symbolic link to the file meets the same lock
+    with real.with_name(real.name + ".migrate-lock").open("ab") as handle:
+
+        def flocked() -> bool:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+        _wait_for(flocked)
+        yield  # closing the file releases it
+
+
+def _wait_for(taken: Callable[[], bool]) -> None:
+    wait_s = limits.MIGRATE_LOCK_WAIT_S
+    deadline = time.monotonic() + wait_s
+    while not taken():
+        if time.monotonic() > deadline:
+            raise NotMigrated(
+                f"another `cardcore migrate` of this database has run for over {wait_s} s; "
+                "run this one again when it ends"
+            )
+        time.sleep(_LOCK_POLL_S)
 
 
 def _scripts() -> ScriptDirectory:

@@ -15,7 +15,7 @@ from cardcore import config as cardcore_config
 from cardcore import limits
 from cardcore.db import make_engine
 from cardcore.ledger.schema import metadata
-from cardcore.migrate import SCHEMA_MODULES
+from cardcore.migrate import SCHEMA_MODULES, migration_lock
 
 # Every table is on the ledger's MetaData once its module is imported: all of them, so that
 # `alembic check` and autogenerate compare the whole schema (with the ledger's alone they
@@ -32,6 +32,11 @@ def _url() -> str:
 
 
 def _run(connection: Connection) -> None:
+    with migration_lock(connection):
+        _run_locked(connection)
+
+
+def _run_locked(connection: Connection) -> None:
     if connection.dialect.name == "postgresql":
         connection.execute(text(f"SET lock_timeout = {limits.DB_LOCK_TIMEOUT_MS}"))
         connection.execute(text(f"SET statement_timeout = {limits.DB_STATEMENT_TIMEOUT_MS}"))
