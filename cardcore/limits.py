@@ -71,6 +71,21 @@ VERIFY_CHUNK_BATCHES: Final = 1000  # batches read per query by `cardcore ledger
 # --- HTTP service --------------------------------------------------------------------------
 SHUTDOWN_GRACE_S: Final = 10  # finish in-flight requests at most this long
 HTTP_CLIENT_TIMEOUT_S: Final = 30  # the benchmark's and other internal clients' requests
+# Slow and idle clients of the HTTP listeners (cardcore.api.listener; aiohttp bounds none of
+# them: a client sending a byte a second held its connection for an hour, or for ever).
+HTTP_HEADERS_READ_S: Final = 10  # a request's head, once begun (a new connection's: once open)
+# A body, from when its handler starts reading it, else 408 request_timeout. The largest,
+# REQUEST_BODY_BYTES_MAX (2 MiB), takes 2.1 s at 1 MB/s: 30 s lets it through at 70 kB/s.
+HTTP_BODY_READ_S: Final = 30
+HTTP_BODY_LINGER_S: Final = 5  # a body no handler read is read and dropped this long, then closed
+# Between requests. Above the gateway's pooled connections' GATEWAY_HOST_KEEPALIVE_S (30 s)
+# and a proxy's usual upstream idle time (60 s): the client closes first, so it never
+# reuses a connection the server is closing.
+HTTP_KEEPALIVE_IDLE_S: Final = 75
+# Open connections of one listener; one more is closed as soon as it is accepted. Above the
+# benchmark's BENCH_CLIENTS_MAX (4,096) and a gateway's GATEWAY_HOST_CALLS_MAX (64) each.
+HTTP_CONNECTIONS_MAX: Final = 5_000
+HTTP_WATCHDOG_MS: Final = 500  # how often the head deadlines are checked
 
 # --- POS host (cardcore.cards) ---------------------------------------------------------------
 POS_REQUESTS_PER_CALL_MAX: Final = 1024  # POS requests in one POST /internal/v1/pos

@@ -80,15 +80,13 @@ async def run_gateway(config: Config) -> None:
     gateway = await start_gateway(config, kek, host, metrics)
     if theirs is None:  # it serves with the ledger away all the same (96, store and forward)
         log.warning("the ledger did not give its key's check value: the keys were not compared")
-    metrics_runner = None
+    metrics_http = None
     if config.gateway_metrics_port:
         from cardcore.api.app import metrics_app  # noqa: PLC0415
+        from cardcore.api.listener import HttpListener  # noqa: PLC0415
 
-        metrics_runner = aiohttp.web.AppRunner(metrics_app(metrics), access_log=None)
-        await metrics_runner.setup()
-        await aiohttp.web.TCPSite(
-            metrics_runner, config.host, config.gateway_metrics_port, reuse_address=True
-        ).start()
+        metrics_http = HttpListener(metrics_app(metrics))
+        await metrics_http.start(config.host, config.gateway_metrics_port)
     ready = {
         "event": "listening",
         "role": "gateway",
@@ -102,8 +100,8 @@ async def run_gateway(config: Config) -> None:
         await stop.wait()
     finally:
         await gateway.close()
-        if metrics_runner is not None:
-            await metrics_runner.cleanup()
+        if metrics_http is not None:
+            await metrics_http.close()
 
 
 # --- terminal add, card issue ----------------------------------------------------------------

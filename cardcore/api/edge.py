@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from aiohttp import web
+
+from cardcore import limits
 
 
 def error_response(
@@ -30,12 +33,21 @@ class ApiError(Exception):
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON, strictly: declared `application/json` (415 otherwise: a
     web page can send a `text/plain` POST to any address without asking first, but not
-    this one), no NaN, no duplicate names, UTF-8 only."""
+    this one), no NaN, no duplicate names, UTF-8 only; whole within `HTTP_BODY_READ_S` (408:
+    a client sending it a byte at a time would hold its connection and memory for ever)."""
     if request.content_type != "application/json":
         raise ApiError(
             415, "unsupported_media_type", "the body must be sent as Content-Type: application/json"
         )
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(limits.HTTP_BODY_READ_S):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "request_timeout",
+            f"the body did not arrive whole within {limits.HTTP_BODY_READ_S} s",
+        ) from None
     try:
         return json.loads(
             raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant

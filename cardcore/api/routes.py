@@ -333,6 +333,7 @@ _STATUS_TEXT = {
     401: "Missing, unknown, expired or revoked token",
     403: "The token's role or scope does not allow this; nothing changed",
     404: "No such object",
+    408: "The body did not arrive whole in time (HTTP_BODY_READ_S); nothing changed",
     409: "The request conflicts with the current state; nothing changed",
     413: "Request body too large",
     415: "The body is not sent as application/json",
@@ -370,7 +371,9 @@ def openapi(routes: Sequence[Route], version: str) -> dict[str, Any]:
                 "content": {r.media: {"schema": schema}},
             }
         refusals = (
-            () if r.public else (*r.refusals, 401, 413, *([415] if r.body is not None else []), 503)
+            ()
+            if r.public
+            else (*r.refusals, 401, 413, *([408, 415] if r.body is not None else []), 503)
         )
         for status in sorted(set(refusals)):
             operation["responses"][str(status)] = {

@@ -10,10 +10,9 @@ import logging
 import signal
 import sys
 
-from aiohttp import web
-
-from cardcore import demo, limits, migrate
+from cardcore import demo, migrate
 from cardcore.api.app import build_app
+from cardcore.api.listener import HttpListener
 from cardcore.cards.accounts import Accounts
 from cardcore.cards.directory import Directory
 from cardcore.cards.pins import Pins
@@ -58,12 +57,10 @@ async def serve(config: Config, *, role: str, with_demo: bool) -> None:
     else:
         log.warning("no key-encrypting key: the POS host and the terminal gateway are off")
     app = build_app(config, metrics, ledger, pos, kek)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=limits.SHUTDOWN_GRACE_S)
-    await runner.setup()
+    http = HttpListener(app)
+    await http.start(config.host, config.port)
     gateway: RunningGateway | None = None
     try:
-        site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
-        await site.start()
         url = f"http://{config.host}:{config.port}"
         ready: dict[str, object] = {"event": "listening", "role": role, "url": url}
         if pos is not None and kek is not None and role == "serve":
@@ -84,7 +81,7 @@ async def serve(config: Config, *, role: str, with_demo: bool) -> None:
         log.info("shutting down")
         if gateway is not None:
             await gateway.close()
-        await runner.cleanup()
+        await http.close()
 
 
 def pos_service(ledger: Ledger, kek: bytes) -> PosService:

@@ -36,6 +36,7 @@ LAYER_OF = {
     "cardcore.api": ENTRYPOINT,
     "cardcore.api.app": ENTRYPOINT,
     "cardcore.api.edge": ENTRYPOINT,
+    "cardcore.api.listener": ENTRYPOINT,
     "cardcore.api.server": ENTRYPOINT,
     "cardcore.ledger": SERVICE,  # the package: a docstring
     "cardcore.ledger.http": ENTRYPOINT,
@@ -135,7 +136,7 @@ THIRD_PARTY = {
         {
             "cardcore.api.app",
             "cardcore.api.edge",
-            "cardcore.api.server",
+            "cardcore.api.listener",
             "cardcore.ledger.http",
             "cardcore.cards.http",
             "cardcore.cards.admin_http",
