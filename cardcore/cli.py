@@ -269,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
         "expire",
         help="expire lots whose expiry passed; expiry notices and reminders into the outbox",
         description="Expire every points lot whose expiry passed (each program's time zone) "
-        "and write points_expired notices and points_expiring reminders for lots expiring "
-        "within --remind-days days into the members' outbox. Safe to run twice; runs the "
+        "and write into the members' outbox, per holder, program and expiry day, one "
+        "points_expired notice and one points_expiring reminder for lots expiring within "
+        "--remind-days days. Safe to run twice; runs the "
         "ledger writer here, so on PostgreSQL it refuses while a server owns the database.",
     )
     pexpire.add_argument(

@@ -96,6 +96,7 @@ accounts = Table(
     *_BALANCE_CHECKS,
     Index(None, "legal_entity", "owner_kind", "owner_id"),
     Index(None, "owner_kind", "owner_id", "asset"),  # a points holder's lots (migration 0006)
+    Index(None, "asset", "owner_kind", "owner_id", "id"),  # the expiry job's pages (0020)
 )
 
 account_events = Table(

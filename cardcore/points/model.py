@@ -1058,5 +1058,12 @@ def lot_of(program: Program, purpose: str, remaining: int) -> Lot:
     return Lot(purpose, available_at, expires_at, max(remaining, 0))
 
 
+def lot_expiry_day(purpose: str) -> str:
+    """A lot account's expiry day as its purpose names it (YYYYMMDD, `never` for none): the
+    day the expiry job's notices of a holder's lots are grouped by."""
+    assert purpose.startswith(LOT_PREFIX), purpose
+    return purpose[len(LOT_PREFIX) :].split(":", maxsplit=1)[0]
+
+
 def _ymd(text: str) -> datetime.date:
     return datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))

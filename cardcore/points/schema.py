@@ -5,12 +5,28 @@ spends, clawbacks and expiries are ledger transfers. These tables hold what the 
 not: program and rule definitions (JSON the pure model reads), the earning pinned under its
 ledger key before it posts (with its per-rule parts, which the daily caps count), the
 clawbacks of returns, transfers between members (their daily limits), and each holder's tier.
+`holder_accounts_select` is the expiry job's read of the lot accounts.
 """
 
-from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text, UniqueConstraint
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    Select,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    bindparam,
+    select,
+    tuple_,
+)
 
 from cardcore import limits
-from cardcore.ledger.schema import metadata
+from cardcore.ledger.schema import accounts, metadata
 
 CODE = 32
 NAME = limits.NAME_CHARS_MAX
@@ -108,3 +124,24 @@ points_holders = Table(
     Column("tier_since_ms", BigInteger, nullable=False),
     Column("updated_at_ms", BigInteger, nullable=False),
 )
+
+
+def holder_accounts_select() -> Select[Any]:
+    """A page of one asset's accounts of one owner kind (`asset`, `owner_kind`) in (owner id,
+    account id) order, after the cursor (`holder`, `after`), at most `limit`: the points
+    expiry job's read, which meets each holder's lots one after the other, whatever the
+    database's collation (equal owner ids are always together) and however many pages they
+    span. One range read of the index on (asset, owner_kind, owner_id, id) (migration 0020)
+    per page."""
+    a = accounts
+    cursor = tuple_(bindparam("holder", type_=String), bindparam("after", type_=BigInteger))
+    return (
+        select(a)
+        .where(
+            a.c.asset == bindparam("asset", type_=String),
+            a.c.owner_kind == bindparam("owner_kind", type_=String),
+            tuple_(a.c.owner_id, a.c.id) > cursor,
+        )
+        .order_by(a.c.owner_id, a.c.id)
+        .limit(bindparam("limit", type_=Integer))
+    )

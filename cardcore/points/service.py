@@ -88,7 +88,7 @@ from cardcore.org.model import (
     require,
 )
 from cardcore.org.service import OrgService
-from cardcore.points import model
+from cardcore.points import model, schema
 from cardcore.records import Conflict, Records, Unit
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,25 @@ EXPIRY_CLIENT = "points"  # the ledger scope of the expiry job's transfers
 ADMIN_CLIENT = "points-admin"  # the ledger scope of reward redemptions and transfers
 NO_OVERDRAFT = AccountFlags(no_overdraft=True)
 NO_OVERCREDIT = AccountFlags(no_overcredit=True)
+
+
+@dataclass(slots=True)
+class _Run:
+    """One run of the expiry job: its instant, how many days ahead it reminds, its totals."""
+
+    now_ms: int
+    remind_days: int
+    totals: dict[str, int]
+
+
+@dataclass(slots=True)
+class _Due:
+    """What one notice of the expiry job says: the points of a holder's lots of one expiry
+    day (`expires_ms`, the next local midnight), and how many lots they were."""
+
+    expires_ms: int
+    points: int = 0
+    lots: int = 0
 
 
 class PointsUnavailable(Exception):
@@ -2074,18 +2093,26 @@ class PointsService:
         its points go to the entity's points_expired account under the key
         `expire/<lot account>/<its version>`, so a second run, or one racing a spend, never
         takes twice (a spend since moves the version on; a stale transfer fails on the
-        lot's no-overdraft floor and the next run takes what is left). Writes one
-        "points_expired" notice per expiry and one "points_expiring" reminder per lot
-        expiring within `remind_days` days into the members' outbox (idempotent by key).
-        A notice follows its transfer: a crash between them loses that notice, never
-        doubles it."""
+        lot's no-overdraft floor and the next run takes what is left).
+
+        Notices go into the members' outbox per holder, program and expiry day, however
+        many lots (one per earning day under a return window or a fixed date) the day has:
+        one "points_expired" notice of what the run expired, under
+        `points_expired/<holder>/<program>/<YYYYMMDD>`, and one "points_expiring" reminder
+        of the points of lots expiring within `remind_days` days, under
+        `points_expiring/<holder>/<program>/<YYYYMMDD>/<remind_days>`. A notice follows
+        its transfers: a crash between them loses that notice, never doubles it. Its key
+        is written once: a later run that expires more of that day (a spend's stale
+        transfer retried, points put back into an expired lot) or two runs at once write
+        no second notice, and the figure of the one written leaves that part out."""
         if not 0 <= remind_days <= limits.POINTS_REMINDER_DAYS_MAX:
             raise ValueError(f"remind_days is 0..{limits.POINTS_REMINDER_DAYS_MAX}")
         totals = {"lots_expired": 0, "points_expired": 0, "reminders": 0, "failed": 0}
+        run = _Run(now_ms, remind_days, totals)
         async with self.records.read() as uow:
             programs = await uow.find(PROGRAMS, order="code", limit=limits.PAGE_LIMIT_MAX)
         for row in programs[: limits.PAGE_LIMIT_MAX]:
-            await self._expire_program(program_record(row), now_ms, remind_days, totals)
+            await self._expire_program(program_record(row), run)
         totals["tiers_changed"] = await self.review_tiers(now_ms)
         return totals
 
@@ -2104,37 +2131,46 @@ class PointsService:
                     log.info("points expiry ran", extra=totals)
             await asyncio.sleep(every_s)
 
-    async def _expire_program(
-        self, found: ProgramRecord, now_ms: int, remind_days: int, totals: dict[str, int]
-    ) -> None:
-        program, after = found.program, None
+    async def _expire_program(self, found: ProgramRecord, run: _Run) -> None:
+        """The program's lot accounts a page at a time in (holder, id) order
+        (`schema.holder_accounts_select`): a holder's lots come one after the other, over
+        pages too, so the holder's notices are written when the next holder begins, and
+        what is kept meanwhile is one holder's."""
+        holder = ""
+        due: dict[tuple[str, str], _Due] = {}
+        params = {"asset": found.program.asset, "owner_kind": OWNER_KIND, "holder": "",
+                  "after": 0, "limit": limits.POINTS_EXPIRY_PAGE_ROWS_MAX + 1}  # fmt: skip
         while True:
             async with self.records.read() as uow:
-                rows = await uow.find(
-                    ACCOUNTS, {"asset": program.asset, "owner_kind": OWNER_KIND}, after=after,
-                    limit=limits.POINTS_EXPIRY_PAGE_ROWS_MAX,
-                )  # fmt: skip
+                rows = await uow.select_all(
+                    "points_holder_accounts", schema.holder_accounts_select, params
+                )
             page = rows[: limits.POINTS_EXPIRY_PAGE_ROWS_MAX]
             for row in page:
+                if row["owner_id"] != holder:
+                    await self._notify(found, holder, due, run)
+                    holder, due = row["owner_id"], {}
                 if row["purpose"].startswith(model.LOT_PREFIX) and available(row) > 0:
-                    await self._expire_lot(found, row, now_ms, remind_days, totals)
+                    await self._expire_lot(found, row, due, run)
             if len(rows) <= limits.POINTS_EXPIRY_PAGE_ROWS_MAX:
-                return
-            after = page[-1]["id"]
+                break
+            params |= {"holder": page[-1]["owner_id"], "after": page[-1]["id"]}
+        await self._notify(found, holder, due, run)
 
     async def _expire_lot(
-        self, found: ProgramRecord, row: dict[str, Any], now_ms: int, remind_days: int,
-        totals: dict[str, int],
+        self, found: ProgramRecord, row: dict[str, Any], due: dict[tuple[str, str], _Due],
+        run: _Run,
     ) -> None:  # fmt: skip
+        """Expire the lot if its expiry passed, and count its points into its holder's
+        notice of its kind and expiry day (`due`): expired (once its transfer applied, or
+        was applied before) or expiring within `remind_days` days."""
         program = found.program
         lot = model.lot_of(program, row["purpose"], available(row))
-        account_id, version = int(row["id"]), int(row["version"])
-        payload = {"program": found.code, "lot": lot.key, "points": lot.remaining,
-                   "expires_at_ms": lot.expires_ms}  # fmt: skip
-        if model.expire([lot], now_ms):
+        if model.expire([lot], run.now_ms):
             [expired] = await self.accounts.ensure(
                 [self._entity_account(program, row["legal_entity"], "points_expired")]
             )
+            account_id, version = int(row["id"]), int(row["version"])
             op = CreateTransfer(
                 EXPIRY_CLIENT, f"expire/{account_id}/{version}", program.asset,
                 (Posting(account_id, Side.DEBIT, lot.remaining),
@@ -2143,18 +2179,34 @@ class PointsService:
             )  # fmt: skip
             [res] = await self.ledger.submit([op])
             if not res.ok:
-                totals["failed"] += 1  # a spend moved the lot meanwhile: the next run
+                run.totals["failed"] += 1  # a spend moved the lot meanwhile: the next run
                 return
             if not res.replayed:
-                totals["lots_expired"] += 1
-                totals["points_expired"] += lot.remaining
-            key = f"points_expired/{account_id}/{version}"
-            await self._notice(key, "points_expired", int(row["owner_id"]), payload, now_ms)
+                run.totals["lots_expired"] += 1
+                run.totals["points_expired"] += lot.remaining
+            kind = "points_expired"
+        elif model.expiring_within([lot], run.now_ms, run.remind_days):
+            kind = "points_expiring"
+        else:
             return
-        if model.expiring_within([lot], now_ms, remind_days):
-            key = f"points_expiring/{account_id}/{remind_days}"
-            if await self._notice(key, "points_expiring", int(row["owner_id"]), payload, now_ms):
-                totals["reminders"] += 1
+        assert lot.expires_ms is not None
+        day = due.setdefault((kind, model.lot_expiry_day(lot.key)), _Due(lot.expires_ms))
+        day.points += lot.remaining
+        day.lots += 1
+
+    async def _notify(
+        self, found: ProgramRecord, holder: str, due: dict[tuple[str, str], _Due], run: _Run
+    ) -> None:
+        """A holder's notices of the program, one per kind and expiry day (`expire`)."""
+        for (kind, day), what in sorted(due.items()):
+            key = f"{kind}/{holder}/{found.code}/{day}"
+            if kind == "points_expiring":
+                key += f"/{run.remind_days}"
+            payload = {"program": found.code, "points": what.points, "lots": what.lots,
+                       "expires_at_ms": what.expires_ms}  # fmt: skip
+            written = await self._notice(key, kind, int(holder), payload, run.now_ms)
+            if written and kind == "points_expiring":
+                run.totals["reminders"] += 1
 
     async def _notice(
         self, key: str, kind: str, holder: int, payload: dict[str, Any], now_ms: int

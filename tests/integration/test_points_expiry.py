@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
+from cardcore import limits
 from cardcore.cards.model import Kind, Outcome, PosResult
 from cardcore.points.http import POINTS_KEY
 from cardcore.points.service import PointsService
 from tests.helpers import AdminClient, run_cardcore, sql_rows
-from tests.integration.test_points_pos import Shop
+from tests.integration.test_points_pos import Shop, fixed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -168,6 +169,109 @@ async def test_points_put_back_into_an_expired_lot_expire_again(
     service.clock_ms = lambda: MIDNIGHT
     assert (await shop.points(card))["balance"] == 0
     assert (await service.expire(MIDNIGHT + 1, 0))["points_expired"] == 30
+    # One notice of the day: the second expiry's 30 are left out of it, never told twice.
+    [notice] = await notices(db_url)
+    assert (notice["kind"], json.loads(notice["payload"])["points"]) == ("points_expired", 70)
+
+
+END_OF_MARCH = utc_ms("2026-03-31T16:00:00+00:00")  # 1 April 00:00 in Shanghai
+DAY_MS = 86_400_000
+
+
+async def lots_on_days(
+    shop: Shop, service: PointsService, card: dict[str, Any], days: list[str], fen: int
+) -> None:
+    """A purchase of `fen` on each local day (2026-MM-DD, 10:00 in Shanghai): under a
+    return window, a lot each."""
+    for day in days:
+        service.clock_ms = fixed(utc_ms(f"2026-{day}T02:00:00+00:00"))
+        sale = await shop.one(shop.request(Kind.PURCHASE, card, amount=fen))
+        assert sale.outcome is Outcome.APPROVED
+
+
+async def notices_of(db_url: str, kind: str) -> dict[tuple[int, int], tuple[int, int]]:
+    """(holder, expiry instant) -> (points, lots) of each notice of `kind`, each once."""
+    rows = [n for n in await notices(db_url) if n["kind"] == kind]
+    payloads = [(n["holder"], json.loads(n["payload"])) for n in rows]
+    out = {(h, p["expires_at_ms"]): (p["points"], p["lots"]) for h, p in payloads}
+    assert len(out) == len(rows), rows
+    return out
+
+
+async def return_window_shop(admin: AdminClient) -> tuple[Shop, PointsService]:
+    """Points usable the day after: one lot per holder and earning day."""
+    expiry = {"kind": "rolling_months", "months": 1}
+    shop = await Shop(admin).make(expiry=expiry, pending_days=1)
+    service: PointsService = admin.app[POINTS_KEY]
+    return shop, service
+
+
+async def test_a_holders_lots_of_one_day_give_one_reminder_and_one_expired_notice(
+    admin: AdminClient, db_url: str
+) -> None:
+    """Five earning days of January are five lots expiring at the end of February: the
+    member hears of them once before and once after, with their total; another member
+    hears of their own; a second run tells nobody again."""
+    shop, service = await return_window_shop(admin)
+    one, two = await shop.card(), await shop.card()
+    await lots_on_days(shop, service, one, [f"01-{d}" for d in range(27, 32)], 1_000)
+    await lots_on_days(shop, service, two, ["01-30", "01-31"], 2_000)
+    week_before = MIDNIGHT - 7 * DAY_MS
+    assert (await service.expire(week_before, 7))["reminders"] == 2
+    assert (await service.expire(week_before, 7))["reminders"] == 0
+    assert await notices_of(db_url, "points_expiring") == {
+        (one["account_id"], MIDNIGHT): (50, 5),
+        (two["account_id"], MIDNIGHT): (40, 2),
+    }
+    done = await service.expire(MIDNIGHT, 7)
+    assert (done["lots_expired"], done["points_expired"]) == (7, 90)
+    again = await service.expire(MIDNIGHT, 7)
+    assert (again["lots_expired"], again["reminders"]) == (0, 0)
+    assert await notices_of(db_url, "points_expired") == {
+        (one["account_id"], MIDNIGHT): (50, 5),
+        (two["account_id"], MIDNIGHT): (40, 2),
+    }
+    assert len(await notices(db_url)) == 4
+    [notice] = [n for n in await notices(db_url) if n["holder"] == one["account_id"]
+                and n["kind"] == "points_expired"]  # fmt: skip
+    assert notice["member_id"] == one["member_id"]
+    assert json.loads(notice["payload"])["program"] == "CLUB"
+
+
+async def test_lots_of_different_expiry_days_give_a_notice_each_day(
+    admin: AdminClient, db_url: str
+) -> None:
+    shop, service = await return_window_shop(admin)
+    card = await shop.card()
+    await lots_on_days(shop, service, card, ["01-30", "01-31", "02-01", "02-02"], 1_000)
+    assert (await service.expire(MIDNIGHT - DAY_MS, 40))["reminders"] == 2
+    holder = card["account_id"]
+    assert await notices_of(db_url, "points_expiring") == {
+        (holder, MIDNIGHT): (20, 2),
+        (holder, END_OF_MARCH): (20, 2),
+    }
+    assert (await service.expire(MIDNIGHT, 0))["points_expired"] == 20
+    assert (await service.expire(END_OF_MARCH, 0))["points_expired"] == 20
+    assert await notices_of(db_url, "points_expired") == {
+        (holder, MIDNIGHT): (20, 2),
+        (holder, END_OF_MARCH): (20, 2),
+    }
+
+
+async def test_a_holders_lots_over_page_boundaries_still_give_one_notice(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shop, service = await return_window_shop(admin)
+    one, two = await shop.card(), await shop.card()
+    await lots_on_days(shop, service, one, [f"01-{d}" for d in range(27, 32)], 1_000)
+    await lots_on_days(shop, service, two, ["01-29", "01-30", "01-31"], 2_000)
+    monkeypatch.setattr(limits, "POINTS_EXPIRY_PAGE_ROWS_MAX", 2)
+    assert (await service.expire(MIDNIGHT - DAY_MS, 7))["reminders"] == 2
+    done = await service.expire(MIDNIGHT, 0)
+    assert (done["lots_expired"], done["points_expired"]) == (8, 110)
+    expected = {(one["account_id"], MIDNIGHT): (50, 5), (two["account_id"], MIDNIGHT): (60, 3)}
+    assert await notices_of(db_url, "points_expiring") == expected
+    assert await notices_of(db_url, "points_expired") == expected
 
 
 async def test_the_cli_expires_and_refuses_bad_input(db_url: str) -> None:

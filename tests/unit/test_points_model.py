@@ -56,6 +56,7 @@ from cardcore.points.model import (
     fen_for_points,
     is_expired,
     is_usable,
+    lot_expiry_day,
     lot_of,
     lot_purpose,
     next_tier,
@@ -1027,12 +1028,14 @@ def test_a_lot_account_purpose_names_its_local_expiry_and_availability_days() ->
     lot = lot_of(program, purpose, 40)
     assert lot == Lot(purpose, available_ms(program, earned), expiry_ms(program, earned), 40)
     assert lot.expires_ms == utc_ms(2026, 2, 28, 16, 0)
+    assert lot_expiry_day(purpose) == "20260228"  # the day its notices are grouped by
 
 
 def test_a_lot_without_window_or_expiry_is_usable_at_once_for_ever() -> None:
     program = Program("P")
     purpose = lot_purpose(program, utc_ms(2026, 5, 1))
     assert purpose == "lot:never:0"
+    assert lot_expiry_day(purpose) == "never"
     assert lot_of(program, purpose, 3) == Lot(purpose, 0, None, 3)
     assert lot_of(program, purpose, -2).remaining == 0  # a debt never shows as a lot
 
