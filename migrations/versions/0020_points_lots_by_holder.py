@@ -11,12 +11,15 @@ makes its reads cheaper.
 
 Revision ID: 0020
 Revises: 0019
-Create Date: 2026-11-26
+Create Date: 2026-11-25
 """
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
+
+from cardcore import limits
 
 revision: str = "0020"
 down_revision: str | None = "0019"
@@ -34,10 +37,20 @@ def upgrade() -> None:
         op.create_index(NAME, TABLE, COLUMNS)
         return
     # Built CONCURRENTLY: a grown accounts table keeps taking writes (the till) meanwhile.
-    # A build that failed half way leaves an invalid index of that name: dropped first.
+    # A build that failed half way leaves an invalid index of that name: dropped first. The
+    # build has its own timeouts, as 0013's (a table of millions of lots takes longer than a
+    # statement may), the migration's again after.
+    bind = op.get_bind()
     with op.get_context().autocommit_block():
-        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {NAME}")
-        op.create_index(NAME, TABLE, COLUMNS, postgresql_concurrently=True)
+        bound = limits.DB_INDEX_BUILD_TIMEOUT_MS
+        bind.execute(sa.text(f"SET lock_timeout = {bound}"))
+        bind.execute(sa.text(f"SET statement_timeout = {bound}"))
+        try:
+            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {NAME}")
+            op.create_index(NAME, TABLE, COLUMNS, postgresql_concurrently=True)
+        finally:
+            bind.execute(sa.text(f"SET lock_timeout = {limits.DB_LOCK_TIMEOUT_MS}"))
+            bind.execute(sa.text(f"SET statement_timeout = {limits.DB_STATEMENT_TIMEOUT_MS}"))
 
 
 def downgrade() -> None:
