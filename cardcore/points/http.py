@@ -35,6 +35,8 @@ NAME = r.NAME
 ASSET = r.string(r"[A-Z0-9._:-]{1,32}", max_length=limits.ASSET_CODE_CHARS_MAX)
 POINTS = r.integer(0, limits.POINTS_PER_TXN_MAX)
 RATE = r.integer(0, limits.POINTS_RATE_MAX)
+# Signed points: a balance, and a card's spendable points after a request, go below zero
+# under the `negative` policy once a return or a void took back points already spent.
 BIG = r.integer(-limits.BALANCE_MAX, limits.BALANCE_MAX)
 EXPIRY = r.obj(
     {
@@ -197,14 +199,14 @@ REDEMPTION = r.obj(
     {"key": CLIENT_KEY, "card_id": r.integer(1, 2**62), "points": SPEND, "reward": REWARD,
      "coupon_campaign": r.nullable(CAMPAIGN), "coupon": COUPON,
      "transfer_id": r.nullable(r.integer(1, 2**62)), "replayed": r.boolean(),
-     "points_balance": r.integer(0, limits.BALANCE_MAX)},
+     "points_balance": BIG},
     ["key", "card_id", "points", "reward", "coupon_campaign", "coupon", "transfer_id",
      "replayed", "points_balance"],
 )  # fmt: skip
 REDEMPTION_REVERSED = r.obj(
     {"key": CLIENT_KEY, "card_id": r.integer(1, 2**62), "points": SPEND,
      "reversed": r.boolean(), "coupon": COUPON, "transfer_id": r.nullable(r.integer(1, 2**62)),
-     "replayed": r.boolean(), "points_balance": r.integer(0, limits.BALANCE_MAX)},
+     "replayed": r.boolean(), "points_balance": BIG},
     ["key", "card_id", "points", "reversed", "coupon", "transfer_id", "replayed",
      "points_balance"],
 )  # fmt: skip
@@ -213,7 +215,7 @@ NEW_TRANSFER = r.obj({"to_card_id": r.integer(1, 2**62), "points": SPEND, "key":
 TRANSFERRED = r.obj(
     {"key": CLIENT_KEY, "card_id": r.integer(1, 2**62), "to_card_id": r.integer(1, 2**62),
      "points": SPEND, "transfer_id": r.nullable(r.integer(1, 2**62)),
-     "replayed": r.boolean(), "points_balance": r.integer(0, limits.BALANCE_MAX)},
+     "replayed": r.boolean(), "points_balance": BIG},
     ["key", "card_id", "to_card_id", "points", "transfer_id", "replayed", "points_balance"],
 )  # fmt: skip
 SUMS = r.obj(

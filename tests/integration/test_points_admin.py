@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import jsonschema
 import pytest
 
 from cardcore import limits
@@ -372,3 +373,26 @@ async def test_a_transfer_retried_after_its_cards_were_frozen_answers_what_it_di
     got, answer = await admin.call("POST", path, json={**body, "key": "t2"})
     assert (got, answer["error"]["code"]) == (409, "card_state")
     assert (await shop.points(taker))["balance"] == 300
+
+
+async def test_an_answer_below_zero_under_negative_matches_the_served_document(
+    admin: AdminClient,
+) -> None:
+    """Under `negative` a card's points go below zero (a void took back what was spent): a
+    retried redemption answers the card's points now, -100, and the OpenAPI document the
+    server serves says so (it said at least 0, so an answer broke the schema)."""
+    shop = await Shop(admin).make(negative_policy="negative")
+    card = await shop.card()
+    sale = shop.request(Kind.PURCHASE, card, amount=10_000)
+    await shop.one(sale)
+    path = f"/v1/cards/{card['id']}/points/redemptions"
+    body = {"points": 100, "reward": "mug", "key": "r1"}
+    await admin.ok("POST", path, json=body)
+    await shop.one(shop.request(Kind.VOID, card, amount=10_000, original_batch="000001",
+                                original_stan=sale.stan))  # fmt: skip
+    status, again = await admin.call("POST", path, json=body)
+    assert (status, again["replayed"], again["points_balance"]) == (200, True, -100)
+    document = await admin.ok("GET", "/v1/openapi.json")
+    operation = document["paths"]["/v1/cards/{card_id}/points/redemptions"]["post"]
+    schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    jsonschema.validate(again["points_balance"], schema["properties"]["points_balance"])
