@@ -48,6 +48,25 @@ async def test_an_upgraded_database_records_only_the_key_that_opens_what_it_seal
     assert row["check_value"] == kek_check_value(RIGHT)
 
 
+async def test_an_upgraded_database_without_terminals_proves_the_key_on_a_card_number(
+    admin: AdminClient, db_url: str
+) -> None:
+    """No terminal sealed anything: the key is tried on a card's sealed number instead."""
+    await admin.org("LE1", "S1")
+    await admin.ok("POST", "/v1/card-classes", json={"code": "GIFT", "name": "Gift",
+                   "named": False, "gift": True, "denominations": [10_000]})  # fmt: skip
+    await admin.ok("POST", "/v1/grants", json={"store": "S1", "function": "gift"})
+    await admin.ok("POST", "/v1/cards", json={"class_code": "GIFT", "store": "S1"})
+    assert await sql_rows(db_url, "SELECT tid FROM pos_terminals") == []
+    assert await sql_rows(db_url, "SELECT * FROM vault_keys") == []  # as after the upgrade
+    with pytest.raises(migrate.WrongKek, match="does not open what this database sealed"):
+        await migrate.check_kek(db_url, WRONG)
+    assert await sql_rows(db_url, "SELECT * FROM vault_keys") == []
+    await migrate.check_kek(db_url, RIGHT)
+    [row] = await sql_rows(db_url, "SELECT check_value FROM vault_keys")
+    assert row["check_value"] == kek_check_value(RIGHT)
+
+
 async def test_the_host_says_its_keys_check_value_and_never_the_key(
     admin: AdminClient,
 ) -> None:
