@@ -263,7 +263,7 @@ class PosTerminal:
         """Send a MAC'd request, first any reversal still owed (nothing else goes until it is
         done); keep a reversal of this one until its reply arrives with a good MAC. A top-up
         confirmation is never reversed (the cash was taken): it is sent again instead."""
-        if self.pending_reversal is not None:
+        if self.pending_reversal is not None and not _same_request(self.pending_reversal, fields):
             owed = await self.send_pending_reversal()
             if self.pending_reversal is not None:
                 raise TerminalError(f"a reversal is still owed (answered {owed.code})")
@@ -283,8 +283,10 @@ class PosTerminal:
             if "MAC" in str(exc) and self.pending_reversal is not None:
                 self.pending_reversal["39"] = REVERSAL_BAD_MAC
             raise
-        if "64" in reply.fields or reply.code in NOT_SENT_CODES:
-            self.pending_reversal = None  # an unMAC'd 96 proves nothing: still owed
+        if "64" in reply.fields:
+            # Only a MAC'd reply settles it: an unMAC'd code (91, 77, A0, 13, 14, 30, 96) can
+            # be forged on the line over an approval, and proves nothing (card-protocol 8).
+            self.pending_reversal = None
         return reply
 
     async def send_pending_reversal(self) -> Reply:
@@ -556,6 +558,15 @@ def _basket(lines: list[tuple[str, int]] | None) -> list[tuple[str, str]]:
     return [(codec.TLV_BASKET_LINE, f"{department}={fen}") for department, fen in lines or ()]
 
 
+def _same_request(owed: dict[str, str], fields: dict[str, str]) -> bool:
+    """Whether `fields` is the request the reversal `owed` undoes, sent again (same batch and
+    STAN: after a 91 or a 77): its MAC'd reply settles it, and a reversal first would make
+    the host decline the resend (a request after its own reversal)."""
+    if owed.get("11") != fields.get("11") or "60" not in owed or "60" not in fields:
+        return False
+    return codec.parse_f60(owed["60"]).batch == codec.parse_f60(fields["60"]).batch
+
+
 def _ordered(fields: dict[str, str]) -> dict[str, str]:
     return {k: fields[k] for k in sorted(fields, key=lambda n: -1 if n == "t" else int(n))}
 
@@ -565,7 +576,6 @@ APPROVAL_CODES = frozenset({"00", "10"})
 # What the gateway answers a MAC'd request without a MAC (docs/card-protocol.md section 8);
 # any other code without one is forged. None of them settles the request.
 UNMACD_CODES = frozenset({"13", "14", "30", "77", "91", "96", "A0"})
-NOT_SENT_CODES = UNMACD_CODES - {"96"}  # the gateway answers them before the host sees it
 # A top-up confirmation is sent again, same STAN, until one of these (card-protocol 5.9).
 CONFIRM_DONE_CODES = frozenset({"00", "12", "25", "64", "94"})
 # A reversal's reason (its F39): no reply, a reply whose MAC did not verify, the cashier's.

@@ -21,7 +21,7 @@ import pytest
 
 from cardcore.frontend_gateway import codec, security
 from cardcore.frontend_gateway.security import KeyMode
-from cardcore.frontend_gateway.terminal import NET_CODE_OF_MODE, PosTerminal
+from cardcore.frontend_gateway.terminal import NET_CODE_OF_MODE, PosTerminal, TerminalError
 from tests.e2e.pos_support import (
     CardcoreServer,
     Kit,
@@ -177,18 +177,26 @@ async def test_sale_after_sign_off_is_refused_with_77_and_sign_on_requested(
     assert off.code == "00", off.fields
     assert off.fields["t"] == "0830"
     term.keys = keys  # a terminal that goes on with the keys of its closed session
-    for _ in range(2):
-        sale = await term.purchase(card.pan, 200)
-        assert sale.code == "77", sale.fields
-        assert sale.processing == codec.PROCESSING_SIGN_ON
+    await _refused_until_sign_on(term, card.pan)
     assert await kit.available(card.account_id) == 9_900
     assert (await term.echo()).code == "00"  # echo needs no session
 
     assert (await term.sign_on()).code == "00"
-    sale = await term.purchase(card.pan, 200)
+    sale = await term.purchase(card.pan, 200)  # the reversal owed goes first: 00, harmless
     assert sale.code == "00", sale.fields
     assert sale.processing == codec.PROCESSING_NONE
     assert sale.balance == 9_700
+
+
+async def _refused_until_sign_on(term: PosTerminal, pan: str) -> None:
+    """A sale without a session is answered 77, unMAC'd: that settles nothing (it could be
+    forged over an approval), so its reversal stays owed, and the next sale waits behind
+    it until the terminal signs on again."""
+    sale = await term.purchase(pan, 100)
+    assert (sale.code, sale.processing) == ("77", codec.PROCESSING_SIGN_ON), sale.fields
+    assert "64" not in sale.fields and term.pending_reversal is not None
+    with pytest.raises(TerminalError, match=r"a reversal is still owed \(answered 77\)"):
+        await term.purchase(pan, 100)
 
 
 # --- 3. purchase and its declines -----------------------------------------------------------
@@ -336,10 +344,7 @@ async def test_wrong_macs_answer_a0_and_three_in_a_row_force_sign_on(sqlite_kit:
     assert await bad() == codec.PROCESSING_SIGN_ON  # the third in a row
 
     # The session is gone: even well MAC'd sales are refused until the terminal signs on.
-    for _ in range(2):
-        sale = await term.purchase(card.pan, 100)
-        assert sale.code == "77", sale.fields
-        assert sale.processing == codec.PROCESSING_SIGN_ON
+    await _refused_until_sign_on(term, card.pan)
     assert await kit.available(card.account_id) == 9_000  # no bad-MAC sale moved money
 
     assert (await term.sign_on()).code == "00"

@@ -185,6 +185,10 @@ class _Recorder:
         self.examples = examples
         self.taken: dict[int, int] = {}
 
+    def skip(self, pos: LoopbackTerminal) -> None:
+        """The exchanges since the last named ones are in no example."""
+        self.taken[id(pos)] = len(pos.exchanges)
+
     def name(self, pos: LoopbackTerminal, *names: str) -> None:
         start = self.taken.get(id(pos), 0)
         new = pos.exchanges[start:]
@@ -294,6 +298,9 @@ async def build_examples(saf_dir: Path, aes_pin_block: bytes | None = None) -> B
         await pos.purchase(CARD, 2_350)
         pos.keys = good
         rec.name(pos, "mac-error")
+        answer(PosResult(APPROVED))  # the reversal the unMAC'd A0 left owed (section 8)
+        await pos.send_pending_reversal()
+        rec.skip(pos)  # a reversal of an unknown original: the doc's 0400 examples show one
 
         clock.at("180000")
         answer(PosResult(APPROVED, totals=(800, 1, 5_000, 1), balanced=False))
@@ -798,6 +805,7 @@ def test_host_requests_behind_the_examples(built: Built) -> None:
         Kind.TOPUP_CONFIRM,
         Kind.PURCHASE,  # the offline advice
         Kind.POINTS_EARN,
+        Kind.REVERSE,  # the reversal the unMAC'd A0 left owed: an unknown original
         Kind.SETTLE,
         Kind.UPLOAD,
         Kind.UPLOAD,
@@ -827,21 +835,21 @@ def test_host_requests_behind_the_examples(built: Built) -> None:
         "000017",
     )
     assert (confirm.original_batch, confirm.original_stan) == (AES_BATCH, "000008")
-    assert seen[13].lines == () and seen[12].lines == (
+    assert seen[14].lines == () and seen[13].lines == (
         ("000007", 500),
         ("000009", 5_000),
         ("000010", 800),
     )
     zpk = built.gateway.zpk
-    for purchase in (seen[4], seen[15], seen[17], seen[18]):  # PIN: under the zone key
+    for purchase in (seen[4], seen[16], seen[18], seen[19]):  # PIN: under the zone key
         assert security.read_zone_pin_block(bytes.fromhex(purchase.pin_block), CARD, zpk) == PIN
         assert security.zone_pin_reader(KEK)(CARD, purchase.pin_block) == PIN  # the host's
     # Only the split tender said (F60.6) that the terminal takes a partial approval.
-    assert [r.partial for r in seen] == [False] * 17 + [True] + [False] * 11
+    assert [r.partial for r in seen] == [False] * 18 + [True] + [False] * 11
     # Section 5.11: what F48 carried to the host.
     earn = seen[10]
     assert (earn.amount, earn.basket) == (2_350, (("FOOD", 1_350), ("TOYS", 1_000)))
-    redeem, query, reserve, coupon, used, reverse, service, manager = seen[19:27]
+    redeem, query, reserve, coupon, used, reverse, service, manager = seen[20:28]
     assert (redeem.points, redeem.amount) == (500, 0)
     assert security.zone_pin_reader(KEK)(CARD, redeem.pin_block) == PIN
     for r in (query, reserve, coupon):
@@ -852,7 +860,7 @@ def test_host_requests_behind_the_examples(built: Built) -> None:
     assert (manager.card, manager.amount, manager.discount, manager.reason) == (
         MANAGER_CARD, 30_000, 1_500, "price_match")  # fmt: skip
     assert security.zone_pin_reader(KEK)(MANAGER_CARD, manager.pin_block) == PIN
-    back = seen[28]
+    back = seen[29]
     assert (back.card, back.amount, back.rrn, back.points) == (CARD, 1_175, POINTS_EARN_RRN, 0)
 
 
@@ -1002,20 +1010,26 @@ async def test_unknown_request_tags_are_skipped_and_reply_tags_round_trip(
     await gateway.saf.close()
 
 
+MAC_FAILURES = limits.GATEWAY_MAC_FAILURES_MAX
+
+
 async def test_third_wrong_mac_in_a_row_drops_the_keys(tmp_path: Path) -> None:
     pos, _host, gateway = await _signed_on(tmp_path)
     good = pos.keys
     assert good is not None
     pos.keys = WorkingKeys(pik=good.pik, mak=WRONG_MAK)
-    replies = [await pos.purchase(CARD, 100) for _ in range(limits.GATEWAY_MAC_FAILURES_MAX)]
+    replies = [await pos.purchase(CARD, 100)]
+    # An unMAC'd A0 settles nothing (section 8): the reversal owed goes next, same wrong MAK.
+    replies += [await pos.send_pending_reversal() for _ in range(MAC_FAILURES - 1)]
     assert [(r.code, r.processing, "64" in r.fields) for r in replies] == [
         ("A0", 0, False),
         ("A0", 0, False),
         ("A0", codec.PROCESSING_SIGN_ON, False),
     ]
     pos.keys = good
-    after = await pos.purchase(CARD, 100)
+    after = await pos.send_pending_reversal()
     assert (after.code, after.processing) == ("77", codec.PROCESSING_SIGN_ON)
+    assert pos.pending_reversal is not None  # until the terminal signs on again
     await gateway.saf.close()
 
 
