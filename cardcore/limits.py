@@ -55,8 +55,9 @@ DB_LOCK_TIMEOUT_MS: Final = 5_000
 # fail on a large table or behind one long transaction; this bounds both instead.
 DB_INDEX_BUILD_TIMEOUT_MS: Final = 3_600_000
 # How long `cardcore migrate` waits for another migrate of the same database to end (it then
-# finds the schema current and does nothing); beyond it, it stops and says so.
-MIGRATE_LOCK_WAIT_S: Final = 600
+# finds the schema current and does nothing); beyond it, it stops and says so. The longest a
+# migration's step may take (an index built concurrently), and 10 minutes more.
+MIGRATE_LOCK_WAIT_S: Final = 4_200  # DB_INDEX_BUILD_TIMEOUT_MS (3,600 s) + 600 s
 DB_STATEMENTS_CACHED_MAX: Final = 512  # prepared statements asyncpg keeps per connection
 SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
 DB_INSERT_ROWS_MAX: Final = 1000  # rows in one multi-row INSERT (bulk card issuance)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -95,7 +96,12 @@ def migration_lock(connection: Connection) -> Iterator[None]:
         yield
         return
     real = Path(name).resolve()  # a symbolic link to the file meets the same lock
-    with real.with_name(real.name + ".migrate-lock").open("ab") as handle:
+    path = real.with_name(real.name + ".migrate-lock")
+    try:  # read-only: a lock file another user made (0644) still locks
+        descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise NotMigrated(f"cannot open the migration lock {path}: {exc.strerror}") from None
+    with os.fdopen(descriptor, "rb") as handle:
 
         def flocked() -> bool:
             try:

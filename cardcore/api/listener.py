@@ -82,9 +82,14 @@ class HttpListener:
             return await handler(request)
         connection.head_since, connection.busy = None, True
         try:
-            return await handler(request)
+            response = await handler(request)
+        except web.HTTPException as raised:  # aiohttp answers with it (a 404, a 405)
+            _close_unless_whole(request, raised)
+            raise
         finally:
             connection.busy = False
+        _close_unless_whole(request, response)
+        return response
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -97,6 +102,14 @@ class HttpListener:
                         transport.abort()  # type: ignore[attr-defined]
                     except Exception:  # one connection's failure never stops the watchdog
                         log.exception("an HTTP connection could not be closed")
+
+
+def _close_unless_whole(request: web.Request, response: web.StreamResponse) -> None:
+    """An answer given before the request's body arrived whole (a refusal, a 408) ends the
+    connection (`Connection: close`): the rest of the body, arriving later, would look like
+    the next request's head and start its deadline on a connection idle between requests."""
+    if not request.content.is_eof():
+        response.force_close()
 
 
 class _Connection(asyncio.Protocol):

@@ -2140,21 +2140,29 @@ class PointsService:
         due: dict[tuple[str, str], _Due] = {}
         params = {"asset": found.program.asset, "owner_kind": OWNER_KIND, "holder": "",
                   "after": 0, "limit": limits.POINTS_EXPIRY_PAGE_ROWS_MAX + 1}  # fmt: skip
-        while True:
-            async with self.records.read() as uow:
-                rows = await uow.select_all(
-                    "points_holder_accounts", schema.holder_accounts_select, params
-                )
-            page = rows[: limits.POINTS_EXPIRY_PAGE_ROWS_MAX]
-            for row in page:
-                if row["owner_id"] != holder:
-                    await self._notify(found, holder, due, run)
-                    holder, due = row["owner_id"], {}
-                if row["purpose"].startswith(model.LOT_PREFIX) and available(row) > 0:
-                    await self._expire_lot(found, row, due, run)
-            if len(rows) <= limits.POINTS_EXPIRY_PAGE_ROWS_MAX:
-                break
-            params |= {"holder": page[-1]["owner_id"], "after": page[-1]["id"]}
+        try:
+            while True:
+                async with self.records.read() as uow:
+                    rows = await uow.select_all(
+                        "points_holder_accounts", schema.holder_accounts_select, params
+                    )
+                page = rows[: limits.POINTS_EXPIRY_PAGE_ROWS_MAX]
+                for row in page:
+                    if row["owner_id"] != holder:
+                        await self._notify(found, holder, due, run)
+                        holder, due = row["owner_id"], {}
+                    if row["purpose"].startswith(model.LOT_PREFIX) and available(row) > 0:
+                        await self._expire_lot(found, row, due, run)
+                if len(rows) <= limits.POINTS_EXPIRY_PAGE_ROWS_MAX:
+                    break
+                params |= {"holder": page[-1]["owner_id"], "after": page[-1]["id"]}
+        except BaseException:
+            # A run stopped half way through a holder (the ledger busy, the database away):
+            # what it expired of that holder is told now, as far as it can be. The next run
+            # finds those lots empty and could not count them again.
+            with contextlib.suppress(Exception):
+                await self._notify(found, holder, due, run)
+            raise
         await self._notify(found, holder, due, run)
 
     async def _expire_lot(

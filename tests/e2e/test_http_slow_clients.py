@@ -24,7 +24,7 @@ BOUNDS = {  # cardcore.limits in the server process
     "HTTP_HEADERS_READ_S": 1,
     "HTTP_BODY_READ_S": 1,
     "HTTP_BODY_LINGER_S": 1,
-    "HTTP_KEEPALIVE_IDLE_S": 2,
+    "HTTP_KEEPALIVE_IDLE_S": 4,  # well past the head bound: an idle connection is not a head
     "HTTP_CONNECTIONS_MAX": 8,
     "HTTP_WATCHDOG_MS": 100,
 }
@@ -175,4 +175,5 @@ def test_a_keep_alive_connection_idles_at_most_the_keep_alive_bound(port: int) -
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
         seconds, got = _closed_after(sock)
     assert got == b""
-    assert seconds <= BOUNDS["HTTP_KEEPALIVE_IDLE_S"] + SLACK_S
+    keepalive = BOUNDS["HTTP_KEEPALIVE_IDLE_S"]
+    assert keepalive - SLACK_S <= seconds <= keepalive + SLACK_S  # not cut at the head bound

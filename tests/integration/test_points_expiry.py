@@ -17,6 +17,7 @@ import pytest
 
 from cardcore import limits
 from cardcore.cards.model import Kind, Outcome, PosResult
+from cardcore.ledger.writer import Busy
 from cardcore.points.http import POINTS_KEY
 from cardcore.points.service import PointsService
 from tests.helpers import AdminClient, run_cardcore, sql_rows
@@ -455,3 +456,33 @@ async def test_a_period_review_never_undoes_an_upgrade_made_while_it_ran(
     finally:
         service._period_value = real  # type: ignore[method-assign]
     assert (await shop.points(card))["tier"] == "GOLD"
+
+
+async def test_a_run_stopped_half_way_through_a_holder_still_tells_what_it_expired(
+    admin: AdminClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger busy at a holder's third lot: the run stops, and the notices of the two
+    lots it expired (two days here) are written before it does (they were lost: the next
+    run finds those lots empty and cannot count them again)."""
+    shop, service = await return_window_shop(admin)
+    card = await shop.card()
+    await lots_on_days(shop, service, card, ["01-30", "01-31", "02-01"], 1_000)
+    submit, expiries = service.ledger.submit, []
+
+    async def busy_at_the_third(ops: Any) -> Any:
+        if ops and getattr(ops[0], "key", "").startswith("expire/"):
+            expiries.append(ops[0].key)
+            if len(expiries) == 3:
+                raise Busy("ledger busy")
+        return await submit(ops)
+
+    monkeypatch.setattr(service.ledger, "submit", busy_at_the_third)
+    with pytest.raises(Busy):
+        await service.expire(END_OF_MARCH, 0)
+    assert await notices_of(db_url, "points_expired") == {(card["account_id"], MIDNIGHT): (20, 2)}
+    monkeypatch.setattr(service.ledger, "submit", submit)
+    await service.expire(END_OF_MARCH, 0)
+    assert await notices_of(db_url, "points_expired") == {
+        (card["account_id"], MIDNIGHT): (20, 2),
+        (card["account_id"], END_OF_MARCH): (10, 1),
+    }
