@@ -168,6 +168,9 @@ GATEWAY_WATCHDOG_MS: Final = 500  # how often the idle and frame timeouts are ch
 GATEWAY_HOST_TIMEOUT_MS: Final = 8_000  # answer 96 before the terminal's own 30-60 s timeout
 GATEWAY_IN_FLIGHT_WAIT_S: Final = 10  # a resent request waits this long for the first
 GATEWAY_TERMINAL_RATE_PER_S: Final = 20  # requests per terminal per second (burst the same)
+# Sign-ons per terminal per second (burst the same), a budget of their own: a terminal signs
+# on a few times a day, and a stranger's sign-ons never spend its budget for sales.
+GATEWAY_SIGN_ONS_PER_S: Final = 5
 # The most `gateway_terminal_rate_per_s` may be set to (a terminal sends one request at a time).
 GATEWAY_TERMINAL_RATE_PER_S_MAX: Final = 1_000
 GATEWAY_BAD_FRAMES_MAX: Final = 5  # undecodable messages in a row before the connection closes

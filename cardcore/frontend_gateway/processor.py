@@ -196,11 +196,25 @@ class Session:
     mac_failures: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     queued: int = 0  # requests waiting for `lock` (each under its time limit)
-    rate_per_s: float = 0.0  # requests a second, and the burst (`Processor`: the setting)
-    tokens: float = 0.0
+    # Requests a second, and the burst (`Processor`: the setting); sign-ons apart, at their
+    # own rate: anyone who knows a terminal's id and merchant id may send them, unMAC'd,
+    # and they must never spend the terminal's budget for its sales.
+    requests: Budget = field(default_factory=lambda: Budget(0.0))
+    sign_ons: Budget = field(default_factory=lambda: Budget(limits.GATEWAY_SIGN_ONS_PER_S))
+
+
+@dataclass(slots=True)
+class Budget:
+    """A token bucket: `rate_per_s` a second, as many at once; full at first."""
+
+    rate_per_s: float
+    tokens: float = field(init=False)
     refilled_at: float = 0.0
 
-    def take_token(self, now: float) -> bool:
+    def __post_init__(self) -> None:
+        self.tokens = self.rate_per_s
+
+    def take(self, now: float) -> bool:
         rate = self.rate_per_s
         self.tokens = min(rate, self.tokens + (now - self.refilled_at) * rate)
         self.refilled_at = now
@@ -317,7 +331,7 @@ class Processor:
         if session is None or session.keys is None:
             reply = self._reply(f, SIGN_ON_AGAIN, processing=codec.PROCESSING_SIGN_ON)
             return reply, SIGN_ON_AGAIN
-        if not session.take_token(time.monotonic()):
+        if not session.requests.take(time.monotonic()):
             return self._reply(f, SLOW_DOWN), SLOW_DOWN
         if not await self._turn(session):
             return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
@@ -381,7 +395,7 @@ class Processor:
         if self._unknown.get(tid, 0.0) > now:  # asked the host a moment ago: still unknown
             return self._reply(f, "97"), "97"
         session = self.sessions.get(tid)
-        if session is not None and not session.take_token(now):
+        if session is not None and not session.sign_ons.take(now):
             return self._reply(f, SLOW_DOWN), SLOW_DOWN  # sign-ons cost keys: rate-limited too
         if self.draining:
             return self._reply(f, SYSTEM_ERROR), SYSTEM_ERROR
@@ -408,9 +422,8 @@ class Processor:
                 if session is not None and session.keys is not None:
                     self.metrics.gateway_signed_on.dec()  # the replaced session held keys
                     session.keys = None  # what waits on its lock is answered 77
-                rate = float(self.terminal_rate_per_s)
-                session = Session(tid=tid, mid=answer.mid, mode=mode, tmk=tmk, rate_per_s=rate,
-                                  tokens=rate)  # fmt: skip
+                session = Session(tid=tid, mid=answer.mid, mode=mode, tmk=tmk,
+                                  requests=Budget(float(self.terminal_rate_per_s)))  # fmt: skip
                 self.sessions[tid] = session
             if session.keys is None:
                 self.metrics.gateway_signed_on.inc()

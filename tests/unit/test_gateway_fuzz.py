@@ -400,6 +400,7 @@ def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 def fast_terminals(monkeypatch: pytest.MonkeyPatch) -> None:
     """No rate limit, so that fuzzed messages reach MAC checks, routing and the host."""
     monkeypatch.setattr(limits, "GATEWAY_TERMINAL_RATE_PER_S", 10**9)
+    monkeypatch.setattr(limits, "GATEWAY_SIGN_ONS_PER_S", 10**9)
 
 
 # --- the processor -------------------------------------------------------------------------------

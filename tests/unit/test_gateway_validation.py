@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cardcore import limits
 from cardcore.cards.model import Kind, Outcome, PosRequest, PosResult
 from cardcore.frontend_gateway import codec, security
 from cardcore.frontend_gateway.processor import Processor, Reply
@@ -294,3 +295,24 @@ async def test_request_totals_with_the_flag_0_reach_the_host(
     answer = _fields(await gateway.processor.handle(message(gateway.terminal, "0")))
     assert answer["39"] == "00"
     assert [r.kind for r in gateway.host.seen] in ([Kind.SETTLE], [Kind.UPLOAD])
+
+
+async def test_a_strangers_sign_ons_never_spend_the_terminals_budget_for_sales(
+    gateway: Gateway,
+) -> None:
+    """Anyone who knows a terminal's id and merchant id may send sign-ons (unMAC'd): 25 of
+    them are answered 91 past their own budget, and the terminal's next sale is approved
+    (it was answered 91: the sign-ons had spent its budget)."""
+    stranger = PosTerminal("unused", 0, TID, MID, bytes(16), KeyMode.AES)  # not its TMK
+    codes = []
+    for _ in range(25):
+        reply = await gateway.processor.handle(
+            codec.encode(stranger._base("0800", None, "00", "005"))
+        )
+        assert reply is not None
+        codes.append(codec.decode(reply.body)["39"])
+    assert codes.count("00") == limits.GATEWAY_SIGN_ONS_PER_S and set(codes) == {"00", "91"}
+    sale = gateway.terminal.encode(_purchase(gateway.terminal), mac=True)
+    answered = await gateway.processor.handle(sale)
+    assert answered is not None
+    assert codec.decode(answered.body)["39"] == "00"
