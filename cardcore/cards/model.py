@@ -84,6 +84,7 @@ class Outcome(enum.StrEnum):
     ALREADY_REVERSED = "already_reversed"
     REFUND_EXCEEDS_ORIGINAL = "refund_exceeds_original"
     REVERSED_BEFORE_ARRIVAL = "reversed_before_arrival"  # a late original after its reversal
+    BATCH_SETTLED = "batch_settled"  # a terminal's reversal of a batch it settled since
     DUPLICATE_MISMATCH = "duplicate_mismatch"  # same terminal, batch and STAN, other content
     FUNCTION_NOT_SUPPORTED = "function_not_supported"
     NOT_PERMITTED = "not_permitted"  # the rules refuse it (scope, limits, holder): `refusal`
@@ -259,6 +260,10 @@ class PosRequest:
     uses: int = 0  # service redemption: entitlements to use
     reason: str = ""  # manager authorization: the reason code
     discount: int = 0  # manager authorization: the discount asked, in fen
+    # reversal: delivered from the gateway's store and forward (a reversal it answered or
+    # owed while the host was away), not sent by the terminal just now: taken even for a
+    # batch settled since
+    forwarded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,6 +546,7 @@ _FIELDS = frozenset(
         "reason",
         "discount",
         "sale",
+        "forwarded",
     }
 )
 
@@ -633,9 +639,11 @@ def parse_request(raw: object, path: str) -> PosRequest:
                 f"{path}.lines", f"[stan, amount 0..{limits.POS_AMOUNT_MAX}] pairs"
             )
         parsed_lines.append((line[0], line[1]))
-    partial = raw.get("partial", False)
+    partial, forwarded = raw.get("partial", False), raw.get("forwarded", False)
     if not isinstance(partial, bool):
         raise PosRequestError(f"{path}.partial", "true or false")
+    if not isinstance(forwarded, bool):
+        raise PosRequestError(f"{path}.forwarded", "true or false")
     extra = _issue_5_fields(raw, path)
     return PosRequest(
         kind=kind,
@@ -653,6 +661,7 @@ def parse_request(raw: object, path: str) -> PosRequest:
         lines=tuple(parsed_lines),
         pin_block=_pin_block(raw.get("pin_block", ""), f"{path}.pin_block"),
         partial=partial,
+        forwarded=forwarded,
         **extra,
     )
 
@@ -751,6 +760,8 @@ def request_json(r: PosRequest) -> dict[str, Any]:
         out["lines"] = [list(x) for x in r.lines]
     if r.partial:
         out["partial"] = True
+    if r.forwarded:
+        out["forwarded"] = True
     if r.basket:
         out["basket"] = [list(x) for x in r.basket]
     for name in ("coupon", "product", "reason", "sale"):

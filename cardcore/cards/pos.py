@@ -740,9 +740,14 @@ class PosService:
         if r.kind is Kind.UPLOAD:
             plan.answer = await self._upload(terminal, r)
             return plan
-        # A reversal may come after its batch closed (store and forward): it never waits.
+        # A reversal may come after its batch closed from the gateway's store and forward:
+        # it never waits. The terminal's own for a batch it settled since is refused: it
+        # sends what it owes before it settles, and a refund gives money back after that.
         if r.batch != terminal.batch and r.kind is not Kind.REVERSE:
             plan.answer = PosResult(Outcome.BATCH_MISMATCH, batch=terminal.batch)
+            return plan
+        if r.batch != terminal.batch and not r.forwarded:
+            plan.answer = PosResult(Outcome.BATCH_SETTLED)
             return plan
         if r.kind in FEATURE_KINDS or r.kind in POINTS_KINDS:
             await self._feature(plan, terminal)

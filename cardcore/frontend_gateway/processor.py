@@ -50,6 +50,7 @@ CODE_OF_OUTCOME = {
     Outcome.ALREADY_REVERSED: "12",
     Outcome.REFUND_EXCEEDS_ORIGINAL: "61",
     Outcome.REVERSED_BEFORE_ARRIVAL: "12",
+    Outcome.BATCH_SETTLED: "12",  # a reversal too late: the batch is settled, refund instead
     Outcome.DUPLICATE_MISMATCH: "94",
     Outcome.FUNCTION_NOT_SUPPORTED: "40",
     Outcome.NOT_PERMITTED: "57",  # the rules refuse it; F48 tag RF names the rule

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -244,7 +245,7 @@ class ReversalQueue:
             return 0
         self._after = entries[-1][0]
         try:
-            results = await host.pos([r for _, r in entries])
+            results = await host.pos([replace(r, forwarded=True) for _, r in entries])
         except HostUnavailable:
             self._span = max(1, len(entries) // 2)
             return 0

@@ -654,3 +654,28 @@ async def test_the_bootstrap_names_only_the_organizations_entities_and_their_sto
     made = await admin.ok("POST", "/internal/v1/terminals",
                           json={**terminal, "store": "S3", "legal_entity": "LE2"})  # fmt: skip
     assert made["tid"] == "BOOT0001"
+
+
+async def test_a_terminals_reversal_of_a_batch_it_settled_is_refused_and_moves_nothing(
+    world: World,
+) -> None:
+    """A terminal sends what it owes before it settles; a 0400 of a settled batch gave the
+    money back after the close, seen by no batch's totals (a protocol review). It is refused
+    (12); one delivered from the gateway's store and forward (`forwarded`) is still taken."""
+    t = world.terminals["LE-A"]
+    card = await world.card("LE-A", 10_000)
+    sales = [request(Kind.PURCHASE, t, card, amount=4_000) for _ in range(2)]
+    for sale in sales:
+        assert (await world.one(sale)).outcome is Outcome.APPROVED
+    totals = batch_totals(await world.directory.batch_lines(f"{t.tid}/0/{t.batch}/"))
+    settled = await world.one(request(Kind.SETTLE, t, totals=totals))
+    assert (settled.outcome, settled.balanced) == (Outcome.APPROVED, True)
+    late = await world.one(request(Kind.REVERSE, t, batch=t.batch, stan=sales[0].stan))
+    assert late.outcome is Outcome.BATCH_SETTLED
+    assert await world.available(card.account_id) == 2_000
+    closed = batch_totals(await world.directory.batch_lines(f"{t.tid}/0/{t.batch}/"))
+    assert closed == totals
+    stored = request(Kind.REVERSE, t, batch=t.batch, stan=sales[1].stan)
+    forwarded = await world.one(replace(stored, forwarded=True))
+    assert forwarded.outcome is Outcome.APPROVED
+    assert await world.available(card.account_id) == 6_000

@@ -155,6 +155,8 @@ async def test_settlement_waits_for_the_reversals_the_gateway_owes(tmp_path: Pat
     settle = t._base("0500", None, "00", "201") | {"48": "0" * 31, "49": "156"}
     assert _code(await processor.handle(t.encode(settle, mac=True))) == "96"
     assert await processor.saf.deliver(host) == 1
+    # Delivered from store and forward: taken by the host even after a batch was settled.
+    assert [(r.kind, r.forwarded) for r in host.seen[-1:]] == [(Kind.REVERSE, True)]
     settle = t._base("0500", None, "00", "201") | {"48": "0" * 31, "49": "156"}
     assert _code(await processor.handle(t.encode(settle, mac=True))) == "00"
 
