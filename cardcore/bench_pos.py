@@ -73,7 +73,7 @@ from cardcore.bench import (
 )
 from cardcore.db import make_engine
 from cardcore.frontend_gateway.security import KeyMode
-from cardcore.frontend_gateway.terminal import PosTerminal, TerminalError
+from cardcore.frontend_gateway.terminal import PosTerminal, ReversalOwed, TerminalError
 from cardcore.org.service import OrgService
 from cardcore.records import Records
 from cardcore.runtime import settle_gc
@@ -508,6 +508,11 @@ async def _buy(t: PosTerminal, card: str, deadline: float, tally: _Tally, interv
         sent = time.perf_counter()
         try:
             reply = await t.purchase(card, rng.randint(1, 100))
+        except ReversalOwed as owed:  # an unMAC'd decline's reversal goes first: declined
+            tally.errors += 1
+            tally.codes[owed.code] = tally.codes.get(owed.code, 0) + 1
+            await _signed_on_again(t, owed)
+            continue
         except (TerminalError, OSError):
             tally.errors += 1
             with contextlib.suppress(TerminalError, OSError):
@@ -591,6 +596,10 @@ async def _shop(
         sent = time.perf_counter()
         try:
             ok, code = await _one(t, card, kind, amount, mix=mix, coupons=coupons)
+        except ReversalOwed as owed:
+            mix.count(kind, False, None, owed.code)
+            await _signed_on_again(t, owed)
+            continue
         except (TerminalError, OSError):
             mix.count(kind, False, None, "no reply")
             with contextlib.suppress(TerminalError, OSError):
@@ -598,6 +607,14 @@ async def _shop(
             continue
         mix.count(kind, ok, (time.perf_counter() - sent) * 1000, code)
         t.lines.clear()
+
+
+async def _signed_on_again(t: PosTerminal, owed: ReversalOwed) -> None:
+    """After a reversal answered 77 the terminal signs on; after 91 or 96 it just goes on
+    (the reversal is sent again before its next request)."""
+    if owed.code == "77":
+        with contextlib.suppress(TerminalError, OSError):
+            await t.sign_on()
 
 
 def kind_of(draw: int, shares: tuple[int, ...], *, coupons: bool) -> str:

@@ -30,6 +30,15 @@ class TerminalError(Exception):
     """The exchange failed on the terminal's side: no reply, bad reply MAC, closed line."""
 
 
+class ReversalOwed(TerminalError):
+    """A request waits behind the reversal the terminal owes, which was answered `code`
+    (91: slow down, 77: sign on again, 96: later) and is sent again first next time."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(f"a reversal is still owed (answered {code})")
+        self.code = code
+
+
 @dataclass
 class Reply:
     fields: dict[str, str]
@@ -266,7 +275,7 @@ class PosTerminal:
         if self.pending_reversal is not None and not _same_request(self.pending_reversal, fields):
             owed = await self.send_pending_reversal()
             if self.pending_reversal is not None:
-                raise TerminalError(f"a reversal is still owed (answered {owed.code})")
+                raise ReversalOwed(owed.code)
         confirmation = self.pending_confirmation
         if confirmation is not None and confirmation.get("11") != fields.get("11"):
             owed = await self.send_pending_confirmation()

@@ -826,7 +826,7 @@ async def test_a_reversal_after_the_batch_closed_shows_in_the_settlement_report(
     assert (settled.outcome, settled.balanced) == (Outcome.APPROVED, True)
     [item] = (await admin.ok("GET", "/v1/reports/settlements"))["items"]
     assert (item["host_now"], item["moved_since_close"]) == (item["host"], False)
-    late = await one(kind=Kind.REVERSE, stan="000001", card="")
+    late = await one(kind=Kind.REVERSE, stan="000001", card="", forwarded=True)
     assert late.outcome is Outcome.APPROVED
     [item] = (await admin.ok("GET", "/v1/reports/settlements"))["items"]
     assert item["host"]["debit_amount"] == 1_400  # what the close recorded
