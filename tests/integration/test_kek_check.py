@@ -30,6 +30,18 @@ async def test_the_first_key_is_recorded_and_another_is_refused(db_url: str) -> 
     assert await sql_rows(db_url, "SELECT * FROM vault_keys") == rows  # nothing changed
 
 
+async def _only_the_key_that_opens_it_is_recorded(db_url: str) -> None:
+    """A database as after the upgrade to 0019 (no row): the wrong key is refused and
+    recorded nowhere, the right one recorded."""
+    assert await sql_rows(db_url, "SELECT * FROM vault_keys") == []  # as after the upgrade
+    with pytest.raises(migrate.WrongKek, match="does not open what this database sealed"):
+        await migrate.check_kek(db_url, WRONG)
+    assert await sql_rows(db_url, "SELECT * FROM vault_keys") == []
+    await migrate.check_kek(db_url, RIGHT)
+    [row] = await sql_rows(db_url, "SELECT check_value FROM vault_keys")
+    assert row["check_value"] == kek_check_value(RIGHT)
+
+
 async def test_an_upgraded_database_records_only_the_key_that_opens_what_it_sealed(
     admin: AdminClient, db_url: str
 ) -> None:
@@ -39,13 +51,7 @@ async def test_an_upgraded_database_records_only_the_key_that_opens_what_it_seal
     await admin.org("LE1", "S1")
     await admin.ok("POST", "/v1/terminals", json={"tid": "T0000001", "mid": "M00000000000001",
                                                   "store": "S1"})  # fmt: skip
-    assert await sql_rows(db_url, "SELECT * FROM vault_keys") == []  # as after the upgrade
-    with pytest.raises(migrate.WrongKek, match="does not open what this database sealed"):
-        await migrate.check_kek(db_url, WRONG)
-    assert await sql_rows(db_url, "SELECT * FROM vault_keys") == []
-    await migrate.check_kek(db_url, RIGHT)
-    [row] = await sql_rows(db_url, "SELECT check_value FROM vault_keys")
-    assert row["check_value"] == kek_check_value(RIGHT)
+    await _only_the_key_that_opens_it_is_recorded(db_url)
 
 
 async def test_an_upgraded_database_without_terminals_proves_the_key_on_a_card_number(
@@ -58,13 +64,7 @@ async def test_an_upgraded_database_without_terminals_proves_the_key_on_a_card_n
     await admin.ok("POST", "/v1/grants", json={"store": "S1", "function": "gift"})
     await admin.ok("POST", "/v1/cards", json={"class_code": "GIFT", "store": "S1"})
     assert await sql_rows(db_url, "SELECT tid FROM pos_terminals") == []
-    assert await sql_rows(db_url, "SELECT * FROM vault_keys") == []  # as after the upgrade
-    with pytest.raises(migrate.WrongKek, match="does not open what this database sealed"):
-        await migrate.check_kek(db_url, WRONG)
-    assert await sql_rows(db_url, "SELECT * FROM vault_keys") == []
-    await migrate.check_kek(db_url, RIGHT)
-    [row] = await sql_rows(db_url, "SELECT check_value FROM vault_keys")
-    assert row["check_value"] == kek_check_value(RIGHT)
+    await _only_the_key_that_opens_it_is_recorded(db_url)
 
 
 async def test_the_host_says_its_keys_check_value_and_never_the_key(
