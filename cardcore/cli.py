@@ -469,7 +469,7 @@ async def _verify(db_url: str) -> int:
     await migrate.check_current(db_url)
     store = LedgerStore(make_engine(db_url, pool_size=1))
     try:
-        verifier = await store.verify(limits.VERIFY_CHUNK_BATCHES)
+        verifier = await store.verify(limits.VERIFY_CHUNK_BATCHES, limits.VERIFY_CHUNK_ROWS_MAX)
     except Mismatch as exc:
         print(json.dumps({"status": "mismatch", "detail": str(exc)}))
         return _fail(f"journal verification failed: {exc}", EXIT_MISMATCH)

@@ -68,6 +68,11 @@ PAGE_LIMIT_DEFAULT: Final = 100
 PAGE_LIMIT_MAX: Final = 1000
 JOURNAL_PAGE_BATCHES_MAX: Final = 500
 VERIFY_CHUNK_BATCHES: Final = 1000  # batches read per query by `cardcore ledger verify`
+# ...and at most this many rows of any one journal table per read (a batch with more comes
+# alone: the writer bounds it, batch_size_max operations plus one request); also the
+# accounts it reads per page. Bounds verify's memory with the accounts, not the history.
+VERIFY_CHUNK_ROWS_MAX: Final = 10_000
+VERIFY_FETCH_ROWS_MAX: Final = 1000  # reversals and refunds verify fetches per round trip
 
 # --- HTTP service --------------------------------------------------------------------------
 SHUTDOWN_GRACE_S: Final = 10  # finish in-flight requests at most this long

@@ -11,6 +11,7 @@ hash the very same values.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from collections import Counter
@@ -318,23 +319,36 @@ class Verifier:
 
     prev_hash: str = GENESIS_HASH
     last_seq: int = 0
+    # Memory is bounded by the accounts and the open holds, never by the history: per
+    # account its balance and what it is (`infos`, their repeated texts and flags shared),
+    # the unresolved holds, and the give-backs of one family at a time (`given_back`).
     balances: dict[int, Balance] = field(default_factory=dict)
     infos: dict[int, AccountInfo] = field(default_factory=dict)
     batches: int = 0
     entries: int = 0
+    given_backs: int = 0  # reversals and refunds checked
     # Holds not yet resolved (id -> (postings, expires_at_ms)): bounded by what is open.
     holds: dict[int, tuple[tuple[Posting, ...], int | None]] = field(default_factory=dict)
-    # `given_back`: what refunds took of each payment; each reversal's target, amount and
-    # (of a payment) the payment's leg; the transfers whose effect is undone now.
+    # The family whose give-backs are being checked (its root: the payment, or whatever
+    # transfer the chain of targets ends at) and what `given_back` knows of it: what refunds
+    # took of each payment; each reversal's target, amount and (of a payment) the payment's
+    # leg; the transfers whose effect is undone now; the reversals of refunds (final: never
+    # reversed) and every transfer ever reversed (a refund of one can no longer be
+    # reversed): the two chain rules of `decide`. Forgotten when the next family starts.
+    family: int | None = None
     refunded: dict[int, int] = field(default_factory=dict)
     reversal_of: dict[int, int] = field(default_factory=dict)
     reversal_amount: dict[int, int] = field(default_factory=dict)
     reversal_leg: dict[int, int] = field(default_factory=dict)
     undone: set[int] = field(default_factory=set)
-    # The reversals of refunds (final: never reversed) and every transfer ever reversed (a
-    # refund of one can no longer be reversed): the two chain rules of `decide`.
     reverses_refund: set[int] = field(default_factory=set)
     ever_reversed: set[int] = field(default_factory=set)
+    # The texts (asset, legal entity, owner kind, purpose) and flags accounts repeat, kept
+    # once: a million accounts of one legal entity hold one copy of its name.
+    _shared: dict[object, Any] = field(default_factory=dict)
+    # `account`: the journal's account ids in order, and which of them the table had.
+    _order: list[int] = field(default_factory=list)
+    _stored: bytearray = field(default_factory=bytearray)
 
     def batch(self, header: Mapping[str, Any], rows: Mapping[str, list[Row]]) -> None:
         seq = header["seq"]
@@ -352,15 +366,19 @@ class Verifier:
         self.last_seq = seq
         self.batches += 1
 
+    def _share(self, value: Any) -> Any:
+        return self._shared.setdefault(value, value)
+
     def _account_event(self, seq: int, event: Row) -> None:
+        share = self._share
         info = AccountInfo(
             event["account_id"],
-            event["asset"],
-            event["legal_entity"],
-            event["owner_kind"],
+            share(event["asset"]),
+            share(event["legal_entity"]),
+            share(event["owner_kind"]),
             event["owner_id"],
-            event["purpose"],
-            flags_from_row(event),
+            share(event["purpose"]),
+            share(flags_from_row(event)),
         )
         before = self.infos.get(info.id)
         if event["kind"] == "create":
@@ -487,18 +505,38 @@ class Verifier:
         if kind is TransferKind.REFUND and int(inner or 0) in self.ever_reversed:
             raise Mismatch(f"{where}: reverses refund {origin} of a transfer reversed before")
 
+    def _enter_family(self, root: int) -> None:
+        """Start the give-backs of family `root` (forgetting the last one's), or go on."""
+        if root == self.family:
+            return
+        if self.family is not None and root < self.family:
+            raise ValueError(f"give-backs of family {root} after family {self.family}")
+        self.family = root
+        for known in (self.refunded, self.reversal_of, self.reversal_amount, self.reversal_leg,
+                      self.undone, self.reverses_refund, self.ever_reversed):  # fmt: skip
+            known.clear()
+
     def given_back(self, t: Row) -> None:
-        """One reversal or refund, in id order, with its target (`target_kind`,
-        `target_target_id`, `target_postings`): it mirrors the target's legs (sides swapped,
-        one amount). A refund gives back a payment (posted, or a post) that stands, never
-        past what it moved; a reversal undoes what stands: a payment, exactly what its
-        refunds (less their reversals) left; a refund or a reversal, exactly its amount.
-        Undoing a reversal makes its target stand again (and a payment undone once more,
-        whose refunds came since, must still have room for it). Memory: what refunds took
-        per refunded payment, and each reversal's target and amount."""
+        """One reversal or refund with its target (`target_kind`, `target_target_id`,
+        `target_postings`) and its family's `root`: the transfer its chain of targets ends
+        at (a reversal of a refund of a payment: the payment). Give-backs come grouped by
+        family, in root order, each family in id order: a family's give-backs touch only
+        its own transfers, so what is known of one is forgotten when the next starts and
+        memory holds one family, whatever the history (`LedgerStore.verify` reads them so).
+
+        A give-back mirrors the target's legs (sides swapped, one amount). A refund gives
+        back a payment (posted, or a post) that stands, never past what it moved; a reversal
+        undoes what stands: a payment, exactly what its refunds (less their reversals) left;
+        a refund or a reversal, exactly its amount. Undoing a reversal makes its target
+        stand again (and a payment undone once more, whose refunds came since, must still
+        have room for it). A give-back's target comes before it."""
+        self._enter_family(int(t["root"]))
+        self.given_backs += 1
         where = f"transfer {t['id']}"
         if t["target_kind"] is None:
             raise Mismatch(f"{where}: gives back an unknown transfer ({t['target_id']})")
+        if int(t["target_id"]) >= int(t["id"]):
+            raise Mismatch(f"{where}: gives back transfer {t['target_id']}, which is not before it")
         postings = postings_from_json(t["postings"])
         target = postings_from_json(t["target_postings"])
         swapped = Counter(
@@ -561,23 +599,38 @@ class Verifier:
 
     def accounts(self, stored: Iterable[Account]) -> None:
         """Compare the replayed accounts (owner, asset, flags, balances) with the table."""
-        seen = set()
         for account in stored:
-            aid = account.id
-            seen.add(aid)
-            if aid not in self.balances:
-                raise Mismatch(f"account {aid}: not in the journal")
-            if account.balance != self.balances[aid]:
-                raise Mismatch(
-                    f"account {aid}: stored {account.balance}, journal gives {self.balances[aid]}"
-                )
-            if account.info != self.infos[aid]:
-                raise Mismatch(
-                    f"account {aid}: stored {account.info}, journal gives {self.infos[aid]}"
-                )
-        missing = set(self.balances) - seen
-        if missing:
-            raise Mismatch(f"account {min(missing)}: in the journal but not stored")
+            self.account(account)
+        self.accounts_end()
+
+    def account(self, account: Account) -> None:
+        """One stored account against the replay, in any order; `accounts_end` after the
+        last. Which journal accounts the table had: one byte each, not a set of ids."""
+        aid = account.id
+        if aid not in self.balances:
+            raise Mismatch(f"account {aid}: not in the journal")
+        if account.balance != self.balances[aid]:
+            raise Mismatch(
+                f"account {aid}: stored {account.balance}, journal gives {self.balances[aid]}"
+            )
+        if account.info != self.infos[aid]:
+            raise Mismatch(f"account {aid}: stored {account.info}, journal gives {self.infos[aid]}")
+        if len(self._order) != len(self.balances):
+            self._order = sorted(self.balances)
+            self._stored = bytearray(len(self._order))
+        self._stored[bisect.bisect_left(self._order, aid)] = 1
+
+    def accounts_end(self) -> None:
+        """Every account of the journal was stored (`account`); forgets which were."""
+        order, stored = self._order, self._stored
+        self._order, self._stored = [], bytearray()
+        if len(order) != len(self.balances):  # none stored (or accounts came since)
+            missing = set(self.balances).difference(order)
+            missing.update(aid for aid, seen in zip(order, stored, strict=True) if not seen)
+            if missing:
+                raise Mismatch(f"account {min(missing)}: in the journal but not stored")
+        elif (first := stored.find(0)) >= 0:
+            raise Mismatch(f"account {order[first]}: in the journal but not stored")
 
 
 def _check_floors(flags: AccountFlags, b: Balance, where: str) -> None:

@@ -23,6 +23,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     func,
+    or_,
     select,
     text,
 )
@@ -513,8 +514,11 @@ class LedgerStore:
             return [{**header, **rows} async for header, rows in self._batches(conn, after, limit)]
 
     async def _batches(
-        self, conn: AsyncConnection, after: int, limit: int
+        self, conn: AsyncConnection, after: int, limit: int, rows_max: int | None = None
     ) -> AsyncIterator[tuple[dict[str, Any], dict[str, list[journal.Row]]]]:
+        """The batches after `after`, at most `limit`, each with its rows. With `rows_max`
+        their rows are read in chunks of consecutive batches with at most that many rows of
+        any one journal table (a batch with more comes alone): memory holds one chunk."""
         b = schema.batches
         headers = [
             dict(r)
@@ -524,6 +528,19 @@ class LedgerStore:
         ]
         if not headers:
             return
+        chunks = [headers]
+        if rows_max is not None and len(headers) > 1:
+            chunks = _chunks(headers, await _rows_per_batch(conn, headers), rows_max)
+        for chunk in chunks:
+            by_seq = await self._batch_rows(conn, chunk)
+            for header in chunk:
+                yield header, by_seq[header["seq"]]
+
+    @staticmethod
+    async def _batch_rows(
+        conn: AsyncConnection, headers: list[dict[str, Any]]
+    ) -> dict[int, dict[str, list[journal.Row]]]:
+        """The rows of the batches `headers` (consecutive), per batch and table."""
         low, high = headers[0]["seq"], headers[-1]["seq"]
         by_seq: dict[int, dict[str, list[journal.Row]]] = {
             h["seq"]: {name: [] for name in journal.TABLES} for h in headers
@@ -545,18 +562,24 @@ class LedgerStore:
         for bucket in by_seq.values():
             bucket["assets"].sort(key=lambda row: row["code"])
             bucket["failures"].sort(key=lambda row: (row["client"], row["key"]))
-        for header in headers:
-            yield header, by_seq[header["seq"]]
+        return by_seq
 
-    async def verify(self, chunk: int) -> journal.Verifier:
-        """Replay the whole journal; raises `journal.Mismatch` at the first inconsistency."""
+    async def verify(
+        self, chunk: int, rows: int = limits.VERIFY_CHUNK_ROWS_MAX
+    ) -> journal.Verifier:
+        """Replay the whole journal; raises `journal.Mismatch` at the first inconsistency.
+
+        Memory does not grow with the history: the journal is read `chunk` batches and at
+        most `rows` rows of any one table at a time (a bigger batch alone), the accounts a
+        page at a time, and the reversals and refunds streamed grouped by family (the
+        transfer their chain of targets ends at), so the verifier holds one family's."""
         verifier = journal.Verifier()
         async with self._snapshot() as conn:
             after = 0
             while True:
                 seen = 0
-                async for header, rows in self._batches(conn, after, chunk):
-                    verifier.batch(header, rows)
+                async for header, batch_rows in self._batches(conn, after, chunk, rows):
+                    verifier.batch(header, batch_rows)
                     after = header["seq"]
                     seen += 1
                 if seen == 0:
@@ -570,32 +593,63 @@ class LedgerStore:
                         f"{table.name}: {count} rows claim batch {first}, "
                         f"but the journal's batches are 1..{verifier.last_seq}"
                     )
-            stored = await conn.execute(select(schema.accounts).order_by(schema.accounts.c.id))
-            accounts = []
-            for r in stored.mappings():
-                account = journal.account_from_row(r)
-                if r["natural_key"] != account.info.natural_key:
-                    raise journal.Mismatch(f"account {account.id}: natural key does not match")
-                accounts.append(account)
-            verifier.accounts(accounts)
+            await self._verify_accounts(conn, verifier, rows)
             holds = await conn.execute(
                 select(schema.open_holds.c.transfer_id, schema.open_holds.c.expires_at_ms)
             )
             verifier.open_holds((int(r[0]), r[1]) for r in holds)
-            t, g = schema.transfers, schema.transfers.alias("target")
-            given = await conn.stream(
-                select(
-                    t.c.id, t.c.kind, t.c.target_id, t.c.postings,
-                    g.c.kind.label("target_kind"), g.c.target_id.label("target_target_id"),
-                    g.c.postings.label("target_postings"),
-                )
-                .select_from(t.outerjoin(g, g.c.id == t.c.target_id))
-                .where(t.c.kind.in_([str(TransferKind.REVERSE), str(TransferKind.REFUND)]))
-                .order_by(t.c.id)
-            )  # fmt: skip
-            async for row in given.mappings():  # streamed: every reversal and refund
-                verifier.given_back(dict(row))
+            await self._verify_given_back(conn, verifier)
         return verifier
+
+    @staticmethod
+    async def _verify_accounts(
+        conn: AsyncConnection, verifier: journal.Verifier, page: int
+    ) -> None:
+        """The accounts table against the replay, `page` accounts per read, in id order."""
+        a, after = schema.accounts, None
+        while True:
+            query = select(a).order_by(a.c.id).limit(page)
+            if after is not None:
+                query = query.where(a.c.id > after)
+            stored = (await conn.execute(query)).mappings().all()
+            for r in stored:
+                account = journal.account_from_row(r)
+                if r["natural_key"] != account.info.natural_key:
+                    raise journal.Mismatch(f"account {account.id}: natural key does not match")
+                verifier.account(account)
+            if len(stored) < page:
+                break
+            after = stored[-1]["id"]
+        verifier.accounts_end()
+
+    @staticmethod
+    async def _verify_given_back(conn: AsyncConnection, verifier: journal.Verifier) -> None:
+        """Every reversal and refund, streamed grouped by family (`given_back_families`),
+        then: none was left out (one whose target is not before it has no family)."""
+        given = await conn.stream(
+            given_back_families().execution_options(yield_per=limits.VERIFY_FETCH_ROWS_MAX)
+        )
+        async for row in given.mappings():
+            verifier.given_back(dict(row))
+        t = schema.transfers
+        gives = t.c.kind.in_(_GIVE_BACKS)
+        total = (await conn.execute(select(func.count()).where(gives))).scalar_one()
+        if total != verifier.given_backs:  # left out: a give-back of a later give-back
+            g = schema.transfers.alias("target")
+            first = (
+                await conn.execute(
+                    select(t.c.id, t.c.target_id)
+                    .select_from(t.join(g, g.c.id == t.c.target_id))
+                    .where(gives, g.c.kind.in_(_GIVE_BACKS), g.c.id >= t.c.id)
+                    .order_by(t.c.id)
+                    .limit(1)
+                )
+            ).first()
+            raise journal.Mismatch(
+                f"transfer {first[0]}: gives back transfer {first[1]}, which is not before it"
+                if first is not None
+                else f"{total} reversals and refunds, {verifier.given_backs} in families"
+            )
 
 
 # The tables a batch inserts into on PostgreSQL, in the order of the statement's parameters.
@@ -666,6 +720,81 @@ def holds_by_id(*, postgres: bool) -> Any:
         .where(match),
         one=True, postgres=postgres,
     )  # fmt: skip
+
+
+# The reversals and refunds: transfers that give back another (`target_id`).
+_GIVE_BACKS = (str(TransferKind.REVERSE), str(TransferKind.REFUND))
+# The journal tables whose rows bound a verify chunk (assets: one row per asset code).
+_CHUNKED = tuple(
+    schema.JOURNAL_TABLES[name] for name in ("account_events", "transfers", "entries", "failures")
+)
+
+
+def given_back_families() -> Any:
+    """Every reversal and refund with its target (`target_kind`, `target_target_id`,
+    `target_postings`) and its family's `root`, ordered by root then id: the transfer its
+    chain of targets ends at (a refund's payment; a reversal of a reversal of a payment, the
+    payment), 0 for none. A recursive query: the give-backs of a transfer that is not one,
+    then theirs (later ids only: a chain that loops has no family), and so on."""
+    t, g = schema.transfers, schema.transfers.alias("target")
+    start = (
+        select(t.c.id, func.coalesce(t.c.target_id, 0).label("root"))
+        .select_from(t.outerjoin(g, g.c.id == t.c.target_id))
+        .where(t.c.kind.in_(_GIVE_BACKS), or_(g.c.kind.is_(None), g.c.kind.not_in(_GIVE_BACKS)))
+        .cte("family", recursive=True)
+    )
+    child = schema.transfers.alias("child")
+    family = start.union_all(
+        select(child.c.id, start.c.root)
+        .select_from(child.join(start, child.c.target_id == start.c.id))
+        .where(child.c.kind.in_(_GIVE_BACKS), child.c.id > start.c.id)
+    )
+    return (
+        select(
+            t.c.id, t.c.kind, t.c.target_id, t.c.postings,
+            g.c.kind.label("target_kind"), g.c.target_id.label("target_target_id"),
+            g.c.postings.label("target_postings"), family.c.root,
+        )
+        .select_from(family.join(t, t.c.id == family.c.id).outerjoin(g, g.c.id == t.c.target_id))
+        .order_by(family.c.root, family.c.id)
+    )  # fmt: skip
+
+
+async def _rows_per_batch(
+    conn: AsyncConnection, headers: list[dict[str, Any]]
+) -> list[dict[int, int]]:
+    """Per journal table that bounds a chunk, its row count per batch of `headers`: one
+    grouped count over their range (an index scan of what the chunks then read, whatever
+    plan the database picks without statistics)."""
+    low, high = headers[0]["seq"], headers[-1]["seq"]
+    counts = []
+    for table in _CHUNKED:
+        query = (
+            select(table.c.seq, func.count())
+            .where(and_(table.c.seq >= low, table.c.seq <= high))
+            .group_by(table.c.seq)
+        )
+        counts.append({int(seq): int(n) for seq, n in (await conn.execute(query)).all()})
+    return counts
+
+
+def _chunks(
+    headers: list[dict[str, Any]], counts: list[dict[int, int]], rows_max: int
+) -> list[list[dict[str, Any]]]:
+    """`headers` cut into runs of consecutive batches with at most `rows_max` rows of any
+    one table (`counts`, per table and batch); a batch with more is a run of its own."""
+    chunks: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    load = [0] * len(counts)
+    for header in headers:
+        rows = [c.get(header["seq"], 0) for c in counts]
+        if current and any(n + r > rows_max for n, r in zip(load, rows, strict=True)):
+            chunks.append(current)
+            current, load = [], [0] * len(counts)
+        current.append(header)
+        load = [n + r for n, r in zip(load, rows, strict=True)]
+    chunks.append(current)
+    return chunks
 
 
 def given_back(*, postgres: bool) -> Any:

@@ -16,13 +16,25 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cardcore import cli
-from cardcore.ledger import schema
+from cardcore import cli, limits
+from cardcore.db import make_engine
+from cardcore.ledger import journal, schema
+from cardcore.ledger.model import Refund, Reverse
 from cardcore.ledger.service import Ledger
-from tests.helpers import Activity, run_activity, run_cardcore, sql_execute, sql_rows
+from cardcore.ledger.store import LedgerStore
+from tests.helpers import (
+    Activity,
+    move,
+    run_activity,
+    run_cardcore,
+    setup_accounts,
+    sql_execute,
+    sql_rows,
+)
 
 APPEND_ONLY = [t.name for t in schema.APPEND_ONLY_TABLES]
 
@@ -184,14 +196,20 @@ TAMPERING: dict[str, Callable[[str, Activity], Awaitable[Tamper]]] = {
 }
 
 
+@pytest.mark.parametrize("rows", ["default", "2"])
 @pytest.mark.parametrize("kind", TAMPERING)
 async def test_verify_fails_with_exit_1_naming_the_tampered_place(
     db_url: str,
     ledger: Ledger,
     kind: str,
+    rows: str,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Also read two rows of a table at a time: a tampered place is named whichever chunk
+    holds it, and a deleted batch between two chunks is still a gap."""
+    if rows != "default":
+        monkeypatch.setattr(limits, "VERIFY_CHUNK_ROWS_MAX", int(rows))
     activity = await _activity(ledger)
     tamper = await TAMPERING[kind](db_url, activity)
     await sql_execute(db_url, *_open_the_journal(db_url), *tamper.statements)
@@ -203,3 +221,117 @@ async def test_verify_fails_with_exit_1_naming_the_tampered_place(
     [line] = stderr.splitlines()
     assert line.startswith("cardcore: error: journal verification failed: "), line
     assert re.search(tamper.names, line), (tamper.names, line)
+
+
+# --- memory: bounded reads, one family of give-backs at a time (verify review) --------------
+
+_BOUNDED = ("account_events", "transfers", "entries", "failures")
+
+
+async def test_verify_reads_chunks_bounded_in_rows_whatever_the_batches(
+    db_url: str, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With at most 6 rows of a table per read, the journal is read in many chunks of
+    consecutive batches, each within the bound but for a batch bigger than it (16 entries),
+    read alone; the accounts a page of 6 at a time; and the replay is the one a single read
+    gives. The reversals and refunds are checked one family at a time."""
+    _source, wallets = await setup_accounts(ledger, 9, funding=100_000)
+    a, b, c = wallets[:3]
+    for i in range(12):
+        assert all(r.ok for r in await ledger.submit([move(f"s-{i}", a, b, 100)]))
+    assert all(r.ok for r in await ledger.submit([move(f"big-{i}", b, c, 10) for i in range(8)]))
+    for op in (
+        Refund("test", "r-1", "s-1", 30),
+        Reverse("test", "v-r-1", "r-1"),  # a refund's reversal: its sale's family
+        Reverse("test", "v-2", "s-2"),
+        Reverse("test", "v-v-2", "v-2"),  # a reversal's reversal: the sale stands again
+        Refund("test", "r-3", "s-3", 10),
+        Refund("test", "r-0", "s-0", 50),
+    ):
+        [result] = await ledger.submit([op])
+        assert result.ok, result
+    await ledger.close()
+    reads: list[tuple[int, dict[str, int]]] = []
+    read = LedgerStore._batch_rows
+
+    async def counted(conn: Any, headers: list[dict[str, Any]]) -> Any:
+        by_seq = await read(conn, headers)
+        rows = {name: sum(len(batch[name]) for batch in by_seq.values()) for name in _BOUNDED}
+        reads.append((len(headers), rows))
+        return by_seq
+
+    monkeypatch.setattr(LedgerStore, "_batch_rows", staticmethod(counted))
+    store = LedgerStore(make_engine(db_url, pool_size=1))
+    try:
+        bounded = await store.verify(limits.VERIFY_CHUNK_BATCHES, 6)
+        chunks = list(reads)
+        whole = await store.verify(limits.VERIFY_CHUNK_BATCHES)
+    finally:
+        await store.engine.dispose()
+
+    assert len(reads) - len(chunks) == 1  # the default bound reads this journal at once
+    assert len(chunks) > 5
+    assert sum(batches for batches, _ in chunks) == bounded.batches
+    assert all(batches == 1 or max(rows.values()) <= 6 for batches, rows in chunks), chunks
+    assert (1, 8, 16) in [(n, rows["transfers"], rows["entries"]) for n, rows in chunks]
+    for got in (bounded, whole):
+        assert got.given_backs == 6
+        assert len(got.balances) == len(got.infos) == 10
+    assert (bounded.batches, bounded.entries, bounded.prev_hash) == (
+        whole.batches, whole.entries, whole.prev_hash,
+    )  # fmt: skip
+    # what is left of the give-backs is the last family's (the fourth sale's: one refund)
+    assert bounded.family is not None and len(bounded.refunded) == 1
+    assert not (bounded.reversal_of or bounded.undone or bounded.ever_reversed)
+
+
+class _Families(journal.Verifier):
+    """Records the give-backs in the order `LedgerStore.verify` hands them over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def given_back(self, t: journal.Row) -> None:
+        self.seen.append((t["root"], t["id"]))
+        self.given_backs += 1
+
+
+def _transfer_row(tid: int, kind: str, target: int | None = None) -> str:
+    return (
+        "INSERT INTO ledger_transfers (id, client, key, kind, asset, postings, reason,"  # noqa: S608
+        " metadata, seq, created_at_ms, target_id) VALUES"
+        f" ({tid}, 'x', 'k{tid}', '{kind}', 'CNY', '[]', '', '{{}}', 1, 0,"
+        f" {'NULL' if target is None else target})"
+    )
+
+
+async def test_give_backs_come_grouped_by_family_and_a_loop_is_a_mismatch(db_url: str) -> None:
+    """The families query on the database: two sales whose give-backs interleave by id come
+    one family after the other, each in id order (a chain of reversals down to its sale, an
+    unknown target its own family); a pair of reversals of each other, which no chain of
+    targets leads out of, is named, not skipped."""
+    await sql_execute(
+        db_url,
+        _transfer_row(1, "posted"),
+        _transfer_row(2, "posted"),
+        _transfer_row(3, "refund", 2),
+        _transfer_row(4, "refund", 1),
+        _transfer_row(5, "reverse", 4),
+        _transfer_row(6, "reverse", 5),
+        _transfer_row(7, "reverse", 2),
+        _transfer_row(8, "refund", 99),
+    )
+    store = LedgerStore(make_engine(db_url, pool_size=1))
+    try:
+        families = _Families()
+        async with store._snapshot() as conn:
+            await store._verify_given_back(conn, families)
+        assert families.seen == [(1, 4), (1, 5), (1, 6), (2, 3), (2, 7), (99, 8)]
+
+        await sql_execute(db_url, _transfer_row(9, "reverse", 10), _transfer_row(10, "reverse", 9))
+        async with store._snapshot() as conn:
+            with pytest.raises(journal.Mismatch, match="transfer 9: gives back transfer 10, "):
+                await store._verify_given_back(conn, _Families())
+    finally:
+        await store.engine.dispose()

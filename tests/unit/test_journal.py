@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cardcore.ledger import journal, schema
-from cardcore.ledger.decide import BatchEffects, decide_batch
+from cardcore.ledger.decide import BatchEffects, decide_batch, overlay
 from cardcore.ledger.model import (
     Account,
     AccountFlags,
@@ -22,7 +22,11 @@ from cardcore.ledger.model import (
     IdCounters,
     LedgerView,
     Posting,
+    PostPending,
+    Refund,
+    Reverse,
     Side,
+    VoidPending,
 )
 
 NOW = 1_800_000_000_000
@@ -281,10 +285,10 @@ def test_a_resolution_must_resolve_an_open_hold_once_moving_its_legs() -> None:
 
 
 def _given(tid: int, kind: str, target: int, legs: str, target_kind: str, target_legs: str,
-           target_target: int | None = None) -> dict[str, Any]:  # fmt: skip
+           target_target: int | None = None, root: int = 10) -> dict[str, Any]:  # fmt: skip
     return {"id": tid, "kind": kind, "target_id": target, "postings": legs,
             "target_kind": target_kind, "target_target_id": target_target,
-            "target_postings": target_legs}  # fmt: skip
+            "target_postings": target_legs, "root": root}  # fmt: skip
 
 
 def _check(rows: list[dict[str, Any]]) -> None:
@@ -320,7 +324,7 @@ def test_reversals_and_refunds_mirror_their_targets_and_never_give_back_more() -
         "what is left": [_given(11, "refund", 10, back(30), "posted", sale),
                          _given(12, "reverse", 10, back(100), "posted", sale)],
         "does not mirror": [_given(11, "refund", 10, sale, "posted", sale)],
-        "unknown transfer": [_given(11, "refund", 99, back(1), None, "[]")],  # type: ignore[arg-type]
+        "unknown transfer": [_given(11, "refund", 99, back(1), None, "[]", root=99)],  # type: ignore[arg-type]
         "which was undone": [_given(11, "reverse", 10, back(100), "posted", sale),
                              _given(12, "refund", 10, back(50), "posted", sale)],
         "not a payment": [_given(11, "refund", 10, forth(5), "refund", back(5))],
@@ -349,3 +353,155 @@ def test_reversals_and_refunds_mirror_their_targets_and_never_give_back_more() -
     for match, rows in bad.items():
         with pytest.raises(journal.Mismatch, match=match):
             _check(rows)
+
+
+# --- memory: the accounts and the open holds, not the history (verify review) ---------------
+
+_GIVE_BACK_KINDS = ("refund", "reverse")
+
+
+def _long_journal(
+    days: int,
+) -> tuple[list[tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]], list[Account],
+           list[dict[str, Any]]]:  # fmt: skip
+    """A journal of `days` batches after the one that makes the accounts, each with two
+    sales, a hold (the day before's posted in part or voided), a refund, a reversal of the
+    day before's refund, a reversal of a sale (what refunds left) and a reversal of that
+    reversal: every kind of transfer, decided by `decide_batch` as the writer would. Also the
+    accounts as stored and every reversal and refund as `LedgerStore.verify` reads them:
+    with its target's facts and family root, ordered by root then id."""
+    view, counters = LedgerView(), IdCounters(1, 1, 1, 1, 1)
+    requests: list[list[Any]] = [[
+        CreateAsset("CNY", AssetKind.CURRENCY, 2, "RMB"),
+        CreateAccount("CNY", "LE", "entity", "LE", "float"),
+        *(CreateAccount("CNY", "LE", "store", f"s{i}", "sales") for i in range(3)),
+    ]]  # fmt: skip
+    batches, prev = [], journal.GENESIS_HASH
+    transfers: dict[int, dict[str, Any]] = {}
+    for seq in range(1, days + 2):
+        day = seq - 1
+        if day:
+            src, store = 1, 2 + day % 3
+            sales = [_move(f"sale-{day}", src, store, 1_000)]
+            sales.append(_move(f"sale-b-{day}", src, store, 500))
+            requests = [
+                sales,
+                [_move(f"hold-{day}", src, store, 300, pending=True)],
+                [Refund("t", f"refund-{day}", f"sale-{day}", 100)],
+            ]
+            if day > 1:
+                held = view.transfers_by_key[("t", f"hold-{day - 1}")].id
+                close = (
+                    PostPending("t", f"post-{day}", held, 200)
+                    if day % 2
+                    else VoidPending("t", f"void-{day}", held)
+                )
+                requests += [
+                    [close],
+                    [Reverse("t", f"unrefund-{day}", f"refund-{day - 1}")],
+                    [Reverse("t", f"void-sale-{day}", f"sale-b-{day - 1}")],
+                ]
+            if day > 2:
+                requests.append([Reverse("t", f"unvoid-{day}", f"void-sale-{day - 1}")])
+        effects = decide_batch(requests, view, counters, seq=seq, now_ms=NOW + seq)
+        assert all(r.ok for r in effects.results), effects.results
+        overlay(view, effects)
+        counters = effects.counters
+        rows = _rows(effects)
+        digest = journal.batch_hash(prev, seq, effects.now_ms, journal.records_of(rows))
+        batches.append(({"seq": seq, "prev_hash": prev, "hash": digest,
+                         "committed_at_ms": effects.now_ms}, rows))  # fmt: skip
+        prev = digest
+        transfers.update((t["id"], t) for t in rows["transfers"])
+
+    def root(t: dict[str, Any]) -> int:
+        while t["kind"] in _GIVE_BACK_KINDS:
+            t = transfers[t["target_id"]]
+        return int(t["id"])
+
+    given = []
+    for t in transfers.values():
+        if t["kind"] in _GIVE_BACK_KINDS:
+            target = transfers[t["target_id"]]
+            given.append({**t, "target_kind": target["kind"], "root": root(t),
+                          "target_target_id": target["target_id"],
+                          "target_postings": target["postings"]})  # fmt: skip
+    given.sort(key=lambda row: (row["root"], row["id"]))
+    return batches, list(view.accounts.values()), given
+
+
+def _move(key: str, debit: int, credit: int, amount: int, **extra: Any) -> CreateTransfer:
+    legs = (Posting(debit, Side.DEBIT, amount), Posting(credit, Side.CREDIT, amount))
+    return CreateTransfer("t", key, "CNY", legs, **extra)
+
+
+def _history_state(v: journal.Verifier) -> int:
+    """How many transfers the verifier holds facts of: its open holds and its family's."""
+    family = (v.refunded, v.reversal_of, v.reversal_amount, v.reversal_leg, v.undone,
+              v.reverses_refund, v.ever_reversed)  # fmt: skip
+    return len(v.holds) + sum(len(known) for known in family)
+
+
+def test_the_verifier_holds_the_accounts_and_open_holds_never_the_history() -> None:
+    """A journal ten times as long leaves the verifier holding as much: per account its
+    balance and what it is, the open hold, and the give-backs of one family at a time (the
+    verifier of the second review kept every refund and reversal it ever saw)."""
+    held = {}
+    for days in (12, 120):
+        batches, accounts, given = _long_journal(days)
+        v = journal.Verifier()
+        for header, rows in batches:
+            v.batch(header, rows)
+        v.accounts(accounts)
+        assert len(v.holds) == 1  # the last day's, still open
+        most = 0
+        for row in given:
+            v.given_back(row)
+            most = max(most, _history_state(v))
+        assert len(given) == 4 * days - 4
+        assert len(v.balances) == len(v.infos) == len(accounts) == 4
+        held[days] = most
+    # a family here is a sale with a refund and its reversal, or a sale reversed and
+    # restored: two give-backs, a few facts each (the open hold besides)
+    assert held[120] == held[12] <= 10
+
+
+def test_give_backs_must_come_grouped_by_family_and_each_checked_against_its_own() -> None:
+    _, _, given = _long_journal(6)
+    families = sorted({row["root"] for row in given})
+    v = journal.Verifier()
+    last = [row for row in given if row["root"] == families[-1]]
+    for row in last:
+        v.given_back(row)
+    assert v.given_backs == len(last)
+    with pytest.raises(ValueError, match="after family"):  # the reader's order, not a tamper
+        v.given_back(given[0])
+    # a refund of the last family past what its sale moved: the family's facts are its own
+    v = journal.Verifier()
+    refund = next(row for row in last if row["kind"] == "refund")
+    for row in given:
+        v.given_back(row)
+    with pytest.raises(journal.Mismatch, match="refunds more than"):
+        v.given_back({**refund, "id": refund["id"] + 10_000,
+                      "postings": refund["target_postings"].replace("debit", "x")
+                      .replace("credit", "debit").replace("x", "credit")})  # fmt: skip
+
+
+def test_a_give_back_of_a_later_transfer_is_a_mismatch() -> None:
+    sale = _legs((1, "debit", 100), (2, "credit", 100))
+    back = _legs((1, "credit", 100), (2, "debit", 100))
+    with pytest.raises(journal.Mismatch, match="transfer 11: gives back transfer 12, which is not"):
+        _check([_given(11, "reverse", 12, back, "posted", sale, root=12)])
+
+
+def test_the_accounts_check_keeps_a_byte_per_account_and_names_the_first_missing() -> None:
+    batches, accounts, _ = _long_journal(2)
+    v = journal.Verifier()
+    for header, rows in batches:
+        v.batch(header, rows)
+    v.accounts(reversed(accounts))  # any order
+    v.accounts(accounts)  # and again: it forgets which it saw
+    with pytest.raises(journal.Mismatch, match="account 2: in the journal but not stored"):
+        v.accounts([a for a in accounts if a.id not in (2, 4)])
+    with pytest.raises(journal.Mismatch, match="account 1: in the journal but not stored"):
+        v.accounts([])
