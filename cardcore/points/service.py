@@ -2156,10 +2156,11 @@ class PointsService:
                 if len(rows) <= limits.POINTS_EXPIRY_PAGE_ROWS_MAX:
                     break
                 params |= {"holder": page[-1]["owner_id"], "after": page[-1]["id"]}
-        except BaseException:
+        except Exception:
             # A run stopped half way through a holder (the ledger busy, the database away):
             # what it expired of that holder is told now, as far as it can be. The next run
-            # finds those lots empty and could not count them again.
+            # finds those lots empty and could not count them again. (A run cancelled by the
+            # server's shutdown does no more database work: that notice is lost, not doubled.)
             with contextlib.suppress(Exception):
                 await self._notify(found, holder, due, run)
             raise
